@@ -1,0 +1,3 @@
+from ds4tp.cli import main
+
+raise SystemExit(main())

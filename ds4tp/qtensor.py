@@ -1,0 +1,60 @@
+"""A weight matrix kept in its GGUF encoding.
+
+`raw` holds the encoded bytes with one row per output row: shape `[*shape[:-1], row_bytes]`,
+uint8, where `shape` is the logical torch shape with the input (contiguous, GGUF ne0) dimension
+last: `(out, in)` for a 2-D weight, `(experts, out, in)` for routed experts. A shard of a matrix
+is again a QTensor (fewer rows, fewer experts, or a block-aligned range of input columns).
+
+The dequantized float32 copy is built on first use and cached (`f32()`): this is what the plain
+torch paths multiply with; fused GPU kernels read `raw` directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ds4tp.config import BLOCK, type_name
+
+
+@dataclass(eq=False)
+class QTensor:
+    qtype: int
+    shape: tuple[int, ...]
+    raw: torch.Tensor
+    _f32: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        epb, bpb = BLOCK[self.qtype]
+        n_in = self.shape[-1]
+        if n_in % epb:
+            raise ValueError(f"{type_name(self.qtype)} row of {n_in} is not a whole number of blocks")
+        want = (*self.shape[:-1], n_in // epb * bpb)
+        if tuple(self.raw.shape) != want or self.raw.dtype != torch.uint8:
+            raise ValueError(f"QTensor raw bytes {tuple(self.raw.shape)} {self.raw.dtype}, "
+                             f"expected {want} uint8 for {type_name(self.qtype)} {self.shape}")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.raw.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    def f32(self) -> torch.Tensor:
+        """Exact float32 dequantization, cached."""
+        if self._f32 is None:
+            from ds4tp.dequant import dequantize
+            self._f32 = dequantize(self.raw, self.qtype, self.shape[-1])
+        return self._f32
+
+    def drop_cache(self) -> None:
+        self._f32 = None
+
+    def to(self, device) -> "QTensor":
+        return QTensor(self.qtype, self.shape, self.raw.to(device))
