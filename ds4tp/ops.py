@@ -1,0 +1,87 @@
+"""Weight-times-activation ops: the one dispatch point of each, and its plain-torch twin.
+
+The reference engine never multiplies a float activation by a quantised weight: the activation is
+first quantised (Q8_0 for Q8_0 weights, Q8_K for the K/IQ quants of the routed experts) and the
+product is taken in integers per block. Mathematically that equals dequant(W) @ quant(x), which is
+what the torch twins compute in float32. F16/F32 weights take the float activation as is.
+
+On CUDA the fused kernels in `ds4tp.kernels` read the quantised bytes directly; everywhere else
+(and for shapes the kernels do not cover) the torch twin runs. Tests compare the two.
+"""
+from __future__ import annotations
+
+import torch
+
+from ds4tp.config import F16, F32, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from ds4tp.numerics import q8_0_act, q8_k_act
+from ds4tp.qtensor import QTensor
+
+
+def act_quant(qtype: int, x: torch.Tensor) -> torch.Tensor:
+    """Round-trip x through the activation format the reference pairs with weight type qtype."""
+    if qtype == Q8_0:
+        return q8_0_act(x)
+    if qtype in (IQ2_XXS, Q2_K, Q4_K):
+        return q8_k_act(x)
+    if qtype in (F16, F32):
+        return x
+    raise ValueError(f"no activation format for weight type {qtype}")
+
+
+# ---- torch twins -------------------------------------------------------------------------------
+def linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] -> [T, out] with w (out, in)."""
+    return act_quant(w.qtype, x) @ w.f32().T
+
+
+def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Routed experts: w (E, out, in); ids [T, K] local expert indices (-1 = not on this rank,
+    gives zeros); x [T, in] (shared by the K slots) or [T, K, in]. Returns [T, K, out].
+
+    The activation is quantised per (token, slot) row exactly as the reference does, then each
+    expert's rows are multiplied in one matmul (grouped by expert, no weight gather).
+    """
+    T, K = ids.shape
+    E, n_out, n_in = w.shape
+    xq = act_quant(w.qtype, x)
+    if xq.dim() == 2:
+        xq = xq[:, None, :].expand(T, K, n_in)
+    out = torch.zeros(T, K, n_out, dtype=torch.float32, device=x.device)
+    wf = w.f32()
+    flat_ids = ids.reshape(-1)
+    xq = xq.reshape(T * K, n_in)
+    out_flat = out.view(T * K, n_out)
+    for e in torch.unique(flat_ids).tolist():
+        if e < 0:
+            continue
+        rows = (flat_ids == e).nonzero(as_tuple=True)[0]
+        out_flat[rows] = xq[rows] @ wf[e].T
+    return out
+
+
+# ---- dispatch points ---------------------------------------------------------------------------
+def _fused_ok(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from ds4tp import kernels
+    return kernels.available()
+
+
+def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere."""
+    if _fused_ok(x):
+        from ds4tp import kernels
+        y = kernels.linear(w, x)
+        if y is not None:
+            return y
+    return linear_torch(w, x)
+
+
+def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Selected routed experts per token; see expert_linear_torch for shapes."""
+    if _fused_ok(x):
+        from ds4tp import kernels
+        y = kernels.expert_linear(w, x, ids)
+        if y is not None:
+            return y
+    return expert_linear_torch(w, x, ids)
