@@ -268,38 +268,54 @@ def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: in
     return out, out32
 
 
-def indexer_select(lw: LayerWeights, ls: LayerState, qrn, xn, pos, cos, sin, s: Shape, comm,
-                   trace=None):
-    """Top-k compressed rows per token for ratio-4 layers whose rows outnumber top_k (sec. 9.6).
-
-    Returns a bool mask [T, n_comp] of allowed compressed rows, or None when every token of
-    this call may see all its rows. Indexer heads are split across ranks, so the per-head
-    partial scores are all-reduced before the (replicated, identical) top-k.
-    """
-    T = qrn.shape[0]
-    n_comp_t = (pos + 1) // 4                                    # rows visible to each token
-    if int(n_comp_t.max()) <= s.indexer_top_k:
-        return None
-    keys = ls.index.view()                                       # [n_comp, 128]
-    idx_dim = s.indexer_head_dim
+def indexer_scores(lw: LayerWeights, qrn, xn, keys, cos, sin, s: Shape, trace=None):
+    """Partial indexer scores [T, n_comp] over this rank's indexer heads (sec. 9.6):
+    sum_h relu(q_h . K_c) * w_h, with q Hadamard+FP4'd after RoPE and w scaled by
+    1/sqrt(head_dim * n_heads)."""
+    T, idx_dim = qrn.shape[0], s.indexer_head_dim
     q = linear(lw.idx_q_b, qrn).view(T, -1, idx_dim)             # [T, Hi_l, 128]
     q = hadamard_fp4(rope_tail(q, cos[:, None], sin[:, None]))
     wt = linear(lw.idx_proj, xn) * (1.0 / math.sqrt(idx_dim * s.n_indexer_head))   # [T, Hi_l]
     dots = torch.relu(torch.einsum("thd,cd->thc", q, keys))      # [T, Hi_l, n_comp]
-    score = (dots * wt[:, :, None]).sum(1)                       # [T, n_comp] partial over heads
-    score = comm.all_reduce(score)                               # sum over all indexer heads
-    visible = torch.arange(keys.shape[0], device=pos.device)[None, :] < n_comp_t[:, None]
     if trace is not None:
-        trace["index_q"], trace["index_weights"], trace["index_scores"] = q, wt, score
-    # descending score, ties to the lower row: a stable sort keeps index order among equals
+        trace.update(index_q=q, index_weights=wt)
+    return (dots * wt[:, :, None]).sum(1)
+
+
+def select_rows(score: torch.Tensor, n_visible: torch.Tensor, top_k: int):
+    """Allowed-row mask [T, n_comp] and the selected ids [T, top_k] (-1 where a token sees
+    all its rows): top_k by descending score among the visible rows, ties to the lower row
+    (a stable descending sort keeps index order among equal scores)."""
+    visible = torch.arange(score.shape[1], device=score.device)[None, :] < n_visible[:, None]
     order = torch.sort(score.masked_fill(~visible, float("-inf")), dim=-1, descending=True,
-                       stable=True).indices[:, : s.indexer_top_k]
-    mask = torch.zeros_like(visible)
-    mask.scatter_(1, order, True)
-    full = (n_comp_t <= s.indexer_top_k)[:, None]                # tokens with few rows see all
-    if trace is not None:
-        trace["index_selected"] = torch.where(full, -1, order)
-    return torch.where(full, visible, mask & visible)
+                       stable=True).indices[:, :top_k]
+    mask = torch.zeros_like(visible).scatter_(1, order, True) & visible
+    full = (n_visible <= top_k)[:, None]                         # few rows: all visible
+    return torch.where(full, visible, mask), torch.where(full, -1, order)
+
+
+def attend(q, raw, raw_pos, comp, comp_mask, pos, sinks, s: Shape) -> torch.Tensor:
+    """Attention with sinks over raw-window and compressed rows in one softmax (sec. 9.7).
+
+    q [T, H_l, D]; raw [L, D] at positions raw_pos; comp [C, D] with comp_mask [T, C]. K = V
+    (one KV head). Token t sees raw rows in (pos-n_swa, pos] and the compressed rows its mask
+    allows; each head's sink logit joins the max and the denominator but adds no value.
+    """
+    T = q.shape[0]
+    scale = 1.0 / math.sqrt(s.head_dim)
+    raw_ok = (raw_pos[None, :] <= pos[:, None]) & (raw_pos[None, :] > pos[:, None] - s.n_swa)
+    logits = [sinks.view(1, -1, 1).expand(T, -1, 1),
+              torch.einsum("thd,ld->thl", q, raw).mul_(scale).masked_fill_(~raw_ok[:, None, :], float("-inf"))]
+    has_comp = comp is not None and comp.shape[0] > 0
+    if has_comp:
+        logits.append(torch.einsum("thd,cd->thc", q, comp).mul_(scale)
+                      .masked_fill_(~comp_mask[:, None, :], float("-inf")))
+    w = torch.softmax(torch.cat(logits, -1), dim=-1)
+    n_raw = raw.shape[0]
+    o = torch.einsum("thl,ld->thd", w[..., 1: 1 + n_raw], raw)
+    if has_comp:
+        o = o + torch.einsum("thc,cd->thd", w[..., 1 + n_raw:], comp)
+    return o
 
 
 def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Tensor, s: Shape,
@@ -340,27 +356,18 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
         if trace is not None:
             trace.update(comp_kv_f32=rows32, comp_kv=rows)
         comp = ls.comp.view()                                    # [n_comp, D]
-        comp_mask = torch.arange(comp.shape[0], device=hc.device)[None, :] < ((pos + 1) // lw.ratio)[:, None]
-        if lw.ratio == 4:
-            sel = indexer_select(lw, ls, qrn, xn, pos, cos, sin, s, comm, trace)
-            if sel is not None:
-                comp_mask = sel
+        n_vis = (pos + 1) // lw.ratio                            # rows visible to each token
+        comp_mask = torch.arange(comp.shape[0], device=hc.device)[None, :] < n_vis[:, None]
+        if lw.ratio == 4 and int(n_vis.max()) > s.indexer_top_k:
+            score = indexer_scores(lw, qrn, xn, ls.index.view(), cos, sin, s, trace)
+            score = comm.all_reduce(score)                       # indexer-score all-reduce (heads split)
+            comp_mask, selected = select_rows(score, n_vis, s.indexer_top_k)
+            if trace is not None:
+                trace.update(index_scores=score, index_selected=selected)
     if trace is not None:
         trace.update(q=q, kv=kv)
 
-    # ---- sparse attention with sinks (sec. 9.7); K = V, one KV head shared by all heads
-    scale = 1.0 / math.sqrt(D)
-    raw_ok = (raw_pos[None, :] <= pos[:, None]) & (raw_pos[None, :] > pos[:, None] - s.n_swa)
-    logits = [lw.sinks.view(1, -1, 1).expand(T, -1, 1),
-              torch.einsum("thd,ld->thl", q, raw).mul_(scale).masked_fill_(~raw_ok[:, None, :], float("-inf"))]
-    if comp is not None and comp.shape[0]:
-        logits.append(torch.einsum("thd,cd->thc", q, comp).mul_(scale)
-                      .masked_fill_(~comp_mask[:, None, :], float("-inf")))
-    w = torch.softmax(torch.cat(logits, -1), dim=-1)            # the sink takes part, gives no value
-    n_raw = raw.shape[0]
-    o = torch.einsum("thl,ld->thd", w[..., 1: 1 + n_raw], raw)
-    if len(logits) == 3:
-        o = o + torch.einsum("thc,cd->thd", w[..., 1 + n_raw:], comp)
+    o = attend(q, raw, raw_pos, comp, comp_mask, pos, lw.sinks, s)   # [T, H_l, D]
     if trace is not None:
         trace["heads"] = o
     o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)   # [T, H_l, D]
