@@ -22,8 +22,11 @@ def q8_0_act(x: torch.Tensor) -> torch.Tensor:
     """
     shp = x.shape
     b = x.reshape(*shp[:-1], shp[-1] // 32, 32)
-    d = b.abs().amax(-1, keepdim=True) / 127.0
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    amax = b.abs().amax(-1, keepdim=True)
+    # Divisions are tensor/tensor on purpose: torch computes `scalar / t` as reciprocal(t)*scalar
+    # (two roundings) and, on CUDA, `t / scalar` as t*(1/scalar); the reference divides.
+    d = amax / torch.full_like(amax, 127.0)
+    inv = torch.where(d > 0, torch.ones_like(d) / d, torch.zeros_like(d))
     q = torch.round(b * inv).clamp_(-128, 127)
     return (q * d).reshape(shp)
 
@@ -39,9 +42,12 @@ def q8_k_act(x: torch.Tensor) -> torch.Tensor:
     idx = b.abs().argmax(-1, keepdim=True)           # first maximal index
     m = torch.gather(b, -1, idx)
     nz = m != 0
-    iscale = torch.where(nz, -127.0 / torch.where(nz, m, torch.ones_like(m)), torch.zeros_like(m))
+    # correctly rounded divisions (see q8_0_act): `-127.0 / m` would be reciprocal(m) * -127
+    iscale = torch.where(nz, torch.full_like(m, -127.0) / torch.where(nz, m, torch.ones_like(m)),
+                         torch.zeros_like(m))
     q = torch.round(iscale * b).clamp_(-128, 127)
-    d = torch.where(nz, 1.0 / torch.where(nz, iscale, torch.ones_like(iscale)), torch.zeros_like(iscale))
+    d = torch.where(nz, torch.ones_like(iscale) / torch.where(nz, iscale, torch.ones_like(iscale)),
+                    torch.zeros_like(iscale))
     return (q * d).reshape(shp)
 
 
