@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ds4tp.config import F16, F32, IQ2_XXS, Q2_K, Q4_K, Q8_0
-from ds4tp.numerics import q8_0_act, q8_k_act
+from ds4tp.config import F16, F32, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP
+from ds4tp.numerics import q8_0_act, q8_k_act, swiglu_clamped
 from ds4tp.qtensor import QTensor
 
 
@@ -59,6 +59,14 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch
     return out
 
 
+def expert_swiglu_torch(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,
+                        weights: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+    """Routed gate/up and the clamped SwiGLU times the router weight: [T, K, out]."""
+    g = expert_linear_torch(w_gate, x, ids)
+    u = expert_linear_torch(w_up, x, ids)
+    return swiglu_clamped(g, u, clamp) * weights[:, :, None]
+
+
 def grouped_linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """Grouped projection: w (G*o, in_g) holds G blocks of o rows; group g multiplies x[:, g].
     x [T, G, in_g] -> [T, G, o]."""
@@ -85,14 +93,29 @@ def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     return linear_torch(w, x)
 
 
-def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Selected routed experts per token; see expert_linear_torch for shapes."""
+def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
+                  sum_slots: bool = False) -> torch.Tensor:
+    """Selected routed experts per token; see expert_linear_torch for shapes. With sum_slots
+    the K slots of each token are summed: [T, out] (the routed down projection)."""
     if _fused_ok(x):
         from ds4tp import kernels
-        y = kernels.expert_linear(w, x, ids)
+        y = kernels.expert_linear(w, x, ids, sum_slots=sum_slots)
         if y is not None:
             return y
-    return expert_linear_torch(w, x, ids)
+    y = expert_linear_torch(w, x, ids)
+    return y.sum(1) if sum_slots else y
+
+
+def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+    """mid [T, K, out] = swiglu_clamped(gate, up, clamp) * weights (routed gate/up, one fused
+    launch on CUDA); see expert_swiglu_torch."""
+    if _fused_ok(x):
+        from ds4tp import kernels
+        y = kernels.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
+        if y is not None:
+            return y
+    return expert_swiglu_torch(w_gate, w_up, x, ids, weights, clamp)
 
 
 def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,806 @@
+"""Triton matvec kernels that read GGUF-encoded weight rows directly (decode hot path).
+
+Every kernel computes what its torch twin in `ds4tp.ops` computes: the activation is quantised
+in the kernel prologue exactly as `ds4tp.numerics.q8_0_act` / `q8_k_act` do (bit-identical int8
+values and float32 scales), the weight is decoded exactly, and products are summed in float32
+(or exactly, in integers). Only the summation order differs from the twin.
+
+Layout handled: `QTensor.raw` is uint8 `[*lead, rows, row_bytes]`; any strides on the leading
+axes are fine (a TP shard that is a block-aligned column slice of the original rows is a view
+with a larger row stride), the byte axis must be contiguous.
+
+How each weight type is multiplied (T = tokens, padded to TQ = a power of two):
+  F16      float32 FMA (w converted to float32, activation as is).
+  Q8_0     T <= FMA_MAX_T: exact float32 dequant d*q times the Q8_0 round-tripped activation,
+           FMA. Larger T: int8 x int8 tensor-core dot per 32-block, scaled by d_w * d_x.
+  Q2_K     int8 tensor-core dot per 256-block of a = scale*q (<= 45, exact int8) with the Q8_K
+           integers, times d*d_x; the min term is a tiny fp16 dot of the 16 mins with the 16
+           Q8_K block sums (all values integers exactly representable in fp16).
+  IQ2_XXS  fp16 tensor-core dot per 256-block: each weight becomes the integer
+           (2s+1)*grid*sign (|.| <= 1333, exact in fp16) via a 256x8 fp16 grid table and a
+           128x8 sign-bit table; the Q8_K integers are exact in fp16; times d*d_x/8.
+  Q4_K     fp16 dot per 256-block of sc*q (<= 945, exact), minus the fp16 min dot as Q2_K.
+Tensor-core dots on integer-valued operands accumulate in float32 (int32 for int8), so each
+block sum is exact or correctly rounded to float32: results agree with the twin to ~1e-6.
+
+Determinism: one program owns each output tile; when the reduction is split over K (split-K,
+for shapes with few rows) partial tiles go to a workspace and the last program to finish a tile
+(chosen by an atomic ticket) adds them in the fixed order 0..SPLIT-1.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP, type_name
+
+SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+K_QUANTS = (Q2_K, Q4_K, IQ2_XXS)
+# elements / bytes of one block, per type (F16 counts single elements)
+_EPB = {F16: 1, Q8_0: 32, Q2_K: 256, Q4_K: 256, IQ2_XXS: 256}
+_BPB = {F16: 2, Q8_0: 34, Q2_K: 84, Q4_K: 144, IQ2_XXS: 66}
+
+TQ_MAX = 16       # tokens per launch; more are processed in chunks of TQ_MAX (weights re-read)
+TQ_MIN = 1        # smallest token tile; Triton >= 3.5 pads small dot operands itself
+FMA_MAX_T = 2     # Q8_0: float FMA path up to this many tokens, int8 tensor cores above
+PRE_MIN_T_Q8_0 = 4  # quantise the activation in a separate launch from this many tokens on
+PRE_MIN_T_KQ = 2    # (the in-kernel prologue repeats the quantisation in every program)
+_TICKETS = 1 << 16
+
+# Expert kernel modes
+MODE_SLOTS, MODE_SUM, MODE_SWIGLU = 0, 1, 2
+
+
+# ================================================================================================
+# activation quantisers (bit-identical to ds4tp.numerics)
+# ================================================================================================
+@triton.jit
+def _rint_clamped(v):
+    """int32 round-half-even of float32 v already clamped to [-128, 127]: adding 1.5*2**23 puts
+    the rounded integer into the low mantissa bits (no float op to fold or contract)."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _q8_0_quant(x):
+    """Q8_0 activation of x [A, NB, 32] (blocks on the last axis) -> (q int32, d float32 [A, NB]).
+    d = amax/127 and 1/d are correctly rounded divisions, as numerics.q8_0_act."""
+    amax = tl.max(tl.abs(x), axis=2)
+    d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    pos = d > 0.0
+    inv = tl.where(pos, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(pos, d, 1.0)), 0.0)
+    v = x * inv[:, :, None]
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    return _rint_clamped(v), d
+
+
+@triton.jit
+def _q8_k_quant(x):
+    """Q8_K activation of x [A, 256] -> (q int32 [A, 256], d float32 [A]).
+    m = the signed element of largest |x|, first on ties; iscale = -127/m; d = 1/iscale."""
+    ar = tl.arange(0, 256)
+    ax = tl.abs(x)
+    amax = tl.max(ax, axis=1)
+    first = tl.min(tl.where(ax == amax[:, None], ar[None, :], 256), axis=1)
+    m = tl.sum(tl.where(ar[None, :] == first[:, None], x, 0.0), axis=1)   # exactly one term
+    nz = m != 0.0
+    iscale = tl.where(nz, tl.math.div_rn(tl.full(m.shape, -127.0, tl.float32), tl.where(nz, m, 1.0)), 0.0)
+    v = tl.minimum(tl.maximum(iscale[:, None] * x, -128.0), 127.0)
+    d = tl.where(nz, tl.math.div_rn(tl.full(m.shape, 1.0, tl.float32), tl.where(nz, iscale, 1.0)), 0.0)
+    return _rint_clamped(v), d
+
+
+@triton.jit
+def _quant_kernel(x_ptr, stride_x, q_ptr, d_ptr, bs_ptr, NBLK,
+                  KQ: tl.constexpr, NBP: tl.constexpr):
+    """Standalone activation quantiser: row r = program 0, NBP blocks per program 1.
+    Q8_0 (KQ False): q int8 [R, n], d [R, n/32]. Q8_K (KQ True): also block sums of 16 [R, n/16]."""
+    r = tl.program_id(0)
+    b0 = tl.program_id(1) * NBP
+    blk = b0 + tl.arange(0, NBP)
+    bmask = blk < NBLK
+    if KQ:
+        ar = tl.arange(0, 256)
+        for j in tl.static_range(NBP):
+            blkj = b0 + j
+            off = blkj * 256 + ar[None, :]                                   # [1, 256]
+            ok = off < NBLK * 256
+            x = tl.load(x_ptr + r.to(tl.int64) * stride_x + off, mask=ok, other=0.0)
+            q, d = _q8_k_quant(x)
+            tl.store(q_ptr + r.to(tl.int64) * NBLK * 256 + off, q.to(tl.int8), mask=ok)
+            one = blkj + tl.arange(0, 1)
+            tl.store(d_ptr + r * NBLK + one, d, mask=one < NBLK)
+            bs = tl.sum(tl.reshape(q, (16, 16)), axis=1)
+            s16 = blkj * 16 + tl.arange(0, 16)
+            tl.store(bs_ptr + r.to(tl.int64) * NBLK * 16 + s16, bs, mask=s16 < NBLK * 16)
+    else:
+        i = tl.arange(0, 32)
+        off = (blk * 32)[:, None] + i[None, :]
+        x = tl.load(x_ptr + r.to(tl.int64) * stride_x + off[None, :, :], mask=bmask[None, :, None], other=0.0)
+        q, d = _q8_0_quant(x)
+        tl.store(q_ptr + r.to(tl.int64) * NBLK * 32 + off[None, :, :], q.to(tl.int8), mask=bmask[None, :, None])
+        tl.store(d_ptr + r * NBLK + blk[None, :], d, mask=bmask[None, :])
+
+
+# ================================================================================================
+# weight decoders: one block column of a BN-row tile
+# ================================================================================================
+@triton.jit
+def _f16_ptr(p):
+    return p.to(tl.pointer_type(tl.float16))
+
+
+@triton.jit
+def _q8_0_wtile_f32(w_ptr, row_off, rmask, kb, NB: tl.constexpr):
+    """Q8_0 blocks kb..kb+NB-1 of each row, exactly dequantised: float32 [BN, NB, 32]."""
+    j = tl.arange(0, NB)
+    i = tl.arange(0, 32)
+    base = row_off[:, None] + (kb + j)[None, :] * 34                      # [BN, NB]
+    q = tl.load(w_ptr + base[:, :, None] + 2 + i[None, None, :], mask=rmask[:, None, None], other=0)
+    d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask[:, None], other=0.0).to(tl.float32)
+    return q.to(tl.int8, bitcast=True).to(tl.float32) * d[:, :, None]
+
+
+@triton.jit
+def _q8_0_wblock_i8(w_ptr, row_off, rmask, kb):
+    """Q8_0 block kb of each row: (int8 q [BN, 32], float32 d [BN])."""
+    i = tl.arange(0, 32)
+    base = row_off + kb * 34
+    q = tl.load(w_ptr + base[:, None] + 2 + i[None, :], mask=rmask[:, None], other=0)
+    d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask, other=0.0).to(tl.float32)
+    return q.to(tl.int8, bitcast=True), d
+
+
+@triton.jit
+def _iq2_xxs_wblock(w_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN: tl.constexpr):
+    """IQ2_XXS super-block kb of each row: (fp16 [BN, 256] holding the integers
+    (2s+1)*grid*sign, float32 d [BN]); the weight is d/8 times that."""
+    sub = tl.arange(0, 8)
+    k = tl.arange(0, 4)
+    e = tl.arange(0, 8)
+    base = row_off + kb * 66
+    d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask, other=0.0).to(tl.float32)
+    sb = base[:, None] + 2 + 8 * sub[None, :]                               # [BN, 8]
+    g = tl.load(w_ptr + sb[:, :, None] + k[None, None, :], mask=rmask[:, None, None], other=0)
+    u16 = w_ptr.to(tl.pointer_type(tl.uint16))
+    lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    t = lo | (hi << 16)                                                     # 4x7 sign bits + scale
+    sc = (2 * ((t >> 28) & 15) + 1).to(tl.float16)                          # [BN, 8]
+    sig = (t[:, :, None] >> (7 * k)[None, None, :]) & 127                   # [BN, 8, 4]
+    gv = tl.load(grid_ptr + g.to(tl.int32)[:, :, :, None] * 8 + e[None, None, None, :])   # fp16 bits
+    sv = tl.load(sign_ptr + sig[:, :, :, None] * 8 + e[None, None, None, :])               # 0 / 0x8000
+    v = (gv ^ sv).to(tl.float16, bitcast=True) * sc[:, :, None, None]
+    return tl.reshape(v, (BN, 256)), d
+
+
+@triton.jit
+def _q2_k_wblock(w_ptr, row_off, rmask, kb, BN: tl.constexpr):
+    """Q2_K super-block kb: (int8 [BN, 256] = scale*q, fp16 mins [BN, 16], d, dmin [BN])."""
+    s = tl.arange(0, 16)
+    l = tl.arange(0, 16)
+    base = row_off + kb * 84
+    scb = tl.load(w_ptr + base[:, None] + s[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+    # element 16*s + l lives in byte 16 + 32*(s//8) + 16*(s%2) + l, bits 2*((s%8)//2)
+    qoff = 16 + 32 * (s // 8) + 16 * (s % 2)
+    shift = 2 * ((s % 8) // 2)
+    qb = tl.load(w_ptr + base[:, None, None] + qoff[None, :, None] + l[None, None, :],
+                 mask=rmask[:, None, None], other=0).to(tl.int32)
+    a = ((qb >> shift[None, :, None]) & 3) * (scb & 15)[:, :, None]
+    d = tl.load(_f16_ptr(w_ptr) + ((base + 80) >> 1), mask=rmask, other=0.0).to(tl.float32)
+    dmin = tl.load(_f16_ptr(w_ptr) + ((base + 82) >> 1), mask=rmask, other=0.0).to(tl.float32)
+    return tl.reshape(a.to(tl.int8), (BN, 256)), (scb >> 4).to(tl.float16), d, dmin
+
+
+@triton.jit
+def _q4_k_scale_min(w_ptr, base, rmask, j):
+    """6-bit scale and min of sub-block j (any int tensor shape [.., J]) of the 12 scale bytes."""
+    sp = w_ptr + base + 4
+    p = tl.load(sp + (j % 4), mask=rmask, other=0).to(tl.int32)
+    q = tl.load(sp + j + 4, mask=rmask, other=0).to(tl.int32)
+    r = tl.load(sp + j, mask=rmask, other=0).to(tl.int32)
+    lowj = j < 4
+    sc = tl.where(lowj, p & 63, (q & 15) | ((p >> 6) << 4))
+    mn = tl.where(lowj, q & 63, (q >> 4) | ((r >> 6) << 4))
+    return sc, mn
+
+
+@triton.jit
+def _q4_k_wblock(w_ptr, row_off, rmask, kb, BN: tl.constexpr):
+    """Q4_K super-block kb: (fp16 [BN, 256] = sc*q, fp16 mins per 16 [BN, 16], d, dmin)."""
+    j = tl.arange(0, 8)
+    l = tl.arange(0, 32)
+    s = tl.arange(0, 16)
+    base = row_off + kb * 144
+    sc, _ = _q4_k_scale_min(w_ptr, base[:, None], rmask[:, None], j[None, :])            # [BN, 8]
+    _, mn = _q4_k_scale_min(w_ptr, base[:, None], rmask[:, None], (s // 2)[None, :])     # [BN, 16]
+    qb = tl.load(w_ptr + base[:, None, None] + 16 + 32 * (j // 2)[None, :, None] + l[None, None, :],
+                 mask=rmask[:, None, None], other=0).to(tl.int32)
+    q = (qb >> (4 * (j % 2))[None, :, None]) & 15
+    a = (q * sc[:, :, None]).to(tl.float16)
+    d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask, other=0.0).to(tl.float32)
+    dmin = tl.load(_f16_ptr(w_ptr) + ((base + 2) >> 1), mask=rmask, other=0.0).to(tl.float32)
+    return tl.reshape(a, (BN, 256)), mn.to(tl.float16), d, dmin
+
+
+# ================================================================================================
+# activation providers: quantise in the prologue, or load a pre-quantised copy (PRE)
+# ================================================================================================
+@triton.jit
+def _act_q8_0(x_ptr, xq_ptr, xd_ptr, x_off, xmask, kb, NB: tl.constexpr, PRE: tl.constexpr):
+    """Q8_0 activation blocks kb..kb+NB-1 of each token column: (q int32 [TQ, NB, 32], d [TQ, NB]).
+    x_off is the element offset of the column's row; a pre-quantised copy has the same element
+    layout (int8) and its scales sit at x_off/32 + block."""
+    jj = tl.arange(0, NB)
+    i = tl.arange(0, 32)
+    off = ((kb + jj) * 32)[:, None] + i[None, :]                                         # [NB, 32]
+    if PRE:
+        q = tl.load(xq_ptr + x_off[:, None, None] + off[None, :, :], mask=xmask[:, None, None],
+                    other=0).to(tl.int32)
+        d = tl.load(xd_ptr + (x_off >> 5)[:, None] + kb + jj[None, :], mask=xmask[:, None], other=0.0)
+    else:
+        x = tl.load(x_ptr + x_off[:, None, None] + off[None, :, :], mask=xmask[:, None, None], other=0.0)
+        q, d = _q8_0_quant(x)
+    return q, d
+
+
+@triton.jit
+def _act_q8_k(x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_off, xmask, kb, TQ: tl.constexpr,
+              SUMS: tl.constexpr, PRE: tl.constexpr):
+    """Q8_K super-block kb of each token column: (q int32 [TQ, 256], d [TQ], block sums of 16
+    [TQ, 16] when SUMS). Pre-quantised scales at x_off/256 + kb, sums at x_off/16 + 16*kb."""
+    ar = tl.arange(0, 256)
+    if PRE:
+        q = tl.load(xq_ptr + x_off[:, None] + kb * 256 + ar[None, :], mask=xmask[:, None], other=0).to(tl.int32)
+        d = tl.load(xd_ptr + (x_off >> 8) + kb, mask=xmask, other=0.0)
+        if SUMS:
+            bs = tl.load(xbs_ptr + (x_off >> 4)[:, None] + kb * 16 + tl.arange(0, 16)[None, :],
+                         mask=xmask[:, None], other=0)
+        else:
+            bs = tl.zeros([TQ, 16], tl.int32)
+    else:
+        x = tl.load(x_ptr + x_off[:, None] + kb * 256 + ar[None, :], mask=xmask[:, None], other=0.0)
+        q, d = _q8_k_quant(x)
+        if SUMS:
+            bs = tl.sum(tl.reshape(q, (TQ, 16, 16)), axis=2)
+        else:
+            bs = tl.zeros([TQ, 16], tl.int32)
+    return q, d, bs
+
+
+# ================================================================================================
+# one output tile: acc[BN, TQ] = W[rows, blocks kb0..kb1) @ quant(x)[cols]^T  (optionally twice)
+# ================================================================================================
+@triton.jit
+def _mv_tile(w_ptr, w2_ptr, row_off, rmask, x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_off, xmask, kb0, kb1,
+             grid_ptr, sign_ptr, QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr,
+             NB: tl.constexpr, MMA: tl.constexpr, TWO: tl.constexpr, PRE: tl.constexpr):
+    """x_off [TQ]: element offset of each token column's activation row (xmask: column is live).
+    kb0/kb1 count blocks of the weight type (elements for F16); kb1 - kb0 is a multiple of NB.
+    With TWO, w2 (same type and row layout) is multiplied with the same activation."""
+    acc = tl.zeros([BN, TQ], tl.float32)
+    acc2 = tl.zeros([BN, TQ], tl.float32)
+    if QT == 1:  # ---- F16 x float32
+        kk = tl.arange(0, NB)
+        wp = _f16_ptr(w_ptr) + (row_off >> 1)[:, None] + kk[None, :]
+        wp2 = _f16_ptr(w2_ptr) + (row_off >> 1)[:, None] + kk[None, :]
+        if TQ == 1:
+            a2 = tl.zeros([BN, NB], tl.float32)
+            b2 = tl.zeros([BN, NB], tl.float32)
+            for kb in range(kb0, kb1, NB):
+                x = tl.load(x_ptr + x_off[:, None] + kb + kk[None, :], mask=xmask[:, None], other=0.0)
+                w = tl.load(wp + kb, mask=rmask[:, None], other=0.0)
+                a2 += w.to(tl.float32) * x
+                if TWO:
+                    b2 += tl.load(wp2 + kb, mask=rmask[:, None], other=0.0).to(tl.float32) * x
+            acc = tl.reshape(tl.sum(a2, axis=1), (BN, 1))
+            acc2 = tl.reshape(tl.sum(b2, axis=1), (BN, 1))
+        else:
+            for kb in range(kb0, kb1, NB):
+                x = tl.load(x_ptr + x_off[:, None] + kb + kk[None, :], mask=xmask[:, None], other=0.0)
+                xt = tl.trans(x)
+                w = tl.load(wp + kb, mask=rmask[:, None], other=0.0)
+                acc = tl.dot(w.to(tl.float32), xt, acc, input_precision="ieee")
+                if TWO:
+                    w2 = tl.load(wp2 + kb, mask=rmask[:, None], other=0.0)
+                    acc2 = tl.dot(w2.to(tl.float32), xt, acc2, input_precision="ieee")
+    elif QT == 8:  # ---- Q8_0 x Q8_0
+        if not MMA:
+            if TQ == 1:
+                a3 = tl.zeros([BN, NB, 32], tl.float32)
+                b3 = tl.zeros([BN, NB, 32], tl.float32)
+            for kb in range(kb0, kb1, NB):
+                q, dx = _act_q8_0(x_ptr, xq_ptr, xd_ptr, x_off, xmask, kb, NB, PRE)
+                xh = q.to(tl.float32) * dx[:, :, None]                                     # [TQ, NB, 32]
+                w = _q8_0_wtile_f32(w_ptr, row_off, rmask, kb, NB)                        # [BN, NB, 32]
+                if TQ == 1:
+                    a3 += w * xh
+                    if TWO:
+                        b3 += _q8_0_wtile_f32(w2_ptr, row_off, rmask, kb, NB) * xh
+                else:
+                    xt = tl.trans(tl.reshape(xh, (TQ, NB * 32)))
+                    acc = tl.dot(tl.reshape(w, (BN, NB * 32)), xt, acc, input_precision="ieee")
+                    if TWO:
+                        w2 = _q8_0_wtile_f32(w2_ptr, row_off, rmask, kb, NB)
+                        acc2 = tl.dot(tl.reshape(w2, (BN, NB * 32)), xt, acc2, input_precision="ieee")
+            if TQ == 1:
+                acc = tl.reshape(tl.sum(tl.sum(a3, axis=2), axis=1), (BN, 1))
+                acc2 = tl.reshape(tl.sum(tl.sum(b3, axis=2), axis=1), (BN, 1))
+        else:
+            for kb in range(kb0, kb1, NB):
+                for j in tl.static_range(NB):
+                    q, dx = _act_q8_0(x_ptr, xq_ptr, xd_ptr, x_off, xmask, kb + j, 1, PRE)   # [TQ, 1, 32]
+                    xt = tl.trans(tl.reshape(q, (TQ, 32)).to(tl.int8))                     # [32, TQ]
+                    dxr = tl.reshape(dx, (TQ,))
+                    wq, dw = _q8_0_wblock_i8(w_ptr, row_off, rmask, kb + j)
+                    r = tl.dot(wq, xt, out_dtype=tl.int32).to(tl.float32)
+                    acc += r * dw[:, None] * dxr[None, :]
+                    if TWO:
+                        wq2, dw2 = _q8_0_wblock_i8(w2_ptr, row_off, rmask, kb + j)
+                        r2 = tl.dot(wq2, xt, out_dtype=tl.int32).to(tl.float32)
+                        acc2 += r2 * dw2[:, None] * dxr[None, :]
+    else:  # ---- K-quants x Q8_K, one 256-element super-block per step
+        for kb in range(kb0, kb1):
+            q, dx, bsum = _act_q8_k(x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_off, xmask, kb, TQ, QT != 16, PRE)
+            if QT == 16:  # IQ2_XXS
+                xt = tl.trans(q.to(tl.float16))
+                a, d = _iq2_xxs_wblock(w_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN)
+                acc += tl.dot(a, xt) * (d * 0.125)[:, None] * dx[None, :]
+                if TWO:
+                    a2, d2 = _iq2_xxs_wblock(w2_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN)
+                    acc2 += tl.dot(a2, xt) * (d2 * 0.125)[:, None] * dx[None, :]
+            else:
+                bs = tl.trans(bsum.to(tl.float16))                                         # [16, TQ]
+                if QT == 10:  # Q2_K
+                    xt = tl.trans(q.to(tl.int8))
+                    a, mn, d, dmin = _q2_k_wblock(w_ptr, row_off, rmask, kb, BN)
+                    r = tl.dot(a, xt, out_dtype=tl.int32).to(tl.float32)
+                    acc += (r * d[:, None] - tl.dot(mn, bs) * dmin[:, None]) * dx[None, :]
+                    if TWO:
+                        a2, mn2, d2, dmin2 = _q2_k_wblock(w2_ptr, row_off, rmask, kb, BN)
+                        r2 = tl.dot(a2, xt, out_dtype=tl.int32).to(tl.float32)
+                        acc2 += (r2 * d2[:, None] - tl.dot(mn2, bs) * dmin2[:, None]) * dx[None, :]
+                else:  # Q4_K
+                    xt = tl.trans(q.to(tl.float16))
+                    a, mn, d, dmin = _q4_k_wblock(w_ptr, row_off, rmask, kb, BN)
+                    acc += (tl.dot(a, xt) * d[:, None] - tl.dot(mn, bs) * dmin[:, None]) * dx[None, :]
+                    if TWO:
+                        a2, mn2, d2, dmin2 = _q4_k_wblock(w2_ptr, row_off, rmask, kb, BN)
+                        acc2 += (tl.dot(a2, xt) * d2[:, None] - tl.dot(mn2, bs) * dmin2[:, None]) * dx[None, :]
+    return acc, acc2
+
+
+@triton.jit
+def _store_tile(acc, y_ptr, yoff, ymask, ws_ptr, cnt_ptr, tile_id, pid_k,
+                SPLIT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr):
+    """Store one output tile. With SPLIT > 1 the tile is a partial sum: it goes to the workspace
+    and the last of the SPLIT programs of this tile to arrive (atomic ticket) adds the partials
+    in the fixed order 0..SPLIT-1, stores, and resets the ticket for the next launch."""
+    if SPLIT == 1:
+        tl.store(y_ptr + yoff, acc, mask=ymask)
+    else:
+        tile = tl.arange(0, BN)[:, None] * TQ + tl.arange(0, TQ)[None, :]
+        tl.store(ws_ptr + (tile_id * SPLIT + pid_k).to(tl.int64) * (BN * TQ) + tile, acc)
+        tl.debug_barrier()                                   # all partial stores before the ticket
+        ticket = tl.atomic_add(cnt_ptr + tile_id, 1)         # acq_rel, gpu scope
+        if ticket == SPLIT - 1:
+            tot = tl.zeros([BN, TQ], tl.float32)
+            for s in range(SPLIT):
+                tot += tl.load(ws_ptr + (tile_id * SPLIT + s).to(tl.int64) * (BN * TQ) + tile,
+                               cache_modifier=".cg")
+            tl.store(y_ptr + yoff, tot, mask=ymask)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+
+
+# ================================================================================================
+# dense linear: y[T, N] = quant(x) @ W^T, optional grouped input, optional split-K
+# ================================================================================================
+@triton.jit
+def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, y_ptr, stride_yt,
+                   ws_ptr, cnt_ptr, grid_ptr, sign_ptr, N, T, KB, kb_per_split, rows_per_group, group_in,
+                   QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, NB: tl.constexpr,
+                   SPLIT: tl.constexpr, MMA: tl.constexpr, PRE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    row_off = rows.to(tl.int64) * stride_wn
+    grp = (pid_n * BN) // rows_per_group          # a tile never straddles two groups
+    tok = tl.arange(0, TQ)
+    xmask = tok < T
+    x_off = tok.to(tl.int64) * stride_xt + grp.to(tl.int64) * group_in
+    kb0 = pid_k * kb_per_split
+    kb1 = tl.minimum(kb0 + kb_per_split, KB)
+    acc, _ = _mv_tile(w_ptr, w_ptr, row_off, rmask, x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_off, xmask,
+                      kb0, kb1, grid_ptr, sign_ptr, QT, BN, TQ, NB, MMA, False, PRE)
+    yoff = tok[None, :].to(tl.int64) * stride_yt + rows[:, None]
+    ymask = rmask[:, None] & xmask[None, :]
+    _store_tile(acc, y_ptr, yoff, ymask, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT, BN, TQ)
+
+
+# ================================================================================================
+# routed experts
+# ================================================================================================
+@triton.jit
+def _id_table(ids_ptr, T, K, TQ: tl.constexpr, KP: tl.constexpr):
+    """ids as [TQ, KP] (-1 outside), and each slot's rank among the earlier slots of its token
+    that hold the same id (0 unless a token lists an expert twice)."""
+    tok = tl.arange(0, TQ)
+    ks = tl.arange(0, KP)
+    idt = tl.load(ids_ptr + tok[:, None] * K + ks[None, :],
+                  mask=(tok[:, None] < T) & (ks[None, :] < K), other=-1).to(tl.int32)
+    same = (idt[:, :, None] == idt[:, None, :]) & (ks[None, None, :] < ks[None, :, None])
+    rank = tl.sum(same.to(tl.int32), axis=2)
+    return idt, rank
+
+
+@triton.jit
+def _group(idt, rank, p, K, TQ: tl.constexpr, KP: tl.constexpr):
+    """The work group of pair p = (t, k): every token's slot holding the same expert e with the
+    same rank. Returns (e, leader, has [TQ], slot [TQ]); leader: p's token is the group's first,
+    so this pair's program computes the group (each expert's rows are read once per rank)."""
+    tok = tl.arange(0, TQ)
+    ks = tl.arange(0, KP)
+    tp = p // K
+    kp = p - tp * K
+    at = (tok[:, None] == tp) & (ks[None, :] == kp)
+    e = tl.sum(tl.sum(tl.where(at, idt, 0), axis=1), axis=0)
+    r = tl.sum(tl.sum(tl.where(at, rank, 0), axis=1), axis=0)
+    sel = (idt == e) & (rank == r)
+    has = tl.max(sel.to(tl.int32), axis=1) > 0
+    slot = tl.sum(tl.where(sel, ks[None, :], 0), axis=1)
+    first = tl.min(tl.where(has, tok, TQ), axis=0)
+    return e, (e >= 0) & (first == tp), has, slot
+
+
+@triton.jit
+def _expert_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr,
+                   stride_xt, stride_xk, ids_ptr, rw_ptr, out_ptr, stride_ot, stride_ok,
+                   ws_ptr, cnt_ptr, grid_ptr, sign_ptr, N, T, K, P, KB, clamp,
+                   QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, KP: tl.constexpr,
+                   NB: tl.constexpr, MMA: tl.constexpr, MODE: tl.constexpr,
+                   SPLIT: tl.constexpr, PRE: tl.constexpr):
+    """ids [T, K] (contiguous, -1 = skip); the activation row of (t, k) is at element offset
+    t*stride_xt + k*stride_xk (stride_xk = 0: shared by the slots).
+    Pairs p = t*K + k are grouped by (expert, rank of the slot among the token's slots with the
+    same expert); a group's first pair leads it: its program multiplies the expert's rows (read
+    once) with the activation rows of all the group's tokens (the tile's token columns).
+    MODE_SLOTS / MODE_SWIGLU: grid (P, row tiles); output [T, K, N]; pairs with id -1 get zeros.
+    MODE_SUM: grid (row tiles, SPLIT). Program (n, s) adds the groups led by pairs s, s+SPLIT,
+    ... in that order; the SPLIT partials are added in a fixed order. Output [T, N]."""
+    tok = tl.arange(0, TQ)
+    if MODE == 1:
+        pid_n = tl.program_id(0)
+    else:
+        pid_n = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    row_off = rows.to(tl.int64) * stride_wn
+    if MODE == 1:
+        pid_k = tl.program_id(1)
+        tot = tl.zeros([BN, TQ], tl.float32)
+        idt, rank = _id_table(ids_ptr, T, K, TQ, KP)
+        for p in range(pid_k, P, SPLIT):
+            e, leader, has, slot = _group(idt, rank, p, K, TQ, KP)
+            if leader:
+                x_off = tok.to(tl.int64) * stride_xt + slot.to(tl.int64) * stride_xk
+                eoff = e.to(tl.int64) * stride_we
+                acc, _ = _mv_tile(w_ptr + eoff, w_ptr + eoff, row_off, rmask, x_ptr, xq_ptr, xd_ptr, xbs_ptr,
+                                  x_off, has, 0, KB, grid_ptr, sign_ptr, QT, BN, TQ, NB, MMA, False, PRE)
+                tot += acc
+        yoff = tok[None, :].to(tl.int64) * stride_ot + rows[:, None]
+        _store_tile(tot, out_ptr, yoff, rmask[:, None] & (tok < T)[None, :], ws_ptr, cnt_ptr,
+                    pid_n, pid_k, SPLIT, BN, TQ)
+    else:
+        p = tl.program_id(0)
+        idt, rank = _id_table(ids_ptr, T, K, TQ, KP)
+        e, leader, has, slot = _group(idt, rank, p, K, TQ, KP)
+        if e < 0:   # skipped slot: zeros
+            t0 = p // K
+            k0 = p - t0 * K
+            tl.store(out_ptr + t0.to(tl.int64) * stride_ot + k0.to(tl.int64) * stride_ok + rows,
+                     tl.zeros([BN], tl.float32), mask=rmask)
+        elif leader:
+            x_off = tok.to(tl.int64) * stride_xt + slot.to(tl.int64) * stride_xk
+            eoff = e.to(tl.int64) * stride_we
+            acc, acc2 = _mv_tile(w_ptr + eoff, w2_ptr + eoff, row_off, rmask, x_ptr, xq_ptr, xd_ptr, xbs_ptr,
+                                 x_off, has, 0, KB, grid_ptr, sign_ptr, QT, BN, TQ, NB, MMA, MODE == 2, PRE)
+            if MODE == 2:   # clamped SwiGLU times the router weight (numerics.swiglu_clamped)
+                g = tl.minimum(acc, clamp)
+                u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
+                rw = tl.load(rw_ptr + tok * K + slot, mask=has, other=0.0)
+                acc = g * tl.sigmoid(g) * u * rw[None, :]
+            ooff = tok[None, :].to(tl.int64) * stride_ot + slot[None, :].to(tl.int64) * stride_ok + rows[:, None]
+            tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & has[None, :])
+
+
+# ================================================================================================
+# host side
+# ================================================================================================
+@dataclass(frozen=True)
+class Cfg:
+    """Launch shape.
+    bn     output rows per program (a power of two >= 16 where a tensor-core dot is used)
+    nb     F16: elements per K step; Q8_0: 32-blocks per K step; K-quants: always 1 super-block
+    split  programs along K (linear) or over the (token, slot) pairs (expert_linear sum_slots)
+    mma    Q8_0 only: int8 tensor-core path instead of float FMA
+    pre    quantise the activation once in a separate launch instead of in every program
+    """
+    bn: int = 32
+    nb: int = 8
+    split: int = 1
+    mma: bool = False
+    pre: bool = False
+    warps: int = 4
+    stages: int = 2
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n."""
+    p = 1
+    while p < cap and n % (2 * p) == 0:
+        p *= 2
+    return p
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=8)
+def _iq2_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS lookup tables built from gguf's: fp16 bit patterns of the 256x8 grid magnitudes,
+    and for each 7-bit sign index the 8 sign bits (0x8000 = negative) of ksigns (the index plus
+    its parity bit)."""
+    import numpy as np
+    from gguf.quants import IQ2_XXS as _G
+    _G.init_grid()
+    grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8).astype(np.float16).view(np.int16)
+    ks = np.frombuffer(_G.ksigns, dtype=np.uint8)
+    bits = (ks[:, None] >> np.arange(8, dtype=np.uint8)[None, :]) & 1
+    sign = np.where(bits == 1, np.int16(-32768), np.int16(0)).astype(np.int16)
+    return (torch.from_numpy(grid.reshape(-1).copy()).to(device),
+            torch.from_numpy(sign.reshape(-1).copy()).to(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Split tickets, one per output tile. Every launch leaves them at zero, so one zeroed buffer
+    per device serves all launches issued on one stream (do not run split launches on two
+    streams of one device concurrently)."""
+    return torch.zeros(_TICKETS, dtype=torch.int32, device=device)
+
+
+def _raw(w) -> torch.Tensor:
+    """The raw bytes with a contiguous byte axis (other strides are passed to the kernel)."""
+    raw = w.raw
+    if raw.stride(-1) != 1 or raw.data_ptr() % 2:
+        raw = raw.contiguous()
+    return raw
+
+
+def default_cfg(qtype: int, n_rows: int, n_in: int, T: int, device, n_tiles_mult: int = 1) -> Cfg:
+    """Heuristic launch shape (starting points; bench/kernels_check.py --sweep measures others).
+    n_tiles_mult: independent programs per row tile (e.g. experts), counted toward filling the
+    GPU before split-K is considered."""
+    sms = _sm_count(torch.device(device))
+    if qtype == F16:
+        cfg = Cfg(bn=32 if T <= 2 else 64, nb=128 if T == 1 else 32)
+    elif qtype == Q8_0:
+        mma = T > FMA_MAX_T
+        cfg = Cfg(bn=64 if mma else 32, nb=4 if mma else 8, mma=mma, pre=T >= PRE_MIN_T_Q8_0)
+    else:
+        cfg = Cfg(bn=64 if n_rows * n_tiles_mult >= 64 * 2 * sms else 32, nb=1, pre=T >= PRE_MIN_T_KQ)
+    cfg = _fit(cfg, qtype, n_in)
+    tiles = triton.cdiv(n_rows, cfg.bn) * n_tiles_mult
+    split = 1
+    if tiles < 2 * sms:
+        split = max(1, min(triton.cdiv(2 * sms, tiles), (n_in // _EPB[qtype] // cfg.nb) // 4, 16))
+    return replace(cfg, split=split)
+
+
+def _fit(cfg: Cfg, qtype: int, n_in: int) -> Cfg:
+    """Make nb legal for this type and width (a power of two dividing the block count)."""
+    kb = n_in // _EPB[qtype]
+    nb = _pow2_divisor(kb, cfg.nb) if qtype in (F16, Q8_0) else 1
+    return replace(cfg, nb=nb, mma=cfg.mma and qtype == Q8_0, pre=cfg.pre and qtype != F16)
+
+
+def _check_act(x: torch.Tensor, n_in: int, where: str) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        raise ValueError(f"{where}: activation must be float32, got {x.dtype}")
+    if x.shape[-1] != n_in:
+        raise ValueError(f"{where}: activation width {x.shape[-1]} != {n_in}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x
+
+
+def _prequant(qtype: int, x2: torch.Tensor):
+    """(q, d, block sums) of x2 [R, n] for weight type qtype, with dummies where unused."""
+    if qtype == Q8_0:
+        q, d = quantize_q8_0(x2)
+        return q, d, d
+    return quantize_q8_k(x2)
+
+
+def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch.Tensor:
+    """y [T, out] = act_quant(x) @ dequant(W)^T for w (out, in), x [T, groups*in] float32.
+
+    groups > 1: W's rows form `groups` equal groups and group g multiplies the input columns
+    [g*in, (g+1)*in) (DS4's grouped attention output A)."""
+    if w.qtype not in SUPPORTED:
+        raise ValueError(f"no Triton matvec for {type_name(w.qtype)}")
+    if len(w.shape) != 2:
+        raise ValueError(f"linear expects a 2-D weight, got shape {w.shape}")
+    n_out, n_in = w.shape
+    if groups < 1 or n_out % groups:
+        raise ValueError(f"{n_out} rows do not split into {groups} groups")
+    if x.dim() != 2:
+        raise ValueError(f"linear expects x [T, in], got {tuple(x.shape)}")
+    x = _check_act(x, groups * n_in, "linear")
+    T = x.shape[0]
+    y = torch.empty(T, n_out, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return y
+    raw = _raw(w)
+    grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (y, y)
+    rows_per_group = n_out // groups
+    kb = n_in // _EPB[w.qtype]
+    for t0 in range(0, T, TQ_MAX):
+        xs, ys = x[t0:t0 + TQ_MAX], y[t0:t0 + TQ_MAX]
+        Tc = xs.shape[0]
+        c = _fit(cfg, w.qtype, n_in) if cfg else default_cfg(w.qtype, n_out, n_in, Tc, x.device)
+        bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
+        tq = max(TQ_MIN, _pow2_at_least(Tc))
+        steps = kb // c.nb
+        per = triton.cdiv(steps, max(1, min(c.split, steps))) * c.nb
+        split = triton.cdiv(kb, per)
+        tiles = triton.cdiv(n_out, bn)
+        ws, cnt = _split_buffers(split, tiles, bn, tq, x.device, ys)
+        xq, xd, xbs = _prequant(w.qtype, xs) if c.pre else (xs, xs, xs)
+        _linear_kernel[(tiles, split)](
+            raw, raw.stride(-2), xs, xq, xd, xbs, xs.stride(0), ys, ys.stride(0), ws, cnt, grid_t, sign_t,
+            n_out, Tc, kb, per, rows_per_group, n_in,
+            QT=w.qtype, BN=bn, TQ=tq, NB=c.nb, SPLIT=split, MMA=c.mma, PRE=c.pre,
+            num_warps=c.warps, num_stages=c.stages)
+    return y
+
+
+def _split_buffers(split, tiles, bn, tq, device, dummy):
+    if split == 1:
+        return dummy, dummy
+    if tiles > _TICKETS:
+        raise ValueError(f"a split launch over {tiles} row tiles exceeds the ticket buffer")
+    return torch.empty(tiles * split * bn * tq, dtype=torch.float32, device=device), _tickets(device)
+
+
+def _expert_args(w, x, ids, where):
+    if w.qtype not in SUPPORTED:
+        raise ValueError(f"no Triton expert matvec for {type_name(w.qtype)}")
+    if len(w.shape) != 3:
+        raise ValueError(f"{where}: expects expert weights (E, out, in), got {w.shape}")
+    E, n_out, n_in = w.shape
+    if ids.dim() != 2:
+        raise ValueError(f"{where}: ids must be [T, K], got {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{where}: ids must be int32 or int64, got {ids.dtype}")
+    T, K = ids.shape
+    x = _check_act(x, n_in, where)
+    if x.dim() == 2 and x.shape[0] == T:
+        per_slot = False
+    elif x.dim() == 3 and tuple(x.shape[:2]) == (T, K):
+        per_slot = True
+    else:
+        raise ValueError(f"{where}: x must be [T, in] or [T, K, in] for ids [T={T}, K={K}], "
+                         f"got {tuple(x.shape)}")
+    return n_out, n_in, T, K, x, per_slot, ids.contiguous()
+
+
+def expert_linear(w, x: torch.Tensor, ids: torch.Tensor, sum_slots: bool = False,
+                  cfg: Cfg | None = None) -> torch.Tensor:
+    """Routed experts, w (E, out, in); ids [T, K] local expert ids (-1 = skip); x [T, in]
+    (shared by the slots) or [T, K, in]. Returns [T, K, out] (zeros for skipped slots), or with
+    sum_slots the sum over the slots [T, out]."""
+    n_out, n_in, T, K, x, per_slot, ids = _expert_args(w, x, ids, "expert_linear")
+    out = torch.empty((T, n_out) if sum_slots else (T, K, n_out), dtype=torch.float32, device=x.device)
+    if T == 0 or K == 0:
+        return out.zero_()
+    _experts(w, None, x, per_slot, ids, None, out, MODE_SUM if sum_slots else MODE_SLOTS, 0.0, cfg)
+    return out
+
+
+def expert_swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  clamp: float = SWIGLU_CLAMP, cfg: Cfg | None = None) -> torch.Tensor:
+    """mid [T, K, out] = swiglu_clamped(gate, up, clamp) * weights[..., None] for the selected
+    experts (zeros for id -1), gate/up = expert_linear of x [T, in] (or [T, K, in]); one launch
+    that reads the activation once for both."""
+    if w_gate.qtype != w_up.qtype or tuple(w_gate.shape) != tuple(w_up.shape):
+        raise ValueError(f"gate/up mismatch: {type_name(w_gate.qtype)} {w_gate.shape} vs "
+                         f"{type_name(w_up.qtype)} {w_up.shape}")
+    n_out, n_in, T, K, x, per_slot, ids = _expert_args(w_gate, x, ids, "expert_swiglu")
+    if tuple(weights.shape) != (T, K) or weights.dtype != torch.float32:
+        raise ValueError(f"expert_swiglu: weights must be float32 [T, K], got {weights.dtype} "
+                         f"{tuple(weights.shape)}")
+    out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
+    if T == 0 or K == 0:
+        return out
+    _experts(w_gate, w_up, x, per_slot, ids, weights.contiguous(), out, MODE_SWIGLU, float(clamp), cfg)
+    return out
+
+
+def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
+    E, n_out, n_in = w.shape
+    raw = _raw(w)
+    raw2 = _raw(w2) if w2 is not None else raw
+    if raw2.stride() != raw.stride():
+        raise ValueError("gate and up raw bytes must have the same strides")
+    grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (out, out)
+    T, K = ids.shape
+    kb = n_in // _EPB[w.qtype]
+    for t0 in range(0, T, TQ_MAX):
+        xs, ids_c, os = x[t0:t0 + TQ_MAX], ids[t0:t0 + TQ_MAX], out[t0:t0 + TQ_MAX]
+        rw_c = rw[t0:t0 + TQ_MAX] if rw is not None else os
+        Tc = ids_c.shape[0]
+        P = Tc * K
+        if cfg:
+            c = _fit(cfg, w.qtype, n_in)
+        else:
+            c = default_cfg(w.qtype, n_out, n_in, Tc, x.device, n_tiles_mult=min(P, E))
+            c = replace(c, split=min(P, 8) if mode == MODE_SUM else 1)
+        tq = max(TQ_MIN, _pow2_at_least(Tc))
+        tiles = triton.cdiv(n_out, c.bn)
+        split = max(1, min(c.split, P)) if mode == MODE_SUM else 1
+        ws, cnt = _split_buffers(split, tiles, c.bn, tq, x.device, os)
+        xq, xd, xbs = _prequant(w.qtype, xs.reshape(-1, n_in)) if c.pre else (xs, xs, xs)
+        sxt = xs.stride(0)
+        sxk = xs.stride(1) if per_slot else 0
+        grid = (tiles, split) if mode == MODE_SUM else (P, tiles)
+        _expert_kernel[grid](
+            raw, raw2, raw.stride(0), raw.stride(1), xs, xq, xd, xbs, sxt, sxk, ids_c, rw_c, os,
+            os.stride(0), os.stride(1) if mode != MODE_SUM else 0, ws, cnt, grid_t, sign_t,
+            n_out, Tc, K, P, kb, clamp,
+            QT=w.qtype, BN=c.bn, TQ=tq, KP=_pow2_at_least(K), NB=c.nb,
+            MMA=c.mma, MODE=mode, SPLIT=split, PRE=c.pre, num_warps=c.warps, num_stages=c.stages)
+
+
+# ---- standalone activation quantisers -------------------------------------------------------
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, n] float32 -> (q int8 [R, n], d float32 [R, n/32]); q*d == numerics.q8_0_act(x)."""
+    x = _check_act(x, x.shape[-1], "quantize_q8_0")
+    R, n = x.shape
+    if n % 32:
+        raise ValueError(f"Q8_0 activation width {n} is not a multiple of 32")
+    nblk = n // 32
+    q = torch.empty(R, n, dtype=torch.int8, device=x.device)
+    d = torch.empty(R, nblk, dtype=torch.float32, device=x.device)
+    nbp = min(32, _pow2_at_least(nblk))
+    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, d, nblk, KQ=False, NBP=nbp)
+    return q, d
+
+
+def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, n] float32 -> (q int8 [R, n], d float32 [R, n/256], block sums of 16 int32
+    [R, n/16]); q*d == numerics.q8_k_act(x)."""
+    x = _check_act(x, x.shape[-1], "quantize_q8_k")
+    R, n = x.shape
+    if n % 256:
+        raise ValueError(f"Q8_K activation width {n} is not a multiple of 256")
+    nblk = n // 256
+    q = torch.empty(R, n, dtype=torch.int8, device=x.device)
+    d = torch.empty(R, nblk, dtype=torch.float32, device=x.device)
+    bs = torch.empty(R, n // 16, dtype=torch.int32, device=x.device)
+    nbp = min(4, _pow2_at_least(nblk))
+    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, bs, nblk, KQ=True, NBP=nbp)
+    return q, d, bs

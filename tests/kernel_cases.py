@@ -1,0 +1,241 @@
+"""Cases comparing the Triton kernels (ds4tp.kernels.triton_matvec) with their torch twins.
+
+Shared by tests/test_kernels.py (on CUDA) and by the Triton CPU interpreter run, which executes
+this file as a script with TRITON_INTERPRET=1 set before triton is imported:
+    TRITON_INTERPRET=1 python tests/kernel_cases.py
+Every case draws fresh random weight blocks (all byte patterns are valid for the K/IQ quants;
+scales are finite f16) and activations with zero blocks, ties and exact .5 roundings.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ds4tp import numerics, ops  # noqa: E402
+from ds4tp.config import BLOCK, F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, type_name  # noqa: E402
+from ds4tp.qtensor import QTensor  # noqa: E402
+
+TYPES = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+_F16_FIELDS = {Q8_0: (0,), Q2_K: (80, 82), Q4_K: (0, 2), IQ2_XXS: (0,)}
+
+
+def rand_raw(qtype: int, shape, gen: torch.Generator, device="cpu") -> torch.Tensor:
+    """Random valid encoded rows uint8 [*shape[:-1], row_bytes]."""
+    *lead, n_in = shape
+    epb, bpb = BLOCK[qtype]
+    nb = n_in // epb
+    nrows = int(np.prod(lead)) if lead else 1
+    if qtype == F16:
+        w = (torch.randn(nrows, n_in, generator=gen) * 0.5).half()
+        return w.view(torch.uint8).reshape(*lead, nb * bpb).to(device)
+    raw = torch.randint(0, 256, (nrows, nb, bpb), generator=gen, dtype=torch.uint8)
+    for at in _F16_FIELDS[qtype]:
+        scale = torch.randn(nrows, nb, 1, generator=gen) * 0.01
+        scale[torch.rand(nrows, nb, 1, generator=gen) < 0.02] = 0.0     # some all-zero blocks
+        raw[..., at:at + 2] = scale.half().view(torch.uint8)
+    return raw.reshape(*lead, nb * bpb).to(device)
+
+
+def rand_weight(qtype, shape, gen, device="cpu") -> QTensor:
+    return QTensor(qtype, tuple(shape), rand_raw(qtype, shape, gen, device))
+
+
+def column_shard(w: QTensor, part: int, parts: int) -> QTensor:
+    """A block-aligned column slice of every row, as TP shards it: a strided view of raw."""
+    epb, bpb = BLOCK[w.qtype]
+    n_in = w.shape[-1] // parts
+    b0 = part * (n_in // epb) * bpb
+    raw = w.raw[..., b0:b0 + n_in // epb * bpb]
+    return QTensor(w.qtype, (*w.shape[:-1], n_in), raw)
+
+
+def rand_act(shape, gen, device="cpu") -> torch.Tensor:
+    """Activations with the awkward cases of the quantisers: an all-zero 256 block, a ±max tie
+    (negative first), exact .5 roundings under d = 1 (Q8_0) and iscale = 1 (Q8_K)."""
+    x = torch.randn(*shape, generator=gen) * 2.0
+    flat = x.reshape(-1, shape[-1])
+    n = shape[-1]
+    if n >= 512:
+        flat[0, 256:512] = 0.0                               # an all-zero Q8_K block
+    flat[0, 32:64] = 0.0                                     # an all-zero Q8_0 block
+    if flat.shape[0] > 1 and n >= 64:
+        flat[1, 3], flat[1, 9] = -9.0, 9.0                   # tie on |x|: the first (-9) wins
+    if flat.shape[0] > 2 and n >= 256:
+        flat[2, :256] = torch.tensor([0.5, 1.5, 2.5, -2.5, -0.5, 3.5] * 42 + [0.5] * 4)
+        flat[2, 7] = -127.0                                  # Q8_K: m = -127 -> iscale = 1
+        flat[2, 32:64] = torch.linspace(-126.5, 127.0, 32)   # Q8_0 block with amax 127 -> d = 1
+    return x.to(device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+TOL = 3e-6      # relative to the largest output: float32 summation order only
+
+
+def check(name, got, want, tol=TOL):
+    e = rel_err(got.float().cpu(), want.float().cpu())
+    if not (e <= tol) or got.shape != want.shape:
+        raise AssertionError(f"{name}: relative error {e:.3g} > {tol:g} "
+                             f"(shapes {tuple(got.shape)} vs {tuple(want.shape)})")
+    return e
+
+
+# ---- the cases ----------------------------------------------------------------------------------
+def case_quantizers(device, gen):
+    from ds4tp.kernels import triton_matvec as tm
+    x = rand_act((6, 1024), gen, device)
+    q, d = tm.quantize_q8_0(x)
+    rt = (q.float().view(6, -1, 32) * d[..., None]).view(6, -1)
+    assert torch.equal(rt, numerics.q8_0_act(x)), "Q8_0 activation round trip differs"
+    q, d, bs = tm.quantize_q8_k(x)
+    rt = (q.float().view(6, -1, 256) * d[..., None]).view(6, -1)
+    assert torch.equal(rt, numerics.q8_k_act(x)), "Q8_K activation round trip differs"
+    assert torch.equal(bs, q.int().view(6, -1, 16).sum(-1)), "Q8_K block sums differ"
+    return "bit-identical"
+
+
+def case_linear(device, gen, qtype, n_out, n_in, T, cfg=None):
+    from ds4tp.kernels import triton_matvec as tm
+    w = rand_weight(qtype, (n_out, n_in), gen, device)
+    x = rand_act((T, n_in), gen, device)
+    return check(f"linear {type_name(qtype)} {n_out}x{n_in} T={T} {cfg}",
+                 tm.linear(w, x, cfg=_cfg(cfg)), ops.linear_torch(w, x))
+
+
+def case_linear_shard(device, gen, qtype, n_out, n_in, T, cfg=None):
+    """TP column shard (strided raw view) of a wider matrix."""
+    from ds4tp.kernels import triton_matvec as tm
+    full = rand_weight(qtype, (n_out, 2 * n_in), gen, device)
+    w = column_shard(full, 1, 2)
+    assert not w.raw.is_contiguous()
+    x = rand_act((T, n_in), gen, device)
+    return check(f"linear shard {type_name(qtype)} {n_out}x{n_in} T={T}",
+                 tm.linear(w, x, cfg=_cfg(cfg)), ops.linear_torch(w, x))
+
+
+def case_grouped(device, gen, qtype, groups, rows, n_in, T, cfg=None):
+    from ds4tp.kernels import triton_matvec as tm
+    w = rand_weight(qtype, (groups * rows, n_in), gen, device)
+    x = rand_act((T, groups, n_in), gen, device)
+    got = tm.linear(w, x.reshape(T, -1), groups=groups, cfg=_cfg(cfg)).view(T, groups, rows)
+    return check(f"grouped {type_name(qtype)} {groups}x{rows}x{n_in} T={T}", got,
+                 ops.grouped_linear_torch(w, x))
+
+
+def rand_ids(T, K, E, gen, device, skip=0.15, dup=False):
+    """Distinct experts per token (as routing gives), some -1 (not on this rank), experts shared
+    by several tokens; with dup, token 0 also lists one expert twice (the twin allows it)."""
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    if T > 1:
+        e = int(ids[0, 0])
+        ids[1] = torch.where(ids[1] == e, ids[1, 0], ids[1])  # keep token 1's ids distinct
+        ids[1, 0] = e                                          # and share token 0's first expert
+    ids[torch.rand(T, K, generator=gen) < skip] = -1
+    if dup:
+        ids[0, K - 1] = ids[0, 0] = max(int(ids[0, 0]), 0)
+    return ids.to(device)
+
+
+def case_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, cfg=None, dup=False):
+    from ds4tp.kernels import triton_matvec as tm
+    w = rand_weight(qtype, (E, n_out, n_in), gen, device)
+    ids = rand_ids(T, K, E, gen, device, dup=dup)
+    x = rand_act((T, K, n_in) if per_slot else (T, n_in), gen, device)
+    want = ops.expert_linear_torch(w, x, ids)
+    tag = f"experts {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} per_slot={per_slot} cfg={cfg}"
+    got = tm.expert_linear(w, x, ids, cfg=_cfg(cfg))
+    e1 = check(tag + " slots", got, want)
+    assert torch.all(got[ids < 0] == 0), tag + ": skipped slots are not zero"
+    e2 = check(tag + " sum", tm.expert_linear(w, x, ids, sum_slots=True, cfg=_cfg(cfg)), want.sum(1))
+    return max(e1, e2)
+
+
+def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None):
+    from ds4tp.kernels import triton_matvec as tm
+    wg = rand_weight(qtype, (E, n_out, n_in), gen, device)
+    wu = rand_weight(qtype, (E, n_out, n_in), gen, device)
+    ids = rand_ids(T, K, E, gen, device)
+    x = rand_act((T, n_in), gen, device) * 20.0            # so that the clamps act
+    rw = torch.rand(T, K, generator=gen).to(device)
+    g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
+    want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
+    got = tm.expert_swiglu(wg, wu, x, ids, rw, 10.0, cfg=_cfg(cfg))
+    # swiglu is 11-Lipschitz in g and u (|u|, |g sigmoid(g)| <= 10), so the summation-order error
+    # of g and u (relative to their own size, which the clamps do not bound) carries over
+    lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()
+    err = (got - want).abs().max().item()
+    if not err <= lim:
+        raise AssertionError(f"swiglu {type_name(qtype)} T={T}: abs error {err:.3g} > {lim:.3g}")
+    assert torch.all(got[ids < 0] == 0), "swiglu: skipped slots are not zero"
+    return err / max(want.abs().max().item(), 1e-30)
+
+
+def C(**kw):
+    """A launch config (ds4tp.kernels.triton_matvec.Cfg fields), kept as a dict until used."""
+    return kw
+
+
+def _cfg(cfg):
+    from ds4tp.kernels.triton_matvec import Cfg
+    return Cfg(**cfg) if cfg is not None else None
+
+
+def interpreter_cases():
+    """Small shapes for the CPU interpreter (the whole run takes ~15 s on 2 cores)."""
+    yield "quantizers", case_quantizers, ()
+    for qt in TYPES:
+        nb = 64 if qt == F16 else 4
+        yield f"linear {type_name(qt)} T=1", case_linear, (qt, 48, 512, 1, C(bn=16, nb=nb))
+        yield f"linear {type_name(qt)} T=5 split", case_linear, (qt, 40, 512, 5, C(bn=16, nb=nb, split=2))
+        if qt != F16:
+            yield f"linear {type_name(qt)} T=3 pre", case_linear, (qt, 32, 512, 3, C(bn=32, nb=nb, pre=True))
+    yield "linear Q8_0 T=4 mma", case_linear, (Q8_0, 32, 256, 4, C(bn=16, nb=4, mma=True))
+    yield "linear Q8_0 T=2 mma pre split", case_linear, (Q8_0, 32, 256, 2, C(bn=16, nb=2, mma=True, pre=True, split=2))
+    yield "linear Q8_0 T=18 chunks", case_linear, (Q8_0, 16, 128, 18, C(bn=16, nb=4))
+    yield "linear Q8_0 default cfg", case_linear, (Q8_0, 64, 256, 1, None)
+    yield "linear IQ2_XXS default cfg", case_linear, (IQ2_XXS, 64, 512, 2, None)
+    yield "shard Q8_0", case_linear_shard, (Q8_0, 32, 256, 2, C(bn=16, nb=4))
+    yield "shard Q2_K", case_linear_shard, (Q2_K, 32, 512, 1, C(bn=16))
+    yield "grouped Q8_0", case_grouped, (Q8_0, 4, 32, 128, 3, C(bn=16, nb=4, split=2))
+    yield "experts IQ2_XXS shared x", case_experts, (IQ2_XXS, 8, 32, 512, 3, 4, False, C(bn=16, split=3))
+    yield "experts Q2_K per-slot x", case_experts, (Q2_K, 8, 32, 512, 3, 4, True, C(bn=16, split=2, pre=True))
+    yield "experts Q8_0", case_experts, (Q8_0, 6, 16, 256, 2, 3, True, C(bn=16, nb=4))
+    yield "experts Q2_K duplicate id", case_experts, (Q2_K, 6, 16, 256, 3, 3, True, C(bn=16, split=2), True)
+    yield "experts Q4_K", case_experts, (Q4_K, 6, 16, 256, 2, 3, False, C(bn=16))
+    yield "experts F16", case_experts, (F16, 4, 16, 128, 2, 2, False, C(bn=16, nb=64))
+    yield "swiglu IQ2_XXS", case_swiglu, (IQ2_XXS, 8, 32, 512, 3, 4, C(bn=16))
+    yield "swiglu Q2_K pre", case_swiglu, (Q2_K, 8, 16, 256, 2, 3, C(bn=16, pre=True))
+
+
+def run_interpreter(seed=1234) -> int:
+    gen = torch.Generator().manual_seed(seed)
+    fails = 0
+    t_all = time.time()
+    for name, fn, args in interpreter_cases():
+        t0 = time.time()
+        try:
+            res = fn("cpu", gen, *args)
+            print(f"ok    {name:40s} {res if isinstance(res, str) else f'rel err {res:.2e}'} "
+                  f"({time.time() - t0:.1f}s)", flush=True)
+        except Exception as exc:  # report every case, then fail
+            fails += 1
+            print(f"FAIL  {name:40s} {type(exc).__name__}: {exc}", flush=True)
+    print(f"{'FAILED' if fails else 'passed'}: {fails} failing case(s), {time.time() - t_all:.1f}s total")
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    import os
+    import warnings
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 (the Triton CPU interpreter)")
+    warnings.filterwarnings("ignore", category=RuntimeWarning)   # exp overflow inside sigmoid
+    sys.exit(run_interpreter())

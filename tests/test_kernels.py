@@ -1,0 +1,107 @@
+"""Triton kernels (ds4tp.kernels) against their torch twins (ds4tp.ops), on fresh random inputs.
+
+Two variants of the same cases (tests/kernel_cases.py):
+  * test_triton_interpreter_cpu: Triton's CPU interpreter (TRITON_INTERPRET=1) on small shapes,
+    in a subprocess because the variable must be set before triton is imported. Runs anywhere.
+  * test_cuda_*: compiled kernels on a CUDA GPU, the small cases plus DS4-sized shapes; skipped
+    without CUDA. bench/kernels_check.py covers the full-size shapes and timing.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernel_cases as kc
+from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, type_name
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except Exception:
+    HAVE_TRITON = False
+
+needs_cuda = pytest.mark.skipif(
+    not (HAVE_TRITON and torch.cuda.is_available()),
+    reason="compiled Triton kernels need a CUDA GPU (the CPU interpreter variant, "
+           "test_triton_interpreter_cpu, runs the same cases on small shapes)")
+
+SMALL = list(kc.interpreter_cases())
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_triton_interpreter_cpu():
+    """Every small case under the Triton CPU interpreter (about 15 s on 2 cores)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(Path(kc.__file__))], env=env, capture_output=True,
+                       text=True, timeout=900)
+    print(r.stdout)
+    assert r.returncode == 0, (r.stdout[-6000:] + "\n" + r.stderr[-6000:])
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", SMALL, ids=[c[0] for c in SMALL])
+def test_cuda_small_cases(case):
+    name, fn, args = case
+    fn("cuda", torch.Generator().manual_seed(7), *args)
+
+
+DS4_LINEAR = [  # (type, out, in): DS4 shapes, shortened where only the row count differs
+    (Q8_0, 1024, 4096), (Q8_0, 4096, 8192), (Q8_0, 2048, 4096), (Q8_0, 4096, 2048),
+    (Q8_0, 4096, 1024), (F16, 24, 16384), (F16, 256, 4096), (F16, 1024, 4096),
+    (IQ2_XXS, 2048, 4096), (Q2_K, 4096, 2048), (Q4_K, 2048, 4096)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 21])
+@pytest.mark.parametrize("shape", DS4_LINEAR, ids=[f"{type_name(t)}-{o}x{i}" for t, o, i in DS4_LINEAR])
+def test_cuda_linear_ds4_shapes(shape, T):
+    qt, n_out, n_in = shape
+    kc.case_linear("cuda", torch.Generator().manual_seed(T), qt, n_out, n_in, T)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 4])
+def test_cuda_grouped_output_a(T):
+    kc.case_grouped("cuda", torch.Generator().manual_seed(T), Q8_0, 8, 1024, 4096, T)
+
+
+@needs_cuda
+@pytest.mark.parametrize("qt", [Q8_0, Q2_K])
+def test_cuda_column_shard(qt):
+    kc.case_linear_shard("cuda", torch.Generator().manual_seed(3), qt, 4096, 1024, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_cuda_routed_experts(T):
+    g = torch.Generator().manual_seed(T)
+    kc.case_swiglu("cuda", g, IQ2_XXS, 256, 1024, 4096, T, 6)
+    kc.case_experts("cuda", g, Q2_K, 256, 4096, 1024, T, 6, True)
+    kc.case_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, T, 6, False, dup=True)
+
+
+@needs_cuda
+def test_cuda_dispatch_and_determinism():
+    """ops.* route CUDA tensors through the kernels; split launches repeat bit for bit."""
+    from ds4tp import ops
+    from ds4tp.kernels import triton_matvec as tm
+    g = torch.Generator().manual_seed(11)
+    w = kc.rand_weight(Q8_0, (1024, 4096), g, "cuda")
+    x = kc.rand_act((1, 4096), g, "cuda")
+    y = ops.linear(w, x)
+    assert torch.equal(y, tm.linear(w, x))
+    kc.check("ops.linear", y, ops.linear_torch(w, x))
+    cfg = tm.Cfg(bn=32, nb=8, split=8)
+    runs = [tm.linear(w, x, cfg=cfg) for _ in range(5)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), "split-K result is not deterministic"
+    we = kc.rand_weight(Q2_K, (64, 4096, 1024), g, "cuda")
+    ids = kc.rand_ids(2, 6, 64, g, "cuda")
+    xm = kc.rand_act((2, 6, 1024), g, "cuda")
+    runs = [ops.expert_linear(we, xm, ids, sum_slots=True) for _ in range(5)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), "slot sum is not deterministic"
+    kc.check("ops.expert_linear sum", runs[0], ops.expert_linear_torch(we, xm, ids).sum(1))
