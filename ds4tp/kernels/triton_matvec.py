@@ -142,7 +142,10 @@ def _q8_0_wtile_f32(w_ptr, row_off, rmask, kb, NB: tl.constexpr):
     base = row_off[:, None] + (kb + j)[None, :] * 34                      # [BN, NB]
     q = tl.load(w_ptr + base[:, :, None] + 2 + i[None, None, :], mask=rmask[:, None, None], other=0)
     d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask[:, None], other=0.0).to(tl.float32)
-    return q.to(tl.int8, bitcast=True).to(tl.float32) * d[:, :, None]
+    # int8 -> float32 without the (quarter-rate) conversion unit: the bits 0x4B000000 | (u ^ 0x80)
+    # are the float 2**23 + q + 128 for the byte u holding q
+    f = (q.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    return f * d[:, :, None]
 
 
 @triton.jit
@@ -221,7 +224,8 @@ def _q4_k_wblock(w_ptr, row_off, rmask, kb, BN: tl.constexpr):
     qb = tl.load(w_ptr + base[:, None, None] + 16 + 32 * (j // 2)[None, :, None] + l[None, None, :],
                  mask=rmask[:, None, None], other=0).to(tl.int32)
     q = (qb >> (4 * (j % 2))[None, :, None]) & 15
-    a = (q * sc[:, :, None]).to(tl.float16)
+    # sc*q <= 945 -> fp16 without the conversion unit: bits 0x6400 + v are the fp16 1024 + v
+    a = ((q * sc[:, :, None]) + 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
     d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask, other=0.0).to(tl.float32)
     dmin = tl.load(_f16_ptr(w_ptr) + ((base + 2) >> 1), mask=rmask, other=0.0).to(tl.float32)
     return tl.reshape(a, (BN, 256)), mn.to(tl.float16), d, dmin
@@ -529,6 +533,7 @@ class Cfg:
     split  programs along K (linear) or over the (token, slot) pairs (expert_linear sum_slots)
     mma    Q8_0 only: int8 tensor-core path instead of float FMA
     pre    quantise the activation once in a separate launch instead of in every program
+    tq_min smallest token tile for the dot paths (0: the module's TQ_MIN)
     """
     bn: int = 32
     nb: int = 8
@@ -537,6 +542,7 @@ class Cfg:
     pre: bool = False
     warps: int = 4
     stages: int = 2
+    tq_min: int = 0          # 0: TQ_MIN
 
 
 def _pow2_at_least(n: int) -> int:
@@ -590,10 +596,11 @@ def _raw(w) -> torch.Tensor:
     return raw
 
 
-def default_cfg(qtype: int, n_rows: int, n_in: int, T: int, device, n_tiles_mult: int = 1) -> Cfg:
-    """Heuristic launch shape (starting points; bench/kernels_check.py --sweep measures others).
-    n_tiles_mult: independent programs per row tile (e.g. experts), counted toward filling the
-    GPU before split-K is considered."""
+def default_cfg(qtype: int, n_rows: int, n_in: int, T: int, device, mult: int = 1,
+                can_split: bool = True) -> Cfg:
+    """Heuristic launch shape (a starting point: bench/kernels_check.py --sweep measures others).
+    Row tiles shrink, then K is split, until there are about two programs per SM; `mult` counts
+    independent programs per row tile (e.g. the experts of an expert launch)."""
     sms = _sm_count(torch.device(device))
     if qtype == F16:
         cfg = Cfg(bn=32 if T <= 2 else 64, nb=128 if T == 1 else 32)
@@ -601,13 +608,27 @@ def default_cfg(qtype: int, n_rows: int, n_in: int, T: int, device, n_tiles_mult
         mma = T > FMA_MAX_T
         cfg = Cfg(bn=64 if mma else 32, nb=4 if mma else 8, mma=mma, pre=T >= PRE_MIN_T_Q8_0)
     else:
-        cfg = Cfg(bn=64 if n_rows * n_tiles_mult >= 64 * 2 * sms else 32, nb=1, pre=T >= PRE_MIN_T_KQ)
+        cfg = Cfg(bn=64, nb=1, pre=T >= PRE_MIN_T_KQ)
     cfg = _fit(cfg, qtype, n_in)
-    tiles = triton.cdiv(n_rows, cfg.bn) * n_tiles_mult
+    target = 2 * sms
+    bn = cfg.bn
+    while bn > 16 and triton.cdiv(n_rows, bn) * mult < target:
+        bn //= 2
+    tiles = triton.cdiv(n_rows, bn) * mult
     split = 1
-    if tiles < 2 * sms:
-        split = max(1, min(triton.cdiv(2 * sms, tiles), (n_in // _EPB[qtype] // cfg.nb) // 4, 16))
-    return replace(cfg, split=split)
+    if can_split and tiles < target:
+        steps = n_in // _EPB[qtype] // cfg.nb
+        split = max(1, min(triton.cdiv(target, tiles), steps // 2, 32))
+    return replace(cfg, bn=bn, split=split)
+
+
+def _token_tile(c: Cfg, qtype: int, T: int) -> int:
+    """Token columns per tile: T rounded up to a power of two; the dot paths (everything except
+    the T = 1 float FMA paths of F16 and Q8_0) take at least tq_min."""
+    tq = _pow2_at_least(T)
+    if tq == 1 and (qtype == F16 or (qtype == Q8_0 and not c.mma)):
+        return 1
+    return max(tq, c.tq_min or TQ_MIN)
 
 
 def _fit(cfg: Cfg, qtype: int, n_in: int) -> Cfg:
@@ -663,7 +684,7 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch
         Tc = xs.shape[0]
         c = _fit(cfg, w.qtype, n_in) if cfg else default_cfg(w.qtype, n_out, n_in, Tc, x.device)
         bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
-        tq = max(TQ_MIN, _pow2_at_least(Tc))
+        tq = _token_tile(c, w.qtype, Tc)
         steps = kb // c.nb
         per = triton.cdiv(steps, max(1, min(c.split, steps))) * c.nb
         split = triton.cdiv(kb, per)
@@ -757,9 +778,9 @@ def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
         if cfg:
             c = _fit(cfg, w.qtype, n_in)
         else:
-            c = default_cfg(w.qtype, n_out, n_in, Tc, x.device, n_tiles_mult=min(P, E))
-            c = replace(c, split=min(P, 8) if mode == MODE_SUM else 1)
-        tq = max(TQ_MIN, _pow2_at_least(Tc))
+            c = default_cfg(w.qtype, n_out, n_in, Tc, x.device, mult=min(P, E), can_split=False)
+            c = replace(c, split=min(P, 16) if mode == MODE_SUM else 1)
+        tq = _token_tile(c, w.qtype, Tc)
         tiles = triton.cdiv(n_out, c.bn)
         split = max(1, min(c.split, P)) if mode == MODE_SUM else 1
         ws, cnt = _split_buffers(split, tiles, c.bn, tq, x.device, os)
