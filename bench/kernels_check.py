@@ -254,8 +254,9 @@ def sweep_cfgs(case: Case, T: int):
     if case.qtype == F16:
         return [Cfg(bn=16, nb=256, warps=4), Cfg(bn=32, nb=128, warps=4), Cfg(bn=64, nb=64, warps=4),
                 Cfg(bn=64, nb=128, warps=8), Cfg(bn=16, nb=128, warps=4), Cfg(bn=128, nb=32, warps=8)]
-    return [Cfg(bn=64, nb=1, warps=4), Cfg(bn=32, nb=1, warps=4), Cfg(bn=128, nb=1, warps=8),
-            Cfg(bn=64, nb=1, warps=8), Cfg(bn=16, nb=1, warps=4),
+    return [Cfg(bn=64, nb=1, warps=4), Cfg(bn=32, nb=1, warps=4), Cfg(bn=64, nb=2, warps=4),
+            Cfg(bn=128, nb=1, warps=8), Cfg(bn=32, nb=2, warps=4), Cfg(bn=64, nb=1, warps=8),
+            Cfg(bn=16, nb=1, warps=4),
             Cfg(bn=64, nb=1, warps=4, pre=T < 2), Cfg(bn=64, nb=1, warps=4, tq_min=16),
             Cfg(bn=64, nb=1, warps=4, stages=3), Cfg(bn=128, nb=1, warps=4)]
 

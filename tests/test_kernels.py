@@ -105,3 +105,15 @@ def test_cuda_dispatch_and_determinism():
     runs = [ops.expert_linear(we, xm, ids, sum_slots=True) for _ in range(5)]
     assert all(torch.equal(runs[0], r) for r in runs[1:]), "slot sum is not deterministic"
     kc.check("ops.expert_linear sum", runs[0], ops.expert_linear_torch(we, xm, ids).sum(1))
+    wo = kc.rand_weight(Q8_0, (4 * 256, 512), g, "cuda")
+    xg = kc.rand_act((3, 4, 512), g, "cuda")
+    kc.check("ops.grouped_linear", ops.grouped_linear(wo, xg), ops.grouped_linear_torch(wo, xg))
+    wg = kc.rand_weight(IQ2_XXS, (16, 256, 1024), g, "cuda")
+    wu = kc.rand_weight(IQ2_XXS, (16, 256, 1024), g, "cuda")
+    ids = kc.rand_ids(2, 6, 16, g, "cuda")
+    xs = kc.rand_act((2, 1024), g, "cuda")
+    rw = torch.rand(2, 6, generator=g).cuda()
+    got = ops.expert_swiglu(wg, wu, xs, ids, rw)
+    assert torch.equal(got, tm.expert_swiglu(wg, wu, xs, ids, rw))
+    want = ops.expert_swiglu_torch(wg, wu, xs, ids, rw)
+    assert (got - want).abs().max() <= 1e-4 * max(want.abs().max().item(), 1.0)

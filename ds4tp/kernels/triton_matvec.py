@@ -225,7 +225,8 @@ def _q4_k_wblock(w_ptr, row_off, rmask, kb, BN: tl.constexpr):
                  mask=rmask[:, None, None], other=0).to(tl.int32)
     q = (qb >> (4 * (j % 2))[None, :, None]) & 15
     # sc*q <= 945 -> fp16 without the conversion unit: bits 0x6400 + v are the fp16 1024 + v
-    a = ((q * sc[:, :, None]) + 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    a = ((q * sc[:, :, None]) + 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    a = a - tl.full(a.shape, 1024.0, tl.float16)
     d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask, other=0.0).to(tl.float32)
     dmin = tl.load(_f16_ptr(w_ptr) + ((base + 2) >> 1), mask=rmask, other=0.0).to(tl.float32)
     return tl.reshape(a, (BN, 256)), mn.to(tl.float16), d, dmin
@@ -347,34 +348,36 @@ def _mv_tile(w_ptr, w2_ptr, row_off, rmask, x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_of
                         wq2, dw2 = _q8_0_wblock_i8(w2_ptr, row_off, rmask, kb + j)
                         r2 = tl.dot(wq2, xt, out_dtype=tl.int32).to(tl.float32)
                         acc2 += r2 * dw2[:, None] * dxr[None, :]
-    else:  # ---- K-quants x Q8_K, one 256-element super-block per step
-        for kb in range(kb0, kb1):
-            q, dx, bsum = _act_q8_k(x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_off, xmask, kb, TQ, QT != 16, PRE)
-            if QT == 16:  # IQ2_XXS
-                xt = tl.trans(q.to(tl.float16))
-                a, d = _iq2_xxs_wblock(w_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN)
-                acc += tl.dot(a, xt) * (d * 0.125)[:, None] * dx[None, :]
-                if TWO:
-                    a2, d2 = _iq2_xxs_wblock(w2_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN)
-                    acc2 += tl.dot(a2, xt) * (d2 * 0.125)[:, None] * dx[None, :]
-            else:
-                bs = tl.trans(bsum.to(tl.float16))                                         # [16, TQ]
-                if QT == 10:  # Q2_K
-                    xt = tl.trans(q.to(tl.int8))
-                    a, mn, d, dmin = _q2_k_wblock(w_ptr, row_off, rmask, kb, BN)
-                    r = tl.dot(a, xt, out_dtype=tl.int32).to(tl.float32)
-                    acc += (r * d[:, None] - tl.dot(mn, bs) * dmin[:, None]) * dx[None, :]
-                    if TWO:
-                        a2, mn2, d2, dmin2 = _q2_k_wblock(w2_ptr, row_off, rmask, kb, BN)
-                        r2 = tl.dot(a2, xt, out_dtype=tl.int32).to(tl.float32)
-                        acc2 += (r2 * d2[:, None] - tl.dot(mn2, bs) * dmin2[:, None]) * dx[None, :]
-                else:  # Q4_K
+    else:  # ---- K-quants x Q8_K, NB 256-element super-blocks per step
+        for kb0_ in range(kb0, kb1, NB):
+            for j in tl.static_range(NB):
+                kb = kb0_ + j
+                q, dx, bsum = _act_q8_k(x_ptr, xq_ptr, xd_ptr, xbs_ptr, x_off, xmask, kb, TQ, QT != 16, PRE)
+                if QT == 16:  # IQ2_XXS
                     xt = tl.trans(q.to(tl.float16))
-                    a, mn, d, dmin = _q4_k_wblock(w_ptr, row_off, rmask, kb, BN)
-                    acc += (tl.dot(a, xt) * d[:, None] - tl.dot(mn, bs) * dmin[:, None]) * dx[None, :]
+                    a, d = _iq2_xxs_wblock(w_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN)
+                    acc += tl.dot(a, xt) * (d * 0.125)[:, None] * dx[None, :]
                     if TWO:
-                        a2, mn2, d2, dmin2 = _q4_k_wblock(w2_ptr, row_off, rmask, kb, BN)
-                        acc2 += (tl.dot(a2, xt) * d2[:, None] - tl.dot(mn2, bs) * dmin2[:, None]) * dx[None, :]
+                        a2, d2 = _iq2_xxs_wblock(w2_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN)
+                        acc2 += tl.dot(a2, xt) * (d2 * 0.125)[:, None] * dx[None, :]
+                else:
+                    bs = tl.trans(bsum.to(tl.float16))                                     # [16, TQ]
+                    if QT == 10:  # Q2_K
+                        xt = tl.trans(q.to(tl.int8))
+                        a, mn, d, dmin = _q2_k_wblock(w_ptr, row_off, rmask, kb, BN)
+                        r = tl.dot(a, xt, out_dtype=tl.int32).to(tl.float32)
+                        acc += (r * d[:, None] - tl.dot(mn, bs) * dmin[:, None]) * dx[None, :]
+                        if TWO:
+                            a2, mn2, d2, dmin2 = _q2_k_wblock(w2_ptr, row_off, rmask, kb, BN)
+                            r2 = tl.dot(a2, xt, out_dtype=tl.int32).to(tl.float32)
+                            acc2 += (r2 * d2[:, None] - tl.dot(mn2, bs) * dmin2[:, None]) * dx[None, :]
+                    else:  # Q4_K
+                        xt = tl.trans(q.to(tl.float16))
+                        a, mn, d, dmin = _q4_k_wblock(w_ptr, row_off, rmask, kb, BN)
+                        acc += (tl.dot(a, xt) * d[:, None] - tl.dot(mn, bs) * dmin[:, None]) * dx[None, :]
+                        if TWO:
+                            a2, mn2, d2, dmin2 = _q4_k_wblock(w2_ptr, row_off, rmask, kb, BN)
+                            acc2 += (tl.dot(a2, xt) * d2[:, None] - tl.dot(mn2, bs) * dmin2[:, None]) * dx[None, :]
     return acc, acc2
 
 
@@ -529,7 +532,7 @@ def _expert_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, x
 class Cfg:
     """Launch shape.
     bn     output rows per program (a power of two >= 16 where a tensor-core dot is used)
-    nb     F16: elements per K step; Q8_0: 32-blocks per K step; K-quants: always 1 super-block
+    nb     blocks per K step (unrolled): F16 elements, Q8_0 32-blocks, K-quant 256-super-blocks
     split  programs along K (linear) or over the (token, slot) pairs (expert_linear sum_slots)
     mma    Q8_0 only: int8 tensor-core path instead of float FMA
     pre    quantise the activation once in a separate launch instead of in every program
@@ -634,8 +637,8 @@ def _token_tile(c: Cfg, qtype: int, T: int) -> int:
 def _fit(cfg: Cfg, qtype: int, n_in: int) -> Cfg:
     """Make nb legal for this type and width (a power of two dividing the block count)."""
     kb = n_in // _EPB[qtype]
-    nb = _pow2_divisor(kb, cfg.nb) if qtype in (F16, Q8_0) else 1
-    return replace(cfg, nb=nb, mma=cfg.mma and qtype == Q8_0, pre=cfg.pre and qtype != F16)
+    return replace(cfg, nb=_pow2_divisor(kb, cfg.nb), mma=cfg.mma and qtype == Q8_0,
+                   pre=cfg.pre and qtype != F16)
 
 
 def _check_act(x: torch.Tensor, n_in: int, where: str) -> torch.Tensor:
