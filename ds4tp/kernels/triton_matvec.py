@@ -39,10 +39,8 @@ import triton.language as tl
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP, type_name
 
 SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
-K_QUANTS = (Q2_K, Q4_K, IQ2_XXS)
-# elements / bytes of one block, per type (F16 counts single elements)
+# elements per block of each type (F16 counts single elements); the byte layouts are spec 5.1
 _EPB = {F16: 1, Q8_0: 32, Q2_K: 256, Q4_K: 256, IQ2_XXS: 256}
-_BPB = {F16: 2, Q8_0: 34, Q2_K: 84, Q4_K: 144, IQ2_XXS: 66}
 
 TQ_MAX = 16       # tokens per launch; more are processed in chunks of TQ_MAX (weights re-read)
 TQ_MIN = 1        # smallest token tile; Triton >= 3.5 pads small dot operands itself
