@@ -1,0 +1,61 @@
+"""A stand-in for DS4Model with the same interface, for tests of the serving machinery.
+
+Its logits are a deterministic function of the whole token history (a rolling hash seeds a
+normal draw), so two states agree exactly when they consumed the same tokens, prefix reuse is
+observable, and it records every forward call. With a DistComm it all-gathers half of the logits
+from each rank, so the collectives of a real tensor-parallel forward happen (and fail when a
+peer dies).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ds4tp.config import Shape
+
+TOY_SHAPE = Shape(n_layer=1, n_embd=256, vocab=3072, n_head=8, head_dim=256, n_out_group=2,
+                  q_lora=128, o_lora=128, n_expert=16, n_ff_exp=256, n_swa=32, n_indexer_head=8,
+                  indexer_top_k=16)
+_MASK = (1 << 63) - 1
+
+
+@dataclass
+class ToyState:
+    n: int = 0
+    h: int = 0
+
+    def clone(self) -> "ToyState":
+        return copy.deepcopy(self)
+
+
+class ToyModel:
+    def __init__(self, shape: Shape = TOY_SHAPE, comm=None, scale: float = 3.0):
+        self.shape, self.comm, self.scale = shape, comm, scale
+        self.calls: list[list[int]] = []
+
+    @classmethod
+    def load(cls, path, rank=0, world=1, comm=None, device="cpu"):
+        return cls(comm=comm)
+
+    def new_state(self) -> ToyState:
+        return ToyState()
+
+    def _logits(self, h: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(h)
+        full = torch.randn(self.shape.vocab, generator=g) * self.scale
+        if self.comm is None or self.comm.world == 1:
+            return full
+        part = full.chunk(self.comm.world)[self.comm.rank].contiguous()
+        return self.comm.all_gather(part, dim=0)
+
+    def forward(self, tokens: list[int], st: ToyState, all_logits: bool = False) -> torch.Tensor:
+        self.calls.append(list(tokens))
+        rows = []
+        for i, t in enumerate(tokens):
+            st.h = (st.h * 1000003 + int(t) + 1) & _MASK
+            st.n += 1
+            if all_logits or i == len(tokens) - 1:
+                rows.append(self._logits(st.h))
+        return torch.stack(rows) if all_logits else rows[-1]
