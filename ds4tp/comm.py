@@ -121,3 +121,75 @@ def init_dist(rank: int | None = None, world: int | None = None, *, device: str 
         raise CommError(f"rank {rank}/{world}: could not join the process group at {addr}:{port} "
                         f"within {timeout_s:.0f}s ({backend}): {e}") from e
     return DistComm(rank, world, backend, timeout_s)
+
+
+# ---- running N ranks on this host (eval --tp, tests) ----------------------------------------
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(rank, world, port, device, timeout_s, fn, args, queue):
+    import traceback
+    try:
+        dev = f"cuda:{rank}" if device == "cuda" else device
+        comm = init_dist(rank, world, device=dev, master_addr="127.0.0.1", master_port=port,
+                         timeout_s=timeout_s)
+        try:
+            out = fn(comm, dev, *args)
+        finally:
+            comm.close()
+        queue.put((rank, "ok", out if rank == 0 else None))
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_local_ranks(world: int, fn, *args, device: str = "cpu", timeout_s: float = 60.0,
+                    wall_s: float = 3600.0):
+    """Run fn(comm, device, *args) in `world` spawned processes (one rank each; gloo on CPU,
+    NCCL with one GPU per rank for device="cuda") and return rank 0's result. Any rank's failure
+    raises CommError with its traceback; no rank is left running."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    import time
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, port, device, timeout_s, fn, args, q),
+                         daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    result, errors, done = None, [], set()
+    deadline = time.monotonic() + wall_s
+    try:
+        while len(done) < world:
+            try:
+                rank, status, payload = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in done]
+                if dead and not errors:
+                    # a rank died without reporting (killed, segfault): fail, do not wait forever
+                    time.sleep(1.0)
+                    if q.empty():
+                        raise CommError(f"rank(s) {dead} exited with code "
+                                        f"{[procs[r].exitcode for r in dead]} without a result")
+                if time.monotonic() > deadline:
+                    raise CommError(f"ranks did not finish within {wall_s:.0f}s")
+                continue
+            done.add(rank)
+            if status == "ok":
+                if rank == 0:
+                    result = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+        if errors:
+            raise CommError("\n".join(errors))
+        return result
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

@@ -148,9 +148,27 @@ def _rope_params(n_rot: int, compressed: bool):
     return ts, 1.0, None, None
 
 
+_ROPE_TABLE_MAX = 1 << 16
+
+
 def rope_cos_sin(pos: torch.Tensor, n_rot: int, compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [len(pos), n_rot/2] (float32) following the reference's float32 angle
-    recurrence: te starts at pos and is multiplied by theta_scale (rounded) once per pair."""
+    """cos/sin [len(pos), n_rot/2] float32 for these positions (tabulated up to 65536)."""
+    top = int(pos.max()) + 1 if pos.numel() else 1
+    if top > _ROPE_TABLE_MAX:
+        return _rope_compute(pos, n_rot, compressed)
+    size = max(1024, 1 << (top - 1).bit_length())
+    cos, sin = _rope_table(n_rot, compressed, size, str(pos.device))
+    return cos[pos], sin[pos]
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(n_rot: int, compressed: bool, size: int, device: str):
+    return _rope_compute(torch.arange(size, device=device), n_rot, compressed)
+
+
+def _rope_compute(pos: torch.Tensor, n_rot: int, compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's float32 angle recurrence: te starts at pos and is multiplied by the
+    rounded theta_scale once per pair; YaRN blends the interpolated angle on the ramp."""
     ts, fscale, lo, hi = _rope_params(n_rot, compressed)
     f32 = torch.float32
     te = pos.to(f32)

@@ -59,6 +59,14 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch
     return out
 
 
+def grouped_linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """Grouped projection: w (G*o, in_g) holds G blocks of o rows; group g multiplies x[:, g].
+    x [T, G, in_g] -> [T, G, o]."""
+    T, G, n_in = x.shape
+    wf = w.f32().view(G, -1, n_in)
+    return torch.einsum("tgi,goi->tgo", act_quant(w.qtype, x), wf)
+
+
 # ---- dispatch points ---------------------------------------------------------------------------
 def _fused_ok(x: torch.Tensor) -> bool:
     if not x.is_cuda:
@@ -85,3 +93,13 @@ def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
         if y is not None:
             return y
     return expert_linear_torch(w, x, ids)
+
+
+def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """Grouped low-rank projection (attention output A); see grouped_linear_torch."""
+    if _fused_ok(x):
+        from ds4tp import kernels
+        y = kernels.grouped_linear(w, x)
+        if y is not None:
+            return y
+    return grouped_linear_torch(w, x)

@@ -1,0 +1,513 @@
+"""DeepSeek V4 Flash, top to bottom, tensor-parallel aware, pure torch.
+
+Reading order: weights (GGUF names bound once), session state, hyper-connections, attention
+(projections, compressors, indexer, sparse attention with sinks, grouped output), MoE FFN, output
+head, and the forward loop. Section numbers refer to ../shared/ds4-architecture.md.
+
+Tensor parallelism: the model is given rank, world and a comm object (all_reduce, all_gather) and
+holds only its local shards, so it sees local shapes: H_l query heads, G_l output groups, the
+local slice of every expert's FFN width (or whole local experts), V_l vocabulary rows. The HC
+state, norms, KV path, compressors and caches are replicated and identical on every rank. Each
+collective is one line at its call site below.
+
+Shape tags in comments: T tokens in this call, E n_embd, D head_dim, H_l local heads, L keys.
+One function serves both paths: a call with T > 1 is a batched prefill, T == 1 is decode; both
+update the same SessionState and compute the same math.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ds4tp import config as C
+from ds4tp.comm import SingleComm
+from ds4tp.config import Shape
+from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rms_scale,
+                            rope_cos_sin, rope_tail, softplus, swiglu_clamped)
+from ds4tp.ops import expert_linear, grouped_linear, linear
+from ds4tp.qtensor import QTensor
+
+
+# ================================ weights ======================================================
+@dataclass
+class CompressorWeights:
+    ratio: int
+    ape: torch.Tensor          # [r, width] float32, row = pos % r
+    kv: QTensor                # F16 (width, E)
+    gate: QTensor              # F16 (width, E)
+    norm: torch.Tensor         # [hd]
+
+
+@dataclass
+class LayerWeights:
+    il: int
+    ratio: int
+    # attention
+    hc_attn_fn: QTensor        # F16 (24, 4E)
+    hc_attn_scale: torch.Tensor
+    hc_attn_base: torch.Tensor
+    attn_norm: torch.Tensor
+    q_a: QTensor               # Q8_0 (q_lora, E)              replicated
+    q_a_norm: torch.Tensor
+    q_b: QTensor               # Q8_0 (H_l*D, q_lora)          rows = this rank's heads
+    kv: QTensor                # Q8_0 (D, E)                   replicated (single KV head)
+    kv_norm: torch.Tensor
+    sinks: torch.Tensor        # [H_l]
+    out_a: QTensor             # Q8_0 (G_l*o_lora, group_in)   rows = this rank's groups
+    out_b: QTensor             # Q8_0 (E, G_l*o_lora)          cols = this rank's groups
+    comp: CompressorWeights | None
+    icomp: CompressorWeights | None
+    idx_q_b: QTensor | None    # F16 (Hi_l*128, q_lora)        rows = this rank's indexer heads
+    idx_proj: QTensor | None   # F16 (Hi_l, E)
+    # ffn
+    hc_ffn_fn: QTensor
+    hc_ffn_scale: torch.Tensor
+    hc_ffn_base: torch.Tensor
+    ffn_norm: torch.Tensor
+    router: QTensor            # F16 (n_expert, E)             replicated
+    router_bias: torch.Tensor | None
+    tid2eid: torch.Tensor | None   # [V, K] int64 (hash layers)
+    gate_exps: QTensor         # (E_l, F_l, E)  F_l = local FFN width, E_l = local experts
+    up_exps: QTensor
+    down_exps: QTensor         # (E_l, E, F_l)
+    gate_sh: QTensor           # Q8_0 (F_l, E)
+    up_sh: QTensor
+    down_sh: QTensor           # Q8_0 (E, F_l)
+
+
+@dataclass
+class Weights:
+    token_embd: torch.Tensor   # [V, E] float16 (replicated; one row per token)
+    layers: list[LayerWeights]
+    out_hc_fn: QTensor         # F16 (4, 4E)
+    out_hc_scale: torch.Tensor
+    out_hc_base: torch.Tensor
+    out_norm: torch.Tensor
+    output: QTensor            # Q8_0 (V_l, E) rows = this rank's vocabulary slice
+
+    @staticmethod
+    def bind(t: dict, s: Shape) -> "Weights":
+        """Bind GGUF tensor names to attributes, once."""
+        def comp(p, kind):
+            if p + f"{kind}_kv.weight" not in t:
+                return None
+            ape = t[p + f"{kind}_ape.weight"].float()          # (r, width)
+            return CompressorWeights(ape.shape[0], ape, t[p + f"{kind}_kv.weight"],
+                                     t[p + f"{kind}_gate.weight"], t[p + f"{kind}_norm.weight"])
+        layers = []
+        for il in range(s.n_layer):
+            p = f"blk.{il}."
+            layers.append(LayerWeights(
+                il=il, ratio=s.ratio(il),
+                hc_attn_fn=t[p + "hc_attn_fn.weight"], hc_attn_scale=t[p + "hc_attn_scale.weight"],
+                hc_attn_base=t[p + "hc_attn_base.weight"], attn_norm=t[p + "attn_norm.weight"],
+                q_a=t[p + "attn_q_a.weight"], q_a_norm=t[p + "attn_q_a_norm.weight"],
+                q_b=t[p + "attn_q_b.weight"], kv=t[p + "attn_kv.weight"],
+                kv_norm=t[p + "attn_kv_a_norm.weight"], sinks=t[p + "attn_sinks.weight"],
+                out_a=t[p + "attn_output_a.weight"], out_b=t[p + "attn_output_b.weight"],
+                comp=comp(p, "attn_compressor"), icomp=comp(p, "indexer_compressor"),
+                idx_q_b=t.get(p + "indexer.attn_q_b.weight"), idx_proj=t.get(p + "indexer.proj.weight"),
+                hc_ffn_fn=t[p + "hc_ffn_fn.weight"], hc_ffn_scale=t[p + "hc_ffn_scale.weight"],
+                hc_ffn_base=t[p + "hc_ffn_base.weight"], ffn_norm=t[p + "ffn_norm.weight"],
+                router=t[p + "ffn_gate_inp.weight"], router_bias=t.get(p + "exp_probs_b.bias"),
+                tid2eid=t.get(p + "ffn_gate_tid2eid.weight"),
+                gate_exps=t[p + "ffn_gate_exps.weight"], up_exps=t[p + "ffn_up_exps.weight"],
+                down_exps=t[p + "ffn_down_exps.weight"], gate_sh=t[p + "ffn_gate_shexp.weight"],
+                up_sh=t[p + "ffn_up_shexp.weight"], down_sh=t[p + "ffn_down_shexp.weight"]))
+        return Weights(t["token_embd.weight"], layers, t["output_hc_fn.weight"],
+                       t["output_hc_scale.weight"], t["output_hc_base.weight"],
+                       t["output_norm.weight"], t["output.weight"])
+
+
+# ================================ session state ===============================================
+class Rows:
+    """An append-only [n, width] float32 buffer with amortised growth (caches, histories)."""
+
+    def __init__(self, width: int, device, cap: int = 64):
+        self.buf = torch.zeros(cap, width, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        need = self.n + rows.shape[0]
+        if need > self.buf.shape[0]:
+            new = torch.zeros(max(need, 2 * self.buf.shape[0]), self.buf.shape[1],
+                              dtype=self.buf.dtype, device=self.buf.device)
+            new[: self.n] = self.buf[: self.n]
+            self.buf = new
+        self.buf[self.n: need] = rows
+        self.n = need
+
+    def drop_front(self, k: int) -> None:
+        """Forget the k oldest rows."""
+        if k <= 0:
+            return
+        keep = self.n - k
+        self.buf[:keep] = self.buf[k: self.n].clone()
+        self.n = keep
+
+    def view(self) -> torch.Tensor:
+        return self.buf[: self.n]
+
+
+@dataclass
+class CompressorState:
+    """Per-position projections still needed for future emissions: positions [start, n)."""
+    kv: Rows
+    sc: Rows
+    start: int = 0
+
+
+@dataclass
+class LayerState:
+    raw: Rows                           # last <= n_swa raw KV rows, F16-rounded, oldest first
+    comp: Rows | None = None            # compressed attention rows (all of them)
+    comp_state: CompressorState | None = None
+    index: Rows | None = None           # indexer rows (ratio-4 layers)
+    index_state: CompressorState | None = None
+
+
+@dataclass
+class SessionState:
+    n: int                              # tokens consumed; the next token's position
+    layers: list[LayerState]
+    tokens: list[int] = field(default_factory=list)
+
+    def clone(self) -> "SessionState":
+        return copy.deepcopy(self)
+
+
+# ================================ hyper-connections (sec. 8) ==================================
+def hc_split(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, iters: int):
+    """Mix logits z [T, 2n+n^2] -> pre [T,n], post [T,n], M [T,n,n] (Sinkhorn, sec. 8.1)."""
+    eps = C.HC_EPS
+    pre = torch.sigmoid(z[:, :n_hc] * scale[0] + base[:n_hc]) + eps
+    post = 2 * torch.sigmoid(z[:, n_hc: 2 * n_hc] * scale[1] + base[n_hc: 2 * n_hc])
+    m = (z[:, 2 * n_hc:] * scale[2] + base[2 * n_hc:]).view(-1, n_hc, n_hc)   # M[r][c]
+    m = torch.softmax(m, dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)          # columns
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)      # rows
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)      # columns
+    return pre, post, m
+
+
+def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, s: Shape):
+    """hc [T, n_hc, E] -> sublayer input x [T, E], post, M."""
+    flat = hc.reshape(hc.shape[0], -1)
+    z = linear(fn, flat * rms_scale(flat))               # [T, 24], float activations x F16
+    pre, post, m = hc_split(z, scale, base, s.n_hc, s.sinkhorn_iters)
+    x = (pre[:, :, None] * hc).sum(1)
+    return x, post, m
+
+
+def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """H_out[i] = post[i]*f + sum_r M[r][i]*H_in[r]."""
+    return post[:, :, None] * f[:, None, :] + torch.einsum("tri,tre->tie", m, hc_in)
+
+
+# ================================ attention (sec. 9) ==========================================
+def kv_row_quant(kv: torch.Tensor, s: Shape) -> torch.Tensor:
+    """FP8 round trip of the non-RoPE dims of a KV row (sec. 9.3); the RoPE tail is left alone."""
+    nope = s.head_dim - s.n_rot
+    return torch.cat((fp8_e4m3_blocks(kv[..., :nope]), kv[..., nope:]), -1)
+
+
+def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: int, hd: int,
+             is_index: bool, s: Shape, trace=None, tag=""):
+    """Step a compressor over T tokens at positions p0.. and return the rows they emit
+    ([n_emit, hd], F16-rounded, plus the float32 rows before F16). Sec. 9.5.
+
+    Each emitted row c pools, per channel, tokens [c*r, c*r+r) through the second half of the
+    projection (ratio 4) or the whole projection (ratio 128), plus for ratio 4 the previous
+    window [c*r-4, c*r) through the first half (the coff=2 overlap), softmax-weighted by the
+    gate scores. It is RMS-normed and rotated at position c*r.
+    """
+    r, T = cw.ratio, x.shape[0]
+    pos = torch.arange(p0, p0 + T, device=x.device)
+    kv = linear(cw.kv, x)                                        # [T, width] (float x F16)
+    sc = linear(cw.gate, x) + cw.ape[pos % r]
+    st.kv.append(kv)
+    st.sc.append(sc)
+    all_kv, all_sc, base = st.kv.view(), st.sc.view(), st.start  # positions [base, p0+T)
+    n_end = p0 + T
+    cs = list(range(p0 // r, n_end // r))      # rows c emitted here: (c+1)*r-1 in [p0, n_end)
+    out = out32 = None
+    if cs:
+        c = torch.tensor(cs, device=x.device)
+        if r == 4:   # previous window via the first half, current window via the second half
+            prev = c[:, None] * 4 - 4 + torch.arange(4, device=x.device)
+            cur = c[:, None] * 4 + torch.arange(4, device=x.device)
+            cand = torch.cat((prev, cur), 1)                     # [n_emit, 8] positions
+            half = torch.cat((torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long))).to(x.device)
+        else:
+            cand = c[:, None] * r + torch.arange(r, device=x.device)
+            half = torch.zeros(r, dtype=torch.long, device=x.device)
+        valid = cand >= 0
+        rel = (cand - base).clamp_min(0)
+        cols = half[None, :, None] * hd + torch.arange(hd, device=x.device)   # [1, k, hd]
+        v = all_kv[rel[:, :, None], cols]                        # [n_emit, k, hd]
+        w = all_sc[rel[:, :, None], cols].masked_fill(~valid[:, :, None], C.NEG_INF)
+        w = torch.softmax(w, dim=1)
+        pooled = (w * v).sum(1)                                  # [n_emit, hd]
+        if trace is not None:
+            trace[tag + "pooled"] = pooled
+        row = rms_norm(pooled, cw.norm)
+        cos, sin = rope_cos_sin(c * r, s.n_rot, compressed=True)
+        row = rope_tail(row, cos, sin)
+        out32 = hadamard_fp4(row) if is_index else kv_row_quant(row, s)
+        out = f16_round(out32)
+    # keep only what future emissions read: the previous complete window (ratio 4) and the
+    # current partial one
+    new_start = max(0, (n_end // r - (1 if r == 4 else 0)) * r)
+    st.kv.drop_front(new_start - base)
+    st.sc.drop_front(new_start - base)
+    st.start = new_start
+    return out, out32
+
+
+def indexer_scores(lw: LayerWeights, qrn, xn, keys, cos, sin, s: Shape, trace=None):
+    """Partial indexer scores [T, n_comp] over this rank's indexer heads (sec. 9.6):
+    sum_h relu(q_h . K_c) * w_h, with q Hadamard+FP4'd after RoPE and w scaled by
+    1/sqrt(head_dim * n_heads)."""
+    T, idx_dim = qrn.shape[0], s.indexer_head_dim
+    q = linear(lw.idx_q_b, qrn).view(T, -1, idx_dim)             # [T, Hi_l, 128]
+    q = hadamard_fp4(rope_tail(q, cos[:, None], sin[:, None]))
+    wt = linear(lw.idx_proj, xn) * (1.0 / math.sqrt(idx_dim * s.n_indexer_head))   # [T, Hi_l]
+    dots = torch.relu(torch.einsum("thd,cd->thc", q, keys))      # [T, Hi_l, n_comp]
+    if trace is not None:
+        trace.update(index_q=q, index_weights=wt)
+    return (dots * wt[:, :, None]).sum(1)
+
+
+def select_rows(score: torch.Tensor, n_visible: torch.Tensor, top_k: int):
+    """Allowed-row mask [T, n_comp] and the selected ids [T, top_k] (-1 where a token sees
+    all its rows): top_k by descending score among the visible rows, ties to the lower row
+    (a stable descending sort keeps index order among equal scores)."""
+    visible = torch.arange(score.shape[1], device=score.device)[None, :] < n_visible[:, None]
+    order = torch.sort(score.masked_fill(~visible, float("-inf")), dim=-1, descending=True,
+                       stable=True).indices[:, :top_k]
+    mask = torch.zeros_like(visible).scatter_(1, order, True) & visible
+    full = (n_visible <= top_k)[:, None]                         # few rows: all visible
+    return torch.where(full, visible, mask), torch.where(full, -1, order)
+
+
+def attend(q, raw, raw_pos, comp, comp_mask, pos, sinks, s: Shape) -> torch.Tensor:
+    """Attention with sinks over raw-window and compressed rows in one softmax (sec. 9.7).
+
+    q [T, H_l, D]; raw [L, D] at positions raw_pos; comp [C, D] with comp_mask [T, C]. K = V
+    (one KV head). Token t sees raw rows in (pos-n_swa, pos] and the compressed rows its mask
+    allows; each head's sink logit joins the max and the denominator but adds no value.
+    """
+    T = q.shape[0]
+    scale = 1.0 / math.sqrt(s.head_dim)
+    raw_ok = (raw_pos[None, :] <= pos[:, None]) & (raw_pos[None, :] > pos[:, None] - s.n_swa)
+    logits = [sinks.view(1, -1, 1).expand(T, -1, 1),
+              torch.einsum("thd,ld->thl", q, raw).mul_(scale).masked_fill_(~raw_ok[:, None, :], float("-inf"))]
+    has_comp = comp is not None and comp.shape[0] > 0
+    if has_comp:
+        logits.append(torch.einsum("thd,cd->thc", q, comp).mul_(scale)
+                      .masked_fill_(~comp_mask[:, None, :], float("-inf")))
+    w = torch.softmax(torch.cat(logits, -1), dim=-1)
+    n_raw = raw.shape[0]
+    o = torch.einsum("thl,ld->thd", w[..., 1: 1 + n_raw], raw)
+    if has_comp:
+        o = o + torch.einsum("thc,cd->thd", w[..., 1 + n_raw:], comp)
+    return o
+
+
+def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Tensor, s: Shape,
+              comm, trace=None) -> torch.Tensor:
+    """Attention sublayer: hc [T, n_hc, E] -> new hc. Rows of this call are pushed to the
+    caches in `ls` before attending (a token sees its own row)."""
+    T, D = hc.shape[0], s.head_dim
+    p0 = int(pos[0])
+    x, post, m = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, s)
+    xn = rms_norm(x, lw.attn_norm)                               # [T, E]
+    qrn = rms_norm(linear(lw.q_a, xn), lw.q_a_norm)              # [T, q_lora]
+    q = linear(lw.q_b, qrn).view(T, -1, D)                       # [T, H_l, D] this rank's heads
+    q = rms_norm(q)                                              # per-head, unweighted
+    kv_n = rms_norm(linear(lw.kv, xn), lw.kv_norm)               # [T, D] single shared KV head
+    compressed = lw.ratio > 0
+    cos, sin = rope_cos_sin(pos, s.n_rot, compressed)
+    if trace is not None:
+        trace.update(hc_split=(post, m), attn_in=xn, qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
+    q = rope_tail(q, cos[:, None], sin[:, None])
+    kv = f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))  # the cached row, as attention reads it
+    raw_prev = ls.raw.n
+    ls.raw.append(kv)
+    raw = ls.raw.view()                                          # positions [p0-raw_prev, p0+T)
+    raw_pos = torch.arange(p0 - raw_prev, p0 + T, device=hc.device)
+
+    comp = comp_mask = None
+    if compressed:
+        rows, rows32 = compress(lw.comp, ls.comp_state, xn, p0, D, False, s, trace, "comp_")
+        if rows is not None:
+            ls.comp.append(rows)
+        if lw.ratio == 4:
+            irows, irows32 = compress(lw.icomp, ls.index_state, xn, p0, s.indexer_head_dim, True, s,
+                                      trace, "index_comp_")
+            if irows is not None:
+                ls.index.append(irows)
+            if trace is not None:
+                trace.update(index_comp_kv_f32=irows32, index_comp_kv=irows)
+        if trace is not None:
+            trace.update(comp_kv_f32=rows32, comp_kv=rows)
+        comp = ls.comp.view()                                    # [n_comp, D]
+        n_vis = (pos + 1) // lw.ratio                            # rows visible to each token
+        comp_mask = torch.arange(comp.shape[0], device=hc.device)[None, :] < n_vis[:, None]
+        if lw.ratio == 4 and int(n_vis.max()) > s.indexer_top_k:
+            score = indexer_scores(lw, qrn, xn, ls.index.view(), cos, sin, s, trace)
+            score = comm.all_reduce(score)                       # indexer-score all-reduce (heads split)
+            comp_mask, selected = select_rows(score, n_vis, s.indexer_top_k)
+            if trace is not None:
+                trace.update(index_scores=score, index_selected=selected)
+    if trace is not None:
+        trace.update(q=q, kv=kv)
+
+    o = attend(q, raw, raw_pos, comp, comp_mask, pos, lw.sinks, s)   # [T, H_l, D]
+    if trace is not None:
+        trace["heads"] = o
+    o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)   # [T, H_l, D]
+    if trace is not None:
+        trace["heads_inv_rope"] = o
+
+    # ---- grouped low-rank output (sec. 9.8): this rank's groups are exactly its heads
+    low = grouped_linear(lw.out_a, o.reshape(T, -1, s.group_in))  # [T, G_l, o_lora]
+    out = linear(lw.out_b, low.reshape(T, -1))                    # [T, E] partial over groups
+    out = comm.all_reduce(out)                                   # attention output all-reduce
+    if trace is not None:
+        trace["attn_out"] = out
+    # keep the raw window to its last n_swa rows
+    ls.raw.drop_front(ls.raw.n - s.n_swa)
+    return hc_post(out, hc, post, m)
+
+
+# ================================ MoE FFN (sec. 10) ===========================================
+def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
+    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2)."""
+    logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
+    p = torch.sqrt(softplus(logits))
+    if lw.tid2eid is not None:                                   # hash layer: ids by token
+        ids = lw.tid2eid[tokens]
+    else:
+        score = p + lw.router_bias if lw.router_bias is not None else p
+        ids = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : s.n_expert_used]
+    ps = torch.gather(p, 1, ids)
+    w = ps / ps.sum(-1, keepdim=True).clamp_min(C.ROUTER_WEIGHT_FLOOR) * C.EXPERT_WEIGHT_SCALE
+    return ids, w
+
+
+def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
+        trace=None) -> torch.Tensor:
+    x, post, m = hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, s)
+    xn = rms_norm(x, lw.ffn_norm)
+    ids, w = route(lw, xn, tokens, s)
+    # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
+    # contiguous range of whole experts ("experts" split; others' slots give zeros here).
+    n_local = lw.gate_exps.shape[0]
+    local_ids = ids - rank * n_local
+    local_ids = torch.where((local_ids >= 0) & (local_ids < n_local), local_ids, -1)
+    g = expert_linear(lw.gate_exps, xn, local_ids)               # [T, K, F_l], Q8_K(xn) shared
+    u = expert_linear(lw.up_exps, xn, local_ids)
+    mid = swiglu_clamped(g, u, C.SWIGLU_CLAMP) * w[:, :, None]   # router weight before down
+    routed = expert_linear(lw.down_exps, mid, local_ids).sum(1)  # [T, E] partial; Q8_K per slot
+    smid = swiglu_clamped(linear(lw.gate_sh, xn), linear(lw.up_sh, xn), C.SWIGLU_CLAMP)
+    shared = linear(lw.down_sh, smid)                            # [T, E] partial over FFN width
+    if trace is not None:
+        trace.update(ffn_split=(post, m), ffn_in=xn, expert_ids=ids, expert_weights=w,
+                     moe_out=routed, shared_out=shared)
+    f = comm.all_reduce(routed + shared)                         # FFN all-reduce (routed + shared)
+    return hc_post(f, hc, post, m)
+
+
+# ================================ output head (sec. 11) =======================================
+def output_head(wt: Weights, hc: torch.Tensor, s: Shape, comm, trace=None) -> torch.Tensor:
+    flat = hc.reshape(hc.shape[0], -1)
+    z = linear(wt.out_hc_fn, flat * rms_scale(flat))             # [T, n_hc]
+    hw = torch.sigmoid(z * wt.out_hc_scale[0] + wt.out_hc_base) + C.HC_EPS
+    x = (hw[:, :, None] * hc).sum(1)
+    xn = rms_norm(x, wt.out_norm)
+    logits = linear(wt.output, xn)                               # [T, V_l] this rank's vocab rows
+    if trace is not None:
+        trace.update(out_hc_weights=hw, out_embd=x, out_norm=xn)
+    return comm.all_gather(logits, dim=-1)                       # logits gather -> [T, V]
+
+
+# ================================ the model ===================================================
+class DS4Model:
+    def __init__(self, shape: Shape, weights: Weights, *, rank: int = 0, world: int = 1, comm=None,
+                 device="cpu"):
+        self.shape, self.w = shape, weights
+        self.rank, self.world = rank, world
+        self.comm = comm if comm is not None else SingleComm()
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, path, *, rank: int = 0, world: int = 1, comm=None, device="cpu") -> "DS4Model":
+        """Open and check the GGUF, then read this rank's shard of every tensor."""
+        from ds4tp.gguf_file import open_ds4
+        from ds4tp.shard.load import load_rank
+        from ds4tp.shard.plan import plan_for_file
+
+        f = open_ds4(path)
+        plan = plan_for_file(f, world)
+        tensors = load_rank(f, plan, rank, device)
+        m = cls(f.shape, Weights.bind(tensors, f.shape), rank=rank, world=world, comm=comm, device=device)
+        m.plan = plan
+        return m
+
+    def new_state(self) -> SessionState:
+        s, dev = self.shape, self.device
+        layers = []
+        for il in range(s.n_layer):
+            r = s.ratio(il)
+            ls = LayerState(raw=Rows(s.head_dim, dev, cap=2 * s.n_swa))
+            if r:
+                width = (2 if r == 4 else 1) * s.head_dim
+                ls.comp = Rows(s.head_dim, dev)
+                ls.comp_state = CompressorState(Rows(width, dev, cap=2 * r), Rows(width, dev, cap=2 * r))
+            if r == 4:
+                iw = 2 * s.indexer_head_dim
+                ls.index = Rows(s.indexer_head_dim, dev)
+                ls.index_state = CompressorState(Rows(iw, dev, cap=8), Rows(iw, dev, cap=8))
+            layers.append(ls)
+        return SessionState(0, layers)
+
+    @torch.no_grad()
+    def forward(self, tokens, state: SessionState, *, all_logits: bool = False, trace=None):
+        """Consume `tokens` at positions state.n.. and return logits: [V] after the last token,
+        or [T, V] for every token with all_logits. T > 1 is a batched prefill, T == 1 decode.
+
+        trace: optional dict; per-layer intermediates are stored under "<layer>.<stage>".
+        """
+        s = self.shape
+        tok = torch.as_tensor(list(tokens) if not torch.is_tensor(tokens) else tokens,
+                              dtype=torch.long, device=self.device).reshape(-1)
+        if tok.numel() == 0:
+            raise ValueError("forward needs at least one token")
+        if int(tok.min()) < 0 or int(tok.max()) >= s.vocab:
+            raise ValueError(f"token id out of range [0, {s.vocab})")
+        T = tok.numel()
+        pos = torch.arange(state.n, state.n + T, device=self.device)
+        e = self.w.token_embd[tok].float()                       # [T, E]
+        hc = e[:, None, :].expand(T, s.n_hc, s.n_embd).contiguous()   # 4 equal streams
+        for lw, ls in zip(self.w.layers, state.layers):
+            lt = {} if trace is not None else None
+            if lt is not None:
+                lt["hc"] = hc
+            hc = attention(lw, ls, hc, pos, s, self.comm, lt)
+            if lt is not None:
+                lt["hc_mid"] = hc
+            hc = ffn(lw, hc, tok, s, self.comm, self.rank, lt)
+            if lt is not None:
+                trace.update({f"{lw.il}.{k}": v for k, v in lt.items()})
+        if trace is not None:
+            trace["final_hc"] = hc
+        state.n += T
+        state.tokens.extend(tok.tolist())
+        head_in = hc if all_logits else hc[-1:]
+        logits = output_head(self.w, head_in, s, self.comm, trace)
+        return logits if all_logits else logits[0]
