@@ -9,6 +9,7 @@ peer dies).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,10 @@ class ToyState:
 
 
 class ToyModel:
-    def __init__(self, shape: Shape = TOY_SHAPE, comm=None, scale: float = 3.0):
+    def __init__(self, shape: Shape = TOY_SHAPE, comm=None, scale: float = 3.0,
+                 delay_s: float = 0.0):
         self.shape, self.comm, self.scale = shape, comm, scale
+        self.delay_s = delay_s          # per forward call: a slow model for timing tests
         self.calls: list[list[int]] = []
 
     @classmethod
@@ -52,6 +55,8 @@ class ToyModel:
 
     def forward(self, tokens: list[int], st: ToyState, all_logits: bool = False) -> torch.Tensor:
         self.calls.append(list(tokens))
+        if self.delay_s:
+            time.sleep(self.delay_s)
         rows = []
         for i, t in enumerate(tokens):
             st.h = (st.h * 1000003 + int(t) + 1) & _MASK
