@@ -27,6 +27,14 @@ def log(msg: str) -> None:
     print(f"[ds4tp launch {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM when the launcher dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -64,7 +72,10 @@ class Child:
     restarts: int = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, env=self.env)
+        # Own session: a terminal's Ctrl-C reaches the launcher only, which then stops the
+        # children in order. Parent-death signal: children never outlive a killed launcher.
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         self.started = time.monotonic()
 
     def alive(self) -> bool:
@@ -96,20 +107,24 @@ class Supervisor:
                 c.start()
 
     def stop(self) -> None:
+        """The gateway first (clients get an orderly end), then every worker."""
         self.stopping = True
-        for c in self.children:
-            if c.alive():
-                c.proc.terminate()
-        end = time.monotonic() + GRACE_S
-        for c in self.children:
-            if c.proc is None:
-                continue
-            try:
-                c.proc.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log(f"{c.name} did not stop in {GRACE_S:.0f}s; killing it")
-                c.proc.kill()
-                c.proc.wait()
+        gateway = [c for c in self.children if c.name == "gateway"]
+        workers = [c for c in self.children if c.name != "gateway"]
+        for phase in (gateway, workers):
+            for c in phase:
+                if c.alive():
+                    c.proc.terminate()
+            end = time.monotonic() + GRACE_S
+            for c in phase:
+                if c.proc is None:
+                    continue
+                try:
+                    c.proc.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log(f"{c.name} did not stop in {GRACE_S:.0f}s; killing it")
+                    c.proc.kill()
+                    c.proc.wait()
 
 
 def healthy(url: str) -> bool:
@@ -149,7 +164,7 @@ def main(args) -> int:
             "--ctx", str(args.ctx)], env))
     gw = py + ["gateway", "--workers", ",".join(f"127.0.0.1:{p}" for p in grpc_ports),
                "--model", model, "--host", args.host, "--port", str(args.port),
-               "--served-model-name", args.served_model_name]
+               "--served-model-name", args.served_model_name, "--step-timeout", str(args.step_timeout)]
     gw_env = dict(env)
     if args.api_key:
         gw_env["DS4TP_API_KEY"] = args.api_key   # not on the command line (visible in ps)

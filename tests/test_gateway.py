@@ -361,3 +361,24 @@ def test_tool_call_block_is_parsed_not_shown(tok):
     # without tools in the request the same text is plain content
     ts = TextStream(tok)
     assert "".join(ts.push(i).content for i in ids) + ts.finish().delta.content == text
+
+
+def test_a_hung_rank_hits_the_step_deadline(tok):
+    from ds4tp.gateway.pool import PoolConfig
+    sup = ToySupervisor(2, ctx=256, delay_s=0.0)
+    gw = GatewayThread(sup.addresses, tok, GatewayConfig(),
+                       PoolConfig(step_timeout_s=1.0, health_interval_s=0.1, dead_after_s=0.5))
+    try:
+        sup.ranks[1].model.delay_s = 3.0          # rank 1 stops answering steps in time
+        t0 = time.monotonic()
+        r = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        assert r.status_code == 503 and "DEADLINE_EXCEEDED" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 2.5
+        gw.wait_healthy(20)                       # both ranks were told to restart
+        r = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        gw.close()
+        sup.close()

@@ -36,7 +36,11 @@ def main(args) -> int:
     # the command line, where every local user can read it
     api_key = args.api_key or os.environ.get("DS4TP_API_KEY") or None
     cfg = GatewayConfig(served_model=args.served_model_name, api_key=api_key)
-    pool = WorkerPool(addresses, PoolConfig(), vocab=tokenizer.n_vocab, log=log)
+    if args.step_timeout <= 0:
+        print("ds4tp gateway: --step-timeout must be > 0", file=sys.stderr)
+        return 2
+    pool = WorkerPool(addresses, PoolConfig(step_timeout_s=args.step_timeout), vocab=tokenizer.n_vocab,
+                      log=log)
     app = create_app(cfg, pool, tokenizer)
     log(f"serving {cfg.served_model} on http://{args.host}:{args.port}/v1, workers {','.join(addresses)}"
         + (" (API key required)" if cfg.api_key else ""))

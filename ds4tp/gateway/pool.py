@@ -60,12 +60,12 @@ class StepRejected(Exception):
 
 @dataclass
 class PoolConfig:
-    step_timeout_s: float = 10.0         # deadline of a decode step / release
+    step_timeout_s: float = 5.0          # deadline of a decode step / release
     prefill_s_per_token: float = 0.02    # added to the deadline per prompt token fed
     health_interval_s: float = 0.5
     health_timeout_s: float = 2.0
     dead_after_s: float = 2.0            # a rank gone (refused) this long breaks its group
-    hung_after_s: float = 30.0           # a rank not answering probes this long breaks it too
+    hung_after_s: float = 30.0           # a rank whose probes time out this long counts as gone
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Rank:
     stub: object = None
     reachable: bool = False
     error: str = "not probed yet"
-    timed_out: bool = False
+    slow_since: float | None = None       # probes time out since then (still counted reachable)
     health: object = None                 # last HealthReply
     member_at: dict = field(default_factory=dict)   # group id -> last time seen in it
     shutdown_sent: dict = field(default_factory=dict)  # boot id -> time of the last Shutdown
@@ -195,10 +195,16 @@ class WorkerPool:
     async def _probe(self, r: Rank) -> None:
         try:
             r.health = await r.stub.Health(pb.HealthRequest(), timeout=self.cfg.health_timeout_s)
-            r.reachable, r.error, r.timed_out = True, "", False
+            r.reachable, r.error, r.slow_since = True, "", None
         except grpc.aio.AioRpcError as e:
+            now = time.monotonic()
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and r.reachable:
+                # a busy (or hung) rank: keep its last answer until it has been silent for
+                # hung_after_s, so one slow probe does not take the service down
+                r.slow_since = r.slow_since or now
+                if now - r.slow_since < self.cfg.hung_after_s:
+                    return
             r.reachable = False
-            r.timed_out = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             r.error = f"unreachable: {e.code().name}: {e.details()}"
 
     def _check_members(self, g: int, now: float) -> None:
@@ -209,7 +215,7 @@ class WorkerPool:
                     return
                 continue
             gone = now - max(r.member_at.get(g, 0.0), self._seen[g])
-            limit = self.cfg.hung_after_s if (not r.reachable and r.timed_out) else self.cfg.dead_after_s
+            limit = self.cfg.dead_after_s
             if gone > limit:
                 what = r.error if not r.reachable else (
                     f"restarted ({r.state}, group {r.group_id:x})" if r.group_id else f"restarted ({r.state})")
