@@ -33,10 +33,12 @@ def free_port() -> int:
 
 
 class ToyRank:
-    def __init__(self, rank: int, world: int, *, ctx: int, delay_s: float, port: int = 0):
+    def __init__(self, rank: int, world: int, *, ctx: int, delay_s: float, port: int = 0,
+                 make_model=None):
         self.rank, self.world, self.ctx, self.delay_s = rank, world, ctx, delay_s
+        self.make_model = make_model
         self.node = WorkerNode(rank=rank, world=world, device="cpu", model_path="toy", ctx=ctx)
-        self.model = ToyModel(delay_s=delay_s)
+        self.model = make_model() if make_model else ToyModel(delay_s=delay_s)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         add_worker_servicer(self.server, WorkerServicer(self.node, log=lambda m: None))
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
@@ -59,8 +61,9 @@ class ToyRank:
 class ToySupervisor:
     """Restarts ranks that crashed or exited; regroups them once all are back."""
 
-    def __init__(self, world: int, *, ctx: int = 256, delay_s: float = 0.0):
-        self.ranks = [ToyRank(r, world, ctx=ctx, delay_s=delay_s) for r in range(world)]
+    def __init__(self, world: int, *, ctx: int = 256, delay_s: float = 0.0, make_model=None):
+        self.ranks = [ToyRank(r, world, ctx=ctx, delay_s=delay_s, make_model=make_model)
+                      for r in range(world)]
         group = secrets.randbits(62) or 1
         for r in self.ranks:
             r.ready(group)
@@ -87,7 +90,8 @@ class ToySupervisor:
                         r.crash()
                     self.crashed.discard(i)
                     time.sleep(0.2)
-                    self.ranks[i] = ToyRank(i, r.world, ctx=r.ctx, delay_s=r.delay_s, port=r.port)
+                    self.ranks[i] = ToyRank(i, r.world, ctx=r.ctx, delay_s=r.delay_s, port=r.port,
+                                            make_model=r.make_model)
                     pending.add(i)
             if pending and len(pending) == len(self.ranks):
                 group = secrets.randbits(62) or 1

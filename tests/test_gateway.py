@@ -14,6 +14,7 @@ from ds4tp.gateway.api import GatewayConfig
 from ds4tp.gateway.scheduler import SchedulerConfig
 from ds4tp.gateway.textstream import TextStream
 from serving_harness import GatewayThread, ToySupervisor
+from toy_model import ScriptedModel
 
 MODEL = "deepseek-v4-flash"
 KEY = "sk-test-123"
@@ -382,3 +383,68 @@ def test_a_hung_rank_hits_the_step_deadline(tok):
     finally:
         gw.close()
         sup.close()
+
+
+# ---- scripted model: thinking and tool calls end to end ----------------------------------------
+@pytest.fixture
+def scripted(tok):
+    def start(text: str):
+        script = tok.encode_rendered(text)
+        sup = ToySupervisor(2, ctx=2048, make_model=lambda: ScriptedModel(script, tok.eos))
+        gw = GatewayThread(sup.addresses, tok, GatewayConfig())
+        started.append((sup, gw))
+        return gw
+    started = []
+    yield start
+    for sup, gw in started:
+        gw.close()
+        sup.close()
+
+
+def test_thinking_split_over_http(scripted):
+    gw = scripted("Let me think about colours." + tk.THINK_END + "Red, green and blue.")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Colours?"}],
+            "reasoning_effort": "high", "max_tokens": 100}
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30).json()
+    m = r["choices"][0]["message"]
+    assert (m["reasoning_content"], m["content"]) == ("Let me think about colours.", "Red, green and blue.")
+    assert r["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=dict(body, stream=True), timeout=30) as s:
+        data = [e for k, e in sse_events(s) if k == "data" and e != "[DONE]"]
+    deltas = [d["choices"][0]["delta"] for d in data if d["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == m["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == m["content"]
+    assert data[-1]["usage"] == r["usage"]                    # usage always, even unasked
+    # thinking off: the same tokens are all content (the prompt ends in </think>)
+    off = httpx.post(gw.url + "/v1/chat/completions", json=dict(body, reasoning_effort=None), timeout=30).json()
+    assert "reasoning_content" not in off["choices"][0]["message"]
+    assert off["choices"][0]["message"]["content"] == "Let me think about colours." + tk.THINK_END + "Red, green and blue."
+
+
+def test_tool_calls_over_http(scripted, tok):
+    call = {"id": "x", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Rome", "days": 3})}}
+    gw = scripted("I will look it up." + tk.render_tool_calls([call]))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    body = {"model": MODEL, "messages": msgs, "tools": tools, "max_tokens": 200}
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30).json()
+    assert r["usage"]["prompt_tokens"] == len(tok.encode_rendered(tk.render_chat(msgs, tools=tools)))
+    c = r["choices"][0]
+    assert c["finish_reason"] == "tool_calls" and c["message"]["content"] == "I will look it up."
+    (tc,) = c["message"]["tool_calls"]
+    assert tc["function"]["name"] == "get_weather"
+    assert json.loads(tc["function"]["arguments"]) == {"city": "Rome", "days": 3}
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=dict(body, stream=True), timeout=30) as s:
+        data = [e for k, e in sse_events(s) if k == "data" and e != "[DONE]"]
+    deltas = [d["choices"][0]["delta"] for d in data if d["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "I will look it up."
+    calls = [t for d in deltas for t in d.get("tool_calls") or []]
+    assert [t["function"]["name"] for t in calls] == ["get_weather"] and calls[0]["index"] == 0
+    assert data[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # tool_choice "none": no tools in the prompt, and the block is plain content
+    r = httpx.post(gw.url + "/v1/chat/completions", json=dict(body, tool_choice="none"), timeout=30).json()
+    assert r["usage"]["prompt_tokens"] == len(tok.encode_rendered(tk.render_chat(msgs)))
+    assert "tool_calls" not in r["choices"][0]["message"]

@@ -64,3 +64,34 @@ class ToyModel:
             if all_logits or i == len(tokens) - 1:
                 rows.append(self._logits(st.h))
         return torch.stack(rows) if all_logits else rows[-1]
+
+
+@dataclass
+class ScriptState:
+    n: int = 0
+    k: int = 0          # how many script tokens the state has consumed in a row
+
+    def clone(self) -> "ScriptState":
+        return copy.deepcopy(self)
+
+
+class ScriptedModel:
+    """Says `script`, then `end`, whatever the prompt: the logits favour script[k] once the state
+    has consumed script[:k] in a row (any other token restarts the script)."""
+
+    def __init__(self, script: list[int], end: int, shape: Shape = TOY_SHAPE):
+        self.script, self.end, self.shape = list(script), end, shape
+        self.calls: list[list[int]] = []
+
+    def new_state(self) -> ScriptState:
+        return ScriptState()
+
+    def forward(self, tokens, st: ScriptState, all_logits: bool = False) -> torch.Tensor:
+        assert not all_logits
+        self.calls.append(list(tokens))
+        for t in tokens:
+            st.n += 1
+            st.k = st.k + 1 if st.k < len(self.script) and t == self.script[st.k] else 0
+        logits = torch.zeros(self.shape.vocab)
+        logits[self.script[st.k] if st.k < len(self.script) else self.end] = 20.0
+        return logits

@@ -392,6 +392,14 @@ class _Output:
             c["usage"] = None
         return c
 
+    def _final(self, choice: dict, include_usage: bool) -> dict:
+        """The finish_reason chunk. Without include_usage it carries the usage itself (usage is
+        always reported); with it, a separate usage chunk follows, as OpenAI sends it."""
+        c = self._chunk(choice, include_usage)
+        if not include_usage:
+            c["usage"] = self.usage()
+        return c
+
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": self.object_chunk, "created": self.created,
                 "model": self.model, "choices": [], "usage": self.usage()}
@@ -437,7 +445,7 @@ class ChatOutput(_Output):
             if ev.tool_calls:
                 delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(ev.tool_calls)]
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": ev.finish_reason}
-            out.append(self._chunk(choice, include_usage))
+            out.append(self._final(choice, include_usage))
         return out
 
     def whole(self) -> dict:
@@ -487,7 +495,7 @@ class CompletionOutput(_Output):
                 choice["token_ids"] = ev.token_ids
             out.append(self._chunk(choice, include_usage))
         if isinstance(ev, Done):
-            out.append(self._chunk({"index": 0, "text": "", "logprobs": None,
+            out.append(self._final({"index": 0, "text": "", "logprobs": None,
                                     "finish_reason": ev.finish_reason}, include_usage))
         return out
 
