@@ -186,11 +186,11 @@ def hc_split(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int
     pre = torch.sigmoid(z[:, :n_hc] * scale[0] + base[:n_hc]) + eps
     post = 2 * torch.sigmoid(z[:, n_hc: 2 * n_hc] * scale[1] + base[n_hc: 2 * n_hc])
     m = (z[:, 2 * n_hc:] * scale[2] + base[2 * n_hc:]).view(-1, n_hc, n_hc)   # M[r][c]
-    m = torch.softmax(m, dim=-1) + eps
-    m = m / (m.sum(dim=-2, keepdim=True) + eps)          # columns
+    m = torch.softmax(m, dim=-1).add_(eps)
+    m.div_(m.sum(dim=-2, keepdim=True).add_(eps))        # columns
     for _ in range(iters - 1):
-        m = m / (m.sum(dim=-1, keepdim=True) + eps)      # rows
-        m = m / (m.sum(dim=-2, keepdim=True) + eps)      # columns
+        m.div_(m.sum(dim=-1, keepdim=True).add_(eps))    # rows
+        m.div_(m.sum(dim=-2, keepdim=True).add_(eps))    # columns
     return pre, post, m
 
 
