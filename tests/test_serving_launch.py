@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -52,7 +53,10 @@ MSGS = [{"role": "system", "content": "You are terse."},
 
 
 def test_launch_announces_the_url_and_health(server):
-    assert any(f"{server.url}/v1" in line for line in server.stdout)
+    end = time.monotonic() + 10     # the launcher polls /health itself, a moment after us
+    while not any(f"{server.url}/v1" in line for line in server.stdout) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert any(f"{server.url}/v1" in line for line in server.stdout), server.stdout
     h = server.health().json()
     assert h["status"] == "ok" and [w["rank"] for w in h["workers"]] == [0, 1]
     assert len({w["group_id"] for w in h["workers"]}) == 1
