@@ -243,9 +243,10 @@ def create_app(cfg: GatewayConfig, pool, tokenizer) -> FastAPI:
         if req.stream:
             return StreamingResponse(stream(request, req, gen, out), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        state = {}
         try:
             while True:
-                ev = await next_event(request, gen)
+                ev = await next_event(request, gen, state)
                 if ev is None:
                     return JSONResponse({}, status_code=499)   # client gone; nobody reads this
                 if isinstance(ev, Failed):
@@ -257,16 +258,20 @@ def create_app(cfg: GatewayConfig, pool, tokenizer) -> FastAPI:
         finally:
             finish(gen)
 
-    async def next_event(request: Request, gen: Generation):
-        """The generation's next event; None if the client disconnected (then it is cancelled)."""
+    async def next_event(request: Request, gen: Generation, state: dict):
+        """The generation's next event; None if the client disconnected (checked every 0.5 s,
+        whether events flow or not)."""
         get = asyncio.ensure_future(gen.events.get())
         try:
             while True:
-                done, _ = await asyncio.wait({get}, timeout=0.5)
+                wait = max(0.0, state.setdefault("check_at", time.monotonic() + 0.5) - time.monotonic())
+                done, _ = await asyncio.wait({get}, timeout=wait)
+                if time.monotonic() >= state["check_at"]:
+                    state["check_at"] = time.monotonic() + 0.5
+                    if await request.is_disconnected():
+                        return None
                 if done:
                     return get.result()
-                if await request.is_disconnected():
-                    return None
         finally:
             if not get.done():
                 get.cancel()
