@@ -57,6 +57,13 @@ class ToyRank:
     def crash(self) -> None:
         self.server.stop(0).wait()
 
+    def serve_again(self) -> None:
+        """A new gRPC server for the same (still running) rank: a network blip, not a restart."""
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        add_worker_servicer(self.server, WorkerServicer(self.node, log=lambda m: None))
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
 
 class ToySupervisor:
     """Restarts ranks that crashed or exited; regroups them once all are back."""

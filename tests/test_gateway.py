@@ -471,3 +471,25 @@ def test_tool_calls_over_http(scripted, tok):
     r = httpx.post(gw.url + "/v1/chat/completions", json=dict(body, tool_choice="none"), timeout=30).json()
     assert r["usage"]["prompt_tokens"] == len(tok.encode_rendered(tk.render_chat(msgs)))
     assert "tool_calls" not in r["choices"][0]["message"]
+
+
+def test_a_short_blip_is_not_a_restart(tok):
+    from ds4tp.gateway.pool import PoolConfig
+    sup = ToySupervisor(2, ctx=256)
+    gw = GatewayThread(sup.addresses, tok, GatewayConfig(),
+                       PoolConfig(health_interval_s=0.1, dead_after_s=3.0))
+    try:
+        group = gw.wait_healthy(5)["group_id"]
+        sup.ranks[1].crash()                   # unreachable, but not long enough to give up on it
+        end = time.monotonic() + 3
+        while httpx.get(gw.url + "/health").status_code == 200:
+            assert time.monotonic() < end, "health never noticed the unreachable rank"
+            time.sleep(0.05)
+        sup.ranks[1].serve_again()
+        assert gw.wait_healthy(5)["group_id"] == group          # the same process group
+        r = httpx.post(gw.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200
+    finally:
+        gw.close()
+        sup.close()

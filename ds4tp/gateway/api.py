@@ -24,6 +24,7 @@ import contextlib
 import json
 import secrets
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 
@@ -83,7 +84,7 @@ def _validation_error(e: ValidationError) -> APIError:
 
 def create_app(cfg: GatewayConfig, pool, tokenizer) -> FastAPI:
     metrics = Metrics()
-    scheduler = Scheduler(pool, cfg.scheduler, metrics)
+    scheduler = Scheduler(pool, cfg.scheduler)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -103,8 +104,7 @@ def create_app(cfg: GatewayConfig, pool, tokenizer) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
-        import traceback
-        traceback.print_exc()
+        traceback.print_exception(e)
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
                                        type="server_error", code="internal_error"))
 

@@ -254,6 +254,8 @@ class WorkerPool:
             g = ready[0]
             if g != self.group_id:
                 await self._adopt(g)
+            elif not self.healthy:       # back after a blip; the group itself is intact
+                self._set(True, "")
             return
         if self.group_id and self.group_id not in live:
             self.group_id, self.info = 0, None

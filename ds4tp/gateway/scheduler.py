@@ -156,12 +156,13 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, pool, cfg: SchedulerConfig, metrics=None):
-        self.pool, self.cfg, self.metrics = pool, cfg, metrics
+    def __init__(self, pool, cfg: SchedulerConfig):
+        self.pool, self.cfg = pool, cfg
         self.waiting: collections.deque[Generation] = collections.deque()
         self.active: collections.deque[Generation] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._orphans: list[Generation] = []
 
     @property
     def queue_depth(self) -> int:
@@ -200,6 +201,8 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
+            if self._orphans and self.pool.healthy:
+                await self._release_orphans()
             if not self.active and not self.waiting:
                 self._wake.clear()
                 await self._wake.wait()
@@ -227,14 +230,24 @@ class Scheduler:
     def _fail_all(self, reason: str) -> None:
         for g in list(self.active) + list(self.waiting):
             g.fail(503, f"workers unavailable: {reason}", "workers_unavailable")
+            if g.started:
+                self._orphans.append(g)
         self.active.clear()
         self.waiting.clear()
+
+    async def _release_orphans(self) -> None:
+        """Sequences of requests failed while the pool was unhealthy: if their group is still
+        the one serving (it was a blip, not a restart), the workers still hold them."""
+        orphans, self._orphans = self._orphans, []
+        for g in orphans:
+            await self._release(g)
 
     async def _turn(self, gen: Generation) -> None:
         if gen.cancelled or gen.finished:
             return
-        if gen.group_id != self.pool.group_id:
-            raise WorkersUnavailable("the worker group changed")
+        if gen.group_id != self.pool.group_id:   # its state died with the previous group
+            gen.fail(503, "workers unavailable: the worker group restarted", "workers_unavailable")
+            return
         try:
             if not gen.generated and not gen.finished:
                 first = not gen.started
@@ -253,7 +266,8 @@ class Scheduler:
                     sampling=gen.sampling_for(step)))
                 gen.accept(reply)
         except StepRejected as e:
-            gen.fail(400 if e.client_error else 500, str(e), "invalid_request_error" if e.client_error else "server_error")
+            client = e.client_error
+            gen.fail(400 if client else 500, str(e), "invalid_request_error" if client else "server_error")
 
     async def _release(self, gen: Generation) -> None:
         if not gen.started or gen.group_id != self.pool.group_id or not self.pool.healthy:
