@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=None)
     b.add_argument("--tp", default="1,2")
     b.add_argument("--quick", action="store_true")
+    b.add_argument("--gguf", default=None, help="also time loading this GGUF at the largest TP")
     return p
 
 
