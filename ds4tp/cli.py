@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--layers", type=int, default=None,
                    help="write only the first N layers (real per-layer sizes, fewer layers)")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="writer processes (default: one per core, at most 32, fewer for small "
+                        "files); the file does not depend on it")
 
     e = sub.add_parser("eval", help="evaluate tokens or a prompt and print top logits")
     e.add_argument("--model", default=None, help="GGUF file (default: the embedded tiny model)")
