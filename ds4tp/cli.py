@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--layers", type=int, default=None,
                    help="write only the first N layers (real per-layer sizes, fewer layers)")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="writer processes (default: one per core, at most 32, fewer for small "
+                        "files); the file does not depend on it")
 
     e = sub.add_parser("eval", help="evaluate tokens or a prompt and print top logits")
     e.add_argument("--model", default=None, help="GGUF file (default: the embedded tiny model)")
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=None)
     b.add_argument("--tp", default="1,2")
     b.add_argument("--quick", action="store_true")
+    b.add_argument("--gguf", default=None, help="also time loading this GGUF at the largest TP")
     return p
 
 

@@ -5,6 +5,8 @@ position the reference recorded, over the reference's top-20 ids (max |dlogit|),
 like:
   decode path   one token at a time; against per_position_decode_top (prompt positions), then
                 greedy[1:] and after_last_generated_top (generated positions)
+  static path   as decode, but tokens after the first go through the static-buffer decoder
+                (decode_graph.StaticDecoder, CUDA graphs on a GPU)
   prefill path  a fresh batched prefill of prompt_ids[:L] for every prefill checkpoint L
                 (greedy[0] for the chat prompt, which has no checkpoints)
 
@@ -39,11 +41,19 @@ def collect(model, golden: dict, paths=("decode", "prefill"), keep_logits: bool 
         ids = prompt_ids + gen
         n = len(prompt_ids)
         per_pos = p.get("per_position_decode_top")
-        if "decode" in paths:
+        for path in [x for x in paths if x in ("decode", "static")]:
             st = model.new_state()
             rows = []
+            if path == "static":    # token 0 by forward, then the static-buffer decoder
+                from ds4tp.decode_graph import StaticDecoder
+                dec = StaticDecoder(model, max_ctx=len(ids) + 8)
             for j, t in enumerate(ids):
-                logits = model.forward([t], st)
+                if path == "static" and j > 0:
+                    if j == 1:
+                        dec.load_session(st)
+                    logits = dec.step(t).clone()
+                else:
+                    logits = model.forward([t], st)
                 if keep_logits:
                     rows.append(logits)
                 if j < n - 1:
@@ -55,9 +65,9 @@ def collect(model, golden: dict, paths=("decode", "prefill"), keep_logits: bool 
                 else:
                     top = p["after_last_generated_top"]
                 if top is not None:
-                    records.append(_record(name, "decode", j, logits, top))
+                    records.append(_record(name, path, j, logits, top))
             if keep_logits:
-                kept[f"{name}/decode"] = torch.stack(rows)
+                kept[f"{name}/{path}"] = torch.stack(rows)
         if "prefill" in paths:
             checkpoints = p.get("prefill_checkpoints") or [{"L": n, "top": p["greedy"][0]["top"]}]
             for cp in checkpoints:
@@ -107,11 +117,13 @@ def main() -> int:
     ap.add_argument("--model", action="append")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--paths", default="decode,prefill")
     a = ap.parse_args()
+    paths = tuple(a.paths.split(","))
     for name in a.model or ["tiny-a", "small-a"]:
         g = Path(a.golden)
-        res = run(g / f"{name}.gguf", g / f"{name}.json", a.tp, device=a.device)
-        for path in ("decode", "prefill"):
+        res = run(g / f"{name}.gguf", g / f"{name}.json", a.tp, paths=paths, device=a.device)
+        for path in paths:
             s = summarize([r for r in res["records"] if r["path"] == path])
             print(f"{name} tp={a.tp} {path}: " + json.dumps(s))
         print(f"{name} tp={a.tp} pooled: " + json.dumps(summarize(res["records"])))
