@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--layers", type=int, default=None,
                    help="write only the first N layers (real per-layer sizes, fewer layers)")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="writer processes (default: one per core, at most 32, fewer for small "
+                        "files); the file does not depend on it")
 
     e = sub.add_parser("eval", help="evaluate tokens or a prompt and print top logits")
     e.add_argument("--model", default=None, help="GGUF file (default: the embedded tiny model)")
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--served-model-name", default="deepseek-v4-flash")
     la.add_argument("--device", default="auto", help="cpu, cuda or auto")
     la.add_argument("--ctx", type=int, default=4096, help="context length per sequence")
+    la.add_argument("--step-timeout", type=float, default=5.0,
+                    help="gateway deadline (s) of one decode step; prefill adds per-token time")
 
     w = sub.add_parser("worker", help="one tensor-parallel worker (rank) serving gRPC")
     w.add_argument("--model", required=True)
@@ -78,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--api-key", default=None)
     gw.add_argument("--served-model-name", default="deepseek-v4-flash")
+    gw.add_argument("--step-timeout", type=float, default=5.0,
+                    help="deadline (s) of one decode step; prefill adds per-token time")
 
     ex = sub.add_parser("export-tokenizer", help="write tokenizer.json + config for HF AutoTokenizer")
     ex.add_argument("dir")
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=None)
     b.add_argument("--tp", default="1,2")
     b.add_argument("--quick", action="store_true")
+    b.add_argument("--gguf", default=None, help="also time loading this GGUF at the largest TP")
     return p
 
 

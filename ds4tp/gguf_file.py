@@ -9,6 +9,7 @@ rank touches only its own bytes.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,36 +52,98 @@ class DS4File:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _field_value(field):
-    """(type names, python value) of a GGUFReader field."""
-    from gguf import GGUFValueType as VT
-    types = field.types
-    if not types:
-        return [], None
-    if types[0] == VT.ARRAY:
-        sub = types[-1]
-        if sub == VT.STRING:
-            vals = [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+# GGUF value types (GGUF v3): id -> (name, struct format or None)
+_VT = {0: ("UINT8", "<B"), 1: ("INT8", "<b"), 2: ("UINT16", "<H"), 3: ("INT16", "<h"),
+       4: ("UINT32", "<I"), 5: ("INT32", "<i"), 6: ("FLOAT32", "<f"), 7: ("BOOL", "<?"),
+       8: ("STRING", None), 9: ("ARRAY", None), 10: ("UINT64", "<Q"), 11: ("INT64", "<q"),
+       12: ("FLOAT64", "<d")}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8",
+       11: "<i8", 12: "<f8"}
+
+
+class _Cursor:
+    def __init__(self, fh, path, size):
+        self.fh, self.pos, self.path, self.size = fh, 0, path, size
+
+    def take(self, n: int) -> bytes:
+        b = self.fh.read(n)
+        if len(b) < n:
+            raise GGUFError(f"{self.path}: the header ends early at byte {self.size} "
+                            f"(truncated or corrupt)")
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > 1 << 30:
+            raise GGUFError(f"{self.path}: implausible string length {n} at byte {self.pos - 8}")
+        return self.take(n).decode("utf-8", "surrogateescape")
+
+    def value(self, vt: int, key: str, keep_arrays: bool):
+        if vt not in _VT:
+            raise GGUFError(f"{self.path}: metadata key {key} has unknown value type {vt}")
+        name, fmt = _VT[vt]
+        if fmt:
+            return [name], self.unpack(fmt)
+        if vt == 8:
+            return [name], self.string()
+        et, n = self.unpack("<I"), self.unpack("<Q")
+        if et not in _VT or et == 9:
+            raise GGUFError(f"{self.path}: metadata key {key} is an array of unsupported type {et}")
+        ename = _VT[et][0]
+        if et == 8:
+            vals = [self.string() for _ in range(n)]
         else:
-            vals = [field.parts[i].tolist()[0] for i in field.data]
-        return [t.name for t in types], vals
-    if types[0] == VT.STRING:
-        return [t.name for t in types], bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-    return [t.name for t in types], field.parts[field.data[0]].tolist()[0]
+            raw = self.take(n * np.dtype(_NP[et]).itemsize)
+            vals = np.frombuffer(raw, dtype=_NP[et]).tolist() if (keep_arrays or n <= 4096) else None
+        return [name, ename], vals
 
 
-def read_metadata(reader, *, with_arrays: bool = False) -> dict:
-    """key -> (type names, value); big token arrays are skipped unless with_arrays."""
-    out = {}
-    for k, f in reader.fields.items():
-        if not with_arrays and k.startswith("tokenizer.ggml.") and k != "tokenizer.ggml.model" \
-                and k != "tokenizer.ggml.pre" and not k.endswith("_id"):
-            continue
-        try:
-            out[k] = _field_value(f)
-        except Exception as e:  # a field we cannot decode is reported where it is checked
-            out[k] = (["?"], e)
-    return out
+def read_header(path: str, *, keep_arrays: bool = False):
+    """Parse a GGUF v3 header: (metadata {key: (type names, value)}, [TensorInfo], file size).
+
+    Our own reader: it does not map tensor data, so a truncated file is reported by the
+    tensor checks (naming the tensor), and big numeric arrays are skipped unless asked for."""
+    size = os.path.getsize(path)
+    with open(path, "rb", buffering=1 << 20) as fh:
+        c = _Cursor(fh, path, size)
+        if c.fh.read(4) != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (bad magic)")
+        c.pos = 4
+        version = c.unpack("<I")
+        if version != 3:
+            raise GGUFError(f"{path}: GGUF version {version}, expected 3")
+        n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
+        if n_tensors > 1 << 20 or n_kv > 1 << 20:
+            raise GGUFError(f"{path}: implausible header ({n_tensors} tensors, {n_kv} keys): corrupt")
+        md = {}
+        for _ in range(n_kv):
+            key = c.string()
+            md[key] = c.value(c.unpack("<I"), key, keep_arrays)
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            nd = c.unpack("<I")
+            if nd > 4:
+                raise GGUFError(f"{path}: tensor {name} has {nd} dims (corrupt header)")
+            dims = tuple(c.unpack("<Q") for _ in range(nd))
+            qtype, off = c.unpack("<I"), c.unpack("<Q")
+            infos.append((name, dims, qtype, off))
+        align = int(md.get("general.alignment", (None, 32))[1])
+        data_start = (c.pos + align - 1) // align * align
+    tensors = []
+    for name, dims, qtype, off in infos:
+        n = int(np.prod(dims)) if dims else 0
+        if qtype in C.BLOCK:
+            epb, bpb = C.BLOCK[qtype]
+            nbytes = n // epb * bpb
+        else:
+            nbytes = 0
+        tensors.append(TensorInfo(name, qtype, dims, data_start + off, nbytes))
+    return md, tensors, size
 
 
 def shape_from_metadata(md: dict) -> Shape:
@@ -189,30 +252,18 @@ def check_tensors(shape: Shape, found: dict[str, TensorInfo], file_size: int) ->
 
 def open_ds4(path: str | os.PathLike) -> DS4File:
     """Open and validate a DS4 GGUF. Raises GGUFError with a clear reason."""
-    import gguf
-
     path = str(path)
     if not os.path.exists(path):
         raise GGUFError(f"{path}: no such file")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:4] != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (bad magic {head[:4]!r})")
-    version = int.from_bytes(head[4:8], "little")
-    if version != 3:
-        raise GGUFError(f"{path}: GGUF version {version}, expected 3")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:
-        raise GGUFError(f"{path}: cannot parse the GGUF header or tensor directory "
-                        f"(truncated or corrupt?): {e}") from e
-    md = read_metadata(reader)
+    md, infos, size = read_header(path)
     shape = shape_from_metadata(md)
     tensors = {}
-    for t in reader.tensors:
-        dims = tuple(int(d) for d in t.shape)
-        tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), dims, int(t.data_offset), int(t.n_bytes))
+    for t in infos:
+        if t.name in tensors:
+            raise GGUFError(f"tensor {t.name} appears twice")
+        if t.qtype not in C.BLOCK:
+            raise GGUFError(f"tensor {t.name}: unsupported type id {t.qtype}")
+        tensors[t.name] = t
     check_tensors(shape, tensors, size)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     return DS4File(path, shape, tensors, md, data)

@@ -186,11 +186,11 @@ def hc_split(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int
     pre = torch.sigmoid(z[:, :n_hc] * scale[0] + base[:n_hc]) + eps
     post = 2 * torch.sigmoid(z[:, n_hc: 2 * n_hc] * scale[1] + base[n_hc: 2 * n_hc])
     m = (z[:, 2 * n_hc:] * scale[2] + base[2 * n_hc:]).view(-1, n_hc, n_hc)   # M[r][c]
-    m = torch.softmax(m, dim=-1) + eps
-    m = m / (m.sum(dim=-2, keepdim=True) + eps)          # columns
+    m = torch.softmax(m, dim=-1).add_(eps)
+    m.div_(m.sum(dim=-2, keepdim=True).add_(eps))        # columns
     for _ in range(iters - 1):
-        m = m / (m.sum(dim=-1, keepdim=True) + eps)      # rows
-        m = m / (m.sum(dim=-2, keepdim=True) + eps)      # columns
+        m.div_(m.sum(dim=-1, keepdim=True).add_(eps))    # rows
+        m.div_(m.sum(dim=-2, keepdim=True).add_(eps))    # columns
     return pre, post, m
 
 
@@ -318,6 +318,15 @@ def attend(q, raw, raw_pos, comp, comp_mask, pos, sinks, s: Shape) -> torch.Tens
     return o
 
 
+def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Tensor:
+    """Grouped low-rank output (sec. 9.8): o [T, H_l, D] -> this rank's partial [T, E].
+    Each output group maps its heads to o_lora dims; this rank's groups are exactly its heads,
+    and attn_output_b holds the matching input columns (row-parallel, summed by all-reduce)."""
+    T = o.shape[0]
+    low = grouped_linear(lw.out_a, o.reshape(T, -1, s.group_in))  # [T, G_l, o_lora]
+    return linear(lw.out_b, low.reshape(T, -1))
+
+
 def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Tensor, s: Shape,
               comm, trace=None) -> torch.Tensor:
     """Attention sublayer: hc [T, n_hc, E] -> new hc. Rows of this call are pushed to the
@@ -374,9 +383,7 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
     if trace is not None:
         trace["heads_inv_rope"] = o
 
-    # ---- grouped low-rank output (sec. 9.8): this rank's groups are exactly its heads
-    low = grouped_linear(lw.out_a, o.reshape(T, -1, s.group_in))  # [T, G_l, o_lora]
-    out = linear(lw.out_b, low.reshape(T, -1))                    # [T, E] partial over groups
+    out = grouped_linear_out(lw, o, s)                           # [T, E] partial over groups
     out = comm.all_reduce(out)                                   # attention output all-reduce
     if trace is not None:
         trace["attn_out"] = out

@@ -46,8 +46,12 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch
     xq = act_quant(w.qtype, x)
     if xq.dim() == 2:
         xq = xq[:, None, :].expand(T, K, n_in)
-    out = torch.zeros(T, K, n_out, dtype=torch.float32, device=x.device)
     wf = w.f32()
+    if T * K <= 16:    # decode: multiply each slot's row by its expert's matrix directly
+        safe = ids.clamp_min(0).reshape(-1)
+        y = torch.bmm(wf[safe], xq.reshape(T * K, n_in, 1)).view(T, K, n_out)
+        return y.masked_fill_((ids < 0)[:, :, None], 0.0)
+    out = torch.zeros(T, K, n_out, dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
     xq = xq.reshape(T * K, n_in)
     out_flat = out.view(T * K, n_out)

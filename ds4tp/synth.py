@@ -2,13 +2,22 @@
 
 `ds4tp synth --preset tiny|small|full --seed N --out F.gguf [--layers N]` writes a GGUF v3 with
 exactly the tensors of `ds4tp.config.expected_tensors(shape)` (names, GGUF dims, types, order)
-and the metadata keys the loader checks, typed like the golden files. The file is streamed:
-tensor data is generated and written a few MB at a time, so the full-size shape (tens of GB)
-needs little memory.
+and the metadata keys the loader checks, typed like the golden files.
+
+Writing is parallel and streamed. Every tensor's offset is known from the directory, so the file
+is first sized to its final length, then `jobs` writer processes each take tasks (a run of
+consecutive row pieces of one tensor, at most TASK_BYTES), generate them a piece (PIECE_BYTES)
+at a time and pwrite them in place: memory per process stays at a few times PIECE_BYTES, and the
+full-size shape (87 GB) needs no more memory with 32 processes than with one. The header goes in
+last, so an interrupted run leaves a file without the GGUF magic rather than one that loads with
+zero weights. The bytes do not depend on `jobs`: a piece's bytes depend only on (seed, tensor,
+piece index), never on which process draws it.
 
 Weights follow the golden models' recipe (shared/golden/README.md) so activations stay O(1):
-- every tensor draws from its own stream seeded by (seed, crc32(name)), so a tensor's bytes do
-  not depend on which other tensors are written or in what order;
+- every tensor draws from its own streams, so its bytes do not depend on which other tensors are
+  written or in what order: a vector (F32, I32) from one stream seeded by (seed, crc32(name)); a
+  matrix is cut into pieces of max(1, PIECE_BYTES // row bytes) rows and piece k draws from the
+  stream seeded by (seed, crc32(name), k) (what lets processes write pieces of one tensor);
 - matrices have std 1/sqrt(fan_in); FFN down projections (routed and shared) an extra gain 0.3;
   output.weight std 0.18*sqrt(256/n_embd); token_embd std 1;
 - norm weights 1 + 0.1 N; HC fn std 1/sqrt(n_hc*n_embd), HC scales U[0.5, 1.5], HC bases 0.5 N
@@ -26,10 +35,13 @@ The tokenizer is a byte-level BPE trained at generation time on `ds4tp.synth_cor
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import statistics
 import struct
 import sys
@@ -38,7 +50,7 @@ import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -46,10 +58,14 @@ from ds4tp import config as C
 from ds4tp.config import Shape
 
 # Bumped whenever the bytes written for a given (shape, seed) change; cached default models
-# from another version are regenerated.
-GENERATOR_VERSION = 1
+# from another version are regenerated. 2: matrices drawn in row pieces, one stream per piece.
+GENERATOR_VERSION = 2
 ALIGNMENT = 32                      # GGUF default (we do not write general.alignment)
-CHUNK_BYTES = 8 << 20               # tensor data is generated and written in chunks of ~this
+PIECE_BYTES = 8 << 20               # matrix row pieces: part of the recipe (changes the bytes)
+TASK_BYTES = 64 << 20               # work handed to a writer process at a time: only scheduling
+MAX_AUTO_JOBS = 32                  # default writer processes at most: past that the disk limits
+MIN_BYTES_PER_JOB = 256 << 20       # and one per this much data (tiny files: one process)
+PROGRESS_EVERY_S = 2.0
 
 # ---- tokenizer ------------------------------------------------------------------------------
 BOS = "<｜begin▁of▁sentence｜>"
@@ -210,8 +226,9 @@ def _gguf_header(kv, specs: list[C.TensorSpec], qtypes: list[int]) -> tuple[byte
 
 
 # ---- random weights -------------------------------------------------------------------------
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+def _rng(seed: int, name: str, piece: int | None = None) -> np.random.Generator:
+    key = [seed, zlib.crc32(name.encode("utf-8"))]
+    return np.random.default_rng(key if piece is None else key + [piece])
 
 
 def _random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -262,47 +279,53 @@ def _f16_bytes(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype("<f2").view(np.uint8)
 
 
-def _chunks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, CHUNK_BYTES // row_bytes)
-    for r0 in range(0, n_rows, step):
-        yield r0, min(n_rows, r0 + step)
+def _is_vector(qtype: int) -> bool:
+    """F32 and I32 tensors are drawn whole, from one stream; the others are row-pieced matrices."""
+    return qtype in (C.F32, C.I32)
 
 
-def _quant_rows(rng, qtype: int, n_rows: int, n_in: int, row_std: np.ndarray) -> Iterator[np.ndarray]:
-    """Encoded rows of a random matrix, chunk by chunk; row r has std row_std[r]."""
+def _piece_layout(spec: C.TensorSpec, qtype: int) -> tuple[int, int, int]:
+    """(rows, bytes per row, rows per piece) of a tensor as drawn; a vector is one piece of one
+    "row". Piece k holds rows [k * rows_per_piece, (k + 1) * rows_per_piece) (the last is
+    shorter) and starts k * rows_per_piece * row_bytes into the tensor."""
+    n = math.prod(spec.dims)
+    if _is_vector(qtype):
+        return 1, C.nbytes_of(qtype, n), 1
+    row_bytes = C.nbytes_of(qtype, spec.dims[0])
+    return n // spec.dims[0], row_bytes, max(1, PIECE_BYTES // row_bytes)
+
+
+def _quant_rows(rng, qtype: int, n_in: int, row_std: np.ndarray) -> np.ndarray:
+    """Encoded rows (uint8) of a random matrix piece; row r has std row_std[r]."""
     epb, bpb = C.BLOCK[qtype]
-    nb = n_in // epb
+    nb, rows = n_in // epb, len(row_std)
     if qtype == C.F16:
         if np.ptp(row_std):
             raise ValueError("F16 matrices take one std for all rows")
         table = (_normal_quantiles() * float(row_std[0])).astype("<f2")
-    for r0, r1 in _chunks(n_rows, nb * bpb):
-        rows = r1 - r0
-        if qtype == C.F16:
-            yield table[_random_u16(rng, rows * n_in)].view(np.uint8)
-            continue
-        std = row_std[r0:r1].reshape(rows, 1, 1)
-        blocks = np.empty((rows, nb, bpb), dtype=np.uint8)
-        if qtype == C.Q8_0:
-            table8, unit = _q8_table()
-            q = table8[_random_u16(rng, rows * nb * 32)]
-            blocks[..., 2:] = q.view(np.uint8).reshape(rows, nb, 32)
-            blocks[..., 0:2] = _f16_bytes(np.broadcast_to(std / unit, (rows, nb, 1)))
-        elif qtype == C.IQ2_XXS:
-            blocks[..., 2:] = _random_bytes(rng, rows * nb * 64).reshape(rows, nb, 64)
-            d = std / _iq2_xxs_unit_rms()
-            blocks[..., 0:2] = _f16_bytes(np.broadcast_to(d, (rows, nb, 1)))
-        elif qtype == C.Q2_K:
-            sc = rng.integers(1, 16, size=(rows, nb, 16), dtype=np.uint8)
-            blocks[..., 0:16] = sc | (sc << 4)
-            blocks[..., 16:80] = _random_bytes(rng, rows * nb * 64).reshape(rows, nb, 64)
-            d = np.broadcast_to(std / Q2_K_UNIT_RMS, (rows, nb, 1)).astype(np.float32)
-            d16 = d.astype("<f2")
-            blocks[..., 80:82] = d16.view(np.uint8)
-            blocks[..., 82:84] = _f16_bytes(d16.astype(np.float32) * 1.5)
-        else:
-            raise ValueError(f"no random generator for {C.type_name(qtype)}")
-        yield blocks.reshape(-1)
+        return table[_random_u16(rng, rows * n_in)].view(np.uint8)
+    std = row_std.reshape(rows, 1, 1)
+    blocks = np.empty((rows, nb, bpb), dtype=np.uint8)
+    if qtype == C.Q8_0:
+        table8, unit = _q8_table()
+        q = table8[_random_u16(rng, rows * nb * 32)]
+        blocks[..., 2:] = q.view(np.uint8).reshape(rows, nb, 32)
+        blocks[..., 0:2] = _f16_bytes(np.broadcast_to(std / unit, (rows, nb, 1)))
+    elif qtype == C.IQ2_XXS:
+        blocks[..., 2:] = _random_bytes(rng, rows * nb * 64).reshape(rows, nb, 64)
+        d = std / _iq2_xxs_unit_rms()
+        blocks[..., 0:2] = _f16_bytes(np.broadcast_to(d, (rows, nb, 1)))
+    elif qtype == C.Q2_K:
+        sc = rng.integers(1, 16, size=(rows, nb, 16), dtype=np.uint8)
+        blocks[..., 0:16] = sc | (sc << 4)
+        blocks[..., 16:80] = _random_bytes(rng, rows * nb * 64).reshape(rows, nb, 64)
+        d = np.broadcast_to(std / Q2_K_UNIT_RMS, (rows, nb, 1)).astype(np.float32)
+        d16 = d.astype("<f2")
+        blocks[..., 80:82] = d16.view(np.uint8)
+        blocks[..., 82:84] = _f16_bytes(d16.astype(np.float32) * 1.5)
+    else:
+        raise ValueError(f"no random generator for {C.type_name(qtype)}")
+    return blocks.reshape(-1)
 
 
 def expert_factors(seed: int, layer: int, n_expert: int) -> np.ndarray:
@@ -339,16 +362,25 @@ def tensor_target_std(name: str, spec: C.TensorSpec, shape: Shape) -> float:
     return gain / math.sqrt(spec.dims[0])
 
 
-def _tensor_data(name: str, spec: C.TensorSpec, qtype: int, shape: Shape, seed: int
-                 ) -> Iterator[np.ndarray]:
-    """The tensor's data, as uint8 chunks in file order. One dispatch point for every tensor."""
-    rng = _rng(seed, name)
+def _tensor_data(name: str, spec: C.TensorSpec, qtype: int, shape: Shape, seed: int,
+                 pieces: range | None = None) -> Iterator[np.ndarray]:
+    """The tensor's pieces `pieces` (default: all), as uint8 arrays in file order. One dispatch
+    point for every tensor."""
+    n_rows, _, rows_per_piece = _piece_layout(spec, qtype)
+    n_pieces = -(-n_rows // rows_per_piece)
+    pieces = range(n_pieces) if pieces is None else pieces
+    if pieces.step != 1 or not 0 <= pieces.start <= pieces.stop <= n_pieces:
+        raise ValueError(f"{name}: pieces {pieces} not a run within its {n_pieces} pieces")
+    if not pieces:
+        return
     role = name.split(".", 2)[-1] if name.startswith("blk.") else name
     n = math.prod(spec.dims)
 
     def f32(x):
         yield np.asarray(x, dtype="<f4").view(np.uint8)
 
+    # A vector is one piece, drawn from the tensor's stream; matrix piece k below from its own.
+    rng = _rng(seed, name)
     if qtype == C.F32:
         if role.endswith("_norm.weight"):
             yield from f32(1 + 0.1 * rng.standard_normal(n))
@@ -374,13 +406,15 @@ def _tensor_data(name: str, spec: C.TensorSpec, qtype: int, shape: Shape, seed: 
         yield _tid2eid(rng, n_tok, n_used, shape.n_expert).view(np.uint8)
         return
 
-    n_in, n_rows = spec.dims[0], n // spec.dims[0]
     row_std = np.full(n_rows, tensor_target_std(name, spec, shape))
     if role in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
         layer = int(name.split(".")[1])
         per_expert = expert_factors(seed, layer, shape.n_expert)
         row_std *= np.repeat(per_expert, n_rows // shape.n_expert)
-    yield from _quant_rows(rng, qtype, n_rows, n_in, row_std)
+    for k in pieces:
+        r0 = k * rows_per_piece
+        yield _quant_rows(_rng(seed, name, k), qtype, spec.dims[0],
+                          row_std[r0:r0 + rows_per_piece])
 
 
 def _tensor_type(spec: C.TensorSpec) -> int:
@@ -390,35 +424,138 @@ def _tensor_type(spec: C.TensorSpec) -> int:
     return C.Q2_K if spec.name.endswith("ffn_down_exps.weight") else C.IQ2_XXS
 
 
+# ---- parallel writer ------------------------------------------------------------------------
+class _Task(NamedTuple):
+    """A run of consecutive pieces of one tensor, written at `offset` (absolute, in the file)."""
+    name: str
+    spec: C.TensorSpec
+    qtype: int
+    pieces: range
+    offset: int
+    nbytes: int
+
+
+def _plan_tasks(specs: list[C.TensorSpec], qtypes: list[int], data_start: int,
+                task_bytes: int = TASK_BYTES) -> list[_Task]:
+    """Every tensor's data cut into tasks of at most `task_bytes` (at least one piece each), in
+    file order; the tensors start at data_start and are padded to ALIGNMENT like the header says."""
+    tasks, offset = [], data_start
+    for spec, qt in zip(specs, qtypes):
+        n_rows, row_bytes, rows_per_piece = _piece_layout(spec, qt)
+        piece_bytes = rows_per_piece * row_bytes
+        n_pieces = -(-n_rows // rows_per_piece)
+        step = max(1, task_bytes // piece_bytes)
+        for k0 in range(0, n_pieces, step):
+            k1 = min(n_pieces, k0 + step)
+            nbytes = (min(n_rows, k1 * rows_per_piece) - k0 * rows_per_piece) * row_bytes
+            tasks.append(_Task(spec.name, spec, qt, range(k0, k1), offset + k0 * piece_bytes, nbytes))
+        size = n_rows * row_bytes
+        offset += size + _pad(size)
+    return tasks
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):              # pwrite may write less than asked (e.g. > 2 GB)
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _write_task(path: str, shape: Shape, seed: int, task: _Task) -> int:
+    """Generate one task's pieces and write them in place; returns the bytes written. Runs in the
+    writer processes (and in-process for jobs=1), opening the file for itself."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        at = task.offset
+        for piece in _tensor_data(task.name, task.spec, task.qtype, shape, seed, task.pieces):
+            _pwrite_all(fd, piece, at)
+            at += piece.nbytes
+    finally:
+        os.close(fd)
+    if at - task.offset != task.nbytes:
+        raise AssertionError(f"{task.name} pieces {task.pieces}: wrote {at - task.offset} bytes, "
+                             f"expected {task.nbytes}")
+    return task.nbytes
+
+
+def default_jobs(total_bytes: int) -> int:
+    """Writer processes for a file of `total_bytes`: one per usable core, at most MAX_AUTO_JOBS
+    and at most one per MIN_BYTES_PER_JOB (starting processes is not worth it for small files)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_AUTO_JOBS, total_bytes // MIN_BYTES_PER_JOB))
+
+
+class _Progress:
+    """`[synth]` lines on stderr every PROGRESS_EVERY_S: bytes done / total and the mean rate."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.t0 = self.last = time.monotonic()
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if self.enabled and now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            print(f"[synth] {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB "
+                  f"({100 * self.done / self.total:.0f}%)  {self.rate_mb_s():.0f} MB/s  "
+                  f"{now - self.t0:.1f} s", file=sys.stderr, flush=True)
+
+    def rate_mb_s(self) -> float:
+        return self.done / 1e6 / max(time.monotonic() - self.t0, 1e-9)
+
+
 # ---- public API -----------------------------------------------------------------------------
-def write_synthetic(path, shape: Shape, seed: int, *, progress: bool = False) -> None:
-    """Write a synthetic DS4 GGUF of `shape` with weights from `seed` to `path`, streaming."""
+def write_synthetic(path, shape: Shape, seed: int, *, jobs: int | None = 1,
+                    progress: bool = False, _task_bytes: int = TASK_BYTES) -> None:
+    """Write a synthetic DS4 GGUF of `shape` with weights from `seed` to `path`, with `jobs`
+    writer processes (None: `default_jobs`; 1: in this process). Every `jobs` writes the same
+    bytes. On failure the partial file is removed. (`_task_bytes`: scheduling, for tests.)
+
+    With jobs > 1 the writers are started with multiprocessing's 'spawn': a script calling this
+    at import time needs the usual `if __name__ == "__main__":` guard."""
     shape.validate()
     if not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     specs = list(C.expected_tensors(shape).values())
     qtypes = [_tensor_type(s) for s in specs]
     head, sizes = _gguf_header(_metadata(shape, seed), specs, qtypes)
-    total, done, t0 = len(head) + sum(s + _pad(s) for s in sizes), 0, time.monotonic()
-    with open(path, "wb") as f:
-        f.write(head)
-        for i, (spec, qt, size) in enumerate(zip(specs, qtypes, sizes)):
-            written = 0
-            for chunk in _tensor_data(spec.name, spec, qt, shape, seed):
-                f.write(memoryview(chunk))
-                written += chunk.nbytes
-            if written != size:
-                raise AssertionError(f"{spec.name}: wrote {written} bytes, expected {size}")
-            f.write(bytes(_pad(size)))
-            done += size
-            if progress and size >= (16 << 20):
-                dt = time.monotonic() - t0
-                print(f"[synth] {i + 1}/{len(specs)} {spec.name} {C.type_name(qt)} "
-                      f"{size / 1e6:.0f} MB  ({done / 1e9:.2f}/{total / 1e9:.2f} GB, {dt:.1f} s)",
-                      file=sys.stderr, flush=True)
+    total = len(head) + sum(s + _pad(s) for s in sizes)
+    tasks = _plan_tasks(specs, qtypes, len(head), _task_bytes)
+    jobs = min(default_jobs(total) if jobs is None else jobs, len(tasks))
+    path = os.fspath(path)
+    meter = _Progress(sum(sizes), progress)
+    created = False
+    try:
+        with open(path, "wb") as f:
+            created = True
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            if free < total:
+                raise OSError(errno.ENOSPC, f"synthetic GGUF needs {total / 1e9:.2f} GB, only "
+                              f"{free / 1e9:.2f} GB free", path)
+            f.truncate(total)            # final size; every byte not written below stays zero
+        write = functools.partial(_write_task, path, shape, seed)
+        if jobs == 1:
+            for task in tasks:
+                meter.add(write(task))
+        else:
+            with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+                for nbytes in pool.imap_unordered(write, tasks):
+                    meter.add(nbytes)
+        if meter.done != sum(sizes):
+            raise AssertionError(f"wrote {meter.done} data bytes, expected {sum(sizes)}")
+        with open(path, "r+b") as f:     # header last: a partial file has no GGUF magic
+            f.write(head)
+    except BaseException:
+        if created:
+            os.unlink(path)
+        raise
     if progress:
         print(f"[synth] wrote {path}: {len(specs)} tensors, {total / 1e9:.2f} GB in "
-              f"{time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+              f"{time.monotonic() - meter.t0:.1f} s ({meter.rate_mb_s():.0f} MB/s, "
+              f"{jobs} job{'s' if jobs > 1 else ''})", file=sys.stderr, flush=True)
 
 
 def default_model_path() -> Path:
@@ -456,5 +593,7 @@ def main(args) -> int:
         if args.layers < 1:
             raise SystemExit(f"--layers must be at least 1, got {args.layers}")
         shape = replace(shape, n_layer=args.layers)
-    write_synthetic(args.out, shape, args.seed, progress=args.preset == "full")
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
+    write_synthetic(args.out, shape, args.seed, jobs=args.jobs, progress=args.preset == "full")
     return 0

@@ -234,17 +234,17 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
         """Read `tokenizer.ggml.tokens` and `tokenizer.ggml.merges` from a GGUF file."""
-        import gguf
+        from ds4tp.gguf_file import read_header
 
-        reader = gguf.GGUFReader(str(path))
+        md, _, _ = read_header(str(path))
 
         def strings(key: str) -> list[str]:
-            field = reader.fields.get(key)
-            if field is None:
+            if key not in md:
                 raise ValueError(f"{path}: GGUF has no {key}")
-            if field.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
-                raise ValueError(f"{path}: {key} is not an array of strings ({field.types})")
-            return [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
+            types, vals = md[key]
+            if types != ["ARRAY", "STRING"]:
+                raise ValueError(f"{path}: {key} is not an array of strings ({'/'.join(types)})")
+            return vals
 
         return cls(strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges"))
 

@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import gguf
@@ -21,6 +23,7 @@ import torch
 from ds4tp import config as C
 from ds4tp import synth
 from ds4tp.dequant import dequantize
+from ds4tp.gguf_file import open_ds4
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1
@@ -170,6 +173,95 @@ def test_bad_layers_rejected(tmp_path):
     assert r.returncode != 0 and "--layers" in r.stderr
 
 
+# ---- parallel writer --------------------------------------------------------------------------
+# One layer of a shape whose big tensors span several pieces, the last one short (token_embd 5,
+# output and the routed experts 3 each), yet small enough (~120 MB) to write twice quickly.
+MULTI_PIECE = dataclasses.replace(C.SMALL, n_layer=1, vocab=40_000, n_expert=256)
+
+
+def plan(shape, task_bytes=synth.TASK_BYTES):
+    specs = list(C.expected_tensors(shape).values())
+    qtypes = [synth._tensor_type(s) for s in specs]
+    head, sizes = synth._gguf_header(synth._metadata(shape, 0), specs, qtypes)
+    return specs, sizes, len(head), synth._plan_tasks(specs, qtypes, len(head), task_bytes)
+
+
+def test_jobs_do_not_change_bytes_tiny(tiny_path, tmp_path):
+    p = tmp_path / "jobs3.gguf"
+    synth.write_synthetic(p, C.TINY, SEED, jobs=3)
+    assert sha256(p) == sha256(tiny_path)
+
+
+def test_jobs_do_not_change_bytes_multi_piece(tmp_path):
+    """Pieces of one tensor written by different processes (tasks of two pieces) give the bytes
+    of the one-process writer, and the file opens with the loader."""
+    tasks = plan(MULTI_PIECE, 2 * synth.PIECE_BYTES)[3]
+    per_tensor = Counter(t.name for t in tasks)
+    assert per_tensor["token_embd.weight"] == 3 and per_tensor["blk.0.ffn_down_exps.weight"] == 2
+    one, three = tmp_path / "one.gguf", tmp_path / "three.gguf"
+    synth.write_synthetic(one, MULTI_PIECE, SEED, jobs=1)
+    synth.write_synthetic(three, MULTI_PIECE, SEED, jobs=3, _task_bytes=2 * synth.PIECE_BYTES)
+    assert sha256(one) == sha256(three)
+    f = open_ds4(three)
+    assert f.shape == MULTI_PIECE and list(f.tensors) == list(C.expected_tensors(MULTI_PIECE))
+    # Piece k of a matrix draws from the stream (seed, crc32(name), k): token_embd is F16 from
+    # the normal-quantile table indexed by 16-bit words; 8192 rows of 512 per piece.
+    name, n_in, rows_per_piece = "token_embd.weight", MULTI_PIECE.n_embd, 8192
+    data = f.tensor_bytes(name).view("<f2").reshape(-1, n_in)
+    table = synth._normal_quantiles().astype("<f2")
+    for k in (2, 4):                                     # 4: the short last piece
+        rows = data[k * rows_per_piece:(k + 1) * rows_per_piece]
+        rng = np.random.default_rng([SEED, zlib.crc32(name.encode()), k])
+        words = rng.bit_generator.random_raw(rows.size // 4).astype("<u8").view("<u2")
+        np.testing.assert_array_equal(rows.ravel(), table[words])
+    assert len(data) - 4 * rows_per_piece == MULTI_PIECE.vocab - 32768
+    del f, data
+
+
+def test_plan_tiles_the_full_file():
+    """The full shape's tasks cover every tensor exactly, in order, at its aligned offset, and
+    none exceeds TASK_BYTES, so writers get balanced work (routed experts: 9-11 tasks each)."""
+    specs, sizes, data_start, tasks = plan(C.FULL)
+    assert max(t.nbytes for t in tasks) <= synth.TASK_BYTES
+    offset, i = data_start, 0
+    for spec, size in zip(specs, sizes):
+        at, piece = offset, 0
+        while at < offset + size:
+            t = tasks[i]
+            assert (t.name, t.offset, t.pieces.start) == (spec.name, at, piece)
+            at, piece, i = at + t.nbytes, t.pieces.stop, i + 1
+        assert at == offset + size, spec.name
+        offset += size + (-size % 32)
+    assert i == len(tasks)
+    per_tensor = Counter(t.name for t in tasks)
+    assert 9 <= per_tensor["blk.7.ffn_gate_exps.weight"] and per_tensor["blk.7.ffn_down_exps.weight"] <= 11
+
+
+def test_default_jobs():
+    cores = len(os.sched_getaffinity(0))
+    assert synth.default_jobs(0) == 1
+    assert synth.default_jobs(20 * 10**6) == 1                    # tiny: no extra processes
+    assert synth.default_jobs(3 * synth.MIN_BYTES_PER_JOB) == min(cores, 3)
+    assert synth.default_jobs(87 * 10**9) == min(cores, synth.MAX_AUTO_JOBS)
+
+
+def test_bad_jobs_rejected(tmp_path):
+    r = run_cli("synth", "--preset", "tiny", "--jobs", "0", "--out", str(tmp_path / "x.gguf"))
+    assert r.returncode != 0 and "--jobs" in r.stderr
+    with pytest.raises(ValueError, match="jobs"):
+        synth.write_synthetic(tmp_path / "y.gguf", C.TINY, SEED, jobs=0)
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_not_enough_disk_fails_before_writing(tmp_path, monkeypatch):
+    """Checked up front (an 87 GB run would otherwise fail late); no partial file is left."""
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10**6))
+    p = tmp_path / "nospace.gguf"
+    with pytest.raises(OSError, match=r"needs 0\.02 GB, only 0\.00 GB free"):
+        synth.write_synthetic(p, C.TINY, SEED, jobs=2)
+    assert not p.exists()
+
+
 # ---- weight statistics ------------------------------------------------------------------------
 def test_matrix_stds_on_target(tiny):
     """Dequantized (with ds4tp.dequant) matrices have mean ~0 and the documented std; routed
@@ -297,31 +389,44 @@ FULL_SIZES = {"blk.0.ffn_gate_exps.weight": 553_648_128, "blk.0.ffn_up_exps.weig
 
 
 def test_full_one_layer_streams(tmp_path):
-    """--preset full --layers 1 (~3.6 GB; ~15 s here): the real per-layer tensor sizes."""
+    """--preset full --layers 1 (~3.6 GB; ~20 s here) with 3 writer processes: the real
+    per-layer tensor sizes, and pieces of the big tensors as one process draws them."""
     if shutil.disk_usage(tmp_path).free < 8e9:
         pytest.skip("needs ~4 GB of free disk in the temp dir")
     out = tmp_path / "full1.gguf"
     t0 = time.monotonic()
-    r = run_cli("synth", "--preset", "full", "--layers", "1", "--seed", "0", "--out", str(out))
+    r = run_cli("synth", "--preset", "full", "--layers", "1", "--seed", "0", "--jobs", "3",
+                "--out", str(out))
     elapsed = time.monotonic() - t0
     try:
         assert r.returncode == 0, r.stderr
-        assert "[synth]" in r.stderr                   # progress for the full preset
-        reader = gguf.GGUFReader(out)
+        assert "[synth] wrote" in r.stderr and "3 jobs" in r.stderr   # progress for full
+        f = open_ds4(out)
         shape = dataclasses.replace(C.FULL, n_layer=1)
+        assert f.shape == shape
         want = C.expected_tensors(shape)
-        assert [t.name for t in reader.tensors] == list(want)
-        sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-        for t in reader.tensors:
-            assert tuple(int(d) for d in t.shape) == want[t.name].dims
-        assert {n: sizes[n] for n in FULL_SIZES} == FULL_SIZES
-        assert len(reader.fields["tokenizer.ggml.tokens"].data) == C.FULL.vocab
+        assert list(f.tensors) == list(want)
+        for name, t in f.tensors.items():
+            assert t.dims == want[name].dims
+        assert {n: f.tensors[n].nbytes for n in FULL_SIZES} == FULL_SIZES
+        assert len(f.metadata["tokenizer.ggml.tokens"][1]) == C.FULL.vocab
+        # Pieces drawn in this process, with the same (seed, tensor, piece) streams, match the
+        # file: first, middle and (short) last pieces of big tensors of each routed type.
+        for name, k in (("token_embd.weight", 0), ("token_embd.weight", -1),
+                        ("blk.0.ffn_gate_exps.weight", 33), ("blk.0.ffn_down_exps.weight", -1),
+                        ("output.weight", -1)):
+            spec, t = want[name], f.tensors[name]
+            n_rows, row_bytes, rows_per_piece = synth._piece_layout(spec, t.qtype)
+            k %= -(-n_rows // rows_per_piece)
+            piece, = synth._tensor_data(name, spec, t.qtype, shape, 0, range(k, k + 1))
+            at = k * rows_per_piece * row_bytes
+            np.testing.assert_array_equal(f.tensor_bytes(name)[at:at + piece.nbytes], piece, name)
         # Spot check: one routed expert dequantizes to its target std.
-        gate = tensors_by_name(reader)["blk.0.ffn_gate_exps.weight"]
-        w = dequantize(torch.from_numpy(np.array(gate.data[5])), C.IQ2_XXS, C.FULL.n_embd)
+        raw = f.tensor_bytes("blk.0.ffn_gate_exps.weight").reshape(C.FULL.n_expert, C.FULL.n_ff_exp, -1)[5]
+        w = dequantize(torch.from_numpy(np.array(raw)), C.IQ2_XXS, C.FULL.n_embd)
         target = synth.expert_factors(0, 0, C.FULL.n_expert)[5] / math.sqrt(C.FULL.n_embd)
         assert abs(w.std().item() / target - 1) < 0.03
-        del reader, gate
+        del f, raw
     finally:
         out.unlink(missing_ok=True)
     print(f"full --layers 1 generated in {elapsed:.1f} s")

@@ -6,6 +6,8 @@ are copied out of the mmap (never the whole tensor, never another rank's slice).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -26,7 +28,6 @@ def _is_matrix(name: str, shape: tuple[int, ...]) -> bool:
 def rank_bytes_view(f: DS4File, tp: TensorPlan, rank: int) -> np.ndarray:
     """The rank's encoded bytes of one tensor as a (possibly strided) view of the mmap,
     shaped [*local_rows, local_row_bytes]."""
-    info = f.tensors[tp.name]
     shape = tp.shape
     epb, bpb = C.BLOCK[tp.qtype]
     row_bytes = shape[-1] // epb * bpb
@@ -39,34 +40,45 @@ def rank_bytes_view(f: DS4File, tp: TensorPlan, rank: int) -> np.ndarray:
     idx = [slice(None)] * v.ndim
     idx[tp.dim] = slice(a, b)
     return v[tuple(idx)]
-    # (info kept for symmetry with callers that want offsets)
 
 
 def _to_tensor(name: str, qtype: int, local_shape, raw: np.ndarray, device):
-    raw = np.ascontiguousarray(raw)   # copies exactly the rank's bytes out of the mmap
-    if raw.base is not None or isinstance(raw, np.memmap):
-        raw = np.array(raw, copy=True)
-    t = torch.from_numpy(raw)
+    """Copy a rank's bytes out of the mmap into a tensor on `device` (only those bytes)."""
+    with warnings.catch_warnings():          # the mmap is read-only; we copy before any write
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(raw)           # a strided view of the mmap, no copy yet
+    t = src.to(device, copy=True) if torch.device(device).type != "cpu" else src.clone()
+    t = t.contiguous()
     if _is_matrix(name, local_shape):
-        return QTensor(qtype, tuple(local_shape), t.to(device))
+        return QTensor(qtype, tuple(local_shape), t)
     if qtype == C.F32:
-        return t.view(torch.float32).reshape(local_shape).to(device)
+        return t.view(torch.float32).reshape(local_shape)
     if qtype == C.F16:
-        return t.view(torch.float16).reshape(local_shape).to(device)
+        return t.view(torch.float16).reshape(local_shape)
     if qtype == C.I32:
-        return t.view(torch.int32).reshape(local_shape).to(device=device, dtype=torch.int64)
+        return t.view(torch.int32).reshape(local_shape).to(torch.int64)
     raise ValueError(f"{name}: cannot use a {C.type_name(qtype)} tensor as a table")
 
 
-def load_rank(f: DS4File, plan: ShardPlan, rank: int, device="cpu") -> dict:
-    """name -> QTensor (matrices) or torch.Tensor (vectors, tables) for one rank."""
-    out = {}
-    for tp in plan.tensors:
-        if tp.name not in f.tensors:
-            continue
+def load_rank(f: DS4File, plan: ShardPlan, rank: int, device="cpu", threads: int = 8) -> dict:
+    """name -> QTensor (matrices) or torch.Tensor (vectors, tables) for one rank.
+
+    Tensors are copied in parallel threads (page-cache reads and host-to-device copies release
+    the GIL), which is what makes a full-size load fast."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [tp for tp in plan.tensors if tp.name in f.tensors]
+
+    def one(tp):
         raw = rank_bytes_view(f, tp, rank)
-        out[tp.name] = _to_tensor(tp.name, tp.qtype, tp.local_shape(rank), raw, device)
-    return out
+        return tp.name, _to_tensor(tp.name, tp.qtype, tp.local_shape(rank), raw, device)
+
+    if threads <= 1 or len(todo) < 2:
+        return dict(map(one, todo))
+    # biggest first, so the pool stays busy to the end
+    todo.sort(key=lambda tp: -tp.rank_bytes[rank])
+    with ThreadPoolExecutor(threads) as ex:
+        return dict(ex.map(one, todo))
 
 
 def held_bytes(tensors: dict) -> int:

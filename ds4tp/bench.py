@@ -1,0 +1,272 @@
+"""`ds4tp bench`: full-size DS4 decode/prefill on CUDA, TP=1 and TP=2, against the roofline.
+
+Weights are full-size and synthetic: every tensor of the real shape and quant type, random
+valid blocks scaled like `ds4tp synth` (activations stay sane), generated directly in GPU memory
+per rank from the shard plan (no file needed). With --gguf, the load of that file at TP=2 is
+timed too.
+
+Per TP degree, one run reports: device-to-device copy bandwidth (the roofline's bandwidth),
+decode tok/s at depth 0 and 4096 (CUDA graphs, steady state, first token excluded), decode
+with collectives removed (the weight-streaming part, giving achieved GB/s per rank), the time of
+one token's collectives alone, and prefill tok/s for a 2048-token prompt.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from ds4tp import config as C
+
+
+# ---- synthetic full-size weights, made on the GPU ----------------------------------------------
+Q8_SIGMA = 30.0
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).view(torch.uint8).reshape(*x.shape, 2)
+
+
+def _quant_blocks(qtype: int, lead: tuple, n_in: int, std: torch.Tensor, g: torch.Generator, dev):
+    """Random valid encoded rows [*lead, row_bytes]; std broadcasts over lead (per row/expert)."""
+    from ds4tp.synth import Q2_K_UNIT_RMS, _iq2_xxs_unit_rms
+    epb, bpb = C.BLOCK[qtype]
+    nb = n_in // epb
+    shape = (*lead, nb)
+    std = std.to(dev, torch.float32).reshape(*std.shape, *([1] * (len(shape) - std.dim())))
+    std = std.expand(*shape)
+    if qtype == C.F16:
+        return (torch.randn(*lead, n_in, generator=g, device=dev) * std[..., :1]).to(torch.float16) \
+            .view(torch.uint8).reshape(*lead, n_in * 2)
+    out = torch.empty(*shape, bpb, dtype=torch.uint8, device=dev)
+    if qtype == C.Q8_0:
+        q = torch.randn(*shape, 32, generator=g, device=dev).mul_(Q8_SIGMA).round_().clamp_(-127, 127)
+        out[..., 2:] = q.to(torch.int8).view(torch.uint8)
+        out[..., :2] = _f16_bytes(std / Q8_SIGMA)
+    elif qtype == C.IQ2_XXS:
+        out[..., 2:] = torch.randint(0, 256, (*shape, 64), generator=g, device=dev, dtype=torch.uint8)
+        out[..., :2] = _f16_bytes(std / _iq2_xxs_unit_rms())
+    elif qtype == C.Q2_K:
+        sc = torch.randint(1, 16, (*shape, 16), generator=g, device=dev, dtype=torch.uint8)
+        out[..., :16] = sc | (sc << 4)
+        out[..., 16:80] = torch.randint(0, 256, (*shape, 64), generator=g, device=dev, dtype=torch.uint8)
+        d = (std / Q2_K_UNIT_RMS).to(torch.float16)
+        out[..., 80:82] = d.view(torch.uint8).reshape(*shape, 2)
+        out[..., 82:84] = _f16_bytes(d.float() * 1.5)
+    else:
+        raise ValueError(f"no generator for {C.type_name(qtype)}")
+    return out.reshape(*lead, nb * bpb)
+
+
+def synthetic_rank_tensors(shape: C.Shape, plan, rank: int, dev, seed: int = 0) -> dict:
+    """name -> QTensor/Tensor of this rank's shard, random, with synth's scaling."""
+    from ds4tp.qtensor import QTensor
+    from ds4tp.shard.load import _is_matrix
+    from ds4tp.synth import tensor_target_std
+    specs = C.expected_tensors(shape)
+    g = torch.Generator(device=dev)
+    out = {}
+    for i, tp in enumerate(plan.tensors):
+        g.manual_seed(seed * 100003 + i)
+        name, local = tp.name, tp.local_shape(rank)
+        spec = specs[name]
+        role = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        if tp.qtype == C.F32:
+            n = local[0]
+            if "hc_" in role and role.endswith("scale.weight"):
+                t = torch.rand(n, generator=g, device=dev) + 0.5
+            elif "hc_" in role and role.endswith("base.weight"):
+                t = 0.5 * torch.randn(n, generator=g, device=dev)
+                if n == shape.hc_mix:
+                    t[2 * shape.n_hc + torch.arange(shape.n_hc, device=dev) * (shape.n_hc + 1)] += 1
+            elif role == "attn_sinks.weight":
+                t = 0.5 + torch.randn(n, generator=g, device=dev)
+            elif role == "exp_probs_b.bias":
+                t = 0.1 * torch.randn(n, generator=g, device=dev)
+            else:                                              # norms
+                t = 1 + 0.1 * torch.randn(n, generator=g, device=dev)
+            out[name] = t
+            continue
+        if tp.qtype == C.I32:                                  # tid2eid: distinct ids per token
+            V, K = local
+            out[name] = torch.rand(V, shape.n_expert, generator=g, device=dev).argsort(-1)[:, :K]
+            continue
+        std = torch.tensor(tensor_target_std(name, spec, shape))
+        if not _is_matrix(name, local):                        # F16 tables (embedding, APE)
+            out[name] = (torch.randn(*local, generator=g, device=dev) * std).to(torch.float16)
+            continue
+        if len(local) == 3 and role in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
+            std = std * torch.exp(torch.empty(local[0]).uniform_(math.log(0.5), math.log(3.5)))
+            std = std.reshape(-1, 1)                           # per expert
+        raw = _quant_blocks(tp.qtype, local[:-1], local[-1], std, g, dev)
+        out[name] = QTensor(tp.qtype, tuple(local), raw)
+    return out
+
+
+def build_model(shape, rank, world, comm, dev, seed=0):
+    from ds4tp.model import DS4Model, Weights
+    from ds4tp.shard.plan import make_plan
+    plan = make_plan(shape, world)
+    tensors = synthetic_rank_tensors(shape, plan, rank, dev, seed)
+    m = DS4Model(shape, Weights.bind(tensors, shape), rank=rank, world=world, comm=comm, device=dev)
+    m.plan = plan
+    return m
+
+
+# ---- measurements ------------------------------------------------------------------------------
+def _sync():
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev, nbytes=4 << 30, iters=20) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        b.copy_(a)
+    _sync()
+    bw = 2 * nbytes * iters / (time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
+
+
+class NullComm:
+    """Collectives removed: same work per rank, no communication (weight-streaming timing)."""
+
+    def __init__(self, rank, world):
+        from ds4tp.comm import Counter
+        self.rank, self.world, self.counter = rank, world, Counter()
+
+    def all_reduce(self, x):
+        return x
+
+    def all_gather(self, x, dim=-1):
+        return torch.cat([x] * self.world, dim=dim)
+
+
+def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8) -> dict:
+    """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
+    and first tokens excluded)."""
+    from ds4tp.decode_graph import StaticDecoder
+    st = model.new_state()
+    prompt = [(7 * i + 3) % model.shape.vocab for i in range(max(1, depth))]
+    for a in range(0, len(prompt), 2048):
+        model.forward(prompt[a:a + 2048], st)
+    dec = StaticDecoder(model, max_ctx=max_ctx)
+    dec.load_session(st)
+    tok = 11
+    for _ in range(warm):
+        tok = int(dec.step(tok).argmax())
+    # capture every variant the timed window will meet
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = int(dec.step(tok).argmax())
+    el = time.perf_counter() - t
+    return {"depth": depth, "steps": steps, "tok_s": steps / el, "ms_per_token": 1e3 * el / steps,
+            "variants_captured": len(dec.graphs)}
+
+
+def time_collectives(comm, shape, dev, iters=50) -> dict:
+    """One decoded token's collectives alone: 2 all-reduces of E floats per layer + the logits
+    gather, eager (the way a replayed graph issues them)."""
+    if comm.world == 1:
+        return {"per_token_ms": 0.0, "n_all_reduce": 0}
+    x = torch.ones(1, shape.n_embd, device=dev)
+    lg = torch.ones(1, shape.vocab // comm.world, device=dev)
+    n = 2 * shape.n_layer
+    for _ in range(5):
+        comm.all_reduce(x)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        for _ in range(n):
+            comm.all_reduce(x)
+        comm.all_gather(lg)
+    _sync()
+    per = (time.perf_counter() - t) / iters
+    return {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
+
+
+def time_prefill(model, n_tok: int) -> dict:
+    prompt = [(5 * i + 1) % model.shape.vocab for i in range(n_tok)]
+    model.forward(prompt[:64], model.new_state())      # kernel compilation
+    _sync()
+    t = time.perf_counter()
+    model.forward(prompt, model.new_state())
+    _sync()
+    el = time.perf_counter() - t
+    return {"tokens": n_tok, "seconds": el, "tok_s": n_tok / el}
+
+
+def _bench_rank(comm, dev, cfg):
+    torch.cuda.set_device(dev)
+    shape = C.Shape(n_layer=cfg["layers"]) if cfg["layers"] else C.FULL
+    res = {"rank": comm.rank, "world": comm.world, "device": torch.cuda.get_device_name(dev)}
+    res["copy_bw_GBs"] = copy_bandwidth(dev) / 1e9
+    t = time.perf_counter()
+    model = build_model(shape, comm.rank, comm.world, comm, dev)
+    _sync()
+    res["build_s"] = time.perf_counter() - t
+    res["bytes_per_token"] = model.plan.token_bytes(comm.rank)
+    res["collectives"] = time_collectives(comm, shape, dev)
+    steps = cfg["steps"]
+    res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
+    # weight streaming alone: the same decode with the collectives removed
+    real = model.comm
+    model.comm = NullComm(comm.rank, comm.world)
+    res["decode_d0_nocomm"] = time_decode(model, 1, steps, max_ctx=256)
+    model.comm = real
+    if cfg["depth"]:
+        res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
+    if cfg["prefill"]:
+        res["prefill"] = time_prefill(model, cfg["prefill"])
+    return res
+
+
+def _load_rank(comm, dev, path):
+    from ds4tp.model import DS4Model
+    torch.cuda.set_device(dev)
+    t = time.perf_counter()
+    m = DS4Model.load(path, rank=comm.rank, world=comm.world, comm=comm, device=dev)
+    _sync()
+    return {"load_s": time.perf_counter() - t, "bytes": m.plan.load_bytes(comm.rank)}
+
+
+def main(args) -> int:
+    from ds4tp.comm import SingleComm, run_local_ranks
+    from ds4tp.shard.plan import make_plan
+    if not torch.cuda.is_available():
+        print("ds4tp bench needs CUDA", file=sys.stderr)
+        return 2
+    cfg = {"layers": args.layers, "steps": 16 if args.quick else 64,
+           "depth": 0 if args.quick else 4096, "prefill": 256 if args.quick else 2048}
+    shape = C.Shape(n_layer=args.layers) if args.layers else C.FULL
+    out = {"shape": {"n_layer": shape.n_layer}, "cfg": cfg,
+           "tp1_bytes_per_token": make_plan(shape, 1).token_bytes(0), "runs": {}}
+    for tp in [int(x) for x in args.tp.split(",")]:
+        t = time.perf_counter()
+        if tp == 1:
+            r = _bench_rank(SingleComm(), "cuda:0", cfg)
+        else:
+            r = run_local_ranks(tp, _bench_rank, cfg, device="cuda", timeout_s=300, wall_s=1500)
+        r["wall_s"] = time.perf_counter() - t
+        out["runs"][f"tp{tp}"] = r
+        print(json.dumps({f"tp{tp}": r}), flush=True)
+    if getattr(args, "gguf", None):
+        world = max(int(x) for x in args.tp.split(","))
+        out["load"] = run_local_ranks(world, _load_rank, args.gguf, device="cuda", timeout_s=300)
+        print(json.dumps({"load": out["load"]}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0

@@ -1,0 +1,256 @@
+"""Decode with static state, for CUDA graphs.
+
+`DS4Model.forward` keeps growing caches and decides on the host what a token does (emit a
+compressed row, run the indexer). A CUDA graph replays fixed kernels on fixed buffers, so here
+the same per-token math (the stage functions of ds4tp.model) runs on preallocated buffers
+indexed by a device-side position:
+
+  raw window    a ring of n_swa rows; row slot = pos % n_swa, masked by the stored position
+  compressors   ds4's frontier layout: ratio 4 keeps [previous window | current window]
+                (8 rows), ratio 128 the current window (128 rows); slot from pos on device
+  caches        compressed and indexer rows preallocated for max_ctx, masked by a count
+
+What a token does still depends on its position: whether it ends a ratio-4 window, a ratio-128
+window, and whether the indexer is active. Those three facts pick one of a few graph
+*variants*, each captured once and replayed with the position in a device scalar.
+
+A session prefilled by DS4Model.forward is copied in with `load_session` (same numbers, new
+layout); `step(token)` then decodes. Without CUDA (tests) the same code runs eagerly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ds4tp import config as C
+from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post,
+                         hc_pre, indexer_scores, kv_row_quant, output_head, select_rows)
+from ds4tp.numerics import f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
+from ds4tp.ops import linear
+
+
+@dataclass
+class _Frontier:
+    kv: torch.Tensor     # [coff*r, width]
+    sc: torch.Tensor
+
+
+@dataclass
+class _Layer:
+    raw: torch.Tensor            # [n_swa, D] ring
+    raw_pos: torch.Tensor        # [n_swa] position of each slot (-2**40 = empty)
+    comp: torch.Tensor | None    # [cap, D]
+    front: _Frontier | None
+    index: torch.Tensor | None   # [cap4, 128]
+    ifront: _Frontier | None
+
+
+class StaticDecoder:
+    """One sequence, decode only, static buffers; graphs on CUDA when use_graphs."""
+
+    def __init__(self, model: DS4Model, max_ctx: int, *, use_graphs: bool | None = None):
+        self.m, self.s = model, model.shape
+        s, dev = self.s, model.device
+        self.max_ctx = max_ctx
+        self.dev = dev
+        f32 = torch.float32
+        self.layers = []
+        for il in range(s.n_layer):
+            r = s.ratio(il)
+            lay = _Layer(torch.zeros(s.n_swa, s.head_dim, dtype=f32, device=dev),
+                         torch.full((s.n_swa,), -(1 << 40), dtype=torch.long, device=dev),
+                         None, None, None, None)
+            if r:
+                cap = max_ctx // r + 1
+                width = (2 if r == 4 else 1) * s.head_dim
+                rows = (2 if r == 4 else 1) * r
+                lay.comp = torch.zeros(cap, s.head_dim, dtype=f32, device=dev)
+                lay.front = _Frontier(torch.zeros(rows, width, dtype=f32, device=dev),
+                                      torch.full((rows, width), C.NEG_INF, dtype=f32, device=dev))
+            if r == 4:
+                lay.index = torch.zeros(max_ctx // 4 + 1, s.indexer_head_dim, dtype=f32, device=dev)
+                lay.ifront = _Frontier(torch.zeros(8, 2 * s.indexer_head_dim, dtype=f32, device=dev),
+                                       torch.full((8, 2 * s.indexer_head_dim), C.NEG_INF, dtype=f32, device=dev))
+            self.layers.append(lay)
+        # device scalars the graphs read
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.n = 0
+        # RoPE tables for every position (looked up with the device position)
+        allpos = torch.arange(max_ctx + 1, device=dev)
+        self.rope = {False: rope_cos_sin(allpos, s.n_rot, False), True: rope_cos_sin(allpos, s.n_rot, True)}
+        self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
+        self.graphs: dict = {}
+        self._pool = None
+        self.logits = None
+
+    # ---- session transfer ----------------------------------------------------------------
+    def load_session(self, st: SessionState) -> None:
+        """Copy a session (built by DS4Model.forward) into the static buffers."""
+        s = self.s
+        if st.n > self.max_ctx:
+            raise ValueError(f"session of {st.n} tokens exceeds max_ctx {self.max_ctx}")
+        for il, (lay, ls) in enumerate(zip(self.layers, st.layers)):
+            r = s.ratio(il)
+            raw = ls.raw.view()
+            n_raw = raw.shape[0]
+            pos = torch.arange(st.n - n_raw, st.n, device=self.dev)
+            lay.raw_pos.fill_(-(1 << 40))
+            lay.raw[pos % s.n_swa] = raw
+            lay.raw_pos[pos % s.n_swa] = pos
+            if r:
+                lay.comp[: ls.comp.n] = ls.comp.view()
+                _load_front(lay.front, ls.comp_state, st.n, r)
+            if r == 4:
+                lay.index[: ls.index.n] = ls.index.view()
+                _load_front(lay.ifront, ls.index_state, st.n, 4)
+        self.n = st.n
+
+    # ---- one token ---------------------------------------------------------------------------
+    def _variant(self, p: int) -> tuple[bool, bool, bool]:
+        s = self.s
+        return ((p + 1) % 4 == 0, (p + 1) % 128 == 0, (p + 1) // 4 > s.indexer_top_k)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Consume one token at position self.n; returns logits [V] (a device buffer that the
+        next step overwrites)."""
+        if self.n >= self.max_ctx:
+            raise ValueError(f"context full ({self.max_ctx} tokens)")
+        if not 0 <= token < self.s.vocab:
+            raise ValueError(f"token id {token} out of range [0, {self.s.vocab})")
+        p = self.n
+        self.pos.fill_(p)
+        self.token.fill_(token)
+        var = self._variant(p)
+        if not self.use_graphs:
+            self.logits = self._step(var)
+        else:
+            if var not in self.graphs:
+                self.graphs[var] = self._capture(var)
+            g, out = self.graphs[var]
+            g.replay()
+            self.logits = out
+        self.n += 1
+        return self.logits
+
+    def _capture(self, var):
+        """Warm up once on a side stream (allocator, kernel compilation, communicators; the
+        state is restored after), then capture. Capturing does not run the kernels."""
+        saved = self._snapshot()
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self._step(var)
+        cur.wait_stream(side)
+        self._restore(saved)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            out = self._step(var)
+        self._pool = g.pool()
+        return g, out
+
+    def _snapshot(self):
+        return [(l.raw.clone(), l.raw_pos.clone(),
+                 None if l.comp is None else (l.comp.clone(), l.front.kv.clone(), l.front.sc.clone()),
+                 None if l.index is None else (l.index.clone(), l.ifront.kv.clone(), l.ifront.sc.clone()))
+                for l in self.layers]
+
+    def _restore(self, snap):
+        for l, (raw, rp, c, i) in zip(self.layers, snap):
+            l.raw.copy_(raw)
+            l.raw_pos.copy_(rp)
+            if c is not None:
+                l.comp.copy_(c[0]), l.front.kv.copy_(c[1]), l.front.sc.copy_(c[2])
+            if i is not None:
+                l.index.copy_(i[0]), l.ifront.kv.copy_(i[1]), l.ifront.sc.copy_(i[2])
+
+    def _step(self, var) -> torch.Tensor:
+        emit4, emit128, idx_on = var
+        s, m = self.s, self.m
+        pos, tok = self.pos, self.token
+        e = m.w.token_embd[tok].float()                                      # [1, E]
+        hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
+        for lw, lay in zip(m.w.layers, self.layers):
+            r = lw.ratio
+            emit = (r == 4 and emit4) or (r == 128 and emit128)
+            hc = self._attention(lw, lay, hc, pos, emit, idx_on and r == 4)
+            hc = ffn(lw, hc, tok, s, m.comm, m.rank)
+        return output_head(m.w, hc, s, m.comm)[0]
+
+    def _attention(self, lw, lay: _Layer, hc, pos, emit: bool, idx_on: bool):
+        s, comm = self.s, self.m.comm
+        D = s.head_dim
+        x, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, s)
+        xn = rms_norm(x, lw.attn_norm)
+        qrn = rms_norm(linear(lw.q_a, xn), lw.q_a_norm)
+        q = rms_norm(linear(lw.q_b, qrn).view(1, -1, D))
+        kv_n = rms_norm(linear(lw.kv, xn), lw.kv_norm)
+        cos, sin = (t[pos] for t in self.rope[lw.ratio > 0])
+        q = rope_tail(q, cos[:, None], sin[:, None])
+        kv = f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))
+        slot = pos % s.n_swa
+        lay.raw.index_copy_(0, slot, kv)
+        lay.raw_pos.index_copy_(0, slot, pos)
+        comp = mask = None
+        if lw.ratio:
+            n_vis = (pos + 1) // lw.ratio                                    # [1] rows visible
+            self._compress(lw.comp, lay.front, lay.comp, xn, pos, D, False, emit, n_vis)
+            if lw.ratio == 4:
+                self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, s.indexer_head_dim, True,
+                               emit, n_vis)
+            comp = lay.comp
+            mask = torch.arange(comp.shape[0], device=pos.device)[None, :] < n_vis[:, None]
+            if idx_on:
+                score = indexer_scores(lw, qrn, xn, lay.index, cos, sin, s)
+                score = comm.all_reduce(score)                               # indexer-score all-reduce
+                mask, _ = select_rows(score, n_vis, s.indexer_top_k)
+        o = attend(q, lay.raw, lay.raw_pos, comp, mask, pos, lw.sinks, s)
+        o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)
+        out = grouped_linear_out(lw, o, s)
+        out = comm.all_reduce(out)                                           # attention all-reduce
+        return hc_post(out, hc, post, mix)
+
+    def _compress(self, cw, front: _Frontier, cache, xn, pos, hd, is_index, emit, n_vis):
+        """Write this token's projections into the frontier; on an emitting token pool the
+        window into a row, append it at index n_vis-1 and (ratio 4) shift the window."""
+        r = cw.ratio
+        kv = linear(cw.kv, xn)
+        sc = linear(cw.gate, xn) + cw.ape[pos % r]
+        slot = (pos % 4 + 4) if r == 4 else (pos % r)
+        front.kv.index_copy_(0, slot, kv)
+        front.sc.index_copy_(0, slot, sc)
+        if not emit:
+            return
+        if r == 4:   # previous window through the first half, current through the second
+            v = torch.cat((front.kv[:4, :hd], front.kv[4:, hd:]), 0)
+            w = torch.cat((front.sc[:4, :hd], front.sc[4:, hd:]), 0)
+        else:
+            v, w = front.kv[:, :hd], front.sc[:, :hd]
+        pooled = (torch.softmax(w, dim=0) * v).sum(0, keepdim=True)
+        row = rms_norm(pooled, cw.norm)
+        cos, sin = (t[pos + 1 - r] for t in self.rope[True])
+        row = rope_tail(row, cos, sin)
+        row = f16_round(hadamard_fp4(row) if is_index else kv_row_quant(row, self.s))
+        cache.index_copy_(0, n_vis - 1, row)
+        if r == 4:
+            front.kv[:4] = front.kv[4:].clone()
+            front.sc[:4] = front.sc[4:].clone()
+
+
+def _load_front(front: _Frontier, cs, n: int, r: int) -> None:
+    """Rebuild ds4's frontier layout from a CompressorState (positions [start, n))."""
+    kv, sc = cs.kv.view(), cs.sc.view()
+    front.kv.zero_()
+    front.sc.fill_(C.NEG_INF)
+    for i in range(kv.shape[0]):
+        p = cs.start + i
+        if r == 4:
+            slot = 4 + p % 4 if p >= (n // 4) * 4 else p % 4
+        else:
+            slot = p % r
+        front.kv[slot] = kv[i]
+        front.sc[slot] = sc[i]

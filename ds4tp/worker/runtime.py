@@ -1,0 +1,242 @@
+"""The worker's sequences: model states keyed by sequence id, prefix reuse, and the step loop.
+
+Every rank holds one `Runtime` and receives the same operations in the same order from the
+gateway, so every rank makes the same decisions (which cached state to reuse, how many tokens
+to feed) and calls `model.forward` with identical arguments, as the collectives inside the
+model require. Steps are serialized by a lock.
+
+Each operation extends a running digest (a hash of every operation this rank executed). Before
+any forward pass the ranks all-gather the digest they are about to reach; if it differs, the
+ranks have diverged (a lost or reordered operation) and the step fails as `DesyncError` before
+the model can mix inconsistent collectives. The gateway also compares the digests it gets back.
+
+Errors: `RequestError` is a bad request, raised before anything changes, identically on every
+rank. Anything else raised by a step (a failed collective, a desync, a model error) leaves the
+ranks in unknown states: the caller must treat it as fatal and restart the whole group.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ds4tp.worker.sampling import Sample, SamplingParams, sample
+
+
+class RequestError(ValueError):
+    """A request the runtime refuses; `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class DesyncError(RuntimeError):
+    """The ranks reached different operation digests."""
+
+
+@dataclass
+class Slot:
+    """One model state and the tokens it has consumed."""
+    state: object
+    tokens: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None   # after the last consumed token
+    pending: list[int] = field(default_factory=list)   # prompt tokens not fed yet
+
+
+@dataclass(frozen=True)
+class StepResult:
+    seq_id: str
+    n_past: int
+    reused: int
+    sample: Sample | None
+    forward_s: float
+    sample_s: float
+    wait_s: float
+    digest: int
+
+
+def _digest(prev: int, *parts) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(prev.to_bytes(8, "little"))
+    for p in parts:
+        if isinstance(p, (list, tuple)):
+            h.update(array("q", p).tobytes())
+        else:
+            h.update(str(p).encode())
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little") >> 1   # 63 bits: fits a signed int64 tensor
+
+
+class Runtime:
+    """Sequences of one rank. `max_sequences` live sequences at most; released states are kept
+    (up to `max_cached`, least recently used evicted first) so a request whose prompt extends one
+    of them only feeds the new suffix."""
+
+    def __init__(self, model, comm, *, ctx: int, device="cpu", max_sequences: int = 16,
+                 max_cached: int = 4):
+        self.model, self.comm, self.ctx = model, comm, int(ctx)
+        self.device = torch.device(device)
+        self.vocab = int(model.shape.vocab)
+        self.max_sequences, self.max_cached = max_sequences, max_cached
+        self.live: dict[str, Slot] = {}
+        self.cached: OrderedDict[int, Slot] = OrderedDict()   # oldest first
+        self._next_key = 0
+        self.digest = 0
+        self.steps = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    # ---- operations ---------------------------------------------------------------------
+    def prefill(self, op: int, seq_id: str, tokens: list[int], *, resume: bool = False,
+                max_feed: int = 0, params: SamplingParams = SamplingParams()) -> StepResult:
+        """Start `seq_id` from the prompt `tokens` (resume=False) or continue feeding the prompt
+        given at start (resume=True, tokens empty). Feeds at most max_feed tokens (0: all);
+        samples step 0 once the whole prompt is in."""
+        t0 = time.perf_counter()
+        with self._lock:
+            wait = time.perf_counter() - t0
+            self._check_params(params)
+            if resume:
+                if tokens:
+                    raise RequestError("INVALID_ARGUMENT", "a resumed prefill carries no tokens")
+                slot = self._live(seq_id)
+                if not slot.pending:
+                    raise RequestError("FAILED_PRECONDITION", f"sequence {seq_id!r} has no prompt left to feed")
+                reused = 0
+            else:
+                self._check_new(seq_id, tokens)
+                slot = self._start(seq_id, tokens)
+                reused = len(slot.tokens)
+            feed = slot.pending[:max_feed] if max_feed > 0 else slot.pending
+            fwd = self._feed(op, "prefill", seq_id, slot, feed)
+            slot.pending = slot.pending[len(feed):]
+            t1 = time.perf_counter()
+            s = None if slot.pending else sample(slot.logits, params, 0)
+            return self._result(seq_id, slot, reused, s, fwd, time.perf_counter() - t1, wait)
+
+    def decode(self, op: int, seq_id: str, tokens: list[int], step: int,
+               params: SamplingParams = SamplingParams()) -> StepResult:
+        """Append `tokens` (normally the token sampled last) to `seq_id` and sample step `step`."""
+        t0 = time.perf_counter()
+        with self._lock:
+            wait = time.perf_counter() - t0
+            self._check_params(params)
+            slot = self._live(seq_id)
+            if slot.pending:
+                raise RequestError("FAILED_PRECONDITION", f"sequence {seq_id!r} still has "
+                                   f"{len(slot.pending)} prompt tokens to prefill")
+            self._check_tokens(tokens)
+            if len(slot.tokens) + len(tokens) > self.ctx:
+                raise RequestError("OUT_OF_RANGE", f"sequence {seq_id!r} would exceed the context "
+                                   f"of {self.ctx} tokens")
+            fwd = self._feed(op, "decode", seq_id, slot, list(tokens))
+            t1 = time.perf_counter()
+            s = sample(slot.logits, params, step)
+            return self._result(seq_id, slot, 0, s, fwd, time.perf_counter() - t1, wait)
+
+    def release(self, op: int, seq_id: str = "", *, all: bool = False, drop: bool = False) -> int:
+        """End `seq_id` (or every live sequence). Unless `drop`, a state that consumed tokens is
+        kept for prefix reuse. With all and drop the cache is emptied too. Returns how many
+        live sequences ended; an unknown id is not an error (releasing is idempotent)."""
+        with self._lock:
+            ids = list(self.live) if all else ([seq_id] if seq_id in self.live else [])
+            for sid in ids:
+                slot = self.live.pop(sid)
+                slot.pending = []
+                if not drop and slot.tokens and slot.logits is not None:
+                    self.cached[self._next_key] = slot
+                    self._next_key += 1
+            if all and drop:
+                self.cached.clear()
+            while len(self.cached) > self.max_cached:
+                self.cached.popitem(last=False)
+            self.digest = _digest(self.digest, op, "release", seq_id, int(all), int(drop))
+            return len(ids)
+
+    # ---- internals ----------------------------------------------------------------------
+    def _check_params(self, params: SamplingParams) -> None:
+        try:
+            params.check(self.vocab)
+        except ValueError as e:
+            raise RequestError("INVALID_ARGUMENT", str(e)) from None
+
+    def _check_tokens(self, tokens) -> None:
+        for t in tokens:
+            if not 0 <= t < self.vocab:
+                raise RequestError("INVALID_ARGUMENT", f"token id {t} is outside the vocabulary "
+                                   f"[0, {self.vocab})")
+
+    def _check_new(self, seq_id: str, tokens: list[int]) -> None:
+        if not seq_id:
+            raise RequestError("INVALID_ARGUMENT", "empty sequence id")
+        if seq_id in self.live:
+            raise RequestError("ALREADY_EXISTS", f"sequence {seq_id!r} is already live")
+        if not tokens:
+            raise RequestError("INVALID_ARGUMENT", "empty prompt")
+        if len(tokens) > self.ctx:
+            raise RequestError("OUT_OF_RANGE", f"prompt of {len(tokens)} tokens exceeds the "
+                               f"context of {self.ctx} tokens")
+        self._check_tokens(tokens)
+        if len(self.live) >= self.max_sequences:
+            raise RequestError("RESOURCE_EXHAUSTED", f"{len(self.live)} sequences are live "
+                               f"(at most {self.max_sequences})")
+
+    def _live(self, seq_id: str) -> Slot:
+        slot = self.live.get(seq_id)
+        if slot is None:
+            raise RequestError("NOT_FOUND", f"no live sequence {seq_id!r}")
+        return slot
+
+    def _start(self, seq_id: str, tokens: list[int]) -> Slot:
+        """A slot for a new sequence: the longest state (cached or live) whose tokens are a
+        prefix of `tokens`; a cached one is taken over, a live one cloned. A state that holds the
+        whole prompt is usable only with its logits (a state cannot be rewound)."""
+        best, best_key, best_live = None, None, False
+        for key, slot, live in ([(k, s, False) for k, s in self.cached.items()]
+                                + [(k, s, True) for k, s in self.live.items()]):
+            n = len(slot.tokens)
+            if (slot.pending or n == 0 or n > len(tokens) or (best and n <= len(best.tokens))
+                    or (n == len(tokens) and slot.logits is None) or slot.tokens != tokens[:n]):
+                continue
+            best, best_key, best_live = slot, key, live
+        if best is None:
+            slot = Slot(self.model.new_state())
+        elif best_live:
+            slot = Slot(best.state.clone(), list(best.tokens), best.logits)
+        else:
+            slot = self.cached.pop(best_key)
+        slot.pending = list(tokens[len(slot.tokens):])
+        self.live[seq_id] = slot
+        return slot
+
+    def _feed(self, op: int, kind: str, seq_id: str, slot: Slot, feed: list[int]) -> float:
+        """Agree with the other ranks on this operation, then run the model on `feed`."""
+        nxt = _digest(self.digest, op, kind, seq_id, len(slot.tokens), feed)
+        self._agree(nxt)
+        self.digest = nxt
+        self.steps += 1
+        t = time.perf_counter()
+        if feed:
+            slot.logits = self.model.forward(feed, slot.state)
+            slot.tokens.extend(feed)
+        return time.perf_counter() - t
+
+    def _agree(self, digest: int) -> None:
+        if self.comm.world == 1:
+            return
+        got = self.comm.all_gather(torch.tensor([digest], dtype=torch.int64, device=self.device), dim=0)
+        values = [int(v) for v in got.cpu()]
+        if len(set(values)) != 1:
+            raise DesyncError(f"rank {self.comm.rank}: operation digests differ across ranks: {values}")
+
+    def _result(self, seq_id, slot, reused, s, fwd, smp, wait) -> StepResult:
+        return StepResult(seq_id, len(slot.tokens), reused, s, fwd, smp, wait, self.digest)

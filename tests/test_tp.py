@@ -1,0 +1,167 @@
+"""Tensor parallelism: the shard plan, per-rank loading, collective counts, failure handling."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ds4tp import config as C
+from ds4tp.comm import CommError, free_port, init_dist, run_local_ranks
+from ds4tp.gguf_file import open_ds4
+from ds4tp.qtensor import QTensor
+from ds4tp.shard.load import held_bytes, load_rank, rank_bytes_view
+from ds4tp.shard.plan import PlanError, make_plan, plan_for_file, verify_plan
+from ds4tp.synth import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tp") / "tiny.gguf"
+    write_synthetic(p, C.TINY, seed=5)
+    return p
+
+
+def test_full_plan_halves_the_bytes():
+    p1, p2 = make_plan(C.FULL, 1), make_plan(C.FULL, 2)
+    verify_plan(p2)
+    verify_plan(make_plan(C.FULL, 4))
+    verify_plan(make_plan(C.FULL, 8))
+    tp1 = p1.token_bytes(0)
+    assert tp1 == 9_193_024_420          # spec 18.3, TP=1, indexer off
+    for r in range(2):
+        assert p2.token_bytes(r) <= 0.56 * tp1
+    assert p2.routed_mode == "ff"        # the full model splits the expert FFN width
+    # every input-dim split lands on a block boundary (verify_plan checks; spot-check two)
+    t = p2.by_name()
+    assert t["blk.5.ffn_down_exps.weight"].ranges == [(0, 1024), (1024, 2048)]
+    assert t["blk.5.attn_output_b.weight"].ranges == [(0, 4096), (4096, 8192)]
+
+
+def test_tiny_plan_uses_whole_experts():
+    p = make_plan(C.TINY, 2)
+    verify_plan(p)
+    t = p.by_name()["blk.0.ffn_down_exps.weight"]
+    assert p.routed_mode == "experts" and t.split.kind == "experts" and "Q2_K" in t.note
+    assert make_plan(C.SMALL, 2).routed_mode == "ff"
+
+
+def test_plan_rejects_unaligned_world():
+    with pytest.raises(PlanError):
+        make_plan(C.TINY, 3)
+
+
+@pytest.mark.parametrize("world", [2])
+def test_union_of_rank_slices_is_the_tensor(golden, world):
+    """Reassembling every rank's bytes gives back exactly the original bytes of every tensor."""
+    f = open_ds4(golden("small-a.gguf"))
+    plan = plan_for_file(f, world)
+    verify_plan(plan)
+    for tp in plan.tensors:
+        info = f.tensors[tp.name]
+        whole = np.asarray(f.tensor_bytes(tp.name))
+        parts = [np.ascontiguousarray(rank_bytes_view(f, tp, r)) for r in range(world)]
+        if tp.dim is None:
+            assert all(np.array_equal(p.reshape(-1), whole) for p in parts), tp.name
+            continue
+        row_bytes = C.nbytes_of(tp.qtype, tp.shape[-1])
+        axis = tp.dim if tp.dim < len(tp.shape) - 1 else len(tp.shape) - 1
+        glued = np.concatenate(parts, axis=axis)
+        assert np.array_equal(glued.reshape(-1), whole), tp.name
+        assert sum(p.size for p in parts) == info.nbytes == whole.size
+        assert glued.shape[-1] == row_bytes
+
+
+def test_rank_holds_only_its_share(tiny_path):
+    f = open_ds4(tiny_path)
+    plan = plan_for_file(f, 2)
+    for r in range(2):
+        tensors = load_rank(f, plan, r)
+        held = held_bytes(tensors)
+        assert held == plan.load_bytes(r)
+        assert held < 0.7 * f.total_tensor_bytes
+        for name, t in tensors.items():   # own storage: copies of this rank's bytes, not mmap views
+            raw = t.raw if isinstance(t, QTensor) else t
+            assert raw.untyped_storage().nbytes() <= max(raw.numel() * raw.element_size(), 8) * 2, name
+    # rank 0 and rank 1 hold different halves of a split tensor
+    a = load_rank(f, plan, 0)["blk.0.attn_q_b.weight"].raw
+    b = load_rank(f, plan, 1)["blk.0.attn_q_b.weight"].raw
+    assert a.shape == b.shape and not torch.equal(a, b)
+
+
+def _count_rank(comm, device, path, n_prompt):
+    from ds4tp.model import DS4Model
+    m = DS4Model.load(path, rank=comm.rank, world=comm.world, comm=comm, device=device)
+    st = m.new_state()
+    m.forward(list(range(3, 3 + n_prompt)), st)
+    comm.counter.reset()
+    m.forward([7], st)
+    return dict(comm.counter.counts), m.plan.collectives_per_token(
+        indexer_active_layers=sum(1 for il in range(m.shape.n_layer)
+                                  if m.shape.ratio(il) == 4 and (st.n // 4) > m.shape.indexer_top_k))
+
+
+@pytest.mark.parametrize("n_prompt", [5, 70])
+def test_collectives_per_decoded_token(tiny_path, n_prompt):
+    """2 all-reduces per layer + the logits gather; + one per active indexer (pos >= 67 here)."""
+    counts, planned = run_local_ranks(2, _count_rank, str(tiny_path), n_prompt)
+    assert counts == planned
+    extra = 2 if n_prompt == 70 else 0
+    assert counts == {"all_reduce": 2 * C.TINY.n_layer + extra, "all_gather": 1}
+
+
+def _lonely_rank(port, q):
+    t = time.monotonic()
+    try:
+        init_dist(0, 2, master_addr="127.0.0.1", master_port=port, timeout_s=4)
+        q.put(("joined", time.monotonic() - t))
+    except CommError as e:
+        q.put(("error", str(e), time.monotonic() - t))
+
+
+def test_rank_that_never_joins_gives_clear_error():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_lonely_rank, args=(free_port(), q))
+    p.start()
+    status, *rest = q.get(timeout=60)
+    p.join(10)
+    assert status == "error", rest
+    msg, elapsed = rest
+    assert "could not join" in msg and elapsed < 30
+
+
+def _dying_rank(rank, port, q):
+    comm = init_dist(rank, 2, master_addr="127.0.0.1", master_port=port, timeout_s=10)
+    if rank == 1:
+        import os
+        os._exit(3)                               # dies without a word
+    t = time.monotonic()
+    try:
+        for _ in range(200):
+            comm.all_reduce(torch.ones(4))
+            time.sleep(0.05)
+        q.put(("no error", "", time.monotonic() - t))
+    except CommError as e:
+        q.put(("error", str(e), time.monotonic() - t))
+
+
+def test_peer_death_is_an_error_not_a_hang():
+    """Rank 1 dies after joining; rank 0's next collective fails with CommError, in bounded time."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_dying_rank, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        status, msg, elapsed = q.get(timeout=90)
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    assert status == "error", msg
+    assert "all_reduce failed" in msg and elapsed < 30
