@@ -134,6 +134,8 @@ def free_port() -> int:
 def _rank_entry(rank, world, port, device, timeout_s, fn, args, queue):
     import traceback
     try:
+        if device == "cpu":   # ranks share the host's cores: no oversubscription
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dev = f"cuda:{rank}" if device == "cuda" else device
         comm = init_dist(rank, world, device=dev, master_addr="127.0.0.1", master_port=port,
                          timeout_s=timeout_s)

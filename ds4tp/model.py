@@ -27,7 +27,7 @@ from ds4tp.comm import SingleComm
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rms_scale,
                             rope_cos_sin, rope_tail, softplus, swiglu_clamped)
-from ds4tp.ops import expert_linear, grouped_linear, linear
+from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear
 from ds4tp.qtensor import QTensor
 
 
@@ -417,10 +417,9 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     n_local = lw.gate_exps.shape[0]
     local_ids = ids - rank * n_local
     local_ids = torch.where((local_ids >= 0) & (local_ids < n_local), local_ids, -1)
-    g = expert_linear(lw.gate_exps, xn, local_ids)               # [T, K, F_l], Q8_K(xn) shared
-    u = expert_linear(lw.up_exps, xn, local_ids)
-    mid = swiglu_clamped(g, u, C.SWIGLU_CLAMP) * w[:, :, None]   # router weight before down
-    routed = expert_linear(lw.down_exps, mid, local_ids).sum(1)  # [T, E] partial; Q8_K per slot
+    # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
+    mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
+    routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
     smid = swiglu_clamped(linear(lw.gate_sh, xn), linear(lw.up_sh, xn), C.SWIGLU_CLAMP)
     shared = linear(lw.down_sh, smid)                            # [T, E] partial over FFN width
     if trace is not None:
