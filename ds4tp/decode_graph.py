@@ -26,7 +26,8 @@ import torch
 
 from ds4tp import config as C
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post,
-                         hc_pre, indexer_scores, kv_row_quant, output_head, select_rows)
+                         hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
+                         select_rows)
 from ds4tp.numerics import f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear
 
@@ -191,7 +192,7 @@ class StaticDecoder:
         kv_n = rms_norm(linear(lw.kv, xn), lw.kv_norm)
         cos, sin = (t[pos] for t in self.rope[lw.ratio > 0])
         q = rope_tail(q, cos[:, None], sin[:, None])
-        kv = f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))
+        kv = kv_cache_row(kv_n, cos, sin, s)
         slot = pos % s.n_swa
         lay.raw.index_copy_(0, slot, kv)
         lay.raw_pos.index_copy_(0, slot, pos)

@@ -24,6 +24,7 @@ import torch
 
 from ds4tp import config as C
 from ds4tp.comm import SingleComm
+from ds4tp.fuse import fused
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rms_scale,
                             rope_cos_sin, rope_tail, softplus, swiglu_clamped)
@@ -180,6 +181,7 @@ class SessionState:
 
 
 # ================================ hyper-connections (sec. 8) ==================================
+@fused
 def hc_split(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, iters: int):
     """Mix logits z [T, 2n+n^2] -> pre [T,n], post [T,n], M [T,n,n] (Sinkhorn, sec. 8.1)."""
     eps = C.HC_EPS
@@ -194,21 +196,40 @@ def hc_split(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int
     return pre, post, m
 
 
+@fused
+def hc_flat(hc: torch.Tensor) -> torch.Tensor:
+    """The mixer's input: all streams flattened, RMS-scaled over all n_hc*E values."""
+    flat = hc.reshape(hc.shape[0], -1)
+    return flat * rms_scale(flat)
+
+
+@fused
+def hc_combine(z, scale, base, hc, n_hc: int, iters: int):
+    """Mix logits -> the sublayer input x = sum_h pre[h]*H[h], and post, M for hc_post."""
+    pre, post, m = hc_split(z, scale, base, n_hc, iters)
+    return (pre[:, :, None] * hc).sum(1), post, m
+
+
 def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, s: Shape):
     """hc [T, n_hc, E] -> sublayer input x [T, E], post, M."""
-    flat = hc.reshape(hc.shape[0], -1)
-    z = linear(fn, flat * rms_scale(flat))               # [T, 24], float activations x F16
-    pre, post, m = hc_split(z, scale, base, s.n_hc, s.sinkhorn_iters)
-    x = (pre[:, :, None] * hc).sum(1)
-    return x, post, m
+    z = linear(fn, hc_flat(hc))                          # [T, 24], float activations x F16
+    return hc_combine(z, scale, base, hc, s.n_hc, s.sinkhorn_iters)
 
 
+@fused
 def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """H_out[i] = post[i]*f + sum_r M[r][i]*H_in[r]."""
     return post[:, :, None] * f[:, None, :] + torch.einsum("tri,tre->tie", m, hc_in)
 
 
 # ================================ attention (sec. 9) ==========================================
+@fused
+def kv_cache_row(kv_n: torch.Tensor, cos, sin, s: Shape) -> torch.Tensor:
+    """A raw KV row as the cache holds it: RoPE, FP8 of the non-RoPE dims, F16 (sec. 9.3)."""
+    return f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))
+
+
+@fused
 def kv_row_quant(kv: torch.Tensor, s: Shape) -> torch.Tensor:
     """FP8 round trip of the non-RoPE dims of a KV row (sec. 9.3); the RoPE tail is left alone."""
     nope = s.head_dim - s.n_rot
@@ -282,6 +303,7 @@ def indexer_scores(lw: LayerWeights, qrn, xn, keys, cos, sin, s: Shape, trace=No
     return (dots * wt[:, :, None]).sum(1)
 
 
+@fused
 def select_rows(score: torch.Tensor, n_visible: torch.Tensor, top_k: int):
     """Allowed-row mask [T, n_comp] and the selected ids [T, top_k] (-1 where a token sees
     all its rows): top_k by descending score among the visible rows, ties to the lower row
@@ -294,6 +316,7 @@ def select_rows(score: torch.Tensor, n_visible: torch.Tensor, top_k: int):
     return torch.where(full, visible, mask), torch.where(full, -1, order)
 
 
+@fused
 def attend(q, raw, raw_pos, comp, comp_mask, pos, sinks, s: Shape) -> torch.Tensor:
     """Attention with sinks over raw-window and compressed rows in one softmax (sec. 9.7).
 
@@ -344,7 +367,7 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
     if trace is not None:
         trace.update(hc_split=(post, m), attn_in=xn, qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
     q = rope_tail(q, cos[:, None], sin[:, None])
-    kv = f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))  # the cached row, as attention reads it
+    kv = kv_cache_row(kv_n, cos, sin, s)                          # the cached row, as attention reads it
     raw_prev = ls.raw.n
     ls.raw.append(kv)
     raw = ls.raw.view()                                          # positions [p0-raw_prev, p0+T)
@@ -396,12 +419,20 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
     """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
+    hashed = lw.tid2eid[tokens] if lw.tid2eid is not None else None   # hash layer: ids by token
+    return route_select(logits, lw.router_bias, hashed, s.n_expert_used)
+
+
+@fused
+def route_select(logits, bias, hashed_ids, k: int):
+    """sqrt(softplus) scores; the top-k of score+bias (descending, ties to the lower id) unless
+    a hash layer gave the ids; weights = scores normalised over the k, times 1.5."""
     p = torch.sqrt(softplus(logits))
-    if lw.tid2eid is not None:                                   # hash layer: ids by token
-        ids = lw.tid2eid[tokens]
+    if hashed_ids is not None:
+        ids = hashed_ids
     else:
-        score = p + lw.router_bias if lw.router_bias is not None else p
-        ids = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : s.n_expert_used]
+        score = p + bias if bias is not None else p
+        ids = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]
     ps = torch.gather(p, 1, ids)
     w = ps / ps.sum(-1, keepdim=True).clamp_min(C.ROUTER_WEIGHT_FLOOR) * C.EXPERT_WEIGHT_SCALE
     return ids, w

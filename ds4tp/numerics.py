@@ -12,6 +12,7 @@ import math
 import torch
 
 from ds4tp.config import RMS_EPS
+from ds4tp.fuse import fused
 
 
 # ---- activation quantizers (round trips to float32) --------------------------------------------
@@ -67,6 +68,7 @@ def _round_to_grid(v: torch.Tensor, min_exp: int, mant_bits: int) -> torch.Tenso
     return torch.ldexp(torch.round(torch.ldexp(v, -qexp)), qexp)
 
 
+@fused
 def fp8_e4m3_blocks(x: torch.Tensor) -> torch.Tensor:
     """E4M3FN round trip over 64-element blocks of the last dim, power-of-two scale per block
     (amax floor 1e-4, scale 2**ceil(log2(amax/448)))."""
@@ -78,6 +80,7 @@ def fp8_e4m3_blocks(x: torch.Tensor) -> torch.Tensor:
     return (_round_to_grid(v, -9, 3) * scale).reshape(shp)
 
 
+@fused
 def fp4_e2m1_blocks(x: torch.Tensor) -> torch.Tensor:
     """E2M1 round trip over 32-element blocks, grid {0,.5,1,1.5,2,3,4,6}, power-of-two scale
     2**ceil(log2(amax/6)) with amax floor 7.052966104933725e-38."""
@@ -104,6 +107,7 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, n) * torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32)
 
 
+@fused
 def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
     """The indexer's quantisation-aware step: Hadamard, then FP4 per 32-element block."""
     return fp4_e2m1_blocks(hadamard(x))
@@ -120,15 +124,18 @@ def rms_scale(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     return 1.0 / torch.sqrt(ms + eps)
 
 
+@fused
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     y = x * rms_scale(x)
     return y * w if w is not None else y
 
 
+@fused
 def softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 20, x, torch.where(x < -20, torch.exp(x), torch.log1p(torch.exp(x))))
 
 
+@fused
 def swiglu_clamped(g: torch.Tensor, u: torch.Tensor, clamp: float) -> torch.Tensor:
     """silu(min(g, c)) * clamp(u, -c, c): the gate is clamped from above only."""
     g = g.clamp(max=clamp)
@@ -193,6 +200,7 @@ def _rope_compute(pos: torch.Tensor, n_rot: int, compressed: bool) -> tuple[torc
     return torch.cos(theta).float(), torch.sin(theta).float()
 
 
+@fused
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate adjacent pairs of the last n_rot dims of x [..., T, (H,) D].
 

@@ -25,6 +25,7 @@ import torch
 
 def _record(prompt, path, pos, logits, top, tp_logits_keep=None):
     ids = [t[0] for t in top]
+    logits = logits.detach().cpu()
     ref = torch.tensor([t[1] for t in top], dtype=torch.float64)
     ours = logits[ids].double()
     return {"prompt": prompt, "path": path, "pos": pos,
@@ -55,7 +56,7 @@ def collect(model, golden: dict, paths=("decode", "prefill"), keep_logits: bool 
                 else:
                     logits = model.forward([t], st)
                 if keep_logits:
-                    rows.append(logits)
+                    rows.append(logits.cpu())
                 if j < n - 1:
                     top = per_pos[j] if per_pos else None
                 elif j == n - 1:
@@ -75,7 +76,7 @@ def collect(model, golden: dict, paths=("decode", "prefill"), keep_logits: bool 
                 logits = model.forward(prompt_ids[:L], model.new_state())
                 records.append(_record(name, "prefill", L - 1, logits, cp["top"]))
                 if keep_logits and L == n:
-                    kept[f"{name}/prefill_last"] = logits
+                    kept[f"{name}/prefill_last"] = logits.cpu()
     return {"records": records, "logits": kept}
 
 
@@ -113,7 +114,9 @@ def run(model_path, golden_path, tp: int = 1, paths=("decode", "prefill"), keep_
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--golden", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
+    import os
+    ap.add_argument("--golden", default=os.environ.get(
+        "DS4TP_GOLDEN", str(Path(__file__).resolve().parents[1].parent / "shared" / "golden")))
     ap.add_argument("--model", action="append")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--device", default="cpu")
