@@ -79,6 +79,7 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.n = 0
+        self.fed: list[int] = []
         # RoPE tables for every position (looked up with the device position)
         allpos = torch.arange(max_ctx + 1, device=dev)
         self.rope = {False: rope_cos_sin(allpos, s.n_rot, False), True: rope_cos_sin(allpos, s.n_rot, True)}
@@ -109,6 +110,30 @@ class StaticDecoder:
                 _load_front(lay.ifront, ls.index_state, st.n, 4)
         self.n = st.n
 
+    def store_session(self, st: SessionState) -> None:
+        """Write the decoder's state back into a SessionState (the inverse of load_session), so
+        eager forward passes, cloning and prefix reuse continue from it."""
+        from ds4tp.model import Rows
+        s, n = self.s, self.n
+        for il, (lay, ls) in enumerate(zip(self.layers, st.layers)):
+            r = s.ratio(il)
+            k = min(n, s.n_swa)
+            pos = torch.arange(n - k, n, device=self.dev)
+            ls.raw = Rows(s.head_dim, self.dev, cap=2 * s.n_swa)
+            ls.raw.append(lay.raw[pos % s.n_swa])
+            if r:
+                n_comp = n // r
+                ls.comp = Rows(s.head_dim, self.dev, cap=max(64, 2 * n_comp))
+                ls.comp.append(lay.comp[:n_comp])
+                _store_front(lay.front, ls.comp_state, n, r)
+            if r == 4:
+                ls.index = Rows(s.indexer_head_dim, self.dev, cap=max(64, 2 * (n // 4)))
+                ls.index.append(lay.index[: n // 4])
+                _store_front(lay.ifront, ls.index_state, n, 4)
+        st.tokens.extend(self.fed)
+        self.fed = []
+        st.n = n
+
     # ---- one token ---------------------------------------------------------------------------
     def _variant(self, p: int) -> tuple[bool, bool, bool]:
         s = self.s
@@ -134,6 +159,7 @@ class StaticDecoder:
             g.replay()
             self.logits = out
         self.n += 1
+        self.fed.append(token)
         return self.logits
 
     def _capture(self, var):
@@ -248,10 +274,27 @@ def _load_front(front: _Frontier, cs, n: int, r: int) -> None:
     front.kv.zero_()
     front.sc.fill_(C.NEG_INF)
     for i in range(kv.shape[0]):
-        p = cs.start + i
-        if r == 4:
-            slot = 4 + p % 4 if p >= (n // 4) * 4 else p % 4
-        else:
-            slot = p % r
+        slot = _front_slot(cs.start + i, n, r)
         front.kv[slot] = kv[i]
         front.sc[slot] = sc[i]
+
+
+def _front_slot(p: int, n: int, r: int) -> int:
+    """Frontier row of position p after n tokens: ratio 4 keeps the last complete window in
+    rows 0-3 and the current one in rows 4-7; ratio 128 the current window."""
+    if r == 4:
+        return 4 + p % 4 if p >= (n // 4) * 4 else p % 4
+    return p % r
+
+
+def _store_front(front: _Frontier, cs, n: int, r: int) -> None:
+    from ds4tp.model import Rows
+    start = max(0, (n // r - (1 if r == 4 else 0)) * r)
+    slots = torch.tensor([_front_slot(p, n, r) for p in range(start, n)], dtype=torch.long,
+                         device=front.kv.device)
+    width = front.kv.shape[1]
+    cs.kv, cs.sc = Rows(width, front.kv.device, cap=2 * r), Rows(width, front.kv.device, cap=2 * r)
+    if len(slots):
+        cs.kv.append(front.kv[slots])
+        cs.sc.append(front.sc[slots])
+    cs.start = start

@@ -79,9 +79,19 @@ class Runtime:
     of them only feeds the new suffix."""
 
     def __init__(self, model, comm, *, ctx: int, device="cpu", max_sequences: int = 16,
-                 max_cached: int = 4):
+                 max_cached: int = 4, fast_decode: bool | None = None):
         self.model, self.comm, self.ctx = model, comm, int(ctx)
         self.device = torch.device(device)
+        # One-token decode steps on CUDA go through the static-buffer decoder (CUDA graphs),
+        # bound to one slot at a time; the slot's SessionState is written back before anything
+        # else (eager prefill, cloning, switching) touches it.
+        if fast_decode is None:
+            fast_decode = self.device.type == "cuda"
+        self.fast = None
+        if fast_decode:
+            from ds4tp.decode_graph import StaticDecoder
+            self.fast = StaticDecoder(model, max_ctx=self.ctx)
+        self.fast_slot: Slot | None = None
         self.vocab = int(model.shape.vocab)
         self.max_sequences, self.max_cached = max_sequences, max_cached
         self.live: dict[str, Slot] = {}
@@ -211,9 +221,11 @@ class Runtime:
         if best is None:
             slot = Slot(self.model.new_state())
         elif best_live:
+            self._unbind(best)
             slot = Slot(best.state.clone(), list(best.tokens), best.logits)
         else:
             slot = self.cached.pop(best_key)
+            self._unbind(slot)
         slot.pending = list(tokens[len(slot.tokens):])
         self.live[seq_id] = slot
         return slot
@@ -226,9 +238,23 @@ class Runtime:
         self.steps += 1
         t = time.perf_counter()
         if feed:
-            slot.logits = self.model.forward(feed, slot.state)
+            if self.fast is not None and kind == "decode" and len(feed) == 1:
+                if self.fast_slot is not slot:
+                    self._unbind()
+                    self.fast.load_session(slot.state)
+                    self.fast_slot = slot
+                slot.logits = self.fast.step(feed[0]).clone()
+            else:
+                self._unbind(slot)
+                slot.logits = self.model.forward(feed, slot.state)
             slot.tokens.extend(feed)
         return time.perf_counter() - t
+
+    def _unbind(self, slot: Slot | None = None) -> None:
+        """Write the fast decoder's state back to its slot (if it holds `slot`, or any)."""
+        if self.fast_slot is not None and (slot is None or slot is self.fast_slot):
+            self.fast.store_session(self.fast_slot.state)
+            self.fast_slot = None
 
     def _agree(self, digest: int) -> None:
         if self.comm.world == 1:
