@@ -197,6 +197,51 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
     return {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
 
 
+def profile_split(model, max_ctx: int = 256) -> dict:
+    """GPU time of one eager decode step, split into the weight matvec kernels (our Triton
+    kernels that stream weights) and everything else (small fused ops, attention, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ds4tp.decode_graph import StaticDecoder
+    st = model.new_state()
+    model.forward([1], st)
+    dec = StaticDecoder(model, max_ctx=max_ctx, use_graphs=False)
+    dec.load_session(st)
+    for _ in range(3):
+        dec.step(5)
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.step(5)
+        _sync()
+    mv = other = 0.0
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if hasattr(ev, "self_device_time_total") else ev.self_cuda_time_total
+        if t <= 0:
+            continue
+        name = ev.key
+        if name.startswith("_") and "kernel" in name:    # ds4tp.kernels (weight-streaming matvecs)
+            mv += t
+        elif not name.startswith("aten::") and not name.startswith("cuda"):
+            other += t
+    return {"matvec_ms": mv / 1e3, "other_gpu_ms": other / 1e3}
+
+
+def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
+    """Paper projection to two Sparks from one TP=2 run's measured pieces: per-rank weight
+    bytes at the matvec kernels' achieved fraction of the measured copy bandwidth, plus the
+    token's collectives at 31 us each, plus the measured non-matvec time of a step."""
+    bytes_rank = run["bytes_per_token"]
+    mv_s = run["profile"]["matvec_ms"] / 1e3
+    frac = bytes_rank / mv_s / (run["copy_bw_GBs"] * 1e9)
+    step_nocomm = run["decode_d0_nocomm"]["ms_per_token"] / 1e3
+    fixed = max(0.0, step_nocomm - mv_s)
+    n_coll = run["collectives"]["n_all_reduce"] + 1
+    t = bytes_rank / (frac * bw_spark) + n_coll * ar_s + fixed
+    return {"achieved_fraction": frac, "fixed_overhead_ms": 1e3 * fixed, "collectives": n_coll,
+            "ms_per_token": 1e3 * t, "tok_s": 1 / t,
+            "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
+
+
 def time_prefill(model, n_tok: int) -> dict:
     prompt = [(5 * i + 1) % model.shape.vocab for i in range(n_tok)]
     model.forward(prompt[:64], model.new_state())      # kernel compilation
@@ -220,6 +265,7 @@ def _bench_rank(comm, dev, cfg):
     res["bytes_per_token"] = model.plan.token_bytes(comm.rank)
     res["collectives"] = time_collectives(comm, shape, dev)
     steps = cfg["steps"]
+    res["profile"] = profile_split(model)
     res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
@@ -260,6 +306,8 @@ def main(args) -> int:
         else:
             r = run_local_ranks(tp, _bench_rank, cfg, device="cuda", timeout_s=300, wall_s=1500)
         r["wall_s"] = time.perf_counter() - t
+        if tp == 2:
+            r["spark_projection"] = spark_projection(r)
         out["runs"][f"tp{tp}"] = r
         print(json.dumps({f"tp{tp}": r}), flush=True)
     if getattr(args, "gguf", None):

@@ -34,7 +34,8 @@ def linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     return act_quant(w.qtype, x) @ w.f32().T
 
 
-def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
+                        wf: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts: w (E, out, in); ids [T, K] local expert indices (-1 = not on this rank,
     gives zeros); x [T, in] (shared by the K slots) or [T, K, in]. Returns [T, K, out].
 
@@ -46,7 +47,7 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch
     xq = act_quant(w.qtype, x)
     if xq.dim() == 2:
         xq = xq[:, None, :].expand(T, K, n_in)
-    wf = w.f32()
+    wf = w.f32() if wf is None else wf
     if T * K <= 16:    # decode: multiply each slot's row by its expert's matrix directly
         safe = ids.clamp_min(0).reshape(-1)
         y = torch.bmm(wf[safe], xq.reshape(T * K, n_in, 1)).view(T, K, n_out)
@@ -64,10 +65,11 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch
 
 
 def expert_swiglu_torch(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,
-                        weights: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+                        weights: torch.Tensor, clamp: float = SWIGLU_CLAMP,
+                        wg: torch.Tensor | None = None, wu: torch.Tensor | None = None) -> torch.Tensor:
     """Routed gate/up and the clamped SwiGLU times the router weight: [T, K, out]."""
-    g = expert_linear_torch(w_gate, x, ids)
-    u = expert_linear_torch(w_up, x, ids)
+    g = expert_linear_torch(w_gate, x, ids, wg)
+    u = expert_linear_torch(w_up, x, ids, wu)
     return swiglu_clamped(g, u, clamp) * weights[:, :, None]
 
 
@@ -80,6 +82,12 @@ def grouped_linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- dispatch points ---------------------------------------------------------------------------
+# From this many token rows on CUDA (prefill), a weight is decoded once into float32 by a Triton
+# kernel and multiplied with a GEMM instead of being re-read by the matvec kernels per token
+# tile. The result is the twin's math (exact decode, quantised activation, float32 GEMM).
+PREFILL_MIN_ROWS = 64
+
+
 def _fused_ok(x: torch.Tensor) -> bool:
     if not x.is_cuda:
         return False
@@ -87,10 +95,21 @@ def _fused_ok(x: torch.Tensor) -> bool:
     return kernels.available()
 
 
+def _decoded(w: QTensor, rows: int) -> torch.Tensor | None:
+    """The weight decoded now (not cached) when `rows` activation rows make that pay off."""
+    if rows < PREFILL_MIN_ROWS:
+        return None
+    from ds4tp.kernels import triton_dequant
+    return triton_dequant.dequantize(w)
+
+
 def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere."""
     if _fused_ok(x):
         from ds4tp import kernels
+        wf = _decoded(w, x.shape[0])
+        if wf is not None:
+            return act_quant(w.qtype, x) @ wf.T
         y = kernels.linear(w, x)
         if y is not None:
             return y
@@ -101,12 +120,14 @@ def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
                   sum_slots: bool = False) -> torch.Tensor:
     """Selected routed experts per token; see expert_linear_torch for shapes. With sum_slots
     the K slots of each token are summed: [T, out] (the routed down projection)."""
+    wf = None
     if _fused_ok(x):
         from ds4tp import kernels
-        y = kernels.expert_linear(w, x, ids, sum_slots=sum_slots)
+        wf = _decoded(w, ids.numel())
+        y = None if wf is not None else kernels.expert_linear(w, x, ids, sum_slots=sum_slots)
         if y is not None:
             return y
-    y = expert_linear_torch(w, x, ids)
+    y = expert_linear_torch(w, x, ids, wf)
     return y.sum(1) if sum_slots else y
 
 
@@ -116,6 +137,9 @@ def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Te
     launch on CUDA); see expert_swiglu_torch."""
     if _fused_ok(x):
         from ds4tp import kernels
+        wg = _decoded(w_gate, ids.numel())
+        if wg is not None:
+            return expert_swiglu_torch(w_gate, w_up, x, ids, weights, clamp, wg, _decoded(w_up, ids.numel()))
         y = kernels.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
         if y is not None:
             return y
@@ -126,6 +150,10 @@ def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """Grouped low-rank projection (attention output A); see grouped_linear_torch."""
     if _fused_ok(x):
         from ds4tp import kernels
+        wf = _decoded(w, x.shape[0])
+        if wf is not None:
+            T, G, n_in = x.shape
+            return torch.einsum("tgi,goi->tgo", act_quant(w.qtype, x), wf.view(G, -1, n_in))
         y = kernels.grouped_linear(w, x)
         if y is not None:
             return y
