@@ -19,7 +19,6 @@ layout); `step(token)` then decodes. Without CUDA (tests) the same code runs eag
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from ds4tp import config as C
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post,
                          hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
-from ds4tp.numerics import f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
+from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear
 
 

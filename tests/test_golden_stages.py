@@ -13,7 +13,6 @@ Two kinds of stage:
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -23,7 +23,7 @@ import collections
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ds4tp.gateway.pool import StepRejected, WorkersUnavailable
 from ds4tp.gateway.textstream import Delta, TextStream
