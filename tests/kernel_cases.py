@@ -203,7 +203,7 @@ def _cfg(cfg):
 
 
 def interpreter_cases():
-    """Small shapes for the CPU interpreter (the whole run takes ~15 s on 2 cores)."""
+    """Small shapes for the CPU interpreter (the whole run takes ~35 s on 2 cores)."""
     yield "quantizers", case_quantizers, ()
     for qt in TYPES:
         nb = 64 if qt == F16 else 4

@@ -22,6 +22,10 @@ How each weight type is multiplied (T = tokens, padded to TQ = a power of two):
   Q4_K     fp16 dot per 256-block of sc*q (<= 945, exact), minus the fp16 min dot as Q2_K.
 Tensor-core dots on integer-valued operands accumulate in float32 (int32 for int8), so each
 block sum is exact or correctly rounded to float32: results agree with the twin to ~1e-6.
+Routed experts at few tokens (IQ2_XXS / Q2_K, T*K <= SMALL_MAX_PAIRS, i.e. decode): a separate
+packed-integer kernel (_expert_small_kernel, see the comment above it): the activation is
+quantised once (quantize_q8_k), 4 weights and 4 activation bytes meet in one dp4a, block sums
+are exact int32 and scaled once per super-block in float32.
 
 Determinism: one program owns each output tile; when the reduction is split over K (split-K,
 for shapes with few rows) partial tiles go to a workspace and the last program to finish a tile
