@@ -245,6 +245,15 @@ def sweep_cfgs(case: Case, T: int):
     """Alternative launch configs, most promising first (the sweep stops at the deadline)."""
     from ds4tp.kernels import triton_matvec as tm
     Cfg = tm.Cfg
+    if small_path(case, T):   # few-token routed experts: rows per program, unroll, warps, slots
+        if case.kind == "experts_sum":
+            return [Cfg(bn=8, nb=2), Cfg(bn=8, nb=4), Cfg(bn=16, nb=2), Cfg(bn=4, nb=4),
+                    Cfg(bn=8, nb=4, warps=8), Cfg(bn=16, nb=2, warps=8), Cfg(bn=8, nb=1),
+                    Cfg(bn=4, nb=2, warps=2), Cfg(bn=32, nb=1, warps=8), Cfg(bn=16, nb=4, warps=8)]
+        return [Cfg(bn=16, nb=2), Cfg(bn=32, nb=2), Cfg(bn=8, nb=2), Cfg(bn=16, nb=4),
+                Cfg(bn=8, nb=4), Cfg(bn=32, nb=1), Cfg(bn=16, nb=2, warps=2), Cfg(bn=16, nb=2, warps=8),
+                Cfg(bn=32, nb=4, warps=8), Cfg(bn=64, nb=1, warps=8), Cfg(bn=16, nb=2, split=2),
+                Cfg(bn=8, nb=2, split=2)]
     if case.qtype == Q8_0:
         return [Cfg(bn=64, nb=4, warps=4, mma=True), Cfg(bn=32, nb=8, warps=4), Cfg(bn=64, nb=8, warps=8),
                 Cfg(bn=16, nb=8, warps=4), Cfg(bn=128, nb=4, warps=8, mma=True),
@@ -261,9 +270,19 @@ def sweep_cfgs(case: Case, T: int):
             Cfg(bn=64, nb=1, warps=4, stages=3), Cfg(bn=128, nb=1, warps=4)]
 
 
-def with_split(cfg, case: Case, T: int, factor: float = 1.0):
-    """cfg with the default heuristic's split for its row tile (scaled by factor)."""
+def small_path(case: Case, T: int) -> bool:
+    """Whether the expert launch of this case at T tokens (K = 6) takes the few-token path."""
     from ds4tp.kernels import triton_matvec as tm
+    return (case.kind in ("swiglu", "experts", "experts_sum") and case.qtype in tm.SMALL_TYPES
+            and T * 6 <= tm.SMALL_MAX_PAIRS)
+
+
+def with_split(cfg, case: Case, T: int, factor: float = 1.0):
+    """cfg with the default heuristic's split for its row tile (scaled by factor); the
+    few-token expert path's configs stay as they are (split = slots per program there)."""
+    from ds4tp.kernels import triton_matvec as tm
+    if small_path(case, T):
+        return cfg
     n_rows, n_in = case.shape[-2], case.shape[-1]
     if case.kind in ("swiglu", "experts"):
         return dataclasses.replace(cfg, split=1)
@@ -278,13 +297,13 @@ def with_split(cfg, case: Case, T: int, factor: float = 1.0):
     return dataclasses.replace(cfg, split=max(1, int(split * factor)))
 
 
-def default_cfg_of(case: Case, T: int):
+def default_cfg_of(case: Case, T: int, w):
+    """The launch shape the entry point picks by itself (w: the case's weight)."""
     from ds4tp.kernels import triton_matvec as tm
     n_rows, n_in = case.shape[-2], case.shape[-1]
     if case.kind in ("swiglu", "experts", "experts_sum"):
-        c = tm.default_cfg(case.qtype, n_rows, n_in, T, DEV, mult=min(6 * T, case.shape[0]),
-                           can_split=False)
-        return dataclasses.replace(c, split=min(6 * T, 16) if case.kind == "experts_sum" else 1)
+        mode = tm.MODE_SUM if case.kind == "experts_sum" else tm.MODE_SLOTS
+        return tm.expert_cfg(w, T, 6, mode, DEV)
     return tm.default_cfg(case.qtype, n_rows, n_in, T, DEV)
 
 
@@ -417,7 +436,8 @@ def main(argv=None) -> int:
             try:
                 op = Op(case, w, w2, T, cgen)
                 rec["bytes_read"] = bytes_read(case, op, w, w2)
-                rec["cfg"] = cfg_dict(default_cfg_of(case, T))
+                rec["cfg"] = cfg_dict(default_cfg_of(case, T, w))
+                rec["path"] = "small" if small_path(case, T) else "tiles"
                 if T in (1, 16) or DEV == "cpu":
                     rec["rel_err"] = check(op)
                     rec["ok"] = rec["rel_err"] < 1e-5
@@ -465,7 +485,7 @@ def main(argv=None) -> int:
             w, w2, copies, copies2 = prepared[1]
             op = Op(case, w, w2, T, cgen)
             nb = bytes_read(case, op, w, w2)
-            dflt = default_cfg_of(case, T)
+            dflt = default_cfg_of(case, T, w)
             us = time_op(op, copies, copies2, None)
             best[key] = {"default_us": us, "default_cfg": cfg_dict(dflt), "best_us": us,
                          "best_cfg": cfg_dict(dflt), "bytes_read": nb}
@@ -474,6 +494,7 @@ def main(argv=None) -> int:
             continue
         cands = [with_split(c, case, T) for c in sweep_cfgs(case, T)]
         cands += [with_split(dflt, case, T, f) for f in (0.5, 2.0)]
+        cands = [c for i, c in enumerate(cands) if c not in cands[:i] and c != dflt]
         for cfg in cands:
             if time.time() > deadline:
                 break

@@ -144,13 +144,27 @@ def rand_ids(T, K, E, gen, device, skip=0.15, dup=False):
     return ids.to(device)
 
 
-def case_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, cfg=None, dup=False):
+def expert_weight(qtype, E, n_out, n_in, gen, device, shard=""):
+    """Expert weights as a rank holds them: whole, "cols" (TP column half of every row: a strided
+    view) or "rows" (the second half of each expert's rows: a view with a larger expert stride)."""
+    if shard == "cols":
+        w = column_shard(rand_weight(qtype, (E, n_out, 2 * n_in), gen, device), 1, 2)
+    elif shard == "rows":
+        full = rand_weight(qtype, (E, 2 * n_out, n_in), gen, device)
+        w = QTensor(qtype, (E, n_out, n_in), full.raw[:, n_out:])
+    else:
+        return rand_weight(qtype, (E, n_out, n_in), gen, device)
+    assert not w.raw.is_contiguous()
+    return w
+
+
+def case_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, cfg=None, dup=False, shard=""):
     from ds4tp.kernels import triton_matvec as tm
-    w = rand_weight(qtype, (E, n_out, n_in), gen, device)
+    w = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
     ids = rand_ids(T, K, E, gen, device, dup=dup)
     x = rand_act((T, K, n_in) if per_slot else (T, n_in), gen, device)
     want = ops.expert_linear_torch(w, x, ids)
-    tag = f"experts {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} per_slot={per_slot} cfg={cfg}"
+    tag = f"experts {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} per_slot={per_slot} cfg={cfg} {shard}"
     got = tm.expert_linear(w, x, ids, cfg=_cfg(cfg))
     e1 = check(tag + " slots", got, want)
     assert torch.all(got[ids < 0] == 0), tag + ": skipped slots are not zero"
@@ -158,11 +172,11 @@ def case_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, cfg=None, d
     return max(e1, e2)
 
 
-def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None):
+def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, shard=""):
     from ds4tp.kernels import triton_matvec as tm
-    wg = rand_weight(qtype, (E, n_out, n_in), gen, device)
-    wu = rand_weight(qtype, (E, n_out, n_in), gen, device)
-    ids = rand_ids(T, K, E, gen, device)
+    wg = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
+    wu = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
+    ids = rand_ids(T, K, E, gen, device, dup=dup)
     x = rand_act((T, n_in), gen, device) * 20.0            # so that the clamps act
     rw = torch.rand(T, K, generator=gen).to(device)
     g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
@@ -189,7 +203,7 @@ def _cfg(cfg):
 
 
 def interpreter_cases():
-    """Small shapes for the CPU interpreter (the whole run takes ~15 s on 2 cores)."""
+    """Small shapes for the CPU interpreter (the whole run takes ~35 s on 2 cores)."""
     yield "quantizers", case_quantizers, ()
     for qt in TYPES:
         nb = 64 if qt == F16 else 4
@@ -205,14 +219,25 @@ def interpreter_cases():
     yield "shard Q8_0", case_linear_shard, (Q8_0, 32, 256, 2, C(bn=16, nb=4))
     yield "shard Q2_K", case_linear_shard, (Q2_K, 32, 512, 1, C(bn=16))
     yield "grouped Q8_0", case_grouped, (Q8_0, 4, 32, 128, 3, C(bn=16, nb=4, split=2))
-    yield "experts IQ2_XXS shared x", case_experts, (IQ2_XXS, 8, 32, 512, 3, 4, False, C(bn=16, split=3))
-    yield "experts Q2_K per-slot x", case_experts, (Q2_K, 8, 32, 512, 3, 4, True, C(bn=16, split=2, pre=True))
+    # tensor-core expert kernel (small=False keeps the few-token path out at these T*K)
+    yield "experts IQ2_XXS shared x", case_experts, (IQ2_XXS, 8, 32, 512, 3, 4, False, C(bn=16, split=3, small=False))
+    yield "experts Q2_K per-slot x", case_experts, (Q2_K, 8, 32, 512, 3, 4, True, C(bn=16, split=2, pre=True, small=False))
     yield "experts Q8_0", case_experts, (Q8_0, 6, 16, 256, 2, 3, True, C(bn=16, nb=4))
-    yield "experts Q2_K duplicate id", case_experts, (Q2_K, 6, 16, 256, 3, 3, True, C(bn=16, split=2), True)
+    yield "experts Q2_K duplicate id", case_experts, (Q2_K, 6, 16, 256, 3, 3, True, C(bn=16, split=2, small=False), True)
     yield "experts Q4_K", case_experts, (Q4_K, 6, 16, 256, 2, 3, False, C(bn=16))
     yield "experts F16", case_experts, (F16, 4, 16, 128, 2, 2, False, C(bn=16, nb=64))
-    yield "swiglu IQ2_XXS", case_swiglu, (IQ2_XXS, 8, 32, 512, 3, 4, C(bn=16))
-    yield "swiglu Q2_K pre", case_swiglu, (Q2_K, 8, 16, 256, 2, 3, C(bn=16, pre=True))
+    yield "swiglu IQ2_XXS", case_swiglu, (IQ2_XXS, 8, 32, 512, 3, 4, C(bn=16, small=False))
+    yield "swiglu Q2_K pre", case_swiglu, (Q2_K, 8, 16, 256, 2, 3, C(bn=16, pre=True, small=False))
+    # few-token packed-integer path (T*K <= 24): K = 6 as DS4, several super-blocks per row,
+    # -1 ids, duplicate ids, T = 1..4, TP shards, default and explicit launch shapes
+    yield "small swiglu IQ2_XXS T=1", case_swiglu, (IQ2_XXS, 8, 32, 768, 1, 6)
+    yield "small swiglu IQ2_XXS T=3 dup rows", case_swiglu, (IQ2_XXS, 8, 16, 512, 3, 6, C(bn=8, nb=1, split=4), True, "rows")
+    yield "small experts IQ2_XXS T=2 dup", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2), True)
+    yield "small experts IQ2_XXS T=4 per-slot", case_experts, (IQ2_XXS, 8, 16, 512, 4, 6, True)
+    yield "small down Q2_K T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True)
+    yield "small down Q2_K T=4 dup", case_experts, (Q2_K, 8, 16, 768, 4, 6, True, C(bn=8, nb=1, split=2), True)
+    yield "small down Q2_K T=2 cols", case_experts, (Q2_K, 8, 32, 512, 2, 6, True, None, False, "cols")
+    yield "small swiglu Q2_K T=2", case_swiglu, (Q2_K, 8, 16, 512, 2, 6, C(bn=16, nb=2, split=8))
 
 
 def run_interpreter(seed=1234) -> int:

@@ -4,7 +4,9 @@
 inputs it does not cover (weight type without a kernel, tensors not on CUDA, activation not
 float32), and `ds4tp.ops` then runs the torch twin. The kernels live in `triton_matvec`; see its
 docstring for the numerics (bit-identical activation quantisation, exact weight decoding,
-float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing.
+float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing. Routed
+experts at decode sizes (IQ2_XXS / Q2_K, T*K <= 24) take a packed-integer dp4a kernel; larger
+launches the tensor-core tile kernel.
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]

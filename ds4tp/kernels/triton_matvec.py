@@ -22,6 +22,10 @@ How each weight type is multiplied (T = tokens, padded to TQ = a power of two):
   Q4_K     fp16 dot per 256-block of sc*q (<= 945, exact), minus the fp16 min dot as Q2_K.
 Tensor-core dots on integer-valued operands accumulate in float32 (int32 for int8), so each
 block sum is exact or correctly rounded to float32: results agree with the twin to ~1e-6.
+Routed experts at few tokens (IQ2_XXS / Q2_K, T*K <= SMALL_MAX_PAIRS, i.e. decode): a separate
+packed-integer kernel (_expert_small_kernel, see the comment above it): the activation is
+quantised once (quantize_q8_k), 4 weights and 4 activation bytes meet in one dp4a, block sums
+are exact int32 and scaled once per super-block in float32.
 
 Determinism: one program owns each output tile; when the reduction is split over K (split-K,
 for shapes with few rows) partial tiles go to a workspace and the last program to finish a tile
@@ -48,6 +52,12 @@ FMA_MAX_T = 2     # Q8_0: float FMA path up to this many tokens, int8 tensor cor
 PRE_MIN_T_Q8_0 = 4  # quantise the activation in a separate launch from this many tokens on
 PRE_MIN_T_KQ = 2    # (the in-kernel prologue repeats the quantisation in every program)
 _TICKETS = 1 << 16
+# routed experts: the packed-integer path (see _expert_small_kernel) for these types, up to this
+# many (token, slot) pairs (T <= 4 at DS4's K = 6) and slots per token
+SMALL_TYPES = (IQ2_XXS, Q2_K)
+SMALL_MAX_PAIRS = 24
+SMALL_MAX_K = 8
+SMALL_MATRIX = 1 << 22   # default_cfg: weights up to this many elements aim at 4 programs per SM
 
 # Expert kernel modes
 MODE_SLOTS, MODE_SUM, MODE_SWIGLU = 0, 1, 2
@@ -524,6 +534,162 @@ def _expert_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, x
 
 
 # ================================================================================================
+# routed experts at few tokens: packed-integer dot products, no tensor cores
+# ================================================================================================
+# At T*K <= SMALL_MAX_PAIRS the expert launch is a pure weight stream (each selected expert's rows
+# meet one or a few activation rows), so tensor-core tiles only add padding and element-wise
+# table gathers. Here every 4 weights become one packed int32 of signed bytes, multiplied with
+# 4 packed Q8_K activation bytes by one dp4a (sum of the four byte products), summed exactly in
+# int32 per super-block and scaled once in float32:
+#   IQ2_XXS: each group of 8 weights = one 8-byte row of the magnitude grid (two int32 words,
+#            a 2 KB table) with the signs applied bytewise: sign table word m holds 0xFF in the
+#            negative bytes, and (g ^ m) + (m & 0x01010101) negates exactly those bytes (the
+#            magnitudes are 8..43, so no byte carries). Per super-block
+#            sum_b (2 s_b + 1) * sum(grid*sign*q8) (|.| < 2**26), times d * d_x / 8.
+#   Q2_K:    (qs word >> 2j) & 0x03030303 are 4 consecutive 2-bit weights; per 16-block sums times
+#            the 4-bit scales, minus the 4-bit mins times the Q8_K block sums (both exact ints),
+#            then d * A - dmin * B, times d_x.
+# Identical results in any order: every block sum is an exact integer, so the kernel differs from
+# the twin only by the float32 rounding of the per-super-block scaling and the final sums.
+@triton.jit
+def _dp4a(a, b, DP4A: tl.constexpr):
+    """Per int32 lane: the sum of the four products of the signed bytes of a and b.
+    DP4A: the PTX instruction (CUDA); otherwise the same in shifts and multiplies (the CPU
+    interpreter cannot run inline assembly)."""
+    if DP4A:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [a, b, tl.zeros_like(a)], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = ((a << 24) >> 24) * ((b << 24) >> 24)
+        for i in tl.static_range(1, 4):
+            r += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return r
+
+
+@triton.jit
+def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_ptr, DP4A: tl.constexpr):
+    """IQ2_XXS super-block at byte offsets base [S, R] against the packed Q8_K activation words
+    at xw_off [S, 1] (64 words). Returns (int32 [S, R] = sum_b (2s_b+1) sum grid*sign*q, d [S, R])."""
+    b = tl.arange(0, 8)
+    k4 = tl.arange(0, 4)[None, None, None, :]
+    b5 = b[None, None, :, None, None]
+    k5 = tl.arange(0, 4)[None, None, None, :, None]
+    h5 = tl.arange(0, 2)[None, None, None, None, :]
+    d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=wmask, other=0.0).to(tl.float32)
+    sb = base[:, :, None] + 2 + 8 * b[None, None, :]                         # [S, R, 8] sub-blocks
+    m3 = wmask[:, :, None]
+    u16 = w_ptr.to(tl.pointer_type(tl.uint16))
+    lo = tl.load(u16 + ((sb + 4) >> 1), mask=m3, other=0).to(tl.int32)
+    hi = tl.load(u16 + ((sb + 6) >> 1), mask=m3, other=0).to(tl.int32)
+    t = lo | (hi << 16)                                                     # 4 x 7 sign bits, scale
+    g = tl.load(w_ptr + sb[:, :, :, None] + k4, mask=m3[:, :, :, None], other=0).to(tl.int32)
+    sig = (t[:, :, :, None] >> (7 * k4)) & 127                              # [S, R, 8, 4]
+    gw = tl.load(grid_ptr + g[:, :, :, :, None] * 2 + h5)                   # [S, R, 8, 4, 2]
+    mw = tl.load(sign_ptr + sig[:, :, :, :, None] * 2 + h5)
+    sw = (gw ^ mw) + (mw & 0x01010101)
+    xw = tl.load(xw_ptr + xw_off[:, :, None, None, None] + 8 * b5 + 2 * k5 + h5,
+                 mask=xmask[:, :, None, None, None], other=0)              # [S, 1, 8, 4, 2]
+    p = tl.sum(tl.sum(_dp4a(sw, xw, DP4A), axis=4), axis=3)                # [S, R, 8]
+    return tl.sum(p * (2 * ((t >> 28) & 15) + 1), axis=2), d
+
+
+@triton.jit
+def _q2_k_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xbs_ptr, xbs_off, xmask, DP4A: tl.constexpr):
+    """Q2_K super-block at byte offsets base [S, R] (4-aligned) against the packed Q8_K words at
+    xw_off [S, 1] and the 16 block sums at xbs_off [S, 1]. Returns (A, B int32 [S, R], d, dmin)
+    with A = sum_s sc_s (q.x)_s and B = sum_s min_s bsum_s.
+    Axes (n, h, w, j): qs word 8n + 4h + w holds, at bits 2j of each byte, the elements
+    128n + 32j + 16h + 4w + (0..3), which lie in the 16-block s = 8n + 2j + h."""
+    n6 = tl.arange(0, 2)[None, None, :, None, None, None]
+    h6 = tl.arange(0, 2)[None, None, None, :, None, None]
+    w6 = tl.arange(0, 4)[None, None, None, None, :, None]
+    j6 = tl.arange(0, 4)[None, None, None, None, None, :]
+    n5 = tl.arange(0, 2)[None, None, :, None, None]
+    h5 = tl.arange(0, 2)[None, None, None, :, None]
+    j5 = tl.arange(0, 4)[None, None, None, None, :]
+    m6 = wmask[:, :, None, None, None, None]
+    u32 = w_ptr.to(tl.pointer_type(tl.int32))
+    qw = tl.load(u32 + ((base + 16) >> 2)[:, :, None, None, None, None] + 8 * n6 + 4 * h6 + w6,
+                 mask=m6, other=0)                                          # [S, R, 2, 2, 4, 1]
+    q4 = (qw >> (2 * j6)) & 0x03030303                                      # [S, R, 2, 2, 4, 4]
+    xw = tl.load(xw_ptr + xw_off[:, :, None, None, None, None] + 32 * n6 + 8 * j6 + 4 * h6 + w6,
+                 mask=xmask[:, :, None, None, None, None], other=0)        # [S, 1, 2, 2, 4, 4]
+    p = tl.sum(_dp4a(q4, xw, DP4A), axis=4)                                 # [S, R, 2, 2, 4]
+    s = 8 * n5 + 2 * j5 + h5
+    m5 = wmask[:, :, None, None, None]
+    sc = tl.load(w_ptr + base[:, :, None, None, None] + s, mask=m5, other=0).to(tl.int32)
+    bs = tl.load(xbs_ptr + xbs_off[:, :, None, None, None] + s, mask=xmask[:, :, None, None, None],
+                 other=0)                                                   # [S, 1, 2, 2, 4]
+    a = tl.sum(tl.sum(tl.sum(p * (sc & 15), axis=4), axis=3), axis=2)
+    bm = tl.sum(tl.sum(tl.sum((sc >> 4) * bs, axis=4), axis=3), axis=2)
+    d = tl.load(_f16_ptr(w_ptr) + ((base + 80) >> 1), mask=wmask, other=0.0).to(tl.float32)
+    dmin = tl.load(_f16_ptr(w_ptr) + ((base + 82) >> 1), mask=wmask, other=0.0).to(tl.float32)
+    return a, bm, d, dmin
+
+
+@triton.jit
+def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t, xrow_k,
+                         ids_ptr, rw_ptr, out_ptr, stride_ot, stride_ok, grid_ptr, sign_ptr,
+                         N, K, KB, clamp,
+                         QT: tl.constexpr, R: tl.constexpr, S: tl.constexpr, NB: tl.constexpr,
+                         MODE: tl.constexpr, DP4A: tl.constexpr):
+    """Grid (T * cdiv(K, S), cdiv(N, R)): program (p, n) takes token t = p // cdiv(K, S), its S
+    slots from (p % cdiv(K, S)) * S, and rows n*R .. n*R+R-1 of each slot's expert.
+    The activation of (t, k) is row t*xrow_t + k*xrow_k of the pre-quantised Q8_K buffers: packed
+    int8 words xw [rows, KB*64], scales xd [rows, KB], block sums xbs [rows, KB*16].
+    MODE_SLOTS: out [T, K, N], zeros for id -1. MODE_SUM: S >= K, out [T, N] = the sum over the
+    slots (one reduction over the slot axis, no atomics). MODE_SWIGLU: w2 = up, out [T, K, N] =
+    swiglu_clamped(gate, up) * router weight."""
+    pid = tl.program_id(0)
+    ngrp = tl.cdiv(K, S)
+    t = pid // ngrp
+    k = (pid - t * ngrp) * S + tl.arange(0, S)
+    kmask = k < K
+    e = tl.load(ids_ptr + t * K + k, mask=kmask, other=-1).to(tl.int64)
+    live = kmask & (e >= 0)
+    rows = tl.program_id(1) * R + tl.arange(0, R)
+    rmask = rows < N
+    wbase = (tl.maximum(e, 0) * stride_we)[:, None] + rows.to(tl.int64)[None, :] * stride_wn   # [S, R]
+    wmask = live[:, None] & rmask[None, :]
+    xrow = t.to(tl.int64) * xrow_t + k.to(tl.int64) * xrow_k                                   # [S]
+    xm = live[:, None]
+    acc = tl.zeros([S, R], tl.float32)
+    acc2 = tl.zeros([S, R], tl.float32)
+    for kb0 in range(0, KB, NB):
+        for jj in tl.static_range(NB):
+            kb = kb0 + jj
+            dx = tl.load(xd_ptr + xrow * KB + kb, mask=live, other=0.0)[:, None]
+            xw_off = (xrow * (KB * 64) + kb * 64)[:, None]
+            if QT == 16:  # IQ2_XXS
+                isum, d = _iq2_xxs_sb_dot(w_ptr, wbase + kb * 66, wmask, xw_ptr, xw_off, xm,
+                                          grid_ptr, sign_ptr, DP4A)
+                acc += isum.to(tl.float32) * (d * 0.125) * dx
+                if MODE == 2:
+                    isum2, d2 = _iq2_xxs_sb_dot(w2_ptr, wbase + kb * 66, wmask, xw_ptr, xw_off, xm,
+                                                grid_ptr, sign_ptr, DP4A)
+                    acc2 += isum2.to(tl.float32) * (d2 * 0.125) * dx
+            else:  # Q2_K
+                xbs_off = (xrow * (KB * 16) + kb * 16)[:, None]
+                a, bm, d, dmin = _q2_k_sb_dot(w_ptr, wbase + kb * 84, wmask, xw_ptr, xw_off,
+                                              xbs_ptr, xbs_off, xm, DP4A)
+                acc += (a.to(tl.float32) * d - bm.to(tl.float32) * dmin) * dx
+                if MODE == 2:
+                    a2, bm2, d2, dmin2 = _q2_k_sb_dot(w2_ptr, wbase + kb * 84, wmask, xw_ptr, xw_off,
+                                                      xbs_ptr, xbs_off, xm, DP4A)
+                    acc2 += (a2.to(tl.float32) * d2 - bm2.to(tl.float32) * dmin2) * dx
+    if MODE == 1:
+        tl.store(out_ptr + t.to(tl.int64) * stride_ot + rows, tl.sum(acc, axis=0), mask=rmask)
+    else:
+        if MODE == 2:   # clamped SwiGLU times the router weight (numerics.swiglu_clamped)
+            g = tl.minimum(acc, clamp)
+            u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
+            rw = tl.load(rw_ptr + t * K + k, mask=live, other=0.0)
+            acc = g * tl.sigmoid(g) * u * rw[:, None]
+        ooff = (t.to(tl.int64) * stride_ot + k.to(tl.int64) * stride_ok)[:, None] + rows[None, :]
+        tl.store(out_ptr + ooff, tl.where(xm, acc, 0.0), mask=kmask[:, None] & rmask[None, :])
+
+
+# ================================================================================================
 # host side
 # ================================================================================================
 @dataclass(frozen=True)
@@ -535,6 +701,10 @@ class Cfg:
     mma    Q8_0 only: int8 tensor-core path instead of float FMA
     pre    quantise the activation once in a separate launch instead of in every program
     tq_min smallest token tile for the dot paths (0: the module's TQ_MIN)
+    small  routed experts: None = the packed-integer few-token path where it applies (IQ2_XXS /
+           Q2_K, T*K <= SMALL_MAX_PAIRS), False = never. On that path bn = rows per program,
+           nb = super-blocks per unrolled step, split = slots per program (slots / swiglu modes;
+           the slot sum always takes all K slots in one program), mma / pre / tq_min are unused.
     """
     bn: int = 32
     nb: int = 8
@@ -544,6 +714,7 @@ class Cfg:
     warps: int = 4
     stages: int = 2
     tq_min: int = 0          # 0: TQ_MIN
+    small: bool | None = None
 
 
 def _pow2_at_least(n: int) -> int:
@@ -582,6 +753,23 @@ def _iq2_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=8)
+def _iq2_word_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed-integer path's IQ2_XXS tables, as int32 pairs (little-endian bytes, element e
+    in byte e): the 256 grid rows of 8 magnitudes, and for each 7-bit sign index the byte mask
+    of ksigns (0xFF where the element is negative)."""
+    import numpy as np
+    from gguf.quants import IQ2_XXS as _G
+    _G.init_grid()
+    grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8)
+    assert np.array_equal(grid, np.rint(grid)) and grid.min() >= 1 and grid.max() <= 127
+    ks = np.frombuffer(_G.ksigns, dtype=np.uint8)
+    bits = (ks[:, None] >> np.arange(8, dtype=np.uint8)[None, :]) & 1
+    mask = np.where(bits == 1, np.uint8(255), np.uint8(0)).astype(np.uint8)
+    as_words = lambda a: torch.from_numpy(np.ascontiguousarray(a).view("<i4").reshape(-1).copy()).to(device)  # noqa: E731
+    return as_words(grid.astype(np.uint8)), as_words(mask)
+
+
+@functools.lru_cache(maxsize=8)
 def _tickets(device: torch.device) -> torch.Tensor:
     """Split tickets, one per output tile. Every launch leaves them at zero, so one zeroed buffer
     per device serves all launches issued on one stream (do not run split launches on two
@@ -600,8 +788,15 @@ def _raw(w) -> torch.Tensor:
 def default_cfg(qtype: int, n_rows: int, n_in: int, T: int, device, mult: int = 1,
                 can_split: bool = True) -> Cfg:
     """Heuristic launch shape (a starting point: bench/kernels_check.py --sweep measures others).
-    Row tiles shrink, then K is split, until there are about two programs per SM; `mult` counts
-    independent programs per row tile (e.g. the experts of an expert launch)."""
+    Row tiles shrink, then K is split, until there are about two programs per SM (four for small
+    matrices); `mult` counts independent programs per row tile (e.g. the experts of an expert
+    launch). Tuned on the H200 sweep (bench/results/kernels_h200_run1.json):
+      * the tensor-core dot paths (Q8_0 mma, F16 at T > 2) keep their row tile and split K
+        instead (attn_q_a / attn_out_a / attn_out_b at T = 16: about 2x faster);
+      * matrices of <= 4M weights aim at four programs per SM (attn_q_a 8.3 -> 7.0 us,
+        compressor 7.3 -> 6.2 us at T = 1);
+      * the Q8_0 float path quantises the activation once (pre) when it has >= 4 row tiles per
+        SM, instead of in every program (output head 332 -> 278 us, attn_q_b 25.9 -> 23.8 us)."""
     sms = _sm_count(torch.device(device))
     if qtype == F16:
         cfg = Cfg(bn=32 if T <= 2 else 64, nb=128 if T == 1 else 32)
@@ -611,16 +806,18 @@ def default_cfg(qtype: int, n_rows: int, n_in: int, T: int, device, mult: int = 
     else:
         cfg = Cfg(bn=64, nb=1, pre=T >= PRE_MIN_T_KQ)
     cfg = _fit(cfg, qtype, n_in)
-    target = 2 * sms
+    target = (4 if n_rows * n_in <= SMALL_MATRIX else 2) * sms
+    keep_bn = can_split and (cfg.mma or (qtype == F16 and T > 2))
     bn = cfg.bn
-    while bn > 16 and triton.cdiv(n_rows, bn) * mult < target:
+    while bn > 16 and (bn >= 2 * n_rows if keep_bn else triton.cdiv(n_rows, bn) * mult < target):
         bn //= 2
     tiles = triton.cdiv(n_rows, bn) * mult
     split = 1
     if can_split and tiles < target:
         steps = n_in // _EPB[qtype] // cfg.nb
         split = max(1, min(triton.cdiv(target, tiles), steps // 2, 32))
-    return replace(cfg, bn=bn, split=split)
+    pre = cfg.pre or (qtype == Q8_0 and can_split and not cfg.mma and tiles >= 4 * sms)
+    return replace(cfg, bn=bn, split=split, pre=pre)
 
 
 def _token_tile(c: Cfg, qtype: int, T: int) -> int:
@@ -762,12 +959,68 @@ def expert_swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: tor
     return out
 
 
+def small_path(w, T: int, K: int, cfg: Cfg | None = None) -> bool:
+    """Whether an expert launch of T tokens x K slots takes the packed-integer few-token path."""
+    if cfg is not None and cfg.small is False:
+        return False
+    if w.qtype not in SMALL_TYPES or T * K > SMALL_MAX_PAIRS or K > SMALL_MAX_K:
+        return False
+    raw = w.raw
+    if w.qtype == Q2_K:   # int32 loads of the qs words
+        return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
+    return True
+
+
+def small_cfg(n_rows: int, T: int, K: int, mode: int, device) -> Cfg:
+    """Default launch shape of the few-token path: row tiles shrink (down to 8 rows) until there
+    are about four programs per SM; slot-sum programs take all K slots of a token."""
+    sms = _sm_count(torch.device(device))
+    per_tile = T if mode == MODE_SUM else T * K
+    bn = 32
+    while bn > 8 and triton.cdiv(n_rows, bn) * per_tile < 4 * sms:
+        bn //= 2
+    return Cfg(bn=bn, nb=2, split=1, warps=4)
+
+
+def expert_cfg(w, T: int, K: int, mode: int, device, cfg: Cfg | None = None) -> Cfg:
+    """The launch shape an expert launch uses (cfg, or the default of its path), for reports."""
+    if cfg is not None:
+        return cfg
+    E, n_out, n_in = w.shape
+    if small_path(w, T, K):
+        return small_cfg(n_out, T, K, mode, device)
+    Tc = min(T, TQ_MAX)
+    c = default_cfg(w.qtype, n_out, n_in, Tc, device, mult=min(Tc * K, E), can_split=False)
+    return replace(c, split=min(Tc * K, 16) if mode == MODE_SUM else 1)
+
+
+def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
+    E, n_out, n_in = w.shape
+    T, K = ids.shape
+    kb = n_in // 256
+    c = cfg or small_cfg(n_out, T, K, mode, x.device)
+    nb = _pow2_divisor(kb, c.nb)
+    kp = _pow2_at_least(K)
+    S = kp if mode == MODE_SUM else min(_pow2_at_least(max(1, c.split)), kp)
+    xq, xd, xbs = quantize_q8_k(x.reshape(-1, n_in))      # one row per token, or per (token, slot)
+    xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
+    grid_w, sign_w = _iq2_word_tables(x.device) if w.qtype == IQ2_XXS else (xd, xd)
+    _expert_small_kernel[(T * triton.cdiv(K, S), triton.cdiv(n_out, c.bn))](
+        raw, raw2, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k,
+        ids, rw if rw is not None else out, out, out.stride(0), out.stride(1) if mode != MODE_SUM else 0,
+        grid_w, sign_w, n_out, K, kb, clamp,
+        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, num_warps=c.warps)
+
+
 def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
     E, n_out, n_in = w.shape
     raw = _raw(w)
     raw2 = _raw(w2) if w2 is not None else raw
     if raw2.stride() != raw.stride():
         raise ValueError("gate and up raw bytes must have the same strides")
+    if small_path(w, *ids.shape, cfg) and (w2 is None or small_path(w2, *ids.shape, cfg)):
+        _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg)
+        return
     grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (out, out)
     T, K = ids.shape
     kb = n_in // _EPB[w.qtype]
