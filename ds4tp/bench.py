@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 
@@ -254,6 +255,12 @@ def time_prefill(model, n_tok: int) -> dict:
 
 def _bench_rank(comm, dev, cfg):
     torch.cuda.set_device(dev)
+
+    def save():   # partial results survive a run cut short
+        if cfg.get("partial") and comm.rank == 0:
+            with open(f"{cfg['partial']}.tp{comm.world}.json", "w") as f:
+                json.dump(res, f, indent=1)
+
     shape = C.Shape(n_layer=cfg["layers"]) if cfg["layers"] else C.FULL
     res = {"rank": comm.rank, "world": comm.world, "device": torch.cuda.get_device_name(dev)}
     res["copy_bw_GBs"] = copy_bandwidth(dev) / 1e9
@@ -263,18 +270,23 @@ def _bench_rank(comm, dev, cfg):
     res["build_s"] = time.perf_counter() - t
     res["bytes_per_token"] = model.plan.token_bytes(comm.rank)
     res["collectives"] = time_collectives(comm, shape, dev)
+    save()
     steps = cfg["steps"]
-    res["profile"] = profile_split(model)
     res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
+    save()
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)
     res["decode_d0_nocomm"] = time_decode(model, 1, steps, max_ctx=256)
     model.comm = real
-    if cfg["depth"]:
-        res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
+    res["profile"] = profile_split(model)
+    save()
     if cfg["prefill"]:
         res["prefill"] = time_prefill(model, cfg["prefill"])
+        save()
+    if cfg["depth"]:
+        res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
+        save()
     return res
 
 
@@ -294,7 +306,8 @@ def main(args) -> int:
         print("ds4tp bench needs CUDA", file=sys.stderr)
         return 2
     cfg = {"layers": args.layers, "steps": 16 if args.quick else 64,
-           "depth": 0 if args.quick else 4096, "prefill": 256 if args.quick else 2048}
+           "depth": 0 if args.quick else args.depth, "prefill": 256 if args.quick else 2048,
+           "partial": os.path.splitext(args.out)[0] if args.out else None}
     shape = C.Shape(n_layer=args.layers) if args.layers else C.FULL
     out = {"shape": {"n_layer": shape.n_layer}, "cfg": cfg,
            "tp1_bytes_per_token": make_plan(shape, 1).token_bytes(0), "runs": {}}
@@ -304,11 +317,14 @@ def main(args) -> int:
             r = _bench_rank(SingleComm(), "cuda:0", cfg)
         else:
             r = run_local_ranks(tp, _bench_rank, cfg, device="cuda", timeout_s=300, wall_s=1500)
-        r["wall_s"] = time.perf_counter() - t
-        if tp == 2:
+        if tp == 2 and "profile" in r and "decode_d0_nocomm" in r:
             r["spark_projection"] = spark_projection(r)
+        r["wall_s"] = time.perf_counter() - t
         out["runs"][f"tp{tp}"] = r
         print(json.dumps({f"tp{tp}": r}), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
     if getattr(args, "gguf", None):
         world = max(int(x) for x in args.tp.split(","))
         out["load"] = run_local_ranks(world, _load_rank, args.gguf, device="cuda", timeout_s=300)

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="full-size GPU benchmark (needs CUDA)")
     b.add_argument("--out", default=None, help="write the JSON results here")
     b.add_argument("--layers", type=int, default=None)
-    b.add_argument("--tp", default="1,2")
+    b.add_argument("--tp", default="2,1")
+    b.add_argument("--depth", type=int, default=4096, help="context depth of the second decode timing (0: skip)")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--gguf", default=None, help="also time loading this GGUF at the largest TP")
     return p

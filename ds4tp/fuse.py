@@ -14,10 +14,12 @@ import functools
 import torch
 
 
-def _cuda_arg(args) -> bool:
+def _decode_on_cuda(args) -> bool:
+    """The first tensor argument is on CUDA and holds one token row (decode: static shapes,
+    where compiling pays; a prefill's shapes vary and its time is in the GEMMs)."""
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.is_cuda
+            return a.is_cuda and a.dim() > 0 and a.shape[0] == 1
     return False
 
 
@@ -27,7 +29,7 @@ def fused(fn):
     @functools.wraps(fn)
     def dispatch(*args, **kwargs):
         nonlocal compiled
-        if not _cuda_arg(args) or torch.compiler.is_compiling():
+        if not _decode_on_cuda(args) or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None)

@@ -223,7 +223,6 @@ def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.T
 
 
 # ================================ attention (sec. 9) ==========================================
-@fused
 def kv_cache_row(kv_n: torch.Tensor, cos, sin, s: Shape) -> torch.Tensor:
     """A raw KV row as the cache holds it: RoPE, FP8 of the non-RoPE dims, F16 (sec. 9.3)."""
     return f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ds4tp import config as C
-from ds4tp.model import (attend, hc_combine, hc_flat, hc_post, hc_split, kv_cache_row, kv_row_quant,
-                         route_select, select_rows)
+from ds4tp.model import (attend, hc_combine, hc_flat, hc_post, hc_split, kv_row_quant, route_select,
+                         select_rows)
 from ds4tp.numerics import (fp4_e2m1_blocks, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin,
                             rope_tail, softplus, swiglu_clamped)
 
@@ -37,7 +37,6 @@ def cases(dev):
         ("select_rows", select_rows, (r(2, 40), torch.tensor([20, 40], device=dev), 16)),
         ("hc_flat", hc_flat, (r(2, 4, 256),)),
         ("hc_combine", hc_combine, (r(2, 24), r(3).abs(), r(24), r(2, 4, 256), 4, 20)),
-        ("kv_cache_row", kv_cache_row, (r(2, 256), cos, sin, S)),
         ("route_select", route_select, (r(2, 16) * 3, r(16) * 0.1, None, 6)),
         ("route_hashed", route_select, (r(2, 16) * 3, None, torch.tensor([[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]], device=dev), 6)),
         ("attend", attend, (r(2, 8, 256) * 0.3, r(32, 256), raw_pos, r(9, 256), torch.rand(2, 9, generator=g).to(dev) > 0.3,
@@ -56,7 +55,7 @@ def _close(a, b, name):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("i", range(17))
+@pytest.mark.parametrize("i", range(16))
 def test_traces_whole_on_cpu(i):
     torch._dynamo.reset()
     name, fn, args = cases("cpu")[i]
@@ -65,13 +64,15 @@ def test_traces_whole_on_cpu(i):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled form runs on GPU only)")
-@pytest.mark.parametrize("i", range(17))
+@pytest.mark.parametrize("i", range(16))
 def test_compiled_matches_plain_on_cuda(i):
     name, fn, args = cases("cuda")[i]
+    args = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 2 else a
+                 for a in args)
     # FP8/FP4 grids: a contracted multiply can move a value across a rounding tie; allow a
     # rare one-step flip there and demand closeness everywhere else
     got, want = fn(*args), fn.eager(*args)
-    if name in ("fp8", "fp4", "hadamard_fp4", "kv_row_quant", "kv_cache_row"):
+    if name in ("fp8", "fp4", "hadamard_fp4", "kv_row_quant"):
         frac = ((got - want).abs() > 1e-5 * want.abs().clamp_min(1)).float().mean().item()
         assert frac < 0.01, (name, frac)
     else:

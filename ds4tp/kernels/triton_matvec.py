@@ -54,7 +54,10 @@ PRE_MIN_T_KQ = 2    # (the in-kernel prologue repeats the quantisation in every 
 _TICKETS = 1 << 16
 # routed experts: the packed-integer path (see _expert_small_kernel) for these types, up to this
 # many (token, slot) pairs (T <= 4 at DS4's K = 6) and slots per token
-SMALL_TYPES = (IQ2_XXS, Q2_K)
+# Q2_K stays on the tile kernel: on an H200 its few-token path measured 128 us for the TP=1
+# down projection against 45 us for the tile kernel (bench/results, run 2); IQ2_XXS gate/up went
+# from ~1070 us to 48.5 us on the few-token path.
+SMALL_TYPES = (IQ2_XXS,)
 SMALL_MAX_PAIRS = 24
 SMALL_MAX_K = 8
 SMALL_MATRIX = 1 << 22   # default_cfg: weights up to this many elements aim at 4 programs per SM
