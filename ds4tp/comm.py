@@ -131,6 +131,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _plain(obj):
+    """Tensors as numpy arrays: a torch tensor sent through a multiprocessing queue travels as a
+    shared-memory handle that dies with the sending process."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _tensors(obj):
+    import numpy as np
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
 def _rank_entry(rank, world, port, device, timeout_s, fn, args, queue):
     import traceback
     try:
@@ -143,7 +166,7 @@ def _rank_entry(rank, world, port, device, timeout_s, fn, args, queue):
             out = fn(comm, dev, *args)
         finally:
             comm.close()
-        queue.put((rank, "ok", out if rank == 0 else None))
+        queue.put((rank, "ok", _plain(out) if rank == 0 else None))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
 
@@ -151,8 +174,9 @@ def _rank_entry(rank, world, port, device, timeout_s, fn, args, queue):
 def run_local_ranks(world: int, fn, *args, device: str = "cpu", timeout_s: float = 60.0,
                     wall_s: float = 3600.0):
     """Run fn(comm, device, *args) in `world` spawned processes (one rank each; gloo on CPU,
-    NCCL with one GPU per rank for device="cuda") and return rank 0's result. Any rank's failure
-    raises CommError with its traceback; no rank is left running."""
+    NCCL with one GPU per rank for device="cuda") and return rank 0's result (tensors in it come
+    back as CPU tensors). Any rank's failure raises CommError with its traceback; no rank is
+    left running."""
     import multiprocessing as mp
     import queue as queue_mod
     import time
@@ -184,7 +208,7 @@ def run_local_ranks(world: int, fn, *args, device: str = "cpu", timeout_s: float
             done.add(rank)
             if status == "ok":
                 if rank == 0:
-                    result = payload
+                    result = _tensors(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
         if errors:

@@ -22,10 +22,15 @@ from ds4tp.synth import write_synthetic
 
 
 def test_static_decoder_golden_parity(golden):
-    res = golden_eval.run(golden("tiny-a.gguf"), golden("tiny-a.json"), 1, paths=("static",))
+    """The two raw prompts that stay under 200 tokens (230 compared positions: window crossed,
+    ratio-4 and ratio-128 rows emitted, indexer selection active) keep this test short."""
+    g = json.loads(golden("tiny-a.json").read_text())
+    g["prompts"] = [p for p in g["prompts"] if p["name"] in ("short_raw", "mid_raw_200")]
+    from ds4tp.model import DS4Model
+    res = golden_eval.collect(DS4Model.load(golden("tiny-a.gguf")), g, paths=("static",))
     s = golden_eval.summarize(res["records"])
     print("tiny-a static:", json.dumps(s))
-    assert s["n"] > 900
+    assert s["n"] > 200
     assert s["median"] <= 0.5 and s["p90"] <= 2.0 and s["top1"] >= 0.75, s
     assert not s["big_gap_mismatch"], s
 
