@@ -445,7 +445,8 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).
     n_local = lw.gate_exps.shape[0]
-    local_ids = ids - rank * n_local
+    first = rank * n_local if n_local < s.n_expert else 0        # "experts" split: an id range
+    local_ids = ids - first
     local_ids = torch.where((local_ids >= 0) & (local_ids < n_local), local_ids, -1)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
