@@ -50,6 +50,14 @@ CASES = textwrap.dedent('''
 ''')
 
 
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)")
 def test_interpreter_matches_dequant():
     code = CASES + "\nprint('cases', run('cpu'))\n"
     env = dict(os.environ, TRITON_INTERPRET="1")
