@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|full|load]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|load]
+#   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
+#   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
 set -uo pipefail
 MODE=${1:-smoke}
 OUT=${OUT:-$PWD/bench-out}
@@ -30,15 +32,35 @@ if [ "$MODE" = smoke ]; then
   done
   log "bench, 4 layers, quick"
   timeout 600 python3 -m ds4tp bench --layers 4 --tp 1,2 --quick --out "$OUT/bench_quick.json" 2>&1 | tail -20
+elif [ "$MODE" = kernels ]; then
+  log "kernel tests (CUDA)"
+  timeout 300 python3 -m pytest -q -x tests/test_kernels.py -k "not interpreter" 2>&1 | tail -8 | tee "$OUT/kernel_tests.txt"
+  log "profile of a 4-layer full-width decode step"
+  timeout 300 python3 bench/profile_step.py 4 2>&1 | tail -110 | tee "$OUT/profile_4layers.txt"
+  log "kernels check + T=1 sweep (Q8_0 dense, routed experts)"
+  timeout 300 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 240 \
+    --only attn_q_a,attn_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up,shexp_down,output_vocab,routed_gate_up,routed_down 2>&1 | tail -60
 elif [ "$MODE" = full ]; then
-  log "kernels check (full-size shapes)"
-  timeout 240 python3 bench/kernels_check.py --out "$OUT/kernels.json" 2>&1 | tail -30
-  log "bench, 43 layers"
-  timeout 900 python3 -m ds4tp bench --tp 1,2 --out "$OUT/bench.json" 2>&1 | tail -20
+  log "bench, 43 layers, TP=2 then TP=1, depth 0 and 4096, prefill 2048"
+  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 4096 --out "$OUT/bench.json" 2>&1 | grep -v Warning | tail -8 | cut -c1-600
+  log "golden parity on CUDA, tiny-a, TP=1 and TP=2 (decode, static/graphs, prefill)"
+  for tp in 1 2; do
+    timeout 110 python3 tests/golden_eval.py --device cuda --tp $tp --model tiny-a --paths decode,static,prefill 2>&1 | tail -6 | tee -a "$OUT/golden_cuda.txt"
+  done
+  log "kernel tests (CUDA): the HC mixer, routed experts, dispatch"
+  timeout 100 python3 -m pytest -q tests/test_kernels.py -k "hc_combine or routed or dispatch or column_shard or grouped" 2>&1 | tail -4 | tee "$OUT/kernel_tests.txt"
 elif [ "$MODE" = load ]; then
   log "synth full (parallel) then load at TP=2"
   df -h /tmp | tail -1
+  free -g | head -2
   time python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf
-  timeout 300 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | tail -5
+  ls -l /tmp/full.gguf
+  if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "page cache dropped: cold load"; else echo "could not drop the page cache: warm load"; fi
+  timeout 150 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
+  log "load again (page cache warm)"
+  timeout 120 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load_warm.json" 2>&1 | grep load | cut -c1-400
+  rm -f /tmp/full.gguf
+  log "kernels check (full-size shapes, T=1 sweep of the main decode shapes)"
+  timeout 200 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 170 2>&1 | tail -40
 fi
 log done

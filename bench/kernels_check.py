@@ -254,6 +254,15 @@ def sweep_cfgs(case: Case, T: int):
                 Cfg(bn=8, nb=4), Cfg(bn=32, nb=1), Cfg(bn=16, nb=2, warps=2), Cfg(bn=16, nb=2, warps=8),
                 Cfg(bn=32, nb=4, warps=8), Cfg(bn=64, nb=1, warps=8), Cfg(bn=16, nb=2, split=2),
                 Cfg(bn=8, nb=2, split=2)]
+    if case.kind == "experts_sum" and case.qtype == Q2_K and T <= tm.Q2K_SUM_MAX_T:
+        return [Cfg(bn=8), Cfg(bn=16), Cfg(bn=32), Cfg(bn=16, warps=2), Cfg(bn=32, warps=8),
+                Cfg(bn=64, warps=8), Cfg(bn=8, warps=2), Cfg(bn=4, warps=1),
+                Cfg(bn=64, nb=1, split=6, q2s=False)]
+    if case.qtype == Q8_0 and T == 1:   # split-layout kernel shapes, then the tile kernel's
+        return [Cfg(bn=16, nb=32), Cfg(bn=8, nb=32), Cfg(bn=32, nb=16), Cfg(bn=16, nb=16),
+                Cfg(bn=32, nb=32, warps=8), Cfg(bn=8, nb=16), Cfg(bn=64, nb=8, warps=8),
+                Cfg(bn=16, nb=32, warps=8), Cfg(bn=4, nb=32), Cfg(bn=16, nb=64, warps=8),
+                Cfg(bn=32, nb=8, q8s=False)]
     if case.qtype == Q8_0:
         return [Cfg(bn=64, nb=4, warps=4, mma=True), Cfg(bn=32, nb=8, warps=4), Cfg(bn=64, nb=8, warps=8),
                 Cfg(bn=16, nb=8, warps=4), Cfg(bn=128, nb=4, warps=8, mma=True),
@@ -286,8 +295,15 @@ def with_split(cfg, case: Case, T: int, factor: float = 1.0):
     n_rows, n_in = case.shape[-2], case.shape[-1]
     if case.kind in ("swiglu", "experts"):
         return dataclasses.replace(cfg, split=1)
+    if case.kind == "experts_sum" and cfg.q2s and case.qtype == Q2_K and T <= tm.Q2K_SUM_MAX_T:
+        return cfg
     if case.kind == "experts_sum":
         return dataclasses.replace(cfg, split=max(1, int(min(6 * T, 16) * factor)))
+    if case.qtype == Q8_0 and T == 1 and cfg.q8s:      # the split-layout kernel's own heuristic
+        tiles = -(-n_rows // cfg.bn)
+        steps = n_in // (32 * cfg.nb)
+        split = max(1, min(-(-4 * tm._sm_count(torch.device(DEV)) // tiles), steps // 2, 32))
+        return dataclasses.replace(cfg, split=max(1, int(split * factor)))
     sms = tm._sm_count(torch.device(DEV))
     tiles = -(-n_rows // cfg.bn)
     steps = n_in // tm._EPB[case.qtype] // max(1, tm._fit(cfg, case.qtype, n_in).nb)
@@ -303,7 +319,11 @@ def default_cfg_of(case: Case, T: int, w):
     n_rows, n_in = case.shape[-2], case.shape[-1]
     if case.kind in ("swiglu", "experts", "experts_sum"):
         mode = tm.MODE_SUM if case.kind == "experts_sum" else tm.MODE_SLOTS
+        if tm.q2k_sum_path(w, T, 6, mode):
+            return tm.Cfg(bn=tm.Q2K_SUM_BN)
         return tm.expert_cfg(w, T, 6, mode, DEV)
+    if case.qtype == Q8_0 and T == 1:
+        return tm.q8s_cfg(n_rows, n_in, DEV)
     return tm.default_cfg(case.qtype, n_rows, n_in, T, DEV)
 
 
@@ -320,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="time the default configs only")
     ap.add_argument("--sweep-only", action="store_true", help="skip the default pass, only sweep")
     ap.add_argument("--only", default="", help="comma-separated case names to run")
+    ap.add_argument("--sweep-tokens", default="1,16", help="T values to sweep")
     ap.add_argument("--selftest-cpu", action="store_true",
                     help="run the script's own logic under TRITON_INTERPRET=1 on tiny shapes")
     args = ap.parse_args(argv)
@@ -468,7 +489,8 @@ def main(argv=None) -> int:
 
     # ---- phase 2: alternative configs on the main shapes, T = 1 first, until the deadline
     best = {}
-    sweeps = [] if args.no_sweep else [(T, c) for T in ((1, 16) if DEV == "cuda" else (1,))
+    sw_t = tuple(int(t) for t in args.sweep_tokens.split(",") if t)
+    sweeps = [] if args.no_sweep else [(T, c) for T in (sw_t if DEV == "cuda" else (1,))
                                        for c in cases if c.sweep]
     prepared = (None, None)
     for T, case in sweeps:

@@ -197,6 +197,12 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
     return {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
 
 
+# the Triton kernels that stream weights (and quantise their activations); everything else in a
+# step (the HC mixer kernel, Inductor's fused small ops, attention, copies) counts as "other"
+WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
+                  "_q2k_sum_kernel", "_quant_kernel"}
+
+
 def profile_split(model, max_ctx: int = 256) -> dict:
     """GPU time of one eager decode step, split into the weight matvec kernels (our Triton
     kernels that stream weights) and everything else (small fused ops, attention, copies)."""
@@ -219,7 +225,7 @@ def profile_split(model, max_ctx: int = 256) -> dict:
         if t <= 0:
             continue
         name = ev.key
-        if name.startswith("_") and "kernel" in name:    # ds4tp.kernels (weight-streaming matvecs)
+        if name in WEIGHT_KERNELS:                       # ds4tp.kernels that stream weights
             mv += t
         elif not name.startswith("aten::") and not name.startswith("cuda"):
             other += t

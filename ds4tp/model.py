@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4tp import config as C
+from ds4tp import config as C, kernels
 from ds4tp.comm import SingleComm
 from ds4tp.fuse import fused
 from ds4tp.config import Shape
@@ -204,10 +204,19 @@ def hc_flat(hc: torch.Tensor) -> torch.Tensor:
 
 
 @fused
-def hc_combine(z, scale, base, hc, n_hc: int, iters: int):
+def hc_combine_torch(z, scale, base, hc, n_hc: int, iters: int):
     """Mix logits -> the sublayer input x = sum_h pre[h]*H[h], and post, M for hc_post."""
     pre, post, m = hc_split(z, scale, base, n_hc, iters)
     return (pre[:, :, None] * hc).sum(1), post, m
+
+
+def hc_combine(z, scale, base, hc, n_hc: int, iters: int):
+    """The dispatch point: one Triton launch on CUDA (ds4tp.kernels.triton_hc; Sinkhorn's ~40
+    dependent reductions otherwise run as as many tiny kernels), the torch twin elsewhere."""
+    if hc.is_cuda and kernels.available():
+        from ds4tp.kernels import triton_hc
+        return triton_hc.hc_combine(z, scale, base, hc, n_hc, iters, C.HC_EPS)
+    return hc_combine_torch(z, scale, base, hc, n_hc, iters)
 
 
 def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, s: Shape):

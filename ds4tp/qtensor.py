@@ -6,7 +6,9 @@ last: `(out, in)` for a 2-D weight, `(experts, out, in)` for routed experts. A s
 is again a QTensor (fewer rows, fewer experts, or a block-aligned range of input columns).
 
 The dequantized float32 copy is built on first use and cached (`f32()`): this is what the plain
-torch paths multiply with; fused GPU kernels read `raw` directly.
+torch paths multiply with; fused GPU kernels read `raw` directly, or a re-laid-out copy of it
+that a kernel builds once and keeps in `kernel_cache` (e.g. Q8_0 split into aligned int8 quants
+and f16 scales, ds4tp.kernels.triton_matvec.q8_0_split).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class QTensor:
     shape: tuple[int, ...]
     raw: torch.Tensor
     _f32: torch.Tensor | None = field(default=None, repr=False)
+    kernel_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         epb, bpb = BLOCK[self.qtype]
@@ -55,6 +58,7 @@ class QTensor:
 
     def drop_cache(self) -> None:
         self._f32 = None
+        self.kernel_cache.clear()
 
     def to(self, device) -> "QTensor":
         return QTensor(self.qtype, self.shape, self.raw.to(device))

@@ -197,6 +197,22 @@ def C(**kw):
     return kw
 
 
+def case_hc_combine(device, gen, T, E, iters=20):
+    """The one-launch hyper-connection mixer (Sinkhorn) against ds4tp.model.hc_combine_torch,
+    with mixer logits spread wide enough that the softmax and the normalisations all matter."""
+    from ds4tp.config import HC_EPS
+    from ds4tp.kernels import triton_hc
+    from ds4tp.model import hc_combine_torch
+    z = (torch.randn(T, 24, generator=gen) * 3).to(device)
+    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
+    base = torch.randn(24, generator=gen).to(device)
+    hc = torch.randn(T, 4, E, generator=gen).to(device)
+    got = triton_hc.hc_combine(z, scale, base, hc, 4, iters, HC_EPS)
+    want = hc_combine_torch.eager(z, scale, base, hc, 4, iters)
+    return max(check(f"hc_combine {n} T={T} E={E}", a, b, 1e-5)
+               for n, a, b in zip(("x", "post", "M"), got, want))
+
+
 def _cfg(cfg):
     from ds4tp.kernels.triton_matvec import Cfg
     return Cfg(**cfg) if cfg is not None else None
@@ -205,6 +221,8 @@ def _cfg(cfg):
 def interpreter_cases():
     """Small shapes for the CPU interpreter (the whole run takes ~35 s on 2 cores)."""
     yield "quantizers", case_quantizers, ()
+    yield "hc_combine T=1", case_hc_combine, (1, 512)
+    yield "hc_combine T=3 tail", case_hc_combine, (3, 1000)
     for qt in TYPES:
         nb = 64 if qt == F16 else 4
         yield f"linear {type_name(qt)} T=1", case_linear, (qt, 48, 512, 1, C(bn=16, nb=nb))
@@ -215,6 +233,10 @@ def interpreter_cases():
     yield "linear Q8_0 T=2 mma pre split", case_linear, (Q8_0, 32, 256, 2, C(bn=16, nb=2, mma=True, pre=True, split=2))
     yield "linear Q8_0 T=18 chunks", case_linear, (Q8_0, 16, 128, 18, C(bn=16, nb=4))
     yield "linear Q8_0 default cfg", case_linear, (Q8_0, 64, 256, 1, None)
+    yield "linear Q8_0 T=1 tile kernel", case_linear, (Q8_0, 48, 512, 1, C(bn=16, nb=4, q8s=False))
+    yield "linear Q8_0 T=1 split layout, split K, row tail", case_linear, (Q8_0, 40, 512, 1, C(bn=8, nb=2, split=3))
+    yield "shard Q8_0 T=1", case_linear_shard, (Q8_0, 32, 256, 1, None)
+    yield "grouped Q8_0 T=1", case_grouped, (Q8_0, 4, 32, 128, 1, C(bn=16, nb=2, split=2))
     yield "linear IQ2_XXS default cfg", case_linear, (IQ2_XXS, 64, 512, 2, None)
     yield "shard Q8_0", case_linear_shard, (Q8_0, 32, 256, 2, C(bn=16, nb=4))
     yield "shard Q2_K", case_linear_shard, (Q2_K, 32, 512, 1, C(bn=16))
@@ -234,10 +256,13 @@ def interpreter_cases():
     yield "small swiglu IQ2_XXS T=3 dup rows", case_swiglu, (IQ2_XXS, 8, 16, 512, 3, 6, C(bn=8, nb=1, split=4), True, "rows")
     yield "small experts IQ2_XXS T=2 dup", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2), True)
     yield "small experts IQ2_XXS T=4 per-slot", case_experts, (IQ2_XXS, 8, 16, 512, 4, 6, True)
-    yield "small down Q2_K T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True)
-    yield "small down Q2_K T=4 dup", case_experts, (Q2_K, 8, 16, 768, 4, 6, True, C(bn=8, nb=1, split=2), True)
-    yield "small down Q2_K T=2 cols", case_experts, (Q2_K, 8, 32, 512, 2, 6, True, None, False, "cols")
-    yield "small swiglu Q2_K T=2", case_swiglu, (Q2_K, 8, 16, 512, 2, 6, C(bn=16, nb=2, split=8))
+    yield "q2k sum T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True, None, True)
+    yield "q2k sum T=3 cols rows tail", case_experts, (Q2_K, 8, 40, 512, 3, 6, True, C(bn=32), False, "cols")
+    yield "q2k sum T=2 shared x", case_experts, (Q2_K, 8, 16, 768, 2, 6, False, C(bn=16, warps=2))
+    yield "small down Q2_K T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True, C(bn=16, nb=2, small=True))
+    yield "small down Q2_K T=4 dup", case_experts, (Q2_K, 8, 16, 768, 4, 6, True, C(bn=8, nb=1, split=2, small=True), True)
+    yield "small down Q2_K T=2 cols", case_experts, (Q2_K, 8, 32, 512, 2, 6, True, C(bn=16, nb=2, small=True), False, "cols")
+    yield "small swiglu Q2_K T=2", case_swiglu, (Q2_K, 8, 16, 512, 2, 6, C(bn=16, nb=2, split=8, small=True))
 
 
 def run_interpreter(seed=1234) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds4tp import config as C
-from ds4tp.model import (attend, hc_combine, hc_flat, hc_post, hc_split, kv_row_quant, route_select,
+from ds4tp.model import (attend, hc_combine_torch, hc_flat, hc_post, hc_split, kv_row_quant, route_select,
                          select_rows)
 from ds4tp.numerics import (fp4_e2m1_blocks, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin,
                             rope_tail, softplus, swiglu_clamped)
@@ -36,7 +36,7 @@ def cases(dev):
         ("kv_row_quant", kv_row_quant, (r(2, 256), S)),
         ("select_rows", select_rows, (r(2, 40), torch.tensor([20, 40], device=dev), 16)),
         ("hc_flat", hc_flat, (r(2, 4, 256),)),
-        ("hc_combine", hc_combine, (r(2, 24), r(3).abs(), r(24), r(2, 4, 256), 4, 20)),
+        ("hc_combine", hc_combine_torch, (r(2, 24), r(3).abs(), r(24), r(2, 4, 256), 4, 20)),
         ("route_select", route_select, (r(2, 16) * 3, r(16) * 0.1, None, 6)),
         ("route_hashed", route_select, (r(2, 16) * 3, None, torch.tensor([[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]], device=dev), 6)),
         ("attend", attend, (r(2, 8, 256) * 0.3, r(32, 256), raw_pos, r(9, 256), torch.rand(2, 9, generator=g).to(dev) > 0.3,

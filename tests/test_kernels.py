@@ -50,6 +50,12 @@ def test_cuda_small_cases(case):
     fn("cuda", torch.Generator().manual_seed(7), *args)
 
 
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 7])
+def test_cuda_hc_combine(T):
+    kc.case_hc_combine("cuda", torch.Generator().manual_seed(20 + T), T, 4096)
+
+
 DS4_LINEAR = [  # (type, out, in): DS4 shapes, shortened where only the row count differs
     (Q8_0, 1024, 4096), (Q8_0, 4096, 8192), (Q8_0, 2048, 4096), (Q8_0, 4096, 2048),
     (Q8_0, 4096, 1024), (F16, 24, 16384), (F16, 256, 4096), (F16, 1024, 4096),
@@ -104,8 +110,9 @@ def test_cuda_routed_experts_small_vs_tiles():
         w = kc.rand_weight(qt, (32, n_out, n_in), g, "cuda")
         ids = kc.rand_ids(2, 6, 32, g, "cuda", dup=True)
         x = kc.rand_act((2, 6, n_in), g, "cuda")
-        assert tm.small_path(w, 2, 6)
-        a = tm.expert_linear(w, x, ids, sum_slots=True)
+        forced = tm.Cfg(bn=16, nb=2, small=True)      # Q2_K is not on it by default
+        assert tm.small_path(w, 2, 6, forced)
+        a = tm.expert_linear(w, x, ids, sum_slots=True, cfg=forced)
         b = tm.expert_linear(w, x, ids, sum_slots=True, cfg=tm.Cfg(bn=64, nb=1, split=4, small=False))
         kc.check(f"small vs tiles {type_name(qt)}", a, b)
 

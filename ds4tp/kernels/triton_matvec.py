@@ -60,6 +60,9 @@ _TICKETS = 1 << 16
 SMALL_TYPES = (IQ2_XXS,)
 SMALL_MAX_PAIRS = 24
 SMALL_MAX_K = 8
+# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program)
+Q2K_SUM_MAX_T = 4
+Q2K_SUM_BN = 16
 SMALL_MATRIX = 1 << 22   # default_cfg: weights up to this many elements aim at 4 programs per SM
 
 # Expert kernel modes
@@ -441,6 +444,49 @@ def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, 
 
 
 # ================================================================================================
+# Q8_0 decode matvec on the split layout (one token)
+# ================================================================================================
+# A GGUF Q8_0 block is 34 bytes (f16 scale, then 32 int8), so a block's quants never start on a
+# 4-byte boundary and the tile kernel above reads them a byte at a time: for one token, where the
+# matvec is nothing but weight streaming, that caps it far below the memory bandwidth. Here the
+# weight is re-laid out once on the device (q8_0_split: the same bytes as int8 quants [N, K] and
+# f16 scales [N, K/32]) so each thread issues 16-byte loads. Same math as the tile kernel's
+# T = 1 path: the activation is Q8_0-quantised in the prologue (bit-identical), the weight
+# decoded exactly, products summed in float32 per block and scaled by the block's d_w.
+@triton.jit
+def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
+                       rows_per_group, group_in,
+                       BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+    NBK: tl.constexpr = BK // 32
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    grp = (pid_n * BN) // rows_per_group          # a tile never straddles two groups
+    xb = grp.to(tl.int64) * group_in
+    k0 = pid_k * k_per_split
+    k1 = tl.minimum(k0 + k_per_split, K)
+    kk = tl.arange(0, BK)
+    jj = tl.arange(0, NBK)
+    qrow = q_ptr + rows.to(tl.int64)[:, None] * K
+    drow = d_ptr + rows.to(tl.int64)[:, None] * (K // 32)
+    acc = tl.zeros([BN, NBK], tl.float32)
+    for k in range(k0, k1, BK):
+        x = tl.load(x_ptr + xb + k + kk)
+        xq, xd = _q8_0_quant(tl.reshape(x, (1, NBK, 32)))
+        xh = tl.reshape(xq.to(tl.float32) * xd[:, :, None], (NBK, 32))               # exact
+        u = tl.load(qrow + k + kk[None, :], mask=rmask[:, None], other=128)           # uint8 [BN, BK]
+        # int8 -> float32 without the conversion unit: 0x4B000000 | (u ^ 0x80) is 2**23 + q + 128
+        wq = (u.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        s = tl.sum(tl.reshape(wq, (BN, NBK, 32)) * xh[None, :, :], axis=2)            # [BN, NBK]
+        dw = tl.load(drow + k // 32 + jj[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        acc += s * dw
+    y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
+    yoff = rows[:, None].to(tl.int64)
+    _store_tile(y, y_ptr, yoff, rmask[:, None], ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT, BN, 1)
+
+
+# ================================================================================================
 # routed experts
 # ================================================================================================
 @triton.jit
@@ -692,6 +738,50 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
         tl.store(out_ptr + ooff, tl.where(xm, acc, 0.0), mask=kmask[:, None] & rmask[None, :])
 
 
+@triton.jit
+def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t, xrow_k, ids_ptr,
+                    out_ptr, stride_ot, N, K, KB, BN: tl.constexpr, DP4A: tl.constexpr):
+    """Routed Q2_K down projection for few tokens, summed over the slots: grid (T, cdiv(N, BN)).
+    Program (t, n) walks the K slots of token t (skipping id -1) and the super-blocks of rows
+    n*BN.. of each slot's expert, keeping a [BN] float32 accumulator; no slot padding, no
+    atomics. Per super-block (84 bytes, 4-aligned): qs word w (of 16) holds, at bits 2j of its
+    4 bytes, the elements 128*(w//8) + 32j + 4*(w%8) + (0..3), i.e. one packed Q8_K activation
+    word; their 16-element block is s = 8*(w//8) + 2j + (w%8)//4. Integer sums per block are
+    exact; A = sum_s sc_s (q.x)_s and B = sum_s min_s bsum_s as in _q2_k_sb_dot."""
+    t = tl.program_id(0)
+    rows = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    w16 = tl.arange(0, 16)
+    j4 = tl.arange(0, 4)
+    xword = ((w16 // 8) * 32 + (w16 % 8))[:, None] + 8 * j4[None, :]            # [16, 4]
+    sidx = (8 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 2)[None, :, None]
+            + 2 * tl.arange(0, 4)[None, None, :])                                # [2, 2, 4] (wh, wq, j)
+    u32 = w_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros([BN], tl.float32)
+    for k in range(0, K):
+        e = tl.load(ids_ptr + t * K + k).to(tl.int64)
+        if e >= 0:
+            xrow = t.to(tl.int64) * xrow_t + k * xrow_k
+            wrow = e * stride_we + rows.to(tl.int64) * stride_wn                 # [BN] byte offsets
+            for kb in range(0, KB):
+                base = wrow + kb * 84
+                qw = tl.load(u32 + ((base + 16) >> 2)[:, None] + w16[None, :], mask=rmask[:, None], other=0)
+                q4 = (qw[:, :, None] >> (2 * j4)[None, None, :]) & 0x03030303   # [BN, 16, 4]
+                xw = tl.load(xw_ptr + xrow * (KB * 64) + kb * 64 + xword)          # [16, 4]
+                p = _dp4a(q4, tl.broadcast_to(xw[None, :, :], (BN, 16, 4)), DP4A)
+                ps = tl.sum(tl.reshape(p, (BN, 2, 2, 4, 4)), axis=3)              # [BN, wh, wq, j]
+                sc = tl.load(w_ptr + base[:, None, None, None] + sidx[None, :, :, :],
+                             mask=rmask[:, None, None, None], other=0).to(tl.int32)
+                bs = tl.load(xbs_ptr + xrow * (KB * 16) + kb * 16 + sidx)          # [2, 2, 4]
+                a = tl.sum(tl.sum(tl.sum(ps * (sc & 15), axis=3), axis=2), axis=1)
+                bm = tl.sum(tl.sum(tl.sum((sc >> 4) * bs[None, :, :, :], axis=3), axis=2), axis=1)
+                d = tl.load(_f16_ptr(w_ptr) + ((base + 80) >> 1), mask=rmask, other=0.0).to(tl.float32)
+                dmin = tl.load(_f16_ptr(w_ptr) + ((base + 82) >> 1), mask=rmask, other=0.0).to(tl.float32)
+                dx = tl.load(xd_ptr + xrow * KB + kb)
+                acc += (a.to(tl.float32) * d - bm.to(tl.float32) * dmin) * dx
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + rows, acc, mask=rmask)
+
+
 # ================================================================================================
 # host side
 # ================================================================================================
@@ -704,8 +794,12 @@ class Cfg:
     mma    Q8_0 only: int8 tensor-core path instead of float FMA
     pre    quantise the activation once in a separate launch instead of in every program
     tq_min smallest token tile for the dot paths (0: the module's TQ_MIN)
-    small  routed experts: None = the packed-integer few-token path where it applies (IQ2_XXS /
-           Q2_K, T*K <= SMALL_MAX_PAIRS), False = never. On that path bn = rows per program,
+    q8s    Q8_0, one token: the split-layout kernel (_q8s_matvec_kernel; bn rows per program,
+           nb 32-blocks per K step, split K programs) instead of the tile kernel
+    q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: _q2k_sum_kernel (bn rows per
+           program, warps) unless small is set or q2s is False
+    small  routed experts: None = the packed-integer few-token path where it applies (SMALL_TYPES,
+           T*K <= SMALL_MAX_PAIRS), True = also for Q2_K (kept for tests and sweeps), False = never. On that path bn = rows per program,
            nb = super-blocks per unrolled step, split = slots per program (slots / swiglu modes;
            the slot sum always takes all K slots in one program), mma / pre / tq_min are unused.
     """
@@ -718,6 +812,8 @@ class Cfg:
     stages: int = 2
     tq_min: int = 0          # 0: TQ_MIN
     small: bool | None = None
+    q8s: bool = True         # Q8_0 at T = 1: the split-layout kernel (bn rows, nb*32 = BK)
+    q2s: bool = True         # Q2_K slot sum, few tokens: _q2k_sum_kernel (bn rows, warps)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -876,6 +972,8 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch
     y = torch.empty(T, n_out, dtype=torch.float32, device=x.device)
     if T == 0:
         return y
+    if w.qtype == Q8_0 and T == 1 and (cfg is None or cfg.q8s):
+        return _q8s_linear(w, x, y, groups, cfg)
     raw = _raw(w)
     grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (y, y)
     rows_per_group = n_out // groups
@@ -897,6 +995,48 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch
             n_out, Tc, kb, per, rows_per_group, n_in,
             QT=w.qtype, BN=bn, TQ=tq, NB=c.nb, SPLIT=split, MMA=c.mma, PRE=c.pre,
             num_warps=c.warps, num_stages=c.stages)
+    return y
+
+
+def q8_0_split(w) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split layout of a 2-D Q8_0 weight, built once and kept on the QTensor: quants uint8
+    [N, K] (the int8 bytes as stored) and scales float16 [N, K/32]. Same bytes as raw."""
+    got = w.kernel_cache.get("q8_0_split")
+    if got is None:
+        n, k = w.shape
+        blocks = w.raw.reshape(n, k // 32, 34)
+        d = blocks[..., :2].contiguous().view(torch.float16).reshape(n, k // 32)
+        q = blocks[..., 2:].reshape(n, k).contiguous()
+        got = w.kernel_cache["q8_0_split"] = (q, d)
+    return got
+
+
+def q8s_cfg(n_rows: int, n_in: int, device) -> Cfg:
+    """Launch shape of the split-layout Q8_0 matvec: 16-row tiles, 1024-wide K steps, K split
+    until there are about four programs per SM (measured: bench/kernels_check.py --sweep)."""
+    bk = _pow2_divisor(n_in, 1024)
+    bn = 16
+    tiles = triton.cdiv(n_rows, bn)
+    steps = n_in // bk
+    split = max(1, min(triton.cdiv(4 * _sm_count(torch.device(device)), tiles), steps // 2, 32))
+    return Cfg(bn=bn, nb=bk // 32, split=split, warps=4)
+
+
+def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None):
+    n_out, n_in = w.shape
+    q, d = q8_0_split(w)
+    c = cfg if cfg is not None else q8s_cfg(n_out, n_in, x.device)
+    bk = 32 * _pow2_divisor(n_in // 32, c.nb)
+    rows_per_group = n_out // groups
+    bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
+    steps = n_in // bk
+    per = triton.cdiv(steps, max(1, min(c.split, steps))) * bk
+    split = triton.cdiv(n_in, per)
+    tiles = triton.cdiv(n_out, bn)
+    ws, cnt = _split_buffers(split, tiles, bn, 1, x.device, y)
+    _q8s_matvec_kernel[(tiles, split)](q, d, x, y, ws, cnt, n_out, n_in, per, rows_per_group, n_in,
+                                       BN=bn, BK=bk, SPLIT=split, num_warps=c.warps,
+                                       num_stages=c.stages)
     return y
 
 
@@ -966,7 +1106,8 @@ def small_path(w, T: int, K: int, cfg: Cfg | None = None) -> bool:
     """Whether an expert launch of T tokens x K slots takes the packed-integer few-token path."""
     if cfg is not None and cfg.small is False:
         return False
-    if w.qtype not in SMALL_TYPES or T * K > SMALL_MAX_PAIRS or K > SMALL_MAX_K:
+    types = SMALL_TYPES if cfg is None or cfg.small is None else (IQ2_XXS, Q2_K)   # True forces
+    if w.qtype not in types or T * K > SMALL_MAX_PAIRS or K > SMALL_MAX_K:
         return False
     raw = w.raw
     if w.qtype == Q2_K:   # int32 loads of the qs words
@@ -980,7 +1121,7 @@ def small_cfg(n_rows: int, T: int, K: int, mode: int, device) -> Cfg:
     sms = _sm_count(torch.device(device))
     per_tile = T if mode == MODE_SUM else T * K
     bn = 32
-    while bn > 8 and triton.cdiv(n_rows, bn) * per_tile < 4 * sms:
+    while bn > 16 and triton.cdiv(n_rows, bn) * per_tile < 4 * sms:
         bn //= 2
     return Cfg(bn=bn, nb=2, split=1, warps=4)
 
@@ -995,6 +1136,29 @@ def expert_cfg(w, T: int, K: int, mode: int, device, cfg: Cfg | None = None) -> 
     Tc = min(T, TQ_MAX)
     c = default_cfg(w.qtype, n_out, n_in, Tc, device, mult=min(Tc * K, E), can_split=False)
     return replace(c, split=min(Tc * K, 16) if mode == MODE_SUM else 1)
+
+
+def q2k_sum_path(w, T: int, K: int, mode: int, cfg: Cfg | None = None) -> bool:
+    """Whether a Q2_K slot-sum launch takes _q2k_sum_kernel (few tokens, 4-aligned rows)."""
+    if w.qtype != Q2_K or mode != MODE_SUM or T > Q2K_SUM_MAX_T:
+        return False
+    if cfg is not None and (cfg.small is not None or not cfg.q2s):
+        return False
+    raw = w.raw
+    return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
+
+
+def _q2k_sum(w, x, per_slot, ids, out, cfg):
+    E, n_out, n_in = w.shape
+    T, K = ids.shape
+    raw = w.raw
+    bn = cfg.bn if cfg is not None else Q2K_SUM_BN
+    xq, xd, xbs = quantize_q8_k(x.reshape(-1, n_in))
+    xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
+    _q2k_sum_kernel[(T, triton.cdiv(n_out, bn))](
+        raw, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k, ids,
+        out, out.stride(0), n_out, K, n_in // 256, BN=bn, DP4A=x.is_cuda,
+        num_warps=cfg.warps if cfg is not None else 4)
 
 
 def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
@@ -1021,6 +1185,9 @@ def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
     raw2 = _raw(w2) if w2 is not None else raw
     if raw2.stride() != raw.stride():
         raise ValueError("gate and up raw bytes must have the same strides")
+    if q2k_sum_path(w, *ids.shape, mode, cfg):
+        _q2k_sum(w, x, per_slot, ids, out, cfg)
+        return
     if small_path(w, *ids.shape, cfg) and (w2 is None or small_path(w2, *ids.shape, cfg)):
         _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg)
         return

@@ -1,0 +1,79 @@
+"""Hyper-connection mixing in one Triton launch (decode hot path).
+
+`hc_combine` of ds4tp.model turns the 24 mixer logits of a token into pre [4], post [4] and the
+4x4 mixing matrix M (sigmoids, a row softmax, then Sinkhorn: 20 alternating column / row
+normalisations, spec 8.1) and forms the sublayer input x = sum_h pre[h] * H[h]. In torch that
+is a chain of ~40 dependent reductions over a 4x4 matrix; compiled by Inductor it still ran as
+~40 tiny kernels per call, twice per layer (bench/results/profile: ~80 launches, ~0.1 ms of GPU
+time per layer). Here one program per token keeps M in registers for all iterations.
+
+Same math as the twin (ds4tp.model.hc_combine_torch): the same operations in the same order;
+divisions are correctly rounded (div_rn) as torch's are; exp and the sigmoid may differ from
+torch's by an ulp, and the sum over the 4 streams is taken in a different order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sigmoid_rn(v):
+    return tl.math.div_rn(tl.full(v.shape, 1.0, tl.float32), 1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, x_ptr, post_ptr, m_ptr, E, eps,
+                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, NH)
+    r = h[:, None]
+    c = h[None, :]
+    zrow = z_ptr + t * stride_z
+    s0 = tl.load(scale_ptr)
+    s1 = tl.load(scale_ptr + 1)
+    s2 = tl.load(scale_ptr + 2)
+    pre = _sigmoid_rn(tl.load(zrow + h) * s0 + tl.load(base_ptr + h)) + eps
+    post = 2.0 * _sigmoid_rn(tl.load(zrow + NH + h) * s1 + tl.load(base_ptr + NH + h))
+    m = tl.load(zrow + 2 * NH + r * NH + c) * s2 + tl.load(base_ptr + 2 * NH + r * NH + c)   # M[r][c]
+    e = tl.exp(m - tl.max(m, axis=1)[:, None])
+    m = tl.math.div_rn(e, tl.broadcast_to(tl.sum(e, axis=1)[:, None], (NH, NH))) + eps       # row softmax
+    m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))       # columns
+    for _ in range(ITERS - 1):
+        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=1)[:, None] + eps, (NH, NH)))   # rows
+        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))   # columns
+    tl.store(post_ptr + t * NH + h, post)
+    tl.store(m_ptr + t * NH * NH + r * NH + c, m)
+    ee = tl.arange(0, BE)
+    for e0 in range(0, E, BE):
+        ok = (e0 + ee) < E
+        hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
+        tl.store(x_ptr + t * E + e0 + ee, tl.sum(pre[:, None] * hv, axis=0), mask=ok)
+
+
+def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: torch.Tensor,
+               n_hc: int, iters: int, eps: float):
+    """z [T, 2n+n^2], scale [3], base [2n+n^2], hc [T, n, E] (float32) -> x [T, E], post [T, n],
+    M [T, n, n]. n must be a power of two (DS4: 4)."""
+    T, n, E = hc.shape
+    if n != n_hc or n & (n - 1) or z.shape != (T, 2 * n + n * n):
+        raise ValueError(f"hc_combine: z {tuple(z.shape)} and hc {tuple(hc.shape)} do not match n_hc={n_hc}")
+    for name, v in (("z", z), ("scale", scale), ("base", base), ("hc", hc)):
+        if v.dtype != torch.float32 or not v.is_cuda and not _interpreting():
+            raise ValueError(f"hc_combine: {name} must be float32 on the GPU")
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    hc = hc.contiguous()
+    x = torch.empty(T, E, dtype=torch.float32, device=hc.device)
+    post = torch.empty(T, n, dtype=torch.float32, device=hc.device)
+    m = torch.empty(T, n, n, dtype=torch.float32, device=hc.device)
+    if T:
+        _hc_combine_kernel[(T,)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc, x, post, m,
+                                 E, eps, NH=n, ITERS=iters, BE=min(1024, triton.next_power_of_2(E)),
+                                 num_warps=4)
+    return x, post, m
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
