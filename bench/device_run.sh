@@ -50,17 +50,19 @@ elif [ "$MODE" = full ]; then
   log "kernel tests (CUDA): the HC mixer, routed experts, dispatch"
   timeout 100 python3 -m pytest -q tests/test_kernels.py -k "hc_combine or routed or dispatch or column_shard or grouped" 2>&1 | tail -4 | tee "$OUT/kernel_tests.txt"
 elif [ "$MODE" = load ]; then
+  log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
+  timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
   log "synth full (parallel) then load at TP=2"
   df -h /tmp | tail -1
   free -g | head -2
-  time python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf
+  time timeout 250 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf
   ls -l /tmp/full.gguf
   if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "page cache dropped: cold load"; else echo "could not drop the page cache: warm load"; fi
-  timeout 150 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
+  timeout 100 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
   log "load again (page cache warm)"
-  timeout 120 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load_warm.json" 2>&1 | grep load | cut -c1-400
+  timeout 80 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load_warm.json" 2>&1 | grep load | cut -c1-400
   rm -f /tmp/full.gguf
   log "kernels check (full-size shapes, T=1 sweep of the main decode shapes)"
-  timeout 200 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 170 2>&1 | tail -40
+  timeout 100 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --no-sweep --budget-s 80 2>&1 | tail -40
 fi
 log done
