@@ -58,9 +58,9 @@ elif [ "$MODE" = load ]; then
   time timeout 250 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf
   ls -l /tmp/full.gguf
   if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "page cache dropped: cold load"; else echo "could not drop the page cache: warm load"; fi
-  timeout 100 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
+  timeout 100 python3 -m ds4tp bench --tp 2 --load-only --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
   log "load again (page cache warm)"
-  timeout 80 python3 -m ds4tp bench --tp 2 --layers 1 --quick --gguf /tmp/full.gguf --out "$OUT/load_warm.json" 2>&1 | grep load | cut -c1-400
+  timeout 80 python3 -m ds4tp bench --tp 2 --load-only --gguf /tmp/full.gguf --out "$OUT/load_warm.json" 2>&1 | grep load | cut -c1-400
   rm -f /tmp/full.gguf
   log "kernels check (full-size shapes, T=1 sweep of the main decode shapes)"
   timeout 100 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --no-sweep --budget-s 80 2>&1 | tail -40

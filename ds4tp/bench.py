@@ -227,6 +227,8 @@ def profile_split(model, max_ctx: int = 256) -> dict:
         name = ev.key
         if name in WEIGHT_KERNELS:                       # ds4tp.kernels that stream weights
             mv += t
+        elif name.startswith("nccl"):                    # collectives (waits included): not ours
+            continue
         elif not name.startswith("aten::") and not name.startswith("cuda"):
             other += t
     return {"matvec_ms": mv / 1e3, "other_gpu_ms": other / 1e3}
@@ -317,7 +319,10 @@ def main(args) -> int:
     shape = C.Shape(n_layer=args.layers) if args.layers else C.FULL
     out = {"shape": {"n_layer": shape.n_layer}, "cfg": cfg,
            "tp1_bytes_per_token": make_plan(shape, 1).token_bytes(0), "runs": {}}
-    for tp in [int(x) for x in args.tp.split(",")]:
+    if getattr(args, "load_only", False) and not getattr(args, "gguf", None):
+        print("--load-only needs --gguf", file=sys.stderr)
+        return 2
+    for tp in ([] if getattr(args, "load_only", False) else [int(x) for x in args.tp.split(",")]):
         t = time.perf_counter()
         if tp == 1:
             r = _bench_rank(SingleComm(), "cuda:0", cfg)
