@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|load]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|load]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
+#   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
 set -uo pipefail
 MODE=${1:-smoke}
@@ -49,6 +50,23 @@ elif [ "$MODE" = full ]; then
   done
   log "kernel tests (CUDA): the HC mixer, routed experts, dispatch"
   timeout 100 python3 -m pytest -q tests/test_kernels.py -k "hc_combine or routed or dispatch or column_shard or grouped" 2>&1 | tail -4 | tee "$OUT/kernel_tests.txt"
+elif [ "$MODE" = final ]; then
+  log "smoke: the changed kernels against their twins on CUDA"
+  if ! timeout 90 python3 -m pytest -q -x tests/test_kernels.py -k "hc_combine or (routed_experts and not tp2)" 2>&1 | tail -3 | tee "$OUT/smoke_tests.txt"; then
+    if [ -f .fallback/triton_matvec.py ]; then
+      echo "SMOKE FAILED: benchmarking with the previous triton_matvec.py (.fallback)"; cp .fallback/triton_matvec.py ds4tp/kernels/
+    fi
+  fi
+  log "bench, 43 layers, TP=2 then TP=1, depth 0, prefill 2048"
+  timeout 200 python3 -m ds4tp bench --tp 2,1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  log "golden parity on CUDA, tiny-a, TP=1 (static/graphs, prefill)"
+  timeout 70 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a" | tee -a "$OUT/golden_cuda.txt"
+  log "kernel tests (CUDA): dispatch and determinism"
+  timeout 60 python3 -m pytest -q tests/test_kernels.py -k "dispatch" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
+  log "golden parity on CUDA, tiny-a, TP=2 (static/graphs)"
+  timeout 90 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static 2>&1 | grep "^tiny-a" | tee -a "$OUT/golden_cuda.txt"
+  log "routed-expert kernels, T=1, with the sweep"
+  timeout 60 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 45 --only routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -30
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

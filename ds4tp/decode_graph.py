@@ -210,8 +210,7 @@ class StaticDecoder:
     def _attention(self, lw, lay: _Layer, hc, pos, emit: bool, idx_on: bool):
         s, comm = self.s, self.m.comm
         D = s.head_dim
-        x, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, s)
-        xn = rms_norm(x, lw.attn_norm)
+        xn, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)
         qrn = rms_norm(linear(lw.q_a, xn), lw.q_a_norm)
         q = rms_norm(linear(lw.q_b, qrn).view(1, -1, D))
         kv_n = rms_norm(linear(lw.kv, xn), lw.kv_norm)

@@ -204,25 +204,26 @@ def hc_flat(hc: torch.Tensor) -> torch.Tensor:
 
 
 @fused
-def hc_combine_torch(z, scale, base, hc, n_hc: int, iters: int):
-    """Mix logits -> the sublayer input x = sum_h pre[h]*H[h], and post, M for hc_post."""
+def hc_combine_torch(z, scale, base, hc, norm, n_hc: int, iters: int):
+    """Mix logits -> the sublayer input x = sum_h pre[h]*H[h] RMS-normed with weight `norm`
+    (the sublayer's attn_norm / ffn_norm), and post, M for hc_post."""
     pre, post, m = hc_split(z, scale, base, n_hc, iters)
-    return (pre[:, :, None] * hc).sum(1), post, m
+    return rms_norm((pre[:, :, None] * hc).sum(1), norm), post, m
 
 
-def hc_combine(z, scale, base, hc, n_hc: int, iters: int):
+def hc_combine(z, scale, base, hc, norm, n_hc: int, iters: int):
     """The dispatch point: one Triton launch on CUDA (ds4tp.kernels.triton_hc; Sinkhorn's ~40
     dependent reductions otherwise run as as many tiny kernels), the torch twin elsewhere."""
     if hc.is_cuda and kernels.available():
         from ds4tp.kernels import triton_hc
-        return triton_hc.hc_combine(z, scale, base, hc, n_hc, iters, C.HC_EPS)
-    return hc_combine_torch(z, scale, base, hc, n_hc, iters)
+        return triton_hc.hc_combine(z, scale, base, hc, norm, n_hc, iters, C.HC_EPS, C.RMS_EPS)
+    return hc_combine_torch(z, scale, base, hc, norm, n_hc, iters)
 
 
-def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, s: Shape):
-    """hc [T, n_hc, E] -> sublayer input x [T, E], post, M."""
+def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, norm, s: Shape):
+    """hc [T, n_hc, E] -> the sublayer's normed input xn [T, E], post, M."""
     z = linear(fn, hc_flat(hc))                          # [T, 24], float activations x F16
-    return hc_combine(z, scale, base, hc, s.n_hc, s.sinkhorn_iters)
+    return hc_combine(z, scale, base, hc, norm, s.n_hc, s.sinkhorn_iters)
 
 
 @fused
@@ -364,8 +365,7 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
     caches in `ls` before attending (a token sees its own row)."""
     T, D = hc.shape[0], s.head_dim
     p0 = int(pos[0])
-    x, post, m = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, s)
-    xn = rms_norm(x, lw.attn_norm)                               # [T, E]
+    xn, post, m = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)   # [T, E]
     qrn = rms_norm(linear(lw.q_a, xn), lw.q_a_norm)              # [T, q_lora]
     q = linear(lw.q_b, qrn).view(T, -1, D)                       # [T, H_l, D] this rank's heads
     q = rms_norm(q)                                              # per-head, unweighted
@@ -446,17 +446,22 @@ def route_select(logits, bias, hashed_ids, k: int):
     return ids, w
 
 
+@fused
+def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tensor:
+    """Global expert ids -> this rank's local indices, -1 where the expert lives elsewhere."""
+    loc = ids - first
+    return torch.where((loc >= 0) & (loc < n_local), loc, -1)
+
+
 def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
         trace=None) -> torch.Tensor:
-    x, post, m = hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, s)
-    xn = rms_norm(x, lw.ffn_norm)
+    xn, post, m = hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm, s)
     ids, w = route(lw, xn, tokens, s)
     # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).
     n_local = lw.gate_exps.shape[0]
     first = rank * n_local if n_local < s.n_expert else 0        # "experts" split: an id range
-    local_ids = ids - first
-    local_ids = torch.where((local_ids >= 0) & (local_ids < n_local), local_ids, -1)
+    local_ids = local_expert_ids(ids, first, n_local)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot

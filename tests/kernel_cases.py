@@ -200,15 +200,16 @@ def C(**kw):
 def case_hc_combine(device, gen, T, E, iters=20):
     """The one-launch hyper-connection mixer (Sinkhorn) against ds4tp.model.hc_combine_torch,
     with mixer logits spread wide enough that the softmax and the normalisations all matter."""
-    from ds4tp.config import HC_EPS
+    from ds4tp.config import HC_EPS, RMS_EPS
     from ds4tp.kernels import triton_hc
     from ds4tp.model import hc_combine_torch
     z = (torch.randn(T, 24, generator=gen) * 3).to(device)
     scale = (torch.rand(3, generator=gen) + 0.2).to(device)
     base = torch.randn(24, generator=gen).to(device)
     hc = torch.randn(T, 4, E, generator=gen).to(device)
-    got = triton_hc.hc_combine(z, scale, base, hc, 4, iters, HC_EPS)
-    want = hc_combine_torch.eager(z, scale, base, hc, 4, iters)
+    norm = (torch.rand(E, generator=gen) + 0.5).to(device)
+    got = triton_hc.hc_combine(z, scale, base, hc, norm, 4, iters, HC_EPS, RMS_EPS)
+    want = hc_combine_torch.eager(z, scale, base, hc, norm, 4, iters)
     return max(check(f"hc_combine {n} T={T} E={E}", a, b, 1e-5)
                for n, a, b in zip(("x", "post", "M"), got, want))
 
@@ -256,9 +257,9 @@ def interpreter_cases():
     yield "small swiglu IQ2_XXS T=3 dup rows", case_swiglu, (IQ2_XXS, 8, 16, 512, 3, 6, C(bn=8, nb=1, split=4), True, "rows")
     yield "small experts IQ2_XXS T=2 dup", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2), True)
     yield "small experts IQ2_XXS T=4 per-slot", case_experts, (IQ2_XXS, 8, 16, 512, 4, 6, True)
-    yield "q2k sum T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True, None, True)
-    yield "q2k sum T=3 cols rows tail", case_experts, (Q2_K, 8, 40, 512, 3, 6, True, C(bn=32), False, "cols")
-    yield "q2k sum T=2 shared x", case_experts, (Q2_K, 8, 16, 768, 2, 6, False, C(bn=16, warps=2))
+    yield "q2k sum T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True, C(bn=16, q2s=True), True)
+    yield "q2k sum T=3 cols rows tail", case_experts, (Q2_K, 8, 40, 512, 3, 6, True, C(bn=32, q2s=True), False, "cols")
+    yield "q2k sum T=2 shared x", case_experts, (Q2_K, 8, 16, 768, 2, 6, False, C(bn=16, warps=2, q2s=True))
     yield "small down Q2_K T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True, C(bn=16, nb=2, small=True))
     yield "small down Q2_K T=4 dup", case_experts, (Q2_K, 8, 16, 768, 4, 6, True, C(bn=8, nb=1, split=2, small=True), True)
     yield "small down Q2_K T=2 cols", case_experts, (Q2_K, 8, 32, 512, 2, 6, True, C(bn=16, nb=2, small=True), False, "cols")

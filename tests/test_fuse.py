@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ds4tp import config as C
-from ds4tp.model import (attend, hc_combine_torch, hc_flat, hc_post, hc_split, kv_row_quant, route_select,
-                         select_rows)
+from ds4tp.model import (attend, hc_combine_torch, hc_flat, hc_post, hc_split, kv_row_quant,
+                         local_expert_ids, route_select, select_rows)
 from ds4tp.numerics import (fp4_e2m1_blocks, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin,
                             rope_tail, softplus, swiglu_clamped)
 
@@ -36,9 +36,10 @@ def cases(dev):
         ("kv_row_quant", kv_row_quant, (r(2, 256), S)),
         ("select_rows", select_rows, (r(2, 40), torch.tensor([20, 40], device=dev), 16)),
         ("hc_flat", hc_flat, (r(2, 4, 256),)),
-        ("hc_combine", hc_combine_torch, (r(2, 24), r(3).abs(), r(24), r(2, 4, 256), 4, 20)),
+        ("hc_combine", hc_combine_torch, (r(2, 24), r(3).abs(), r(24), r(2, 4, 256), r(256), 4, 20)),
         ("route_select", route_select, (r(2, 16) * 3, r(16) * 0.1, None, 6)),
         ("route_hashed", route_select, (r(2, 16) * 3, None, torch.tensor([[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]], device=dev), 6)),
+        ("local_expert_ids", local_expert_ids, (torch.tensor([[3, 9, 12, 15, 1, 8]], device=dev).expand(2, 6).contiguous(), 8, 8)),
         ("attend", attend, (r(2, 8, 256) * 0.3, r(32, 256), raw_pos, r(9, 256), torch.rand(2, 9, generator=g).to(dev) > 0.3,
                             pos, r(8), S)),
     ]
@@ -55,7 +56,7 @@ def _close(a, b, name):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("i", range(16))
+@pytest.mark.parametrize("i", range(17))
 def test_traces_whole_on_cpu(i):
     torch._dynamo.reset()
     name, fn, args = cases("cpu")[i]
@@ -64,7 +65,7 @@ def test_traces_whole_on_cpu(i):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled form runs on GPU only)")
-@pytest.mark.parametrize("i", range(16))
+@pytest.mark.parametrize("i", range(17))
 def test_compiled_matches_plain_on_cuda(i):
     name, fn, args = cases("cuda")[i]
     args = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 2 else a

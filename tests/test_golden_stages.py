@@ -76,16 +76,16 @@ def test_hyper_connections(st, group):
     hc, hc_mid = st.get(group, "hc"), st.get(group, "hc_mid")
     for l in _layers(st):
         lw = w.layers[l]
-        x, post, m = hc_pre(hc[:, l], lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, s)
+        xn, post, m = hc_pre(hc[:, l], lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)
         split = st.get(group, "attn_hc_split")[:, l]
         compare(f"attn split L{l}", torch.cat([post, m.flatten(1)], 1), split[:, 4:], tol=2e-6)
-        compare(f"attn_in L{l}", rms_norm(x, lw.attn_norm), st.get(group, "attn_in")[:, l], tol=1e-5)
+        compare(f"attn_in L{l}", xn, st.get(group, "attn_in")[:, l], tol=1e-5)
         compare(f"hc_mid L{l}", hc_post(st.get(group, "attn_out")[:, l], hc[:, l], post, m),
                 hc_mid[:, l], tol=1e-5)
-        x, post, m = hc_pre(hc_mid[:, l], lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, s)
+        xn, post, m = hc_pre(hc_mid[:, l], lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm, s)
         split = st.get(group, "ffn_hc_split")[:, l]
         compare(f"ffn split L{l}", torch.cat([post, m.flatten(1)], 1), split[:, 4:], tol=2e-6)
-        compare(f"ffn_in L{l}", rms_norm(x, lw.ffn_norm), st.get(group, "ffn_in")[:, l], tol=1e-5)
+        compare(f"ffn_in L{l}", xn, st.get(group, "ffn_in")[:, l], tol=1e-5)
         f = st.get(group, "moe_out")[:, l] + st.get(group, "shared_out")[:, l]
         compare(f"hc out L{l}", hc_post(f, hc_mid[:, l], post, m), hc[:, l + 1], tol=1e-5)
     final = hc[:, s.n_layer]

@@ -2,7 +2,8 @@
 
 `hc_combine` of ds4tp.model turns the 24 mixer logits of a token into pre [4], post [4] and the
 4x4 mixing matrix M (sigmoids, a row softmax, then Sinkhorn: 20 alternating column / row
-normalisations, spec 8.1) and forms the sublayer input x = sum_h pre[h] * H[h]. In torch that
+normalisations, spec 8.1) and forms the sublayer input x = sum_h pre[h] * H[h], RMS-normed with
+the sublayer's norm weight. In torch that
 is a chain of ~40 dependent reductions over a 4x4 matrix; compiled by Inductor it still ran as
 ~40 tiny kernels per call, twice per layer (bench/results/profile: ~80 launches, ~0.1 ms of GPU
 time per layer). Here one program per token keeps M in registers for all iterations.
@@ -24,7 +25,8 @@ def _sigmoid_rn(v):
 
 
 @triton.jit
-def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, x_ptr, post_ptr, m_ptr, E, eps,
+def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, post_ptr, m_ptr,
+                       E, eps, rms_eps,
                        NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, NH)
@@ -45,21 +47,35 @@ def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, x_ptr, post
         m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))   # columns
     tl.store(post_ptr + t * NH + h, post)
     tl.store(m_ptr + t * NH * NH + r * NH + c, m)
+    # x = sum_h pre[h] H[h], then RMS norm (sum of squares in float64, as numerics.rms_scale):
+    # pass 1 sums x^2, pass 2 recomputes x (same operations, same values) and stores x*s*w
     ee = tl.arange(0, BE)
+    ss = tl.zeros([BE], tl.float64)
     for e0 in range(0, E, BE):
         ok = (e0 + ee) < E
         hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-        tl.store(x_ptr + t * E + e0 + ee, tl.sum(pre[:, None] * hv, axis=0), mask=ok)
+        x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
+        ss += x * x
+    ms = (tl.sum(ss, axis=0) / E.to(tl.float64)).to(tl.float32)       # float64 division is exact-rounded
+    sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + rms_eps))
+    for e0 in range(0, E, BE):
+        ok = (e0 + ee) < E
+        hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
+        x = tl.sum(pre[:, None] * hv, axis=0)
+        w = tl.load(norm_ptr + e0 + ee, mask=ok, other=0.0)
+        tl.store(x_ptr + t * E + e0 + ee, (x * sc) * w, mask=ok)
 
 
 def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: torch.Tensor,
-               n_hc: int, iters: int, eps: float):
-    """z [T, 2n+n^2], scale [3], base [2n+n^2], hc [T, n, E] (float32) -> x [T, E], post [T, n],
-    M [T, n, n]. n must be a power of two (DS4: 4)."""
+               norm: torch.Tensor, n_hc: int, iters: int, eps: float, rms_eps: float):
+    """z [T, 2n+n^2], scale [3], base [2n+n^2], hc [T, n, E], norm [E] (float32) -> the
+    RMS-normed sublayer input xn [T, E], post [T, n], M [T, n, n]. n must be a power of two."""
     T, n, E = hc.shape
     if n != n_hc or n & (n - 1) or z.shape != (T, 2 * n + n * n):
         raise ValueError(f"hc_combine: z {tuple(z.shape)} and hc {tuple(hc.shape)} do not match n_hc={n_hc}")
-    for name, v in (("z", z), ("scale", scale), ("base", base), ("hc", hc)):
+    if norm.shape != (E,):
+        raise ValueError(f"hc_combine: norm weight {tuple(norm.shape)} does not match width {E}")
+    for name, v in (("z", z), ("scale", scale), ("base", base), ("hc", hc), ("norm", norm)):
         if v.dtype != torch.float32 or not v.is_cuda and not _interpreting():
             raise ValueError(f"hc_combine: {name} must be float32 on the GPU")
     z = z if z.stride(-1) == 1 else z.contiguous()
@@ -68,9 +84,9 @@ def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: tor
     post = torch.empty(T, n, dtype=torch.float32, device=hc.device)
     m = torch.empty(T, n, n, dtype=torch.float32, device=hc.device)
     if T:
-        _hc_combine_kernel[(T,)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc, x, post, m,
-                                 E, eps, NH=n, ITERS=iters, BE=min(1024, triton.next_power_of_2(E)),
-                                 num_warps=4)
+        _hc_combine_kernel[(T,)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc,
+                                 norm.contiguous(), x, post, m, E, eps, rms_eps, NH=n, ITERS=iters,
+                                 BE=min(1024, triton.next_power_of_2(E)), num_warps=4)
     return x, post, m
 
 

@@ -60,7 +60,10 @@ _TICKETS = 1 << 16
 SMALL_TYPES = (IQ2_XXS,)
 SMALL_MAX_PAIRS = 24
 SMALL_MAX_K = 8
-# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program)
+# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program). Off by default: its
+# first H200 run (bench/results/kernels_h200_run3) measured 59 us for the TP=1 down projection
+# against 45 us for the tile kernel (33 vs 25-40 us at TP=2); kernels_check sweeps both.
+Q2K_SUM_DEFAULT = False
 Q2K_SUM_MAX_T = 4
 Q2K_SUM_BN = 16
 SMALL_MATRIX = 1 << 22   # default_cfg: weights up to this many elements aim at 4 programs per SM
@@ -617,25 +620,41 @@ def _dp4a(a, b, DP4A: tl.constexpr):
 
 @triton.jit
 def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_ptr, DP4A: tl.constexpr):
-    """IQ2_XXS super-block at byte offsets base [S, R] against the packed Q8_K activation words
-    at xw_off [S, 1] (64 words). Returns (int32 [S, R] = sum_b (2s_b+1) sum grid*sign*q, d [S, R])."""
+    """IQ2_XXS super-block at byte offsets base [S, R] (2-aligned) against the packed Q8_K
+    activation words at xw_off [S, 1] (64 words). Returns (int32 [S, R] = sum_b (2s_b+1) sum
+    grid*sign*q, d [S, R]).
+    Loads are what bound this kernel (the bytes are few): each sub-block's 8 bytes come as four
+    16-bit words, each grid row as one 64-bit gather (grid_ptr: int64 [256], element e in byte
+    e), and the sign bytes are computed, not looked up: ksigns[i] = i | parity(i) << 7, and
+    bit e of it becomes the byte mask 0xFF of element e. sign_ptr is unused."""
     b = tl.arange(0, 8)
     k4 = tl.arange(0, 4)[None, None, None, :]
     b5 = b[None, None, :, None, None]
     k5 = tl.arange(0, 4)[None, None, None, :, None]
     h5 = tl.arange(0, 2)[None, None, None, None, :]
     d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=wmask, other=0.0).to(tl.float32)
-    sb = base[:, :, None] + 2 + 8 * b[None, None, :]                         # [S, R, 8] sub-blocks
-    m3 = wmask[:, :, None]
     u16 = w_ptr.to(tl.pointer_type(tl.uint16))
-    lo = tl.load(u16 + ((sb + 4) >> 1), mask=m3, other=0).to(tl.int32)
-    hi = tl.load(u16 + ((sb + 6) >> 1), mask=m3, other=0).to(tl.int32)
+    sbw = (base >> 1)[:, :, None] + 1 + 4 * b[None, None, :]                  # [S, R, 8] word index
+    m3 = wmask[:, :, None]
+    g01 = tl.load(u16 + sbw, mask=m3, other=0).to(tl.int32)
+    g23 = tl.load(u16 + sbw + 1, mask=m3, other=0).to(tl.int32)
+    lo = tl.load(u16 + sbw + 2, mask=m3, other=0).to(tl.int32)
+    hi = tl.load(u16 + sbw + 3, mask=m3, other=0).to(tl.int32)
     t = lo | (hi << 16)                                                     # 4 x 7 sign bits, scale
-    g = tl.load(w_ptr + sb[:, :, :, None] + k4, mask=m3[:, :, :, None], other=0).to(tl.int32)
+    gi = ((g01 | (g23 << 16))[:, :, :, None] >> (8 * k4)) & 255             # [S, R, 8, 4] grid rows
+    g64 = tl.load(grid_ptr + gi)                                            # 8 magnitudes, bytes
+    g_lo = g64.to(tl.int32)
+    g_hi = (g64 >> 32).to(tl.int32)
     sig = (t[:, :, :, None] >> (7 * k4)) & 127                              # [S, R, 8, 4]
-    gw = tl.load(grid_ptr + g[:, :, :, :, None] * 2 + h5)                   # [S, R, 8, 4, 2]
-    mw = tl.load(sign_ptr + sig[:, :, :, :, None] * 2 + h5)
-    sw = (gw ^ mw) + (mw & 0x01010101)
+    par = sig ^ (sig >> 4)
+    par = par ^ (par >> 2)
+    par = (par ^ (par >> 1)) & 1
+    bits = sig | (par << 7)                                                 # ksigns[sig]
+    m_lo = (((bits & 15) * 0x00204081) & 0x01010101) * 255                  # elements 0-3
+    m_hi = ((((bits >> 4) & 15) * 0x00204081) & 0x01010101) * 255           # elements 4-7
+    gw = tl.join(g_lo, g_hi)                                                # [S, R, 8, 4, 2]
+    mw = tl.join(m_lo, m_hi)
+    sw = (gw ^ mw) + (mw & 0x01010101)                                      # bytes negated where set
     xw = tl.load(xw_ptr + xw_off[:, :, None, None, None] + 8 * b5 + 2 * k5 + h5,
                  mask=xmask[:, :, None, None, None], other=0)              # [S, 1, 8, 4, 2]
     p = tl.sum(tl.sum(_dp4a(sw, xw, DP4A), axis=4), axis=3)                # [S, R, 8]
@@ -740,7 +759,7 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
 
 @triton.jit
 def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t, xrow_k, ids_ptr,
-                    out_ptr, stride_ot, N, K, KB, BN: tl.constexpr, DP4A: tl.constexpr):
+                    out_ptr, stride_ot, N, K, KB: tl.constexpr, BN: tl.constexpr, DP4A: tl.constexpr):
     """Routed Q2_K down projection for few tokens, summed over the slots: grid (T, cdiv(N, BN)).
     Program (t, n) walks the K slots of token t (skipping id -1) and the super-blocks of rows
     n*BN.. of each slot's expert, keeping a [BN] float32 accumulator; no slot padding, no
@@ -763,7 +782,7 @@ def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t
         if e >= 0:
             xrow = t.to(tl.int64) * xrow_t + k * xrow_k
             wrow = e * stride_we + rows.to(tl.int64) * stride_wn                 # [BN] byte offsets
-            for kb in range(0, KB):
+            for kb in tl.static_range(KB):      # unrolled: all super-blocks' loads in flight
                 base = wrow + kb * 84
                 qw = tl.load(u32 + ((base + 16) >> 2)[:, None] + w16[None, :], mask=rmask[:, None], other=0)
                 q4 = (qw[:, :, None] >> (2 * j4)[None, None, :]) & 0x03030303   # [BN, 16, 4]
@@ -796,8 +815,8 @@ class Cfg:
     tq_min smallest token tile for the dot paths (0: the module's TQ_MIN)
     q8s    Q8_0, one token: the split-layout kernel (_q8s_matvec_kernel; bn rows per program,
            nb 32-blocks per K step, split K programs) instead of the tile kernel
-    q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: _q2k_sum_kernel (bn rows per
-           program, warps) unless small is set or q2s is False
+    q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: True = _q2k_sum_kernel (bn
+           rows per program, warps), False = the tile kernel, None = Q2K_SUM_DEFAULT
     small  routed experts: None = the packed-integer few-token path where it applies (SMALL_TYPES,
            T*K <= SMALL_MAX_PAIRS), True = also for Q2_K (kept for tests and sweeps), False = never. On that path bn = rows per program,
            nb = super-blocks per unrolled step, split = slots per program (slots / swiglu modes;
@@ -813,7 +832,7 @@ class Cfg:
     tq_min: int = 0          # 0: TQ_MIN
     small: bool | None = None
     q8s: bool = True         # Q8_0 at T = 1: the split-layout kernel (bn rows, nb*32 = BK)
-    q2s: bool = True         # Q2_K slot sum, few tokens: _q2k_sum_kernel (bn rows, warps)
+    q2s: bool | None = None  # Q2_K slot sum, few tokens: _q2k_sum_kernel (None: Q2K_SUM_DEFAULT)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -852,20 +871,15 @@ def _iq2_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=8)
-def _iq2_word_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed-integer path's IQ2_XXS tables, as int32 pairs (little-endian bytes, element e
-    in byte e): the 256 grid rows of 8 magnitudes, and for each 7-bit sign index the byte mask
-    of ksigns (0xFF where the element is negative)."""
+def _iq2_grid64(device: torch.device) -> torch.Tensor:
+    """The packed-integer path's IQ2_XXS grid: int64 [256], the 8 magnitudes of row g in bytes
+    0..7 (little-endian), so one 64-bit load fetches a row."""
     import numpy as np
     from gguf.quants import IQ2_XXS as _G
     _G.init_grid()
     grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8)
     assert np.array_equal(grid, np.rint(grid)) and grid.min() >= 1 and grid.max() <= 127
-    ks = np.frombuffer(_G.ksigns, dtype=np.uint8)
-    bits = (ks[:, None] >> np.arange(8, dtype=np.uint8)[None, :]) & 1
-    mask = np.where(bits == 1, np.uint8(255), np.uint8(0)).astype(np.uint8)
-    as_words = lambda a: torch.from_numpy(np.ascontiguousarray(a).view("<i4").reshape(-1).copy()).to(device)  # noqa: E731
-    return as_words(grid.astype(np.uint8)), as_words(mask)
+    return torch.from_numpy(np.ascontiguousarray(grid.astype(np.uint8)).view("<i8").reshape(-1).copy()).to(device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -1142,7 +1156,9 @@ def q2k_sum_path(w, T: int, K: int, mode: int, cfg: Cfg | None = None) -> bool:
     """Whether a Q2_K slot-sum launch takes _q2k_sum_kernel (few tokens, 4-aligned rows)."""
     if w.qtype != Q2_K or mode != MODE_SUM or T > Q2K_SUM_MAX_T:
         return False
-    if cfg is not None and (cfg.small is not None or not cfg.q2s):
+    if cfg is not None and cfg.small is not None:
+        return False
+    if not (cfg.q2s if cfg is not None and cfg.q2s is not None else Q2K_SUM_DEFAULT):
         return False
     raw = w.raw
     return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
@@ -1157,7 +1173,7 @@ def _q2k_sum(w, x, per_slot, ids, out, cfg):
     xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
     _q2k_sum_kernel[(T, triton.cdiv(n_out, bn))](
         raw, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k, ids,
-        out, out.stride(0), n_out, K, n_in // 256, BN=bn, DP4A=x.is_cuda,
+        out, out.stride(0), n_out, K, KB=n_in // 256, BN=bn, DP4A=x.is_cuda,
         num_warps=cfg.warps if cfg is not None else 4)
 
 
@@ -1171,7 +1187,7 @@ def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
     S = kp if mode == MODE_SUM else min(_pow2_at_least(max(1, c.split)), kp)
     xq, xd, xbs = quantize_q8_k(x.reshape(-1, n_in))      # one row per token, or per (token, slot)
     xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
-    grid_w, sign_w = _iq2_word_tables(x.device) if w.qtype == IQ2_XXS else (xd, xd)
+    grid_w, sign_w = (_iq2_grid64(x.device), xd) if w.qtype == IQ2_XXS else (xd, xd)
     _expert_small_kernel[(T * triton.cdiv(K, S), triton.cdiv(n_out, c.bn))](
         raw, raw2, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k,
         ids, rw if rw is not None else out, out, out.stride(0), out.stride(1) if mode != MODE_SUM else 0,
