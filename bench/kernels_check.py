@@ -323,7 +323,7 @@ def default_cfg_of(case: Case, T: int, w):
     if case.kind in ("swiglu", "experts", "experts_sum"):
         mode = tm.MODE_SUM if case.kind == "experts_sum" else tm.MODE_SLOTS
         if tm.q2k_sum_path(w, T, 6, mode):
-            return tm.Cfg(bn=tm.Q2K_SUM_BN)
+            return tm.Cfg(bn=tm.Q2K_SUM_BN, warps=tm.Q2K_SUM_WARPS)
         return tm.expert_cfg(w, T, 6, mode, DEV)
     if case.qtype == Q8_0 and T == 1:
         return tm.q8s_cfg(n_rows, n_in, DEV)

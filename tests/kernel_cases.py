@@ -257,6 +257,7 @@ def interpreter_cases():
     yield "small swiglu IQ2_XXS T=3 dup rows", case_swiglu, (IQ2_XXS, 8, 16, 512, 3, 6, C(bn=8, nb=1, split=4), True, "rows")
     yield "small experts IQ2_XXS T=2 dup", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2), True)
     yield "small experts IQ2_XXS T=4 per-slot", case_experts, (IQ2_XXS, 8, 16, 512, 4, 6, True)
+    yield "q2k sum default launch (<= 1024 inputs)", case_experts, (Q2_K, 8, 36, 1024, 1, 6, True, None, True)
     yield "q2k sum T=1", case_experts, (Q2_K, 8, 32, 512, 1, 6, True, C(bn=16, q2s=True), True)
     yield "q2k sum T=3 cols rows tail", case_experts, (Q2_K, 8, 40, 512, 3, 6, True, C(bn=32, q2s=True), False, "cols")
     yield "q2k sum T=2 shared x", case_experts, (Q2_K, 8, 16, 768, 2, 6, False, C(bn=16, warps=2, q2s=True))

@@ -60,12 +60,16 @@ _TICKETS = 1 << 16
 SMALL_TYPES = (IQ2_XXS,)
 SMALL_MAX_PAIRS = 24
 SMALL_MAX_K = 8
-# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program). Off by default: its
-# first H200 run (bench/results/kernels_h200_run3) measured 59 us for the TP=1 down projection
-# against 45 us for the tile kernel (33 vs 25-40 us at TP=2); kernels_check sweeps both.
-Q2K_SUM_DEFAULT = False
+# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program). By default only for
+# rows of at most Q2K_SUM_MAX_IN inputs (the TP=2 shard): the H200 sweep
+# (bench/results/kernels_h200_run5_routed_20261128.json) measured 18.9 us with 4 rows and one
+# warp per program against 39.5 us for the tile kernel's default there; at TP=1 (2048 inputs) an
+# earlier run measured 59 us (16 rows) against 45 us for the tile kernel, so TP=1 keeps it.
+Q2K_SUM_DEFAULT = True
+Q2K_SUM_MAX_IN = 1024
 Q2K_SUM_MAX_T = 4
-Q2K_SUM_BN = 16
+Q2K_SUM_BN = 4
+Q2K_SUM_WARPS = 1
 SMALL_MATRIX = 1 << 22   # default_cfg: weights up to this many elements aim at 4 programs per SM
 
 # Expert kernel modes
@@ -816,7 +820,8 @@ class Cfg:
     q8s    Q8_0, one token: the split-layout kernel (_q8s_matvec_kernel; bn rows per program,
            nb 32-blocks per K step, split K programs) instead of the tile kernel
     q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: True = _q2k_sum_kernel (bn
-           rows per program, warps), False = the tile kernel, None = Q2K_SUM_DEFAULT
+           rows per program, warps), False = the tile kernel, None = the default rule (the
+           kernel for rows of <= Q2K_SUM_MAX_IN inputs)
     small  routed experts: None = the packed-integer few-token path where it applies (SMALL_TYPES,
            T*K <= SMALL_MAX_PAIRS), True = also for Q2_K (kept for tests and sweeps), False = never. On that path bn = rows per program,
            nb = super-blocks per unrolled step, split = slots per program (slots / swiglu modes;
@@ -1158,7 +1163,8 @@ def q2k_sum_path(w, T: int, K: int, mode: int, cfg: Cfg | None = None) -> bool:
         return False
     if cfg is not None and cfg.small is not None:
         return False
-    if not (cfg.q2s if cfg is not None and cfg.q2s is not None else Q2K_SUM_DEFAULT):
+    forced = cfg is not None and cfg.q2s is not None
+    if not (cfg.q2s if forced else Q2K_SUM_DEFAULT and w.shape[-1] <= Q2K_SUM_MAX_IN):
         return False
     raw = w.raw
     return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
@@ -1174,7 +1180,7 @@ def _q2k_sum(w, x, per_slot, ids, out, cfg):
     _q2k_sum_kernel[(T, triton.cdiv(n_out, bn))](
         raw, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k, ids,
         out, out.stride(0), n_out, K, KB=n_in // 256, BN=bn, DP4A=x.is_cuda,
-        num_warps=cfg.warps if cfg is not None else 4)
+        num_warps=cfg.warps if cfg is not None else Q2K_SUM_WARPS)
 
 
 def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
