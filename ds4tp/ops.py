@@ -52,16 +52,22 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
         safe = ids.clamp_min(0).reshape(-1)
         y = torch.bmm(wf[safe], xq.reshape(T * K, n_in, 1)).view(T, K, n_out)
         return y.masked_fill_((ids < 0)[:, :, None], 0.0)
-    out = torch.zeros(T, K, n_out, dtype=torch.float32, device=x.device)
+    # prefill: rows grouped by expert with one stable sort (each expert's rows keep their order)
+    # and one host sync for the group sizes, then one GEMM per expert on a contiguous slice
     flat_ids = ids.reshape(-1)
-    xq = xq.reshape(T * K, n_in)
-    out_flat = out.view(T * K, n_out)
-    for e in torch.unique(flat_ids).tolist():
-        if e < 0:
-            continue
-        rows = (flat_ids == e).nonzero(as_tuple=True)[0]
-        out_flat[rows] = xq[rows] @ wf[e].T
-    return out
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids + 1, minlength=E + 1).tolist()   # [0] counts the -1 slots
+    xs = xq.reshape(T * K, n_in)[order]
+    ys = torch.zeros(T * K, n_out, dtype=torch.float32, device=x.device)
+    start = counts[0]
+    for e in range(E):
+        c = counts[e + 1]
+        if c:
+            ys[start:start + c] = xs[start:start + c] @ wf[e].T
+            start += c
+    out = torch.empty(T * K, n_out, dtype=torch.float32, device=x.device)
+    out[order] = ys
+    return out.view(T, K, n_out)
 
 
 def expert_swiglu_torch(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,
