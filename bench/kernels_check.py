@@ -303,9 +303,7 @@ def with_split(cfg, case: Case, T: int, factor: float = 1.0):
     if case.kind == "experts_sum":
         return dataclasses.replace(cfg, split=max(1, int(min(6 * T, 16) * factor)))
     if case.qtype == Q8_0 and T == 1 and cfg.q8s:      # the split-layout kernel's own heuristic
-        tiles = -(-n_rows // cfg.bn)
-        steps = n_in // (32 * cfg.nb)
-        split = max(1, min(-(-4 * tm._sm_count(torch.device(DEV)) // tiles), steps // 2, 32))
+        split = tm.q8s_cfg(n_rows, n_in, DEV, cfg.bn, 32 * cfg.nb).split
         return dataclasses.replace(cfg, split=max(1, int(split * factor)))
     sms = tm._sm_count(torch.device(DEV))
     tiles = -(-n_rows // cfg.bn)

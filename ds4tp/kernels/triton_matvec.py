@@ -65,7 +65,6 @@ SMALL_MAX_K = 8
 # (bench/results/kernels_h200_run5_routed_20261128.json) measured 18.9 us with 4 rows and one
 # warp per program against 39.5 us for the tile kernel's default there; at TP=1 (2048 inputs) an
 # earlier run measured 59 us (16 rows) against 45 us for the tile kernel, so TP=1 keeps it.
-Q2K_SUM_DEFAULT = True
 Q2K_SUM_MAX_IN = 1024
 Q2K_SUM_MAX_T = 4
 Q2K_SUM_BN = 4
@@ -837,7 +836,7 @@ class Cfg:
     tq_min: int = 0          # 0: TQ_MIN
     small: bool | None = None
     q8s: bool = True         # Q8_0 at T = 1: the split-layout kernel (bn rows, nb*32 = BK)
-    q2s: bool | None = None  # Q2_K slot sum, few tokens: _q2k_sum_kernel (None: Q2K_SUM_DEFAULT)
+    q2s: bool | None = None  # Q2_K slot sum, few tokens: _q2k_sum_kernel (None: by input width)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -1003,9 +1002,7 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch
         c = _fit(cfg, w.qtype, n_in) if cfg else default_cfg(w.qtype, n_out, n_in, Tc, x.device)
         bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
         tq = _token_tile(c, w.qtype, Tc)
-        steps = kb // c.nb
-        per = triton.cdiv(steps, max(1, min(c.split, steps))) * c.nb
-        split = triton.cdiv(kb, per)
+        per, split = _split_k(kb, c.nb, c.split)
         tiles = triton.cdiv(n_out, bn)
         ws, cnt = _split_buffers(split, tiles, bn, tq, x.device, ys)
         xq, xd, xbs = _prequant(w.qtype, xs) if c.pre else (xs, xs, xs)
@@ -1030,11 +1027,11 @@ def q8_0_split(w) -> tuple[torch.Tensor, torch.Tensor]:
     return got
 
 
-def q8s_cfg(n_rows: int, n_in: int, device) -> Cfg:
-    """Launch shape of the split-layout Q8_0 matvec: 16-row tiles, 1024-wide K steps, K split
-    until there are about four programs per SM (measured: bench/kernels_check.py --sweep)."""
-    bk = _pow2_divisor(n_in, 1024)
-    bn = 16
+def q8s_cfg(n_rows: int, n_in: int, device, bn: int = 16, bk: int = 1024) -> Cfg:
+    """Launch shape of the split-layout Q8_0 matvec: by default 16-row tiles and 1024-wide K
+    steps (measured: bench/kernels_check.py --sweep), K split until there are about four
+    programs per SM."""
+    bk = _pow2_divisor(n_in, bk)
     tiles = triton.cdiv(n_rows, bn)
     steps = n_in // bk
     split = max(1, min(triton.cdiv(4 * _sm_count(torch.device(device)), tiles), steps // 2, 32))
@@ -1048,15 +1045,20 @@ def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None):
     bk = 32 * _pow2_divisor(n_in // 32, c.nb)
     rows_per_group = n_out // groups
     bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
-    steps = n_in // bk
-    per = triton.cdiv(steps, max(1, min(c.split, steps))) * bk
-    split = triton.cdiv(n_in, per)
+    per, split = _split_k(n_in, bk, c.split)
     tiles = triton.cdiv(n_out, bn)
     ws, cnt = _split_buffers(split, tiles, bn, 1, x.device, y)
     _q8s_matvec_kernel[(tiles, split)](q, d, x, y, ws, cnt, n_out, n_in, per, rows_per_group, n_in,
                                        BN=bn, BK=bk, SPLIT=split, num_warps=c.warps,
                                        num_stages=c.stages)
     return y
+
+
+def _split_k(total: int, step: int, want: int) -> tuple[int, int]:
+    """K split into about `want` chunks of whole steps: (chunk length, number of chunks)."""
+    steps = total // step
+    per = triton.cdiv(steps, max(1, min(want, steps))) * step
+    return per, triton.cdiv(total, per)
 
 
 def _split_buffers(split, tiles, bn, tq, device, dummy):
@@ -1121,6 +1123,11 @@ def expert_swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: tor
     return out
 
 
+def _words_aligned(raw: torch.Tensor) -> bool:
+    """Whether every row of raw starts on a 4-byte boundary (kernels that load int32 words)."""
+    return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
+
+
 def small_path(w, T: int, K: int, cfg: Cfg | None = None) -> bool:
     """Whether an expert launch of T tokens x K slots takes the packed-integer few-token path."""
     if cfg is not None and cfg.small is False:
@@ -1130,7 +1137,7 @@ def small_path(w, T: int, K: int, cfg: Cfg | None = None) -> bool:
         return False
     raw = w.raw
     if w.qtype == Q2_K:   # int32 loads of the qs words
-        return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
+        return _words_aligned(raw)
     return True
 
 
@@ -1163,11 +1170,9 @@ def q2k_sum_path(w, T: int, K: int, mode: int, cfg: Cfg | None = None) -> bool:
         return False
     if cfg is not None and cfg.small is not None:
         return False
-    forced = cfg is not None and cfg.q2s is not None
-    if not (cfg.q2s if forced else Q2K_SUM_DEFAULT and w.shape[-1] <= Q2K_SUM_MAX_IN):
+    if not (cfg.q2s if cfg is not None and cfg.q2s is not None else w.shape[-1] <= Q2K_SUM_MAX_IN):
         return False
-    raw = w.raw
-    return raw.stride(-1) == 1 and raw.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in raw.stride()[:-1])
+    return _words_aligned(w.raw)
 
 
 def _q2k_sum(w, x, per_slot, ids, out, cfg):
@@ -1243,31 +1248,29 @@ def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
 
 
 # ---- standalone activation quantisers -------------------------------------------------------
-def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, n] float32 -> (q int8 [R, n], d float32 [R, n/32]); q*d == numerics.q8_0_act(x)."""
-    x = _check_act(x, x.shape[-1], "quantize_q8_0")
+def _quantize(x: torch.Tensor, block: int, name: str):
+    """(q int8 [R, n], d float32 [R, n/block], block sums of 16 int32 [R, n/16] for Q8_K)."""
+    x = _check_act(x, x.shape[-1], f"quantize_{name}")
     R, n = x.shape
-    if n % 32:
-        raise ValueError(f"Q8_0 activation width {n} is not a multiple of 32")
-    nblk = n // 32
+    if n % block:
+        raise ValueError(f"{name.upper()} activation width {n} is not a multiple of {block}")
+    nblk = n // block
+    kq = block == 256
     q = torch.empty(R, n, dtype=torch.int8, device=x.device)
     d = torch.empty(R, nblk, dtype=torch.float32, device=x.device)
-    nbp = min(32, _pow2_at_least(nblk))
-    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, d, nblk, KQ=False, NBP=nbp)
+    bs = torch.empty(R, n // 16, dtype=torch.int32, device=x.device) if kq else d
+    nbp = min(4 if kq else 32, _pow2_at_least(nblk))
+    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, bs, nblk, KQ=kq, NBP=nbp)
+    return q, d, bs
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, n] float32 -> (q int8 [R, n], d float32 [R, n/32]); q*d == numerics.q8_0_act(x)."""
+    q, d, _ = _quantize(x, 32, "q8_0")
     return q, d
 
 
 def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, n] float32 -> (q int8 [R, n], d float32 [R, n/256], block sums of 16 int32
     [R, n/16]); q*d == numerics.q8_k_act(x)."""
-    x = _check_act(x, x.shape[-1], "quantize_q8_k")
-    R, n = x.shape
-    if n % 256:
-        raise ValueError(f"Q8_K activation width {n} is not a multiple of 256")
-    nblk = n // 256
-    q = torch.empty(R, n, dtype=torch.int8, device=x.device)
-    d = torch.empty(R, nblk, dtype=torch.float32, device=x.device)
-    bs = torch.empty(R, n // 16, dtype=torch.int32, device=x.device)
-    nbp = min(4, _pow2_at_least(nblk))
-    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, bs, nblk, KQ=True, NBP=nbp)
-    return q, d, bs
+    return _quantize(x, 256, "q8_k")
