@@ -227,9 +227,18 @@ def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, norm, s: Shape):
 
 
 @fused
-def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+def hc_post_torch(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """H_out[i] = post[i]*f + sum_r M[r][i]*H_in[r]."""
     return post[:, :, None] * f[:, None, :] + torch.einsum("tri,tre->tie", m, hc_in)
+
+
+def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The dispatch point: an eager prefill on CUDA takes one Triton launch (a batched [n, n] x
+    [n, E] matmul per token is slow in cuBLAS); decode runs the twin (compiled into its graph)."""
+    if hc_in.is_cuda and hc_in.shape[0] > 1 and kernels.available() and not torch.compiler.is_compiling():
+        from ds4tp.kernels import triton_hc
+        return triton_hc.hc_post(f, hc_in, post, m)
+    return hc_post_torch(f, hc_in, post, m)
 
 
 # ================================ attention (sec. 9) ==========================================
@@ -350,6 +359,19 @@ def attend(q, raw, raw_pos, comp, comp_mask, pos, sinks, s: Shape) -> torch.Tens
     return o
 
 
+ATTN_QUERY_CHUNK = 256
+
+
+def query_chunks(T: int, raw_prev: int, n_swa: int, chunk: int = ATTN_QUERY_CHUNK):
+    """(a, b, lo, hi): queries [a, b) of this call and the raw cache rows [lo, hi) their windows
+    reach (the cache holds raw_prev older rows, then this call's T rows; query i sits at row
+    raw_prev + i and sees rows (raw_prev + i - n_swa, raw_prev + i]). Bounds the [T, H, keys]
+    scores of a prefill and skips the rows no query of a chunk can see."""
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        yield a, b, max(0, raw_prev + a - n_swa + 1), raw_prev + b
+
+
 def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Tensor:
     """Grouped low-rank output (sec. 9.8): o [T, H_l, D] -> this rank's partial [T, E].
     Each output group maps its heads to o_lora dims; this rank's groups are exactly its heads,
@@ -407,7 +429,16 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
     if trace is not None:
         trace.update(q=q, kv=kv)
 
-    o = attend(q, raw, raw_pos, comp, comp_mask, pos, lw.sinks, s)   # [T, H_l, D]
+    # [T, H_l, D]; a long call attends in query chunks, each over the raw rows its window reaches
+    # and the compressed rows emitted up to its last token ((pos+1)//ratio rows are visible)
+    parts = []
+    for a, b, lo, hi in query_chunks(T, raw_prev, s.n_swa):
+        c = cm = None
+        if comp is not None:
+            c = comp[: min(comp.shape[0], (p0 + b) // lw.ratio)]
+            cm = comp_mask[a:b, : c.shape[0]]
+        parts.append(attend(q[a:b], raw[lo:hi], raw_pos[lo:hi], c, cm, pos[a:b], lw.sinks, s))
+    o = torch.cat(parts)
     if trace is not None:
         trace["heads"] = o
     o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)   # [T, H_l, D]

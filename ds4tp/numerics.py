@@ -118,10 +118,21 @@ def f16_round(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- norms and activations -------------------------------------------------------------------
-def rms_scale(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+def rms_scale_torch(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     """1/sqrt(mean(x^2) + eps) over the last dim, sum of squares in float64 (keepdim)."""
     ms = (x.double().square().sum(-1, keepdim=True) / x.shape[-1]).float()
     return 1.0 / torch.sqrt(ms + eps)
+
+
+def rms_scale(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """The dispatch point: several rows on CUDA outside compilation (an eager prefill) take one
+    Triton launch (ds4tp.kernels.triton_norm); decode, compiled, runs the twin inside its graph."""
+    if x.is_cuda and x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling():
+        from ds4tp import kernels
+        if kernels.available():
+            from ds4tp.kernels import triton_norm
+            return triton_norm.rms_scale(x, eps)
+    return rms_scale_torch(x, eps)
 
 
 @fused

@@ -34,8 +34,7 @@ def linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     return act_quant(w.qtype, x) @ w.f32().T
 
 
-def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
-                        wf: torch.Tensor | None = None) -> torch.Tensor:
+def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Routed experts: w (E, out, in); ids [T, K] local expert indices (-1 = not on this rank,
     gives zeros); x [T, in] (shared by the K slots) or [T, K, in]. Returns [T, K, out].
 
@@ -47,7 +46,7 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
     xq = act_quant(w.qtype, x)
     if xq.dim() == 2:
         xq = xq[:, None, :].expand(T, K, n_in)
-    wf = w.f32() if wf is None else wf
+    wf = w.f32()
     if T * K <= 16:    # decode: multiply each slot's row by its expert's matrix directly
         safe = ids.clamp_min(0).reshape(-1)
         y = torch.bmm(wf[safe], xq.reshape(T * K, n_in, 1)).view(T, K, n_out)
@@ -71,11 +70,10 @@ def expert_linear_torch(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
 
 
 def expert_swiglu_torch(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,
-                        weights: torch.Tensor, clamp: float = SWIGLU_CLAMP,
-                        wg: torch.Tensor | None = None, wu: torch.Tensor | None = None) -> torch.Tensor:
+                        weights: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
     """Routed gate/up and the clamped SwiGLU times the router weight: [T, K, out]."""
-    g = expert_linear_torch(w_gate, x, ids, wg)
-    u = expert_linear_torch(w_up, x, ids, wu)
+    g = expert_linear_torch(w_gate, x, ids)
+    u = expert_linear_torch(w_up, x, ids)
     return swiglu_clamped(g, u, clamp) * weights[:, :, None]
 
 
@@ -88,12 +86,9 @@ def grouped_linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- dispatch points ---------------------------------------------------------------------------
-# From this many token rows on CUDA (prefill), a weight is decoded once into float32 by a Triton
-# kernel and multiplied with a GEMM instead of being re-read by the matvec kernels per token
-# tile. The result is the twin's math (exact decode, quantised activation, float32 GEMM).
-PREFILL_MIN_ROWS = 64
-
-
+# On CUDA every weight-times-activation op goes to ds4tp.kernels (which picks the few-token
+# matvec kernels or, for a prefill's many tokens, the one-launch GEMM); elsewhere, and for what
+# the kernels do not cover, the torch twin runs.
 def _fused_ok(x: torch.Tensor) -> bool:
     if not x.is_cuda:
         return False
@@ -101,21 +96,10 @@ def _fused_ok(x: torch.Tensor) -> bool:
     return kernels.available()
 
 
-def _decoded(w: QTensor, rows: int) -> torch.Tensor | None:
-    """The weight decoded now (not cached) when `rows` activation rows make that pay off."""
-    if rows < PREFILL_MIN_ROWS:
-        return None
-    from ds4tp.kernels import triton_dequant
-    return triton_dequant.dequantize(w)
-
-
 def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere."""
     if _fused_ok(x):
         from ds4tp import kernels
-        wf = _decoded(w, x.shape[0])
-        if wf is not None:
-            return act_quant(w.qtype, x) @ wf.T
         y = kernels.linear(w, x)
         if y is not None:
             return y
@@ -126,14 +110,12 @@ def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
                   sum_slots: bool = False) -> torch.Tensor:
     """Selected routed experts per token; see expert_linear_torch for shapes. With sum_slots
     the K slots of each token are summed: [T, out] (the routed down projection)."""
-    wf = None
     if _fused_ok(x):
         from ds4tp import kernels
-        wf = _decoded(w, ids.numel())
-        y = None if wf is not None else kernels.expert_linear(w, x, ids, sum_slots=sum_slots)
+        y = kernels.expert_linear(w, x, ids, sum_slots=sum_slots)
         if y is not None:
             return y
-    y = expert_linear_torch(w, x, ids, wf)
+    y = expert_linear_torch(w, x, ids)
     return y.sum(1) if sum_slots else y
 
 
@@ -143,9 +125,6 @@ def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Te
     launch on CUDA); see expert_swiglu_torch."""
     if _fused_ok(x):
         from ds4tp import kernels
-        wg = _decoded(w_gate, ids.numel())
-        if wg is not None:
-            return expert_swiglu_torch(w_gate, w_up, x, ids, weights, clamp, wg, _decoded(w_up, ids.numel()))
         y = kernels.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
         if y is not None:
             return y
@@ -156,10 +135,6 @@ def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """Grouped low-rank projection (attention output A); see grouped_linear_torch."""
     if _fused_ok(x):
         from ds4tp import kernels
-        wf = _decoded(w, x.shape[0])
-        if wf is not None:
-            T, G, n_in = x.shape
-            return torch.einsum("tgi,goi->tgo", act_quant(w.qtype, x), wf.view(G, -1, n_in))
         y = kernels.grouped_linear(w, x)
         if y is not None:
             return y

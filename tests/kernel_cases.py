@@ -192,6 +192,68 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
     return err / max(want.abs().max().item(), 1e-30)
 
 
+def case_gemm_linear(device, gen, qtype, n_out, n_in, T, groups=1, cfg=None, shard=False):
+    """The many-token launch (triton_gemm.linear), dense or grouped, whole or a column shard."""
+    from ds4tp.kernels import triton_gemm as tg
+    if shard:
+        w = column_shard(rand_weight(qtype, (n_out, 2 * n_in), gen, device), 0, 2)
+    else:
+        w = rand_weight(qtype, (n_out, n_in), gen, device)
+    c = tg.GemmCfg(**cfg) if cfg is not None else None
+    tag = f"gemm {type_name(qtype)} {n_out}x{n_in} groups={groups} T={T} {cfg}"
+    if groups == 1:
+        x = rand_act((T, n_in), gen, device)
+        return check(tag, tg.linear(w, x, cfg=c), ops.linear_torch(w, x))
+    rows = n_out // groups
+    x = rand_act((T, groups, n_in), gen, device)
+    got = tg.linear(w, x.reshape(T, -1), groups=groups, cfg=c).view(T, groups, rows)
+    return check(tag, got, ops.grouped_linear_torch(w, x))
+
+
+def case_gemm_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, swiglu=False, cfg=None,
+                      shard="", skip=0.15):
+    """Routed experts through the many-token launch: pairs sorted by expert, tiles of one expert."""
+    from ds4tp.kernels import triton_gemm as tg
+    c = tg.GemmCfg(**cfg) if cfg is not None else None
+    w = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
+    ids = rand_ids(T, K, E, gen, device, skip=skip)
+    tag = f"gemm experts {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} swiglu={swiglu} {cfg} {shard}"
+    if not swiglu:
+        x = rand_act((T, K, n_in) if per_slot else (T, n_in), gen, device)
+        got = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS, cfg=c)
+        assert torch.all(got[ids < 0] == 0), tag + ": skipped slots are not zero"
+        return check(tag, got, ops.expert_linear_torch(w, x, ids))
+    wu = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
+    x = rand_act((T, n_in), gen, device) * 20.0
+    rw = torch.rand(T, K, generator=gen).to(device)
+    g, u = ops.expert_linear_torch(w, x, ids), ops.expert_linear_torch(wu, x, ids)
+    want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
+    got = tg.experts(w, wu, x, ids, rw, tg.MODE_SWIGLU, 10.0, cfg=c)
+    lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()
+    err = (got - want).abs().max().item()
+    if not err <= lim:
+        raise AssertionError(f"{tag}: abs error {err:.3g} > {lim:.3g}")
+    assert torch.all(got[ids < 0] == 0), tag + ": skipped slots are not zero"
+    return err / max(want.abs().max().item(), 1e-30)
+
+
+def case_hc_post(device, gen, T, E):
+    """The one-launch stream update (prefill) against model.hc_post_torch."""
+    from ds4tp.kernels import triton_hc
+    from ds4tp.model import hc_post_torch
+    r = lambda *sh: torch.randn(*sh, generator=gen).to(device)   # noqa: E731
+    args = (r(T, E), r(T, 4, E), r(T, 4), r(T, 4, 4))
+    return check(f"hc_post T={T} E={E}", triton_hc.hc_post(*args), hc_post_torch.eager(*args), 1e-6)
+
+
+def case_rms_scale(device, gen, shape):
+    """The one-launch RMS scale (prefill) against numerics.rms_scale_torch."""
+    from ds4tp.kernels import triton_norm
+    x = torch.randn(*shape, generator=gen).to(device) * 3.0
+    x.view(-1, shape[-1])[0] = 0.0                          # an all-zero row: 1/sqrt(eps)
+    return check(f"rms_scale {shape}", triton_norm.rms_scale(x, 1e-6), numerics.rms_scale_torch(x), 2e-7)
+
+
 def C(**kw):
     """A launch config (ds4tp.kernels.triton_matvec.Cfg fields), kept as a dict until used."""
     return kw
@@ -224,6 +286,8 @@ def interpreter_cases():
     yield "quantizers", case_quantizers, ()
     yield "hc_combine T=1", case_hc_combine, (1, 512)
     yield "hc_combine T=3 tail", case_hc_combine, (3, 1000)
+    yield "rms_scale rows", case_rms_scale, ((5, 3, 300),)
+    yield "hc_post E tail", case_hc_post, (3, 1100)
     for qt in TYPES:
         nb = 64 if qt == F16 else 4
         yield f"linear {type_name(qt)} T=1", case_linear, (qt, 48, 512, 1, C(bn=16, nb=nb))
@@ -265,6 +329,17 @@ def interpreter_cases():
     yield "small down Q2_K T=4 dup", case_experts, (Q2_K, 8, 16, 768, 4, 6, True, C(bn=8, nb=1, split=2, small=True), True)
     yield "small down Q2_K T=2 cols", case_experts, (Q2_K, 8, 32, 512, 2, 6, True, C(bn=16, nb=2, small=True), False, "cols")
     yield "small swiglu Q2_K T=2", case_swiglu, (Q2_K, 8, 16, 512, 2, 6, C(bn=16, nb=2, split=8, small=True))
+    # many-token launch (prefill): token tiles with a tail, groups, shards, experts in tiles
+    g16 = C(bn=16, tq=16, nb=2)
+    yield "gemm Q8_0 T=37", case_gemm_linear, (Q8_0, 40, 256, 37, 1, g16)
+    yield "gemm Q8_0 grouped T=20", case_gemm_linear, (Q8_0, 64, 128, 20, 4, g16)
+    yield "gemm IQ2_XXS T=18", case_gemm_linear, (IQ2_XXS, 32, 512, 18, 1, C(bn=16, tq=16, nb=1))
+    yield "gemm Q2_K shard T=17", case_gemm_linear, (Q2_K, 16, 512, 17, 1, C(bn=16, tq=16, nb=1), True)
+    yield "gemm Q4_K T=17", case_gemm_linear, (Q4_K, 16, 256, 17, 1, C(bn=16, tq=16, nb=1))
+    yield "gemm F16 T=19 (3xTF32)", case_gemm_linear, (F16, 24, 512, 19, 1, C(bn=16, tq=16, nb=32))
+    yield "gemm experts IQ2_XXS swiglu rows", case_gemm_experts, (IQ2_XXS, 4, 16, 256, 12, 3, False, True, C(bn=16, tq=16, nb=1), "rows")
+    yield "gemm experts Q2_K per-slot cols", case_gemm_experts, (Q2_K, 4, 16, 512, 11, 3, True, False, C(bn=16, tq=16, nb=1), "cols")
+    yield "gemm experts Q8_0 shared x", case_gemm_experts, (Q8_0, 3, 16, 128, 9, 2, False, False, C(bn=16, tq=16, nb=4))
 
 
 def run_interpreter(seed=1234) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds4tp import config as C
-from ds4tp.model import (attend, hc_combine_torch, hc_flat, hc_post, hc_split, kv_row_quant,
+from ds4tp.model import (attend, hc_combine_torch, hc_flat, hc_post_torch, hc_split, kv_row_quant,
                          local_expert_ids, route_select, select_rows)
 from ds4tp.numerics import (fp4_e2m1_blocks, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rope_cos_sin,
                             rope_tail, softplus, swiglu_clamped)
@@ -32,7 +32,7 @@ def cases(dev):
         ("swiglu", swiglu_clamped, (r(2, 6, 64) * 8, r(2, 6, 64) * 8, 10.0)),
         ("rope", rope_tail, (r(2, 8, 256), cos[:, None], sin[:, None], True)),
         ("hc_split", hc_split, (r(2, 24), r(3).abs(), r(24), 4, 20)),
-        ("hc_post", hc_post, (r(2, 256), r(2, 4, 256), r(2, 4), r(2, 4, 4))),
+        ("hc_post", hc_post_torch, (r(2, 256), r(2, 4, 256), r(2, 4), r(2, 4, 4))),
         ("kv_row_quant", kv_row_quant, (r(2, 256), S)),
         ("select_rows", select_rows, (r(2, 40), torch.tensor([20, 40], device=dev), 16)),
         ("hc_flat", hc_flat, (r(2, 4, 256),)),

@@ -56,6 +56,14 @@ def test_cuda_hc_combine(T):
     kc.case_hc_combine("cuda", torch.Generator().manual_seed(20 + T), T, 4096)
 
 
+@needs_cuda
+def test_cuda_rms_scale_hc_post():
+    g = torch.Generator().manual_seed(2)
+    kc.case_rms_scale("cuda", g, (2048, 16384))
+    kc.case_rms_scale("cuda", g, (64, 64, 512))
+    kc.case_hc_post("cuda", g, 300, 4096)
+
+
 DS4_LINEAR = [  # (type, out, in): DS4 shapes, shortened where only the row count differs
     (Q8_0, 1024, 4096), (Q8_0, 4096, 8192), (Q8_0, 2048, 4096), (Q8_0, 4096, 2048),
     (Q8_0, 4096, 1024), (F16, 24, 16384), (F16, 256, 4096), (F16, 1024, 4096),
@@ -118,6 +126,30 @@ def test_cuda_routed_experts_small_vs_tiles():
 
 
 @needs_cuda
+@pytest.mark.parametrize("shape,T", [((Q8_0, 4096, 1024), 300), ((Q8_0, 1024, 4096), 64),
+                                     ((IQ2_XXS, 2048, 4096), 40), ((Q2_K, 4096, 2048), 33),
+                                     ((Q4_K, 2048, 4096), 17), ((F16, 24, 16384), 300),
+                                     ((F16, 1024, 4096), 100)],
+                         ids=["Q8_0-T300", "Q8_0-T64", "IQ2_XXS-T40", "Q2_K-T33", "Q4_K-T17",
+                              "F16-24x16384-T300", "F16-1024x4096-T100"])
+def test_cuda_gemm_linear(shape, T):
+    """The many-token launch (prefill) at DS4 shapes, default launch shape."""
+    qt, n_out, n_in = shape
+    kc.case_gemm_linear("cuda", torch.Generator().manual_seed(T), qt, n_out, n_in, T)
+
+
+@needs_cuda
+def test_cuda_gemm_grouped_and_experts():
+    """Prefill-sized launches: grouped attention output A, routed gate/up (SwiGLU) and down over
+    all 256 experts (TP=2 shard views), some -1 ids."""
+    g = torch.Generator().manual_seed(4)
+    kc.case_gemm_linear("cuda", g, Q8_0, 8 * 1024, 4096, 70, groups=8)
+    kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 300, 6, False, True, None, "rows")
+    kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 300, 6, True, False, None, "cols")
+    kc.case_gemm_experts("cuda", g, IQ2_XXS, 32, 512, 1024, 40, 6, False, False, None, "", 0.0)
+
+
+@needs_cuda
 def test_cuda_dispatch_and_determinism():
     """ops.* route CUDA tensors through the kernels; split launches repeat bit for bit."""
     from ds4tp import ops
@@ -149,3 +181,14 @@ def test_cuda_dispatch_and_determinism():
     assert torch.equal(got, tm.expert_swiglu(wg, wu, xs, ids, rw))
     want = ops.expert_swiglu_torch(wg, wu, xs, ids, rw)
     assert (got - want).abs().max() <= 1e-4 * max(want.abs().max().item(), 1.0)
+    # many tokens: ops routes quantised weights to the one-launch kernel, bit-stable across runs
+    from ds4tp.kernels import triton_gemm as tg
+    xl = kc.rand_act((100, 4096), g, "cuda")
+    runs = [ops.linear(w, xl) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:]) and torch.equal(runs[0], tg.linear(w, xl))
+    kc.check("ops.linear T=100", runs[0], ops.linear_torch(w, xl))
+    ids = kc.rand_ids(40, 6, 64, g, "cuda")
+    xm = kc.rand_act((40, 6, 1024), g, "cuda")
+    got = ops.expert_linear(we, xm, ids, sum_slots=True)
+    assert torch.equal(got, tg.experts(we, None, xm, ids, None, tg.MODE_SLOTS).sum(1))
+    kc.check("ops.expert_linear T=40 sum", got, ops.expert_linear_torch(we, xm, ids).sum(1))

@@ -6,7 +6,9 @@ float32), and `ds4tp.ops` then runs the torch twin. The kernels live in `triton_
 docstring for the numerics (bit-identical activation quantisation, exact weight decoding,
 float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing. Routed
 experts at decode sizes (IQ2_XXS / Q2_K, T*K <= 24) take a packed-integer dp4a kernel; larger
-launches the tensor-core tile kernel.
+launches the tensor-core tile kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of
+`triton_gemm` takes Q8_0 / K-quant / IQ2_XXS weights: one launch for all tokens (routed experts
+grouped by expert), the same exact block dots.
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]
@@ -21,6 +23,8 @@ from __future__ import annotations
 import functools
 
 from ds4tp.config import SWIGLU_CLAMP
+
+GEMM_MIN_T = 17     # tokens from which one many-token launch replaces chunks of TQ_MAX = 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,9 +44,17 @@ def _covered(w, x) -> bool:
             and x.device == w.raw.device)
 
 
+def _many(w, T: int) -> bool:
+    from ds4tp.kernels.triton_gemm import SUPPORTED
+    return T >= GEMM_MIN_T and w.qtype in SUPPORTED
+
+
 def linear(w, x):
     if not _covered(w, x):
         return None
+    if _many(w, x.shape[0]):
+        from ds4tp.kernels import triton_gemm
+        return triton_gemm.linear(w, x)
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear(w, x)
 
@@ -50,14 +62,21 @@ def linear(w, x):
 def grouped_linear(w, x):
     if not _covered(w, x):
         return None
-    from ds4tp.kernels import triton_matvec as tm
     T, G, n_in = x.shape
+    if _many(w, T):
+        from ds4tp.kernels import triton_gemm
+        return triton_gemm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
+    from ds4tp.kernels import triton_matvec as tm
     return tm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
 
 
 def expert_linear(w, x, ids, sum_slots: bool = False):
     if not _covered(w, x) or not ids.is_cuda:
         return None
+    if _many(w, ids.shape[0]):
+        from ds4tp.kernels import triton_gemm as tg
+        y = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS)
+        return y.sum(1) if sum_slots else y
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_linear(w, x, ids, sum_slots=sum_slots)
 
@@ -65,5 +84,8 @@ def expert_linear(w, x, ids, sum_slots: bool = False):
 def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):
     if not (_covered(w_gate, x) and _covered(w_up, x) and ids.is_cuda and weights.is_cuda):
         return None
+    if _many(w_gate, ids.shape[0]) and w_gate.qtype == w_up.qtype and w_gate.shape == w_up.shape:
+        from ds4tp.kernels import triton_gemm as tg
+        return tg.experts(w_gate, w_up, x, ids, weights, tg.MODE_SWIGLU, clamp)
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)

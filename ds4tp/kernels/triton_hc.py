@@ -92,5 +92,38 @@ def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: tor
     return x, post, m
 
 
+@triton.jit
+def _hc_post_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, E, NH: tl.constexpr, BE: tl.constexpr):
+    """out[t, i, :] = post[t, i] * f[t, :] + sum_r M[t, r, i] * H[t, r, :] for one (t, E tile)."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BE + tl.arange(0, BE)
+    ok = e < E
+    i = tl.arange(0, NH)
+    fv = tl.load(f_ptr + t * E + e, mask=ok, other=0.0)
+    acc = tl.load(post_ptr + t * NH + i)[:, None] * fv[None, :]
+    for r in tl.static_range(NH):
+        h = tl.load(h_ptr + (t * NH + r) * E + e, mask=ok, other=0.0)
+        acc += tl.load(m_ptr + (t * NH + r) * NH + i)[:, None] * h[None, :]
+    tl.store(out_ptr + t * NH * E + i[:, None] * E + e[None, :], acc, mask=ok[None, :])
+
+
+def hc_post(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """f [T, E], hc [T, n, E], post [T, n], M [T, n, n] (float32) -> the new streams [T, n, E];
+    the twin is ds4tp.model.hc_post_torch. n must be a power of two."""
+    T, n, E = hc.shape
+    if n & (n - 1) or f.shape != (T, E) or post.shape != (T, n) or m.shape != (T, n, n):
+        raise ValueError(f"hc_post: f {tuple(f.shape)}, hc {tuple(hc.shape)}, post {tuple(post.shape)}, "
+                         f"M {tuple(m.shape)} do not match")
+    for name, v in (("f", f), ("hc", hc), ("post", post), ("M", m)):
+        if v.dtype != torch.float32:
+            raise ValueError(f"hc_post: {name} must be float32")
+    out = torch.empty(T, n, E, dtype=torch.float32, device=hc.device)
+    if T and E:
+        be = min(1024, triton.next_power_of_2(E))
+        _hc_post_kernel[(T, triton.cdiv(E, be))](f.contiguous(), hc.contiguous(), post.contiguous(),
+                                                 m.contiguous(), out, E, NH=n, BE=be, num_warps=4)
+    return out
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,244 @@
+"""Many-token products (prefill) on the quantised weights, one launch per weight.
+
+The decode kernels (triton_matvec) take at most TQ_MAX tokens per launch and re-read the weight
+for every further chunk; the old prefill path instead decoded each weight whole into float32 and
+ran float32 GEMMs (256 of them per routed tensor per layer). Here one launch covers all tokens:
+
+  * program (m, n) multiplies a tile of BN weight rows with a tile of TQ token rows, decoding the
+    weight in registers (`_mv_tile`, the same exact integer block dots on tensor cores as the
+    decode tile kernel: int8 for Q8_0 / Q2_K, fp16 holding exact integers for IQ2_XXS / Q4_K,
+    block sums scaled in float32). The result is the torch twin's up to float32 summation order.
+  * the activation is quantised once (Q8_0 / Q8_K, bit-identical to ds4tp.numerics) before the
+    launch; m is the fast grid axis, so the programs sharing a weight tile run together (L2).
+  * routed experts: the (token, slot) pairs are sorted by expert (one stable sort, one host sync
+    for the group sizes) and cut into token tiles of one expert each; a tile's columns are pairs,
+    so no activation or weight is gathered or copied, and each expert's rows are decoded once per
+    tile of its tokens. Outputs land at their (token, slot) row directly.
+
+F16 weights (mixer, router, compressors, indexer) take float32 activations as they are: dots in
+3xTF32 (the activation split into a TF32 head and tail; the weight is exact in TF32), about
+float32 accuracy at tensor-core speed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, type_name
+from ds4tp.kernels.triton_matvec import (_EPB, _iq2_tables, _mv_tile, _pow2_at_least,
+                                         _pow2_divisor, _prequant, _raw, q8_0_split)
+
+SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+MODE_SLOTS, MODE_SWIGLU = 0, 2
+
+
+@dataclass(frozen=True)
+class GemmCfg:
+    """bn weight rows x tq token rows per program; nb blocks per unrolled K step (Q8_0 32-blocks
+    of the GGUF layout, K-quant super-blocks). stages: software pipelining depth (with 2 the
+    IQ2_XXS SwiGLU launch measured 7x slower on an H200: bench/results/gemm_sweep_h200_*)."""
+    bn: int = 64
+    tq: int = 64
+    nb: int = 4
+    warps: int = 4
+    stages: int = 1
+
+
+def expert_token_tile(rows_per_expert: int) -> int:
+    """Token tile of an expert launch: the mean rows per used expert rounded up to a power of
+    two, 16..64 (a tile holds one expert's rows, so larger tiles would be mostly padding)."""
+    return max(16, min(64, _pow2_at_least(max(1, rows_per_expert))))
+
+
+def default_cfg(qtype: int, n_in: int, tq: int = 128) -> GemmCfg:
+    """64 weight rows x tq tokens (dense: 128, the fastest in the H200 sweep), per K step 32 F16
+    columns, four Q8_0 blocks or one super-block, no software pipelining."""
+    nb = {F16: 32, Q8_0: 4}.get(qtype, 1)
+    return GemmCfg(bn=64, tq=tq, nb=_pow2_divisor(n_in // _EPB[qtype], nb))
+
+
+@triton.jit
+def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr,
+                 stride_xt, stride_xk, tiles_ptr, pairs_ptr, rw_ptr, out_ptr, stride_op,
+                 grid_ptr, sign_ptr, N, P, K, KB, rows_per_group, group_in, clamp,
+                 QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, NB: tl.constexpr,
+                 TABLE: tl.constexpr, MODE: tl.constexpr, QS: tl.constexpr):
+    """Columns are pairs p = t*K + k (dense: K = 1, p = t); the activation row of p starts at
+    element t*stride_xt + k*stride_xk (+ the group's offset), its output row at p*stride_op.
+    TABLE: tile m is (expert, first index into pairs_ptr, count) from tiles_ptr; otherwise tile m
+    is pairs m*TQ .. m*TQ+TQ-1 of expert 0. MODE_SWIGLU: w (gate) and w2 (up) are multiplied
+    with the same activation and the output is the clamped SwiGLU times the pair's router weight.
+    QS (dense Q8_0): the weight is the split layout (triton_matvec.q8_0_split), whose rows load
+    as whole 32-byte blocks instead of byte by byte out of 34-byte blocks."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    j = tl.arange(0, TQ)
+    if TABLE:
+        e = tl.load(tiles_ptr + 3 * pid_m)
+        first = tl.load(tiles_ptr + 3 * pid_m + 1)
+        live = j < tl.load(tiles_ptr + 3 * pid_m + 2)
+        p = tl.load(pairs_ptr + first + j, mask=live, other=0)
+    else:
+        e = pid_m * 0
+        p = pid_m * TQ + j
+        live = p < P
+    t = p // K
+    k = p - t * K
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    row_off = rows.to(tl.int64) * stride_wn
+    grp = (pid_n * BN) // rows_per_group          # a row tile never straddles two groups
+    x_off = t.to(tl.int64) * stride_xt + k.to(tl.int64) * stride_xk + grp.to(tl.int64) * group_in
+    eoff = e.to(tl.int64) * stride_we
+    if QS:   # Q8_0 on the split layout: w_ptr int8 quants [N, KB*32], w2_ptr f16 scales [N, KB]
+        acc = tl.zeros([BN, TQ], tl.float32)
+        i = tl.arange(0, 32)
+        qrow = w_ptr + rows.to(tl.int64)[:, None] * (KB * 32) + i[None, :]
+        drow = w2_ptr.to(tl.pointer_type(tl.float16)) + rows.to(tl.int64) * KB
+        xrow = xq_ptr + x_off[:, None] + i[None, :]
+        for kb in range(0, KB):
+            wq = tl.load(qrow + kb * 32, mask=rmask[:, None], other=0).to(tl.int8, bitcast=True)
+            xv = tl.load(xrow + kb * 32, mask=live[:, None], other=0)                 # [TQ, 32]
+            dw = tl.load(drow + kb, mask=rmask, other=0.0).to(tl.float32)
+            dx = tl.load(xd_ptr + (x_off >> 5) + kb, mask=live, other=0.0)
+            r = tl.dot(wq, tl.trans(xv), out_dtype=tl.int32).to(tl.float32)          # exact
+            acc += r * (dw[:, None] * dx[None, :])
+        acc2 = acc
+    elif QT == 1:   # F16 weight x float32 activation: 3xTF32 dots (an F16 weight is exact in
+        acc = tl.zeros([BN, TQ], tl.float32)          # TF32, so only the activation is split)
+        kk = tl.arange(0, NB)
+        wrow = (w_ptr + eoff).to(tl.pointer_type(tl.float16)) + (row_off >> 1)[:, None] + kk[None, :]
+        xrow = x_ptr + x_off[:, None] + kk[None, :]
+        for k in range(0, KB, NB):
+            wv = tl.load(wrow + k, mask=rmask[:, None], other=0.0).to(tl.float32)      # [BN, NB]
+            xv = tl.load(xrow + k, mask=live[:, None], other=0.0)                      # [TQ, NB]
+            acc = tl.dot(wv, tl.trans(xv), acc, input_precision="tf32x3")
+        acc2 = acc
+    else:
+            acc, acc2 = _mv_tile(w_ptr + eoff, w2_ptr + eoff, row_off, rmask, x_ptr, xq_ptr, xd_ptr,
+                             xbs_ptr, x_off, live, 0, KB, grid_ptr, sign_ptr, QT, BN, TQ, NB,
+                             QT == 8, MODE == 2, True)
+    if MODE == 2:   # clamped SwiGLU times the router weight (numerics.swiglu_clamped)
+        g = tl.minimum(acc, clamp)
+        u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
+        rw = tl.load(rw_ptr + p, mask=live, other=0.0)
+        acc = g * tl.sigmoid(g) * u * rw[None, :]
+    ooff = p[None, :].to(tl.int64) * stride_op + rows[:, None]
+    tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
+
+
+def _check(w, lead: int, where: str):
+    if w.qtype not in SUPPORTED:
+        raise ValueError(f"{where}: no many-token kernel for {type_name(w.qtype)}")
+    if len(w.shape) != lead:
+        raise ValueError(f"{where}: expects a {lead}-D weight, got shape {w.shape}")
+
+
+def _act(x: torch.Tensor, n_in: int, where: str) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        raise ValueError(f"{where}: activation must be float32, got {x.dtype}")
+    if x.shape[-1] != n_in:
+        raise ValueError(f"{where}: activation width {x.shape[-1]} != {n_in}")
+    return x.contiguous()
+
+
+def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None) -> torch.Tensor:
+    """y [T, out] = act_quant(x) @ dequant(W)^T for x [T, groups*in]; see triton_matvec.linear."""
+    _check(w, 2, "gemm linear")
+    n_out, n_in = w.shape
+    if groups < 1 or n_out % groups:
+        raise ValueError(f"{n_out} rows do not split into {groups} groups")
+    if x.dim() != 2:
+        raise ValueError(f"gemm linear expects x [T, in], got {tuple(x.shape)}")
+    x = _act(x, groups * n_in, "gemm linear")
+    T = x.shape[0]
+    y = torch.empty(T, n_out, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return y
+    c = cfg or default_cfg(w.qtype, n_in)
+    rows_per_group = n_out // groups
+    bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
+    qs = w.qtype == Q8_0
+    if qs:
+        wa, wb = q8_0_split(w)          # the decode path's copy (built once, kept on w)
+    else:
+        wa = wb = _raw(w)
+    grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (y, y)
+    xq, xd, xbs = _prequant(w.qtype, x) if w.qtype != F16 else (x, x, x)
+    _gemm_kernel[(triton.cdiv(T, c.tq), triton.cdiv(n_out, bn))](
+        wa, wb, 0, wa.stride(-2), x, xq, xd, xbs, x.stride(0), 0, y, y, y, y, y.stride(0),
+        grid_t, sign_t, n_out, T, 1, n_in // _EPB[w.qtype], rows_per_group, n_in, 0.0,
+        QT=w.qtype, BN=bn, TQ=c.tq, NB=_pow2_divisor(n_in // _EPB[w.qtype], c.nb), TABLE=False,
+        MODE=MODE_SLOTS, QS=qs, num_warps=c.warps, num_stages=c.stages)
+    return y
+
+
+def expert_tiles(ids: torch.Tensor, n_expert: int, tq: int | None):
+    """(pairs int32 [P]: the (token, slot) pairs sorted by expert, stable; tiles int32 [M, 3]:
+    (expert, first index into pairs, count <= tq); number of skipped (-1) pairs; tq). One host
+    sync (the group sizes)."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat + 1, minlength=n_expert + 1).tolist()
+    used = [c for c in counts[1:] if c]
+    if tq is None:
+        tq = expert_token_tile(-(-sum(used) // max(1, len(used))))
+    tiles, start = [], counts[0]
+    for e, c in enumerate(counts[1:]):
+        for s in range(0, c, tq):
+            tiles.append((e, start + s, min(tq, c - s)))
+        start += c
+    table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(ids.device, non_blocking=True)
+    return order.to(torch.int32), table, counts[0], tq
+
+
+def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, mode: int,
+            clamp: float = 0.0, cfg: GemmCfg | None = None) -> torch.Tensor:
+    """Routed experts for many tokens: out [T, K, out] (zeros where ids is -1).
+    mode MODE_SLOTS: act_quant(x) times each pair's expert (w only);
+    MODE_SWIGLU: swiglu_clamped(gate, up, clamp) * rw, gate from w and up from w2.
+    x [T, in] (shared by the slots) or [T, K, in]; ids [T, K] local expert ids."""
+    _check(w, 3, "gemm experts")
+    E, n_out, n_in = w.shape
+    if ids.dim() != 2:
+        raise ValueError(f"gemm experts: ids must be [T, K], got {tuple(ids.shape)}")
+    T, K = ids.shape
+    x = _act(x, n_in, "gemm experts")
+    if x.dim() == 2 and x.shape[0] == T:
+        sxt, sxk = x.stride(0), 0
+    elif x.dim() == 3 and tuple(x.shape[:2]) == (T, K):
+        sxt, sxk = x.stride(0), x.stride(1)
+    else:
+        raise ValueError(f"gemm experts: x must be [T, in] or [T, K, in] for ids [T={T}, K={K}], "
+                         f"got {tuple(x.shape)}")
+    if mode == MODE_SWIGLU:
+        if w2 is None or w2.qtype != w.qtype or tuple(w2.shape) != tuple(w.shape):
+            raise ValueError("gemm experts: SwiGLU needs gate and up weights of one type and shape")
+        if rw is None or tuple(rw.shape) != (T, K) or rw.dtype != torch.float32:
+            raise ValueError(f"gemm experts: router weights must be float32 [{T}, {K}], got "
+                             f"{None if rw is None else (rw.dtype, tuple(rw.shape))}")
+    raw = _raw(w)
+    raw2 = _raw(w2) if w2 is not None else raw
+    if raw2.stride() != raw.stride():
+        raise ValueError("gate and up raw bytes must have the same strides")
+    out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
+    if T * K == 0:
+        return out
+    pairs, table, skipped, tq = expert_tiles(ids, E, cfg.tq if cfg else None)
+    if skipped:
+        out.masked_fill_((ids < 0)[:, :, None], 0.0)
+    if table.shape[0] == 0:
+        return out
+    c = cfg or default_cfg(w.qtype, n_in, tq)
+    grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (out, out)
+    xq, xd, xbs = _prequant(w.qtype, x.reshape(-1, n_in)) if w.qtype != F16 else (x, x, x)
+    _gemm_kernel[(table.shape[0], triton.cdiv(n_out, c.bn))](
+        raw, raw2, raw.stride(0), raw.stride(1), x, xq, xd, xbs, sxt, sxk, table, pairs,
+        rw.contiguous() if rw is not None else out, out, n_out, grid_t, sign_t,
+        n_out, T * K, K, n_in // _EPB[w.qtype], n_out, 0, float(clamp),
+        QT=w.qtype, BN=c.bn, TQ=tq, NB=_pow2_divisor(n_in // _EPB[w.qtype], c.nb), TABLE=True,
+        MODE=mode, QS=False, num_warps=c.warps, num_stages=c.stages)
+    return out

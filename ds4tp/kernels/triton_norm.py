@@ -1,0 +1,39 @@
+"""RMS scale of many rows in one launch (prefill), the twin of ds4tp.numerics.rms_scale_torch.
+
+Eager torch spends four passes on it (a float64 copy, square, sum, float32 division) over
+tensors as large as [T, 64, 512]; here each program reads its row once. Same rounding as the
+twin: squares summed in float64 (exact products; only the order of the float64 sum differs),
+the mean rounded to float32, then a correctly rounded sqrt and reciprocal.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_scale_kernel(x_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = x_ptr + row.to(tl.int64) * n
+    acc = tl.zeros([BLOCK], tl.float64)
+    for k in range(0, n, BLOCK):
+        off = k + tl.arange(0, BLOCK)
+        v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
+        acc += v * v
+    ms = (tl.sum(acc, axis=0) / n.to(tl.float64)).to(tl.float32)
+    tl.store(out_ptr + row, tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps)))
+
+
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/sqrt(mean(x^2) + eps) over the last dim of float32 x, keepdim."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"rms_scale: expects float32, got {x.dtype}")
+    x = x.contiguous()
+    n = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    rows = out.numel()
+    if rows and n:
+        _rms_scale_kernel[(rows,)](x, out, n, eps, BLOCK=min(2048, triton.next_power_of_2(n)),
+                                   num_warps=4)
+    return out
