@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|load]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
+#   final2: many-token kernel tests, TP=2,1 bench (TP=1 on one GPU), golden prefill, profile
+#   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
+#            TP=1 golden (one GPU)
 set -uo pipefail
 MODE=${1:-smoke}
 OUT=${OUT:-$PWD/bench-out}
@@ -67,6 +70,32 @@ elif [ "$MODE" = final ]; then
   timeout 90 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static 2>&1 | grep "^tiny-a" | tee -a "$OUT/golden_cuda.txt"
   log "routed-expert kernels, T=1, with the sweep"
   timeout 60 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 45 --only routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -30
+elif [ "$MODE" = prefill ]; then
+  log "kernel tests (CUDA): many-token launch, dispatch"
+  timeout 150 python3 -m pytest -q tests/test_kernels.py -k "gemm or dispatch" 2>&1 | tail -4 | tee "$OUT/kernel_tests.txt"
+  for tp in 1 2; do
+    log "many-token launch shapes at 2048 tokens, TP=$tp shapes"
+    timeout 120 python3 bench/gemm_sweep.py --tp $tp --out "$OUT/gemm_sweep_tp$tp.json" --budget-s 70 2>&1 | grep -v Warn | tail -70
+  done
+  log "profile of a 2048-token prefill, 4 full-width layers"
+  timeout 120 python3 bench/profile_prefill.py 4 2048 2>&1 | tail -45 | tee "$OUT/profile_prefill.txt"
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048"
+  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  log "golden parity on CUDA, tiny-a, TP=1 (prefill)"
+  timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths prefill 2>&1 | grep "^tiny-a" | tee -a "$OUT/golden_cuda.txt"
+elif [ "$MODE" = final2 ]; then
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
+  log "kernel tests (CUDA): many-token launch, RMS scale, hc_post, split-f16 mm, dispatch, fused chains"
+  timeout 150 python3 -m pytest -q tests/test_kernels.py tests/test_fuse.py -k "gemm or dispatch or rms_scale or f16_exact or hc_combine or fuse" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
+  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
+  timeout 240 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  log "golden parity on CUDA, tiny-a (TP=1 prefill and graph decoder; TP=2 prefill with 2 GPUs)"
+  timeout 110 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths prefill,static 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+  if [ "$TPS" = "2,1" ]; then
+    timeout 70 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+  fi
+  log "prefill profile, 4 full-width layers"
+  timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -62 | tee "$OUT/profile_prefill.txt"
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
