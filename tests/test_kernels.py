@@ -50,6 +50,27 @@ def test_cuda_small_cases(case):
     fn("cuda", torch.Generator().manual_seed(7), *args)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_expert_tiles_cover_each_pair_once():
+    """The many-token expert launch's tile table (host side): every pair with an expert sits in
+    exactly one tile of its own expert, tiles hold at most tq pairs, skipped pairs in none."""
+    from ds4tp.kernels.triton_gemm import expert_tiles
+    g = torch.Generator().manual_seed(1)
+    ids = kc.rand_ids(70, 6, 12, g, "cpu")
+    pairs, table, skipped, tq = expert_tiles(ids, 12, 16)
+    flat = ids.reshape(-1)
+    assert skipped == int((flat < 0).sum()) and tq == 16
+    seen = []
+    for e, first, count in table.tolist():
+        assert 0 < count <= tq
+        tile = pairs[first:first + count].long()
+        assert torch.all(flat[tile] == e)
+        seen += tile.tolist()
+    assert sorted(seen) == torch.nonzero(flat >= 0).flatten().tolist()
+    with pytest.raises(ValueError, match="out of range"):
+        expert_tiles(torch.tensor([[0, 12]]), 12, 16)
+
+
 @needs_cuda
 @pytest.mark.parametrize("T", [1, 7])
 def test_cuda_hc_combine(T):

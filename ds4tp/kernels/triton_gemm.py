@@ -183,6 +183,8 @@ def expert_tiles(ids: torch.Tensor, n_expert: int, tq: int | None):
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat + 1, minlength=n_expert + 1).tolist()
+    if len(counts) > n_expert + 1:
+        raise ValueError(f"gemm experts: expert id {len(counts) - 2} out of range for {n_expert} experts")
     used = [c for c in counts[1:] if c]
     if tq is None:
         tq = expert_token_tile(-(-sum(used) // max(1, len(used))))
