@@ -235,7 +235,7 @@ def hc_post_torch(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: t
 def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The dispatch point: an eager prefill on CUDA takes one Triton launch (a batched [n, n] x
     [n, E] matmul per token is slow in cuBLAS); decode runs the twin (compiled into its graph)."""
-    if hc_in.is_cuda and hc_in.shape[0] > 1 and kernels.available() and not torch.compiler.is_compiling():
+    if kernels.eager_rows(hc_in):
         from ds4tp.kernels import triton_hc
         return triton_hc.hc_post(f, hc_in, post, m)
     return hc_post_torch(f, hc_in, post, m)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ds4tp import kernels
 from ds4tp.config import RMS_EPS
 from ds4tp.fuse import fused
 
@@ -127,11 +128,9 @@ def rms_scale_torch(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
 def rms_scale(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     """The dispatch point: several rows on CUDA outside compilation (an eager prefill) take one
     Triton launch (ds4tp.kernels.triton_norm); decode, compiled, runs the twin inside its graph."""
-    if x.is_cuda and x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling():
-        from ds4tp import kernels
-        if kernels.available():
-            from ds4tp.kernels import triton_norm
-            return triton_norm.rms_scale(x, eps)
+    if kernels.eager_rows(x):
+        from ds4tp.kernels import triton_norm
+        return triton_norm.rms_scale(x, eps)
     return rms_scale_torch(x, eps)
 
 

@@ -37,6 +37,15 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def eager_rows(x) -> bool:
+    """Several rows of a CUDA tensor outside torch.compile (an eager prefill) with the kernels
+    available: where the one-launch RMS scale and HC update replace their torch twins (decode
+    keeps the twins, compiled into its graph)."""
+    import torch
+    return (x.is_cuda and x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling()
+            and available())
+
+
 def _covered(w, x) -> bool:
     import torch
     from ds4tp.kernels.triton_matvec import SUPPORTED
@@ -84,7 +93,7 @@ def expert_linear(w, x, ids, sum_slots: bool = False):
 def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):
     if not (_covered(w_gate, x) and _covered(w_up, x) and ids.is_cuda and weights.is_cuda):
         return None
-    if _many(w_gate, ids.shape[0]) and w_gate.qtype == w_up.qtype and w_gate.shape == w_up.shape:
+    if _many(w_gate, ids.shape[0]):
         from ds4tp.kernels import triton_gemm as tg
         return tg.experts(w_gate, w_up, x, ids, weights, tg.MODE_SWIGLU, clamp)
     from ds4tp.kernels import triton_matvec as tm

@@ -27,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, type_name
-from ds4tp.kernels.triton_matvec import (_EPB, _iq2_tables, _mv_tile, _pow2_at_least,
-                                         _pow2_divisor, _prequant, _raw, q8_0_split)
+from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _iq2_tables,
+                                         _linear_args, _mv_tile, _pow2_at_least, _pow2_divisor,
+                                         _prequant, _raw, q8_0_split)
 
-SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
+SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)   # the types _mv_tile decodes, as triton_matvec
 MODE_SLOTS, MODE_SWIGLU = 0, 2
 
 
@@ -130,30 +131,9 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
     tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
 
 
-def _check(w, lead: int, where: str):
-    if w.qtype not in SUPPORTED:
-        raise ValueError(f"{where}: no many-token kernel for {type_name(w.qtype)}")
-    if len(w.shape) != lead:
-        raise ValueError(f"{where}: expects a {lead}-D weight, got shape {w.shape}")
-
-
-def _act(x: torch.Tensor, n_in: int, where: str) -> torch.Tensor:
-    if x.dtype != torch.float32:
-        raise ValueError(f"{where}: activation must be float32, got {x.dtype}")
-    if x.shape[-1] != n_in:
-        raise ValueError(f"{where}: activation width {x.shape[-1]} != {n_in}")
-    return x.contiguous()
-
-
 def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None) -> torch.Tensor:
     """y [T, out] = act_quant(x) @ dequant(W)^T for x [T, groups*in]; see triton_matvec.linear."""
-    _check(w, 2, "gemm linear")
-    n_out, n_in = w.shape
-    if groups < 1 or n_out % groups:
-        raise ValueError(f"{n_out} rows do not split into {groups} groups")
-    if x.dim() != 2:
-        raise ValueError(f"gemm linear expects x [T, in], got {tuple(x.shape)}")
-    x = _act(x, groups * n_in, "gemm linear")
+    n_out, n_in, x = _linear_args(w, x, groups, "gemm linear")
     T = x.shape[0]
     y = torch.empty(T, n_out, dtype=torch.float32, device=x.device)
     if T == 0:
@@ -203,25 +183,10 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     mode MODE_SLOTS: act_quant(x) times each pair's expert (w only);
     MODE_SWIGLU: swiglu_clamped(gate, up, clamp) * rw, gate from w and up from w2.
     x [T, in] (shared by the slots) or [T, K, in]; ids [T, K] local expert ids."""
-    _check(w, 3, "gemm experts")
-    E, n_out, n_in = w.shape
-    if ids.dim() != 2:
-        raise ValueError(f"gemm experts: ids must be [T, K], got {tuple(ids.shape)}")
-    T, K = ids.shape
-    x = _act(x, n_in, "gemm experts")
-    if x.dim() == 2 and x.shape[0] == T:
-        sxt, sxk = x.stride(0), 0
-    elif x.dim() == 3 and tuple(x.shape[:2]) == (T, K):
-        sxt, sxk = x.stride(0), x.stride(1)
-    else:
-        raise ValueError(f"gemm experts: x must be [T, in] or [T, K, in] for ids [T={T}, K={K}], "
-                         f"got {tuple(x.shape)}")
+    n_out, n_in, T, K, x, per_slot, ids = _expert_args(w, x, ids, "gemm experts")
+    sxt, sxk = x.stride(0), (x.stride(1) if per_slot else 0)
     if mode == MODE_SWIGLU:
-        if w2 is None or w2.qtype != w.qtype or tuple(w2.shape) != tuple(w.shape):
-            raise ValueError("gemm experts: SwiGLU needs gate and up weights of one type and shape")
-        if rw is None or tuple(rw.shape) != (T, K) or rw.dtype != torch.float32:
-            raise ValueError(f"gemm experts: router weights must be float32 [{T}, {K}], got "
-                             f"{None if rw is None else (rw.dtype, tuple(rw.shape))}")
+        _check_swiglu(w, w2, rw, T, K)
     raw = _raw(w)
     raw2 = _raw(w2) if w2 is not None else raw
     if raw2.stride() != raw.stride():
@@ -229,7 +194,7 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
     if T * K == 0:
         return out
-    pairs, table, skipped, tq = expert_tiles(ids, E, cfg.tq if cfg else None)
+    pairs, table, skipped, tq = expert_tiles(ids, w.shape[0], cfg.tq if cfg else None)
     if skipped:
         out.masked_fill_((ids < 0)[:, :, None], 0.0)
     if table.shape[0] == 0:

@@ -971,21 +971,26 @@ def _prequant(qtype: int, x2: torch.Tensor):
     return quantize_q8_k(x2)
 
 
+def _linear_args(w, x: torch.Tensor, groups: int, where: str):
+    """Checked (n_out, n_in, contiguous x) of a linear launch; shared by triton_gemm."""
+    if w.qtype not in SUPPORTED:
+        raise ValueError(f"{where}: no Triton kernel for {type_name(w.qtype)}")
+    if len(w.shape) != 2:
+        raise ValueError(f"{where} expects a 2-D weight, got shape {w.shape}")
+    n_out, n_in = w.shape
+    if groups < 1 or n_out % groups:
+        raise ValueError(f"{n_out} rows do not split into {groups} groups")
+    if x.dim() != 2:
+        raise ValueError(f"{where} expects x [T, in], got {tuple(x.shape)}")
+    return n_out, n_in, _check_act(x, groups * n_in, where)
+
+
 def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch.Tensor:
     """y [T, out] = act_quant(x) @ dequant(W)^T for w (out, in), x [T, groups*in] float32.
 
     groups > 1: W's rows form `groups` equal groups and group g multiplies the input columns
     [g*in, (g+1)*in) (DS4's grouped attention output A)."""
-    if w.qtype not in SUPPORTED:
-        raise ValueError(f"no Triton matvec for {type_name(w.qtype)}")
-    if len(w.shape) != 2:
-        raise ValueError(f"linear expects a 2-D weight, got shape {w.shape}")
-    n_out, n_in = w.shape
-    if groups < 1 or n_out % groups:
-        raise ValueError(f"{n_out} rows do not split into {groups} groups")
-    if x.dim() != 2:
-        raise ValueError(f"linear expects x [T, in], got {tuple(x.shape)}")
-    x = _check_act(x, groups * n_in, "linear")
+    n_out, n_in, x = _linear_args(w, x, groups, "linear")
     T = x.shape[0]
     y = torch.empty(T, n_out, dtype=torch.float32, device=x.device)
     if T == 0:
@@ -1071,7 +1076,7 @@ def _split_buffers(split, tiles, bn, tq, device, dummy):
 
 def _expert_args(w, x, ids, where):
     if w.qtype not in SUPPORTED:
-        raise ValueError(f"no Triton expert matvec for {type_name(w.qtype)}")
+        raise ValueError(f"{where}: no Triton kernel for {type_name(w.qtype)}")
     if len(w.shape) != 3:
         raise ValueError(f"{where}: expects expert weights (E, out, in), got {w.shape}")
     E, n_out, n_in = w.shape
@@ -1109,18 +1114,23 @@ def expert_swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: tor
     """mid [T, K, out] = swiglu_clamped(gate, up, clamp) * weights[..., None] for the selected
     experts (zeros for id -1), gate/up = expert_linear of x [T, in] (or [T, K, in]); one launch
     that reads the activation once for both."""
-    if w_gate.qtype != w_up.qtype or tuple(w_gate.shape) != tuple(w_up.shape):
-        raise ValueError(f"gate/up mismatch: {type_name(w_gate.qtype)} {w_gate.shape} vs "
-                         f"{type_name(w_up.qtype)} {w_up.shape}")
     n_out, n_in, T, K, x, per_slot, ids = _expert_args(w_gate, x, ids, "expert_swiglu")
-    if tuple(weights.shape) != (T, K) or weights.dtype != torch.float32:
-        raise ValueError(f"expert_swiglu: weights must be float32 [T, K], got {weights.dtype} "
-                         f"{tuple(weights.shape)}")
+    _check_swiglu(w_gate, w_up, weights, T, K)
     out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
     if T == 0 or K == 0:
         return out
     _experts(w_gate, w_up, x, per_slot, ids, weights.contiguous(), out, MODE_SWIGLU, float(clamp), cfg)
     return out
+
+
+def _check_swiglu(w_gate, w_up, weights: torch.Tensor | None, T: int, K: int) -> None:
+    """Gate and up of one type and shape, router weights float32 [T, K]; shared by triton_gemm."""
+    if w_up is None or w_gate.qtype != w_up.qtype or tuple(w_gate.shape) != tuple(w_up.shape):
+        raise ValueError(f"gate/up mismatch: {type_name(w_gate.qtype)} {w_gate.shape} vs "
+                         f"{None if w_up is None else (type_name(w_up.qtype), w_up.shape)}")
+    if weights is None or tuple(weights.shape) != (T, K) or weights.dtype != torch.float32:
+        raise ValueError(f"expert_swiglu: weights must be float32 [T, K], got "
+                         f"{None if weights is None else (weights.dtype, tuple(weights.shape))}")
 
 
 def _words_aligned(raw: torch.Tensor) -> bool:
