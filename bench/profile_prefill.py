@@ -10,6 +10,7 @@ import torch
 from ds4tp import config as C
 from ds4tp.bench import build_model
 from ds4tp.comm import SingleComm
+from profile_common import kernel_table
 
 n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 n_tok = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
@@ -29,16 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
     m.forward(prompt, m.new_state())
     torch.cuda.synchronize()
-kern = {}
-for ev in prof.events():
-    if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.device_time_total > 0:
-        k = kern.setdefault(ev.name[:90], [0, 0.0])
-        k[0] += 1
-        k[1] += ev.device_time_total
-tot_n = sum(v[0] for v in kern.values())
-tot_us = sum(v[1] for v in kern.values())
 print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=25,
                                                         max_name_column_width=40, max_shapes_column_width=70))
-print(f"GPU kernels: {tot_n} launches, {tot_us / 1e3:.1f} ms GPU time ({tot_n / n_layer:.0f} per layer)")
-for name, (n, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:25]:
-    print(f"{us / 1e3:9.2f} ms {n:6d}x {us / n:9.1f} us  {name}")
+kernel_table(prof, n_layer, 25, "one prefill")
