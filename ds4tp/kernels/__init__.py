@@ -7,8 +7,8 @@ docstring for the numerics (bit-identical activation quantisation, exact weight 
 float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing. Routed
 experts at decode sizes (IQ2_XXS / Q2_K, T*K <= 24) take a packed-integer dp4a kernel; larger
 launches the tensor-core tile kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of
-`triton_gemm` takes Q8_0 / K-quant / IQ2_XXS weights: one launch for all tokens (routed experts
-grouped by expert), the same exact block dots.
+`triton_gemm` takes every supported weight type: one launch for all tokens (routed experts
+grouped by expert), the same exact block dots (F16 in 3xTF32).
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]
