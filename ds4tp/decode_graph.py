@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds4tp import config as C
+from ds4tp import config as C, kernels
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post,
                          hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
@@ -209,32 +209,26 @@ class StaticDecoder:
 
     def _attention(self, lw, lay: _Layer, hc, pos, emit: bool, idx_on: bool):
         s, comm = self.s, self.m.comm
-        D = s.head_dim
         xn, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)
-        qrn = rms_norm(linear(lw.q_a, xn), lw.q_a_norm)
-        q = rms_norm(linear(lw.q_b, qrn).view(1, -1, D))
-        kv_n = rms_norm(linear(lw.kv, xn), lw.kv_norm)
-        cos, sin = (t[pos] for t in self.rope[lw.ratio > 0])
-        q = rope_tail(q, cos[:, None], sin[:, None])
-        kv = kv_cache_row(kv_n, cos, sin, s)
-        slot = pos % s.n_swa
-        lay.raw.index_copy_(0, slot, kv)
-        lay.raw_pos.index_copy_(0, slot, pos)
+        qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
+        qrn = rms_norm(qa, lw.q_a_norm)
+        qb = linear(lw.q_b, qrn)                                             # [1, H_l*D]
+        rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
+        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         comp = mask = None
         if lw.ratio:
-            n_vis = (pos + 1) // lw.ratio                                    # [1] rows visible
-            self._compress(lw.comp, lay.front, lay.comp, xn, pos, D, False, emit, n_vis)
+            n_vis = (pos + 1) // lw.ratio if (emit or idx_on) else None      # [1] rows visible
+            self._compress(lw.comp, lay.front, lay.comp, xn, pos, s.head_dim, False, emit, n_vis)
             if lw.ratio == 4:
                 self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, s.indexer_head_dim, True,
                                emit, n_vis)
             comp = lay.comp
-            mask = torch.arange(comp.shape[0], device=pos.device)[None, :] < n_vis[:, None]
             if idx_on:
+                cos, sin = (t[pos] for t in rope)
                 score = indexer_scores(lw, qrn, xn, lay.index, cos, sin, s)
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
                 mask, _ = select_rows(score, n_vis, s.indexer_top_k)
-        o = attend(q, lay.raw, lay.raw_pos, comp, mask, pos, lw.sinks, s)
-        o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)
+        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         out = grouped_linear_out(lw, o, s)
         out = comm.all_reduce(out)                                           # attention all-reduce
         return hc_post(out, hc, post, mix)
@@ -243,11 +237,7 @@ class StaticDecoder:
         """Write this token's projections into the frontier; on an emitting token pool the
         window into a row, append it at index n_vis-1 and (ratio 4) shift the window."""
         r = cw.ratio
-        kv = linear(cw.kv, xn)
-        sc = linear(cw.gate, xn) + cw.ape[pos % r]
-        slot = (pos % 4 + 4) if r == 4 else (pos % r)
-        front.kv.index_copy_(0, slot, kv)
-        front.sc.index_copy_(0, slot, sc)
+        compressor_step(cw, xn, pos, front.kv, front.sc)
         if not emit:
             return
         if r == 4:   # previous window through the first half, current through the second
@@ -264,6 +254,66 @@ class StaticDecoder:
         if r == 4:
             front.kv[:4] = front.kv[4:].clone()
             front.sc[:4] = front.sc[4:].clone()
+
+
+# ---- one token's attention stages: dispatch points (one Triton launch each on CUDA) and their
+# torch twins. cos_t / sin_t are RoPE tables over all positions; pos is a device scalar [1].
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda and kernels.available()
+
+
+def store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) -> None:
+    """The token's raw KV row (normed, RoPE, FP8/F16 as the cache holds it, sec. 9.3) into the
+    ring slot pos % n_swa, with its position."""
+    kv = kv_cache_row(rms_norm(kv_lin, kv_norm), cos_t[pos], sin_t[pos], s)
+    slot = pos % s.n_swa
+    ring.index_copy_(0, slot, kv)
+    ring_pos.index_copy_(0, slot, pos)
+
+
+def store_kv_row(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) -> None:
+    if _use_kernels(kv_lin):
+        from ds4tp.kernels import triton_attn
+        return triton_attn.kv_store(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, C.RMS_EPS)
+    return store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s)
+
+
+def compressor_step_torch(cw, xn, pos, front_kv, front_sc) -> None:
+    """The token's kv and gate (+ positional bias) projections into its frontier slot: ratio 4
+    keeps [previous | current] window, so slot 4 + pos % 4; ratio 128 slot pos % 128."""
+    r = cw.ratio
+    kv = linear(cw.kv, xn)
+    sc = linear(cw.gate, xn) + cw.ape[pos % r]
+    slot = (pos % 4 + 4) if r == 4 else (pos % r)
+    front_kv.index_copy_(0, slot, kv)
+    front_sc.index_copy_(0, slot, sc)
+
+
+def compressor_step(cw, xn, pos, front_kv, front_sc) -> None:
+    if _use_kernels(xn) and cw.kv.qtype == C.F16 and cw.gate.qtype == C.F16:
+        from ds4tp.kernels import triton_attn
+        return triton_attn.compressor_step(xn, cw.kv.raw, cw.gate.raw, cw.ape, pos, front_kv, front_sc)
+    return compressor_step_torch(cw, xn, pos, front_kv, front_sc)
+
+
+def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
+    """One token's heads: per-head RMS norm and RoPE of q, attention with sinks over the raw
+    window and the visible compressed rows (or those `mask` selects), inverse RoPE."""
+    D = ring.shape[1]
+    cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+    q = rope_tail(rms_norm(qb.view(1, -1, D)), cos, sin)
+    if comp is not None and mask is None:
+        mask = torch.arange(comp.shape[0], device=pos.device)[None, :] < ((pos + 1) // ratio)[:, None]
+    o = attend(q, ring, ring_pos, comp, mask, pos, sinks, s)
+    return rope_tail(o, cos, sin, inverse=True)
+
+
+def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
+    if _use_kernels(qb):
+        from ds4tp.kernels import triton_attn
+        return triton_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t,
+                                     pos, C.RMS_EPS)
+    return decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s)
 
 
 def _load_front(front: _Frontier, cs, n: int, r: int) -> None:

@@ -276,6 +276,101 @@ def case_hc_combine(device, gen, T, E, iters=20):
                for n, a, b in zip(("x", "post", "M"), got, want))
 
 
+def case_hc_logits(device, gen, n, E, N, split=None):
+    """The one-launch mixer logits (RMS scale of the flat streams, F16 matvec) against
+    model.hc_logits_torch."""
+    from ds4tp.config import F16, RMS_EPS
+    from ds4tp.kernels import triton_hc
+    from ds4tp.model import hc_logits_torch
+    hc = (torch.randn(1, n, E, generator=gen) * 3).to(device)
+    fn = rand_weight(F16, (N, n * E), gen, device)
+    got = triton_hc.hc_logits(hc, fn.raw, RMS_EPS, **({} if split is None else {"split": split}))
+    return check(f"hc_logits n={n} E={E} N={N}", got, hc_logits_torch(hc, fn), 1e-5)
+
+
+def _rope_tables(n_rot, P, device, compressed=False):
+    cos, sin = numerics.rope_cos_sin(torch.arange(P), n_rot, compressed)
+    return cos.contiguous().to(device), sin.contiguous().to(device)
+
+
+def case_kv_store(device, gen, D, n_rot, n_swa, p):
+    """The decode KV-row kernel (norm, RoPE, FP8/F16, ring write) against
+    decode_graph.store_kv_row_torch: the non-RoPE dims bit-identical (same operations), the
+    RoPE dims within one F16 step (the rotation may contract into FMAs)."""
+    from ds4tp.config import RMS_EPS, Shape
+    from ds4tp.decode_graph import store_kv_row_torch
+    from ds4tp.kernels import triton_attn
+    s = Shape(n_swa=n_swa, head_dim=D, n_rot=n_rot)
+    x = torch.randn(1, D, generator=gen) * 3
+    x[0, :64] *= 1e-6                                        # an FP8 block under the amax floor
+    x[0, 64:128] = torch.randn(64, generator=gen) * 1e3      # and one with a large scale
+    w = torch.rand(D, generator=gen) + 0.5
+    cos, sin = _rope_tables(n_rot, p + 1, device)
+    pos = torch.tensor([p], device=device)
+    ring0 = torch.randn(n_swa, D, generator=gen)
+    rpos0 = torch.arange(n_swa, dtype=torch.long) - 5
+    want_ring, want_pos = ring0.clone().to(device), rpos0.clone().to(device)
+    store_kv_row_torch(x.to(device), w.to(device), cos, sin, pos, want_ring, want_pos, s)
+    ring, rp = ring0.clone().to(device), rpos0.clone().to(device)
+    triton_attn.kv_store(x.to(device), w.to(device), cos, sin, pos, ring, rp, RMS_EPS)
+    assert torch.equal(rp, want_pos), "ring positions differ"
+    nope = D - n_rot
+    assert torch.equal(ring[:, :nope], want_ring[:, :nope]), \
+        f"kv_store: FP8 dims differ at {torch.nonzero(ring[:, :nope] != want_ring[:, :nope])[:4].tolist()}"
+    return check(f"kv_store D={D} pos={p}", ring, want_ring, 1e-3)
+
+
+def case_compressor_step(device, gen, ratio, W, E, p):
+    """The decode compressor step (two F16 projections, bias, frontier write) against
+    decode_graph.compressor_step_torch."""
+    from ds4tp.config import F16
+    from ds4tp.decode_graph import compressor_step_torch
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights
+    cw = CompressorWeights(ratio, torch.randn(ratio, W, generator=gen).to(device),
+                           rand_weight(F16, (W, E), gen, device), rand_weight(F16, (W, E), gen, device),
+                           torch.ones(W // 2, device=device))
+    x = (torch.randn(1, E, generator=gen) * 2).to(device)
+    rows = 8 if ratio == 4 else ratio
+    pos = torch.tensor([p], device=device)
+    f0 = (torch.randn(rows, W, generator=gen).to(device), torch.randn(rows, W, generator=gen).to(device))
+    want = (f0[0].clone(), f0[1].clone())
+    compressor_step_torch(cw, x, pos, *want)
+    got = (f0[0].clone(), f0[1].clone())
+    triton_attn.compressor_step(x, cw.kv.raw, cw.gate.raw, cw.ape, pos, *got)
+    return max(check(f"compressor_step r={ratio} W={W} E={E} pos={p} {n}", a, b)
+               for n, a, b in zip(("kv", "gate"), got, want))
+
+
+def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
+    """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
+    RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots."""
+    from ds4tp.config import RMS_EPS, Shape
+    from ds4tp.decode_graph import decode_attention_torch
+    from ds4tp.kernels import triton_attn
+    s = Shape(n_swa=n_swa, head_dim=D, n_rot=n_rot, n_head=H)
+    qb = (torch.randn(1, H * D, generator=gen) * 2).to(device)
+    # keys near q's direction for some rows, so the softmax is peaked as well as flat
+    ring = (torch.randn(n_swa, D, generator=gen) * 3).to(device)
+    slots = torch.arange(n_swa)
+    rpos = torch.where(slots % 7 == 3, torch.full_like(slots, -(1 << 40)), p - (slots * 5) % (n_swa + 9))
+    rpos = rpos.to(device)
+    comp = mask = None
+    if ratio:
+        comp = (torch.randn(cap, D, generator=gen) * 3).to(device)
+        if masked:
+            n_vis = (p + 1) // ratio
+            m = torch.rand(1, cap, generator=gen) < 0.5
+            m[:, n_vis:] = False
+            mask = m.to(device)
+    sinks = (torch.randn(H, generator=gen) * 2).to(device)
+    cos, sin = _rope_tables(n_rot, p + 1, device, compressed=ratio > 0)
+    pos = torch.tensor([p], device=device)
+    want = decode_attention_torch(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, s)
+    got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
+    return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
+
+
 def _cfg(cfg):
     from ds4tp.kernels.triton_matvec import Cfg
     return Cfg(**cfg) if cfg is not None else None
@@ -286,8 +381,17 @@ def interpreter_cases():
     yield "quantizers", case_quantizers, ()
     yield "hc_combine T=1", case_hc_combine, (1, 512)
     yield "hc_combine T=3 tail", case_hc_combine, (3, 1000)
+    yield "hc_combine two passes (E > 4096)", case_hc_combine, (2, 5000)
     yield "rms_scale rows", case_rms_scale, ((5, 3, 300),)
     yield "hc_post E tail", case_hc_post, (3, 1100)
+    yield "decode kv_store", case_kv_store, (256, 64, 16, 37)
+    yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
+    yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
+    yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)
+    yield "decode compressor_step ratio 128", case_compressor_step, (128, 48, 256, 300)
+    yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
+    yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
+    yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
     for qt in TYPES:
         nb = 64 if qt == F16 else 4
         yield f"linear {type_name(qt)} T=1", case_linear, (qt, 48, 512, 1, C(bn=16, nb=nb))

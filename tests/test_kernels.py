@@ -213,3 +213,30 @@ def test_cuda_dispatch_and_determinism():
     got = ops.expert_linear(we, xm, ids, sum_slots=True)
     assert torch.equal(got, tg.experts(we, None, xm, ids, None, tg.MODE_SLOTS).sum(1))
     kc.check("ops.expert_linear T=40 sum", got, ops.expert_linear_torch(we, xm, ids).sum(1))
+
+
+@needs_cuda
+@pytest.mark.parametrize("ratio,masked,p", [(0, False, 5), (0, False, 700), (4, False, 4095),
+                                            (4, True, 4095), (128, False, 9000)])
+def test_cuda_decode_attention_full_size(ratio, masked, p):
+    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025."""
+    kc.case_decode_attention("cuda", torch.Generator().manual_seed(p + ratio), 64, 512, 64, 128,
+                             ratio, 1025 if ratio == 4 else 80, p, masked)
+
+
+@needs_cuda
+@pytest.mark.parametrize("p", [0, 127, 128, 5000])
+def test_cuda_kv_store_full_size(p):
+    kc.case_kv_store("cuda", torch.Generator().manual_seed(p), 512, 64, 128, p)
+
+
+@needs_cuda
+@pytest.mark.parametrize("ratio,W", [(4, 1024), (4, 256), (128, 512)])
+def test_cuda_compressor_step_full_size(ratio, W):
+    kc.case_compressor_step("cuda", torch.Generator().manual_seed(W), ratio, W, 4096, 1234)
+
+
+@needs_cuda
+@pytest.mark.parametrize("N", [24, 4])
+def test_cuda_hc_logits_full_size(N):
+    kc.case_hc_logits("cuda", torch.Generator().manual_seed(N), 4, 4096, N)

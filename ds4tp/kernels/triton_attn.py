@@ -1,0 +1,250 @@
+"""The attention sublayer of one decode token in three launches (static decoder, CUDA graphs).
+
+In torch the stretch between the attention projections and the grouped output ran as ~40 small
+kernels per layer (bench/results/profile_4layers_s4_baseline.txt): per-head RMS norm, RoPE,
+the cache row's FP8/F16 rounding and its ring write, the compressors' two F16 matvecs, the
+frontier writes, the masks, the score and value GEMMs, the softmax and the inverse RoPE. Here:
+
+  kv_store        the KV row: RMS norm with its weight, RoPE at the token's position, FP8 E4M3
+                  round trip of the non-RoPE dims (64-blocks, power-of-two scales), F16 rounding,
+                  written into the raw ring at pos % n_swa with its position.
+  compressor_step one compressor's two F16 projections of the token (kv and gate rows), the gate
+                  plus its positional bias, written into the frontier slot of the position.
+  attention       per head: RMS norm, RoPE, attention with its sink over the raw ring (positions
+                  (pos - n_swa, pos]) and the visible compressed rows (optionally only those an
+                  indexer mask selects), online softmax, then the inverse RoPE of the output.
+
+The position is read on the device (a graph replays with a new one). The twins are the torch
+functions of ds4tp.decode_graph (store_kv_row_torch, compressor_step_torch,
+decode_attention_torch). Same operations in the same order where rounding is exact-by-rule (RMS
+sums in float64, correctly rounded divisions and square roots, FP8/F16 grids); the float32 sums
+of the dot products and of the softmax run in another order (relative differences ~1e-6).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_scale(x, N: tl.constexpr, eps):
+    """1/sqrt(mean(x^2) + eps) of a [N] float32 vector: squares summed in float64, the mean
+    rounded to float32 (numerics.rms_scale_torch)."""
+    xd = x.to(tl.float64)
+    ms = (tl.sum(xd * xd, axis=0) / N).to(tl.float32)
+    return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+
+
+@triton.jit
+def _rope_cs(cos_ptr, sin_ptr, pos, D: tl.constexpr, NROT: tl.constexpr):
+    """cos/sin per adjacent pair of a [D] vector at position pos: the table's row for the last
+    NROT dims (GPT-J pairs), identity (1, 0) for the others."""
+    i = tl.arange(0, D // 2)
+    tail = i >= (D - NROT) // 2
+    j = pos * (NROT // 2) + i - (D - NROT) // 2
+    c = tl.load(cos_ptr + j, mask=tail, other=1.0)
+    s = tl.load(sin_ptr + j, mask=tail, other=0.0)
+    return c, s
+
+
+@triton.jit
+def _rope(x, c, s, D: tl.constexpr):
+    """Rotate the adjacent pairs (x[2i], x[2i+1]) of a [D] vector by (c[i], s[i])."""
+    x0, x1 = tl.split(tl.reshape(x, (D // 2, 2)))
+    return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (D,))
+
+
+@triton.jit
+def _pow2(k):
+    """2**k as float32 for integer k in [-126, 127] (exact, from the exponent bits)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_e4m3_blocks(b):
+    """E4M3 round trip of blocks b [NB, 64] (numerics.fp8_e4m3_blocks): amax floored at 1e-4,
+    scale 2**ceil(log2(amax/448)), v = b/scale clamped to +-448, rounded half-even to 3 mantissa
+    bits (quantum 2**max(e-4, -9) for |v| in [2**(e-1), 2**e)), times the scale."""
+    amax = tl.maximum(tl.max(tl.abs(b), axis=1), 1e-4)
+    y = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    yb = y.to(tl.int32, bitcast=True)
+    ey = ((yb >> 23) & 255) - 127 + ((yb & 0x7FFFFF) != 0).to(tl.int32)     # ceil(log2(y)), y normal
+    v = b * _pow2(-ey)[:, None]                                             # exact: a power of two
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 126                  # frexp exponent (0 -> -126)
+    qe = tl.maximum(e - 4, -9)
+    t = v * _pow2(-qe)                                                      # exact; |t| <= 16
+    r = ((t + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.float32)   # rint, half-even
+    return (r * _pow2(qe)) * _pow2(ey)[:, None]
+
+
+@triton.jit
+def _kv_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, ring_ptr, rpos_ptr, n_swa, eps,
+                     D: tl.constexpr, NROT: tl.constexpr):
+    pos = tl.load(pos_ptr)
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + d)
+    y = (x * _rms_scale(x, D, eps)) * tl.load(w_ptr + d)
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
+    y = _rope(y, c, s, D)
+    b = tl.reshape(y, (D // 64, 64))
+    nope = (tl.arange(0, D // 64) < (D - NROT) // 64)[:, None]
+    y = tl.reshape(tl.where(nope, _fp8_e4m3_blocks(b), b), (D,))
+    y = y.to(tl.float16).to(tl.float32)
+    slot = pos % n_swa
+    tl.store(ring_ptr + slot * D + d, y)
+    tl.store(rpos_ptr + slot, pos)
+
+
+@triton.jit
+def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
+                      BN: tl.constexpr, BE: tl.constexpr):
+    """Rows n*BN.. of both F16 projections [W, E] against x [E]; float32 sums."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rmask = rows < W
+    ee = tl.arange(0, BE)
+    akv = tl.zeros([BN, BE], tl.float32)
+    asc = tl.zeros([BN, BE], tl.float32)
+    woff = rows.to(tl.int64)[:, None] * E
+    for e0 in range(0, E, BE):
+        em = (e0 + ee) < E
+        xv = tl.load(x_ptr + e0 + ee, mask=em, other=0.0)[None, :]
+        m = rmask[:, None] & em[None, :]
+        akv += tl.load(wkv_ptr + woff + e0 + ee[None, :], mask=m, other=0.0).to(tl.float32) * xv
+        asc += tl.load(wsc_ptr + woff + e0 + ee[None, :], mask=m, other=0.0).to(tl.float32) * xv
+    pos = tl.load(pos_ptr)
+    ph = pos % ratio
+    slot = tl.where(ratio == 4, ph + 4, ph)        # ratio 4: [previous | current] window
+    kv = tl.sum(akv, axis=1)
+    sc = tl.sum(asc, axis=1) + tl.load(ape_ptr + ph * W + rows, mask=rmask, other=0.0)
+    tl.store(fkv_ptr + slot * W + rows, kv, mask=rmask)
+    tl.store(fsc_ptr + slot * W + rows, sc, mask=rmask)
+
+
+@triton.jit
+def _online(q, kv, ok, scale, m, l, acc):
+    """One block of keys kv [BK, D] (K = V) into the running max m, denominator l and value
+    sum acc [D]; rows not ok score -inf."""
+    sc = tl.where(ok, tl.sum(kv * q[None, :], axis=1) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, axis=0))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(sc - m_new)
+    return m_new, l * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * kv, axis=0)
+
+
+@triton.jit
+def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
+                 pos_ptr, out_ptr, n_swa, ratio, eps, scale,
+                 D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr,
+                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr):
+    h = tl.program_id(0)
+    pos = tl.load(pos_ptr)
+    d = tl.arange(0, D)
+    kk = tl.arange(0, BK)
+    q = tl.load(qb_ptr + h * D + d)
+    q = q * _rms_scale(q, D, eps)                       # per head, no weight
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
+    q = _rope(q, c, s, D)
+    m = tl.load(sink_ptr + h)                           # the sink joins max and denominator
+    l = tl.full([], 1.0, tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for k0 in range(0, n_swa, BK):
+        rows = k0 + kk
+        rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
+        ok = (rp <= pos) & (rp > pos - n_swa)
+        kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m, l, acc = _online(q, kv, ok, scale, m, l, acc)
+    if HAS_COMP:
+        n_vis = (pos + 1) // ratio
+        for k0 in range(0, n_vis, BK):
+            rows = k0 + kk
+            ok = rows < n_vis
+            if HAS_MASK:
+                ok = ok & (tl.load(mask_ptr + rows, mask=ok, other=0) != 0)
+            kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            m, l, acc = _online(q, kv, ok, scale, m, l, acc)
+    o = tl.math.div_rn(acc, tl.broadcast_to(l, acc.shape))
+    o = _rope(o, c, -s, D)                              # inverse RoPE of the output
+    tl.store(out_ptr + h * D + d, o)
+
+
+def _check(name, v, shape, dtype=torch.float32):
+    if tuple(v.shape) != tuple(shape) or v.dtype != dtype or not v.is_contiguous():
+        raise ValueError(f"{name}: expected contiguous {dtype} {tuple(shape)}, got "
+                         f"{v.dtype} {tuple(v.shape)}")
+
+
+def _check_rope(cos, sin, pos, n_rot):
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] * 2 != n_rot:
+        raise ValueError(f"RoPE tables {tuple(cos.shape)} / {tuple(sin.shape)} do not match n_rot={n_rot}")
+    _check("RoPE cos", cos, cos.shape)
+    _check("RoPE sin", sin, sin.shape)
+    _check("position", pos, (1,), torch.long)
+
+
+def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
+    """kv_lin [1, D] (the attn_kv projection) -> the cache row written into ring [n_swa, D] at
+    pos % n_swa, ring_pos [n_swa] (int64) set to pos."""
+    n_swa, D = ring.shape
+    n_rot = cos.shape[1] * 2
+    if D & (D - 1) or D % 64 or (D - n_rot) % 64 or n_rot > D:
+        raise ValueError(f"kv_store: head_dim {D} must be a power of two with (D - n_rot) % 64 == 0")
+    _check("kv_store: kv row", kv_lin, (1, D))
+    _check("kv_store: norm weight", norm, (D,))
+    _check("kv_store: ring positions", ring_pos, (n_swa,), torch.long)
+    _check("kv_store: ring", ring, (n_swa, D))
+    _check_rope(cos, sin, pos, n_rot)
+    _kv_store_kernel[(1,)](kv_lin, norm, cos, sin, pos, ring, ring_pos, n_swa, eps, D=D,
+                           NROT=n_rot, num_warps=4)
+
+
+def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
+    """x [1, E]; wkv, wsc the two F16 projections (raw uint8 [W, 2E]); ape [r, W]; front_kv /
+    front_sc [rows, W]: writes kv and gate+ape of the token into the frontier slot of pos
+    (ratio 4: 4 + pos % 4, else pos % r)."""
+    r, W = ape.shape
+    E = x.shape[1]
+    _check("compressor_step: x", x, (1, E))
+    _check("compressor_step: ape", ape, (r, W))
+    for name, w in (("kv", wkv), ("gate", wsc)):
+        _check(f"compressor_step: {name} weight bytes", w, (W, 2 * E), torch.uint8)
+    rows = 8 if r == 4 else r
+    _check("compressor_step: frontier kv", front_kv, (rows, W))
+    _check("compressor_step: frontier gate", front_sc, (rows, W))
+    _check("position", pos, (1,), torch.long)
+    bn = max(1, min(16, triton.next_power_of_2(W) // 256))
+    be = min(512, triton.next_power_of_2(E))
+    _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
+                                             ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
+                                             num_warps=4)
+
+
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
+    """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
+    with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
+    n_swa, D = ring.shape
+    H = sinks.shape[0]
+    n_rot = cos.shape[1] * 2
+    if D & (D - 1) or n_rot > D or n_rot % 2:
+        raise ValueError(f"attention: head_dim {D} must be a power of two >= n_rot {n_rot}")
+    _check("attention: q", qb, (1, H * D))
+    _check("attention: ring", ring, (n_swa, D))
+    _check("attention: ring positions", ring_pos, (n_swa,), torch.long)
+    _check("attention: sinks", sinks, (H,))
+    _check_rope(cos, sin, pos, n_rot)
+    if comp is not None:
+        _check("attention: compressed rows", comp, (comp.shape[0], D))
+        if ratio < 1:
+            raise ValueError(f"attention: compression ratio {ratio} with compressed rows")
+        if mask is not None:
+            _check("attention: row mask", mask, (1, comp.shape[0]), torch.bool)
+    elif mask is not None:
+        raise ValueError("attention: a row mask without compressed rows")
+    out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
+    _attn_kernel[(H,)](qb, ring, ring_pos, ring if comp is None else comp,
+                       ring_pos if mask is None else mask.view(torch.int8), sinks, cos, sin, pos,
+                       out, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=16,
+                       HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4)
+    return out
