@@ -3,7 +3,8 @@
 `hc_combine` of ds4tp.model turns the 24 mixer logits of a token into pre [4], post [4] and the
 4x4 mixing matrix M (sigmoids, a row softmax, then Sinkhorn: 20 alternating column / row
 normalisations, spec 8.1) and forms the sublayer input x = sum_h pre[h] * H[h], RMS-normed with
-the sublayer's norm weight. In torch that
+the sublayer's norm weight (two programs per token: the serial Sinkhorn chain and the norm over
+the four streams run side by side; the streams are read once for E <= 4096). In torch that
 is a chain of ~40 dependent reductions over a 4x4 matrix; compiled by Inductor it still ran as
 ~40 tiny kernels per call, twice per layer (bench/results/profile: ~80 launches, ~0.1 ms of GPU
 time per layer). Here one program per token keeps M in registers for all iterations.
@@ -20,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4tp.kernels.triton_matvec import _store_tile
+
 
 @triton.jit
 def _sigmoid_rn(v):
@@ -29,43 +32,60 @@ def _sigmoid_rn(v):
 @triton.jit
 def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, post_ptr, m_ptr,
                        E, eps, rms_eps,
-                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr):
+                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Grid (T, 2): program (t, 0) mixes (post, M: the serial Sinkhorn chain), program (t, 1)
+    forms and norms x; the two run side by side."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, NH)
     r = h[:, None]
     c = h[None, :]
     zrow = z_ptr + t * stride_z
-    s0 = tl.load(scale_ptr)
-    s1 = tl.load(scale_ptr + 1)
-    s2 = tl.load(scale_ptr + 2)
-    pre = _sigmoid_rn(tl.load(zrow + h) * s0 + tl.load(base_ptr + h)) + eps
-    post = 2.0 * _sigmoid_rn(tl.load(zrow + NH + h) * s1 + tl.load(base_ptr + NH + h))
-    m = tl.load(zrow + 2 * NH + r * NH + c) * s2 + tl.load(base_ptr + 2 * NH + r * NH + c)   # M[r][c]
-    e = tl.exp(m - tl.max(m, axis=1)[:, None])
-    m = tl.math.div_rn(e, tl.broadcast_to(tl.sum(e, axis=1)[:, None], (NH, NH))) + eps       # row softmax
-    m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))       # columns
-    for _ in range(ITERS - 1):
-        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=1)[:, None] + eps, (NH, NH)))   # rows
-        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))   # columns
-    tl.store(post_ptr + t * NH + h, post)
-    tl.store(m_ptr + t * NH * NH + r * NH + c, m)
-    # x = sum_h pre[h] H[h], then RMS norm (sum of squares in float64, as numerics.rms_scale):
-    # pass 1 sums x^2, pass 2 recomputes x (same operations, same values) and stores x*s*w
-    ee = tl.arange(0, BE)
-    ss = tl.zeros([BE], tl.float64)
-    for e0 in range(0, E, BE):
-        ok = (e0 + ee) < E
-        hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-        x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
-        ss += x * x
-    ms = (tl.sum(ss, axis=0) / E.to(tl.float64)).to(tl.float32)       # float64 division is exact-rounded
-    sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + rms_eps))
-    for e0 in range(0, E, BE):
-        ok = (e0 + ee) < E
-        hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-        x = tl.sum(pre[:, None] * hv, axis=0)
-        w = tl.load(norm_ptr + e0 + ee, mask=ok, other=0.0)
-        tl.store(x_ptr + t * E + e0 + ee, (x * sc) * w, mask=ok)
+    if tl.program_id(1) == 0:
+        s1 = tl.load(scale_ptr + 1)
+        s2 = tl.load(scale_ptr + 2)
+        post = 2.0 * _sigmoid_rn(tl.load(zrow + NH + h) * s1 + tl.load(base_ptr + NH + h))
+        m = tl.load(zrow + 2 * NH + r * NH + c) * s2 + tl.load(base_ptr + 2 * NH + r * NH + c)   # M[r][c]
+        e = tl.exp(m - tl.max(m, axis=1)[:, None])
+        m = tl.math.div_rn(e, tl.broadcast_to(tl.sum(e, axis=1)[:, None], (NH, NH))) + eps       # row softmax
+        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))       # columns
+        for _ in range(ITERS - 1):
+            m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=1)[:, None] + eps, (NH, NH)))   # rows
+            m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))   # columns
+        tl.store(post_ptr + t * NH + h, post)
+        tl.store(m_ptr + t * NH * NH + r * NH + c, m)
+    else:
+        # x = sum_h pre[h] H[h], then RMS norm (sum of squares in float64, as numerics.rms_scale).
+        # ONE_PASS (E <= BE): x stays in registers; else pass 1 sums x^2 and pass 2 recomputes x
+        # (same operations, same values) and stores x*s*w
+        pre = _sigmoid_rn(tl.load(zrow + h) * tl.load(scale_ptr) + tl.load(base_ptr + h)) + eps
+        ee = tl.arange(0, BE)
+        if ONE_PASS:
+            ok = ee < E
+            hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0)
+            x = tl.sum(pre[:, None] * hv, axis=0)
+            xd = x.to(tl.float64)
+            ms = (tl.sum(xd * xd, axis=0) / E.to(tl.float64)).to(tl.float32)
+            sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + rms_eps))
+            w = tl.load(norm_ptr + ee, mask=ok, other=0.0)
+            tl.store(x_ptr + t * E + ee, (x * sc) * w, mask=ok)
+        else:
+            ss = tl.zeros([BE], tl.float64)
+            for e0 in range(0, E, BE):
+                ok = (e0 + ee) < E
+                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
+                x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
+                ss += x * x
+            ms = (tl.sum(ss, axis=0) / E.to(tl.float64)).to(tl.float32)       # float64 division is exact-rounded
+            sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + rms_eps))
+            for e0 in range(0, E, BE):
+                ok = (e0 + ee) < E
+                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
+                x = tl.sum(pre[:, None] * hv, axis=0)
+                w = tl.load(norm_ptr + e0 + ee, mask=ok, other=0.0)
+                tl.store(x_ptr + t * E + e0 + ee, (x * sc) * w, mask=ok)
+
+
+HC_ONE_PASS_MAX = 4096     # widths up to this keep x in registers (one read of the streams)
 
 
 def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: torch.Tensor,
@@ -86,9 +106,10 @@ def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: tor
     post = torch.empty(T, n, dtype=torch.float32, device=hc.device)
     m = torch.empty(T, n, n, dtype=torch.float32, device=hc.device)
     if T:
-        _hc_combine_kernel[(T,)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc,
-                                 norm.contiguous(), x, post, m, E, eps, rms_eps, NH=n, ITERS=iters,
-                                 BE=min(1024, triton.next_power_of_2(E)), num_warps=4)
+        be = min(HC_ONE_PASS_MAX, triton.next_power_of_2(E))
+        _hc_combine_kernel[(T, 2)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc,
+                                   norm.contiguous(), x, post, m, E, eps, rms_eps, NH=n, ITERS=iters,
+                                   BE=be, ONE_PASS=E <= be, num_warps=8)
     return x, post, m
 
 
@@ -123,6 +144,60 @@ def hc_post(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
         _hc_post_kernel[(T, triton.cdiv(E, be))](f.contiguous(), hc.contiguous(), post.contiguous(),
                                                  m.contiguous(), out, E, NH=n, BE=be, num_warps=4)
     return out
+
+
+@triton.jit
+def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, cnt_ptr, N, K, k_per, eps,
+                      BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+    """Program k: the RMS scale s of the whole row x [K] (every program computes the same s, in
+    the same order), then rows 0..N-1 of the F16 weight [N, K] against (x*s) over its K chunk;
+    partial sums combine in a fixed order (triton_matvec._store_tile)."""
+    pid_k = tl.program_id(0)
+    kk = tl.arange(0, BK)
+    ss = tl.zeros([BK], tl.float64)
+    for k in range(0, K, BK):
+        v = tl.load(x_ptr + k + kk, mask=(k + kk) < K, other=0.0).to(tl.float64)
+        ss += v * v
+    ms = (tl.sum(ss, axis=0) / K).to(tl.float32)          # float64 / int: float64 division
+    sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+    rows = tl.arange(0, BN)
+    rmask = rows < N
+    acc = tl.zeros([BN, BK], tl.float32)
+    k0 = pid_k * k_per
+    for k in range(k0, tl.minimum(k0 + k_per, K), BK):
+        km = (k + kk) < K
+        xv = tl.load(x_ptr + k + kk, mask=km, other=0.0) * sc
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + k + kk[None, :],
+                    mask=rmask[:, None] & km[None, :], other=0.0).to(tl.float32)
+        acc += w * xv[None, :]
+    y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
+    tile = tl.program_id(1)                                # grid (split, 1): the one row tile
+    _store_tile(y, z_ptr, rows[:, None], rmask[:, None], ws_ptr, cnt_ptr, tile, pid_k, SPLIT, BN, 1)
+
+
+HC_LOGITS_SPLIT = 16   # K chunks (programs); each also reads the whole row once for the scale
+
+
+def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = HC_LOGITS_SPLIT):
+    """One token's mixer logits z [1, N] = (flat * rms_scale(flat)) @ fn^T, flat = hc [1, n, E]
+    flattened, fn the F16 weight's raw bytes [N, 2*n*E]; the twin is ds4tp.model.hc_logits_torch."""
+    if hc.dim() != 3 or hc.shape[0] != 1 or hc.dtype != torch.float32:
+        raise ValueError(f"hc_logits: expects one token's float32 streams [1, n, E], got "
+                         f"{hc.dtype} {tuple(hc.shape)}")
+    K = hc.shape[1] * hc.shape[2]
+    if fn_raw.dtype != torch.uint8 or fn_raw.dim() != 2 or fn_raw.shape[1] != 2 * K or not fn_raw.is_contiguous():
+        raise ValueError(f"hc_logits: F16 weight bytes {tuple(fn_raw.shape)} do not match {K} inputs")
+    from ds4tp.kernels.triton_matvec import _split_buffers, _split_k
+    N = fn_raw.shape[0]
+    bn = triton.next_power_of_2(N)
+    bk = 256
+    x = hc.reshape(1, K).contiguous()
+    z = torch.empty(1, N, dtype=torch.float32, device=hc.device)
+    per, split = _split_k(K, bk, split)
+    ws, cnt = _split_buffers(split, 1, bn, 1, hc.device, z)
+    _hc_logits_kernel[(split, 1)](x, fn_raw.view(torch.float16), z, ws, cnt, N, K, per, eps,
+                                BN=bn, BK=bk, SPLIT=split, num_warps=4)
+    return z
 
 
 def _interpreting() -> bool:
