@@ -51,7 +51,8 @@ class LayerWeights:
     hc_attn_scale: torch.Tensor
     hc_attn_base: torch.Tensor
     attn_norm: torch.Tensor
-    q_a: QTensor               # Q8_0 (q_lora, E)              replicated
+    q_a_kv: QTensor            # Q8_0 (q_lora + D, E)          attn_q_a and attn_kv stacked (one
+    q_a: QTensor               #   launch; q_a / kv are row views of it)   replicated
     q_a_norm: torch.Tensor
     q_b: QTensor               # Q8_0 (H_l*D, q_lora)          rows = this rank's heads
     kv: QTensor                # Q8_0 (D, E)                   replicated (single KV head)
@@ -74,7 +75,8 @@ class LayerWeights:
     gate_exps: QTensor         # (E_l, F_l, E)  F_l = local FFN width, E_l = local experts
     up_exps: QTensor
     down_exps: QTensor         # (E_l, E, F_l)
-    gate_sh: QTensor           # Q8_0 (F_l, E)
+    gate_up_sh: QTensor        # Q8_0 (2*F_l, E)               gate then up rows (one launch)
+    gate_sh: QTensor           # Q8_0 (F_l, E)                 row views of gate_up_sh
     up_sh: QTensor
     down_sh: QTensor           # Q8_0 (E, F_l)
 
@@ -98,15 +100,21 @@ class Weights:
             ape = t[p + f"{kind}_ape.weight"].float()          # (r, width)
             return CompressorWeights(ape.shape[0], ape, t[p + f"{kind}_kv.weight"],
                                      t[p + f"{kind}_gate.weight"], t[p + f"{kind}_norm.weight"])
+        def stacked(*names):
+            both = QTensor.cat_rows(*(t[n] for n in names))
+            n0 = t[names[0]].shape[0]
+            return both, both.row_slice(0, n0), both.row_slice(n0, both.shape[0])
         layers = []
         for il in range(s.n_layer):
             p = f"blk.{il}."
+            q_a_kv, q_a, kv = stacked(p + "attn_q_a.weight", p + "attn_kv.weight")
+            gate_up_sh, gate_sh, up_sh = stacked(p + "ffn_gate_shexp.weight", p + "ffn_up_shexp.weight")
             layers.append(LayerWeights(
                 il=il, ratio=s.ratio(il),
                 hc_attn_fn=t[p + "hc_attn_fn.weight"], hc_attn_scale=t[p + "hc_attn_scale.weight"],
                 hc_attn_base=t[p + "hc_attn_base.weight"], attn_norm=t[p + "attn_norm.weight"],
-                q_a=t[p + "attn_q_a.weight"], q_a_norm=t[p + "attn_q_a_norm.weight"],
-                q_b=t[p + "attn_q_b.weight"], kv=t[p + "attn_kv.weight"],
+                q_a_kv=q_a_kv, q_a=q_a, q_a_norm=t[p + "attn_q_a_norm.weight"],
+                q_b=t[p + "attn_q_b.weight"], kv=kv,
                 kv_norm=t[p + "attn_kv_a_norm.weight"], sinks=t[p + "attn_sinks.weight"],
                 out_a=t[p + "attn_output_a.weight"], out_b=t[p + "attn_output_b.weight"],
                 comp=comp(p, "attn_compressor"), icomp=comp(p, "indexer_compressor"),
@@ -116,8 +124,8 @@ class Weights:
                 router=t[p + "ffn_gate_inp.weight"], router_bias=t.get(p + "exp_probs_b.bias"),
                 tid2eid=t.get(p + "ffn_gate_tid2eid.weight"),
                 gate_exps=t[p + "ffn_gate_exps.weight"], up_exps=t[p + "ffn_up_exps.weight"],
-                down_exps=t[p + "ffn_down_exps.weight"], gate_sh=t[p + "ffn_gate_shexp.weight"],
-                up_sh=t[p + "ffn_up_shexp.weight"], down_sh=t[p + "ffn_down_shexp.weight"]))
+                down_exps=t[p + "ffn_down_exps.weight"], gate_up_sh=gate_up_sh,
+                gate_sh=gate_sh, up_sh=up_sh, down_sh=t[p + "ffn_down_shexp.weight"]))
         return Weights(t["token_embd.weight"], layers, t["output_hc_fn.weight"],
                        t["output_hc_scale.weight"], t["output_hc_base.weight"],
                        t["output_norm.weight"], t["output.weight"])
@@ -220,9 +228,23 @@ def hc_combine(z, scale, base, hc, norm, n_hc: int, iters: int):
     return hc_combine_torch(z, scale, base, hc, norm, n_hc, iters)
 
 
+def hc_logits_torch(hc: torch.Tensor, fn: QTensor) -> torch.Tensor:
+    """The mixer logits [T, N] of the RMS-scaled flat streams (float activations x F16)."""
+    return linear(fn, hc_flat(hc))
+
+
+def hc_logits(hc: torch.Tensor, fn: QTensor) -> torch.Tensor:
+    """The dispatch point: one decode token on CUDA takes one Triton launch (scale and matvec;
+    compiled torch ran the float64 scale as three kernels before the matvec), else the twin."""
+    if hc.is_cuda and hc.shape[0] == 1 and fn.qtype == C.F16 and kernels.available():
+        from ds4tp.kernels import triton_hc
+        return triton_hc.hc_logits(hc, fn.raw, C.RMS_EPS)
+    return hc_logits_torch(hc, fn)
+
+
 def hc_pre(hc: torch.Tensor, fn: QTensor, scale, base, norm, s: Shape):
     """hc [T, n_hc, E] -> the sublayer's normed input xn [T, E], post, M."""
-    z = linear(fn, hc_flat(hc))                          # [T, 24], float activations x F16
+    z = hc_logits(hc, fn)                                # [T, 24]
     return hc_combine(z, scale, base, hc, norm, s.n_hc, s.sinkhorn_iters)
 
 
@@ -388,10 +410,11 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
     T, D = hc.shape[0], s.head_dim
     p0 = int(pos[0])
     xn, post, m = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)   # [T, E]
-    qrn = rms_norm(linear(lw.q_a, xn), lw.q_a_norm)              # [T, q_lora]
+    qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], D], -1)   # one launch for both
+    qrn = rms_norm(qa, lw.q_a_norm)                              # [T, q_lora]
     q = linear(lw.q_b, qrn).view(T, -1, D)                       # [T, H_l, D] this rank's heads
     q = rms_norm(q)                                              # per-head, unweighted
-    kv_n = rms_norm(linear(lw.kv, xn), lw.kv_norm)               # [T, D] single shared KV head
+    kv_n = rms_norm(kv_lin, lw.kv_norm)                          # [T, D] single shared KV head
     compressed = lw.ratio > 0
     cos, sin = rope_cos_sin(pos, s.n_rot, compressed)
     if trace is not None:
@@ -496,7 +519,8 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
-    smid = swiglu_clamped(linear(lw.gate_sh, xn), linear(lw.up_sh, xn), C.SWIGLU_CLAMP)
+    gate, up = linear(lw.gate_up_sh, xn).chunk(2, -1)            # [T, F_l] each, one launch
+    smid = swiglu_clamped(gate, up, C.SWIGLU_CLAMP)
     shared = linear(lw.down_sh, smid)                            # [T, E] partial over FFN width
     if trace is not None:
         trace.update(ffn_split=(post, m), ffn_in=xn, expert_ids=ids, expert_weights=w,
@@ -507,8 +531,7 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
 
 # ================================ output head (sec. 11) =======================================
 def output_head(wt: Weights, hc: torch.Tensor, s: Shape, comm, trace=None) -> torch.Tensor:
-    flat = hc.reshape(hc.shape[0], -1)
-    z = linear(wt.out_hc_fn, flat * rms_scale(flat))             # [T, n_hc]
+    z = hc_logits(hc, wt.out_hc_fn)                              # [T, n_hc]
     hw = torch.sigmoid(z * wt.out_hc_scale[0] + wt.out_hc_base) + C.HC_EPS
     x = (hw[:, :, None] * hc).sum(1)
     xn = rms_norm(x, wt.out_norm)

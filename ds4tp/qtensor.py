@@ -62,3 +62,19 @@ class QTensor:
 
     def to(self, device) -> "QTensor":
         return QTensor(self.qtype, self.shape, self.raw.to(device))
+
+    def row_slice(self, start: int, stop: int) -> "QTensor":
+        """Rows [start, stop) of a 2-D weight, sharing the bytes (no copy)."""
+        if len(self.shape) != 2 or not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"row slice [{start}, {stop}) of a {self.shape} weight")
+        return QTensor(self.qtype, (stop - start, self.shape[1]), self.raw[start:stop])
+
+    @staticmethod
+    def cat_rows(*ws: "QTensor") -> "QTensor":
+        """One 2-D weight holding the rows of several with the same type and input width (so
+        one launch serves matrices that multiply the same activation)."""
+        q, n_in = ws[0].qtype, ws[0].shape[-1]
+        if any(w.qtype != q or len(w.shape) != 2 or w.shape[1] != n_in for w in ws):
+            raise ValueError(f"cat_rows needs 2-D weights of one type and width, got "
+                             f"{[(type_name(w.qtype), w.shape) for w in ws]}")
+        return QTensor(q, (sum(w.shape[0] for w in ws), n_in), torch.cat([w.raw for w in ws]))
