@@ -250,14 +250,17 @@ def sweep_cfgs(case: Case, T: int):
             return [Cfg(bn=8, nb=2), Cfg(bn=8, nb=4), Cfg(bn=16, nb=2), Cfg(bn=4, nb=4),
                     Cfg(bn=8, nb=4, warps=8), Cfg(bn=16, nb=2, warps=8), Cfg(bn=8, nb=1),
                     Cfg(bn=4, nb=2, warps=2), Cfg(bn=32, nb=1, warps=8), Cfg(bn=16, nb=4, warps=8)]
-        return [Cfg(bn=16, nb=2), Cfg(bn=32, nb=2), Cfg(bn=8, nb=2), Cfg(bn=16, nb=4),
+        return [Cfg(bn=16, nb=4), Cfg(bn=4, nb=4, warps=1), Cfg(bn=8, nb=4, warps=1),
+                Cfg(bn=4, nb=8, warps=1), Cfg(bn=8, nb=4, warps=2), Cfg(bn=4, nb=4, warps=2),
+                Cfg(bn=16, nb=2), Cfg(bn=32, nb=2), Cfg(bn=8, nb=2),
                 Cfg(bn=8, nb=4), Cfg(bn=32, nb=1), Cfg(bn=16, nb=2, warps=2), Cfg(bn=16, nb=2, warps=8),
                 Cfg(bn=32, nb=4, warps=8), Cfg(bn=64, nb=1, warps=8), Cfg(bn=16, nb=2, split=2),
                 Cfg(bn=8, nb=2, split=2)]
     if case.kind == "experts_sum" and case.qtype == Q2_K and T <= tm.Q2K_SUM_MAX_T:
-        return [Cfg(bn=16, q2s=True), Cfg(bn=32, q2s=True), Cfg(bn=8, q2s=True),
+        return [Cfg(bn=4, warps=1, q2s=True), Cfg(bn=2, warps=1, q2s=True), Cfg(bn=8, warps=1, q2s=True),
+                Cfg(bn=4, warps=2, q2s=True), Cfg(bn=16, q2s=True), Cfg(bn=32, q2s=True), Cfg(bn=8, q2s=True),
                 Cfg(bn=16, warps=2, q2s=True), Cfg(bn=32, warps=8, q2s=True),
-                Cfg(bn=64, warps=8, q2s=True), Cfg(bn=8, warps=2, q2s=True), Cfg(bn=4, warps=1, q2s=True),
+                Cfg(bn=64, warps=8, q2s=True), Cfg(bn=8, warps=2, q2s=True),
                 Cfg(bn=32, nb=1, split=6, q2s=False), Cfg(bn=128, nb=1, split=6, q2s=False)]
     if case.qtype == Q8_0 and T == 1:   # split-layout kernel shapes, then the tile kernel's
         return [Cfg(bn=16, nb=32), Cfg(bn=8, nb=32), Cfg(bn=32, nb=16), Cfg(bn=16, nb=16),

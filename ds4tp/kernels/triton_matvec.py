@@ -60,12 +60,12 @@ _TICKETS = 1 << 16
 SMALL_TYPES = (IQ2_XXS,)
 SMALL_MAX_PAIRS = 24
 SMALL_MAX_K = 8
-# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program). By default only for
-# rows of at most Q2K_SUM_MAX_IN inputs (the TP=2 shard): the H200 sweep
-# (bench/results/kernels_h200_run5_routed_20261128.json) measured 18.9 us with 4 rows and one
-# warp per program against 39.5 us for the tile kernel's default there; at TP=1 (2048 inputs) an
-# earlier run measured 59 us (16 rows) against 45 us for the tile kernel, so TP=1 keeps it.
-Q2K_SUM_MAX_IN = 1024
+# Q2_K routed down, slot sum, few tokens: _q2k_sum_kernel (rows per program), for rows of at most
+# Q2K_SUM_MAX_IN inputs (DS4's TP=1 down projection and its TP=2 shard). The H200 sweep
+# (bench/results/kernels_h200_run5_routed_20261128.json) measured, with 4 rows and one warp per
+# program, 18.9 us against 39.5 us for the tile kernel's default at the TP=2 shape (1024 inputs)
+# and 30.6 us against 45.7 us at TP=1 (2048 inputs; 16 rows per program had measured 59 us).
+Q2K_SUM_MAX_IN = 2048
 Q2K_SUM_MAX_T = 4
 Q2K_SUM_BN = 4
 Q2K_SUM_WARPS = 1
