@@ -102,7 +102,7 @@ elif [ "$MODE" = decode ]; then
   # fourth session: decode attention in three launches, paired projections, Q2_K slot sum at TP=1
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
   log "kernel tests (CUDA): decode attention kernels, HC mixer, routed experts, dispatch"
-  timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "decode or kv_store or compressor or hc_combine or routed or q2k or dispatch" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
+  timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or routed or q2k or dispatch" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
   grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "KERNEL TESTS FAILED"; exit 1; }
   log "golden parity on CUDA, tiny-a, TP=1 graph decoder and prefill"
   timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"

@@ -28,7 +28,7 @@ from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out
                          hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
-from ds4tp.ops import linear
+from ds4tp.ops import linear, linear_normed
 
 
 @dataclass
@@ -211,8 +211,7 @@ class StaticDecoder:
         s, comm = self.s, self.m.comm
         xn, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
-        qrn = rms_norm(qa, lw.q_a_norm)
-        qb = linear(lw.q_b, qrn)                                             # [1, H_l*D]
+        qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         comp = mask = None
@@ -224,6 +223,7 @@ class StaticDecoder:
                                emit, n_vis)
             comp = lay.comp
             if idx_on:
+                qrn = rms_norm(qa, lw.q_a_norm)
                 cos, sin = (t[pos] for t in rope)
                 score = indexer_scores(lw, qrn, xn, lay.index, cos, sin, s)
                 score = comm.all_reduce(score)                               # indexer-score all-reduce

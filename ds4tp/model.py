@@ -255,9 +255,9 @@ def hc_post_torch(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: t
 
 
 def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """The dispatch point: an eager prefill on CUDA takes one Triton launch (a batched [n, n] x
-    [n, E] matmul per token is slow in cuBLAS); decode runs the twin (compiled into its graph)."""
-    if kernels.eager_rows(hc_in):
+    """The dispatch point: one Triton launch on CUDA (a batched [n, n] x [n, E] matmul per token
+    is slow in cuBLAS; compiled, a decode step ran it as a GEMM plus a pointwise kernel)."""
+    if hc_in.is_cuda and kernels.available() and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_hc
         return triton_hc.hc_post(f, hc_in, post, m)
     return hc_post_torch(f, hc_in, post, m)
@@ -515,7 +515,7 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).
     n_local = lw.gate_exps.shape[0]
     first = rank * n_local if n_local < s.n_expert else 0        # "experts" split: an id range
-    local_ids = local_expert_ids(ids, first, n_local)
+    local_ids = ids if n_local == s.n_expert else local_expert_ids(ids, first, n_local)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot

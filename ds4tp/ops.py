@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ds4tp.config import F16, F32, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP
-from ds4tp.numerics import q8_0_act, q8_k_act, swiglu_clamped
+from ds4tp.config import F16, F32, IQ2_XXS, Q2_K, Q4_K, Q8_0, RMS_EPS, SWIGLU_CLAMP
+from ds4tp.numerics import q8_0_act, q8_k_act, rms_norm, swiglu_clamped
 from ds4tp.qtensor import QTensor
 
 
@@ -104,6 +104,21 @@ def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
         if y is not None:
             return y
     return linear_torch(w, x)
+
+
+def linear_normed_torch(w: QTensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return linear(w, rms_norm(x, norm))
+
+
+def linear_normed(w: QTensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """linear(w, rms_norm(x, norm)): one launch for a decode token on CUDA (the norm in the
+    matvec's prologue), the twin elsewhere."""
+    if _fused_ok(x):
+        from ds4tp import kernels
+        y = kernels.linear_normed(w, x, norm, RMS_EPS)
+        if y is not None:
+            return y
+    return linear_normed_torch(w, x, norm)
 
 
 def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,

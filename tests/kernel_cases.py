@@ -288,6 +288,18 @@ def case_hc_logits(device, gen, n, E, N, split=None):
     return check(f"hc_logits n={n} E={E} N={N}", got, hc_logits_torch(hc, fn), 1e-5)
 
 
+def case_linear_normed(device, gen, n_out, n_in, cfg=None):
+    """One token's Q8_0 matvec of rms_norm(x, w) with the norm in the kernel's prologue, against
+    ops.linear_normed_torch."""
+    from ds4tp.config import RMS_EPS
+    from ds4tp.kernels import triton_matvec as tm
+    w = rand_weight(Q8_0, (n_out, n_in), gen, device)
+    x = rand_act((1, n_in), gen, device)
+    norm = (torch.rand(n_in, generator=gen) + 0.5).to(device)
+    got = tm.linear_normed(w, x, norm, RMS_EPS, _cfg(cfg))
+    return check(f"linear_normed {n_out}x{n_in}", got, ops.linear_normed_torch(w, x, norm))
+
+
 def _rope_tables(n_rot, P, device, compressed=False):
     cos, sin = numerics.rope_cos_sin(torch.arange(P), n_rot, compressed)
     return cos.contiguous().to(device), sin.contiguous().to(device)
@@ -385,6 +397,8 @@ def interpreter_cases():
     yield "rms_scale rows", case_rms_scale, ((5, 3, 300),)
     yield "hc_post E tail", case_hc_post, (3, 1100)
     yield "decode kv_store", case_kv_store, (256, 64, 16, 37)
+    yield "decode linear_normed split K", case_linear_normed, (40, 512, C(bn=8, nb=4, split=2))
+    yield "decode linear_normed default", case_linear_normed, (64, 256)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
     yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
     yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)

@@ -240,3 +240,9 @@ def test_cuda_compressor_step_full_size(ratio, W):
 @pytest.mark.parametrize("N", [24, 4])
 def test_cuda_hc_logits_full_size(N):
     kc.case_hc_logits("cuda", torch.Generator().manual_seed(N), 4, 4096, N)
+
+
+@needs_cuda
+def test_cuda_linear_normed_q_b():
+    """attn_q_b (32768 x 1024) with the q_a norm in the prologue."""
+    kc.case_linear_normed("cuda", torch.Generator().manual_seed(5), 32768, 1024)

@@ -12,6 +12,7 @@ grouped by expert), the same exact block dots (F16 in 3xTF32).
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]
+  linear_normed(w, x, norm, eps)                 x [1, in]: linear(w, rms_norm(x, norm))
   grouped_linear(w, x)                           x [T, G, in_g]      -> [T, G, out/G]
   expert_linear(w, x, ids, sum_slots=False)      x [T, in]|[T, K, in], ids [T, K]
                                                  -> [T, K, out], or summed over K [T, out]
@@ -39,8 +40,8 @@ def available() -> bool:
 
 def eager_rows(x) -> bool:
     """Several rows of a CUDA tensor outside torch.compile (an eager prefill) with the kernels
-    available: where the one-launch RMS scale and HC update replace their torch twins (decode
-    keeps the twins, compiled into its graph)."""
+    available: where the one-launch RMS scale replaces its torch twin (decode keeps the twin,
+    compiled into its graph)."""
     import torch
     return (x.is_cuda and x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling()
             and available())
@@ -66,6 +67,14 @@ def linear(w, x):
         return triton_gemm.linear(w, x)
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear(w, x)
+
+
+def linear_normed(w, x, norm, eps):
+    """linear(w, rms_norm(x, norm)) in one launch for one token (Q8_0), else None."""
+    if not _covered(w, x) or not norm.is_cuda or _many(w, x.shape[0]):
+        return None
+    from ds4tp.kernels import triton_matvec as tm
+    return tm.linear_normed(w, x, norm, eps)
 
 
 def grouped_linear(w, x):

@@ -125,7 +125,7 @@ def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_pt
 @triton.jit
 def _online(q, kv, ok, scale, m, l, acc):
     """One block of keys kv [BK, D] (K = V) into the running max m, denominator l and value
-    sum acc [D]; rows not ok score -inf."""
+    sum acc [D]; rows not ok score -inf (m starts finite, so an all-masked block changes nothing)."""
     sc = tl.where(ok, tl.sum(kv * q[None, :], axis=1) * scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(sc, axis=0))
     alpha = tl.exp(m - m_new)
@@ -135,10 +135,16 @@ def _online(q, kv, ok, scale, m, l, acc):
 
 @triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                 pos_ptr, out_ptr, n_swa, ratio, eps, scale,
-                 D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr,
+                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
+                 D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
                  HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
+    rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
+    partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
+    arrive (atomic ticket) merges the partials in the order j = 0..S-1 with the sink, applies the
+    inverse RoPE and stores the head."""
     h = tl.program_id(0)
+    j = tl.program_id(1)
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
@@ -146,10 +152,10 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     q = q * _rms_scale(q, D, eps)                       # per head, no weight
     c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     q = _rope(q, c, s, D)
-    m = tl.load(sink_ptr + h)                           # the sink joins max and denominator
-    l = tl.full([], 1.0, tl.float32)
+    m = tl.full([], -1e30, tl.float32)
+    l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
-    for k0 in range(0, n_swa, BK):
+    for k0 in range(j * BK, n_swa, S * BK):
         rows = k0 + kk
         rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
         ok = (rp <= pos) & (rp > pos - n_swa)
@@ -157,16 +163,39 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     if HAS_COMP:
         n_vis = (pos + 1) // ratio
-        for k0 in range(0, n_vis, BK):
+        for k0 in range(j * BK, n_vis, S * BK):
             rows = k0 + kk
             ok = rows < n_vis
             if HAS_MASK:
                 ok = ok & (tl.load(mask_ptr + rows, mask=ok, other=0) != 0)
             kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
             m, l, acc = _online(q, kv, ok, scale, m, l, acc)
-    o = tl.math.div_rn(acc, tl.broadcast_to(l, acc.shape))
-    o = _rope(o, c, -s, D)                              # inverse RoPE of the output
-    tl.store(out_ptr + h * D + d, o)
+    # partials: [H, S, D + 2] (value sum, then max and denominator)
+    wrow = ws_ptr + (h * S + j).to(tl.int64) * (D + 2)
+    tl.store(wrow + d, acc)
+    tl.store(wrow + D, m)
+    tl.store(wrow + D + 1, l)
+    tl.debug_barrier()                                  # all partial stores before the ticket
+    ticket = tl.atomic_add(cnt_ptr + h, 1)              # acq_rel, gpu scope
+    if ticket == S - 1:
+        jj = tl.arange(0, S)
+        hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
+        mj = tl.load(hrow + D, cache_modifier=".cg")
+        lj = tl.load(hrow + D + 1, cache_modifier=".cg")
+        sink = tl.load(sink_ptr + h)                    # the sink joins max and denominator
+        mt = tl.maximum(tl.max(mj, axis=0), sink)
+        wj = tl.exp(mj - mt)
+        lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
+        aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
+        o = tl.sum(aj * wj[:, None], axis=0)
+        o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
+        o = _rope(o, c, -s, D)                          # inverse RoPE of the output
+        tl.store(out_ptr + h * D + d, o)
+        tl.atomic_xchg(cnt_ptr + h, 0)
+
+
+ATTN_BK = 16      # keys per block
+ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -214,10 +243,10 @@ def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
     _check("compressor_step: frontier gate", front_sc, (rows, W))
     _check("position", pos, (1,), torch.long)
     bn = max(1, min(16, triton.next_power_of_2(W) // 256))
-    be = min(512, triton.next_power_of_2(E))
+    be = min(2048, triton.next_power_of_2(E))      # 2 x 16 KB of weights in flight per step
     _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
                                              ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
-                                             num_warps=4)
+                                             num_warps=8)
 
 
 def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
@@ -242,9 +271,14 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
             _check("attention: row mask", mask, (1, comp.shape[0]), torch.bool)
     elif mask is not None:
         raise ValueError("attention: a row mask without compressed rows")
+    from ds4tp.kernels.triton_matvec import _TICKETS, _tickets
+    if H > _TICKETS:
+        raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
-    _attn_kernel[(H,)](qb, ring, ring_pos, ring if comp is None else comp,
-                       ring_pos if mask is None else mask.view(torch.int8), sinks, cos, sin, pos,
-                       out, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=16,
-                       HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4)
+    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
+    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
+                                  ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
+                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4)
     return out

@@ -148,16 +148,17 @@ def hc_post(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
 
 @triton.jit
 def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, cnt_ptr, N, K, k_per, eps,
-                      BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+                      BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """Program k: the RMS scale s of the whole row x [K] (every program computes the same s, in
-    the same order), then rows 0..N-1 of the F16 weight [N, K] against (x*s) over its K chunk;
-    partial sums combine in a fixed order (triton_matvec._store_tile)."""
+    the same order, BR values per step), then rows 0..N-1 of the F16 weight [N, K] against (x*s)
+    over its K chunk; partial sums combine in a fixed order (triton_matvec._store_tile)."""
     pid_k = tl.program_id(0)
-    kk = tl.arange(0, BK)
-    ss = tl.zeros([BK], tl.float64)
-    for k in range(0, K, BK):
-        v = tl.load(x_ptr + k + kk, mask=(k + kk) < K, other=0.0).to(tl.float64)
+    rr = tl.arange(0, BR)
+    ss = tl.zeros([BR], tl.float64)
+    for k in range(0, K, BR):
+        v = tl.load(x_ptr + k + rr, mask=(k + rr) < K, other=0.0).to(tl.float64)
         ss += v * v
+    kk = tl.arange(0, BK)
     ms = (tl.sum(ss, axis=0) / K).to(tl.float32)          # float64 / int: float64 division
     sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
     rows = tl.arange(0, BN)
@@ -190,13 +191,14 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
     from ds4tp.kernels.triton_matvec import _split_buffers, _split_k
     N = fn_raw.shape[0]
     bn = triton.next_power_of_2(N)
-    bk = 256
+    bk = min(512, triton.next_power_of_2(K))
     x = hc.reshape(1, K).contiguous()
     z = torch.empty(1, N, dtype=torch.float32, device=hc.device)
     per, split = _split_k(K, bk, split)
     ws, cnt = _split_buffers(split, 1, bn, 1, hc.device, z)
     _hc_logits_kernel[(split, 1)](x, fn_raw.view(torch.float16), z, ws, cnt, N, K, per, eps,
-                                BN=bn, BK=bk, SPLIT=split, num_warps=4)
+                                BN=bn, BK=bk, BR=min(4096, triton.next_power_of_2(K)),
+                                SPLIT=split, num_warps=8)
     return z
 
 

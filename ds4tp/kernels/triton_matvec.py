@@ -461,8 +461,12 @@ def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, 
 # decoded exactly, products summed in float32 per block and scaled by the block's d_w.
 @triton.jit
 def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
-                       rows_per_group, group_in,
-                       BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+                       rows_per_group, group_in, nw_ptr, eps,
+                       BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                       NORM: tl.constexpr, KP: tl.constexpr):
+    """NORM: the input is rms_norm(x, nw) (numerics.rms_norm: float64 sum of squares, then
+    (x * s) * nw); every program computes s over the whole row x [K] (KP = K rounded up to a
+    power of two), so the norm costs no launch of its own."""
     NBK: tl.constexpr = BK // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -477,8 +481,15 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
     qrow = q_ptr + rows.to(tl.int64)[:, None] * K
     drow = d_ptr + rows.to(tl.int64)[:, None] * (K // 32)
     acc = tl.zeros([BN, NBK], tl.float32)
+    if NORM:
+        xa = tl.arange(0, KP)
+        xr = tl.load(x_ptr + xa, mask=xa < K, other=0.0).to(tl.float64)
+        ms = (tl.sum(xr * xr, axis=0) / K).to(tl.float32)
+        rs = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
     for k in range(k0, k1, BK):
         x = tl.load(x_ptr + xb + k + kk)
+        if NORM:
+            x = (x * rs) * tl.load(nw_ptr + k + kk)
         xq, xd = _q8_0_quant(tl.reshape(x, (1, NBK, 32)))
         xh = tl.reshape(xq.to(tl.float32) * xd[:, :, None], (NBK, 32))               # exact
         u = tl.load(qrow + k + kk[None, :], mask=rmask[:, None], other=128)           # uint8 [BN, BK]
@@ -1043,7 +1054,7 @@ def q8s_cfg(n_rows: int, n_in: int, device, bn: int = 16, bk: int = 1024) -> Cfg
     return Cfg(bn=bn, nb=bk // 32, split=split, warps=4)
 
 
-def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None):
+def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None, norm=None, eps: float = 0.0):
     n_out, n_in = w.shape
     q, d = q8_0_split(w)
     c = cfg if cfg is not None else q8s_cfg(n_out, n_in, x.device)
@@ -1054,9 +1065,29 @@ def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None):
     tiles = triton.cdiv(n_out, bn)
     ws, cnt = _split_buffers(split, tiles, bn, 1, x.device, y)
     _q8s_matvec_kernel[(tiles, split)](q, d, x, y, ws, cnt, n_out, n_in, per, rows_per_group, n_in,
-                                       BN=bn, BK=bk, SPLIT=split, num_warps=c.warps,
-                                       num_stages=c.stages)
+                                       x if norm is None else norm, eps,
+                                       BN=bn, BK=bk, SPLIT=split, NORM=norm is not None,
+                                       KP=triton.next_power_of_2(n_in) if norm is not None else 1,
+                                       num_warps=c.warps, num_stages=c.stages)
     return y
+
+
+NORMED_MAX_IN = 1 << 14    # linear_normed: the whole input row is read by every program
+
+
+def linear_normed(w, x: torch.Tensor, norm: torch.Tensor, eps: float, cfg: Cfg | None = None):
+    """y [1, out] = linear(w, rms_norm(x, norm)) for one token and a Q8_0 weight (out, in): the
+    split-layout matvec with the norm in its prologue. None where that does not apply."""
+    if w.qtype != Q8_0 or len(w.shape) != 2 or x.dim() != 2 or x.shape[0] != 1:
+        return None
+    if w.shape[1] > NORMED_MAX_IN or (cfg is not None and not cfg.q8s):
+        return None
+    n_out, n_in, x = _linear_args(w, x, 1, "linear_normed")
+    if norm.shape != (n_in,) or norm.dtype != torch.float32:
+        raise ValueError(f"linear_normed: norm weight {norm.dtype} {tuple(norm.shape)} does not "
+                         f"match {n_in} inputs")
+    y = torch.empty(1, n_out, dtype=torch.float32, device=x.device)
+    return _q8s_linear(w, x, y, 1, cfg, norm.contiguous(), eps)
 
 
 def _split_k(total: int, step: int, want: int) -> tuple[int, int]:
