@@ -282,6 +282,12 @@ def _bench_rank(comm, dev, cfg):
     steps = cfg["steps"]
     res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
     save()
+    # the same decode with every sublayer's work on one stream (no shared-expert / compressor
+    # overlap, ds4tp.streams): what the second stream buys, measured in this run
+    model.overlap = False
+    res["decode_d0_one_stream"] = time_decode(model, 1, steps, max_ctx=256)
+    model.overlap = True
+    save()
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)

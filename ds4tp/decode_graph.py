@@ -29,6 +29,7 @@ from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out
                          select_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
+from ds4tp.streams import Side
 
 
 @dataclass
@@ -85,6 +86,7 @@ class StaticDecoder:
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         self.graphs: dict = {}
         self._pool = None
+        self._streams = None
         self.logits = None
 
     # ---- session transfer ----------------------------------------------------------------
@@ -165,16 +167,18 @@ class StaticDecoder:
         """Warm up once on a side stream (allocator, kernel compilation, communicators; the
         state is restored after), then capture. Capturing does not run the kernels."""
         saved = self._snapshot()
+        if self._streams is None:    # one warm-up and one capture stream for all variants (the
+            self._streams = (torch.cuda.Stream(self.dev), torch.cuda.Stream(self.dev))   # kernels
+        warm, capture = self._streams                                    # keep buffers per stream)
         cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
+        warm.wait_stream(cur)
+        with torch.cuda.stream(warm):
             self._step(var)
-        cur.wait_stream(side)
+        cur.wait_stream(warm)
         self._restore(saved)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, stream=capture):
             out = self._step(var)
         self._pool = g.pool()
         return g, out
@@ -204,23 +208,27 @@ class StaticDecoder:
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
             hc = self._attention(lw, lay, hc, pos, emit, idx_on and r == 4)
-            hc = ffn(lw, hc, tok, s, m.comm, m.rank)
+            hc = ffn(lw, hc, tok, s, m.comm, m.rank, overlap=m.overlap)
         return output_head(m.w, hc, s, m.comm)[0]
 
     def _attention(self, lw, lay: _Layer, hc, pos, emit: bool, idx_on: bool):
         s, comm = self.s, self.m.comm
         xn, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)
+        n_vis = (pos + 1) // lw.ratio if lw.ratio and (emit or idx_on) else None   # [1] rows visible
+        side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
+        with side:
+            if lw.ratio:
+                self._compress(lw.comp, lay.front, lay.comp, xn, pos, s.head_dim, False, emit, n_vis)
+            if lw.ratio == 4:
+                self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, s.indexer_head_dim, True,
+                               emit, n_vis)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
+        side.join()
         comp = mask = None
         if lw.ratio:
-            n_vis = (pos + 1) // lw.ratio if (emit or idx_on) else None      # [1] rows visible
-            self._compress(lw.comp, lay.front, lay.comp, xn, pos, s.head_dim, False, emit, n_vis)
-            if lw.ratio == 4:
-                self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, s.indexer_head_dim, True,
-                               emit, n_vis)
             comp = lay.comp
             if idx_on:
                 qrn = rms_norm(qa, lw.q_a_norm)

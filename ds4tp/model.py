@@ -30,6 +30,7 @@ from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, 
                             rope_cos_sin, rope_tail, softplus, swiglu_clamped)
 from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear
 from ds4tp.qtensor import QTensor
+from ds4tp.streams import Side
 
 
 # ================================ weights ======================================================
@@ -508,8 +509,14 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
 
 
 def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
-        trace=None) -> torch.Tensor:
+        trace=None, overlap: bool = False) -> torch.Tensor:
     xn, post, m = hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm, s)
+    # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
+    # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
+    side = Side(xn, overlap and xn.shape[0] == 1)
+    with side:
+        gate, up = linear(lw.gate_up_sh, xn).chunk(2, -1)            # [T, F_l] each, one launch
+        shared = linear(lw.down_sh, swiglu_clamped(gate, up, C.SWIGLU_CLAMP))   # [T, E] partial over FFN width
     ids, w = route(lw, xn, tokens, s)
     # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).
@@ -519,9 +526,7 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
-    gate, up = linear(lw.gate_up_sh, xn).chunk(2, -1)            # [T, F_l] each, one launch
-    smid = swiglu_clamped(gate, up, C.SWIGLU_CLAMP)
-    shared = linear(lw.down_sh, smid)                            # [T, E] partial over FFN width
+    side.join()
     if trace is not None:
         trace.update(ffn_split=(post, m), ffn_in=xn, expert_ids=ids, expert_weights=w,
                      moe_out=routed, shared_out=shared)
@@ -544,9 +549,10 @@ def output_head(wt: Weights, hc: torch.Tensor, s: Shape, comm, trace=None) -> to
 # ================================ the model ===================================================
 class DS4Model:
     def __init__(self, shape: Shape, weights: Weights, *, rank: int = 0, world: int = 1, comm=None,
-                 device="cpu"):
+                 device="cpu", overlap: bool = True):
         self.shape, self.w = shape, weights
         self.rank, self.world = rank, world
+        self.overlap = overlap      # CUDA: independent sublayer work on a second stream (streams.py)
         self.comm = comm if comm is not None else SingleComm()
         self.device = torch.device(device)
 
@@ -606,7 +612,7 @@ class DS4Model:
             hc = attention(lw, ls, hc, pos, s, self.comm, lt)
             if lt is not None:
                 lt["hc_mid"] = hc
-            hc = ffn(lw, hc, tok, s, self.comm, self.rank, lt)
+            hc = ffn(lw, hc, tok, s, self.comm, self.rank, lt, self.overlap)
             if lt is not None:
                 trace.update({f"{lw.il}.{k}": v for k, v in lt.items()})
         if trace is not None:

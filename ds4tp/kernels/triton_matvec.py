@@ -897,12 +897,20 @@ def _iq2_grid64(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(grid.astype(np.uint8)).view("<i8").reshape(-1).copy()).to(device)
 
 
-@functools.lru_cache(maxsize=8)
+_TICKET_BUFFERS: dict = {}   # (device index, stream handle) -> int32 [_TICKETS]; never evicted
+
+
 def _tickets(device: torch.device) -> torch.Tensor:
     """Split tickets, one per output tile. Every launch leaves them at zero, so one zeroed buffer
-    per device serves all launches issued on one stream (do not run split launches on two
-    streams of one device concurrently)."""
-    return torch.zeros(_TICKETS, dtype=torch.int32, device=device)
+    serves all launches issued on one stream; each stream has its own (ds4tp.streams runs work
+    on two streams at once). Buffers are kept for the process's life: a captured CUDA graph
+    holds their addresses."""
+    device = torch.device(device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _TICKET_BUFFERS.get(key)
+    if buf is None:
+        buf = _TICKET_BUFFERS[key] = torch.zeros(_TICKETS, dtype=torch.int32, device=device)
+    return buf
 
 
 def _raw(w) -> torch.Tensor:
