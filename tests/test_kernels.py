@@ -246,3 +246,50 @@ def test_cuda_hc_logits_full_size(N):
 def test_cuda_linear_normed_q_b():
     """attn_q_b (32768 x 1024) with the q_a norm in the prologue."""
     kc.case_linear_normed("cuda", torch.Generator().manual_seed(5), 32768, 1024)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_decode_kernel_argument_errors():
+    """The decode kernels' entry points reject mismatched inputs with a message naming the
+    argument, before anything is launched (so this runs on CPU)."""
+    from ds4tp.config import F16, Q8_0
+    from ds4tp.kernels import triton_attn, triton_hc, triton_matvec as tm
+    g = torch.Generator().manual_seed(0)
+    D, n_swa, H = 128, 8, 3
+    ring, rpos = torch.zeros(n_swa, D), torch.zeros(n_swa, dtype=torch.long)
+    cos = sin = torch.zeros(10, 32)
+    pos = torch.zeros(1, dtype=torch.long)
+    sinks = torch.zeros(H)
+    with pytest.raises(ValueError, match="attention: q"):
+        triton_attn.attention(torch.zeros(1, H * D + 1), ring, rpos, None, 0, None, sinks, cos, sin, pos, 1e-6)
+    with pytest.raises(ValueError, match="row mask without compressed rows"):
+        triton_attn.attention(torch.zeros(1, H * D), ring, rpos, None, 0,
+                              torch.zeros(1, 4, dtype=torch.bool), sinks, cos, sin, pos, 1e-6)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        triton_attn.attention(torch.zeros(1, H * D), ring, rpos, None, 0, None, sinks,
+                              torch.zeros(10, 16), sin, pos, 1e-6)
+    with pytest.raises(ValueError, match="compression ratio 0"):
+        triton_attn.attention(torch.zeros(1, H * D), ring, rpos, torch.zeros(4, D), 0, None, sinks,
+                              cos, sin, pos, 1e-6)
+    with pytest.raises(ValueError, match="kv_store: ring positions"):
+        triton_attn.kv_store(torch.zeros(1, D), torch.ones(D), cos, sin, pos, ring,
+                             torch.zeros(n_swa, dtype=torch.int32), 1e-6)
+    with pytest.raises(ValueError, match="position"):
+        triton_attn.kv_store(torch.zeros(1, D), torch.ones(D), cos, sin, torch.zeros(2, dtype=torch.long),
+                             ring, rpos, 1e-6)
+    w = kc.rand_weight(F16, (16, 64), g)
+    with pytest.raises(ValueError, match="compressor_step: gate weight bytes"):
+        triton_attn.compressor_step(torch.zeros(1, 64), w.raw, w.raw[:8], torch.zeros(4, 16), pos,
+                                    torch.zeros(8, 16), torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="compressor_step: frontier kv"):
+        triton_attn.compressor_step(torch.zeros(1, 64), w.raw, w.raw, torch.zeros(4, 16), pos,
+                                    torch.zeros(4, 16), torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="one token's float32 streams"):
+        triton_hc.hc_logits(torch.zeros(2, 4, 16), w.raw, 1e-6)
+    with pytest.raises(ValueError, match="do not match 64 inputs"):
+        triton_hc.hc_logits(torch.zeros(1, 4, 16), w.raw[:, :64], 1e-6)
+    q = kc.rand_weight(Q8_0, (16, 64), g)
+    with pytest.raises(ValueError, match="linear_normed: norm weight"):
+        tm.linear_normed(q, torch.zeros(1, 64), torch.ones(32), 1e-6)
+    assert tm.linear_normed(w, torch.zeros(1, 64), torch.ones(64), 1e-6) is None      # F16: twin
+    assert tm.linear_normed(q, torch.zeros(2, 64), torch.ones(64), 1e-6) is None      # 2 tokens: twin
