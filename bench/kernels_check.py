@@ -250,7 +250,8 @@ def sweep_cfgs(case: Case, T: int):
             return [Cfg(bn=8, nb=2), Cfg(bn=8, nb=4), Cfg(bn=16, nb=2), Cfg(bn=4, nb=4),
                     Cfg(bn=8, nb=4, warps=8), Cfg(bn=16, nb=2, warps=8), Cfg(bn=8, nb=1),
                     Cfg(bn=4, nb=2, warps=2), Cfg(bn=32, nb=1, warps=8), Cfg(bn=16, nb=4, warps=8)]
-        return [Cfg(bn=16, nb=4), Cfg(bn=4, nb=4, warps=1), Cfg(bn=8, nb=4, warps=1),
+        return [Cfg(bn=16, nb=4), Cfg(bn=16, nb=4, iq2c=True), Cfg(bn=32, nb=2, iq2c=True),
+                Cfg(bn=16, nb=2, iq2c=True), Cfg(bn=4, nb=4, warps=1), Cfg(bn=8, nb=4, warps=1),
                 Cfg(bn=4, nb=8, warps=1), Cfg(bn=8, nb=4, warps=2), Cfg(bn=4, nb=4, warps=2),
                 Cfg(bn=16, nb=2), Cfg(bn=32, nb=2), Cfg(bn=8, nb=2),
                 Cfg(bn=8, nb=4), Cfg(bn=32, nb=1), Cfg(bn=16, nb=2, warps=2), Cfg(bn=16, nb=2, warps=8),

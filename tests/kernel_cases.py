@@ -436,6 +436,8 @@ def interpreter_cases():
     # few-token packed-integer path (T*K <= 24): K = 6 as DS4, several super-blocks per row,
     # -1 ids, duplicate ids, T = 1..4, TP shards, default and explicit launch shapes
     yield "small swiglu IQ2_XXS T=1", case_swiglu, (IQ2_XXS, 8, 32, 768, 1, 6)
+    yield "small swiglu IQ2_XXS T=1 2-bit grid codes", case_swiglu, (IQ2_XXS, 8, 32, 768, 1, 6, C(bn=16, nb=2, iq2c=True))
+    yield "small experts IQ2_XXS T=2 dup 2-bit grid codes", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2, iq2c=True), True)
     yield "small swiglu IQ2_XXS T=3 dup rows", case_swiglu, (IQ2_XXS, 8, 16, 512, 3, 6, C(bn=8, nb=1, split=4), True, "rows")
     yield "small experts IQ2_XXS T=2 dup", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2), True)
     yield "small experts IQ2_XXS T=4 per-slot", case_experts, (IQ2_XXS, 8, 16, 512, 4, 6, True)

@@ -633,14 +633,28 @@ def _dp4a(a, b, DP4A: tl.constexpr):
 
 
 @triton.jit
-def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_ptr, DP4A: tl.constexpr):
+def _iq2_grid_words(g, hi: tl.constexpr):
+    """One packed grid word (elements 0-3, or 4-7 with hi) from a 16-bit row of 2-bit codes g
+    (element e at bits 2e): bytes 8 / 25 / 43 for codes 0 / 1 / 2, as 8 + 17c + (c >> 1) (no
+    carries between bytes)."""
+    t = (g >> (8 if hi else 0)) & 255
+    b = (t & 3) | ((t & 0xC) << 6) | ((t & 0x30) << 12) | ((t & 0xC0) << 18)
+    return 0x08080808 + 17 * b + ((b >> 1) & 0x01010101)
+
+
+@triton.jit
+def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_ptr, DP4A: tl.constexpr,
+                    GRID16: tl.constexpr = False):
     """IQ2_XXS super-block at byte offsets base [S, R] (2-aligned) against the packed Q8_K
     activation words at xw_off [S, 1] (64 words). Returns (int32 [S, R] = sum_b (2s_b+1) sum
     grid*sign*q, d [S, R]).
     Loads are what bound this kernel (the bytes are few): each sub-block's 8 bytes come as four
     16-bit words, each grid row as one 64-bit gather (grid_ptr: int64 [256], element e in byte
     e), and the sign bytes are computed, not looked up: ksigns[i] = i | parity(i) << 7, and
-    bit e of it becomes the byte mask 0xFF of element e. sign_ptr is unused."""
+    bit e of it becomes the byte mask 0xFF of element e. sign_ptr is unused.
+    GRID16: grid_ptr is instead int16 [256], each row's 8 magnitudes as 2-bit codes (a 512-byte
+    table: a warp's 32 scattered row loads touch 4 cache lines instead of 16), unpacked with
+    shifts and one multiply (_iq2_grid_words)."""
     b = tl.arange(0, 8)
     k4 = tl.arange(0, 4)[None, None, None, :]
     b5 = b[None, None, :, None, None]
@@ -656,9 +670,14 @@ def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_pt
     hi = tl.load(u16 + sbw + 3, mask=m3, other=0).to(tl.int32)
     t = lo | (hi << 16)                                                     # 4 x 7 sign bits, scale
     gi = ((g01 | (g23 << 16))[:, :, :, None] >> (8 * k4)) & 255             # [S, R, 8, 4] grid rows
-    g64 = tl.load(grid_ptr + gi)                                            # 8 magnitudes, bytes
-    g_lo = g64.to(tl.int32)
-    g_hi = (g64 >> 32).to(tl.int32)
+    if GRID16:
+        g16 = tl.load(grid_ptr + gi).to(tl.int32) & 0xFFFF                  # 8 x 2-bit codes
+        g_lo = _iq2_grid_words(g16, False)
+        g_hi = _iq2_grid_words(g16, True)
+    else:
+        g64 = tl.load(grid_ptr + gi)                                        # 8 magnitudes, bytes
+        g_lo = g64.to(tl.int32)
+        g_hi = (g64 >> 32).to(tl.int32)
     sig = (t[:, :, :, None] >> (7 * k4)) & 127                              # [S, R, 8, 4]
     par = sig ^ (sig >> 4)
     par = par ^ (par >> 2)
@@ -714,7 +733,7 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
                          ids_ptr, rw_ptr, out_ptr, stride_ot, stride_ok, grid_ptr, sign_ptr,
                          N, K, KB, clamp,
                          QT: tl.constexpr, R: tl.constexpr, S: tl.constexpr, NB: tl.constexpr,
-                         MODE: tl.constexpr, DP4A: tl.constexpr):
+                         MODE: tl.constexpr, DP4A: tl.constexpr, GRID16: tl.constexpr = False):
     """Grid (T * cdiv(K, S), cdiv(N, R)): program (p, n) takes token t = p // cdiv(K, S), its S
     slots from (p % cdiv(K, S)) * S, and rows n*R .. n*R+R-1 of each slot's expert.
     The activation of (t, k) is row t*xrow_t + k*xrow_k of the pre-quantised Q8_K buffers: packed
@@ -744,11 +763,11 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
             xw_off = (xrow * (KB * 64) + kb * 64)[:, None]
             if QT == 16:  # IQ2_XXS
                 isum, d = _iq2_xxs_sb_dot(w_ptr, wbase + kb * 66, wmask, xw_ptr, xw_off, xm,
-                                          grid_ptr, sign_ptr, DP4A)
+                                          grid_ptr, sign_ptr, DP4A, GRID16)
                 acc += isum.to(tl.float32) * (d * 0.125) * dx
                 if MODE == 2:
                     isum2, d2 = _iq2_xxs_sb_dot(w2_ptr, wbase + kb * 66, wmask, xw_ptr, xw_off, xm,
-                                                grid_ptr, sign_ptr, DP4A)
+                                                grid_ptr, sign_ptr, DP4A, GRID16)
                     acc2 += isum2.to(tl.float32) * (d2 * 0.125) * dx
             else:  # Q2_K
                 xbs_off = (xrow * (KB * 16) + kb * 16)[:, None]
@@ -832,6 +851,8 @@ class Cfg:
     q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: True = _q2k_sum_kernel (bn
            rows per program, warps), False = the tile kernel, None = the default rule (the
            kernel for rows of <= Q2K_SUM_MAX_IN inputs)
+    iq2c   IQ2_XXS on the few-token path: the grid from a 512-byte table of 2-bit codes instead
+           of the 2 KB byte table (not yet measured on a GPU, so off by default)
     small  routed experts: None = the packed-integer few-token path where it applies (SMALL_TYPES,
            T*K <= SMALL_MAX_PAIRS), True = also for Q2_K (kept for tests and sweeps), False = never. On that path bn = rows per program,
            nb = super-blocks per unrolled step, split = slots per program (slots / swiglu modes;
@@ -848,6 +869,7 @@ class Cfg:
     small: bool | None = None
     q8s: bool = True         # Q8_0 at T = 1: the split-layout kernel (bn rows, nb*32 = BK)
     q2s: bool | None = None  # Q2_K slot sum, few tokens: _q2k_sum_kernel (None: by input width)
+    iq2c: bool = False       # IQ2_XXS few-token path: grid rows as 2-bit codes (512-byte table)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -895,6 +917,20 @@ def _iq2_grid64(device: torch.device) -> torch.Tensor:
     grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8)
     assert np.array_equal(grid, np.rint(grid)) and grid.min() >= 1 and grid.max() <= 127
     return torch.from_numpy(np.ascontiguousarray(grid.astype(np.uint8)).view("<i8").reshape(-1).copy()).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _iq2_codes16(device: torch.device) -> torch.Tensor:
+    """The IQ2_XXS grid as int16 [256]: element e of row g as a 2-bit code at bits 2e, code
+    0 / 1 / 2 for magnitude 8 / 25 / 43 (the only three the grid holds)."""
+    import numpy as np
+    from gguf.quants import IQ2_XXS as _G
+    _G.init_grid()
+    grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8)
+    code = np.select([grid == 8, grid == 25, grid == 43], [0, 1, 2], -1)
+    assert (code >= 0).all(), "IQ2_XXS grid magnitudes other than 8, 25, 43"
+    packed = (code.astype(np.int64) << (2 * np.arange(8))).sum(1)
+    return torch.from_numpy(packed.astype(np.uint16).view(np.int16).copy()).to(device)
 
 
 _TICKET_BUFFERS: dict = {}   # (device index, stream handle) -> int32 [_TICKETS]; never evicted
@@ -1247,12 +1283,16 @@ def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
     S = kp if mode == MODE_SUM else min(_pow2_at_least(max(1, c.split)), kp)
     xq, xd, xbs = quantize_q8_k(x.reshape(-1, n_in))      # one row per token, or per (token, slot)
     xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
-    grid_w, sign_w = (_iq2_grid64(x.device), xd) if w.qtype == IQ2_XXS else (xd, xd)
+    grid16 = w.qtype == IQ2_XXS and c.iq2c
+    if w.qtype == IQ2_XXS:
+        grid_w, sign_w = (_iq2_codes16(x.device) if grid16 else _iq2_grid64(x.device)), xd
+    else:
+        grid_w, sign_w = xd, xd
     _expert_small_kernel[(T * triton.cdiv(K, S), triton.cdiv(n_out, c.bn))](
         raw, raw2, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k,
         ids, rw if rw is not None else out, out, out.stride(0), out.stride(1) if mode != MODE_SUM else 0,
         grid_w, sign_w, n_out, K, kb, clamp,
-        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, num_warps=c.warps)
+        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, GRID16=grid16, num_warps=c.warps)
 
 
 def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
