@@ -120,7 +120,7 @@ elif [ "$MODE" = final3 ]; then
   # 2026-11-29, part 1: tests, TP=1 golden, the TP=2,1 bench (TP=1 only on one GPU)
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
   log "kernel tests (CUDA): decode kernels, HC, routed experts, dispatch; side-stream decode"
-  timeout 260 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py -k "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or routed or q2k or dispatch or side_stream" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
+  timeout 260 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py -k "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
   grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
   log "golden parity on CUDA, tiny-a, TP=1 graph decoder and prefill"
   timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"

@@ -480,8 +480,14 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
 
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
-    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2)."""
+    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: one decode
+    token on CUDA selects in one Triton launch (kernels/triton_route.py), else the twin below
+    (the hash table lookup and route_select)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
+    if logits.is_cuda and logits.shape[0] == 1 and kernels.available():   # decode: one launch
+        from ds4tp.kernels import triton_route
+        return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
+                                  s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
     hashed = lw.tid2eid[tokens] if lw.tid2eid is not None else None   # hash layer: ids by token
     return route_select(logits, lw.router_bias, hashed, s.n_expert_used)
 

@@ -300,6 +300,28 @@ def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     return check(f"linear_normed {n_out}x{n_in}", got, ops.linear_normed_torch(w, x, norm))
 
 
+def case_route(device, gen, ne, k, hashed, bias):
+    """One decode token's expert selection in one launch against model.route_select (with the
+    hash table lookup): equal ids (ties go to the lower id), weights to float rounding. The
+    logits hold exact ties and values beyond both softplus branches (+-20)."""
+    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
+    from ds4tp.kernels import triton_route
+    from ds4tp.model import route_select
+    z = torch.randn(1, ne, generator=gen) * 4
+    z[0, 5] = z[0, 3] = z[0, 9] = z.max() + 1.0                # a three-way tie at the top
+    z[0, 1], z[0, 2] = 25.0, -30.0
+    b = (torch.randn(ne, generator=gen) * 0.1).to(device) if bias else None
+    tid = torch.randint(0, ne, (50, k), generator=gen).to(device) if hashed else None
+    tok = torch.tensor([37], device=device)
+    if hashed:
+        tid[37, 0] = 2                                          # a chosen expert below -20
+    z = z.to(device)
+    want_ids, want_w = route_select.eager(z, b, tid[tok] if hashed else None, k)
+    ids, w = triton_route.route(z, b, tid, tok, k, ROUTER_WEIGHT_FLOOR, EXPERT_WEIGHT_SCALE)
+    assert torch.equal(ids.cpu(), want_ids.cpu()), f"route ids {ids.tolist()} != {want_ids.tolist()}"
+    return check(f"route ne={ne} k={k} hash={hashed} bias={bias}", w, want_w, 1e-6)
+
+
 def _rope_tables(n_rot, P, device, compressed=False):
     cos, sin = numerics.rope_cos_sin(torch.arange(P), n_rot, compressed)
     return cos.contiguous().to(device), sin.contiguous().to(device)
@@ -397,6 +419,9 @@ def interpreter_cases():
     yield "rms_scale rows", case_rms_scale, ((5, 3, 300),)
     yield "hc_post E tail", case_hc_post, (3, 1100)
     yield "decode kv_store", case_kv_store, (256, 64, 16, 37)
+    yield "decode route top-k with bias", case_route, (16, 6, False, True)
+    yield "decode route top-k no bias", case_route, (40, 6, False, False)
+    yield "decode route hash layer", case_route, (16, 6, True, False)
     yield "decode linear_normed split K", case_linear_normed, (40, 512, C(bn=8, nb=4, split=2))
     yield "decode linear_normed default", case_linear_normed, (64, 256)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)

@@ -318,3 +318,10 @@ def test_cuda_routed_gate_up_grid_codes_full_size():
     """The few-token IQ2_XXS SwiGLU launch with the 2-bit grid table at DS4's TP=1 shape."""
     kc.case_swiglu("cuda", torch.Generator().manual_seed(9), IQ2_XXS, 256, 2048, 4096, 1, 6,
                    kc.C(bn=16, nb=4, iq2c=True))
+
+
+@needs_cuda
+@pytest.mark.parametrize("hashed,bias", [(False, True), (True, False)])
+def test_cuda_route_full_size(hashed, bias):
+    """256 experts, 6 chosen, as DS4 (hash layers: tid2eid)."""
+    kc.case_route("cuda", torch.Generator().manual_seed(3 + hashed), 256, 6, hashed, bias)

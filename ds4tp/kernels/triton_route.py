@@ -1,0 +1,78 @@
+"""Expert selection of one decode token in one Triton launch (the twin: ds4tp.model.route_select).
+
+From the router logits [n_expert]: scores p = sqrt(softplus(logit)); the top-k of p + bias,
+descending, ties to the lower expert id (what a stable descending sort gives), or, on a hash
+layer, the ids the token's row of tid2eid names; weights = p of the chosen ids divided by their
+sum (floored), times the expert weight scale. Compiled torch ran this as a sort kernel and two or
+three elementwise kernels per layer, plus an index kernel for the hash table.
+
+Same operations as the twin: softplus by its three branches, correctly rounded sqrt and division;
+exp and log1p may differ from torch's by an ulp. The k selections are exact (max, then the
+lowest index holding it), so ids only differ from the twin where scores tie within an ulp.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, floor, scale,
+                  K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HASH: tl.constexpr):
+    e = tl.arange(0, BE)
+    ok = e < NE
+    z = tl.load(logit_ptr + e, mask=ok, other=0.0)
+    y = tl.exp(z)
+    u = 1.0 + y                                  # log1p(y) = log(u) * y / (u - 1) (Kahan),
+    l1p = tl.where(u == 1.0, y, tl.log(u) * tl.math.div_rn(y, tl.where(u == 1.0, 1.0, u - 1.0)))
+    sp = tl.where(z > 20.0, z, tl.where(z < -20.0, y, l1p))   # to an ulp or two of torch.log1p
+    p = tl.sqrt_rn(sp)
+    kk = tl.arange(0, KP)
+    sel = tl.full([KP], 0, tl.int64)
+    ps = tl.zeros([KP], tl.float32)
+    if HASH:
+        tok = tl.load(tok_ptr)
+        sel = tl.load(tid_ptr + tok * K + kk, mask=kk < K, other=0).to(tl.int64)
+        for k in tl.static_range(K):
+            i = tl.sum(tl.where(kk == k, sel, 0), axis=0)
+            ps = tl.where(kk == k, tl.sum(tl.where(e == i, p, 0.0), axis=0), ps)
+    else:
+        score = p
+        if HAS_BIAS:
+            score = p + tl.load(bias_ptr + e, mask=ok, other=0.0)
+        score = tl.where(ok, score, float("-inf"))
+        for k in tl.static_range(K):
+            m = tl.max(score, axis=0)
+            i = tl.min(tl.where(score == m, e, BE), axis=0)          # ties: the lower id
+            sel = tl.where(kk == k, i.to(tl.int64), sel)
+            ps = tl.where(kk == k, tl.sum(tl.where(e == i, p, 0.0), axis=0), ps)
+            score = tl.where(e == i, float("-inf"), score)
+    tot = tl.maximum(tl.sum(tl.where(kk < K, ps, 0.0), axis=0), floor)
+    w = tl.math.div_rn(ps, tl.broadcast_to(tot, ps.shape)) * scale
+    tl.store(ids_ptr + kk, sel, mask=kk < K)
+    tl.store(w_ptr + kk, w, mask=kk < K)
+
+
+def route(logits, bias, tid2eid, token, k: int, floor: float, scale: float):
+    """One token: logits [1, n_expert] float32, bias [n_expert] or None, tid2eid [V, k] (a hash
+    layer; None otherwise) with token [1] int64 -> ids [1, k] int64, weights [1, k] float32."""
+    if logits.dim() != 2 or logits.shape[0] != 1 or logits.dtype != torch.float32:
+        raise ValueError(f"route: expects one token's float32 logits [1, n_expert], got "
+                         f"{logits.dtype} {tuple(logits.shape)}")
+    ne = logits.shape[1]
+    if bias is not None and (bias.shape != (ne,) or bias.dtype != torch.float32):
+        raise ValueError(f"route: bias {bias.dtype} {tuple(bias.shape)} does not match {ne} experts")
+    if tid2eid is not None and (tid2eid.dim() != 2 or tid2eid.shape[1] != k or token.shape != (1,)):
+        raise ValueError(f"route: hash table {tuple(tid2eid.shape)} / token {tuple(token.shape)} "
+                         f"do not match k={k}")
+    logits = logits.contiguous()
+    ids = torch.empty(1, k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(1, k, dtype=torch.float32, device=logits.device)
+    _route_kernel[(1,)](logits, logits if bias is None else bias.contiguous(),
+                        ids if tid2eid is None else tid2eid.contiguous(),
+                        ids if token is None else token, ids, w, ne, floor, scale,
+                        K=k, KP=triton.next_power_of_2(k), BE=triton.next_power_of_2(ne),
+                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=4)
+    return ids, w
