@@ -124,8 +124,8 @@ elif [ "$MODE" = final3 ]; then
   grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
   log "golden parity on CUDA, tiny-a, TP=1 graph decoder and prefill"
   timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
-  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
-  timeout 280 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  log "bench, 43 layers, TP=$TPS, depth 0 and 4096, prefill 2048"
+  timeout 320 python3 -m ds4tp bench --tp $TPS --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
 elif [ "$MODE" = final3b ]; then
   # part 2: TP=2 golden (two GPUs), the decode profile
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
