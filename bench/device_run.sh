@@ -8,7 +8,7 @@
 #   final2: many-token kernel tests, TP=2,1 bench (TP=1 on one GPU), golden prefill, profile
 #   decode: decode-kernel tests, TP=1 golden, TP=2,1 bench, decode profile (one 2-GPU call)
 #   decode2: TP=2 golden, routed-expert launch sweep at T=1
-#   final3 / final3b: the 2026-11-29 closing runs (tests, goldens, bench; TP=2 golden, profile)
+#   final3 / final3b: the 2026-11-29 closing checks (tests and goldens; bench with depth 4096, profile)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -117,21 +117,21 @@ elif [ "$MODE" = decode2 ]; then
   log "routed-expert kernels, T=1, with the sweep (TP=1 and TP=2 shapes)"
   timeout 200 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 150 --only routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -40
 elif [ "$MODE" = final3 ]; then
-  # 2026-11-29, part 1: tests, TP=1 golden, the TP=2,1 bench (TP=1 only on one GPU)
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
+  # 2026-11-29 closing checks, part 1 (< 10 min): tests, goldens at TP=1 and (two GPUs) TP=2
   log "kernel tests (CUDA): decode kernels, HC, routed experts, dispatch; side-stream decode"
   timeout 260 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py -k "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
   grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
   log "golden parity on CUDA, tiny-a, TP=1 graph decoder and prefill"
   timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
-  log "bench, 43 layers, TP=$TPS, depth 0 and 4096, prefill 2048"
-  timeout 320 python3 -m ds4tp bench --tp $TPS --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
-elif [ "$MODE" = final3b ]; then
-  # part 2: TP=2 golden (two GPUs), the decode profile
   if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    log "golden parity on CUDA, tiny-a, TP=2 graph decoder and prefill"
-    timeout 150 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+    log "golden parity on CUDA, tiny-a, TP=2 graph decoder"
+    timeout 110 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
   fi
+elif [ "$MODE" = final3b ]; then
+  # part 2 (< 10 min): the TP=2,1 bench (TP=1 only on one GPU) with depth 4096, decode profile
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
+  log "bench, 43 layers, TP=$TPS, depth 0 and 4096, prefill 2048"
+  timeout 360 python3 -m ds4tp bench --tp $TPS --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   log "profile of a 4-layer full-width decode step"
   timeout 90 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
 elif [ "$MODE" = load ]; then
