@@ -26,14 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rms_scale(x, N: tl.constexpr, eps):
-    """1/sqrt(mean(x^2) + eps) of a [N] float32 vector: squares summed in float64, the mean
-    rounded to float32 (numerics.rms_scale_torch)."""
-    xd = x.to(tl.float64)
-    ms = (tl.sum(xd * xd, axis=0) / N).to(tl.float32)
-    return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+from ds4tp.kernels.triton_matvec import _rint_clamped
+from ds4tp.kernels.triton_norm import rms_from_squares
 
 
 @triton.jit
@@ -75,7 +69,7 @@ def _fp8_e4m3_blocks(b):
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 126                  # frexp exponent (0 -> -126)
     qe = tl.maximum(e - 4, -9)
     t = v * _pow2(-qe)                                                      # exact; |t| <= 16
-    r = ((t + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.float32)   # rint, half-even
+    r = _rint_clamped(t).to(tl.float32)                                     # rint, half-even
     return (r * _pow2(qe)) * _pow2(ey)[:, None]
 
 
@@ -85,7 +79,8 @@ def _kv_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, ring_ptr, rpos_ptr
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
     x = tl.load(x_ptr + d)
-    y = (x * _rms_scale(x, D, eps)) * tl.load(w_ptr + d)
+    xd = x.to(tl.float64)
+    y = (x * rms_from_squares(xd * xd, D, eps)) * tl.load(w_ptr + d)
     c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     y = _rope(y, c, s, D)
     b = tl.reshape(y, (D // 64, 64))
@@ -149,7 +144,8 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
     q = tl.load(qb_ptr + h * D + d)
-    q = q * _rms_scale(q, D, eps)                       # per head, no weight
+    qd = q.to(tl.float64)
+    q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
     c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     q = _rope(q, c, s, D)
     m = tl.full([], -1e30, tl.float32)

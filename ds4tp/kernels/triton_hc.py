@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ds4tp.kernels.triton_matvec import _store_tile
+from ds4tp.kernels.triton_norm import rms_from_squares
 
 
 @triton.jit
@@ -64,8 +65,7 @@ def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x
             hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0)
             x = tl.sum(pre[:, None] * hv, axis=0)
             xd = x.to(tl.float64)
-            ms = (tl.sum(xd * xd, axis=0) / E.to(tl.float64)).to(tl.float32)
-            sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + rms_eps))
+            sc = rms_from_squares(xd * xd, E, rms_eps)
             w = tl.load(norm_ptr + ee, mask=ok, other=0.0)
             tl.store(x_ptr + t * E + ee, (x * sc) * w, mask=ok)
         else:
@@ -75,8 +75,7 @@ def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x
                 hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
                 x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
                 ss += x * x
-            ms = (tl.sum(ss, axis=0) / E.to(tl.float64)).to(tl.float32)       # float64 division is exact-rounded
-            sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + rms_eps))
+            sc = rms_from_squares(ss, E, rms_eps)
             for e0 in range(0, E, BE):
                 ok = (e0 + ee) < E
                 hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
@@ -159,8 +158,7 @@ def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, cnt_ptr, N, K, k_per, eps,
         v = tl.load(x_ptr + k + rr, mask=(k + rr) < K, other=0.0).to(tl.float64)
         ss += v * v
     kk = tl.arange(0, BK)
-    ms = (tl.sum(ss, axis=0) / K).to(tl.float32)          # float64 / int: float64 division
-    sc = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+    sc = rms_from_squares(ss, K, eps)
     rows = tl.arange(0, BN)
     rmask = rows < N
     acc = tl.zeros([BN, BK], tl.float32)

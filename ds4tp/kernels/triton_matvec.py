@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP, type_name
+from ds4tp.kernels.triton_norm import rms_from_squares
 
 SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
 # elements per block of each type (F16 counts single elements); the byte layouts are spec 5.1
@@ -80,8 +81,9 @@ MODE_SLOTS, MODE_SUM, MODE_SWIGLU = 0, 1, 2
 # ================================================================================================
 @triton.jit
 def _rint_clamped(v):
-    """int32 round-half-even of float32 v already clamped to [-128, 127]: adding 1.5*2**23 puts
-    the rounded integer into the low mantissa bits (no float op to fold or contract)."""
+    """int32 round-half-even of float32 v already clamped to [-128, 127] (any |v| < 2**22 works):
+    adding 1.5*2**23 puts the rounded integer into the low mantissa bits (no float op to fold
+    or contract)."""
     return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
 
@@ -484,8 +486,7 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
     if NORM:
         xa = tl.arange(0, KP)
         xr = tl.load(x_ptr + xa, mask=xa < K, other=0.0).to(tl.float64)
-        ms = (tl.sum(xr * xr, axis=0) / K).to(tl.float32)
-        rs = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+        rs = rms_from_squares(xr * xr, K, eps)
     for k in range(k0, k1, BK):
         x = tl.load(x_ptr + xb + k + kk)
         if NORM:

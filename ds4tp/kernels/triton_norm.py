@@ -13,6 +13,15 @@ import triton.language as tl
 
 
 @triton.jit
+def rms_from_squares(sq, n, eps):
+    """1/sqrt(mean + eps) from float64 squares (or partial sums of them) sq of n values: the
+    sum in float64, the mean rounded to float32, then a correctly rounded sqrt and reciprocal
+    (numerics.rms_scale_torch). Shared by every kernel that RMS-normalises in its prologue."""
+    ms = (tl.sum(sq, axis=0) / n).to(tl.float32)
+    return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps))
+
+
+@triton.jit
 def _rms_scale_kernel(x_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * n
@@ -21,8 +30,7 @@ def _rms_scale_kernel(x_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
         off = k + tl.arange(0, BLOCK)
         v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
         acc += v * v
-    ms = (tl.sum(acc, axis=0) / n.to(tl.float64)).to(tl.float32)
-    tl.store(out_ptr + row, tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(ms + eps)))
+    tl.store(out_ptr + row, rms_from_squares(acc, n, eps))
 
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
