@@ -25,6 +25,19 @@ else
 fi
 [ -d .golden ] && export DS4TP_GOLDEN=$PWD/.golden
 log() { echo "== $(date +%T) $*"; }
+two_gpus() { [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; }
+# CUDA golden parity on tiny-a: golden TP PATHS TIMEOUT_S (appends to $OUT/golden_cuda.txt)
+golden() {
+  log "golden parity on CUDA, tiny-a, TP=$1 ($2)"
+  timeout "$3" python3 tests/golden_eval.py --device cuda --tp "$1" --model tiny-a --paths "$2" 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+}
+# CUDA twin tests: gate_tests TIMEOUT_S SELECTION FILE... ; stops the script unless they pass
+gate_tests() {
+  local t=$1 sel=$2; shift 2
+  log "kernel tests (CUDA): $sel"
+  timeout "$t" python3 -m pytest -q -x "$@" -k "$sel" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
+  grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 
@@ -87,49 +100,36 @@ elif [ "$MODE" = prefill ]; then
   log "golden parity on CUDA, tiny-a, TP=1 (prefill)"
   timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths prefill 2>&1 | grep "^tiny-a" | tee -a "$OUT/golden_cuda.txt"
 elif [ "$MODE" = final2 ]; then
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
+  if two_gpus; then TPS="2,1"; else TPS="1"; fi
   log "kernel tests (CUDA): many-token launch, RMS scale, hc_post, split-f16 mm, dispatch, fused chains"
   timeout 150 python3 -m pytest -q tests/test_kernels.py tests/test_fuse.py -k "gemm or dispatch or rms_scale or f16_exact or hc_combine or fuse" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
   log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
   timeout 240 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
-  log "golden parity on CUDA, tiny-a (TP=1 prefill and graph decoder; TP=2 prefill with 2 GPUs)"
-  timeout 110 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths prefill,static 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
-  if [ "$TPS" = "2,1" ]; then
-    timeout 70 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
-  fi
+  golden 1 prefill,static 110
+  if [ "$TPS" = "2,1" ]; then golden 2 prefill 70; fi
   log "prefill profile, 4 full-width layers"
   timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -62 | tee "$OUT/profile_prefill.txt"
 elif [ "$MODE" = decode ]; then
   # 2026-11-29: decode attention in three launches, paired projections, Q2_K slot sum at TP=1
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
-  log "kernel tests (CUDA): decode attention kernels, HC mixer, routed experts, dispatch"
-  timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or routed or q2k or dispatch" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
-  grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "KERNEL TESTS FAILED"; exit 1; }
-  log "golden parity on CUDA, tiny-a, TP=1 graph decoder and prefill"
-  timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+  if two_gpus; then TPS="2,1"; else TPS="1"; fi
+  gate_tests 150 "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or routed or q2k or dispatch" tests/test_kernels.py
+  golden 1 static,prefill 100
   log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
   timeout 260 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   log "profile of a 4-layer full-width decode step"
   timeout 90 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -60 | tee "$OUT/profile_4layers.txt"
 elif [ "$MODE" = decode2 ]; then
-  log "golden parity on CUDA, tiny-a, TP=2 graph decoder and prefill"
-  timeout 150 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+  golden 2 static,prefill 150
   log "routed-expert kernels, T=1, with the sweep (TP=1 and TP=2 shapes)"
   timeout 200 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 150 --only routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -40
 elif [ "$MODE" = final3 ]; then
   # 2026-11-29 closing checks, part 1 (< 10 min): tests, goldens at TP=1 and (two GPUs) TP=2
-  log "kernel tests (CUDA): decode kernels, HC, routed experts, dispatch; side-stream decode"
-  timeout 260 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py -k "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
-  grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
-  log "golden parity on CUDA, tiny-a, TP=1 graph decoder and prefill"
-  timeout 100 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths static,prefill 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    log "golden parity on CUDA, tiny-a, TP=2 graph decoder"
-    timeout 110 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
-  fi
+  gate_tests 260 "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  golden 1 static,prefill 100
+  if two_gpus; then golden 2 static 110; fi
 elif [ "$MODE" = final3b ]; then
   # part 2 (< 10 min): the TP=2,1 bench (TP=1 only on one GPU) with depth 4096, decode profile
-  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then TPS="2,1"; else TPS="1"; fi
+  if two_gpus; then TPS="2,1"; else TPS="1"; fi
   log "bench, 43 layers, TP=$TPS, depth 0 and 4096, prefill 2048"
   timeout 360 python3 -m ds4tp bench --tp $TPS --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   log "profile of a 4-layer full-width decode step"

@@ -266,10 +266,6 @@ class StaticDecoder:
 
 # ---- one token's attention stages: dispatch points (one Triton launch each on CUDA) and their
 # torch twins. cos_t / sin_t are RoPE tables over all positions; pos is a device scalar [1].
-def _use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda and kernels.available()
-
-
 def store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) -> None:
     """The token's raw KV row (normed, RoPE, FP8/F16 as the cache holds it, sec. 9.3) into the
     ring slot pos % n_swa, with its position."""
@@ -280,7 +276,7 @@ def store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) ->
 
 
 def store_kv_row(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) -> None:
-    if _use_kernels(kv_lin):
+    if kernels.on_gpu(kv_lin):
         from ds4tp.kernels import triton_attn
         return triton_attn.kv_store(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, C.RMS_EPS)
     return store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s)
@@ -298,7 +294,7 @@ def compressor_step_torch(cw, xn, pos, front_kv, front_sc) -> None:
 
 
 def compressor_step(cw, xn, pos, front_kv, front_sc) -> None:
-    if _use_kernels(xn) and cw.kv.qtype == C.F16 and cw.gate.qtype == C.F16:
+    if kernels.on_gpu(xn) and cw.kv.qtype == C.F16 and cw.gate.qtype == C.F16:
         from ds4tp.kernels import triton_attn
         return triton_attn.compressor_step(xn, cw.kv.raw, cw.gate.raw, cw.ape, pos, front_kv, front_sc)
     return compressor_step_torch(cw, xn, pos, front_kv, front_sc)
@@ -317,7 +313,7 @@ def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, 
 
 
 def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
-    if _use_kernels(qb):
+    if kernels.on_gpu(qb):
         from ds4tp.kernels import triton_attn
         return triton_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t,
                                      pos, C.RMS_EPS)

@@ -223,7 +223,7 @@ def hc_combine_torch(z, scale, base, hc, norm, n_hc: int, iters: int):
 def hc_combine(z, scale, base, hc, norm, n_hc: int, iters: int):
     """The dispatch point: one Triton launch on CUDA (ds4tp.kernels.triton_hc; Sinkhorn's ~40
     dependent reductions otherwise run as as many tiny kernels), the torch twin elsewhere."""
-    if hc.is_cuda and kernels.available():
+    if kernels.on_gpu(hc):
         from ds4tp.kernels import triton_hc
         return triton_hc.hc_combine(z, scale, base, hc, norm, n_hc, iters, C.HC_EPS, C.RMS_EPS)
     return hc_combine_torch(z, scale, base, hc, norm, n_hc, iters)
@@ -237,7 +237,7 @@ def hc_logits_torch(hc: torch.Tensor, fn: QTensor) -> torch.Tensor:
 def hc_logits(hc: torch.Tensor, fn: QTensor) -> torch.Tensor:
     """The dispatch point: one decode token on CUDA takes one Triton launch (scale and matvec;
     compiled torch ran the float64 scale as three kernels before the matvec), else the twin."""
-    if hc.is_cuda and hc.shape[0] == 1 and fn.qtype == C.F16 and kernels.available():
+    if hc.shape[0] == 1 and fn.qtype == C.F16 and kernels.on_gpu(hc):
         from ds4tp.kernels import triton_hc
         return triton_hc.hc_logits(hc, fn.raw, C.RMS_EPS)
     return hc_logits_torch(hc, fn)
@@ -258,7 +258,7 @@ def hc_post_torch(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: t
 def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The dispatch point: one Triton launch on CUDA (a batched [n, n] x [n, E] matmul per token
     is slow in cuBLAS; compiled, a decode step ran it as a GEMM plus a pointwise kernel)."""
-    if hc_in.is_cuda and kernels.available() and not torch.compiler.is_compiling():
+    if kernels.on_gpu(hc_in) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_hc
         return triton_hc.hc_post(f, hc_in, post, m)
     return hc_post_torch(f, hc_in, post, m)
@@ -484,7 +484,7 @@ def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
     token on CUDA selects in one Triton launch (kernels/triton_route.py), else the twin below
     (the hash table lookup and route_select)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
-    if logits.is_cuda and logits.shape[0] == 1 and kernels.available():   # decode: one launch
+    if logits.shape[0] == 1 and kernels.on_gpu(logits):                 # decode: one launch
         from ds4tp.kernels import triton_route
         return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
                                   s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)

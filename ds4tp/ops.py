@@ -90,10 +90,8 @@ def grouped_linear_torch(w: QTensor, x: torch.Tensor) -> torch.Tensor:
 # matvec kernels or, for a prefill's many tokens, the one-launch GEMM); elsewhere, and for what
 # the kernels do not cover, the torch twin runs.
 def _fused_ok(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
     from ds4tp import kernels
-    return kernels.available()
+    return kernels.on_gpu(x)
 
 
 def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,17 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def on_gpu(x) -> bool:
+    """x is a CUDA tensor and the kernels can run: the condition of every dispatch point."""
+    return x.is_cuda and available()
+
+
 def eager_rows(x) -> bool:
     """Several rows of a CUDA tensor outside torch.compile (an eager prefill) with the kernels
     available: where the one-launch RMS scale replaces its torch twin (decode keeps the twin,
     compiled into its graph)."""
     import torch
-    return (x.is_cuda and x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling()
-            and available())
+    return x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling() and on_gpu(x)
 
 
 def _covered(w, x) -> bool:
