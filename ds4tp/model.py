@@ -527,8 +527,10 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).
     n_local = lw.gate_exps.shape[0]
-    first = rank * n_local if n_local < s.n_expert else 0        # "experts" split: an id range
-    local_ids = ids if n_local == s.n_expert else local_expert_ids(ids, first, n_local)
+    if n_local == s.n_expert:                                    # "ff" split: ids are local ids
+        local_ids = ids
+    else:                                                        # "experts" split: an id range
+        local_ids = local_expert_ids(ids, rank * n_local, n_local)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot

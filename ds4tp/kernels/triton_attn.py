@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.kernels.triton_matvec import _rint_clamped
+from ds4tp.kernels.triton_matvec import _TICKETS, _rint_clamped, _tickets
 from ds4tp.kernels.triton_norm import rms_from_squares
 
 
@@ -267,7 +267,6 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
             _check("attention: row mask", mask, (1, comp.shape[0]), torch.bool)
     elif mask is not None:
         raise ValueError("attention: a row mask without compressed rows")
-    from ds4tp.kernels.triton_matvec import _TICKETS, _tickets
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.kernels.triton_matvec import _store_tile
+from ds4tp.kernels.triton_matvec import _split_buffers, _split_k, _store_tile
 from ds4tp.kernels.triton_norm import rms_from_squares
 
 
@@ -186,7 +186,6 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
     K = hc.shape[1] * hc.shape[2]
     if fn_raw.dtype != torch.uint8 or fn_raw.dim() != 2 or fn_raw.shape[1] != 2 * K or not fn_raw.is_contiguous():
         raise ValueError(f"hc_logits: F16 weight bytes {tuple(fn_raw.shape)} do not match {K} inputs")
-    from ds4tp.kernels.triton_matvec import _split_buffers, _split_k
     N = fn_raw.shape[0]
     bn = triton.next_power_of_2(N)
     bk = min(512, triton.next_power_of_2(K))
