@@ -58,15 +58,15 @@ def _covered(w, x) -> bool:
             and x.device == w.raw.device)
 
 
-def _many(w, T: int) -> bool:
-    from ds4tp.kernels.triton_gemm import SUPPORTED
-    return T >= GEMM_MIN_T and w.qtype in SUPPORTED
+def _many(T: int) -> bool:
+    """Enough tokens for the many-token launch (every type _covered admits has one)."""
+    return T >= GEMM_MIN_T
 
 
 def linear(w, x):
     if not _covered(w, x):
         return None
-    if _many(w, x.shape[0]):
+    if _many(x.shape[0]):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x)
     from ds4tp.kernels import triton_matvec as tm
@@ -75,7 +75,7 @@ def linear(w, x):
 
 def linear_normed(w, x, norm, eps):
     """linear(w, rms_norm(x, norm)) in one launch for one token (Q8_0), else None."""
-    if not _covered(w, x) or not norm.is_cuda or _many(w, x.shape[0]):
+    if not _covered(w, x) or not norm.is_cuda or _many(x.shape[0]):
         return None
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear_normed(w, x, norm, eps)
@@ -85,7 +85,7 @@ def grouped_linear(w, x):
     if not _covered(w, x):
         return None
     T, G, n_in = x.shape
-    if _many(w, T):
+    if _many(T):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
     from ds4tp.kernels import triton_matvec as tm
@@ -95,7 +95,7 @@ def grouped_linear(w, x):
 def expert_linear(w, x, ids, sum_slots: bool = False):
     if not _covered(w, x) or not ids.is_cuda:
         return None
-    if _many(w, ids.shape[0]):
+    if _many(ids.shape[0]):
         from ds4tp.kernels import triton_gemm as tg
         y = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS)
         return y.sum(1) if sum_slots else y
@@ -106,7 +106,7 @@ def expert_linear(w, x, ids, sum_slots: bool = False):
 def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):
     if not (_covered(w_gate, x) and _covered(w_up, x) and ids.is_cuda and weights.is_cuda):
         return None
-    if _many(w_gate, ids.shape[0]):
+    if _many(ids.shape[0]):
         from ds4tp.kernels import triton_gemm as tg
         return tg.experts(w_gate, w_up, x, ids, weights, tg.MODE_SWIGLU, clamp)
     from ds4tp.kernels import triton_matvec as tm

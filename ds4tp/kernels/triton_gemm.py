@@ -27,12 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0
+from ds4tp.config import F16, IQ2_XXS, Q8_0
 from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _iq2_tables,
                                          _linear_args, _mv_tile, _pow2_at_least, _pow2_divisor,
                                          _prequant, _raw, q8_0_split)
 
-SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)   # the types _mv_tile decodes, as triton_matvec
 MODE_SLOTS, MODE_SWIGLU = 0, 2
 
 
