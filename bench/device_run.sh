@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|pdl]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -9,7 +9,6 @@
 #   decode: decode-kernel tests, TP=1 golden, TP=2,1 bench, decode profile (one 2-GPU call)
 #   decode2: TP=2 golden, routed-expert launch sweep at T=1
 #   final3 / final3b: the 2026-11-29 closing checks (tests and goldens; bench with depth 4096, profile)
-#   pdl: the PDL probe, TP=2,1 bench (with the no-PDL A/B), decode tests, routed T=1 sweep
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -135,17 +134,6 @@ elif [ "$MODE" = final3b ]; then
   timeout 360 python3 -m ds4tp bench --tp $TPS --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   log "profile of a 4-layer full-width decode step"
   timeout 90 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
-elif [ "$MODE" = pdl ]; then
-  # 2026-11-29, session 5: programmatic dependent launch (probe, bench A/B), the expert-selection
-  # kernel and the 2-bit-code IQ2_XXS grid on the GPU for the first time
-  if two_gpus; then TPS="2,1"; else TPS="1"; fi
-  log "PDL probe: a graph of Q8_0 matvecs with and without PDL"
-  timeout 90 python3 bench/pdl_probe.py --layers 8 --out "$OUT/pdl_probe.json" 2>&1 | grep -v Warn | tail -16
-  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
-  timeout 150 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
-  gate_tests 200 "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream or pdl" tests/test_kernels.py tests/test_decode_graph.py
-  log "routed-expert kernels, T=1, with the sweep (2-bit-code grid included)"
-  timeout 70 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 55 --only routed_gate_up 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -25
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -288,12 +288,6 @@ def _bench_rank(comm, dev, cfg):
     res["decode_d0_one_stream"] = time_decode(model, 1, steps, max_ctx=256)
     model.overlap = True
     save()
-    # the same decode with every kernel launched plainly (no programmatic dependent launch,
-    # ds4tp.kernels.pdl): what letting each kernel start under its predecessor's tail buys
-    from ds4tp import kernels
-    with kernels.no_pdl():
-        res["decode_d0_no_pdl"] = time_decode(model, 1, steps, max_ctx=256)
-    save()
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)

@@ -21,8 +21,6 @@ Entry points (twins in ds4tp.ops):
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 from ds4tp.config import SWIGLU_CLAMP
@@ -43,33 +41,6 @@ def available() -> bool:
 def on_gpu(x) -> bool:
     """x is a CUDA tensor and the kernels can run: the condition of every dispatch point."""
     return x.is_cuda and available()
-
-
-# Programmatic dependent launch (Hopper and later): a decode kernel launched with it lets the
-# next one start while it finishes; each such kernel waits (gdc_wait) before it reads what an
-# earlier kernel wrote or writes anything. On by default; `no_pdl()` turns it off for the launches
-# (and the graph captures) made inside it, so a benchmark can measure what it buys.
-_PDL = contextvars.ContextVar("ds4tp_pdl", default=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm90(index) -> bool:
-    import torch
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl(x) -> bool:
-    """Launch the kernel reading CUDA tensor x with programmatic dependent launch."""
-    return x.is_cuda and _PDL.get() and _sm90(x.device.index)
-
-
-@contextlib.contextmanager
-def no_pdl():
-    token = _PDL.set(False)
-    try:
-        yield
-    finally:
-        _PDL.reset(token)
 
 
 def eager_rows(x) -> bool:

@@ -21,9 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.kernels import pdl
-from ds4tp.kernels.triton_pdl import pdl_enter
-
 from ds4tp.kernels.triton_matvec import _split_buffers, _split_k, _store_tile
 from ds4tp.kernels.triton_norm import rms_from_squares
 
@@ -36,11 +33,9 @@ def _sigmoid_rn(v):
 @triton.jit
 def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, post_ptr, m_ptr,
                        E, eps, rms_eps,
-                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr,
-                       PDL: tl.constexpr = 0):
+                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr):
     """Grid (T, 2): program (t, 0) mixes (post, M: the serial Sinkhorn chain), program (t, 1)
     forms and norms x; the two run side by side."""
-    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, NH)
     r = h[:, None]
@@ -113,16 +108,13 @@ def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: tor
         be = min(HC_ONE_PASS_MAX, triton.next_power_of_2(E))
         _hc_combine_kernel[(T, 2)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc,
                                    norm.contiguous(), x, post, m, E, eps, rms_eps, NH=n, ITERS=iters,
-                                   BE=be, ONE_PASS=E <= be, PDL=pdl(hc), num_warps=8,
-                                   launch_pdl=pdl(hc))
+                                   BE=be, ONE_PASS=E <= be, num_warps=8)
     return x, post, m
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, E, NH: tl.constexpr, BE: tl.constexpr,
-                    PDL: tl.constexpr = 0):
+def _hc_post_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, E, NH: tl.constexpr, BE: tl.constexpr):
     """out[t, i, :] = post[t, i] * f[t, :] + sum_r M[t, r, i] * H[t, r, :] for one (t, E tile)."""
-    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     ok = e < E
@@ -149,18 +141,16 @@ def hc_post(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     if T and E:
         be = min(1024, triton.next_power_of_2(E))
         _hc_post_kernel[(T, triton.cdiv(E, be))](f.contiguous(), hc.contiguous(), post.contiguous(),
-                                                 m.contiguous(), out, E, NH=n, BE=be, PDL=pdl(hc),
-                                                 num_warps=4, launch_pdl=pdl(hc))
+                                                 m.contiguous(), out, E, NH=n, BE=be, num_warps=4)
     return out
 
 
 @triton.jit
 def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, cnt_ptr, N, K, k_per, eps,
-                      BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr = 0):
+                      BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """Program k: the RMS scale s of the whole row x [K] (every program computes the same s, in
     the same order, BR values per step), then rows 0..N-1 of the F16 weight [N, K] against (x*s)
     over its K chunk; partial sums combine in a fixed order (triton_matvec._store_tile)."""
-    pdl_enter(PDL)
     pid_k = tl.program_id(0)
     rr = tl.arange(0, BR)
     ss = tl.zeros([BR], tl.float64)
@@ -205,7 +195,7 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
     ws, cnt = _split_buffers(split, 1, bn, 1, hc.device, z)
     _hc_logits_kernel[(split, 1)](x, fn_raw.view(torch.float16), z, ws, cnt, N, K, per, eps,
                                 BN=bn, BK=bk, BR=min(4096, triton.next_power_of_2(K)),
-                                SPLIT=split, PDL=pdl(hc), num_warps=8, launch_pdl=pdl(hc))
+                                SPLIT=split, num_warps=8)
     return z
 
 

@@ -41,9 +41,7 @@ import triton
 import triton.language as tl
 
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP, type_name
-from ds4tp.kernels import pdl
 from ds4tp.kernels.triton_norm import rms_from_squares
-from ds4tp.kernels.triton_pdl import pdl_enter, pdl_release, pdl_wait
 
 SUPPORTED = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
 # elements per block of each type (F16 counts single elements); the byte layouts are spec 5.1
@@ -120,10 +118,9 @@ def _q8_k_quant(x):
 
 @triton.jit
 def _quant_kernel(x_ptr, stride_x, q_ptr, d_ptr, bs_ptr, NBLK,
-                  KQ: tl.constexpr, NBP: tl.constexpr, PDL: tl.constexpr = 0):
+                  KQ: tl.constexpr, NBP: tl.constexpr):
     """Standalone activation quantiser: row r = program 0, NBP blocks per program 1.
     Q8_0 (KQ False): q int8 [R, n], d [R, n/32]. Q8_K (KQ True): also block sums of 16 [R, n/16]."""
-    pdl_enter(PDL)
     r = tl.program_id(0)
     b0 = tl.program_id(1) * NBP
     blk = b0 + tl.arange(0, NBP)
@@ -468,13 +465,10 @@ def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, 
 def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                        rows_per_group, group_in, nw_ptr, eps,
                        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                       NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr = 0):
+                       NORM: tl.constexpr, KP: tl.constexpr):
     """NORM: the input is rms_norm(x, nw) (numerics.rms_norm: float64 sum of squares, then
     (x * s) * nw); every program computes s over the whole row x [K] (KP = K rounded up to a
-    power of two), so the norm costs no launch of its own.
-    PDL (launched with programmatic dependent launch): the program lets the next kernel launch
-    at once, loads its first weight step (weights never depend on an earlier kernel), and only
-    then waits for the previous kernel before it reads x or writes anything."""
+    power of two), so the norm costs no launch of its own."""
     NBK: tl.constexpr = BK // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -488,11 +482,6 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
     jj = tl.arange(0, NBK)
     qrow = q_ptr + rows.to(tl.int64)[:, None] * K
     drow = d_ptr + rows.to(tl.int64)[:, None] * (K // 32)
-    pdl_release(PDL)
-    # the weight step k is loaded one step ahead (step k0 before the wait)
-    u = tl.load(qrow + k0 + kk[None, :], mask=rmask[:, None], other=128)             # uint8 [BN, BK]
-    dw = tl.load(drow + k0 // 32 + jj[None, :], mask=rmask[:, None], other=0.0)
-    pdl_wait(PDL)
     acc = tl.zeros([BN, NBK], tl.float32)
     if NORM:
         xa = tl.arange(0, KP)
@@ -504,14 +493,12 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
             x = (x * rs) * tl.load(nw_ptr + k + kk)
         xq, xd = _q8_0_quant(tl.reshape(x, (1, NBK, 32)))
         xh = tl.reshape(xq.to(tl.float32) * xd[:, :, None], (NBK, 32))               # exact
+        u = tl.load(qrow + k + kk[None, :], mask=rmask[:, None], other=128)           # uint8 [BN, BK]
         # int8 -> float32 without the conversion unit: 0x4B000000 | (u ^ 0x80) is 2**23 + q + 128
         wq = (u.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         s = tl.sum(tl.reshape(wq, (BN, NBK, 32)) * xh[None, :, :], axis=2)            # [BN, NBK]
-        acc += s * dw.to(tl.float32)
-        kn = k + BK
-        u = tl.load(qrow + kn + kk[None, :], mask=rmask[:, None] & (kn + kk[None, :] < k1), other=128)
-        dw = tl.load(drow + kn // 32 + jj[None, :], mask=rmask[:, None] & (kn + 32 * jj[None, :] < k1),
-                     other=0.0)
+        dw = tl.load(drow + k // 32 + jj[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        acc += s * dw
     y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
     yoff = rows[:, None].to(tl.int64)
     _store_tile(y, y_ptr, yoff, rmask[:, None], ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT, BN, 1)
@@ -747,7 +734,7 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
                          ids_ptr, rw_ptr, out_ptr, stride_ot, stride_ok, grid_ptr, sign_ptr,
                          N, K, KB, clamp,
                          QT: tl.constexpr, R: tl.constexpr, S: tl.constexpr, NB: tl.constexpr,
-                         MODE: tl.constexpr, DP4A: tl.constexpr, GRID16: tl.constexpr = False, PDL: tl.constexpr = 0):
+                         MODE: tl.constexpr, DP4A: tl.constexpr, GRID16: tl.constexpr = False):
     """Grid (T * cdiv(K, S), cdiv(N, R)): program (p, n) takes token t = p // cdiv(K, S), its S
     slots from (p % cdiv(K, S)) * S, and rows n*R .. n*R+R-1 of each slot's expert.
     The activation of (t, k) is row t*xrow_t + k*xrow_k of the pre-quantised Q8_K buffers: packed
@@ -755,7 +742,6 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
     MODE_SLOTS: out [T, K, N], zeros for id -1. MODE_SUM: S >= K, out [T, N] = the sum over the
     slots (one reduction over the slot axis, no atomics). MODE_SWIGLU: w2 = up, out [T, K, N] =
     swiglu_clamped(gate, up) * router weight."""
-    pdl_enter(PDL)
     pid = tl.program_id(0)
     ngrp = tl.cdiv(K, S)
     t = pid // ngrp
@@ -807,7 +793,7 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
 
 @triton.jit
 def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t, xrow_k, ids_ptr,
-                    out_ptr, stride_ot, N, K, KB: tl.constexpr, BN: tl.constexpr, DP4A: tl.constexpr, PDL: tl.constexpr = 0):
+                    out_ptr, stride_ot, N, K, KB: tl.constexpr, BN: tl.constexpr, DP4A: tl.constexpr):
     """Routed Q2_K down projection for few tokens, summed over the slots: grid (T, cdiv(N, BN)).
     Program (t, n) walks the K slots of token t (skipping id -1) and the super-blocks of rows
     n*BN.. of each slot's expert, keeping a [BN] float32 accumulator; no slot padding, no
@@ -815,7 +801,6 @@ def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t
     4 bytes, the elements 128*(w//8) + 32j + 4*(w%8) + (0..3), i.e. one packed Q8_K activation
     word; their 16-element block is s = 8*(w//8) + 2j + (w%8)//4. Integer sums per block are
     exact; A = sum_s sc_s (q.x)_s and B = sum_s min_s bsum_s as in _q2_k_sb_dot."""
-    pdl_enter(PDL)
     t = tl.program_id(0)
     rows = tl.program_id(1) * BN + tl.arange(0, BN)
     rmask = rows < N
@@ -1124,12 +1109,11 @@ def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None, norm=None, eps: float = 0
     per, split = _split_k(n_in, bk, c.split)
     tiles = triton.cdiv(n_out, bn)
     ws, cnt = _split_buffers(split, tiles, bn, 1, x.device, y)
-    on = pdl(x)
     _q8s_matvec_kernel[(tiles, split)](q, d, x, y, ws, cnt, n_out, n_in, per, rows_per_group, n_in,
                                        x if norm is None else norm, eps,
                                        BN=bn, BK=bk, SPLIT=split, NORM=norm is not None,
                                        KP=triton.next_power_of_2(n_in) if norm is not None else 1,
-                                       PDL=on, num_warps=c.warps, num_stages=c.stages, launch_pdl=on)
+                                       num_warps=c.warps, num_stages=c.stages)
     return y
 
 
@@ -1286,8 +1270,8 @@ def _q2k_sum(w, x, per_slot, ids, out, cfg):
     xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
     _q2k_sum_kernel[(T, triton.cdiv(n_out, bn))](
         raw, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k, ids,
-        out, out.stride(0), n_out, K, KB=n_in // 256, BN=bn, DP4A=x.is_cuda, PDL=pdl(x),
-        num_warps=cfg.warps if cfg is not None else Q2K_SUM_WARPS, launch_pdl=pdl(x))
+        out, out.stride(0), n_out, K, KB=n_in // 256, BN=bn, DP4A=x.is_cuda,
+        num_warps=cfg.warps if cfg is not None else Q2K_SUM_WARPS)
 
 
 def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
@@ -1309,8 +1293,7 @@ def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
         raw, raw2, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k,
         ids, rw if rw is not None else out, out, out.stride(0), out.stride(1) if mode != MODE_SUM else 0,
         grid_w, sign_w, n_out, K, kb, clamp,
-        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, GRID16=grid16, PDL=pdl(x),
-        num_warps=c.warps, launch_pdl=pdl(x))
+        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, GRID16=grid16, num_warps=c.warps)
 
 
 def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
@@ -1367,8 +1350,7 @@ def _quantize(x: torch.Tensor, block: int, name: str):
     d = torch.empty(R, nblk, dtype=torch.float32, device=x.device)
     bs = torch.empty(R, n // 16, dtype=torch.int32, device=x.device) if kq else d
     nbp = min(4 if kq else 32, _pow2_at_least(nblk))
-    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, bs, nblk, KQ=kq, NBP=nbp,
-                                               PDL=pdl(x), launch_pdl=pdl(x))
+    _quant_kernel[(R, triton.cdiv(nblk, nbp))](x, x.stride(0), q, d, bs, nblk, KQ=kq, NBP=nbp)
     return q, d, bs
 
 

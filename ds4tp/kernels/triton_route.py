@@ -16,15 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.kernels import pdl
-from ds4tp.kernels.triton_pdl import pdl_enter
-
 
 @triton.jit
 def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, floor, scale,
                   K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HASH: tl.constexpr, PDL: tl.constexpr = 0):
-    pdl_enter(PDL)
+                  HAS_BIAS: tl.constexpr, HASH: tl.constexpr):
     e = tl.arange(0, BE)
     ok = e < NE
     z = tl.load(logit_ptr + e, mask=ok, other=0.0)
@@ -78,6 +74,5 @@ def route(logits, bias, tid2eid, token, k: int, floor: float, scale: float):
                         ids if tid2eid is None else tid2eid.contiguous(),
                         ids if token is None else token, ids, w, ne, floor, scale,
                         K=k, KP=triton.next_power_of_2(k), BE=triton.next_power_of_2(ne),
-                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, PDL=pdl(logits),
-                        num_warps=4, launch_pdl=pdl(logits))
+                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=4)
     return ids, w
