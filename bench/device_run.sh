@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -9,6 +9,7 @@
 #   decode: decode-kernel tests, TP=1 golden, TP=2,1 bench, decode profile (one 2-GPU call)
 #   decode2: TP=2 golden, routed-expert launch sweep at T=1
 #   final3 / final3b: the 2026-11-29 closing checks (tests and goldens; bench with depth 4096, profile)
+#   i8: Q8_0 int8-word matvec tests, TP=2,1 bench, Q8_0 + routed T=1 check and sweep
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -134,6 +135,15 @@ elif [ "$MODE" = final3b ]; then
   timeout 360 python3 -m ds4tp bench --tp $TPS --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   log "profile of a 4-layer full-width decode step"
   timeout 90 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
+elif [ "$MODE" = i8 ]; then
+  # session 5: the Q8_0 one-token matvec on int8 dp4a words (Cfg.i8) against the float path
+  if two_gpus; then TPS="2,1"; else TPS="1"; fi
+  gate_tests 120 "linear or normed or grouped or shard or dispatch" tests/test_kernels.py
+  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
+  timeout 150 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  log "Q8_0 kernels at T=1 with the sweep (float path first), routed experts"
+  timeout 230 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 200 \
+    --only attn_q_b,attn_out_b,attn_out_a,attn_q_a,shexp_gate_up,shexp_down,output_vocab,routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -30
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

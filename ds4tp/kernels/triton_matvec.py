@@ -465,10 +465,14 @@ def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, 
 def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                        rows_per_group, group_in, nw_ptr, eps,
                        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                       NORM: tl.constexpr, KP: tl.constexpr):
+                       NORM: tl.constexpr, KP: tl.constexpr, I8: tl.constexpr = False,
+                       DP4A: tl.constexpr = False):
     """NORM: the input is rms_norm(x, nw) (numerics.rms_norm: float64 sum of squares, then
     (x * s) * nw); every program computes s over the whole row x [K] (KP = K rounded up to a
-    power of two), so the norm costs no launch of its own."""
+    power of two), so the norm costs no launch of its own.
+    I8: the weight as int32 words (4 quants each) against the Q8_0 activation packed the same
+    way, one dp4a per word: each 32-block's sum is an exact integer, then times d_x * d_w (the
+    float path holds 4x the registers per weight byte: one float32 per quant)."""
     NBK: tl.constexpr = BK // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -482,6 +486,8 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
     jj = tl.arange(0, NBK)
     qrow = q_ptr + rows.to(tl.int64)[:, None] * K
     drow = d_ptr + rows.to(tl.int64)[:, None] * (K // 32)
+    qrow32 = q_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (K // 4)
+    ww = tl.arange(0, BK // 4)
     acc = tl.zeros([BN, NBK], tl.float32)
     if NORM:
         xa = tl.arange(0, KP)
@@ -492,13 +498,21 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
         if NORM:
             x = (x * rs) * tl.load(nw_ptr + k + kk)
         xq, xd = _q8_0_quant(tl.reshape(x, (1, NBK, 32)))
-        xh = tl.reshape(xq.to(tl.float32) * xd[:, :, None], (NBK, 32))               # exact
-        u = tl.load(qrow + k + kk[None, :], mask=rmask[:, None], other=128)           # uint8 [BN, BK]
-        # int8 -> float32 without the conversion unit: 0x4B000000 | (u ^ 0x80) is 2**23 + q + 128
-        wq = (u.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        s = tl.sum(tl.reshape(wq, (BN, NBK, 32)) * xh[None, :, :], axis=2)            # [BN, NBK]
         dw = tl.load(drow + k // 32 + jj[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        acc += s * dw
+        if I8:
+            q4 = tl.reshape(xq, (BK // 4, 4)) & 255
+            xw = tl.sum(q4 << (8 * tl.arange(0, 4))[None, :], axis=1)                 # [BK/4] words
+            qw = tl.load(qrow32 + (k // 4) + ww[None, :], mask=rmask[:, None], other=0)  # [BN, BK/4]
+            p = _dp4a(qw, tl.broadcast_to(xw[None, :], (BN, BK // 4)), DP4A)
+            s = tl.sum(tl.reshape(p, (BN, NBK, 8)), axis=2).to(tl.float32)           # exact
+            acc += s * tl.reshape(xd, (1, NBK)) * dw
+        else:
+            xh = tl.reshape(xq.to(tl.float32) * xd[:, :, None], (NBK, 32))           # exact
+            u = tl.load(qrow + k + kk[None, :], mask=rmask[:, None], other=128)       # uint8 [BN, BK]
+            # int8 -> float32 without the conversion unit: 0x4B000000 | (u ^ 0x80) is 2**23 + q + 128
+            wq = (u.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            s = tl.sum(tl.reshape(wq, (BN, NBK, 32)) * xh[None, :, :], axis=2)        # [BN, NBK]
+            acc += s * dw
     y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
     yoff = rows[:, None].to(tl.int64)
     _store_tile(y, y_ptr, yoff, rmask[:, None], ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT, BN, 1)
@@ -849,6 +863,8 @@ class Cfg:
     tq_min smallest token tile for the dot paths (0: the module's TQ_MIN)
     q8s    Q8_0, one token: the split-layout kernel (_q8s_matvec_kernel; bn rows per program,
            nb 32-blocks per K step, split K programs) instead of the tile kernel
+    i8     q8s only: dp4a on int32 words of 4 quants (exact block sums) instead of a float32
+           per quant
     q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: True = _q2k_sum_kernel (bn
            rows per program, warps), False = the tile kernel, None = the default rule (the
            kernel for rows of <= Q2K_SUM_MAX_IN inputs)
@@ -869,6 +885,7 @@ class Cfg:
     tq_min: int = 0          # 0: TQ_MIN
     small: bool | None = None
     q8s: bool = True         # Q8_0 at T = 1: the split-layout kernel (bn rows, nb*32 = BK)
+    i8: bool = True          # q8s: int8 dp4a words instead of float32 per quant
     q2s: bool | None = None  # Q2_K slot sum, few tokens: _q2k_sum_kernel (None: by input width)
     iq2c: bool = False       # IQ2_XXS few-token path: grid rows as 2-bit codes (512-byte table)
 
@@ -1113,7 +1130,7 @@ def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None, norm=None, eps: float = 0
                                        x if norm is None else norm, eps,
                                        BN=bn, BK=bk, SPLIT=split, NORM=norm is not None,
                                        KP=triton.next_power_of_2(n_in) if norm is not None else 1,
-                                       num_warps=c.warps, num_stages=c.stages)
+                                       I8=c.i8, DP4A=x.is_cuda, num_warps=c.warps, num_stages=c.stages)
     return y
 
 
