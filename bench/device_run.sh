@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|q2kw]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -11,7 +11,6 @@
 #   final3 / final3b: the 2026-11-29 closing checks (tests and goldens; bench with depth 4096, profile)
 #   i8: Q8_0 int8-word matvec tests, TP=2,1 bench, Q8_0 + routed T=1 check and sweep
 #   final5: session 5 closing run: bench with depth 4096, TP=1 goldens, profile, decode tests
-#   q2kw: Q2_K slot-sum tests, routed-down timing, TP=2,1 bench
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -156,14 +155,6 @@ elif [ "$MODE" = final5 ]; then
   log "profile of a 4-layer full-width decode step"
   timeout 60 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
   gate_tests 210 "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream" tests/test_kernels.py tests/test_decode_graph.py
-elif [ "$MODE" = q2kw ]; then
-  # session 5: Q2_K slot-sum kernel reading its scales and d/dmin as words
-  if two_gpus; then TPS="2,1"; else TPS="1"; fi
-  gate_tests 90 "q2k or routed" tests/test_kernels.py
-  log "routed down kernels, T=1 (defaults)"
-  timeout 60 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --no-sweep --budget-s 45 --only routed_down 2>&1 | grep "routed_down" | cut -c1-200 | tail -6
-  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
-  timeout 150 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -824,7 +824,6 @@ def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t
     sidx = (8 * tl.arange(0, 2)[:, None, None] + tl.arange(0, 2)[None, :, None]
             + 2 * tl.arange(0, 4)[None, None, :])                                # [2, 2, 4] (wh, wq, j)
     u32 = w_ptr.to(tl.pointer_type(tl.int32))
-    w4 = tl.arange(0, 4)
     acc = tl.zeros([BN], tl.float32)
     for k in range(0, K):
         e = tl.load(ids_ptr + t * K + k).to(tl.int64)
@@ -838,16 +837,13 @@ def _q2k_sum_kernel(w_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xbs_ptr, xrow_t
                 xw = tl.load(xw_ptr + xrow * (KB * 64) + kb * 64 + xword)          # [16, 4]
                 p = _dp4a(q4, tl.broadcast_to(xw[None, :, :], (BN, 16, 4)), DP4A)
                 ps = tl.sum(tl.reshape(p, (BN, 2, 2, 4, 4)), axis=3)              # [BN, wh, wq, j]
-                # the 16 scale bytes as 4 words, then bytes s = 8*wh + 2j + wq in (wh, wq, j) order
-                scw = tl.load(u32 + (base >> 2)[:, None] + w4[None, :], mask=rmask[:, None], other=0)
-                scb = (scw[:, :, None] >> (8 * w4)[None, None, :]) & 255                 # [BN, 4, 4]
-                sc = tl.permute(tl.reshape(scb, (BN, 2, 4, 2)), (0, 1, 3, 2))            # [BN, 2, 2, 4]
+                sc = tl.load(w_ptr + base[:, None, None, None] + sidx[None, :, :, :],
+                             mask=rmask[:, None, None, None], other=0).to(tl.int32)
                 bs = tl.load(xbs_ptr + xrow * (KB * 16) + kb * 16 + sidx)          # [2, 2, 4]
                 a = tl.sum(tl.sum(tl.sum(ps * (sc & 15), axis=3), axis=2), axis=1)
                 bm = tl.sum(tl.sum(tl.sum((sc >> 4) * bs[None, :, :, :], axis=3), axis=2), axis=1)
-                dd = tl.load(u32 + ((base + 80) >> 2), mask=rmask, other=0)                 # d | dmin << 16
-                d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                d = tl.load(_f16_ptr(w_ptr) + ((base + 80) >> 1), mask=rmask, other=0.0).to(tl.float32)
+                dmin = tl.load(_f16_ptr(w_ptr) + ((base + 82) >> 1), mask=rmask, other=0.0).to(tl.float32)
                 dx = tl.load(xd_ptr + xrow * KB + kb)
                 acc += (a.to(tl.float32) * d - bm.to(tl.float32) * dmin) * dx
     tl.store(out_ptr + t.to(tl.int64) * stride_ot + rows, acc, mask=rmask)
