@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -11,6 +11,7 @@
 #   final3 / final3b: the 2026-11-29 closing checks (tests and goldens; bench with depth 4096, profile)
 #   i8: Q8_0 int8-word matvec tests, TP=2,1 bench, Q8_0 + routed T=1 check and sweep
 #   final5: session 5 closing run: bench with depth 4096, TP=1 goldens, profile, decode tests
+#   h16: float16 prefill path: golden prefill (all launches float16), bench, gemm tests
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -155,6 +156,14 @@ elif [ "$MODE" = final5 ]; then
   log "profile of a 4-layer full-width decode step"
   timeout 60 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
   gate_tests 210 "decode or kv_store or compressor or hc_combine or hc_logits or hc_post or normed or route or q2k or grid_codes or dispatch or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = h16 ]; then
+  # session 5: the float16 prefill path (weights decoded to float16 once, float16 dots)
+  if two_gpus; then TPS="2,1"; else TPS="1"; fi
+  log "golden parity on CUDA, tiny-a, TP=1, prefill with every many-token launch on the float16 path"
+  timeout 70 python3 tests/golden_eval.py --device cuda --tp 1 --model tiny-a --paths prefill --h16-all 2>&1 | grep "^tiny-a\|Error" | tee -a "$OUT/golden_cuda.txt"
+  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
+  timeout 110 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  gate_tests 110 "gemm or h16 or dequant or dispatch" tests/test_kernels.py
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -121,8 +121,14 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--paths", default="decode,prefill")
+    ap.add_argument("--h16-all", action="store_true",
+                    help="CUDA: every many-token launch of a quantised weight on the float16 path "
+                         "(by default only prompts of H16_MIN_T tokens / H16_MIN_PAIRS pairs take it)")
     a = ap.parse_args()
     paths = tuple(a.paths.split(","))
+    if a.h16_all:
+        from ds4tp.kernels import triton_gemm
+        triton_gemm.H16_MIN_T = triton_gemm.H16_MIN_PAIRS = 0
     for name in a.model or ["tiny-a", "small-a"]:
         g = Path(a.golden)
         res = run(g / f"{name}.gguf", g / f"{name}.json", a.tp, paths=paths, device=a.device)

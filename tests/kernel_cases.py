@@ -192,44 +192,118 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
     return err / max(want.abs().max().item(), 1e-30)
 
 
-def case_gemm_linear(device, gen, qtype, n_out, n_in, T, groups=1, cfg=None, shard=False):
-    """The many-token launch (triton_gemm.linear), dense or grouped, whole or a column shard."""
+H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)
+
+
+def exact_linear(w, x, ids=None):
+    """The float16 path's twin: the product with the exactly dequantised weight in float64 (no
+    activation quantisation). Dense x [T, in]; grouped x [T, G, in]; experts (ids [T, K])
+    x [T, in] or [T, K, in] -> [T, K, out], zeros where ids is -1."""
+    from ds4tp.dequant import dequantize
+    xd = x.double()
+    if ids is None:
+        wd = dequantize(w.raw, w.qtype, w.shape[-1]).double()
+        if x.dim() == 2:
+            return (xd @ wd.T).float()
+        G = x.shape[1]
+        return torch.einsum("tgi,goi->tgo", xd, wd.reshape(G, -1, wd.shape[-1])).float()
+    T, K = ids.shape
+    xs = xd if x.dim() == 3 else xd[:, None, :].expand(T, K, x.shape[-1])
+    out = torch.zeros(T, K, w.shape[-2], dtype=torch.float64, device=x.device)
+    for e in torch.unique(ids[ids >= 0]).tolist():          # one expert's weight at a time
+        sel = ids == e
+        out[sel] = xs[sel] @ dequantize(w.raw[e], w.qtype, w.shape[-1]).double().T
+    return out.float()
+
+
+def case_dequant_h16(device, gen, qtype, shape, first=0, count=None, shard=""):
+    """triton_gemm.dequant_h16 against the exact torch dequantisation rounded to float16."""
+    from ds4tp.kernels import triton_gemm as tg
+    from ds4tp.dequant import dequantize
+    if len(shape) == 3:
+        w = expert_weight(qtype, *shape, gen, device, shard)
+        n = shape[0] - first if count is None else count
+        got = tg.dequant_h16(w, first, count)
+        want = dequantize(w.raw[first:first + n], qtype, shape[-1]).half()
+    else:
+        w = rand_weight(qtype, shape, gen, device)
+        got = tg.dequant_h16(w)
+        want = dequantize(w.raw, qtype, shape[-1]).half()
+    assert got.shape == want.shape and got.dtype == torch.float16, (got.shape, want.shape)
+    # one float32 rounding apart at most, so equal after the float16 rounding but for rare ties
+    err = (got.float() - want.float()).abs()
+    ulp = want.float().abs().clamp_min(2.0 ** -14) * 2.0 ** -10
+    if not bool((err <= ulp).all()):
+        raise AssertionError(f"dequant_h16 {type_name(qtype)} {shape}: {int((err > ulp).sum())} "
+                             f"values off by more than one float16 ulp")
+    return float((err > 0).float().mean())
+
+
+def case_gemm_experts_h16_groups(device, gen, qtype, E, group, swiglu):
+    """The float16 expert path decoding `group` experts at a time (several groups, some with
+    no tiles): same results as one group."""
+    from ds4tp.kernels import triton_gemm as tg
+    keep = tg.H16_EXPERT_GROUP
+    tg.H16_EXPERT_GROUP = group
+    try:
+        return case_gemm_experts(device, gen, qtype, E, 16, 256, 13, 2, False, swiglu,
+                                 dict(bn=16, tq=16, nb=32), "", 0.3, True)
+    finally:
+        tg.H16_EXPERT_GROUP = keep
+
+
+def case_gemm_linear(device, gen, qtype, n_out, n_in, T, groups=1, cfg=None, shard=False, h16=None):
+    """The many-token launch (triton_gemm.linear), dense or grouped, whole or a column shard.
+    h16 (None: the default rule): the float16 path, checked against exact_linear with H16_TOL
+    instead of the quantised twin with TOL."""
     from ds4tp.kernels import triton_gemm as tg
     if shard:
         w = column_shard(rand_weight(qtype, (n_out, 2 * n_in), gen, device), 0, 2)
     else:
         w = rand_weight(qtype, (n_out, n_in), gen, device)
     c = tg.GemmCfg(**cfg) if cfg is not None else None
-    tag = f"gemm {type_name(qtype)} {n_out}x{n_in} groups={groups} T={T} {cfg}"
+    f16 = tg.h16_path(w, T, h16)
+    tol = H16_TOL if f16 else TOL
+    tag = f"gemm {type_name(qtype)} {n_out}x{n_in} groups={groups} T={T} {cfg} h16={f16}"
     if groups == 1:
         x = rand_act((T, n_in), gen, device)
-        return check(tag, tg.linear(w, x, cfg=c), ops.linear_torch(w, x))
+        want = exact_linear(w, x) if f16 else ops.linear_torch(w, x)
+        return check(tag, tg.linear(w, x, cfg=c, h16=h16), want, tol)
     rows = n_out // groups
     x = rand_act((T, groups, n_in), gen, device)
-    got = tg.linear(w, x.reshape(T, -1), groups=groups, cfg=c).view(T, groups, rows)
-    return check(tag, got, ops.grouped_linear_torch(w, x))
+    got = tg.linear(w, x.reshape(T, -1), groups=groups, cfg=c, h16=h16).view(T, groups, rows)
+    want = exact_linear(w, x) if f16 else ops.grouped_linear_torch(w, x)
+    return check(tag, got, want, tol)
 
 
 def case_gemm_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, swiglu=False, cfg=None,
-                      shard="", skip=0.15):
-    """Routed experts through the many-token launch: pairs sorted by expert, tiles of one expert."""
+                      shard="", skip=0.15, h16=None):
+    """Routed experts through the many-token launch: pairs sorted by expert, tiles of one expert
+    (h16 as in case_gemm_linear)."""
     from ds4tp.kernels import triton_gemm as tg
     c = tg.GemmCfg(**cfg) if cfg is not None else None
     w = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
     ids = rand_ids(T, K, E, gen, device, skip=skip)
-    tag = f"gemm experts {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} swiglu={swiglu} {cfg} {shard}"
+    f16 = tg.h16_path(w, T * K, h16)
+    tol = H16_TOL if f16 else TOL
+    tag = (f"gemm experts {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} swiglu={swiglu} "
+           f"{cfg} {shard} h16={f16}")
     if not swiglu:
         x = rand_act((T, K, n_in) if per_slot else (T, n_in), gen, device)
-        got = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS, cfg=c)
+        got = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS, cfg=c, h16=h16)
         assert torch.all(got[ids < 0] == 0), tag + ": skipped slots are not zero"
-        return check(tag, got, ops.expert_linear_torch(w, x, ids))
+        want = exact_linear(w, x, ids) if f16 else ops.expert_linear_torch(w, x, ids)
+        return check(tag, got, want, tol)
     wu = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
     x = rand_act((T, n_in), gen, device) * 20.0
     rw = torch.rand(T, K, generator=gen).to(device)
-    g, u = ops.expert_linear_torch(w, x, ids), ops.expert_linear_torch(wu, x, ids)
+    if f16:
+        g, u = exact_linear(w, x, ids), exact_linear(wu, x, ids)
+    else:
+        g, u = ops.expert_linear_torch(w, x, ids), ops.expert_linear_torch(wu, x, ids)
     want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
-    got = tg.experts(w, wu, x, ids, rw, tg.MODE_SWIGLU, 10.0, cfg=c)
-    lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()
+    got = tg.experts(w, wu, x, ids, rw, tg.MODE_SWIGLU, 10.0, cfg=c, h16=h16)
+    lim = tol * 11 * (g.abs().max() + u.abs().max()).item()
     err = (got - want).abs().max().item()
     if not err <= lim:
         raise AssertionError(f"{tag}: abs error {err:.3g} > {lim:.3g}")
@@ -487,6 +561,21 @@ def interpreter_cases():
     yield "gemm experts IQ2_XXS swiglu rows", case_gemm_experts, (IQ2_XXS, 4, 16, 256, 12, 3, False, True, C(bn=16, tq=16, nb=1), "rows")
     yield "gemm experts Q2_K per-slot cols", case_gemm_experts, (Q2_K, 4, 16, 512, 11, 3, True, False, C(bn=16, tq=16, nb=1), "cols")
     yield "gemm experts Q8_0 shared x", case_gemm_experts, (Q8_0, 3, 16, 128, 9, 2, False, False, C(bn=16, tq=16, nb=4))
+    # the float16 path: weights decoded once, float16 dots
+    for qt in (Q8_0, Q2_K, IQ2_XXS):
+        yield f"dequant_h16 {type_name(qt)}", case_dequant_h16, (qt, (24, 512))
+    yield "dequant_h16 IQ2_XXS experts 2..4 rows", case_dequant_h16, (IQ2_XXS, (5, 16, 256), 2, 3, "rows")
+    yield "dequant_h16 Q2_K experts cols", case_dequant_h16, (Q2_K, (3, 16, 512), 0, None, "cols")
+    h16 = dict(bn=16, tq=16, nb=32)
+    yield "gemm h16 Q8_0 T=37", case_gemm_linear, (Q8_0, 40, 256, 37, 1, h16, False, True)
+    yield "gemm h16 Q8_0 grouped T=20", case_gemm_linear, (Q8_0, 64, 256, 20, 4, h16, False, True)
+    yield "gemm h16 Q2_K shard T=17", case_gemm_linear, (Q2_K, 16, 512, 17, 1, h16, True, True)
+    yield "gemm h16 default launch T=70", case_gemm_linear, (IQ2_XXS, 32, 256, 70, 1)
+    yield "gemm exact path forced T=70", case_gemm_linear, (Q8_0, 32, 256, 70, 1, None, False, False)
+    yield "gemm h16 experts IQ2_XXS swiglu rows", case_gemm_experts, (IQ2_XXS, 5, 16, 256, 12, 3, False, True, h16, "rows", 0.15, True)
+    yield "gemm h16 experts IQ2_XXS swiglu, 3 per group", case_gemm_experts_h16_groups, (IQ2_XXS, 8, 3, True)
+    yield "gemm h16 experts Q8_0, 2 per group", case_gemm_experts_h16_groups, (Q8_0, 7, 2, False)
+    yield "gemm h16 experts Q2_K per-slot cols", case_gemm_experts, (Q2_K, 4, 16, 512, 11, 3, True, False, h16, "cols", 0.15, True)
 
 
 def run_interpreter(seed=1234) -> int:

@@ -57,7 +57,7 @@ def test_expert_tiles_cover_each_pair_once():
     from ds4tp.kernels.triton_gemm import expert_tiles
     g = torch.Generator().manual_seed(1)
     ids = kc.rand_ids(70, 6, 12, g, "cpu")
-    pairs, table, skipped, tq = expert_tiles(ids, 12, 16)
+    pairs, table, skipped, tq, tile_expert = expert_tiles(ids, 12, 16)
     flat = ids.reshape(-1)
     assert skipped == int((flat < 0).sum()) and tq == 16
     seen = []
@@ -67,6 +67,7 @@ def test_expert_tiles_cover_each_pair_once():
         assert torch.all(flat[tile] == e)
         seen += tile.tolist()
     assert sorted(seen) == torch.nonzero(flat >= 0).flatten().tolist()
+    assert tile_expert == [row[0] for row in table.tolist()] == sorted(tile_expert)
     with pytest.raises(ValueError, match="out of range"):
         expert_tiles(torch.tensor([[0, 12]]), 12, 16)
 
@@ -168,6 +169,10 @@ def test_cuda_gemm_grouped_and_experts():
     kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 300, 6, False, True, None, "rows")
     kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 300, 6, True, False, None, "cols")
     kc.case_gemm_experts("cuda", g, IQ2_XXS, 32, 512, 1024, 40, 6, False, False, None, "", 0.0)
+    # the float16 path at prefill size: 5400 pairs (default rule), all 256 experts in groups
+    kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 900, 6, False, True, None, "rows")
+    kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 700, 6, True, False, None, "cols", 0.1, True)
+    kc.case_gemm_linear("cuda", g, Q8_0, 4096, 1024, 300, h16=False)    # the exact path, forced
 
 
 @needs_cuda
@@ -207,7 +212,9 @@ def test_cuda_dispatch_and_determinism():
     xl = kc.rand_act((100, 4096), g, "cuda")
     runs = [ops.linear(w, xl) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:]) and torch.equal(runs[0], tg.linear(w, xl))
-    kc.check("ops.linear T=100", runs[0], ops.linear_torch(w, xl))
+    # (100 tokens: the float16 path by default, checked against the exact product)
+    assert tg.h16_path(w, 100)
+    kc.check("ops.linear T=100", runs[0], kc.exact_linear(w, xl), kc.H16_TOL)
     ids = kc.rand_ids(40, 6, 64, g, "cuda")
     xm = kc.rand_act((40, 6, 1024), g, "cuda")
     got = ops.expert_linear(we, xm, ids, sum_slots=True)

@@ -18,21 +18,37 @@ ran float32 GEMMs (256 of them per routed tensor per layer). Here one launch cov
 F16 weights (mixer, router, compressors, indexer) take float32 activations as they are: dots in
 3xTF32 (the activation split into a TF32 head and tail; the weight is exact in TF32), about
 float32 accuracy at tensor-core speed.
+
+Float16 path (h16; by default for dense weights from H16_MIN_T tokens and routed experts from
+H16_MIN_PAIRS (token, slot) pairs): the quantised weight is first decoded to float16 by
+`dequant_h16` (each value the exact float32 dequantisation rounded once to float16; routed
+experts H16_EXPERT_GROUP experts at a time, so the scratch stays bounded), then multiplied with
+the activation rounded to float16 in plain float16 tensor-core dots with float32 accumulation.
+The exact path's per-block float32 rescaling and in-register IQ2_XXS decoding run once per
+weight instead of once per token tile. Not the twin's arithmetic: weights and activations are
+rounded to 11 significant bits (the twin, like the reference engine, rounds the activation to
+8-bit Q8_0 / Q8_K integers instead), so results agree with it to ~1e-3 relative.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from ds4tp.config import F16, IQ2_XXS, Q8_0
+from ds4tp.config import F16, IQ2_XXS, Q2_K, Q8_0
 from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _iq2_tables,
-                                         _linear_args, _mv_tile, _pow2_at_least, _pow2_divisor,
-                                         _prequant, _raw, q8_0_split)
+                                         _iq2_xxs_wblock, _linear_args, _mv_tile, _pow2_at_least,
+                                         _pow2_divisor, _prequant, _q2_k_wblock, _q8_0_wtile_f32,
+                                         _raw, q8_0_split)
 
 MODE_SLOTS, MODE_SWIGLU = 0, 2
+H16_TYPES = (Q8_0, Q2_K, IQ2_XXS)
+H16_MIN_T = 64           # dense: tokens from which the float16 path is the default
+H16_MIN_PAIRS = 4096     # routed experts: (token, slot) pairs from which it is the default
+H16_EXPERT_GROUP = 64    # experts decoded to float16 per launch pair
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,10 @@ class GemmCfg:
     nb: int = 4
     warps: int = 4
     stages: int = 1
+
+
+# launch shape of the float16 dots: nb float16 columns per K step, software pipelined
+H16_CFG = GemmCfg(bn=128, tq=128, nb=64, warps=8, stages=3)
 
 
 def expert_token_tile(rows_per_expert: int) -> int:
@@ -65,14 +85,17 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
                  stride_xt, stride_xk, tiles_ptr, pairs_ptr, rw_ptr, out_ptr, stride_op,
                  grid_ptr, sign_ptr, N, P, K, KB, rows_per_group, group_in, clamp,
                  QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, NB: tl.constexpr,
-                 TABLE: tl.constexpr, MODE: tl.constexpr, QS: tl.constexpr):
+                 TABLE: tl.constexpr, MODE: tl.constexpr, QS: tl.constexpr,
+                 X16: tl.constexpr = False):
     """Columns are pairs p = t*K + k (dense: K = 1, p = t); the activation row of p starts at
     element t*stride_xt + k*stride_xk (+ the group's offset), its output row at p*stride_op.
     TABLE: tile m is (expert, first index into pairs_ptr, count) from tiles_ptr; otherwise tile m
     is pairs m*TQ .. m*TQ+TQ-1 of expert 0. MODE_SWIGLU: w (gate) and w2 (up) are multiplied
     with the same activation and the output is the clamped SwiGLU times the pair's router weight.
     QS (dense Q8_0): the weight is the split layout (triton_matvec.q8_0_split), whose rows load
-    as whole 32-byte blocks instead of byte by byte out of 34-byte blocks."""
+    as whole 32-byte blocks instead of byte by byte out of 34-byte blocks.
+    X16 (F16 weights only): the activation is rounded to float16 and the dots are plain float16
+    ones (the float16 path: w and w2 are weights decoded by dequant_h16)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     j = tl.arange(0, TQ)
@@ -109,14 +132,23 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
         acc2 = acc
     elif QT == 1:   # F16 weight x float32 activation: 3xTF32 dots (an F16 weight is exact in
         acc = tl.zeros([BN, TQ], tl.float32)          # TF32, so only the activation is split)
+        acc2 = tl.zeros([BN, TQ], tl.float32)
         kk = tl.arange(0, NB)
         wrow = (w_ptr + eoff).to(tl.pointer_type(tl.float16)) + (row_off >> 1)[:, None] + kk[None, :]
+        w2row = (w2_ptr + eoff).to(tl.pointer_type(tl.float16)) + (row_off >> 1)[:, None] + kk[None, :]
         xrow = x_ptr + x_off[:, None] + kk[None, :]
         for k in range(0, KB, NB):
-            wv = tl.load(wrow + k, mask=rmask[:, None], other=0.0).to(tl.float32)      # [BN, NB]
+            wv = tl.load(wrow + k, mask=rmask[:, None], other=0.0)                     # [BN, NB]
             xv = tl.load(xrow + k, mask=live[:, None], other=0.0)                      # [TQ, NB]
-            acc = tl.dot(wv, tl.trans(xv), acc, input_precision="tf32x3")
-        acc2 = acc
+            if X16:
+                xh = tl.trans(xv.to(tl.float16))
+                acc = tl.dot(wv, xh, acc)
+                if MODE == 2:
+                    acc2 = tl.dot(tl.load(w2row + k, mask=rmask[:, None], other=0.0), xh, acc2)
+            else:
+                acc = tl.dot(wv.to(tl.float32), tl.trans(xv), acc, input_precision="tf32x3")
+        if not X16:
+            acc2 = acc
     else:
             acc, acc2 = _mv_tile(w_ptr + eoff, w2_ptr + eoff, row_off, rmask, x_ptr, xq_ptr, xd_ptr,
                              xbs_ptr, x_off, live, 0, KB, grid_ptr, sign_ptr, QT, BN, TQ, NB,
@@ -130,15 +162,110 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
     tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
 
 
-def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None) -> torch.Tensor:
-    """y [T, out] = act_quant(x) @ dequant(W)^T for x [T, groups*in]; see triton_matvec.linear."""
+@triton.jit
+def _dequant_h16_kernel(w_ptr, stride_we, stride_wn, out_ptr, N, K, grid_ptr, sign_ptr,
+                        QT: tl.constexpr, BN: tl.constexpr):
+    """Program (n, b, e): rows n*BN.. of expert e (0 for a dense weight), elements 256b..256b+255,
+    decoded exactly in float32 (the decode tile helpers) and stored rounded to float16 in
+    out [E, N, K]."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    e = tl.program_id(2)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    row_off = rows.to(tl.int64) * stride_wn
+    wp = w_ptr + e.to(tl.int64) * stride_we
+    if QT == 8:       # Q8_0: eight 32-blocks
+        v = tl.reshape(_q8_0_wtile_f32(wp, row_off, rmask, 8 * b, 8), (BN, 256))
+    elif QT == 16:    # IQ2_XXS: d/8 times the integers (2s+1)*grid*sign
+        a, d = _iq2_xxs_wblock(wp, row_off, rmask, b, grid_ptr, sign_ptr, BN)
+        v = a.to(tl.float32) * (d * 0.125)[:, None]
+    else:             # Q2_K: d*scale*q - dmin*min per 16-element sub-block
+        a, mn, d, dmin = _q2_k_wblock(wp, row_off, rmask, b, BN)
+        v = (tl.reshape(a.to(tl.float32), (BN, 16, 16)) * d[:, None, None]
+             - (mn.to(tl.float32) * dmin[:, None])[:, :, None])
+        v = tl.reshape(v, (BN, 256))
+    cols = b * 256 + tl.arange(0, 256)
+    off = (e.to(tl.int64) * N + rows.to(tl.int64))[:, None] * K + cols[None, :]
+    tl.store(out_ptr + off, v.to(tl.float16), mask=rmask[:, None])
+
+
+def h16_supported(w) -> bool:
+    """Whether dequant_h16 takes this weight (a type with a decode helper, whole 256-element
+    units per row, a contiguous byte axis)."""
+    return w.qtype in H16_TYPES and w.shape[-1] % 256 == 0 and w.raw.stride(-1) == 1
+
+
+def dequant_h16(w, first: int = 0, count: int | None = None) -> torch.Tensor:
+    """The weight decoded to float16: [out, in] for a dense weight, [count, out, in] for experts
+    first..first+count-1 of an expert weight. Each value is the exact dequantisation
+    (ds4tp.dequant) rounded to float16."""
+    if not h16_supported(w):
+        raise ValueError(f"dequant_h16: no float16 decoding for {w.qtype} {w.shape}")
+    raw = _raw(w)
+    n_out, n_in = w.shape[-2], w.shape[-1]
+    if len(w.shape) == 3:
+        count = w.shape[0] - first if count is None else count
+        if not 0 <= first and first + count <= w.shape[0]:
+            raise ValueError(f"dequant_h16: experts {first}..{first + count - 1} out of {w.shape[0]}")
+        raw, stride_we = raw[first:first + count], raw.stride(0)
+    else:
+        count, stride_we = 1, 0
+    out = torch.empty(count, n_out, n_in, dtype=torch.float16, device=raw.device)
+    grid_t, sign_t = _iq2_tables(raw.device) if w.qtype == IQ2_XXS else (out, out)
+    bn = 16
+    _dequant_h16_kernel[(triton.cdiv(n_out, bn), n_in // 256, count)](
+        raw, stride_we, raw.stride(-2), out, n_out, n_in, grid_t, sign_t, QT=w.qtype, BN=bn,
+        num_warps=4)
+    return out if len(w.shape) == 3 else out[0]
+
+
+def h16_path(w, count: int, h16: bool | None = None, w2=None) -> bool:
+    """Whether a launch takes the float16 path: h16 True / False forces it (True raises for a
+    weight it cannot decode), None applies the default rule: count = tokens of a dense launch
+    (>= H16_MIN_T) or (token, slot) pairs of an expert launch (>= H16_MIN_PAIRS)."""
+    ok = h16_supported(w) and (w2 is None or h16_supported(w2))
+    if h16 and not ok:
+        raise ValueError(f"float16 path requested for an unsupported weight {w.qtype} {w.shape}")
+    if h16 is not None:
+        return h16
+    return ok and count >= (H16_MIN_PAIRS if len(w.shape) == 3 else H16_MIN_T)
+
+
+def _h16_launch(w16, w216, x, y, table, pairs, rw, n_out, n_in, P, K, sxt, sxk, stride_op,
+                rows_per_group, group_in, mode, clamp, tq, c: GemmCfg, table_rows: int):
+    """One float16-path launch over weights decoded to float16 ([E, N, K] or [N, K])."""
+    wb = w16.view(torch.uint8)
+    w2b = w216.view(torch.uint8) if w216 is not None else wb
+    stride_we = n_out * n_in * 2 if w16.dim() == 3 else 0
+    nb = _pow2_divisor(n_in, c.nb)
+    grid_m = table_rows if table is not None else triton.cdiv(P, tq)
+    bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if rows_per_group != n_out else c.bn
+    _gemm_kernel[(grid_m, triton.cdiv(n_out, bn))](
+        wb, w2b, stride_we, n_in * 2, x, x, x, x, sxt, sxk,
+        table if table is not None else y, pairs if pairs is not None else y,
+        rw if rw is not None else y, y, stride_op, y, y,
+        n_out, P, K, n_in, rows_per_group, group_in, float(clamp),
+        QT=F16, BN=bn, TQ=tq, NB=nb, TABLE=table is not None, MODE=mode, QS=False, X16=True,
+        num_warps=c.warps, num_stages=c.stages)
+
+
+def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None,
+           h16: bool | None = None) -> torch.Tensor:
+    """y [T, out] = act_quant(x) @ dequant(W)^T for x [T, groups*in]; see triton_matvec.linear.
+    h16: the float16 path (see the module docstring; None: by h16_path's default rule)."""
     n_out, n_in, x = _linear_args(w, x, groups, "gemm linear")
     T = x.shape[0]
     y = torch.empty(T, n_out, dtype=torch.float32, device=x.device)
     if T == 0:
         return y
-    c = cfg or default_cfg(w.qtype, n_in)
     rows_per_group = n_out // groups
+    if h16_path(w, T, h16):
+        c = cfg or H16_CFG
+        _h16_launch(dequant_h16(w), None, x, y, None, None, None, n_out, n_in, T, 1, x.stride(0), 0,
+                    y.stride(0), rows_per_group, n_in, MODE_SLOTS, 0.0, c.tq, c, 0)
+        return y
+    c = cfg or default_cfg(w.qtype, n_in)
     bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
     qs = w.qtype == Q8_0
     if qs:
@@ -157,8 +284,8 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None) -> t
 
 def expert_tiles(ids: torch.Tensor, n_expert: int, tq: int | None):
     """(pairs int32 [P]: the (token, slot) pairs sorted by expert, stable; tiles int32 [M, 3]:
-    (expert, first index into pairs, count <= tq); number of skipped (-1) pairs; tq). One host
-    sync (the group sizes)."""
+    (expert, first index into pairs, count <= tq); number of skipped (-1) pairs; tq; the expert
+    of each tile as a host list). One host sync (the group sizes)."""
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat + 1, minlength=n_expert + 1).tolist()
@@ -173,11 +300,11 @@ def expert_tiles(ids: torch.Tensor, n_expert: int, tq: int | None):
             tiles.append((e, start + s, min(tq, c - s)))
         start += c
     table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(ids.device, non_blocking=True)
-    return order.to(torch.int32), table, counts[0], tq
+    return order.to(torch.int32), table, counts[0], tq, [t[0] for t in tiles]
 
 
 def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, mode: int,
-            clamp: float = 0.0, cfg: GemmCfg | None = None) -> torch.Tensor:
+            clamp: float = 0.0, cfg: GemmCfg | None = None, h16: bool | None = None) -> torch.Tensor:
     """Routed experts for many tokens: out [T, K, out] (zeros where ids is -1).
     mode MODE_SLOTS: act_quant(x) times each pair's expert (w only);
     MODE_SWIGLU: swiglu_clamped(gate, up, clamp) * rw, gate from w and up from w2.
@@ -193,10 +320,28 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
     if T * K == 0:
         return out
-    pairs, table, skipped, tq = expert_tiles(ids, w.shape[0], cfg.tq if cfg else None)
+    pairs, table, skipped, tq, tile_expert = expert_tiles(ids, w.shape[0], cfg.tq if cfg else None)
     if skipped:
         out.masked_fill_((ids < 0)[:, :, None], 0.0)
     if table.shape[0] == 0:
+        return out
+    if h16_path(w, T * K, h16, w2):
+        c = cfg or replace(H16_CFG, tq=tq)
+        rwc = rw.contiguous() if rw is not None else None
+        # experts H16_EXPERT_GROUP at a time: decode the group to float16, run its tiles (the
+        # tile table is sorted by expert, so a group's tiles are one run of rows)
+        for e0 in range(0, w.shape[0], H16_EXPERT_GROUP):
+            a = bisect.bisect_left(tile_expert, e0)
+            b = bisect.bisect_left(tile_expert, e0 + H16_EXPERT_GROUP)
+            if a == b:
+                continue
+            g = min(H16_EXPERT_GROUP, w.shape[0] - e0)
+            sub = table[a:b].clone()
+            sub[:, 0] -= e0
+            w16 = dequant_h16(w, e0, g)
+            w216 = dequant_h16(w2, e0, g) if w2 is not None else None
+            _h16_launch(w16, w216, x, out, sub, pairs, rwc, n_out, n_in, T * K, K, sxt, sxk, n_out,
+                        n_out, 0, mode, clamp, c.tq, c, b - a)
         return out
     c = cfg or default_cfg(w.qtype, n_in, tq)
     grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (out, out)
