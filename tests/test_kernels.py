@@ -72,6 +72,21 @@ def test_expert_tiles_cover_each_pair_once():
         expert_tiles(torch.tensor([[0, 12]]), 12, 16)
 
 
+def test_h16_path_rule():
+    """Which many-token launches take the float16 path by default: dense quantised weights from
+    H16_MIN_T tokens; routed experts and F16 weights only when forced (F16 cannot be)."""
+    from ds4tp.kernels import triton_gemm as tg
+    g = torch.Generator().manual_seed(2)
+    dense = kc.rand_weight(Q8_0, (32, 256), g)
+    experts = kc.rand_weight(IQ2_XXS, (4, 16, 256), g)
+    f16 = kc.rand_weight(F16, (16, 256), g)
+    assert not tg.h16_path(dense, tg.H16_MIN_T - 1) and tg.h16_path(dense, tg.H16_MIN_T)
+    assert not tg.h16_path(experts, 10 ** 6) and tg.h16_path(experts, 1, True)
+    assert not tg.h16_path(dense, 10 ** 6, False) and not tg.h16_path(f16, 10 ** 6)
+    with pytest.raises(ValueError, match="unsupported"):
+        tg.h16_path(f16, 100, True)
+
+
 @needs_cuda
 @pytest.mark.parametrize("T", [1, 7])
 def test_cuda_hc_combine(T):
@@ -169,8 +184,8 @@ def test_cuda_gemm_grouped_and_experts():
     kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 300, 6, False, True, None, "rows")
     kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 300, 6, True, False, None, "cols")
     kc.case_gemm_experts("cuda", g, IQ2_XXS, 32, 512, 1024, 40, 6, False, False, None, "", 0.0)
-    # the float16 path at prefill size: 5400 pairs (default rule), all 256 experts in groups
-    kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 900, 6, False, True, None, "rows")
+    # the float16 path at prefill size (forced), all 256 experts in groups
+    kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 900, 6, False, True, None, "rows", 0.15, True)
     kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 700, 6, True, False, None, "cols", 0.1, True)
     kc.case_gemm_linear("cuda", g, Q8_0, 4096, 1024, 300, h16=False)    # the exact path, forced
 

@@ -19,15 +19,15 @@ F16 weights (mixer, router, compressors, indexer) take float32 activations as th
 3xTF32 (the activation split into a TF32 head and tail; the weight is exact in TF32), about
 float32 accuracy at tensor-core speed.
 
-Float16 path (h16; by default for dense weights from H16_MIN_T tokens and routed experts from
-H16_MIN_PAIRS (token, slot) pairs): the quantised weight is first decoded to float16 by
-`dequant_h16` (each value the exact float32 dequantisation rounded once to float16; routed
-experts H16_EXPERT_GROUP experts at a time, so the scratch stays bounded), then multiplied with
-the activation rounded to float16 in plain float16 tensor-core dots with float32 accumulation.
-The exact path's per-block float32 rescaling and in-register IQ2_XXS decoding run once per
-weight instead of once per token tile. Not the twin's arithmetic: weights and activations are
-rounded to 11 significant bits (the twin, like the reference engine, rounds the activation to
-8-bit Q8_0 / Q8_K integers instead), so results agree with it to ~1e-3 relative.
+Float16 path (h16): the quantised weight is first decoded to float16 by `dequant_h16` (each
+value the exact float32 dequantisation rounded once to float16; routed experts H16_EXPERT_GROUP
+at a time, so the scratch stays bounded), then multiplied with the activation rounded to float16
+in plain float16 tensor-core dots with float32 accumulation: no per-block float32 rescaling.
+Default for dense weights from H16_MIN_T tokens; routed experts only when forced (h16=True) or
+from H16_MIN_PAIRS pairs if that is set. Not the twin's arithmetic: weights and activations are
+rounded to 11 significant bits where the twin, like the reference engine, rounds the activation
+to 8-bit Q8_0 / Q8_K integers; the float16 path is the closer of the two to the exact product
+(tests compare it with the float64 product, tests/kernel_cases.exact_linear).
 """
 from __future__ import annotations
 
@@ -46,8 +46,13 @@ from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _iq2
 
 MODE_SLOTS, MODE_SWIGLU = 0, 2
 H16_TYPES = (Q8_0, Q2_K, IQ2_XXS)
+# Defaults (None: never by default). Measured once on an H200 with both on (2048-token prefill,
+# TP=1: 1541 tok/s against 1436 earlier that day, inside the run-to-run spread;
+# bench/results/bench_h200_tp1_s5_h16_20261129.json). Routed experts are off: at 2048 tokens each
+# expert sees ~48 pairs, i.e. one token tile, so the exact path also decodes each expert once and
+# the float16 path only adds the write and re-read of the decoded weights (2 bytes per value).
 H16_MIN_T = 64           # dense: tokens from which the float16 path is the default
-H16_MIN_PAIRS = 4096     # routed experts: (token, slot) pairs from which it is the default
+H16_MIN_PAIRS = None     # routed experts: (token, slot) pairs from which it is the default
 H16_EXPERT_GROUP = 64    # experts decoded to float16 per launch pair
 
 
@@ -229,7 +234,8 @@ def h16_path(w, count: int, h16: bool | None = None, w2=None) -> bool:
         raise ValueError(f"float16 path requested for an unsupported weight {w.qtype} {w.shape}")
     if h16 is not None:
         return h16
-    return ok and count >= (H16_MIN_PAIRS if len(w.shape) == 3 else H16_MIN_T)
+    limit = H16_MIN_PAIRS if len(w.shape) == 3 else H16_MIN_T
+    return ok and limit is not None and count >= limit
 
 
 def _h16_launch(w16, w216, x, y, table, pairs, rw, n_out, n_in, P, K, sxt, sxk, stride_op,
