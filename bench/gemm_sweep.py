@@ -75,18 +75,18 @@ def main():
             xin = kc.rand_act((T, n_in), g, "cuda")
             macs = T * w.shape[0] * n_in
             A16, B16 = xin.half(), torch.randn(n_in, w.shape[0], device="cuda", dtype=torch.float16)
-            run = lambda c: tg.linear(w, xin, cfg=c)                       # noqa: E731
+            run = lambda c, h=None: tg.linear(w, xin, cfg=c, h16=h)        # noqa: E731
             nbq = 32 if w.qtype == F16 else 4
         elif kind == "swiglu":
             macs = T * K * 2 * ff * 4096
             A16, B16 = x4096.half().repeat(K, 1), torch.randn(4096, 2 * ff, device="cuda", dtype=torch.float16)
-            run = lambda c: tg.experts(w[0], w[1], x4096, ids, rw, tg.MODE_SWIGLU, 10.0, cfg=c)   # noqa: E731
+            run = lambda c, h=None: tg.experts(w[0], w[1], x4096, ids, rw, tg.MODE_SWIGLU, 10.0, cfg=c, h16=h)   # noqa: E731
             nbq = 1
         else:
             xin = kc.rand_act((T, K, ff), g, "cuda")
             macs = T * K * 4096 * ff
             A16, B16 = xin.reshape(-1, ff).half(), torch.randn(ff, 4096, device="cuda", dtype=torch.float16)
-            run = lambda c: tg.experts(w, None, xin, ids, None, tg.MODE_SLOTS, cfg=c)   # noqa: E731
+            run = lambda c, h=None: tg.experts(w, None, xin, ids, None, tg.MODE_SLOTS, cfg=c, h16=h)   # noqa: E731
             nbq = 1
         r["macs"] = macs
         r["cublas_f16_ms"] = ms(lambda: A16 @ B16)
@@ -94,6 +94,10 @@ def main():
         r["cublas_f32_ms"] = ms(lambda: A32 @ B32)
         del A32, B32
         r["default_ms"] = ms(lambda: run(None))
+        if kind != "linear" or w.qtype != F16:   # exact and float16 paths, default shapes
+            r["exact_ms"] = ms(lambda: run(None, False))
+            r["h16_ms"] = ms(lambda: run(None, True))
+            print(f"{name}: exact path {r['exact_ms']:.3f} ms, float16 path {r['h16_ms']:.3f} ms", flush=True)
         print(f"{name}: {macs / 1e9:.1f} GMAC  cuBLAS f16 {r['cublas_f16_ms']:.3f} ms  f32 "
               f"{r['cublas_f32_ms']:.3f} ms  default {r['default_ms']:.3f} ms "
               f"({macs / r['default_ms'] / 1e9:.1f} TMAC/s)", flush=True)
@@ -103,7 +107,7 @@ def main():
                 break
             cfg = tg.GemmCfg(nb=nbq, **c)
             try:
-                t = ms(lambda: run(cfg), reps=3)
+                t = ms(lambda: run(cfg, False), reps=3)   # the exact path's shapes
                 r["runs"].append({**c, "ms": t})
                 print(f"   {c}: {t:.3f} ms ({macs / t / 1e9:.1f} TMAC/s)", flush=True)
             except Exception as exc:   # compile failure (e.g. shared memory): record and go on

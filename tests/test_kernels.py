@@ -85,6 +85,11 @@ def test_h16_path_rule():
     assert not tg.h16_path(dense, 10 ** 6, False) and not tg.h16_path(f16, 10 ** 6)
     with pytest.raises(ValueError, match="unsupported"):
         tg.h16_path(f16, 100, True)
+    for first, count in ((5, 1), (-1, 2), (2, 0), (3, 2)):     # expert ranges outside 0..3
+        with pytest.raises(ValueError, match="out of 4"):
+            tg.dequant_h16(experts, first, count)
+    with pytest.raises(ValueError, match="no float16 decoding"):
+        tg.dequant_h16(f16)
 
 
 @needs_cuda

@@ -211,7 +211,7 @@ def dequant_h16(w, first: int = 0, count: int | None = None) -> torch.Tensor:
     n_out, n_in = w.shape[-2], w.shape[-1]
     if len(w.shape) == 3:
         count = w.shape[0] - first if count is None else count
-        if not 0 <= first and first + count <= w.shape[0]:
+        if not (0 <= first and 0 < count and first + count <= w.shape[0]):
             raise ValueError(f"dequant_h16: experts {first}..{first + count - 1} out of {w.shape[0]}")
         raw, stride_we = raw[first:first + count], raw.stride(0)
     else:
@@ -244,7 +244,7 @@ def _h16_launch(w16, w216, x, y, table, pairs, rw, n_out, n_in, P, K, sxt, sxk, 
     wb = w16.view(torch.uint8)
     w2b = w216.view(torch.uint8) if w216 is not None else wb
     stride_we = n_out * n_in * 2 if w16.dim() == 3 else 0
-    nb = _pow2_divisor(n_in, c.nb)
+    nb = _pow2_divisor(n_in, max(16, c.nb))          # float16 dots take K steps of >= 16
     grid_m = table_rows if table is not None else triton.cdiv(P, tq)
     bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if rows_per_group != n_out else c.bn
     _gemm_kernel[(grid_m, triton.cdiv(n_out, bn))](
