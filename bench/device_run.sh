@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -12,6 +12,7 @@
 #   i8: Q8_0 int8-word matvec tests, TP=2,1 bench, Q8_0 + routed T=1 check and sweep
 #   final5: session 5 closing run: bench with depth 4096, TP=1 goldens, profile, decode tests
 #   h16: float16 prefill path: golden prefill (all launches float16), bench, gemm tests
+#   tp2h16: TP=2,1 bench, goldens TP=1/2, exact vs float16 prefill launches, prefill profile
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -164,6 +165,18 @@ elif [ "$MODE" = h16 ]; then
   log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
   timeout 110 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   gate_tests 110 "gemm or h16 or dequant or dispatch" tests/test_kernels.py
+elif [ "$MODE" = tp2h16 ]; then
+  # for the next two-GPU call: TP=2,1 bench, goldens at TP=1 and 2 on the current code (int8 Q8_0
+  # matvec, float16 dense prefill), exact vs float16 prefill launches, a prefill profile
+  if two_gpus; then TPS="2,1"; else TPS="1"; fi
+  log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"
+  timeout 170 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  golden 1 static,prefill 90
+  if two_gpus; then golden 2 static,prefill 110; fi
+  log "prefill launches at 2048 tokens, TP=1 shapes: exact vs float16 path"
+  timeout 90 python3 bench/gemm_sweep.py --tp 1 --out "$OUT/gemm_sweep_tp1.json" --budget-s 50 2>&1 | grep -v Warn | grep "path\|GMAC" | tail -12
+  log "prefill profile, 4 full-width layers"
+  timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
