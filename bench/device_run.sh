@@ -139,7 +139,7 @@ elif [ "$MODE" = final3b ]; then
   log "profile of a 4-layer full-width decode step"
   timeout 90 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
 elif [ "$MODE" = i8 ]; then
-  # session 5: the Q8_0 one-token matvec on int8 dp4a words (Cfg.i8) against the float path
+  # session 5: the Q8_0 one-token matvec on int8 dp4a words (the float path it replaced is gone)
   if two_gpus; then TPS="2,1"; else TPS="1"; fi
   gate_tests 120 "linear or normed or grouped or shard or dispatch" tests/test_kernels.py
   log "bench, 43 layers, TP=$TPS, depth 0, prefill 2048"

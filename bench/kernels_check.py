@@ -250,8 +250,7 @@ def sweep_cfgs(case: Case, T: int):
             return [Cfg(bn=8, nb=2), Cfg(bn=8, nb=4), Cfg(bn=16, nb=2), Cfg(bn=4, nb=4),
                     Cfg(bn=8, nb=4, warps=8), Cfg(bn=16, nb=2, warps=8), Cfg(bn=8, nb=1),
                     Cfg(bn=4, nb=2, warps=2), Cfg(bn=32, nb=1, warps=8), Cfg(bn=16, nb=4, warps=8)]
-        return [Cfg(bn=16, nb=4), Cfg(bn=16, nb=4, iq2c=True), Cfg(bn=32, nb=2, iq2c=True),
-                Cfg(bn=16, nb=2, iq2c=True), Cfg(bn=4, nb=4, warps=1), Cfg(bn=8, nb=4, warps=1),
+        return [Cfg(bn=16, nb=4), Cfg(bn=4, nb=4, warps=1), Cfg(bn=8, nb=4, warps=1),
                 Cfg(bn=4, nb=8, warps=1), Cfg(bn=8, nb=4, warps=2), Cfg(bn=4, nb=4, warps=2),
                 Cfg(bn=16, nb=2), Cfg(bn=32, nb=2), Cfg(bn=8, nb=2),
                 Cfg(bn=8, nb=4), Cfg(bn=32, nb=1), Cfg(bn=16, nb=2, warps=2), Cfg(bn=16, nb=2, warps=8),
@@ -264,7 +263,7 @@ def sweep_cfgs(case: Case, T: int):
                 Cfg(bn=64, warps=8, q2s=True), Cfg(bn=8, warps=2, q2s=True),
                 Cfg(bn=32, nb=1, split=6, q2s=False), Cfg(bn=128, nb=1, split=6, q2s=False)]
     if case.qtype == Q8_0 and T == 1:   # split-layout kernel shapes, then the tile kernel's
-        return [Cfg(bn=16, nb=32, i8=False), Cfg(bn=16, nb=32), Cfg(bn=32, nb=32), Cfg(bn=32, nb=32, warps=8),
+        return [Cfg(bn=16, nb=16), Cfg(bn=16, nb=32), Cfg(bn=32, nb=32), Cfg(bn=32, nb=32, warps=8),
                 Cfg(bn=64, nb=16, warps=8), Cfg(bn=16, nb=64, warps=8), Cfg(bn=32, nb=16, warps=2),
                 Cfg(bn=8, nb=32), Cfg(bn=32, nb=16), Cfg(bn=16, nb=16),
                 Cfg(bn=32, nb=32, warps=8), Cfg(bn=8, nb=16), Cfg(bn=64, nb=8, warps=8),

@@ -498,7 +498,6 @@ def interpreter_cases():
     yield "decode route hash layer", case_route, (16, 6, True, False)
     yield "decode linear_normed split K", case_linear_normed, (40, 512, C(bn=8, nb=4, split=2))
     yield "decode linear_normed default", case_linear_normed, (64, 256)
-    yield "decode linear_normed float path", case_linear_normed, (32, 256, C(bn=16, nb=8, i8=False))
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
     yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
     yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)
@@ -518,7 +517,6 @@ def interpreter_cases():
     yield "linear Q8_0 default cfg", case_linear, (Q8_0, 64, 256, 1, None)
     yield "linear Q8_0 T=1 tile kernel", case_linear, (Q8_0, 48, 512, 1, C(bn=16, nb=4, q8s=False))
     yield "linear Q8_0 T=1 split layout, split K, row tail", case_linear, (Q8_0, 40, 512, 1, C(bn=8, nb=2, split=3))
-    yield "linear Q8_0 T=1 split layout, float path", case_linear, (Q8_0, 40, 512, 1, C(bn=8, nb=4, split=2, i8=False))
     yield "shard Q8_0 T=1", case_linear_shard, (Q8_0, 32, 256, 1, None)
     yield "grouped Q8_0 T=1", case_grouped, (Q8_0, 4, 32, 128, 1, C(bn=16, nb=2, split=2))
     yield "linear IQ2_XXS default cfg", case_linear, (IQ2_XXS, 64, 512, 2, None)
@@ -537,8 +535,6 @@ def interpreter_cases():
     # few-token packed-integer path (T*K <= 24): K = 6 as DS4, several super-blocks per row,
     # -1 ids, duplicate ids, T = 1..4, TP shards, default and explicit launch shapes
     yield "small swiglu IQ2_XXS T=1", case_swiglu, (IQ2_XXS, 8, 32, 768, 1, 6)
-    yield "small swiglu IQ2_XXS T=1 2-bit grid codes", case_swiglu, (IQ2_XXS, 8, 32, 768, 1, 6, C(bn=16, nb=2, iq2c=True))
-    yield "small experts IQ2_XXS T=2 dup 2-bit grid codes", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2, iq2c=True), True)
     yield "small swiglu IQ2_XXS T=3 dup rows", case_swiglu, (IQ2_XXS, 8, 16, 512, 3, 6, C(bn=8, nb=1, split=4), True, "rows")
     yield "small experts IQ2_XXS T=2 dup", case_experts, (IQ2_XXS, 8, 24, 1024, 2, 6, False, C(bn=16, nb=4, split=2), True)
     yield "small experts IQ2_XXS T=4 per-slot", case_experts, (IQ2_XXS, 8, 16, 512, 4, 6, True)

@@ -322,31 +322,6 @@ def test_decode_kernel_argument_errors():
     assert tm.linear_normed(q, torch.zeros(2, 64), torch.ones(64), 1e-6) is None      # 2 tokens: twin
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-def test_iq2_grid_codes_unpack_to_the_grid():
-    """The 2-bit-code IQ2_XXS table, unpacked with the kernel's formula (8 + 17c + (c >> 1) per
-    byte), gives back every byte of gguf's grid."""
-    import numpy as np
-    from gguf.quants import IQ2_XXS as G
-    from ds4tp.kernels.triton_matvec import _iq2_codes16
-    G.init_grid()
-    grid = np.asarray(G.grid, dtype=np.float32).reshape(256, 8)
-    codes = _iq2_codes16(torch.device("cpu")).numpy().astype(np.int64) & 0xFFFF
-    for hi in (0, 1):
-        t = (codes >> (8 * hi)) & 255
-        b = (t & 3) | ((t & 0xC) << 6) | ((t & 0x30) << 12) | ((t & 0xC0) << 18)
-        words = 0x08080808 + 17 * b + ((b >> 1) & 0x01010101)
-        got = (words[:, None] >> (8 * np.arange(4))) & 255
-        assert np.array_equal(got, grid[:, 4 * hi: 4 * hi + 4])
-
-
-@needs_cuda
-def test_cuda_routed_gate_up_grid_codes_full_size():
-    """The few-token IQ2_XXS SwiGLU launch with the 2-bit grid table at DS4's TP=1 shape."""
-    kc.case_swiglu("cuda", torch.Generator().manual_seed(9), IQ2_XXS, 256, 2048, 4096, 1, 6,
-                   kc.C(bn=16, nb=4, iq2c=True))
-
-
 @needs_cuda
 @pytest.mark.parametrize("hashed,bias", [(False, True), (True, False)])
 def test_cuda_route_full_size(hashed, bias):

@@ -239,20 +239,21 @@ def h16_path(w, count: int, h16: bool | None = None, w2=None) -> bool:
 
 
 def _h16_launch(w16, w216, x, y, table, pairs, rw, n_out, n_in, P, K, sxt, sxk, stride_op,
-                rows_per_group, group_in, mode, clamp, tq, c: GemmCfg, table_rows: int):
-    """One float16-path launch over weights decoded to float16 ([E, N, K] or [N, K])."""
+                rows_per_group, group_in, mode, clamp, c: GemmCfg):
+    """One float16-path launch over weights decoded to float16 ([E, N, K] or [N, K]): one
+    program row per tile of table (experts) or per c.tq tokens (dense)."""
     wb = w16.view(torch.uint8)
     w2b = w216.view(torch.uint8) if w216 is not None else wb
     stride_we = n_out * n_in * 2 if w16.dim() == 3 else 0
     nb = _pow2_divisor(n_in, max(16, c.nb))          # float16 dots take K steps of >= 16
-    grid_m = table_rows if table is not None else triton.cdiv(P, tq)
+    grid_m = table.shape[0] if table is not None else triton.cdiv(P, c.tq)
     bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if rows_per_group != n_out else c.bn
     _gemm_kernel[(grid_m, triton.cdiv(n_out, bn))](
         wb, w2b, stride_we, n_in * 2, x, x, x, x, sxt, sxk,
         table if table is not None else y, pairs if pairs is not None else y,
         rw if rw is not None else y, y, stride_op, y, y,
         n_out, P, K, n_in, rows_per_group, group_in, float(clamp),
-        QT=F16, BN=bn, TQ=tq, NB=nb, TABLE=table is not None, MODE=mode, QS=False, X16=True,
+        QT=F16, BN=bn, TQ=c.tq, NB=nb, TABLE=table is not None, MODE=mode, QS=False, X16=True,
         num_warps=c.warps, num_stages=c.stages)
 
 
@@ -269,7 +270,7 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None,
     if h16_path(w, T, h16):
         c = cfg or H16_CFG
         _h16_launch(dequant_h16(w), None, x, y, None, None, None, n_out, n_in, T, 1, x.stride(0), 0,
-                    y.stride(0), rows_per_group, n_in, MODE_SLOTS, 0.0, c.tq, c, 0)
+                    y.stride(0), rows_per_group, n_in, MODE_SLOTS, 0.0, c)
         return y
     c = cfg or default_cfg(w.qtype, n_in)
     bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
@@ -347,7 +348,7 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
             w16 = dequant_h16(w, e0, g)
             w216 = dequant_h16(w2, e0, g) if w2 is not None else None
             _h16_launch(w16, w216, x, out, sub, pairs, rwc, n_out, n_in, T * K, K, sxt, sxk, n_out,
-                        n_out, 0, mode, clamp, c.tq, c, b - a)
+                        n_out, 0, mode, clamp, c)
         return out
     c = cfg or default_cfg(w.qtype, n_in, tq)
     grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (out, out)

@@ -458,21 +458,21 @@ def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, 
 # 4-byte boundary and the tile kernel above reads them a byte at a time: for one token, where the
 # matvec is nothing but weight streaming, that caps it far below the memory bandwidth. Here the
 # weight is re-laid out once on the device (q8_0_split: the same bytes as int8 quants [N, K] and
-# f16 scales [N, K/32]) so each thread issues 16-byte loads. Same math as the tile kernel's
-# T = 1 path: the activation is Q8_0-quantised in the prologue (bit-identical), the weight
-# decoded exactly, products summed in float32 per block and scaled by the block's d_w.
+# f16 scales [N, K/32]) so each thread issues 16-byte loads. The activation is Q8_0-quantised
+# in the prologue (bit-identical to the twin), each block's products are summed exactly in
+# integers and scaled by d_x * d_w: the twin's result up to float32 summation order.
 @triton.jit
 def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_split,
                        rows_per_group, group_in, nw_ptr, eps,
                        BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                       NORM: tl.constexpr, KP: tl.constexpr, I8: tl.constexpr = False,
-                       DP4A: tl.constexpr = False):
+                       NORM: tl.constexpr, KP: tl.constexpr, DP4A: tl.constexpr = False):
     """NORM: the input is rms_norm(x, nw) (numerics.rms_norm: float64 sum of squares, then
     (x * s) * nw); every program computes s over the whole row x [K] (KP = K rounded up to a
     power of two), so the norm costs no launch of its own.
-    I8: the weight as int32 words (4 quants each) against the Q8_0 activation packed the same
-    way, one dp4a per word: each 32-block's sum is an exact integer, then times d_x * d_w (the
-    float path holds 4x the registers per weight byte: one float32 per quant)."""
+    The weight is read as int32 words (4 quants each) against the Q8_0 activation packed the same
+    way, one dp4a per word: each 32-block's sum is an exact integer, then times d_x * d_w. (A
+    float32 per quant, the earlier form, holds 4x the registers per weight byte: 17.2 against
+    12.8 us for attn_q_b on an H200, bench/results/kernels_h200_s5_i8_20261129.json.)"""
     NBK: tl.constexpr = BK // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -484,7 +484,6 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
     k1 = tl.minimum(k0 + k_per_split, K)
     kk = tl.arange(0, BK)
     jj = tl.arange(0, NBK)
-    qrow = q_ptr + rows.to(tl.int64)[:, None] * K
     drow = d_ptr + rows.to(tl.int64)[:, None] * (K // 32)
     qrow32 = q_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (K // 4)
     ww = tl.arange(0, BK // 4)
@@ -499,20 +498,12 @@ def _q8s_matvec_kernel(q_ptr, d_ptr, x_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, k_per_
             x = (x * rs) * tl.load(nw_ptr + k + kk)
         xq, xd = _q8_0_quant(tl.reshape(x, (1, NBK, 32)))
         dw = tl.load(drow + k // 32 + jj[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-        if I8:
-            q4 = tl.reshape(xq, (BK // 4, 4)) & 255
-            xw = tl.sum(q4 << (8 * tl.arange(0, 4))[None, :], axis=1)                 # [BK/4] words
-            qw = tl.load(qrow32 + (k // 4) + ww[None, :], mask=rmask[:, None], other=0)  # [BN, BK/4]
-            p = _dp4a(qw, tl.broadcast_to(xw[None, :], (BN, BK // 4)), DP4A)
-            s = tl.sum(tl.reshape(p, (BN, NBK, 8)), axis=2).to(tl.float32)           # exact
-            acc += s * tl.reshape(xd, (1, NBK)) * dw
-        else:
-            xh = tl.reshape(xq.to(tl.float32) * xd[:, :, None], (NBK, 32))           # exact
-            u = tl.load(qrow + k + kk[None, :], mask=rmask[:, None], other=128)       # uint8 [BN, BK]
-            # int8 -> float32 without the conversion unit: 0x4B000000 | (u ^ 0x80) is 2**23 + q + 128
-            wq = (u.to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            s = tl.sum(tl.reshape(wq, (BN, NBK, 32)) * xh[None, :, :], axis=2)        # [BN, NBK]
-            acc += s * dw
+        q4 = tl.reshape(xq, (BK // 4, 4)) & 255
+        xw = tl.sum(q4 << (8 * tl.arange(0, 4))[None, :], axis=1)                     # [BK/4] words
+        qw = tl.load(qrow32 + (k // 4) + ww[None, :], mask=rmask[:, None], other=0)   # [BN, BK/4]
+        p = _dp4a(qw, tl.broadcast_to(xw[None, :], (BN, BK // 4)), DP4A)
+        s = tl.sum(tl.reshape(p, (BN, NBK, 8)), axis=2).to(tl.float32)               # exact
+        acc += s * tl.reshape(xd, (1, NBK)) * dw
     y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
     yoff = rows[:, None].to(tl.int64)
     _store_tile(y, y_ptr, yoff, rmask[:, None], ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT, BN, 1)
@@ -648,28 +639,16 @@ def _dp4a(a, b, DP4A: tl.constexpr):
 
 
 @triton.jit
-def _iq2_grid_words(g, hi: tl.constexpr):
-    """One packed grid word (elements 0-3, or 4-7 with hi) from a 16-bit row of 2-bit codes g
-    (element e at bits 2e): bytes 8 / 25 / 43 for codes 0 / 1 / 2, as 8 + 17c + (c >> 1) (no
-    carries between bytes)."""
-    t = (g >> (8 if hi else 0)) & 255
-    b = (t & 3) | ((t & 0xC) << 6) | ((t & 0x30) << 12) | ((t & 0xC0) << 18)
-    return 0x08080808 + 17 * b + ((b >> 1) & 0x01010101)
-
-
-@triton.jit
-def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_ptr, DP4A: tl.constexpr,
-                    GRID16: tl.constexpr = False):
+def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_ptr, DP4A: tl.constexpr):
     """IQ2_XXS super-block at byte offsets base [S, R] (2-aligned) against the packed Q8_K
     activation words at xw_off [S, 1] (64 words). Returns (int32 [S, R] = sum_b (2s_b+1) sum
     grid*sign*q, d [S, R]).
     Loads are what bound this kernel (the bytes are few): each sub-block's 8 bytes come as four
     16-bit words, each grid row as one 64-bit gather (grid_ptr: int64 [256], element e in byte
     e), and the sign bytes are computed, not looked up: ksigns[i] = i | parity(i) << 7, and
-    bit e of it becomes the byte mask 0xFF of element e. sign_ptr is unused.
-    GRID16: grid_ptr is instead int16 [256], each row's 8 magnitudes as 2-bit codes (a 512-byte
-    table: a warp's 32 scattered row loads touch 4 cache lines instead of 16), unpacked with
-    shifts and one multiply (_iq2_grid_words)."""
+    bit e of it becomes the byte mask 0xFF of element e. sign_ptr is unused. (A 512-byte table of
+    2-bit codes unpacked with shifts instead of the 2 KB byte table measured slower on an H200:
+    50.4 against 39.3 us for the TP=1 gate/up, bench/results/kernels_h200_s5_i8_20261129.json.)"""
     b = tl.arange(0, 8)
     k4 = tl.arange(0, 4)[None, None, None, :]
     b5 = b[None, None, :, None, None]
@@ -685,14 +664,9 @@ def _iq2_xxs_sb_dot(w_ptr, base, wmask, xw_ptr, xw_off, xmask, grid_ptr, sign_pt
     hi = tl.load(u16 + sbw + 3, mask=m3, other=0).to(tl.int32)
     t = lo | (hi << 16)                                                     # 4 x 7 sign bits, scale
     gi = ((g01 | (g23 << 16))[:, :, :, None] >> (8 * k4)) & 255             # [S, R, 8, 4] grid rows
-    if GRID16:
-        g16 = tl.load(grid_ptr + gi).to(tl.int32) & 0xFFFF                  # 8 x 2-bit codes
-        g_lo = _iq2_grid_words(g16, False)
-        g_hi = _iq2_grid_words(g16, True)
-    else:
-        g64 = tl.load(grid_ptr + gi)                                        # 8 magnitudes, bytes
-        g_lo = g64.to(tl.int32)
-        g_hi = (g64 >> 32).to(tl.int32)
+    g64 = tl.load(grid_ptr + gi)                                            # 8 magnitudes, bytes
+    g_lo = g64.to(tl.int32)
+    g_hi = (g64 >> 32).to(tl.int32)
     sig = (t[:, :, :, None] >> (7 * k4)) & 127                              # [S, R, 8, 4]
     par = sig ^ (sig >> 4)
     par = par ^ (par >> 2)
@@ -748,7 +722,7 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
                          ids_ptr, rw_ptr, out_ptr, stride_ot, stride_ok, grid_ptr, sign_ptr,
                          N, K, KB, clamp,
                          QT: tl.constexpr, R: tl.constexpr, S: tl.constexpr, NB: tl.constexpr,
-                         MODE: tl.constexpr, DP4A: tl.constexpr, GRID16: tl.constexpr = False):
+                         MODE: tl.constexpr, DP4A: tl.constexpr):
     """Grid (T * cdiv(K, S), cdiv(N, R)): program (p, n) takes token t = p // cdiv(K, S), its S
     slots from (p % cdiv(K, S)) * S, and rows n*R .. n*R+R-1 of each slot's expert.
     The activation of (t, k) is row t*xrow_t + k*xrow_k of the pre-quantised Q8_K buffers: packed
@@ -778,11 +752,11 @@ def _expert_small_kernel(w_ptr, w2_ptr, stride_we, stride_wn, xw_ptr, xd_ptr, xb
             xw_off = (xrow * (KB * 64) + kb * 64)[:, None]
             if QT == 16:  # IQ2_XXS
                 isum, d = _iq2_xxs_sb_dot(w_ptr, wbase + kb * 66, wmask, xw_ptr, xw_off, xm,
-                                          grid_ptr, sign_ptr, DP4A, GRID16)
+                                          grid_ptr, sign_ptr, DP4A)
                 acc += isum.to(tl.float32) * (d * 0.125) * dx
                 if MODE == 2:
                     isum2, d2 = _iq2_xxs_sb_dot(w2_ptr, wbase + kb * 66, wmask, xw_ptr, xw_off, xm,
-                                                grid_ptr, sign_ptr, DP4A, GRID16)
+                                                grid_ptr, sign_ptr, DP4A)
                     acc2 += isum2.to(tl.float32) * (d2 * 0.125) * dx
             else:  # Q2_K
                 xbs_off = (xrow * (KB * 16) + kb * 16)[:, None]
@@ -863,13 +837,9 @@ class Cfg:
     tq_min smallest token tile for the dot paths (0: the module's TQ_MIN)
     q8s    Q8_0, one token: the split-layout kernel (_q8s_matvec_kernel; bn rows per program,
            nb 32-blocks per K step, split K programs) instead of the tile kernel
-    i8     q8s only: dp4a on int32 words of 4 quants (exact block sums) instead of a float32
-           per quant
     q2s    Q2_K routed down summed over slots, T <= Q2K_SUM_MAX_T: True = _q2k_sum_kernel (bn
            rows per program, warps), False = the tile kernel, None = the default rule (the
            kernel for rows of <= Q2K_SUM_MAX_IN inputs)
-    iq2c   IQ2_XXS on the few-token path: the grid from a 512-byte table of 2-bit codes instead
-           of the 2 KB byte table (not yet measured on a GPU, so off by default)
     small  routed experts: None = the packed-integer few-token path where it applies (SMALL_TYPES,
            T*K <= SMALL_MAX_PAIRS), True = also for Q2_K (kept for tests and sweeps), False = never. On that path bn = rows per program,
            nb = super-blocks per unrolled step, split = slots per program (slots / swiglu modes;
@@ -885,9 +855,7 @@ class Cfg:
     tq_min: int = 0          # 0: TQ_MIN
     small: bool | None = None
     q8s: bool = True         # Q8_0 at T = 1: the split-layout kernel (bn rows, nb*32 = BK)
-    i8: bool = True          # q8s: int8 dp4a words instead of float32 per quant
     q2s: bool | None = None  # Q2_K slot sum, few tokens: _q2k_sum_kernel (None: by input width)
-    iq2c: bool = False       # IQ2_XXS few-token path: grid rows as 2-bit codes (512-byte table)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -935,20 +903,6 @@ def _iq2_grid64(device: torch.device) -> torch.Tensor:
     grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8)
     assert np.array_equal(grid, np.rint(grid)) and grid.min() >= 1 and grid.max() <= 127
     return torch.from_numpy(np.ascontiguousarray(grid.astype(np.uint8)).view("<i8").reshape(-1).copy()).to(device)
-
-
-@functools.lru_cache(maxsize=8)
-def _iq2_codes16(device: torch.device) -> torch.Tensor:
-    """The IQ2_XXS grid as int16 [256]: element e of row g as a 2-bit code at bits 2e, code
-    0 / 1 / 2 for magnitude 8 / 25 / 43 (the only three the grid holds)."""
-    import numpy as np
-    from gguf.quants import IQ2_XXS as _G
-    _G.init_grid()
-    grid = np.asarray(_G.grid, dtype=np.float32).reshape(256, 8)
-    code = np.select([grid == 8, grid == 25, grid == 43], [0, 1, 2], -1)
-    assert (code >= 0).all(), "IQ2_XXS grid magnitudes other than 8, 25, 43"
-    packed = (code.astype(np.int64) << (2 * np.arange(8))).sum(1)
-    return torch.from_numpy(packed.astype(np.uint16).view(np.int16).copy()).to(device)
 
 
 _TICKET_BUFFERS: dict = {}   # (device index, stream handle) -> int32 [_TICKETS]; never evicted
@@ -1132,7 +1086,7 @@ def _q8s_linear(w, x, y, groups: int, cfg: Cfg | None, norm=None, eps: float = 0
                                        x if norm is None else norm, eps,
                                        BN=bn, BK=bk, SPLIT=split, NORM=norm is not None,
                                        KP=triton.next_power_of_2(n_in) if norm is not None else 1,
-                                       I8=c.i8, DP4A=x.is_cuda, num_warps=c.warps, num_stages=c.stages)
+                                       DP4A=x.is_cuda, num_warps=c.warps, num_stages=c.stages)
     return y
 
 
@@ -1303,16 +1257,12 @@ def _experts_small(w, raw, raw2, x, per_slot, ids, rw, out, mode, clamp, cfg):
     S = kp if mode == MODE_SUM else min(_pow2_at_least(max(1, c.split)), kp)
     xq, xd, xbs = quantize_q8_k(x.reshape(-1, n_in))      # one row per token, or per (token, slot)
     xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
-    grid16 = w.qtype == IQ2_XXS and c.iq2c
-    if w.qtype == IQ2_XXS:
-        grid_w, sign_w = (_iq2_codes16(x.device) if grid16 else _iq2_grid64(x.device)), xd
-    else:
-        grid_w, sign_w = xd, xd
+    grid_w, sign_w = (_iq2_grid64(x.device), xd) if w.qtype == IQ2_XXS else (xd, xd)
     _expert_small_kernel[(T * triton.cdiv(K, S), triton.cdiv(n_out, c.bn))](
         raw, raw2, raw.stride(0), raw.stride(1), xq.view(torch.int32), xd, xbs, xrow_t, xrow_k,
         ids, rw if rw is not None else out, out, out.stride(0), out.stride(1) if mode != MODE_SUM else 0,
         grid_w, sign_w, n_out, K, kb, clamp,
-        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, GRID16=grid16, num_warps=c.warps)
+        QT=w.qtype, R=c.bn, S=S, NB=nb, MODE=mode, DP4A=x.is_cuda, num_warps=c.warps)
 
 
 def _experts(w, w2, x, per_slot, ids, rw, out, mode, clamp, cfg):
