@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|cudac2]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -13,6 +13,7 @@
 #   final5: session 5 closing run: bench with depth 4096, TP=1 goldens, profile, decode tests
 #   h16: float16 prefill path: golden prefill (all launches float16), bench, gemm tests
 #   tp2h16: TP=2,1 bench, goldens TP=1/2, exact vs float16 prefill launches, prefill profile
+#   cudac: CUDA C routed experts: twin tests, timing against Triton, TP=1 bench, golden, profile
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -177,6 +178,28 @@ elif [ "$MODE" = tp2h16 ]; then
   timeout 90 python3 bench/gemm_sweep.py --tp 1 --out "$OUT/gemm_sweep_tp1.json" --budget-s 50 2>&1 | grep -v Warn | grep "path\|GMAC" | tail -12
   log "prefill profile, 4 full-width layers"
   timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+elif [ "$MODE" = cudac ]; then
+  # session 6: the CUDA C routed-expert kernels (cuda_experts, experts.cu) against their twins,
+  # timed against the Triton kernels (routed sweep), decode with both in one bench run
+  python3 -c "import cupy; print('cupy', cupy.__version__)"
+  log "kernel tests (CUDA): CUDA C experts, routed, dispatch"
+  timeout 150 python3 -m pytest -q tests/test_kernels.py -k "cuda_c or routed or dispatch" 2>&1 | tail -12 | tee "$OUT/kernel_tests.txt"
+  log "routed-expert kernels at T=1: Triton default vs CUDA C launches (TP=1 and TP=2 shapes)"
+  timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 110 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -40
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
+  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
+  golden 1 static,prefill 90
+  log "profile of a 4-layer full-width decode step"
+  timeout 80 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
+elif [ "$MODE" = cudac2 ]; then
+  # the CUDA C routed kernels after the first H200 run: one-wave default rows per block, paired
+  # prologue loads (down), activation in registers (gate/up, A_XREG), warps per block
+  log "kernel tests (CUDA): CUDA C experts, dispatch"
+  timeout 120 python3 -m pytest -q tests/test_kernels.py -k "cuda_c or dispatch" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
+  log "routed-expert kernels at T=1: Triton default vs CUDA C launches (TP=1 and TP=2 shapes)"
+  timeout 200 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 170 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep" | grep -v "T=16" | tail -70
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
+  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -152,6 +152,17 @@ class Op:
     def kernel(self, w, w2, cfg):
         from ds4tp.kernels import triton_matvec as tm
         k = self.case.kind
+        if isinstance(cfg, CudaCfg):                   # the CUDA C routed kernels (cuda_experts)
+            from ds4tp.kernels import cuda_experts as ce
+            if k == "swiglu":
+                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps,
+                              xreg=cfg.xreg)
+            else:
+                y = (ce.down_sum(w, self.x, self.ids, rpc=cfg.rpc, warps=cfg.warps)
+                     if k == "experts_sum" else None)
+            if y is None:
+                raise ValueError("the CUDA C path does not cover this case")
+            return y
         if k == "linear":
             return tm.linear(w, self.x, cfg=cfg)
         if k == "grouped":
@@ -241,8 +252,35 @@ def time_op(op: Op, copies, copies2, cfg) -> float:
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CudaCfg:
+    """A launch of the CUDA C routed kernels: rows per block (None: their default)."""
+    rpc: int | None = None
+    warps: int = 8
+    xreg: bool = False
+    path: str = "cuda_c"
+
+
+def cuda_cfgs(case: Case, T: int) -> list:
+    from ds4tp.kernels import cuda_experts as ce
+    if not (DEV == "cuda" and ce.available() and T <= ce.MAX_T and case.kind in ("swiglu", "experts_sum")
+            and case.qtype in (IQ2_XXS, Q2_K)):
+        return []
+    return [CudaCfg(None), CudaCfg(None, 4), CudaCfg(2), CudaCfg(4), CudaCfg(8), CudaCfg(16),
+            CudaCfg(2, 4), CudaCfg(4, 4), CudaCfg(8, 4), CudaCfg(None, 16), CudaCfg(8, 16)] + (
+        [CudaCfg(None, 8, True), CudaCfg(4, 8, True), CudaCfg(2, 8, True), CudaCfg(None, 4, True)]
+        if case.kind == "swiglu" else [])
+
+
 def sweep_cfgs(case: Case, T: int):
     """Alternative launch configs, most promising first (the sweep stops at the deadline)."""
+    cc = cuda_cfgs(case, T)
+    if cc:
+        return cc + sweep_cfgs_triton(case, T)
+    return sweep_cfgs_triton(case, T)
+
+
+def sweep_cfgs_triton(case: Case, T: int):
     from ds4tp.kernels import triton_matvec as tm
     Cfg = tm.Cfg
     if small_path(case, T):   # few-token routed experts: rows per program, unroll, warps, slots
@@ -296,7 +334,7 @@ def with_split(cfg, case: Case, T: int, factor: float = 1.0):
     """cfg with the default heuristic's split for its row tile (scaled by factor); the
     few-token expert path's configs stay as they are (split = slots per program there)."""
     from ds4tp.kernels import triton_matvec as tm
-    if small_path(case, T):
+    if small_path(case, T) or isinstance(cfg, CudaCfg):
         return cfg
     n_rows, n_in = case.shape[-2], case.shape[-1]
     if case.kind in ("swiglu", "experts"):
@@ -347,6 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-only", action="store_true", help="skip the default pass, only sweep")
     ap.add_argument("--only", default="", help="comma-separated case names to run")
     ap.add_argument("--sweep-tokens", default="1,16", help="T values to sweep")
+    ap.add_argument("--sweep-cuda-c-only", action="store_true",
+                    help="sweep only the CUDA C routed launches (against the Triton default)")
     ap.add_argument("--selftest-cpu", action="store_true",
                     help="run the script's own logic under TRITON_INTERPRET=1 on tiny shapes")
     args = ap.parse_args(argv)
@@ -520,8 +560,11 @@ def main(argv=None) -> int:
         except Exception as exc:
             fail(f"sweep {key} setup", exc)
             continue
-        cands = [with_split(c, case, T) for c in sweep_cfgs(case, T)]
-        cands += [with_split(dflt, case, T, f) for f in (0.5, 2.0)]
+        if args.sweep_cuda_c_only:
+            cands = cuda_cfgs(case, T)
+        else:
+            cands = [with_split(c, case, T) for c in sweep_cfgs(case, T)]
+            cands += [with_split(dflt, case, T, f) for f in (0.5, 2.0)]
         cands = [c for i, c in enumerate(cands) if c not in cands[:i] and c != dflt]
         for cfg in cands:
             if time.time() > deadline:

@@ -200,7 +200,7 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
 # the Triton kernels that stream weights (and quantise their activations); everything else in a
 # step (the HC mixer kernel, Inductor's fused small ops, attention, copies) counts as "other"
 WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
-                  "_q2k_sum_kernel", "_quant_kernel"}
+                  "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum"}
 
 
 def profile_split(model, max_ctx: int = 256) -> dict:
@@ -288,6 +288,15 @@ def _bench_rank(comm, dev, cfg):
     res["decode_d0_one_stream"] = time_decode(model, 1, steps, max_ctx=256)
     model.overlap = True
     save()
+    # the routed experts on the Triton kernels instead of the CUDA C ones (cuda_experts), same run
+    from ds4tp.kernels import cuda_experts
+    if cuda_experts.available():
+        cuda_experts.set_enabled(False)
+        try:
+            res["decode_d0_triton_experts"] = time_decode(model, 1, steps, max_ctx=256)
+        finally:
+            cuda_experts.set_enabled(True)
+        save()
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)

@@ -192,6 +192,73 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
     return err / max(want.abs().max().item(), 1e-30)
 
 
+def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard=""):
+    """The CUDA C gate/up kernel (cuda_experts.swiglu, IQ2_XXS) against the twin; asserts that
+    it took the case."""
+    from ds4tp.kernels import cuda_experts as ce
+    wg = expert_weight(IQ2_XXS, E, n_out, n_in, gen, device, shard)
+    wu = expert_weight(IQ2_XXS, E, n_out, n_in, gen, device, shard)
+    ids = rand_ids(T, K, E, gen, device, dup=dup)
+    x = rand_act((T, n_in), gen, device) * 20.0            # so that the clamps act
+    rw = torch.rand(T, K, generator=gen).to(device)
+    g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
+    want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
+    got = ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc)
+    assert got is not None, f"cuda_experts.swiglu did not take {n_out}x{n_in} T={T} K={K} {shard}"
+    lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()   # as case_swiglu
+    err = (got - want).abs().max().item()
+    if not err <= lim:
+        raise AssertionError(f"cuda swiglu {n_out}x{n_in} T={T} K={K}: abs error {err:.3g} > {lim:.3g}")
+    assert torch.all(got[ids < 0] == 0), "cuda swiglu: skipped slots are not zero"
+    return err / max(want.abs().max().item(), 1e-30)
+
+
+def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard=""):
+    """The CUDA C routed down kernel (cuda_experts.down_sum, Q2_K, summed over the slots)
+    against the twin; asserts that it took the case."""
+    from ds4tp.kernels import cuda_experts as ce
+    w = expert_weight(Q2_K, E, n_out, n_in, gen, device, shard)
+    ids = rand_ids(T, K, E, gen, device, dup=dup)
+    x = rand_act((T, K, n_in), gen, device)
+    want = ops.expert_linear_torch(w, x, ids).sum(1)
+    got = ce.down_sum(w, x, ids, rpc=rpc)
+    assert got is not None, f"cuda_experts.down_sum did not take {n_out}x{n_in} T={T} K={K} {shard}"
+    return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}", got, want)
+
+
+def case_cuda_not_covered(device, gen):
+    """What the CUDA C path leaves to the Triton kernels: it returns None, it does not fail."""
+    from ds4tp.kernels import cuda_experts as ce
+    ids = rand_ids(1, 6, 8, gen, device)
+    rw = torch.rand(1, 6, generator=gen).to(device)
+    w512 = expert_weight(IQ2_XXS, 8, 16, 512, gen, device)         # not a multiple of 2048 inputs
+    assert ce.swiglu(w512, w512, rand_act((1, 512), gen, device), ids, rw, 10.0) is None
+    wq8 = expert_weight(Q8_0, 8, 16, 2048, gen, device)            # other weight types
+    assert ce.swiglu(wq8, wq8, rand_act((1, 2048), gen, device), ids, rw, 10.0) is None
+    assert ce.down_sum(wq8, rand_act((1, 6, 2048), gen, device), ids) is None
+    w4096 = expert_weight(Q2_K, 8, 16, 4096, gen, device)          # rows of more than 2048 inputs
+    assert ce.down_sum(w4096, rand_act((1, 6, 4096), gen, device), ids) is None
+    ids5 = rand_ids(5, 6, 8, gen, device)                          # more than MAX_T tokens
+    assert ce.down_sum(expert_weight(Q2_K, 8, 16, 512, gen, device),
+                       rand_act((5, 6, 512), gen, device), ids5) is None
+    return "None for each"
+
+
+def cuda_c_cases():
+    """The CUDA C kernels (need CUDA and CuPy): DS4's K = 6 and K = 8, T = 1..4, -1 and duplicate
+    ids, TP shards (rows of gate/up, columns of down), row counts that leave a partial block."""
+    yield "cuda swiglu 2048 in T=1", case_cuda_swiglu, (8, 48, 2048, 1, 6)
+    yield "cuda swiglu 4096 in T=3 rows dup", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows")
+    yield "cuda swiglu 4096 in T=4 rpc 32", case_cuda_swiglu, (8, 32, 4096, 4, 6, 32)
+    yield "cuda swiglu K=8 T=2", case_cuda_swiglu, (12, 16, 2048, 2, 8, 3)
+    yield "cuda down 2048 in T=1", case_cuda_down_sum, (8, 40, 2048, 1, 6)
+    yield "cuda down 1024 in T=3 cols", case_cuda_down_sum, (8, 48, 1024, 3, 6, 5, False, "cols")
+    yield "cuda down 512 in K=8 dup", case_cuda_down_sum, (12, 24, 512, 2, 8, 7, True)
+    yield "cuda down 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6)
+    yield "cuda down 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True)
+    yield "cuda not covered", case_cuda_not_covered, ()
+
+
 H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)
 
 
@@ -500,6 +567,7 @@ def interpreter_cases():
     yield "decode linear_normed default", case_linear_normed, (64, 256)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
     yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
+    yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)
     yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)
     yield "decode compressor_step ratio 128", case_compressor_step, (128, 48, 256, 300)
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)

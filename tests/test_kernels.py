@@ -31,6 +31,12 @@ needs_cuda = pytest.mark.skipif(
            "test_triton_interpreter_cpu, runs the same cases on small shapes)")
 
 SMALL = list(kc.interpreter_cases())
+CUDA_C = list(kc.cuda_c_cases())
+
+
+def _have_cupy() -> bool:
+    from ds4tp.kernels import cuda_experts
+    return cuda_experts.available()
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -48,6 +54,40 @@ def test_triton_interpreter_cpu():
 def test_cuda_small_cases(case):
     name, fn, args = case
     fn("cuda", torch.Generator().manual_seed(7), *args)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CUDA_C, ids=[c[0] for c in CUDA_C])
+def test_cuda_c_experts(case):
+    """The CUDA C routed-expert kernels (ds4tp/kernels/experts.cu) against their twins."""
+    if not _have_cupy():
+        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
+    name, fn, args = case
+    fn("cuda", torch.Generator().manual_seed(11), *args)
+
+
+@needs_cuda
+def test_cuda_c_dispatch():
+    """With CuPy, ops routes DS4's decode-sized routed launches to the CUDA C kernels (same bits
+    as calling them directly, repeatable: no atomics)."""
+    if not _have_cupy():
+        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
+    from ds4tp import ops
+    from ds4tp.kernels import cuda_experts as ce
+    g = torch.Generator().manual_seed(12)
+    wg = kc.rand_weight(IQ2_XXS, (16, 64, 4096), g, "cuda")
+    wu = kc.rand_weight(IQ2_XXS, (16, 64, 4096), g, "cuda")
+    ids = kc.rand_ids(1, 6, 16, g, "cuda")
+    x = kc.rand_act((1, 4096), g, "cuda")
+    rw = torch.rand(1, 6, generator=g).cuda()
+    runs = [ops.expert_swiglu(wg, wu, x, ids, rw) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert torch.equal(runs[0], ce.swiglu(wg, wu, x, ids, rw, 10.0))
+    wd = kc.rand_weight(Q2_K, (16, 256, 2048), g, "cuda")
+    xm = kc.rand_act((1, 6, 2048), g, "cuda")
+    runs = [ops.expert_linear(wd, xm, ids, sum_slots=True) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert torch.equal(runs[0], ce.down_sum(wd, xm, ids))
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")

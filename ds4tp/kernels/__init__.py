@@ -5,7 +5,8 @@ inputs it does not cover (weight type without a kernel, tensors not on CUDA, act
 float32), and `ds4tp.ops` then runs the torch twin. The kernels live in `triton_matvec`; see its
 docstring for the numerics (bit-identical activation quantisation, exact weight decoding,
 float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing. Routed
-experts at decode sizes (IQ2_XXS / Q2_K, T*K <= 24) take a packed-integer dp4a kernel; larger
+experts at decode sizes (IQ2_XXS gate/up, Q2_K down, up to 4 tokens) take the CUDA C kernels of
+`cuda_experts` where CuPy is installed, else the packed-integer dp4a Triton kernels; larger
 launches the tensor-core tile kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of
 `triton_gemm` takes every supported weight type: one launch for all tokens (routed experts
 grouped by expert), the same exact block dots (F16 in 3xTF32).
@@ -99,6 +100,11 @@ def expert_linear(w, x, ids, sum_slots: bool = False):
         from ds4tp.kernels import triton_gemm as tg
         y = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS)
         return y.sum(1) if sum_slots else y
+    if sum_slots:
+        from ds4tp.kernels import cuda_experts
+        y = cuda_experts.down_sum(w, x, ids)
+        if y is not None:
+            return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_linear(w, x, ids, sum_slots=sum_slots)
 
@@ -109,5 +115,9 @@ def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):
     if _many(ids.shape[0]):
         from ds4tp.kernels import triton_gemm as tg
         return tg.experts(w_gate, w_up, x, ids, weights, tg.MODE_SWIGLU, clamp)
+    from ds4tp.kernels import cuda_experts
+    y = cuda_experts.swiglu(w_gate, w_up, x, ids, weights, clamp)
+    if y is not None:
+        return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)

@@ -1,0 +1,189 @@
+"""Routed experts of a decode step in CUDA C (experts.cu, compiled by NVRTC through CuPy).
+
+Two launches per layer replace four (two activation quantisers and the two Triton few-token
+kernels): `swiglu` (IQ2_XXS gate/up, clamped SwiGLU, router weight) and `down_sum` (Q2_K down,
+summed over the slots). Each quantises its activation in its prologue, bit-identically to
+ds4tp.numerics.q8_k_act; block sums are exact integers, so results differ from the torch twins
+only by float32 rounding (tests/kernel_cases.py: case_cuda_swiglu, case_cuda_down_sum).
+
+Both return None for what they do not cover (no CuPy, other weight types or shapes, unaligned
+views, more than MAX_T tokens); the dispatch in ds4tp.kernels then takes the Triton kernels.
+Launches go to torch's current stream, so they are captured into CUDA graphs like any other.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from ds4tp.config import IQ2_XXS, Q2_K
+
+WARPS = 16         # warps per block (H200 sweep: 23.5 vs 24.9 us gate/up, 15.8 vs 17.3 down at 8)
+A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 16-byte pieces)
+B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
+B_MAX_K = 8
+MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
+_SRC = Path(__file__).with_name("experts.cu")
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """Benchmarks switch this path off to time the Triton kernels in the same run."""
+    global _enabled
+    _enabled = bool(on)
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy():
+    try:
+        import cupy
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:
+        return None
+
+
+def available() -> bool:
+    return _enabled and torch.cuda.is_available() and _cupy() is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _kernels(device_index: int, warps: int = WARPS, xreg: bool = False):
+    """Compile once per device (NVRTC); a compile error is raised, not hidden. `warps` per block
+    and `xreg` (experts.cu's A_XREG) are compile-time constants that benchmarks vary."""
+    cp = _cupy()
+    with cp.cuda.Device(device_index):
+        mod = cp.RawModule(code=_SRC.read_text(),
+                           options=("--std=c++14", f"-DWARPS={warps}", f"-DA_XREG={int(xreg)}"))
+        return mod.get_function("iq2xxs_swiglu"), mod.get_function("q2k_down_sum")
+
+
+@functools.lru_cache(maxsize=64)
+def _resident(fn, warps: int, device_index: int) -> int:
+    """Blocks of this kernel one SM holds at once (registers, shared memory, threads)."""
+    props = torch.cuda.get_device_properties(device_index)
+    try:
+        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes)
+    except Exception:   # attribute names differ between CuPy versions: assume the worst seen
+        regs, smem = 128, 24 << 10
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256          # registers are allocated per warp
+    by_regs = 65536 // (per_warp * warps)
+    sm_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10)
+    by_smem = sm_smem // (smem + 1024) if smem else 32
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
+
+
+def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
+    """Rows per block: the fewest that fit every block in one wave (all resident at once), so
+    that each block's prologue (grid table, activation quantisation) is paid once per slot."""
+    slots = _resident(fn, warps, device.index) * _sm_count(device)
+    return max(1, -(-n_rows * T // slots))
+
+
+_STREAMS: dict = {}
+
+
+def _launch(fn, device: torch.device, grid, warps: int, args) -> None:
+    cp = _cupy()
+    handle = torch.cuda.current_stream(device).cuda_stream
+    st = _STREAMS.get((device.index, handle))
+    if st is None:
+        st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)
+    with cp.cuda.Device(device.index), st:
+        fn(grid, (warps * 32,), args)
+
+
+def _ptr(t: torch.Tensor):
+    import numpy as np
+    return np.uint64(t.data_ptr())
+
+
+def _i64(v):
+    import numpy as np
+    return np.int64(v)
+
+
+def _i32(v):
+    import numpy as np
+    return np.int32(v)
+
+
+def _f32(v):
+    import numpy as np
+    return np.float32(v)
+
+
+def _aligned(raw: torch.Tensor, a: int) -> bool:
+    return (raw.stride(-1) == 1 and raw.data_ptr() % a == 0 and raw.stride(0) % a == 0
+            and raw.stride(1) % a == 0)
+
+
+def _ids64(ids: torch.Tensor) -> torch.Tensor:
+    return ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _common(w, x, ids, per_slot: bool) -> bool:
+    if not (available() and x.is_cuda and ids.is_cuda and w.raw.is_cuda and x.dtype == torch.float32):
+        return False
+    T, K = ids.shape
+    if T > MAX_T or K > B_MAX_K or x.dim() != (3 if per_slot else 2) or x.shape[0] != T:
+        return False
+    return x.device == w.raw.device == ids.device
+
+
+def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, clamp: float,
+           rpc: int | None = None, warps: int = WARPS, xreg: bool = False) -> torch.Tensor | None:
+    """mid [T, K, N] = swiglu_clamped(gate_e . x_t, up_e . x_t, clamp) * weights[t, k] (zeros for
+    id -1), x [T, n_in] shared by the slots; None if not covered."""
+    if not (_common(w_gate, x, ids, False) and w_gate.qtype == IQ2_XXS == w_up.qtype):
+        return None
+    E, N, n_in = w_gate.shape
+    kb = n_in // 256
+    rg, ru = w_gate.raw, w_up.raw
+    if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
+            or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
+        return None
+    T, K = ids.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rw = weights.to(torch.float32).contiguous()
+    out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
+    from ds4tp.kernels.triton_matvec import _iq2_grid64
+    grid64 = _iq2_grid64(x.device)
+    ids64 = _ids64(ids)          # held until the launch is queued
+    fa, _ = _kernels(x.device.index, warps, xreg)
+    rpc = rpc or default_rpc(fa, N, T, x.device, warps)
+    _launch(fa, x.device, ((N + rpc - 1) // rpc, T), warps,
+            (_ptr(rg), _ptr(ru), _i64(rg.stride(0)), _i64(rg.stride(1)), _ptr(x), _i64(x.stride(0)),
+             _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), _i32(N), _i32(kb), _i32(K),
+             _i32(rpc), _f32(clamp)))
+    return out
+
+
+def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
+             warps: int = WARPS) -> torch.Tensor | None:
+    """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
+    x [T, K, n_in] one activation per slot; None if not covered."""
+    if not (_common(w, x, ids, True) and w.qtype == Q2_K):
+        return None
+    E, N, n_in = w.shape
+    kb = n_in // 256
+    raw = w.raw
+    if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
+        return None
+    T, K = ids.shape
+    if not (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) % 4 == 0 and x.stride(1) % 4 == 0):
+        x = x.contiguous()       # the prologue reads 16-byte pieces
+    out = torch.empty(T, N, dtype=torch.float32, device=x.device)
+    ids64 = _ids64(ids)
+    _, fb = _kernels(x.device.index, warps)
+    rpc = rpc or default_rpc(fb, N, T, x.device, warps)
+    _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
+            (_ptr(raw), _i64(raw.stride(0)), _i64(raw.stride(1)), _ptr(x), _i64(x.stride(0)),
+             _i64(x.stride(1)), _ptr(ids64), _ptr(out), _i64(out.stride(0)), _i32(N),
+             _i32(kb), _i32(K), _i32(rpc)))
+    return out

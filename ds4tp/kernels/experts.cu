@@ -1,0 +1,330 @@
+// Routed experts of a decode step (few tokens) in CUDA C, compiled at run time by NVRTC (CuPy).
+// Host side and dispatch: ds4tp/kernels/cuda_experts.py. Twins: ds4tp.ops.expert_swiglu_torch and
+// expert_linear_torch(...).sum(1).
+//
+// Both kernels quantise their activation in the prologue exactly as numerics.q8_k_act does
+// (bit-identical int8 values, float32 scales, int32 sums of 16), so no separate quantiser launch
+// is needed. Every block sum is an exact integer (dp4a); the float32 scaling per super-block and
+// the final warp sums are the only roundings, as in the Triton kernels they replace.
+//
+// Why CUDA C here: an IQ2_XXS super-block is 66 bytes, so its fields are only 2-byte aligned.
+// These kernels read whole rows with 16-byte loads into shared memory (rows of 16 super-blocks
+// are 1056 bytes, 16-byte aligned) and decode from there; the grid table lives in shared memory.
+// No headers: NVRTC compiles this with the built-in types and intrinsics only.
+
+#ifndef WARPS
+#define WARPS 16                // warps per block; the host compiles and launches with the same
+#endif
+#ifndef A_XREG
+#define A_XREG 0                // 1: keep each lane's activation words in registers across items
+#endif
+#define A_MAX_KB 16             // gate/up: at most 4096 inputs (16 super-blocks of 256)
+#define A_ROW_MAX (A_MAX_KB * 66)
+#define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
+#define B_MAX_KB 8              // down: at most 2048 inputs per row
+#define B_MAX_K 8               // slots per token
+#define FULL 0xffffffffu
+
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Q8_K of one 256-block by one warp: lane l holds elements 8l..8l+7 in v. The scale comes from
+// the signed element of largest magnitude (first on ties): iscale = -127/m, q = rint(clamp(
+// iscale*x)), d = 1/iscale (both divisions correctly rounded). Writes 8 int8 at q8 + 8l, the
+// scale to *d (lane 0) and, when bs is given, the sums of 16 at bs[l/2] (even lanes).
+__device__ __forceinline__ void q8k_block(const float* v, int lane, signed char* q8, float* d, int* bs) {
+    float am = -1.0f, mv = 0.0f;
+    int ai = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float a = fabsf(v[i]);
+        if (a > am) { am = a; ai = lane * 8 + i; mv = v[i]; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float oa = __shfl_xor_sync(FULL, am, o);
+        int oi = __shfl_xor_sync(FULL, ai, o);
+        float om = __shfl_xor_sync(FULL, mv, o);
+        if (oa > am || (oa == am && oi < ai)) { am = oa; ai = oi; mv = om; }
+    }
+    float iscale = mv != 0.0f ? __fdiv_rn(-127.0f, mv) : 0.0f;
+    unsigned lo = 0, hi = 0;
+    int s = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int q = __float2int_rn(fminf(fmaxf(__fmul_rn(iscale, v[i]), -128.0f), 127.0f));
+        s += q;
+        if (i < 4) lo |= (unsigned)(q & 255) << (8 * i);
+        else       hi |= (unsigned)(q & 255) << (8 * (i - 4));
+    }
+    *(uint2*)(q8 + 8 * lane) = make_uint2(lo, hi);
+    if (bs != 0) {
+        s += __shfl_xor_sync(FULL, s, 1);
+        if ((lane & 1) == 0) bs[lane >> 1] = s;
+    }
+    if (lane == 0) *d = mv != 0.0f ? __fdiv_rn(1.0f, iscale) : 0.0f;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+
+__device__ __forceinline__ void load_act(const signed char* q, int (&xs)[8]) {
+    const int4 a = *(const int4*)q, b = *(const int4*)(q + 16);
+    xs[0] = a.x; xs[1] = a.y; xs[2] = a.z; xs[3] = a.w;
+    xs[4] = b.x; xs[5] = b.y; xs[6] = b.z; xs[7] = b.w;
+}
+
+// IQ2_XXS sub-block (32 weights) at byte offset off (even) of a row in shared memory, against 8
+// packed Q8_K words xs: returns (2s+1) * sum(grid * sign * q), an exact integer.
+// Fields: 4 grid-row indices (bytes), then 4 x 7 sign bits and the 4-bit scale s in one word.
+// Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8.
+__device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
+                                          const unsigned long long* grid) {
+    const unsigned* w = (const unsigned*)(row + (off & ~3));
+    unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
+    unsigned aux0 = __funnelshift_r(w[0], w[1], sh);
+    unsigned aux1 = __funnelshift_r(w[1], w[2], sh);
+    int sum = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
+        unsigned s7 = (aux1 >> (7 * l)) & 127u;
+        unsigned bits = s7 | ((__popc(s7) & 1u) << 7);
+        unsigned mlo = (((bits & 15u) * 0x00204081u) & 0x01010101u) * 255u;
+        unsigned mhi = ((((bits >> 4) & 15u) * 0x00204081u) & 0x01010101u) * 255u;
+        int glo = (int)(((unsigned)g ^ mlo) + (mlo & 0x01010101u));        // bytes negated where set
+        int ghi = (int)(((unsigned)(g >> 32) ^ mhi) + (mhi & 0x01010101u));
+        sum = __dp4a(glo, xs[2 * l], sum);
+        sum = __dp4a(ghi, xs[2 * l + 1], sum);
+    }
+    return sum * (int)(2u * (aux1 >> 28) + 1u);
+}
+
+// mid[t, k, n] = swiglu_clamped(gate_e . x_t, up_e . x_t) * rw[t, k], e = ids[t, k]; zeros for
+// e < 0. Grid (cdiv(N, rpc), T); block = WARPS warps. The block quantises x_t, then its warps
+// take the (slot, row) items of rows n0 .. n0+rpc-1, slot-major: warp w items w, w+WARPS, ...
+// Each item's gate and up rows (2 * KB * 66 bytes) are read with 16-byte loads into the warp's
+// shared buffer; the next item's loads are issued before the current item is computed.
+// Lane l decodes sub-blocks l, l+32, ... (super-block g/8, sub-block g%8).
+// Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights and strides 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
+              long long stride_e, long long stride_n,
+              const float* __restrict__ x, long long stride_xt,
+              const long long* __restrict__ ids, const float* __restrict__ rw,
+              float* __restrict__ out, const unsigned long long* __restrict__ grid_g,
+              int N, int KB, int K, int rpc, float clamp) {
+    __shared__ unsigned long long s_grid[256];
+    __shared__ __align__(16) signed char s_xq[A_MAX_KB * 256];
+    __shared__ float s_xd[A_MAX_KB];
+    __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.y;
+    const int n0 = blockIdx.x * rpc;
+    const int rows = min(rpc, N - n0);
+    const int items = K * rows;
+    const int rowb = KB * 66, nv = rowb / 16;        // bytes and 16-byte pieces per row
+
+    // first item's loads go out before the prologue
+    uint4 buf[A_MAX_V];
+    int item = warp;
+    long long e = item < items ? ids[t * K + item / rows] : -1;
+    int n = n0 + (item < items ? item % rows : 0);
+    if (e >= 0) {
+        const uint4* pg = (const uint4*)(wg + e * stride_e + (long long)n * stride_n);
+        const uint4* pu = (const uint4*)(wu + e * stride_e + (long long)n * stride_n);
+#pragma unroll
+        for (int v = 0; v < A_MAX_V; v++) {
+            int i = lane + 32 * v;
+            if (i < 2 * nv) buf[v] = __ldg(i < nv ? pg + i : pu + (i - nv));
+        }
+    }
+
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
+    for (int b = warp; b < KB; b += WARPS) {
+        float v[8];
+        const float* xb = x + (long long)t * stride_xt + b * 256 + lane * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = xb[i];
+        q8k_block(v, lane, s_xq + b * 256, s_xd + b, 0);
+    }
+    __syncthreads();
+
+#if A_XREG   // the activation of this lane's sub-blocks (the same for every item) in registers
+    int xs_r[A_MAX_KB / 4][8];
+    float xd_r[A_MAX_KB / 4];
+#pragma unroll
+    for (int i = 0; i < A_MAX_KB / 4; i++) {
+        if (i < KB / 4) {
+            load_act(s_xq + (lane + 32 * i) * 32, xs_r[i]);
+            xd_r[i] = s_xd[(lane + 32 * i) >> 3];
+        }
+    }
+#endif
+    unsigned char* sg = s_row[warp];
+    unsigned char* su = s_row[warp] + rowb;
+    for (; item < items; item += WARPS) {
+        const int k = item / rows;
+        if (e >= 0) {
+#pragma unroll
+            for (int v = 0; v < A_MAX_V; v++) {
+                int i = lane + 32 * v;
+                if (i < 2 * nv) ((uint4*)sg)[i] = buf[v];   // gate then up, contiguous
+            }
+        }
+        __syncwarp();
+        const long long ecur = e;
+        const int ncur = n;
+        const int nxt = item + WARPS;
+        e = nxt < items ? ids[t * K + nxt / rows] : -1;
+        n = n0 + (nxt < items ? nxt % rows : 0);
+        if (e >= 0) {
+            const uint4* pg = (const uint4*)(wg + e * stride_e + (long long)n * stride_n);
+            const uint4* pu = (const uint4*)(wu + e * stride_e + (long long)n * stride_n);
+#pragma unroll
+            for (int v = 0; v < A_MAX_V; v++) {
+                int i = lane + 32 * v;
+                if (i < 2 * nv) buf[v] = __ldg(i < nv ? pg + i : pu + (i - nv));
+            }
+        }
+        float mid = 0.0f;
+        if (ecur >= 0) {
+            float ag = 0.0f, au = 0.0f;
+#pragma unroll
+            for (int i = 0; i < A_MAX_KB / 4; i++) {
+                if (i < KB / 4) {
+                    const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
+#if A_XREG
+                    const float dx = xd_r[i];
+                    const int (&xs)[8] = xs_r[i];
+#else
+                    const float dx = s_xd[sb];
+                    int xs[8];
+                    load_act(s_xq + g * 32, xs);
+#endif
+                    const int ig = iq2xxs_sub(sg, off, xs, s_grid);
+                    const int iu = iq2xxs_sub(su, off, xs, s_grid);
+                    ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
+                    au += (float)iu * (h2f(*(const unsigned short*)(su + sb * 66)) * dx);
+                }
+            }
+            const float gsum = warp_sum(ag) * 0.125f;
+            const float usum = warp_sum(au) * 0.125f;
+            const float gc = fminf(gsum, clamp);
+            const float uc = fminf(fmaxf(usum, -clamp), clamp);
+            mid = gc / (1.0f + expf(-gc)) * uc * rw[t * K + k];
+        }
+        if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
+        __syncwarp();
+    }
+}
+
+// out[t, n] = sum_k down_e . x_{t,k}, e = ids[t, k] (slots with e < 0 add nothing): the routed
+// Q2_K down projection summed over the slots. Grid (cdiv(N, rpc), T); block = WARPS warps. The
+// block quantises the K slot activations x[t, k, :], then warp w takes rows n0+w, n0+w+WARPS, ...
+// Per row the lanes cover (slot, super-block, quarter) units: a quarter (nh, h) of super-block
+// sb is qs words 8nh+4h .. +3, whose byte bits 2j hold elements 128nh + 32j + 16h + 4w + 0..3
+// (16-block s = 8nh + 2j + h); 4*KB units per slot, 32/(4*KB) slots per pass.
+// All of a row's loads (every slot) are issued before any is used; the first row's before the
+// prologue.
+// Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides 4-byte aligned,
+// x and its strides 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
+             const float* __restrict__ x, long long stride_xt, long long stride_xk,
+             const long long* __restrict__ ids, float* __restrict__ out, long long stride_ot,
+             int N, int KB, int K, int rpc) {
+    __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * 256];
+    __shared__ int s_bs[B_MAX_K * B_MAX_KB * 16];
+    __shared__ float s_xd[B_MAX_K * B_MAX_KB];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t = blockIdx.y;
+    const int n0 = blockIdx.x * rpc;
+    const int nend = min(n0 + rpc, N);
+    const int units = 4 * KB, spp = 32 / units;
+    const int ks = lane / units, u = lane % units;
+    const int sb = u >> 2, nh = (u >> 1) & 1, h = u & 1;
+
+    int e[B_MAX_K];
+#pragma unroll
+    for (int p = 0; p < B_MAX_K; p++) {
+        const int k = p * spp + ks;
+        e[p] = (k < K) ? (int)ids[t * K + k] : -1;
+    }
+    unsigned qw[B_MAX_K][4], sc[B_MAX_K][2], dd[B_MAX_K];
+    int n = n0 + warp;
+#define B_LOAD()                                                                          \
+    _Pragma("unroll") for (int p = 0; p < B_MAX_K; p++) {                                  \
+        if (p * spp < K && e[p] >= 0 && n < nend) {                                        \
+            const unsigned* b32 = (const unsigned*)(w + (long long)e[p] * stride_e         \
+                                                    + (long long)n * stride_n + sb * 84);  \
+            sc[p][0] = __ldg(b32 + 2 * nh);                                                \
+            sc[p][1] = __ldg(b32 + 2 * nh + 1);                                            \
+            _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = __ldg(b32 + 4 + 8 * nh + 4 * h + i); \
+            dd[p] = __ldg(b32 + 20);                                                       \
+        }                                                                                  \
+    }
+    B_LOAD()
+
+    // prologue: Q8_K of the K slot rows, two blocks per warp at a time (their 16-byte loads
+    // issued together); rows of slots without an expert are quantised too and never read
+    for (int b = warp; b < K * KB; b += 2 * WARPS) {
+        const int b2 = b + WARPS;
+        const bool two = b2 < K * KB;
+        const float4* p1 = (const float4*)(x + (long long)t * stride_xt + (long long)(b / KB) * stride_xk
+                                           + (b % KB) * 256 + lane * 8);
+        const float4* p2 = (const float4*)(x + (long long)t * stride_xt + (long long)(b2 / KB) * stride_xk
+                                           + (b2 % KB) * 256 + lane * 8);
+        const float4 a0 = p1[0], a1 = p1[1];
+        float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0;
+        if (two) { c0 = p2[0]; c1 = p2[1]; }
+        const float v1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        q8k_block(v1, lane, s_xq + b * 256, s_xd + b, s_bs + b * 16);
+        if (two) {
+            const float v2[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+            q8k_block(v2, lane, s_xq + b2 * 256, s_xd + b2, s_bs + b2 * 16);
+        }
+    }
+    __syncthreads();
+
+    while (n < nend) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int p = 0; p < B_MAX_K; p++) {
+            const int k = p * spp + ks;
+            if (p * spp < K && e[p] >= 0) {
+                const int blk = k * KB + sb;
+                const signed char* xq = s_xq + blk * 256 + 128 * nh + 16 * h;
+                const int* bs = s_bs + blk * 16 + 8 * nh + h;
+                int A = 0, B = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int4 xa = *(const int4*)(xq + 32 * j);
+                    int dot = __dp4a((int)((qw[p][0] >> (2 * j)) & 0x03030303u), xa.x, 0);
+                    dot = __dp4a((int)((qw[p][1] >> (2 * j)) & 0x03030303u), xa.y, dot);
+                    dot = __dp4a((int)((qw[p][2] >> (2 * j)) & 0x03030303u), xa.z, dot);
+                    dot = __dp4a((int)((qw[p][3] >> (2 * j)) & 0x03030303u), xa.w, dot);
+                    const unsigned scb = (sc[p][j >> 1] >> (8 * (h + 2 * (j & 1)))) & 255u;
+                    A += dot * (int)(scb & 15u);
+                    B += (int)(scb >> 4) * bs[2 * j];
+                }
+                const float d = h2f((unsigned short)(dd[p] & 0xffffu));
+                const float dmin = h2f((unsigned short)(dd[p] >> 16));
+                acc += s_xd[blk] * (d * (float)A - dmin * (float)B);
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) out[(long long)t * stride_ot + n] = acc;
+        n += WARPS;
+        B_LOAD()                          // the next row's loads (nothing past nend)
+    }
+#undef B_LOAD
+}
