@@ -146,40 +146,53 @@ def hc_post(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
 
 
 @triton.jit
-def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, cnt_ptr, N, K, k_per, eps,
-                      BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
-    """Program k: the RMS scale s of the whole row x [K] (every program computes the same s, in
-    the same order, BR values per step), then rows 0..N-1 of the F16 weight [N, K] against (x*s)
-    over its K chunk; partial sums combine in a fixed order (triton_matvec._store_tile)."""
+def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, ss_ptr, cnt_ptr, N, K, k_per, eps,
+                      BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr):
+    """Program k: over its K chunk, rows 0..N-1 of the F16 weight [N, K] against the raw x, and
+    the float64 squares of x. The RMS scale s is a common factor, z = s * (x @ W^T): the last of
+    the SPLIT programs to arrive (atomic ticket) adds the partial dots and the partial square
+    sums in the fixed order 0..SPLIT-1, then scales. No program reads the whole row."""
     pid_k = tl.program_id(0)
-    rr = tl.arange(0, BR)
-    ss = tl.zeros([BR], tl.float64)
-    for k in range(0, K, BR):
-        v = tl.load(x_ptr + k + rr, mask=(k + rr) < K, other=0.0).to(tl.float64)
-        ss += v * v
     kk = tl.arange(0, BK)
-    sc = rms_from_squares(ss, K, eps)
     rows = tl.arange(0, BN)
     rmask = rows < N
     acc = tl.zeros([BN, BK], tl.float32)
+    sq = tl.zeros([BK], tl.float64)
     k0 = pid_k * k_per
     for k in range(k0, tl.minimum(k0 + k_per, K), BK):
         km = (k + kk) < K
-        xv = tl.load(x_ptr + k + kk, mask=km, other=0.0) * sc
+        xv = tl.load(x_ptr + k + kk, mask=km, other=0.0)
+        xd = xv.to(tl.float64)
+        sq += xd * xd
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + k + kk[None, :],
                     mask=rmask[:, None] & km[None, :], other=0.0).to(tl.float32)
         acc += w * xv[None, :]
-    y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
-    tile = tl.program_id(1)                                # grid (split, 1): the one row tile
-    _store_tile(y, z_ptr, rows[:, None], rmask[:, None], ws_ptr, cnt_ptr, tile, pid_k, SPLIT, BN, 1)
+    y = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(z_ptr + rows, y * rms_from_squares(sq, K, eps), mask=rmask)
+    else:
+        tl.store(ws_ptr + pid_k * BN + rows, y)
+        tl.store(ss_ptr + pid_k, tl.sum(sq, axis=0))
+        tl.debug_barrier()                                   # partial stores before the ticket
+        ticket = tl.atomic_add(cnt_ptr, 1)                   # acq_rel, gpu scope
+        if ticket == SPLIT - 1:
+            tot = tl.zeros([BN], tl.float32)
+            for j in range(SPLIT):
+                tot += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
+            jj = tl.arange(0, SP2)
+            ssv = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
+            tl.store(z_ptr + rows, tot * rms_from_squares(ssv, K, eps), mask=rmask)
+            tl.atomic_xchg(cnt_ptr, 0)
 
 
-HC_LOGITS_SPLIT = 16   # K chunks (programs); each also reads the whole row once for the scale
+HC_LOGITS_SPLIT = 32   # K chunks (programs)
 
 
 def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = HC_LOGITS_SPLIT):
     """One token's mixer logits z [1, N] = (flat * rms_scale(flat)) @ fn^T, flat = hc [1, n, E]
-    flattened, fn the F16 weight's raw bytes [N, 2*n*E]; the twin is ds4tp.model.hc_logits_torch."""
+    flattened, fn the F16 weight's raw bytes [N, 2*n*E]; computed as rms_scale(flat) * (flat @
+    fn^T) (the float32 rounding of the product moves; ~1e-7 relative). The twin is
+    ds4tp.model.hc_logits_torch."""
     if hc.dim() != 3 or hc.shape[0] != 1 or hc.dtype != torch.float32:
         raise ValueError(f"hc_logits: expects one token's float32 streams [1, n, E], got "
                          f"{hc.dtype} {tuple(hc.shape)}")
@@ -193,9 +206,10 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
     z = torch.empty(1, N, dtype=torch.float32, device=hc.device)
     per, split = _split_k(K, bk, split)
     ws, cnt = _split_buffers(split, 1, bn, 1, hc.device, z)
-    _hc_logits_kernel[(split, 1)](x, fn_raw.view(torch.float16), z, ws, cnt, N, K, per, eps,
-                                BN=bn, BK=bk, BR=min(4096, triton.next_power_of_2(K)),
-                                SPLIT=split, num_warps=8)
+    ss = torch.empty(split, dtype=torch.float64, device=hc.device) if split > 1 else z
+    _hc_logits_kernel[(split,)](x, fn_raw.view(torch.float16), z, ws, ss, cnt, N, K, per, eps,
+                                BN=bn, BK=bk, SPLIT=split, SP2=triton.next_power_of_2(split),
+                                num_warps=4)
     return z
 
 
