@@ -155,8 +155,7 @@ class Op:
         if isinstance(cfg, CudaCfg):                   # the CUDA C routed kernels (cuda_experts)
             from ds4tp.kernels import cuda_experts as ce
             if k == "swiglu":
-                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps,
-                              xreg=cfg.xreg)
+                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps)
             else:
                 y = (ce.down_sum(w, self.x, self.ids, rpc=cfg.rpc, warps=cfg.warps)
                      if k == "experts_sum" else None)
@@ -256,8 +255,7 @@ def time_op(op: Op, copies, copies2, cfg) -> float:
 class CudaCfg:
     """A launch of the CUDA C routed kernels: rows per block (None: their default)."""
     rpc: int | None = None
-    warps: int = 8
-    xreg: bool = False
+    warps: int = 16
     path: str = "cuda_c"
 
 
@@ -266,10 +264,7 @@ def cuda_cfgs(case: Case, T: int) -> list:
     if not (DEV == "cuda" and ce.available() and T <= ce.MAX_T and case.kind in ("swiglu", "experts_sum")
             and case.qtype in (IQ2_XXS, Q2_K)):
         return []
-    return [CudaCfg(None), CudaCfg(None, 4), CudaCfg(2), CudaCfg(4), CudaCfg(8), CudaCfg(16),
-            CudaCfg(2, 4), CudaCfg(4, 4), CudaCfg(8, 4), CudaCfg(None, 16), CudaCfg(8, 16)] + (
-        [CudaCfg(None, 8, True), CudaCfg(4, 8, True), CudaCfg(2, 8, True), CudaCfg(None, 4, True)]
-        if case.kind == "swiglu" else [])
+    return [CudaCfg(None), CudaCfg(None, 8), CudaCfg(4), CudaCfg(8), CudaCfg(16), CudaCfg(32)]
 
 
 def sweep_cfgs(case: Case, T: int):

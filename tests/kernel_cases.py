@@ -192,7 +192,7 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
     return err / max(want.abs().max().item(), 1e-30)
 
 
-def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard=""):
+def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
     """The CUDA C gate/up kernel (cuda_experts.swiglu, IQ2_XXS) against the twin; asserts that
     it took the case."""
     from ds4tp.kernels import cuda_experts as ce
@@ -203,7 +203,7 @@ def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, sha
     rw = torch.rand(T, K, generator=gen).to(device)
     g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
     want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
-    got = ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc)
+    got = ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc, **({"warps": warps} if warps else {}))
     assert got is not None, f"cuda_experts.swiglu did not take {n_out}x{n_in} T={T} K={K} {shard}"
     lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()   # as case_swiglu
     err = (got - want).abs().max().item()
@@ -213,7 +213,7 @@ def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, sha
     return err / max(want.abs().max().item(), 1e-30)
 
 
-def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard=""):
+def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
     """The CUDA C routed down kernel (cuda_experts.down_sum, Q2_K, summed over the slots)
     against the twin; asserts that it took the case."""
     from ds4tp.kernels import cuda_experts as ce
@@ -221,7 +221,7 @@ def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, s
     ids = rand_ids(T, K, E, gen, device, dup=dup)
     x = rand_act((T, K, n_in), gen, device)
     want = ops.expert_linear_torch(w, x, ids).sum(1)
-    got = ce.down_sum(w, x, ids, rpc=rpc)
+    got = ce.down_sum(w, x, ids, rpc=rpc, **({"warps": warps} if warps else {}))
     assert got is not None, f"cuda_experts.down_sum did not take {n_out}x{n_in} T={T} K={K} {shard}"
     return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}", got, want)
 
@@ -257,6 +257,9 @@ def cuda_c_cases():
     yield "cuda down 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6)
     yield "cuda down 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True)
     yield "cuda not covered", case_cuda_not_covered, ()
+    # other block sizes (a compile-time constant) that benchmarks time
+    yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)
+    yield "cuda down 8 warps cols K=8", case_cuda_down_sum, (12, 48, 1024, 1, 8, None, False, "cols", 8)
 
 
 H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)

@@ -48,13 +48,12 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _kernels(device_index: int, warps: int = WARPS, xreg: bool = False):
+def _kernels(device_index: int, warps: int = WARPS):
     """Compile once per device (NVRTC); a compile error is raised, not hidden. `warps` per block
-    and `xreg` (experts.cu's A_XREG) are compile-time constants that benchmarks vary."""
+    is a compile-time constant (benchmarks time other values)."""
     cp = _cupy()
     with cp.cuda.Device(device_index):
-        mod = cp.RawModule(code=_SRC.read_text(),
-                           options=("--std=c++14", f"-DWARPS={warps}", f"-DA_XREG={int(xreg)}"))
+        mod = cp.RawModule(code=_SRC.read_text(), options=("--std=c++14", f"-DWARPS={warps}"))
         return mod.get_function("iq2xxs_swiglu"), mod.get_function("q2k_down_sum")
 
 
@@ -65,7 +64,7 @@ def _resident(fn, warps: int, device_index: int) -> int:
     try:
         regs, smem = int(fn.num_regs), int(fn.shared_size_bytes)
     except Exception:   # attribute names differ between CuPy versions: assume the worst seen
-        regs, smem = 128, 24 << 10
+        regs, smem = 128, 40 << 10
     per_warp = -(-max(regs, 1) * 32 // 256) * 256          # registers are allocated per warp
     by_regs = 65536 // (per_warp * warps)
     sm_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10)
@@ -137,7 +136,7 @@ def _common(w, x, ids, per_slot: bool) -> bool:
 
 
 def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, clamp: float,
-           rpc: int | None = None, warps: int = WARPS, xreg: bool = False) -> torch.Tensor | None:
+           rpc: int | None = None, warps: int = WARPS) -> torch.Tensor | None:
     """mid [T, K, N] = swiglu_clamped(gate_e . x_t, up_e . x_t, clamp) * weights[t, k] (zeros for
     id -1), x [T, n_in] shared by the slots; None if not covered."""
     if not (_common(w_gate, x, ids, False) and w_gate.qtype == IQ2_XXS == w_up.qtype):
@@ -155,7 +154,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     from ds4tp.kernels.triton_matvec import _iq2_grid64
     grid64 = _iq2_grid64(x.device)
     ids64 = _ids64(ids)          # held until the launch is queued
-    fa, _ = _kernels(x.device.index, warps, xreg)
+    fa, _ = _kernels(x.device.index, warps)
     rpc = rpc or default_rpc(fa, N, T, x.device, warps)
     _launch(fa, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(rg), _ptr(ru), _i64(rg.stride(0)), _i64(rg.stride(1)), _ptr(x), _i64(x.stride(0)),

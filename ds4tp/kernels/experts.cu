@@ -15,9 +15,6 @@
 #ifndef WARPS
 #define WARPS 16                // warps per block; the host compiles and launches with the same
 #endif
-#ifndef A_XREG
-#define A_XREG 0                // 1: keep each lane's activation words in registers across items
-#endif
 #define A_MAX_KB 16             // gate/up: at most 4096 inputs (16 super-blocks of 256)
 #define A_ROW_MAX (A_MAX_KB * 66)
 #define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
@@ -157,7 +154,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
     __syncthreads();
 
-#if A_XREG   // the activation of this lane's sub-blocks (the same for every item) in registers
+    // the activation of this lane's sub-blocks, the same for every item, in registers (6% faster
+    // than reading it from shared memory per item on an H200: 22.5 vs 23.9 us at TP=1)
     int xs_r[A_MAX_KB / 4][8];
     float xd_r[A_MAX_KB / 4];
 #pragma unroll
@@ -167,9 +165,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             xd_r[i] = s_xd[(lane + 32 * i) >> 3];
         }
     }
-#endif
     unsigned char* sg = s_row[warp];
-    unsigned char* su = s_row[warp] + rowb;
+    unsigned char* su = sg + rowb;
     for (; item < items; item += WARPS) {
         const int k = item / rows;
         if (e >= 0) {
@@ -201,14 +198,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             for (int i = 0; i < A_MAX_KB / 4; i++) {
                 if (i < KB / 4) {
                     const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
-#if A_XREG
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
-#else
-                    const float dx = s_xd[sb];
-                    int xs[8];
-                    load_act(s_xq + g * 32, xs);
-#endif
                     const int ig = iq2xxs_sub(sg, off, xs, s_grid);
                     const int iu = iq2xxs_sub(su, off, xs, s_grid);
                     ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
@@ -224,6 +215,54 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
     }
+}
+
+// Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks
+// per warp at a time (their 16-byte loads issued together); rows of slots without an expert are
+// quantised too and never read.
+__device__ __forceinline__ void b_prologue(const float* x, long long stride_xt, long long stride_xk,
+                                           int t, int K, int KB, int lane, int warp,
+                                           signed char* s_xq, float* s_xd, int* s_bs) {
+    for (int b = warp; b < K * KB; b += 2 * WARPS) {
+        const int b2 = b + WARPS;
+        const bool two = b2 < K * KB;
+        const float4* p1 = (const float4*)(x + (long long)t * stride_xt + (long long)(b / KB) * stride_xk
+                                           + (b % KB) * 256 + lane * 8);
+        const float4* p2 = (const float4*)(x + (long long)t * stride_xt + (long long)(b2 / KB) * stride_xk
+                                           + (b2 % KB) * 256 + lane * 8);
+        const float4 a0 = p1[0], a1 = p1[1];
+        float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0;
+        if (two) { c0 = p2[0]; c1 = p2[1]; }
+        const float v1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        q8k_block(v1, lane, s_xq + b * 256, s_xd + b, s_bs + b * 16);
+        if (two) {
+            const float v2[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+            q8k_block(v2, lane, s_xq + b2 * 256, s_xd + b2, s_bs + b2 * 16);
+        }
+    }
+}
+
+// One (slot, super-block, quarter) unit of a Q2_K row: scale words sc0/sc1 (bytes 8nh..8nh+7),
+// qs words q0..q3, d|dmin word dd, against the slot's Q8_K block xq (at 128nh + 16h) and sums bs
+// (at 8nh + h); returns d_x * (d * A - dmin * B).
+__device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q0, unsigned q1,
+                                          unsigned q2, unsigned q3, unsigned dd, int h,
+                                          const signed char* xq, const int* bs, float dx) {
+    int A = 0, B = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int4 xa = *(const int4*)(xq + 32 * j);
+        int dot = __dp4a((int)((q0 >> (2 * j)) & 0x03030303u), xa.x, 0);
+        dot = __dp4a((int)((q1 >> (2 * j)) & 0x03030303u), xa.y, dot);
+        dot = __dp4a((int)((q2 >> (2 * j)) & 0x03030303u), xa.z, dot);
+        dot = __dp4a((int)((q3 >> (2 * j)) & 0x03030303u), xa.w, dot);
+        const unsigned scb = ((j < 2 ? sc0 : sc1) >> (8 * (h + 2 * (j & 1)))) & 255u;
+        A += dot * (int)(scb & 15u);
+        B += (int)(scb >> 4) * bs[2 * j];
+    }
+    const float d = h2f((unsigned short)(dd & 0xffffu));
+    const float dmin = h2f((unsigned short)(dd >> 16));
+    return dx * (d * (float)A - dmin * (float)B);
 }
 
 // out[t, n] = sum_k down_e . x_{t,k}, e = ids[t, k] (slots with e < 0 add nothing): the routed
@@ -274,25 +313,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     }
     B_LOAD()
 
-    // prologue: Q8_K of the K slot rows, two blocks per warp at a time (their 16-byte loads
-    // issued together); rows of slots without an expert are quantised too and never read
-    for (int b = warp; b < K * KB; b += 2 * WARPS) {
-        const int b2 = b + WARPS;
-        const bool two = b2 < K * KB;
-        const float4* p1 = (const float4*)(x + (long long)t * stride_xt + (long long)(b / KB) * stride_xk
-                                           + (b % KB) * 256 + lane * 8);
-        const float4* p2 = (const float4*)(x + (long long)t * stride_xt + (long long)(b2 / KB) * stride_xk
-                                           + (b2 % KB) * 256 + lane * 8);
-        const float4 a0 = p1[0], a1 = p1[1];
-        float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0;
-        if (two) { c0 = p2[0]; c1 = p2[1]; }
-        const float v1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        q8k_block(v1, lane, s_xq + b * 256, s_xd + b, s_bs + b * 16);
-        if (two) {
-            const float v2[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-            q8k_block(v2, lane, s_xq + b2 * 256, s_xd + b2, s_bs + b2 * 16);
-        }
-    }
+    b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
     __syncthreads();
 
     while (n < nend) {
@@ -302,23 +323,9 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             const int k = p * spp + ks;
             if (p * spp < K && e[p] >= 0) {
                 const int blk = k * KB + sb;
-                const signed char* xq = s_xq + blk * 256 + 128 * nh + 16 * h;
-                const int* bs = s_bs + blk * 16 + 8 * nh + h;
-                int A = 0, B = 0;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    const int4 xa = *(const int4*)(xq + 32 * j);
-                    int dot = __dp4a((int)((qw[p][0] >> (2 * j)) & 0x03030303u), xa.x, 0);
-                    dot = __dp4a((int)((qw[p][1] >> (2 * j)) & 0x03030303u), xa.y, dot);
-                    dot = __dp4a((int)((qw[p][2] >> (2 * j)) & 0x03030303u), xa.z, dot);
-                    dot = __dp4a((int)((qw[p][3] >> (2 * j)) & 0x03030303u), xa.w, dot);
-                    const unsigned scb = (sc[p][j >> 1] >> (8 * (h + 2 * (j & 1)))) & 255u;
-                    A += dot * (int)(scb & 15u);
-                    B += (int)(scb >> 4) * bs[2 * j];
-                }
-                const float d = h2f((unsigned short)(dd[p] & 0xffffu));
-                const float dmin = h2f((unsigned short)(dd[p] >> 16));
-                acc += s_xd[blk] * (d * (float)A - dmin * (float)B);
+                acc += q2k_unit(sc[p][0], sc[p][1], qw[p][0], qw[p][1], qw[p][2], qw[p][3], dd[p], h,
+                                s_xq + blk * 256 + 128 * nh + 16 * h, s_bs + blk * 16 + 8 * nh + h,
+                                s_xd[blk]);
             }
         }
         acc = warp_sum(acc);

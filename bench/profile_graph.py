@@ -1,0 +1,87 @@
+"""Where does a graph-replayed decode step's time go? Builds an N-layer full-width synthetic model
+on cuda:0, captures the static decoder's graphs, then traces a few replays with torch.profiler
+(CUPTI records the kernels inside a graph) and prints, for the last replay:
+  * the step's span, and per stream the kernels' busy time;
+  * the idle time of the busiest stream: the gaps between one kernel's end and the next one's
+    start on that stream (launch latency, waits for the side stream), summed by the kernel that
+    follows the gap;
+  * the kernels by in-graph time (count, mean), which includes any slowdown from kernels that
+    run at the same time on the other stream.
+
+    python bench/profile_graph.py [N_LAYERS=4] [TRACE_JSON]
+"""
+import json
+import sys
+import tempfile
+from collections import defaultdict
+
+import torch
+
+from ds4tp import config as C
+from ds4tp.bench import build_model
+from ds4tp.comm import SingleComm
+from ds4tp.decode_graph import StaticDecoder
+
+n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+trace_path = sys.argv[2] if len(sys.argv) > 2 else tempfile.mktemp(suffix=".json")
+m = build_model(C.Shape(n_layer=n_layer), 0, 1, SingleComm(), "cuda:0")
+st = m.new_state()
+m.forward([1], st)
+g = StaticDecoder(m, max_ctx=128, use_graphs=True)
+g.load_session(st)
+for _ in range(6):
+    g.step(5)
+torch.cuda.synchronize()
+
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+REPLAYS = 3
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(REPLAYS):
+        g.step(5)
+        torch.cuda.synchronize()
+prof.export_chrome_trace(trace_path)
+events = json.load(open(trace_path))
+events = events["traceEvents"] if isinstance(events, dict) else events
+kern = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "Kernel")),
+              key=lambda e: e["ts"])
+if not kern:
+    sys.exit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
+# the replays are separated by host syncs: split at the largest gaps
+gaps = sorted(range(1, len(kern)), key=lambda i: kern[i]["ts"] - (kern[i - 1]["ts"] + kern[i - 1]["dur"]))
+cuts = sorted(gaps[-(REPLAYS - 1):]) if REPLAYS > 1 else []
+last = kern[cuts[-1]:] if cuts else kern
+t0 = last[0]["ts"]
+t1 = max(e["ts"] + e["dur"] for e in last)
+by_stream = defaultdict(list)
+for e in last:
+    by_stream[e.get("args", {}).get("stream", 0)].append(e)
+print(f"{n_layer} layers, last of {REPLAYS} replays: {len(last)} kernels, span {t1 - t0:.1f} us "
+      f"({(t1 - t0) / n_layer:.1f} us per layer)")
+busiest = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]))
+for s, evs in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
+    busy = sum(e["dur"] for e in evs)
+    print(f"  stream {s}: {len(evs)} kernels, busy {busy:.1f} us ({100 * busy / (t1 - t0):.0f}% of the span)"
+          + ("  <- busiest" if s == busiest else ""))
+main = by_stream[busiest]
+idle = defaultdict(lambda: [0, 0.0])
+prev_end = t0
+for e in main:
+    gap = e["ts"] - prev_end
+    if gap > 0:
+        k = idle[e["name"][:80]]
+        k[0] += 1
+        k[1] += gap
+    prev_end = max(prev_end, e["ts"] + e["dur"])
+tot_idle = sum(v[1] for v in idle.values())
+print(f"idle on the busiest stream: {tot_idle:.1f} us ({tot_idle / n_layer:.1f} us per layer), "
+      f"by the kernel after the gap:")
+for name, (n, us) in sorted(idle.items(), key=lambda kv: -kv[1][1])[:20]:
+    print(f"{us:10.1f} us {n:5d}x {us / n:7.2f} us  {name}")
+tot = defaultdict(lambda: [0, 0.0])
+for e in last:
+    k = tot[e["name"][:80]]
+    k[0] += 1
+    k[1] += e["dur"]
+print("kernels by in-graph time (all streams):")
+for name, (n, us) in sorted(tot.items(), key=lambda kv: -kv[1][1])[:30]:
+    print(f"{us:10.1f} us {n:5d}x {us / n:7.2f} us  {name}")
