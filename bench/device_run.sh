@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|cudac2|cudac3|cudac4]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|cudac2|cudac3|cudac4|ffnside]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -225,6 +225,12 @@ elif [ "$MODE" = cudac4 ]; then
   timeout 120 python3 -m pytest -q tests/test_kernels.py -k "cuda_c" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
   log "routed-expert kernels at T=1: CUDA C launches and variants"
   timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 120 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep\|FAIL" | grep -v "T=16\|matvec_time" | tail -50
+elif [ "$MODE" = ffnside ]; then
+  # which FFN work goes on the second stream: the router (default now) or the shared expert
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (both FFN arrangements)"
+  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  log "graph-replayed decode step, 6 full-width layers, traced"
+  timeout 120 python3 bench/profile_graph.py 6 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | grep -A12 "layers, last"
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
