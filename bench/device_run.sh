@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|cudac2|cudac3|cudac4|ffnside]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|cudac2|cudac3|cudac4|final6|final6b]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -14,6 +14,7 @@
 #   h16: float16 prefill path: golden prefill (all launches float16), bench, gemm tests
 #   tp2h16: TP=2,1 bench, goldens TP=1/2, exact vs float16 prefill launches, prefill profile
 #   cudac: CUDA C routed experts: twin tests, timing against Triton, TP=1 bench, golden, profile
+#   cudac2-4: CUDA C launch sweeps and variants; final6: session 6 closing run (one GPU)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -225,12 +226,22 @@ elif [ "$MODE" = cudac4 ]; then
   timeout 120 python3 -m pytest -q tests/test_kernels.py -k "cuda_c" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
   log "routed-expert kernels at T=1: CUDA C launches and variants"
   timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 120 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep\|FAIL" | grep -v "T=16\|matvec_time" | tail -50
-elif [ "$MODE" = ffnside ]; then
-  # which FFN work goes on the second stream: the router (default now) or the shared expert
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (both FFN arrangements)"
-  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-  log "graph-replayed decode step, 6 full-width layers, traced"
-  timeout 120 python3 bench/profile_graph.py 6 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | grep -A12 "layers, last"
+elif [ "$MODE" = final6 ]; then
+  # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth
+  # 4096, goldens TP=1, a 4-layer profile at depth 4096 (the indexer active)
+  log "kernel tests (CUDA): CUDA C experts, top-k mask, decode stages, hc_logits, dispatch, graphs"
+  timeout 170 python3 -m pytest -q tests/test_kernels.py tests/test_decode_graph.py -k "cuda_c or topk or decode or hc_logits or dispatch or routed or side_stream or graph" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
+  log "bench, 43 layers, TP=1, depth 0 and 4096, prefill 2048"
+  timeout 230 python3 -m ds4tp bench --tp 1 --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  golden 1 static,prefill 90
+  log "profile of a 4-layer full-width decode step at depth 4096"
+  timeout 90 python3 bench/profile_step.py 4 4096 > "$OUT/profile_4layers_d4096.txt" 2>&1
+  grep -v Warn "$OUT/profile_4layers_d4096.txt" | tail -32
+elif [ "$MODE" = final6b ]; then
+  # the closing run's parts cut by their time limits: goldens at TP=1, the new kernels' tests
+  golden 1 static,prefill 140
+  log "kernel tests (CUDA): top-k mask, CUDA C experts, hc_logits"
+  timeout 75 python3 -m pytest -q tests/test_kernels.py -k "topk or cuda_c or hc_logits" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -1,6 +1,9 @@
 """Where does a decode step's time go? Builds an N-layer full-width synthetic model on cuda:0,
-runs warm static-decoder steps eagerly under torch.profiler and prints the top kernels by GPU
-time, then the graph-replayed step time."""
+prefills DEPTH tokens, runs warm static-decoder steps eagerly under torch.profiler and prints
+the top kernels by GPU time, then the graph-replayed step time.
+
+    python bench/profile_step.py [N_LAYERS=4] [DEPTH=1]
+"""
 import sys
 import time
 
@@ -13,11 +16,15 @@ from ds4tp.decode_graph import StaticDecoder
 from profile_common import kernel_table
 
 n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-print("kernels.available:", kernels.available())
+depth = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+print("kernels.available:", kernels.available(), "depth", depth)
 m = build_model(C.Shape(n_layer=n_layer), 0, 1, SingleComm(), "cuda:0")
 st = m.new_state()
-m.forward([1], st)
-dec = StaticDecoder(m, max_ctx=128, use_graphs=False)
+prompt = [(7 * i + 3) % m.shape.vocab for i in range(depth)]
+for a in range(0, depth, 2048):
+    m.forward(prompt[a:a + 2048], st)
+max_ctx = depth + 128
+dec = StaticDecoder(m, max_ctx=max_ctx, use_graphs=False)
 dec.load_session(st)
 for _ in range(3):
     dec.step(5)
@@ -33,7 +40,7 @@ for _ in range(5):
     dec.step(5)
 torch.cuda.synchronize()
 print("eager step ms", 1e3 * (time.perf_counter() - t) / 5)
-g = StaticDecoder(m, max_ctx=128, use_graphs=True)
+g = StaticDecoder(m, max_ctx=max_ctx, use_graphs=True)
 g.load_session(st)
 for _ in range(6):
     g.step(5)
