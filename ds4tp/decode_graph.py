@@ -235,7 +235,7 @@ class StaticDecoder:
                 cos, sin = (t[pos] for t in rope)
                 score = indexer_scores(lw, qrn, xn, lay.index, cos, sin, s)
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
-                mask = select_mask(score, n_vis, s.indexer_top_k)
+                mask, _ = select_rows(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         out = grouped_linear_out(lw, o, s)
         out = comm.all_reduce(out)                                           # attention all-reduce
@@ -298,15 +298,6 @@ def compressor_step(cw, xn, pos, front_kv, front_sc) -> None:
         from ds4tp.kernels import triton_attn
         return triton_attn.compressor_step(xn, cw.kv.raw, cw.gate.raw, cw.ape, pos, front_kv, front_sc)
     return compressor_step_torch(cw, xn, pos, front_kv, front_sc)
-
-
-def select_mask(score, n_vis, top_k):
-    """The indexer's allowed-row mask [1, n] for one token: one launch on CUDA (a radix select;
-    torch sorts the row), else the twin, model.select_rows."""
-    if kernels.on_gpu(score) and score.shape[0] == 1:
-        from ds4tp.kernels import triton_attn
-        return triton_attn.topk_mask(score.contiguous(), n_vis, top_k)
-    return select_rows(score, n_vis, top_k)[0]
 
 
 def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):

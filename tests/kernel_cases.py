@@ -432,29 +432,6 @@ def case_hc_logits(device, gen, n, E, N, split=None):
     return check(f"hc_logits n={n} E={E} N={N}", got, hc_logits_torch(hc, fn), 1e-5)
 
 
-def case_topk_mask(device, gen, n, nvis, k, levels=0):
-    """The indexer's row selection in one launch against model.select_rows (exact): scores with
-    repeated values (ties go to the lower row), +0.0 and -0.0 (equal), invisible rows; with
-    `levels`, only that many distinct values (the k-th largest sits inside a run of ties)."""
-    from ds4tp.kernels import triton_attn
-    from ds4tp.model import select_rows
-    score = torch.randn(1, n, generator=gen)
-    score[0, ::7] = torch.round(score[0, ::7] * 2) / 2                # many exact ties
-    if levels:
-        score = torch.randint(-levels // 2, levels - levels // 2, (1, n), generator=gen).float() * 0.25
-    score[0, 3::11] = 0.0
-    score[0, 5::13] = -0.0
-    score = score.to(device)
-    nv = torch.tensor([nvis], device=device)
-    want, _ = select_rows.eager(score, nv, k) if hasattr(select_rows, "eager") else select_rows(score, nv, k)
-    got = triton_attn.topk_mask(score, nv, k)
-    assert got.dtype == torch.bool and got.shape == want.shape
-    if not torch.equal(got.cpu(), want.cpu()):
-        diff = torch.nonzero(got.cpu() != want.cpu())[:5, 1].tolist()
-        raise AssertionError(f"topk_mask n={n} nvis={nvis} k={k}: rows {diff} differ")
-    return f"{int(got.sum())} rows selected"
-
-
 def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     """One token's Q8_0 matvec of rms_norm(x, w) with the norm in the kernel's prologue, against
     ops.linear_normed_torch."""
@@ -596,11 +573,6 @@ def interpreter_cases():
     yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)
     yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)
     yield "decode compressor_step ratio 128", case_compressor_step, (128, 48, 256, 300)
-    yield "decode topk_mask one block", case_topk_mask, (300, 250, 64)
-    yield "decode topk_mask chunks", case_topk_mask, (2500, 2300, 512)
-    yield "decode topk_mask few visible", case_topk_mask, (700, 40, 64)
-    yield "decode topk_mask all visible = k", case_topk_mask, (512, 512, 512)
-    yield "decode topk_mask threshold in a tie run", case_topk_mask, (3000, 2900, 512, 7)
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)

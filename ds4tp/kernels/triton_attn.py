@@ -190,69 +190,6 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         tl.atomic_xchg(cnt_ptr + h, 0)
 
 
-@triton.jit
-def _sort_keys(v):
-    """float32 -> int64 keys in the same order (-0.0 counts as +0.0, as torch.sort compares)."""
-    b = tl.where(v == 0.0, 0, v.to(tl.int32, bitcast=True)).to(tl.int64) & 0xFFFFFFFF
-    return tl.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000)
-
-
-@triton.jit
-def _topk_mask_kernel(score_ptr, nvis_ptr, mask_ptr, n, k, BLOCK: tl.constexpr):
-    """One program: mask[i] = row i is among the k highest scores of the visible rows
-    i < n_visible (ties to the lower row), or every visible row when n_visible <= k.
-    The k-th largest key is found bit by bit from the top (radix select: 32 counting passes over
-    the scores), then rows above it are taken, and rows equal to it in index order until k."""
-    nvis = tl.load(nvis_ptr)
-    ii = tl.arange(0, BLOCK)
-    thr = tl.zeros([], tl.int64)
-    one = tl.full([], 1, tl.int64)
-    for bb in range(32):
-        cand = thr | (one << (31 - bb))
-        cnt = tl.zeros([], tl.int64)
-        for c0 in range(0, n, BLOCK):
-            i = c0 + ii
-            ok = (i < n) & (i < nvis)
-            key = _sort_keys(tl.load(score_ptr + i, mask=ok, other=0.0))
-            cnt += tl.sum((ok & (key >= cand)).to(tl.int64), axis=0)
-        thr = tl.where(cnt >= k, cand, thr)
-    above = tl.zeros([], tl.int64)
-    for c0 in range(0, n, BLOCK):
-        i = c0 + ii
-        ok = (i < n) & (i < nvis)
-        key = _sort_keys(tl.load(score_ptr + i, mask=ok, other=0.0))
-        above += tl.sum((ok & (key > thr)).to(tl.int64), axis=0)
-    need = k - above                                     # rows equal to the threshold to take
-    taken = tl.zeros([], tl.int64)
-    for c0 in range(0, n, BLOCK):
-        i = c0 + ii
-        ok = (i < n) & (i < nvis)
-        key = _sort_keys(tl.load(score_ptr + i, mask=ok, other=0.0))
-        tie = ok & (key == thr)
-        rank = taken + tl.cumsum(tie.to(tl.int64), axis=0) - tie.to(tl.int64)   # ties before i
-        sel = ok & ((key > thr) | (tie & (rank < need)))
-        sel = tl.where(nvis <= k, ok, sel)
-        tl.store(mask_ptr + i, sel.to(tl.int8), mask=i < n)
-        taken += tl.sum(tie.to(tl.int64), axis=0)
-
-
-TOPK_BLOCK = 1024
-
-
-def topk_mask(score: torch.Tensor, n_visible: torch.Tensor, top_k: int) -> torch.Tensor:
-    """One decode token's indexer selection: score [1, n] float32, n_visible [1] int64 (device)
-    -> mask [1, n] bool, the first output of model.select_rows (its twin) in one launch."""
-    _check("topk_mask: scores", score, (1, score.shape[1]))
-    _check("topk_mask: visible rows", n_visible, (1,), torch.long)
-    if top_k < 1:
-        raise ValueError(f"topk_mask: top_k must be positive, got {top_k}")
-    n = score.shape[1]
-    mask = torch.empty(1, n, dtype=torch.int8, device=score.device)
-    _topk_mask_kernel[(1,)](score, n_visible, mask, n, top_k,
-                            BLOCK=min(TOPK_BLOCK, triton.next_power_of_2(max(n, 16))), num_warps=8)
-    return mask.view(torch.bool)
-
-
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
 
