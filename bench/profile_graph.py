@@ -1,6 +1,6 @@
 """Where does a graph-replayed decode step's time go? Builds an N-layer full-width synthetic model
-on cuda:0, captures the static decoder's graphs, then traces a few replays with torch.profiler
-(CUPTI records the kernels inside a graph) and prints, for the last replay:
+on cuda:0, captures the static decoder's graphs, warms them, then traces one replay with
+torch.profiler (CUPTI records the kernels inside a graph) and prints:
   * the step's span, and per stream the kernels' busy time;
   * the idle time of the busiest stream: the gaps between one kernel's end and the next one's
     start on that stream (launch latency, waits for the side stream), summed by the kernel that
@@ -34,11 +34,9 @@ for _ in range(6):
 torch.cuda.synchronize()
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-REPLAYS = 3
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(REPLAYS):
-        g.step(5)
-        torch.cuda.synchronize()
+    g.step(5)
+    torch.cuda.synchronize()
 prof.export_chrome_trace(trace_path)
 events = json.load(open(trace_path))
 events = events["traceEvents"] if isinstance(events, dict) else events
@@ -46,16 +44,13 @@ kern = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("ker
               key=lambda e: e["ts"])
 if not kern:
     sys.exit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
-# the replays are separated by host syncs: split at the largest gaps
-gaps = sorted(range(1, len(kern)), key=lambda i: kern[i]["ts"] - (kern[i - 1]["ts"] + kern[i - 1]["dur"]))
-cuts = sorted(gaps[-(REPLAYS - 1):]) if REPLAYS > 1 else []
-last = kern[cuts[-1]:] if cuts else kern
-t0 = last[0]["ts"]
+last = kern                       # one replay (splitting several at their largest gaps was wrong:
+t0 = last[0]["ts"]                # a stream can wait longer inside a step than between steps)
 t1 = max(e["ts"] + e["dur"] for e in last)
 by_stream = defaultdict(list)
 for e in last:
     by_stream[e.get("args", {}).get("stream", 0)].append(e)
-print(f"{n_layer} layers, last of {REPLAYS} replays: {len(last)} kernels, span {t1 - t0:.1f} us "
+print(f"{n_layer} layers, one replay: {len(last)} kernels, span {t1 - t0:.1f} us "
       f"({(t1 - t0) / n_layer:.1f} us per layer)")
 busiest = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]))
 for s, evs in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
