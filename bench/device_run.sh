@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|cudac2|cudac3|cudac4|final6|final6b]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|final6|final6b]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -13,8 +13,8 @@
 #   final5: session 5 closing run: bench with depth 4096, TP=1 goldens, profile, decode tests
 #   h16: float16 prefill path: golden prefill (all launches float16), bench, gemm tests
 #   tp2h16: TP=2,1 bench, goldens TP=1/2, exact vs float16 prefill launches, prefill profile
-#   cudac: CUDA C routed experts: twin tests, timing against Triton, TP=1 bench, golden, profile
-#   cudac2-4: CUDA C launch sweeps and variants; final6: session 6 closing run (one GPU)
+#   cudac: CUDA C routed experts: twin tests, launch sweep vs Triton, ncu, traced graph, TP=1 bench
+#   final6 / final6b: session 6 closing run (one GPU): tests, bench with depth 4096, goldens, profile
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -180,52 +180,24 @@ elif [ "$MODE" = tp2h16 ]; then
   log "prefill profile, 4 full-width layers"
   timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
 elif [ "$MODE" = cudac ]; then
-  # session 6: the CUDA C routed-expert kernels (cuda_experts, experts.cu) against their twins,
-  # timed against the Triton kernels (routed sweep), decode with both in one bench run
+  # the CUDA C routed-expert kernels (cuda_experts, experts.cu): twin tests, launch sweep against
+  # the Triton default, Nsight Compute (if present), a traced graph replay, the TP=1 bench (decode
+  # with the CUDA C and the Triton experts in one run). (The session-6 variant runs cudac2-4 used
+  # code since removed; see git history.)
   python3 -c "import cupy; print('cupy', cupy.__version__)"
-  log "kernel tests (CUDA): CUDA C experts, routed, dispatch"
-  timeout 150 python3 -m pytest -q tests/test_kernels.py -k "cuda_c or routed or dispatch" 2>&1 | tail -12 | tee "$OUT/kernel_tests.txt"
+  log "kernel tests (CUDA): CUDA C experts, routed, hc_logits, dispatch"
+  timeout 150 python3 -m pytest -q tests/test_kernels.py -k "cuda_c or routed or dispatch or hc_logits" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
   log "routed-expert kernels at T=1: Triton default vs CUDA C launches (TP=1 and TP=2 shapes)"
-  timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 110 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep -v "^ *\[\|^ *\]\|^ *\"\|^ *[0-9.]*,\?$" | tail -40
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
-  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
-  golden 1 static,prefill 90
-  log "profile of a 4-layer full-width decode step"
-  timeout 80 python3 bench/profile_step.py 4 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_4layers.txt"
-elif [ "$MODE" = cudac2 ]; then
-  # the CUDA C routed kernels after the first H200 run: one-wave default rows per block, paired
-  # prologue loads (down), activation in registers (gate/up, A_XREG), warps per block
-  log "kernel tests (CUDA): CUDA C experts, dispatch"
-  timeout 120 python3 -m pytest -q tests/test_kernels.py -k "cuda_c or dispatch" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
-  log "routed-expert kernels at T=1: Triton default vs CUDA C launches (TP=1 and TP=2 shapes)"
-  timeout 200 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 170 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep" | grep -v "T=16" | tail -70
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
-  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-elif [ "$MODE" = cudac3 ]; then
-  # the in-graph picture of a decode step, Nsight Compute on the routed kernels (if present),
-  # CUDA C variants, the factored hc_logits, the TP=1 bench
-  log "kernel tests (CUDA): CUDA C experts, hc_logits, dispatch"
-  timeout 120 python3 -m pytest -q tests/test_kernels.py -k "cuda_c or dispatch or hc_logits" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
-  log "graph-replayed decode step, 6 full-width layers, traced"
-  timeout 120 python3 bench/profile_graph.py 6 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -80
+  timeout 120 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 90 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep\|FAIL" | grep -v "T=16\|matvec_time" | tail -40
   if command -v ncu >/dev/null; then
     log "Nsight Compute: routed kernels at TP=1 shapes"
-    timeout 150 ncu -k regex:"iq2xxs_swiglu|q2k_down_sum" -c 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section SchedulerStats --section ComputeWorkloadAnalysis python3 bench/ncu_experts.py > "$OUT/ncu_experts.txt" 2>&1
-    grep -v "^    ---\|^$" "$OUT/ncu_experts.txt" | head -150
-  else
-    echo "no ncu on this machine"
+    timeout 120 ncu -k regex:"iq2xxs_swiglu|q2k_down_sum" -c 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section SchedulerStats --section ComputeWorkloadAnalysis python3 bench/ncu_experts.py > "$OUT/ncu_experts.txt" 2>&1
+    grep "Duration\|Throughput\|Issue Slots\|Theoretical Occ\|iq2xxs\|q2k_down" "$OUT/ncu_experts.txt" | head -30
   fi
-  log "routed-expert kernels at T=1: Triton default vs CUDA C launches and variants"
-  timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 120 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep" | grep -v "T=16\|matvec_time" | tail -50
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048"
+  log "graph-replayed decode step, 6 full-width layers, traced"
+  timeout 100 python3 bench/profile_graph.py 6 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -60
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
   timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-elif [ "$MODE" = cudac4 ]; then
-  # CUDA C variants: replicated grid table (A_GRIDREP), activation in registers (A_XREG), staged
-  # down rows (B_STAGE)
-  log "kernel tests (CUDA): CUDA C experts"
-  timeout 120 python3 -m pytest -q tests/test_kernels.py -k "cuda_c" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
-  log "routed-expert kernels at T=1: CUDA C launches and variants"
-  timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 120 --sweep-cuda-c-only --only routed_gate_up,routed_down 2>&1 | grep "us\|sweep\|FAIL" | grep -v "T=16\|matvec_time" | tail -50
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth
   # 4096, goldens TP=1, a 4-layer profile at depth 4096 (the indexer active)

@@ -172,8 +172,10 @@ def case_experts(device, gen, qtype, E, n_out, n_in, T, K, per_slot, cfg=None, d
     return max(e1, e2)
 
 
-def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, shard=""):
-    from ds4tp.kernels import triton_matvec as tm
+def _swiglu_case(device, gen, qtype, E, n_out, n_in, T, K, dup, shard, run, tag):
+    """Random gate/up experts, ids, x and router weights; run(wg, wu, x, ids, rw) against the
+    twin. swiglu is 11-Lipschitz in g and u (|u|, |g sigmoid(g)| <= 10), so the summation-order
+    error of g and u (relative to their own size, which the clamps do not bound) carries over."""
     wg = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
     wu = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
     ids = rand_ids(T, K, E, gen, device, dup=dup)
@@ -181,36 +183,31 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
     rw = torch.rand(T, K, generator=gen).to(device)
     g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
     want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
-    got = tm.expert_swiglu(wg, wu, x, ids, rw, 10.0, cfg=_cfg(cfg))
-    # swiglu is 11-Lipschitz in g and u (|u|, |g sigmoid(g)| <= 10), so the summation-order error
-    # of g and u (relative to their own size, which the clamps do not bound) carries over
+    got = run(wg, wu, x, ids, rw)
+    assert got is not None, f"{tag}: the kernel did not take the case"
     lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()
     err = (got - want).abs().max().item()
     if not err <= lim:
-        raise AssertionError(f"swiglu {type_name(qtype)} T={T}: abs error {err:.3g} > {lim:.3g}")
-    assert torch.all(got[ids < 0] == 0), "swiglu: skipped slots are not zero"
+        raise AssertionError(f"{tag}: abs error {err:.3g} > {lim:.3g}")
+    assert torch.all(got[ids < 0] == 0), f"{tag}: skipped slots are not zero"
     return err / max(want.abs().max().item(), 1e-30)
+
+
+def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, shard=""):
+    from ds4tp.kernels import triton_matvec as tm
+    return _swiglu_case(device, gen, qtype, E, n_out, n_in, T, K, dup, shard,
+                        lambda wg, wu, x, ids, rw: tm.expert_swiglu(wg, wu, x, ids, rw, 10.0, cfg=_cfg(cfg)),
+                        f"swiglu {type_name(qtype)} {n_out}x{n_in} T={T}")
 
 
 def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
     """The CUDA C gate/up kernel (cuda_experts.swiglu, IQ2_XXS) against the twin; asserts that
     it took the case."""
     from ds4tp.kernels import cuda_experts as ce
-    wg = expert_weight(IQ2_XXS, E, n_out, n_in, gen, device, shard)
-    wu = expert_weight(IQ2_XXS, E, n_out, n_in, gen, device, shard)
-    ids = rand_ids(T, K, E, gen, device, dup=dup)
-    x = rand_act((T, n_in), gen, device) * 20.0            # so that the clamps act
-    rw = torch.rand(T, K, generator=gen).to(device)
-    g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
-    want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
-    got = ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc, **({"warps": warps} if warps else {}))
-    assert got is not None, f"cuda_experts.swiglu did not take {n_out}x{n_in} T={T} K={K} {shard}"
-    lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()   # as case_swiglu
-    err = (got - want).abs().max().item()
-    if not err <= lim:
-        raise AssertionError(f"cuda swiglu {n_out}x{n_in} T={T} K={K}: abs error {err:.3g} > {lim:.3g}")
-    assert torch.all(got[ids < 0] == 0), "cuda swiglu: skipped slots are not zero"
-    return err / max(want.abs().max().item(), 1e-30)
+    kw = {"warps": warps} if warps else {}
+    return _swiglu_case(device, gen, IQ2_XXS, E, n_out, n_in, T, K, dup, shard,
+                        lambda wg, wu, x, ids, rw: ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc, **kw),
+                        f"cuda swiglu {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}")
 
 
 def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):

@@ -103,6 +103,19 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
     return sum * (int)(2u * (aux1 >> 28) + 1u);
 }
 
+// A gate row and an up row at byte offset off (nv 16-byte pieces each) into the warp's registers:
+// piece i of the pair (gate first) goes to lane i % 32, slot i / 32.
+__device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned char* wg,
+                                          const unsigned char* wu, long long off, int lane, int nv) {
+    const uint4* pg = (const uint4*)(wg + off);
+    const uint4* pu = (const uint4*)(wu + off);
+#pragma unroll
+    for (int v = 0; v < A_MAX_V; v++) {
+        const int i = lane + 32 * v;
+        if (i < 2 * nv) buf[v] = __ldg(i < nv ? pg + i : pu + (i - nv));
+    }
+}
+
 // mid[t, k, n] = swiglu_clamped(gate_e . x_t, up_e . x_t) * rw[t, k], e = ids[t, k]; zeros for
 // e < 0. Grid (cdiv(N, rpc), T); block = WARPS warps. The block quantises x_t, then its warps
 // take the (slot, row) items of rows n0 .. n0+rpc-1, slot-major: warp w items w, w+WARPS, ...
@@ -134,15 +147,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     int item = warp;
     long long e = item < items ? ids[t * K + item / rows] : -1;
     int n = n0 + (item < items ? item % rows : 0);
-    if (e >= 0) {
-        const uint4* pg = (const uint4*)(wg + e * stride_e + (long long)n * stride_n);
-        const uint4* pu = (const uint4*)(wu + e * stride_e + (long long)n * stride_n);
-#pragma unroll
-        for (int v = 0; v < A_MAX_V; v++) {
-            int i = lane + 32 * v;
-            if (i < 2 * nv) buf[v] = __ldg(i < nv ? pg + i : pu + (i - nv));
-        }
-    }
+    if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
 
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     for (int b = warp; b < KB; b += WARPS) {
@@ -182,15 +187,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const int nxt = item + WARPS;
         e = nxt < items ? ids[t * K + nxt / rows] : -1;
         n = n0 + (nxt < items ? nxt % rows : 0);
-        if (e >= 0) {
-            const uint4* pg = (const uint4*)(wg + e * stride_e + (long long)n * stride_n);
-            const uint4* pu = (const uint4*)(wu + e * stride_e + (long long)n * stride_n);
-#pragma unroll
-            for (int v = 0; v < A_MAX_V; v++) {
-                int i = lane + 32 * v;
-                if (i < 2 * nv) buf[v] = __ldg(i < nv ? pg + i : pu + (i - nv));
-            }
-        }
+        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
         float mid = 0.0f;
         if (ecur >= 0) {
             float ag = 0.0f, au = 0.0f;
