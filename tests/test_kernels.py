@@ -90,6 +90,37 @@ def test_cuda_c_dispatch():
     assert torch.equal(runs[0], ce.down_sum(wd, xm, ids))
 
 
+def test_cuda_c_compile_failure_falls_back(monkeypatch):
+    """Where the CUDA C kernels do not compile (an NVRTC without the GPU's architecture, say),
+    one warning names the error and the launches fall back (None), without compiling again."""
+    from ds4tp.kernels import cuda_experts as ce
+    calls = []
+
+    class FakeDevice:
+        def __init__(self, i):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    class FakeModule:
+        def __init__(self, code, options):
+            calls.append(options)
+            raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture")
+
+    fake = type("FakeCupy", (), {"cuda": type("C", (), {"Device": FakeDevice}), "RawModule": FakeModule})
+    monkeypatch.setattr(ce, "_cupy", lambda: fake)
+    monkeypatch.setattr(ce, "_FAILED", {})
+    ce._kernels.cache_clear()
+    with pytest.warns(RuntimeWarning, match="did not compile.*gpu-architecture"):
+        assert ce._compiled(0) is None
+    assert ce._compiled(0) is None and len(calls) == 1
+    ce._kernels.cache_clear()
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_expert_tiles_cover_each_pair_once():
     """The many-token expert launch's tile table (host side): every pair with an expert sits in

@@ -13,6 +13,7 @@ Launches go to torch's current stream, so they are captured into CUDA graphs lik
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,12 +50,32 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _kernels(device_index: int, warps: int = WARPS):
-    """Compile once per device (NVRTC); a compile error is raised, not hidden. `warps` per block
-    is a compile-time constant (benchmarks time other values)."""
+    """Compile once per device (NVRTC). `warps` per block is a compile-time constant (benchmarks
+    time other values)."""
     cp = _cupy()
     with cp.cuda.Device(device_index):
         mod = cp.RawModule(code=_SRC.read_text(), options=("--std=c++14", f"-DWARPS={warps}"))
         return mod.get_function("iq2xxs_swiglu"), mod.get_function("q2k_down_sum")
+
+
+_FAILED: dict = {}     # (device index, warps) -> why the kernels did not compile there
+
+
+def _compiled(device_index: int, warps: int = WARPS):
+    """The two kernels, or None where they do not compile (e.g. an NVRTC that lacks this GPU's
+    architecture): one warning naming the error, then the Triton kernels take the launches. The
+    CUDA C twin tests assert that this path ran, so a GPU test run still fails on it."""
+    key = (device_index, warps)
+    if key in _FAILED:
+        return None
+    try:
+        return _kernels(device_index, warps)
+    except Exception as exc:
+        _FAILED[key] = exc
+        warnings.warn(f"ds4tp: the CUDA C routed-expert kernels did not compile for device "
+                      f"{device_index} ({type(exc).__name__}: {str(exc)[:400]}); the Triton "
+                      f"kernels take their launches", RuntimeWarning, stacklevel=3)
+        return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,6 +168,10 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
             or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
         return None
+    fns = _compiled(x.device.index, warps)
+    if fns is None:
+        return None
+    fa = fns[0]
     T, K = ids.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     rw = weights.to(torch.float32).contiguous()
@@ -154,7 +179,6 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     from ds4tp.kernels.triton_matvec import _iq2_grid64
     grid64 = _iq2_grid64(x.device)
     ids64 = _ids64(ids)          # held until the launch is queued
-    fa, _ = _kernels(x.device.index, warps)
     rpc = rpc or default_rpc(fa, N, T, x.device, warps)
     _launch(fa, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(rg), _ptr(ru), _i64(rg.stride(0)), _i64(rg.stride(1)), _ptr(x), _i64(x.stride(0)),
@@ -174,12 +198,15 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     raw = w.raw
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
         return None
+    fns = _compiled(x.device.index, warps)
+    if fns is None:
+        return None
+    fb = fns[1]
     T, K = ids.shape
     if not (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) % 4 == 0 and x.stride(1) % 4 == 0):
         x = x.contiguous()       # the prologue reads 16-byte pieces
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
     ids64 = _ids64(ids)
-    _, fb = _kernels(x.device.index, warps)
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), _i64(raw.stride(0)), _i64(raw.stride(1)), _ptr(x), _i64(x.stride(0)),
