@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|final6|final6b]
+# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|final6|final6b|depth]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -15,6 +15,7 @@
 #   tp2h16: TP=2,1 bench, goldens TP=1/2, exact vs float16 prefill launches, prefill profile
 #   cudac: CUDA C routed experts: twin tests, launch sweep vs Triton, ncu, traced graph, TP=1 bench
 #   final6 / final6b: session 6 closing run (one GPU): tests, bench with depth 4096, goldens, profile
+#   depth: the 43-layer graph replay traced at depth 1 and 4096 (where the depth cost goes)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -195,7 +196,7 @@ elif [ "$MODE" = cudac ]; then
     grep "Duration\|Throughput\|Issue Slots\|Theoretical Occ\|iq2xxs\|q2k_down" "$OUT/ncu_experts.txt" | head -30
   fi
   log "graph-replayed decode step, 6 full-width layers, traced"
-  timeout 100 python3 bench/profile_graph.py 6 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -60
+  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -60
   log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
   timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
 elif [ "$MODE" = final6 ]; then
@@ -214,6 +215,13 @@ elif [ "$MODE" = final6b ]; then
   golden 1 static,prefill 140
   log "kernel tests (CUDA): top-k mask, CUDA C experts, hc_logits"
   timeout 75 python3 -m pytest -q tests/test_kernels.py -k "topk or cuda_c or hc_logits" 2>&1 | tail -2 | tee "$OUT/kernel_tests.txt"
+elif [ "$MODE" = depth ]; then
+  # where the depth-4096 cost of a decode step goes: the 43-layer graph replay traced at depth 1
+  # and at depth 4096 on the same code (see docs/performance.md, next steps)
+  for d in 1 4096; do
+    log "graph-replayed decode step, 43 layers, depth $d, traced"
+    timeout 240 python3 bench/profile_graph.py 43 $d 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d$d.txt" | head -45
+  done
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -8,7 +8,7 @@ torch.profiler (CUPTI records the kernels inside a graph) and prints:
   * the kernels by in-graph time (count, mean), which includes any slowdown from kernels that
     run at the same time on the other stream.
 
-    python bench/profile_graph.py [N_LAYERS=4] [TRACE_JSON]
+    python bench/profile_graph.py [N_LAYERS=4] [DEPTH=1] [TRACE_JSON]
 """
 import json
 import sys
@@ -23,11 +23,14 @@ from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import StaticDecoder
 
 n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-trace_path = sys.argv[2] if len(sys.argv) > 2 else tempfile.mktemp(suffix=".json")
+depth = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+trace_path = sys.argv[3] if len(sys.argv) > 3 else tempfile.mktemp(suffix=".json")
 m = build_model(C.Shape(n_layer=n_layer), 0, 1, SingleComm(), "cuda:0")
 st = m.new_state()
-m.forward([1], st)
-g = StaticDecoder(m, max_ctx=128, use_graphs=True)
+prompt = [(7 * i + 3) % m.shape.vocab for i in range(depth)]
+for a in range(0, depth, 2048):
+    m.forward(prompt[a:a + 2048], st)
+g = StaticDecoder(m, max_ctx=depth + 128, use_graphs=True)
 g.load_session(st)
 for _ in range(6):
     g.step(5)
@@ -50,7 +53,7 @@ t1 = max(e["ts"] + e["dur"] for e in last)
 by_stream = defaultdict(list)
 for e in last:
     by_stream[e.get("args", {}).get("stream", 0)].append(e)
-print(f"{n_layer} layers, one replay: {len(last)} kernels, span {t1 - t0:.1f} us "
+print(f"{n_layer} layers, depth {depth}, one replay: {len(last)} kernels, span {t1 - t0:.1f} us "
       f"({(t1 - t0) / n_layer:.1f} us per layer)")
 busiest = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]))
 for s, evs in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
