@@ -78,6 +78,12 @@ def _compiled(device_index: int, warps: int = WARPS):
         return None
 
 
+def _kernel(x: torch.Tensor, warps: int, which: int):
+    """Kernel `which` (0: gate/up, 1: down) compiled for x's device, or None (see _compiled)."""
+    fns = _compiled(x.device.index, warps)
+    return fns[which] if fns is not None else None
+
+
 @functools.lru_cache(maxsize=64)
 def _resident(fn, warps: int, device_index: int) -> int:
     """Blocks of this kernel one SM holds at once (registers, shared memory, threads)."""
@@ -168,10 +174,9 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
             or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
         return None
-    fns = _compiled(x.device.index, warps)
-    if fns is None:
+    fa = _kernel(x, warps, 0)
+    if fa is None:
         return None
-    fa = fns[0]
     T, K = ids.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     rw = weights.to(torch.float32).contiguous()
@@ -198,10 +203,9 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     raw = w.raw
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
         return None
-    fns = _compiled(x.device.index, warps)
-    if fns is None:
+    fb = _kernel(x, warps, 1)
+    if fb is None:
         return None
-    fb = fns[1]
     T, K = ids.shape
     if not (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) % 4 == 0 and x.stride(1) % 4 == 0):
         x = x.contiguous()       # the prologue reads 16-byte pieces
