@@ -16,6 +16,7 @@ import functools
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ds4tp.config import IQ2_XXS, Q2_K
@@ -103,6 +104,7 @@ def _resident(fn, warps: int, device_index: int) -> int:
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
     """Rows per block: the fewest that fit every block in one wave (all resident at once), so
     that each block's prologue (grid table, activation quantisation) is paid once per slot."""
+    from ds4tp.kernels.triton_matvec import _sm_count
     slots = _resident(fn, warps, device.index) * _sm_count(device)
     return max(1, -(-n_rows * T // slots))
 
@@ -121,23 +123,8 @@ def _launch(fn, device: torch.device, grid, warps: int, args) -> None:
 
 
 def _ptr(t: torch.Tensor):
-    import numpy as np
+    """A tensor's address as a kernel pointer argument."""
     return np.uint64(t.data_ptr())
-
-
-def _i64(v):
-    import numpy as np
-    return np.int64(v)
-
-
-def _i32(v):
-    import numpy as np
-    return np.int32(v)
-
-
-def _f32(v):
-    import numpy as np
-    return np.float32(v)
 
 
 def _aligned(raw: torch.Tensor, a: int) -> bool:
@@ -147,10 +134,6 @@ def _aligned(raw: torch.Tensor, a: int) -> bool:
 
 def _ids64(ids: torch.Tensor) -> torch.Tensor:
     return ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _common(w, x, ids, per_slot: bool) -> bool:
@@ -186,9 +169,9 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     ids64 = _ids64(ids)          # held until the launch is queued
     rpc = rpc or default_rpc(fa, N, T, x.device, warps)
     _launch(fa, x.device, ((N + rpc - 1) // rpc, T), warps,
-            (_ptr(rg), _ptr(ru), _i64(rg.stride(0)), _i64(rg.stride(1)), _ptr(x), _i64(x.stride(0)),
-             _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), _i32(N), _i32(kb), _i32(K),
-             _i32(rpc), _f32(clamp)))
+            (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
+             np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)))
     return out
 
 
@@ -213,7 +196,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     ids64 = _ids64(ids)
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
-            (_ptr(raw), _i64(raw.stride(0)), _i64(raw.stride(1)), _ptr(x), _i64(x.stride(0)),
-             _i64(x.stride(1)), _ptr(ids64), _ptr(out), _i64(out.stride(0)), _i32(N),
-             _i32(kb), _i32(K), _i32(rpc)))
+            (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
+             np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
+             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)))
     return out

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4tp.kernels.triton_matvec import _split_buffers, _split_k, _store_tile
+from ds4tp.kernels.triton_matvec import _split_buffers, _split_k
 from ds4tp.kernels.triton_norm import rms_from_squares
 
 
