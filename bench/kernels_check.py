@@ -269,10 +269,7 @@ def cuda_cfgs(case: Case, T: int) -> list:
 
 def sweep_cfgs(case: Case, T: int):
     """Alternative launch configs, most promising first (the sweep stops at the deadline)."""
-    cc = cuda_cfgs(case, T)
-    if cc:
-        return cc + sweep_cfgs_triton(case, T)
-    return sweep_cfgs_triton(case, T)
+    return cuda_cfgs(case, T) + sweep_cfgs_triton(case, T)
 
 
 def sweep_cfgs_triton(case: Case, T: int):
@@ -298,10 +295,8 @@ def sweep_cfgs_triton(case: Case, T: int):
     if case.qtype == Q8_0 and T == 1:   # split-layout kernel shapes, then the tile kernel's
         return [Cfg(bn=16, nb=16), Cfg(bn=16, nb=32), Cfg(bn=32, nb=32), Cfg(bn=32, nb=32, warps=8),
                 Cfg(bn=64, nb=16, warps=8), Cfg(bn=16, nb=64, warps=8), Cfg(bn=32, nb=16, warps=2),
-                Cfg(bn=8, nb=32), Cfg(bn=32, nb=16), Cfg(bn=16, nb=16),
-                Cfg(bn=32, nb=32, warps=8), Cfg(bn=8, nb=16), Cfg(bn=64, nb=8, warps=8),
-                Cfg(bn=16, nb=32, warps=8), Cfg(bn=4, nb=32), Cfg(bn=16, nb=64, warps=8),
-                Cfg(bn=32, nb=8, q8s=False)]
+                Cfg(bn=8, nb=32), Cfg(bn=32, nb=16), Cfg(bn=8, nb=16), Cfg(bn=64, nb=8, warps=8),
+                Cfg(bn=16, nb=32, warps=8), Cfg(bn=4, nb=32), Cfg(bn=32, nb=8, q8s=False)]
     if case.qtype == Q8_0:
         return [Cfg(bn=64, nb=4, warps=4, mma=True), Cfg(bn=32, nb=8, warps=4), Cfg(bn=64, nb=8, warps=8),
                 Cfg(bn=16, nb=8, warps=4), Cfg(bn=128, nb=4, warps=8, mma=True),

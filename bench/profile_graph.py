@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from ds4tp import config as C
-from ds4tp.bench import build_model
+from ds4tp.bench import build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import StaticDecoder
 
@@ -26,10 +26,7 @@ n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 depth = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 trace_path = sys.argv[3] if len(sys.argv) > 3 else tempfile.mktemp(suffix=".json")
 m = build_model(C.Shape(n_layer=n_layer), 0, 1, SingleComm(), "cuda:0")
-st = m.new_state()
-prompt = [(7 * i + 3) % m.shape.vocab for i in range(depth)]
-for a in range(0, depth, 2048):
-    m.forward(prompt[a:a + 2048], st)
+st = prefilled(m, depth)
 g = StaticDecoder(m, max_ctx=depth + 128, use_graphs=True)
 g.load_session(st)
 for _ in range(6):

@@ -10,7 +10,7 @@ import time
 import torch
 
 from ds4tp import config as C, kernels
-from ds4tp.bench import build_model
+from ds4tp.bench import build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import StaticDecoder
 from profile_common import kernel_table
@@ -19,10 +19,7 @@ n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 depth = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 print("kernels.available:", kernels.available(), "depth", depth)
 m = build_model(C.Shape(n_layer=n_layer), 0, 1, SingleComm(), "cuda:0")
-st = m.new_state()
-prompt = [(7 * i + 3) % m.shape.vocab for i in range(depth)]
-for a in range(0, depth, 2048):
-    m.forward(prompt[a:a + 2048], st)
+st = prefilled(m, depth)
 max_ctx = depth + 128
 dec = StaticDecoder(m, max_ctx=max_ctx, use_graphs=False)
 dec.load_session(st)

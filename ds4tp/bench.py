@@ -153,14 +153,21 @@ class NullComm:
         return torch.cat([x] * self.world, dim=dim)
 
 
-def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8) -> dict:
-    """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
-    and first tokens excluded)."""
-    from ds4tp.decode_graph import StaticDecoder
+def prefilled(model, depth: int):
+    """A session holding a synthetic prompt of `depth` tokens (at least one), prefilled in
+    chunks of 2048: the starting point of a decode at that depth."""
     st = model.new_state()
     prompt = [(7 * i + 3) % model.shape.vocab for i in range(max(1, depth))]
     for a in range(0, len(prompt), 2048):
         model.forward(prompt[a:a + 2048], st)
+    return st
+
+
+def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8) -> dict:
+    """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
+    and first tokens excluded)."""
+    from ds4tp.decode_graph import StaticDecoder
+    st = prefilled(model, depth)
     dec = StaticDecoder(model, max_ctx=max_ctx)
     dec.load_session(st)
     tok = 11
