@@ -16,6 +16,7 @@
 #   cudac: CUDA C routed experts: twin tests, launch sweep vs Triton, ncu, traced graph, TP=1 bench
 #   final6 / final6b: session 6 closing run (one GPU): tests, bench with depth 4096, goldens, profile
 #   depth: the 43-layer graph replay traced at depth 1 and 4096 (where the depth cost goes)
+#   q8c: CUDA C Q8_0 matvec: twin tests, launch sweep vs Triton, traced graph, TP=1 bench
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -198,6 +199,18 @@ elif [ "$MODE" = cudac ]; then
   log "graph-replayed decode step, 6 full-width layers, traced"
   timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -60
   log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton experts)"
+  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+elif [ "$MODE" = q8c ]; then
+  # the CUDA C Q8_0 one-token matvec (cuda_matvec, matvec.cu): twin tests, its launches against
+  # the Triton default on every Q8_0 decode shape, a traced graph replay, the TP=1 bench (decode
+  # with the CUDA C and with the Triton Q8_0 matvec in one run)
+  python3 -c "import cupy; print('cupy', cupy.__version__)"
+  gate_tests 150 "cuda_c or dispatch" tests/test_kernels.py
+  log "Q8_0 matvecs at T=1: Triton default vs CUDA C launches (TP=1 and TP=2 shapes)"
+  timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 120 --sweep-cuda-c-only --only attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,output_vocab 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -60
+  log "graph-replayed decode step, 6 full-width layers, traced"
+  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -50
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton Q8_0)"
   timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth

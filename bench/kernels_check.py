@@ -70,7 +70,9 @@ def ds4_cases() -> list[Case]:
     L("attn_out_a", "grouped", Q8_0, (8192, 4096), groups=8, sweep=True)
     L("attn_out_b", "linear", Q8_0, (4096, 8192), sweep=True)
     L("shexp_gate_up", "linear", Q8_0, (2048, 4096))
-    L("shexp_down", "linear", Q8_0, (4096, 2048))
+    L("shexp_down", "linear", Q8_0, (4096, 2048), sweep=True)
+    L("attn_q_a_kv", "linear", Q8_0, (1536, 4096), sweep=True)        # one launch in the model
+    L("shexp_gate_up_fused", "linear", Q8_0, (4096, 4096), sweep=True)  # one launch in the model
     L("output_vocab", "linear", Q8_0, (129280, 4096), sweep=True)
     L("hc_fn", "linear", F16, (24, 16384), sweep=True)
     L("router", "linear", F16, (256, 4096), sweep=True)
@@ -152,6 +154,12 @@ class Op:
     def kernel(self, w, w2, cfg):
         from ds4tp.kernels import triton_matvec as tm
         k = self.case.kind
+        if isinstance(cfg, CudaCfg) and k in ("linear", "grouped"):   # CUDA C Q8_0 (cuda_matvec)
+            from ds4tp.kernels import cuda_matvec as cm
+            y = cm.q8_0(w, self.x, self.case.groups, rpb=cfg.rpc, warps=cfg.warps)
+            if y is None:
+                raise ValueError("the CUDA C path does not cover this case")
+            return y
         if isinstance(cfg, CudaCfg):                   # the CUDA C routed kernels (cuda_experts)
             from ds4tp.kernels import cuda_experts as ce
             if k == "swiglu":
@@ -253,7 +261,8 @@ def time_op(op: Op, copies, copies2, cfg) -> float:
 # ---- sweeps ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CudaCfg:
-    """A launch of the CUDA C routed kernels: rows per block (None: their default)."""
+    """A launch of the CUDA C kernels (routed experts, Q8_0 matvec): rows per block (None: their
+    default) and warps per block."""
     rpc: int | None = None
     warps: int = 16
     path: str = "cuda_c"
@@ -261,6 +270,10 @@ class CudaCfg:
 
 def cuda_cfgs(case: Case, T: int) -> list:
     from ds4tp.kernels import cuda_experts as ce
+    from ds4tp.kernels import cuda_matvec as cm
+    if DEV == "cuda" and cm.available() and T == 1 and case.qtype == Q8_0 and case.kind in ("linear", "grouped"):
+        return [CudaCfg(None, 8), CudaCfg(None, 4), CudaCfg(None, 16), CudaCfg(8, 8), CudaCfg(32, 8),
+                CudaCfg(128, 8)]
     if not (DEV == "cuda" and ce.available() and T <= ce.MAX_T and case.kind in ("swiglu", "experts_sum")
             and case.qtype in (IQ2_XXS, Q2_K)):
         return []

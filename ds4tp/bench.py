@@ -295,15 +295,17 @@ def _bench_rank(comm, dev, cfg):
     res["decode_d0_one_stream"] = time_decode(model, 1, steps, max_ctx=256)
     model.overlap = True
     save()
-    # the routed experts on the Triton kernels instead of the CUDA C ones (cuda_experts), same run
-    from ds4tp.kernels import cuda_experts
-    if cuda_experts.available():
-        cuda_experts.set_enabled(False)
-        try:
-            res["decode_d0_triton_experts"] = time_decode(model, 1, steps, max_ctx=256)
-        finally:
-            cuda_experts.set_enabled(True)
-        save()
+    # the routed experts (cuda_experts), then the one-token Q8_0 matvecs (cuda_matvec) on the
+    # Triton kernels instead of the CUDA C ones, same run
+    from ds4tp.kernels import cuda_experts, cuda_matvec
+    for key, path in (("decode_d0_triton_experts", cuda_experts), ("decode_d0_triton_q8_0", cuda_matvec)):
+        if path.available():
+            path.set_enabled(False)
+            try:
+                res[key] = time_decode(model, 1, steps, max_ctx=256)
+            finally:
+                path.set_enabled(True)
+            save()
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ds4tp import numerics, ops  # noqa: E402
-from ds4tp.config import BLOCK, F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, type_name  # noqa: E402
+from ds4tp.config import BLOCK, F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, RMS_EPS, type_name  # noqa: E402
 from ds4tp.qtensor import QTensor  # noqa: E402
 
 TYPES = (F16, Q8_0, Q2_K, Q4_K, IQ2_XXS)
@@ -241,6 +241,46 @@ def case_cuda_not_covered(device, gen):
     return "None for each"
 
 
+def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False, rpb=None, warps=None):
+    """The CUDA C Q8_0 one-token matvec (cuda_matvec.q8_0) against the twin of its entry point
+    (linear, grouped_linear, linear_normed); asserts that it took the case."""
+    from ds4tp.kernels import cuda_matvec as cm
+    kw = {"rpb": rpb, **({"warps": warps} if warps else {})}
+    if shard:
+        w = column_shard(rand_weight(Q8_0, (n_out, 2 * n_in), gen, device), 1, 2)
+        assert not w.raw.is_contiguous()
+    else:
+        w = rand_weight(Q8_0, (n_out, n_in), gen, device)
+    x = rand_act((1, groups * n_in), gen, device)
+    tag = f"cuda q8_0 {n_out}x{n_in} groups={groups} normed={normed} shard={shard} rpb={rpb}"
+    if normed:
+        norm = (torch.rand(n_in, generator=gen) + 0.5).to(device)
+        got, want = cm.q8_0(w, x, norm=norm, eps=RMS_EPS, **kw), ops.linear_normed_torch(w, x, norm)
+    elif groups > 1:
+        got = cm.q8_0(w, x, groups, **kw)
+        want = ops.grouped_linear_torch(w, x.view(1, groups, n_in)).reshape(1, -1)
+    else:
+        got, want = cm.q8_0(w, x, **kw), ops.linear_torch(w, x)
+    assert got is not None, f"{tag}: the kernel did not take the case"
+    return check(tag, got, want)
+
+
+def case_cuda_q8_0_not_covered(device, gen):
+    """What the CUDA C Q8_0 matvec leaves to the Triton kernels: None, no failure."""
+    from ds4tp.kernels import cuda_matvec as cm
+    w = rand_weight(Q8_0, (16, 1536), gen, device)                 # not 512 * 2^i inputs
+    assert cm.q8_0(w, rand_act((1, 1536), gen, device)) is None
+    w = rand_weight(Q8_0, (16, 256), gen, device)                  # fewer than 512 inputs
+    assert cm.q8_0(w, rand_act((1, 256), gen, device)) is None
+    w = rand_weight(Q8_0, (16, 512), gen, device)
+    assert cm.q8_0(w, rand_act((2, 512), gen, device)) is None    # two tokens
+    assert cm.q8_0(w, rand_act((1, 512), gen, device).double()) is None
+    assert cm.q8_0(w, rand_act((1, 512), gen, device), norm=torch.ones(256, device=device)) is None
+    wf = rand_weight(F16, (16, 512), gen, device)                  # other weight types
+    assert cm.q8_0(wf, rand_act((1, 512), gen, device)) is None
+    return "None for each"
+
+
 def cuda_c_cases():
     """The CUDA C kernels (need CUDA and CuPy): DS4's K = 6 and K = 8, T = 1..4, -1 and duplicate
     ids, TP shards (rows of gate/up, columns of down), row counts that leave a partial block."""
@@ -257,6 +297,18 @@ def cuda_c_cases():
     # other block sizes (a compile-time constant) that benchmarks time
     yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)
     yield "cuda down 8 warps cols K=8", case_cuda_down_sum, (12, 48, 1024, 1, 8, None, False, "cols", 8)
+    # the Q8_0 one-token matvec: every input width, rows that leave warps and blocks partial
+    for n_in in (512, 1024, 2048, 4096, 8192, 16384):
+        yield f"cuda q8_0 {n_in} in", case_cuda_q8_0, (72, n_in)
+    yield "cuda q8_0 q_b normed", case_cuda_q8_0, (300, 1024, 1, True)
+    yield "cuda q8_0 normed 4096 rpb 8", case_cuda_q8_0, (40, 4096, 1, True, False, 8)
+    yield "cuda q8_0 grouped 8", case_cuda_q8_0, (8 * 40, 4096, 8)
+    yield "cuda q8_0 grouped 4 rpb 16", case_cuda_q8_0, (4 * 24, 1024, 4, False, False, 16)
+    yield "cuda q8_0 column shard", case_cuda_q8_0, (48, 2048, 1, False, True)
+    yield "cuda q8_0 many rows per warp", case_cuda_q8_0, (4099, 1024, 1, False, False, 512)
+    yield "cuda q8_0 4 warps", case_cuda_q8_0, (100, 8192, 1, False, False, None, 4)
+    yield "cuda q8_0 16 warps normed", case_cuda_q8_0, (100, 2048, 1, True, False, None, 16)
+    yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
 
 
 H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)
@@ -432,7 +484,6 @@ def case_hc_logits(device, gen, n, E, N, split=None):
 def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     """One token's Q8_0 matvec of rms_norm(x, w) with the norm in the kernel's prologue, against
     ops.linear_normed_torch."""
-    from ds4tp.config import RMS_EPS
     from ds4tp.kernels import triton_matvec as tm
     w = rand_weight(Q8_0, (n_out, n_in), gen, device)
     x = rand_act((1, n_in), gen, device)

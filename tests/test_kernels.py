@@ -58,8 +58,8 @@ def test_cuda_small_cases(case):
 
 @needs_cuda
 @pytest.mark.parametrize("case", CUDA_C, ids=[c[0] for c in CUDA_C])
-def test_cuda_c_experts(case):
-    """The CUDA C routed-expert kernels (ds4tp/kernels/experts.cu) against their twins."""
+def test_cuda_c_kernels(case):
+    """The CUDA C kernels (ds4tp/kernels/experts.cu, matvec.cu) against their twins."""
     if not _have_cupy():
         pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
     name, fn, args = case
@@ -68,7 +68,8 @@ def test_cuda_c_experts(case):
 
 @needs_cuda
 def test_cuda_c_dispatch():
-    """With CuPy, ops routes DS4's decode-sized routed launches to the CUDA C kernels (same bits
+    """With CuPy, ops routes DS4's decode-sized routed launches and one-token Q8_0 matvecs to the
+    CUDA C kernels (same bits
     as calling them directly, repeatable: no atomics)."""
     if not _have_cupy():
         pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
@@ -88,12 +89,25 @@ def test_cuda_c_dispatch():
     runs = [ops.expert_linear(wd, xm, ids, sum_slots=True) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     assert torch.equal(runs[0], ce.down_sum(wd, xm, ids))
+    # the one-token Q8_0 matvec: linear, linear_normed, grouped_linear
+    from ds4tp.config import RMS_EPS
+    from ds4tp.kernels import cuda_matvec as cm
+    w = kc.rand_weight(Q8_0, (96, 1024), g, "cuda")
+    x = kc.rand_act((1, 1024), g, "cuda")
+    norm = torch.rand(1024, generator=g).cuda() + 0.5
+    runs = [ops.linear(w, x) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert torch.equal(runs[0], cm.q8_0(w, x))
+    assert torch.equal(ops.linear_normed(w, x, norm), cm.q8_0(w, x, norm=norm, eps=RMS_EPS))
+    xg = kc.rand_act((1, 4, 1024), g, "cuda")
+    assert torch.equal(ops.grouped_linear(w, xg).reshape(1, -1), cm.q8_0(w, xg.reshape(1, -1), 4))
 
 
 def test_cuda_c_compile_failure_falls_back(monkeypatch):
-    """Where the CUDA C kernels do not compile (an NVRTC without the GPU's architecture, say),
-    one warning names the error and the launches fall back (None), without compiling again."""
-    from ds4tp.kernels import cuda_experts as ce
+    """Where a CUDA C source does not compile (an NVRTC without the GPU's architecture, say),
+    one warning names the error and its kernels are None (the launches fall back), without
+    compiling again."""
+    from ds4tp.kernels import cuda_c
     calls = []
 
     class FakeDevice:
@@ -112,13 +126,16 @@ def test_cuda_c_compile_failure_falls_back(monkeypatch):
             raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture")
 
     fake = type("FakeCupy", (), {"cuda": type("C", (), {"Device": FakeDevice}), "RawModule": FakeModule})
-    monkeypatch.setattr(ce, "_cupy", lambda: fake)
-    monkeypatch.setattr(ce, "_FAILED", {})
-    ce._kernels.cache_clear()
-    with pytest.warns(RuntimeWarning, match="did not compile.*gpu-architecture"):
-        assert ce._compiled(0) is None
-    assert ce._compiled(0) is None and len(calls) == 1
-    ce._kernels.cache_clear()
+    monkeypatch.setattr(cuda_c, "_cupy", lambda: fake)
+    monkeypatch.setattr(cuda_c, "_FAILED", {})
+    cuda_c._module.cache_clear()
+    with pytest.warns(RuntimeWarning, match="experts.cu did not compile.*gpu-architecture"):
+        assert cuda_c.kernel("experts.cu", "q2k_down_sum", 0, (("WARPS", 16),)) is None
+    assert cuda_c.kernel("experts.cu", "iq2xxs_swiglu", 0, (("WARPS", 16),)) is None and len(calls) == 1
+    assert calls[0] == ("--std=c++14", "-DWARPS=16")
+    with pytest.warns(RuntimeWarning, match="matvec.cu did not compile"):
+        assert cuda_c.kernel("matvec.cu", "q8_0_matvec", 0, (("WARPS", 8),)) is None
+    cuda_c._module.cache_clear()
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")

@@ -7,7 +7,8 @@ docstring for the numerics (bit-identical activation quantisation, exact weight 
 float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing. Routed
 experts at decode sizes (IQ2_XXS gate/up, Q2_K down, up to 4 tokens) take the CUDA C kernels of
 `cuda_experts` where CuPy is installed, else the packed-integer dp4a Triton kernels; larger
-launches the tensor-core tile kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of
+launches the tensor-core tile kernel. A one-token Q8_0 matvec (linear, grouped, normed) takes
+the CUDA C kernel of `cuda_matvec` where CuPy is installed, else the Triton split-layout kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of
 `triton_gemm` takes every supported weight type: one launch for all tokens (routed experts
 grouped by expert), the same exact block dots (F16 in 3xTF32).
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import functools
 
-from ds4tp.config import SWIGLU_CLAMP
+from ds4tp.config import Q8_0, SWIGLU_CLAMP
 
 GEMM_MIN_T = 17     # tokens from which one many-token launch replaces chunks of TQ_MAX = 16
 
@@ -64,12 +65,23 @@ def _many(T: int) -> bool:
     return T >= GEMM_MIN_T
 
 
+def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0):
+    """The CUDA C Q8_0 matvec for one token (x2 [1, groups*in]) where CuPy is here, else None."""
+    if w.qtype != Q8_0 or x2.shape[0] != 1:
+        return None
+    from ds4tp.kernels import cuda_matvec
+    return cuda_matvec.q8_0(w, x2, groups, norm, eps)
+
+
 def linear(w, x):
     if not _covered(w, x):
         return None
     if _many(x.shape[0]):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x)
+    y = _cuda_q8_0(w, x)
+    if y is not None:
+        return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear(w, x)
 
@@ -78,6 +90,9 @@ def linear_normed(w, x, norm, eps):
     """linear(w, rms_norm(x, norm)) in one launch for one token (Q8_0), else None."""
     if not _covered(w, x) or not norm.is_cuda or _many(x.shape[0]):
         return None
+    y = _cuda_q8_0(w, x, 1, norm, eps) if x.dim() == 2 else None
+    if y is not None:
+        return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear_normed(w, x, norm, eps)
 
@@ -89,6 +104,9 @@ def grouped_linear(w, x):
     if _many(T):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
+    y = _cuda_q8_0(w, x.reshape(T, G * n_in), G)
+    if y is not None:
+        return y.view(T, G, -1)
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
 

@@ -12,21 +12,18 @@ Launches go to torch's current stream, so they are captured into CUDA graphs lik
 """
 from __future__ import annotations
 
-import functools
-import warnings
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from ds4tp.config import IQ2_XXS, Q2_K
+from ds4tp.kernels import cuda_c
+from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
 
 WARPS = 16         # warps per block (H200 sweep: 23.5 vs 24.9 us gate/up, 15.8 vs 17.3 down at 8)
 A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 16-byte pieces)
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
-_SRC = Path(__file__).with_name("experts.cu")
 _enabled = True
 
 
@@ -36,95 +33,21 @@ def set_enabled(on: bool) -> None:
     _enabled = bool(on)
 
 
-@functools.lru_cache(maxsize=1)
-def _cupy():
-    try:
-        import cupy
-        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:
-        return None
-
-
 def available() -> bool:
-    return _enabled and torch.cuda.is_available() and _cupy() is not None
-
-
-@functools.lru_cache(maxsize=16)
-def _kernels(device_index: int, warps: int = WARPS):
-    """Compile once per device (NVRTC). `warps` per block is a compile-time constant (benchmarks
-    time other values)."""
-    cp = _cupy()
-    with cp.cuda.Device(device_index):
-        mod = cp.RawModule(code=_SRC.read_text(), options=("--std=c++14", f"-DWARPS={warps}"))
-        return mod.get_function("iq2xxs_swiglu"), mod.get_function("q2k_down_sum")
-
-
-_FAILED: dict = {}     # (device index, warps) -> why the kernels did not compile there
-
-
-def _compiled(device_index: int, warps: int = WARPS):
-    """The two kernels, or None where they do not compile (e.g. an NVRTC that lacks this GPU's
-    architecture): one warning naming the error, then the Triton kernels take the launches. The
-    CUDA C twin tests assert that this path ran, so a GPU test run still fails on it."""
-    key = (device_index, warps)
-    if key in _FAILED:
-        return None
-    try:
-        return _kernels(device_index, warps)
-    except Exception as exc:
-        _FAILED[key] = exc
-        warnings.warn(f"ds4tp: the CUDA C routed-expert kernels did not compile for device "
-                      f"{device_index} ({type(exc).__name__}: {str(exc)[:400]}); the Triton "
-                      f"kernels take their launches", RuntimeWarning, stacklevel=3)
-        return None
+    return _enabled and cuda_c.available()
 
 
 def _kernel(x: torch.Tensor, warps: int, which: int):
-    """Kernel `which` (0: gate/up, 1: down) compiled for x's device, or None (see _compiled)."""
-    fns = _compiled(x.device.index, warps)
-    return fns[which] if fns is not None else None
-
-
-@functools.lru_cache(maxsize=64)
-def _resident(fn, warps: int, device_index: int) -> int:
-    """Blocks of this kernel one SM holds at once (registers, shared memory, threads)."""
-    props = torch.cuda.get_device_properties(device_index)
-    try:
-        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes)
-    except Exception:   # attribute names differ between CuPy versions: assume the worst seen
-        regs, smem = 128, 40 << 10
-    per_warp = -(-max(regs, 1) * 32 // 256) * 256          # registers are allocated per warp
-    by_regs = 65536 // (per_warp * warps)
-    sm_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10)
-    by_smem = sm_smem // (smem + 1024) if smem else 32
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
-    return max(1, min(by_regs, by_smem, by_threads, 32))
+    """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block is a
+    compile-time constant; benchmarks time other values), or None (see cuda_c.kernel)."""
+    return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum")[which], x.device.index,
+                         (("WARPS", warps),))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
     """Rows per block: the fewest that fit every block in one wave (all resident at once), so
     that each block's prologue (grid table, activation quantisation) is paid once per slot."""
-    from ds4tp.kernels.triton_matvec import _sm_count
-    slots = _resident(fn, warps, device.index) * _sm_count(device)
-    return max(1, -(-n_rows * T // slots))
-
-
-_STREAMS: dict = {}
-
-
-def _launch(fn, device: torch.device, grid, warps: int, args) -> None:
-    cp = _cupy()
-    handle = torch.cuda.current_stream(device).cuda_stream
-    st = _STREAMS.get((device.index, handle))
-    if st is None:
-        st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)
-    with cp.cuda.Device(device.index), st:
-        fn(grid, (warps * 32,), args)
-
-
-def _ptr(t: torch.Tensor):
-    """A tensor's address as a kernel pointer argument."""
-    return np.uint64(t.data_ptr())
+    return max(1, -(-n_rows * T // cuda_c.wave_slots(fn, warps, device)))
 
 
 def _aligned(raw: torch.Tensor, a: int) -> bool:

@@ -10,7 +10,7 @@
 // Why CUDA C here: an IQ2_XXS super-block is 66 bytes, so its fields are only 2-byte aligned.
 // These kernels read whole rows with 16-byte loads into shared memory (rows of 16 super-blocks
 // are 1056 bytes, 16-byte aligned) and decode from there; the grid table lives in shared memory.
-// No headers: NVRTC compiles this with the built-in types and intrinsics only.
+// Compiled with common.cuh in front (ds4tp.kernels.cuda_c): FULL, h2f, warp_sum.
 
 #ifndef WARPS
 #define WARPS 16                // warps per block; the host compiles and launches with the same
@@ -20,13 +20,6 @@
 #define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
 #define B_MAX_KB 8              // down: at most 2048 inputs per row
 #define B_MAX_K 8               // slots per token
-#define FULL 0xffffffffu
-
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
 
 // Q8_K of one 256-block by one warp: lane l holds elements 8l..8l+7 in v. The scale comes from
 // the signed element of largest magnitude (first on ties): iscale = -127/m, q = rint(clamp(
@@ -63,12 +56,6 @@ __device__ __forceinline__ void q8k_block(const float* v, int lane, signed char*
         if ((lane & 1) == 0) bs[lane >> 1] = s;
     }
     if (lane == 0) *d = mv != 0.0f ? __fdiv_rn(1.0f, iscale) : 0.0f;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
-    return v;
 }
 
 __device__ __forceinline__ void load_act(const signed char* q, int (&xs)[8]) {

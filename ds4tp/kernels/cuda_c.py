@@ -1,0 +1,104 @@
+"""What the CUDA C kernels share: compiling a .cu file with NVRTC through CuPy, launching on
+torch's current stream, and the occupancy arithmetic behind their default launch shapes.
+
+Host modules: `cuda_experts` (experts.cu: routed experts) and `cuda_matvec` (matvec.cu: the Q8_0
+one-token matvec). Every .cu file is compiled with `common.cuh` in front of it (no headers:
+NVRTC sees only the built-in types and intrinsics). A source that does not compile (e.g. an
+NVRTC without the GPU's architecture) warns once and its host module returns None, so the
+dispatch in ds4tp.kernels takes the Triton kernels.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_DIR = Path(__file__).parent
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy():
+    try:
+        import cupy
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:
+        return None
+
+
+def available() -> bool:
+    """CUDA and CuPy (the `gpu` extra) are both here."""
+    return torch.cuda.is_available() and _cupy() is not None
+
+
+@functools.lru_cache(maxsize=32)
+def _module(src: str, device_index: int, defines: tuple):
+    """src compiled once per device and set of -D defines (compile-time launch constants)."""
+    cp = _cupy()
+    code = (_DIR / "common.cuh").read_text() + "\n" + (_DIR / src).read_text()
+    opts = ("--std=c++14", *(f"-D{k}={v}" for k, v in defines))
+    with cp.cuda.Device(device_index):
+        return cp.RawModule(code=code, options=opts)
+
+
+_FAILED: dict = {}     # (src, device index, defines) -> why it did not compile there
+
+
+def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
+    """Kernel `name` of `src` compiled for the device, or None where the source does not compile
+    (one warning naming the error; never compiled again). The CUDA C twin tests assert that
+    their path ran, so a GPU test run still fails on it."""
+    key = (src, device_index, defines)
+    if key in _FAILED:
+        return None
+    try:
+        return _module(src, device_index, defines).get_function(name)
+    except Exception as exc:
+        _FAILED[key] = exc
+        warnings.warn(f"ds4tp: the CUDA C kernels of {src} did not compile for device "
+                      f"{device_index} ({type(exc).__name__}: {str(exc)[:400]}); the Triton "
+                      f"kernels take their launches", RuntimeWarning, stacklevel=3)
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def resident(fn, warps: int, device_index: int) -> int:
+    """Blocks of this kernel one SM holds at once (registers, shared memory, threads)."""
+    props = torch.cuda.get_device_properties(device_index)
+    try:
+        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes)
+    except Exception:   # attribute names differ between CuPy versions: assume the worst seen
+        regs, smem = 128, 40 << 10
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256          # registers are allocated per warp
+    by_regs = 65536 // (per_warp * warps)
+    sm_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10)
+    by_smem = sm_smem // (smem + 1024) if smem else 32
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
+
+
+def wave_slots(fn, warps: int, device: torch.device) -> int:
+    """Blocks that run at once on the whole GPU (one wave)."""
+    from ds4tp.kernels.triton_matvec import _sm_count
+    return resident(fn, warps, device.index) * _sm_count(device)
+
+
+_STREAMS: dict = {}
+
+
+def launch(fn, device: torch.device, grid, warps: int, args) -> None:
+    """fn on torch's current stream of `device` (so CUDA graph capture records it)."""
+    cp = _cupy()
+    handle = torch.cuda.current_stream(device).cuda_stream
+    st = _STREAMS.get((device.index, handle))
+    if st is None:
+        st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)
+    with cp.cuda.Device(device.index), st:
+        fn(grid, (warps * 32,), args)
+
+
+def ptr(t: torch.Tensor):
+    """A tensor's address as a kernel pointer argument."""
+    return np.uint64(t.data_ptr())

@@ -1,0 +1,80 @@
+"""The Q8_0 matvec of one decode token in CUDA C (matvec.cu, compiled by NVRTC through CuPy).
+
+`q8_0(w, x, groups, norm, eps)` covers the three one-token Q8_0 entry points of the dispatch:
+linear, grouped_linear (attn_output_a) and linear_normed (attn_q_b after its RMS norm). It reads
+the same split layout as the Triton kernel (triton_matvec.q8_0_split), quantises the input in
+its prologue bit-identically to numerics.q8_0_act, and sums each 32-block exactly in integers,
+so results differ from the torch twins only by float32 rounding (tests/kernel_cases.py:
+case_cuda_q8_0). One warp per row, no split K: no workspace, no second pass.
+
+It returns None for what it does not cover (no CuPy, T > 1, other weight types, inputs that are
+not 512 * 2^i <= MAX_K wide); the dispatch in ds4tp.kernels then takes the Triton kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ds4tp.config import Q8_0
+from ds4tp.kernels import cuda_c
+
+WARPS = 8          # warps per block
+MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
+_WIDTHS = tuple(512 << i for i in range(6))   # 512 .. 16384: whole 16-byte pieces per lane
+_enabled = True
+
+
+def set_enabled(on: bool) -> None:
+    """Benchmarks switch this path off to time the Triton kernel in the same run."""
+    global _enabled
+    _enabled = bool(on)
+
+
+def available() -> bool:
+    return _enabled and cuda_c.available()
+
+
+def _kernel(device: torch.device, warps: int):
+    return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index, (("WARPS", warps),))
+
+
+def default_rpb(fn, n_rows: int, device: torch.device, warps: int = WARPS) -> int:
+    """Rows per block: all blocks in one wave, the same number of rows for every warp."""
+    per = -(-n_rows // cuda_c.wave_slots(fn, warps, device))
+    return -(-per // warps) * warps
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.contiguous()
+
+
+def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
+         rpb: int | None = None, warps: int = WARPS) -> torch.Tensor | None:
+    """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
+    x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
+    rms_norm(x, norm) with eps in place of x. None if not covered."""
+    if not (available() and w.qtype == Q8_0 and len(w.shape) == 2 and x.dim() == 2
+            and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
+            and x.device == w.raw.device):
+        return None
+    N, K = w.shape
+    if K not in _WIDTHS or groups < 1 or N % groups or x.shape[1] != groups * K:
+        return None
+    if norm is not None and (groups != 1 or norm.shape != (K,) or norm.dtype != torch.float32
+                             or norm.device != x.device):
+        return None
+    fn = _kernel(x.device, warps)
+    if fn is None:
+        return None
+    from ds4tp.kernels.triton_matvec import q8_0_split
+    q, d = q8_0_split(w)
+    x = _aligned16(x)
+    nw = _aligned16(norm) if norm is not None else None
+    y = torch.empty(1, N, dtype=torch.float32, device=x.device)
+    rpg = N // groups
+    rpb = rpb or default_rpb(fn, N, x.device, warps)
+    cuda_c.launch(fn, x.device, (-(-rpg // rpb), groups), warps,
+                  (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
+                   cuda_c.ptr(nw) if nw is not None else np.uint64(0), np.float32(eps),
+                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
+    return y
