@@ -204,10 +204,10 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
     return {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
 
 
-# the Triton kernels that stream weights (and quantise their activations); everything else in a
-# step (the HC mixer kernel, Inductor's fused small ops, attention, copies) counts as "other"
+# the Triton and CUDA C kernels that stream weights (and quantise their activations); everything
+# else in a step (the HC mixer kernel, Inductor's fused small ops, attention, copies) is "other"
 WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
-                  "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum"}
+                  "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec"}
 
 
 def profile_split(model, max_ctx: int = 256) -> dict:
