@@ -156,14 +156,16 @@ class Op:
         k = self.case.kind
         if isinstance(cfg, CudaCfg) and k in ("linear", "grouped"):   # CUDA C Q8_0 (cuda_matvec)
             from ds4tp.kernels import cuda_matvec as cm
-            y = cm.q8_0(w, self.x, self.case.groups, rpb=cfg.rpc, warps=cfg.warps)
+            y = cm.q8_0(w, self.x, self.case.groups, rpb=cfg.rpc, warps=cfg.warps, loads=cfg.loads,
+                        minb=cfg.minb)
             if y is None:
                 raise ValueError("the CUDA C path does not cover this case")
             return y
         if isinstance(cfg, CudaCfg):                   # the CUDA C routed kernels (cuda_experts)
             from ds4tp.kernels import cuda_experts as ce
             if k == "swiglu":
-                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps)
+                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps,
+                              sel=cfg.sel)
             else:
                 y = (ce.down_sum(w, self.x, self.ids, rpc=cfg.rpc, warps=cfg.warps)
                      if k == "experts_sum" else None)
@@ -266,17 +268,23 @@ class CudaCfg:
     rpc: int | None = None
     warps: int = 16
     path: str = "cuda_c"
+    sel: bool = True       # routed gate/up: grid rows as PRMT selectors (False: 64-bit rows)
+    loads: int = 8         # Q8_0: 16-byte loads in flight per lane
+    minb: int = 0          # Q8_0: blocks per SM the register allocation must allow (0: any)
 
 
 def cuda_cfgs(case: Case, T: int) -> list:
     from ds4tp.kernels import cuda_experts as ce
     from ds4tp.kernels import cuda_matvec as cm
     if DEV == "cuda" and cm.available() and T == 1 and case.qtype == Q8_0 and case.kind in ("linear", "grouped"):
-        return [CudaCfg(None, 8), CudaCfg(None, 4), CudaCfg(None, 16), CudaCfg(8, 8), CudaCfg(32, 8),
-                CudaCfg(128, 8)]
+        return [CudaCfg(None, 8), CudaCfg(None, 16), CudaCfg(None, 8, loads=4), CudaCfg(None, 16, loads=4),
+                CudaCfg(None, 4, loads=4), CudaCfg(None, 8, loads=16), CudaCfg(None, 8, minb=3),
+                CudaCfg(32, 8)]
     if not (DEV == "cuda" and ce.available() and T <= ce.MAX_T and case.kind in ("swiglu", "experts_sum")
             and case.qtype in (IQ2_XXS, Q2_K)):
         return []
+    if case.kind == "swiglu":
+        return [CudaCfg(None), CudaCfg(None, sel=False), CudaCfg(None, 8), CudaCfg(8), CudaCfg(16)]
     return [CudaCfg(None), CudaCfg(None, 8), CudaCfg(4), CudaCfg(8), CudaCfg(16), CudaCfg(32)]
 
 

@@ -200,11 +200,12 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
                         f"swiglu {type_name(qtype)} {n_out}x{n_in} T={T}")
 
 
-def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
+def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None,
+                     sel=True):
     """The CUDA C gate/up kernel (cuda_experts.swiglu, IQ2_XXS) against the twin; asserts that
-    it took the case."""
+    it took the case. sel: the grid as PRMT selector words (else 64-bit rows)."""
     from ds4tp.kernels import cuda_experts as ce
-    kw = {"warps": warps} if warps else {}
+    kw = {"sel": sel, **({"warps": warps} if warps else {})}
     return _swiglu_case(device, gen, IQ2_XXS, E, n_out, n_in, T, K, dup, shard,
                         lambda wg, wu, x, ids, rw: ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc, **kw),
                         f"cuda swiglu {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}")
@@ -241,11 +242,12 @@ def case_cuda_not_covered(device, gen):
     return "None for each"
 
 
-def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False, rpb=None, warps=None):
+def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False, rpb=None, warps=None,
+                   loads=None):
     """The CUDA C Q8_0 one-token matvec (cuda_matvec.q8_0) against the twin of its entry point
     (linear, grouped_linear, linear_normed); asserts that it took the case."""
     from ds4tp.kernels import cuda_matvec as cm
-    kw = {"rpb": rpb, **({"warps": warps} if warps else {})}
+    kw = {"rpb": rpb, **({"warps": warps} if warps else {}), **({"loads": loads} if loads else {})}
     if shard:
         w = column_shard(rand_weight(Q8_0, (n_out, 2 * n_in), gen, device), 1, 2)
         assert not w.raw.is_contiguous()
@@ -296,6 +298,7 @@ def cuda_c_cases():
     yield "cuda not covered", case_cuda_not_covered, ()
     # other block sizes (a compile-time constant) that benchmarks time
     yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)
+    yield "cuda swiglu 64-bit grid rows", case_cuda_swiglu, (8, 40, 4096, 2, 6, None, True, "rows", None, False)
     yield "cuda down 8 warps cols K=8", case_cuda_down_sum, (12, 48, 1024, 1, 8, None, False, "cols", 8)
     # the Q8_0 one-token matvec: every input width, rows that leave warps and blocks partial
     for n_in in (512, 1024, 2048, 4096, 8192, 16384):
@@ -308,6 +311,9 @@ def cuda_c_cases():
     yield "cuda q8_0 many rows per warp", case_cuda_q8_0, (4099, 1024, 1, False, False, 512)
     yield "cuda q8_0 4 warps", case_cuda_q8_0, (100, 8192, 1, False, False, None, 4)
     yield "cuda q8_0 16 warps normed", case_cuda_q8_0, (100, 2048, 1, True, False, None, 16)
+    yield "cuda q8_0 4 loads", case_cuda_q8_0, (70, 1024, 1, False, False, 16, 8, 4)
+    yield "cuda q8_0 16 loads grouped", case_cuda_q8_0, (4 * 20, 512, 4, False, False, None, 8, 16)
+    yield "cuda q8_0 16 loads 8192", case_cuda_q8_0, (30, 8192, 1, True, False, None, 8, 16)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
 
 

@@ -19,6 +19,8 @@ from ds4tp.config import Q8_0
 from ds4tp.kernels import cuda_c
 
 WARPS = 8          # warps per block
+LOADS = 8          # 16-byte loads in flight per lane (matvec.cu LOADS)
+MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
 _WIDTHS = tuple(512 << i for i in range(6))   # 512 .. 16384: whole 16-byte pieces per lane
 _enabled = True
@@ -34,8 +36,10 @@ def available() -> bool:
     return _enabled and cuda_c.available()
 
 
-def _kernel(device: torch.device, warps: int):
-    return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index, (("WARPS", warps),))
+def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB):
+    """Compiled per device and launch constants (benchmarks time other values)."""
+    return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index,
+                         (("WARPS", warps), ("LOADS", loads), ("MINB", minb)))
 
 
 def default_rpb(fn, n_rows: int, device: torch.device, warps: int = WARPS) -> int:
@@ -49,7 +53,8 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
-         rpb: int | None = None, warps: int = WARPS) -> torch.Tensor | None:
+         rpb: int | None = None, warps: int = WARPS, loads: int = LOADS,
+         minb: int = MINB) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x. None if not covered."""
@@ -63,7 +68,7 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     if norm is not None and (groups != 1 or norm.shape != (K,) or norm.dtype != torch.float32
                              or norm.device != x.device):
         return None
-    fn = _kernel(x.device, warps)
+    fn = _kernel(x.device, warps, loads, minb)
     if fn is None:
         return None
     from ds4tp.kernels.triton_matvec import q8_0_split

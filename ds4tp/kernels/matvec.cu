@@ -17,12 +17,22 @@
 #define WARPS 8                 // warps per block; the host compiles and launches with the same
 #endif
 #define MAX_K 16384             // inputs per row (per group)
-#define LOADS 8                 // 16-byte loads in flight per lane per step
+#ifndef LOADS
+#define LOADS 8                 // 16-byte loads in flight per lane per step (a power of two)
+#endif
+#ifndef MINB
+#define MINB 0                  // blocks per SM the register allocation must allow (0: ptxas' choice)
+#endif
+#if MINB > 0
+#define BOUNDS __launch_bounds__(WARPS * 32, MINB)
+#else
+#define BOUNDS __launch_bounds__(WARPS * 32)
+#endif
 
 // x [K] (16-byte aligned) -> Q8_0 in shared memory: s_q int8 [K], s_d float32 [K/32]. With nw,
 // x is RMS-normed first: float64 sum of squares, the mean rounded to float32, correctly rounded
-// sqrt and reciprocal, then (x * s) * nw. Thread b quantises 32-block b: d = amax/127 and 1/d
-// correctly rounded, q = rint(clamp(x * (1/d), -128, 127)).
+// sqrt and reciprocal, then (x * s) * nw. Per 32-block: d = amax/127 and 1/d correctly rounded,
+// q = rint(clamp(x * (1/d), -128, 127)).
 __device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const float* __restrict__ nw,
                                               float eps, int K, signed char* s_q, float* s_d,
                                               double* s_red) {
@@ -43,45 +53,32 @@ __device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const
         const float ms = (float)(tot / (double)K);
         rs = __fdiv_rn(1.0f, __fsqrt_rn(ms + eps));
     }
-    for (int b = tid; b < K / 32; b += WARPS * 32) {
-        float v[32];
-        const float4* p = (const float4*)(x + 32 * b);
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const float4 a = p[i];
-            v[4 * i] = a.x; v[4 * i + 1] = a.y; v[4 * i + 2] = a.z; v[4 * i + 3] = a.w;
-        }
+    // four lanes per 32-block, 8 elements each (K/8 is a multiple of 64, so a warp's lanes are
+    // all in the loop or all out of it)
+    for (int i = tid; i < K / 8; i += WARPS * 32) {
+        const float4 a = *(const float4*)(x + 8 * i), c = *(const float4*)(x + 8 * i + 4);
+        float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
         if (nw != 0) {
-            const float4* pn = (const float4*)(nw + 32 * b);
+            const float4 na = *(const float4*)(nw + 8 * i), nc = *(const float4*)(nw + 8 * i + 4);
+            const float n[8] = {na.x, na.y, na.z, na.w, nc.x, nc.y, nc.z, nc.w};
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const float4 a = pn[i];
-                v[4 * i] = __fmul_rn(__fmul_rn(v[4 * i], rs), a.x);
-                v[4 * i + 1] = __fmul_rn(__fmul_rn(v[4 * i + 1], rs), a.y);
-                v[4 * i + 2] = __fmul_rn(__fmul_rn(v[4 * i + 2], rs), a.z);
-                v[4 * i + 3] = __fmul_rn(__fmul_rn(v[4 * i + 3], rs), a.w);
-            }
+            for (int j = 0; j < 8; j++) v[j] = __fmul_rn(__fmul_rn(v[j], rs), n[j]);
         }
         float amax = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[i]));
+        for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[j]));
+        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
         const float d = __fdiv_rn(amax, 127.0f);
         const float inv = d > 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
-        int wq[8];
+        unsigned wq[2] = {0u, 0u};
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            unsigned wv = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int q = __float2int_rn(fminf(fmaxf(__fmul_rn(v[4 * i + j], inv), -128.0f), 127.0f));
-                wv |= (unsigned)(q & 255) << (8 * j);
-            }
-            wq[i] = (int)wv;
+        for (int j = 0; j < 8; j++) {
+            const int q = __float2int_rn(fminf(fmaxf(__fmul_rn(v[j], inv), -128.0f), 127.0f));
+            wq[j >> 2] |= (unsigned)(q & 255) << (8 * (j & 3));
         }
-        int4* dst = (int4*)(s_q + 32 * b);
-        dst[0] = make_int4(wq[0], wq[1], wq[2], wq[3]);
-        dst[1] = make_int4(wq[4], wq[5], wq[6], wq[7]);
-        s_d[b] = d;
+        *(uint2*)(s_q + 8 * i) = make_uint2(wq[0], wq[1]);
+        if ((i & 3) == 0) s_d[i >> 2] = d;
     }
     __syncthreads();
 }
@@ -173,7 +170,7 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
 // (nw: rms_norm(x_g, nw) instead; one group). Grid (cdiv(rows_per_group, rpb), groups); block b
 // of group g owns rows g*rows_per_group + b*rpb + 0 .. rpb-1.
 // Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
             const float* __restrict__ x, const float* __restrict__ nw, float eps,
             float* __restrict__ y, int K, int rows_per_group, int rpb) {
