@@ -17,6 +17,7 @@
 #   final6 / final6b: session 6 closing run (one GPU): tests, bench with depth 4096, goldens, profile
 #   depth: the 43-layer graph replay traced at depth 1 and 4096 (where the depth cost goes)
 #   q8c: CUDA C Q8_0 matvec: twin tests, launch sweep vs Triton, traced graph, TP=1 bench
+#   q8c2: + CUDA C router, down + shared add, PRMT grid: tests, sweep, graph, bench, TP=1 goldens
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -212,6 +213,20 @@ elif [ "$MODE" = q8c ]; then
   timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -50
   log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton Q8_0)"
   timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+elif [ "$MODE" = q8c2 ]; then
+  # the second CUDA C round: the router in one launch (matvec + expert choice), the shared
+  # expert added in the routed down launch, gate/up grid rows as PRMT selectors, Q8_0 launch
+  # constants; twin tests, sweeps (Q8_0 and gate/up), a traced graph replay, the TP=1 bench,
+  # TP=1 golden parity on the graph decoder
+  python3 -c "import cupy; print('cupy', cupy.__version__)"
+  gate_tests 150 "cuda_c or dispatch or route" tests/test_kernels.py
+  log "Q8_0 and routed gate/up at T=1: Triton default vs CUDA C launches"
+  timeout 170 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 140 --sweep-cuda-c-only --only attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,routed_gate_up 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -70
+  log "graph-replayed decode step, 6 full-width layers, traced"
+  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -30
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048"
+  timeout 150 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  golden 1 static 150
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth
   # 4096, goldens TP=1, a 4-layer profile at depth 4096 (the indexer active)

@@ -481,13 +481,18 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
     """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: one decode
-    token on CUDA selects in one Triton launch (kernels/triton_route.py), else the twin below
-    (the hash table lookup and route_select)."""
-    logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
-    if logits.shape[0] == 1 and kernels.on_gpu(logits):                 # decode: one launch
+    token on CUDA takes one CUDA C launch for the router matvec and the choice (with CuPy), else
+    the matvec and one Triton launch for the choice (kernels/triton_route.py); otherwise the twin
+    below (the hash table lookup and route_select)."""
+    if xn.shape[0] == 1 and kernels.on_gpu(xn):                         # decode
+        args = (lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:], s.n_expert_used,
+                C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
+        got = kernels.route(lw.router, xn, *args)
+        if got is not None:
+            return got
         from ds4tp.kernels import triton_route
-        return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
-                                  s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
+        return triton_route.route(linear(lw.router, xn), *args)
+    logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
     hashed = lw.tid2eid[tokens] if lw.tid2eid is not None else None   # hash layer: ids by token
     return route_select(logits, lw.router_bias, hashed, s.n_expert_used)
 
@@ -533,12 +538,15 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
         local_ids = local_expert_ids(ids, rank * n_local, n_local)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
-    routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
     side.join()
-    if trace is not None:
+    if trace is None:    # down summed over the slots, plus the shared expert: one launch on CUDA
+        f = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True, add=shared)   # [T, E] partial
+    else:
+        routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)
         trace.update(ffn_split=(post, m), ffn_in=xn, expert_ids=ids, expert_weights=w,
                      moe_out=routed, shared_out=shared)
-    f = comm.all_reduce(routed + shared)                         # FFN all-reduce (routed + shared)
+        f = routed + shared
+    f = comm.all_reduce(f)                                       # FFN all-reduce (routed + shared)
     return hc_post(f, hc, post, m)
 
 

@@ -16,10 +16,13 @@ Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]
   linear_normed(w, x, norm, eps)                 x [1, in]: linear(w, rms_norm(x, norm))
   grouped_linear(w, x)                           x [T, G, in_g]      -> [T, G, out/G]
-  expert_linear(w, x, ids, sum_slots=False)      x [T, in]|[T, K, in], ids [T, K]
-                                                 -> [T, K, out], or summed over K [T, out]
+  expert_linear(w, x, ids, sum_slots=False, add=None)
+                                                 x [T, in]|[T, K, in], ids [T, K]
+                                                 -> [T, K, out], or summed over K [T, out] (+ add)
   expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
                                                  -> [T, K, out] = swiglu(gate, up) * weights
+  route(w, x, bias, tid2eid, token, k, floor, scale)
+                                                 x [1, in] -> ids, weights [1, k] (model.route)
 """
 from __future__ import annotations
 
@@ -111,20 +114,34 @@ def grouped_linear(w, x):
     return tm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
 
 
-def expert_linear(w, x, ids, sum_slots: bool = False):
+def route(w, x, bias, tid2eid, token, k: int, floor: float, scale: float):
+    """One decode token's router, its F16 matvec and the expert choice in one CUDA C launch
+    (cuda_matvec.route): (ids [1, k], weights [1, k]), or None (then the matvec and
+    triton_route's selection, two launches)."""
+    if not (_covered(w, x) and x.shape[0] == 1):
+        return None
+    from ds4tp.kernels import cuda_matvec
+    got = cuda_matvec.route(w, x, bias, tid2eid, token, k, floor, scale)
+    return got[:2] if got is not None else None
+
+
+def expert_linear(w, x, ids, sum_slots: bool = False, add=None):
+    """add [T, out] (with sum_slots): added to the slot sum, in the CUDA C launch itself."""
     if not _covered(w, x) or not ids.is_cuda:
         return None
+    plus = (lambda y: y) if add is None else (lambda y: y + add)   # noqa: E731
     if _many(ids.shape[0]):
         from ds4tp.kernels import triton_gemm as tg
         y = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS)
-        return y.sum(1) if sum_slots else y
+        return plus(y.sum(1)) if sum_slots else y
     if sum_slots:
         from ds4tp.kernels import cuda_experts
-        y = cuda_experts.down_sum(w, x, ids)
+        y = cuda_experts.down_sum(w, x, ids, add=add)
         if y is not None:
             return y
     from ds4tp.kernels import triton_matvec as tm
-    return tm.expert_linear(w, x, ids, sum_slots=sum_slots)
+    y = tm.expert_linear(w, x, ids, sum_slots=sum_slots)
+    return plus(y) if sum_slots else y
 
 
 def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):

@@ -267,7 +267,8 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
     return dx * (d * (float)A - dmin * (float)B);
 }
 
-// out[t, n] = sum_k down_e . x_{t,k}, e = ids[t, k] (slots with e < 0 add nothing): the routed
+// out[t, n] = sum_k down_e . x_{t,k} (+ addv[t, n] when given: the shared expert's output), e =
+// ids[t, k] (slots with e < 0 add nothing): the routed
 // Q2_K down projection summed over the slots. Grid (cdiv(N, rpc), T); block = WARPS warps. The
 // block quantises the K slot activations x[t, k, :], then warp w takes rows n0+w, n0+w+WARPS, ...
 // Per row the lanes cover (slot, super-block, quarter) units: a quarter (nh, h) of super-block
@@ -281,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
              const float* __restrict__ x, long long stride_xt, long long stride_xk,
              const long long* __restrict__ ids, float* __restrict__ out, long long stride_ot,
-             int N, int KB, int K, int rpc) {
+             const float* __restrict__ addv, long long stride_at, int N, int KB, int K, int rpc) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * 256];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * 16];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
@@ -331,7 +332,8 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             }
         }
         acc = warp_sum(acc);
-        if (lane == 0) out[(long long)t * stride_ot + n] = acc;
+        if (lane == 0)
+            out[(long long)t * stride_ot + n] = addv != 0 ? acc + addv[(long long)t * stride_at + n] : acc;
         n += WARPS;
         B_LOAD()                          // the next row's loads (nothing past nend)
     }

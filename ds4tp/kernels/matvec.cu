@@ -191,3 +191,137 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
         case 32: q8_0_block<32>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
     }
 }
+
+// ---- the router of one decode token: F16 matvec and the expert choice in one launch ----------
+// Twins: ops.linear_torch (logits) and model.route_select (with the hash-table lookup).
+#define ROUTE_MAX_E 512         // experts
+#define ROUTE_RB 2              // router rows per block
+#define ROUTE_KS (WARPS / ROUTE_RB)   // warps per row, each a contiguous slice of K
+#define ROUTE_LOADS 4           // 16-byte loads in flight per lane
+
+// numerics.softplus: its three branches
+__device__ __forceinline__ float softplus3(float z) {
+    return z > 20.0f ? z : (z < -20.0f ? expf(z) : log1pf(expf(z)));
+}
+
+// Warp 0 of the last block: p = sqrt(softplus(logit)); the k ids of the largest p + bias, in
+// descending order, ties to the lower id (a stable descending sort), or row `token` of the hash
+// table; weights = p[id] / max(sum of the k p, floor) * scale.
+__device__ __forceinline__ void route_pick(const float* logits, const float* bias,
+                                           const long long* tid2eid, const long long* token,
+                                           long long* ids, float* wts, int N, int k,
+                                           float floor_, float scale, int lane) {
+    constexpr int J = ROUTE_MAX_E / 32;
+    float p[J], sc[J];
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+        const int e = lane + 32 * j;
+        p[j] = 0.0f;
+        sc[j] = NEG_INF;
+        if (e < N) {
+            p[j] = sqrtf(softplus3(__ldcg(logits + e)));
+            sc[j] = bias != 0 ? p[j] + bias[e] : p[j];
+        }
+    }
+    long long my_id = 0;
+    float my_p = 0.0f, tot = 0.0f;
+    for (int i = 0; i < k; i++) {
+        int id;
+        if (tid2eid != 0) {
+            id = (int)tid2eid[*token * k + i];
+        } else {
+            float bv = NEG_INF;
+            int bi = 0x7fffffff;
+#pragma unroll
+            for (int j = 0; j < J; j++)
+                if (sc[j] > bv) { bv = sc[j]; bi = lane + 32 * j; }     // ties: the lower id
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(FULL, bv, o);
+                const int oi = __shfl_xor_sync(FULL, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+            }
+            id = bi;
+#pragma unroll
+            for (int j = 0; j < J; j++)
+                if (lane + 32 * j == id) sc[j] = NEG_INF;
+        }
+        float mine = 0.0f;
+#pragma unroll
+        for (int j = 0; j < J; j++)
+            if (j == (id >> 5)) mine = p[j];
+        const float pid = __shfl_sync(FULL, mine, id & 31);
+        if (lane == i) { my_id = id; my_p = pid; }
+        tot += pid;
+    }
+    tot = fmaxf(tot, floor_);
+    if (lane < k) {
+        ids[lane] = my_id;
+        wts[lane] = __fmul_rn(__fdiv_rn(my_p, tot), scale);
+    }
+}
+
+// logits[n] = w[n] . x (w F16 [N, K], x float32 [K]), then the expert choice (route_pick) by the
+// last block to finish (a ticket: each block counts itself in after its logits are visible; the
+// last one resets the ticket to zero for the next launch on this stream). Grid cdiv(N, ROUTE_RB);
+// warp w computes row blockIdx.x * ROUTE_RB + w / ROUTE_KS over K slice w % ROUTE_KS; the
+// slices are added in a fixed order. Requires (host-checked): K % (256 * ROUTE_KS) == 0,
+// N <= ROUTE_MAX_E, k <= min(N, 32), w and x 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+router_route(const unsigned short* __restrict__ w, const float* __restrict__ x,
+             float* __restrict__ logits, const float* __restrict__ bias,
+             const long long* __restrict__ tid2eid, const long long* __restrict__ token,
+             long long* __restrict__ ids, float* __restrict__ wts, unsigned* ticket,
+             int N, int K, int k, float floor_, float scale) {
+    __shared__ float s_part[WARPS];
+    __shared__ int s_last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = warp / ROUTE_KS, slice = warp % ROUTE_KS;
+    const int row = blockIdx.x * ROUTE_RB + r;
+    const int len = K / ROUTE_KS;
+    float acc = 0.0f;
+    if (row < N) {
+        const unsigned short* wr = w + (long long)row * K + (long long)slice * len;
+        const float* xr = x + slice * len;
+        for (int c0 = 0; c0 < len; c0 += 256 * ROUTE_LOADS) {
+            uint4 h[ROUTE_LOADS];
+#pragma unroll
+            for (int u = 0; u < ROUTE_LOADS; u++) {
+                const int c = c0 + 256 * u;
+                h[u] = c < len ? __ldg((const uint4*)(wr + c) + lane) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < ROUTE_LOADS; u++) {
+                const int c = c0 + 256 * u;
+                if (c < len) {
+                    const float4 xa = __ldg((const float4*)(xr + c) + 2 * lane);
+                    const float4 xb = __ldg((const float4*)(xr + c) + 2 * lane + 1);
+                    acc = fmaf(h2f((unsigned short)(h[u].x & 0xffffu)), xa.x, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].x >> 16)), xa.y, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].y & 0xffffu)), xa.z, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].y >> 16)), xa.w, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].z & 0xffffu)), xb.x, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].z >> 16)), xb.y, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].w & 0xffffu)), xb.z, acc);
+                    acc = fmaf(h2f((unsigned short)(h[u].w >> 16)), xb.w, acc);
+                }
+            }
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) s_part[warp] = acc;
+    __syncthreads();
+    if (slice == 0 && lane == 0 && row < N) {
+        float y = 0.0f;
+        for (int i = 0; i < ROUTE_KS; i++) y += s_part[r * ROUTE_KS + i];
+        logits[row] = y;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!s_last || warp != 0) return;
+    __threadfence();
+    if (lane == 0) *ticket = 0u;
+    route_pick(logits, bias, tid2eid, token, ids, wts, N, k, floor_, scale, lane);
+}
