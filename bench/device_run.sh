@@ -18,6 +18,8 @@
 #   depth: the 43-layer graph replay traced at depth 1 and 4096 (where the depth cost goes)
 #   q8c: CUDA C Q8_0 matvec: twin tests, launch sweep vs Triton, traced graph, TP=1 bench
 #   q8c2: + CUDA C router, down + shared add, PRMT grid: tests, sweep, graph, bench, TP=1 goldens
+#   q8c3: CUDA C Q8_0 at 16 warps / 4 loads, CUDA C router (add and PRMT grid removed): tests,
+#         bench with the Triton A/B variants and the high-priority capture, graph, TP=1 goldens
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -226,6 +228,15 @@ elif [ "$MODE" = q8c2 ]; then
   timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -30
   log "bench, 43 layers, TP=1, depth 0, prefill 2048"
   timeout 150 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  golden 1 static 150
+elif [ "$MODE" = q8c3 ]; then
+  python3 -c "import cupy; print('cupy', cupy.__version__)"
+  gate_tests 150 "cuda_c or dispatch or route" tests/test_kernels.py
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (A/B: Triton experts, Q8_0, router; priority)"
+  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+  log "graph-replayed decode step, 6 full-width layers, traced"
+  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -24
   golden 1 static 150
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth

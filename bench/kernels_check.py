@@ -164,8 +164,7 @@ class Op:
         if isinstance(cfg, CudaCfg):                   # the CUDA C routed kernels (cuda_experts)
             from ds4tp.kernels import cuda_experts as ce
             if k == "swiglu":
-                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps,
-                              sel=cfg.sel)
+                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps)
             else:
                 y = (ce.down_sum(w, self.x, self.ids, rpc=cfg.rpc, warps=cfg.warps)
                      if k == "experts_sum" else None)
@@ -268,7 +267,6 @@ class CudaCfg:
     rpc: int | None = None
     warps: int = 16
     path: str = "cuda_c"
-    sel: bool = True       # routed gate/up: grid rows as PRMT selectors (False: 64-bit rows)
     loads: int = 8         # Q8_0: 16-byte loads in flight per lane
     minb: int = 0          # Q8_0: blocks per SM the register allocation must allow (0: any)
 
@@ -284,7 +282,7 @@ def cuda_cfgs(case: Case, T: int) -> list:
             and case.qtype in (IQ2_XXS, Q2_K)):
         return []
     if case.kind == "swiglu":
-        return [CudaCfg(None), CudaCfg(None, sel=False), CudaCfg(None, 8), CudaCfg(8), CudaCfg(16)]
+        return [CudaCfg(None), CudaCfg(None, 8), CudaCfg(8), CudaCfg(16)]
     return [CudaCfg(None), CudaCfg(None, 8), CudaCfg(4), CudaCfg(8), CudaCfg(16), CudaCfg(32)]
 
 

@@ -163,12 +163,12 @@ def prefilled(model, depth: int):
     return st
 
 
-def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8) -> dict:
+def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8, priority: int = 0) -> dict:
     """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
-    and first tokens excluded)."""
+    and first tokens excluded). priority: of the stream the graphs are captured on."""
     from ds4tp.decode_graph import StaticDecoder
     st = prefilled(model, depth)
-    dec = StaticDecoder(model, max_ctx=max_ctx)
+    dec = StaticDecoder(model, max_ctx=max_ctx, priority=priority)
     dec.load_session(st)
     tok = 11
     for _ in range(warm):
@@ -295,17 +295,24 @@ def _bench_rank(comm, dev, cfg):
     res["decode_d0_one_stream"] = time_decode(model, 1, steps, max_ctx=256)
     model.overlap = True
     save()
-    # the routed experts (cuda_experts), then the one-token Q8_0 matvecs (cuda_matvec) on the
-    # Triton kernels instead of the CUDA C ones, same run
+    # the routed experts (cuda_experts), the one-token Q8_0 matvecs and the router (cuda_matvec)
+    # on the Triton kernels instead of the CUDA C ones, one at a time, same run
     from ds4tp.kernels import cuda_experts, cuda_matvec
-    for key, path in (("decode_d0_triton_experts", cuda_experts), ("decode_d0_triton_q8_0", cuda_matvec)):
-        if path.available():
-            path.set_enabled(False)
+    for key, toggle, on in (("decode_d0_triton_experts", cuda_experts.set_enabled, cuda_experts.available()),
+                            ("decode_d0_triton_q8_0", cuda_matvec.set_enabled, cuda_matvec.available()),
+                            ("decode_d0_triton_router", lambda v: cuda_matvec.set_enabled(v, "route"),
+                             cuda_matvec.available("route"))):
+        if on:
+            toggle(False)
             try:
                 res[key] = time_decode(model, 1, steps, max_ctx=256)
             finally:
-                path.set_enabled(True)
+                toggle(True)
             save()
+    # the graph captured on a high-priority stream (its main-stream kernels go first where they
+    # compete for SMs with the side stream's), same run
+    res["decode_d0_main_priority"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)
+    save()
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)

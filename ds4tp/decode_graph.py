@@ -51,8 +51,13 @@ class _Layer:
 class StaticDecoder:
     """One sequence, decode only, static buffers; graphs on CUDA when use_graphs."""
 
-    def __init__(self, model: DS4Model, max_ctx: int, *, use_graphs: bool | None = None):
+    def __init__(self, model: DS4Model, max_ctx: int, *, use_graphs: bool | None = None,
+                 priority: int = 0):
+        """priority: of the streams the graphs are warmed up and captured on (CUDA: lower is
+        higher; torch instantiates graphs with the captured per-kernel priorities, so a negative
+        value lets the main stream's kernels go before the side stream's)."""
         self.m, self.s = model, model.shape
+        self.priority = priority
         s, dev = self.s, model.device
         self.max_ctx = max_ctx
         self.dev = dev
@@ -168,8 +173,9 @@ class StaticDecoder:
         state is restored after), then capture. Capturing does not run the kernels."""
         saved = self._snapshot()
         if self._streams is None:    # one warm-up and one capture stream for all variants (the
-            self._streams = (torch.cuda.Stream(self.dev), torch.cuda.Stream(self.dev))   # kernels
-        warm, capture = self._streams                                    # keep buffers per stream)
+            self._streams = tuple(torch.cuda.Stream(self.dev, priority=self.priority)  # kernels
+                                  for _ in range(2))                     # keep buffers per stream)
+        warm, capture = self._streams
         cur = torch.cuda.current_stream()
         warm.wait_stream(cur)
         with torch.cuda.stream(warm):

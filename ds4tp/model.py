@@ -538,15 +538,12 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
         local_ids = local_expert_ids(ids, rank * n_local, n_local)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
+    routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
     side.join()
-    if trace is None:    # down summed over the slots, plus the shared expert: one launch on CUDA
-        f = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True, add=shared)   # [T, E] partial
-    else:
-        routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)
+    if trace is not None:
         trace.update(ffn_split=(post, m), ffn_in=xn, expert_ids=ids, expert_weights=w,
                      moe_out=routed, shared_out=shared)
-        f = routed + shared
-    f = comm.all_reduce(f)                                       # FFN all-reduce (routed + shared)
+    f = comm.all_reduce(routed + shared)                         # FFN all-reduce (routed + shared)
     return hc_post(f, hc, post, m)
 
 

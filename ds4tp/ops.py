@@ -119,22 +119,17 @@ def linear_normed(w: QTensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tens
     return linear_normed_torch(w, x, norm)
 
 
-def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor, sum_slots: bool = False,
-                  add: torch.Tensor | None = None) -> torch.Tensor:
+def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
+                  sum_slots: bool = False) -> torch.Tensor:
     """Selected routed experts per token; see expert_linear_torch for shapes. With sum_slots
-    the K slots of each token are summed: [T, out] (the routed down projection), plus `add`
-    [T, out] when given (the shared expert's output, added in the same launch on CUDA)."""
-    if add is not None and not sum_slots:
-        raise ValueError("expert_linear: add= needs sum_slots=True")
+    the K slots of each token are summed: [T, out] (the routed down projection)."""
     if _fused_ok(x):
         from ds4tp import kernels
-        y = kernels.expert_linear(w, x, ids, sum_slots=sum_slots, add=add)
+        y = kernels.expert_linear(w, x, ids, sum_slots=sum_slots)
         if y is not None:
             return y
     y = expert_linear_torch(w, x, ids)
-    if not sum_slots:
-        return y
-    return y.sum(1) if add is None else y.sum(1) + add
+    return y.sum(1) if sum_slots else y
 
 
 def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,

@@ -200,31 +200,27 @@ def case_swiglu(device, gen, qtype, E, n_out, n_in, T, K, cfg=None, dup=False, s
                         f"swiglu {type_name(qtype)} {n_out}x{n_in} T={T}")
 
 
-def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None,
-                     sel=True):
+def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
     """The CUDA C gate/up kernel (cuda_experts.swiglu, IQ2_XXS) against the twin; asserts that
-    it took the case. sel: the grid as PRMT selector words (else 64-bit rows)."""
+    it took the case."""
     from ds4tp.kernels import cuda_experts as ce
-    kw = {"sel": sel, **({"warps": warps} if warps else {})}
+    kw = {"warps": warps} if warps else {}
     return _swiglu_case(device, gen, IQ2_XXS, E, n_out, n_in, T, K, dup, shard,
                         lambda wg, wu, x, ids, rw: ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc, **kw),
                         f"cuda swiglu {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}")
 
 
-def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None,
-                       add=False):
-    """The CUDA C routed down kernel (cuda_experts.down_sum, Q2_K, summed over the slots, plus
-    the shared expert's output with add) against the twin; asserts that it took the case."""
+def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
+    """The CUDA C routed down kernel (cuda_experts.down_sum, Q2_K, summed over the slots)
+    against the twin; asserts that it took the case."""
     from ds4tp.kernels import cuda_experts as ce
     w = expert_weight(Q2_K, E, n_out, n_in, gen, device, shard)
     ids = rand_ids(T, K, E, gen, device, dup=dup)
     x = rand_act((T, K, n_in), gen, device)
-    plus = rand_act((T, n_out), gen, device) * 100.0 if add else None
     want = ops.expert_linear_torch(w, x, ids).sum(1)
-    want = want if plus is None else want + plus
-    got = ce.down_sum(w, x, ids, rpc=rpc, add=plus, **({"warps": warps} if warps else {}))
+    got = ce.down_sum(w, x, ids, rpc=rpc, **({"warps": warps} if warps else {}))
     assert got is not None, f"cuda_experts.down_sum did not take {n_out}x{n_in} T={T} K={K} {shard}"
-    return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard} add={add}", got, want)
+    return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}", got, want)
 
 
 def case_cuda_not_covered(device, gen):
@@ -344,12 +340,9 @@ def cuda_c_cases():
     yield "cuda down 512 in K=8 dup", case_cuda_down_sum, (12, 24, 512, 2, 8, 7, True)
     yield "cuda down 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6)
     yield "cuda down 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True)
-    yield "cuda down plus shared T=1", case_cuda_down_sum, (8, 40, 2048, 1, 6, None, False, "", None, True)
-    yield "cuda down plus shared T=3 cols", case_cuda_down_sum, (8, 48, 1024, 3, 6, 5, False, "cols", None, True)
     yield "cuda not covered", case_cuda_not_covered, ()
     # other block sizes (a compile-time constant) that benchmarks time
     yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)
-    yield "cuda swiglu 64-bit grid rows", case_cuda_swiglu, (8, 40, 4096, 2, 6, None, True, "rows", None, False)
     yield "cuda down 8 warps cols K=8", case_cuda_down_sum, (12, 48, 1024, 1, 8, None, False, "cols", 8)
     # the Q8_0 one-token matvec: every input width, rows that leave warps and blocks partial
     for n_in in (512, 1024, 2048, 4096, 8192, 16384):

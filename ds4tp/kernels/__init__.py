@@ -16,9 +16,8 @@ Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]
   linear_normed(w, x, norm, eps)                 x [1, in]: linear(w, rms_norm(x, norm))
   grouped_linear(w, x)                           x [T, G, in_g]      -> [T, G, out/G]
-  expert_linear(w, x, ids, sum_slots=False, add=None)
-                                                 x [T, in]|[T, K, in], ids [T, K]
-                                                 -> [T, K, out], or summed over K [T, out] (+ add)
+  expert_linear(w, x, ids, sum_slots=False)      x [T, in]|[T, K, in], ids [T, K]
+                                                 -> [T, K, out], or summed over K [T, out]
   expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
                                                  -> [T, K, out] = swiglu(gate, up) * weights
   route(w, x, bias, tid2eid, token, k, floor, scale)
@@ -125,23 +124,20 @@ def route(w, x, bias, tid2eid, token, k: int, floor: float, scale: float):
     return got[:2] if got is not None else None
 
 
-def expert_linear(w, x, ids, sum_slots: bool = False, add=None):
-    """add [T, out] (with sum_slots): added to the slot sum, in the CUDA C launch itself."""
+def expert_linear(w, x, ids, sum_slots: bool = False):
     if not _covered(w, x) or not ids.is_cuda:
         return None
-    plus = (lambda y: y) if add is None else (lambda y: y + add)   # noqa: E731
     if _many(ids.shape[0]):
         from ds4tp.kernels import triton_gemm as tg
         y = tg.experts(w, None, x, ids, None, tg.MODE_SLOTS)
-        return plus(y.sum(1)) if sum_slots else y
+        return y.sum(1) if sum_slots else y
     if sum_slots:
         from ds4tp.kernels import cuda_experts
-        y = cuda_experts.down_sum(w, x, ids, add=add)
+        y = cuda_experts.down_sum(w, x, ids)
         if y is not None:
             return y
     from ds4tp.kernels import triton_matvec as tm
-    y = tm.expert_linear(w, x, ids, sum_slots=sum_slots)
-    return plus(y) if sum_slots else y
+    return tm.expert_linear(w, x, ids, sum_slots=sum_slots)
 
 
 def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):

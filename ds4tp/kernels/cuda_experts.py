@@ -12,8 +12,6 @@ Launches go to torch's current stream, so they are captured into CUDA graphs lik
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -26,7 +24,6 @@ A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 1
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
-GRID_SEL = True    # gate/up grid rows as 32-bit PRMT selectors (else 64-bit byte rows)
 _enabled = True
 
 
@@ -40,24 +37,11 @@ def available() -> bool:
     return _enabled and cuda_c.available()
 
 
-def _kernel(x: torch.Tensor, warps: int, which: int, sel: bool = GRID_SEL):
-    """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block and the
-    grid-table form are compile-time constants; benchmarks time other values), or None (see
-    cuda_c.kernel)."""
+def _kernel(x: torch.Tensor, warps: int, which: int):
+    """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block is a
+    compile-time constant; benchmarks time other values), or None (see cuda_c.kernel)."""
     return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum")[which], x.device.index,
-                         (("WARPS", warps), ("GRID_SEL", int(sel))))
-
-
-@functools.lru_cache(maxsize=8)
-def _grid_sel(device: torch.device) -> torch.Tensor:
-    """The IQ2_XXS grid as PRMT selector words (experts.cu GRID_SEL): int32 [256], nibble e of
-    row g = 0, 1 or 2 for a magnitude of 8, 25 or 43 in element e."""
-    from ds4tp.kernels.triton_matvec import _iq2_grid64
-    rows = _iq2_grid64(torch.device("cpu")).numpy().view(np.uint8).reshape(256, 8)
-    code = np.select([rows == 8, rows == 25, rows == 43], [0, 1, 2], -1)
-    assert (code >= 0).all(), "IQ2_XXS grid magnitudes other than 8, 25, 43"
-    words = (code.astype(np.uint32) << (4 * np.arange(8, dtype=np.uint32))).sum(1).astype(np.uint32)
-    return torch.from_numpy(words.view(np.int32).copy()).to(device)
+                         (("WARPS", warps),))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
@@ -85,7 +69,7 @@ def _common(w, x, ids, per_slot: bool) -> bool:
 
 
 def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, clamp: float,
-           rpc: int | None = None, warps: int = WARPS, sel: bool = GRID_SEL) -> torch.Tensor | None:
+           rpc: int | None = None, warps: int = WARPS) -> torch.Tensor | None:
     """mid [T, K, N] = swiglu_clamped(gate_e . x_t, up_e . x_t, clamp) * weights[t, k] (zeros for
     id -1), x [T, n_in] shared by the slots; None if not covered."""
     if not (_common(w_gate, x, ids, False) and w_gate.qtype == IQ2_XXS == w_up.qtype):
@@ -96,41 +80,34 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
             or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
         return None
-    fa = _kernel(x, warps, 0, sel)
+    fa = _kernel(x, warps, 0)
     if fa is None:
         return None
     T, K = ids.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     rw = weights.to(torch.float32).contiguous()
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
-    if sel:
-        grid = _grid_sel(x.device)
-    else:
-        from ds4tp.kernels.triton_matvec import _iq2_grid64
-        grid = _iq2_grid64(x.device)
+    from ds4tp.kernels.triton_matvec import _iq2_grid64
+    grid64 = _iq2_grid64(x.device)
     ids64 = _ids64(ids)          # held until the launch is queued
     rpc = rpc or default_rpc(fa, N, T, x.device, warps)
     _launch(fa, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
-             np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid), np.int32(N),
+             np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
              np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)))
     return out
 
 
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
-             warps: int = WARPS, add: torch.Tensor | None = None) -> torch.Tensor | None:
+             warps: int = WARPS) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
-    x [T, K, n_in] one activation per slot, plus add [T, N] when given (the shared expert: the
-    twin's `routed + shared`, the same float additions); None if not covered."""
+    x [T, K, n_in] one activation per slot; None if not covered."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
         return None
     E, N, n_in = w.shape
     kb = n_in // 256
     raw = w.raw
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
-        return None
-    if add is not None and (add.shape != (ids.shape[0], N) or add.dtype != torch.float32
-                            or add.device != x.device or add.stride(-1) != 1):
         return None
     fb = _kernel(x, warps, 1)
     if fb is None:
@@ -144,7 +121,5 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
              np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
-             np.int64(out.stride(0)), _ptr(add) if add is not None else np.uint64(0),
-             np.int64(add.stride(0) if add is not None else 0), np.int32(N), np.int32(kb),
-             np.int32(K), np.int32(rpc)))
+             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)))
     return out

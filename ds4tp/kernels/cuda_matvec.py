@@ -19,27 +19,31 @@ import torch
 from ds4tp.config import F16, Q8_0
 from ds4tp.kernels import cuda_c
 
-WARPS = 8          # warps per block
-LOADS = 8          # 16-byte loads in flight per lane (matvec.cu LOADS)
+# Launch constants (H200 sweep, bench/results/kernels_h200_s7_q8c2_20261129.json: 16 warps and 4
+# loads per lane were fastest or within 0.4 us on every DS4 Q8_0 shape; 8 loads need 88
+# registers, 4 need 60, so more warps fit)
+WARPS = 16         # warps per block
+LOADS = 4          # 16-byte loads in flight per lane (matvec.cu LOADS)
 MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
 _WIDTHS = tuple(512 << i for i in range(6))   # 512 .. 16384: whole 16-byte pieces per lane
-_enabled = True
+_enabled = {"q8_0": True, "route": True}
 
 
-def set_enabled(on: bool) -> None:
-    """Benchmarks switch this path off to time the Triton kernel in the same run."""
-    global _enabled
-    _enabled = bool(on)
+def set_enabled(on: bool, what: str = "q8_0") -> None:
+    """Benchmarks switch a path off ("q8_0" or "route") to time the Triton kernels in the same
+    run."""
+    _enabled[what] = bool(on)
 
 
-def available() -> bool:
-    return _enabled and cuda_c.available()
+def available(what: str = "q8_0") -> bool:
+    return _enabled[what] and cuda_c.available()
 
 
-def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB):
+def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB,
+            name: str = "q8_0_matvec"):
     """Compiled per device and launch constants (benchmarks time other values)."""
-    return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index,
+    return cuda_c.kernel("matvec.cu", name, device.index,
                          (("WARPS", warps), ("LOADS", loads), ("MINB", minb)))
 
 
@@ -105,7 +109,7 @@ def route(w, x: torch.Tensor, bias, tid2eid, token, k: int, floor: float, scale:
     then the expert choice of model.route_select (top-k of sqrt(softplus) + bias, or row `token`
     [1] of the hash table tid2eid [V, k] int64) -> (ids [1, k] int64, weights [1, k], logits).
     None if not covered."""
-    if not (available() and w.qtype == F16 and len(w.shape) == 2 and x.dim() == 2
+    if not (available("route") and w.qtype == F16 and len(w.shape) == 2 and x.dim() == 2
             and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
             and x.device == w.raw.device):
         return None
@@ -121,7 +125,7 @@ def route(w, x: torch.Tensor, bias, tid2eid, token, k: int, floor: float, scale:
     raw = w.raw
     if not (raw.is_contiguous() and raw.data_ptr() % 16 == 0):
         return None
-    fn = cuda_c.kernel("matvec.cu", "router_route", x.device.index, (("WARPS", WARPS),))
+    fn = _kernel(x.device, WARPS, name="router_route")
     if fn is None:
         return None
     x = _aligned16(x)

@@ -15,14 +15,6 @@
 #ifndef WARPS
 #define WARPS 16                // warps per block; the host compiles and launches with the same
 #endif
-#ifndef GRID_SEL
-#define GRID_SEL 1              // grid rows as PRMT selector words (1) or 64-bit byte rows (0)
-#endif
-#if GRID_SEL
-typedef unsigned grid_t;
-#else
-typedef unsigned long long grid_t;
-#endif
 #define A_MAX_KB 16             // gate/up: at most 4096 inputs (16 super-blocks of 256)
 #define A_ROW_MAX (A_MAX_KB * 66)
 #define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
@@ -76,11 +68,8 @@ __device__ __forceinline__ void load_act(const signed char* q, int (&xs)[8]) {
 // packed Q8_K words xs: returns (2s+1) * sum(grid * sign * q), an exact integer.
 // Fields: 4 grid-row indices (bytes), then 4 x 7 sign bits and the 4-bit scale s in one word.
 // Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8.
-// Grid rows: every magnitude is 8, 25 or 43, so with GRID_SEL a row is one 32-bit word of byte
-// selectors (nibble e = 0, 1 or 2) that PRMT turns into the 8 bytes: half the shared-memory
-// bytes of a 64-bit row per lookup (the lookups are what bounds this kernel).
 __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
-                                          const grid_t* grid) {
+                                          const unsigned long long* grid) {
     const unsigned* w = (const unsigned*)(row + (off & ~3));
     unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
     unsigned aux0 = __funnelshift_r(w[0], w[1], sh);
@@ -88,20 +77,13 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
     int sum = 0;
 #pragma unroll
     for (int l = 0; l < 4; l++) {
-#if GRID_SEL
-        const unsigned gs = grid[(aux0 >> (8 * l)) & 255u];
-        const unsigned g0 = __byte_perm(0x002b1908u, 0u, gs & 0xffffu);
-        const unsigned g1 = __byte_perm(0x002b1908u, 0u, gs >> 16);
-#else
-        const unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        const unsigned g0 = (unsigned)g, g1 = (unsigned)(g >> 32);
-#endif
+        unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
         unsigned s7 = (aux1 >> (7 * l)) & 127u;
         unsigned bits = s7 | ((__popc(s7) & 1u) << 7);
         unsigned mlo = (((bits & 15u) * 0x00204081u) & 0x01010101u) * 255u;
         unsigned mhi = ((((bits >> 4) & 15u) * 0x00204081u) & 0x01010101u) * 255u;
-        int glo = (int)((g0 ^ mlo) + (mlo & 0x01010101u));        // bytes negated where set
-        int ghi = (int)((g1 ^ mhi) + (mhi & 0x01010101u));
+        int glo = (int)(((unsigned)g ^ mlo) + (mlo & 0x01010101u));        // bytes negated where set
+        int ghi = (int)(((unsigned)(g >> 32) ^ mhi) + (mhi & 0x01010101u));
         sum = __dp4a(glo, xs[2 * l], sum);
         sum = __dp4a(ghi, xs[2 * l + 1], sum);
     }
@@ -133,9 +115,9 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               long long stride_e, long long stride_n,
               const float* __restrict__ x, long long stride_xt,
               const long long* __restrict__ ids, const float* __restrict__ rw,
-              float* __restrict__ out, const grid_t* __restrict__ grid_g,
+              float* __restrict__ out, const unsigned long long* __restrict__ grid_g,
               int N, int KB, int K, int rpc, float clamp) {
-    __shared__ grid_t s_grid[256];
+    __shared__ unsigned long long s_grid[256];
     __shared__ __align__(16) signed char s_xq[A_MAX_KB * 256];
     __shared__ float s_xd[A_MAX_KB];
     __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
@@ -267,8 +249,7 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
     return dx * (d * (float)A - dmin * (float)B);
 }
 
-// out[t, n] = sum_k down_e . x_{t,k} (+ addv[t, n] when given: the shared expert's output), e =
-// ids[t, k] (slots with e < 0 add nothing): the routed
+// out[t, n] = sum_k down_e . x_{t,k}, e = ids[t, k] (slots with e < 0 add nothing): the routed
 // Q2_K down projection summed over the slots. Grid (cdiv(N, rpc), T); block = WARPS warps. The
 // block quantises the K slot activations x[t, k, :], then warp w takes rows n0+w, n0+w+WARPS, ...
 // Per row the lanes cover (slot, super-block, quarter) units: a quarter (nh, h) of super-block
@@ -282,7 +263,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
              const float* __restrict__ x, long long stride_xt, long long stride_xk,
              const long long* __restrict__ ids, float* __restrict__ out, long long stride_ot,
-             const float* __restrict__ addv, long long stride_at, int N, int KB, int K, int rpc) {
+             int N, int KB, int K, int rpc) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * 256];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * 16];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
@@ -332,8 +313,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             }
         }
         acc = warp_sum(acc);
-        if (lane == 0)
-            out[(long long)t * stride_ot + n] = addv != 0 ? acc + addv[(long long)t * stride_at + n] : acc;
+        if (lane == 0) out[(long long)t * stride_ot + n] = acc;
         n += WARPS;
         B_LOAD()                          // the next row's loads (nothing past nend)
     }
