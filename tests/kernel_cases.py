@@ -361,7 +361,7 @@ def cuda_c_cases():
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
     # the router: matvec and expert choice in one launch (DS4: 256 experts, 4096 inputs, k = 6)
     yield "cuda route bias", case_cuda_route, (256, 4096, 6, False, True)
-    yield "cuda route plain ties", case_cuda_route, (256, 1024, 6, False, False)
+    yield "cuda route plain ties", case_cuda_route, (256, 2048, 6, False, False)
     yield "cuda route hash", case_cuda_route, (256, 4096, 6, True, False)
     yield "cuda route 512 experts k=8 odd rows", case_cuda_route, (511, 2048, 8, False, True)
     yield "cuda route not covered", case_cuda_route_not_covered, ()
