@@ -318,13 +318,13 @@ def case_cuda_route(device, gen, ne, n_in, k, hashed, bias):
 def case_cuda_route_not_covered(device, gen):
     """What the CUDA C router leaves to the matvec and triton_route: None, no failure."""
     from ds4tp.kernels import cuda_matvec as cm
-    x = rand_act((1, 1536), gen, device)
-    w = rand_weight(F16, (64, 1536), gen, device)                  # inputs not a multiple of 1024
-    assert cm.route(w, x, None, None, None, 6, 1e-6, 1.5) is None
-    w = rand_weight(F16, (600, 1024), gen, device)                 # more than 512 experts
-    assert cm.route(w, x[:, :1024], None, None, None, 6, 1e-6, 1.5) is None
-    w = rand_weight(Q8_0, (64, 1024), gen, device)                 # other weight types
-    assert cm.route(w, x[:, :1024], None, None, None, 6, 1e-6, 1.5) is None
+    x = rand_act((1, 4096), gen, device)
+    w = rand_weight(F16, (64, 1536), gen, device)                  # inputs not a multiple of 2048
+    assert cm.route(w, x[:, :1536], None, None, None, 6, 1e-6, 1.5) is None
+    w = rand_weight(F16, (600, 2048), gen, device)                 # more than 512 experts
+    assert cm.route(w, x[:, :2048], None, None, None, 6, 1e-6, 1.5) is None
+    w = rand_weight(Q8_0, (64, 2048), gen, device)                 # other weight types
+    assert cm.route(w, x[:, :2048], None, None, None, 6, 1e-6, 1.5) is None
     return "None for each"
 
 
