@@ -20,6 +20,8 @@
 #   q8c2: + CUDA C router, down + shared add, PRMT grid: tests, sweep, graph, bench, TP=1 goldens
 #   q8c3: CUDA C Q8_0 at 16 warps / 4 loads, CUDA C router (add and PRMT grid removed): tests,
 #         bench with the Triton A/B variants and the high-priority capture, graph, TP=1 goldens
+#   final7: session 7 closing run (one GPU): graph/stream and router tests, bench with depth
+#           4096 and the A/B variants, goldens TP=1, the 43-layer graph traced at depth 1, 4096
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -238,6 +240,16 @@ elif [ "$MODE" = q8c3 ]; then
   log "graph-replayed decode step, 6 full-width layers, traced"
   timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -24
   golden 1 static 150
+elif [ "$MODE" = final7 ]; then
+  gate_tests 120 "side_stream or route or dispatch" tests/test_decode_graph.py tests/test_kernels.py
+  log "bench, 43 layers, TP=1, depth 0 and 4096, prefill 2048 (A/B variants at depth 0)"
+  timeout 260 python3 -m ds4tp bench --tp 1 --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+  golden 1 static,prefill 150
+  for d in 1 4096; do
+    log "graph-replayed decode step, 43 layers, depth $d, traced"
+    timeout 100 python3 bench/profile_graph.py 43 $d 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d$d.txt" | sed -n '/kernels by/,$p' | head -25
+  done
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth
   # 4096, goldens TP=1, a 4-layer profile at depth 4096 (the indexer active)
