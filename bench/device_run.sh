@@ -22,6 +22,7 @@
 #         bench with the Triton A/B variants and the high-priority capture, graph, TP=1 goldens
 #   final7: session 7 closing run (one GPU): graph/stream and router tests, bench with depth
 #           4096 and the A/B variants, goldens TP=1, the 43-layer graph traced at depth 1, 4096
+#   final7b: after the CUDA C router was removed: dispatch tests, bench at depth 0 (A/B variants)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -250,6 +251,11 @@ elif [ "$MODE" = final7 ]; then
     log "graph-replayed decode step, 43 layers, depth $d, traced"
     timeout 100 python3 bench/profile_graph.py 43 $d 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d$d.txt" | sed -n '/kernels by/,$p' | head -25
   done
+elif [ "$MODE" = final7b ]; then
+  gate_tests 90 "dispatch" tests/test_kernels.py
+  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (A/B variants)"
+  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth
   # 4096, goldens TP=1, a 4-layer profile at depth 4096 (the indexer active)

@@ -297,19 +297,16 @@ def _bench_rank(comm, dev, cfg):
     res["decode_d0_one_stream"] = time_decode(model, 1, steps, max_ctx=256)
     model.overlap = True
     save()
-    # the routed experts (cuda_experts), the one-token Q8_0 matvecs and the router (cuda_matvec)
-    # on the Triton kernels instead of the CUDA C ones, one at a time, same run
+    # the routed experts (cuda_experts), then the one-token Q8_0 matvecs (cuda_matvec) on the
+    # Triton kernels instead of the CUDA C ones, one at a time, same run
     from ds4tp.kernels import cuda_experts, cuda_matvec
-    for key, toggle, on in (("decode_d0_triton_experts", cuda_experts.set_enabled, cuda_experts.available()),
-                            ("decode_d0_triton_q8_0", cuda_matvec.set_enabled, cuda_matvec.available()),
-                            ("decode_d0_triton_router", lambda v: cuda_matvec.set_enabled(v, "route"),
-                             cuda_matvec.available("route"))):
-        if on:
-            toggle(False)
+    for key, path in (("decode_d0_triton_experts", cuda_experts), ("decode_d0_triton_q8_0", cuda_matvec)):
+        if path.available():
+            path.set_enabled(False)
             try:
                 res[key] = time_decode(model, 1, steps, max_ctx=256)
             finally:
-                toggle(True)
+                path.set_enabled(True)
             save()
     # the graph captured on a stream of default priority instead of a high one (decode_graph.
     # CAPTURE_PRIORITY: the main stream's kernels then no longer go before the side stream's)

@@ -48,8 +48,8 @@ class _Layer:
     ifront: _Frontier | None
 
 
-# One H200, TP=1, same run: 144.9 tok/s captured at -1 against 133.6 at 0, the default
-# (bench/results/bench_h200_tp1_s7_q8c3_20261129.json)
+# One H200, TP=1: 144.9 tok/s captured at -1 against 133.6 at 0, the default, in one run
+# (bench/results/bench_h200_tp1_s7_q8c3_20261129.json), 140.5 against 131.6 in another (*_final7_*)
 CAPTURE_PRIORITY = -1
 
 

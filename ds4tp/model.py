@@ -481,18 +481,13 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
     """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: one decode
-    token on CUDA takes one CUDA C launch for the router matvec and the choice (with CuPy), else
-    the matvec and one Triton launch for the choice (kernels/triton_route.py); otherwise the twin
-    below (the hash table lookup and route_select)."""
-    if xn.shape[0] == 1 and kernels.on_gpu(xn):                         # decode
-        args = (lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:], s.n_expert_used,
-                C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
-        got = kernels.route(lw.router, xn, *args)
-        if got is not None:
-            return got
-        from ds4tp.kernels import triton_route
-        return triton_route.route(linear(lw.router, xn), *args)
+    token on CUDA selects in one Triton launch (kernels/triton_route.py), else the twin below
+    (the hash table lookup and route_select)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
+    if logits.shape[0] == 1 and kernels.on_gpu(logits):                 # decode: one launch
+        from ds4tp.kernels import triton_route
+        return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
+                                  s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
     hashed = lw.tid2eid[tokens] if lw.tid2eid is not None else None   # hash layer: ids by token
     return route_select(logits, lw.router_bias, hashed, s.n_expert_used)
 

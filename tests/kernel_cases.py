@@ -282,52 +282,6 @@ def case_cuda_q8_0_not_covered(device, gen):
     return "None for each"
 
 
-def case_cuda_route(device, gen, ne, n_in, k, hashed, bias):
-    """The CUDA C router (cuda_matvec.route: F16 matvec and expert choice in one launch): its
-    logits against ops.linear_torch, its ids and weights against model.route_select on those
-    logits (equal ids: ties go to the lower id). Rows 3, 5 and 9 are equal and largest (a
-    three-way tie: the same bytes give the same sum), rows 1 and 2 land beyond the softplus
-    branches (+-20)."""
-    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
-    from ds4tp.kernels import cuda_matvec as cm
-    from ds4tp.model import route_select
-    x = torch.randn(1, n_in, generator=gen)
-    w = torch.randn(ne, n_in, generator=gen) * 0.02
-    w[5] = w[9] = w[3] = x[0] / x.norm() * 3.0                 # logit 3 |x|: the largest
-    w[1], w[2] = x[0] / x.norm() * (25.0 / x.norm()), x[0] / x.norm() * (-30.0 / x.norm())
-    wq = QTensor(F16, (ne, n_in), w.half().view(torch.uint8).reshape(ne, 2 * n_in).to(device))
-    x = x.to(device)
-    b = (torch.randn(ne, generator=gen) * 0.1).to(device) if bias else None
-    tid = torch.randint(0, ne, (50, k), generator=gen).to(device) if hashed else None
-    tok = torch.tensor([37], device=device)
-    if hashed:
-        tid[37, 0] = 2                                          # a chosen expert below -20
-    got = cm.route(wq, x, b, tid, tok, k, ROUTER_WEIGHT_FLOOR, EXPERT_WEIGHT_SCALE)
-    tag = f"cuda route ne={ne} in={n_in} k={k} hash={hashed} bias={bias}"
-    assert got is not None, f"{tag}: the kernel did not take the case"
-    ids, wts, logits = got
-    err = check(tag + " logits", logits, ops.linear_torch(wq, x))
-    assert logits[0, 3] == logits[0, 5] == logits[0, 9], f"{tag}: equal rows, unequal logits"
-    want_ids, want_w = route_select.eager(logits, b, tid[tok] if hashed else None, k)
-    assert torch.equal(ids.cpu(), want_ids.cpu()), f"{tag}: ids {ids.tolist()} != {want_ids.tolist()}"
-    if not hashed and not bias:
-        assert ids[0, :3].tolist() == [3, 5, 9], f"{tag}: the tie is not broken to the lower id"
-    return max(err, check(tag + " weights", wts, want_w, 1e-6))
-
-
-def case_cuda_route_not_covered(device, gen):
-    """What the CUDA C router leaves to the matvec and triton_route: None, no failure."""
-    from ds4tp.kernels import cuda_matvec as cm
-    x = rand_act((1, 4096), gen, device)
-    w = rand_weight(F16, (64, 1536), gen, device)                  # inputs not a multiple of 2048
-    assert cm.route(w, x[:, :1536], None, None, None, 6, 1e-6, 1.5) is None
-    w = rand_weight(F16, (600, 2048), gen, device)                 # more than 512 experts
-    assert cm.route(w, x[:, :2048], None, None, None, 6, 1e-6, 1.5) is None
-    w = rand_weight(Q8_0, (64, 2048), gen, device)                 # other weight types
-    assert cm.route(w, x[:, :2048], None, None, None, 6, 1e-6, 1.5) is None
-    return "None for each"
-
-
 def cuda_c_cases():
     """The CUDA C kernels (need CUDA and CuPy): DS4's K = 6 and K = 8, T = 1..4, -1 and duplicate
     ids, TP shards (rows of gate/up, columns of down), row counts that leave a partial block."""
@@ -359,12 +313,6 @@ def cuda_c_cases():
     yield "cuda q8_0 16 loads grouped", case_cuda_q8_0, (4 * 20, 512, 4, False, False, None, 8, 16)
     yield "cuda q8_0 16 loads 8192", case_cuda_q8_0, (30, 8192, 1, True, False, None, 8, 16)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
-    # the router: matvec and expert choice in one launch (DS4: 256 experts, 4096 inputs, k = 6)
-    yield "cuda route bias", case_cuda_route, (256, 4096, 6, False, True)
-    yield "cuda route plain ties", case_cuda_route, (256, 2048, 6, False, False)
-    yield "cuda route hash", case_cuda_route, (256, 4096, 6, True, False)
-    yield "cuda route 512 experts k=8 odd rows", case_cuda_route, (511, 2048, 8, False, True)
-    yield "cuda route not covered", case_cuda_route_not_covered, ()
 
 
 H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)

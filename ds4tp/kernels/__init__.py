@@ -20,8 +20,6 @@ Entry points (twins in ds4tp.ops):
                                                  -> [T, K, out], or summed over K [T, out]
   expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
                                                  -> [T, K, out] = swiglu(gate, up) * weights
-  route(w, x, bias, tid2eid, token, k, floor, scale)
-                                                 x [1, in] -> ids, weights [1, k] (model.route)
 """
 from __future__ import annotations
 
@@ -111,17 +109,6 @@ def grouped_linear(w, x):
         return y.view(T, G, -1)
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
-
-
-def route(w, x, bias, tid2eid, token, k: int, floor: float, scale: float):
-    """One decode token's router, its F16 matvec and the expert choice in one CUDA C launch
-    (cuda_matvec.route): (ids [1, k], weights [1, k]), or None (then the matvec and
-    triton_route's selection, two launches)."""
-    if not (_covered(w, x) and x.shape[0] == 1):
-        return None
-    from ds4tp.kernels import cuda_matvec
-    got = cuda_matvec.route(w, x, bias, tid2eid, token, k, floor, scale)
-    return got[:2] if got is not None else None
 
 
 def expert_linear(w, x, ids, sum_slots: bool = False):

@@ -14,5 +14,3 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
     return v;
 }
-
-#define NEG_INF __int_as_float(0xff800000)     // -inf without math headers

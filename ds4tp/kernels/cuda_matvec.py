@@ -1,5 +1,4 @@
-"""One decode token's matvecs in CUDA C (matvec.cu, compiled by NVRTC through CuPy): the Q8_0
-matvec, and the router (its F16 matvec and the expert choice in one launch, `route`).
+"""The Q8_0 matvec of one decode token in CUDA C (matvec.cu, compiled by NVRTC through CuPy).
 
 `q8_0(w, x, groups, norm, eps)` covers the three one-token Q8_0 entry points of the dispatch:
 linear, grouped_linear (attn_output_a) and linear_normed (attn_q_b after its RMS norm). It reads
@@ -16,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds4tp.config import F16, Q8_0
+from ds4tp.config import Q8_0
 from ds4tp.kernels import cuda_c
 
 # Launch constants (H200 sweep, bench/results/kernels_h200_s7_q8c2_20261129.json: 16 warps and 4
@@ -27,23 +26,22 @@ LOADS = 4          # 16-byte loads in flight per lane (matvec.cu LOADS)
 MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
 _WIDTHS = tuple(512 << i for i in range(6))   # 512 .. 16384: whole 16-byte pieces per lane
-_enabled = {"q8_0": True, "route": True}
+_enabled = True
 
 
-def set_enabled(on: bool, what: str = "q8_0") -> None:
-    """Benchmarks switch a path off ("q8_0" or "route") to time the Triton kernels in the same
-    run."""
-    _enabled[what] = bool(on)
+def set_enabled(on: bool) -> None:
+    """Benchmarks switch this path off to time the Triton kernel in the same run."""
+    global _enabled
+    _enabled = bool(on)
 
 
-def available(what: str = "q8_0") -> bool:
-    return _enabled[what] and cuda_c.available()
+def available() -> bool:
+    return _enabled and cuda_c.available()
 
 
-def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB,
-            name: str = "q8_0_matvec"):
+def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB):
     """Compiled per device and launch constants (benchmarks time other values)."""
-    return cuda_c.kernel("matvec.cu", name, device.index,
+    return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index,
                          (("WARPS", warps), ("LOADS", loads), ("MINB", minb)))
 
 
@@ -89,58 +87,3 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
                    cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
     return y
 
-
-ROUTE_MAX_E = 512   # matvec.cu ROUTE_MAX_E
-_ROUTE_SLICE = 256 * (WARPS // 2)   # K must be a multiple: ROUTE_KS slices of whole 16-byte pieces
-_TICKETS: dict = {}   # (device index, stream handle) -> uint32 [1]; kept: graphs hold the address
-
-
-def _ticket(device: torch.device) -> torch.Tensor:
-    """The last-block ticket of router_route, one per stream (each launch leaves it at zero)."""
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    t = _TICKETS.get(key)
-    if t is None:
-        t = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
-
-
-def route(w, x: torch.Tensor, bias, tid2eid, token, k: int, floor: float, scale: float):
-    """One decode token's router in one launch: logits [1, N] = w . x (w F16 (N, K), x [1, K]),
-    then the expert choice of model.route_select (top-k of sqrt(softplus) + bias, or row `token`
-    [1] of the hash table tid2eid [V, k] int64) -> (ids [1, k] int64, weights [1, k], logits).
-    None if not covered."""
-    if not (available("route") and w.qtype == F16 and len(w.shape) == 2 and x.dim() == 2
-            and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
-            and x.device == w.raw.device):
-        return None
-    N, K = w.shape
-    if K % _ROUTE_SLICE or x.shape[1] != K or N > ROUTE_MAX_E or not 1 <= k <= min(N, 32):
-        return None
-    if bias is not None and (bias.shape != (N,) or bias.dtype != torch.float32 or bias.device != x.device):
-        return None
-    if tid2eid is not None and (tid2eid.dim() != 2 or tid2eid.shape[1] != k or tid2eid.dtype != torch.int64
-                                or token is None or token.shape != (1,) or token.dtype != torch.int64
-                                or tid2eid.device != x.device or token.device != x.device):
-        return None
-    raw = w.raw
-    if not (raw.is_contiguous() and raw.data_ptr() % 16 == 0):
-        return None
-    fn = _kernel(x.device, WARPS, name="router_route")
-    if fn is None:
-        return None
-    x = _aligned16(x)
-    dev = x.device
-    logits = torch.empty(1, N, dtype=torch.float32, device=dev)
-    ids = torch.empty(1, k, dtype=torch.int64, device=dev)
-    wts = torch.empty(1, k, dtype=torch.float32, device=dev)
-    none = np.uint64(0)
-    bias = bias.contiguous() if bias is not None else None
-    tid2eid = tid2eid.contiguous() if tid2eid is not None else None
-    cuda_c.launch(fn, dev, (-(-N // 2),), WARPS,
-                  (cuda_c.ptr(raw), cuda_c.ptr(x), cuda_c.ptr(logits),
-                   cuda_c.ptr(bias) if bias is not None else none,
-                   cuda_c.ptr(tid2eid) if tid2eid is not None else none,
-                   cuda_c.ptr(token) if tid2eid is not None else none,
-                   cuda_c.ptr(ids), cuda_c.ptr(wts), cuda_c.ptr(_ticket(dev)),
-                   np.int32(N), np.int32(K), np.int32(k), np.float32(floor), np.float32(scale)))
-    return ids, wts, logits
