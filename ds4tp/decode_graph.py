@@ -48,8 +48,10 @@ class _Layer:
     ifront: _Frontier | None
 
 
-# One H200, TP=1: 144.9 tok/s captured at -1 against 133.6 at 0, the default, in one run
-# (bench/results/bench_h200_tp1_s7_q8c3_20261129.json), 140.5 against 131.6 in another (*_final7_*)
+# One H200, TP=1, captured at -1 against 0 (the default), each pair in one run: 141.2 against
+# 140.5 tok/s on the final code (bench/results/bench_h200_tp1_s7_final7b_20261129.json); 144.9
+# against 133.6 and 140.5 against 131.6 with a one-launch CUDA C router since removed (*_q8c3_*,
+# *_final7_*), whose blocks waited for SMs held by the side stream's kernels.
 CAPTURE_PRIORITY = -1
 
 
