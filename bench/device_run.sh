@@ -23,6 +23,7 @@
 #   final7: session 7 closing run (one GPU): graph/stream and router tests, bench with depth
 #           4096 and the A/B variants, goldens TP=1, the 43-layer graph traced at depth 1, 4096
 #   final7b: after the CUDA C router was removed: dispatch tests, bench at depth 0 (A/B variants)
+#   final7c: the final code's golden parity on CUDA, TP=1
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -256,6 +257,8 @@ elif [ "$MODE" = final7b ]; then
   log "bench, 43 layers, TP=1, depth 0, prefill 2048 (A/B variants)"
   timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+elif [ "$MODE" = final7c ]; then
+  golden 1 static,prefill 150
 elif [ "$MODE" = final6 ]; then
   # session 6 closing run (one H200): twin tests of the changed kernels, TP=1 bench with depth
   # 4096, goldens TP=1, a 4-layer profile at depth 4096 (the indexer active)
