@@ -53,6 +53,22 @@ gate_tests() {
   timeout "$t" python3 -m pytest -q -x "$@" -k "$sel" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
   grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
 }
+# CUDA C launches against the Triton default at T=1: cuda_c_sweep TIMEOUT_S BUDGET_S CASES
+cuda_c_sweep() {
+  log "T=1: Triton default vs CUDA C launches: $3"
+  timeout "$1" python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s "$2" --sweep-cuda-c-only --only "$3" 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -70
+}
+# a traced graph replay of 6 full-width layers at depth 1: its per-kernel table
+trace6() {
+  log "graph-replayed decode step, 6 full-width layers, traced"
+  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -30
+}
+# the TP=1 bench at full size: bench_tp1 TIMEOUT_S DEPTH (decode variants, prefill 2048)
+bench_tp1() {
+  log "bench, 43 layers, TP=1, depth 0 and $2, prefill 2048"
+  timeout "$1" python3 -m ds4tp bench --tp 1 --depth "$2" --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 
@@ -213,12 +229,9 @@ elif [ "$MODE" = q8c ]; then
   # with the CUDA C and with the Triton Q8_0 matvec in one run)
   python3 -c "import cupy; print('cupy', cupy.__version__)"
   gate_tests 150 "cuda_c or dispatch" tests/test_kernels.py
-  log "Q8_0 matvecs at T=1: Triton default vs CUDA C launches (TP=1 and TP=2 shapes)"
-  timeout 150 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 120 --sweep-cuda-c-only --only attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,output_vocab 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -60
-  log "graph-replayed decode step, 6 full-width layers, traced"
-  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | head -50
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (decode with CUDA C and with Triton Q8_0)"
-  timeout 170 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  cuda_c_sweep 150 120 attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,output_vocab
+  trace6
+  bench_tp1 170 0
 elif [ "$MODE" = q8c2 ]; then
   # the second CUDA C round: the router in one launch (matvec + expert choice), the shared
   # expert added in the routed down launch, gate/up grid rows as PRMT selectors, Q8_0 launch
@@ -226,27 +239,19 @@ elif [ "$MODE" = q8c2 ]; then
   # TP=1 golden parity on the graph decoder
   python3 -c "import cupy; print('cupy', cupy.__version__)"
   gate_tests 150 "cuda_c or dispatch or route" tests/test_kernels.py
-  log "Q8_0 and routed gate/up at T=1: Triton default vs CUDA C launches"
-  timeout 170 python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s 140 --sweep-cuda-c-only --only attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,routed_gate_up 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -70
-  log "graph-replayed decode step, 6 full-width layers, traced"
-  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -30
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048"
-  timeout 150 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
+  cuda_c_sweep 170 140 attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,routed_gate_up
+  trace6
+  bench_tp1 150 0
   golden 1 static 150
 elif [ "$MODE" = q8c3 ]; then
   python3 -c "import cupy; print('cupy', cupy.__version__)"
   gate_tests 150 "cuda_c or dispatch or route" tests/test_kernels.py
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (A/B: Triton experts, Q8_0, router; priority)"
-  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
-  log "graph-replayed decode step, 6 full-width layers, traced"
-  timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -24
+  bench_tp1 200 0
+  trace6
   golden 1 static 150
 elif [ "$MODE" = final7 ]; then
   gate_tests 120 "side_stream or route or dispatch" tests/test_decode_graph.py tests/test_kernels.py
-  log "bench, 43 layers, TP=1, depth 0 and 4096, prefill 2048 (A/B variants at depth 0)"
-  timeout 260 python3 -m ds4tp bench --tp 1 --depth 4096 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+  bench_tp1 260 4096
   golden 1 static,prefill 150
   for d in 1 4096; do
     log "graph-replayed decode step, 43 layers, depth $d, traced"
@@ -254,9 +259,7 @@ elif [ "$MODE" = final7 ]; then
   done
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
-  log "bench, 43 layers, TP=1, depth 0, prefill 2048 (A/B variants)"
-  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+  bench_tp1 200 0
 elif [ "$MODE" = final7c ]; then
   golden 1 static,prefill 150
 elif [ "$MODE" = final6 ]; then

@@ -8,9 +8,10 @@ float32 accumulation) and `bench/kernels_check.py` for the H200 check and timing
 experts at decode sizes (IQ2_XXS gate/up, Q2_K down, up to 4 tokens) take the CUDA C kernels of
 `cuda_experts` where CuPy is installed, else the packed-integer dp4a Triton kernels; larger
 launches the tensor-core tile kernel. A one-token Q8_0 matvec (linear, grouped, normed) takes
-the CUDA C kernel of `cuda_matvec` where CuPy is installed, else the Triton split-layout kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of
-`triton_gemm` takes every supported weight type: one launch for all tokens (routed experts
-grouped by expert), the same exact block dots (F16 in 3xTF32).
+the CUDA C kernel of `cuda_matvec` where CuPy is installed, else the Triton split-layout
+kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of `triton_gemm` takes every
+supported weight type: one launch for all tokens (routed experts grouped by expert), the same
+exact block dots (F16 in 3xTF32).
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]

@@ -33,6 +33,20 @@ def available() -> bool:
     return torch.cuda.is_available() and _cupy() is not None
 
 
+class Switch:
+    """One CUDA C path's on/off state: benchmarks switch it off to time the Triton kernels in
+    the same run (each host module has one: `set_enabled = _switch.set`)."""
+
+    def __init__(self):
+        self.on = True
+
+    def set(self, on: bool) -> None:
+        self.on = bool(on)
+
+    def available(self) -> bool:
+        return self.on and available()
+
+
 @functools.lru_cache(maxsize=32)
 def _module(src: str, device_index: int, defines: tuple):
     """src compiled once per device and set of -D defines (compile-time launch constants)."""

@@ -24,17 +24,9 @@ A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 1
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
-_enabled = True
-
-
-def set_enabled(on: bool) -> None:
-    """Benchmarks switch this path off to time the Triton kernels in the same run."""
-    global _enabled
-    _enabled = bool(on)
-
-
-def available() -> bool:
-    return _enabled and cuda_c.available()
+_switch = cuda_c.Switch()
+set_enabled = _switch.set          # benchmarks time the Triton kernels in the same run
+available = _switch.available
 
 
 def _kernel(x: torch.Tensor, warps: int, which: int):

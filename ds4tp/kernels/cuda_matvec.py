@@ -25,18 +25,10 @@ WARPS = 16         # warps per block
 LOADS = 4          # 16-byte loads in flight per lane (matvec.cu LOADS)
 MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
-_WIDTHS = tuple(512 << i for i in range(6))   # 512 .. 16384: whole 16-byte pieces per lane
-_enabled = True
-
-
-def set_enabled(on: bool) -> None:
-    """Benchmarks switch this path off to time the Triton kernel in the same run."""
-    global _enabled
-    _enabled = bool(on)
-
-
-def available() -> bool:
-    return _enabled and cuda_c.available()
+_WIDTHS = tuple(512 << i for i in range(6) if 512 << i <= MAX_K)   # whole 16-byte pieces per lane
+_switch = cuda_c.Switch()
+set_enabled = _switch.set          # benchmarks time the Triton kernel in the same run
+available = _switch.available
 
 
 def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB):
