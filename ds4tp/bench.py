@@ -168,9 +168,10 @@ def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
     """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
     and first tokens excluded). priority: of the stream the graphs are captured on (None: the
     decoder's default)."""
-    from ds4tp.decode_graph import StaticDecoder
+    from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
     st = prefilled(model, depth)
-    dec = StaticDecoder(model, max_ctx=max_ctx, **({} if priority is None else {"priority": priority}))
+    dec = StaticDecoder(model, max_ctx=max_ctx,
+                        priority=CAPTURE_PRIORITY if priority is None else priority)
     dec.load_session(st)
     tok = 11
     for _ in range(warm):

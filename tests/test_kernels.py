@@ -128,6 +128,7 @@ def test_cuda_c_compile_failure_falls_back(monkeypatch):
     fake = type("FakeCupy", (), {"cuda": type("C", (), {"Device": FakeDevice}), "RawModule": FakeModule})
     monkeypatch.setattr(cuda_c, "_cupy", lambda: fake)
     monkeypatch.setattr(cuda_c, "_FAILED", {})
+    monkeypatch.setattr(cuda_c, "_FUNCS", {})
     cuda_c._module.cache_clear()
     with pytest.warns(RuntimeWarning, match="experts.cu did not compile.*gpu-architecture"):
         assert cuda_c.kernel("experts.cu", "q2k_down_sum", 0, (("WARPS", 16),)) is None

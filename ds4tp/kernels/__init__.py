@@ -91,7 +91,7 @@ def linear_normed(w, x, norm, eps):
     """linear(w, rms_norm(x, norm)) in one launch for one token (Q8_0), else None."""
     if not _covered(w, x) or not norm.is_cuda or _many(x.shape[0]):
         return None
-    y = _cuda_q8_0(w, x, 1, norm, eps) if x.dim() == 2 else None
+    y = _cuda_q8_0(w, x, 1, norm, eps)
     if y is not None:
         return y
     from ds4tp.kernels import triton_matvec as tm

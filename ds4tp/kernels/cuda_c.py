@@ -58,6 +58,8 @@ def _module(src: str, device_index: int, defines: tuple):
 
 
 _FAILED: dict = {}     # (src, device index, defines) -> why it did not compile there
+_FUNCS: dict = {}      # (src, device index, defines, name) -> the kernel (one object per key, so
+                       # resident()'s cache keyed on it holds one entry per kernel)
 
 
 def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
@@ -67,8 +69,12 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
     key = (src, device_index, defines)
     if key in _FAILED:
         return None
+    fn = _FUNCS.get(key + (name,))
+    if fn is not None:
+        return fn
     try:
-        return _module(src, device_index, defines).get_function(name)
+        fn = _FUNCS[key + (name,)] = _module(src, device_index, defines).get_function(name)
+        return fn
     except Exception as exc:
         _FAILED[key] = exc
         warnings.warn(f"ds4tp: the CUDA C kernels of {src} did not compile for device "
