@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU box: set up, check every kernel against its twin, golden parity on
 # CUDA, and the full-size benchmark. Results land in $OUT (device tool) or ./bench-out.
-# Usage: bash bench/device_run.sh [smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|final6|final6b|depth]
+# Usage: bash bench/device_run.sh [pdl|smoke|kernels|full|final|final2|load|prefill|decode|decode2|final3|final3b|i8|final5|h16|tp2h16|cudac|final6|final6b|depth]
 #   full: the 43-layer bench, CUDA golden parity, kernel tests (one 2-GPU call, < 10 min)
 #   final: a shorter full (depth 0; TP=2 golden on the graph path only; routed-kernel sweep)
 #   load: synth the full GGUF, time its TP=2 load cold and warm, then the kernel sweep
@@ -24,6 +24,9 @@
 #           4096 and the A/B variants, goldens TP=1, the 43-layer graph traced at depth 1, 4096
 #   final7b: after the CUDA C router was removed: dispatch tests, bench at depth 0 (A/B variants)
 #   final7c: the final code's golden parity on CUDA, TP=1
+#   pdl: session 8, programmatic dependent launch: the PDL on/off bit-identity test and the
+#        CUDA C and decode-stage twin tests (PDL on), bench at depth 0 (PDL off/on A/B), the
+#        43-layer graph traced at depth 1
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -257,6 +260,11 @@ elif [ "$MODE" = final7 ]; then
     log "graph-replayed decode step, 43 layers, depth $d, traced"
     timeout 100 python3 bench/profile_graph.py 43 $d 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d$d.txt" | sed -n '/kernels by/,$p' | head -25
   done
+elif [ "$MODE" = pdl ]; then
+  gate_tests 240 "pdl or cuda_c or hc_ or route or kv_store or compressor_step or decode_attention or linear_normed or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  bench_tp1 200 0
+  log "graph-replayed decode step, 43 layers, depth 1, traced"
+  timeout 100 python3 bench/profile_graph.py 43 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d1.txt" | sed -n '/kernels by/,$p' | head -25
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0

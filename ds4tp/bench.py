@@ -292,6 +292,17 @@ def _bench_rank(comm, dev, cfg):
     steps = cfg["steps"]
     res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
     save()
+    # the same without programmatic dependent launch (ds4tp.kernels.pdl: every kernel then
+    # starts only after the one ahead has finished), then with it again (the run's noise)
+    from ds4tp.kernels import pdl
+    if pdl.enabled(torch.device(dev)):
+        pdl.set_enabled(False)
+        try:
+            res["decode_d0_no_pdl"] = time_decode(model, 1, steps, max_ctx=256)
+        finally:
+            pdl.set_enabled(True)
+        res["decode_d0_again"] = time_decode(model, 1, steps, max_ctx=256)
+        save()
     # the same decode with every sublayer's work on one stream (no shared-expert / compressor
     # overlap, ds4tp.streams): what the second stream buys, measured in this run
     model.overlap = False

@@ -139,6 +139,43 @@ def test_cuda_c_compile_failure_falls_back(monkeypatch):
     cuda_c._module.cache_clear()
 
 
+def test_pdl_launch_config_and_arguments(monkeypatch):
+    """The PDL launcher's ctypes structures have cuda.h's layout (CUlaunchAttribute: 4-byte id,
+    pad to 8, 64-byte value union; CUlaunchConfig: 7 uints, stream, attrs, count) and it hands
+    cuLaunchKernelEx the grid, block, stream, the programmatic-serialization attribute (id 6,
+    value 1) and each argument as its C type, in order."""
+    import ctypes
+
+    import numpy as np
+
+    from ds4tp.kernels import pdl
+    assert ctypes.sizeof(pdl._LaunchAttr) == 72 and pdl._LaunchAttr.value.offset == 8
+    assert ctypes.sizeof(pdl._LaunchConfig) == 56
+    assert (pdl._LaunchConfig.hStream.offset, pdl._LaunchConfig.attrs.offset,
+            pdl._LaunchConfig.numAttrs.offset) == (32, 40, 48)
+    seen = {}
+
+    def fake(cfg, fn, params, extra):
+        c = cfg._obj
+        seen["dims"] = (c.gridDimX, c.gridDimY, c.gridDimZ, c.blockDimX, c.blockDimY, c.blockDimZ,
+                        c.sharedMemBytes, c.hStream, c.numAttrs, c.attrs[0].id, c.attrs[0].value)
+        seen["fn"] = fn.value
+        types = (ctypes.c_uint64, ctypes.c_int32, ctypes.c_int64, ctypes.c_float)
+        seen["args"] = [ctypes.cast(params[i], ctypes.POINTER(t)).contents.value
+                        for i, t in enumerate(types)]
+        return 0
+
+    monkeypatch.setattr(pdl, "_launch_ex", lambda: fake)
+    pdl.launch_cuda(0x1234, (7, 3), 512, 0x5678,
+                    (np.uint64(1 << 40), np.int32(-5), np.int64(1 << 33), np.float32(0.5)))
+    assert seen["dims"] == (7, 3, 1, 512, 1, 1, 0, 0x5678, 1, 6, 1)
+    assert seen["fn"] == 0x1234 and seen["args"] == [1 << 40, -5, 1 << 33, 0.5]
+    monkeypatch.setattr(pdl, "_launch_ex", lambda: lambda *a: 1)
+    with pytest.raises(RuntimeError, match="cuLaunchKernelEx.*CUresult 1"):
+        pdl.launch_cuda(1, (1,), 32, 0, (np.int32(0),))
+    assert pdl.triton_args(torch.device("cpu")) == {"PDL": False}
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_expert_tiles_cover_each_pair_once():
     """The many-token expert launch's tile table (host side): every pair with an expert sits in

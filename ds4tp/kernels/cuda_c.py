@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ds4tp.kernels import pdl
+
 _DIR = Path(__file__).parent
 
 
@@ -109,9 +111,15 @@ _STREAMS: dict = {}
 
 
 def launch(fn, device: torch.device, grid, warps: int, args) -> None:
-    """fn on torch's current stream of `device` (so CUDA graph capture records it)."""
+    """fn on torch's current stream of `device` (so CUDA graph capture records it), as a
+    programmatic dependent launch where ds4tp.kernels.pdl is on (the kernels call pdl_trigger
+    and pdl_wait, common.cuh)."""
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
+    if pdl.enabled(device):
+        with cp.cuda.Device(device.index):
+            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
+        return
     st = _STREAMS.get((device.index, handle))
     if st is None:
         st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)

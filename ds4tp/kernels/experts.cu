@@ -129,6 +129,10 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     const int items = K * rows;
     const int rowb = KB * 66, nv = rowb / 16;        // bytes and 16-byte pieces per row
 
+    pdl_trigger();                    // all blocks resident: the next kernel may launch
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
+    pdl_wait();                       // ids, rw and x are earlier kernels' outputs
+
     // first item's loads go out before the prologue
     uint4 buf[A_MAX_V];
     int item = warp;
@@ -136,7 +140,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     int n = n0 + (item < items ? item % rows : 0);
     if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
 
-    for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     for (int b = warp; b < KB; b += WARPS) {
         float v[8];
         const float* xb = x + (long long)t * stride_xt + b * 256 + lane * 8;
@@ -276,6 +279,8 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     const int ks = lane / units, u = lane % units;
     const int sb = u >> 2, nh = (u >> 1) & 1, h = u & 1;
 
+    pdl_trigger();                    // all blocks resident: the next kernel may launch
+    pdl_wait();                       // ids and x are earlier kernels' outputs
     int e[B_MAX_K];
 #pragma unroll
     for (int p = 0; p < B_MAX_K; p++) {

@@ -139,7 +139,7 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
 }
 
 // The first step's pieces of this warp's rows into L2, so that they arrive while the block
-// quantises its input.
+// quantises its input (and, launched with PDL, while the kernel ahead finishes).
 template <int CPR>
 __device__ __forceinline__ void q8_0_prefetch(const signed char* q, long long row0, int nrows,
                                               int lane, int warp) {
@@ -162,6 +162,7 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
                                            double* s_red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
+    pdl_wait();                       // x is the kernel ahead's output (PDL: ds4tp.kernels.pdl)
     q8_0_prologue(x, nw, eps, 512 * CPR, s_q, s_d, s_red);
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
 }
@@ -177,6 +178,7 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
     __shared__ double s_red[WARPS];
+    pdl_trigger();                    // all blocks resident: the next kernel may launch
     const int g = blockIdx.y;
     const int first = blockIdx.x * rpb;
     const int nrows = min(rpb, rows_per_group - first);

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4tp.kernels import pdl
+from ds4tp.kernels.triton_pdl import pdl_start
 from ds4tp.kernels.triton_matvec import _TICKETS, _rint_clamped, _tickets
 from ds4tp.kernels.triton_norm import rms_from_squares
 
@@ -75,7 +77,9 @@ def _fp8_e4m3_blocks(b):
 
 @triton.jit
 def _kv_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, ring_ptr, rpos_ptr, n_swa, eps,
-                     D: tl.constexpr, NROT: tl.constexpr):
+                     D: tl.constexpr, NROT: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
     x = tl.load(x_ptr + d)
@@ -94,8 +98,10 @@ def _kv_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, ring_ptr, rpos_ptr
 
 @triton.jit
 def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
-                      BN: tl.constexpr, BE: tl.constexpr):
+                      BN: tl.constexpr, BE: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """Rows n*BN.. of both F16 projections [W, E] against x [E]; float32 sums."""
+    pdl_start(PDL)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < W
     ee = tl.arange(0, BE)
@@ -132,12 +138,14 @@ def _online(q, kv, ok, scale, m, l, acc):
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
                  pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr):
+                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
     arrive (atomic ticket) merges the partials in the order j = 0..S-1 with the sink, applies the
     inverse RoPE and stores the head."""
+    pdl_start(PDL)
     h = tl.program_id(0)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr)
@@ -221,7 +229,7 @@ def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
     _check("kv_store: ring", ring, (n_swa, D))
     _check_rope(cos, sin, pos, n_rot)
     _kv_store_kernel[(1,)](kv_lin, norm, cos, sin, pos, ring, ring_pos, n_swa, eps, D=D,
-                           NROT=n_rot, num_warps=4)
+                           NROT=n_rot, num_warps=4, **pdl.triton_args(kv_lin.device))
 
 
 def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
@@ -242,7 +250,7 @@ def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
     be = min(2048, triton.next_power_of_2(E))      # 2 x 16 KB of weights in flight per step
     _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
                                              ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
-                                             num_warps=8)
+                                             num_warps=8, **pdl.triton_args(x.device))
 
 
 def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
@@ -275,5 +283,6 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
                                   sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
                                   eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
-                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4)
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4,
+                                  **pdl.triton_args(qb.device))
     return out

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4tp.kernels import pdl
+from ds4tp.kernels.triton_pdl import pdl_start
 from ds4tp.kernels.triton_matvec import _split_buffers, _split_k
 from ds4tp.kernels.triton_norm import rms_from_squares
 
@@ -33,9 +35,11 @@ def _sigmoid_rn(v):
 @triton.jit
 def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, post_ptr, m_ptr,
                        E, eps, rms_eps,
-                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr):
+                       NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """Grid (T, 2): program (t, 0) mixes (post, M: the serial Sinkhorn chain), program (t, 1)
     forms and norms x; the two run side by side."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, NH)
     r = h[:, None]
@@ -108,13 +112,16 @@ def hc_combine(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: tor
         be = min(HC_ONE_PASS_MAX, triton.next_power_of_2(E))
         _hc_combine_kernel[(T, 2)](z, z.stride(0), scale.contiguous(), base.contiguous(), hc,
                                    norm.contiguous(), x, post, m, E, eps, rms_eps, NH=n, ITERS=iters,
-                                   BE=be, ONE_PASS=E <= be, num_warps=8)
+                                   BE=be, ONE_PASS=E <= be, num_warps=8,
+                                   **pdl.triton_args(hc.device))
     return x, post, m
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, E, NH: tl.constexpr, BE: tl.constexpr):
+def _hc_post_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, E, NH: tl.constexpr, BE: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """out[t, i, :] = post[t, i] * f[t, :] + sum_r M[t, r, i] * H[t, r, :] for one (t, E tile)."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
     ok = e < E
@@ -141,17 +148,20 @@ def hc_post(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     if T and E:
         be = min(1024, triton.next_power_of_2(E))
         _hc_post_kernel[(T, triton.cdiv(E, be))](f.contiguous(), hc.contiguous(), post.contiguous(),
-                                                 m.contiguous(), out, E, NH=n, BE=be, num_warps=4)
+                                                 m.contiguous(), out, E, NH=n, BE=be, num_warps=4,
+                                                 **pdl.triton_args(hc.device))
     return out
 
 
 @triton.jit
 def _hc_logits_kernel(x_ptr, w_ptr, z_ptr, ws_ptr, ss_ptr, cnt_ptr, N, K, k_per, eps,
-                      BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr):
+                      BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """Program k: over its K chunk, rows 0..N-1 of the F16 weight [N, K] against the raw x, and
     the float64 squares of x. The RMS scale s is a common factor, z = s * (x @ W^T): the last of
     the SPLIT programs to arrive (atomic ticket) adds the partial dots and the partial square
     sums in the fixed order 0..SPLIT-1, then scales. No program reads the whole row."""
+    pdl_start(PDL)
     pid_k = tl.program_id(0)
     kk = tl.arange(0, BK)
     rows = tl.arange(0, BN)
@@ -209,7 +219,7 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
     ss = torch.empty(split, dtype=torch.float64, device=hc.device) if split > 1 else z
     _hc_logits_kernel[(split,)](x, fn_raw.view(torch.float16), z, ws, ss, cnt, N, K, per, eps,
                                 BN=bn, BK=bk, SPLIT=split, SP2=triton.next_power_of_2(split),
-                                num_warps=4)
+                                num_warps=4, **pdl.triton_args(hc.device))
     return z
 
 

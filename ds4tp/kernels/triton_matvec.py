@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4tp.kernels import pdl
+from ds4tp.kernels.triton_pdl import pdl_start
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q4_K, Q8_0, SWIGLU_CLAMP, type_name
 from ds4tp.kernels.triton_norm import rms_from_squares
 
@@ -432,7 +434,9 @@ def _store_tile(acc, y_ptr, yoff, ymask, ws_ptr, cnt_ptr, tile_id, pid_k,
 def _linear_kernel(w_ptr, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr, stride_xt, y_ptr, stride_yt,
                    ws_ptr, cnt_ptr, grid_ptr, sign_ptr, N, T, KB, kb_per_split, rows_per_group, group_in,
                    QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr, NB: tl.constexpr,
-                   SPLIT: tl.constexpr, MMA: tl.constexpr, PRE: tl.constexpr):
+                   SPLIT: tl.constexpr, MMA: tl.constexpr, PRE: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -1042,7 +1046,7 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: Cfg | None = None) -> torch
             raw, raw.stride(-2), xs, xq, xd, xbs, xs.stride(0), ys, ys.stride(0), ws, cnt, grid_t, sign_t,
             n_out, Tc, kb, per, rows_per_group, n_in,
             QT=w.qtype, BN=bn, TQ=tq, NB=c.nb, SPLIT=split, MMA=c.mma, PRE=c.pre,
-            num_warps=c.warps, num_stages=c.stages)
+            num_warps=c.warps, num_stages=c.stages, **pdl.triton_args(x.device))
     return y
 
 

@@ -16,11 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ds4tp.kernels import pdl
+from ds4tp.kernels.triton_pdl import pdl_start
+
 
 @triton.jit
 def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, floor, scale,
                   K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HASH: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
+                  PDL: tl.constexpr = False):
+    pdl_start(PDL)
     e = tl.arange(0, BE)
     ok = e < NE
     z = tl.load(logit_ptr + e, mask=ok, other=0.0)
@@ -74,5 +79,6 @@ def route(logits, bias, tid2eid, token, k: int, floor: float, scale: float):
                         ids if tid2eid is None else tid2eid.contiguous(),
                         ids if token is None else token, ids, w, ne, floor, scale,
                         K=k, KP=triton.next_power_of_2(k), BE=triton.next_power_of_2(ne),
-                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=4)
+                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=4,
+                        **pdl.triton_args(logits.device))
     return ids, w

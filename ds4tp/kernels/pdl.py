@@ -1,0 +1,106 @@
+"""Programmatic dependent launch (PDL; CUDA, compute capability 9.0+).
+
+Launched with PDL, a kernel may start before the kernel ahead of it on the stream has finished:
+its blocks become resident as SMs free up and run up to their `wait` (griddepcontrol.wait),
+which returns once the kernel ahead has finished and its writes are visible. What they do before
+the wait overlaps the kernel ahead: the CUDA C matvec prefetches its first weight rows into L2,
+and every kernel hides its launch and block start-up. A kernel ahead lets the next one launch by
+calling `trigger` (griddepcontrol.launch_dependents; implicitly when its blocks exit).
+
+The rules every PDL kernel here keeps (common.cuh, the Triton decode kernels):
+  - before its wait it reads only weights and tables (never what an earlier kernel writes) and
+    writes nothing;
+  - it triggers at its start: the next kernel launches once all of this one's blocks are
+    resident, so it never takes SMs that this one's blocks still need.
+Both instructions are no-ops in a plain launch, so the same compiled kernel serves both.
+In a CUDA graph, stream capture records PDL launches as programmatic edges.
+
+`enabled(device)` is the one switch (benchmarks time both in one run: `set_enabled`); the CUDA C
+launcher (cuda_c.launch) and the Triton decode kernels (`triton_args`) ask it at launch.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+_on = True
+
+
+def set_enabled(on: bool) -> None:
+    global _on
+    _on = bool(on)
+
+
+@functools.lru_cache(maxsize=8)
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def enabled(device: torch.device) -> bool:
+    """PDL launches on this device: switched on, CUDA, sm_90 or later."""
+    return _on and device.type == "cuda" and _capable(device.index or 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ok() -> bool:
+    """This Triton launches with PDL (launch_pdl) and has the griddepcontrol builtins."""
+    try:
+        import triton.language.extra.cuda as tcuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+        return ("launch_pdl" in CUDAOptions.__dataclass_fields__
+                and hasattr(tcuda, "gdc_wait") and hasattr(tcuda, "gdc_launch_dependents"))
+    except Exception:
+        return False
+
+
+def triton_args(device: torch.device) -> dict:
+    """Launch keywords for a Triton decode kernel with a `PDL: tl.constexpr` parameter (the
+    kernel calls gdc_launch_dependents and gdc_wait when it is set)."""
+    on = enabled(device) and _triton_ok()
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+# ---- the CUDA C launcher's side: cuLaunchKernelEx with the programmatic-serialization attribute
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6     # CUlaunchAttributeID (cuda.h)
+
+
+class _LaunchAttr(ctypes.Structure):            # CUlaunchAttribute: id, pad to 8, 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):          # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttr)), ("numAttrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=1)
+def _launch_ex():
+    lib = ctypes.CDLL("libcuda.so.1")
+    f = lib.cuLaunchKernelEx
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                  ctypes.c_void_p]
+    return f
+
+
+_CTYPE = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_int32,
+          "float32": ctypes.c_float}
+
+
+def launch_cuda(function_ptr: int, grid, block: int, stream_handle: int, args) -> None:
+    """One PDL launch of a compiled kernel (CUfunction) on a stream. args: numpy scalars in the
+    kernel's parameter order (uint64 pointers, int32, int64, float32)."""
+    vals = [_CTYPE[a.dtype.name](a.item()) for a in args]
+    params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
+    attr = _LaunchAttr(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    g = tuple(grid) + (1,) * (3 - len(grid))
+    cfg = _LaunchConfig(g[0], g[1], g[2], block, 1, 1, 0, ctypes.c_void_p(stream_handle),
+                        ctypes.pointer(attr), 1)
+    err = _launch_ex()(ctypes.byref(cfg), ctypes.c_void_p(function_ptr), params, None)
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed: CUresult {err}")
