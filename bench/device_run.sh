@@ -24,9 +24,10 @@
 #           4096 and the A/B variants, goldens TP=1, the 43-layer graph traced at depth 1, 4096
 #   final7b: after the CUDA C router was removed: dispatch tests, bench at depth 0 (A/B variants)
 #   final7c: the final code's golden parity on CUDA, TP=1
-#   pdl: session 8, programmatic dependent launch: the PDL on/off bit-identity test and the
-#        CUDA C and decode-stage twin tests (PDL on), bench at depth 0 (PDL off/on A/B), the
-#        43-layer graph traced at depth 1
+#   pdl: session 8, programmatic dependent launch: CUDA C twins (PDL on), the PDL on/off
+#        bit-identity test, bench at depth 0 (PDL off/on A/B)
+#   pdl2: session 8, padded down-kernel activations and the SwiGLU prologue of the shared
+#         expert's down: twins, dispatch, down launch sweep, bench at depth 0
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -261,10 +262,22 @@ elif [ "$MODE" = final7 ]; then
     timeout 100 python3 bench/profile_graph.py 43 $d 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d$d.txt" | sed -n '/kernels by/,$p' | head -25
   done
 elif [ "$MODE" = pdl ]; then
-  gate_tests 240 "pdl or cuda_c or hc_ or route or kv_store or compressor_step or decode_attention or linear_normed or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  # (run as bench/pdl_diag.sh, folded in here) CUDA C twins with PDL on, the normed Q8_0 cases
+  # with it off, the PDL on/off bit-identity test, the TP=1 bench at depth 0 (PDL A/B)
+  gate_tests 120 "linear_normed or cuda_c_kernels" tests/test_kernels.py
+  log "the same normed cases with PDL off"
+  timeout 120 python3 -c "
+from ds4tp.kernels import pdl; pdl.set_enabled(False)
+import pytest, sys; sys.exit(pytest.main(['-x','-q','tests/test_kernels.py','-k','linear_normed']))" 2>&1 | tail -2
+  gate_tests 150 "pdl" tests/test_decode_graph.py
   bench_tp1 200 0
-  log "graph-replayed decode step, 43 layers, depth 1, traced"
-  timeout 100 python3 bench/profile_graph.py 43 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d1.txt" | sed -n '/kernels by/,$p' | head -25
+elif [ "$MODE" = pdl2 ]; then
+  # session 8: the down kernel's padded activation layout, the SwiGLU prologue of the shared
+  # expert's down matvec: CUDA C twins and dispatch, PDL bit-identity, per-launch times of the
+  # down launches, the TP=1 bench at depth 0 (PDL and capture-priority A/B)
+  gate_tests 240 "cuda_c or dispatch or pdl" tests/test_kernels.py tests/test_decode_graph.py
+  cuda_c_sweep 120 80 "routed_down,shexp_down"
+  bench_tp1 200 0
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0

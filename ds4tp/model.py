@@ -27,8 +27,8 @@ from ds4tp.comm import SingleComm
 from ds4tp.fuse import fused
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rms_scale,
-                            rope_cos_sin, rope_tail, softplus, swiglu_clamped)
-from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear
+                            rope_cos_sin, rope_tail, softplus)
+from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear, swiglu_linear
 from ds4tp.qtensor import QTensor
 from ds4tp.streams import Side
 
@@ -521,8 +521,8 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
     side = Side(xn, overlap and xn.shape[0] == 1)
     with side:
-        gate, up = linear(lw.gate_up_sh, xn).chunk(2, -1)            # [T, F_l] each, one launch
-        shared = linear(lw.down_sh, swiglu_clamped(gate, up, C.SWIGLU_CLAMP))   # [T, E] partial over FFN width
+        gate_up = linear(lw.gate_up_sh, xn)                          # [T, 2F_l] gate | up, one launch
+        shared = swiglu_linear(lw.down_sh, gate_up, C.SWIGLU_CLAMP)  # [T, E] partial over FFN width
     ids, w = route(lw, xn, tokens, s)
     # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).

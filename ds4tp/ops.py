@@ -119,6 +119,24 @@ def linear_normed(w: QTensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tens
     return linear_normed_torch(w, x, norm)
 
 
+def swiglu_linear_torch(w: QTensor, gu: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+    """y = W @ quant(swiglu_clamped(gate, up)) for gu [T, 2F] = gate then up (the shared expert's
+    down projection of its fused gate/up output)."""
+    gate, up = gu.chunk(2, -1)
+    return linear(w, swiglu_clamped(gate, up, clamp))
+
+
+def swiglu_linear(w: QTensor, gu: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+    """swiglu_linear_torch in one launch for a decode token on CUDA (the SwiGLU in the matvec's
+    prologue), the twin elsewhere."""
+    if _fused_ok(gu):
+        from ds4tp import kernels
+        y = kernels.swiglu_linear(w, gu, clamp)
+        if y is not None:
+            return y
+    return swiglu_linear_torch(w, gu, clamp)
+
+
 def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
                   sum_slots: bool = False) -> torch.Tensor:
     """Selected routed experts per token; see expert_linear_torch for shapes. With sum_slots

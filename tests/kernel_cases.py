@@ -242,9 +242,9 @@ def case_cuda_not_covered(device, gen):
 
 
 def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False, rpb=None, warps=None,
-                   loads=None):
+                   loads=None, swiglu=False):
     """The CUDA C Q8_0 one-token matvec (cuda_matvec.q8_0) against the twin of its entry point
-    (linear, grouped_linear, linear_normed); asserts that it took the case."""
+    (linear, grouped_linear, linear_normed, swiglu_linear); asserts that it took the case."""
     from ds4tp.kernels import cuda_matvec as cm
     kw = {"rpb": rpb, **({"warps": warps} if warps else {}), **({"loads": loads} if loads else {})}
     if shard:
@@ -253,8 +253,11 @@ def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False
     else:
         w = rand_weight(Q8_0, (n_out, n_in), gen, device)
     x = rand_act((1, groups * n_in), gen, device)
-    tag = f"cuda q8_0 {n_out}x{n_in} groups={groups} normed={normed} shard={shard} rpb={rpb}"
-    if normed:
+    tag = f"cuda q8_0 {n_out}x{n_in} groups={groups} normed={normed} shard={shard} rpb={rpb} swiglu={swiglu}"
+    if swiglu:   # gate | up, spread past the clamp (10) on both sides
+        gu = rand_act((1, 2 * n_in), gen, device) * 6
+        got, want = cm.q8_0(w, gu, swiglu_clamp=10.0, **kw), ops.swiglu_linear_torch(w, gu, 10.0)
+    elif normed:
         norm = (torch.rand(n_in, generator=gen) + 0.5).to(device)
         got, want = cm.q8_0(w, x, norm=norm, eps=RMS_EPS, **kw), ops.linear_normed_torch(w, x, norm)
     elif groups > 1:
@@ -312,6 +315,8 @@ def cuda_c_cases():
     yield "cuda q8_0 4 loads", case_cuda_q8_0, (70, 1024, 1, False, False, 16, 8, 4)
     yield "cuda q8_0 16 loads grouped", case_cuda_q8_0, (4 * 20, 512, 4, False, False, None, 8, 16)
     yield "cuda q8_0 16 loads 8192", case_cuda_q8_0, (30, 8192, 1, True, False, None, 8, 16)
+    yield "cuda q8_0 swiglu shared down", case_cuda_q8_0, (512, 2048, 1, False, False, None, None, None, True)
+    yield "cuda q8_0 swiglu TP=2 shard", case_cuda_q8_0, (64, 1024, 1, False, True, None, None, None, True)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
 
 

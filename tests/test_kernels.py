@@ -101,6 +101,8 @@ def test_cuda_c_dispatch():
     assert torch.equal(ops.linear_normed(w, x, norm), cm.q8_0(w, x, norm=norm, eps=RMS_EPS))
     xg = kc.rand_act((1, 4, 1024), g, "cuda")
     assert torch.equal(ops.grouped_linear(w, xg).reshape(1, -1), cm.q8_0(w, xg.reshape(1, -1), 4))
+    gu = kc.rand_act((1, 2048), g, "cuda") * 6
+    assert torch.equal(ops.swiglu_linear(w, gu, 10.0), cm.q8_0(w, gu, swiglu_clamp=10.0))
 
 
 def test_cuda_c_compile_failure_falls_back(monkeypatch):

@@ -98,6 +98,15 @@ def linear_normed(w, x, norm, eps):
     return tm.linear_normed(w, x, norm, eps)
 
 
+def swiglu_linear(w, gu, clamp):
+    """linear(w, swiglu_clamped(gate, up)) of gu = [gate | up] in one launch for one token (the
+    CUDA C Q8_0 matvec), else None (the twin: two launches)."""
+    if not _covered(w, gu) or _many(gu.shape[0]) or w.qtype != Q8_0:
+        return None
+    from ds4tp.kernels import cuda_matvec
+    return cuda_matvec.q8_0(w, gu, swiglu_clamp=clamp)
+
+
 def grouped_linear(w, x):
     if not _covered(w, x):
         return None

@@ -48,17 +48,21 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
-         rpb: int | None = None, warps: int = WARPS, loads: int = LOADS,
-         minb: int = MINB) -> torch.Tensor | None:
+         rpb: int | None = None, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
+         swiglu_clamp: float = 0.0) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
-    rms_norm(x, norm) with eps in place of x. None if not covered."""
+    rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
+    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. None if not covered."""
     if not (available() and w.qtype == Q8_0 and len(w.shape) == 2 and x.dim() == 2
             and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
             and x.device == w.raw.device):
         return None
     N, K = w.shape
-    if K not in _WIDTHS or groups < 1 or N % groups or x.shape[1] != groups * K:
+    act = swiglu_clamp > 0
+    if K not in _WIDTHS or groups < 1 or N % groups or x.shape[1] != (2 if act else groups) * K:
+        return None
+    if act and (groups != 1 or norm is not None):
         return None
     if norm is not None and (groups != 1 or norm.shape != (K,) or norm.dtype != torch.float32
                              or norm.device != x.device):
@@ -76,6 +80,7 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     cuda_c.launch(fn, x.device, (-(-rpg // rpb), groups), warps,
                   (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
                    cuda_c.ptr(nw) if nw is not None else np.uint64(0), np.float32(eps),
+                   np.float32(swiglu_clamp if act else 0.0),
                    cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
     return y
 

@@ -20,12 +20,22 @@
 #define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
 #define B_MAX_KB 8              // down: at most 2048 inputs per row
 #define B_MAX_K 8               // slots per token
+// down: shared-memory layout of the Q8_K activation, padded against bank conflicts. A lane of the
+// down kernel reads 16 bytes at 128nh + 16h + 32j of its super-block sb; the 8 lanes of one
+// 16-byte-load phase differ in (sb mod 2, nh, h). Unpadded (256-byte blocks) they all hit banks
+// 0-7 (4 wavefronts where 1 would do); with the halves 160 bytes apart and blocks 320 bytes
+// apart they hit 8 distinct 4-bank groups ((4sb + 2nh + h + 2j) mod 8). The sums of 16 are
+// likewise 17 words apart per block (at most 2 lanes of a warp on one bank).
+#define B_XB 320                // bytes per 256-block
+#define B_XH 160                // bytes from its first half to its second
+#define B_BS 17                 // int sums of 16 per block (16 used)
 
 // Q8_K of one 256-block by one warp: lane l holds elements 8l..8l+7 in v. The scale comes from
 // the signed element of largest magnitude (first on ties): iscale = -127/m, q = rint(clamp(
-// iscale*x)), d = 1/iscale (both divisions correctly rounded). Writes 8 int8 at q8 + 8l, the
-// scale to *d (lane 0) and, when bs is given, the sums of 16 at bs[l/2] (even lanes).
-__device__ __forceinline__ void q8k_block(const float* v, int lane, signed char* q8, float* d, int* bs) {
+// iscale*x)), d = 1/iscale (both divisions correctly rounded). Writes lane l's 8 int8 at q8l
+// (the caller's layout), the scale to *d (lane 0) and, when bs is given, the sums of 16 at
+// bs[l/2] (even lanes).
+__device__ __forceinline__ void q8k_block(const float* v, int lane, signed char* q8l, float* d, int* bs) {
     float am = -1.0f, mv = 0.0f;
     int ai = 0;
 #pragma unroll
@@ -50,7 +60,7 @@ __device__ __forceinline__ void q8k_block(const float* v, int lane, signed char*
         if (i < 4) lo |= (unsigned)(q & 255) << (8 * i);
         else       hi |= (unsigned)(q & 255) << (8 * (i - 4));
     }
-    *(uint2*)(q8 + 8 * lane) = make_uint2(lo, hi);
+    *(uint2*)q8l = make_uint2(lo, hi);
     if (bs != 0) {
         s += __shfl_xor_sync(FULL, s, 1);
         if ((lane & 1) == 0) bs[lane >> 1] = s;
@@ -145,7 +155,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const float* xb = x + (long long)t * stride_xt + b * 256 + lane * 8;
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = xb[i];
-        q8k_block(v, lane, s_xq + b * 256, s_xd + b, 0);
+        q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
     }
     __syncthreads();
 
@@ -210,6 +220,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 __device__ __forceinline__ void b_prologue(const float* x, long long stride_xt, long long stride_xk,
                                            int t, int K, int KB, int lane, int warp,
                                            signed char* s_xq, float* s_xd, int* s_bs) {
+    const int q8_off = 8 * (lane & 15) + (lane >> 4) * B_XH;     // elements 8l..8l+7 (B_XB layout)
     for (int b = warp; b < K * KB; b += 2 * WARPS) {
         const int b2 = b + WARPS;
         const bool two = b2 < K * KB;
@@ -221,10 +232,10 @@ __device__ __forceinline__ void b_prologue(const float* x, long long stride_xt, 
         float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0;
         if (two) { c0 = p2[0]; c1 = p2[1]; }
         const float v1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        q8k_block(v1, lane, s_xq + b * 256, s_xd + b, s_bs + b * 16);
+        q8k_block(v1, lane, s_xq + b * B_XB + q8_off, s_xd + b, s_bs + b * B_BS);
         if (two) {
             const float v2[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-            q8k_block(v2, lane, s_xq + b2 * 256, s_xd + b2, s_bs + b2 * 16);
+            q8k_block(v2, lane, s_xq + b2 * B_XB + q8_off, s_xd + b2, s_bs + b2 * B_BS);
         }
     }
 }
@@ -267,8 +278,8 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
              const float* __restrict__ x, long long stride_xt, long long stride_xk,
              const long long* __restrict__ ids, float* __restrict__ out, long long stride_ot,
              int N, int KB, int K, int rpc) {
-    __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * 256];
-    __shared__ int s_bs[B_MAX_K * B_MAX_KB * 16];
+    __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
+    __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -313,7 +324,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             if (p * spp < K && e[p] >= 0) {
                 const int blk = k * KB + sb;
                 acc += q2k_unit(sc[p][0], sc[p][1], qw[p][0], qw[p][1], qw[p][2], qw[p][3], dd[p], h,
-                                s_xq + blk * 256 + 128 * nh + 16 * h, s_bs + blk * 16 + 8 * nh + h,
+                                s_xq + blk * B_XB + B_XH * nh + 16 * h, s_bs + blk * B_BS + 8 * nh + h,
                                 s_xd[blk]);
             }
         }

@@ -31,11 +31,13 @@
 
 // x [K] (16-byte aligned) -> Q8_0 in shared memory: s_q int8 [K], s_d float32 [K/32]. With nw,
 // x is RMS-normed first: float64 sum of squares, the mean rounded to float32, correctly rounded
-// sqrt and reciprocal, then (x * s) * nw. Per 32-block: d = amax/127 and 1/d correctly rounded,
-// q = rint(clamp(x * (1/d), -128, 127)).
+// sqrt and reciprocal, then (x * s) * nw. With clamp > 0, x is [2K] (gate, then up) and the input
+// is numerics.swiglu_clamped of its halves: g = min(gate, c), u = clamp(up, -c, c), (g *
+// sigmoid(g)) * u, sigmoid(g) = 1 / (1 + exp(-g)). Per 32-block: d = amax/127 and 1/d correctly
+// rounded, q = rint(clamp(x * (1/d), -128, 127)).
 __device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const float* __restrict__ nw,
-                                              float eps, int K, signed char* s_q, float* s_d,
-                                              double* s_red) {
+                                              float eps, float clamp, int K, signed char* s_q,
+                                              float* s_d, double* s_red) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     float rs = 1.0f;
     if (nw != 0) {
@@ -58,6 +60,16 @@ __device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const
     for (int i = tid; i < K / 8; i += WARPS * 32) {
         const float4 a = *(const float4*)(x + 8 * i), c = *(const float4*)(x + 8 * i + 4);
         float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+        if (clamp > 0.0f) {
+            const float4 ua = *(const float4*)(x + K + 8 * i), uc = *(const float4*)(x + K + 8 * i + 4);
+            const float u[8] = {ua.x, ua.y, ua.z, ua.w, uc.x, uc.y, uc.z, uc.w};
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float g = fminf(v[j], clamp);
+                const float sg = __fdiv_rn(1.0f, 1.0f + expf(-g));
+                v[j] = __fmul_rn(__fmul_rn(g, sg), fminf(fmaxf(u[j], -clamp), clamp));
+            }
+        }
         if (nw != 0) {
             const float4 na = *(const float4*)(nw + 8 * i), nc = *(const float4*)(nw + 8 * i + 4);
             const float n[8] = {na.x, na.y, na.z, na.w, nc.x, nc.y, nc.z, nc.w};
@@ -157,23 +169,24 @@ __device__ __forceinline__ void q8_0_prefetch(const signed char* q, long long ro
 
 template <int CPR>
 __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned short* d,
-                                           const float* x, const float* nw, float eps, float* y,
-                                           long long row0, int nrows, signed char* s_q, float* s_d,
-                                           double* s_red) {
+                                           const float* x, const float* nw, float eps, float clamp,
+                                           float* y, long long row0, int nrows, signed char* s_q,
+                                           float* s_d, double* s_red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
     pdl_wait();                       // x is the kernel ahead's output (PDL: ds4tp.kernels.pdl)
-    q8_0_prologue(x, nw, eps, 512 * CPR, s_q, s_d, s_red);
+    q8_0_prologue(x, nw, eps, clamp, 512 * CPR, s_q, s_d, s_red);
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
 }
 
 // y[n] = sum_k w[n, k] * x_g[k] for the rows n of group g = n / rows_per_group, x_g = x + g*K
-// (nw: rms_norm(x_g, nw) instead; one group). Grid (cdiv(rows_per_group, rpb), groups); block b
-// of group g owns rows g*rows_per_group + b*rpb + 0 .. rpb-1.
+// (nw: rms_norm(x_g, nw) instead; clamp > 0: swiglu_clamped(x[:K], x[K:2K]) instead; one
+// group). Grid (cdiv(rows_per_group, rpb), groups); block b of group g owns rows
+// g*rows_per_group + b*rpb + 0 .. rpb-1.
 // Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
 extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
-            const float* __restrict__ x, const float* __restrict__ nw, float eps,
+            const float* __restrict__ x, const float* __restrict__ nw, float eps, float clamp,
             float* __restrict__ y, int K, int rows_per_group, int rpb) {
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
@@ -185,11 +198,11 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
     const long long row0 = (long long)g * rows_per_group + first;
     const float* xg = x + (long long)g * K;
     switch (K >> 9) {
-        case 1: q8_0_block<1>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
-        case 2: q8_0_block<2>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
-        case 4: q8_0_block<4>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
-        case 8: q8_0_block<8>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
-        case 16: q8_0_block<16>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
-        case 32: q8_0_block<32>(q, d, xg, nw, eps, y, row0, nrows, s_q, s_d, s_red); break;
+        case 1: q8_0_block<1>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 2: q8_0_block<2>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 4: q8_0_block<4>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 8: q8_0_block<8>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 16: q8_0_block<16>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 32: q8_0_block<32>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
     }
 }
