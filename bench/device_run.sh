@@ -28,6 +28,7 @@
 #        bit-identity test, bench at depth 0 (PDL off/on A/B)
 #   pdl2: session 8, padded down-kernel activations and the SwiGLU prologue of the shared
 #         expert's down: twins, dispatch, down launch sweep, bench at depth 0
+#   pdl3: session 8, the fused HC step (update + next mixer): tests, bench at depth 0, goldens
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -278,6 +279,12 @@ elif [ "$MODE" = pdl2 ]; then
   gate_tests 240 "cuda_c or dispatch or pdl" tests/test_kernels.py tests/test_decode_graph.py
   cuda_c_sweep 120 80 "routed_down,shexp_down"
   bench_tp1 200 0
+elif [ "$MODE" = pdl3 ]; then
+  # session 8: hc_post + next hc_logits + hc_combine in one launch (triton_hc.hc_step) with the
+  # model's sublayer chain rearranged around it: twins, graphs/PDL tests, bench, TP=1 goldens
+  gate_tests 240 "hc_ or pdl or side_stream or dispatch or graph" tests/test_kernels.py tests/test_decode_graph.py
+  bench_tp1 200 0
+  golden 1 static,prefill 200
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0

@@ -25,7 +25,7 @@ import torch
 
 from ds4tp import config as C, kernels
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post,
-                         hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
+                         hc_post_pre, hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
@@ -218,16 +218,23 @@ class StaticDecoder:
         pos, tok = self.pos, self.token
         e = m.w.token_embd[tok].float()                                      # [1, E]
         hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
-        for lw, lay in zip(m.w.layers, self.layers):
+        layers = m.w.layers                 # the sublayer chain as in DS4Model.forward
+        xn, post, mix = hc_pre(hc, *layers[0].attn_mixer, s)
+        for lw, lay in zip(layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
-            hc = self._attention(lw, lay, hc, pos, emit, idx_on and r == 4)
-            hc = ffn(lw, hc, tok, s, m.comm, m.rank, overlap=m.overlap)
+            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
+            hc, xn, post, mix = hc_post_pre(out, hc, post, mix, lw.ffn_mixer, s)
+            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
+            if lw.il + 1 < len(layers):
+                hc, xn, post, mix = hc_post_pre(f, hc, post, mix, layers[lw.il + 1].attn_mixer, s)
+            else:
+                hc = hc_post(f, hc, post, mix)
         return output_head(m.w, hc, s, m.comm)[0]
 
-    def _attention(self, lw, lay: _Layer, hc, pos, emit: bool, idx_on: bool):
+    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
+        """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""
         s, comm = self.s, self.m.comm
-        xn, post, mix = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)
         n_vis = (pos + 1) // lw.ratio if lw.ratio and (emit or idx_on) else None   # [1] rows visible
         side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
         with side:
@@ -252,8 +259,7 @@ class StaticDecoder:
                 mask, _ = select_rows(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         out = grouped_linear_out(lw, o, s)
-        out = comm.all_reduce(out)                                           # attention all-reduce
-        return hc_post(out, hc, post, mix)
+        return comm.all_reduce(out)                                          # attention all-reduce
 
     def _compress(self, cw, front: _Frontier, cache, xn, pos, hd, is_index, emit, n_vis):
         """Write this token's projections into the frontier; on an emitting token pool the

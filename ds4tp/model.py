@@ -81,6 +81,15 @@ class LayerWeights:
     up_sh: QTensor
     down_sh: QTensor           # Q8_0 (E, F_l)
 
+    @property
+    def attn_mixer(self):
+        """The attention sublayer's HC mixer: weight, scale, base, and its input norm."""
+        return self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.attn_norm
+
+    @property
+    def ffn_mixer(self):
+        return self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.ffn_norm
+
 
 @dataclass
 class Weights:
@@ -264,6 +273,22 @@ def hc_post(f: torch.Tensor, hc_in: torch.Tensor, post: torch.Tensor, m: torch.T
     return hc_post_torch(f, hc_in, post, m)
 
 
+def hc_post_pre(f, hc, post, m, mixer, s: Shape):
+    """One sublayer's stream update, then the next sublayer's mixer on the new streams:
+    f [T, E] (the sublayer's all-reduced output), hc [T, n, E], its post and M, and the next
+    sublayer's mixer (weight, scale, base, norm) -> the new streams, the next sublayer's input
+    xn [T, E], post and M. The dispatch point: one Triton launch for a decode token on CUDA
+    (triton_hc.hc_step: the update, the logits and Sinkhorn, three launches otherwise)."""
+    fn, scale, base, norm = mixer
+    if (hc.shape[0] == 1 and fn.qtype == C.F16 and kernels.on_gpu(hc)
+            and not torch.compiler.is_compiling()):
+        from ds4tp.kernels import triton_hc
+        return triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, s.n_hc,
+                                 s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS)
+    hc = hc_post(f, hc, post, m)
+    return (hc, *hc_pre(hc, fn, scale, base, norm, s))
+
+
 # ================================ attention (sec. 9) ==========================================
 def kv_cache_row(kv_n: torch.Tensor, cos, sin, s: Shape) -> torch.Tensor:
     """A raw KV row as the cache holds it: RoPE, FP8 of the non-RoPE dims, F16 (sec. 9.3)."""
@@ -404,13 +429,13 @@ def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Ten
     return linear(lw.out_b, low.reshape(T, -1))
 
 
-def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Tensor, s: Shape,
+def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, pos: torch.Tensor, s: Shape,
               comm, trace=None) -> torch.Tensor:
-    """Attention sublayer: hc [T, n_hc, E] -> new hc. Rows of this call are pushed to the
-    caches in `ls` before attending (a token sees its own row)."""
-    T, D = hc.shape[0], s.head_dim
+    """Attention sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E].
+    Rows of this call are pushed to the caches in `ls` before attending (a token sees its own
+    row)."""
+    T, D = xn.shape[0], s.head_dim
     p0 = int(pos[0])
-    xn, post, m = hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm, s)   # [T, E]
     qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], D], -1)   # one launch for both
     qrn = rms_norm(qa, lw.q_a_norm)                              # [T, q_lora]
     q = linear(lw.q_b, qrn).view(T, -1, D)                       # [T, H_l, D] this rank's heads
@@ -419,13 +444,13 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
     compressed = lw.ratio > 0
     cos, sin = rope_cos_sin(pos, s.n_rot, compressed)
     if trace is not None:
-        trace.update(hc_split=(post, m), attn_in=xn, qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
+        trace.update(qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
     q = rope_tail(q, cos[:, None], sin[:, None])
     kv = kv_cache_row(kv_n, cos, sin, s)                          # the cached row, as attention reads it
     raw_prev = ls.raw.n
     ls.raw.append(kv)
     raw = ls.raw.view()                                          # positions [p0-raw_prev, p0+T)
-    raw_pos = torch.arange(p0 - raw_prev, p0 + T, device=hc.device)
+    raw_pos = torch.arange(p0 - raw_prev, p0 + T, device=xn.device)
 
     comp = comp_mask = None
     if compressed:
@@ -443,7 +468,7 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
             trace.update(comp_kv_f32=rows32, comp_kv=rows)
         comp = ls.comp.view()                                    # [n_comp, D]
         n_vis = (pos + 1) // lw.ratio                            # rows visible to each token
-        comp_mask = torch.arange(comp.shape[0], device=hc.device)[None, :] < n_vis[:, None]
+        comp_mask = torch.arange(comp.shape[0], device=xn.device)[None, :] < n_vis[:, None]
         if lw.ratio == 4 and int(n_vis.max()) > s.indexer_top_k:
             score = indexer_scores(lw, qrn, xn, ls.index.view(), cos, sin, s, trace)
             score = comm.all_reduce(score)                       # indexer-score all-reduce (heads split)
@@ -475,7 +500,7 @@ def attention(lw: LayerWeights, ls: LayerState, hc: torch.Tensor, pos: torch.Ten
         trace["attn_out"] = out
     # keep the raw window to its last n_swa rows
     ls.raw.drop_front(ls.raw.n - s.n_swa)
-    return hc_post(out, hc, post, m)
+    return out
 
 
 # ================================ MoE FFN (sec. 10) ===========================================
@@ -514,9 +539,9 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
     return torch.where((loc >= 0) & (loc < n_local), loc, -1)
 
 
-def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
+def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
         trace=None, overlap: bool = False) -> torch.Tensor:
-    xn, post, m = hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm, s)
+    """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]."""
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
     side = Side(xn, overlap and xn.shape[0] == 1)
@@ -536,10 +561,8 @@ def ffn(lw: LayerWeights, hc: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
     side.join()
     if trace is not None:
-        trace.update(ffn_split=(post, m), ffn_in=xn, expert_ids=ids, expert_weights=w,
-                     moe_out=routed, shared_out=shared)
-    f = comm.all_reduce(routed + shared)                         # FFN all-reduce (routed + shared)
-    return hc_post(f, hc, post, m)
+        trace.update(expert_ids=ids, expert_weights=w, moe_out=routed, shared_out=shared)
+    return comm.all_reduce(routed + shared)                      # FFN all-reduce (routed + shared)
 
 
 # ================================ output head (sec. 11) =======================================
@@ -613,14 +636,24 @@ class DS4Model:
         pos = torch.arange(state.n, state.n + T, device=self.device)
         e = self.w.token_embd[tok].float()                       # [T, E]
         hc = e[:, None, :].expand(T, s.n_hc, s.n_embd).contiguous()   # 4 equal streams
-        for lw, ls in zip(self.w.layers, state.layers):
+        # Each sublayer's stream update (hc_post) and the next sublayer's mixer (hc_pre) are one
+        # step, hc_post_pre (one launch for a decode token); the first mixer and the last update
+        # stand alone.
+        layers = self.w.layers
+        xn, post, m = hc_pre(hc, *layers[0].attn_mixer, s)
+        for lw, ls in zip(layers, state.layers):
             lt = {} if trace is not None else None
             if lt is not None:
-                lt["hc"] = hc
-            hc = attention(lw, ls, hc, pos, s, self.comm, lt)
+                lt.update(hc=hc, hc_split=(post, m), attn_in=xn)
+            out = attention(lw, ls, xn, pos, s, self.comm, lt)
+            hc, xn, post, m = hc_post_pre(out, hc, post, m, lw.ffn_mixer, s)
             if lt is not None:
-                lt["hc_mid"] = hc
-            hc = ffn(lw, hc, tok, s, self.comm, self.rank, lt, self.overlap)
+                lt.update(hc_mid=hc, ffn_split=(post, m), ffn_in=xn)
+            f = ffn(lw, xn, tok, s, self.comm, self.rank, lt, self.overlap)
+            if lw.il + 1 < len(layers):
+                hc, xn, post, m = hc_post_pre(f, hc, post, m, layers[lw.il + 1].attn_mixer, s)
+            else:
+                hc = hc_post(f, hc, post, m)
             if lt is not None:
                 trace.update({f"{lw.il}.{k}": v for k, v in lt.items()})
         if trace is not None:

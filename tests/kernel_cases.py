@@ -490,6 +490,30 @@ def case_hc_logits(device, gen, n, E, N, split=None):
     return check(f"hc_logits n={n} E={E} N={N}", got, hc_logits_torch(hc, fn), 1e-5)
 
 
+def case_hc_step(device, gen, E, be=None):
+    """One decode token's stream update and next mixer in one launch (triton_hc.hc_step) against
+    its twins in sequence: model.hc_post_torch, hc_logits_torch, hc_combine_torch. The new
+    streams are bit-identical to the hc_post kernel's (same operations); the mixer weight is
+    scaled so that the logits (and so Sinkhorn) stay in a range where every step matters."""
+    from ds4tp.config import F16, HC_EPS, RMS_EPS
+    from ds4tp.kernels import triton_hc
+    from ds4tp.model import hc_combine_torch, hc_logits_torch, hc_post_torch
+    r = lambda *sh: torch.randn(*sh, generator=gen).to(device)   # noqa: E731
+    f, hc, post, m = r(1, E), r(1, 4, E), r(1, 4), torch.rand(1, 4, 4, generator=gen).to(device)
+    fn = QTensor(F16, (24, 4 * E), (torch.randn(24, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
+                 .half().view(torch.uint8).reshape(24, 8 * E).to(device))
+    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
+    base = r(24)
+    norm = (torch.rand(E, generator=gen) + 0.5).to(device)
+    got = triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS,
+                            **({} if be is None else {"be": be}))
+    h2 = hc_post_torch.eager(f, hc, post, m)
+    want = (h2, *hc_combine_torch.eager(hc_logits_torch(h2, fn), scale, base, h2, norm, 4, 20))
+    assert torch.equal(got[0], triton_hc.hc_post(f, hc, post, m)), "hc_step: streams differ from hc_post's"
+    return max(check(f"hc_step {n} E={E}", a, b, 1e-5)
+               for n, a, b in zip(("streams", "x", "post", "M"), got, want))
+
+
 def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     """One token's Q8_0 matvec of rms_norm(x, w) with the norm in the kernel's prologue, against
     ops.linear_normed_torch."""
@@ -625,6 +649,8 @@ def interpreter_cases():
     yield "decode route hash layer", case_route, (16, 6, True, False)
     yield "decode linear_normed split K", case_linear_normed, (40, 512, C(bn=8, nb=4, split=2))
     yield "decode linear_normed default", case_linear_normed, (64, 256)
+    yield "decode hc_step one program", case_hc_step, (96,)
+    yield "decode hc_step split, column tail", case_hc_step, (300, 64)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
     yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
     yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)

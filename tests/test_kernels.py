@@ -399,6 +399,12 @@ def test_cuda_hc_logits_full_size(N):
 
 
 @needs_cuda
+@pytest.mark.parametrize("be", [128, 64])
+def test_cuda_hc_step_full_size(be):
+    kc.case_hc_step("cuda", torch.Generator().manual_seed(be), 4096, be)
+
+
+@needs_cuda
 def test_cuda_linear_normed_q_b():
     """attn_q_b (32768 x 1024) with the q_a norm in the prologue."""
     kc.case_linear_normed("cuda", torch.Generator().manual_seed(5), 32768, 1024)

@@ -33,6 +33,74 @@ def _sigmoid_rn(v):
 
 
 @triton.jit
+def _hc_mix(zrow, scale_ptr, base_ptr, post_ptr, m_ptr, t, eps, NH: tl.constexpr, ITERS: tl.constexpr):
+    """post [NH] and the mixing matrix M [NH, NH] of token t from its logits at zrow: sigmoids,
+    a row softmax, then Sinkhorn (the serial chain of the mixer)."""
+    h = tl.arange(0, NH)
+    r = h[:, None]
+    c = h[None, :]
+    s1 = tl.load(scale_ptr + 1)
+    s2 = tl.load(scale_ptr + 2)
+    post = 2.0 * _sigmoid_rn(tl.load(zrow + NH + h) * s1 + tl.load(base_ptr + NH + h))
+    m = tl.load(zrow + 2 * NH + r * NH + c) * s2 + tl.load(base_ptr + 2 * NH + r * NH + c)   # M[r][c]
+    e = tl.exp(m - tl.max(m, axis=1)[:, None])
+    m = tl.math.div_rn(e, tl.broadcast_to(tl.sum(e, axis=1)[:, None], (NH, NH))) + eps       # row softmax
+    m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))       # columns
+    for _ in range(ITERS - 1):
+        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=1)[:, None] + eps, (NH, NH)))   # rows
+        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))   # columns
+    tl.store(post_ptr + t * NH + h, post)
+    tl.store(m_ptr + t * NH * NH + r * NH + c, m)
+
+
+@triton.jit
+def _hc_input(zrow, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, t, E, eps, rms_eps,
+              NH: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr, CG: tl.constexpr):
+    """The sublayer input of token t: x = sum_h pre[h] H[h], RMS-normed (sum of squares in float64,
+    as numerics.rms_scale) and times the norm weight. ONE_PASS (E <= BE): x stays in registers;
+    else pass 1 sums x^2 and pass 2 recomputes x (same operations, same values) and stores
+    x*s*w. CG: read the streams past L1 (other programs of this launch wrote them)."""
+    h = tl.arange(0, NH)
+    r = h[:, None]
+    pre = _sigmoid_rn(tl.load(zrow + h) * tl.load(scale_ptr) + tl.load(base_ptr + h)) + eps
+    ee = tl.arange(0, BE)
+    if ONE_PASS:
+        ok = ee < E
+        if CG:
+            hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0,
+                         cache_modifier=".cg")
+        else:
+            hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0)
+        x = tl.sum(pre[:, None] * hv, axis=0)
+        xd = x.to(tl.float64)
+        sc = rms_from_squares(xd * xd, E, rms_eps)
+        w = tl.load(norm_ptr + ee, mask=ok, other=0.0)
+        tl.store(x_ptr + t * E + ee, (x * sc) * w, mask=ok)
+    else:
+        ss = tl.zeros([BE], tl.float64)
+        for e0 in range(0, E, BE):
+            ok = (e0 + ee) < E
+            if CG:
+                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :],
+                             other=0.0, cache_modifier=".cg")
+            else:
+                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
+            x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
+            ss += x * x
+        sc = rms_from_squares(ss, E, rms_eps)
+        for e0 in range(0, E, BE):
+            ok = (e0 + ee) < E
+            if CG:
+                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :],
+                             other=0.0, cache_modifier=".cg")
+            else:
+                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
+            x = tl.sum(pre[:, None] * hv, axis=0)
+            w = tl.load(norm_ptr + e0 + ee, mask=ok, other=0.0)
+            tl.store(x_ptr + t * E + e0 + ee, (x * sc) * w, mask=ok)
+
+
+@triton.jit
 def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, post_ptr, m_ptr,
                        E, eps, rms_eps,
                        NH: tl.constexpr, ITERS: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -41,51 +109,12 @@ def _hc_combine_kernel(z_ptr, stride_z, scale_ptr, base_ptr, hc_ptr, norm_ptr, x
     forms and norms x; the two run side by side."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    h = tl.arange(0, NH)
-    r = h[:, None]
-    c = h[None, :]
     zrow = z_ptr + t * stride_z
     if tl.program_id(1) == 0:
-        s1 = tl.load(scale_ptr + 1)
-        s2 = tl.load(scale_ptr + 2)
-        post = 2.0 * _sigmoid_rn(tl.load(zrow + NH + h) * s1 + tl.load(base_ptr + NH + h))
-        m = tl.load(zrow + 2 * NH + r * NH + c) * s2 + tl.load(base_ptr + 2 * NH + r * NH + c)   # M[r][c]
-        e = tl.exp(m - tl.max(m, axis=1)[:, None])
-        m = tl.math.div_rn(e, tl.broadcast_to(tl.sum(e, axis=1)[:, None], (NH, NH))) + eps       # row softmax
-        m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))       # columns
-        for _ in range(ITERS - 1):
-            m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=1)[:, None] + eps, (NH, NH)))   # rows
-            m = tl.math.div_rn(m, tl.broadcast_to(tl.sum(m, axis=0)[None, :] + eps, (NH, NH)))   # columns
-        tl.store(post_ptr + t * NH + h, post)
-        tl.store(m_ptr + t * NH * NH + r * NH + c, m)
+        _hc_mix(zrow, scale_ptr, base_ptr, post_ptr, m_ptr, t, eps, NH, ITERS)
     else:
-        # x = sum_h pre[h] H[h], then RMS norm (sum of squares in float64, as numerics.rms_scale).
-        # ONE_PASS (E <= BE): x stays in registers; else pass 1 sums x^2 and pass 2 recomputes x
-        # (same operations, same values) and stores x*s*w
-        pre = _sigmoid_rn(tl.load(zrow + h) * tl.load(scale_ptr) + tl.load(base_ptr + h)) + eps
-        ee = tl.arange(0, BE)
-        if ONE_PASS:
-            ok = ee < E
-            hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0)
-            x = tl.sum(pre[:, None] * hv, axis=0)
-            xd = x.to(tl.float64)
-            sc = rms_from_squares(xd * xd, E, rms_eps)
-            w = tl.load(norm_ptr + ee, mask=ok, other=0.0)
-            tl.store(x_ptr + t * E + ee, (x * sc) * w, mask=ok)
-        else:
-            ss = tl.zeros([BE], tl.float64)
-            for e0 in range(0, E, BE):
-                ok = (e0 + ee) < E
-                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-                x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
-                ss += x * x
-            sc = rms_from_squares(ss, E, rms_eps)
-            for e0 in range(0, E, BE):
-                ok = (e0 + ee) < E
-                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-                x = tl.sum(pre[:, None] * hv, axis=0)
-                w = tl.load(norm_ptr + e0 + ee, mask=ok, other=0.0)
-                tl.store(x_ptr + t * E + e0 + ee, (x * sc) * w, mask=ok)
+        _hc_input(zrow, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, t, E, eps, rms_eps, NH, BE,
+                  ONE_PASS, False)
 
 
 HC_ONE_PASS_MAX = 4096     # widths up to this keep x in registers (one read of the streams)
@@ -221,6 +250,109 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
                                 BN=bn, BK=bk, SPLIT=split, SP2=triton.next_power_of_2(split),
                                 num_warps=4, **pdl.triton_args(hc.device))
     return z
+
+
+@triton.jit
+def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr, ss_ptr, cnt_ptr,
+                    scale_ptr, base_ptr, norm_ptr, x_ptr, post2_ptr, m2_ptr, E, N, eps, rms_eps,
+                    NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+                    SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    """One decode token: the stream update of the sublayer just run (hc_post), then the next
+    sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
+    [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
+    _hc_post_kernel, so the same bits), stores them, and leaves in the workspace the partial
+    logits of its columns (rows of the F16 mixer weight [N, NH*E] against the raw new streams)
+    and its float64 sum of squares. The last program to arrive (atomic ticket) adds the partials
+    in the order 0..SPLIT-1, scales them (z = s * (x @ W^T), as _hc_logits_kernel), stores z and
+    runs the mixer: post', M' (Sinkhorn) and the normed input x, reading the new streams back
+    past L1."""
+    pdl_start(PDL)
+    p = tl.program_id(0)
+    i = tl.arange(0, NH)
+    e = p * BE + tl.arange(0, BE)
+    ok = e < E
+    fv = tl.load(f_ptr + e, mask=ok, other=0.0)
+    acc = tl.load(post_ptr + i)[:, None] * fv[None, :]
+    for r in tl.static_range(NH):
+        h = tl.load(h_ptr + r * E + e, mask=ok, other=0.0)
+        acc += tl.load(m_ptr + r * NH + i)[:, None] * h[None, :]
+    tl.store(out_ptr + i[:, None] * E + e[None, :], acc, mask=ok[None, :])
+    ad = acc.to(tl.float64)
+    sq = tl.sum(ad * ad, axis=0)                                       # [BE] float64
+    rows = tl.arange(0, BN)
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * (NH * E) + i[None, :, None] * E + e[None, None, :],
+                mask=(rows < N)[:, None, None] & ok[None, None, :], other=0.0).to(tl.float32)
+    y = tl.sum(tl.sum(w * acc[None, :, :], axis=2), axis=1)           # [BN] partial logits
+    last = True
+    if SPLIT > 1:
+        tl.store(ws_ptr + p * BN + rows, y)
+        tl.store(ss_ptr + p, tl.sum(sq, axis=0))
+        tl.debug_barrier()                                   # partial stores before the ticket
+        last = tl.atomic_add(cnt_ptr, 1) == SPLIT - 1        # acq_rel, gpu scope
+    if last:
+        if SPLIT > 1:
+            y = tl.zeros([BN], tl.float32)
+            for j in range(SPLIT):
+                y += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
+            jj = tl.arange(0, SP2)
+            sq = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
+        tl.store(z_ptr + rows, y * rms_from_squares(sq, NH * E, rms_eps), mask=rows < N)
+        tl.debug_barrier()                                   # z, then the mixer reads it back
+        _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
+        _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH, XB,
+                  ONE_PASS, True)
+        if SPLIT > 1:
+            tl.atomic_xchg(cnt_ptr, 0)
+
+
+HC_STEP_BE = 128   # stream columns per program of hc_step (4096 wide: 32 programs)
+
+
+def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
+            fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
+            n_hc: int, iters: int, eps: float, rms_eps: float, be: int = HC_STEP_BE):
+    """One token: hc_post(f, hc, post, M) and then the next sublayer's mixer on the new streams
+    (hc_logits with the F16 weight bytes fn_raw [N, 2*n*E], hc_combine with scale, base, norm)
+    in one launch. f [1, E], hc [1, n, E], post [1, n], M [1, n, n] float32 -> the new streams
+    [1, n, E], the normed sublayer input x [1, E], post' [1, n], M' [1, n, n]. The twins:
+    ds4tp.model.hc_post_torch, hc_logits_torch, hc_combine_torch."""
+    if hc.dim() != 3 or hc.shape[0] != 1:
+        raise ValueError(f"hc_step: expects one token's streams [1, n, E], got {tuple(hc.shape)}")
+    _, n, E = hc.shape
+    N = 2 * n + n * n
+    if n != n_hc or n & (n - 1) or f.shape != (1, E) or post.shape != (1, n) or m.shape != (1, n, n):
+        raise ValueError(f"hc_step: f {tuple(f.shape)}, hc {tuple(hc.shape)}, post {tuple(post.shape)}, "
+                         f"M {tuple(m.shape)} do not match n_hc={n_hc}")
+    if fn_raw.dtype != torch.uint8 or fn_raw.shape != (N, 2 * n * E) or not fn_raw.is_contiguous():
+        raise ValueError(f"hc_step: F16 mixer weight bytes {tuple(fn_raw.shape)} do not match "
+                         f"{N} logits of {n * E} inputs")
+    if norm.shape != (E,) or scale.shape != (3,) or base.shape != (N,):
+        raise ValueError(f"hc_step: norm {tuple(norm.shape)}, scale {tuple(scale.shape)}, base "
+                         f"{tuple(base.shape)} do not match width {E}, {N} logits")
+    for name, v in (("f", f), ("hc", hc), ("post", post), ("M", m), ("scale", scale), ("base", base),
+                    ("norm", norm)):
+        if v.dtype != torch.float32:
+            raise ValueError(f"hc_step: {name} must be float32")
+    dev = hc.device
+    out = torch.empty(1, n, E, dtype=torch.float32, device=dev)
+    x = torch.empty(1, E, dtype=torch.float32, device=dev)
+    post2 = torch.empty(1, n, dtype=torch.float32, device=dev)
+    m2 = torch.empty(1, n, n, dtype=torch.float32, device=dev)
+    z = torch.empty(1, N, dtype=torch.float32, device=dev)
+    be = min(be, triton.next_power_of_2(E))
+    split = triton.cdiv(E, be)
+    bn = triton.next_power_of_2(N)
+    ws, cnt = _split_buffers(split, 1, bn, 1, dev, z)
+    ss = torch.empty(split, dtype=torch.float64, device=dev) if split > 1 else z
+    xb = min(HC_ONE_PASS_MAX, triton.next_power_of_2(E))
+    _hc_step_kernel[(split,)](f.contiguous(), hc.contiguous(), post.contiguous(), m.contiguous(), out,
+                              fn_raw.view(torch.float16), z, ws, ss, cnt, scale.contiguous(),
+                              base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
+                              NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
+                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, num_warps=8,
+                              **pdl.triton_args(dev))
+    return out, x, post2, m2
 
 
 def _interpreting() -> bool:
