@@ -291,13 +291,16 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         tl.debug_barrier()                                   # partial stores before the ticket
         last = tl.atomic_add(cnt_ptr, 1) == SPLIT - 1        # acq_rel, gpu scope
     if last:
-        if SPLIT > 1:
-            y = tl.zeros([BN], tl.float32)
+        if SPLIT > 1:      # (new names: a value changed inside this branch keeps its type)
+            tot = tl.zeros([BN], tl.float32)
             for j in range(SPLIT):
-                y += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
+                tot += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
             jj = tl.arange(0, SP2)
-            sq = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
-        tl.store(z_ptr + rows, y * rms_from_squares(sq, NH * E, rms_eps), mask=rows < N)
+            sqs = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
+            z = tot * rms_from_squares(sqs, NH * E, rms_eps)
+        else:
+            z = y * rms_from_squares(sq, NH * E, rms_eps)
+        tl.store(z_ptr + rows, z, mask=rows < N)
         tl.debug_barrier()                                   # z, then the mixer reads it back
         _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
         _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH, XB,
