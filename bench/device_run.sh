@@ -55,8 +55,10 @@ golden() {
 gate_tests() {
   local t=$1 sel=$2; shift 2
   log "kernel tests (CUDA): $sel"
-  timeout "$t" python3 -m pytest -q -x "$@" -k "$sel" 2>&1 | tail -3 | tee "$OUT/kernel_tests.txt"
-  grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || { echo "TESTS FAILED"; exit 1; }
+  timeout "$t" python3 -m pytest -q -x "$@" -k "$sel" > "$OUT/kernel_tests_full.txt" 2>&1
+  tail -3 "$OUT/kernel_tests_full.txt" | tee "$OUT/kernel_tests.txt"
+  grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || {
+    grep -E "^E |Error|^FAILED" "$OUT/kernel_tests_full.txt" | head -30; echo "TESTS FAILED"; exit 1; }
 }
 # CUDA C launches against the Triton default at T=1: cuda_c_sweep TIMEOUT_S BUDGET_S CASES
 cuda_c_sweep() {

@@ -492,9 +492,9 @@ def case_hc_logits(device, gen, n, E, N, split=None):
 
 def case_hc_step(device, gen, E, be=None):
     """One decode token's stream update and next mixer in one launch (triton_hc.hc_step) against
-    its twins in sequence: model.hc_post_torch, hc_logits_torch, hc_combine_torch. The new
-    streams are bit-identical to the hc_post kernel's (same operations); the mixer weight is
-    scaled so that the logits (and so Sinkhorn) stay in a range where every step matters."""
+    its twins in sequence: model.hc_post_torch, hc_logits_torch, hc_combine_torch. The mixer
+    weight is scaled so that the logits (and so Sinkhorn) stay in a range where every step
+    matters."""
     from ds4tp.config import F16, HC_EPS, RMS_EPS
     from ds4tp.kernels import triton_hc
     from ds4tp.model import hc_combine_torch, hc_logits_torch, hc_post_torch
@@ -509,7 +509,6 @@ def case_hc_step(device, gen, E, be=None):
                             **({} if be is None else {"be": be}))
     h2 = hc_post_torch.eager(f, hc, post, m)
     want = (h2, *hc_combine_torch.eager(hc_logits_torch(h2, fn), scale, base, h2, norm, 4, 20))
-    assert torch.equal(got[0], triton_hc.hc_post(f, hc, post, m)), "hc_step: streams differ from hc_post's"
     return max(check(f"hc_step {n} E={E}", a, b, 1e-5)
                for n, a, b in zip(("streams", "x", "post", "M"), got, want))
 

@@ -261,7 +261,8 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
-    _hc_post_kernel, so the same bits), stores them, and leaves in the workspace the partial
+    _hc_post_kernel; the compiler may contract them into FMAs differently, so the bits can
+    differ in the last place), stores them, and leaves in the workspace the partial
     logits of its columns (rows of the F16 mixer weight [N, NH*E] against the raw new streams)
     and its float64 sum of squares. The last program to arrive (atomic ticket) adds the partials
     in the order 0..SPLIT-1, scales them (z = s * (x @ W^T), as _hc_logits_kernel), stores z and
