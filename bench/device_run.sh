@@ -29,6 +29,7 @@
 #   pdl2: session 8, padded down-kernel activations and the SwiGLU prologue of the shared
 #         expert's down: twins, dispatch, down launch sweep, bench at depth 0
 #   pdl3: session 8, the fused HC step (update + next mixer): tests, bench at depth 0, goldens
+#   final8: session 8 closing run: twins, bench with depth 4096 and A/B variants, graph trace
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -287,6 +288,13 @@ elif [ "$MODE" = pdl3 ]; then
   gate_tests 240 "hc_ or pdl or side_stream or dispatch or graph" tests/test_kernels.py tests/test_decode_graph.py
   bench_tp1 200 0
   golden 1 static,prefill 200
+elif [ "$MODE" = final8 ]; then
+  # session 8 closing run: the fused HC step's twins and the PDL tests, the TP=1 bench with depth
+  # 4096 and every A/B variant (PDL, hc_step, streams, priority), the 43-layer graph traced
+  gate_tests 150 "hc_step or pdl or dispatch" tests/test_kernels.py tests/test_decode_graph.py
+  bench_tp1 260 4096
+  log "graph-replayed decode step, 43 layers, depth 1, traced"
+  timeout 100 python3 bench/profile_graph.py 43 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d1.txt" | sed -n '/kernels by/,$p' | head -25
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0

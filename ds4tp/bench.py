@@ -303,6 +303,14 @@ def _bench_rank(comm, dev, cfg):
             pdl.set_enabled(True)
         res["decode_d0_again"] = time_decode(model, 1, steps, max_ctx=256)
         save()
+    # the HC stream update and the next mixer as three launches instead of one (triton_hc.hc_step)
+    from ds4tp.kernels import triton_hc
+    triton_hc.set_step_enabled(False)
+    try:
+        res["decode_d0_hc_three_launches"] = time_decode(model, 1, steps, max_ctx=256)
+    finally:
+        triton_hc.set_step_enabled(True)
+    save()
     # the same decode with every sublayer's work on one stream (no shared-expert / compressor
     # overlap, ds4tp.streams): what the second stream buys, measured in this run
     model.overlap = False

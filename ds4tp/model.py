@@ -283,8 +283,9 @@ def hc_post_pre(f, hc, post, m, mixer, s: Shape):
     if (hc.shape[0] == 1 and fn.qtype == C.F16 and kernels.on_gpu(hc)
             and not torch.compiler.is_compiling()):
         from ds4tp.kernels import triton_hc
-        return triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, s.n_hc,
-                                 s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS)
+        if triton_hc.step_enabled():
+            return triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, s.n_hc,
+                                     s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS)
     hc = hc_post(f, hc, post, m)
     return (hc, *hc_pre(hc, fn, scale, base, norm, s))
 

@@ -413,7 +413,8 @@ def test_hc_step_compiles_for_sm90(split):
                                 "scale_ptr", "base_ptr", "norm_ptr", "x_ptr", "post2_ptr", "m2_ptr")}
     sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32")
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
-                 SP2=triton.next_power_of_2(split), ITERS=20, XB=4096, ONE_PASS=True, PDL=split == 32)
+                 SP2=triton.next_power_of_2(split), ITERS=20, XB=64 if split == 5 else 4096,
+                 ONE_PASS=split != 5, PDL=split == 32)
     sig.update({k: "constexpr" for k in const})
     try:
         out = triton.compile(ASTSource(triton_hc._hc_step_kernel, sig, const),
