@@ -398,32 +398,43 @@ def test_cuda_hc_logits_full_size(N):
     kc.case_hc_logits("cuda", torch.Generator().manual_seed(N), 4, 4096, N)
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("split", [1, 5, 32])
-def test_hc_step_compiles_for_sm90(split):
-    """The fused HC step compiled to PTX for an H100/H200 (no GPU needed): the CPU interpreter
-    runs Python semantics and misses what only the compiler rejects (a value whose type changes
-    inside a runtime branch did, once), with and without programmatic dependent launch."""
-    import triton
+def _compile_sm90(kernel, sig: dict, const: dict, warps: int):
+    """PTX of a Triton kernel for an H100/H200, compiled here (no GPU needed); skips where this
+    Triton has no PTX assembler."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    try:
+        out = triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": warps})
+    except RuntimeError as exc:
+        if "ptxas" in str(exc) or "PTX" in str(exc):
+            pytest.skip(f"no PTX assembler: {str(exc)[:100]}")
+        raise
+    return out.asm["ptx"]
 
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("split", [1, 5, 32])
+def test_hc_kernels_compile_for_sm90(split):
+    """The fused HC step and the HC mixer compiled to PTX for an H100/H200: the CPU interpreter
+    runs Python semantics and misses what only the compiler rejects (a value whose type changed
+    inside a runtime branch did, once), one and two passes over the streams, with and without
+    programmatic dependent launch."""
     from ds4tp.kernels import triton_hc
+    one_pass, pdl = split != 5, split == 32
     sig = {n: "*fp32" for n in ("f_ptr", "h_ptr", "post_ptr", "m_ptr", "out_ptr", "z_ptr", "ws_ptr",
                                 "scale_ptr", "base_ptr", "norm_ptr", "x_ptr", "post2_ptr", "m2_ptr")}
     sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32")
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
-                 SP2=triton.next_power_of_2(split), ITERS=20, XB=64 if split == 5 else 4096,
-                 ONE_PASS=split != 5, PDL=split == 32)
-    sig.update({k: "constexpr" for k in const})
-    try:
-        out = triton.compile(ASTSource(triton_hc._hc_step_kernel, sig, const),
-                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    except RuntimeError as exc:
-        if "ptxas" in str(exc) or "PTX" in str(exc):   # no ptxas here: the Triton IR compiled
-            pytest.skip(f"no PTX assembler: {str(exc)[:100]}")
-        raise
-    assert ("griddepcontrol" in out.asm["ptx"]) == const["PDL"]
+                 SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
+                 ONE_PASS=one_pass, PDL=pdl)
+    assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)) == pdl
+    sig = {n: "*fp32" for n in ("z_ptr", "scale_ptr", "base_ptr", "hc_ptr", "norm_ptr", "x_ptr",
+                                "post_ptr", "m_ptr")}
+    sig.update(stride_z="i32", E="i32", eps="fp32", rms_eps="fp32")
+    const = dict(NH=4, ITERS=20, BE=4096 if one_pass else 64, ONE_PASS=one_pass, PDL=pdl)
+    assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_combine_kernel, sig, const, 8)) == pdl
 
 
 @needs_cuda

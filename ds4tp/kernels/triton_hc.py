@@ -55,48 +55,55 @@ def _hc_mix(zrow, scale_ptr, base_ptr, post_ptr, m_ptr, t, eps, NH: tl.constexpr
 
 
 @triton.jit
+def _streams(ptrs, ok, CG: tl.constexpr):
+    """Stream values at ptrs where ok (0 elsewhere); CG: past L1 (other programs of this launch
+    wrote them)."""
+    if CG:
+        return tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _hc_pre(zrow, scale_ptr, base_ptr, eps, NH: tl.constexpr):
+    h = tl.arange(0, NH)
+    return _sigmoid_rn(tl.load(zrow + h) * tl.load(scale_ptr) + tl.load(base_ptr + h)) + eps
+
+
+@triton.jit
+def _hc_x_store(hv, pre, norm_ptr, x_row, ee, ok, E, rms_eps):
+    """x = sum_h pre[h] H[h] of all E columns held in hv [NH, BE], RMS-normed (squares summed in
+    float64, as numerics.rms_scale) and times the norm weight, stored at x_row."""
+    x = tl.sum(pre[:, None] * hv, axis=0)
+    xd = x.to(tl.float64)
+    sc = rms_from_squares(xd * xd, E, rms_eps)
+    tl.store(x_row + ee, (x * sc) * tl.load(norm_ptr + ee, mask=ok, other=0.0), mask=ok)
+
+
+@triton.jit
 def _hc_input(zrow, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, t, E, eps, rms_eps,
               NH: tl.constexpr, BE: tl.constexpr, ONE_PASS: tl.constexpr, CG: tl.constexpr):
-    """The sublayer input of token t: x = sum_h pre[h] H[h], RMS-normed (sum of squares in float64,
-    as numerics.rms_scale) and times the norm weight. ONE_PASS (E <= BE): x stays in registers;
-    else pass 1 sums x^2 and pass 2 recomputes x (same operations, same values) and stores
-    x*s*w. CG: read the streams past L1 (other programs of this launch wrote them)."""
-    h = tl.arange(0, NH)
-    r = h[:, None]
-    pre = _sigmoid_rn(tl.load(zrow + h) * tl.load(scale_ptr) + tl.load(base_ptr + h)) + eps
+    """The sublayer input of token t: x = sum_h pre[h] H[h], RMS-normed and times the norm
+    weight. ONE_PASS (E <= BE): x stays in registers; else pass 1 sums x^2 and pass 2 recomputes
+    x (same operations, same values) and stores x*s*w. CG: read the streams past L1."""
+    r = tl.arange(0, NH)[:, None]
+    pre = _hc_pre(zrow, scale_ptr, base_ptr, eps, NH)
     ee = tl.arange(0, BE)
+    rows = hc_ptr + t * NH * E + r * E
     if ONE_PASS:
         ok = ee < E
-        if CG:
-            hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0,
-                         cache_modifier=".cg")
-        else:
-            hv = tl.load(hc_ptr + t * NH * E + r * E + ee[None, :], mask=ok[None, :], other=0.0)
-        x = tl.sum(pre[:, None] * hv, axis=0)
-        xd = x.to(tl.float64)
-        sc = rms_from_squares(xd * xd, E, rms_eps)
-        w = tl.load(norm_ptr + ee, mask=ok, other=0.0)
-        tl.store(x_ptr + t * E + ee, (x * sc) * w, mask=ok)
+        _hc_x_store(_streams(rows + ee[None, :], ok[None, :], CG), pre, norm_ptr, x_ptr + t * E, ee,
+                    ok, E, rms_eps)
     else:
         ss = tl.zeros([BE], tl.float64)
         for e0 in range(0, E, BE):
             ok = (e0 + ee) < E
-            if CG:
-                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :],
-                             other=0.0, cache_modifier=".cg")
-            else:
-                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-            x = tl.sum(pre[:, None] * hv, axis=0).to(tl.float64)
-            ss += x * x
+            x = tl.sum(pre[:, None] * _streams(rows + e0 + ee[None, :], ok[None, :], CG), axis=0)
+            xd = x.to(tl.float64)
+            ss += xd * xd
         sc = rms_from_squares(ss, E, rms_eps)
         for e0 in range(0, E, BE):
             ok = (e0 + ee) < E
-            if CG:
-                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :],
-                             other=0.0, cache_modifier=".cg")
-            else:
-                hv = tl.load(hc_ptr + t * NH * E + r * E + e0 + ee[None, :], mask=ok[None, :], other=0.0)
-            x = tl.sum(pre[:, None] * hv, axis=0)
+            x = tl.sum(pre[:, None] * _streams(rows + e0 + ee[None, :], ok[None, :], CG), axis=0)
             w = tl.load(norm_ptr + e0 + ee, mask=ok, other=0.0)
             tl.store(x_ptr + t * E + e0 + ee, (x * sc) * w, mask=ok)
 
@@ -307,14 +314,10 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         if ONE_PASS:   # the new streams' loads go out before Sinkhorn, x is formed after it
             ee = tl.arange(0, XB)
             xok = ee < E
-            hv = tl.load(out_ptr + i[:, None] * E + ee[None, :], mask=xok[None, :], other=0.0,
-                         cache_modifier=".cg")
+            hv = _streams(out_ptr + i[:, None] * E + ee[None, :], xok[None, :], True)
             _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
-            pre = _sigmoid_rn(tl.load(z_ptr + i) * tl.load(scale_ptr) + tl.load(base_ptr + i)) + eps
-            x = tl.sum(pre[:, None] * hv, axis=0)          # the operations of _hc_input
-            xd = x.to(tl.float64)
-            sc = rms_from_squares(xd * xd, E, rms_eps)
-            tl.store(x_ptr + ee, (x * sc) * tl.load(norm_ptr + ee, mask=xok, other=0.0), mask=xok)
+            _hc_x_store(hv, _hc_pre(z_ptr, scale_ptr, base_ptr, eps, NH), norm_ptr, x_ptr, ee, xok,
+                        E, rms_eps)
         else:
             _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
             _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH,
