@@ -48,11 +48,12 @@ class _Layer:
     ifront: _Frontier | None
 
 
-# One H200, TP=1, captured at -1 against 0 (the default), each pair in one run: 141.2 against
-# 140.5 tok/s on the final code (bench/results/bench_h200_tp1_s7_final7b_20261129.json); 144.9
-# against 133.6 and 140.5 against 131.6 with a one-launch CUDA C router since removed (*_q8c3_*,
-# *_final7_*), whose blocks waited for SMs held by the side stream's kernels.
-CAPTURE_PRIORITY = -1
+# The priority of the streams graphs are captured on (CUDA: lower is higher). One H200, TP=1,
+# 0 (the default) against -1 in the same run: before programmatic dependent launch -1 was worth
+# 0-8% (bench/results/*_s7_*); with it, 0 measured 157.3 / 150.6, 155.8 / 155.9, 154.9 / 152.3
+# and 156.9 / 156.1 tok/s (bench/results/bench_h200_tp1_s8_*): at most 0.1 tok/s slower, so the
+# default priority again.
+CAPTURE_PRIORITY = 0
 
 
 class StaticDecoder:
@@ -61,9 +62,9 @@ class StaticDecoder:
     def __init__(self, model: DS4Model, max_ctx: int, *, use_graphs: bool | None = None,
                  priority: int = CAPTURE_PRIORITY):
         """priority: of the streams the graphs are warmed up and captured on (CUDA: lower is
-        higher). torch instantiates graphs with each kernel's captured priority, so the main
-        stream's kernels go before the side stream's (ds4tp.streams, default priority) where
-        both wait for SMs."""
+        higher). torch instantiates graphs with each kernel's captured priority, so below 0 the
+        main stream's kernels go before the side stream's (ds4tp.streams, default priority)
+        where both wait for SMs."""
         self.m, self.s = model, model.shape
         self.priority = priority
         s, dev = self.s, model.device
