@@ -30,6 +30,7 @@
 #         expert's down: twins, dispatch, down launch sweep, bench at depth 0
 #   pdl3: session 8, the fused HC step (update + next mixer): tests, bench at depth 0, goldens
 #   final8: session 8 closing run: twins, bench with depth 4096 and A/B variants, graph trace
+#   final8b: every CUDA test of tests/test_kernels.py and tests/test_decode_graph.py
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -295,6 +296,10 @@ elif [ "$MODE" = final8 ]; then
   bench_tp1 260 4096
   log "graph-replayed decode step, 43 layers, depth 1, traced"
   timeout 100 python3 bench/profile_graph.py 43 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d1.txt" | sed -n '/kernels by/,$p' | head -25
+elif [ "$MODE" = final8b ]; then
+  # after the review refactor of the HC kernels and the priority change: every CUDA test of the
+  # kernels and the decode graph
+  gate_tests 300 "not interpreter" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0
