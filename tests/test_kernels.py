@@ -167,6 +167,7 @@ def test_pdl_launch_config_and_arguments(monkeypatch):
                         for i, t in enumerate(types)]
         return 0
 
+    assert pdl.cuda_ok() == (pdl._launch_ex() is not None)
     monkeypatch.setattr(pdl, "_launch_ex", lambda: fake)
     pdl.launch_cuda(0x1234, (7, 3), 512, 0x5678,
                     (np.uint64(1 << 40), np.int32(-5), np.int64(1 << 33), np.float32(0.5)))

@@ -5,7 +5,8 @@ Host modules: `cuda_experts` (experts.cu: routed experts) and `cuda_matvec` (mat
 one-token matvec). Every .cu file is compiled with `common.cuh` in front of it (no headers:
 NVRTC sees only the built-in types and intrinsics). A source that does not compile (e.g. an
 NVRTC without the GPU's architecture) warns once and its host module returns None, so the
-dispatch in ds4tp.kernels takes the Triton kernels.
+dispatch in ds4tp.kernels takes the Triton kernels. On sm_90+ the launches are programmatic
+dependent launches (ds4tp.kernels.pdl; the kernels' side is in common.cuh).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def launch(fn, device: torch.device, grid, warps: int, args) -> None:
     and pdl_wait, common.cuh)."""
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
-    if pdl.enabled(device):
+    if pdl.enabled(device) and pdl.cuda_ok():
         with cp.cuda.Device(device.index):
             pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
         return

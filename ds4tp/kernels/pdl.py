@@ -80,12 +80,21 @@ class _LaunchConfig(ctypes.Structure):          # CUlaunchConfig
 
 @functools.lru_cache(maxsize=1)
 def _launch_ex():
-    lib = ctypes.CDLL("libcuda.so.1")
-    f = lib.cuLaunchKernelEx
+    """The driver's cuLaunchKernelEx (CUDA 12.0+), or None where the driver has none."""
+    try:
+        f = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        return None
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                   ctypes.c_void_p]
     return f
+
+
+def cuda_ok() -> bool:
+    """The CUDA C launcher can launch with PDL here (the driver has cuLaunchKernelEx); where it
+    cannot, cuda_c.launch takes CuPy's plain launch (the kernels' PDL instructions are no-ops)."""
+    return _launch_ex() is not None
 
 
 _CTYPE = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_int32,
