@@ -8,7 +8,11 @@ torch.profiler (CUPTI records the kernels inside a graph) and prints:
   * the kernels by in-graph time (count, mean), which includes any slowdown from kernels that
     run at the same time on the other stream.
 
-    python bench/profile_graph.py [N_LAYERS=4] [DEPTH=1] [TRACE_JSON]
+    python bench/profile_graph.py [N_LAYERS=4] [DEPTH=1] [TRACE_JSON] [--pdl]
+
+Traced without programmatic dependent launch unless --pdl: with it, a kernel's early-launched
+blocks wait inside it for the kernel ahead, CUPTI counts that wait as the kernel's time, and
+the per-stream gaps no longer show where the step waits (bench/results/*_s8_final8_*).
 """
 import json
 import sys
@@ -21,10 +25,14 @@ from ds4tp import config as C
 from ds4tp.bench import build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import StaticDecoder
+from ds4tp.kernels import pdl
 
-n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-depth = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-trace_path = sys.argv[3] if len(sys.argv) > 3 else tempfile.mktemp(suffix=".json")
+args = [a for a in sys.argv[1:] if a != "--pdl"]
+pdl.set_enabled("--pdl" in sys.argv[1:])
+n_layer = int(args[0]) if len(args) > 0 else 4
+depth = int(args[1]) if len(args) > 1 else 1
+trace_path = args[2] if len(args) > 2 else tempfile.mktemp(suffix=".json")
+print(f"programmatic dependent launch: {'on' if '--pdl' in sys.argv[1:] else 'off'}")
 m = build_model(C.Shape(n_layer=n_layer), 0, 1, SingleComm(), "cuda:0")
 st = prefilled(m, depth)
 g = StaticDecoder(m, max_ctx=depth + 128, use_graphs=True)
