@@ -12,6 +12,7 @@ one token's collectives alone, and prefill tok/s for a 2048-token prompt.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -271,6 +272,16 @@ def time_prefill(model, n_tok: int) -> dict:
     return {"tokens": n_tok, "seconds": el, "tok_s": n_tok / el}
 
 
+@contextlib.contextmanager
+def _switched_off(set_enabled):
+    """A kernel path switched off for an A/B timing in the same run, and on again after."""
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(True)
+
+
 def _bench_rank(comm, dev, cfg):
     torch.cuda.set_device(dev)
 
@@ -294,22 +305,15 @@ def _bench_rank(comm, dev, cfg):
     save()
     # the same without programmatic dependent launch (ds4tp.kernels.pdl: every kernel then
     # starts only after the one ahead has finished), then with it again (the run's noise)
-    from ds4tp.kernels import pdl
+    from ds4tp.kernels import cuda_experts, cuda_matvec, pdl, triton_hc
     if pdl.enabled(torch.device(dev)):
-        pdl.set_enabled(False)
-        try:
+        with _switched_off(pdl.set_enabled):
             res["decode_d0_no_pdl"] = time_decode(model, 1, steps, max_ctx=256)
-        finally:
-            pdl.set_enabled(True)
         res["decode_d0_again"] = time_decode(model, 1, steps, max_ctx=256)
         save()
     # the HC stream update and the next mixer as three launches instead of one (triton_hc.hc_step)
-    from ds4tp.kernels import triton_hc
-    triton_hc.set_step_enabled(False)
-    try:
+    with _switched_off(triton_hc.set_step_enabled):
         res["decode_d0_hc_three_launches"] = time_decode(model, 1, steps, max_ctx=256)
-    finally:
-        triton_hc.set_step_enabled(True)
     save()
     # the same decode with every sublayer's work on one stream (no shared-expert / compressor
     # overlap, ds4tp.streams): what the second stream buys, measured in this run
@@ -319,14 +323,10 @@ def _bench_rank(comm, dev, cfg):
     save()
     # the routed experts (cuda_experts), then the one-token Q8_0 matvecs (cuda_matvec) on the
     # Triton kernels instead of the CUDA C ones, one at a time, same run
-    from ds4tp.kernels import cuda_experts, cuda_matvec
     for key, path in (("decode_d0_triton_experts", cuda_experts), ("decode_d0_triton_q8_0", cuda_matvec)):
         if path.available():
-            path.set_enabled(False)
-            try:
+            with _switched_off(path.set_enabled):
                 res[key] = time_decode(model, 1, steps, max_ctx=256)
-            finally:
-                path.set_enabled(True)
             save()
     # the graph captured on a stream of high priority instead of the default one (decode_graph.
     # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)

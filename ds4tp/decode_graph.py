@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ds4tp import config as C, kernels
-from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post,
-                         hc_post_pre, hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
+from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
+                         hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
@@ -219,18 +219,14 @@ class StaticDecoder:
         pos, tok = self.pos, self.token
         e = m.w.token_embd[tok].float()                                      # [1, E]
         hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
-        layers = m.w.layers                 # the sublayer chain as in DS4Model.forward
-        xn, post, mix = hc_pre(hc, *layers[0].attn_mixer, s)
-        for lw, lay in zip(layers, self.layers):
+        xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)   # the chain of DS4Model.forward
+        for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
             out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
             hc, xn, post, mix = hc_post_pre(out, hc, post, mix, lw.ffn_mixer, s)
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
-            if lw.il + 1 < len(layers):
-                hc, xn, post, mix = hc_post_pre(f, hc, post, mix, layers[lw.il + 1].attn_mixer, s)
-            else:
-                hc = hc_post(f, hc, post, mix)
+            hc, xn, post, mix = hc_post_pre(f, hc, post, mix, m.w.mixer_after(lw.il), s)
         return output_head(m.w, hc, s, m.comm)[0]
 
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):

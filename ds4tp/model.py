@@ -101,6 +101,11 @@ class Weights:
     out_norm: torch.Tensor
     output: QTensor            # Q8_0 (V_l, E) rows = this rank's vocabulary slice
 
+    def mixer_after(self, il: int):
+        """The mixer of the sublayer after layer il's FFN: the next layer's attention mixer, or
+        None after the last layer (the output head mixes the streams itself)."""
+        return self.layers[il + 1].attn_mixer if il + 1 < len(self.layers) else None
+
     @staticmethod
     def bind(t: dict, s: Shape) -> "Weights":
         """Bind GGUF tensor names to attributes, once."""
@@ -277,8 +282,11 @@ def hc_post_pre(f, hc, post, m, mixer, s: Shape):
     """One sublayer's stream update, then the next sublayer's mixer on the new streams:
     f [T, E] (the sublayer's all-reduced output), hc [T, n, E], its post and M, and the next
     sublayer's mixer (weight, scale, base, norm) -> the new streams, the next sublayer's input
-    xn [T, E], post and M. The dispatch point: one Triton launch for a decode token on CUDA
-    (triton_hc.hc_step: the update, the logits and Sinkhorn, three launches otherwise)."""
+    xn [T, E], post and M (None for those three with no next mixer). The dispatch point: one
+    Triton launch for a decode token on CUDA (triton_hc.hc_step: the update, the logits and
+    Sinkhorn, three launches otherwise)."""
+    if mixer is None:
+        return hc_post(f, hc, post, m), None, None, None
     fn, scale, base, norm = mixer
     if (hc.shape[0] == 1 and fn.qtype == C.F16 and kernels.on_gpu(hc)
             and not torch.compiler.is_compiling()):
@@ -638,11 +646,9 @@ class DS4Model:
         e = self.w.token_embd[tok].float()                       # [T, E]
         hc = e[:, None, :].expand(T, s.n_hc, s.n_embd).contiguous()   # 4 equal streams
         # Each sublayer's stream update (hc_post) and the next sublayer's mixer (hc_pre) are one
-        # step, hc_post_pre (one launch for a decode token); the first mixer and the last update
-        # stand alone.
-        layers = self.w.layers
-        xn, post, m = hc_pre(hc, *layers[0].attn_mixer, s)
-        for lw, ls in zip(layers, state.layers):
+        # step, hc_post_pre (one launch for a decode token); the first mixer stands alone.
+        xn, post, m = hc_pre(hc, *self.w.layers[0].attn_mixer, s)
+        for lw, ls in zip(self.w.layers, state.layers):
             lt = {} if trace is not None else None
             if lt is not None:
                 lt.update(hc=hc, hc_split=(post, m), attn_in=xn)
@@ -651,10 +657,7 @@ class DS4Model:
             if lt is not None:
                 lt.update(hc_mid=hc, ffn_split=(post, m), ffn_in=xn)
             f = ffn(lw, xn, tok, s, self.comm, self.rank, lt, self.overlap)
-            if lw.il + 1 < len(layers):
-                hc, xn, post, m = hc_post_pre(f, hc, post, m, layers[lw.il + 1].attn_mixer, s)
-            else:
-                hc = hc_post(f, hc, post, m)
+            hc, xn, post, m = hc_post_pre(f, hc, post, m, self.w.mixer_after(lw.il), s)
             if lt is not None:
                 trace.update({f"{lw.il}.{k}": v for k, v in lt.items()})
         if trace is not None:

@@ -66,12 +66,13 @@ def _many(T: int) -> bool:
     return T >= GEMM_MIN_T
 
 
-def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0):
-    """The CUDA C Q8_0 matvec for one token (x2 [1, groups*in]) where CuPy is here, else None."""
+def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0):
+    """The CUDA C Q8_0 matvec for one token (x2 [1, groups*in], or [1, 2*in] with swiglu_clamp)
+    where CuPy is here, else None."""
     if w.qtype != Q8_0 or x2.shape[0] != 1:
         return None
     from ds4tp.kernels import cuda_matvec
-    return cuda_matvec.q8_0(w, x2, groups, norm, eps)
+    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp)
 
 
 def linear(w, x):
@@ -101,10 +102,9 @@ def linear_normed(w, x, norm, eps):
 def swiglu_linear(w, gu, clamp):
     """linear(w, swiglu_clamped(gate, up)) of gu = [gate | up] in one launch for one token (the
     CUDA C Q8_0 matvec), else None (the twin: two launches)."""
-    if not _covered(w, gu) or _many(gu.shape[0]) or w.qtype != Q8_0:
+    if not _covered(w, gu):
         return None
-    from ds4tp.kernels import cuda_matvec
-    return cuda_matvec.q8_0(w, gu, swiglu_clamp=clamp)
+    return _cuda_q8_0(w, gu, swiglu_clamp=clamp)
 
 
 def grouped_linear(w, x):

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ds4tp.kernels import pdl
-
 _DIR = Path(__file__).parent
 
 
@@ -37,8 +35,9 @@ def available() -> bool:
 
 
 class Switch:
-    """One CUDA C path's on/off state: benchmarks switch it off to time the Triton kernels in
-    the same run (each host module has one: `set_enabled = _switch.set`)."""
+    """A kernel path's on/off state: benchmarks switch it off to time the alternative in the
+    same run (each CUDA C host module, PDL and the fused HC step have one: `set_enabled =
+    _switch.set`; `available` is for the CUDA C paths)."""
 
     def __init__(self):
         self.on = True
@@ -115,6 +114,7 @@ def launch(fn, device: torch.device, grid, warps: int, args) -> None:
     """fn on torch's current stream of `device` (so CUDA graph capture records it), as a
     programmatic dependent launch where ds4tp.kernels.pdl is on (the kernels call pdl_trigger
     and pdl_wait, common.cuh)."""
+    from ds4tp.kernels import pdl      # (pdl builds on this module's Switch)
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
     if pdl.enabled(device) and pdl.cuda_ok():

@@ -25,12 +25,10 @@ import functools
 
 import torch
 
-_on = True
+from ds4tp.kernels.cuda_c import Switch
 
-
-def set_enabled(on: bool) -> None:
-    global _on
-    _on = bool(on)
+_switch = Switch()
+set_enabled = _switch.set            # benchmarks time the plain launches in the same run
 
 
 @functools.lru_cache(maxsize=8)
@@ -40,7 +38,7 @@ def _capable(device_index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """PDL launches on this device: switched on, CUDA, sm_90 or later."""
-    return _on and device.type == "cuda" and _capable(device.index or 0)
+    return _switch.on and device.type == "cuda" and _capable(device.index or 0)
 
 
 @functools.lru_cache(maxsize=1)
