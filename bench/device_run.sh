@@ -78,6 +78,15 @@ bench_tp1() {
   timeout "$1" python3 -m ds4tp bench --tp 1 --depth "$2" --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
 }
+# one CUDA C round of the fifth session: cuda_c_round TEST_SELECTION SWEEP_TIMEOUT_S CASES BENCH_TIMEOUT_S
+# (twin tests, the launch sweep against Triton, a traced 6-layer replay, the TP=1 bench)
+cuda_c_round() {
+  python3 -c "import cupy; print('cupy', cupy.__version__)"
+  gate_tests 150 "$1" tests/test_kernels.py
+  cuda_c_sweep "$2" $(( $2 - 30 )) "$3"
+  trace6
+  bench_tp1 "$4" 0
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 
@@ -236,21 +245,13 @@ elif [ "$MODE" = q8c ]; then
   # the CUDA C Q8_0 one-token matvec (cuda_matvec, matvec.cu): twin tests, its launches against
   # the Triton default on every Q8_0 decode shape, a traced graph replay, the TP=1 bench (decode
   # with the CUDA C and with the Triton Q8_0 matvec in one run)
-  python3 -c "import cupy; print('cupy', cupy.__version__)"
-  gate_tests 150 "cuda_c or dispatch" tests/test_kernels.py
-  cuda_c_sweep 150 120 attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,output_vocab
-  trace6
-  bench_tp1 170 0
+  cuda_c_round "cuda_c or dispatch" 150 attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,output_vocab 170
 elif [ "$MODE" = q8c2 ]; then
   # the second CUDA C round: the router in one launch (matvec + expert choice), the shared
   # expert added in the routed down launch, gate/up grid rows as PRMT selectors, Q8_0 launch
   # constants; twin tests, sweeps (Q8_0 and gate/up), a traced graph replay, the TP=1 bench,
   # TP=1 golden parity on the graph decoder
-  python3 -c "import cupy; print('cupy', cupy.__version__)"
-  gate_tests 150 "cuda_c or dispatch or route" tests/test_kernels.py
-  cuda_c_sweep 170 140 attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,routed_gate_up
-  trace6
-  bench_tp1 150 0
+  cuda_c_round "cuda_c or dispatch or route" 170 attn_q_a_kv,attn_q_b,attn_out_a,attn_out_b,shexp_gate_up_fused,shexp_down,routed_gate_up 150
   golden 1 static 150
 elif [ "$MODE" = q8c3 ]; then
   python3 -c "import cupy; print('cupy', cupy.__version__)"
