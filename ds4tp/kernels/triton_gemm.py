@@ -19,19 +19,22 @@ F16 weights (mixer, router, compressors, indexer) take float32 activations as th
 3xTF32 (the activation split into a TF32 head and tail; the weight is exact in TF32), about
 float32 accuracy at tensor-core speed.
 
-Float16 path (h16): the quantised weight is first decoded to float16 by `dequant_h16` (each
-value the exact float32 dequantisation rounded once to float16; routed experts H16_EXPERT_GROUP
-at a time, so the scratch stays bounded), then multiplied with the activation rounded to float16
-in plain float16 tensor-core dots with float32 accumulation: no per-block float32 rescaling.
-Default for dense weights from H16_MIN_T tokens; routed experts only when forced (h16=True) or
-from H16_MIN_PAIRS pairs if that is set. Not the twin's arithmetic: weights and activations are
-rounded to 11 significant bits where the twin, like the reference engine, rounds the activation
-to 8-bit Q8_0 / Q8_K integers; the float16 path is the closer of the two to the exact product
-(tests compare it with the float64 product, tests/kernel_cases.exact_linear).
+Float16 path (h16): weights and the activation in float16, float32 accumulation, no per-block
+float32 rescaling. Dense weights are decoded once by `dequant_h16` (each value the exact float32
+dequantisation rounded once to float16) and multiplied by cuBLAS (torch.mm with a float32
+result; the Triton dots below where torch lacks it, or for an explicit launch shape). Routed
+IQ2_XXS / Q2_K experts are decoded in registers, never written back: the tensor-core CUDA C
+kernels of cuda_experts.many where CuPy is here, else `_experts_h16_kernel`; other routed types
+through dequant_h16, H16_EXPERT_GROUP experts at a time. Default for dense weights from
+H16_MIN_T tokens and routed experts from H16_MIN_PAIRS pairs. Not the twin's arithmetic: the
+activation is rounded to 11 significant bits where the twin, like the reference engine, rounds
+it to 8-bit Q8_0 / Q8_K integers; the float16 path is the closer of the two to the exact
+product (tests compare it with the float64 product, tests/kernel_cases.exact_linear).
 """
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,20 +42,24 @@ import triton
 import triton.language as tl
 
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q8_0
-from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _iq2_tables,
+from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _f16_ptr, _iq2_grid64,
+                                         _iq2_tables,
                                          _iq2_xxs_wblock, _linear_args, _mv_tile, _pow2_at_least,
                                          _pow2_divisor, _prequant, _q2_k_wblock, _q8_0_wtile_f32,
                                          _raw, q8_0_split)
 
 MODE_SLOTS, MODE_SWIGLU = 0, 2
 H16_TYPES = (Q8_0, Q2_K, IQ2_XXS)
-# Defaults (None: never by default). Measured once on an H200 with both on (2048-token prefill,
-# TP=1: 1541 tok/s against 1436 earlier that day, inside the run-to-run spread;
-# bench/results/bench_h200_tp1_s5_h16_20261129.json). Routed experts are off: at 2048 tokens each
-# expert sees ~48 pairs, i.e. one token tile, so the exact path also decodes each expert once and
-# the float16 path only adds the write and re-read of the decoded weights (2 bytes per value).
+# Defaults (None: never by default). Dense: measured once on an H200 with both on (2048-token
+# prefill, TP=1: 1541 tok/s against 1436 earlier that day, inside the run-to-run spread;
+# bench/results/bench_h200_tp1_s5_h16_20261129.json); on cuBLAS since, attn_q_b 1.28 -> 0.39 ms
+# against the exact path (gemm_sweep_h200_s9_pf1_*). Routed experts: the CUDA C tensor-core
+# kernels take a 2048-token prefill's gate/up in 3.5 ms and down in 1.7 ms against 7.0 and 2.8
+# ms on the exact path, and the 43-layer prefill 2019 / 2162 against 1777 tok/s (same run,
+# prefill_ab_h200_s9_pf6_*). Without CuPy, _experts_h16_kernel: gate/up 5.0 ms, down 4.1 ms
+# (slower than the exact path's 3.3 there; gemm_sweep_h200_s9_pf1_*).
 H16_MIN_T = 64           # dense: tokens from which the float16 path is the default
-H16_MIN_PAIRS = None     # routed experts: (token, slot) pairs from which it is the default
+H16_MIN_PAIRS = 1        # routed experts: (token, slot) pairs from which it is the default
 H16_EXPERT_GROUP = 64    # experts decoded to float16 per launch pair
 
 
@@ -70,6 +77,9 @@ class GemmCfg:
 
 # launch shape of the float16 dots: nb float16 columns per K step, software pipelined
 H16_CFG = GemmCfg(bn=128, tq=128, nb=64, warps=8, stages=3)
+# the float16 routed experts decoded in registers (FUSED_TYPES): bn weight rows per program; the
+# token tile is expert_token_tile's, nb unused (one super-block per K step)
+EXPERT_H16_CFG = GemmCfg(bn=64, tq=64, nb=1, warps=4, stages=1)
 
 
 def expert_token_tile(rows_per_expert: int) -> int:
@@ -195,6 +205,159 @@ def _dequant_h16_kernel(w_ptr, stride_we, stride_wn, out_ptr, N, K, grid_ptr, si
     tl.store(out_ptr + off, v.to(tl.float16), mask=rmask[:, None])
 
 
+# ---- float16 routed experts, decoded in registers ----------------------------------------------
+# The float16 path above writes each decoded weight to memory (2 bytes per value) and reads it
+# back; for the routed experts that is 8x the quantised bytes (a 2048-token prefill reads 4.3 G
+# IQ2_XXS gate/up values per layer). Here the launch decodes each super-block in registers into
+# float16 *integers* (exact: IQ2_XXS (2s+1)*grid*sign <= 1333, Q2_K scale*q <= 45), multiplies
+# them with the float16 activation in tensor-core dots with float32 accumulation, and applies the
+# super-block's scale to the partial sum (Q2_K: minus dmin times the dot of its 4-bit mins with
+# the activation's 16-element sums, split into float16 head and tail). The weights are exact;
+# only the activation is rounded (to float16, once, before the launch).
+FUSED_TYPES = (IQ2_XXS, Q2_K)
+
+
+@triton.jit
+def _h16_magic(v):
+    """Integers 0..1023 (int32) -> float16 1024 + v, without the conversion unit."""
+    return (v | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _iq2_plane(word, shift: tl.constexpr, sg, e: tl.constexpr, sc):
+    """Value e of every group: magnitude byte (word >> shift) times sc, negated where bit e of
+    the group's 8 sign bits is set (float16 bits; the integer result is exact)."""
+    v = (_h16_magic((word >> shift) & 255) - 1024.0) * sc
+    neg = ((sg >> e) & 1) << 15
+    return (v.to(tl.int16, bitcast=True) ^ neg.to(tl.int16)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _iq2_xxs_h16(w_ptr, row_off, rmask, kb, half: tl.constexpr, grid_ptr, BN: tl.constexpr):
+    """Elements 128*half .. +127 of IQ2_XXS super-block kb of each row: float16 [BN, 128]
+    holding the integers (2s+1)*grid*sign (the weight is d/8 times them). grid_ptr: the int64
+    table of triton_matvec._iq2_grid64 (a grid row's 8 magnitudes in one word)."""
+    s = tl.arange(0, 4)
+    k = tl.arange(0, 4)
+    sb = row_off[:, None] + kb * 66 + 2 + 8 * (4 * half + s)[None, :]       # [BN, 4] sub-blocks
+    g = tl.load(w_ptr + sb[:, :, None] + k[None, None, :], mask=rmask[:, None, None], other=0)
+    u16 = w_ptr.to(tl.pointer_type(tl.uint16))
+    lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    t = lo | (hi << 16)                                                     # 4x7 sign bits + scale
+    sc = (2 * ((t >> 28) & 15) + 1).to(tl.float16)                          # [BN, 4]
+    sg = (t[:, :, None] >> (7 * k)[None, None, :]) & 127                    # [BN, 4, 4] sign index
+    par = sg ^ (sg >> 4)
+    par = par ^ (par >> 2)
+    par = par ^ (par >> 1)
+    sg = sg | ((par & 1) << 7)                                              # ksigns: + parity bit
+    row = tl.load(grid_ptr + g.to(tl.int32))                                # [BN, 4, 4] int64
+    lo = row.to(tl.int32)
+    hi = (row >> 32).to(tl.int32)
+    scb = sc[:, :, None]
+    # the 8 values of each grid row as planes [BN, 4, 4], joined below (in-thread, value e last)
+    v0 = _iq2_plane(lo, 0, sg, 0, scb)
+    v1 = _iq2_plane(lo, 8, sg, 1, scb)
+    v2 = _iq2_plane(lo, 16, sg, 2, scb)
+    v3 = _iq2_plane(lo, 24, sg, 3, scb)
+    v4 = _iq2_plane(hi, 0, sg, 4, scb)
+    v5 = _iq2_plane(hi, 8, sg, 5, scb)
+    v6 = _iq2_plane(hi, 16, sg, 6, scb)
+    v7 = _iq2_plane(hi, 24, sg, 7, scb)
+    # a join's new axis goes last, so the first join takes bit 2 of e, the last bit 0
+    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(v, (BN, 128))
+
+
+@triton.jit
+def _q2_k_h16(w_ptr, row_off, rmask, kb, half: tl.constexpr, BN: tl.constexpr):
+    """Elements 128*half .. +127 of Q2_K super-block kb: float16 [BN, 128] = scale*q (exact;
+    the weight is d*scale*q - dmin*min). Sub-block s = 8*half + 2j + p holds bits 2j of bytes
+    16 + 32*half + 16p + l (l = 0..15) and its scale in the low bits of byte 8*half + 2j + p."""
+    i = tl.arange(0, 8)
+    j = tl.arange(0, 4)
+    p = tl.arange(0, 2)
+    l = tl.arange(0, 16)
+    base = row_off + kb * 84
+    scb = tl.load(w_ptr + base[:, None] + 8 * half + i[None, :], mask=rmask[:, None], other=0).to(tl.int32)
+    qo = 16 + 32 * half + 16 * p[:, None] + l[None, :]                      # [2, 16]
+    qb = tl.load(w_ptr + base[:, None, None] + qo[None, :, :], mask=rmask[:, None, None], other=0).to(tl.int32)
+    q = (qb[:, None, :, :] >> (2 * j)[None, :, None, None]) & 3             # [BN, 4, 2, 16]
+    sc = tl.reshape((scb & 15).to(tl.float16), (BN, 4, 2))
+    a = (_h16_magic(q) - 1024.0) * sc[:, :, :, None]                        # exact, <= 45
+    return tl.reshape(a, (BN, 128))
+
+
+@triton.jit
+def _experts_h16_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, stride_xt, stride_xk,
+                        tiles_ptr, pairs_ptr, rw_ptr, out_ptr, stride_op, grid_ptr, N, K, KB,
+                        clamp, QT: tl.constexpr, BN: tl.constexpr, TQ: tl.constexpr,
+                        MODE: tl.constexpr):
+    """Program (m, n): tile m of the expert tile table (expert, first pair, count) times weight
+    rows n*BN..; x is float16 (pair p = t*K + k reads row t*stride_xt + k*stride_xk). Each
+    super-block is decoded in two halves of 128 values into exact float16 integers, dotted
+    with x, and scaled once (see FUSED_TYPES above); MODE as in _gemm_kernel."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    j = tl.arange(0, TQ)
+    e = tl.load(tiles_ptr + 3 * pid_m)
+    first = tl.load(tiles_ptr + 3 * pid_m + 1)
+    live = j < tl.load(tiles_ptr + 3 * pid_m + 2)
+    p = tl.load(pairs_ptr + first + j, mask=live, other=0)
+    t = p // K
+    x_off = t.to(tl.int64) * stride_xt + (p - t * K).to(tl.int64) * stride_xk
+    rows = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < N
+    row_off = rows.to(tl.int64) * stride_wn
+    wp = w_ptr + e.to(tl.int64) * stride_we
+    w2p = w2_ptr + e.to(tl.int64) * stride_we
+    ar = tl.arange(0, 128)
+    # a Q2_K super-block's 16 mins in the order of the sums below: position 2i + h is
+    # sub-block 8h + i (the two halves' sums are joined)
+    mpos = tl.arange(0, 16)
+    msub = 8 * (mpos % 2) + mpos // 2
+    acc = tl.zeros([BN, TQ], tl.float32)
+    acc2 = tl.zeros([BN, TQ], tl.float32)
+    for kb in range(0, KB):
+        x0 = tl.load(x_ptr + x_off[:, None] + kb * 256 + ar[None, :], mask=live[:, None], other=0.0)
+        x1 = tl.load(x_ptr + x_off[:, None] + (kb * 256 + 128) + ar[None, :], mask=live[:, None], other=0.0)
+        x0t = tl.trans(x0)                                                   # [128, TQ] float16
+        x1t = tl.trans(x1)
+        if QT == 16:   # IQ2_XXS
+            d = tl.load(_f16_ptr(wp) + ((row_off + kb * 66) >> 1), mask=rmask, other=0.0).to(tl.float32)
+            part = tl.dot(_iq2_xxs_h16(wp, row_off, rmask, kb, 0, grid_ptr, BN), x0t)
+            part = tl.dot(_iq2_xxs_h16(wp, row_off, rmask, kb, 1, grid_ptr, BN), x1t, part)
+            acc += part * (d * 0.125)[:, None]
+            if MODE == 2:
+                d2 = tl.load(_f16_ptr(w2p) + ((row_off + kb * 66) >> 1), mask=rmask, other=0.0).to(tl.float32)
+                part2 = tl.dot(_iq2_xxs_h16(w2p, row_off, rmask, kb, 0, grid_ptr, BN), x0t)
+                part2 = tl.dot(_iq2_xxs_h16(w2p, row_off, rmask, kb, 1, grid_ptr, BN), x1t, part2)
+                acc2 += part2 * (d2 * 0.125)[:, None]
+        else:          # Q2_K: minus dmin * (mins . 16-element sums of x), sums as head + tail
+            base = row_off + kb * 84
+            d = tl.load(_f16_ptr(wp) + ((base + 80) >> 1), mask=rmask, other=0.0).to(tl.float32)
+            dmin = tl.load(_f16_ptr(wp) + ((base + 82) >> 1), mask=rmask, other=0.0).to(tl.float32)
+            mn = (tl.load(wp + base[:, None] + msub[None, :], mask=rmask[:, None], other=0).to(tl.int32) >> 4)
+            part = tl.dot(_q2_k_h16(wp, row_off, rmask, kb, 0, BN), x0t)
+            part = tl.dot(_q2_k_h16(wp, row_off, rmask, kb, 1, BN), x1t, part)
+            s0 = tl.sum(tl.reshape(x0.to(tl.float32), (TQ, 8, 16)), axis=2)
+            s1 = tl.sum(tl.reshape(x1.to(tl.float32), (TQ, 8, 16)), axis=2)
+            xs = tl.reshape(tl.join(s0, s1), (TQ, 16))                       # [TQ, 16]
+            xs_hi = xs.to(tl.float16)
+            xs_lo = (xs - xs_hi.to(tl.float32)).to(tl.float16)
+            mn16 = mn.to(tl.float16)
+            mpart = tl.dot(mn16, tl.trans(xs_hi))
+            mpart = tl.dot(mn16, tl.trans(xs_lo), mpart)
+            acc += part * d[:, None] - mpart * dmin[:, None]
+    if MODE == 2:   # clamped SwiGLU times the router weight (numerics.swiglu_clamped)
+        g = tl.minimum(acc, clamp)
+        u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
+        rw = tl.load(rw_ptr + p, mask=live, other=0.0)
+        acc = g * tl.sigmoid(g) * u * rw[None, :]
+    ooff = p[None, :].to(tl.int64) * stride_op + rows[:, None]
+    tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
+
+
 def h16_supported(w) -> bool:
     """Whether dequant_h16 takes this weight (a type with a decode helper, whole 256-element
     units per row, a contiguous byte axis)."""
@@ -223,6 +386,19 @@ def dequant_h16(w, first: int = 0, count: int | None = None) -> torch.Tensor:
         raw, stride_we, raw.stride(-2), out, n_out, n_in, grid_t, sign_t, QT=w.qtype, BN=bn,
         num_warps=4)
     return out if len(w.shape) == 3 else out[0]
+
+
+@functools.lru_cache(maxsize=8)
+def cublas_h16(device: torch.device) -> bool:
+    """Whether torch multiplies float16 matrices into a float32 result here (torch.mm's
+    out_dtype, CUDA only): the dense float16 path's GEMM, else its Triton kernel."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        a = torch.ones(16, 16, dtype=torch.float16, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def h16_path(w, count: int, h16: bool | None = None, w2=None) -> bool:
@@ -268,9 +444,16 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None,
         return y
     rows_per_group = n_out // groups
     if h16_path(w, T, h16):
-        c = cfg or H16_CFG
-        _h16_launch(dequant_h16(w), None, x, y, None, None, None, n_out, n_in, T, 1, x.stride(0), 0,
-                    y.stride(0), rows_per_group, n_in, MODE_SLOTS, 0.0, c)
+        w16 = dequant_h16(w)
+        if cfg is None and cublas_h16(x.device):   # cuBLAS float16 GEMM, float32 output
+            x16 = x.to(torch.float16)
+            if groups == 1:
+                return torch.mm(x16, w16.t(), out_dtype=torch.float32)
+            y = torch.bmm(x16.view(T, groups, n_in).transpose(0, 1),
+                          w16.view(groups, rows_per_group, n_in).transpose(1, 2), out_dtype=torch.float32)
+            return y.transpose(0, 1).reshape(T, n_out)
+        _h16_launch(w16, None, x, y, None, None, None, n_out, n_in, T, 1, x.stride(0), 0,
+                    y.stride(0), rows_per_group, n_in, MODE_SLOTS, 0.0, cfg or H16_CFG)
         return y
     c = cfg or default_cfg(w.qtype, n_in)
     bn = min(c.bn, _pow2_divisor(rows_per_group, c.bn)) if groups > 1 else c.bn
@@ -333,8 +516,24 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     if table.shape[0] == 0:
         return out
     if h16_path(w, T * K, h16, w2):
-        c = cfg or replace(H16_CFG, tq=tq)
         rwc = rw.contiguous() if rw is not None else None
+        if w.qtype in FUSED_TYPES:      # decoded in registers, nothing written back
+            x16 = x.to(torch.float16)
+            if cfg is None and tq <= 64:  # the tensor-core CUDA C kernels where CuPy is here
+                from ds4tp.kernels import cuda_experts
+                if cuda_experts.many(w, w2, x16, per_slot, pairs, table, rwc, out,
+                                     mode == MODE_SWIGLU, clamp):
+                    return out
+            c = cfg or EXPERT_H16_CFG
+            sxt, sxk = x16.stride(0), (x16.stride(1) if per_slot else 0)
+            grid64 = _iq2_grid64(x.device) if w.qtype == IQ2_XXS else out
+            _experts_h16_kernel[(table.shape[0], triton.cdiv(n_out, c.bn))](
+                raw, raw2, raw.stride(0), raw.stride(1), x16, sxt, sxk, table, pairs,
+                rwc if rwc is not None else out, out, n_out, grid64, n_out, K, n_in // 256,
+                float(clamp), QT=w.qtype, BN=c.bn, TQ=tq, MODE=mode, num_warps=c.warps,
+                num_stages=c.stages)
+            return out
+        c = cfg or replace(H16_CFG, tq=tq)
         # experts H16_EXPERT_GROUP at a time: decode the group to float16, run its tiles (the
         # tile table is sorted by expert, so a group's tiles are one run of rows)
         for e0 in range(0, w.shape[0], H16_EXPERT_GROUP):
