@@ -6,7 +6,11 @@ summed over the slots). Each quantises its activation in its prologue, bit-ident
 ds4tp.numerics.q8_k_act; block sums are exact integers, so results differ from the torch twins
 only by float32 rounding (tests/kernel_cases.py: case_cuda_swiglu, case_cuda_down_sum).
 
-Both return None for what they do not cover (no CuPy, other weight types or shapes, unaligned
+A prefill's routed experts take `many` (experts_mma.cu): tiles of up to 64 (token, slot) pairs
+of one expert on mma.sync tensor cores, weights decoded in registers to float16, the activation
+in float16 (the float16 path of ds4tp.kernels.triton_gemm, whose twin is the float64 product).
+
+swiglu and down_sum return None for what they do not cover (no CuPy, other weight types or shapes, unaligned
 views, more than MAX_T tokens); the dispatch in ds4tp.kernels then takes the Triton kernels.
 Launches go to torch's current stream, so they are captured into CUDA graphs like any other.
 """
@@ -115,3 +119,48 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
              np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
              np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)))
     return out
+
+
+MANY_TQ = 64       # pairs per tile the tensor-core kernels take (experts_mma.cu: TQ)
+
+
+def many(w, w2, x16: torch.Tensor, per_slot: bool, pairs: torch.Tensor, table: torch.Tensor,
+         rw: torch.Tensor | None, out: torch.Tensor, swiglu: bool, clamp: float,
+         defines: tuple = ()) -> bool:
+    """Routed experts of many tokens on tensor cores (experts_mma.cu), the float16 path of
+    ds4tp.kernels.triton_gemm.experts: out[p] for each (token, slot) pair p of the tile table
+    (expert, first index into pairs, count <= MANY_TQ) = the pair's expert rows . x16 (float16
+    [T, n_in], or [T, K, n_in] with per_slot), through the clamped SwiGLU times rw with swiglu
+    (w gate, w2 up). False, launching nothing, for what it does not cover. defines: compile-time
+    variants of experts_mma.cu (benchmarks time them)."""
+    if not (available() and x16.is_cuda and x16.dtype == torch.float16 and w.raw.is_cuda):
+        return False
+    qt = w.qtype
+    if not ((qt == IQ2_XXS and (w2 is None or w2.qtype == IQ2_XXS)) or (qt == Q2_K and not swiglu)):
+        return False
+    E, N, n_in = w.shape
+    raw = w.raw
+    raw2 = w2.raw if swiglu else raw
+    a = 2 if qt == IQ2_XXS else 4      # IQ2_XXS rows load as 16-bit words, Q2_K as 32-bit
+    if (n_in % 256 or not (_aligned(raw, a) and _aligned(raw2, a)) or raw2.stride() != raw.stride()
+            or (swiglu and (w2.shape != w.shape or rw is None))):
+        return False
+    sxk = x16.stride(1) if per_slot else 0
+    if not (x16.stride(-1) == 1 and x16.data_ptr() % 8 == 0 and x16.stride(0) % 4 == 0 and sxk % 4 == 0):
+        return False
+    if table.shape[0] == 0:
+        return True
+    name = "iq2xxs_swiglu_mma" if swiglu else ("iq2xxs_slots_mma" if qt == IQ2_XXS else "q2k_slots_mma")
+    fn = cuda_c.kernel("experts_mma.cu", name, x16.device.index, tuple(defines))
+    if fn is None:
+        return False
+    from ds4tp.kernels.triton_matvec import _iq2_grid64
+    grid64 = _iq2_grid64(x16.device)
+    rows = 64 if swiglu else 128
+    K = out.shape[1]
+    _launch(fn, x16.device, (table.shape[0], (N + rows - 1) // rows), 4,
+            (_ptr(raw), _ptr(raw2), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x16),
+             np.int64(x16.stride(0)), np.int64(sxk), _ptr(table), _ptr(pairs),
+             _ptr(rw if rw is not None else out), _ptr(out), np.int64(out.stride(1)), _ptr(grid64),
+             np.int32(N), np.int32(K), np.int32(n_in // 256), np.float32(clamp)))
+    return True
