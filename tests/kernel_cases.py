@@ -318,6 +318,13 @@ def cuda_c_cases():
     yield "cuda q8_0 swiglu shared down", case_cuda_q8_0, (512, 2048, 1, False, False, None, None, None, True)
     yield "cuda q8_0 swiglu TP=2 shard", case_cuda_q8_0, (64, 1024, 1, False, True, None, None, None, True)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
+    # the tensor-core float16 routed experts of a prefill (tiles of up to 64 pairs)
+    yield "cuda mma swiglu 4096 in", case_cuda_experts_mma, (IQ2_XXS, 16, 96, 4096, 300, 6, False, True)
+    yield "cuda mma swiglu rows tq 16", case_cuda_experts_mma, (IQ2_XXS, 8, 40, 512, 45, 6, False, True, "rows", 0.1, 16)
+    yield "cuda mma iq2 slots 256 in", case_cuda_experts_mma, (IQ2_XXS, 4, 136, 256, 50, 3, False, False)
+    yield "cuda mma down cols", case_cuda_experts_mma, (Q2_K, 8, 200, 1024, 120, 6, True, False, "cols")
+    yield "cuda mma down 2048 in", case_cuda_experts_mma, (Q2_K, 16, 256, 2048, 400, 6, True, False)
+    yield "cuda mma down shared x", case_cuda_experts_mma, (Q2_K, 4, 64, 512, 33, 2, False, False)
 
 
 H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)
@@ -378,6 +385,34 @@ def case_gemm_experts_h16_groups(device, gen, qtype, E, group, swiglu):
                                  dict(bn=16, tq=16, nb=32), "", 0.3, True)
     finally:
         tg.H16_EXPERT_GROUP = keep
+
+
+def case_cuda_experts_mma(device, gen, qtype, E, n_out, n_in, T, K, per_slot, swiglu, shard="",
+                          skip=0.1, tq=64):
+    """The tensor-core float16 routed experts (cuda_experts.many, experts_mma.cu) against the
+    exact product in float64 (H16_TOL); asserts that the CUDA C kernel took the launch."""
+    from ds4tp.kernels import cuda_experts, triton_gemm as tg
+    w = expert_weight(qtype, E, n_out, n_in, gen, device, shard)
+    ids = rand_ids(T, K, E, gen, device, skip=skip)
+    x = rand_act((T, K, n_in) if per_slot else (T, n_in), gen, device) * (20.0 if swiglu else 1.0)
+    wu = expert_weight(qtype, E, n_out, n_in, gen, device, shard) if swiglu else None
+    rw = torch.rand(T, K, generator=gen).to(device) if swiglu else None
+    pairs, table, _, _, _ = tg.expert_tiles(ids, E, tq)
+    got = torch.zeros(T, K, n_out, device=device)
+    tag = f"cuda mma {type_name(qtype)} E={E} {n_out}x{n_in} T={T} K={K} swiglu={swiglu} {shard} tq={tq}"
+    assert cuda_experts.many(w, wu, x.half(), per_slot, pairs, table, rw, got, swiglu, 10.0), \
+        tag + ": not taken by the CUDA C kernel"
+    g = exact_linear(w, x, ids)
+    if not swiglu:
+        return check(tag, got, g, H16_TOL)
+    u = exact_linear(wu, x, ids)
+    want = numerics.swiglu_clamped(g, u, 10.0) * rw[..., None]
+    want[ids < 0] = 0.0
+    lim = H16_TOL * 11 * (g.abs().max() + u.abs().max()).item()
+    err = (got - want).abs().max().item()
+    if not err <= lim:
+        raise AssertionError(f"{tag}: abs error {err:.3g} > {lim:.3g}")
+    return err / max(want.abs().max().item(), 1e-30)
 
 
 def case_gemm_linear(device, gen, qtype, n_out, n_in, T, groups=1, cfg=None, shard=False, h16=None):

@@ -203,14 +203,17 @@ def test_expert_tiles_cover_each_pair_once():
 
 def test_h16_path_rule():
     """Which many-token launches take the float16 path by default: dense quantised weights from
-    H16_MIN_T tokens; routed experts and F16 weights only when forced (F16 cannot be)."""
+    H16_MIN_T tokens, routed experts from H16_MIN_PAIRS pairs; never F16 weights (not even
+    when forced)."""
     from ds4tp.kernels import triton_gemm as tg
     g = torch.Generator().manual_seed(2)
     dense = kc.rand_weight(Q8_0, (32, 256), g)
     experts = kc.rand_weight(IQ2_XXS, (4, 16, 256), g)
     f16 = kc.rand_weight(F16, (16, 256), g)
     assert not tg.h16_path(dense, tg.H16_MIN_T - 1) and tg.h16_path(dense, tg.H16_MIN_T)
-    assert not tg.h16_path(experts, 10 ** 6) and tg.h16_path(experts, 1, True)
+    assert tg.h16_path(experts, tg.H16_MIN_PAIRS) and not tg.h16_path(experts, 10 ** 6, False)
+    if tg.H16_MIN_PAIRS > 1:
+        assert not tg.h16_path(experts, tg.H16_MIN_PAIRS - 1) and tg.h16_path(experts, 1, True)
     assert not tg.h16_path(dense, 10 ** 6, False) and not tg.h16_path(f16, 10 ** 6)
     with pytest.raises(ValueError, match="unsupported"):
         tg.h16_path(f16, 100, True)
@@ -322,6 +325,20 @@ def test_cuda_gemm_grouped_and_experts():
     kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 900, 6, False, True, None, "rows", 0.15, True)
     kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 700, 6, True, False, None, "cols", 0.1, True)
     kc.case_gemm_linear("cuda", g, Q8_0, 4096, 1024, 300, h16=False)    # the exact path, forced
+
+
+@needs_cuda
+@pytest.mark.parametrize("bn,warps,stages", [(64, 4, 1), (128, 8, 1), (128, 4, 2), (32, 4, 1)])
+def test_cuda_gemm_experts_decoded_in_registers(bn, warps, stages):
+    """The float16 routed experts decoded in registers (IQ2_XXS SwiGLU, Q2_K per-slot down) at
+    DS4 shapes over all 256 experts, other launch shapes than the default; tiles of 64 and 16."""
+    g = torch.Generator().manual_seed(bn + warps + stages)
+    c = dict(bn=bn, tq=64, nb=1, warps=warps, stages=stages)
+    kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 2048, 4096, 2048, 6, False, True, c, "", 0.0, True)
+    kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 2048, 2048, 6, True, False, c, "", 0.05, True)
+    c = dict(c, tq=16)
+    kc.case_gemm_experts("cuda", g, IQ2_XXS, 256, 1024, 4096, 200, 6, False, False, c, "rows", 0.1, True)
+    kc.case_gemm_experts("cuda", g, Q2_K, 256, 4096, 1024, 200, 6, True, False, c, "cols", 0.1, True)
 
 
 @needs_cuda
