@@ -31,6 +31,14 @@
 #   pdl3: session 8, the fused HC step (update + next mixer): tests, bench at depth 0, goldens
 #   final8: session 8 closing run: twins, bench with depth 4096 and A/B variants, graph trace
 #   final8b: every CUDA test of tests/test_kernels.py and tests/test_decode_graph.py
+#   pf0: session 9, prefill baseline: 2048-token launches exact vs float16, a prefill profile
+#   pf1: session 9, float16 routed experts in registers and cuBLAS dense: tests, launch
+#        sweep, prefill profile, TP=1 golden prefill
+#   pf2: session 9, tensor-core CUDA C routed experts: tests, launch timings, profile, golden
+#   pf3: session 9, experts_mma.cu with shared-memory activations: tests, timings, ncu
+#   pf4: session 9 closing run: tests, launch timings, prefill profile, TP=1 goldens, bench
+#   pf5: session 9, experts_mma.cu variants (loads, sign masks, blocks per SM), twin tests
+#   pf6: session 9 closing check: mma twins, TP=1 golden prefill, 43-layer prefill A/B
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -301,6 +309,60 @@ elif [ "$MODE" = final8b ]; then
   # after the review refactor of the HC kernels and the priority change: every CUDA test of the
   # kernels and the decode graph
   gate_tests 300 "not interpreter" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = pf0 ]; then
+  # session 9 baseline for the prefill work: the 2048-token launches (exact and float16 paths,
+  # the float16 path's decoding alone), a 4-layer prefill profile
+  log "2048-token launches: exact vs float16 path, cuBLAS references"
+  timeout 150 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 2>&1 | grep -v Warn
+  log "prefill profile, 4 full-width layers"
+  timeout 120 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -62 | tee "$OUT/profile_prefill.txt"
+elif [ "$MODE" = pf1 ]; then
+  # session 9: float16 routed experts decoded in registers, dense float16 GEMMs on cuBLAS
+  gate_tests 200 "gemm or h16" tests/test_kernels.py
+  log "2048-token launches: default (float16 experts in registers, cuBLAS dense), exact; fused shapes"
+  timeout 200 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --fused-sweep 2>&1 | grep -v Warn
+  log "prefill profile, 4 full-width layers"
+  timeout 120 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_prefill.txt"
+  golden 1 prefill 100
+elif [ "$MODE" = pf2 ]; then
+  # session 9: the tensor-core CUDA C routed experts of a prefill (experts_mma.cu)
+  gate_tests 150 "mma or grouped_and_experts" tests/test_kernels.py
+  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
+  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+  log "prefill profile, 4 full-width layers"
+  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+  golden 1 prefill 100
+elif [ "$MODE" = pf3 ]; then
+  # session 9: experts_mma.cu with the activations staged in shared memory (cp.async ring)
+  gate_tests 100 "mma" tests/test_kernels.py
+  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
+  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+  if command -v ncu >/dev/null; then
+    log "ncu: the tensor-core routed kernels"
+    timeout 150 ncu -k regex:"_mma" -c 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section SchedulerStats --section ComputeWorkloadAnalysis python3 bench/ncu_prefill.py > "$OUT/ncu_prefill.txt" 2>&1
+    grep -i "Duration\|Throughput\|Issue Slots\|Occupancy\|_mma\|Stall\|Warp Cycles\|Eligible\|Active Warps" "$OUT/ncu_prefill.txt" | head -60
+  fi
+elif [ "$MODE" = pf4 ]; then
+  # session 9 closing run: tensor-core routed experts (quad-shared weight words, ksigns bytes)
+  gate_tests 150 "mma or grouped_and_experts or h16" tests/test_kernels.py
+  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
+  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+  log "prefill profile, 4 full-width layers"
+  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+  golden 1 prefill,static 120
+  bench_tp1 240 0
+elif [ "$MODE" = pf5 ]; then
+  # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
+  log "experts_mma.cu variants, 2048-token launches"
+  timeout 120 python3 bench/experts_mma_variants.py --out "$OUT/experts_mma_variants.json" 2>&1 | grep -v Warn
+  gate_tests 60 "mma" tests/test_kernels.py
+elif [ "$MODE" = pf6 ]; then
+  # session 9 closing check of the chosen experts_mma.cu: twins, TP=1 golden prefill, the
+  # 43-layer prefill with and without the tensor-core experts (same run)
+  gate_tests 60 "mma" tests/test_kernels.py
+  golden 1 prefill 90
+  log "43-layer prefill, 2048 tokens: default vs exact routed experts"
+  timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0

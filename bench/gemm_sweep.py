@@ -44,6 +44,9 @@ def main():
     ap.add_argument("--budget-s", type=float, default=200)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--fused-sweep", action="store_true",
+                    help="launch shapes of the float16 routed experts decoded in registers")
+    ap.add_argument("--only", default="", help="comma-separated case-name prefixes")
     a = ap.parse_args()
     t_end = time.time() + a.budget_s
     g = torch.Generator().manual_seed(0)
@@ -69,6 +72,8 @@ def main():
             [(64, 64, 4, 1), (64, 128, 4, 1), (128, 128, 8, 1), (64, 64, 8, 1), (32, 64, 4, 1),
              (64, 32, 4, 1), (128, 64, 4, 1), (32, 128, 4, 1), (64, 128, 8, 1), (64, 64, 4, 2)]]
     for name, (make, kind, n_in) in cases.items():
+        if a.only and not any(name.startswith(o) for o in a.only.split(",")):
+            continue
         w = make()
         r = res["cases"][name] = {"runs": []}
         if kind == "linear":
@@ -97,11 +102,27 @@ def main():
         if kind != "linear" or w.qtype != F16:   # exact and float16 paths, default shapes
             r["exact_ms"] = ms(lambda: run(None, False))
             r["h16_ms"] = ms(lambda: run(None, True))
-            print(f"{name}: exact path {r['exact_ms']:.3f} ms, float16 path {r['h16_ms']:.3f} ms", flush=True)
+            wq = w[0] if isinstance(w, tuple) else w
+            r["dequant_h16_ms"] = ms(lambda: tg.dequant_h16(wq, 0, 64) if len(wq.shape) == 3 else tg.dequant_h16(wq))
+            print(f"{name}: exact path {r['exact_ms']:.3f} ms, float16 path {r['h16_ms']:.3f} ms "
+                  f"(of which decoding one weight{' (64 experts)' if len(wq.shape) == 3 else ''} "
+                  f"{r['dequant_h16_ms']:.3f} ms)", flush=True)
         print(f"{name}: {macs / 1e9:.1f} GMAC  cuBLAS f16 {r['cublas_f16_ms']:.3f} ms  f32 "
               f"{r['cublas_f32_ms']:.3f} ms  default {r['default_ms']:.3f} ms "
               f"({macs / r['default_ms'] / 1e9:.1f} TMAC/s)", flush=True)
         save()
+        if kind != "linear" and a.fused_sweep:   # the float16 experts decoded in registers
+            for bn, w_, st in [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 1), (32, 4, 1),
+                               (64, 4, 2), (128, 8, 2), (256, 8, 1)]:
+                c = dict(bn=bn, tq=64, warps=w_, stages=st)
+                try:
+                    t = ms(lambda: run(tg.GemmCfg(nb=1, **c), True), reps=3)
+                    r.setdefault("fused_runs", []).append({**c, "ms": t})
+                    print(f"   float16 in registers {c}: {t:.3f} ms ({macs / t / 1e9:.1f} TMAC/s)", flush=True)
+                except Exception as exc:
+                    r.setdefault("fused_runs", []).append({**c, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                    print(f"   float16 in registers {c}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                save()
         for c in grid:
             if time.time() > t_end:
                 break

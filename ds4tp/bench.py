@@ -273,6 +273,17 @@ def time_prefill(model, n_tok: int) -> dict:
 
 
 @contextlib.contextmanager
+def _routed_exact(triton_gemm):
+    """Many-token routed experts on the exact path for an A/B timing, then the default again."""
+    keep = triton_gemm.H16_MIN_PAIRS
+    triton_gemm.H16_MIN_PAIRS = None
+    try:
+        yield
+    finally:
+        triton_gemm.H16_MIN_PAIRS = keep
+
+
+@contextlib.contextmanager
 def _switched_off(set_enabled):
     """A kernel path switched off for an A/B timing in the same run, and on again after."""
     set_enabled(False)
@@ -341,6 +352,12 @@ def _bench_rank(comm, dev, cfg):
     save()
     if cfg["prefill"]:
         res["prefill"] = time_prefill(model, cfg["prefill"])
+        save()
+        # the same prefill with the routed experts on the exact path (Q8_K activations, Triton:
+        # the default before the tensor-core float16 kernels of cuda_experts.many), same run
+        from ds4tp.kernels import triton_gemm
+        with _routed_exact(triton_gemm):
+            res["prefill_exact_experts"] = time_prefill(model, cfg["prefill"])
         save()
     if cfg["depth"]:
         res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
