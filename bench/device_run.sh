@@ -75,6 +75,11 @@ cuda_c_sweep() {
   log "T=1: Triton default vs CUDA C launches: $3"
   timeout "$1" python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s "$2" --sweep-cuda-c-only --only "$3" 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -70
 }
+# a prefill's routed launches (2048 tokens, TP=1 shapes): the default path and the exact one
+routed_launches() {
+  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
+  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+}
 # a traced graph replay of 6 full-width layers at depth 1: its per-kernel table
 trace6() {
   log "graph-replayed decode step, 6 full-width layers, traced"
@@ -327,16 +332,14 @@ elif [ "$MODE" = pf1 ]; then
 elif [ "$MODE" = pf2 ]; then
   # session 9: the tensor-core CUDA C routed experts of a prefill (experts_mma.cu)
   gate_tests 150 "mma or grouped_and_experts" tests/test_kernels.py
-  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
-  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+  routed_launches
   log "prefill profile, 4 full-width layers"
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
   golden 1 prefill 100
 elif [ "$MODE" = pf3 ]; then
   # session 9: experts_mma.cu with the activations staged in shared memory (cp.async ring)
   gate_tests 100 "mma" tests/test_kernels.py
-  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
-  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+  routed_launches
   if command -v ncu >/dev/null; then
     log "ncu: the tensor-core routed kernels"
     timeout 150 ncu -k regex:"_mma" -c 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section SchedulerStats --section ComputeWorkloadAnalysis python3 bench/ncu_prefill.py > "$OUT/ncu_prefill.txt" 2>&1
@@ -345,8 +348,7 @@ elif [ "$MODE" = pf3 ]; then
 elif [ "$MODE" = pf4 ]; then
   # session 9 closing run: tensor-core routed experts (quad-shared weight words, ksigns bytes)
   gate_tests 150 "mma or grouped_and_experts or h16" tests/test_kernels.py
-  log "2048-token routed launches: default (CUDA C tensor cores), exact path"
-  timeout 100 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only gate_up,down 2>&1 | grep -v Warn
+  routed_launches
   log "prefill profile, 4 full-width layers"
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
   golden 1 prefill,static 120

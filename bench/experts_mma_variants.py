@@ -9,25 +9,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import kernel_cases as kc  # noqa: E402
 from gemm_sweep import ms  # noqa: E402
+from profile_common import prefill_experts  # noqa: E402
 
-from ds4tp.config import IQ2_XXS, Q2_K  # noqa: E402
 from ds4tp.kernels import cuda_experts as ce, triton_gemm as tg  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="experts_mma_variants.json")
 a = ap.parse_args()
-g = torch.Generator().manual_seed(0)
 T, K = 2048, 6
-wg = kc.rand_weight(IQ2_XXS, (256, 2048, 4096), g, "cuda")
-wu = kc.rand_weight(IQ2_XXS, (256, 2048, 4096), g, "cuda")
-wd = kc.rand_weight(Q2_K, (256, 4096, 2048), g, "cuda")
-ids = torch.stack([torch.randperm(256, generator=g)[:K] for _ in range(T)]).cuda()
-x16 = kc.rand_act((T, 4096), g, "cuda").half()
-mid16 = kc.rand_act((T, K, 2048), g, "cuda").half()
-rw = torch.rand(T, K, generator=g).cuda()
+wg, wu, wd, ids, x, rw = prefill_experts(T, K)
+x16 = x.half()
+mid16 = torch.randn(T, K, 2048, generator=torch.Generator().manual_seed(1)).cuda().half()
 pairs, table, _, _, _ = tg.expert_tiles(ids, 256, ce.MANY_TQ)
 out_gu = torch.empty(T, K, 2048, device="cuda")
 out_d = torch.empty(T, K, 4096, device="cuda")

@@ -15,3 +15,24 @@ def kernel_table(prof, n_layer: int, top: int, what: str) -> None:
           f"({n_layer} layers: {tot_n / n_layer:.0f} launches per layer)")
     for name, (n, us) in sorted(kern.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{us:10.1f} us {n:6d}x {us / n:9.2f} us  {name}")
+
+
+def prefill_experts(T: int = 2048, K: int = 6, seed: int = 0):
+    """DS4's routed experts at TP=1 on cuda (random valid blocks): gate, up (IQ2_XXS [256, 2048,
+    4096]), down (Q2_K [256, 4096, 2048]), ids [T, K] (distinct experts per token), x [T, 4096],
+    router weights [T, K]."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import kernel_cases as kc
+    from ds4tp.config import IQ2_XXS, Q2_K
+    g = torch.Generator().manual_seed(seed)
+    wg = kc.rand_weight(IQ2_XXS, (256, 2048, 4096), g, "cuda")
+    wu = kc.rand_weight(IQ2_XXS, (256, 2048, 4096), g, "cuda")
+    wd = kc.rand_weight(Q2_K, (256, 4096, 2048), g, "cuda")
+    ids = torch.stack([torch.randperm(256, generator=g)[:K] for _ in range(T)]).cuda()
+    x = kc.rand_act((T, 4096), g, "cuda")
+    rw = torch.rand(T, K, generator=g).cuda()
+    return wg, wu, wd, ids, x, rw

@@ -455,6 +455,20 @@ def test_hc_kernels_compile_for_sm90(split):
     assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_combine_kernel, sig, const, 8)) == pdl
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("qt,mode", [(IQ2_XXS, 2), (Q2_K, 0)], ids=["IQ2_XXS-swiglu", "Q2_K-slots"])
+def test_experts_h16_kernel_compiles_for_sm90(qt, mode):
+    """The float16 routed experts decoded in registers (Triton) compiled to PTX for an H100/H200,
+    tensor-core dots included: what the CPU interpreter cannot check."""
+    from ds4tp.kernels import triton_gemm as tg
+    sig = dict(w_ptr="*u8", w2_ptr="*u8", stride_we="i64", stride_wn="i32", x_ptr="*fp16",
+               stride_xt="i32", stride_xk="i32", tiles_ptr="*i32", pairs_ptr="*i32", rw_ptr="*fp32",
+               out_ptr="*fp32", stride_op="i32", grid_ptr="*i64", N="i32", K="i32", KB="i32",
+               clamp="fp32")
+    ptx = _compile_sm90(tg._experts_h16_kernel, sig, dict(QT=qt, BN=64, TQ=64, MODE=mode), 4)
+    assert "mma" in ptx
+
+
 @needs_cuda
 @pytest.mark.parametrize("be", [128, 64])
 def test_cuda_hc_step_full_size(be):

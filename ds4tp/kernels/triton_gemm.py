@@ -96,6 +96,21 @@ def default_cfg(qtype: int, n_in: int, tq: int = 128) -> GemmCfg:
 
 
 @triton.jit
+def _store_pairs(acc, acc2, p, live, rows, rmask, rw_ptr, out_ptr, stride_op, clamp,
+                 MODE: tl.constexpr):
+    """Store the tile acc [BN rows, TQ pairs] at out[p * stride_op + row]; MODE_SWIGLU: first the
+    clamped SwiGLU of gate acc and up acc2 times the pair's router weight
+    (numerics.swiglu_clamped)."""
+    if MODE == 2:
+        g = tl.minimum(acc, clamp)
+        u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
+        rw = tl.load(rw_ptr + p, mask=live, other=0.0)
+        acc = g * tl.sigmoid(g) * u * rw[None, :]
+    ooff = p[None, :].to(tl.int64) * stride_op + rows[:, None]
+    tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
+
+
+@triton.jit
 def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr,
                  stride_xt, stride_xk, tiles_ptr, pairs_ptr, rw_ptr, out_ptr, stride_op,
                  grid_ptr, sign_ptr, N, P, K, KB, rows_per_group, group_in, clamp,
@@ -168,13 +183,7 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
             acc, acc2 = _mv_tile(w_ptr + eoff, w2_ptr + eoff, row_off, rmask, x_ptr, xq_ptr, xd_ptr,
                              xbs_ptr, x_off, live, 0, KB, grid_ptr, sign_ptr, QT, BN, TQ, NB,
                              QT == 8, MODE == 2, True)
-    if MODE == 2:   # clamped SwiGLU times the router weight (numerics.swiglu_clamped)
-        g = tl.minimum(acc, clamp)
-        u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
-        rw = tl.load(rw_ptr + p, mask=live, other=0.0)
-        acc = g * tl.sigmoid(g) * u * rw[None, :]
-    ooff = p[None, :].to(tl.int64) * stride_op + rows[:, None]
-    tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
+    _store_pairs(acc, acc2, p, live, rows, rmask, rw_ptr, out_ptr, stride_op, clamp, MODE)
 
 
 @triton.jit
@@ -349,13 +358,7 @@ def _experts_h16_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, stride_xt, s
             mpart = tl.dot(mn16, tl.trans(xs_hi))
             mpart = tl.dot(mn16, tl.trans(xs_lo), mpart)
             acc += part * d[:, None] - mpart * dmin[:, None]
-    if MODE == 2:   # clamped SwiGLU times the router weight (numerics.swiglu_clamped)
-        g = tl.minimum(acc, clamp)
-        u = tl.minimum(tl.maximum(acc2, -clamp), clamp)
-        rw = tl.load(rw_ptr + p, mask=live, other=0.0)
-        acc = g * tl.sigmoid(g) * u * rw[None, :]
-    ooff = p[None, :].to(tl.int64) * stride_op + rows[:, None]
-    tl.store(out_ptr + ooff, acc, mask=rmask[:, None] & live[None, :])
+    _store_pairs(acc, acc2, p, live, rows, rmask, rw_ptr, out_ptr, stride_op, clamp, MODE)
 
 
 def h16_supported(w) -> bool:
