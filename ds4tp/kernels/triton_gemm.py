@@ -522,10 +522,10 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
         rwc = rw.contiguous() if rw is not None else None
         if w.qtype in FUSED_TYPES:      # decoded in registers, nothing written back
             x16 = x.to(torch.float16)
-            if cfg is None and tq <= 64:  # the tensor-core CUDA C kernels where CuPy is here
+            if cfg is None:               # the tensor-core CUDA C kernels where CuPy is here
                 from ds4tp.kernels import cuda_experts
-                if cuda_experts.many(w, w2, x16, per_slot, pairs, table, rwc, out,
-                                     mode == MODE_SWIGLU, clamp):
+                if tq <= cuda_experts.MANY_TQ and cuda_experts.many(
+                        w, w2, x16, per_slot, pairs, table, rwc, out, mode == MODE_SWIGLU, clamp):
                     return out
             c = cfg or EXPERT_H16_CFG
             sxt, sxk = x16.stride(0), (x16.stride(1) if per_slot else 0)
