@@ -332,12 +332,13 @@ def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: in
     cs = list(range(p0 // r, n_end // r))      # rows c emitted here: (c+1)*r-1 in [p0, n_end)
     out = out32 = None
     if cs:
-        c = torch.tensor(cs, device=x.device)
+        # (built on the device: a tensor from host values would wait for the GPU's queue)
+        c = torch.arange(cs[0], cs[-1] + 1, device=x.device)
         if r == 4:   # previous window via the first half, current window via the second half
             prev = c[:, None] * 4 - 4 + torch.arange(4, device=x.device)
             cur = c[:, None] * 4 + torch.arange(4, device=x.device)
             cand = torch.cat((prev, cur), 1)                     # [n_emit, 8] positions
-            half = torch.cat((torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long))).to(x.device)
+            half = (torch.arange(8, device=x.device) >= 4).long()   # 0 0 0 0 1 1 1 1
         else:
             cand = c[:, None] * r + torch.arange(r, device=x.device)
             half = torch.zeros(r, dtype=torch.long, device=x.device)
@@ -351,7 +352,7 @@ def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: in
         if trace is not None:
             trace[tag + "pooled"] = pooled
         row = rms_norm(pooled, cw.norm)
-        cos, sin = rope_cos_sin(c * r, s.n_rot, compressed=True)
+        cos, sin = rope_cos_sin(c * r, s.n_rot, compressed=True, top=cs[-1] * r + 1)
         row = rope_tail(row, cos, sin)
         out32 = hadamard_fp4(row) if is_index else kv_row_quant(row, s)
         out = f16_round(out32)
@@ -438,20 +439,20 @@ def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Ten
     return linear(lw.out_b, low.reshape(T, -1))
 
 
-def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, pos: torch.Tensor, s: Shape,
-              comm, trace=None) -> torch.Tensor:
-    """Attention sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E].
-    Rows of this call are pushed to the caches in `ls` before attending (a token sees its own
-    row)."""
+def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: torch.Tensor,
+              s: Shape, comm, trace=None) -> torch.Tensor:
+    """Attention sublayer: its mixed, normed input xn [T, E] at positions pos = p0 .. p0+T-1 ->
+    its all-reduced output [T, E]. Rows of this call are pushed to the caches in `ls` before
+    attending (a token sees its own row). Position bounds come from p0 on the host: reading
+    them from pos would wait for the GPU."""
     T, D = xn.shape[0], s.head_dim
-    p0 = int(pos[0])
     qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], D], -1)   # one launch for both
     qrn = rms_norm(qa, lw.q_a_norm)                              # [T, q_lora]
     q = linear(lw.q_b, qrn).view(T, -1, D)                       # [T, H_l, D] this rank's heads
     q = rms_norm(q)                                              # per-head, unweighted
     kv_n = rms_norm(kv_lin, lw.kv_norm)                          # [T, D] single shared KV head
     compressed = lw.ratio > 0
-    cos, sin = rope_cos_sin(pos, s.n_rot, compressed)
+    cos, sin = rope_cos_sin(pos, s.n_rot, compressed, top=p0 + T)
     if trace is not None:
         trace.update(qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
     q = rope_tail(q, cos[:, None], sin[:, None])
@@ -478,7 +479,7 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, pos: torch.Ten
         comp = ls.comp.view()                                    # [n_comp, D]
         n_vis = (pos + 1) // lw.ratio                            # rows visible to each token
         comp_mask = torch.arange(comp.shape[0], device=xn.device)[None, :] < n_vis[:, None]
-        if lw.ratio == 4 and int(n_vis.max()) > s.indexer_top_k:
+        if lw.ratio == 4 and (p0 + T) // lw.ratio > s.indexer_top_k:   # n_vis.max()
             score = indexer_scores(lw, qrn, xn, ls.index.view(), cos, sin, s, trace)
             score = comm.all_reduce(score)                       # indexer-score all-reduce (heads split)
             comp_mask, selected = select_rows(score, n_vis, s.indexer_top_k)
@@ -652,7 +653,7 @@ class DS4Model:
             lt = {} if trace is not None else None
             if lt is not None:
                 lt.update(hc=hc, hc_split=(post, m), attn_in=xn)
-            out = attention(lw, ls, xn, pos, s, self.comm, lt)
+            out = attention(lw, ls, xn, state.n, pos, s, self.comm, lt)
             hc, xn, post, m = hc_post_pre(out, hc, post, m, lw.ffn_mixer, s)
             if lt is not None:
                 lt.update(hc_mid=hc, ffn_split=(post, m), ffn_in=xn)

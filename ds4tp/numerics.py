@@ -174,9 +174,12 @@ def _rope_params(n_rot: int, compressed: bool):
 _ROPE_TABLE_MAX = 1 << 16
 
 
-def rope_cos_sin(pos: torch.Tensor, n_rot: int, compressed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [len(pos), n_rot/2] float32 for these positions (tabulated up to 65536)."""
-    top = int(pos.max()) + 1 if pos.numel() else 1
+def rope_cos_sin(pos: torch.Tensor, n_rot: int, compressed: bool,
+                 top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [len(pos), n_rot/2] float32 for these positions (tabulated up to 65536). top:
+    pos.max() + 1 where the caller knows it (reading it from a GPU tensor waits for the GPU)."""
+    if top is None:
+        top = int(pos.max()) + 1 if pos.numel() else 1
     if top > _ROPE_TABLE_MAX:
         return _rope_compute(pos, n_rot, compressed)
     size = max(1024, 1 << (top - 1).bit_length())
