@@ -10,8 +10,9 @@ A prefill's routed experts take `many` (experts_mma.cu): tiles of up to 64 (toke
 of one expert on mma.sync tensor cores, weights decoded in registers to float16, the activation
 in float16 (the float16 path of ds4tp.kernels.triton_gemm, whose twin is the float64 product).
 
-swiglu and down_sum return None for what they do not cover (no CuPy, other weight types or shapes, unaligned
-views, more than MAX_T tokens); the dispatch in ds4tp.kernels then takes the Triton kernels.
+swiglu and down_sum return None for what they do not cover (no CuPy, other weight types or
+shapes, unaligned views, more than MAX_T tokens); the dispatch in ds4tp.kernels then takes the
+Triton kernels.
 Launches go to torch's current stream, so they are captured into CUDA graphs like any other.
 """
 from __future__ import annotations

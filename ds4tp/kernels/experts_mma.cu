@@ -11,10 +11,10 @@
 // row's words one 32-value step ahead): each value is the exact dequantised weight rounded once
 // to float16 for IQ2_XXS (d/8 times the exact integer (2s+1)*grid*sign), and d*scale*q -
 // dmin*min with d*scale and dmin*min rounded to float16 first for Q2_K. The activations, which
-// all 4 warps read, are staged XS steps ahead in shared memory by cp.async. To decode 4 consecutive values at once, the 16 k-slots of an mma step are
-// permuted: lane (g, c) holds k-slots 2c, 2c+1, 2c+8, 2c+9, which here stand for elements
-// 4c .. 4c+3 of the 16 (the same permutation for the activation's B fragment, so the dot is
-// unchanged). Four IQ2_XXS magnitudes are one 32-bit word of the grid table; PRMT places two
+// all 4 warps read, are staged XS steps ahead in shared memory by cp.async. To decode 4
+// consecutive values at once, the 16 k-slots of an mma step are permuted: lane (g, c) holds
+// k-slots 2c, 2c+1, 2c+8, 2c+9, which here stand for elements 4c .. 4c+3 of the 16 (the same
+// permutation for the activation's B fragment, so the dot is unchanged). Four IQ2_XXS magnitudes are one 32-bit word of the grid table; PRMT places two
 // bytes under the float16 exponent of 1024, one FMA takes (1024 + b) * sc - 1024 * sc = b * sc
 // exactly, the sign bits are XORed in. H200, 2048 tokens, 256 experts, TP=1 shapes: gate/up
 // 3.5 ms, down 1.7 ms (the exact Q8_K path: 7.0-7.3 and 2.8-2.9 ms; bench/results/

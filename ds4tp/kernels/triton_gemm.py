@@ -43,8 +43,7 @@ import triton.language as tl
 
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q8_0
 from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _f16_ptr, _iq2_grid64,
-                                         _iq2_tables,
-                                         _iq2_xxs_wblock, _linear_args, _mv_tile, _pow2_at_least,
+                                         _iq2_tables, _iq2_xxs_wblock, _linear_args, _mv_tile, _pow2_at_least,
                                          _pow2_divisor, _prequant, _q2_k_wblock, _q8_0_wtile_f32,
                                          _raw, q8_0_split)
 
@@ -251,9 +250,9 @@ def _iq2_xxs_h16(w_ptr, row_off, rmask, kb, half: tl.constexpr, grid_ptr, BN: tl
     sb = row_off[:, None] + kb * 66 + 2 + 8 * (4 * half + s)[None, :]       # [BN, 4] sub-blocks
     g = tl.load(w_ptr + sb[:, :, None] + k[None, None, :], mask=rmask[:, None, None], other=0)
     u16 = w_ptr.to(tl.pointer_type(tl.uint16))
-    lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
-    hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
-    t = lo | (hi << 16)                                                     # 4x7 sign bits + scale
+    t_lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    t_hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    t = t_lo | (t_hi << 16)                                                 # 4x7 sign bits + scale
     sc = (2 * ((t >> 28) & 15) + 1).to(tl.float16)                          # [BN, 4]
     sg = (t[:, :, None] >> (7 * k)[None, None, :]) & 127                    # [BN, 4, 4] sign index
     par = sg ^ (sg >> 4)
@@ -261,18 +260,18 @@ def _iq2_xxs_h16(w_ptr, row_off, rmask, kb, half: tl.constexpr, grid_ptr, BN: tl
     par = par ^ (par >> 1)
     sg = sg | ((par & 1) << 7)                                              # ksigns: + parity bit
     row = tl.load(grid_ptr + g.to(tl.int32))                                # [BN, 4, 4] int64
-    lo = row.to(tl.int32)
-    hi = (row >> 32).to(tl.int32)
+    m_lo = row.to(tl.int32)                                                 # magnitudes 0..3
+    m_hi = (row >> 32).to(tl.int32)                                         # magnitudes 4..7
     scb = sc[:, :, None]
     # the 8 values of each grid row as planes [BN, 4, 4], joined below (in-thread, value e last)
-    v0 = _iq2_plane(lo, 0, sg, 0, scb)
-    v1 = _iq2_plane(lo, 8, sg, 1, scb)
-    v2 = _iq2_plane(lo, 16, sg, 2, scb)
-    v3 = _iq2_plane(lo, 24, sg, 3, scb)
-    v4 = _iq2_plane(hi, 0, sg, 4, scb)
-    v5 = _iq2_plane(hi, 8, sg, 5, scb)
-    v6 = _iq2_plane(hi, 16, sg, 6, scb)
-    v7 = _iq2_plane(hi, 24, sg, 7, scb)
+    v0 = _iq2_plane(m_lo, 0, sg, 0, scb)
+    v1 = _iq2_plane(m_lo, 8, sg, 1, scb)
+    v2 = _iq2_plane(m_lo, 16, sg, 2, scb)
+    v3 = _iq2_plane(m_lo, 24, sg, 3, scb)
+    v4 = _iq2_plane(m_hi, 0, sg, 4, scb)
+    v5 = _iq2_plane(m_hi, 8, sg, 5, scb)
+    v6 = _iq2_plane(m_hi, 16, sg, 6, scb)
+    v7 = _iq2_plane(m_hi, 24, sg, 7, scb)
     # a join's new axis goes last, so the first join takes bit 2 of e, the last bit 0
     v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     return tl.reshape(v, (BN, 128))
@@ -290,7 +289,8 @@ def _q2_k_h16(w_ptr, row_off, rmask, kb, half: tl.constexpr, BN: tl.constexpr):
     base = row_off + kb * 84
     scb = tl.load(w_ptr + base[:, None] + 8 * half + i[None, :], mask=rmask[:, None], other=0).to(tl.int32)
     qo = 16 + 32 * half + 16 * p[:, None] + l[None, :]                      # [2, 16]
-    qb = tl.load(w_ptr + base[:, None, None] + qo[None, :, :], mask=rmask[:, None, None], other=0).to(tl.int32)
+    qb = tl.load(w_ptr + base[:, None, None] + qo[None, :, :], mask=rmask[:, None, None],
+                 other=0).to(tl.int32)
     q = (qb[:, None, :, :] >> (2 * j)[None, :, None, None]) & 3             # [BN, 4, 2, 16]
     sc = tl.reshape((scb & 15).to(tl.float16), (BN, 4, 2))
     a = (_h16_magic(q) - 1024.0) * sc[:, :, :, None]                        # exact, <= 45
