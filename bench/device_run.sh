@@ -39,6 +39,8 @@
 #   pf4: session 9 closing run: tests, launch timings, prefill profile, TP=1 goldens, bench
 #   pf5: session 9, experts_mma.cu variants (loads, sign masks, blocks per SM), twin tests
 #   pf6: session 9 closing check: mma twins, TP=1 golden prefill, 43-layer prefill A/B
+#   l2a: session 10, L2 prefetch of later weights during decode: its tests, the TP=1 bench at
+#        depth 0 (prefetch A/B: none, each point alone, L2 shares), a 4-layer prefill profile
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -353,6 +355,12 @@ elif [ "$MODE" = pf4 ]; then
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
   golden 1 prefill,static 120
   bench_tp1 240 0
+elif [ "$MODE" = l2a ]; then
+  # session 10: weights asked into L2 ahead of their matvec (kernels/l2.py, decode_graph.PREFETCH)
+  gate_tests 150 "prefetch or pdl" tests/test_decode_graph.py tests/test_kernels.py
+  bench_tp1 300 0
+  log "prefill profile, 4 full-width layers (host syncs of 5b4212e)"
+  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"
