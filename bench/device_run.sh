@@ -41,6 +41,8 @@
 #   pf6: session 9 closing check: mma twins, TP=1 golden prefill, 43-layer prefill A/B
 #   l2a: session 10, L2 prefetch of later weights during decode: its tests, the TP=1 bench at
 #        depth 0 (prefetch A/B: none, each point alone, L2 shares), a 4-layer prefill profile
+#   l2b: session 10, bench/l2_probe.py: one Q8_0 matvec cold, after each prefetch mode, with a
+#        latency-bound stretch between
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -361,6 +363,11 @@ elif [ "$MODE" = l2a ]; then
   bench_tp1 300 0
   log "prefill profile, 4 full-width layers (host syncs of 5b4212e)"
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+elif [ "$MODE" = l2b ]; then
+  for us in 20 8; do
+    log "L2 prefetch probe, one 35.7 MB Q8_0 matvec, $us us stretch"
+    timeout 120 python3 bench/l2_probe.py --sleep-us $us --out "$OUT/l2_probe_$us.json" 2>&1 | grep -v Warn
+  done
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

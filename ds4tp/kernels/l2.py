@@ -62,11 +62,12 @@ def _budget(device_index: int) -> int:
     return int(L2_SHARE * torch.cuda.get_device_properties(device_index).L2_cache_size)
 
 
-def warm(ws, device: torch.device) -> None:
-    """Queue the L2 prefetch of weights ws (QTensors, first reader first) on the current stream."""
+def warm(ws, device: torch.device, mode: int = 0, chunk: int = CHUNK) -> None:
+    """Queue the L2 prefetch of weights ws (QTensors, first reader first) on the current stream.
+    mode: l2.cu's L2_MODE (bench/l2_probe.py times the others)."""
     if not available() or device.type != "cuda":
         return
-    fn = cuda_c.kernel("l2.cu", "l2_prefetch", device.index)
+    fn = cuda_c.kernel("l2.cu", "l2_prefetch", device.index, (("L2_MODE", mode),) if mode else ())
     if fn is None:
         return
     spans = [(t.data_ptr(), t.numel() * t.element_size()) for w in ws for t in read_tensors(w)
@@ -75,6 +76,6 @@ def warm(ws, device: torch.device) -> None:
     if not rs:
         return
     rs += [(0, 0)] * (MAX_RANGES - len(rs))
-    args = [v for a, n in rs for v in (np.uint64(a), np.int64(n))] + [np.int64(CHUNK)]
+    args = [v for a, n in rs for v in (np.uint64(a), np.int64(n))] + [np.int64(chunk)]
     from ds4tp.kernels.triton_matvec import _sm_count
     cuda_c.launch(fn, device, (_sm_count(device),), THREADS // 32, tuple(args))
