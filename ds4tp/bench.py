@@ -165,15 +165,15 @@ def prefilled(model, depth: int):
 
 
 def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
-                priority: int | None = None, prefetch: tuple | None = None) -> dict:
+                priority: int | None = None, prefetch: tuple = (), prefetch_lane: bool = True) -> dict:
     """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
-    and first tokens excluded). priority: of the stream the graphs are captured on; prefetch:
-    the decoder's L2 prefetch points (None: the decoder's defaults)."""
-    from ds4tp.decode_graph import CAPTURE_PRIORITY, PREFETCH, StaticDecoder
+    and first tokens excluded). priority: of the stream the graphs are captured on; prefetch,
+    prefetch_lane: the decoder's L2 prefetch points and where they launch."""
+    from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
     st = prefilled(model, depth)
     dec = StaticDecoder(model, max_ctx=max_ctx,
                         priority=CAPTURE_PRIORITY if priority is None else priority,
-                        prefetch=PREFETCH if prefetch is None else prefetch)
+                        prefetch=prefetch, prefetch_lane=prefetch_lane)
     dec.load_session(st)
     tok = 11
     for _ in range(warm):
@@ -323,23 +323,25 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_no_pdl"] = time_decode(model, 1, steps, max_ctx=256)
         res["decode_d0_again"] = time_decode(model, 1, steps, max_ctx=256)
         save()
-    # without the L2 prefetch launches (ds4tp.kernels.l2), with each point alone, and with other
-    # shares of the L2 per launch
+    # with L2 prefetch launches (ds4tp.kernels.l2; off by default): every point of
+    # decode_graph.PREFETCH and each alone, on a stream of their own, at two shares of the L2 per
+    # launch; and every point in the main stream's chain
     from ds4tp.decode_graph import PREFETCH
     from ds4tp.kernels import l2
     if l2.available():
-        res["decode_d0_no_prefetch"] = time_decode(model, 1, steps, max_ctx=256, prefetch=())
-        for point in PREFETCH:
-            res[f"decode_d0_prefetch_{point}_only"] = time_decode(model, 1, steps, max_ctx=256,
-                                                                  prefetch=(point,))
         keep = l2.L2_SHARE
-        for share in (0.5, 1.0):
+        for share in (0.75, 0.4):
             l2.L2_SHARE = share
             l2._budget.cache_clear()
-            res[f"decode_d0_prefetch_share_{share}"] = time_decode(model, 1, steps, max_ctx=256)
+            res[f"decode_d0_prefetch_lane_{share}"] = time_decode(model, 1, steps, 256, prefetch=PREFETCH)
+            for point in PREFETCH:
+                res[f"decode_d0_prefetch_lane_{share}_{point}_only"] = time_decode(
+                    model, 1, steps, 256, prefetch=(point,))
+        res["decode_d0_prefetch_chain_0.4"] = time_decode(model, 1, steps, 256, prefetch=PREFETCH,
+                                                          prefetch_lane=False)
         l2.L2_SHARE = keep
         l2._budget.cache_clear()
-        res["decode_d0_prefetch_again"] = time_decode(model, 1, steps, max_ctx=256)
+        res["decode_d0_no_prefetch_again"] = time_decode(model, 1, steps, max_ctx=256)
         save()
     # the HC stream update and the next mixer as three launches instead of one (triton_hc.hc_step)
     with _switched_off(triton_hc.set_step_enabled):

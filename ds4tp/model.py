@@ -28,7 +28,7 @@ from ds4tp.fuse import fused
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rms_scale,
                             rope_cos_sin, rope_tail, softplus)
-from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear, prefetch, swiglu_linear
+from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear, swiglu_linear
 from ds4tp.qtensor import QTensor
 from ds4tp.streams import Side
 
@@ -550,10 +550,10 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
 
 
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
-        trace=None, overlap: bool = False, then=()) -> torch.Tensor:
+        trace=None, overlap: bool = False, then=None) -> torch.Tensor:
     """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E].
-    then: weights read next (a decode step's next sublayer), asked into L2 once the routed
-    experts are queued (ops.prefetch; their kernels leave HBM bandwidth unused)."""
+    then: called once the routed experts are queued (the static decoder asks L2 for the next
+    sublayer's weights there: those kernels leave HBM bandwidth unused)."""
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
     side = Side(xn, overlap and xn.shape[0] == 1)
@@ -571,8 +571,8 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
-    if then:
-        prefetch(xn, *then)
+    if then is not None:
+        then()
     side.join()
     if trace is not None:
         trace.update(expert_ids=ids, expert_weights=w, moe_out=routed, shared_out=shared)

@@ -170,32 +170,34 @@ def test_prefetch_points_are_checked(tiny):
     with pytest.raises(ValueError, match="unknown prefetch points.*'atention'"):
         StaticDecoder(tiny, max_ctx=16, prefetch=("atention",))
     runs = []
-    for pts in ((), PREFETCH):
+    for pts, lane in (((), True), (PREFETCH, True), (PREFETCH, False)):
         st = tiny.new_state()
         tiny.forward([1, 2], st)
-        dec = StaticDecoder(tiny, max_ctx=16, prefetch=pts)
+        dec = StaticDecoder(tiny, max_ctx=16, prefetch=pts, prefetch_lane=lane)
         dec.load_session(st)
         runs.append(torch.stack([dec.step(t).clone() for t in (3, 4, 5)]))
-    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, the L2 prefetch launch)")
 def test_l2_prefetch_is_bit_identical_on_cuda():
-    """The L2 prefetch launches (ds4tp.kernels.l2, at every point of decode_graph.PREFETCH) are
-    hints: graph-replayed logits of a 4-layer full-width model over 12 tokens are bit-identical
-    with them and without, and the launch itself ran (its kernel compiled) where CuPy is here."""
+    """The L2 prefetch launches (ds4tp.kernels.l2, at every point of decode_graph.PREFETCH, on
+    their own stream or in the main chain) are hints: graph-replayed logits of a 4-layer
+    full-width model over 12 tokens are bit-identical with them and without, and the launch
+    itself ran (its kernel compiled) where CuPy is here."""
     from ds4tp.bench import build_model
     from ds4tp.comm import SingleComm
     from ds4tp.kernels import cuda_c
     m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
     toks = [(37 * i + 11) % m.shape.vocab for i in range(13)]
     runs = []
-    for pts in (PREFETCH, ()):
+    for pts, lane in ((PREFETCH, True), (PREFETCH, False), ((), True)):
         st = m.new_state()
         m.forward(toks[:1], st)
-        dec = StaticDecoder(m, max_ctx=64, use_graphs=True, prefetch=pts)
+        dec = StaticDecoder(m, max_ctx=64, use_graphs=True, prefetch=pts, prefetch_lane=lane)
         dec.load_session(st)
         runs.append(torch.stack([dec.step(t).clone() for t in toks[1:]]))
-    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
+    assert torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     if cuda_c.available():
         assert cuda_c.kernel("l2.cu", "l2_prefetch", 0) is not None
