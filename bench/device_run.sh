@@ -43,6 +43,8 @@
 #        depth 0 (prefetch A/B: none, each point alone, L2 shares), a 4-layer prefill profile
 #   l2b: session 10, bench/l2_probe.py: one Q8_0 matvec cold, after each prefetch mode, with a
 #        latency-bound stretch between
+#   pa1: session 10, a prefill's attention in one Triton launch: its tests (and the L2
+#        prefetch's), launch shapes against the twin, TP=1 golden prefill, the TP=1 bench
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -368,6 +370,12 @@ elif [ "$MODE" = l2b ]; then
     log "L2 prefetch probe, one 35.7 MB Q8_0 matvec, $us us stretch"
     timeout 120 python3 bench/l2_probe.py --sleep-us $us --out "$OUT/l2_probe_$us.json" 2>&1 | grep -v Warn
   done
+elif [ "$MODE" = pa1 ]; then
+  gate_tests 200 "prefill_attention or prefetch" tests/test_kernels.py tests/test_decode_graph.py
+  log "prefill attention, 2048 tokens, full width: launch shapes against the query-chunk twin"
+  timeout 200 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
+  golden 1 prefill 100
+  bench_tp1 240 0
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

@@ -380,6 +380,12 @@ def _bench_rank(comm, dev, cfg):
         with _routed_exact(triton_gemm):
             res["prefill_exact_experts"] = time_prefill(model, cfg["prefill"])
         save()
+        # the same prefill with attention in query chunks of torch ops (model.attend_many's twin)
+        # instead of one Triton launch per layer (triton_attn.prefill_attention)
+        from ds4tp.kernels import triton_attn
+        with _switched_off(triton_attn.set_prefill_enabled):
+            res["prefill_attention_chunks"] = time_prefill(model, cfg["prefill"])
+        save()
     if cfg["depth"]:
         res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
         save()

@@ -430,6 +430,30 @@ def query_chunks(T: int, raw_prev: int, n_swa: int, chunk: int = ATTN_QUERY_CHUN
         yield a, b, max(0, raw_prev + a - n_swa + 1), raw_prev + b
 
 
+def attend_many(q, raw, raw_prev: int, raw_pos, comp, comp_mask, p0: int, pos, ratio: int, sinks,
+                s: Shape) -> torch.Tensor:
+    """Every query of a call: q [T, H_l, D] at positions pos = p0.. over the raw cache rows raw
+    (positions raw_pos = p0 - raw_prev ..) and the compressed rows comp with comp_mask [T, C]
+    -> [T, H_l, D]. The dispatch point: one Triton launch for the whole call on CUDA
+    (triton_attn.prefill_attention); the twin attends in query chunks, each over the raw rows
+    its window reaches and the compressed rows emitted up to its last token ((pos+1)//ratio
+    rows are visible)."""
+    T = q.shape[0]
+    if T > 1 and kernels.on_gpu(q) and not torch.compiler.is_compiling():
+        from ds4tp.kernels import triton_attn
+        if triton_attn.prefill_enabled():
+            return triton_attn.prefill_attention(q.contiguous(), raw, raw_prev, comp, comp_mask, p0,
+                                                 ratio, sinks, s.n_swa)
+    parts = []
+    for a, b, lo, hi in query_chunks(T, raw_prev, s.n_swa):
+        c = cm = None
+        if comp is not None:
+            c = comp[: min(comp.shape[0], (p0 + b) // ratio)]
+            cm = comp_mask[a:b, : c.shape[0]]
+        parts.append(attend(q[a:b], raw[lo:hi], raw_pos[lo:hi], c, cm, pos[a:b], sinks, s))
+    return torch.cat(parts)
+
+
 def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Tensor:
     """Grouped low-rank output (sec. 9.8): o [T, H_l, D] -> this rank's partial [T, E].
     Each output group maps its heads to o_lora dims; this rank's groups are exactly its heads,
@@ -488,16 +512,7 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
     if trace is not None:
         trace.update(q=q, kv=kv)
 
-    # [T, H_l, D]; a long call attends in query chunks, each over the raw rows its window reaches
-    # and the compressed rows emitted up to its last token ((pos+1)//ratio rows are visible)
-    parts = []
-    for a, b, lo, hi in query_chunks(T, raw_prev, s.n_swa):
-        c = cm = None
-        if comp is not None:
-            c = comp[: min(comp.shape[0], (p0 + b) // lw.ratio)]
-            cm = comp_mask[a:b, : c.shape[0]]
-        parts.append(attend(q[a:b], raw[lo:hi], raw_pos[lo:hi], c, cm, pos[a:b], lw.sinks, s))
-    o = torch.cat(parts)
+    o = attend_many(q, raw, raw_prev, raw_pos, comp, comp_mask, p0, pos, lw.ratio, lw.sinks, s)
     if trace is not None:
         trace["heads"] = o
     o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)   # [T, H_l, D]

@@ -664,6 +664,36 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
 
 
+def case_prefill_attention(device, gen, T, H, D, n_swa, raw_prev, ratio, C_rows, p0, masked,
+                           cfg=None):
+    """A prefill's attention in one launch (triton_attn.prefill_attention) against the query-
+    chunk twin of model.attend_many: sinks, the raw window across the cache's older rows, the
+    compressed rows each token sees (optionally an indexer-like random mask), float16 cache
+    rows with a peaked as well as a flat softmax."""
+    from types import SimpleNamespace
+
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import attend_many
+    from ds4tp.numerics import f16_round
+    s = SimpleNamespace(head_dim=D, n_swa=n_swa)
+    q = torch.randn(T, H, D, generator=gen)
+    raw = f16_round(torch.randn(raw_prev + T, D, generator=gen) * 3)
+    raw[raw_prev + 1] = f16_round(q[1, 0] * 4)               # a key near a query: a peaked row
+    comp = cmask = None
+    pos = torch.arange(p0, p0 + T)
+    if ratio:
+        comp = f16_round(torch.randn(C_rows, D, generator=gen) * 3)
+        vis = torch.arange(C_rows)[None, :] < ((pos + 1) // ratio)[:, None]
+        cmask = vis & (torch.rand(T, C_rows, generator=gen) < 0.6) if masked else vis
+    sinks = torch.randn(H, generator=gen) * 2
+    raw_pos = torch.arange(p0 - raw_prev, p0 + T)
+    want = attend_many(q, raw, raw_prev, raw_pos, comp, cmask, p0, pos, ratio, sinks, s)
+    dev = lambda t: None if t is None else t.to(device)     # noqa: E731
+    got = triton_attn.prefill_attention(dev(q), dev(raw), raw_prev, dev(comp), dev(cmask), p0, ratio,
+                                        dev(sinks), n_swa, **(cfg or {}))
+    return check(f"prefill attention T={T} H={H} D={D} ratio={ratio} masked={masked}", got, want, 1e-5)
+
+
 def _cfg(cfg):
     from ds4tp.kernels.triton_matvec import Cfg
     return Cfg(**cfg) if cfg is not None else None
@@ -693,6 +723,10 @@ def interpreter_cases():
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
+    pa = dict(bh=16, bn=16, bd=32, warps=4)
+    yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
+    yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa)
+    yield "prefill attention ratio 4 masked, p0 > 0", case_prefill_attention, (13, 17, 64, 8, 7, 4, 9, 23, True, pa)
     for qt in TYPES:
         nb = 64 if qt == F16 else 4
         yield f"linear {type_name(qt)} T=1", case_linear, (qt, 48, 512, 1, C(bn=16, nb=nb))

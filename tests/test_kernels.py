@@ -417,6 +417,17 @@ def test_cuda_decode_attention_full_size(ratio, masked, p):
 
 
 @needs_cuda
+@pytest.mark.parametrize("ratio,masked,raw_prev,p0,n_comp", [
+    (0, False, 0, 0, 0), (4, False, 0, 0, 75), (4, True, 127, 3000, 830), (128, False, 127, 5000, 45)])
+def test_cuda_prefill_attention_full_size(ratio, masked, raw_prev, p0, n_comp):
+    """A prefill's attention in one launch at DS4's full width (64 heads of 512, a 128-row
+    window), default launch shape: against the query-chunk twin, from an empty cache and
+    mid-sequence (older raw rows, an indexer-like mask, ratio 128)."""
+    kc.case_prefill_attention("cuda", torch.Generator().manual_seed(ratio + p0), 300, 64, 512, 128,
+                              raw_prev, ratio, n_comp, p0, masked)
+
+
+@needs_cuda
 @pytest.mark.parametrize("p", [0, 127, 128, 5000])
 def test_cuda_kv_store_full_size(p):
     kc.case_kv_store("cuda", torch.Generator().manual_seed(p), 512, 64, 128, p)
@@ -485,6 +496,19 @@ def test_experts_h16_kernel_compiles_for_sm90(qt, mode):
                clamp="fp32")
     ptx = _compile_sm90(tg._experts_h16_kernel, sig, dict(QT=qt, BN=64, TQ=64, MODE=mode), 4)
     assert "mma" in ptx
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("comp", [True, False])
+def test_prefill_attention_compiles_for_sm90(comp):
+    """A prefill's attention kernel at DS4's width and default launch shape compiled to PTX for
+    an H100/H200 (tensor-core dots, the [BH, 512] accumulator): what the interpreter cannot check."""
+    from ds4tp.kernels import triton_attn as ta
+    sig = dict(q_ptr="*fp32", raw_ptr="*fp16", comp_ptr="*fp16", cmask_ptr="*u8", sink_ptr="*fp32",
+               o_ptr="*fp32", H="i32", C="i32", raw_prev="i32", n_swa="i32", p0="i32", ratio="i32",
+               cmask_stride="i32", scale="fp32")
+    const = dict(D=512, BH=ta.PREFILL_BH, BN=ta.PREFILL_BN, BD=ta.PREFILL_BD, HAS_COMP=comp)
+    assert "mma" in _compile_sm90(ta._prefill_attn_kernel, sig, const, ta.PREFILL_WARPS)
 
 
 @needs_cuda

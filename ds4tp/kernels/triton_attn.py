@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ds4tp.kernels import pdl
+from ds4tp.kernels.cuda_c import Switch
 from ds4tp.kernels.triton_pdl import pdl_start
 from ds4tp.kernels.triton_matvec import _TICKETS, _rint_clamped, _tickets
 from ds4tp.kernels.triton_norm import rms_from_squares
@@ -286,3 +287,124 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
                                   HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4,
                                   **pdl.triton_args(qb.device))
     return out
+
+
+# ---- a prefill's attention: all T queries of a call in one launch ----------------------------
+# The twin is the query-chunk loop of ds4tp.model.attend_many (model.attend per chunk). The cache
+# rows (raw and compressed) hold float16 values by construction (model.kv_cache_row, compress:
+# FP8/F16 rounding, then F16), so they are read as float16 exactly. The queries and the softmax
+# weights are float32: each goes into the tensor cores as a float16 head plus a float16 tail
+# (x = hi + lo to ~2^-22 relative), so every product is the float32 one to that precision and
+# sums run in float32 (against the twin: ~1e-6 relative, the order of the sums).
+@triton.jit
+def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale,
+                  D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr):
+    """Keys k_ptr[keys] [BN, D] (float16, K = V) into the running max m [BH], denominator l
+    [BH] and value sums acc [BH, D] of heads qrow; keys not ok score -inf."""
+    dd = tl.arange(0, BD)
+    krow = keys.to(tl.int64) * D
+    s = tl.zeros([BH, BN], tl.float32)
+    for d0 in tl.static_range(0, D, BD):
+        qc = tl.load(q_ptr + qrow[:, None] + d0 + dd[None, :], mask=hmask[:, None], other=0.0)
+        qh = qc.to(tl.float16)
+        ql = (qc - qh.to(tl.float32)).to(tl.float16)
+        kt = tl.load(k_ptr + krow[None, :] + d0 + dd[:, None], mask=ok[None, :], other=0.0)   # [BD, BN]
+        s = tl.dot(qh, kt, s)
+        s = tl.dot(ql, kt, s)
+    s = tl.where(ok[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    ph = p.to(tl.float16)
+    pl = (p - ph.to(tl.float32)).to(tl.float16)
+    v = tl.load(k_ptr + krow[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
+    acc = acc * alpha[:, None]
+    acc = tl.dot(ph, v, acc)
+    acc = tl.dot(pl, v, acc)
+    return acc, m_new, l
+
+
+@triton.jit
+def _prefill_attn_kernel(q_ptr, raw_ptr, comp_ptr, cmask_ptr, sink_ptr, o_ptr, H, C, raw_prev,
+                         n_swa, p0, ratio, cmask_stride, scale,
+                         D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                         HAS_COMP: tl.constexpr):
+    """Grid (T, cdiv(H, BH)): program (t, j) attends token t's heads j*BH.. over the raw rows
+    its window reaches (rows raw_prev + t - n_swa + 1 .. raw_prev + t of the cache: this call's
+    row t sits at raw_prev + t) and the compressed rows it sees (the first (p0+t+1)//ratio, those
+    its mask row allows), the sink joining max and denominator."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    hmask = heads < H
+    qrow = (t * H + heads).to(tl.int64) * D
+    m = tl.load(sink_ptr + heads, mask=hmask, other=0.0)     # the sink: exp(sink - m) = 1
+    l = tl.full([BH], 1.0, tl.float32)
+    acc = tl.zeros([BH, D], tl.float32)
+    hi = raw_prev + t + 1
+    for k0 in range(tl.maximum(hi - n_swa, 0), hi, BN):
+        keys = k0 + tl.arange(0, BN)
+        acc, m, l = _prefill_tile(acc, m, l, q_ptr, qrow, hmask, raw_ptr, keys, keys < hi, scale,
+                                  D, BD, BN, BH)
+    if HAS_COMP:
+        nc = tl.minimum((p0 + t + 1) // ratio, C)
+        for k0 in range(0, nc, BN):
+            keys = k0 + tl.arange(0, BN)
+            ok = keys < nc
+            ok = ok & (tl.load(cmask_ptr + t.to(tl.int64) * cmask_stride + keys, mask=ok, other=0) != 0)
+            acc, m, l = _prefill_tile(acc, m, l, q_ptr, qrow, hmask, comp_ptr, keys, ok, scale,
+                                      D, BD, BN, BH)
+    o = acc / l[:, None]
+    tl.store(o_ptr + qrow[:, None] + tl.arange(0, D)[None, :], o, mask=hmask[:, None])
+
+
+_prefill_switch = Switch()
+set_prefill_enabled = _prefill_switch.set   # benchmarks time the query-chunk twin in the same run
+
+
+def prefill_enabled() -> bool:
+    return _prefill_switch.on
+
+
+PREFILL_BH = 32   # heads per program
+PREFILL_BN = 32   # keys per tile
+PREFILL_BD = 64   # head dims per score step
+PREFILL_WARPS = 8
+
+
+def prefill_attention(q, raw, raw_prev: int, comp, comp_mask, p0: int, ratio: int, sinks, n_swa: int,
+                      bh: int = PREFILL_BH, bn: int = PREFILL_BN, bd: int = PREFILL_BD,
+                      warps: int = PREFILL_WARPS):
+    """q [T, H, D] at positions p0..p0+T-1; raw [raw_prev + T, D] the raw cache rows at positions
+    p0 - raw_prev .. p0 + T - 1; comp [C, D] with comp_mask [T, C] (bool) or both None; sinks
+    [H] -> o [T, H, D] (model.attend over every query, one launch). Cache rows must hold float16
+    values (they do: model.kv_cache_row, model.compress)."""
+    T, H, D = q.shape
+    if D & (D - 1) or D < 16 or D % bd:
+        raise ValueError(f"prefill_attention: head_dim {D} must be a power of two >= 16")
+    _check("prefill_attention: q", q, (T, H, D))
+    _check("prefill_attention: raw rows", raw, (raw_prev + T, D))
+    _check("prefill_attention: sinks", sinks, (H,))
+    if (comp is None) != (comp_mask is None):
+        raise ValueError("prefill_attention: compressed rows and their mask come together")
+    C = 0
+    if comp is not None:
+        C = comp.shape[0]
+        _check("prefill_attention: compressed rows", comp, (C, D))
+        if comp_mask.shape != (T, C) or comp_mask.dtype != torch.bool or comp_mask.stride(1) != 1:
+            raise ValueError(f"prefill_attention: comp_mask must be bool [T, C] = {(T, C)} with "
+                             f"unit column stride, got {comp_mask.dtype} {tuple(comp_mask.shape)}")
+        if ratio < 1:
+            raise ValueError(f"prefill_attention: compression ratio {ratio} with compressed rows")
+    o = torch.empty_like(q)
+    if T == 0:
+        return o
+    raw16 = raw.to(torch.float16)
+    has_comp = comp is not None and C > 0
+    comp16 = comp.to(torch.float16) if has_comp else raw16
+    cmask = comp_mask.view(torch.uint8) if has_comp else raw16
+    _prefill_attn_kernel[(T, triton.cdiv(H, bh))](
+        q, raw16, comp16, cmask, sinks, o, H, C, raw_prev, n_swa, p0, max(ratio, 1),
+        comp_mask.stride(0) if has_comp else 0, 1.0 / D ** 0.5, D=D, BH=bh, BN=bn, BD=bd,
+        HAS_COMP=has_comp, num_warps=warps)
+    return o
