@@ -39,12 +39,10 @@
 #   pf4: session 9 closing run: tests, launch timings, prefill profile, TP=1 goldens, bench
 #   pf5: session 9, experts_mma.cu variants (loads, sign masks, blocks per SM), twin tests
 #   pf6: session 9 closing check: mma twins, TP=1 golden prefill, 43-layer prefill A/B
-#   l2a: session 10, L2 prefetch of later weights during decode: its tests, the TP=1 bench at
-#        depth 0 (prefetch A/B: none, each point alone, L2 shares), a 4-layer prefill profile
-#   l2b: session 10, bench/l2_probe.py: one Q8_0 matvec cold, after each prefetch mode, with a
-#        latency-bound stretch between
-#   pa1: session 10, a prefill's attention in one Triton launch: its tests (and the L2
-#        prefetch's), launch shapes against the twin, TP=1 golden prefill, the TP=1 bench
+#   l2a, l2b: session 10, an L2 prefetch of later weights during decode and its probe (code
+#        since removed, measured slower; in git history, 18a702b..4b7d173)
+#   pa1: session 10, a prefill's attention in one Triton launch: its tests, launch shapes
+#        against the twin, TP=1 golden prefill, the TP=1 bench
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -359,19 +357,8 @@ elif [ "$MODE" = pf4 ]; then
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
   golden 1 prefill,static 120
   bench_tp1 240 0
-elif [ "$MODE" = l2a ]; then
-  # session 10: weights asked into L2 ahead of their matvec (kernels/l2.py, decode_graph.PREFETCH)
-  gate_tests 150 "prefetch or pdl" tests/test_decode_graph.py tests/test_kernels.py
-  bench_tp1 300 0
-  log "prefill profile, 4 full-width layers (host syncs of 5b4212e)"
-  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
-elif [ "$MODE" = l2b ]; then
-  for us in 20 8; do
-    log "L2 prefetch probe, one 35.7 MB Q8_0 matvec, $us us stretch"
-    timeout 120 python3 bench/l2_probe.py --sleep-us $us --out "$OUT/l2_probe_$us.json" 2>&1 | grep -v Warn
-  done
 elif [ "$MODE" = pa1 ]; then
-  gate_tests 200 "prefill_attention or prefetch" tests/test_kernels.py tests/test_decode_graph.py
+  gate_tests 200 "prefill_attention" tests/test_kernels.py
   log "prefill attention, 2048 tokens, full width: launch shapes against the query-chunk twin"
   timeout 200 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
   golden 1 prefill 100

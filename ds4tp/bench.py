@@ -165,15 +165,14 @@ def prefilled(model, depth: int):
 
 
 def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
-                priority: int | None = None, prefetch: tuple = (), prefetch_lane: bool = True) -> dict:
+                priority: int | None = None) -> dict:
     """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
-    and first tokens excluded). priority: of the stream the graphs are captured on; prefetch,
-    prefetch_lane: the decoder's L2 prefetch points and where they launch."""
+    and first tokens excluded). priority: of the stream the graphs are captured on (None: the
+    decoder's default)."""
     from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
     st = prefilled(model, depth)
     dec = StaticDecoder(model, max_ctx=max_ctx,
-                        priority=CAPTURE_PRIORITY if priority is None else priority,
-                        prefetch=prefetch, prefetch_lane=prefetch_lane)
+                        priority=CAPTURE_PRIORITY if priority is None else priority)
     dec.load_session(st)
     tok = 11
     for _ in range(warm):
@@ -322,26 +321,6 @@ def _bench_rank(comm, dev, cfg):
         with _switched_off(pdl.set_enabled):
             res["decode_d0_no_pdl"] = time_decode(model, 1, steps, max_ctx=256)
         res["decode_d0_again"] = time_decode(model, 1, steps, max_ctx=256)
-        save()
-    # with L2 prefetch launches (ds4tp.kernels.l2; off by default): every point of
-    # decode_graph.PREFETCH and each alone, on a stream of their own, at two shares of the L2 per
-    # launch; and every point in the main stream's chain
-    from ds4tp.decode_graph import PREFETCH
-    from ds4tp.kernels import l2
-    if l2.available():
-        keep = l2.L2_SHARE
-        for share in (0.75, 0.4):
-            l2.L2_SHARE = share
-            l2._budget.cache_clear()
-            res[f"decode_d0_prefetch_lane_{share}"] = time_decode(model, 1, steps, 256, prefetch=PREFETCH)
-            for point in PREFETCH:
-                res[f"decode_d0_prefetch_lane_{share}_{point}_only"] = time_decode(
-                    model, 1, steps, 256, prefetch=(point,))
-        res["decode_d0_prefetch_chain_0.4"] = time_decode(model, 1, steps, 256, prefetch=PREFETCH,
-                                                          prefetch_lane=False)
-        l2.L2_SHARE = keep
-        l2._budget.cache_clear()
-        res["decode_d0_no_prefetch_again"] = time_decode(model, 1, steps, max_ctx=256)
         save()
     # the HC stream update and the next mixer as three launches instead of one (triton_hc.hc_step)
     with _switched_off(triton_hc.set_step_enabled):

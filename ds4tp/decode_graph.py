@@ -28,7 +28,7 @@ from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out
                          hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
-from ds4tp.ops import linear, linear_normed, prefetch
+from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
 
 
@@ -55,39 +55,18 @@ class _Layer:
 # default priority again.
 CAPTURE_PRIORITY = 0
 
-# Where a step may ask L2 for weights ahead of their matvec (ops.prefetch): each point follows a
-# weight-streaming launch and comes before latency-bound ones that leave HBM idle.
-#   "attention": behind attn_q_b, the output projections (read after the KV store, the
-#                compressors' join and attention)
-#   "ffn":       behind attn_output_b, the router and the shared expert (read after the
-#                all-reduce and the HC step)
-#   "next":      behind the routed experts (bound by their decoding, not HBM), the next layer's
-#                attn_q_a/kv and attn_q_b (or the output head), read after the FFN's join,
-#                all-reduce and HC step
-# None by default: measured slower on one H200 (docs/performance.md, tenth session); the bench
-# times them.
-PREFETCH = ("attention", "ffn", "next")
-
 
 class StaticDecoder:
     """One sequence, decode only, static buffers; graphs on CUDA when use_graphs."""
 
     def __init__(self, model: DS4Model, max_ctx: int, *, use_graphs: bool | None = None,
-                 priority: int = CAPTURE_PRIORITY, prefetch: tuple = (), prefetch_lane: bool = True):
+                 priority: int = CAPTURE_PRIORITY):
         """priority: of the streams the graphs are warmed up and captured on (CUDA: lower is
         higher). torch instantiates graphs with each kernel's captured priority, so below 0 the
         main stream's kernels go before the side stream's (ds4tp.streams, default priority)
-        where both wait for SMs. prefetch: the points of PREFETCH where L2 is asked for weights
-        ahead of their reader; prefetch_lane: those launches on a stream of their own (joined
-        at the end of the step: nothing waits for them) instead of in the main stream's chain."""
+        where both wait for SMs."""
         self.m, self.s = model, model.shape
         self.priority = priority
-        unknown = set(prefetch) - set(PREFETCH)
-        if unknown:
-            raise ValueError(f"unknown prefetch points {sorted(unknown)}; known: {PREFETCH}")
-        self.prefetch = frozenset(prefetch)
-        self.prefetch_lane = prefetch_lane
-        self._lanes: list = []
         s, dev = self.s, model.device
         self.max_ctx = max_ctx
         self.dev = dev
@@ -241,31 +220,14 @@ class StaticDecoder:
         e = m.w.token_embd[tok].float()                                      # [1, E]
         hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
         xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)   # the chain of DS4Model.forward
-        ws = m.w.layers
-        for il, (lw, lay) in enumerate(zip(ws, self.layers)):
+        for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
             out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
             hc, xn, post, mix = hc_post_pre(out, hc, post, mix, lw.ffn_mixer, s)
-            nxt = (ws[il + 1].q_a_kv, ws[il + 1].q_b) if il + 1 < len(ws) else (m.w.output,)
-            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap,
-                    then=lambda xn=xn, nxt=nxt: self._prefetch("next", xn, *nxt))
+            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
             hc, xn, post, mix = hc_post_pre(f, hc, post, mix, m.w.mixer_after(lw.il), s)
-        while self._lanes:                    # a capture must end with every stream joined
-            self._lanes.pop().join()
         return output_head(m.w, hc, s, m.comm)[0]
-
-    def _prefetch(self, point: str, x, *ws) -> None:
-        """ops.prefetch of ws at `point` where that point is on: in the chain, or on lane 1."""
-        if point not in self.prefetch:
-            return
-        if not self.prefetch_lane:
-            prefetch(x, *ws)
-            return
-        lane = Side(x, True, lane=1)
-        with lane:
-            prefetch(x, *ws)
-        self._lanes.append(lane)
 
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""
@@ -280,7 +242,6 @@ class StaticDecoder:
                                emit, n_vis)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
-        self._prefetch("attention", xn, lw.out_a, lw.out_b)
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
@@ -295,7 +256,6 @@ class StaticDecoder:
                 mask, _ = select_rows(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         out = grouped_linear_out(lw, o, s)
-        self._prefetch("ffn", xn, lw.router, lw.gate_up_sh, lw.down_sh)
         return comm.all_reduce(out)                                          # attention all-reduce
 
     def _compress(self, cw, front: _Frontier, cache, xn, pos, hd, is_index, emit, n_vis):

@@ -565,10 +565,8 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
 
 
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
-        trace=None, overlap: bool = False, then=None) -> torch.Tensor:
-    """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E].
-    then: called once the routed experts are queued (the static decoder asks L2 for the next
-    sublayer's weights there: those kernels leave HBM bandwidth unused)."""
+        trace=None, overlap: bool = False) -> torch.Tensor:
+    """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]."""
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
     side = Side(xn, overlap and xn.shape[0] == 1)
@@ -586,8 +584,6 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
-    if then is not None:
-        then()
     side.join()
     if trace is not None:
         trace.update(expert_ids=ids, expert_weights=w, moe_out=routed, shared_out=shared)

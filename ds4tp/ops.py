@@ -162,16 +162,6 @@ def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Te
     return expert_swiglu_torch(w_gate, w_up, x, ids, weights, clamp)
 
 
-def prefetch(x: torch.Tensor, *ws: QTensor) -> None:
-    """A hint, not math: weights ws are read by a launch later in this step. On CUDA a small
-    launch queued behind the work so far asks L2 for their bytes (ds4tp.kernels.l2), so they
-    arrive while latency-bound launches leave HBM idle; elsewhere nothing. x: an activation of
-    the step (its device)."""
-    if _fused_ok(x):
-        from ds4tp import kernels
-        kernels.l2_warm(ws, x.device)
-
-
 def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """Grouped low-rank projection (attention output A); see grouped_linear_torch."""
     if _fused_ok(x):

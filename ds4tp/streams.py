@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-_SIDE: dict = {}      # (device index, main stream handle, lane) -> the side stream
+_SIDE: dict = {}      # (device index, main stream handle) -> the side stream
 
 
-def _side_stream(device: torch.device, main, lane: int) -> "torch.cuda.Stream":
-    key = (device.index, main.cuda_stream, lane)
+def _side_stream(device: torch.device, main) -> "torch.cuda.Stream":
+    key = (device.index, main.cuda_stream)
     s = _SIDE.get(key)
     if s is None:
         s = _SIDE[key] = torch.cuda.Stream(device)
@@ -32,15 +32,12 @@ def _side_stream(device: torch.device, main, lane: int) -> "torch.cuda.Stream":
 
 
 class Side:
-    """lane: which side stream of the main one (0: the sublayers' overlap; the static decoder's
-    L2 prefetch launches take lane 1, so they never queue behind that work)."""
-
-    def __init__(self, x: torch.Tensor, enabled: bool = True, lane: int = 0):
+    def __init__(self, x: torch.Tensor, enabled: bool = True):
         self.on = bool(enabled) and x.is_cuda and not torch.compiler.is_compiling()
         self._ctx = None
         if self.on:
             self.main = torch.cuda.current_stream(x.device)
-            self.stream = _side_stream(x.device, self.main, lane)
+            self.stream = _side_stream(x.device, self.main)
             self.stream.wait_stream(self.main)
 
     def __enter__(self):

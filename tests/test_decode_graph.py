@@ -16,7 +16,7 @@ import torch
 
 import golden_eval
 from ds4tp import config as C
-from ds4tp.decode_graph import PREFETCH, StaticDecoder
+from ds4tp.decode_graph import StaticDecoder
 from ds4tp.model import DS4Model
 from ds4tp.synth import write_synthetic
 
@@ -162,42 +162,3 @@ def test_pdl_is_bit_identical_on_cuda():
     assert torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1])
     assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=1e-3 * float(runs[2].abs().max()))
-
-
-def test_prefetch_points_are_checked(tiny):
-    """The static decoder takes only the L2 prefetch points it knows (a typo would silently
-    time the wrong variant); on CPU the points change nothing."""
-    with pytest.raises(ValueError, match="unknown prefetch points.*'atention'"):
-        StaticDecoder(tiny, max_ctx=16, prefetch=("atention",))
-    runs = []
-    for pts, lane in (((), True), (PREFETCH, True), (PREFETCH, False)):
-        st = tiny.new_state()
-        tiny.forward([1, 2], st)
-        dec = StaticDecoder(tiny, max_ctx=16, prefetch=pts, prefetch_lane=lane)
-        dec.load_session(st)
-        runs.append(torch.stack([dec.step(t).clone() for t in (3, 4, 5)]))
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graphs, the L2 prefetch launch)")
-def test_l2_prefetch_is_bit_identical_on_cuda():
-    """The L2 prefetch launches (ds4tp.kernels.l2, at every point of decode_graph.PREFETCH, on
-    their own stream or in the main chain) are hints: graph-replayed logits of a 4-layer
-    full-width model over 12 tokens are bit-identical with them and without, and the launch
-    itself ran (its kernel compiled) where CuPy is here."""
-    from ds4tp.bench import build_model
-    from ds4tp.comm import SingleComm
-    from ds4tp.kernels import cuda_c
-    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
-    toks = [(37 * i + 11) % m.shape.vocab for i in range(13)]
-    runs = []
-    for pts, lane in ((PREFETCH, True), (PREFETCH, False), ((), True)):
-        st = m.new_state()
-        m.forward(toks[:1], st)
-        dec = StaticDecoder(m, max_ctx=64, use_graphs=True, prefetch=pts, prefetch_lane=lane)
-        dec.load_session(st)
-        runs.append(torch.stack([dec.step(t).clone() for t in toks[1:]]))
-    assert torch.isfinite(runs[0]).all()
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
-    if cuda_c.available():
-        assert cuda_c.kernel("l2.cu", "l2_prefetch", 0) is not None

@@ -179,24 +179,6 @@ def test_pdl_launch_config_and_arguments(monkeypatch):
     assert pdl.triton_args(torch.device("cpu")) == {"PDL": False}
 
 
-def test_l2_prefetch_ranges_and_cpu_noop():
-    """The L2 prefetch's host side: spans become whole 16-byte units (start rounded down, end
-    up), in the order given, cut off at the byte budget and at l2.cu's six ranges; on CPU
-    tensors ops.prefetch queues nothing and changes nothing."""
-    from ds4tp.kernels import l2
-    assert l2.ranges([(4096, 100), (8200, 40)], 1 << 20) == [(4096, 112), (8192, 48)]
-    assert l2.ranges([(0, 1000), (4096, 1000)], 1200) == [(0, 1008), (4096, 192)]
-    assert l2.ranges([(0, 64)] * 9, 1 << 20) == [(0, 64)] * l2.MAX_RANGES
-    assert l2.ranges([(0, 0), (64, 64)], 1 << 20) == [] and l2.ranges([(0, 64)], 8) == []
-    from ds4tp import ops
-    w = kc.rand_weight(Q8_0, (64, 512), torch.Generator().manual_seed(0))
-    q, d = l2.read_tensors(w)
-    assert q.shape == (64, 512) and d.shape == (64, 16)
-    before = w.raw.clone()
-    ops.prefetch(torch.zeros(1, 512), w)
-    assert torch.equal(w.raw, before)
-
-
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_expert_tiles_cover_each_pair_once():
     """The many-token expert launch's tile table (host side): every pair with an expert sits in

@@ -22,8 +22,6 @@ Entry points (twins in ds4tp.ops):
                                                  -> [T, K, out], or summed over K [T, out]
   expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
                                                  -> [T, K, out] = swiglu(gate, up) * weights
-  l2_warm(ws, device)                            weights' bytes into L2 ahead of their reader
-                                                 (a hint: no result; twin: nothing)
 """
 from __future__ import annotations
 
@@ -152,10 +150,3 @@ def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):
         return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
-
-
-def l2_warm(ws, device) -> None:
-    """Ask L2 for the bytes of weights ws ahead of the launch that reads them (kernels.l2; a
-    no-op without CuPy)."""
-    from ds4tp.kernels import l2
-    l2.warm(ws, device)

@@ -366,10 +366,14 @@ def prefill_enabled() -> bool:
     return _prefill_switch.on
 
 
+# Launch shape: on an H200, 2048 tokens from an empty cache at DS4's width, this one against
+# the query-chunk twin: 0.51 / 3.38 ms (ratio 0), 1.80 / 5.80 (ratio 4, 512 compressed rows),
+# 0.76 / 4.04 (ratio 128); 8 warps, 16 heads per program, 128-wide score steps all slower; 64
+# heads or 64 keys per tile do not fit in shared memory (bench/results/prefill_attn_h200_s10_*).
 PREFILL_BH = 32   # heads per program
 PREFILL_BN = 32   # keys per tile
 PREFILL_BD = 64   # head dims per score step
-PREFILL_WARPS = 8
+PREFILL_WARPS = 4
 
 
 def prefill_attention(q, raw, raw_prev: int, comp, comp_mask, p0: int, ratio: int, sinks, n_swa: int,
