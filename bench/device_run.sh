@@ -43,6 +43,8 @@
 #        since removed, measured slower; in git history, 18a702b..4b7d173)
 #   pa1: session 10, a prefill's attention in one Triton launch: its tests, launch shapes
 #        against the twin, TP=1 golden prefill, the TP=1 bench
+#   pa2: session 10, F16 weights' many-token products on cuBLAS (split activation): tests,
+#        F16 launch timings, the 43-layer prefill A/B, TP=1 goldens, a prefill profile
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -363,6 +365,15 @@ elif [ "$MODE" = pa1 ]; then
   timeout 200 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
   golden 1 prefill 100
   bench_tp1 240 0
+elif [ "$MODE" = pa2 ]; then
+  gate_tests 150 "f16_split or gemm_linear or prefill_attention" tests/test_kernels.py
+  log "2048-token F16 launches: split activation on cuBLAS against 3xTF32"
+  timeout 90 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only idx_q_b,router,comp_kv,hc_fn 2>&1 | grep -v Warn
+  log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"
+  timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
+  golden 1 static,prefill 170
+  log "prefill profile, 4 full-width layers"
+  timeout 80 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

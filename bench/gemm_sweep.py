@@ -62,6 +62,9 @@ def main():
     ff = 2048 // tp
     cases = {
         "idx_q_b F16": (lambda: kc.rand_weight(F16, (8192 // tp, 1024), g, "cuda"), "linear", 1024),
+        "router F16": (lambda: kc.rand_weight(F16, (256, 4096), g, "cuda"), "linear", 4096),
+        "comp_kv F16": (lambda: kc.rand_weight(F16, (1024, 4096), g, "cuda"), "linear", 4096),
+        "hc_fn F16": (lambda: kc.rand_weight(F16, (24, 16384), g, "cuda"), "linear", 16384),
         "q_b Q8_0": (lambda: kc.rand_weight(Q8_0, (32768 // tp, 1024), g, "cuda"), "linear", 1024),
         "out_b Q8_0": (lambda: kc.rand_weight(Q8_0, (4096, 8192 // tp), g, "cuda"), "linear", 8192 // tp),
         "gate_up IQ2_XXS": (lambda: (kc.rand_weight(IQ2_XXS, (256, ff, 4096), g, "cuda"),
@@ -99,6 +102,10 @@ def main():
         r["cublas_f32_ms"] = ms(lambda: A32 @ B32)
         del A32, B32
         r["default_ms"] = ms(lambda: run(None))
+        if kind == "linear" and w.qtype == F16:   # default: split activation on cuBLAS
+            r["tf32x3_ms"] = ms(lambda: run(None, False))
+            print(f"{name}: 3xTF32 (Triton) {r['tf32x3_ms']:.3f} ms, split on cuBLAS "
+                  f"{r['default_ms']:.3f} ms", flush=True)
         if kind != "linear" or w.qtype != F16:   # exact and float16 paths, default shapes
             r["exact_ms"] = ms(lambda: run(None, False))
             r["h16_ms"] = ms(lambda: run(None, True))

@@ -273,14 +273,14 @@ def time_prefill(model, n_tok: int) -> dict:
 
 
 @contextlib.contextmanager
-def _routed_exact(triton_gemm):
-    """Many-token routed experts on the exact path for an A/B timing, then the default again."""
-    keep = triton_gemm.H16_MIN_PAIRS
-    triton_gemm.H16_MIN_PAIRS = None
+def _setting(module, name: str, value):
+    """A module's launch-rule constant set for an A/B timing, then the default again."""
+    keep = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        triton_gemm.H16_MIN_PAIRS = keep
+        setattr(module, name, keep)
 
 
 @contextlib.contextmanager
@@ -356,8 +356,13 @@ def _bench_rank(comm, dev, cfg):
         # the same prefill with the routed experts on the exact path (Q8_K activations, Triton:
         # the default before the tensor-core float16 kernels of cuda_experts.many), same run
         from ds4tp.kernels import triton_gemm
-        with _routed_exact(triton_gemm):
+        with _setting(triton_gemm, "H16_MIN_PAIRS", None):
             res["prefill_exact_experts"] = time_prefill(model, cfg["prefill"])
+        save()
+        # the same prefill with the F16 weights' products in 3xTF32 (the Triton kernel) instead
+        # of the split activation on cuBLAS (triton_gemm.f16_split_mm)
+        with _setting(triton_gemm, "F16_CUBLAS", False):
+            res["prefill_f16_3xtf32"] = time_prefill(model, cfg["prefill"])
         save()
         # the same prefill with attention in query chunks of torch ops (model.attend_many's twin)
         # instead of one Triton launch per layer (triton_attn.prefill_attention)

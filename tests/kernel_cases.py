@@ -694,6 +694,47 @@ def case_prefill_attention(device, gen, T, H, D, n_swa, raw_prev, ratio, C_rows,
     return check(f"prefill attention T={T} H={H} D={D} ratio={ratio} masked={masked}", got, want, 1e-5)
 
 
+def _mixed_rows(T, K, gen):
+    """Activation rows [T, K] over float32's range: ordinary, 1e30, 1e-30, subnormal, zero, and
+    rows holding values 2^20 apart (their small entries fall into float16's subnormals)."""
+    x = torch.randn(T, K, generator=gen)
+    x[1] *= 1e30
+    x[2] *= 1e-30
+    x[3] = x[3] * 1e-41                                      # subnormal float32
+    x[4] = 0.0
+    x[5, ::2] *= 2.0 ** -20
+    return x
+
+
+def case_split_h16(device, gen, T, K):
+    """triton_gemm.split_h16: x = (head + tail) * scale to 2^-22 of each value plus 2^-25 of
+    its row's scale (float16's subnormal step after scaling), heads exactly x * 2^-e rounded to
+    float16, scales powers of two."""
+    from ds4tp.kernels import triton_gemm as tg
+    x = _mixed_rows(T, K, gen)
+    hl, scale = tg.split_h16(x.to(device))
+    hl, scale = hl.cpu().double(), scale.cpu().double()
+    assert torch.all(torch.frexp(scale).mantissa == 0.5), "scales are not powers of two"
+    assert torch.equal(hl[:T], (x.double() / scale[:, None]).float().half().double()), "heads"
+    back = (hl[:T] + hl[T:]) * scale[:, None]
+    err = (back - x.double()).abs()
+    bound = 2.0 ** -22 * x.double().abs() + 2.0 ** -25 * scale[:, None]
+    assert torch.all(err <= bound), f"split error {float((err / bound).max()):.2f} x the bound"
+    return f"max err / bound {float((err / bound).max()):.3f}"
+
+
+def case_f16_split_rows(device, gen, n_out, n_in, T):
+    """An F16 weight's many-token product on the split cuBLAS path (triton_gemm.f16_split_mm)
+    against the torch twin row by row (rows over float32's range: each row's tolerance is
+    relative to its own largest output)."""
+    from ds4tp.kernels import triton_gemm as tg
+    w = rand_weight(F16, (n_out, n_in), gen, device)
+    x = _mixed_rows(T, n_in, gen).to(device)
+    got, want = tg.f16_split_mm(w, x), ops.linear_torch(w, x)
+    return max(check(f"f16 split {n_out}x{n_in} T={T} row {t}", got[t], want[t]) for t in range(T)
+               if want[t].abs().max() > 0)
+
+
 def _cfg(cfg):
     from ds4tp.kernels.triton_matvec import Cfg
     return Cfg(**cfg) if cfg is not None else None
@@ -775,6 +816,7 @@ def interpreter_cases():
     yield "gemm IQ2_XXS T=18", case_gemm_linear, (IQ2_XXS, 32, 512, 18, 1, C(bn=16, tq=16, nb=1))
     yield "gemm Q2_K shard T=17", case_gemm_linear, (Q2_K, 16, 512, 17, 1, C(bn=16, tq=16, nb=1), True)
     yield "gemm Q4_K T=17", case_gemm_linear, (Q4_K, 16, 256, 17, 1, C(bn=16, tq=16, nb=1))
+    yield "split_h16 rows over float32's range", case_split_h16, (9, 300)
     yield "gemm F16 T=19 (3xTF32)", case_gemm_linear, (F16, 24, 512, 19, 1, C(bn=16, tq=16, nb=32))
     yield "gemm experts IQ2_XXS swiglu rows", case_gemm_experts, (IQ2_XXS, 4, 16, 256, 12, 3, False, True, C(bn=16, tq=16, nb=1), "rows")
     yield "gemm experts Q2_K per-slot cols", case_gemm_experts, (Q2_K, 4, 16, 512, 11, 3, True, False, C(bn=16, tq=16, nb=1), "cols")

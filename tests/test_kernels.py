@@ -300,6 +300,18 @@ def test_cuda_routed_experts_small_vs_tiles():
 
 
 @needs_cuda
+def test_cuda_f16_split_cublas():
+    """F16 weights on the split cuBLAS path: the split itself at DS4's widest F16 input (the HC
+    mixer's 16384), and products with rows over float32's range, each row against the twin."""
+    from ds4tp.kernels import triton_gemm as tg
+    assert tg.cublas_h16(torch.device("cuda"))
+    g = torch.Generator().manual_seed(16)
+    kc.case_split_h16("cuda", g, 40, 16384)
+    kc.case_f16_split_rows("cuda", g, 1024, 4096, 20)
+    kc.case_f16_split_rows("cuda", g, 24, 16384, 6)
+
+
+@needs_cuda
 @pytest.mark.parametrize("shape,T", [((Q8_0, 4096, 1024), 300), ((Q8_0, 1024, 4096), 64),
                                      ((IQ2_XXS, 2048, 4096), 40), ((Q2_K, 4096, 2048), 33),
                                      ((Q4_K, 2048, 4096), 17), ((F16, 24, 16384), 300),

@@ -11,8 +11,9 @@ launches the tensor-core tile kernel. A one-token Q8_0 matvec (linear, grouped, 
 the CUDA C kernel of `cuda_matvec` where CuPy is installed, else the Triton split-layout
 kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of `triton_gemm` takes every
 supported weight type: one launch for all tokens (routed experts grouped by expert), the same
-exact block dots (F16 in 3xTF32), or the float16 path (dense weights on cuBLAS, routed experts
-on the tensor-core kernels of cuda_experts.many); see triton_gemm.
+exact block dots, or the float16 path (dense weights on cuBLAS, routed experts on the
+tensor-core kernels of cuda_experts.many); F16 weights take the activation split into float16
+head and tail on cuBLAS (3xTF32 in Triton without it); see triton_gemm.
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]

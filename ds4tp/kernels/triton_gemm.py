@@ -15,9 +15,13 @@ ran float32 GEMMs (256 of them per routed tensor per layer). Here one launch cov
     so no activation or weight is gathered or copied, and each expert's rows are decoded once per
     tile of its tokens. Outputs land at their (token, slot) row directly.
 
-F16 weights (mixer, router, compressors, indexer) take float32 activations as they are: dots in
-3xTF32 (the activation split into a TF32 head and tail; the weight is exact in TF32), about
-float32 accuracy at tensor-core speed.
+F16 weights (mixer, router, compressors, indexer) take float32 activations as they are. On
+cuBLAS (`f16_split_mm`, the default where torch multiplies float16 into float32): each activation
+row scaled by a power of two into float16's range and split into a float16 head and tail (x =
+(hi + lo) * 2^e to ~2^-22 relative), both multiplied by the weight (exact in float16) in one
+float16 GEMM with float32 sums, then added and scaled back. Otherwise, or for an explicit launch
+shape: dots in 3xTF32 (the activation split into a TF32 head and tail; the weight is exact in
+TF32) in the Triton kernel below. Both about float32 accuracy at tensor-core speed.
 
 Float16 path (h16): weights and the activation in float16, float32 accumulation, no per-block
 float32 rescaling. Dense weights are decoded once by `dequant_h16` (each value the exact float32
@@ -57,6 +61,7 @@ H16_TYPES = (Q8_0, Q2_K, IQ2_XXS)
 # ms on the exact path, and the 43-layer prefill 2019 / 2162 against 1777 tok/s (same run,
 # prefill_ab_h200_s9_pf6_*). Without CuPy, _experts_h16_kernel: gate/up 5.0 ms, down 4.1 ms
 # (slower than the exact path's 3.3 there; gemm_sweep_h200_s9_pf1_*).
+F16_CUBLAS = True        # F16 weights: split activation on cuBLAS (f16_split_mm) where it can
 H16_MIN_T = 64           # dense: tokens from which the float16 path is the default
 H16_MIN_PAIRS = 1        # routed experts: (token, slot) pairs from which it is the default
 H16_EXPERT_GROUP = 64    # experts decoded to float16 per launch pair
@@ -404,6 +409,60 @@ def cublas_h16(device: torch.device) -> bool:
         return False
 
 
+@triton.jit
+def _split_h16_kernel(x_ptr, stride_x, out_ptr, scale_ptr, T, K, BK: tl.constexpr):
+    """Row t of x [T, K] -> rows t (head) and T + t (tail) of out [2T, K] float16 and scale[t]:
+    hi = f16(x * 2^-e), lo = f16(x * 2^-e - hi), scale = 2^e with e the row's largest |x|'s
+    binary exponent (frexp; 0 for a zero row), clamped to [-126, 126] so both powers of two are
+    normal float32 numbers. Scaling by a power of two is exact, so |x| < 2^e keeps hi within
+    float16's range."""
+    t = tl.program_id(0)
+    k = tl.arange(0, BK)
+    m = k < K
+    x = tl.load(x_ptr + t.to(tl.int64) * stride_x + k, mask=m, other=0.0)
+    amax = tl.max(tl.abs(x), axis=0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 126
+    e = tl.minimum(tl.maximum(tl.where(amax > 0, e, 0), -126), 126)
+    xs = x * ((127 - e) << 23).to(tl.float32, bitcast=True)          # x * 2^-e
+    hi = xs.to(tl.float16)
+    lo = (xs - hi.to(tl.float32)).to(tl.float16)
+    row = t.to(tl.int64) * K
+    tl.store(out_ptr + row + k, hi, mask=m)
+    tl.store(out_ptr + T.to(tl.int64) * K + row + k, lo, mask=m)
+    tl.store(scale_ptr + t, ((e + 127) << 23).to(tl.float32, bitcast=True))
+
+
+SPLIT_MAX_K = 32768      # widest activation row _split_h16_kernel takes in one program
+
+
+def split_h16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 -> (hl [2T, K] float16: the heads, then the tails; scale [T] float32)
+    with x[t] = (hl[t] + hl[T + t]) * scale[t] to ~2^-22 relative (_split_h16_kernel)."""
+    T, K = x.shape
+    if K > SPLIT_MAX_K or x.dtype != torch.float32 or x.stride(1) != 1:
+        raise ValueError(f"split_h16: float32 rows of at most {SPLIT_MAX_K} with unit column "
+                         f"stride, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    hl = torch.empty(2 * T, K, dtype=torch.float16, device=x.device)
+    scale = torch.empty(T, dtype=torch.float32, device=x.device)
+    if T:
+        bk = triton.next_power_of_2(K)
+        _split_h16_kernel[(T,)](x, x.stride(0), hl, scale, T, K, BK=bk,
+                                num_warps=8 if bk >= 4096 else 4)
+    return hl, scale
+
+
+def f16_split_mm(w, x: torch.Tensor) -> torch.Tensor:
+    """y [T, out] = x @ W^T for an F16 weight (out, in) and float32 x [T, in] on cuBLAS: the
+    activation split into float16 head and tail (split_h16), one float16 GEMM over both with a
+    float32 result, heads' and tails' products added, scaled back."""
+    n_out, n_in = w.shape
+    T = x.shape[0]
+    w16 = _raw(w).view(torch.float16)                  # [out, in]: F16 bytes as stored
+    hl, scale = split_h16(x)
+    y2 = torch.mm(hl, w16.t(), out_dtype=torch.float32)
+    return (y2[:T] + y2[T:]).mul_(scale[:, None])
+
+
 def h16_path(w, count: int, h16: bool | None = None, w2=None) -> bool:
     """Whether a launch takes the float16 path: h16 True / False forces it (True raises for a
     weight it cannot decode), None applies the default rule: count = tokens of a dense launch
@@ -446,6 +505,9 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None,
     if T == 0:
         return y
     rows_per_group = n_out // groups
+    if (w.qtype == F16 and groups == 1 and cfg is None and h16 is None and F16_CUBLAS
+            and n_in <= SPLIT_MAX_K and cublas_h16(x.device)):
+        return f16_split_mm(w, x)
     if h16_path(w, T, h16):
         w16 = dequant_h16(w)
         if cfg is None and cublas_h16(x.device):   # cuBLAS float16 GEMM, float32 output
