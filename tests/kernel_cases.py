@@ -328,6 +328,9 @@ def cuda_c_cases():
 
 
 H16_TOL = 2e-3   # the float16 path rounds weights and activations to 11 bits (triton_gemm)
+# F16 weights on cuBLAS (triton_gemm.f16_split_mm): the split is exact to 2^-22, but the tensor
+# cores' float32 accumulation does not round each addition (8.5e-6 measured on an H200 at K=4096)
+F16_SPLIT_TOL = 2e-5
 
 
 def exact_linear(w, x, ids=None):
@@ -426,7 +429,9 @@ def case_gemm_linear(device, gen, qtype, n_out, n_in, T, groups=1, cfg=None, sha
         w = rand_weight(qtype, (n_out, n_in), gen, device)
     c = tg.GemmCfg(**cfg) if cfg is not None else None
     f16 = tg.h16_path(w, T, h16)
-    tol = H16_TOL if f16 else TOL
+    split = (qtype == F16 and groups == 1 and cfg is None and h16 is None and tg.F16_CUBLAS
+             and tg.cublas_h16(torch.device(device)))
+    tol = H16_TOL if f16 else F16_SPLIT_TOL if split else TOL
     tag = f"gemm {type_name(qtype)} {n_out}x{n_in} groups={groups} T={T} {cfg} h16={f16}"
     if groups == 1:
         x = rand_act((T, n_in), gen, device)
@@ -731,8 +736,8 @@ def case_f16_split_rows(device, gen, n_out, n_in, T):
     w = rand_weight(F16, (n_out, n_in), gen, device)
     x = _mixed_rows(T, n_in, gen).to(device)
     got, want = tg.f16_split_mm(w, x), ops.linear_torch(w, x)
-    return max(check(f"f16 split {n_out}x{n_in} T={T} row {t}", got[t], want[t]) for t in range(T)
-               if want[t].abs().max() > 0)
+    return max(check(f"f16 split {n_out}x{n_in} T={T} row {t}", got[t], want[t], F16_SPLIT_TOL)
+               for t in range(T) if want[t].abs().max() > 0)
 
 
 def _cfg(cfg):

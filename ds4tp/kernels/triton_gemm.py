@@ -21,7 +21,9 @@ row scaled by a power of two into float16's range and split into a float16 head 
 (hi + lo) * 2^e to ~2^-22 relative), both multiplied by the weight (exact in float16) in one
 float16 GEMM with float32 sums, then added and scaled back. Otherwise, or for an explicit launch
 shape: dots in 3xTF32 (the activation split into a TF32 head and tail; the weight is exact in
-TF32) in the Triton kernel below. Both about float32 accuracy at tensor-core speed.
+TF32) in the Triton kernel below. Both near float32 accuracy at tensor-core speed (cuBLAS's
+float32 sums in the tensor cores are not rounded per addition: 8.5e-6 of the largest output
+against the twin at K=4096 on an H200, 3xTF32 within 3e-6).
 
 Float16 path (h16): weights and the activation in float16, float32 accumulation, no per-block
 float32 rescaling. Dense weights are decoded once by `dequant_h16` (each value the exact float32
