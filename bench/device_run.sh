@@ -45,6 +45,8 @@
 #        against the twin, TP=1 golden prefill, the TP=1 bench
 #   pa2: session 10, F16 weights' many-token products on cuBLAS (split activation): tests,
 #        F16 launch timings, the 43-layer prefill A/B, TP=1 goldens, a prefill profile
+#   pa3: session 10, a prefill without host syncs (the expert tile table built on the device):
+#        tests, the 43-layer prefill A/B, a prefill profile with the host's side, TP=1 goldens
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -374,6 +376,14 @@ elif [ "$MODE" = pa2 ]; then
   golden 1 static,prefill 170
   log "prefill profile, 4 full-width layers"
   timeout 80 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+elif [ "$MODE" = pa3 ]; then
+  gate_tests 200 "mma or grouped_and_experts or gemm_experts or routed_experts or expert_tiles" tests/test_kernels.py
+  log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"
+  timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
+  log "prefill profile, 4 full-width layers, GPU and host"
+  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn > "$OUT/profile_prefill.txt"
+  grep -A12 "GPU kernels in" "$OUT/profile_prefill.txt"; grep -A40 "host profile" "$OUT/profile_prefill.txt" | cut -c1-150
+  golden 1 static,prefill 170
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

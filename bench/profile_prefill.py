@@ -33,3 +33,15 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_sh
 print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=25,
                                                         max_name_column_width=40, max_shapes_column_width=70))
 kernel_table(prof, n_layer, 25, "one prefill")
+
+# the host's side: where a prefill's Python time goes (cProfile adds its own overhead, so the
+# shares matter, not the absolute numbers)
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+cp = cProfile.Profile()
+cp.enable()
+m.forward(prompt, m.new_state())
+torch.cuda.synchronize()
+cp.disable()
+print(f"host profile of one prefill (cProfile), {n_layer} layers: top functions by own time")
+pstats.Stats(cp).sort_stats("tottime").print_stats(22)

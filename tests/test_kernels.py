@@ -201,6 +201,25 @@ def test_expert_tiles_cover_each_pair_once():
         expert_tiles(torch.tensor([[0, 12]]), 12, 16)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("T,K,E,tq", [(70, 6, 12, 16), (33, 6, 256, None), (5, 2, 3, 64), (1, 6, 8, 16)])
+def test_expert_tiles_device_matches_host(T, K, E, tq):
+    """The sync-free tile table (expert_tiles_device) holds expert_tiles' rows first, in order,
+    then spare rows of count 0 up to P/tq + E rows; the same sorted pairs. -1 ids in no tile."""
+    from ds4tp.kernels.triton_gemm import expert_tiles, expert_tiles_device
+    g = torch.Generator().manual_seed(T * E)
+    ids = kc.rand_ids(T, K, E, g, "cpu")
+    pairs, table, skipped, tq_h, _ = expert_tiles(ids, E, tq)
+    pairs_d, table_d, tq_d = expert_tiles_device(ids, E, tq)
+    assert tq_d == (tq or tq_d) and torch.equal(pairs, pairs_d)
+    n = table.shape[0]
+    if tq is not None:
+        assert torch.equal(table_d[:n], table)
+    assert table_d.shape[0] == T * K // tq_d + E and torch.all(table_d[:, 2] >= 0)
+    assert int(table_d[:, 2].sum()) == T * K - skipped
+    assert torch.all(table_d[n:, 2] == 0) if tq is not None else True
+
+
 def test_h16_path_rule():
     """Which many-token launches take the float16 path by default: dense quantised weights from
     H16_MIN_T tokens, routed experts from H16_MIN_PAIRS pairs; never F16 weights (not even

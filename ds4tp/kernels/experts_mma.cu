@@ -1,5 +1,6 @@
 // Routed experts of many tokens (prefill) on tensor cores, float16 path (host side:
-// ds4tp.kernels.cuda_experts.many; tile table from ds4tp.kernels.triton_gemm.expert_tiles).
+// ds4tp.kernels.cuda_experts.many; tile table from triton_gemm.expert_tiles_device, whose rows
+// with count 0 are spare).
 //
 // Block (m, n): tile m = (expert e, first index into pairs, count <= 64 pairs) times 64 weight
 // rows (gate/up: the same 64 rows of gate and of up, SwiGLU epilogue) or 128 rows (per-slot
@@ -167,6 +168,7 @@ __device__ __forceinline__ void experts_mma(
     pdl_wait();
     const int e = tiles[3 * blockIdx.x], first = tiles[3 * blockIdx.x + 1];
     const int count = tiles[3 * blockIdx.x + 2];
+    if (count <= 0) return;                              // a spare row of the tile table
     const int nf = (count + 7) >> 3;                     // 8-column fragments with a live pair
     // the lane's four rows: slot i is A fragment i >> 1, row g + 8 * (i & 1) of it
     const unsigned char* rp[4];

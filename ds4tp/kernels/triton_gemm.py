@@ -138,7 +138,10 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
     if TABLE:
         e = tl.load(tiles_ptr + 3 * pid_m)
         first = tl.load(tiles_ptr + 3 * pid_m + 1)
-        live = j < tl.load(tiles_ptr + 3 * pid_m + 2)
+        n_live = tl.load(tiles_ptr + 3 * pid_m + 2)
+        if n_live == 0:          # a spare row of expert_tiles_device's table
+            return
+        live = j < n_live
         p = tl.load(pairs_ptr + first + j, mask=live, other=0)
     else:
         e = pid_m * 0
@@ -318,7 +321,10 @@ def _experts_h16_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, stride_xt, s
     j = tl.arange(0, TQ)
     e = tl.load(tiles_ptr + 3 * pid_m)
     first = tl.load(tiles_ptr + 3 * pid_m + 1)
-    live = j < tl.load(tiles_ptr + 3 * pid_m + 2)
+    n_live = tl.load(tiles_ptr + 3 * pid_m + 2)
+    if n_live == 0:              # a spare row of expert_tiles_device's table
+        return
+    live = j < n_live
     p = tl.load(pairs_ptr + first + j, mask=live, other=0)
     t = p // K
     x_off = t.to(tl.int64) * stride_xt + (p - t * K).to(tl.int64) * stride_xk
@@ -560,6 +566,45 @@ def expert_tiles(ids: torch.Tensor, n_expert: int, tq: int | None):
     return order.to(torch.int32), table, counts[0], tq, [t[0] for t in tiles]
 
 
+def expert_tiles_device(ids: torch.Tensor, n_expert: int, tq: int | None):
+    """expert_tiles without a host sync: (pairs, tiles int32 [M, 3], tq) with M the most tiles
+    any ids of this size can need (P/tq + n_expert); the live tiles come first, in expert_tiles'
+    order and with its rows, the rest are (n_expert - 1, 0, 0) (count 0: the kernels skip them).
+    Ids outside [0, n_expert) sit in no tile (-1: the caller zeroes their rows; other ids are not
+    checked here: a check would wait for the GPU). tq None: expert_token_tile of P / n_expert."""
+    flat = ids.reshape(-1)
+    P, dev = flat.numel(), flat.device
+    if tq is None:
+        tq = expert_token_tile(-(-P // n_expert))
+    order = torch.argsort(flat, stable=True)
+    ok = (flat >= 0) & (flat < n_expert)
+    cnt = torch.zeros(n_expert + 1, dtype=torch.long, device=dev).scatter_add_(
+        0, torch.where(ok, flat + 1, 0), torch.ones_like(flat))
+    skipped_before, cnt = (flat < 0).sum(), cnt[1:]          # -1 ids sort first
+    ntile = (cnt + tq - 1) // tq
+    tile_end = torch.cumsum(ntile, 0)
+    pair_start = skipped_before + torch.cumsum(cnt, 0) - cnt
+    i = torch.arange(P // tq + n_expert, device=dev)
+    e = torch.searchsorted(tile_end, i, right=True)
+    live = e < n_expert
+    e = e.clamp(max=n_expert - 1)
+    j = i - (tile_end[e] - ntile[e])
+    first = torch.where(live, pair_start[e] + j * tq, 0)
+    count = torch.where(live, torch.clamp(cnt[e] - j * tq, max=tq), 0)
+    return order.to(torch.int32), torch.stack((e, first, count), 1).to(torch.int32), tq
+
+
+@triton.jit
+def _zero_skipped_kernel(ids_ptr, out_ptr, n_expert, N, BN: tl.constexpr):
+    """Row p of out [P, N] set to zeros where ids[p] is outside [0, n_expert) (in no tile)."""
+    p = tl.program_id(0)
+    e = tl.load(ids_ptr + p)
+    if (e < 0) | (e >= n_expert):
+        for n0 in range(0, N, BN):
+            nn = n0 + tl.arange(0, BN)
+            tl.store(out_ptr + p.to(tl.int64) * N + nn, tl.zeros([BN], tl.float32), mask=nn < N)
+
+
 def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, mode: int,
             clamp: float = 0.0, cfg: GemmCfg | None = None, h16: bool | None = None) -> torch.Tensor:
     """Routed experts for many tokens: out [T, K, out] (zeros where ids is -1).
@@ -577,11 +622,19 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
     if T * K == 0:
         return out
-    pairs, table, skipped, tq, tile_expert = expert_tiles(ids, w.shape[0], cfg.tq if cfg else None)
-    if skipped:
-        out.masked_fill_((ids < 0)[:, :, None], 0.0)
-    if table.shape[0] == 0:
-        return out
+    E = w.shape[0]
+    grouped_h16 = h16_path(w, T * K, h16, w2) and w.qtype not in FUSED_TYPES
+    if grouped_h16:      # decodes experts in groups: needs each tile's expert on the host
+        pairs, table, skipped, tq, tile_expert = expert_tiles(ids, E, cfg.tq if cfg else None)
+        if skipped:
+            out.masked_fill_((ids < 0)[:, :, None], 0.0)
+        if table.shape[0] == 0:
+            return out
+    else:                # no host sync: tiles built on the device, skipped rows zeroed there
+        pairs, table, tq = expert_tiles_device(ids, E, cfg.tq if cfg else None)
+        flat = ids.reshape(-1).contiguous()
+        _zero_skipped_kernel[(flat.numel(),)](flat, out, E, n_out, BN=min(1024, triton.next_power_of_2(n_out)),
+                                              num_warps=4)
     if h16_path(w, T * K, h16, w2):
         rwc = rw.contiguous() if rw is not None else None
         if w.qtype in FUSED_TYPES:      # decoded in registers, nothing written back
