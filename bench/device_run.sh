@@ -47,6 +47,8 @@
 #        F16 launch timings, the 43-layer prefill A/B, TP=1 goldens, a prefill profile
 #   pa3: session 10, a prefill without host syncs (the expert tile table built on the device):
 #        tests, the 43-layer prefill A/B, a prefill profile with the host's side, TP=1 goldens
+#   pa4: session 10 closing run: prefill attention with RoPE inside (tests, launch shapes),
+#        TP=1 goldens, the TP=1 bench at depth 0 (decode and prefill A/B variants)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -384,6 +386,12 @@ elif [ "$MODE" = pa3 ]; then
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn > "$OUT/profile_prefill.txt"
   grep -A12 "GPU kernels in" "$OUT/profile_prefill.txt"; grep -A40 "host profile" "$OUT/profile_prefill.txt" | cut -c1-150
   golden 1 static,prefill 170
+elif [ "$MODE" = pa4 ]; then
+  gate_tests 120 "prefill_attention" tests/test_kernels.py
+  log "prefill attention with RoPE, 2048 tokens, full width: launch shapes against the twin"
+  timeout 90 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
+  golden 1 static,prefill 150
+  bench_tp1 200 0
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

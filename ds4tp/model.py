@@ -430,20 +430,22 @@ def query_chunks(T: int, raw_prev: int, n_swa: int, chunk: int = ATTN_QUERY_CHUN
         yield a, b, max(0, raw_prev + a - n_swa + 1), raw_prev + b
 
 
-def attend_many(q, raw, raw_prev: int, raw_pos, comp, comp_mask, p0: int, pos, ratio: int, sinks,
-                s: Shape) -> torch.Tensor:
-    """Every query of a call: q [T, H_l, D] at positions pos = p0.. over the raw cache rows raw
-    (positions raw_pos = p0 - raw_prev ..) and the compressed rows comp with comp_mask [T, C]
-    -> [T, H_l, D]. The dispatch point: one Triton launch for the whole call on CUDA
-    (triton_attn.prefill_attention); the twin attends in query chunks, each over the raw rows
-    its window reaches and the compressed rows emitted up to its last token ((pos+1)//ratio
-    rows are visible)."""
+def attend_many(q, cos, sin, raw, raw_prev: int, raw_pos, comp, comp_mask, p0: int, pos,
+                ratio: int, sinks, s: Shape, trace=None) -> torch.Tensor:
+    """Every query of a call: q [T, H_l, D] (before RoPE) at positions pos = p0.. with their
+    RoPE tables cos, sin [T, n_rot/2], over the raw cache rows raw (positions raw_pos =
+    p0 - raw_prev ..) and the compressed rows comp with comp_mask [T, C] -> the heads after the
+    inverse RoPE [T, H_l, D]. The dispatch point: one Triton launch for the whole call on CUDA
+    (triton_attn.prefill_attention, both rotations inside); the twin rotates, attends in query
+    chunks, each over the raw rows its window reaches and the compressed rows emitted up to its
+    last token ((pos+1)//ratio rows are visible), and rotates back (traced: this path)."""
     T = q.shape[0]
-    if T > 1 and kernels.on_gpu(q) and not torch.compiler.is_compiling():
+    if trace is None and T > 1 and kernels.on_gpu(q) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_attn
         if triton_attn.prefill_enabled():
             return triton_attn.prefill_attention(q.contiguous(), raw, raw_prev, comp, comp_mask, p0,
-                                                 ratio, sinks, s.n_swa)
+                                                 ratio, sinks, s.n_swa, rope=(cos, sin))
+    q = rope_tail(q, cos[:, None], sin[:, None])
     parts = []
     for a, b, lo, hi in query_chunks(T, raw_prev, s.n_swa):
         c = cm = None
@@ -451,7 +453,13 @@ def attend_many(q, raw, raw_prev: int, raw_pos, comp, comp_mask, p0: int, pos, r
             c = comp[: min(comp.shape[0], (p0 + b) // ratio)]
             cm = comp_mask[a:b, : c.shape[0]]
         parts.append(attend(q[a:b], raw[lo:hi], raw_pos[lo:hi], c, cm, pos[a:b], sinks, s))
-    return torch.cat(parts)
+    o = torch.cat(parts)
+    if trace is not None:
+        trace.update(q=q, heads=o)
+    o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)
+    if trace is not None:
+        trace["heads_inv_rope"] = o
+    return o
 
 
 def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Tensor:
@@ -479,7 +487,6 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
     cos, sin = rope_cos_sin(pos, s.n_rot, compressed, top=p0 + T)
     if trace is not None:
         trace.update(qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
-    q = rope_tail(q, cos[:, None], sin[:, None])
     kv = kv_cache_row(kv_n, cos, sin, s)                          # the cached row, as attention reads it
     raw_prev = ls.raw.n
     ls.raw.append(kv)
@@ -510,14 +517,11 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
             if trace is not None:
                 trace.update(index_scores=score, index_selected=selected)
     if trace is not None:
-        trace.update(q=q, kv=kv)
+        trace["kv"] = kv
 
-    o = attend_many(q, raw, raw_prev, raw_pos, comp, comp_mask, p0, pos, lw.ratio, lw.sinks, s)
-    if trace is not None:
-        trace["heads"] = o
-    o = rope_tail(o, cos[:, None], sin[:, None], inverse=True)   # [T, H_l, D]
-    if trace is not None:
-        trace["heads_inv_rope"] = o
+    # [T, H_l, D]: RoPE on the queries, attention, inverse RoPE on the heads
+    o = attend_many(q, cos, sin, raw, raw_prev, raw_pos, comp, comp_mask, p0, pos, lw.ratio,
+                    lw.sinks, s, trace)
 
     out = grouped_linear_out(lw, o, s)                           # [T, E] partial over groups
     out = comm.all_reduce(out)                                   # attention output all-reduce

@@ -670,9 +670,10 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
 
 
 def case_prefill_attention(device, gen, T, H, D, n_swa, raw_prev, ratio, C_rows, p0, masked,
-                           cfg=None):
-    """A prefill's attention in one launch (triton_attn.prefill_attention) against the query-
-    chunk twin of model.attend_many: sinks, the raw window across the cache's older rows, the
+                           cfg=None, n_rot=64):
+    """A prefill's attention in one launch (triton_attn.prefill_attention, RoPE on the queries
+    and inverse RoPE on the heads inside) against the twin of model.attend_many (rope_tail,
+    query chunks, rope_tail inverse): sinks, the raw window across the cache's older rows, the
     compressed rows each token sees (optionally an indexer-like random mask), float16 cache
     rows with a peaked as well as a flat softmax."""
     from types import SimpleNamespace
@@ -692,10 +693,11 @@ def case_prefill_attention(device, gen, T, H, D, n_swa, raw_prev, ratio, C_rows,
         cmask = vis & (torch.rand(T, C_rows, generator=gen) < 0.6) if masked else vis
     sinks = torch.randn(H, generator=gen) * 2
     raw_pos = torch.arange(p0 - raw_prev, p0 + T)
-    want = attend_many(q, raw, raw_prev, raw_pos, comp, cmask, p0, pos, ratio, sinks, s)
+    cos, sin = numerics.rope_cos_sin(pos, n_rot, ratio > 0)
+    want = attend_many(q, cos, sin, raw, raw_prev, raw_pos, comp, cmask, p0, pos, ratio, sinks, s)
     dev = lambda t: None if t is None else t.to(device)     # noqa: E731
     got = triton_attn.prefill_attention(dev(q), dev(raw), raw_prev, dev(comp), dev(cmask), p0, ratio,
-                                        dev(sinks), n_swa, **(cfg or {}))
+                                        dev(sinks), n_swa, rope=(dev(cos), dev(sin)), **(cfg or {}))
     return check(f"prefill attention T={T} H={H} D={D} ratio={ratio} masked={masked}", got, want, 1e-5)
 
 
@@ -771,8 +773,8 @@ def interpreter_cases():
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
-    yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa)
-    yield "prefill attention ratio 4 masked, p0 > 0", case_prefill_attention, (13, 17, 64, 8, 7, 4, 9, 23, True, pa)
+    yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa, 16)
+    yield "prefill attention ratio 4 masked, p0 > 0", case_prefill_attention, (13, 17, 64, 8, 7, 4, 9, 23, True, pa, 48)
     for qt in TYPES:
         nb = 64 if qt == F16 else 4
         yield f"linear {type_name(qt)} T=1", case_linear, (qt, 48, 512, 1, C(bn=16, nb=nb))

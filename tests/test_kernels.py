@@ -518,9 +518,9 @@ def test_prefill_attention_compiles_for_sm90(comp):
     an H100/H200 (tensor-core dots, the [BH, 512] accumulator): what the interpreter cannot check."""
     from ds4tp.kernels import triton_attn as ta
     sig = dict(q_ptr="*fp32", raw_ptr="*fp16", comp_ptr="*fp16", cmask_ptr="*u8", sink_ptr="*fp32",
-               o_ptr="*fp32", H="i32", C="i32", raw_prev="i32", n_swa="i32", p0="i32", ratio="i32",
-               cmask_stride="i32", scale="fp32")
-    const = dict(D=512, BH=ta.PREFILL_BH, BN=ta.PREFILL_BN, BD=ta.PREFILL_BD, HAS_COMP=comp)
+               o_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", H="i32", C="i32", raw_prev="i32",
+               n_swa="i32", p0="i32", ratio="i32", cmask_stride="i32", scale="fp32")
+    const = dict(D=512, BH=ta.PREFILL_BH, BN=ta.PREFILL_BN, BD=ta.PREFILL_BD, HAS_COMP=comp, NROT=64)
     assert "mma" in _compile_sm90(ta._prefill_attn_kernel, sig, const, ta.PREFILL_WARPS)
 
 

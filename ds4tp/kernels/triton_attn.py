@@ -297,15 +297,33 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
 # (x = hi + lo to ~2^-22 relative), so every product is the float32 one to that precision and
 # sums run in float32 (against the twin: ~1e-6 relative, the order of the sums).
 @triton.jit
-def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale,
-                  D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr):
+def _rope_rows(x, cos_ptr, sin_ptr, t, d0, sign, W: tl.constexpr, D: tl.constexpr,
+               NROT: tl.constexpr):
+    """Columns d0 .. d0+W-1 of rows x [R, W] rotated as numerics.rope_tail does: adjacent pairs
+    among the last NROT of D dims by token t's (cos, sign * sin), the others unchanged."""
+    R: tl.constexpr = x.shape[0]
+    x0, x1 = tl.split(tl.reshape(x, (R, W // 2, 2)))
+    i = d0 // 2 + tl.arange(0, W // 2) - (D - NROT) // 2          # the pair's index in the tail
+    tail = i >= 0
+    c = tl.load(cos_ptr + t * (NROT // 2) + i, mask=tail, other=1.0)[None, :]
+    s = sign * tl.load(sin_ptr + t * (NROT // 2) + i, mask=tail, other=0.0)[None, :]
+    return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (R, W))
+
+
+@triton.jit
+def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr, sin_ptr, t,
+                  D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+                  NROT: tl.constexpr):
     """Keys k_ptr[keys] [BN, D] (float16, K = V) into the running max m [BH], denominator l
-    [BH] and value sums acc [BH, D] of heads qrow; keys not ok score -inf."""
+    [BH] and value sums acc [BH, D] of heads qrow (rotated for token t when NROT > 0); keys not
+    ok score -inf."""
     dd = tl.arange(0, BD)
     krow = keys.to(tl.int64) * D
     s = tl.zeros([BH, BN], tl.float32)
     for d0 in tl.static_range(0, D, BD):
         qc = tl.load(q_ptr + qrow[:, None] + d0 + dd[None, :], mask=hmask[:, None], other=0.0)
+        if NROT > 0 and d0 + BD > D - NROT:
+            qc = _rope_rows(qc, cos_ptr, sin_ptr, t, d0, 1.0, BD, D, NROT)
         qh = qc.to(tl.float16)
         ql = (qc - qh.to(tl.float32)).to(tl.float16)
         kt = tl.load(k_ptr + krow[None, :] + d0 + dd[:, None], mask=ok[None, :], other=0.0)   # [BD, BN]
@@ -326,14 +344,15 @@ def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale,
 
 
 @triton.jit
-def _prefill_attn_kernel(q_ptr, raw_ptr, comp_ptr, cmask_ptr, sink_ptr, o_ptr, H, C, raw_prev,
-                         n_swa, p0, ratio, cmask_stride, scale,
+def _prefill_attn_kernel(q_ptr, raw_ptr, comp_ptr, cmask_ptr, sink_ptr, o_ptr, cos_ptr, sin_ptr,
+                         H, C, raw_prev, n_swa, p0, ratio, cmask_stride, scale,
                          D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                         HAS_COMP: tl.constexpr):
+                         HAS_COMP: tl.constexpr, NROT: tl.constexpr):
     """Grid (T, cdiv(H, BH)): program (t, j) attends token t's heads j*BH.. over the raw rows
     its window reaches (rows raw_prev + t - n_swa + 1 .. raw_prev + t of the cache: this call's
     row t sits at raw_prev + t) and the compressed rows it sees (the first (p0+t+1)//ratio, those
-    its mask row allows), the sink joining max and denominator."""
+    its mask row allows), the sink joining max and denominator. NROT > 0: the queries rotated by
+    RoPE as they are read and the heads rotated back before they are stored."""
     t = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hmask = heads < H
@@ -345,7 +364,7 @@ def _prefill_attn_kernel(q_ptr, raw_ptr, comp_ptr, cmask_ptr, sink_ptr, o_ptr, H
     for k0 in range(tl.maximum(hi - n_swa, 0), hi, BN):
         keys = k0 + tl.arange(0, BN)
         acc, m, l = _prefill_tile(acc, m, l, q_ptr, qrow, hmask, raw_ptr, keys, keys < hi, scale,
-                                  D, BD, BN, BH)
+                                  cos_ptr, sin_ptr, t, D, BD, BN, BH, NROT)
     if HAS_COMP:
         nc = tl.minimum((p0 + t + 1) // ratio, C)
         for k0 in range(0, nc, BN):
@@ -353,8 +372,10 @@ def _prefill_attn_kernel(q_ptr, raw_ptr, comp_ptr, cmask_ptr, sink_ptr, o_ptr, H
             ok = keys < nc
             ok = ok & (tl.load(cmask_ptr + t.to(tl.int64) * cmask_stride + keys, mask=ok, other=0) != 0)
             acc, m, l = _prefill_tile(acc, m, l, q_ptr, qrow, hmask, comp_ptr, keys, ok, scale,
-                                      D, BD, BN, BH)
+                                      cos_ptr, sin_ptr, t, D, BD, BN, BH, NROT)
     o = acc / l[:, None]
+    if NROT > 0:
+        o = _rope_rows(o, cos_ptr, sin_ptr, t, 0, -1.0, D, D, NROT)   # the inverse rotation
     tl.store(o_ptr + qrow[:, None] + tl.arange(0, D)[None, :], o, mask=hmask[:, None])
 
 
@@ -377,12 +398,13 @@ PREFILL_WARPS = 4
 
 
 def prefill_attention(q, raw, raw_prev: int, comp, comp_mask, p0: int, ratio: int, sinks, n_swa: int,
-                      bh: int = PREFILL_BH, bn: int = PREFILL_BN, bd: int = PREFILL_BD,
+                      rope=None, bh: int = PREFILL_BH, bn: int = PREFILL_BN, bd: int = PREFILL_BD,
                       warps: int = PREFILL_WARPS):
     """q [T, H, D] at positions p0..p0+T-1; raw [raw_prev + T, D] the raw cache rows at positions
     p0 - raw_prev .. p0 + T - 1; comp [C, D] with comp_mask [T, C] (bool) or both None; sinks
-    [H] -> o [T, H, D] (model.attend over every query, one launch). Cache rows must hold float16
-    values (they do: model.kv_cache_row, model.compress)."""
+    [H] -> o [T, H, D] (model.attend over every query, one launch). rope = (cos, sin) [T, n_rot/2]:
+    q is rotated by them first and o rotated back (numerics.rope_tail, inverse). Cache rows must
+    hold float16 values (they do: model.kv_cache_row, model.compress)."""
     T, H, D = q.shape
     if D & (D - 1) or D < 16 or D % bd:
         raise ValueError(f"prefill_attention: head_dim {D} must be a power of two >= 16")
@@ -400,6 +422,14 @@ def prefill_attention(q, raw, raw_prev: int, comp, comp_mask, p0: int, ratio: in
                              f"unit column stride, got {comp_mask.dtype} {tuple(comp_mask.shape)}")
         if ratio < 1:
             raise ValueError(f"prefill_attention: compression ratio {ratio} with compressed rows")
+    n_rot = 0
+    if rope is not None:
+        cos, sin = rope
+        n_rot = 2 * cos.shape[-1]
+        if n_rot > D:
+            raise ValueError(f"prefill_attention: n_rot {n_rot} exceeds head_dim {D}")
+        _check("prefill_attention: RoPE cos", cos, (T, n_rot // 2))
+        _check("prefill_attention: RoPE sin", sin, (T, n_rot // 2))
     o = torch.empty_like(q)
     if T == 0:
         return o
@@ -408,7 +438,7 @@ def prefill_attention(q, raw, raw_prev: int, comp, comp_mask, p0: int, ratio: in
     comp16 = comp.to(torch.float16) if has_comp else raw16
     cmask = comp_mask.view(torch.uint8) if has_comp else raw16
     _prefill_attn_kernel[(T, triton.cdiv(H, bh))](
-        q, raw16, comp16, cmask, sinks, o, H, C, raw_prev, n_swa, p0, max(ratio, 1),
-        comp_mask.stride(0) if has_comp else 0, 1.0 / D ** 0.5, D=D, BH=bh, BN=bn, BD=bd,
-        HAS_COMP=has_comp, num_warps=warps)
+        q, raw16, comp16, cmask, sinks, o, cos if n_rot else q, sin if n_rot else q, H, C,
+        raw_prev, n_swa, p0, max(ratio, 1), comp_mask.stride(0) if has_comp else 0,
+        1.0 / D ** 0.5, D=D, BH=bh, BN=bn, BD=bd, HAS_COMP=has_comp, NROT=n_rot, num_warps=warps)
     return o
