@@ -1,4 +1,5 @@
-"""The attention sublayer of one decode token in three launches (static decoder, CUDA graphs).
+"""The attention sublayer of one decode token in three launches (static decoder, CUDA graphs),
+and a prefill's attention over all its queries in one (`prefill_attention`, at the end).
 
 In torch the stretch between the attention projections and the grouped output ran as ~40 small
 kernels per layer (bench/results/profile_4layers_s4_baseline.txt): per-head RMS norm, RoPE,
@@ -290,7 +291,9 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
 
 
 # ---- a prefill's attention: all T queries of a call in one launch ----------------------------
-# The twin is the query-chunk loop of ds4tp.model.attend_many (model.attend per chunk). The cache
+# The twin is ds4tp.model.attend_many's: rope_tail of the queries, model.attend per query chunk,
+# rope_tail inverse of the heads (here: the rotations as the queries are read and before the
+# heads are stored; the same arithmetic, possibly contracted into FMAs). The cache
 # rows (raw and compressed) hold float16 values by construction (model.kv_cache_row, compress:
 # FP8/F16 rounding, then F16), so they are read as float16 exactly. The queries and the softmax
 # weights are float32: each goes into the tensor cores as a float16 head plus a float16 tail
@@ -387,9 +390,9 @@ def prefill_enabled() -> bool:
     return _prefill_switch.on
 
 
-# Launch shape: on an H200, 2048 tokens from an empty cache at DS4's width, this one against
-# the query-chunk twin: 0.51 / 3.38 ms (ratio 0), 1.80 / 5.80 (ratio 4, 512 compressed rows),
-# 0.76 / 4.04 (ratio 128); 8 warps, 16 heads per program, 128-wide score steps all slower; 64
+# Launch shape: on an H200, 2048 tokens from an empty cache at DS4's width, RoPE included, this
+# one against the twin: 0.54 / 4.21 ms (ratio 0), 1.86 / 6.72 (ratio 4, 512 compressed rows),
+# 0.79 / 4.90 (ratio 128); 8 warps, 16 heads per program, 128-wide score steps all slower; 64
 # heads or 64 keys per tile do not fit in shared memory (bench/results/prefill_attn_h200_s10_*).
 PREFILL_BH = 32   # heads per program
 PREFILL_BN = 32   # keys per tile

@@ -10,10 +10,11 @@ ran float32 GEMMs (256 of them per routed tensor per layer). Here one launch cov
     block sums scaled in float32). The result is the torch twin's up to float32 summation order.
   * the activation is quantised once (Q8_0 / Q8_K, bit-identical to ds4tp.numerics) before the
     launch; m is the fast grid axis, so the programs sharing a weight tile run together (L2).
-  * routed experts: the (token, slot) pairs are sorted by expert (one stable sort, one host sync
-    for the group sizes) and cut into token tiles of one expert each; a tile's columns are pairs,
-    so no activation or weight is gathered or copied, and each expert's rows are decoded once per
-    tile of its tokens. Outputs land at their (token, slot) row directly.
+  * routed experts: the (token, slot) pairs are sorted by expert (one stable sort; the tile table
+    is built on the device, expert_tiles_device, so no host sync) and cut into token tiles of one
+    expert each; a tile's columns are pairs, so no activation or weight is gathered or copied,
+    and each expert's rows are decoded once per tile of its tokens. Outputs land at their
+    (token, slot) row directly.
 
 F16 weights (mixer, router, compressors, indexer) take float32 activations as they are. On
 cuBLAS (`f16_split_mm`, the default where torch multiplies float16 into float32): each activation
@@ -633,8 +634,8 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     else:                # no host sync: tiles built on the device, skipped rows zeroed there
         pairs, table, tq = expert_tiles_device(ids, E, cfg.tq if cfg else None)
         flat = ids.reshape(-1).contiguous()
-        _zero_skipped_kernel[(flat.numel(),)](flat, out, E, n_out, BN=min(1024, triton.next_power_of_2(n_out)),
-                                              num_warps=4)
+        _zero_skipped_kernel[(flat.numel(),)](flat, out, E, n_out,
+                                              BN=min(1024, triton.next_power_of_2(n_out)), num_warps=4)
     if h16_path(w, T * K, h16, w2):
         rwc = rw.contiguous() if rw is not None else None
         if w.qtype in FUSED_TYPES:      # decoded in registers, nothing written back
