@@ -321,13 +321,15 @@ def test_cuda_routed_experts_small_vs_tiles():
 @needs_cuda
 def test_cuda_f16_split_cublas():
     """F16 weights on the split cuBLAS path: the split itself at DS4's widest F16 input (the HC
-    mixer's 16384), and products with rows over float32's range, each row against the twin."""
+    mixer's 16384), products with rows over float32's range, each row against the twin, and a
+    TP column shard (rows strided in the full weight's bytes)."""
     from ds4tp.kernels import triton_gemm as tg
     assert tg.cublas_h16(torch.device("cuda"))
     g = torch.Generator().manual_seed(16)
     kc.case_split_h16("cuda", g, 40, 16384)
     kc.case_f16_split_rows("cuda", g, 1024, 4096, 20)
     kc.case_f16_split_rows("cuda", g, 24, 16384, 6)
+    kc.case_gemm_linear("cuda", g, F16, 256, 2048, 70, shard=True)   # a column shard's strided rows
 
 
 @needs_cuda
