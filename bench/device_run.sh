@@ -95,6 +95,11 @@ trace6() {
   log "graph-replayed decode step, 6 full-width layers, traced"
   timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -30
 }
+# a 4-layer prefill profile: prefill_profile TIMEOUT_S LINES (the table's last LINES lines)
+prefill_profile() {
+  log "prefill profile, 4 full-width layers"
+  timeout "$1" python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -"$2" | tee "$OUT/profile_prefill.txt"
+}
 # the TP=1 bench at full size: bench_tp1 TIMEOUT_S DEPTH (decode variants, prefill 2048)
 bench_tp1() {
   log "bench, 43 layers, TP=1, depth 0 and $2, prefill 2048"
@@ -179,8 +184,7 @@ elif [ "$MODE" = final2 ]; then
   timeout 240 python3 -m ds4tp bench --tp $TPS --depth 0 --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-300
   golden 1 prefill,static 110
   if [ "$TPS" = "2,1" ]; then golden 2 prefill 70; fi
-  log "prefill profile, 4 full-width layers"
-  timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -62 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 60 62
 elif [ "$MODE" = decode ]; then
   # 2026-11-29: decode attention in three launches, paired projections, Q2_K slot sum at TP=1
   if two_gpus; then TPS="2,1"; else TPS="1"; fi
@@ -243,8 +247,7 @@ elif [ "$MODE" = tp2h16 ]; then
   if two_gpus; then golden 2 static,prefill 110; fi
   log "prefill launches at 2048 tokens, TP=1 shapes: exact vs float16 path"
   timeout 90 python3 bench/gemm_sweep.py --tp 1 --out "$OUT/gemm_sweep_tp1.json" --budget-s 50 2>&1 | grep -v Warn | grep "path\|GMAC" | tail -12
-  log "prefill profile, 4 full-width layers"
-  timeout 60 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 60 30
 elif [ "$MODE" = cudac ]; then
   # the CUDA C routed-expert kernels (cuda_experts, experts.cu): twin tests, launch sweep against
   # the Triton default, Nsight Compute (if present), a traced graph replay, the TP=1 bench (decode
@@ -329,22 +332,19 @@ elif [ "$MODE" = pf0 ]; then
   # the float16 path's decoding alone), a 4-layer prefill profile
   log "2048-token launches: exact vs float16 path, cuBLAS references"
   timeout 150 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 2>&1 | grep -v Warn
-  log "prefill profile, 4 full-width layers"
-  timeout 120 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -62 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 120 62
 elif [ "$MODE" = pf1 ]; then
   # session 9: float16 routed experts decoded in registers, dense float16 GEMMs on cuBLAS
   gate_tests 200 "gemm or h16" tests/test_kernels.py
   log "2048-token launches: default (float16 experts in registers, cuBLAS dense), exact; fused shapes"
   timeout 200 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --fused-sweep 2>&1 | grep -v Warn
-  log "prefill profile, 4 full-width layers"
-  timeout 120 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -40 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 120 40
   golden 1 prefill 100
 elif [ "$MODE" = pf2 ]; then
   # session 9: the tensor-core CUDA C routed experts of a prefill (experts_mma.cu)
   gate_tests 150 "mma or grouped_and_experts" tests/test_kernels.py
   routed_launches
-  log "prefill profile, 4 full-width layers"
-  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 100 30
   golden 1 prefill 100
 elif [ "$MODE" = pf3 ]; then
   # session 9: experts_mma.cu with the activations staged in shared memory (cp.async ring)
@@ -359,8 +359,7 @@ elif [ "$MODE" = pf4 ]; then
   # session 9 closing run: tensor-core routed experts (quad-shared weight words, ksigns bytes)
   gate_tests 150 "mma or grouped_and_experts or h16" tests/test_kernels.py
   routed_launches
-  log "prefill profile, 4 full-width layers"
-  timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 100 30
   golden 1 prefill,static 120
   bench_tp1 240 0
 elif [ "$MODE" = pa1 ]; then
@@ -376,8 +375,7 @@ elif [ "$MODE" = pa2 ]; then
   log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"
   timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
   golden 1 static,prefill 170
-  log "prefill profile, 4 full-width layers"
-  timeout 80 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -30 | tee "$OUT/profile_prefill.txt"
+  prefill_profile 80 30
 elif [ "$MODE" = pa3 ]; then
   gate_tests 200 "mma or grouped_and_experts or gemm_experts or routed_experts or expert_tiles" tests/test_kernels.py
   log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"

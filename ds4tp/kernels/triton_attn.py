@@ -30,7 +30,7 @@ import triton.language as tl
 from ds4tp.kernels import pdl
 from ds4tp.kernels.cuda_c import Switch
 from ds4tp.kernels.triton_pdl import pdl_start
-from ds4tp.kernels.triton_matvec import _TICKETS, _rint_clamped, _tickets
+from ds4tp.kernels.triton_matvec import _TICKETS, _f16_head_tail, _rint_clamped, _tickets
 from ds4tp.kernels.triton_norm import rms_from_squares
 
 
@@ -327,8 +327,7 @@ def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr
         qc = tl.load(q_ptr + qrow[:, None] + d0 + dd[None, :], mask=hmask[:, None], other=0.0)
         if NROT > 0 and d0 + BD > D - NROT:
             qc = _rope_rows(qc, cos_ptr, sin_ptr, t, d0, 1.0, BD, D, NROT)
-        qh = qc.to(tl.float16)
-        ql = (qc - qh.to(tl.float32)).to(tl.float16)
+        qh, ql = _f16_head_tail(qc)
         kt = tl.load(k_ptr + krow[None, :] + d0 + dd[:, None], mask=ok[None, :], other=0.0)   # [BD, BN]
         s = tl.dot(qh, kt, s)
         s = tl.dot(ql, kt, s)
@@ -337,8 +336,7 @@ def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr
     alpha = tl.exp(m - m_new)
     p = tl.exp(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    ph = p.to(tl.float16)
-    pl = (p - ph.to(tl.float32)).to(tl.float16)
+    ph, pl = _f16_head_tail(p)
     v = tl.load(k_ptr + krow[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
     acc = acc * alpha[:, None]
     acc = tl.dot(ph, v, acc)

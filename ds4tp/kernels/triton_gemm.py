@@ -49,10 +49,10 @@ import triton
 import triton.language as tl
 
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q8_0
-from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _f16_ptr, _iq2_grid64,
-                                         _iq2_tables, _iq2_xxs_wblock, _linear_args, _mv_tile, _pow2_at_least,
-                                         _pow2_divisor, _prequant, _q2_k_wblock, _q8_0_wtile_f32,
-                                         _raw, q8_0_split)
+from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _f16_head_tail,
+                                         _f16_ptr, _iq2_grid64, _iq2_tables, _iq2_xxs_wblock,
+                                         _linear_args, _mv_tile, _pow2_at_least, _pow2_divisor,
+                                         _prequant, _q2_k_wblock, _q8_0_wtile_f32, _raw, q8_0_split)
 
 MODE_SLOTS, MODE_SWIGLU = 0, 2
 H16_TYPES = (Q8_0, Q2_K, IQ2_XXS)
@@ -118,6 +118,18 @@ def _store_pairs(acc, acc2, p, live, rows, rmask, rw_ptr, out_ptr, stride_op, cl
 
 
 @triton.jit
+def _tile_pairs(tiles_ptr, pairs_ptr, pid_m, j):
+    """Row pid_m of an expert tile table (expert, first index into pairs, count): its expert, the
+    pairs p at columns j (0 past the count), which columns are live, and the count (0: a spare
+    row of expert_tiles_device's table, which the kernels skip)."""
+    e = tl.load(tiles_ptr + 3 * pid_m)
+    first = tl.load(tiles_ptr + 3 * pid_m + 1)
+    n_live = tl.load(tiles_ptr + 3 * pid_m + 2)
+    live = j < n_live
+    return e, tl.load(pairs_ptr + first + j, mask=live, other=0), live, n_live
+
+
+@triton.jit
 def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs_ptr,
                  stride_xt, stride_xk, tiles_ptr, pairs_ptr, rw_ptr, out_ptr, stride_op,
                  grid_ptr, sign_ptr, N, P, K, KB, rows_per_group, group_in, clamp,
@@ -137,13 +149,9 @@ def _gemm_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, xq_ptr, xd_ptr, xbs
     pid_n = tl.program_id(1)
     j = tl.arange(0, TQ)
     if TABLE:
-        e = tl.load(tiles_ptr + 3 * pid_m)
-        first = tl.load(tiles_ptr + 3 * pid_m + 1)
-        n_live = tl.load(tiles_ptr + 3 * pid_m + 2)
-        if n_live == 0:          # a spare row of expert_tiles_device's table
+        e, p, live, n_live = _tile_pairs(tiles_ptr, pairs_ptr, pid_m, j)
+        if n_live == 0:
             return
-        live = j < n_live
-        p = tl.load(pairs_ptr + first + j, mask=live, other=0)
     else:
         e = pid_m * 0
         p = pid_m * TQ + j
@@ -320,13 +328,9 @@ def _experts_h16_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, stride_xt, s
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     j = tl.arange(0, TQ)
-    e = tl.load(tiles_ptr + 3 * pid_m)
-    first = tl.load(tiles_ptr + 3 * pid_m + 1)
-    n_live = tl.load(tiles_ptr + 3 * pid_m + 2)
-    if n_live == 0:              # a spare row of expert_tiles_device's table
+    e, p, live, n_live = _tile_pairs(tiles_ptr, pairs_ptr, pid_m, j)
+    if n_live == 0:
         return
-    live = j < n_live
-    p = tl.load(pairs_ptr + first + j, mask=live, other=0)
     t = p // K
     x_off = t.to(tl.int64) * stride_xt + (p - t * K).to(tl.int64) * stride_xk
     rows = pid_n * BN + tl.arange(0, BN)
@@ -366,8 +370,7 @@ def _experts_h16_kernel(w_ptr, w2_ptr, stride_we, stride_wn, x_ptr, stride_xt, s
             s0 = tl.sum(tl.reshape(x0.to(tl.float32), (TQ, 8, 16)), axis=2)
             s1 = tl.sum(tl.reshape(x1.to(tl.float32), (TQ, 8, 16)), axis=2)
             xs = tl.reshape(tl.join(s0, s1), (TQ, 16))                       # [TQ, 16]
-            xs_hi = xs.to(tl.float16)
-            xs_lo = (xs - xs_hi.to(tl.float32)).to(tl.float16)
+            xs_hi, xs_lo = _f16_head_tail(xs)
             mn16 = mn.to(tl.float16)
             mpart = tl.dot(mn16, tl.trans(xs_hi))
             mpart = tl.dot(mn16, tl.trans(xs_lo), mpart)
@@ -433,8 +436,7 @@ def _split_h16_kernel(x_ptr, stride_x, out_ptr, scale_ptr, T, K, BK: tl.constexp
     e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 126
     e = tl.minimum(tl.maximum(tl.where(amax > 0, e, 0), -126), 126)
     xs = x * ((127 - e) << 23).to(tl.float32, bitcast=True)          # x * 2^-e
-    hi = xs.to(tl.float16)
-    lo = (xs - hi.to(tl.float32)).to(tl.float16)
+    hi, lo = _f16_head_tail(xs)
     row = t.to(tl.int64) * K
     tl.store(out_ptr + row + k, hi, mask=m)
     tl.store(out_ptr + T.to(tl.int64) * K + row + k, lo, mask=m)
@@ -624,8 +626,8 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     if T * K == 0:
         return out
     E = w.shape[0]
-    grouped_h16 = h16_path(w, T * K, h16, w2) and w.qtype not in FUSED_TYPES
-    if grouped_h16:      # decodes experts in groups: needs each tile's expert on the host
+    f16 = h16_path(w, T * K, h16, w2)
+    if f16 and w.qtype not in FUSED_TYPES:   # groups of experts: tile experts on the host
         pairs, table, skipped, tq, tile_expert = expert_tiles(ids, E, cfg.tq if cfg else None)
         if skipped:
             out.masked_fill_((ids < 0)[:, :, None], 0.0)
@@ -636,7 +638,7 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
         flat = ids.reshape(-1).contiguous()
         _zero_skipped_kernel[(flat.numel(),)](flat, out, E, n_out,
                                               BN=min(1024, triton.next_power_of_2(n_out)), num_warps=4)
-    if h16_path(w, T * K, h16, w2):
+    if f16:
         rwc = rw.contiguous() if rw is not None else None
         if w.qtype in FUSED_TYPES:      # decoded in registers, nothing written back
             x16 = x.to(torch.float16)

@@ -159,6 +159,14 @@ def _f16_ptr(p):
 
 
 @triton.jit
+def _f16_head_tail(x):
+    """float32 x -> float16 (head, tail) with x = head + tail to ~2^-22 relative (inside
+    float16's range): float32 operands of float16 tensor-core dots."""
+    head = x.to(tl.float16)
+    return head, (x - head.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
 def _q8_0_wtile_f32(w_ptr, row_off, rmask, kb, NB: tl.constexpr):
     """Q8_0 blocks kb..kb+NB-1 of each row, exactly dequantised: float32 [BN, NB, 32]."""
     j = tl.arange(0, NB)
