@@ -2,8 +2,8 @@
 inverse on the heads included): the one-launch kernel (triton_attn.prefill_attention) at a few
 launch shapes against the query-chunk twin
 (model.attend_many with the kernel switched off), from an empty cache, for a ratio-0, a
-ratio-4 (512 compressed rows) and a ratio-128 layer (16 rows). Timed with CUDA events over a
-few calls each; every shape is checked against the twin first.
+ratio-4 (512 compressed rows) and a ratio-128 layer (16 rows). Each time is the median of a
+few CUDA-event-timed calls (gemm_sweep.ms); every shape is checked against the twin first.
 
     python3 bench/prefill_attn.py [--tokens 2048] [--out prefill_attn.json]
 """
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gemm_sweep import ms as timed_ms  # noqa: E402  (median of CUDA-event-timed calls)
 from ds4tp.kernels import triton_attn as ta  # noqa: E402
 from ds4tp.model import attend_many  # noqa: E402
 from ds4tp.numerics import f16_round, rope_cos_sin  # noqa: E402
@@ -28,18 +29,6 @@ from ds4tp.numerics import f16_round, rope_cos_sin  # noqa: E402
 # memory) and bd=128 (bench/results/prefill_attn_h200_s10_pa1_*)
 SHAPES = [dict(bh=32, bn=32, bd=64, warps=4), dict(bh=32, bn=32, bd=64, warps=8),
           dict(bh=16, bn=32, bd=64, warps=4)]
-
-
-def timed_ms(fn, reps=5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def main() -> int:
