@@ -95,6 +95,11 @@ trace6() {
   log "graph-replayed decode step, 6 full-width layers, traced"
   timeout 100 python3 bench/profile_graph.py 6 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_6layers.txt" | sed -n '/kernels by/,$p' | head -30
 }
+# the 43-layer prefill, each piece on its previous path in turn: prefill_ab TIMEOUT_S
+prefill_ab() {
+  log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"
+  timeout "$1" python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
+}
 # a 4-layer prefill profile: prefill_profile TIMEOUT_S LINES (the table's last LINES lines)
 prefill_profile() {
   log "prefill profile, 4 full-width layers"
@@ -372,14 +377,12 @@ elif [ "$MODE" = pa2 ]; then
   gate_tests 150 "f16_split or gemm_linear or prefill_attention" tests/test_kernels.py
   log "2048-token F16 launches: split activation on cuBLAS against 3xTF32"
   timeout 90 python3 bench/gemm_sweep.py --out "$OUT/gemm_sweep.json" --budget-s 0 --only idx_q_b,router,comp_kv,hc_fn 2>&1 | grep -v Warn
-  log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"
-  timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
+  prefill_ab 120
   golden 1 static,prefill 170
   prefill_profile 80 30
 elif [ "$MODE" = pa3 ]; then
   gate_tests 200 "mma or grouped_and_experts or gemm_experts or routed_experts or expert_tiles" tests/test_kernels.py
-  log "43-layer prefill, 2048 tokens: default, then one piece at a time on its previous path"
-  timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
+  prefill_ab 120
   log "prefill profile, 4 full-width layers, GPU and host"
   timeout 100 python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn > "$OUT/profile_prefill.txt"
   grep -A12 "GPU kernels in" "$OUT/profile_prefill.txt"; grep -A40 "host profile" "$OUT/profile_prefill.txt" | cut -c1-150
