@@ -403,8 +403,7 @@ elif [ "$MODE" = pf6 ]; then
   # 43-layer prefill with and without the tensor-core experts (same run)
   gate_tests 60 "mma" tests/test_kernels.py
   golden 1 prefill 90
-  log "43-layer prefill, 2048 tokens: default vs exact routed experts"
-  timeout 120 python3 bench/prefill_ab.py --out "$OUT/prefill_ab.json" 2>&1 | grep -v Warn
+  prefill_ab 120
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
   bench_tp1 200 0
