@@ -232,14 +232,13 @@ class StaticDecoder:
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""
         s, comm = self.s, self.m.comm
-        n_vis = (pos + 1) // lw.ratio if lw.ratio and (emit or idx_on) else None   # [1] rows visible
+        n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
         side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
         with side:
             if lw.ratio:
-                self._compress(lw.comp, lay.front, lay.comp, xn, pos, s.head_dim, False, emit, n_vis)
+                self._compress(lw.comp, lay.front, lay.comp, xn, pos, False, emit)
             if lw.ratio == 4:
-                self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, s.indexer_head_dim, True,
-                               emit, n_vis)
+                self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, True, emit)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
@@ -258,27 +257,12 @@ class StaticDecoder:
         out = grouped_linear_out(lw, o, s)
         return comm.all_reduce(out)                                          # attention all-reduce
 
-    def _compress(self, cw, front: _Frontier, cache, xn, pos, hd, is_index, emit, n_vis):
-        """Write this token's projections into the frontier; on an emitting token pool the
-        window into a row, append it at index n_vis-1 and (ratio 4) shift the window."""
-        r = cw.ratio
+    def _compress(self, cw, front: _Frontier, cache, xn, pos, is_index, emit):
+        """Write this token's projections into the frontier; on a token ending a window, pool the
+        window into the cache row (pos+1)/r - 1 and (ratio 4) shift the window."""
         compressor_step(cw, xn, pos, front.kv, front.sc)
-        if not emit:
-            return
-        if r == 4:   # previous window through the first half, current through the second
-            v = torch.cat((front.kv[:4, :hd], front.kv[4:, hd:]), 0)
-            w = torch.cat((front.sc[:4, :hd], front.sc[4:, hd:]), 0)
-        else:
-            v, w = front.kv[:, :hd], front.sc[:, :hd]
-        pooled = (torch.softmax(w, dim=0) * v).sum(0, keepdim=True)
-        row = rms_norm(pooled, cw.norm)
-        cos, sin = (t[pos + 1 - r] for t in self.rope[True])
-        row = rope_tail(row, cos, sin)
-        row = f16_round(hadamard_fp4(row) if is_index else kv_row_quant(row, self.s))
-        cache.index_copy_(0, n_vis - 1, row)
-        if r == 4:
-            front.kv[:4] = front.kv[4:].clone()
-            front.sc[:4] = front.sc[4:].clone()
+        if emit:
+            compressor_emit(cw, front.kv, front.sc, cache, pos, *self.rope[True], is_index, self.s)
 
 
 # ---- one token's attention stages: dispatch points (one Triton launch each on CUDA) and their
@@ -315,6 +299,37 @@ def compressor_step(cw, xn, pos, front_kv, front_sc) -> None:
         from ds4tp.kernels import triton_attn
         return triton_attn.compressor_step(xn, cw.kv.raw, cw.gate.raw, cw.ape, pos, front_kv, front_sc)
     return compressor_step_torch(cw, xn, pos, front_kv, front_sc)
+
+
+def compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s) -> None:
+    """At a token ending its compressor's window (pos % r == r - 1): pool the frontier into the
+    compressed row (pos+1)/r - 1 of cache (softmax of the gates per channel; ratio 4 takes the
+    previous window through the first half of the projection and the current one through the
+    second), RMS norm, RoPE at the window's first position, FP8 (kv) or Hadamard + FP4
+    (indexer), F16; ratio 4 then moves the current window into the previous one's rows."""
+    r, hd = cw.ratio, cache.shape[1]
+    if r == 4:
+        v = torch.cat((front_kv[:4, :hd], front_kv[4:, hd:]), 0)
+        w = torch.cat((front_sc[:4, :hd], front_sc[4:, hd:]), 0)
+    else:
+        v, w = front_kv[:, :hd], front_sc[:, :hd]
+    pooled = (torch.softmax(w, dim=0) * v).sum(0, keepdim=True)
+    row = rms_norm(pooled, cw.norm)
+    row = rope_tail(row, cos_t[pos + 1 - r], sin_t[pos + 1 - r])
+    row = f16_round(hadamard_fp4(row) if is_index else kv_row_quant(row, s))
+    cache.index_copy_(0, (pos + 1) // r - 1, row)
+    if r == 4:
+        front_kv[:4] = front_kv[4:].clone()
+        front_sc[:4] = front_sc[4:].clone()
+
+
+def compressor_emit(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s) -> None:
+    if kernels.on_gpu(front_kv) and cw.ratio == 4:    # ratio 128 emits once per 128 tokens
+        from ds4tp.kernels import triton_attn
+        if triton_attn.emit_enabled():
+            return triton_attn.compressor_emit(front_kv, front_sc, cw.norm, cos_t, sin_t, pos,
+                                               cache, is_index, C.RMS_EPS)
+    return compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s)
 
 
 def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):

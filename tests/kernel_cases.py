@@ -640,6 +640,47 @@ def case_compressor_step(device, gen, ratio, W, E, p):
                for n, a, b in zip(("kv", "gate"), got, want))
 
 
+def case_compressor_emit(device, gen, HD, n_rot, index, p, first=False):
+    """A ratio-4 compressor's emission (pooling, norm, RoPE, FP8 or Hadamard + FP4, F16, cache
+    write, window shift) against decode_graph.compressor_emit_torch. The softmax's exp and sums
+    run in another order, which can move a value across an FP8/FP4 rounding boundary: at most
+    two such elements per row are allowed, each within one grid step (at most 1/7 of the row's
+    largest for FP8, 2/3 for FP4),
+    every other element within one F16 step. The frontier shift and the other cache rows are
+    exact. first: the previous window empty (gates at NEG_INF), as at position 3."""
+    from ds4tp.config import NEG_INF, Shape
+    from ds4tp.decode_graph import compressor_emit_torch
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights
+    assert p % 4 == 3
+    s = Shape(head_dim=HD if not index else 512, indexer_head_dim=HD if index else 128, n_rot=n_rot)
+    cw = CompressorWeights(4, None, None, None, (torch.rand(HD, generator=gen) + 0.5).to(device))
+    fkv = torch.randn(8, 2 * HD, generator=gen) * 2
+    fsc = torch.randn(8, 2 * HD, generator=gen) * 3
+    fkv[:, 5] *= 1e-7                                       # one channel far below the others
+    if first:
+        fkv[:4], fsc[:4] = 0.0, NEG_INF
+    cap = (p + 1) // 4 + 3
+    cache0 = torch.randn(cap, HD, generator=gen)
+    cos, sin = _rope_tables(n_rot, p + 1, device, compressed=True)
+    pos = torch.tensor([p], device=device)
+    want = [t.clone().to(device) for t in (fkv, fsc, cache0)]
+    compressor_emit_torch(cw, *want[:2], want[2], pos, cos, sin, index, s)
+    got = [t.clone().to(device) for t in (fkv, fsc, cache0)]
+    triton_attn.compressor_emit(*got[:2], cw.norm, cos, sin, pos, got[2], index, RMS_EPS)
+    got, want = [t.cpu() for t in got], [t.cpu() for t in want]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "frontier shift differs"
+    row = (p + 1) // 4 - 1
+    others = torch.arange(cap) != row
+    assert torch.equal(got[2][others], want[2][others]), "cache rows other than the emitted one changed"
+    g, w = got[2][row], want[2][row]
+    off = (g - w).abs() > 1e-3 * w.abs() + 1e-30
+    big = (g - w).abs().max().item()
+    assert int(off.sum()) <= 2 and big <= (0.67 if index else 0.143) * w.abs().max().item(), \
+        f"compressor_emit: {int(off.sum())} elements off (largest {big:.3g}) at {torch.nonzero(off)[:4].tolist()}"
+    return f"{int(off.sum())} grid flips"
+
+
 def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots."""
@@ -768,6 +809,9 @@ def interpreter_cases():
     yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)
     yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)
     yield "decode compressor_step ratio 128", case_compressor_step, (128, 48, 256, 300)
+    yield "decode compressor_emit kv row", case_compressor_emit, (512, 64, False, 39)
+    yield "decode compressor_emit index row", case_compressor_emit, (128, 64, True, 1003)
+    yield "decode compressor_emit first window", case_compressor_emit, (128, 64, True, 3, True)
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)

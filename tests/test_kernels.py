@@ -455,6 +455,26 @@ def test_cuda_compressor_step_full_size(ratio, W):
 
 
 @needs_cuda
+@pytest.mark.parametrize("hd,index,p,first", [(512, False, 1235, False), (128, True, 1235, False),
+                                               (512, False, 3, True), (128, True, 3, True)])
+def test_cuda_compressor_emit_full_size(hd, index, p, first):
+    """A ratio-4 compressor's emission at DS4's widths (kv rows of 512, index rows of 128)."""
+    kc.case_compressor_emit("cuda", torch.Generator().manual_seed(p + hd), hd, 64, index, p, first)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("hd,index", [(512, False), (128, True)])
+def test_compressor_emit_compiles_for_sm90(hd, index):
+    """The emission kernel (its Hadamard butterfly reshapes and permutes) compiled to PTX for an
+    H100/H200, with programmatic dependent launch."""
+    from ds4tp.kernels import triton_attn as ta
+    sig = dict(fkv_ptr="*fp32", fsc_ptr="*fp32", norm_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
+               pos_ptr="*i64", cache_ptr="*fp32", eps="fp32")
+    const = dict(HD=hd, NROT=64, INDEX=index, LOGHD=hd.bit_length() - 1, PDL=True)
+    assert "griddepcontrol" in _compile_sm90(ta._comp_emit_kernel, sig, const, 4)
+
+
+@needs_cuda
 @pytest.mark.parametrize("N", [24, 4])
 def test_cuda_hc_logits_full_size(N):
     kc.case_hc_logits("cuda", torch.Generator().manual_seed(N), 4, 4096, N)
@@ -574,6 +594,12 @@ def test_decode_kernel_argument_errors():
     with pytest.raises(ValueError, match="compressor_step: frontier kv"):
         triton_attn.compressor_step(torch.zeros(1, 64), w.raw, w.raw, torch.zeros(4, 16), pos,
                                     torch.zeros(4, 16), torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="compressor_emit: frontier gate"):
+        triton_attn.compressor_emit(torch.zeros(8, 256), torch.zeros(4, 256), torch.ones(128), cos,
+                                    sin, pos, torch.zeros(4, 128), False, 1e-6)
+    with pytest.raises(ValueError, match="row width 96"):
+        triton_attn.compressor_emit(torch.zeros(8, 192), torch.zeros(8, 192), torch.ones(96), cos,
+                                    sin, pos, torch.zeros(4, 96), False, 1e-6)
     with pytest.raises(ValueError, match="one token's float32 streams"):
         triton_hc.hc_logits(torch.zeros(2, 4, 16), w.raw, 1e-6)
     with pytest.raises(ValueError, match="do not match 64 inputs"):

@@ -1,4 +1,4 @@
-"""The attention sublayer of one decode token in three launches (static decoder, CUDA graphs),
+"""The attention sublayer of one decode token in a few launches (static decoder, CUDA graphs),
 and a prefill's attention over all its queries in one (`prefill_attention`, at the end).
 
 In torch the stretch between the attention projections and the grouped output ran as ~40 small
@@ -11,15 +11,20 @@ frontier writes, the masks, the score and value GEMMs, the softmax and the inver
                   written into the raw ring at pos % n_swa with its position.
   compressor_step one compressor's two F16 projections of the token (kv and gate rows), the gate
                   plus its positional bias, written into the frontier slot of the position.
+  compressor_emit a ratio-4 compressor's row at a token ending a window: softmax pooling of the
+                  8-row frontier, RMS norm, RoPE, FP8 (kv) or Hadamard + FP4 (indexer), F16,
+                  written at its cache row; the current window then becomes the previous one.
   attention       per head: RMS norm, RoPE, attention with its sink over the raw ring (positions
                   (pos - n_swa, pos]) and the visible compressed rows (optionally only those an
                   indexer mask selects), online softmax, then the inverse RoPE of the output.
 
 The position is read on the device (a graph replays with a new one). The twins are the torch
 functions of ds4tp.decode_graph (store_kv_row_torch, compressor_step_torch,
-decode_attention_torch). Same operations in the same order where rounding is exact-by-rule (RMS
-sums in float64, correctly rounded divisions and square roots, FP8/F16 grids); the float32 sums
-of the dot products and of the softmax run in another order (relative differences ~1e-6).
+compressor_emit_torch, decode_attention_torch). Same operations in the same order where
+rounding is exact-by-rule (RMS sums in float64, correctly rounded divisions and square roots,
+FP8/FP4/F16 grids, the Hadamard butterfly); the float32 sums of the dot products and of the
+softmax run in another order (relative differences ~1e-6, which can move a value across an
+FP8/FP4 rounding boundary now and then).
 """
 from __future__ import annotations
 
@@ -123,6 +128,74 @@ def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_pt
     sc = tl.sum(asc, axis=1) + tl.load(ape_ptr + ph * W + rows, mask=rmask, other=0.0)
     tl.store(fkv_ptr + slot * W + rows, kv, mask=rmask)
     tl.store(fsc_ptr + slot * W + rows, sc, mask=rmask)
+
+
+@triton.jit
+def _hadamard(x, N: tl.constexpr, LOGN: tl.constexpr):
+    """numerics.hadamard of a [N] vector: the same butterfly (pairs i, i + h for h = 1, 2, 4, ...;
+    a + b then a - b), then one multiply by float32 1/sqrt(N)."""
+    y = x
+    for k in tl.static_range(LOGN):
+        a, b = tl.split(tl.permute(tl.reshape(y, (N >> (k + 1), 2, 1 << k)), (0, 2, 1)))
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (N,))
+    return y * (1.0 / N ** 0.5)
+
+
+@triton.jit
+def _fp4_e2m1_blocks(b):
+    """E2M1 round trip of blocks b [NB, 32] (numerics.fp4_e2m1_blocks): amax floored at 2**-126 *
+    6, scale 2**ceil(log2(amax/6)), v = b/scale clamped to +-6, rounded half-even to 1 mantissa
+    bit (quantum 2**max(e-2, -1) for |v| in [2**(e-1), 2**e)), times the scale."""
+    amax = tl.maximum(tl.max(tl.abs(b), axis=1), 7.052966104933725e-38)
+    y = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
+    yb = y.to(tl.int32, bitcast=True)
+    ey = ((yb >> 23) & 255) - 127 + ((yb & 0x7FFFFF) != 0).to(tl.int32)     # ceil(log2(y)), y normal
+    v = b * _pow2(-ey)[:, None]                                             # exact: a power of two
+    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 126                  # frexp exponent (0 -> -126)
+    qe = tl.maximum(e - 2, -1)
+    r = _rint_clamped(v * _pow2(-qe)).to(tl.float32)                        # exact scaling; |.| <= 4
+    return (r * _pow2(qe)) * _pow2(ey)[:, None]
+
+
+@triton.jit
+def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps,
+                      HD: tl.constexpr, NROT: tl.constexpr, INDEX: tl.constexpr,
+                      LOGHD: tl.constexpr, PDL: tl.constexpr = False):
+    """A ratio-4 frontier [8, 2HD] (rows 0-3 the previous window, 4-7 the current one) pooled
+    into the compressed row (pos+1)/4 - 1 of cache, then the current window moved to rows 0-3."""
+    pdl_start(PDL)
+    pos = tl.load(pos_ptr)
+    W: tl.constexpr = 2 * HD
+    r4 = tl.arange(0, 4)[:, None]
+    d = tl.arange(0, HD)
+    prev = r4 * W + d[None, :]              # previous window through the first half
+    cur = (r4 + 4) * W + HD + d[None, :]    # current window through the second half
+    pv, ps = tl.load(fkv_ptr + prev), tl.load(fsc_ptr + prev)
+    cv, cs = tl.load(fkv_ptr + cur), tl.load(fsc_ptr + cur)
+    cv_lo, cs_lo = tl.load(fkv_ptr + cur - HD), tl.load(fsc_ptr + cur - HD)
+    # softmax over the 8 candidates per channel, then the weighted sum (torch.softmax(w, 0) * v)
+    m = tl.maximum(tl.max(ps, axis=0), tl.max(cs, axis=0))
+    ep, ec = tl.exp(ps - m[None, :]), tl.exp(cs - m[None, :])
+    den = tl.sum(ep, axis=0) + tl.sum(ec, axis=0)
+    x = tl.sum(ep / den[None, :] * pv, axis=0) + tl.sum(ec / den[None, :] * cv, axis=0)
+    xd = x.to(tl.float64)
+    y = (x * rms_from_squares(xd * xd, HD, eps)) * tl.load(norm_ptr + d)
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos - 3, HD, NROT)                     # the window's first position
+    y = _rope(y, c, s, HD)
+    if INDEX:
+        y = tl.reshape(_fp4_e2m1_blocks(tl.reshape(_hadamard(y, HD, LOGHD), (HD // 32, 32))), (HD,))
+    else:
+        b = tl.reshape(y, (HD // 64, 64))
+        nope = (tl.arange(0, HD // 64) < (HD - NROT) // 64)[:, None]
+        y = tl.reshape(tl.where(nope, _fp8_e4m3_blocks(b), b), (HD,))
+    y = y.to(tl.float16).to(tl.float32)
+    tl.store(cache_ptr + ((pos + 1) // 4 - 1) * HD + d, y)
+    tl.debug_barrier()                      # every lane's frontier reads are done
+    tl.store(fkv_ptr + prev, cv_lo)
+    tl.store(fsc_ptr + prev, cs_lo)
+    tl.store(fkv_ptr + prev + HD, cv)
+    tl.store(fsc_ptr + prev + HD, cs)
 
 
 @triton.jit
@@ -253,6 +326,35 @@ def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
     _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
                                              ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
                                              num_warps=8, **pdl.triton_args(x.device))
+
+
+def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool, eps):
+    """A ratio-4 compressor's emission at a token ending its window (pos % 4 == 3): the frontier
+    front_kv / front_sc [8, 2HD] pooled (softmax of the gates per channel), RMS-normed with norm
+    [HD], rotated at position pos - 3 (cos/sin: the compressed-RoPE tables), then FP8 of the
+    non-RoPE dims (kv rows) or Hadamard + FP4 (index rows, `index`), F16, written to row
+    (pos+1)/4 - 1 of cache [cap, HD]; then rows 4-7 of the frontier are moved to rows 0-3."""
+    cap, HD = cache.shape
+    n_rot = cos.shape[1] * 2
+    if HD & (HD - 1) or HD % 64 or n_rot > HD or (HD - n_rot) % 64:
+        raise ValueError(f"compressor_emit: row width {HD} must be a power of two, a multiple of 64, "
+                         f"with (width - n_rot) % 64 == 0")
+    _check("compressor_emit: frontier kv", front_kv, (8, 2 * HD))
+    _check("compressor_emit: frontier gate", front_sc, (8, 2 * HD))
+    _check("compressor_emit: norm weight", norm, (HD,))
+    _check("compressor_emit: cache", cache, (cap, HD))
+    _check_rope(cos, sin, pos, n_rot)
+    _comp_emit_kernel[(1,)](front_kv, front_sc, norm, cos, sin, pos, cache, eps, HD=HD, NROT=n_rot,
+                            INDEX=bool(index), LOGHD=HD.bit_length() - 1, num_warps=4,
+                            **pdl.triton_args(front_kv.device))
+
+
+_emit_switch = Switch()
+set_emit_enabled = _emit_switch.set     # benchmarks time the torch twin in the same run
+
+
+def emit_enabled() -> bool:
+    return _emit_switch.on
 
 
 def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
