@@ -49,6 +49,8 @@
 #        tests, the 43-layer prefill A/B, a prefill profile with the host's side, TP=1 goldens
 #   pa4: session 10 closing run: prefill attention with RoPE inside (tests, launch shapes),
 #        TP=1 goldens, the TP=1 bench at depth 0 (decode and prefill A/B variants)
+#   em1: session 11, a ratio-4 compressor's emission in one launch: twins, bench (emission A/B,
+#        per-variant replay times), prefill A/B after the profiler, TP=1 golden (graphs)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -109,7 +111,7 @@ prefill_profile() {
 bench_tp1() {
   log "bench, 43 layers, TP=1, depth 0 and $2, prefill 2048"
   timeout "$1" python3 -m ds4tp bench --tp 1 --depth "$2" --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
-  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1), {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()}) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
 }
 # one CUDA C round of the fifth session: cuda_c_round TEST_SELECTION SWEEP_TIMEOUT_S CASES BENCH_TIMEOUT_S
 # (twin tests, the launch sweep against Triton, a traced 6-layer replay, the TP=1 bench)
@@ -393,6 +395,15 @@ elif [ "$MODE" = pa4 ]; then
   timeout 90 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
   golden 1 static,prefill 150
   bench_tp1 200 0
+elif [ "$MODE" = em1 ]; then
+  # session 11: a ratio-4 compressor's emission in one launch (triton_attn.compressor_emit):
+  # twins (with the review commits of session 10 not yet run on a GPU), the bench at depth 0
+  # (emission on its torch twin as an A/B, per-variant replay times), the prefill A/B with a
+  # prefill after the profiler, TP=1 goldens on the graph decoder
+  gate_tests 220 "compressor_emit or prefill_attention or f16_split or mma or expert_tiles or gemm or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  bench_tp1 200 0
+  prefill_ab 130
+  golden 1 static 100
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

@@ -2,7 +2,9 @@
 default path, then with one piece at a time on its previous path, then the default again, same
 run: attention in query chunks of torch ops (instead of triton_attn.prefill_attention), the F16
 weights in 3xTF32 (instead of the split activation on cuBLAS), the routed experts on the exact
-(Q8_K activation) path (instead of the tensor-core float16 kernels).
+(Q8_K activation) path (instead of the tensor-core float16 kernels); last, the default once
+more after an eager decode step under torch.profiler (the bench profiled before its prefill
+until the ninth session).
 Usage: python bench/prefill_ab.py [--out file.json] [--tokens 2048]"""
 import argparse
 import contextlib
@@ -14,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds4tp import config as C  # noqa: E402
-from ds4tp.bench import _setting, _switched_off, build_model, time_prefill  # noqa: E402
+from ds4tp.bench import _setting, _switched_off, build_model, profile_split, time_prefill  # noqa: E402
 from ds4tp.comm import SingleComm  # noqa: E402
 from ds4tp.kernels import triton_attn, triton_gemm  # noqa: E402
 
@@ -29,6 +31,17 @@ variants = [("prefill", contextlib.nullcontext()),
             ("prefill_f16_3xtf32", _setting(triton_gemm, "F16_CUBLAS", False)),
             ("prefill_exact_experts", _setting(triton_gemm, "H16_MIN_PAIRS", None)),
             ("prefill_again", contextlib.nullcontext())]
+
+
+@contextlib.contextmanager
+def _after_profiler():
+    """The bench's eager decode step under torch.profiler first (bench.profile_split): does a
+    prefill after it in the same process run slower?"""
+    res["profile"] = profile_split(m)
+    yield
+
+
+variants.append(("prefill_after_profiler", _after_profiler()))
 for key, ctx in variants:
     with ctx:
         res[key] = time_prefill(m, a.tokens)

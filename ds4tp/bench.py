@@ -183,8 +183,21 @@ def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
     for _ in range(steps):
         tok = int(dec.step(tok).argmax())
     el = time.perf_counter() - t
-    return {"depth": depth, "steps": steps, "tok_s": steps / el, "ms_per_token": 1e3 * el / steps,
-            "variants_captured": len(dec.graphs)}
+    res = {"depth": depth, "steps": steps, "tok_s": steps / el, "ms_per_token": 1e3 * el / steps,
+           "variants_captured": len(dec.graphs)}
+    # each captured variant replayed alone (the tokens ending a ratio-4 window emit compressed
+    # rows: one step in four): ms per replay, keyed "emit4,emit128,indexer"
+    if dec.graphs:
+        res["variant_ms"] = {}
+        for var, (g, _) in dec.graphs.items():
+            g.replay()
+            _sync()
+            t = time.perf_counter()
+            for _ in range(20):
+                g.replay()
+            _sync()
+            res["variant_ms"][",".join(str(int(v)) for v in var)] = 1e3 * (time.perf_counter() - t) / 20
+    return res
 
 
 def time_collectives(comm, shape, dev, iters=50) -> dict:
@@ -339,6 +352,12 @@ def _bench_rank(comm, dev, cfg):
             with _switched_off(path.set_enabled):
                 res[key] = time_decode(model, 1, steps, max_ctx=256)
             save()
+    # a ratio-4 compressor's emission (every fourth token) as its torch twin (~20 launches per
+    # compressor) instead of one Triton launch (triton_attn.compressor_emit)
+    from ds4tp.kernels import triton_attn
+    with _switched_off(triton_attn.set_emit_enabled):
+        res["decode_d0_emit_torch"] = time_decode(model, 1, steps, max_ctx=256)
+    save()
     # the graph captured on a stream of high priority instead of the default one (decode_graph.
     # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)
     res["decode_d0_priority_high"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)
@@ -348,7 +367,6 @@ def _bench_rank(comm, dev, cfg):
     model.comm = NullComm(comm.rank, comm.world)
     res["decode_d0_nocomm"] = time_decode(model, 1, steps, max_ctx=256)
     model.comm = real
-    res["profile"] = profile_split(model)
     save()
     if cfg["prefill"]:
         res["prefill"] = time_prefill(model, cfg["prefill"])
@@ -366,10 +384,13 @@ def _bench_rank(comm, dev, cfg):
         save()
         # the same prefill with attention in query chunks of torch ops (model.attend_many's twin)
         # instead of one Triton launch per layer (triton_attn.prefill_attention)
-        from ds4tp.kernels import triton_attn
         with _switched_off(triton_attn.set_prefill_enabled):
             res["prefill_attention_chunks"] = time_prefill(model, cfg["prefill"])
         save()
+    # after the prefills: once the torch profiler has run, later eager launches in the process
+    # may cost more (bench/prefill_ab.py times a prefill after it)
+    res["profile"] = profile_split(model)
+    save()
     if cfg["depth"]:
         res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
         save()
