@@ -51,7 +51,8 @@
 #        TP=1 goldens, the TP=1 bench at depth 0 (decode and prefill A/B variants)
 #   em1: session 11, a ratio-4 compressor's emission in one launch: twins, bench (emission A/B,
 #        per-variant replay times), prefill A/B after the profiler, TP=1 golden (graphs)
-#   em2: session 11, the software-pipelined Q8_0 row loop: twins, T=1 launch sweep
+#   em2: session 11, a software-pipelined Q8_0 row loop (measured no faster, removed; in git
+#        history, 7519d0f): twins, T=1 launch sweep
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -406,7 +407,7 @@ elif [ "$MODE" = em1 ]; then
   prefill_ab 130
   golden 1 static 100
 elif [ "$MODE" = em2 ]; then
-  # session 11: the software-pipelined Q8_0 row loop (matvec.cu PIPE): CUDA C Q8_0 twins, the
+  # session 11: a software-pipelined Q8_0 row loop (matvec.cu PIPE, since removed): CUDA C Q8_0 twins, the
   # PDL bit-identity test (not reached by em1's test timeout), the T=1 launch sweep of the Q8_0
   # decode shapes
   gate_tests 200 "(cuda_c_kernels and q8_0) or pdl_is" tests/test_kernels.py tests/test_decode_graph.py

@@ -157,7 +157,7 @@ class Op:
         if isinstance(cfg, CudaCfg) and k in ("linear", "grouped"):   # CUDA C Q8_0 (cuda_matvec)
             from ds4tp.kernels import cuda_matvec as cm
             y = cm.q8_0(w, self.x, self.case.groups, rpb=cfg.rpc, warps=cfg.warps, loads=cfg.loads,
-                        minb=cfg.minb, pipe=cfg.pipe)
+                        minb=cfg.minb)
             if y is None:
                 raise ValueError("the CUDA C path does not cover this case")
             return y
@@ -269,17 +269,13 @@ class CudaCfg:
     path: str = "cuda_c"
     loads: int = 8         # Q8_0: 16-byte loads in flight per lane
     minb: int = 0          # Q8_0: blocks per SM the register allocation must allow (0: any)
-    pipe: int = 0          # Q8_0: 1 = the software-pipelined row loop (matvec.cu PIPE)
 
 
 def cuda_cfgs(case: Case, T: int) -> list:
     from ds4tp.kernels import cuda_experts as ce
     from ds4tp.kernels import cuda_matvec as cm
     if DEV == "cuda" and cm.available() and T == 1 and case.qtype == Q8_0 and case.kind in ("linear", "grouped"):
-        return [CudaCfg(None, 16, loads=4), CudaCfg(None, 16, loads=4, pipe=1),
-                CudaCfg(None, 16, loads=2, pipe=1), CudaCfg(None, 8, loads=4, pipe=1),
-                CudaCfg(None, 8, loads=2, pipe=1), CudaCfg(None, 16, loads=8, pipe=1),
-                CudaCfg(None, 8), CudaCfg(None, 16), CudaCfg(None, 8, loads=4),
+        return [CudaCfg(None, 8), CudaCfg(None, 16), CudaCfg(None, 8, loads=4), CudaCfg(None, 16, loads=4),
                 CudaCfg(None, 4, loads=4), CudaCfg(None, 8, loads=16), CudaCfg(None, 8, minb=3),
                 CudaCfg(32, 8)]
     if not (DEV == "cuda" and ce.available() and T <= ce.MAX_T and case.kind in ("swiglu", "experts_sum")

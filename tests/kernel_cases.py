@@ -242,20 +242,18 @@ def case_cuda_not_covered(device, gen):
 
 
 def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False, rpb=None, warps=None,
-                   loads=None, swiglu=False, pipe=None):
+                   loads=None, swiglu=False):
     """The CUDA C Q8_0 one-token matvec (cuda_matvec.q8_0) against the twin of its entry point
     (linear, grouped_linear, linear_normed, swiglu_linear); asserts that it took the case."""
     from ds4tp.kernels import cuda_matvec as cm
-    kw = {"rpb": rpb, **({"warps": warps} if warps else {}), **({"loads": loads} if loads else {}),
-          **({"pipe": pipe} if pipe is not None else {})}
+    kw = {"rpb": rpb, **({"warps": warps} if warps else {}), **({"loads": loads} if loads else {})}
     if shard:
         w = column_shard(rand_weight(Q8_0, (n_out, 2 * n_in), gen, device), 1, 2)
         assert not w.raw.is_contiguous()
     else:
         w = rand_weight(Q8_0, (n_out, n_in), gen, device)
     x = rand_act((1, groups * n_in), gen, device)
-    tag = (f"cuda q8_0 {n_out}x{n_in} groups={groups} normed={normed} shard={shard} rpb={rpb} "
-           f"swiglu={swiglu} pipe={pipe}")
+    tag = f"cuda q8_0 {n_out}x{n_in} groups={groups} normed={normed} shard={shard} rpb={rpb} swiglu={swiglu}"
     if swiglu:   # gate | up, spread past the clamp (10) on both sides
         gu = rand_act((1, 2 * n_in), gen, device) * 6
         got, want = cm.q8_0(w, gu, swiglu_clamp=10.0, **kw), ops.swiglu_linear_torch(w, gu, 10.0)
@@ -319,14 +317,6 @@ def cuda_c_cases():
     yield "cuda q8_0 16 loads 8192", case_cuda_q8_0, (30, 8192, 1, True, False, None, 8, 16)
     yield "cuda q8_0 swiglu shared down", case_cuda_q8_0, (512, 2048, 1, False, False, None, None, None, True)
     yield "cuda q8_0 swiglu TP=2 shard", case_cuda_q8_0, (64, 1024, 1, False, True, None, None, None, True)
-    # the software-pipelined row loop (matvec.cu PIPE): one and several row groups per warp,
-    # partial groups, every width
-    for n_in in (512, 1024, 4096, 16384):
-        yield f"cuda q8_0 pipe {n_in} in", case_cuda_q8_0, (72, n_in, 1, False, False, None, None, None, False, 1)
-    yield "cuda q8_0 pipe many rows per warp 2 loads", case_cuda_q8_0, (4099, 1024, 1, False, False, 512, 8, 2, False, 1)
-    yield "cuda q8_0 pipe grouped rpb 24", case_cuda_q8_0, (8 * 40, 4096, 8, False, False, 24, 16, 4, False, 1)
-    yield "cuda q8_0 pipe normed 8 loads", case_cuda_q8_0, (300, 1024, 1, True, False, None, 16, 8, False, 1)
-    yield "cuda q8_0 pipe swiglu shard", case_cuda_q8_0, (64, 1024, 1, False, True, 8, None, None, True, 1)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
     # the tensor-core float16 routed experts of a prefill (tiles of up to 64 pairs)
     yield "cuda mma swiglu 4096 in", case_cuda_experts_mma, (IQ2_XXS, 16, 96, 4096, 300, 6, False, True)

@@ -24,7 +24,6 @@ from ds4tp.kernels import cuda_c
 WARPS = 16         # warps per block
 LOADS = 4          # 16-byte loads in flight per lane (matvec.cu LOADS)
 MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
-PIPE = 0           # 1: the software-pipelined row loop (matvec.cu q8_0_rows_pipe)
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
 _WIDTHS = tuple(512 << i for i in range(6) if 512 << i <= MAX_K)   # whole 16-byte pieces per lane
 _switch = cuda_c.Switch()
@@ -32,10 +31,10 @@ set_enabled = _switch.set          # benchmarks time the Triton kernel in the sa
 available = _switch.available
 
 
-def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB, pipe: int = PIPE):
+def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB):
     """Compiled per device and launch constants (benchmarks time other values)."""
     return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index,
-                         (("WARPS", warps), ("LOADS", loads), ("MINB", minb), ("PIPE", pipe)))
+                         (("WARPS", warps), ("LOADS", loads), ("MINB", minb)))
 
 
 def default_rpb(fn, n_rows: int, device: torch.device, warps: int = WARPS) -> int:
@@ -50,7 +49,7 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
          rpb: int | None = None, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
-         swiglu_clamp: float = 0.0, pipe: int = PIPE) -> torch.Tensor | None:
+         swiglu_clamp: float = 0.0) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
@@ -68,7 +67,7 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     if norm is not None and (groups != 1 or norm.shape != (K,) or norm.dtype != torch.float32
                              or norm.device != x.device):
         return None
-    fn = _kernel(x.device, warps, loads, minb, pipe)
+    fn = _kernel(x.device, warps, loads, minb)
     if fn is None:
         return None
     from ds4tp.kernels.triton_matvec import q8_0_split

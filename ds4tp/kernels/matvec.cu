@@ -20,9 +20,6 @@
 #ifndef LOADS
 #define LOADS 8                 // 16-byte loads in flight per lane per step (a power of two)
 #endif
-#ifndef PIPE
-#define PIPE 0                  // 1: the software-pipelined row loop (q8_0_rows_pipe)
-#endif
 #ifndef MINB
 #define MINB 0                  // blocks per SM the register allocation must allow (0: ptxas' choice)
 #endif
@@ -153,89 +150,6 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
     }
 }
 
-// The same rows as q8_0_rows, software-pipelined: the (row group, piece step) sequence of the
-// warp is one loop, and the loads of step i+1 are issued before step i is summed, so a lane
-// always has LOADS 16-byte loads in flight (two register buffers).
-template <int CPR>
-__device__ __forceinline__ void q8_0_load_step(const signed char* __restrict__ q,
-                                               const unsigned short* __restrict__ d,
-                                               long long row0, int nrows, int j0, int c0, int lane,
-                                               int4 (&v)[LOADS / (CPR < LOADS ? CPR : LOADS)][CPR < LOADS ? CPR : LOADS],
-                                               unsigned short (&dh)[LOADS / (CPR < LOADS ? CPR : LOADS)][CPR < LOADS ? CPR : LOADS]) {
-    constexpr int U = CPR < LOADS ? CPR : LOADS;
-    constexpr int R = LOADS / U;
-    constexpr int K = 512 * CPR;
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        const bool ok = j0 + r * WARPS < nrows;
-        const long long row = row0 + j0 + r * WARPS;
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int c = c0 + u;
-            v[r][u] = ok ? __ldg((const int4*)(q + row * K) + 32 * c + lane) : make_int4(0, 0, 0, 0);
-            dh[r][u] = ok ? __ldg(d + row * (K / 32) + 16 * c + (lane >> 1)) : (unsigned short)0;
-        }
-    }
-}
-
-template <int CPR>
-__device__ __forceinline__ void q8_0_rows_pipe(const signed char* __restrict__ q,
-                                               const unsigned short* __restrict__ d,
-                                               const signed char* s_q, const float* s_d,
-                                               float* __restrict__ y, long long row0, int nrows,
-                                               int lane, int warp) {
-    constexpr int U = CPR < LOADS ? CPR : LOADS;
-    constexpr int R = LOADS / U;
-    constexpr int SPG = CPR / U;                       // steps per row group
-    const int4* xq = (const int4*)s_q;
-    const int groups = warp < nrows ? (nrows - warp + WARPS * R - 1) / (WARPS * R) : 0;
-    const int steps = groups * SPG;
-    int4 v[R][U];
-    unsigned short dh[R][U];
-    if (steps > 0) q8_0_load_step<CPR>(q, d, row0, nrows, warp, 0, lane, v, dh);
-    float acc[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.0f;
-    for (int st = 0; st < steps; st++) {
-        const int j0 = warp + (st / SPG) * WARPS * R, c0 = (st % SPG) * U;
-        int4 vn[R][U];
-        unsigned short dn[R][U];
-        if (st + 1 < steps) {
-            const int s1 = st + 1;
-            q8_0_load_step<CPR>(q, d, row0, nrows, warp + (s1 / SPG) * WARPS * R, (s1 % SPG) * U,
-                                lane, vn, dn);
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int c = c0 + u;
-                const int4 a = xq[32 * c + lane];
-                int s = __dp4a(v[r][u].x, a.x, 0);
-                s = __dp4a(v[r][u].y, a.y, s);
-                s = __dp4a(v[r][u].z, a.z, s);
-                s = __dp4a(v[r][u].w, a.w, s);
-                s += __shfl_xor_sync(FULL, s, 1);                   // the block's other half
-                const float f = __fmul_rn(__fmul_rn((float)s, s_d[16 * c + (lane >> 1)]), h2f(dh[r][u]));
-                acc[r] += (lane & 1) ? 0.0f : f;
-            }
-        }
-        if (st % SPG == SPG - 1) {
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float t = warp_sum(acc[r]);
-                if (lane == 0 && j0 + r * WARPS < nrows) y[row0 + j0 + r * WARPS] = t;
-                acc[r] = 0.0f;
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-#pragma unroll
-            for (int u = 0; u < U; u++) { v[r][u] = vn[r][u]; dh[r][u] = dn[r][u]; }
-        }
-    }
-}
-
 // The first step's pieces of this warp's rows into L2, so that they arrive while the block
 // quantises its input (and, launched with PDL, while the kernel ahead finishes).
 template <int CPR>
@@ -262,11 +176,7 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
     q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
     pdl_wait();                       // x is the kernel ahead's output (PDL: ds4tp.kernels.pdl)
     q8_0_prologue(x, nw, eps, clamp, 512 * CPR, s_q, s_d, s_red);
-#if PIPE
-    q8_0_rows_pipe<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
-#else
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
-#endif
 }
 
 // y[n] = sum_k w[n, k] * x_g[k] for the rows n of group g = n / rows_per_group, x_g = x + g*K
