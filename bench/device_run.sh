@@ -53,7 +53,8 @@
 #        per-variant replay times), prefill A/B after the profiler, TP=1 golden (graphs)
 #   em2: session 11, a software-pipelined Q8_0 row loop (measured no faster, removed; in git
 #        history, 7519d0f): twins, T=1 launch sweep
-#   em3: session 11, the KV row's store on the side stream: tests, bench with depth 4096, golden
+#   em3: session 11, the KV row's store on the side stream (measured no faster, removed; in git
+#        history, a49dbe0): tests, bench with depth 4096, golden
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -414,7 +415,7 @@ elif [ "$MODE" = em2 ]; then
   gate_tests 200 "(cuda_c_kernels and q8_0) or pdl_is" tests/test_kernels.py tests/test_decode_graph.py
   cuda_c_sweep 260 230 "attn_q_b,attn_out_b,attn_out_a,shexp_gate_up_fused,shexp_down,attn_q_a_kv"
 elif [ "$MODE" = em3 ]; then
-  # session 11: the KV row's store on the side stream (decode_graph.SIDE_KV_STORE): stream and
+  # session 11: the KV row's store on the side stream (decode_graph.SIDE_KV_STORE, since removed): stream and
   # PDL bit-identity tests, the bench with depth 4096 (A/B in the same run), TP=1 golden (graphs)
   gate_tests 150 "side_stream or pdl_is" tests/test_decode_graph.py
   bench_tp1 330 4096

@@ -358,12 +358,6 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(triton_attn.set_emit_enabled):
         res["decode_d0_emit_torch"] = time_decode(model, 1, steps, max_ctx=256)
     save()
-    # the raw KV row's store on the main stream before the join instead of on the side stream
-    # beside attn_q_b (decode_graph.SIDE_KV_STORE)
-    from ds4tp import decode_graph
-    with _setting(decode_graph, "SIDE_KV_STORE", False):
-        res["decode_d0_kv_store_main"] = time_decode(model, 1, steps, max_ctx=256)
-    save()
     # the graph captured on a stream of high priority instead of the default one (decode_graph.
     # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)
     res["decode_d0_priority_high"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)

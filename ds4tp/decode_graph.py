@@ -19,7 +19,6 @@ layout); `step(token)` then decodes. Without CUDA (tests) the same code runs eag
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +55,6 @@ class _Layer:
 # default priority again.
 CAPTURE_PRIORITY = 0
 
-# The raw KV row's store on the side stream, beside attn_q_b (it needs only attn_q_a_kv's
-# output; attention reads it after the join) instead of on the main stream before the join.
-SIDE_KV_STORE = True
-
 
 class StaticDecoder:
     """One sequence, decode only, static buffers; graphs on CUDA when use_graphs."""
@@ -72,7 +67,6 @@ class StaticDecoder:
         where both wait for SMs."""
         self.m, self.s = model, model.shape
         self.priority = priority
-        self.side_kv_store = SIDE_KV_STORE
         s, dev = self.s, model.device
         self.max_ctx = max_ctx
         self.dev = dev
@@ -239,19 +233,16 @@ class StaticDecoder:
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
-        # beside the query path, on a second stream: the compressors, then (once q_a_kv is
-        # done) the KV row's store, which only attention reads
-        side = Side(xn, self.m.overlap and (self.side_kv_store or lw.ratio > 0))
+        side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
         with side:
             if lw.ratio:
                 self._compress(lw.comp, lay.front, lay.comp, xn, pos, False, emit)
             if lw.ratio == 4:
                 self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, True, emit)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
-        rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
-        with side.resume() if self.side_kv_store else contextlib.nullcontext():
-            store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
+        rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
+        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
         comp = mask = None
         if lw.ratio:

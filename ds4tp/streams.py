@@ -10,8 +10,6 @@ parallel branches of the graph.
     with side:
         ...                      # queued on the side stream
     ...                          # main stream, concurrently
-    with side.resume():          # optional: more side work that also waits for the main
-        ...                      # stream's work queued so far
     side.join()                  # main waits for the side work
 
 Off CUDA, or when disabled, both are no-ops and the work runs in program order. Tensors made on
@@ -53,13 +51,6 @@ class Side:
             self._ctx.__exit__(*exc)
             self._ctx = None
         return False
-
-    def resume(self) -> "Side":
-        """For more side work that also needs the main stream's work queued since the fork:
-        `with side.resume(): ...` (the side stream first waits for the main stream)."""
-        if self.on:
-            self.stream.wait_stream(self.main)
-        return self
 
     def join(self) -> None:
         if self.on:
