@@ -683,20 +683,21 @@ def case_compressor_emit(device, gen, HD, n_rot, index, p, first=False):
 
 def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
-    RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots."""
+    RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
+    rows hold float16 values, as model.kv_cache_row and model.compress make them."""
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
     s = Shape(n_swa=n_swa, head_dim=D, n_rot=n_rot, n_head=H)
     qb = (torch.randn(1, H * D, generator=gen) * 2).to(device)
     # keys near q's direction for some rows, so the softmax is peaked as well as flat
-    ring = (torch.randn(n_swa, D, generator=gen) * 3).to(device)
+    ring = numerics.f16_round(torch.randn(n_swa, D, generator=gen) * 3).to(device)
     slots = torch.arange(n_swa)
     rpos = torch.where(slots % 7 == 3, torch.full_like(slots, -(1 << 40)), p - (slots * 5) % (n_swa + 9))
     rpos = rpos.to(device)
     comp = mask = None
     if ratio:
-        comp = (torch.randn(cap, D, generator=gen) * 3).to(device)
+        comp = numerics.f16_round(torch.randn(cap, D, generator=gen) * 3).to(device)
         if masked:
             n_vis = (p + 1) // ratio
             m = torch.rand(1, cap, generator=gen) < 0.5
@@ -815,6 +816,7 @@ def interpreter_cases():
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
+    yield "decode attention two head groups", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
     yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa, 16)
