@@ -55,8 +55,8 @@
 #        history, 7519d0f): twins, T=1 launch sweep
 #   em3: session 11, the KV row's store on the side stream (measured no faster, removed; in git
 #        history, a49dbe0): tests, bench with depth 4096, golden
-#   em4: session 11, decode attention in head groups on tensor cores: twins, launch shapes,
-#        bench with depth 4096 (A/B), TP=1 golden (graphs)
+#   em4: session 11, decode attention in head groups on tensor cores (measured 3-6x slower per
+#        launch, removed; in git history, 823d933): twins, launch shapes, bench (A/B), golden
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -424,7 +424,7 @@ elif [ "$MODE" = em3 ]; then
   golden 1 static 100
 elif [ "$MODE" = em4 ]; then
   # session 11: decode attention with 16 heads per program through the tensor cores
-  # (triton_attn._attn_group_kernel): twins, launch shapes against one head per program, the
+  # (triton_attn._attn_group_kernel and bench/decode_attn.py, since removed): twins, launch shapes against one head per program, the
   # bench with depth 4096 (A/B at depth 0 and 4096), TP=1 golden (graphs)
   gate_tests 150 "decode_attention or compressor_emit" tests/test_kernels.py
   log "decode attention launches, 64 and 32 heads: grouped shapes against one head per program"

@@ -358,11 +358,6 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(triton_attn.set_emit_enabled):
         res["decode_d0_emit_torch"] = time_decode(model, 1, steps, max_ctx=256)
     save()
-    # attention with one head per program instead of 16 per program through the tensor cores
-    # (triton_attn.ATTN_GROUPED); near depth 0 the ring is almost empty, see decode_deep below
-    with _setting(triton_attn, "ATTN_GROUPED", False):
-        res["decode_d0_attention_per_head"] = time_decode(model, 1, steps, max_ctx=256)
-    save()
     # the graph captured on a stream of high priority instead of the default one (decode_graph.
     # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)
     res["decode_d0_priority_high"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)
@@ -397,11 +392,7 @@ def _bench_rank(comm, dev, cfg):
     res["profile"] = profile_split(model)
     save()
     if cfg["depth"]:
-        deep = dict(steps=steps, max_ctx=cfg["depth"] + steps + 64)
-        res["decode_deep"] = time_decode(model, cfg["depth"], **deep)
-        save()
-        with _setting(triton_attn, "ATTN_GROUPED", False):
-            res["decode_deep_attention_per_head"] = time_decode(model, cfg["depth"], **deep)
+        res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
         save()
     return res
 

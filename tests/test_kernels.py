@@ -425,36 +425,17 @@ def test_cuda_dispatch_and_determinism():
 @needs_cuda
 @pytest.mark.parametrize("ratio,masked,p", [(0, False, 5), (0, False, 700), (4, False, 4095),
                                             (4, True, 4095), (128, False, 9000)])
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-head"])
-def test_cuda_decode_attention_full_size(ratio, masked, p, grouped, monkeypatch):
-    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025; both kernels
-    (heads in groups through the tensor cores, and one head per program)."""
-    from ds4tp.kernels import triton_attn
-    monkeypatch.setattr(triton_attn, "ATTN_GROUPED", grouped)
+def test_cuda_decode_attention_full_size(ratio, masked, p):
+    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025."""
     kc.case_decode_attention("cuda", torch.Generator().manual_seed(p + ratio), 64, 512, 64, 128,
                              ratio, 1025 if ratio == 4 else 80, p, masked)
 
 
 @needs_cuda
 def test_cuda_decode_attention_tp2_heads():
-    """A TP=2 rank's 32 heads, ratio 4 with an indexer mask, grouped kernel."""
+    """A TP=2 rank's 32 heads, ratio 4 with an indexer mask."""
     kc.case_decode_attention("cuda", torch.Generator().manual_seed(2), 32, 512, 64, 128, 4, 1025,
                              3001, True)
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("comp", [True, False])
-def test_decode_attention_grouped_compiles_for_sm90(comp):
-    """The grouped decode attention kernel at DS4's width and default launch shape compiled to
-    PTX for an H100/H200 (tensor-core dots on float32 cache rows read as float16)."""
-    from ds4tp.kernels import triton_attn as ta
-    sig = dict(qb_ptr="*fp32", ring_ptr="*fp32", rpos_ptr="*i64", comp_ptr="*fp32", mask_ptr="*i8",
-               sink_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32",
-               ws_ptr="*fp32", cnt_ptr="*i32", H="i32", n_swa="i32", ratio="i32", eps="fp32",
-               scale="fp32")
-    const = dict(D=512, NROT=64, BH=ta.ATTN_BH, BN=ta.ATTN_GROUP_BN, BD=ta.ATTN_BD,
-                 S=ta.ATTN_GROUP_SPLIT, HAS_COMP=comp, HAS_MASK=comp, PDL=True)
-    assert "mma" in _compile_sm90(ta._attn_group_kernel, sig, const, ta.ATTN_GROUP_WARPS)
 
 
 @needs_cuda

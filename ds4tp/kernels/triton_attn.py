@@ -275,14 +275,6 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
 
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
-# The grouped kernel (_attn_group_kernel): heads per program, keys per tile, head dims per score
-# step, programs per head group (split-K over key tiles), warps. ATTN_GROUPED picks it.
-ATTN_GROUPED = True
-ATTN_BH = 16
-ATTN_GROUP_BN = 16
-ATTN_BD = 64
-ATTN_GROUP_SPLIT = 16
-ATTN_GROUP_WARPS = 4
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -368,9 +360,7 @@ def emit_enabled() -> bool:
 def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only. Ring and
-    compressed rows hold float16 values (model.kv_cache_row, compress), which the grouped
-    kernel reads exactly as float16."""
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
     n_swa, D = ring.shape
     H = sinks.shape[0]
     n_rot = cos.shape[1] * 2
@@ -392,16 +382,6 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
-    if ATTN_GROUPED:
-        S = ATTN_GROUP_SPLIT
-        ws = torch.empty(H * S * (D + 2), dtype=torch.float32, device=qb.device)
-        _attn_group_kernel[(triton.cdiv(H, ATTN_BH), S)](
-            qb, ring, ring_pos, ring if comp is None else comp,
-            ring_pos if mask is None else mask.view(torch.int8), sinks, cos, sin, pos, out, ws,
-            _tickets(qb.device), H, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5, D=D, NROT=n_rot,
-            BH=ATTN_BH, BN=ATTN_GROUP_BN, BD=ATTN_BD, S=S, HAS_COMP=comp is not None,
-            HAS_MASK=mask is not None, num_warps=ATTN_GROUP_WARPS, **pdl.triton_args(qb.device))
-        return out
     ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
     _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
@@ -439,9 +419,9 @@ def _rope_rows(x, cos_ptr, sin_ptr, t, d0, sign, W: tl.constexpr, D: tl.constexp
 def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr, sin_ptr, t,
                   D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
                   NROT: tl.constexpr):
-    """Keys k_ptr[keys] [BN, D] (float16 values, stored as float16 or float32; K = V) into the
-    running max m [BH], denominator l [BH] and value sums acc [BH, D] of heads qrow (rotated for
-    token t when NROT > 0); scores times scale (a scalar or [BH, 1]); keys not ok score -inf."""
+    """Keys k_ptr[keys] [BN, D] (float16, K = V) into the running max m [BH], denominator l
+    [BH] and value sums acc [BH, D] of heads qrow (rotated for token t when NROT > 0); keys not
+    ok score -inf."""
     dd = tl.arange(0, BD)
     krow = keys.to(tl.int64) * D
     s = tl.zeros([BH, BN], tl.float32)
@@ -450,7 +430,7 @@ def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr
         if NROT > 0 and d0 + BD > D - NROT:
             qc = _rope_rows(qc, cos_ptr, sin_ptr, t, d0, 1.0, BD, D, NROT)
         qh, ql = _f16_head_tail(qc)
-        kt = tl.load(k_ptr + krow[None, :] + d0 + dd[:, None], mask=ok[None, :], other=0.0).to(tl.float16)   # [BD, BN]
+        kt = tl.load(k_ptr + krow[None, :] + d0 + dd[:, None], mask=ok[None, :], other=0.0)   # [BD, BN]
         s = tl.dot(qh, kt, s)
         s = tl.dot(ql, kt, s)
     s = tl.where(ok[None, :], s * scale, float("-inf"))
@@ -459,83 +439,11 @@ def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr
     p = tl.exp(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     ph, pl = _f16_head_tail(p)
-    v = tl.load(k_ptr + krow[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0).to(tl.float16)  # [BN, D]
+    v = tl.load(k_ptr + krow[:, None] + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)  # [BN, D]
     acc = acc * alpha[:, None]
     acc = tl.dot(ph, v, acc)
     acc = tl.dot(pl, v, acc)
     return acc, m_new, l
-
-
-@triton.jit
-def _attn_group_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                       pos_ptr, out_ptr, ws_ptr, cnt_ptr, H, n_swa, ratio, eps, scale,
-                       D: tl.constexpr, NROT: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                       BD: tl.constexpr, S: tl.constexpr, HAS_COMP: tl.constexpr,
-                       HAS_MASK: tl.constexpr, PDL: tl.constexpr = False):
-    """One decode token's attention, BH heads per program (each key tile is read once for all
-    of them and goes through the tensor cores, _prefill_tile). Grid (cdiv(H, BH), S): program
-    (g, j) takes key tiles j, j+S, ... of the ring and of the compressed rows and leaves its
-    partial (value sums, max, denominator) per head in the workspace; the last of the group's S
-    programs to arrive (atomic ticket) merges them in the order j = 0..S-1 with the sinks,
-    applies the inverse RoPE and stores the heads. The per-head RMS scale multiplies the scores
-    (the twin scales q first: the same up to float32 rounding)."""
-    pdl_start(PDL)
-    g = tl.program_id(0)
-    j = tl.program_id(1)
-    pos = tl.load(pos_ptr)
-    heads = g * BH + tl.arange(0, BH)
-    hmask = heads < H
-    qrow = heads.to(tl.int64) * D
-    d = tl.arange(0, D)
-    q = tl.load(qb_ptr + qrow[:, None] + d[None, :], mask=hmask[:, None], other=0.0)
-    qd = q.to(tl.float64)
-    ms = (tl.sum(qd * qd, axis=1) / D).to(tl.float32)
-    rs = tl.math.div_rn(tl.full([BH], 1.0, tl.float32), tl.sqrt_rn(ms + eps))   # per head
-    hscale = (rs * scale)[:, None]
-    m = tl.full([BH], -1e30, tl.float32)
-    l = tl.zeros([BH], tl.float32)
-    acc = tl.zeros([BH, D], tl.float32)
-    for k0 in range(j * BN, n_swa, S * BN):
-        keys = k0 + tl.arange(0, BN)
-        rp = tl.load(rpos_ptr + keys, mask=keys < n_swa, other=-(1 << 40))
-        ok = (rp <= pos) & (rp > pos - n_swa)
-        acc, m, l = _prefill_tile(acc, m, l, qb_ptr, qrow, hmask, ring_ptr, keys, ok, hscale,
-                                  cos_ptr, sin_ptr, pos, D, BD, BN, BH, NROT)
-    if HAS_COMP:
-        n_vis = (pos + 1) // ratio
-        for k0 in range(j * BN, n_vis, S * BN):
-            keys = k0 + tl.arange(0, BN)
-            ok = keys < n_vis
-            if HAS_MASK:
-                ok = ok & (tl.load(mask_ptr + keys, mask=ok, other=0) != 0)
-            acc, m, l = _prefill_tile(acc, m, l, qb_ptr, qrow, hmask, comp_ptr, keys, ok, hscale,
-                                      cos_ptr, sin_ptr, pos, D, BD, BN, BH, NROT)
-    # partials: [H, S, D + 2] (value sums, then max and denominator)
-    wrow = ws_ptr + (heads[:, None] * S + j).to(tl.int64) * (D + 2)
-    tl.store(wrow + d[None, :], acc, mask=hmask[:, None])
-    tl.store(wrow + D, m[:, None], mask=hmask[:, None])
-    tl.store(wrow + D + 1, l[:, None], mask=hmask[:, None])
-    tl.debug_barrier()                                  # all partial stores before the ticket
-    ticket = tl.atomic_add(cnt_ptr + g, 1)              # acq_rel, gpu scope
-    if ticket == S - 1:
-        sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0)
-        mt = sink
-        for jj in tl.static_range(S):
-            mt = tl.maximum(mt, tl.load(ws_ptr + (heads * S + jj).to(tl.int64) * (D + 2) + D,
-                                        mask=hmask, other=-1e30, cache_modifier=".cg"))
-        lt = tl.exp(sink - mt)
-        o = tl.zeros([BH, D], tl.float32)
-        for jj in tl.static_range(S):
-            hrow = ws_ptr + (heads * S + jj).to(tl.int64) * (D + 2)
-            wj = tl.exp(tl.load(hrow + D, mask=hmask, other=-1e30, cache_modifier=".cg") - mt)
-            lt += tl.load(hrow + D + 1, mask=hmask, other=0.0, cache_modifier=".cg") * wj
-            o += tl.load(hrow[:, None] + d[None, :], mask=hmask[:, None], other=0.0,
-                         cache_modifier=".cg") * wj[:, None]
-        o = tl.math.div_rn(o, tl.broadcast_to(lt[:, None], o.shape))
-        if NROT > 0:
-            o = _rope_rows(o, cos_ptr, sin_ptr, pos, 0, -1.0, D, D, NROT)   # the inverse rotation
-        tl.store(out_ptr + qrow[:, None] + d[None, :], o, mask=hmask[:, None])
-        tl.atomic_xchg(cnt_ptr + g, 0)
 
 
 @triton.jit
