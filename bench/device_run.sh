@@ -57,6 +57,7 @@
 #        history, a49dbe0): tests, bench with depth 4096, golden
 #   em4: session 11, decode attention in head groups on tensor cores (measured 3-6x slower per
 #        launch, removed; in git history, 823d933): twins, launch shapes, bench (A/B), golden
+#   em5: session 11 closing run: decode attention twins, bench with depth 4096
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -432,6 +433,11 @@ elif [ "$MODE" = em4 ]; then
   timeout 60 python3 bench/decode_attn.py --heads 32 --out "$OUT/decode_attn_tp2.json" 2>&1 | grep -v Warn
   bench_tp1 330 4096
   golden 1 static 100
+elif [ "$MODE" = em5 ]; then
+  # session 11 closing run: decode attention twins (float16-valued cache rows, TP=2 heads), the
+  # bench with depth 4096 on the final code
+  gate_tests 100 "decode_attention" tests/test_kernels.py
+  bench_tp1 330 4096
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"
