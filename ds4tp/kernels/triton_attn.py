@@ -65,21 +65,30 @@ def _pow2(k):
 
 
 @triton.jit
-def _fp8_e4m3_blocks(b):
-    """E4M3 round trip of blocks b [NB, 64] (numerics.fp8_e4m3_blocks): amax floored at 1e-4,
-    scale 2**ceil(log2(amax/448)), v = b/scale clamped to +-448, rounded half-even to 3 mantissa
-    bits (quantum 2**max(e-4, -9) for |v| in [2**(e-1), 2**e)), times the scale."""
-    amax = tl.maximum(tl.max(tl.abs(b), axis=1), 1e-4)
-    y = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+def _pow2_grid_blocks(b, FLOOR: tl.constexpr, QMAX: tl.constexpr, MANT: tl.constexpr,
+                      MIN_EXP: tl.constexpr):
+    """Round trip of blocks b [NB, BS] through a small float grid with a power-of-two scale per
+    block (numerics._pow2_ceil, _round_to_grid): amax floored at FLOOR, scale
+    2**ceil(log2(amax/QMAX)), v = b/scale clamped to +-QMAX, rounded half-even to MANT mantissa
+    bits (quantum 2**max(e-1-MANT, MIN_EXP) for |v| in [2**(e-1), 2**e)), times the scale."""
+    amax = tl.maximum(tl.max(tl.abs(b), axis=1), FLOOR)
+    y = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
     yb = y.to(tl.int32, bitcast=True)
     ey = ((yb >> 23) & 255) - 127 + ((yb & 0x7FFFFF) != 0).to(tl.int32)     # ceil(log2(y)), y normal
     v = b * _pow2(-ey)[:, None]                                             # exact: a power of two
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 126                  # frexp exponent (0 -> -126)
-    qe = tl.maximum(e - 4, -9)
-    t = v * _pow2(-qe)                                                      # exact; |t| <= 16
+    qe = tl.maximum(e - 1 - MANT, MIN_EXP)
+    t = v * _pow2(-qe)                                                      # exact; |t| < 2**(MANT+2)
     r = _rint_clamped(t).to(tl.float32)                                     # rint, half-even
     return (r * _pow2(qe)) * _pow2(ey)[:, None]
+
+
+@triton.jit
+def _fp8_e4m3_blocks(b):
+    """E4M3 round trip of blocks b [NB, 64] (numerics.fp8_e4m3_blocks): amax floored at 1e-4,
+    grid max 448, 3 mantissa bits, subnormal quantum 2**-9."""
+    return _pow2_grid_blocks(b, 1e-4, 448.0, 3, -9)
 
 
 @triton.jit
@@ -144,18 +153,8 @@ def _hadamard(x, N: tl.constexpr, LOGN: tl.constexpr):
 @triton.jit
 def _fp4_e2m1_blocks(b):
     """E2M1 round trip of blocks b [NB, 32] (numerics.fp4_e2m1_blocks): amax floored at 2**-126 *
-    6, scale 2**ceil(log2(amax/6)), v = b/scale clamped to +-6, rounded half-even to 1 mantissa
-    bit (quantum 2**max(e-2, -1) for |v| in [2**(e-1), 2**e)), times the scale."""
-    amax = tl.maximum(tl.max(tl.abs(b), axis=1), 7.052966104933725e-38)
-    y = tl.math.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))
-    yb = y.to(tl.int32, bitcast=True)
-    ey = ((yb >> 23) & 255) - 127 + ((yb & 0x7FFFFF) != 0).to(tl.int32)     # ceil(log2(y)), y normal
-    v = b * _pow2(-ey)[:, None]                                             # exact: a power of two
-    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
-    e = ((v.to(tl.int32, bitcast=True) >> 23) & 255) - 126                  # frexp exponent (0 -> -126)
-    qe = tl.maximum(e - 2, -1)
-    r = _rint_clamped(v * _pow2(-qe)).to(tl.float32)                        # exact scaling; |.| <= 4
-    return (r * _pow2(qe)) * _pow2(ey)[:, None]
+    6, grid max 6, 1 mantissa bit, subnormal quantum 2**-1."""
+    return _pow2_grid_blocks(b, 7.052966104933725e-38, 6.0, 1, -1)
 
 
 @triton.jit
