@@ -332,7 +332,9 @@ def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool,
     front_kv / front_sc [8, 2HD] pooled (softmax of the gates per channel), RMS-normed with norm
     [HD], rotated at position pos - 3 (cos/sin: the compressed-RoPE tables), then FP8 of the
     non-RoPE dims (kv rows) or Hadamard + FP4 (index rows, `index`), F16, written to row
-    (pos+1)/4 - 1 of cache [cap, HD]; then rows 4-7 of the frontier are moved to rows 0-3."""
+    (pos+1)/4 - 1 of cache [cap, HD]; then rows 4-7 of the frontier are moved to rows 0-3.
+    The position is read on the device, so the row is not checked here: the caller sizes cache
+    for its positions (decode_graph.StaticDecoder: max_ctx // 4 + 1 rows, steps refused beyond)."""
     cap, HD = cache.shape
     n_rot = cos.shape[1] * 2
     if HD & (HD - 1) or HD % 64 or n_rot > HD or (HD - n_rot) % 64:
