@@ -274,15 +274,20 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
             "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
 
 
-def time_prefill(model, n_tok: int) -> dict:
+def time_prefill(model, n_tok: int, reps: int = 3) -> dict:
+    """Prefill of an n_tok-token prompt into a fresh session: tok/s of the median of `reps`
+    timed calls (after one untimed call that compiles kernels for this T); every time kept."""
     prompt = [(5 * i + 1) % model.shape.vocab for i in range(n_tok)]
     model.forward(prompt, model.new_state())      # kernel compilation (launch shapes follow T)
     _sync()
-    t = time.perf_counter()
-    model.forward(prompt, model.new_state())
-    _sync()
-    el = time.perf_counter() - t
-    return {"tokens": n_tok, "seconds": el, "tok_s": n_tok / el}
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        model.forward(prompt, model.new_state())
+        _sync()
+        times.append(time.perf_counter() - t)
+    el = sorted(times)[len(times) // 2]
+    return {"tokens": n_tok, "seconds": el, "tok_s": n_tok / el, "all_seconds": times}
 
 
 @contextlib.contextmanager
