@@ -51,12 +51,10 @@
 #        TP=1 goldens, the TP=1 bench at depth 0 (decode and prefill A/B variants)
 #   em1: session 11, a ratio-4 compressor's emission in one launch: twins, bench (emission A/B,
 #        per-variant replay times), prefill A/B after the profiler, TP=1 golden (graphs)
-#   em2: session 11, a software-pipelined Q8_0 row loop (measured no faster, removed; in git
-#        history, 7519d0f): twins, T=1 launch sweep
-#   em3: session 11, the KV row's store on the side stream (measured no faster, removed; in git
-#        history, a49dbe0): tests, bench with depth 4096, golden
-#   em4: session 11, decode attention in head groups on tensor cores (measured 3-6x slower per
-#        launch, removed; in git history, 823d933): twins, launch shapes, bench (A/B), golden
+#   em2, em3, em4: session 11, variants measured no faster and removed with their modes (in git
+#        history): a software-pipelined Q8_0 row loop (7519d0f; twins, T=1 launch sweep), the
+#        KV row's store on the side stream (a49dbe0; bench with depth 4096), decode attention
+#        in head groups on tensor cores (823d933; launch shapes, bench)
 #   em5: session 11 closing run: decode attention twins, bench with depth 4096
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
@@ -410,28 +408,6 @@ elif [ "$MODE" = em1 ]; then
   gate_tests 220 "compressor_emit or prefill_attention or f16_split or mma or expert_tiles or gemm or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
   bench_tp1 200 0
   prefill_ab 130
-  golden 1 static 100
-elif [ "$MODE" = em2 ]; then
-  # session 11: a software-pipelined Q8_0 row loop (matvec.cu PIPE, since removed): CUDA C Q8_0 twins, the
-  # PDL bit-identity test (not reached by em1's test timeout), the T=1 launch sweep of the Q8_0
-  # decode shapes
-  gate_tests 200 "(cuda_c_kernels and q8_0) or pdl_is" tests/test_kernels.py tests/test_decode_graph.py
-  cuda_c_sweep 260 230 "attn_q_b,attn_out_b,attn_out_a,shexp_gate_up_fused,shexp_down,attn_q_a_kv"
-elif [ "$MODE" = em3 ]; then
-  # session 11: the KV row's store on the side stream (decode_graph.SIDE_KV_STORE, since removed): stream and
-  # PDL bit-identity tests, the bench with depth 4096 (A/B in the same run), TP=1 golden (graphs)
-  gate_tests 150 "side_stream or pdl_is" tests/test_decode_graph.py
-  bench_tp1 330 4096
-  golden 1 static 100
-elif [ "$MODE" = em4 ]; then
-  # session 11: decode attention with 16 heads per program through the tensor cores
-  # (triton_attn._attn_group_kernel and bench/decode_attn.py, since removed): twins, launch shapes against one head per program, the
-  # bench with depth 4096 (A/B at depth 0 and 4096), TP=1 golden (graphs)
-  gate_tests 150 "decode_attention or compressor_emit" tests/test_kernels.py
-  log "decode attention launches, 64 and 32 heads: grouped shapes against one head per program"
-  timeout 100 python3 bench/decode_attn.py --out "$OUT/decode_attn.json" 2>&1 | grep -v Warn
-  timeout 60 python3 bench/decode_attn.py --heads 32 --out "$OUT/decode_attn_tp2.json" 2>&1 | grep -v Warn
-  bench_tp1 330 4096
   golden 1 static 100
 elif [ "$MODE" = em5 ]; then
   # session 11 closing run: decode attention twins (float16-valued cache rows, TP=2 heads), the
