@@ -429,8 +429,7 @@ def case_gemm_linear(device, gen, qtype, n_out, n_in, T, groups=1, cfg=None, sha
         w = rand_weight(qtype, (n_out, n_in), gen, device)
     c = tg.GemmCfg(**cfg) if cfg is not None else None
     f16 = tg.h16_path(w, T, h16)
-    split = (qtype == F16 and groups == 1 and cfg is None and h16 is None and tg.F16_CUBLAS
-             and tg.cublas_h16(torch.device(device)))
+    split = tg.f16_split_path(w, groups, c, h16, torch.device(device))
     tol = H16_TOL if f16 else F16_SPLIT_TOL if split else TOL
     tag = f"gemm {type_name(qtype)} {n_out}x{n_in} groups={groups} T={T} {cfg} h16={f16}"
     if groups == 1:

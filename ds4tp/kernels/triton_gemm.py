@@ -462,6 +462,13 @@ def split_h16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hl, scale
 
 
+def f16_split_path(w, groups: int, cfg, h16, device) -> bool:
+    """Whether linear() takes an F16 weight through f16_split_mm: one group, no explicit launch
+    shape or float16 choice, F16_CUBLAS on, rows of at most SPLIT_MAX_K, cuBLAS here."""
+    return (w.qtype == F16 and groups == 1 and cfg is None and h16 is None and F16_CUBLAS
+            and w.shape[-1] <= SPLIT_MAX_K and cublas_h16(device))
+
+
 def f16_split_mm(w, x: torch.Tensor) -> torch.Tensor:
     """y [T, out] = x @ W^T for an F16 weight (out, in) and float32 x [T, in] on cuBLAS: the
     activation split into float16 head and tail (split_h16), one float16 GEMM over both with a
@@ -516,8 +523,7 @@ def linear(w, x: torch.Tensor, groups: int = 1, cfg: GemmCfg | None = None,
     if T == 0:
         return y
     rows_per_group = n_out // groups
-    if (w.qtype == F16 and groups == 1 and cfg is None and h16 is None and F16_CUBLAS
-            and n_in <= SPLIT_MAX_K and cublas_h16(x.device)):
+    if f16_split_path(w, groups, cfg, h16, x.device):
         return f16_split_mm(w, x)
     if h16_path(w, T, h16):
         w16 = dequant_h16(w)
