@@ -50,9 +50,10 @@ import triton.language as tl
 
 from ds4tp.config import F16, IQ2_XXS, Q2_K, Q8_0
 from ds4tp.kernels.triton_matvec import (_EPB, _check_swiglu, _expert_args, _f16_head_tail,
-                                         _f16_ptr, _iq2_grid64, _iq2_tables, _iq2_xxs_wblock,
-                                         _linear_args, _mv_tile, _pow2_at_least, _pow2_divisor,
-                                         _prequant, _q2_k_wblock, _q8_0_wtile_f32, _raw, q8_0_split)
+                                         _f16_ptr, _iq2_grid64, _iq2_tables, _iq2_xxs_fields,
+                                         _iq2_xxs_wblock, _linear_args, _mv_tile, _pow2_at_least,
+                                         _pow2_divisor, _prequant, _q2_k_wblock, _q8_0_wtile_f32,
+                                         _raw, q8_0_split)
 
 MODE_SLOTS, MODE_SWIGLU = 0, 2
 H16_TYPES = (Q8_0, Q2_K, IQ2_XXS)
@@ -267,12 +268,7 @@ def _iq2_xxs_h16(w_ptr, row_off, rmask, kb, half: tl.constexpr, grid_ptr, BN: tl
     s = tl.arange(0, 4)
     k = tl.arange(0, 4)
     sb = row_off[:, None] + kb * 66 + 2 + 8 * (4 * half + s)[None, :]       # [BN, 4] sub-blocks
-    g = tl.load(w_ptr + sb[:, :, None] + k[None, None, :], mask=rmask[:, None, None], other=0)
-    u16 = w_ptr.to(tl.pointer_type(tl.uint16))
-    t_lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
-    t_hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
-    t = t_lo | (t_hi << 16)                                                 # 4x7 sign bits + scale
-    sc = (2 * ((t >> 28) & 15) + 1).to(tl.float16)                          # [BN, 4]
+    g, t, sc = _iq2_xxs_fields(w_ptr, sb, rmask)
     sg = (t[:, :, None] >> (7 * k)[None, None, :]) & 127                    # [BN, 4, 4] sign index
     par = sg ^ (sg >> 4)
     par = par ^ (par >> 2)

@@ -191,6 +191,20 @@ def _q8_0_wblock_i8(w_ptr, row_off, rmask, kb):
 
 
 @triton.jit
+def _iq2_xxs_fields(w_ptr, sb, rmask):
+    """IQ2_XXS sub-blocks at byte offsets sb [BN, S] of their rows: the 4 grid-row indices
+    (uint8 [BN, S, 4]), the word of 4 x 7 sign bits and the 4-bit scale s (int32 [BN, S]), and
+    2s+1 as float16 [BN, S]."""
+    k = tl.arange(0, 4)
+    g = tl.load(w_ptr + sb[:, :, None] + k[None, None, :], mask=rmask[:, None, None], other=0)
+    u16 = w_ptr.to(tl.pointer_type(tl.uint16))
+    lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
+    t = lo | (hi << 16)                                                     # 4x7 sign bits + scale
+    return g, t, (2 * ((t >> 28) & 15) + 1).to(tl.float16)
+
+
+@triton.jit
 def _iq2_xxs_wblock(w_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN: tl.constexpr):
     """IQ2_XXS super-block kb of each row: (fp16 [BN, 256] holding the integers
     (2s+1)*grid*sign, float32 d [BN]); the weight is d/8 times that."""
@@ -200,12 +214,7 @@ def _iq2_xxs_wblock(w_ptr, row_off, rmask, kb, grid_ptr, sign_ptr, BN: tl.conste
     base = row_off + kb * 66
     d = tl.load(_f16_ptr(w_ptr) + (base >> 1), mask=rmask, other=0.0).to(tl.float32)
     sb = base[:, None] + 2 + 8 * sub[None, :]                               # [BN, 8]
-    g = tl.load(w_ptr + sb[:, :, None] + k[None, None, :], mask=rmask[:, None, None], other=0)
-    u16 = w_ptr.to(tl.pointer_type(tl.uint16))
-    lo = tl.load(u16 + ((sb + 4) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
-    hi = tl.load(u16 + ((sb + 6) >> 1), mask=rmask[:, None], other=0).to(tl.int32)
-    t = lo | (hi << 16)                                                     # 4x7 sign bits + scale
-    sc = (2 * ((t >> 28) & 15) + 1).to(tl.float16)                          # [BN, 8]
+    g, t, sc = _iq2_xxs_fields(w_ptr, sb, rmask)
     sig = (t[:, :, None] >> (7 * k)[None, None, :]) & 127                   # [BN, 8, 4]
     gv = tl.load(grid_ptr + g.to(tl.int32)[:, :, :, None] * 8 + e[None, None, None, :])   # fp16 bits
     sv = tl.load(sign_ptr + sig[:, :, :, None] * 8 + e[None, None, None, :])               # 0 / 0x8000
