@@ -644,9 +644,9 @@ def case_compressor_emit(device, gen, HD, n_rot, index, p, first=False):
     write, window shift) against decode_graph.compressor_emit_torch. The softmax's exp and sums
     run in another order, which can move a value across an FP8/FP4 rounding boundary: at most
     two such elements per row are allowed, each within one grid step (at most 1/7 of the row's
-    largest for FP8, 2/3 for FP4),
-    every other element within one F16 step. The frontier shift and the other cache rows are
-    exact. first: the previous window empty (gates at NEG_INF), as at position 3."""
+    largest for FP8, 2/3 for FP4), every other element within one F16 step. The frontier shift
+    and the other cache rows are exact. first: the previous window empty (gates at NEG_INF), as
+    at position 3."""
     from ds4tp.config import NEG_INF, Shape
     from ds4tp.decode_graph import compressor_emit_torch
     from ds4tp.kernels import triton_attn
@@ -815,7 +815,7 @@ def interpreter_cases():
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
-    yield "decode attention two head groups", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
+    yield "decode attention 20 heads", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
     yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa, 16)
