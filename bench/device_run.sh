@@ -56,6 +56,9 @@
 #        KV row's store on the side stream (a49dbe0; bench with depth 4096), decode attention
 #        in head groups on tensor cores (823d933; launch shapes, bench)
 #   em5: session 11 closing run: decode attention twins, bench with depth 4096
+#   s12a: session 12, two GPUs: TP=2,1 bench at depth 0, TP=2 goldens, review-commit twins
+#   s12b: session 12, two GPUs: where a TP=2 prefill's time goes (bench/prefill_tp2.py), twins
+#   s12c: session 12, two GPUs: a TP=2 prefill's host side, after decode graphs, NCCL graph mixing
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -414,6 +417,32 @@ elif [ "$MODE" = em5 ]; then
   # bench with depth 4096 on the final code
   gate_tests 100 "decode_attention" tests/test_kernels.py
   bench_tp1 330 4096
+elif [ "$MODE" = s12a ]; then
+  # session 12, the first two-GPU call since session 4: the TP=2,1 bench at depth 0 (same run),
+  # TP=2 goldens (graph decoder and prefill), then the review commits' twins on what time is left
+  log "bench, 43 layers, TP=2,1, depth 0, prefill 2048"
+  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -v Warn | tail -20
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, k, round(v['tok_s'], 1), {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()}) for t, r in rs.items() for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; [print(t, r.get('collectives'), r.get('profile'), r.get('spark_projection')) for t, r in rs.items()]"
+  golden 2 static,prefill 130
+  gate_tests 110 "f16_split or compressor_emit or kv_store or decode_attention" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s12b ]; then
+  # session 12: where a TP=2 prefill's time goes (bench/prefill_tp2.py: prefill-sized
+  # all-reduces alone, the prefill with and without collectives, rank 0's kernel table; NCCL's
+  # transport lines), then the review commits' remaining twins (gemm, experts, mma)
+  log "TP=2 prefill, 43 layers, 2048 tokens: collectives, no-comm A/B, kernel table"
+  NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P timeout 200 python3 bench/prefill_tp2.py --out "$OUT/prefill_tp2.json" > "$OUT/prefill_tp2_log.txt" 2>&1
+  grep -i "via\|nccl version" "$OUT/prefill_tp2_log.txt" | sort | uniq | head -8
+  grep -v "NCCL\|Warn\|warn\|^$\|softmax\|PyTorch" "$OUT/prefill_tp2_log.txt" | tail -45
+  gate_tests 250 "gemm or experts or mma" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s12c ]; then
+  # session 12: a TP=2 prefill's host side (enqueue vs GPU time, synchronising calls, cProfile)
+  # and a prefill after the decode graphs; then the same without NCCL's graph-mixing support
+  log "TP=2 prefill: host side, prefill after decode graphs, kernel table"
+  timeout 220 python3 bench/prefill_tp2.py --out "$OUT/prefill_tp2.json" > "$OUT/prefill_tp2_log.txt" 2>&1
+  grep -v "NCCL\|Warn\|warn\|^$\|softmax\|PyTorch" "$OUT/prefill_tp2_log.txt" | grep -v "^  *[0-9.]* us .*elementwise\|Memset\|Memcpy" | tail -62
+  log "the same with NCCL_GRAPH_MIXING_SUPPORT=0 (no profiles)"
+  NCCL_GRAPH_MIXING_SUPPORT=0 timeout 150 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_nomix.json" 2>&1 | grep "^\[rank"
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"
