@@ -59,6 +59,8 @@
 #   s12a: session 12, two GPUs: TP=2,1 bench at depth 0, TP=2 goldens, review-commit twins
 #   s12b: session 12, two GPUs: where a TP=2 prefill's time goes (bench/prefill_tp2.py), twins
 #   s12c: session 12, two GPUs: a TP=2 prefill's host side, after decode graphs, NCCL graph mixing
+#   s12d: session 12, one GPU: a TP=2 rank's prefill alone (host vs GPU, host profile, kernels)
+#   s12e: session 12, one GPU: fewer prefill launches (compressed rows, routing, tile table)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -443,6 +445,28 @@ elif [ "$MODE" = s12c ]; then
   grep -v "NCCL\|Warn\|warn\|^$\|softmax\|PyTorch" "$OUT/prefill_tp2_log.txt" | grep -v "^  *[0-9.]* us .*elementwise\|Memset\|Memcpy" | tail -62
   log "the same with NCCL_GRAPH_MIXING_SUPPORT=0 (no profiles)"
   NCCL_GRAPH_MIXING_SUPPORT=0 timeout 150 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_nomix.json" 2>&1 | grep "^\[rank"
+elif [ "$MODE" = s12d ]; then
+  # session 12, one GPU: a TP=2 rank's prefill alone (rank 0's shard, collectives removed): host
+  # enqueue time against the GPU's, host profile, kernel table; TP=1's enqueue numbers beside it
+  log "prefill profile, 43 layers, TP=2 rank 0 on one GPU"
+  timeout 200 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
+  grep -v "Warn\|warn" "$OUT/profile_prefill_tp2r0.txt" | grep "prefill\|host enqueue" | head -8
+  sed -n '/host profile/,/GPU kernels in/p' "$OUT/profile_prefill_tp2r0.txt" | grep -v "^$" | cut -c1-160 | head -75
+  grep -A14 "GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | cut -c1-140
+  log "prefill, 43 layers, TP=1: host enqueue against GPU"
+  timeout 150 python3 bench/profile_prefill.py 43 2048 1 > "$OUT/profile_prefill_tp1.txt" 2>&1
+  grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp1.txt" | head -8
+elif [ "$MODE" = s12e ]; then
+  # session 12, one GPU: fewer host launches in a prefill (compressed rows in one launch, routing
+  # of every token in one launch, the expert tile table in one kernel): twins, a TP=2 rank's
+  # prefill alone (host enqueue vs GPU), the TP=1 bench at depth 0, TP=1 golden prefill
+  gate_tests 150 "compressor_rows or route or tiles" tests/test_kernels.py
+  log "prefill, 43 layers, TP=2 rank 0 on one GPU: host enqueue against GPU"
+  timeout 150 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
+  grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
+  sed -n '/by cumulative/,/Profiler clears/p' "$OUT/profile_prefill_tp2r0.txt" | cut -c1-150 | sed -n 8,32p
+  golden 1 prefill 90
+  bench_tp1 200 0
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"

@@ -392,6 +392,11 @@ def _bench_rank(comm, dev, cfg):
         with _switched_off(triton_attn.set_prefill_enabled):
             res["prefill_attention_chunks"] = time_prefill(model, cfg["prefill"])
         save()
+        # the same prefill with the compressors' emitted rows as model.compressed_rows' torch
+        # twin (~60 launches per compressor) instead of one Triton launch (compressor_rows)
+        with _switched_off(triton_attn.set_rows_enabled):
+            res["prefill_compressor_rows_torch"] = time_prefill(model, cfg["prefill"])
+        save()
     # after the prefills: once the torch profiler has run, later eager launches in the process
     # may cost more (bench/prefill_ab.py times a prefill after it)
     res["profile"] = profile_split(model)

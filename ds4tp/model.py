@@ -314,55 +314,69 @@ def kv_row_quant(kv: torch.Tensor, s: Shape) -> torch.Tensor:
 def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: int, hd: int,
              is_index: bool, s: Shape, trace=None, tag=""):
     """Step a compressor over T tokens at positions p0.. and return the rows they emit
-    ([n_emit, hd], F16-rounded, plus the float32 rows before F16). Sec. 9.5.
-
-    Each emitted row c pools, per channel, tokens [c*r, c*r+r) through the second half of the
-    projection (ratio 4) or the whole projection (ratio 128), plus for ratio 4 the previous
-    window [c*r-4, c*r) through the first half (the coff=2 overlap), softmax-weighted by the
-    gate scores. It is RMS-normed and rotated at position c*r.
-    """
+    ([n_emit, hd], F16-rounded, plus the float32 rows before F16 where traced), or (None, None).
+    Sec. 9.5."""
     r, T = cw.ratio, x.shape[0]
     pos = torch.arange(p0, p0 + T, device=x.device)
     kv = linear(cw.kv, x)                                        # [T, width] (float x F16)
     sc = linear(cw.gate, x) + cw.ape[pos % r]
     st.kv.append(kv)
     st.sc.append(sc)
-    all_kv, all_sc, base = st.kv.view(), st.sc.view(), st.start  # positions [base, p0+T)
     n_end = p0 + T
-    cs = list(range(p0 // r, n_end // r))      # rows c emitted here: (c+1)*r-1 in [p0, n_end)
+    cs = range(p0 // r, n_end // r)            # rows c emitted here: (c+1)*r-1 in [p0, n_end)
     out = out32 = None
     if cs:
-        # (built on the device: a tensor from host values would wait for the GPU's queue)
-        c = torch.arange(cs[0], cs[-1] + 1, device=x.device)
-        if r == 4:   # previous window via the first half, current window via the second half
-            prev = c[:, None] * 4 - 4 + torch.arange(4, device=x.device)
-            cur = c[:, None] * 4 + torch.arange(4, device=x.device)
-            cand = torch.cat((prev, cur), 1)                     # [n_emit, 8] positions
-            half = (torch.arange(8, device=x.device) >= 4).long()   # 0 0 0 0 1 1 1 1
-        else:
-            cand = c[:, None] * r + torch.arange(r, device=x.device)
-            half = torch.zeros(r, dtype=torch.long, device=x.device)
-        valid = cand >= 0
-        rel = (cand - base).clamp_min(0)
-        cols = half[None, :, None] * hd + torch.arange(hd, device=x.device)   # [1, k, hd]
-        v = all_kv[rel[:, :, None], cols]                        # [n_emit, k, hd]
-        w = all_sc[rel[:, :, None], cols].masked_fill(~valid[:, :, None], C.NEG_INF)
-        w = torch.softmax(w, dim=1)
-        pooled = (w * v).sum(1)                                  # [n_emit, hd]
-        if trace is not None:
-            trace[tag + "pooled"] = pooled
-        row = rms_norm(pooled, cw.norm)
-        cos, sin = rope_cos_sin(c * r, s.n_rot, compressed=True, top=cs[-1] * r + 1)
-        row = rope_tail(row, cos, sin)
-        out32 = hadamard_fp4(row) if is_index else kv_row_quant(row, s)
-        out = f16_round(out32)
+        out, out32 = compressed_rows(cw, st.kv.view(), st.sc.view(), st.start, cs, hd, is_index, s,
+                                     trace, tag)
     # keep only what future emissions read: the previous complete window (ratio 4) and the
     # current partial one
     new_start = max(0, (n_end // r - (1 if r == 4 else 0)) * r)
-    st.kv.drop_front(new_start - base)
-    st.sc.drop_front(new_start - base)
+    st.kv.drop_front(new_start - st.start)
+    st.sc.drop_front(new_start - st.start)
     st.start = new_start
     return out, out32
+
+
+def compressed_rows(cw: CompressorWeights, all_kv, all_sc, base: int, cs: range, hd: int,
+                    is_index: bool, s: Shape, trace=None, tag=""):
+    """Compressed rows cs from a compressor's projections all_kv, all_sc [n, width] at
+    positions base.. -> (rows [n_emit, hd] F16-rounded, the float32 rows before F16 or None).
+
+    Each emitted row c pools, per channel, tokens [c*r, c*r+r) through the second half of the
+    projection (ratio 4) or the whole projection (ratio 128), plus for ratio 4 the previous
+    window [c*r-4, c*r) through the first half (the coff=2 overlap), softmax-weighted by the
+    gate scores. It is RMS-normed and rotated at position c*r. The dispatch point: one Triton
+    launch on CUDA (triton_attn.compressor_rows); the twin below (traced: this path).
+    """
+    r, dev = cw.ratio, all_kv.device
+    # (built on the device: a tensor from host values would wait for the GPU's queue)
+    c = torch.arange(cs[0], cs[-1] + 1, device=dev)
+    cos, sin = rope_cos_sin(c * r, s.n_rot, compressed=True, top=cs[-1] * r + 1)
+    if trace is None and kernels.on_gpu(all_kv) and not torch.compiler.is_compiling():
+        from ds4tp.kernels import triton_attn
+        if triton_attn.rows_enabled():
+            return triton_attn.compressor_rows(all_kv, all_sc, base, cs[0], len(cs), r, cw.norm,
+                                               cos, sin, is_index, C.RMS_EPS), None
+    if r == 4:   # previous window via the first half, current window via the second half
+        prev = c[:, None] * 4 - 4 + torch.arange(4, device=dev)
+        cur = c[:, None] * 4 + torch.arange(4, device=dev)
+        cand = torch.cat((prev, cur), 1)                         # [n_emit, 8] positions
+        half = (torch.arange(8, device=dev) >= 4).long()         # 0 0 0 0 1 1 1 1
+    else:
+        cand = c[:, None] * r + torch.arange(r, device=dev)
+        half = torch.zeros(r, dtype=torch.long, device=dev)
+    valid = cand >= 0
+    rel = (cand - base).clamp_min(0)
+    cols = half[None, :, None] * hd + torch.arange(hd, device=dev)   # [1, k, hd]
+    v = all_kv[rel[:, :, None], cols]                            # [n_emit, k, hd]
+    w = all_sc[rel[:, :, None], cols].masked_fill(~valid[:, :, None], C.NEG_INF)
+    w = torch.softmax(w, dim=1)
+    pooled = (w * v).sum(1)                                      # [n_emit, hd]
+    if trace is not None:
+        trace[tag + "pooled"] = pooled
+    row = rope_tail(rms_norm(pooled, cw.norm), cos, sin)
+    out32 = hadamard_fp4(row) if is_index else kv_row_quant(row, s)
+    return f16_round(out32), out32
 
 
 def indexer_scores(lw: LayerWeights, qrn, xn, keys, cos, sin, s: Shape, trace=None):
@@ -534,13 +548,13 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
 
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
-    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: one decode
-    token on CUDA selects in one Triton launch (kernels/triton_route.py), else the twin below
+    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: on CUDA
+    one Triton launch selects for every token (kernels/triton_route.py), else the twin below
     (the hash table lookup and route_select)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
-    if logits.shape[0] == 1 and kernels.on_gpu(logits):                 # decode: one launch
+    if kernels.on_gpu(logits) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_route
-        return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
+        return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-logits.shape[0]:],
                                   s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
     hashed = lw.tid2eid[tokens] if lw.tid2eid is not None else None   # hash layer: ids by token
     return route_select(logits, lw.router_bias, hashed, s.n_expert_used)
@@ -655,13 +669,14 @@ class DS4Model:
         trace: optional dict; per-layer intermediates are stored under "<layer>.<stage>".
         """
         s = self.shape
-        tok = torch.as_tensor(list(tokens) if not torch.is_tensor(tokens) else tokens,
-                              dtype=torch.long, device=self.device).reshape(-1)
-        if tok.numel() == 0:
+        # checked and kept on the host: no device round trip before or after the launches
+        ids = [int(t) for t in (tokens.reshape(-1).tolist() if torch.is_tensor(tokens) else tokens)]
+        if not ids:
             raise ValueError("forward needs at least one token")
-        if int(tok.min()) < 0 or int(tok.max()) >= s.vocab:
+        if min(ids) < 0 or max(ids) >= s.vocab:
             raise ValueError(f"token id out of range [0, {s.vocab})")
-        T = tok.numel()
+        tok = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        T = len(ids)
         pos = torch.arange(state.n, state.n + T, device=self.device)
         e = self.w.token_embd[tok].float()                       # [T, E]
         hc = e[:, None, :].expand(T, s.n_hc, s.n_embd).contiguous()   # 4 equal streams
@@ -683,7 +698,7 @@ class DS4Model:
         if trace is not None:
             trace["final_hc"] = hc
         state.n += T
-        state.tokens.extend(tok.tolist())
+        state.tokens.extend(ids)
         head_in = hc if all_logits else hc[-1:]
         logits = output_head(self.w, head_in, s, self.comm, trace)
         return logits if all_logits else logits[0]

@@ -563,26 +563,27 @@ def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     return check(f"linear_normed {n_out}x{n_in}", got, ops.linear_normed_torch(w, x, norm))
 
 
-def case_route(device, gen, ne, k, hashed, bias):
-    """One decode token's expert selection in one launch against model.route_select (with the
-    hash table lookup): equal ids (ties go to the lower id), weights to float rounding. The
-    logits hold exact ties and values beyond both softplus branches (+-20)."""
+def case_route(device, gen, ne, k, hashed, bias, T=1):
+    """T tokens' expert selection in one launch against model.route_select (with the hash
+    table lookup): equal ids (ties go to the lower id), weights to float rounding. The logits
+    hold exact ties and values beyond both softplus branches (+-20)."""
     from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
     from ds4tp.kernels import triton_route
     from ds4tp.model import route_select
-    z = torch.randn(1, ne, generator=gen) * 4
-    z[0, 5] = z[0, 3] = z[0, 9] = z.max() + 1.0                # a three-way tie at the top
-    z[0, 1], z[0, 2] = 25.0, -30.0
+    z = torch.randn(T, ne, generator=gen) * 4
+    z[:, 5] = z[:, 3] = z[:, 9] = z.max() + 1.0              # a three-way tie at the top
+    z[:, 1], z[:, 2] = 25.0, -30.0
     b = (torch.randn(ne, generator=gen) * 0.1).to(device) if bias else None
     tid = torch.randint(0, ne, (50, k), generator=gen).to(device) if hashed else None
-    tok = torch.tensor([37], device=device)
+    tok = torch.tensor([37] + [int(v) for v in torch.randint(0, 50, (T - 1,), generator=gen)],
+                       device=device)
     if hashed:
         tid[37, 0] = 2                                          # a chosen expert below -20
     z = z.to(device)
     want_ids, want_w = route_select.eager(z, b, tid[tok] if hashed else None, k)
     ids, w = triton_route.route(z, b, tid, tok, k, ROUTER_WEIGHT_FLOOR, EXPERT_WEIGHT_SCALE)
     assert torch.equal(ids.cpu(), want_ids.cpu()), f"route ids {ids.tolist()} != {want_ids.tolist()}"
-    return check(f"route ne={ne} k={k} hash={hashed} bias={bias}", w, want_w, 1e-6)
+    return check(f"route T={T} ne={ne} k={k} hash={hashed} bias={bias}", w, want_w, 1e-6)
 
 
 def _rope_tables(n_rot, P, device, compressed=False):
@@ -678,6 +679,35 @@ def case_compressor_emit(device, gen, HD, n_rot, index, p, first=False):
     assert int(off.sum()) <= 2 and big <= (0.67 if index else 0.143) * w.abs().max().item(), \
         f"compressor_emit: {int(off.sum())} elements off (largest {big:.3g}) at {torch.nonzero(off)[:4].tolist()}"
     return f"{int(off.sum())} grid flips"
+
+
+def case_compressor_rows(device, gen, ratio, HD, n_rot, index, base, N, c0, n):
+    """A prefill's compressed rows c0.. in one launch (pooling, norm, RoPE, FP8 or Hadamard +
+    FP4, F16) against model.compressed_rows' twin, from projections at positions base..base+N-1.
+    The softmax's sums run in another order: per row, at most two elements may cross an FP8/FP4
+    rounding boundary (within one grid step), every other element within one F16 step."""
+    from ds4tp.config import Shape
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights, compressed_rows
+    s = Shape(head_dim=HD if not index else 512, indexer_head_dim=HD if index else 128, n_rot=n_rot)
+    W = 2 * HD if ratio == 4 else HD
+    cw = CompressorWeights(ratio, None, None, None, (torch.rand(HD, generator=gen) + 0.5).to(device))
+    kv = torch.randn(N, W, generator=gen) * 2
+    sc = torch.randn(N, W, generator=gen) * 3
+    kv[:, 5] *= 1e-7                                         # one channel far below the others
+    kv, sc = kv.to(device), sc.to(device)
+    cs = range(c0, c0 + n)
+    want, _ = compressed_rows(cw, kv, sc, base, cs, HD, index, s, trace={})      # traced: the twin
+    c = torch.arange(c0, c0 + n, device=device)
+    cos, sin = numerics.rope_cos_sin(c * ratio, n_rot, compressed=True)
+    got = triton_attn.compressor_rows(kv, sc, base, c0, n, ratio, cw.norm, cos.contiguous(),
+                                      sin.contiguous(), index, RMS_EPS)
+    got, want = got.cpu(), want.cpu()
+    off = (got - want).abs() > 1e-3 * want.abs() + 1e-30
+    step = (0.67 if index else 0.143) * want.abs().amax(1, keepdim=True)
+    assert int(off.sum(1).max()) <= 2 and bool(((got - want).abs() <= step).all()), \
+        f"compressor_rows: {int(off.sum())} elements off at {torch.nonzero(off)[:4].tolist()}"
+    return f"{int(off.sum())} grid flips in {n} rows"
 
 
 def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
@@ -800,6 +830,8 @@ def interpreter_cases():
     yield "decode route top-k with bias", case_route, (16, 6, False, True)
     yield "decode route top-k no bias", case_route, (40, 6, False, False)
     yield "decode route hash layer", case_route, (16, 6, True, False)
+    yield "prefill route T=5 with bias", case_route, (16, 6, False, True, 5)
+    yield "prefill route T=4 hash layer", case_route, (16, 6, True, False, 4)
     yield "decode linear_normed split K", case_linear_normed, (40, 512, C(bn=8, nb=4, split=2))
     yield "decode linear_normed default", case_linear_normed, (64, 256)
     yield "decode hc_step one program", case_hc_step, (96,)
@@ -812,6 +844,9 @@ def interpreter_cases():
     yield "decode compressor_emit kv row", case_compressor_emit, (512, 64, False, 39)
     yield "decode compressor_emit index row", case_compressor_emit, (128, 64, True, 1003)
     yield "decode compressor_emit first window", case_compressor_emit, (128, 64, True, 3, True)
+    yield "prefill compressor_rows ratio 4 kv, from 0", case_compressor_rows, (4, 256, 64, False, 0, 40, 0, 10)
+    yield "prefill compressor_rows ratio 4 index, later chunk", case_compressor_rows, (4, 128, 64, True, 996, 28, 250, 6)
+    yield "prefill compressor_rows ratio 128", case_compressor_rows, (128, 128, 64, False, 128, 300, 1, 2)
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
@@ -888,6 +923,12 @@ def interpreter_cases():
     yield "gemm h16 experts IQ2_XXS swiglu, 3 per group", case_gemm_experts_h16_groups, (IQ2_XXS, 8, 3, True)
     yield "gemm h16 experts Q8_0, 2 per group", case_gemm_experts_h16_groups, (Q8_0, 7, 2, False)
     yield "gemm h16 experts Q2_K per-slot cols", case_gemm_experts, (Q2_K, 4, 16, 512, 11, 3, True, False, h16, "cols", 0.15, True)
+    # the device-built expert tile table: its one-launch kernel against the torch twin
+    yield "expert tiles kernel E=12 tq=16", case_expert_tiles_kernel, (70, 6, 12, 16)
+    yield "expert tiles kernel E=256 default tq", case_expert_tiles_kernel, (33, 6, 256, None)
+    yield "expert tiles kernel ids >= E", case_expert_tiles_kernel, (300, 6, 256, None, True)
+    yield "expert tiles kernel E=3 tq=64", case_expert_tiles_kernel, (5, 2, 3, 64)
+    yield "expert tiles kernel all -1", case_expert_tiles_kernel, (9, 6, 16, None, False, True)
 
 
 def run_interpreter(seed=1234) -> int:
@@ -905,6 +946,26 @@ def run_interpreter(seed=1234) -> int:
             print(f"FAIL  {name:40s} {type(exc).__name__}: {exc}", flush=True)
     print(f"{'FAILED' if fails else 'passed'}: {fails} failing case(s), {time.time() - t_all:.1f}s total")
     return 1 if fails else 0
+
+
+def case_expert_tiles_kernel(device, gen, T, K, E, tq, out_of_range=False, all_skipped=False):
+    """The many-token expert tile table from its Triton kernel (expert_tiles_device_triton)
+    against the torch twin, bit for bit: random routing with -1 ids, optionally some ids >= E
+    (in no tile, not counted) or every id -1."""
+    from ds4tp.kernels import triton_gemm as tg
+    ids = rand_ids(T, K, E, gen, device)
+    if out_of_range:
+        big = torch.rand(T, K, generator=gen) < 0.1
+        ids[big.to(device)] = E + torch.randint(0, 3, (int(big.sum()),), generator=gen).to(device)
+    if all_skipped:
+        ids.fill_(-1)
+    pairs, tiles, tq_k = tg.expert_tiles_device_triton(ids, E, tq)
+    pairs_t, tiles_t, tq_t = tg.expert_tiles_device_torch(ids, E, tq)
+    assert tq_k == tq_t, f"tq {tq_k} != {tq_t}"
+    assert pairs.dtype == tiles.dtype == torch.int32 and torch.equal(pairs, pairs_t), "pairs"
+    assert tiles.shape == tiles_t.shape and torch.equal(tiles, tiles_t), "tiles"
+    live = int((tiles_t[:, 2] > 0).sum())
+    return f"{live} live tiles of {tiles.shape[0]}, tq {tq_k}"
 
 
 if __name__ == "__main__":

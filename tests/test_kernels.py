@@ -482,6 +482,52 @@ def test_compressor_emit_compiles_for_sm90(hd, index):
 
 
 @needs_cuda
+@pytest.mark.parametrize("ratio,hd,index,base,N,c0,n", [
+    (4, 512, False, 0, 2048, 0, 512), (4, 128, True, 0, 2048, 0, 512),
+    (4, 512, False, 2044, 2052, 512, 512), (128, 512, False, 0, 2048, 0, 16),
+    (128, 512, False, 2048, 2048, 16, 16)])
+def test_cuda_compressor_rows_full_size(ratio, hd, index, base, N, c0, n):
+    """A 2048-token prefill's compressed rows at DS4's widths, from an empty cache and for the
+    next chunk."""
+    kc.case_compressor_rows("cuda", torch.Generator().manual_seed(N + hd), ratio, hd, 64, index,
+                            base, N, c0, n)
+
+
+def test_compressor_rows_argument_errors():
+    """compressor_rows rejects projections that do not hold the positions its rows read, and
+    widths or ratios it has no form for, naming them, before any launch (runs on CPU)."""
+    from ds4tp.kernels import triton_attn
+    cs = torch.zeros(4, 32)
+    kv = torch.zeros(40, 256)
+    with pytest.raises(ValueError, match="need positions 12..31, the projections hold 16..55"):
+        triton_attn.compressor_rows(kv, kv, 16, 4, 4, 4, torch.ones(128), cs, cs, False, 1e-6)
+    with pytest.raises(ValueError, match="need positions 0..43"):
+        triton_attn.compressor_rows(kv, kv, 0, 0, 11, 4, torch.ones(128), torch.zeros(11, 32),
+                                    torch.zeros(11, 32), False, 1e-6)
+    with pytest.raises(ValueError, match="compressor_rows: gates"):
+        triton_attn.compressor_rows(kv, kv[:, :128], 0, 0, 4, 4, torch.ones(128), cs, cs, False, 1e-6)
+    with pytest.raises(ValueError, match="compressor_rows: cos"):
+        triton_attn.compressor_rows(kv, kv, 0, 0, 4, 4, torch.ones(128), cs[:3], cs, False, 1e-6)
+    with pytest.raises(ValueError, match="row width 96"):
+        triton_attn.compressor_rows(torch.zeros(40, 192), torch.zeros(40, 192), 0, 0, 4, 4,
+                                    torch.ones(96), cs, cs, False, 1e-6)
+    with pytest.raises(ValueError, match="ratio 128 must be 4"):
+        triton_attn.compressor_rows(kv[:, :128], kv[:, :128], 0, 0, 1, 128, torch.ones(128), cs[:1],
+                                    cs[:1], True, 1e-6)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("ratio,hd,index", [(4, 512, False), (4, 128, True), (128, 512, False)])
+def test_compressor_rows_compiles_for_sm90(ratio, hd, index):
+    from ds4tp.kernels import triton_attn as ta
+    sig = dict(kv_ptr="*fp32", sc_ptr="*fp32", norm_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
+               out_ptr="*fp32", c0="i32", base="i32", eps="fp32")
+    const = dict(W=2 * hd if ratio == 4 else hd, HD=hd, NROT=64, RATIO=ratio, INDEX=index,
+                 LOGHD=hd.bit_length() - 1, BR=8)
+    assert "ex2" in _compile_sm90(ta._comp_rows_kernel, sig, const, 4)
+
+
+@needs_cuda
 @pytest.mark.parametrize("N", [24, 4])
 def test_cuda_hc_logits_full_size(N):
     kc.case_hc_logits("cuda", torch.Generator().manual_seed(N), 4, 4096, N)
@@ -619,7 +665,34 @@ def test_decode_kernel_argument_errors():
 
 
 @needs_cuda
-@pytest.mark.parametrize("hashed,bias", [(False, True), (True, False)])
-def test_cuda_route_full_size(hashed, bias):
-    """256 experts, 6 chosen, as DS4 (hash layers: tid2eid)."""
-    kc.case_route("cuda", torch.Generator().manual_seed(3 + hashed), 256, 6, hashed, bias)
+@pytest.mark.parametrize("hashed,bias,T", [(False, True, 1), (True, False, 1), (False, True, 2048),
+                                            (True, False, 300)])
+def test_cuda_route_full_size(hashed, bias, T):
+    """256 experts, 6 chosen, as DS4 (hash layers: tid2eid), for a decode token and a prefill."""
+    kc.case_route("cuda", torch.Generator().manual_seed(3 + hashed), 256, 6, hashed, bias, T)
+
+
+@needs_cuda
+@pytest.mark.parametrize("T,K,E,tq", [(2048, 6, 256, None), (2048, 6, 256, 64), (1024, 6, 128, None)])
+def test_cuda_expert_tiles_kernel_full_size(T, K, E, tq):
+    """The expert tile table's Triton kernel against the torch twin at a prefill's size, with ids
+    >= E and without; and the dispatcher takes the kernel on CUDA."""
+    from ds4tp.kernels import triton_gemm as tg
+    g = torch.Generator().manual_seed(T + E)
+    kc.case_expert_tiles_kernel("cuda", g, T, K, E, tq)
+    kc.case_expert_tiles_kernel("cuda", g, T, K, E, tq, True)
+    ids = kc.rand_ids(T, K, E, g, "cuda").int()
+    got, want = tg.expert_tiles_device(ids, E, tq), tg.expert_tiles_device_torch(ids, E, tq)
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2])) and got[2] == want[2]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("ids_type", ["*i64", "*i32"])
+def test_expert_tiles_kernel_compiles_for_sm90(ids_type):
+    """The expert tile table's kernel compiled to PTX for an H100/H200 (the CPU interpreter runs
+    Python semantics and misses what only the compiler rejects), int64 and int32 ids."""
+    from ds4tp.kernels import triton_gemm as tg
+    sig = dict(vals_ptr=ids_type, order_ptr="*i64", pairs_ptr="*i32", tiles_ptr="*i32", P="i32",
+               M="i32", n_expert="i32", tq="i32", n_iter="i32")
+    ptx = _compile_sm90(tg._expert_tiles_kernel, sig, dict(EB=256, BM=32, BP=4096), 4)
+    assert ".entry" in ptx

@@ -158,6 +158,34 @@ def _fp4_e2m1_blocks(b):
 
 
 @triton.jit
+def _pool_two_windows(pv, ps, cv, cs):
+    """A ratio-4 row's pooling: per channel, the softmax of the 8 gates (previous window ps,
+    current window cs, [4, HD] each) times the values pv, cv, summed (torch.softmax(w, 0) * v)."""
+    m = tl.maximum(tl.max(ps, axis=0), tl.max(cs, axis=0))
+    ep, ec = tl.exp(ps - m[None, :]), tl.exp(cs - m[None, :])
+    den = tl.sum(ep, axis=0) + tl.sum(ec, axis=0)
+    return tl.sum(ep / den[None, :] * pv, axis=0) + tl.sum(ec / den[None, :] * cv, axis=0)
+
+
+@triton.jit
+def _comp_row_finish(x, norm_ptr, c, s, eps, HD: tl.constexpr, NROT: tl.constexpr,
+                     INDEX: tl.constexpr, LOGHD: tl.constexpr):
+    """A pooled row x [HD] as the cache holds it: RMS norm with weight, RoPE (c, s from
+    _rope_cs), then Hadamard + FP4 (index rows) or FP8 of the non-RoPE dims (kv rows), F16."""
+    d = tl.arange(0, HD)
+    xd = x.to(tl.float64)
+    y = (x * rms_from_squares(xd * xd, HD, eps)) * tl.load(norm_ptr + d)
+    y = _rope(y, c, s, HD)
+    if INDEX:
+        y = tl.reshape(_fp4_e2m1_blocks(tl.reshape(_hadamard(y, HD, LOGHD), (HD // 32, 32))), (HD,))
+    else:
+        b = tl.reshape(y, (HD // 64, 64))
+        nope = (tl.arange(0, HD // 64) < (HD - NROT) // 64)[:, None]
+        y = tl.reshape(tl.where(nope, _fp8_e4m3_blocks(b), b), (HD,))
+    return y.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
 def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps,
                       HD: tl.constexpr, NROT: tl.constexpr, INDEX: tl.constexpr,
                       LOGHD: tl.constexpr, PDL: tl.constexpr = False):
@@ -173,28 +201,54 @@ def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     pv, ps = tl.load(fkv_ptr + prev), tl.load(fsc_ptr + prev)
     cv, cs = tl.load(fkv_ptr + cur), tl.load(fsc_ptr + cur)
     cv_lo, cs_lo = tl.load(fkv_ptr + cur - HD), tl.load(fsc_ptr + cur - HD)
-    # softmax over the 8 candidates per channel, then the weighted sum (torch.softmax(w, 0) * v)
-    m = tl.maximum(tl.max(ps, axis=0), tl.max(cs, axis=0))
-    ep, ec = tl.exp(ps - m[None, :]), tl.exp(cs - m[None, :])
-    den = tl.sum(ep, axis=0) + tl.sum(ec, axis=0)
-    x = tl.sum(ep / den[None, :] * pv, axis=0) + tl.sum(ec / den[None, :] * cv, axis=0)
-    xd = x.to(tl.float64)
-    y = (x * rms_from_squares(xd * xd, HD, eps)) * tl.load(norm_ptr + d)
+    x = _pool_two_windows(pv, ps, cv, cs)
     c, s = _rope_cs(cos_ptr, sin_ptr, pos - 3, HD, NROT)                     # the window's first position
-    y = _rope(y, c, s, HD)
-    if INDEX:
-        y = tl.reshape(_fp4_e2m1_blocks(tl.reshape(_hadamard(y, HD, LOGHD), (HD // 32, 32))), (HD,))
-    else:
-        b = tl.reshape(y, (HD // 64, 64))
-        nope = (tl.arange(0, HD // 64) < (HD - NROT) // 64)[:, None]
-        y = tl.reshape(tl.where(nope, _fp8_e4m3_blocks(b), b), (HD,))
-    y = y.to(tl.float16).to(tl.float32)
+    y = _comp_row_finish(x, norm_ptr, c, s, eps, HD, NROT, INDEX, LOGHD)
     tl.store(cache_ptr + ((pos + 1) // 4 - 1) * HD + d, y)
     tl.debug_barrier()                      # every lane's frontier reads are done
     tl.store(fkv_ptr + prev, cv_lo)
     tl.store(fsc_ptr + prev, cs_lo)
     tl.store(fkv_ptr + prev + HD, cv)
     tl.store(fsc_ptr + prev + HD, cs)
+
+
+@triton.jit
+def _comp_rows_kernel(kv_ptr, sc_ptr, norm_ptr, cos_ptr, sin_ptr, out_ptr, c0, base, eps,
+                      W: tl.constexpr, HD: tl.constexpr, NROT: tl.constexpr, RATIO: tl.constexpr,
+                      INDEX: tl.constexpr, LOGHD: tl.constexpr, BR: tl.constexpr):
+    """Program i: compressed row c = c0 + i of a prefill, pooled from the projections kv, sc
+    [N, W] whose row 0 is position `base`, finished (norm, RoPE with row i of cos/sin, quant,
+    F16) into row i of out [n, HD]. Ratio 4 (W = 2HD): positions 4c-4.. through the first half
+    (none before position 0) and 4c.. through the second; other ratios (W = HD): positions
+    RATIO*c.. in blocks of BR rows (max, then the denominators, then the weighted sum)."""
+    i = tl.program_id(0)
+    c = c0 + i
+    d = tl.arange(0, HD)
+    if RATIO == 4:
+        r4 = tl.arange(0, 4)[:, None]
+        ppos = c * 4 - 4 + r4
+        prev = (tl.maximum(ppos, 0) - base) * W + d[None, :]
+        cur = (c * 4 + r4 - base) * W + HD + d[None, :]
+        pv = tl.load(kv_ptr + prev)
+        ps = tl.where(ppos >= 0, tl.load(sc_ptr + prev), float("-inf"))
+        x = _pool_two_windows(pv, ps, tl.load(kv_ptr + cur), tl.load(sc_ptr + cur))
+    else:
+        rr = tl.arange(0, BR)[:, None]
+        first = (c * RATIO - base) * W
+        m = tl.full([HD], float("-inf"), tl.float32)
+        for k0 in range(0, RATIO, BR):
+            m = tl.maximum(m, tl.max(tl.load(sc_ptr + first + (k0 + rr) * W + d[None, :]), axis=0))
+        den = tl.zeros([HD], tl.float32)
+        for k0 in range(0, RATIO, BR):
+            den += tl.sum(tl.exp(tl.load(sc_ptr + first + (k0 + rr) * W + d[None, :]) - m[None, :]), axis=0)
+        x = tl.zeros([HD], tl.float32)
+        for k0 in range(0, RATIO, BR):
+            off = first + (k0 + rr) * W + d[None, :]
+            e = tl.exp(tl.load(sc_ptr + off) - m[None, :])
+            x += tl.sum(e / den[None, :] * tl.load(kv_ptr + off), axis=0)
+    c_, s_ = _rope_cs(cos_ptr, sin_ptr, i, HD, NROT)
+    y = _comp_row_finish(x, norm_ptr, c_, s_, eps, HD, NROT, INDEX, LOGHD)
+    tl.store(out_ptr + i * HD + d, y)
 
 
 @triton.jit
@@ -348,6 +402,48 @@ def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool,
     _comp_emit_kernel[(1,)](front_kv, front_sc, norm, cos, sin, pos, cache, eps, HD=HD, NROT=n_rot,
                             INDEX=bool(index), LOGHD=HD.bit_length() - 1, num_warps=4,
                             **pdl.triton_args(front_kv.device))
+
+
+def compressor_rows(kv, sc, base: int, c0: int, n: int, ratio: int, norm, cos, sin, index: bool,
+                    eps) -> torch.Tensor:
+    """A prefill's compressed rows c0 .. c0+n-1 in one launch: kv, sc [N, W] the compressor's
+    projections (gates with their position bias) at positions base .., pooled per channel by the
+    softmax of the gates over each row's window (ratio 4: the previous window through the first
+    half of W and the current one through the second; else the RATIO positions c*RATIO..), then
+    RMS-normed with norm [HD], rotated with cos/sin [n, n_rot/2] (row i: position c*ratio),
+    FP8 of the non-RoPE dims (kv rows) or Hadamard + FP4 (index rows, `index`), F16-rounded:
+    -> [n, HD] float32 (model.compress's twin)."""
+    HD = norm.shape[0]
+    W = 2 * HD if ratio == 4 else HD
+    n_rot = cos.shape[1] * 2 if cos.dim() == 2 else -1
+    if HD & (HD - 1) or HD % 64 or not 0 < n_rot <= HD or (HD - n_rot) % 64:
+        raise ValueError(f"compressor_rows: row width {HD} must be a power of two, a multiple of 64, "
+                         f"with (width - n_rot) % 64 == 0")
+    if ratio != 4 and (ratio & (ratio - 1) or ratio < 8 or index):
+        raise ValueError(f"compressor_rows: ratio {ratio} must be 4, or a power of two >= 8 for kv rows")
+    _check("compressor_rows: kv", kv, (kv.shape[0], W))
+    _check("compressor_rows: gates", sc, (kv.shape[0], W))
+    _check("compressor_rows: norm weight", norm, (HD,))
+    _check("compressor_rows: cos", cos, (n, n_rot // 2))
+    _check("compressor_rows: sin", sin, (n, n_rot // 2))
+    lo = max(0, (c0 - 1) * 4) if ratio == 4 else c0 * ratio        # first position read
+    hi = (c0 + n) * ratio                                            # one past the last
+    if n < 1 or c0 < 0 or lo < base or hi - base > kv.shape[0]:
+        raise ValueError(f"compressor_rows: rows {c0}..{c0 + n - 1} need positions {lo}..{hi - 1}, "
+                         f"the projections hold {base}..{base + kv.shape[0] - 1}")
+    out = torch.empty(n, HD, dtype=torch.float32, device=kv.device)
+    _comp_rows_kernel[(n,)](kv, sc, norm, cos, sin, out, c0, base, eps, W=W, HD=HD, NROT=n_rot,
+                            RATIO=ratio, INDEX=bool(index), LOGHD=HD.bit_length() - 1,
+                            BR=min(ratio, 8), num_warps=4)
+    return out
+
+
+_rows_switch = Switch()
+set_rows_enabled = _rows_switch.set     # benchmarks time model.compress's torch twin in the same run
+
+
+def rows_enabled() -> bool:
+    return _rows_switch.on
 
 
 _emit_switch = Switch()

@@ -571,12 +571,13 @@ def expert_tiles(ids: torch.Tensor, n_expert: int, tq: int | None):
     return order.to(torch.int32), table, counts[0], tq, [t[0] for t in tiles]
 
 
-def expert_tiles_device(ids: torch.Tensor, n_expert: int, tq: int | None):
+def expert_tiles_device_torch(ids: torch.Tensor, n_expert: int, tq: int | None):
     """expert_tiles without a host sync: (pairs, tiles int32 [M, 3], tq) with M the most tiles
     any ids of this size can need (P/tq + n_expert); the live tiles come first, in expert_tiles'
     order and with its rows, the rest are (n_expert - 1, 0, 0) (count 0: the kernels skip them).
     Ids outside [0, n_expert) sit in no tile (-1: the caller zeroes their rows; other ids are not
-    checked here: a check would wait for the GPU). tq None: expert_token_tile of P / n_expert."""
+    checked here: a check would wait for the GPU). tq None: expert_token_tile of P / n_expert.
+    Plain torch (any device); expert_tiles_device_triton builds the same in one kernel."""
     flat = ids.reshape(-1)
     P, dev = flat.numel(), flat.device
     if tq is None:
@@ -597,6 +598,84 @@ def expert_tiles_device(ids: torch.Tensor, n_expert: int, tq: int | None):
     first = torch.where(live, pair_start[e] + j * tq, 0)
     count = torch.where(live, torch.clamp(cnt[e] - j * tq, max=tq), 0)
     return order.to(torch.int32), torch.stack((e, first, count), 1).to(torch.int32), tq
+
+
+@triton.jit
+def _expert_tiles_kernel(vals_ptr, order_ptr, pairs_ptr, tiles_ptr, P, M, n_expert, tq, n_iter,
+                         EB: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
+    """expert_tiles_device_torch's outputs from the stably sorted ids (vals) and their order.
+    Program 0 writes the tile table tiles [M, 3]; program b > 0 copies block b - 1 of order into
+    pairs as int32."""
+    pid = tl.program_id(0)
+    if pid > 0:
+        offs = (pid - 1) * BP + tl.arange(0, BP)
+        tl.store(pairs_ptr + offs, tl.load(order_ptr + offs, mask=offs < P).to(tl.int32), mask=offs < P)
+    else:
+        # per expert e (lane): lo = #vals < e, hi = #vals < e + 1, by binary search in the sorted
+        # ids. lo is the expert's first index into pairs (the -1 ids and lower experts sort
+        # before it) and hi - lo its count; ids >= n_expert sort last and count nowhere.
+        e = tl.arange(0, EB)
+        in_e = e < n_expert
+        lo_a = tl.zeros([EB], tl.int32)
+        lo_b = tl.zeros([EB], tl.int32)
+        hi_a = tl.zeros([EB], tl.int32) + P
+        hi_b = tl.zeros([EB], tl.int32) + P
+        for _ in range(n_iter):
+            mid_a = (lo_a + hi_a) // 2
+            mid_b = (lo_b + hi_b) // 2
+            act_a = lo_a < hi_a
+            act_b = lo_b < hi_b
+            right_a = tl.load(vals_ptr + mid_a, mask=act_a, other=0) < e
+            right_b = tl.load(vals_ptr + mid_b, mask=act_b, other=0) < e + 1
+            lo_a = tl.where(act_a & right_a, mid_a + 1, lo_a)
+            hi_a = tl.where(act_a & ~right_a, mid_a, hi_a)
+            lo_b = tl.where(act_b & right_b, mid_b + 1, lo_b)
+            hi_b = tl.where(act_b & ~right_b, mid_b, hi_b)
+        pair_start = lo_a
+        cnt = tl.where(in_e, lo_b - lo_a, 0)
+        tile_end = tl.cumsum((cnt + tq - 1) // tq, 0)
+        for i0 in range(0, M, BM):
+            i = i0 + tl.arange(0, BM)
+            # row i's expert: how many experts' tiles end at or before i (n_expert: a spare row);
+            # its tiles start where the previous expert's end, the largest tile_end <= i
+            done = (tile_end[None, :] <= i[:, None]) & in_e[None, :]
+            ex = tl.sum(done.to(tl.int32), 1)
+            j = i - tl.max(tl.where(done, tile_end[None, :], 0), 1)
+            mine = e[None, :] == ex[:, None]
+            first = tl.sum(tl.where(mine, pair_start[None, :], 0), 1) + j * tq
+            count = tl.minimum(tl.sum(tl.where(mine, cnt[None, :], 0), 1) - j * tq, tq)
+            live = ex < n_expert
+            row = tiles_ptr + 3 * i
+            tl.store(row, tl.minimum(ex, n_expert - 1), mask=i < M)
+            tl.store(row + 1, tl.where(live, first, 0), mask=i < M)
+            tl.store(row + 2, tl.where(live, count, 0), mask=i < M)
+
+
+def expert_tiles_device_triton(ids: torch.Tensor, n_expert: int, tq: int | None):
+    """expert_tiles_device_torch's outputs, bit for bit, from one stable sort and one launch of
+    _expert_tiles_kernel (no host sync)."""
+    flat = ids.reshape(-1)
+    P = flat.numel()
+    if tq is None:
+        tq = expert_token_tile(-(-P // n_expert))
+    M = P // tq + n_expert
+    vals, order = torch.sort(flat, stable=True)
+    pairs = torch.empty(P, dtype=torch.int32, device=flat.device)
+    tiles = torch.empty(M, 3, dtype=torch.int32, device=flat.device)
+    EB = max(16, triton.next_power_of_2(n_expert))
+    BP = 4096
+    _expert_tiles_kernel[(1 + triton.cdiv(P, BP),)](
+        vals, order, pairs, tiles, P, M, n_expert, tq, P.bit_length(),
+        EB=EB, BM=max(1, 8192 // EB), BP=BP, num_warps=4)
+    return pairs, tiles, tq
+
+
+def expert_tiles_device(ids: torch.Tensor, n_expert: int, tq: int | None):
+    """(pairs, tiles, tq) as expert_tiles_device_torch: one Triton launch after the sort on
+    CUDA, the torch twin elsewhere."""
+    if ids.is_cuda:
+        return expert_tiles_device_triton(ids, n_expert, tq)
+    return expert_tiles_device_torch(ids, n_expert, tq)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Expert selection of one decode token in one Triton launch (the twin: ds4tp.model.route_select).
+"""Expert selection in one Triton launch, one program per token (the twin: ds4tp.model.route_select).
 
 From the router logits [n_expert]: scores p = sqrt(softplus(logit)); the top-k of p + bias,
 descending, ties to the lower expert id (what a stable descending sort gives), or, on a hash
@@ -26,6 +26,11 @@ def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, flo
                   HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
                   PDL: tl.constexpr = False):
     pdl_start(PDL)
+    t = tl.program_id(0)                         # one token per program
+    logit_ptr += t * NE
+    tok_ptr += t
+    ids_ptr += t * K
+    w_ptr += t * K
     e = tl.arange(0, BE)
     ok = e < NE
     z = tl.load(logit_ptr + e, mask=ok, other=0.0)
@@ -60,24 +65,25 @@ def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, flo
     tl.store(w_ptr + kk, w, mask=kk < K)
 
 
-def route(logits, bias, tid2eid, token, k: int, floor: float, scale: float):
-    """One token: logits [1, n_expert] float32, bias [n_expert] or None, tid2eid [V, k] (a hash
-    layer; None otherwise) with token [1] int64 -> ids [1, k] int64, weights [1, k] float32."""
-    if logits.dim() != 2 or logits.shape[0] != 1 or logits.dtype != torch.float32:
-        raise ValueError(f"route: expects one token's float32 logits [1, n_expert], got "
+def route(logits, bias, tid2eid, tokens, k: int, floor: float, scale: float):
+    """T tokens, one program each: logits [T, n_expert] float32, bias [n_expert] or None,
+    tid2eid [V, k] (a hash layer; None otherwise) with tokens [T] int64 -> ids [T, k] int64,
+    weights [T, k] float32."""
+    if logits.dim() != 2 or logits.shape[0] < 1 or logits.dtype != torch.float32:
+        raise ValueError(f"route: expects float32 logits [T, n_expert], got "
                          f"{logits.dtype} {tuple(logits.shape)}")
-    ne = logits.shape[1]
+    T, ne = logits.shape
     if bias is not None and (bias.shape != (ne,) or bias.dtype != torch.float32):
         raise ValueError(f"route: bias {bias.dtype} {tuple(bias.shape)} does not match {ne} experts")
-    if tid2eid is not None and (tid2eid.dim() != 2 or tid2eid.shape[1] != k or token.shape != (1,)):
-        raise ValueError(f"route: hash table {tuple(tid2eid.shape)} / token {tuple(token.shape)} "
-                         f"do not match k={k}")
+    if tid2eid is not None and (tid2eid.dim() != 2 or tid2eid.shape[1] != k or tokens.shape != (T,)):
+        raise ValueError(f"route: hash table {tuple(tid2eid.shape)} / tokens {tuple(tokens.shape)} "
+                         f"do not match k={k} and {T} logit rows")
     logits = logits.contiguous()
-    ids = torch.empty(1, k, dtype=torch.int64, device=logits.device)
-    w = torch.empty(1, k, dtype=torch.float32, device=logits.device)
-    _route_kernel[(1,)](logits, logits if bias is None else bias.contiguous(),
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    _route_kernel[(T,)](logits, logits if bias is None else bias.contiguous(),
                         ids if tid2eid is None else tid2eid.contiguous(),
-                        ids if token is None else token, ids, w, ne, floor, scale,
+                        ids if tokens is None else tokens.contiguous(), ids, w, ne, floor, scale,
                         K=k, KP=triton.next_power_of_2(k), BE=triton.next_power_of_2(ne),
                         HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=4,
                         **pdl.triton_args(logits.device))
