@@ -585,7 +585,7 @@ def expert_tiles_device_torch(ids: torch.Tensor, n_expert: int, tq: int | None):
     order = torch.argsort(flat, stable=True)
     ok = (flat >= 0) & (flat < n_expert)
     cnt = torch.zeros(n_expert + 1, dtype=torch.long, device=dev).scatter_add_(
-        0, torch.where(ok, flat + 1, 0), torch.ones_like(flat))
+        0, torch.where(ok, flat + 1, 0).long(), torch.ones_like(flat, dtype=torch.long))
     skipped_before, cnt = (flat < 0).sum(), cnt[1:]          # -1 ids sort first
     ntile = (cnt + tq - 1) // tq
     tile_end = torch.cumsum(ntile, 0)
