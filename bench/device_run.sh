@@ -460,7 +460,7 @@ elif [ "$MODE" = s12e ]; then
   # session 12, one GPU: fewer host launches in a prefill (compressed rows in one launch, routing
   # of every token in one launch, the expert tile table in one kernel): twins, a TP=2 rank's
   # prefill alone (host enqueue vs GPU), the TP=1 bench at depth 0, TP=1 golden prefill
-  gate_tests 150 "compressor_rows or route or tiles" tests/test_kernels.py
+  gate_tests 150 "${S12E_TESTS:-compressor_rows or route or tiles}" tests/test_kernels.py
   log "prefill, 43 layers, TP=2 rank 0 on one GPU: host enqueue against GPU"
   timeout 150 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
   grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
