@@ -304,6 +304,16 @@ def kv_cache_row(kv_n: torch.Tensor, cos, sin, s: Shape) -> torch.Tensor:
     return f16_round(kv_row_quant(rope_tail(kv_n, cos, sin), s))
 
 
+def kv_rows(kv_lin: torch.Tensor, norm, cos, sin, s: Shape, trace=None) -> torch.Tensor:
+    """The raw KV rows as the cache holds them, from the attn_kv projection [T, D]: RMS norm
+    with weight norm, then kv_cache_row. The dispatch point: one Triton launch on CUDA
+    (triton_attn.kv_rows), the twin elsewhere (traced: the twin)."""
+    if trace is None and kernels.on_gpu(kv_lin) and not torch.compiler.is_compiling():
+        from ds4tp.kernels import triton_attn
+        return triton_attn.kv_rows(kv_lin, norm, cos, sin, C.RMS_EPS)
+    return kv_cache_row(rms_norm(kv_lin, norm), cos, sin, s)
+
+
 @fused
 def kv_row_quant(kv: torch.Tensor, s: Shape) -> torch.Tensor:
     """FP8 round trip of the non-RoPE dims of a KV row (sec. 9.3); the RoPE tail is left alone."""
@@ -496,12 +506,11 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
     qrn = rms_norm(qa, lw.q_a_norm)                              # [T, q_lora]
     q = linear(lw.q_b, qrn).view(T, -1, D)                       # [T, H_l, D] this rank's heads
     q = rms_norm(q)                                              # per-head, unweighted
-    kv_n = rms_norm(kv_lin, lw.kv_norm)                          # [T, D] single shared KV head
     compressed = lw.ratio > 0
     cos, sin = rope_cos_sin(pos, s.n_rot, compressed, top=p0 + T)
     if trace is not None:
-        trace.update(qr_norm=qrn, q_pre_rope=q, kv_normed=kv_n)
-    kv = kv_cache_row(kv_n, cos, sin, s)                          # the cached row, as attention reads it
+        trace.update(qr_norm=qrn, q_pre_rope=q, kv_normed=rms_norm(kv_lin, lw.kv_norm))
+    kv = kv_rows(kv_lin, lw.kv_norm, cos, sin, s, trace)        # [T, D] single shared KV head, cached form
     raw_prev = ls.raw.n
     ls.raw.append(kv)
     raw = ls.raw.view()                                          # positions [p0-raw_prev, p0+T)

@@ -618,6 +618,28 @@ def case_kv_store(device, gen, D, n_rot, n_swa, p):
     return check(f"kv_store D={D} pos={p}", ring, want_ring, 1e-3)
 
 
+def case_kv_rows(device, gen, T, D, n_rot, p0, lead=0):
+    """A prefill's raw KV rows in one launch (norm, RoPE, FP8/F16) against model.kv_rows'
+    twin (kv_cache_row of rms_norm): the non-RoPE dims bit-identical, the RoPE dims within one
+    F16 step. lead: the rows are a column slice of a wider projection (as after q_a_kv)."""
+    from ds4tp.config import Shape
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import kv_rows
+    s = Shape(head_dim=D, n_rot=n_rot)
+    x = torch.randn(T, lead + D, generator=gen) * 3
+    x[0, lead:lead + 64] *= 1e-6                             # an FP8 block under the amax floor
+    x[-1, lead + 64:lead + 128] = torch.randn(64, generator=gen) * 1e3   # one with a large scale
+    x = x.to(device)[:, lead:]
+    w = (torch.rand(D, generator=gen) + 0.5).to(device)
+    cos, sin = numerics.rope_cos_sin(torch.arange(p0, p0 + T, device=device), n_rot, compressed=False)
+    want = kv_rows(x, w, cos, sin, s, trace={})                 # traced: the twin
+    got = triton_attn.kv_rows(x, w, cos.contiguous(), sin.contiguous(), RMS_EPS)
+    nope = D - n_rot
+    assert torch.equal(got[:, :nope].cpu(), want[:, :nope].cpu()), \
+        f"kv_rows: FP8 dims differ at {torch.nonzero(got[:, :nope] != want[:, :nope])[:4].tolist()}"
+    return check(f"kv_rows T={T} D={D} p0={p0}", got, want, 1e-3)
+
+
 def case_compressor_step(device, gen, ratio, W, E, p):
     """The decode compressor step (two F16 projections, bias, frontier write) against
     decode_graph.compressor_step_torch."""
@@ -827,6 +849,8 @@ def interpreter_cases():
     yield "rms_scale rows", case_rms_scale, ((5, 3, 300),)
     yield "hc_post E tail", case_hc_post, (3, 1100)
     yield "decode kv_store", case_kv_store, (256, 64, 16, 37)
+    yield "prefill kv_rows, strided rows", case_kv_rows, (7, 256, 64, 30, 48)
+    yield "prefill kv_rows from 0", case_kv_rows, (5, 128, 64, 0)
     yield "decode route top-k with bias", case_route, (16, 6, False, True)
     yield "decode route top-k no bias", case_route, (40, 6, False, False)
     yield "decode route hash layer", case_route, (16, 6, True, False)

@@ -482,6 +482,25 @@ def test_compressor_emit_compiles_for_sm90(hd, index):
 
 
 @needs_cuda
+@pytest.mark.parametrize("T,p0,lead", [(2048, 0, 1024), (300, 4000, 0)])
+def test_cuda_kv_rows_full_size(T, p0, lead):
+    """A prefill's raw KV rows at DS4's width (512, RoPE on the last 64), sliced out of the
+    q_a_kv projection as attention does."""
+    kc.case_kv_rows("cuda", torch.Generator().manual_seed(T), T, 512, 64, p0, lead)
+
+
+def test_kv_rows_argument_errors():
+    from ds4tp.kernels import triton_attn
+    cs = torch.zeros(3, 32)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        triton_attn.kv_rows(torch.zeros(3, 96), torch.ones(96), cs, cs, 1e-6)
+    with pytest.raises(ValueError, match="unit column stride"):
+        triton_attn.kv_rows(torch.zeros(128, 3).t(), torch.ones(128), cs, cs, 1e-6)
+    with pytest.raises(ValueError, match="kv_rows: cos"):
+        triton_attn.kv_rows(torch.zeros(4, 128), torch.ones(128), cs, cs, 1e-6)
+
+
+@needs_cuda
 @pytest.mark.parametrize("ratio,hd,index,base,N,c0,n", [
     (4, 512, False, 0, 2048, 0, 512), (4, 128, True, 0, 2048, 0, 512),
     (4, 512, False, 2044, 2052, 512, 512), (128, 512, False, 0, 2048, 0, 16),
@@ -519,12 +538,17 @@ def test_compressor_rows_argument_errors():
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("ratio,hd,index", [(4, 512, False), (4, 128, True), (128, 512, False)])
 def test_compressor_rows_compiles_for_sm90(ratio, hd, index):
+    """The prefill's compressed-row kernel (and, with it, the KV-row kernel) compiled to PTX for
+    an H100/H200."""
     from ds4tp.kernels import triton_attn as ta
     sig = dict(kv_ptr="*fp32", sc_ptr="*fp32", norm_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
                out_ptr="*fp32", c0="i32", base="i32", eps="fp32")
     const = dict(W=2 * hd if ratio == 4 else hd, HD=hd, NROT=64, RATIO=ratio, INDEX=index,
                  LOGHD=hd.bit_length() - 1, BR=8)
     assert "ex2" in _compile_sm90(ta._comp_rows_kernel, sig, const, 4)
+    sig = dict(x_ptr="*fp32", sx="i32", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
+               out_ptr="*fp32", eps="fp32")
+    assert "cvt.rn.f16" in _compile_sm90(ta._kv_rows_kernel, sig, dict(D=hd, NROT=64), 4)
 
 
 @needs_cuda

@@ -98,18 +98,36 @@ def _kv_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, ring_ptr, rpos_ptr
     pdl_start(PDL)
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + d)
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
+    y = _kv_row(tl.load(x_ptr + d), w_ptr, c, s, eps, D, NROT)
+    slot = pos % n_swa
+    tl.store(ring_ptr + slot * D + d, y)
+    tl.store(rpos_ptr + slot, pos)
+
+
+@triton.jit
+def _kv_row(x, w_ptr, c, s, eps, D: tl.constexpr, NROT: tl.constexpr):
+    """A projected KV row x [D] as the cache holds it: RMS norm with weight, RoPE (c, s from
+    _rope_cs), FP8 of the non-RoPE dims, F16 (model.kv_cache_row of rms_norm)."""
+    d = tl.arange(0, D)
     xd = x.to(tl.float64)
     y = (x * rms_from_squares(xd * xd, D, eps)) * tl.load(w_ptr + d)
-    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     y = _rope(y, c, s, D)
     b = tl.reshape(y, (D // 64, 64))
     nope = (tl.arange(0, D // 64) < (D - NROT) // 64)[:, None]
     y = tl.reshape(tl.where(nope, _fp8_e4m3_blocks(b), b), (D,))
-    y = y.to(tl.float16).to(tl.float32)
-    slot = pos % n_swa
-    tl.store(ring_ptr + slot * D + d, y)
-    tl.store(rpos_ptr + slot, pos)
+    return y.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _kv_rows_kernel(x_ptr, sx, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, D: tl.constexpr,
+                    NROT: tl.constexpr):
+    """Program t: row t of x (stride sx) as the cache holds it, with row t of cos/sin, into
+    row t of out [T, D]."""
+    t = tl.program_id(0)
+    d = tl.arange(0, D)
+    c, s = _rope_cs(cos_ptr, sin_ptr, t, D, NROT)
+    tl.store(out_ptr + t * D + d, _kv_row(tl.load(x_ptr + t * sx + d), w_ptr, c, s, eps, D, NROT))
 
 
 @triton.jit
@@ -358,6 +376,27 @@ def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
     _check_rope(cos, sin, pos, n_rot)
     _kv_store_kernel[(1,)](kv_lin, norm, cos, sin, pos, ring, ring_pos, n_swa, eps, D=D,
                            NROT=n_rot, num_warps=4, **pdl.triton_args(kv_lin.device))
+
+
+def kv_rows(kv_lin, norm, cos, sin, eps) -> torch.Tensor:
+    """kv_lin [T, D] (the attn_kv projection; rows may be strided) -> the cache rows [T, D]:
+    RMS norm with norm [D], RoPE with cos/sin [T, n_rot/2], FP8 of the non-RoPE dims, F16.
+    One program per row (model.kv_rows' twin: kv_cache_row of rms_norm)."""
+    T, D = kv_lin.shape
+    n_rot = cos.shape[1] * 2 if cos.dim() == 2 else -1
+    if D & (D - 1) or D % 64 or not 0 < n_rot <= D or (D - n_rot) % 64:
+        raise ValueError(f"kv_rows: head_dim {D} must be a power of two with (D - n_rot) % 64 == 0")
+    if kv_lin.dtype != torch.float32 or kv_lin.stride(1) != 1:
+        raise ValueError(f"kv_rows: kv rows must be float32 with unit column stride, got "
+                         f"{kv_lin.dtype} strides {kv_lin.stride()}")
+    _check("kv_rows: norm weight", norm, (D,))
+    _check("kv_rows: cos", cos, (T, n_rot // 2))
+    _check("kv_rows: sin", sin, (T, n_rot // 2))
+    out = torch.empty(T, D, dtype=torch.float32, device=kv_lin.device)
+    if T:
+        _kv_rows_kernel[(T,)](kv_lin, kv_lin.stride(0), norm, cos, sin, out, eps, D=D, NROT=n_rot,
+                              num_warps=4)
+    return out
 
 
 def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
