@@ -471,7 +471,8 @@ elif [ "$MODE" = s12e ]; then
 elif [ "$MODE" = s12f ]; then
   # session 12 closing run on two GPUs: the TP=2,1 bench at depth 0 on the code with fewer
   # prefill launches, TP=2 golden prefill, then bench/prefill_tp2.py without its profiles
-  # (with/without collectives, a prefill after the decode graphs)
+  # (with/without collectives, a prefill after the decode graphs); first the KV-row twins
+  gate_tests 60 "kv_rows" tests/test_kernels.py
   log "bench, 43 layers, TP=2,1, depth 0, prefill 2048"
   timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
