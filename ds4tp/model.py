@@ -38,9 +38,10 @@ from ds4tp.streams import Side
 class CompressorWeights:
     ratio: int
     ape: torch.Tensor          # [r, width] float32, row = pos % r
-    kv: QTensor                # F16 (width, E)
+    kv: QTensor                # F16 (width, E)                row views of kv_gate
     gate: QTensor              # F16 (width, E)
     norm: torch.Tensor         # [hd]
+    kv_gate: QTensor | None = None   # F16 (2*width, E)       kv then gate rows (one launch)
 
 
 @dataclass
@@ -113,8 +114,9 @@ class Weights:
             if p + f"{kind}_kv.weight" not in t:
                 return None
             ape = t[p + f"{kind}_ape.weight"].float()          # (r, width)
-            return CompressorWeights(ape.shape[0], ape, t[p + f"{kind}_kv.weight"],
-                                     t[p + f"{kind}_gate.weight"], t[p + f"{kind}_norm.weight"])
+            kv_gate, kv, gate = stacked(p + f"{kind}_kv.weight", p + f"{kind}_gate.weight")
+            return CompressorWeights(ape.shape[0], ape, kv, gate, t[p + f"{kind}_norm.weight"], kv_gate)
+
         def stacked(*names):
             both = QTensor.cat_rows(*(t[n] for n in names))
             n0 = t[names[0]].shape[0]
@@ -328,8 +330,9 @@ def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: in
     Sec. 9.5."""
     r, T = cw.ratio, x.shape[0]
     pos = torch.arange(p0, p0 + T, device=x.device)
-    kv = linear(cw.kv, x)                                        # [T, width] (float x F16)
-    sc = linear(cw.gate, x) + cw.ape[pos % r]
+    W = cw.kv.shape[0]
+    both = linear(cw.kv_gate, x)                                 # [T, 2 width] kv | gate, one launch
+    kv, sc = both[:, :W], both[:, W:] + cw.ape[pos % r]
     st.kv.append(kv)
     st.sc.append(sc)
     n_end = p0 + T
