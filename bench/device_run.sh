@@ -61,7 +61,8 @@
 #   s12c: session 12, two GPUs: a TP=2 prefill's host side, after decode graphs, NCCL graph mixing
 #   s12d: session 12, one GPU: a TP=2 rank's prefill alone (host vs GPU, host profile, kernels)
 #   s12e: session 12, one GPU: fewer prefill launches (compressed rows, routing, tile table)
-#   s12f: session 12 closing run, two GPUs: TP=2,1 bench, TP=2 golden prefill, prefill_tp2
+#   s12f: session 12 closing run, two GPUs: TP=2 bench, TP=2 golden prefill, prefill_tp2 with NCCL
+#         graph mixing support on and off
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -469,17 +470,20 @@ elif [ "$MODE" = s12e ]; then
   golden 1 prefill 90
   bench_tp1 200 0
 elif [ "$MODE" = s12f ]; then
-  # session 12 closing run on two GPUs: the TP=2,1 bench at depth 0 on the code with fewer
-  # prefill launches, TP=2 golden prefill, then bench/prefill_tp2.py without its profiles
-  # (with/without collectives, a prefill after the decode graphs); first the KV-row twins
+  # session 12 closing run on two GPUs: the KV-row twins, the TP=2 bench at depth 0 on the code
+  # with fewer prefill launches (TP=1: s12e), the TP=2 golden prefill, then bench/prefill_tp2.py
+  # without its profiles (decode graphs, prefill with/without collectives and after the decode
+  # graphs), by default and with NCCL_GRAPH_MIXING_SUPPORT=0
   gate_tests 60 "kv_rows" tests/test_kernels.py
-  log "bench, 43 layers, TP=2,1, depth 0, prefill 2048"
-  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  log "bench, 43 layers, TP=2, depth 0, prefill 2048"
+  timeout 230 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, k, round(v['tok_s'], 1), v.get('all_seconds', {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()})) for t, r in rs.items() for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; [print(t, r.get('collectives'), r.get('profile'), r.get('spark_projection')) for t, r in rs.items()]"
-  golden 2 prefill 90
-  log "TP=2 prefill: with and without collectives, after the decode graphs"
-  timeout 120 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2.json" 2>&1 | grep "^\[rank"
+  golden 2 prefill 80
+  for mix in 1 0; do
+    log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=$mix"
+    NCCL_GRAPH_MIXING_SUPPORT=$mix timeout 100 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix$mix.json" 2>&1 | grep "^\[rank 0"
+  done
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"
