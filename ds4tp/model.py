@@ -150,32 +150,41 @@ class Weights:
 
 # ================================ session state ===============================================
 class Rows:
-    """An append-only [n, width] float32 buffer with amortised growth (caches, histories)."""
+    """An append-only [n, width] float32 buffer with amortised growth (caches, histories).
+    Rows live at buf[start:start+n]: dropping the oldest moves `start` and copies nothing; an
+    append that would run past the end first moves the live rows to the front (or grows)."""
 
     def __init__(self, width: int, device, cap: int = 64):
-        self.buf = torch.zeros(cap, width, dtype=torch.float32, device=device)
+        self.buf = torch.empty(cap, width, dtype=torch.float32, device=device)
+        self.start = 0
         self.n = 0
 
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
-        if need > self.buf.shape[0]:
-            new = torch.zeros(max(need, 2 * self.buf.shape[0]), self.buf.shape[1],
-                              dtype=self.buf.dtype, device=self.buf.device)
-            new[: self.n] = self.buf[: self.n]
-            self.buf = new
-        self.buf[self.n: need] = rows
+        if self.start + need > self.buf.shape[0]:
+            live = self.buf[self.start: self.start + self.n]
+            if need > self.buf.shape[0]:
+                new = torch.empty(max(need, 2 * self.buf.shape[0]), self.buf.shape[1],
+                                  dtype=self.buf.dtype, device=self.buf.device)
+                new[: self.n] = live
+                self.buf = new
+            elif self.n:
+                # the live rows may overlap their new place: copy through a temporary
+                self.buf[: self.n] = live.clone() if self.start < self.n else live
+            self.start = 0
+        self.buf[self.start + self.n: self.start + need] = rows
         self.n = need
 
     def drop_front(self, k: int) -> None:
         """Forget the k oldest rows."""
         if k <= 0:
             return
-        keep = self.n - k
-        self.buf[:keep] = self.buf[k: self.n].clone()
-        self.n = keep
+        k = min(k, self.n)
+        self.start += k
+        self.n -= k
 
     def view(self) -> torch.Tensor:
-        return self.buf[: self.n]
+        return self.buf[self.start: self.start + self.n]
 
 
 @dataclass
