@@ -30,3 +30,25 @@ def test_query_chunks_match_one_call():
             a, b, lo, hi = parts[1]
             bad = attend.eager(q[a:b], raw[lo + 1:hi], raw_pos[lo + 1:hi], comp, mask[a:b], pos[a:b], sinks, s)
             assert not torch.allclose(bad, whole[a:b], atol=1e-4)
+
+
+def test_rows_append_and_drop_keep_order():
+    """model.Rows (the caches' and compressors' row store) against a plain list under random
+    appends (growing and compacting its buffer) and drops of the oldest rows."""
+    import random
+
+    from ds4tp.model import Rows
+    rnd = random.Random(0)
+    rows, ref = Rows(3, "cpu", cap=4), []
+    for _ in range(2000):
+        if rnd.random() < 0.55:
+            new = torch.randn(rnd.choice([1, 1, 2, 5, 9]), 3)
+            rows.append(new)
+            ref += list(new)
+        else:
+            k = rnd.randint(0, 6)
+            rows.drop_front(k)
+            ref = ref[k:]
+        assert rows.n == len(ref) and rows.view().shape == (len(ref), 3)
+        if ref:
+            assert torch.equal(rows.view(), torch.stack(ref))
