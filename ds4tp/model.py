@@ -26,7 +26,7 @@ from ds4tp import config as C, kernels
 from ds4tp.comm import SingleComm
 from ds4tp.fuse import fused
 from ds4tp.config import Shape
-from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm, rms_scale,
+from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm,
                             rope_cos_sin, rope_tail, softplus)
 from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear, swiglu_linear
 from ds4tp.qtensor import QTensor
@@ -233,8 +233,7 @@ def hc_split(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int
 @fused
 def hc_flat(hc: torch.Tensor) -> torch.Tensor:
     """The mixer's input: all streams flattened, RMS-scaled over all n_hc*E values."""
-    flat = hc.reshape(hc.shape[0], -1)
-    return flat * rms_scale(flat)
+    return rms_norm(hc.reshape(hc.shape[0], -1))
 
 
 @fused

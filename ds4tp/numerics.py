@@ -136,6 +136,12 @@ def rms_scale(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
 
 @fused
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """x * rms_scale(x) (times w). The dispatch point: several rows on CUDA outside compilation
+    (an eager prefill) take one Triton launch (triton_norm.rms_norm, the same products); decode,
+    compiled, runs the twin below inside its graph."""
+    if kernels.eager_rows(x):
+        from ds4tp.kernels import triton_norm
+        return triton_norm.rms_norm(x, w, RMS_EPS)
     y = x * rms_scale(x)
     return y * w if w is not None else y
 

@@ -495,6 +495,22 @@ def case_rms_scale(device, gen, shape):
     return check(f"rms_scale {shape}", triton_norm.rms_scale(x, 1e-6), numerics.rms_scale_torch(x), 2e-7)
 
 
+def case_rms_norm(device, gen, shape, weighted, lead=0):
+    """The one-launch RMS norm (prefill) against numerics.rms_norm's twin: the same float32
+    products, the scale's float64 sum in another order. lead: rows sliced out of wider ones."""
+    from ds4tp.config import RMS_EPS
+    from ds4tp.kernels import triton_norm
+    n = shape[-1]
+    x = torch.randn(*shape[:-1], lead + n, generator=gen) * 3.0
+    x.view(-1, lead + n)[0] = 0.0                            # an all-zero row
+    x = x.to(device)[..., lead:]
+    w = (torch.rand(n, generator=gen) + 0.5).to(device) if weighted else None
+    got = triton_norm.rms_norm(x, w, RMS_EPS)
+    want = numerics.rms_norm.eager(x, w)
+    assert got.shape == want.shape and got.is_contiguous()
+    return check(f"rms_norm {shape} w={weighted} lead={lead}", got, want, 2e-7)
+
+
 def C(**kw):
     """A launch config (ds4tp.kernels.triton_matvec.Cfg fields), kept as a dict until used."""
     return kw
@@ -847,6 +863,9 @@ def interpreter_cases():
     yield "hc_combine T=3 tail", case_hc_combine, (3, 1000)
     yield "hc_combine two passes (E > 4096)", case_hc_combine, (2, 5000)
     yield "rms_scale rows", case_rms_scale, ((5, 3, 300),)
+    yield "rms_norm weighted, strided rows", case_rms_norm, ((6, 300), True, 40)
+    yield "rms_norm per head", case_rms_norm, ((4, 3, 256), False)
+    yield "rms_norm long rows", case_rms_norm, ((3, 5000), True)
     yield "hc_post E tail", case_hc_post, (3, 1100)
     yield "decode kv_store", case_kv_store, (256, 64, 16, 37)
     yield "prefill kv_rows, strided rows", case_kv_rows, (7, 256, 64, 30, 48)

@@ -257,6 +257,24 @@ def test_cuda_rms_scale_hc_post():
     kc.case_hc_post("cuda", g, 300, 4096)
 
 
+@needs_cuda
+def test_cuda_rms_norm_full_size():
+    """A prefill's RMS norms at DS4's widths: the HC streams flattened (16384), the queries per
+    head (64 x 512), the q_a rows sliced out of the q_a_kv projection (1024 of 1536)."""
+    g = torch.Generator().manual_seed(3)
+    kc.case_rms_norm("cuda", g, (2048, 16384), False)
+    kc.case_rms_norm("cuda", g, (300, 64, 512), False)
+    kc.case_rms_norm("cuda", g, (2048, 1024), True, 512)
+
+
+def test_rms_norm_argument_errors():
+    from ds4tp.kernels import triton_norm
+    with pytest.raises(ValueError, match="expects float32"):
+        triton_norm.rms_norm(torch.zeros(2, 8, dtype=torch.float16), None, 1e-6)
+    with pytest.raises(ValueError, match="does not match rows of 8"):
+        triton_norm.rms_norm(torch.zeros(2, 8), torch.ones(7), 1e-6)
+
+
 DS4_LINEAR = [  # (type, out, in): DS4 shapes, shortened where only the row count differs
     (Q8_0, 1024, 4096), (Q8_0, 4096, 8192), (Q8_0, 2048, 4096), (Q8_0, 4096, 2048),
     (Q8_0, 4096, 1024), (F16, 24, 16384), (F16, 256, 4096), (F16, 1024, 4096),

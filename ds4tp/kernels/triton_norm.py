@@ -45,3 +45,43 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_scale_kernel[(rows,)](x, out, n, eps, BLOCK=min(2048, triton.next_power_of_2(n)),
                                    num_warps=4)
     return out
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, sx, w_ptr, out_ptr, n, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of x (stride sx) times its RMS scale, then times w: the twin's two float32
+    products in the same order (numerics.rms_norm)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * sx
+    acc = tl.zeros([BLOCK], tl.float64)
+    for k in range(0, n, BLOCK):
+        off = k + tl.arange(0, BLOCK)
+        v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
+        acc += v * v
+    r = rms_from_squares(acc, n, eps)
+    for k in range(0, n, BLOCK):
+        off = k + tl.arange(0, BLOCK)
+        y = tl.load(base + off, mask=off < n, other=0.0) * r
+        if HAS_W:
+            y = y * tl.load(w_ptr + off, mask=off < n, other=0.0)
+        tl.store(out_ptr + row * n + off, y, mask=off < n)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * rms_scale(x) (times w [n] where given) over the last dim of float32 x, one launch:
+    x [rows, n] with any row stride, or more leading dims over contiguous rows -> a contiguous
+    result of x's shape."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"rms_norm: expects float32, got {x.dtype}")
+    n = x.shape[-1]
+    if w is not None and (w.shape != (n,) or w.dtype != torch.float32 or not w.is_contiguous()):
+        raise ValueError(f"rms_norm: weight {w.dtype} {tuple(w.shape)} does not match rows of {n}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, n)      # a copy only where the rows cannot be viewed
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
+    if out.numel():
+        _rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), w if w is not None else x2, out, n, eps,
+                                         HAS_W=w is not None, BLOCK=min(2048, triton.next_power_of_2(n)),
+                                         num_warps=4)
+    return out.view(x.shape)
