@@ -474,7 +474,7 @@ elif [ "$MODE" = s12f ]; then
   # with fewer prefill launches (TP=1: s12e), the TP=2 golden prefill, then bench/prefill_tp2.py
   # without its profiles (decode graphs, prefill with/without collectives and after the decode
   # graphs), by default and with NCCL_GRAPH_MIXING_SUPPORT=0
-  gate_tests 60 "kv_rows" tests/test_kernels.py
+  gate_tests 90 "kv_rows or rms_norm or rms_scale" tests/test_kernels.py
   log "bench, 43 layers, TP=2, depth 0, prefill 2048"
   timeout 230 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
