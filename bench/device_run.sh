@@ -63,6 +63,7 @@
 #   s12e: session 12, one GPU: fewer prefill launches (compressed rows, routing, tile table)
 #   s12f: session 12 closing run, two GPUs: TP=2 bench, TP=2 golden prefill, prefill_tp2 with NCCL
 #         graph mixing support on and off
+#   s12g: session 12 closing run on one GPU: new twins, a TP=2 rank's prefill, TP=1 golden, bench
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -484,6 +485,15 @@ elif [ "$MODE" = s12f ]; then
     log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=$mix"
     NCCL_GRAPH_MIXING_SUPPORT=$mix timeout 100 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix$mix.json" 2>&1 | grep "^\[rank 0"
   done
+elif [ "$MODE" = s12g ]; then
+  # session 12 closing run on one GPU (where two are not lent): the KV-row and RMS-norm twins,
+  # a TP=2 rank's prefill alone (host enqueue vs GPU), TP=1 golden prefill, the TP=1 bench
+  gate_tests 90 "kv_rows or rms_norm or rms_scale" tests/test_kernels.py
+  log "prefill, 43 layers, TP=2 rank 0 on one GPU: host enqueue against GPU"
+  timeout 150 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
+  grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
+  golden 1 prefill 90
+  bench_tp1 200 0
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"
