@@ -64,6 +64,8 @@
 #   s12f: session 12 closing run, two GPUs: TP=2 bench, TP=2 golden prefill, prefill_tp2 with NCCL
 #         graph mixing support on and off
 #   s12g: session 12 closing run on one GPU: new twins, a TP=2 rank's prefill, TP=1 golden, bench
+#   s12h / s12i: session 12, the last device time: TP=2 bench + prefill_tp2 without NCCL graph
+#         mixing (two GPUs), or the TP=1 golden prefill (one GPU)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -494,6 +496,18 @@ elif [ "$MODE" = s12g ]; then
   grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
   golden 1 prefill 90
   bench_tp1 200 0
+elif [ "$MODE" = s12h ]; then
+  # session 12, the rest of the device time on two GPUs: the TP=2 bench at depth 0, then
+  # prefill_tp2.py (no profiles) with NCCL_GRAPH_MIXING_SUPPORT=0
+  log "bench, 43 layers, TP=2, depth 0, prefill 2048"
+  timeout 150 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -i "error\|Traceback" "$OUT/bench_log.txt" | tail -5
+  python3 -c "import json; rs=json.load(open('$OUT/bench.tp2.json')); [print(k, round(v['tok_s'], 1), v.get('all_seconds', {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()})) for k, v in rs.items() if isinstance(v, dict) and 'tok_s' in v]; print(rs.get('collectives'), rs.get('profile'))"
+  log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=0"
+  NCCL_GRAPH_MIXING_SUPPORT=0 timeout 80 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix0.json" 2>&1 | grep "^\[rank 0"
+elif [ "$MODE" = s12i ]; then
+  # session 12, the rest of the device time on one GPU: the TP=1 golden prefill on the final code
+  golden 1 prefill 150
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)
   log "experts_mma.cu variants, 2048-token launches"
