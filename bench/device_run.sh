@@ -506,7 +506,9 @@ elif [ "$MODE" = s12h ]; then
   log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=0"
   NCCL_GRAPH_MIXING_SUPPORT=0 timeout 80 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix0.json" 2>&1 | grep "^\[rank 0"
 elif [ "$MODE" = s12i ]; then
-  # session 12, the rest of the device time on one GPU: the TP=1 golden prefill on the final code
+  # session 12, the rest of the device time on one GPU: the RMS-norm twins (one read per row),
+  # the TP=1 golden prefill on the final code
+  gate_tests 60 "rms_norm" tests/test_kernels.py
   golden 1 prefill 150
 elif [ "$MODE" = pf5 ]; then
   # session 9: compile-time variants of experts_mma.cu, then their twin tests (default variant)

@@ -866,6 +866,7 @@ def interpreter_cases():
     yield "rms_norm weighted, strided rows", case_rms_norm, ((6, 300), True, 40)
     yield "rms_norm per head", case_rms_norm, ((4, 3, 256), False)
     yield "rms_norm long rows", case_rms_norm, ((3, 5000), True)
+    yield "rms_norm rows past one block", case_rms_norm, ((2, 16500), True)
     yield "hc_post E tail", case_hc_post, (3, 1100)
     yield "decode kv_store", case_kv_store, (256, 64, 16, 37)
     yield "prefill kv_rows, strided rows", case_kv_rows, (7, 256, 64, 30, 48)

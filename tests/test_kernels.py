@@ -267,6 +267,17 @@ def test_cuda_rms_norm_full_size():
     kc.case_rms_norm("cuda", g, (2048, 1024), True, 512)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("block,one,warps", [(16384, True, 16), (512, True, 4), (2048, False, 4)])
+def test_rms_norm_compiles_for_sm90(block, one, warps):
+    """The RMS-norm kernel compiled to PTX for an H100/H200: a whole 16384-value row held by 16
+    warps (read once), a head's row, and the two-pass form."""
+    from ds4tp.kernels import triton_norm
+    sig = dict(x_ptr="*fp32", sx="i64", w_ptr="*fp32", out_ptr="*fp32", n="i32", eps="fp32")
+    const = dict(HAS_W=True, BLOCK=block, ONE=one)
+    assert ".f64" in _compile_sm90(triton_norm._rms_norm_kernel, sig, const, warps)
+
+
 def test_rms_norm_argument_errors():
     from ds4tp.kernels import triton_norm
     with pytest.raises(ValueError, match="expects float32"):

@@ -48,23 +48,37 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, sx, w_ptr, out_ptr, n, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, sx, w_ptr, out_ptr, n, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+                     ONE: tl.constexpr):
     """Row r of x (stride sx) times its RMS scale, then times w: the twin's two float32
-    products in the same order (numerics.rms_norm)."""
+    products in the same order (numerics.rms_norm). ONE: the row fits in one block and is read
+    once; else it is read twice, block by block."""
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * sx
-    acc = tl.zeros([BLOCK], tl.float64)
-    for k in range(0, n, BLOCK):
-        off = k + tl.arange(0, BLOCK)
-        v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
-        acc += v * v
-    r = rms_from_squares(acc, n, eps)
-    for k in range(0, n, BLOCK):
-        off = k + tl.arange(0, BLOCK)
-        y = tl.load(base + off, mask=off < n, other=0.0) * r
+    if ONE:
+        off = tl.arange(0, BLOCK)
+        v = tl.load(base + off, mask=off < n, other=0.0)
+        vd = v.to(tl.float64)
+        y = v * rms_from_squares(vd * vd, n, eps)
         if HAS_W:
             y = y * tl.load(w_ptr + off, mask=off < n, other=0.0)
         tl.store(out_ptr + row * n + off, y, mask=off < n)
+    else:
+        acc = tl.zeros([BLOCK], tl.float64)
+        for k in range(0, n, BLOCK):
+            off = k + tl.arange(0, BLOCK)
+            v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
+            acc += v * v
+        r = rms_from_squares(acc, n, eps)
+        for k in range(0, n, BLOCK):
+            off = k + tl.arange(0, BLOCK)
+            y = tl.load(base + off, mask=off < n, other=0.0) * r
+            if HAS_W:
+                y = y * tl.load(w_ptr + off, mask=off < n, other=0.0)
+            tl.store(out_ptr + row * n + off, y, mask=off < n)
+
+
+ONE_PASS_MAX = 16384   # rows up to this many values are read once (held by up to 16 warps)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -81,7 +95,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
         x2 = x2.contiguous()
     out = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
     if out.numel():
+        one = n <= ONE_PASS_MAX
+        block = triton.next_power_of_2(n) if one else 2048
         _rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), w if w is not None else x2, out, n, eps,
-                                         HAS_W=w is not None, BLOCK=min(2048, triton.next_power_of_2(n)),
-                                         num_warps=4)
+                                         HAS_W=w is not None, BLOCK=block, ONE=one,
+                                         num_warps=max(4, min(16, block // 1024)))
     return out.view(x.shape)
