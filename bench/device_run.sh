@@ -498,13 +498,14 @@ elif [ "$MODE" = s12g ]; then
   bench_tp1 200 0
 elif [ "$MODE" = s12h ]; then
   # session 12, the rest of the device time on two GPUs: the TP=2 bench at depth 0, then
-  # prefill_tp2.py (no profiles) with NCCL_GRAPH_MIXING_SUPPORT=0
+  # prefill_tp2.py (no profiles) with NCCL_GRAPH_MIXING_SUPPORT=0; the RMS-norm twins first
+  gate_tests 60 "rms_norm" tests/test_kernels.py
   log "bench, 43 layers, TP=2, depth 0, prefill 2048"
-  timeout 150 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  timeout 130 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -i "error\|Traceback" "$OUT/bench_log.txt" | tail -5
   python3 -c "import json; rs=json.load(open('$OUT/bench.tp2.json')); [print(k, round(v['tok_s'], 1), v.get('all_seconds', {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()})) for k, v in rs.items() if isinstance(v, dict) and 'tok_s' in v]; print(rs.get('collectives'), rs.get('profile'))"
   log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=0"
-  NCCL_GRAPH_MIXING_SUPPORT=0 timeout 80 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix0.json" 2>&1 | grep "^\[rank 0"
+  NCCL_GRAPH_MIXING_SUPPORT=0 timeout 60 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix0.json" 2>&1 | grep "^\[rank 0"
 elif [ "$MODE" = s12i ]; then
   # session 12, the rest of the device time on one GPU: the RMS-norm twins (one read per row),
   # the TP=1 golden prefill on the final code
