@@ -137,6 +137,33 @@ cuda_c_round() {
   trace6
   bench_tp1 "$4" 0
 }
+# a TP=2 rank's prefill alone on one GPU (rank 0's shard, collectives removed): host enqueue
+# against the GPU, host profile, kernel table: tp2_rank_prefill TIMEOUT_S
+tp2_rank_prefill() {
+  log "prefill, 43 layers, TP=2 rank 0 on one GPU: host enqueue against GPU"
+  timeout "$1" python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
+  grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
+}
+# the full-size bench at depth 0 on two GPUs, each TP's figures from its partial file (kept if
+# the run is cut short): bench_tp2 TIMEOUT_S TPS (2,1 or 2)
+bench_tp2() {
+  log "bench, 43 layers, TP=$2, depth 0, prefill 2048"
+  timeout "$1" python3 -m ds4tp bench --tp "$2" --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  python3 - "$OUT" "$2" <<'PY'
+import json, os, sys
+for t in sys.argv[2].split(","):
+    f = os.path.join(sys.argv[1], f"bench.tp{t}.json")
+    if not os.path.exists(f):
+        continue
+    r = json.load(open(f))
+    for k, v in r.items():
+        if isinstance(v, dict) and "tok_s" in v:
+            print(f"tp{t}", k, round(v["tok_s"], 1),
+                  v.get("all_seconds", {a: round(b, 3) for a, b in v.get("variant_ms", {}).items()}))
+    print(f"tp{t}", r.get("collectives"), r.get("profile"))
+PY
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 
@@ -427,10 +454,7 @@ elif [ "$MODE" = em5 ]; then
 elif [ "$MODE" = s12a ]; then
   # session 12, the first two-GPU call since session 4: the TP=2,1 bench at depth 0 (same run),
   # TP=2 goldens (graph decoder and prefill), then the review commits' twins on what time is left
-  log "bench, 43 layers, TP=2,1, depth 0, prefill 2048"
-  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -v Warn | tail -20
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, k, round(v['tok_s'], 1), {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()}) for t, r in rs.items() for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; [print(t, r.get('collectives'), r.get('profile'), r.get('spark_projection')) for t, r in rs.items()]"
+  bench_tp2 330 2,1
   golden 2 static,prefill 130
   gate_tests 110 "f16_split or compressor_emit or kv_store or decode_attention" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s12b ]; then
@@ -453,9 +477,7 @@ elif [ "$MODE" = s12c ]; then
 elif [ "$MODE" = s12d ]; then
   # session 12, one GPU: a TP=2 rank's prefill alone (rank 0's shard, collectives removed): host
   # enqueue time against the GPU's, host profile, kernel table; TP=1's enqueue numbers beside it
-  log "prefill profile, 43 layers, TP=2 rank 0 on one GPU"
-  timeout 200 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
-  grep -v "Warn\|warn" "$OUT/profile_prefill_tp2r0.txt" | grep "prefill\|host enqueue" | head -8
+  tp2_rank_prefill 200
   sed -n '/host profile/,/GPU kernels in/p' "$OUT/profile_prefill_tp2r0.txt" | grep -v "^$" | cut -c1-160 | head -75
   grep -A14 "GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | cut -c1-140
   log "prefill, 43 layers, TP=1: host enqueue against GPU"
@@ -466,9 +488,7 @@ elif [ "$MODE" = s12e ]; then
   # of every token in one launch, the expert tile table in one kernel): twins, a TP=2 rank's
   # prefill alone (host enqueue vs GPU), the TP=1 bench at depth 0, TP=1 golden prefill
   gate_tests 150 "${S12E_TESTS:-compressor_rows or route or tiles}" tests/test_kernels.py
-  log "prefill, 43 layers, TP=2 rank 0 on one GPU: host enqueue against GPU"
-  timeout 150 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
-  grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
+  tp2_rank_prefill 150
   sed -n '/by cumulative/,/Profiler clears/p' "$OUT/profile_prefill_tp2r0.txt" | cut -c1-150 | sed -n 8,32p
   golden 1 prefill 90
   bench_tp1 200 0
@@ -478,10 +498,7 @@ elif [ "$MODE" = s12f ]; then
   # without its profiles (decode graphs, prefill with/without collectives and after the decode
   # graphs), by default and with NCCL_GRAPH_MIXING_SUPPORT=0
   gate_tests 90 "kv_rows or rms_norm or rms_scale" tests/test_kernels.py
-  log "bench, 43 layers, TP=2, depth 0, prefill 2048"
-  timeout 230 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, k, round(v['tok_s'], 1), v.get('all_seconds', {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()})) for t, r in rs.items() for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; [print(t, r.get('collectives'), r.get('profile'), r.get('spark_projection')) for t, r in rs.items()]"
+  bench_tp2 230 2
   golden 2 prefill 80
   for mix in 1 0; do
     log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=$mix"
@@ -491,19 +508,14 @@ elif [ "$MODE" = s12g ]; then
   # session 12 closing run on one GPU (where two are not lent): the KV-row and RMS-norm twins,
   # a TP=2 rank's prefill alone (host enqueue vs GPU), TP=1 golden prefill, the TP=1 bench
   gate_tests 90 "kv_rows or rms_norm or rms_scale" tests/test_kernels.py
-  log "prefill, 43 layers, TP=2 rank 0 on one GPU: host enqueue against GPU"
-  timeout 150 python3 bench/profile_prefill.py 43 2048 2 > "$OUT/profile_prefill_tp2r0.txt" 2>&1
-  grep "prefill\|host enqueue\|GPU kernels in" "$OUT/profile_prefill_tp2r0.txt" | head -8
+  tp2_rank_prefill 150
   golden 1 prefill 90
   bench_tp1 200 0
 elif [ "$MODE" = s12h ]; then
   # session 12, the rest of the device time on two GPUs: the TP=2 bench at depth 0, then
   # prefill_tp2.py (no profiles) with NCCL_GRAPH_MIXING_SUPPORT=0; the RMS-norm twins first
   gate_tests 60 "rms_norm" tests/test_kernels.py
-  log "bench, 43 layers, TP=2, depth 0, prefill 2048"
-  timeout 130 python3 -m ds4tp bench --tp 2 --depth 0 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -i "error\|Traceback" "$OUT/bench_log.txt" | tail -5
-  python3 -c "import json; rs=json.load(open('$OUT/bench.tp2.json')); [print(k, round(v['tok_s'], 1), v.get('all_seconds', {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()})) for k, v in rs.items() if isinstance(v, dict) and 'tok_s' in v]; print(rs.get('collectives'), rs.get('profile'))"
+  bench_tp2 130 2
   log "TP=2 prefill_tp2.py, NCCL_GRAPH_MIXING_SUPPORT=0"
   NCCL_GRAPH_MIXING_SUPPORT=0 timeout 60 python3 bench/prefill_tp2.py --no-profiles --out "$OUT/prefill_tp2_mix0.json" 2>&1 | grep "^\[rank 0"
 elif [ "$MODE" = s12i ]; then
