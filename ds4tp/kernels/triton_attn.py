@@ -354,6 +354,16 @@ def _check(name, v, shape, dtype=torch.float32):
                          f"{v.dtype} {tuple(v.shape)}")
 
 
+def _rope_row_width(name: str, label: str, D: int, cos) -> int:
+    """n_rot from a RoPE table cos [rows, n_rot/2], checked against a cache row of D values: D a
+    power of two and a multiple of 64, with its non-RoPE part in whole 64-value FP8 blocks."""
+    n_rot = cos.shape[1] * 2 if cos.dim() == 2 else -1
+    if D & (D - 1) or D % 64 or not 0 < n_rot <= D or (D - n_rot) % 64:
+        raise ValueError(f"{name}: {label} {D} must be a power of two, a multiple of 64, with "
+                         f"({label} - n_rot) % 64 == 0 (n_rot {n_rot})")
+    return n_rot
+
+
 def _check_rope(cos, sin, pos, n_rot):
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] * 2 != n_rot:
         raise ValueError(f"RoPE tables {tuple(cos.shape)} / {tuple(sin.shape)} do not match n_rot={n_rot}")
@@ -366,9 +376,7 @@ def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
     """kv_lin [1, D] (the attn_kv projection) -> the cache row written into ring [n_swa, D] at
     pos % n_swa, ring_pos [n_swa] (int64) set to pos."""
     n_swa, D = ring.shape
-    n_rot = cos.shape[1] * 2
-    if D & (D - 1) or D % 64 or (D - n_rot) % 64 or n_rot > D:
-        raise ValueError(f"kv_store: head_dim {D} must be a power of two with (D - n_rot) % 64 == 0")
+    n_rot = _rope_row_width("kv_store", "head_dim", D, cos)
     _check("kv_store: kv row", kv_lin, (1, D))
     _check("kv_store: norm weight", norm, (D,))
     _check("kv_store: ring positions", ring_pos, (n_swa,), torch.long)
@@ -383,9 +391,7 @@ def kv_rows(kv_lin, norm, cos, sin, eps) -> torch.Tensor:
     RMS norm with norm [D], RoPE with cos/sin [T, n_rot/2], FP8 of the non-RoPE dims, F16.
     One program per row (model.kv_rows' twin: kv_cache_row of rms_norm)."""
     T, D = kv_lin.shape
-    n_rot = cos.shape[1] * 2 if cos.dim() == 2 else -1
-    if D & (D - 1) or D % 64 or not 0 < n_rot <= D or (D - n_rot) % 64:
-        raise ValueError(f"kv_rows: head_dim {D} must be a power of two with (D - n_rot) % 64 == 0")
+    n_rot = _rope_row_width("kv_rows", "head_dim", D, cos)
     if kv_lin.dtype != torch.float32 or kv_lin.stride(1) != 1:
         raise ValueError(f"kv_rows: kv rows must be float32 with unit column stride, got "
                          f"{kv_lin.dtype} strides {kv_lin.stride()}")
@@ -429,10 +435,7 @@ def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool,
     The position is read on the device, so the row is not checked here: the caller sizes cache
     for its positions (decode_graph.StaticDecoder: max_ctx // 4 + 1 rows, steps refused beyond)."""
     cap, HD = cache.shape
-    n_rot = cos.shape[1] * 2
-    if HD & (HD - 1) or HD % 64 or n_rot > HD or (HD - n_rot) % 64:
-        raise ValueError(f"compressor_emit: row width {HD} must be a power of two, a multiple of 64, "
-                         f"with (width - n_rot) % 64 == 0")
+    n_rot = _rope_row_width("compressor_emit", "row width", HD, cos)
     _check("compressor_emit: frontier kv", front_kv, (8, 2 * HD))
     _check("compressor_emit: frontier gate", front_sc, (8, 2 * HD))
     _check("compressor_emit: norm weight", norm, (HD,))
@@ -454,10 +457,7 @@ def compressor_rows(kv, sc, base: int, c0: int, n: int, ratio: int, norm, cos, s
     -> [n, HD] float32 (model.compress's twin)."""
     HD = norm.shape[0]
     W = 2 * HD if ratio == 4 else HD
-    n_rot = cos.shape[1] * 2 if cos.dim() == 2 else -1
-    if HD & (HD - 1) or HD % 64 or not 0 < n_rot <= HD or (HD - n_rot) % 64:
-        raise ValueError(f"compressor_rows: row width {HD} must be a power of two, a multiple of 64, "
-                         f"with (width - n_rot) % 64 == 0")
+    n_rot = _rope_row_width("compressor_rows", "row width", HD, cos)
     if ratio != 4 and (ratio & (ratio - 1) or ratio < 8 or index):
         raise ValueError(f"compressor_rows: ratio {ratio} must be 4, or a power of two >= 8 for kv rows")
     _check("compressor_rows: kv", kv, (kv.shape[0], W))
