@@ -22,15 +22,20 @@ def rms_from_squares(sq, n, eps):
 
 
 @triton.jit
-def _rms_scale_kernel(x_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    base = x_ptr + row.to(tl.int64) * n
+def _row_rms_scale(base, n, eps, BLOCK: tl.constexpr):
+    """The RMS scale of the n values at base, read in blocks of BLOCK."""
     acc = tl.zeros([BLOCK], tl.float64)
     for k in range(0, n, BLOCK):
         off = k + tl.arange(0, BLOCK)
         v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
         acc += v * v
-    tl.store(out_ptr + row, rms_from_squares(acc, n, eps))
+    return rms_from_squares(acc, n, eps)
+
+
+@triton.jit
+def _rms_scale_kernel(x_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    tl.store(out_ptr + row, _row_rms_scale(x_ptr + row.to(tl.int64) * n, n, eps, BLOCK))
 
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -64,12 +69,7 @@ def _rms_norm_kernel(x_ptr, sx, w_ptr, out_ptr, n, eps, HAS_W: tl.constexpr, BLO
             y = y * tl.load(w_ptr + off, mask=off < n, other=0.0)
         tl.store(out_ptr + row * n + off, y, mask=off < n)
     else:
-        acc = tl.zeros([BLOCK], tl.float64)
-        for k in range(0, n, BLOCK):
-            off = k + tl.arange(0, BLOCK)
-            v = tl.load(base + off, mask=off < n, other=0.0).to(tl.float64)
-            acc += v * v
-        r = rms_from_squares(acc, n, eps)
+        r = _row_rms_scale(base, n, eps, BLOCK)
         for k in range(0, n, BLOCK):
             off = k + tl.arange(0, BLOCK)
             y = tl.load(base + off, mask=off < n, other=0.0) * r
