@@ -84,6 +84,27 @@ class DistComm:
                 pass
 
 
+# NCCL settings this package relies on, applied before the communicator exists (NCCL reads them
+# once) unless the environment already sets them.
+#
+# NCCL_GRAPH_MIXING_SUPPORT=0: no cross-stream ordering machinery around the all-reduces captured
+# in the decode graphs. Two H200s, TP=2, same code: decode 187.0-187.7 tok/s with it on (NCCL's
+# default), 199.4-200.1 off (bench/results/prefill_tp2_h200x2_s13_*). NCCL then requires that no
+# graph launch is still running when an eager (non-captured) collective is issued. The worker
+# keeps that: each replayed decode step ends with its logits copied to the host for sampling
+# before the next operation, whose first act is an eager all-gather (Runtime._agree).
+NCCL_DEFAULTS = {"NCCL_GRAPH_MIXING_SUPPORT": "0"}
+
+
+def nccl_defaults(env=None) -> dict:
+    """Set each of NCCL_DEFAULTS in `env` (default os.environ) that is not set; returns the
+    settings now in effect."""
+    env = os.environ if env is None else env
+    for k, v in NCCL_DEFAULTS.items():
+        env.setdefault(k, v)
+    return {k: env[k] for k in NCCL_DEFAULTS}
+
+
 def init_dist(rank: int | None = None, world: int | None = None, *, device: str = "cpu",
               master_addr: str | None = None, master_port: int | None = None,
               timeout_s: float = 60.0):
@@ -103,6 +124,7 @@ def init_dist(rank: int | None = None, world: int | None = None, *, device: str 
     port = master_port or int(env.get("MASTER_PORT", 29500))
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl":
+        nccl_defaults(env)
         torch.cuda.set_device(torch.device(device))
     timeout = datetime.timedelta(seconds=timeout_s)
     try:

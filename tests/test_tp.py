@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds4tp import config as C
-from ds4tp.comm import CommError, free_port, init_dist, run_local_ranks
+from ds4tp.comm import CommError, free_port, init_dist, nccl_defaults, run_local_ranks
 from ds4tp.gguf_file import open_ds4
 from ds4tp.qtensor import QTensor
 from ds4tp.shard.load import held_bytes, load_rank, rank_bytes_view
@@ -165,3 +165,13 @@ def test_peer_death_is_an_error_not_a_hang():
                 p.kill()
     assert status == "error", msg
     assert "all_reduce failed" in msg and elapsed < 30
+
+
+def test_nccl_defaults_fill_only_what_is_unset():
+    """The NCCL settings init_dist applies before the communicator exists; an operator's own
+    value (environment file, shell) wins."""
+    env = {}
+    assert nccl_defaults(env) == {"NCCL_GRAPH_MIXING_SUPPORT": "0"} == env
+    env = {"NCCL_GRAPH_MIXING_SUPPORT": "1", "NCCL_DEBUG": "WARN"}
+    assert nccl_defaults(env) == {"NCCL_GRAPH_MIXING_SUPPORT": "1"}
+    assert env == {"NCCL_GRAPH_MIXING_SUPPORT": "1", "NCCL_DEBUG": "WARN"}
