@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grpc-port", type=int, default=50051)
     w.add_argument("--device", default="auto")
     w.add_argument("--ctx", type=int, default=4096)
+    w.add_argument("--no-warm-up", action="store_true",
+                   help="on CUDA, skip compiling kernels and capturing the decode graphs before "
+                        "turning READY (the first requests then pay for it, and may pass the "
+                        "gateway's step deadline)")
 
     gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway in front of the workers")
     gw.add_argument("--workers", required=True, help="comma-separated host:port of every rank, rank order")

@@ -154,6 +154,33 @@ class StaticDecoder:
         s = self.s
         return ((p + 1) % 4 == 0, (p + 1) % 128 == 0, (p + 1) // 4 > s.indexer_top_k)
 
+    def variants(self) -> dict:
+        """Every variant a position below max_ctx takes, with the first position that takes it.
+        Once the indexer is on, the pattern repeats every 128 positions."""
+        out: dict = {}
+        for p in range(min(self.max_ctx, 4 * self.s.indexer_top_k + 4 + 256)):
+            out.setdefault(self._variant(p), p)
+        return out
+
+    def warm_up(self) -> list:
+        """Run every variant once (on CUDA: warm up and capture its graph) so that no later step
+        compiles kernels or captures a graph. The buffers are restored after each run, and the
+        decoder must be empty (no session loaded). Returns the variants."""
+        if self.n:
+            raise RuntimeError("warm_up needs an empty decoder (no session loaded)")
+        for var, p in self.variants().items():
+            self.pos.fill_(p)
+            self.token.fill_(0)
+            if self.use_graphs:
+                if var not in self.graphs:
+                    self.graphs[var] = self._capture(var)
+            else:
+                saved = self._snapshot()
+                self._step(var)
+                self._restore(saved)
+        self.pos.zero_()
+        return list(self.variants())
+
     def step(self, token: int) -> torch.Tensor:
         """Consume one token at position self.n; returns logits [V] (a device buffer that the
         next step overwrites)."""

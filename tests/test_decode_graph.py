@@ -162,3 +162,63 @@ def test_pdl_is_bit_identical_on_cuda():
     assert torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1])
     assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=1e-3 * float(runs[2].abs().max()))
+
+
+def test_warm_up_runs_every_variant_and_leaves_the_decoder_as_it_was(tiny):
+    """StaticDecoder.warm_up runs each variant once at its first position (graphs on CUDA) and
+    restores the buffers: the decoder then gives bit-identical logits to a fresh one. Its
+    variant table holds every variant of every position below max_ctx."""
+    s = tiny.shape
+    max_ctx = 4 * s.indexer_top_k + 300          # every variant reachable, the indexer on
+    dec = StaticDecoder(tiny, max_ctx=max_ctx, use_graphs=False)
+    table = dec.variants()
+    assert len(table) == 5      # tiny: the indexer is on (p >= 67) before the first 128 ends
+    assert set(table) == {dec._variant(p) for p in range(max_ctx)}
+    assert all(dec._variant(p) == v for v, p in table.items())
+    assert len(StaticDecoder(tiny, max_ctx=64, use_graphs=False).variants()) == 2
+    assert sorted(dec.warm_up()) == sorted(table)
+    st = tiny.new_state()
+    tiny.forward([3, 1, 4, 1, 5], st)
+    fresh = StaticDecoder(tiny, max_ctx=max_ctx, use_graphs=False)
+    for d in (dec, fresh):
+        d.load_session(st)
+    for t in [(9 * i + 2) % 3000 for i in range(8)]:
+        assert torch.equal(dec.step(t).clone(), fresh.step(t))
+    with pytest.raises(RuntimeError, match="empty decoder"):
+        dec.warm_up()
+
+
+def test_runtime_warm_up_changes_no_result(tiny):
+    """Runtime.warm_up prefills scratch states and warms the decoder; the requests after it get
+    exactly what a runtime without it gives, and it refuses to run beside live sequences."""
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    runs = []
+    for warm in (True, False):
+        rt = Runtime(tiny, SingleComm(), ctx=40, fast_decode=True)
+        if warm:
+            done = rt.warm_up(lengths=(2, 17, 60))
+            assert done == {"prefill": [2, 17, 40], "decode_variants": 2}   # 60 capped at ctx
+            assert rt.fast.n == 0 and not rt.live and not rt.cached and rt.digest == 0
+        toks = [rt.prefill(1, "a", [5, 6, 7], params=SamplingParams()).sample.token]
+        for k in range(1, 9):
+            toks.append(rt.decode(1 + k, "a", [toks[-1]], k).sample.token)
+        logits = rt.live["a"].logits.clone()
+        runs.append((toks, logits))
+        with pytest.raises(RuntimeError, match="before any sequence"):
+            rt.warm_up(lengths=(2,))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_warm_up_lengths_cover_the_kernels_launch_shape_changes():
+    """The prompt lengths a worker prefills at start sit on both sides of every token count at
+    which a kernel changes launch shape, and include the gateway's prefill chunk."""
+    from ds4tp import kernels
+    from ds4tp.gateway.scheduler import SchedulerConfig
+    from ds4tp.kernels import cuda_experts, triton_matvec
+    from ds4tp.worker.runtime import WARM_PREFILL_LENGTHS as L
+    for edge in (triton_matvec.FMA_MAX_T, cuda_experts.MAX_T, triton_matvec.TQ_MAX,
+                 kernels.GEMM_MIN_T - 1):
+        assert edge in L and edge + 1 in L, edge
+    assert 1 in L and SchedulerConfig().prefill_chunk in L

@@ -73,6 +73,12 @@ def load(node: WorkerNode, args, device: str) -> None:
         t = time.perf_counter()
         model = DS4Model.load(args.model, rank=node.rank, world=node.world, comm=comm, device=device)
         runtime = Runtime(model, comm, ctx=args.ctx, device=device)
+        if torch.device(device).type == "cuda" and not getattr(args, "no_warm_up", False):
+            node.message = "warming up: compiling kernels, capturing the decode graphs"
+            log(f"rank {node.rank}: loaded in {time.perf_counter() - t:.1f}s; warming up")
+            w = time.perf_counter()
+            done = runtime.warm_up()
+            log(f"rank {node.rank}: warm-up {done} in {time.perf_counter() - w:.1f}s")
         node.ready(runtime, {k: int(v) for k, v in dataclasses.asdict(model.shape).items()})
         log(f"rank {node.rank}: ready in {time.perf_counter() - t:.1f}s")
     except Exception as e:

@@ -73,6 +73,13 @@ def _digest(prev: int, *parts) -> int:
     return int.from_bytes(h.digest(), "little") >> 1   # 63 bits: fits a signed int64 tensor
 
 
+# Prompt lengths a worker prefills at start (Runtime.warm_up): 1 and 16 (Triton specialises an
+# integer argument equal to 1 or divisible by 16), both sides of the token counts where kernels
+# change launch shape (FMA_MAX_T = 2, the CUDA C experts' MAX_T = 4, TQ_MAX = 16 and GEMM_MIN_T =
+# 17), and the gateway's 2048-token prefill chunk; a test keeps them in step with those constants.
+WARM_PREFILL_LENGTHS = (1, 2, 3, 4, 5, 16, 17, 100, 2048)
+
+
 class Runtime:
     """Sequences of one rank. `max_sequences` live sequences at most; released states are kept
     (up to `max_cached`, least recently used evicted first) so a request whose prompt extends one
@@ -100,6 +107,35 @@ class Runtime:
         self.digest = 0
         self.steps = 0
         self._lock = threading.Lock()
+
+    def warm_up(self, lengths=WARM_PREFILL_LENGTHS) -> dict:
+        """Compile kernels and capture the decode graphs before the first request: on a cold GPU
+        the first prefill or decode step would otherwise spend seconds to minutes compiling, past
+        the gateway's step deadline. Prefills of each of `lengths` tokens (at most ctx) on scratch
+        states, the longest continued by a second chunk and by a few more tokens (later chunks,
+        the indexer on), then every decode-graph variant. Runs collectives: every rank calls it
+        with the same arguments. Leaves no sequence state behind. Returns what ran."""
+        with self._lock:
+            if self.live or self.fast_slot is not None:
+                raise RuntimeError("warm_up runs before any sequence")
+            lengths = sorted({min(int(n), self.ctx) for n in lengths if n > 0})
+
+            def feed(st, n):
+                self.model.forward([(7 * (st.n + i) + 3) % self.vocab for i in range(n)], st)
+                return n
+
+            ran, st = [], None
+            for n in lengths:
+                st = self.model.new_state()
+                ran.append(feed(st, n))
+            if st is not None:
+                second = min(st.n, self.ctx - st.n - 3)     # leaves room for a short third
+                for more in (second, 3):
+                    more = min(more, self.ctx - st.n)
+                    if more > 0:
+                        ran.append(f"+{feed(st, more)}")
+            variants = self.fast.warm_up() if self.fast is not None else []
+            return {"prefill": ran, "decode_variants": len(variants)}
 
     @property
     def busy(self) -> bool:
