@@ -66,6 +66,9 @@
 #   s12g: session 12 closing run on one GPU: new twins, a TP=2 rank's prefill, TP=1 golden, bench
 #   s12h / s12i: session 12, the last device time: TP=2 bench + prefill_tp2 without NCCL graph
 #         mixing (two GPUs), or the TP=1 golden prefill (one GPU)
+#   s13s: session 13, two GPUs: the served path end to end (bench/serve_e2e.py) on the full-size
+#         synthetic GGUF: launch, workers' warm-up, chat/stream/concurrent/bad requests, a worker
+#         killed mid-stream and the recovery
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -562,6 +565,16 @@ elif [ "$MODE" = depth ]; then
     log "graph-replayed decode step, 43 layers, depth $d, traced"
     timeout 240 python3 bench/profile_graph.py 43 $d 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d$d.txt" | head -45
   done
+elif [ "$MODE" = s13s ]; then
+  log "synth full (parallel)"
+  t0=$(date +%s)
+  timeout 260 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"; ls -l /tmp/full.gguf
+  log "serve end to end, TP=2 on two GPUs"
+  timeout 320 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-700
+  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
