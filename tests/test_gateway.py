@@ -116,11 +116,52 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(stack):
     assert_error(post(gw, "/v1/chat/completions", chat_body(max_tokens=2), key="wrong"), 401, code="invalid_api_key")
     assert_error(httpx.get(gw.url + "/v1/models"), 401)
     assert httpx.get(gw.url + "/health").status_code == 200   # open
-    # unknown OpenAI fields are fine; the server still answers
+    # documented OpenAI fields we ignore are fine; the server still answers
     r = post(gw, "/v1/chat/completions", chat_body(max_tokens=3, user="u1", service_tier="auto",
                                                    presence_penalty=0.0))
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_unknown_parameters_are_400_naming_them(stack):
+    sup, gw = stack
+    comp = {"model": MODEL, "prompt": "Once upon", "max_tokens": 3}
+    for path, body in (("/v1/chat/completions", chat_body(max_tokens=3)), ("/v1/completions", comp)):
+        for stream in (False, True):
+            r = post(gw, path, dict(body, stream=stream, frobnicate=1))
+            assert_error(r, 400, "frobnicate")
+            assert r.json()["error"]["type"] == "invalid_request_error"
+            assert "frobnicate" in r.json()["error"]["message"]
+        # two unknown fields: both named; an unknown field wins over a type error elsewhere
+        r = post(gw, path, dict(body, frobnicate=1, wibble="x", max_tokens="5"))
+        assert_error(r, 400, "frobnicate")
+        assert "'frobnicate'" in r.json()["error"]["message"] and "'wibble'" in r.json()["error"]["message"]
+    # a field of the other endpoint is unknown here
+    assert_error(post(gw, "/v1/completions", dict(comp, messages=chat_body()["messages"])), 400, "messages")
+    assert_error(post(gw, "/v1/completions", dict(comp, max_completion_tokens=3)), 400, "max_completion_tokens")
+    assert_error(post(gw, "/v1/chat/completions", chat_body(prompt="x")), 400, "prompt")
+    # nested objects stay lenient
+    r = post(gw, "/v1/chat/completions", chat_body(
+        max_tokens=2, messages=[{"role": "user", "content": "hi", "extra_key": 1}],
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert r.status_code == 200, r.text
+    # documented OpenAI fields we accept and ignore, and our extensions, still get 200
+    ignored_chat = dict(presence_penalty=0.5, frequency_penalty=0.1, user="u1", service_tier="auto",
+                        store=False, metadata={"k": "v"}, parallel_tool_calls=True, modalities=["text"],
+                        response_format={"type": "text"}, safety_identifier="s", prompt_cache_key="c",
+                        verbosity="low", n=1, reasoning_effort="none", top_k=5, min_p=0.01,
+                        ignore_eos=True, min_tokens=1, return_token_ids=True, thinking=False,
+                        chat_template_kwargs={"thinking": False})
+    r = post(gw, "/v1/chat/completions", chat_body(max_tokens=3, **ignored_chat))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    r = post(gw, "/v1/completions", dict(comp, best_of=1, echo=False, suffix=None, user="u1", n=1,
+                                         presence_penalty=0.0, frequency_penalty=0.0, top_k=5))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    # the server keeps serving after the 400s
+    ev = stream_chat(gw, chat_body(max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert ev[-1] == ("data", "[DONE]") and ev[-2][1]["usage"]["completion_tokens"] == 3
 
 
 # ---- generation -------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ configured, /v1/* need `Authorization: Bearer <key>`; /health and /metrics stay 
 The gateway owns tokenization and the chat template; the workers see token ids only.
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for malformed
-JSON, wrong types or values and prompts over the context; 401 for a bad or missing key; 404 for
-an unknown model or route; 503 when the workers are unavailable or the queue is full. Once a
-stream has started, an error arrives as a final `data: {"error": ...}` event.
+JSON, unknown top-level fields (`param` names the first; see schemas.py), wrong types or values
+and prompts over the context; 401 for a bad or missing key; 404 for an unknown model or route;
+503 when the workers are unavailable or the queue is full. Once a stream has started, an error
+arrives as a final `data: {"error": ...}` event.
 
 Streaming sends `: keep-alive` comments while nothing else is ready (a long prefill, or other
 requests' turns), the first data chunk only once the first token is sampled, then one chunk per
@@ -67,7 +68,14 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def _validation_error(e: ValidationError) -> APIError:
-    err = e.errors()[0]
+    errors = e.errors()
+    # unknown top-level fields first, all of them named (OpenAI: "Unrecognized request argument")
+    unknown = [str(x["loc"][0]) for x in errors if x["type"] == "extra_forbidden" and len(x["loc"]) == 1]
+    if unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        return APIError(400, f"unknown parameter{'s' if len(unknown) > 1 else ''} {names} "
+                        f"(not accepted by this endpoint)", param=unknown[0])
+    err = errors[0]
     parts = []
     for x in err["loc"]:
         if isinstance(x, int):

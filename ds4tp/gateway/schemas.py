@@ -1,16 +1,26 @@
 """Request bodies of the OpenAI endpoints.
 
-Strict types (a string where a number belongs is a 400, not coerced), unknown fields accepted
-and ignored: OpenAI clients send many optional fields we have no use for.
+Strict types: a string where a number belongs is a 400, not coerced.
 
-Accepted beyond the OpenAI fields: `top_k`, `min_p`, `ignore_eos`, `min_tokens`,
-`return_token_ids` (vLLM), and the thinking switches of `ChatRequest.thinking_mode`.
-Accepted and ignored: `presence_penalty`, `frequency_penalty`, `user`, `service_tier`, etc.
+Top-level fields are checked, as the OpenAI API does: a field that is neither declared here nor
+in the endpoint's `IGNORED` allow-list is a 400 naming it (`param` is the field; see
+`api._validation_error`). Three kinds of top-level field are accepted:
+- the OpenAI fields we implement (declared, typed and range-checked);
+- our extensions: `top_k`, `min_p`, `ignore_eos`, `min_tokens`, `return_token_ids` (vLLM's), and
+  on chat the thinking switches of `ChatRequest.thinking_mode` (`thinking`,
+  `chat_template_kwargs`);
+- documented OpenAI fields we do not implement but clients commonly send: accepted and ignored
+  (`ChatRequest.IGNORED`, `CompletionRequest.IGNORED`, not type-checked). `presence_penalty` and
+  `frequency_penalty` are declared (must be finite numbers) but also have no effect; `n` is
+  declared and only 1 is accepted.
+Nested objects (messages, content parts, tools, stream_options, ...) stay lenient: unknown
+fields there are accepted, and passed along where the object is (messages and tools reach the
+chat template).
 """
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -66,6 +76,11 @@ class ThinkingSwitch(_Base):
 
 
 class _Sampling(_Base):
+    """The fields both endpoints share; a top-level request body (unknown fields are errors)."""
+    model_config = ConfigDict(extra="forbid")
+    # documented OpenAI fields of the endpoint that are accepted and ignored (set per endpoint)
+    IGNORED: ClassVar[frozenset[str]] = frozenset()
+
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
@@ -83,6 +98,13 @@ class _Sampling(_Base):
     return_token_ids: bool = False
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in cls.IGNORED}
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -115,6 +137,16 @@ class _Sampling(_Base):
 
 
 class ChatRequest(_Sampling):
+    # OpenAI chat-completions fields we accept and ignore
+    IGNORED = frozenset({
+        "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",  # caller tags
+        "store", "metadata", "service_tier",          # OpenAI platform features
+        "parallel_tool_calls",                        # several calls in one turn are allowed anyway
+        "response_format", "verbosity", "prediction", # output shaping we do not implement
+        "modalities", "audio", "web_search_options",  # text only, no built-in tools
+        "functions", "function_call",                 # deprecated form of tools / tool_choice
+    })
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -161,6 +193,12 @@ EFFORTS = {"none": "none", "minimal": "none", "low": "high", "medium": "high", "
 
 
 class CompletionRequest(_Sampling):
+    # OpenAI (legacy) completions fields we accept and ignore
+    IGNORED = frozenset({
+        "user",
+        "best_of",       # server-side best-of-n sampling: not implemented, one sample is returned
+    })
+
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
