@@ -68,7 +68,9 @@
 #         mixing (two GPUs), or the TP=1 golden prefill (one GPU)
 #   s13s: session 13, two GPUs: the served path end to end (bench/serve_e2e.py) on the full-size
 #         synthetic GGUF: launch, workers' warm-up, chat/stream/concurrent/bad requests, a worker
-#         killed mid-stream and the recovery
+#         killed mid-stream and the recovery (`s13s more`: then the second-GPU runtime test and
+#         the TP=2 golden through the decode graphs)
+#   s13f: session 13 closing run, two GPUs: TP=2,1 bench at depth 0 and 4096
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -575,6 +577,20 @@ elif [ "$MODE" = s13s ]; then
     --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-700
   grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
   rm -f /tmp/full.gguf
+  if [ "${2:-}" = more ]; then
+    gate_tests 100 "second_gpu" tests/test_decode_graph.py
+    golden 2 static 90
+  fi
+elif [ "$MODE" = s13f ]; then
+  # session 13 closing run on two GPUs: the bench at TP=2 and TP=1 in one run, depth 0 and 4096,
+  # with NCCL graph mixing support off (now init_dist's default)
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048"
+  timeout 340 python3 -m ds4tp bench --tp 2,1 --depth 4096 --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  for t in 2 1; do
+    f="$OUT/bench.tp$t.json"; [ -f "$f" ] || continue
+    python3 -c "import json; r=json.load(open('$f')); [print('tp$t', k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print('tp$t', r.get('collectives'), r.get('profile'), r.get('copy_bw_GBs'))"
+  done
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

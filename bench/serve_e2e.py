@@ -8,7 +8,8 @@ Measured, in order:
 - ready_s: launch to /health 200 (load, and on CUDA the workers' warm-up);
 - greedy chat twice (non-streaming, 32 tokens): the same text both times;
 - streaming decode from a short prompt and prefill + decode from a long one: time to the first
-  chunk (TTFT) and decode tok/s from the chunks' arrival times (tokens from `usage`);
+  chunk (TTFT) and decode tok/s from the chunks' arrival times (tokens from `usage`); for the
+  short one, each rank's mean forward and sampling time per step (the gateway's /metrics);
 - two streams at once: both complete, tokens per second together;
 - bad requests (malformed JSON, a prompt longer than the context, an unknown parameter) get a
   4xx naming the problem;
@@ -84,6 +85,26 @@ def stream(base: str, body: dict, timeout: float = 600.0, on_chunk=None) -> dict
         n = (usage or {}).get("completion_tokens", len(times))
         if len(times) > 1 and n > 1:
             out["decode_tok_s"] = (n - 1) / (times[-1] - times[0])
+    return out
+
+
+def scrape(base: str) -> dict:
+    """The gateway's /metrics samples: {'name{labels}': value}."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in lines if l and not l.startswith("#")}
+
+
+def per_step_ms(before: dict, after: dict, nodes: int) -> dict:
+    """Mean model (forward) and sampling time per step of each rank between two scrapes."""
+    out = {}
+    for r in range(nodes):
+        lab = f'{{rank="{r}"}}'
+        n = after[f"ds4tp_worker_step_seconds_count{lab}"] - before[f"ds4tp_worker_step_seconds_count{lab}"]
+        if n:
+            out[f"rank{r}"] = {k: round(1e3 * (after[f"ds4tp_worker_{k}_seconds_sum{lab}"]
+                                               - before[f"ds4tp_worker_{k}_seconds_sum{lab}"]) / n, 3)
+                               for k in ("step", "sample")} | {"steps": int(n)}
     return out
 
 
@@ -166,7 +187,9 @@ def main() -> int:
 
         gen = {"model": "deepseek-v4-flash", "temperature": 0, "max_tokens": a.tokens,
                "ignore_eos": True}
+        m0 = scrape(base)
         show("stream_short", summary(stream(base, dict(gen, prompt="Once upon a time"))))
+        show("stream_short_worker_ms", per_step_ms(m0, scrape(base), a.nodes))
         words = " ".join(f"item{i % 97} is next to item{(7 * i) % 89}." for i in range(a.long_words // 5))
         show("stream_long", summary(stream(base, dict(gen, prompt=words))))
 

@@ -199,7 +199,7 @@ def test_runtime_warm_up_changes_no_result(tiny):
         rt = Runtime(tiny, SingleComm(), ctx=40, fast_decode=True)
         if warm:
             done = rt.warm_up(lengths=(2, 17, 60))
-            assert done == {"prefill": [2, 17, 40], "decode_variants": 2}   # 60 capped at ctx
+            assert done["prefill"] == [2, 17, 40] and done["decode_variants"] == 2  # 60: ctx
             assert rt.fast.n == 0 and not rt.live and not rt.cached and rt.digest == 0
         toks = [rt.prefill(1, "a", [5, 6, 7], params=SamplingParams()).sample.token]
         for k in range(1, 9):
@@ -222,3 +222,42 @@ def test_warm_up_lengths_cover_the_kernels_launch_shape_changes():
                  kernels.GEMM_MIN_T - 1):
         assert edge in L and edge + 1 in L, edge
     assert 1 in L and SchedulerConfig().prefill_chunk in L
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (a runtime on cuda:1)")
+def test_runtime_on_a_second_gpu_serves_from_any_thread(tmp_path):
+    """The gRPC servicer calls the runtime from its own threads, whose current CUDA device is
+    cuda:0. A runtime on cuda:1 still runs there (kernels, streams, graphs) and gives the tokens
+    it gives when called from a thread bound to cuda:1. Without binding, a served prefill on the
+    second GPU of a host failed in a Triton launch (pointer not accessible)."""
+    import threading
+
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    p = tmp_path / "tiny.gguf"
+    write_synthetic(p, C.TINY, seed=5)
+    m = DS4Model.load(p, device="cuda:1")
+    outs = []
+    for bind in (False, True):
+        rt = Runtime(m, SingleComm(), ctx=160, device="cuda:1")
+        got = {}
+
+        def serve():
+            try:
+                if bind:
+                    torch.cuda.set_device(1)
+                rt.warm_up(lengths=(3, 40))
+                prompt = [(13 * i + 1) % 3000 for i in range(70)]
+                toks = [rt.prefill(1, "a", prompt, params=SamplingParams()).sample.token]
+                for k in range(1, 12):
+                    toks.append(rt.decode(1 + k, "a", [toks[-1]], k).sample.token)
+                got["toks"] = toks
+            except Exception as e:      # reported below, not lost in the thread
+                got["error"] = e
+        t = threading.Thread(target=serve)
+        t.start()
+        t.join()
+        assert "error" not in got, got.get("error")
+        outs.append(got["toks"])
+    assert outs[0] == outs[1]

@@ -369,6 +369,9 @@ def test_metrics_count_requests_and_tokens(stack):
     assert value(after, "ds4tp_time_to_first_token_seconds_count") == value(before, "ds4tp_time_to_first_token_seconds_count") + 1
     assert 'ds4tp_requests_total{endpoint="/v1/chat/completions",status="200"}' in after
     assert 'ds4tp_worker_step_seconds_count{rank="1"}' in after
+    steps = value(after, 'ds4tp_worker_sample_seconds_count{rank="0"}')
+    assert steps - value(before, 'ds4tp_worker_sample_seconds_count{rank="0"}') == 5   # prefill + 4
+    assert value(after, 'ds4tp_worker_sample_seconds_sum{rank="0"}') > 0
     assert "ds4tp_queue_depth 0" in after
 
 

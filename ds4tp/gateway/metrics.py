@@ -92,4 +92,9 @@ class Metrics:
                [line for r in pool.ranks for line in (
                    f'ds4tp_worker_step_seconds_sum{{rank="{r.rank}"}} {_num(r.step_s)}',
                    f'ds4tp_worker_step_seconds_count{{rank="{r.rank}"}} {r.steps}')])
+        metric("ds4tp_worker_sample_seconds", "summary",
+               "Sampling time (logits to token, logprobs) of prefill/decode steps per rank.",
+               [line for r in pool.ranks for line in (
+                   f'ds4tp_worker_sample_seconds_sum{{rank="{r.rank}"}} {_num(r.sample_s)}',
+                   f'ds4tp_worker_sample_seconds_count{{rank="{r.rank}"}} {r.steps}')])
         return "\n".join(out) + "\n"

@@ -80,6 +80,7 @@ class Rank:
     member_at: dict = field(default_factory=dict)   # group id -> last time seen in it
     shutdown_sent: dict = field(default_factory=dict)  # boot id -> time of the last Shutdown
     step_s: float = 0.0                   # sum of forward times (metrics)
+    sample_s: float = 0.0                 # sum of sampling times (metrics)
     steps: int = 0
 
     @property
@@ -365,6 +366,7 @@ class WorkerPool:
         if method != "Release":
             for r, rep in zip(self.ranks, replies):
                 r.step_s += rep.forward_s
+                r.sample_s += rep.sample_s
                 r.steps += 1
         return replies[0]
 

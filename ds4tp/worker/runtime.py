@@ -16,6 +16,7 @@ ranks in unknown states: the caller must treat it as fatal and restart the whole
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -115,27 +116,39 @@ class Runtime:
         states, the longest continued by a second chunk and by a few more tokens (later chunks,
         the indexer on), then every decode-graph variant. Runs collectives: every rank calls it
         with the same arguments. Leaves no sequence state behind. Returns what ran."""
-        with self._lock:
+        with self._lock, self._on_device():
             if self.live or self.fast_slot is not None:
                 raise RuntimeError("warm_up runs before any sequence")
             lengths = sorted({min(int(n), self.ctx) for n in lengths if n > 0})
 
-            def feed(st, n):
-                self.model.forward([(7 * (st.n + i) + 3) % self.vocab for i in range(n)], st)
-                return n
+            ran, secs, st = [], [], None
 
-            ran, st = [], None
+            def feed(st, n, name):
+                t = time.perf_counter()
+                self.model.forward([(7 * (st.n + i) + 3) % self.vocab for i in range(n)], st)
+                ran.append(name)
+                secs.append(round(time.perf_counter() - t, 2))
+
             for n in lengths:
                 st = self.model.new_state()
-                ran.append(feed(st, n))
+                feed(st, n, n)
             if st is not None:
                 second = min(st.n, self.ctx - st.n - 3)     # leaves room for a short third
                 for more in (second, 3):
                     more = min(more, self.ctx - st.n)
                     if more > 0:
-                        ran.append(f"+{feed(st, more)}")
+                        feed(st, more, f"+{more}")
+            t = time.perf_counter()
             variants = self.fast.warm_up() if self.fast is not None else []
-            return {"prefill": ran, "decode_variants": len(variants)}
+            return {"prefill": ran, "prefill_s": secs, "decode_variants": len(variants),
+                    "decode_s": round(time.perf_counter() - t, 2)}
+
+    def _on_device(self):
+        """This runtime's GPU as the calling thread's current CUDA device. The gRPC servicer calls
+        in from its own threads, whose current device is cuda:0 (torch.cuda.set_device holds per
+        thread): without this, rank 1 of a two-GPU host launched its kernels on cuda:0's streams
+        against cuda:1's memory."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @property
     def busy(self) -> bool:
@@ -148,7 +161,7 @@ class Runtime:
         given at start (resume=True, tokens empty). Feeds at most max_feed tokens (0: all);
         samples step 0 once the whole prompt is in."""
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock, self._on_device():
             wait = time.perf_counter() - t0
             self._check_params(params)
             if resume:
@@ -173,7 +186,7 @@ class Runtime:
                params: SamplingParams = SamplingParams()) -> StepResult:
         """Append `tokens` (normally the token sampled last) to `seq_id` and sample step `step`."""
         t0 = time.perf_counter()
-        with self._lock:
+        with self._lock, self._on_device():
             wait = time.perf_counter() - t0
             self._check_params(params)
             slot = self._live(seq_id)
@@ -193,7 +206,7 @@ class Runtime:
         """End `seq_id` (or every live sequence). Unless `drop`, a state that consumed tokens is
         kept for prefix reuse. With all and drop the cache is emptied too. Returns how many
         live sequences ended; an unknown id is not an error (releasing is idempotent)."""
-        with self._lock:
+        with self._lock, self._on_device():
             ids = list(self.live) if all else ([seq_id] if seq_id in self.live else [])
             for sid in ids:
                 slot = self.live.pop(sid)

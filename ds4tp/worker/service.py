@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 import uuid
 
 import grpc
@@ -104,7 +105,7 @@ class WorkerServicer:
             context.abort(getattr(grpc.StatusCode, e.code), str(e))
         except Exception as e:   # collective failure, desync, model error: the group is gone
             msg = f"rank {self.node.rank}: step failed, restarting: {type(e).__name__}: {e}"
-            self.log(msg)
+            self.log(msg + "\n" + traceback.format_exc())    # the operator's copy has the stack
             self.node.fail(msg)
             context.abort(grpc.StatusCode.ABORTED, msg)
         s = r.sample
