@@ -85,6 +85,69 @@ def test_logit_bias_bans_and_params_are_checked():
         SamplingParams(logit_bias={5000: 1.0}).check(3072)
 
 
+
+def _reference_sample(logits: torch.Tensor, p: SamplingParams, step: int):
+    """The documented rule on a full stable sort of the vocabulary (the worker's sampler sorts
+    only the head it needs): (token, logprob, top ids)."""
+    from ds4tp.worker.sampling import uniform
+    raw = logits.double().numpy()
+    x = raw.copy()
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    lp = raw - (raw.max() + np.log(np.exp(raw - raw.max()).sum()))
+    top = list(np.argsort(-raw, kind="stable")[: p.top_logprobs])
+    if p.temperature <= 0 or p.top_k == 1:
+        return int(np.argmax(x)), float(lp[int(np.argmax(x))]), top
+    pr = np.exp(x / p.temperature - (x / p.temperature).max())
+    pr /= pr.sum()
+    ids = np.argsort(-pr, kind="stable")
+    pr = pr[ids]
+    if p.top_k > 0:
+        ids, pr = ids[: p.top_k], pr[: p.top_k]
+        pr = pr / pr.sum()
+    if 0 < p.top_p < 1:
+        keep = np.concatenate(([0.0], np.cumsum(pr)[:-1])) < p.top_p
+        ids, pr = ids[keep], pr[keep]
+    if p.min_p > 0:
+        keep = pr >= p.min_p * pr[0]
+        ids, pr = ids[keep], pr[keep]
+    i = int(np.searchsorted(np.cumsum(pr / pr.sum()), uniform(p.seed, step), side="right"))
+    tok = int(ids[min(i, len(ids) - 1)])
+    return tok, float(lp[tok]), top
+
+
+def test_sampling_matches_a_full_sort_of_the_vocabulary():
+    """The sampler sorts only as much of the vocabulary as its filters and the draw reach; on
+    fresh random logits (peaked and flat, with ties, 129280 tokens too) it picks what a full
+    stable sort picks, with the same logprob and the same top_logprobs (ties: lower id)."""
+    rng = np.random.default_rng(1234)
+    cases = 0
+    for trial in range(60):
+        v = int(rng.choice([64, 3000, 129280]))
+        x = torch.from_numpy(rng.standard_normal(v).astype(np.float32) * float(rng.choice([0.5, 3, 12])))
+        if trial % 4 == 0:
+            x = torch.round(x)                   # many equal logits
+        kw = dict(temperature=float(rng.choice([0.0, 0.4, 1.0, 1.6])), seed=int(rng.integers(1 << 31)),
+                  top_logprobs=int(rng.choice([0, 4, 20])))
+        pick = trial % 5
+        if pick == 1:
+            kw["top_p"] = float(rng.choice([0.3, 0.9, 0.995]))
+        elif pick == 2:
+            kw["top_k"] = int(rng.choice([2, 40, 5000]))
+        elif pick == 3:
+            kw["min_p"] = float(rng.choice([0.02, 0.3]))
+        elif pick == 4:
+            kw.update(top_p=0.85, top_k=200, min_p=0.01)
+        p = SamplingParams(**kw)
+        for step in range(3):
+            s = sample(x, p, step)
+            tok, lp, top = _reference_sample(x, p, step)
+            assert s.token == tok, (v, kw, step)
+            assert math.isclose(s.logprob, lp, rel_tol=0, abs_tol=1e-12)
+            assert [t for t, _ in s.top] == [int(t) for t in top], (v, kw)
+            cases += 1
+    assert cases == 180
+
 # ---- runtime ----------------------------------------------------------------------------------------
 class _Op:
     def __init__(self):
