@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from ds4tp.gateway import STEP_TIMEOUT_S
+
 # subcommand -> "module:function"; imported only when the subcommand runs.
 COMMANDS = {
     "synth": "ds4tp.synth:main",
@@ -62,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--served-model-name", default="deepseek-v4-flash")
     la.add_argument("--device", default="auto", help="cpu, cuda or auto")
     la.add_argument("--ctx", type=int, default=4096, help="context length per sequence")
-    la.add_argument("--step-timeout", type=float, default=5.0,
-                    help="gateway deadline (s) of one decode step; prefill adds per-token time")
+    la.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S,
+                    help="gateway deadline (s) of one decode step, a backstop for a stuck rank "
+                         "(a dead one fails at once); prefill adds per-token time")
 
     w = sub.add_parser("worker", help="one tensor-parallel worker (rank) serving gRPC")
     w.add_argument("--model", required=True)
@@ -87,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--api-key", default=None)
     gw.add_argument("--served-model-name", default="deepseek-v4-flash")
-    gw.add_argument("--step-timeout", type=float, default=5.0,
-                    help="deadline (s) of one decode step; prefill adds per-token time")
+    gw.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S,
+                    help="deadline (s) of one decode step, a backstop for a stuck rank (a dead "
+                         "one fails at once); prefill adds per-token time")
 
     ex = sub.add_parser("export-tokenizer", help="write tokenizer.json + config for HF AutoTokenizer")
     ex.add_argument("dir")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from ds4tp.gateway import PREFILL_S_PER_TOKEN, STEP_TIMEOUT_S
 from ds4tp.rpc import PROTOCOL_VERSION, WorkerStub, pb
 
 # Worker-side refusals of a request; the step did not run on any rank.
@@ -60,8 +61,8 @@ class StepRejected(Exception):
 
 @dataclass
 class PoolConfig:
-    step_timeout_s: float = 5.0          # deadline of a decode step / release
-    prefill_s_per_token: float = 0.02    # added to the deadline per prompt token fed
+    step_timeout_s: float = STEP_TIMEOUT_S              # deadline of a decode step / release
+    prefill_s_per_token: float = PREFILL_S_PER_TOKEN    # added to the deadline per token fed
     health_interval_s: float = 0.5
     health_timeout_s: float = 2.0
     dead_after_s: float = 2.0            # a rank gone (refused) this long breaks its group
