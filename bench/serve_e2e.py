@@ -9,7 +9,8 @@ Measured, in order:
 - greedy chat twice (non-streaming, 32 tokens): the same text both times;
 - streaming decode from a short prompt and prefill + decode from a long one: time to the first
   chunk (TTFT) and decode tok/s from the chunks' arrival times (tokens from `usage`); for the
-  short one, each rank's mean forward and sampling time per step (the gateway's /metrics);
+  short one, the mean decode step as the gateway sees it (round trip) and each rank's model and
+  sampling time in it (the gateway's /metrics);
 - two streams at once: both complete, tokens per second together;
 - bad requests (malformed JSON, a prompt longer than the context, an unknown parameter) get a
   4xx naming the problem;
@@ -96,15 +97,16 @@ def scrape(base: str) -> dict:
 
 
 def per_step_ms(before: dict, after: dict, nodes: int) -> dict:
-    """Mean model (forward) and sampling time per step of each rank between two scrapes."""
-    out = {}
-    for r in range(nodes):
-        lab = f'{{rank="{r}"}}'
-        n = after[f"ds4tp_worker_step_seconds_count{lab}"] - before[f"ds4tp_worker_step_seconds_count{lab}"]
-        if n:
-            out[f"rank{r}"] = {k: round(1e3 * (after[f"ds4tp_worker_{k}_seconds_sum{lab}"]
-                                               - before[f"ds4tp_worker_{k}_seconds_sum{lab}"]) / n, 3)
-                               for k in ("step", "sample")} | {"steps": int(n)}
+    """Decode steps between two scrapes: the gateway's round trip (sent to every rank until all
+    replied) and each rank's model (forward) and sampling time, mean ms per step."""
+    d = lambda k: after.get(k, 0.0) - before.get(k, 0.0)      # noqa: E731
+    n = d("ds4tp_decode_round_trip_seconds_count")
+    out = {"decode_steps": int(n)}
+    if n:
+        out["round_trip"] = round(1e3 * d("ds4tp_decode_round_trip_seconds_sum") / n, 3)
+        for r in range(nodes):
+            out[f"rank{r}"] = {part: round(1e3 * d(f'ds4tp_worker_decode_seconds_sum{{rank="{r}",part="{part}"}}') / n, 3)
+                               for part in ("forward", "sample")}
     return out
 
 

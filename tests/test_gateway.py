@@ -372,6 +372,12 @@ def test_metrics_count_requests_and_tokens(stack):
     steps = value(after, 'ds4tp_worker_sample_seconds_count{rank="0"}')
     assert steps - value(before, 'ds4tp_worker_sample_seconds_count{rank="0"}') == 5   # prefill + 4
     assert value(after, 'ds4tp_worker_sample_seconds_sum{rank="0"}') > 0
+    decodes = value(after, "ds4tp_decode_round_trip_seconds_count") - value(before, "ds4tp_decode_round_trip_seconds_count")
+    assert decodes == 4                                        # the prefill samples token 1
+    assert value(after, 'ds4tp_worker_decode_seconds_count{rank="1"}') - value(
+        before, 'ds4tp_worker_decode_seconds_count{rank="1"}') == 4
+    assert value(after, "ds4tp_decode_round_trip_seconds_sum") > value(
+        after, 'ds4tp_worker_decode_seconds_sum{rank="0",part="forward"}') > 0
     assert "ds4tp_queue_depth 0" in after
 
 

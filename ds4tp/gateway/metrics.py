@@ -92,6 +92,16 @@ class Metrics:
                [line for r in pool.ranks for line in (
                    f'ds4tp_worker_step_seconds_sum{{rank="{r.rank}"}} {_num(r.step_s)}',
                    f'ds4tp_worker_step_seconds_count{{rank="{r.rank}"}} {r.steps}')])
+        n, t = pool.decode_round_trip
+        metric("ds4tp_decode_round_trip_seconds", "summary",
+               "Decode steps as the gateway sees them: sent to every rank until all replied.",
+               [f"ds4tp_decode_round_trip_seconds_sum {_num(t)}", f"ds4tp_decode_round_trip_seconds_count {n}"])
+        metric("ds4tp_worker_decode_seconds", "summary",
+               "Decode steps only, per rank: the model's time (part=forward) and sampling's.",
+               [line for r in pool.ranks for line in (
+                   f'ds4tp_worker_decode_seconds_sum{{rank="{r.rank}",part="forward"}} {_num(r.decode[1])}',
+                   f'ds4tp_worker_decode_seconds_sum{{rank="{r.rank}",part="sample"}} {_num(r.decode[2])}',
+                   f'ds4tp_worker_decode_seconds_count{{rank="{r.rank}"}} {r.decode[0]}')])
         metric("ds4tp_worker_sample_seconds", "summary",
                "Sampling time (logits to token, logprobs) of prefill/decode steps per rank.",
                [line for r in pool.ranks for line in (

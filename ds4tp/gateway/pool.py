@@ -83,6 +83,7 @@ class Rank:
     step_s: float = 0.0                   # sum of forward times (metrics)
     sample_s: float = 0.0                 # sum of sampling times (metrics)
     steps: int = 0
+    decode: list = field(default_factory=lambda: [0, 0.0, 0.0])  # decode steps: n, forward s, sample s
 
     @property
     def group_id(self) -> int:
@@ -111,6 +112,7 @@ class WorkerPool:
             raise ValueError("no worker addresses")
         self.cfg, self.vocab, self.log = cfg, vocab, log
         self.ranks = [Rank(i, a) for i, a in enumerate(addresses)]
+        self.decode_round_trip = [0, 0.0]     # decode steps, seconds from broadcast to replies
         self.channels = []
         self.healthy = False
         self.reason = "starting"
@@ -327,7 +329,11 @@ class WorkerPool:
                                      self.cfg.step_timeout_s + self.cfg.prefill_s_per_token * n)
 
     async def decode(self, req: pb.DecodeRequest) -> pb.StepReply:
-        return await self._broadcast("Decode", req, self.cfg.step_timeout_s)
+        t = time.monotonic()
+        rep = await self._broadcast("Decode", req, self.cfg.step_timeout_s)
+        self.decode_round_trip[0] += 1
+        self.decode_round_trip[1] += time.monotonic() - t
+        return rep
 
     async def release(self, req: pb.ReleaseRequest) -> pb.ReleaseReply:
         return await self._broadcast("Release", req, self.cfg.step_timeout_s)
@@ -369,6 +375,10 @@ class WorkerPool:
                 r.step_s += rep.forward_s
                 r.sample_s += rep.sample_s
                 r.steps += 1
+                if method == "Decode":
+                    r.decode[0] += 1
+                    r.decode[1] += rep.forward_s
+                    r.decode[2] += rep.sample_s
         return replies[0]
 
     def _check_agree(self, method: str, replies, g: int) -> None:

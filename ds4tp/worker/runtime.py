@@ -297,6 +297,8 @@ class Runtime:
                 self._unbind(slot)
                 slot.logits = self.model.forward(feed, slot.state)
             slot.tokens.extend(feed)
+            if self.device.type == "cuda":   # the step's GPU time counts as forward, not sampling
+                torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t
 
     def _unbind(self, slot: Slot | None = None) -> None:
