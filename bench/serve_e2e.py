@@ -14,6 +14,8 @@ Measured, in order:
 - two streams at once: both complete, tokens per second together;
 - bad requests (malformed JSON, a prompt longer than the context, an unknown parameter) get a
   4xx naming the problem;
+- after each step, how many kernels Triton compiled for it (its on-disk cache grew by that many
+  entries; a served request should compile none after the workers' warm-up);
 - with --kill: worker rank N is killed (SIGKILL) in the middle of a stream. The stream must end
   with an error, not hang; then the time until /health is 200 again, and the greedy chat
   once more (same text as before).
@@ -110,6 +112,13 @@ def per_step_ms(before: dict, after: dict, nodes: int) -> dict:
     return out
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (TRITON_CACHE_DIR, else ~/.triton/cache): a count that
+    grows between two requests means a request compiled kernels."""
+    d = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+    return len(os.listdir(d)) if os.path.isdir(d) else 0
+
+
 def healthy(base: str) -> bool:
     try:
         with urllib.request.urlopen(base + "/health", timeout=2) as r:
@@ -169,6 +178,10 @@ def main() -> int:
     res: dict = {"command": " ".join(cmd[1:]), "nodes": a.nodes, "ctx": a.ctx}
 
     def show(key, value):
+        if isinstance(value, dict):     # kernels compiled since the previous result
+            n = triton_cache_entries()
+            value = dict(value, triton_kernels_compiled=n - res.get("_cache", n))
+            res["_cache"] = n
         res[key] = value
         print(f"{key}: {json.dumps(value)[:600]}", flush=True)
 
@@ -176,6 +189,7 @@ def main() -> int:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         show("ready_s", round(wait_healthy(base, a.ready_timeout, proc), 1))
+        res["_cache"] = triton_cache_entries()
         chat = {"model": "deepseek-v4-flash", "temperature": 0, "max_tokens": 32,
                 "messages": [{"role": "user", "content": "Name three rivers of Europe."}]}
         first = []
@@ -249,6 +263,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        res.pop("_cache", None)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)
