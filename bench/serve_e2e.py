@@ -5,7 +5,7 @@ gateway) and an HTTP client measuring what a user of the OpenAI endpoint sees.
 
 Without --model the launcher's embedded tiny model is served (a check of this script on CPU).
 Measured, in order:
-- ready_s: launch to /health 200 (load, and on CUDA the workers' warm-up);
+- ready: launch to /health 200 (load, and on CUDA the workers' warm-up);
 - greedy chat twice (non-streaming, 32 tokens): the same text both times;
 - streaming decode from a short prompt and prefill + decode from a long one: time to the first
   chunk (TTFT) and decode tok/s from the chunks' arrival times (tokens from `usage`); for the
@@ -185,11 +185,11 @@ def main() -> int:
         res[key] = value
         print(f"{key}: {json.dumps(value)[:600]}", flush=True)
 
+    res["_cache"] = triton_cache_entries()
     log = open(a.log, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        show("ready_s", round(wait_healthy(base, a.ready_timeout, proc), 1))
-        res["_cache"] = triton_cache_entries()
+        show("ready", {"seconds": round(wait_healthy(base, a.ready_timeout, proc), 1)})
         chat = {"model": "deepseek-v4-flash", "temperature": 0, "max_tokens": 32,
                 "messages": [{"role": "user", "content": "Name three rivers of Europe."}]}
         first = []
@@ -251,7 +251,7 @@ def main() -> int:
             out["end_after_kill_s"] = round(ended - killed["at"], 2) if killed else None
             show("kill_mid_stream", out)
             t = time.perf_counter()
-            show("recovery_s", round(wait_healthy(base, a.ready_timeout, proc), 1))
+            show("recovery", {"seconds": round(wait_healthy(base, a.ready_timeout, proc), 1)})
             code, body = post(base, "/v1/chat/completions", chat)
             again = body["choices"][0]["message"]["content"] if code == 200 else None
             show("chat_after_recovery", {"status": code, "same_text": again == first[0],
