@@ -10,7 +10,8 @@ Measured, in order:
 - streaming decode from a short prompt and prefill + decode from a long one: time to the first
   chunk (TTFT) and decode tok/s from the chunks' arrival times (tokens from `usage`); for the
   short one, the mean decode step as the gateway sees it (round trip) and each rank's model and
-  sampling time in it (the gateway's /metrics);
+  sampling time in it (the gateway's /metrics); the short one again with temperature 0.8 and
+  top_p 0.95 (the sampler's cost on a full vocabulary);
 - two streams at once: both complete, tokens per second together;
 - bad requests (malformed JSON, a prompt longer than the context, an unknown parameter) get a
   4xx naming the problem;
@@ -206,6 +207,10 @@ def main() -> int:
         m0 = scrape(base)
         show("stream_short", summary(stream(base, dict(gen, prompt="Once upon a time"))))
         show("stream_short_worker_ms", per_step_ms(m0, scrape(base), a.nodes))
+        m0 = scrape(base)
+        show("stream_sampled", summary(stream(base, dict(gen, prompt="Once upon a time", temperature=0.8,
+                                                        top_p=0.95, seed=7))))
+        show("stream_sampled_worker_ms", per_step_ms(m0, scrape(base), a.nodes))
         words = " ".join(f"item{i % 97} is next to item{(7 * i) % 89}." for i in range(a.long_words // 5))
         show("stream_long", summary(stream(base, dict(gen, prompt=words))))
 
