@@ -175,3 +175,24 @@ def test_nccl_defaults_fill_only_what_is_unset():
     env = {"NCCL_GRAPH_MIXING_SUPPORT": "1", "NCCL_DEBUG": "WARN"}
     assert nccl_defaults(env) == {"NCCL_GRAPH_MIXING_SUPPORT": "1"}
     assert env == {"NCCL_GRAPH_MIXING_SUPPORT": "1", "NCCL_DEBUG": "WARN"}
+
+
+def _warm_rank(comm, dev, path, ctxs):
+    from ds4tp.model import DS4Model
+    from ds4tp.worker.runtime import Runtime
+    m = DS4Model.load(path, rank=comm.rank, world=comm.world, comm=comm)
+    rt = Runtime(m, comm, ctx=ctxs[comm.rank], fast_decode=True)
+    try:
+        return rt.warm_up(lengths=(2, 5))
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_warm_up_at_tp2_runs_the_same_steps_on_both_ranks(tiny_path):
+    """Runtime.warm_up at TP=2 (gloo): its prefills and decode variants run collectives, so both
+    ranks must run the same ones; ranks started with different contexts get a clear error, not a
+    hang in a mismatched collective."""
+    done = run_local_ranks(2, _warm_rank, str(tiny_path), (64, 64))
+    assert done["prefill"] == [2, 5, "+5", "+3"] and done["decode_variants"] == 2, done
+    msg = run_local_ranks(2, _warm_rank, str(tiny_path), (64, 96))
+    assert msg == "the ranks were started with different --ctx: [64, 96]"

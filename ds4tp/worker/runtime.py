@@ -120,6 +120,11 @@ class Runtime:
             if self.live or self.fast_slot is not None:
                 raise RuntimeError("warm_up runs before any sequence")
             lengths = sorted({min(int(n), self.ctx) for n in lengths if n > 0})
+            if self.comm.world > 1:    # different contexts would run different collectives: hang
+                got = self.comm.all_gather(torch.tensor([self.ctx], dtype=torch.int64, device=self.device), dim=0)
+                ctxs = [int(v) for v in got.cpu()]
+                if len(set(ctxs)) != 1:
+                    raise RuntimeError(f"the ranks were started with different --ctx: {ctxs}")
 
             ran, secs, st = [], [], None
 
