@@ -99,9 +99,9 @@ class Metrics:
         metric("ds4tp_worker_decode_seconds", "summary",
                "Decode steps only, per rank: the model's time (part=forward) and sampling's.",
                [line for r in pool.ranks for line in (
-                   f'ds4tp_worker_decode_seconds_sum{{rank="{r.rank}",part="forward"}} {_num(r.decode[1])}',
-                   f'ds4tp_worker_decode_seconds_sum{{rank="{r.rank}",part="sample"}} {_num(r.decode[2])}',
-                   f'ds4tp_worker_decode_seconds_count{{rank="{r.rank}"}} {r.decode[0]}')])
+                   f'ds4tp_worker_decode_seconds_sum{{rank="{r.rank}",part="forward"}} {_num(r.decode_forward_s)}',
+                   f'ds4tp_worker_decode_seconds_sum{{rank="{r.rank}",part="sample"}} {_num(r.decode_sample_s)}',
+                   f'ds4tp_worker_decode_seconds_count{{rank="{r.rank}"}} {r.decode_steps}')])
         metric("ds4tp_worker_sample_seconds", "summary",
                "Sampling time (logits to token, logprobs) of prefill/decode steps per rank.",
                [line for r in pool.ranks for line in (

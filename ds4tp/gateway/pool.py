@@ -83,7 +83,9 @@ class Rank:
     step_s: float = 0.0                   # sum of forward times (metrics)
     sample_s: float = 0.0                 # sum of sampling times (metrics)
     steps: int = 0
-    decode: list = field(default_factory=lambda: [0, 0.0, 0.0])  # decode steps: n, forward s, sample s
+    decode_steps: int = 0                 # decode steps only (metrics): how many,
+    decode_forward_s: float = 0.0         # their forward times (GPU time included)
+    decode_sample_s: float = 0.0          # and their sampling times
 
     @property
     def group_id(self) -> int:
@@ -376,9 +378,9 @@ class WorkerPool:
                 r.sample_s += rep.sample_s
                 r.steps += 1
                 if method == "Decode":
-                    r.decode[0] += 1
-                    r.decode[1] += rep.forward_s
-                    r.decode[2] += rep.sample_s
+                    r.decode_steps += 1
+                    r.decode_forward_s += rep.forward_s
+                    r.decode_sample_s += rep.sample_s
         return replies[0]
 
     def _check_agree(self, method: str, replies, g: int) -> None:
