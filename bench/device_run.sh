@@ -573,7 +573,7 @@ elif [ "$MODE" = s13s ]; then
   timeout 260 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
   echo "synth: status $? in $(( $(date +%s) - t0 )) s"; ls -l /tmp/full.gguf
   log "serve end to end, TP=2 on two GPUs"
-  TORCH_LOGS=recompiles timeout 320 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+  TORCH_LOGS=recompiles timeout 420 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
     --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-700
   grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
   echo "torch.compile recompiles logged: $(grep -c -i recompil "$OUT/serve_launch.log")"

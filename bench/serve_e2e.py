@@ -187,6 +187,9 @@ def main() -> int:
         print(f"{key}: {json.dumps(value)[:600]}", flush=True)
 
     res["_cache"] = triton_cache_entries()
+    # `timeout` (or Ctrl-C) ends the run through the cleanup below: the launcher's whole process
+    # group stopped, the results so far written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     log = open(a.log, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
