@@ -178,15 +178,15 @@ def main() -> int:
            "--ctx", str(a.ctx), "--port", str(a.port)] + (["--model", a.model] if a.model else [])
     res: dict = {"command": " ".join(cmd[1:]), "nodes": a.nodes, "ctx": a.ctx}
 
+    cached = [triton_cache_entries()]   # Triton's cache before the launch, then after each result
+
     def show(key, value):
         if isinstance(value, dict):     # kernels compiled since the previous result
-            n = triton_cache_entries()
-            value = dict(value, triton_kernels_compiled=n - res.get("_cache", n))
-            res["_cache"] = n
+            cached.append(triton_cache_entries())
+            value = dict(value, triton_kernels_compiled=cached[-1] - cached[-2])
         res[key] = value
         print(f"{key}: {json.dumps(value)[:600]}", flush=True)
 
-    res["_cache"] = triton_cache_entries()
     # `timeout` (or Ctrl-C) ends the run through the cleanup below: the launcher's whole process
     # group stopped, the results so far written
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
@@ -271,7 +271,6 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-        res.pop("_cache", None)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(res, f, indent=1)

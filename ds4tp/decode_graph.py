@@ -168,7 +168,8 @@ class StaticDecoder:
         decoder must be empty (no session loaded). Returns the variants."""
         if self.n:
             raise RuntimeError("warm_up needs an empty decoder (no session loaded)")
-        for var, p in self.variants().items():
+        table = self.variants()
+        for var, p in table.items():
             self.pos.fill_(p)
             self.token.fill_(0)
             if self.use_graphs:
@@ -179,7 +180,7 @@ class StaticDecoder:
                 self._step(var)
                 self._restore(saved)
         self.pos.zero_()
-        return list(self.variants())
+        return list(table)
 
     def step(self, token: int) -> torch.Tensor:
         """Consume one token at position self.n; returns logits [V] (a device buffer that the

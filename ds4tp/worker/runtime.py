@@ -120,11 +120,9 @@ class Runtime:
             if self.live or self.fast_slot is not None:
                 raise RuntimeError("warm_up runs before any sequence")
             lengths = sorted({min(int(n), self.ctx) for n in lengths if n > 0})
-            if self.comm.world > 1:    # different contexts would run different collectives: hang
-                got = self.comm.all_gather(torch.tensor([self.ctx], dtype=torch.int64, device=self.device), dim=0)
-                ctxs = [int(v) for v in got.cpu()]
-                if len(set(ctxs)) != 1:
-                    raise RuntimeError(f"the ranks were started with different --ctx: {ctxs}")
+            ctxs = self._gathered(self.ctx)   # different contexts: different collectives, a hang
+            if len(set(ctxs)) != 1:
+                raise RuntimeError(f"the ranks were started with different --ctx: {ctxs}")
 
             ran, secs, st = [], [], None
 
@@ -312,11 +310,15 @@ class Runtime:
             self.fast.store_session(self.fast_slot.state)
             self.fast_slot = None
 
-    def _agree(self, digest: int) -> None:
+    def _gathered(self, value: int) -> list[int]:
+        """Every rank's `value` (an int64), in rank order."""
         if self.comm.world == 1:
-            return
-        got = self.comm.all_gather(torch.tensor([digest], dtype=torch.int64, device=self.device), dim=0)
-        values = [int(v) for v in got.cpu()]
+            return [value]
+        got = self.comm.all_gather(torch.tensor([value], dtype=torch.int64, device=self.device), dim=0)
+        return [int(v) for v in got.cpu()]
+
+    def _agree(self, digest: int) -> None:
+        values = self._gathered(digest)
         if len(set(values)) != 1:
             raise DesyncError(f"rank {self.comm.rank}: operation digests differ across ranks: {values}")
 

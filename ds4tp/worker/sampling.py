@@ -125,7 +125,6 @@ def candidates(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.nd
     lower id first), probabilities renormalised over the kept set. Requires temperature > 0.
     With no filter on, that is the whole vocabulary, sorted (`sample` avoids building it)."""
     probs = _probs(logits, p.temperature)
-    floor = p.min_p * float(probs.max()) if p.min_p > 0 else 0.0
     if p.top_k > 0:
         ids = _top(probs, p.top_k)
         pr = probs[ids]
@@ -134,10 +133,11 @@ def candidates(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.nd
             before = np.concatenate(([0.0], np.cumsum(pr)[:-1]))
             keep = before < p.top_p
             ids, pr = ids[keep], pr[keep]
-        if floor > 0:
+        if p.min_p > 0:
             keep = pr >= p.min_p * pr[0]
             ids, pr = ids[keep], pr[keep]
         return ids, pr / pr.sum()
+    floor = p.min_p * float(probs.max()) if p.min_p > 0 else 0.0
     top_p = p.top_p if 0 < p.top_p < 1 else None
     # keep the smallest head whose mass reaches top_p (always at least one token), and only
     # tokens at or above min_p x the most likely one's probability: both keep a prefix
