@@ -3,13 +3,23 @@
 All ranks hold identical logits (the model all-gathers them), so they agree on the token if the
 choice is a pure function of (logits, params, step). Greedy is an argmax. Random sampling draws
 one uniform number from a torch.Generator seeded from (seed, step) and inverts the cumulative
-distribution of the kept candidates, computed in float64 with numpy (single-threaded, so the
-sums do not depend on a rank's thread count).
+distribution of the kept candidates, computed in float64.
 
 Order of the filters (as vLLM): logit_bias, temperature, then top-k, top-p on what top-k kept
 (renormalised), then min-p relative to the most likely token. The kept set is ordered most likely
-first (ties: lower id first), and only as much of the 129k-token vocabulary is sorted as the
-filters and the draw reach (a full stable sort took ~13 ms per token on a 2-core x86 host).
+first (ties: lower id first). The logprob and top_logprobs are those of the raw logits.
+
+Two twins compute that rule, and `sample` picks by where the logits are:
+- `sample_numpy`, on the host (CPU logits; the plain reference): numpy, single-threaded, so the
+  sums do not depend on a rank's thread count. It sorts only as much of the 129k-token
+  vocabulary as the filters and the draw reach (a full stable sort took ~13 ms per token on a
+  2-core x86 host).
+- `sample_torch`, on the logits' device (CUDA logits): a full stable sort (~0.1 ms on a GPU),
+  the filters as masks over it (no shapes that depend on the data), and one transfer of the
+  result to the host at the end. It uses no operation whose result varies from run to run: in
+  particular not torch.cumsum over a 1-D float CUDA tensor (see `_running_sums`).
+The twins round differently (summation order, exp), so they may differ when u or top_p lies
+within rounding of a cumulative boundary; each twin alone is the same on every rank.
 """
 from __future__ import annotations
 
@@ -163,8 +173,8 @@ def _draw(logits: np.ndarray, p: SamplingParams, u: float) -> int:
     return int(ids[min(i, len(ids) - 1)])
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
-    """The token for step `step` (0 = the first generated token) from logits [vocab]."""
+def sample_numpy(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
+    """`sample` on the host with numpy (the reference twin)."""
     raw = logits.detach().to("cpu", torch.float64).reshape(-1).numpy()
     x = raw
     if p.logit_bias:
@@ -178,3 +188,80 @@ def sample(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
     norm = _log_norm(raw)
     top = [(int(t), float(raw[t] - norm)) for t in _top(raw, p.top_logprobs)] if p.top_logprobs else []
     return Sample(token, float(raw[token] - norm), top)
+
+
+# ---- on the logits' device ----------------------------------------------------------------------
+_ROW = 512     # _running_sums sums within rows of this many, then adds the rows before
+
+
+def _running_sums(w: torch.Tensor) -> torch.Tensor:
+    """Inclusive running sums of the 1-D float64 `w`, with the same bits on every run.
+
+    torch.cumsum of a 1-D float CUDA tensor is a single-pass scan whose additions group
+    differently from run to run (pytorch#75240), so two ranks could split at a boundary. The
+    scan along the last dimension of a 2-D tensor runs each row in a fixed order, and a sum is a
+    fixed reduction: running sums within rows of _ROW (two rows at least, since torch scans a
+    lone row with the 1-D kernel), plus the totals of the rows before. At a row's start the
+    rounding may differ from a sequential sum's by an ulp (the running sums may even dip by one
+    there), which matters only for a u or top_p within an ulp of a running sum."""
+    n = w.numel()
+    rows = max(2, -(-n // _ROW))
+    within = torch.cat([w, w.new_zeros(rows * _ROW - n)]).view(rows, _ROW).cumsum(1)
+    earlier = torch.ones(rows, rows, dtype=torch.bool, device=w.device).tril_(-1)
+    before = torch.where(earlier, within[:, -1], 0.0).sum(1)      # [r]: totals of rows < r
+    return (within + before[:, None]).view(-1)[:n]
+
+
+def _draw_torch(x: torch.Tensor, p: SamplingParams, u: float) -> torch.Tensor:
+    """`_draw` on x's device: the drawn id as a 1-element tensor. The filters each keep a prefix
+    of the sorted vocabulary; they are masks over it here, so no shape depends on the data."""
+    z = x / p.temperature
+    probs = torch.exp(z - z.max())
+    probs = probs / probs.sum()
+    pr, ids = torch.sort(probs, descending=True, stable=True)      # ties: lower id first
+    if p.top_k > 0:
+        pr, ids = pr[:p.top_k], ids[:p.top_k]
+    keep = torch.ones_like(pr, dtype=torch.bool)
+    if 0 < p.top_p < 1:
+        if p.top_k > 0:
+            pr = pr / pr.sum()                                     # renormalised over top-k
+        before = torch.cat([pr.new_zeros(1), _running_sums(pr)[:-1]])
+        keep &= before < p.top_p                                   # the smallest head reaching top_p
+    if p.min_p > 0:
+        keep &= pr >= p.min_p * pr[0]
+    cum = _running_sums(torch.where(keep, pr, 0.0))
+    i = (cum <= u * cum[-1]).sum()            # as searchsorted(cum, u * total, side="right")
+    return ids[torch.minimum(i, keep.sum() - 1)].reshape(1)        # min: u within rounding of the total
+
+
+def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
+    """`sample` with torch on the logits' device (any device: the tests run it on the CPU).
+    The host waits on the device once, for the final few numbers (and, with a logit_bias, for
+    the copy of the bias to the device)."""
+    raw = logits.detach().reshape(-1).to(torch.float64)
+    x = raw
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=raw.device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64, device=raw.device)
+        x = raw.clone()
+        x[ids] += bias                        # ids are distinct (dict keys): a plain indexed write
+    if p.temperature <= 0 or p.top_k == 1:
+        token = torch.argmax(x).reshape(1)    # the first maximum: ties go to the lower id
+    else:
+        token = _draw_torch(x, p, uniform(p.seed, step))
+    norm = torch.logsumexp(raw, 0)
+    top = token[:0]                           # top_logprobs: the raw logits' best, ties to the lower id
+    if p.top_logprobs:
+        top = torch.sort(raw, descending=True, stable=True).indices[:p.top_logprobs]
+    # one transfer: [token, its logprob, top ids..., their logprobs...] (ids are exact in float64)
+    out = torch.cat([token.double(), raw[token] - norm, top.double(), raw[top] - norm]).tolist()
+    n = top.numel()
+    return Sample(int(out[0]), out[1], [(int(t), lp) for t, lp in zip(out[2:2 + n], out[2 + n:])])
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
+    """The token for step `step` (0 = the first generated token) from logits [vocab]: sampled
+    where the logits are (CUDA: `sample_torch`; otherwise `sample_numpy`)."""
+    if logits.is_cuda:
+        return sample_torch(logits, p, step)
+    return sample_numpy(logits, p, step)

@@ -1,0 +1,222 @@
+"""The two sampling twins: `sample_torch` (on the logits' device) against `sample_numpy` (the
+host reference), on CPU tensors; and `sample`'s choice between them."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ds4tp.worker import sampling
+from ds4tp.worker.sampling import (SamplingParams, _running_sums, sample, sample_numpy,
+                                   sample_torch, uniform)
+
+VOCABS = (50, 3000, 129280)
+KINDS = ("peaked", "flat", "ties", "banned")
+FILTERS = {                                   # each filter combination the random draw supports
+    "none": {},
+    "top_k": dict(top_k=40),
+    "top_p": dict(top_p=0.9),
+    "min_p": dict(min_p=0.05),
+    "top_k+top_p": dict(top_k=500, top_p=0.7),
+    "all three": dict(top_k=200, top_p=0.95, min_p=0.02),
+    "logit_bias": dict(top_p=0.98, bias=True),
+}
+
+
+def logits(kind: str, vocab: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    """float32 logits [vocab] of one kind of distribution, and a logit_bias for it."""
+    x = rng.standard_normal(vocab).astype(np.float32)
+    if kind == "peaked":
+        x *= 12
+    elif kind == "flat":
+        x *= 0.5
+    elif kind == "ties":                                   # many exactly equal logits
+        x = np.round(x * 2)
+    elif kind == "banned":                                 # the best ones set to -inf by the bias
+        x *= 3
+    order = np.argsort(-x, kind="stable")
+    bias = {int(t): 2.5 for t in rng.choice(vocab, size=min(5, vocab), replace=False)}
+    if kind == "banned":
+        bias.update({int(t): -math.inf for t in order[:vocab // 10]})
+    return torch.from_numpy(x), bias
+
+
+def params(kw: dict, bias: dict, kind: str = "", **more) -> SamplingParams:
+    """SamplingParams of FILTERS' `kw`; the bias applies where kw asks, or the kind bans."""
+    kw = dict(kw)
+    use = kw.pop("bias", False) or kind == "banned"
+    return SamplingParams(logit_bias=bias if use else {}, **kw, **more)
+
+
+def boundary_distance(x: torch.Tensor, p: SamplingParams, u: float) -> float:
+    """How close the draw at u comes to a decision boundary of the rule, computed on a full
+    stable sort in float64: u against the kept set's running sums, top_p against the running
+    sums of what top-k kept, min_p x the most likely against each probability (relative)."""
+    z = x.double().numpy().copy()
+    for t, b in p.logit_bias.items():
+        z[t] += b
+    z = z / p.temperature
+    pr = np.exp(z - z.max())
+    pr = np.sort(pr / pr.sum(), kind="stable")[::-1]
+    if p.top_k > 0:
+        pr = pr[:p.top_k] / pr[:p.top_k].sum()
+    near = []
+    keep = np.ones(pr.size, bool)
+    if 0 < p.top_p < 1:
+        before = np.concatenate(([0.0], np.cumsum(pr)[:-1]))
+        near.append(np.abs(before - p.top_p).min())
+        keep &= before < p.top_p
+    if p.min_p > 0:
+        near.append(np.abs(pr / pr[0] - p.min_p).min())
+        keep &= pr >= p.min_p * pr[0]
+    cum = np.cumsum(pr[keep] / pr[keep].sum())
+    near.append(np.abs(cum - u).min())
+    return float(min(near))
+
+
+def assert_same_sample(a, b, what):
+    assert a.token == b.token, what
+    assert math.isclose(a.logprob, b.logprob, rel_tol=0, abs_tol=1e-9), what
+    assert [t for t, _ in a.top] == [t for t, _ in b.top], what
+    assert all(math.isclose(la, lb, rel_tol=0, abs_tol=1e-9) for (_, la), (_, lb) in zip(a.top, b.top)), what
+
+
+# ---- the running sums ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7, 511, 512, 513, 1024, 3000, 129280])
+def test_running_sums_are_the_cumulative_sums(n):
+    rng = np.random.default_rng(n)
+    w = rng.random(n)
+    got = _running_sums(torch.from_numpy(w)).numpy()
+    assert got.shape == (n,)
+    np.testing.assert_allclose(got, np.cumsum(w), rtol=1e-13, atol=0)
+    ints = rng.integers(0, 1000, n).astype(np.float64)     # exact in any order of addition
+    assert np.array_equal(_running_sums(torch.from_numpy(ints)).numpy(), np.cumsum(ints))
+
+
+# ---- greedy and the logprobs --------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_and_logprobs_match_the_numpy_twin(vocab, kind):
+    rng = np.random.default_rng([vocab, KINDS.index(kind)])
+    for trial in range(3):
+        x, bias = logits(kind, vocab, rng)
+        for p in (SamplingParams(top_logprobs=20, logit_bias=bias),
+                  params({}, bias, kind, top_logprobs=5),
+                  SamplingParams(temperature=0.7, top_k=1, top_logprobs=3, logit_bias=bias)):
+            a, b = sample_numpy(x, p, trial), sample_torch(x, p, trial)
+            assert_same_sample(a, b, (vocab, kind, trial, p))
+            assert len(b.top) == min(p.top_logprobs, vocab)
+
+
+def test_torch_twin_breaks_ties_to_the_lower_id():
+    x = torch.zeros(10)
+    x[[7, 3, 5]] = 2.0
+    s = sample_torch(x, SamplingParams(top_logprobs=4), 0)
+    assert s.token == 3
+    assert [t for t, _ in s.top] == [3, 5, 7, 0]
+    assert sample_torch(x, SamplingParams(temperature=1.0, top_k=1), 9).token == 3
+    assert sample_torch(x, SamplingParams(logit_bias={3: -math.inf}), 0).token == 5
+    # among equal probabilities the kept set runs lower id first: with two equal tokens a
+    # draw below 1/2 picks the lower one
+    y = torch.full((6,), -50.0)
+    y[[4, 1]] = 0.0
+    p = SamplingParams(temperature=1.0, seed=5)
+    for step in range(40):
+        assert sample_torch(y, p, step).token == (1 if uniform(5, step) < 0.5 else 4)
+
+
+def test_torch_twin_filters_keep_the_documented_candidates():
+    x = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64))
+    for kw, want in ((dict(top_k=3), {0, 1, 2}), (dict(top_p=0.7), {0, 1}),
+                     (dict(top_p=0.71), {0, 1, 2}), (dict(min_p=0.3), {0, 1, 2}),
+                     (dict(top_k=4, top_p=0.6), {0, 1}), ({}, {0, 1, 2, 3, 4})):
+        p = SamplingParams(temperature=1.0, seed=11, **kw)
+        assert {sample_torch(x, p, k).token for k in range(400)} == want, kw
+
+
+# ---- random sampling ----------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_draws_match_the_numpy_twin(vocab, kind):
+    """The same token for many (seed, step) pairs under each filter combination. Both twins work
+    in float64 but round differently (summation order, exp), so a disagreement is allowed only
+    where the rule itself is within rounding of a boundary (none has been seen)."""
+    rng = np.random.default_rng([vocab, KINDS.index(kind), 7])
+    steps = 4 if vocab > 10_000 else 25
+    drawn, differ = set(), []
+    for name, kw in FILTERS.items():
+        x, bias = logits(kind, vocab, rng)
+        p = params(kw, bias, kind, temperature=float(rng.choice([0.6, 1.0, 1.5])),
+                   seed=int(rng.integers(1 << 62)), top_logprobs=2)
+        for step in rng.integers(0, 1 << 20, steps):
+            a, b = sample_numpy(x, p, int(step)), sample_torch(x, p, int(step))
+            drawn.add(b.token)
+            if a.token != b.token:
+                differ.append((name, int(step), boundary_distance(x, p, uniform(p.seed, int(step)))))
+                continue
+            assert_same_sample(a, b, (vocab, kind, name, step))
+    assert all(d < 1e-12 for *_, d in differ), differ
+    assert len(differ) <= 1, differ
+    assert len(drawn) > len(FILTERS), drawn            # the draws did vary
+
+
+def test_a_draw_exactly_on_a_boundary_takes_the_next_token():
+    """Where the sums are exact (equal probabilities of 1/4), u on a running sum picks the next
+    token in both twins (searchsorted side="right"), and top_p on one keeps the tokens before."""
+    x = torch.full((10,), -math.inf, dtype=torch.float64)
+    x[[9, 2, 5, 7]] = 1.0                                  # kept order: 2, 5, 7, 9
+    for kw, us, want in ((dict(), (0.0, 0.25, 0.5, 0.75, 1 - 2 ** -53), (2, 5, 7, 9, 9)),
+                         (dict(top_p=0.5), (0.0, 0.49, 0.5, 0.99), (2, 2, 5, 5)),
+                         (dict(min_p=1.0, top_k=3), (0.0, 0.5, 0.7), (2, 5, 7))):
+        p = SamplingParams(temperature=1.0, **kw)
+        for u, t in zip(us, want):
+            assert sampling._draw(x.numpy(), p, u) == t, (kw, u)
+            assert int(sampling._draw_torch(x, p, u)) == t, (kw, u)
+
+
+def test_boundary_distance_sees_a_draw_on_a_boundary():
+    """The allowance above is not vacuous: away from boundaries the distance is large, and u on
+    a running sum gives ~0."""
+    x = torch.log(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
+    p = SamplingParams(temperature=1.0)
+    assert boundary_distance(x, p, 0.6) > 0.09
+    assert boundary_distance(x, p, 0.75) < 1e-15
+
+
+# ---- which twin runs ----------------------------------------------------------------------------
+def test_sample_runs_the_numpy_twin_for_cpu_logits(monkeypatch):
+    def boom(*a):
+        raise AssertionError("sample_torch ran for CPU logits")
+    monkeypatch.setattr(sampling, "sample_torch", boom)
+    assert sample(torch.tensor([0.0, 3.0, 1.0]), SamplingParams(), 0).token == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: checks that CUDA logits are sampled on the GPU")
+def test_sample_runs_the_torch_twin_on_cuda(monkeypatch):
+    rng = np.random.default_rng(5)
+    x, bias = logits("flat", 129280, rng)
+    ps = [params(kw, bias, temperature=0.8, seed=3, top_logprobs=5) for kw in FILTERS.values()]
+    want = [[sample_numpy(x, p, k) for k in range(3)] for p in ps]
+
+    def boom(*a):
+        raise AssertionError("sample_numpy ran for CUDA logits")
+    monkeypatch.setattr(sampling, "sample_numpy", boom)
+    xc = x.cuda()
+    for p, ref in zip(ps, want):
+        for k in range(3):
+            got = sample(xc, p, k)
+            assert got == sample(xc, p, k)                           # the same on every run
+            if got.token != ref[k].token:
+                assert boundary_distance(x, p, uniform(p.seed, k)) < 1e-12, (p, k)
+                continue
+            assert_same_sample(got, ref[k], (p, k))
+    ties = torch.zeros(129280, device="cuda")
+    ties[[90000, 4097, 70000]] = 1.0
+    assert sample(ties, SamplingParams(), 0).token == 4097        # argmax: the first maximum
+    w = torch.rand(129280, dtype=torch.float64, device="cuda")
+    first = _running_sums(w)
+    assert all(torch.equal(first, _running_sums(w)) for _ in range(50))
+    np.testing.assert_allclose(first.cpu().numpy(), np.cumsum(w.cpu().numpy()), rtol=1e-13)
