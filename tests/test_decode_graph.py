@@ -85,6 +85,91 @@ def test_hand_over_mid_decode_continues_identically(tiny):
         assert torch.equal(a.step(t).clone(), b.step(t))
 
 
+def test_park_and_resume_continue_identically(tiny):
+    """One decoder switching between two sequences through park/resume (across a ratio-4 and a
+    ratio-128 emission) gives bit-identical logits to a decoder that never switches."""
+    xs = [(3 * i + 2) % 3000 for i in range(134)]
+    ys = [(7 * i + 5) % 3000 for i in range(20)]
+    sx, sy = tiny.new_state(), tiny.new_state()
+    tiny.forward(xs[:122], sx)
+    tiny.forward(ys[:9], sy)
+    alone = StaticDecoder(tiny, max_ctx=160, use_graphs=False)
+    alone.load_session(sx.clone())
+    want = [alone.step(t).clone() for t in xs[122:]]
+
+    dec = StaticDecoder(tiny, max_ctx=160, use_graphs=False)
+    dec.load_session(sx)
+    got = [dec.step(t).clone() for t in xs[122:125]]
+    px = dec.park()
+    dec.load_session(sy)
+    for t in ys[9:14]:
+        dec.step(t)
+    py = dec.park()
+    dec.resume(px)
+    got += [dec.step(t).clone() for t in xs[125:130]]
+    px = dec.park()
+    dec.resume(py)
+    dec.step(ys[14])
+    dec.resume(px)
+    got += [dec.step(t).clone() for t in xs[130:]]
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"step {i} differs after switching"
+    # the parked session written back is the uninterrupted one's
+    ref, mid = tiny.new_state(), tiny.new_state()
+    alone.store_session(ref)
+    dec.store_session(mid)
+    _states_equal(mid, ref)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (graphs, asynchronous lookahead)"))])
+def test_runtime_lookahead_gives_the_same_tokens(tiny, tmp_path, device):
+    """Lookahead (the sampled token fed before the reply) changes no token: two interleaved
+    sequences with lookahead on and off, greedy and sampled; no lookahead past a stop token or
+    on the last step; a decode that does not carry the token fed ahead is refused; a released
+    sequence keeps its extra token for prefix reuse. On CUDA through the decode graphs, where
+    the step fed ahead is still running when decode returns."""
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import RequestError, Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    if device == "cuda":
+        write_synthetic(tmp_path / "t.gguf", C.TINY, seed=7)
+        tiny = DS4Model.load(tmp_path / "t.gguf", device="cuda")
+    runs = {}
+    for ahead in (False, True):
+        rt = Runtime(tiny, SingleComm(), ctx=96, device=device, fast_decode=True, lookahead=ahead)
+        assert rt.lookahead is ahead
+        params = {"a": SamplingParams(), "b": SamplingParams(temperature=0.9, top_p=0.9, seed=3)}
+        toks = {"a": [0, 11, 22, 33, 44, 55], "b": [0, 7, 8, 9]}
+        n_past = []
+        for sid in toks:
+            toks[sid].append(rt.prefill(1, sid, toks[sid], params=params[sid]).sample.token)
+        for step in range(1, 10):
+            for sid in toks:
+                r = rt.decode(10 + step, sid, [toks[sid][-1]], step, params[sid],
+                              lookahead=step < 9, stop_tokens=frozenset())
+                toks[sid].append(r.sample.token)
+                n_past.append(r.n_past)
+        assert all(s.ahead is None for s in rt.live.values())       # none on the last step
+        stop = rt.decode(30, "a", [toks["a"][-1]], 10, params["a"], lookahead=True,
+                         stop_tokens=frozenset(range(tiny.shape.vocab)))
+        assert rt.live["a"].ahead is None                             # the sampled token stops
+        toks["a"].append(stop.sample.token)
+        r = rt.decode(31, "b", [toks["b"][-1]], 10, params["b"], lookahead=True)
+        toks["b"].append(r.sample.token)
+        if ahead:
+            assert rt.live["b"].ahead == r.sample.token and len(rt.live["b"].tokens) == r.n_past + 1
+            with pytest.raises(RequestError, match="by lookahead"):
+                rt.decode(32, "b", [r.sample.token ^ 1], 11, params["b"])
+        rt.release(40, "b")
+        again = rt.prefill(41, "c", toks["b"][:-1] + [r.sample.token, 5], params=params["a"])
+        runs[ahead] = (toks, n_past, again.reused)
+    assert runs[True][:2] == runs[False][:2]
+    assert runs[False][2] == len(runs[False][0]["b"]) - 1       # the state after its last decode
+    assert runs[True][2] == len(runs[True][0]["b"])             # ... plus the token fed ahead
+
+
 def test_runtime_fast_decode_binding(tiny):
     """The worker runtime with the static decoder bound to slots: decode, release, a longer
     request reuses the state (written back), two interleaved sequences do not mix."""

@@ -82,6 +82,12 @@ class Generation:
         self._held_lp: list = []
 
     # -- what the scheduler asks --------------------------------------------------------------
+    @property
+    def stop_tokens(self) -> list[int]:
+        """Sampled tokens that end this generation by themselves (the workers do not look ahead
+        past them)."""
+        return [] if self.limits.ignore_eos else [self.eos]
+
     def sampling_for(self, step: int) -> pb.Sampling:
         s = self.sampling
         if self.limits.ignore_eos or step < self.limits.min_tokens:
@@ -263,7 +269,8 @@ class Scheduler:
                 step = len(gen.generated)
                 reply = await self.pool.decode(pb.DecodeRequest(
                     seq_id=gen.seq_id, tokens=[gen.generated[-1]], step=step,
-                    sampling=gen.sampling_for(step)))
+                    sampling=gen.sampling_for(step), lookahead=step + 1 < gen.limits.max_tokens,
+                    stop_tokens=gen.stop_tokens))
                 gen.accept(reply)
         except StepRejected as e:
             client = e.client_error

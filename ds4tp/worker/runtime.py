@@ -48,6 +48,10 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None   # after the last consumed token
     pending: list[int] = field(default_factory=list)   # prompt tokens not fed yet
+    parked: object | None = None   # its decode state set aside by the fast decoder (then
+                                   # `state` is stale until Runtime._unbind writes it back)
+    ahead: int | None = None       # a sampled token already fed by lookahead (in `tokens`), which
+                                   # the gateway has not sent back yet
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,11 @@ def _digest(prev: int, *parts) -> int:
 # integer argument equal to 1 or divisible by 16), both sides of the token counts where kernels
 # change launch shape (FMA_MAX_T = 2, the CUDA C experts' MAX_T = 4, TQ_MAX = 16 and GEMM_MIN_T =
 # 17), and the gateway's 2048-token prefill chunk; a test keeps them in step with those constants.
-WARM_PREFILL_LENGTHS = (1, 2, 3, 4, 5, 16, 17, 100, 2048)
+# Also every length that compiled new Triton specialisations in bench/warm_profile.py (an H200,
+# one rank of TP=2's shapes, lengths 1-20 and up: 6, 8 and 9 as well; integer arguments derived
+# from the token count hit the divisible-by-16 specialisation at other counts), and a few
+# multiples of 8 and 16 beyond the chunked range.
+WARM_PREFILL_LENGTHS = (1, 2, 3, 4, 5, 6, 8, 9, 16, 17, 24, 32, 48, 64, 100, 2048)
 
 
 class Runtime:
@@ -87,12 +95,13 @@ class Runtime:
     of them only feeds the new suffix."""
 
     def __init__(self, model, comm, *, ctx: int, device="cpu", max_sequences: int = 16,
-                 max_cached: int = 4, fast_decode: bool | None = None):
+                 max_cached: int = 4, fast_decode: bool | None = None, lookahead: bool | None = None):
         self.model, self.comm, self.ctx = model, comm, int(ctx)
         self.device = torch.device(device)
         # One-token decode steps on CUDA go through the static-buffer decoder (CUDA graphs),
-        # bound to one slot at a time; the slot's SessionState is written back before anything
-        # else (eager prefill, cloning, switching) touches it.
+        # bound to one slot at a time. Switching to another sequence parks the bound slot's
+        # decoder state (a few copies); a slot's SessionState is written back only before
+        # something eager (prefill, cloning, the prefix cache) touches it.
         if fast_decode is None:
             fast_decode = self.device.type == "cuda"
         self.fast = None
@@ -100,6 +109,13 @@ class Runtime:
             from ds4tp.decode_graph import StaticDecoder
             self.fast = StaticDecoder(model, max_ctx=self.ctx)
         self.fast_slot: Slot | None = None
+        # Lookahead (proto: DecodeRequest.lookahead): a decode step's sampled token is fed to the
+        # fast decoder before the reply goes out, so the GPU runs the next step while the reply
+        # and the gateway's next request travel. Only where the decoder runs asynchronously
+        # (CUDA); elsewhere the reply would wait for the next step.
+        self.lookahead = (self.fast is not None and self.device.type == "cuda") if lookahead is None \
+            else bool(lookahead and self.fast is not None)
+        self._in_flight = False      # a lookahead step may still be running on the GPU
         self.vocab = int(model.shape.vocab)
         self.max_sequences, self.max_cached = max_sequences, max_cached
         self.live: dict[str, Slot] = {}
@@ -167,6 +183,7 @@ class Runtime:
         with self._lock, self._on_device():
             wait = time.perf_counter() - t0
             self._check_params(params)
+            self._drain()
             if resume:
                 if tokens:
                     raise RequestError("INVALID_ARGUMENT", "a resumed prefill carries no tokens")
@@ -186,8 +203,12 @@ class Runtime:
             return self._result(seq_id, slot, reused, s, fwd, time.perf_counter() - t1, wait)
 
     def decode(self, op: int, seq_id: str, tokens: list[int], step: int,
-               params: SamplingParams = SamplingParams()) -> StepResult:
-        """Append `tokens` (normally the token sampled last) to `seq_id` and sample step `step`."""
+               params: SamplingParams = SamplingParams(), *, lookahead: bool = False,
+               stop_tokens=()) -> StepResult:
+        """Append `tokens` (normally the token sampled last) to `seq_id` and sample step `step`.
+        With `lookahead` (and self.lookahead), the sampled token, unless in `stop_tokens` or at
+        the context's end, is fed to the model before returning (asynchronously on the GPU); the
+        sequence's next decode must then carry exactly that token."""
         t0 = time.perf_counter()
         with self._lock, self._on_device():
             wait = time.perf_counter() - t0
@@ -197,23 +218,36 @@ class Runtime:
                 raise RequestError("FAILED_PRECONDITION", f"sequence {seq_id!r} still has "
                                    f"{len(slot.pending)} prompt tokens to prefill")
             self._check_tokens(tokens)
-            if len(slot.tokens) + len(tokens) > self.ctx:
-                raise RequestError("OUT_OF_RANGE", f"sequence {seq_id!r} would exceed the context "
-                                   f"of {self.ctx} tokens")
-            fwd = self._feed(op, "decode", seq_id, slot, list(tokens))
+            if slot.ahead is not None:
+                if list(tokens) != [slot.ahead]:
+                    raise RequestError("FAILED_PRECONDITION", f"sequence {seq_id!r} already consumed "
+                                       f"token {slot.ahead} by lookahead; its next decode must carry "
+                                       f"exactly that token, not {list(tokens)}")
+                fwd = self._settle(op, seq_id, slot)
+            else:
+                if len(slot.tokens) + len(tokens) > self.ctx:
+                    raise RequestError("OUT_OF_RANGE", f"sequence {seq_id!r} would exceed the "
+                                       f"context of {self.ctx} tokens")
+                fwd = self._feed(op, "decode", seq_id, slot, list(tokens))
             t1 = time.perf_counter()
             s = sample(slot.logits, params, step)
-            return self._result(seq_id, slot, 0, s, fwd, time.perf_counter() - t1, wait)
+            smp = time.perf_counter() - t1
+            if (lookahead and self.lookahead and s.token not in stop_tokens
+                    and len(slot.tokens) < self.ctx):
+                self._look_ahead(op, seq_id, slot, s.token)
+            return self._result(seq_id, slot, 0, s, fwd, smp, wait)
 
     def release(self, op: int, seq_id: str = "", *, all: bool = False, drop: bool = False) -> int:
         """End `seq_id` (or every live sequence). Unless `drop`, a state that consumed tokens is
         kept for prefix reuse. With all and drop the cache is emptied too. Returns how many
         live sequences ended; an unknown id is not an error (releasing is idempotent)."""
         with self._lock, self._on_device():
+            self._drain()
             ids = list(self.live) if all else ([seq_id] if seq_id in self.live else [])
             for sid in ids:
                 slot = self.live.pop(sid)
                 slot.pending = []
+                slot.ahead = None          # its lookahead token stays in its tokens
                 if not drop and slot.tokens and slot.logits is not None:
                     self.cached[self._next_key] = slot
                     self._next_key += 1
@@ -284,6 +318,7 @@ class Runtime:
 
     def _feed(self, op: int, kind: str, seq_id: str, slot: Slot, feed: list[int]) -> float:
         """Agree with the other ranks on this operation, then run the model on `feed`."""
+        self._drain()
         nxt = _digest(self.digest, op, kind, seq_id, len(slot.tokens), feed)
         self._agree(nxt)
         self.digest = nxt
@@ -291,10 +326,7 @@ class Runtime:
         t = time.perf_counter()
         if feed:
             if self.fast is not None and kind == "decode" and len(feed) == 1:
-                if self.fast_slot is not slot:
-                    self._unbind()
-                    self.fast.load_session(slot.state)
-                    self.fast_slot = slot
+                self._bind(slot)
                 slot.logits = self.fast.step(feed[0]).clone()
             else:
                 self._unbind(slot)
@@ -304,10 +336,58 @@ class Runtime:
                 torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t
 
-    def _unbind(self, slot: Slot | None = None) -> None:
-        """Write the fast decoder's state back to its slot (if it holds `slot`, or any)."""
-        if self.fast_slot is not None and (slot is None or slot is self.fast_slot):
-            self.fast.store_session(self.fast_slot.state)
+    def _drain(self) -> None:
+        """Wait for a lookahead step still running. Before any eager collective (the digest
+        agreement): with NCCL's graph mixing support off (comm.NCCL_DEFAULTS), none may be
+        issued while a graph runs."""
+        if self._in_flight:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self._in_flight = False
+
+    def _settle(self, op: int, seq_id: str, slot: Slot) -> float:
+        """This decode's token was fed by lookahead: wait for that step and agree on the
+        operation as if it had just run (same digest as _feed's)."""
+        t = time.perf_counter()
+        self._drain()
+        nxt = _digest(self.digest, op, "decode", seq_id, len(slot.tokens) - 1, [slot.ahead])
+        self._agree(nxt)
+        self.digest = nxt
+        self.steps += 1
+        slot.ahead = None
+        return time.perf_counter() - t
+
+    def _look_ahead(self, op: int, seq_id: str, slot: Slot, token: int) -> None:
+        """Feed `token` to the fast decoder without waiting for the GPU. No agreement here (the
+        step's collectives are the same whatever the token); the next operation's digest covers
+        it, since every rank folds it into its digest."""
+        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [token])
+        self._bind(slot)
+        slot.logits = self.fast.step(token).clone()
+        slot.tokens.append(token)
+        slot.ahead = token
+        self._in_flight = True
+
+    def _bind(self, slot: Slot) -> None:
+        """Give the fast decoder `slot`'s state, parking the slot it held."""
+        if self.fast_slot is slot:
+            return
+        if self.fast_slot is not None:
+            self.fast_slot.parked = self.fast.park()
+        if slot.parked is not None:
+            self.fast.resume(slot.parked)
+            slot.parked = None
+        else:
+            self.fast.load_session(slot.state)
+        self.fast_slot = slot
+
+    def _unbind(self, slot: Slot) -> None:
+        """Make `slot.state` current (the fast decoder's state for it written back) before it is
+        used eagerly; the decoder then holds no slot."""
+        if slot.parked is not None:
+            self._bind(slot)
+        if self.fast_slot is slot:
+            self.fast.store_session(slot.state)
             self.fast_slot = None
 
     def _gathered(self, value: int) -> list[int]:
@@ -323,4 +403,5 @@ class Runtime:
             raise DesyncError(f"rank {self.comm.rank}: operation digests differ across ranks: {values}")
 
     def _result(self, seq_id, slot, reused, s, fwd, smp, wait) -> StepResult:
-        return StepResult(seq_id, len(slot.tokens), reused, s, fwd, smp, wait, self.digest)
+        n_past = len(slot.tokens) - (slot.ahead is not None)     # as the gateway counts them
+        return StepResult(seq_id, n_past, reused, s, fwd, smp, wait, self.digest)

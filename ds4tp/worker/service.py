@@ -124,7 +124,8 @@ class WorkerServicer:
 
     def Decode(self, request, context):
         reply = self._step(context, lambda rt: rt.decode(
-            request.op, request.seq_id, list(request.tokens), request.step, _params(request.sampling)))
+            request.op, request.seq_id, list(request.tokens), request.step, _params(request.sampling),
+            lookahead=request.lookahead, stop_tokens=frozenset(request.stop_tokens)))
         reply.op = request.op
         return reply
 
