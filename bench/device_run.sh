@@ -70,6 +70,9 @@
 #         synthetic GGUF: launch, workers' warm-up, chat/stream/concurrent/bad requests, a worker
 #         killed mid-stream and the recovery (`s13s more`: then the second-GPU runtime test and
 #         the TP=2 golden through the decode graphs)
+#   s14w: session 14, one GPU: prefill time per prompt length, cold then warm caches (profiled)
+#   s14s: session 14, two GPUs: the served path end to end after the switching, sampling,
+#         lookahead and compile-cache changes (their CUDA tests first)
 #   s13f: session 13 closing run, two GPUs: TP=2,1 bench at depth 0 and 4096
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
@@ -582,6 +585,27 @@ elif [ "$MODE" = s13s ]; then
     gate_tests 100 "second_gpu" tests/test_decode_graph.py
     golden 2 static 90
   fi
+elif [ "$MODE" = s14w ]; then
+  # session 14: where a worker's warm-up goes: prefills of 1-20 tokens and longer, twice (the
+  # second process with Triton's and CuPy's on-disk caches warm), slow ones under cProfile
+  for run in cold warm; do
+    log "prefill per length, 4 layers, rank 0 of TP=2 shapes ($run caches)"
+    timeout 200 python3 bench/warm_profile.py --layers 4 --out "$OUT/warm_profile_$run.json" 2>&1 | grep -v Warn | cut -c1-180
+  done
+elif [ "$MODE" = s14s ]; then
+  # session 14, two GPUs: the served path again (switching parks the decoder state, sampling
+  # on the GPU, lookahead, one Triton cache directory, more warm-up lengths), then the new CUDA
+  # tests (lookahead through the graphs, sampling on the GPU) first
+  gate_tests 120 "lookahead or park or cuda" tests/test_decode_graph.py tests/test_sampling.py
+  log "synth full (parallel)"
+  t0=$(date +%s)
+  timeout 260 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  log "serve end to end, TP=2 on two GPUs"
+  timeout 400 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
 elif [ "$MODE" = s13f ]; then
   # session 13 closing run on two GPUs: the bench at TP=2 and TP=1 in one run, depth 0 and 4096,
   # with NCCL graph mixing support off (now init_dist's default)

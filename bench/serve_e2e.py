@@ -13,6 +13,8 @@ Measured, in order:
   sampling time in it (the gateway's /metrics); the short one again with temperature 0.8 and
   top_p 0.95 (the sampler's cost on a full vocabulary);
 - two streams at once: both complete, tokens per second together;
+- one-token completions from prompts of lengths no request had before (the workers' warm-up
+  should leave nothing to compile): seconds per request;
 - bad requests (malformed JSON, a prompt longer than the context, an unknown parameter) get a
   4xx naming the problem;
 - after each step, how many kernels Triton compiled for it (its on-disk cache grew by that many
@@ -230,6 +232,16 @@ def main() -> int:
         show("two_streams", {"ok": all(r["done"] and not r["error"] for r in both),
                              "completion_tokens": toks, "seconds": round(el, 3),
                              "tok_s_together": round(toks / el, 1)})
+
+        # a first prompt of a new length must not stall (kernels compiled on a served request):
+        # one-token completions from token-id prompts of lengths the warm-up did not feed
+        ttft = {}
+        for n in (7, 8, 10, 13, 21, 24, 40, 77, 130, 333, 1111):
+            ids = [100 + (37 * i + 11) % 1500 for i in range(n)]
+            t = time.perf_counter()
+            code, body = post(base, "/v1/completions", dict(gen, prompt=ids, max_tokens=1))
+            ttft[n] = round(time.perf_counter() - t, 3) if code == 200 else f"status {code}"
+        show("first_prompt_of_each_length_s", ttft)
 
         bad = {}
         bad["malformed_json"] = post(base, "/v1/completions", b"{not json")

@@ -1,0 +1,87 @@
+"""Where a worker's warm-up time goes: prefills of each length from 1 to 20 tokens (and a few
+longer ones) on fresh states, each timed, in one process; the slow ones (over --slow-s) under
+cProfile, whose top functions by cumulative time name what they spend it on (Triton or CuPy
+compiling, torch.compile, or the model itself). Run it twice: the second process finds the
+on-disk kernel caches warm.
+
+    python bench/warm_profile.py [--layers 4] [--world 2] [--out warm.json]
+
+One GPU; the model is rank 0's shard of a --world split (its shapes), built in GPU memory,
+collectives removed (bench.NullComm).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+
+from ds4tp import config as C
+from ds4tp.bench import NullComm, build_model
+from ds4tp.kernels import pin_compile_cache
+
+
+def watch_specialisations(names: list) -> None:
+    """Append the name and argument types of every Triton kernel specialisation this process
+    creates (compiled, or loaded from the on-disk cache) to `names`."""
+    import triton
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if knobs is None or not hasattr(knobs, "jit_cache_hook"):
+        print("this Triton has no jit_cache_hook: specialisations not listed")
+        return
+    knobs.jit_cache_hook = lambda *a, repr="", **k: names.append(repr) and False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--lengths", default="1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,24,32,33,40,48,64,100,128,256,512,1000,1024,2048,2100,3000,4096")
+    ap.add_argument("--slow-s", type=float, default=0.5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    print("TRITON_CACHE_DIR", pin_compile_cache())
+    specs: list = []
+    watch_specialisations(specs)
+    dev = torch.device("cuda:0")
+    torch.cuda.set_device(dev)
+    shape = C.Shape(n_layer=a.layers)
+    model = build_model(shape, 0, a.world, NullComm(0, a.world), dev)
+    torch.cuda.synchronize()
+    res = {"layers": a.layers, "world": a.world, "steps": []}
+    for n in (int(x) for x in a.lengths.split(",")):
+        specs.clear()
+        st = model.new_state()
+        ids = [(7 * i + 3) % shape.vocab for i in range(n)]
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        prof.enable()
+        model.forward(ids, st)
+        torch.cuda.synchronize()
+        prof.disable()
+        dt = time.perf_counter() - t
+        step = {"tokens": n, "seconds": round(dt, 3), "specialisations": list(specs)}
+        if dt > a.slow_s:
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(22)
+            step["profile"] = buf.getvalue().splitlines()[-30:]
+        res["steps"].append(step)
+        print(f"prefill {n:5d} tokens: {dt:8.3f} s, {len(specs)} new Triton specialisations", flush=True)
+        for r in specs[:12]:
+            print("    +", r[:400])
+        for line in step.get("profile", []):
+            if line.strip():
+                print("   ", line[:170])
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
