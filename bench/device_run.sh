@@ -592,6 +592,13 @@ elif [ "$MODE" = s14w ]; then
     log "prefill per length, 4 layers, rank 0 of TP=2 shapes ($run caches)"
     timeout 200 python3 bench/warm_profile.py --layers 4 --out "$OUT/warm_profile_$run.json" 2>&1 | grep -v Warn | cut -c1-180
   done
+elif [ "$MODE" = s14c ]; then
+  # session 14, one GPU: prompts fed at growing positions on one state (a suffix after prefix
+  # reuse), as the served probe of first prompts did, after the warm-up's lengths: time and new
+  # Triton specialisations per feed (4 layers, rank 0 of TP=2's shapes)
+  timeout 300 python3 bench/warm_profile.py --layers 4 --lengths 1,2,3,4,5,6,8,9,16,17,24,32,48,64,100 \
+    --chain 7,1,2,3,8,3,16,37,53,203,778,1,1,5,130,1000 --out "$OUT/warm_chain.json" 2>&1 | grep -v Warn | grep -v "^ " | cut -c1-200
+  python3 -c "import json; [print(s['tokens'], s['at'], s['seconds'], [r.split('(')[0] + '(' + r.split('(', 1)[1][:300] for r in s['specialisations']][:6]) for s in json.load(open('$OUT/warm_chain.json'))['steps'] if s['at'] > 0 or s['tokens'] == 7]"
 elif [ "$MODE" = s14s ]; then
   # session 14, two GPUs: the served path again (switching parks the decoder state, sampling
   # on the GPU, lookahead, one Triton cache directory, more warm-up lengths), then the new CUDA

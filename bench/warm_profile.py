@@ -41,7 +41,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--lengths", default="1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,24,32,33,40,48,64,100,128,256,512,1000,1024,2048,2100,3000,4096")
-    ap.add_argument("--slow-s", type=float, default=0.5)
+    ap.add_argument("--chain", default="",
+                    help="then feed these token counts one after another onto one state (a "
+                         "prompt's suffix after prefix reuse, at growing positions)")
+    ap.add_argument("--slow-s", type=float, default=2.0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     print("TRITON_CACHE_DIR", pin_compile_cache())
@@ -53,9 +56,12 @@ def main() -> int:
     model = build_model(shape, 0, a.world, NullComm(0, a.world), dev)
     torch.cuda.synchronize()
     res = {"layers": a.layers, "world": a.world, "steps": []}
-    for n in (int(x) for x in a.lengths.split(",")):
+    chained = model.new_state()
+    plan = [(int(x), False) for x in a.lengths.split(",") if x]
+    plan += [(int(x), True) for x in a.chain.split(",") if x]
+    for n, chain in plan:
         specs.clear()
-        st = model.new_state()
+        st = chained if chain else model.new_state()
         ids = [(7 * i + 3) % shape.vocab for i in range(n)]
         prof = cProfile.Profile()
         torch.cuda.synchronize()
@@ -65,13 +71,14 @@ def main() -> int:
         torch.cuda.synchronize()
         prof.disable()
         dt = time.perf_counter() - t
-        step = {"tokens": n, "seconds": round(dt, 3), "specialisations": list(specs)}
+        step = {"tokens": n, "at": st.n - n, "seconds": round(dt, 3), "specialisations": list(specs)}
         if dt > a.slow_s:
             buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(22)
-            step["profile"] = buf.getvalue().splitlines()[-30:]
+            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(12)
+            step["profile"] = buf.getvalue().splitlines()[-20:]
         res["steps"].append(step)
-        print(f"prefill {n:5d} tokens: {dt:8.3f} s, {len(specs)} new Triton specialisations", flush=True)
+        print(f"prefill {n:5d} tokens at {st.n - n:5d}: {dt:8.3f} s, {len(specs)} new Triton "
+              f"specialisations", flush=True)
         for r in specs[:12]:
             print("    +", r[:400])
         for line in step.get("profile", []):

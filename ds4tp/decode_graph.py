@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ds4tp import config as C, kernels
+from ds4tp.fuse import static_shapes
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
                          hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
                          select_rows)
@@ -285,6 +286,10 @@ class StaticDecoder:
                 l.index.copy_(i[0]), l.ifront.kv.copy_(i[1]), l.ifront.sc.copy_(i[2])
 
     def _step(self, var) -> torch.Tensor:
+        with static_shapes():     # fixed buffer shapes: the @fused chains compile once each
+            return self._step_body(var)
+
+    def _step_body(self, var) -> torch.Tensor:
         emit4, emit128, idx_on = var
         s, m = self.s, self.m
         pos, tok = self.pos, self.token
