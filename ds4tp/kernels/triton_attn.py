@@ -230,7 +230,12 @@ def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     tl.store(fsc_ptr + prev + HD, cs)
 
 
-@triton.jit
+# Integer arguments that follow a prompt's position or length are not specialised: Triton
+# compiles a new variant for an integer that equals 1 or is divisible by 16, so a served prompt
+# fed at a new position (its suffix after prefix reuse) compiled kernels for 1-17 s on an H200
+# (bench/warm_profile.py --chain, device mode s14c: this kernel, _prefill_attn_kernel, and
+# triton_gemm's _split_h16_kernel and _expert_tiles_kernel).
+@triton.jit(do_not_specialize=["c0", "base"])
 def _comp_rows_kernel(kv_ptr, sc_ptr, norm_ptr, cos_ptr, sin_ptr, out_ptr, c0, base, eps,
                       W: tl.constexpr, HD: tl.constexpr, NROT: tl.constexpr, RATIO: tl.constexpr,
                       INDEX: tl.constexpr, LOGHD: tl.constexpr, BR: tl.constexpr):
@@ -582,7 +587,7 @@ def _prefill_tile(acc, m, l, q_ptr, qrow, hmask, k_ptr, keys, ok, scale, cos_ptr
     return acc, m_new, l
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "raw_prev", "p0", "cmask_stride"])   # see _comp_rows_kernel
 def _prefill_attn_kernel(q_ptr, raw_ptr, comp_ptr, cmask_ptr, sink_ptr, o_ptr, cos_ptr, sin_ptr,
                          H, C, raw_prev, n_swa, p0, ratio, cmask_stride, scale,
                          D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,

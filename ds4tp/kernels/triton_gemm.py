@@ -417,7 +417,7 @@ def cublas_h16(device: torch.device) -> bool:
         return False
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])   # see triton_attn._comp_rows_kernel
 def _split_h16_kernel(x_ptr, stride_x, out_ptr, scale_ptr, T, K, BK: tl.constexpr):
     """Row t of x [T, K] -> rows t (head) and T + t (tail) of out [2T, K] float16 and scale[t]:
     hi = f16(x * 2^-e), lo = f16(x * 2^-e - hi), scale = 2^e with e the row's largest |x|'s
@@ -600,7 +600,7 @@ def expert_tiles_device_torch(ids: torch.Tensor, n_expert: int, tq: int | None):
     return order.to(torch.int32), torch.stack((e, first, count), 1).to(torch.int32), tq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "M", "n_iter"])   # see triton_attn._comp_rows_kernel
 def _expert_tiles_kernel(vals_ptr, order_ptr, pairs_ptr, tiles_ptr, P, M, n_expert, tq, n_iter,
                          EB: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr):
     """expert_tiles_device_torch's outputs from the stably sorted ids (vals) and their order.
