@@ -543,3 +543,47 @@ def test_a_short_blip_is_not_a_restart(tok):
     finally:
         gw.close()
         sup.close()
+
+
+def test_decodes_ask_for_lookahead_except_on_the_last_step(tok):
+    """The scheduler asks the workers to look ahead on every decode but the last by max_tokens,
+    and names EOS as the stop token (none with ignore_eos)."""
+    import asyncio
+
+    from ds4tp.gateway.scheduler import Generation, Limits, Scheduler
+    from ds4tp.gateway.textstream import TextStream
+    from ds4tp.rpc import pb
+
+    class Pool:
+        healthy, group_id, max_sequences, reason = True, 1, 4, ""
+
+        def __init__(self):
+            self.decodes = []
+
+        async def prefill(self, req):
+            return pb.StepReply(sampled=True, token=5)
+
+        async def decode(self, req):
+            self.decodes.append(req)
+            return pb.StepReply(sampled=True, token=6)
+
+        async def release(self, req):
+            return pb.ReleaseReply()
+
+    async def run(limits):
+        pool = Pool()
+        sched = Scheduler(pool, SchedulerConfig())
+        gen = Generation([1, 2, 3], pb.Sampling(), limits, TextStream(tok), eos=tok.eos)
+        sched.start()
+        sched.submit(gen)
+        while not gen.finished:
+            await asyncio.sleep(0.01)
+        await sched.stop()
+        return pool.decodes
+
+    reqs = asyncio.run(run(Limits(max_tokens=4)))
+    assert [r.step for r in reqs] == [1, 2, 3]
+    assert [r.lookahead for r in reqs] == [True, True, False]
+    assert all(list(r.stop_tokens) == [tok.eos] for r in reqs)
+    reqs = asyncio.run(run(Limits(max_tokens=2, ignore_eos=True)))
+    assert [r.lookahead for r in reqs] == [False] and list(reqs[0].stop_tokens) == []
