@@ -433,10 +433,11 @@ def _load_front(front: _Frontier, cs, n: int, r: int) -> None:
     kv, sc = cs.kv.view(), cs.sc.view()
     front.kv.zero_()
     front.sc.fill_(C.NEG_INF)
-    for i in range(kv.shape[0]):
-        slot = _front_slot(cs.start + i, n, r)
-        front.kv[slot] = kv[i]
-        front.sc[slot] = sc[i]
+    if kv.shape[0]:      # one indexed copy for all rows (a ratio-128 window holds up to 127)
+        slots = torch.tensor([_front_slot(cs.start + i, n, r) for i in range(kv.shape[0])],
+                             dtype=torch.long, device=front.kv.device)
+        front.kv[slots] = kv
+        front.sc[slots] = sc
 
 
 def _front_slot(p: int, n: int, r: int) -> int:
