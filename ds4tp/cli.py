@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S,
                     help="gateway deadline (s) of one decode step, a backstop for a stuck rank "
                          "(a dead one fails at once); prefill adds per-token time")
+    la.add_argument("--no-lookahead", action="store_true",
+                    help="workers do not feed a sampled token before the gateway sends it back (lookahead "
+                         "overlaps the next decode step with the reply's round trip; off for "
+                         "diagnosis)")
 
     w = sub.add_parser("worker", help="one tensor-parallel worker (rank) serving gRPC")
     w.add_argument("--model", required=True)
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S,
                     help="deadline (s) of one decode step, a backstop for a stuck rank (a dead "
                          "one fails at once); prefill adds per-token time")
+    gw.add_argument("--no-lookahead", action="store_true",
+                    help="workers do not feed a sampled token before the gateway sends it back (lookahead "
+                         "overlaps the next decode step with the reply's round trip; off for "
+                         "diagnosis)")
 
     ex = sub.add_parser("export-tokenizer", help="write tokenizer.json + config for HF AutoTokenizer")
     ex.add_argument("dir")

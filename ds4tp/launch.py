@@ -165,6 +165,8 @@ def main(args) -> int:
     gw = py + ["gateway", "--workers", ",".join(f"127.0.0.1:{p}" for p in grpc_ports),
                "--model", model, "--host", args.host, "--port", str(args.port),
                "--served-model-name", args.served_model_name, "--step-timeout", str(args.step_timeout)]
+    if args.no_lookahead:
+        gw.append("--no-lookahead")
     gw_env = dict(env)
     if args.api_key:
         gw_env["DS4TP_API_KEY"] = args.api_key   # not on the command line (visible in ps)

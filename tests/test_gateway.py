@@ -570,9 +570,9 @@ def test_decodes_ask_for_lookahead_except_on_the_last_step(tok):
         async def release(self, req):
             return pb.ReleaseReply()
 
-    async def run(limits):
+    async def run(limits, **cfg):
         pool = Pool()
-        sched = Scheduler(pool, SchedulerConfig())
+        sched = Scheduler(pool, SchedulerConfig(**cfg))
         gen = Generation([1, 2, 3], pb.Sampling(), limits, TextStream(tok), eos=tok.eos)
         sched.start()
         sched.submit(gen)
@@ -587,3 +587,5 @@ def test_decodes_ask_for_lookahead_except_on_the_last_step(tok):
     assert all(list(r.stop_tokens) == [tok.eos] for r in reqs)
     reqs = asyncio.run(run(Limits(max_tokens=2, ignore_eos=True)))
     assert [r.lookahead for r in reqs] == [False] and list(reqs[0].stop_tokens) == []
+    reqs = asyncio.run(run(Limits(max_tokens=4), lookahead=False))     # gateway --no-lookahead
+    assert [r.lookahead for r in reqs] == [False, False, False]

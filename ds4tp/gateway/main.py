@@ -7,6 +7,7 @@ import time
 
 from ds4tp.gateway.api import GatewayConfig, create_app
 from ds4tp.gateway.pool import PoolConfig, WorkerPool
+from ds4tp.gateway.scheduler import SchedulerConfig
 
 
 def log(msg: str) -> None:
@@ -35,7 +36,8 @@ def main(args) -> int:
     # the key may come from the environment (systemd EnvironmentFile, ds4tp launch) rather than
     # the command line, where every local user can read it
     api_key = args.api_key or os.environ.get("DS4TP_API_KEY") or None
-    cfg = GatewayConfig(served_model=args.served_model_name, api_key=api_key)
+    cfg = GatewayConfig(served_model=args.served_model_name, api_key=api_key,
+                        scheduler=SchedulerConfig(lookahead=not args.no_lookahead))
     if args.step_timeout <= 0:
         print("ds4tp gateway: --step-timeout must be > 0", file=sys.stderr)
         return 2

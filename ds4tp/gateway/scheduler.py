@@ -159,6 +159,7 @@ class SchedulerConfig:
     max_active: int = 8
     max_queue: int = 64
     prefill_chunk: int = 2048
+    lookahead: bool = True    # DecodeRequest.lookahead on every decode but the last (see proto)
 
 
 class Scheduler:
@@ -269,8 +270,8 @@ class Scheduler:
                 step = len(gen.generated)
                 reply = await self.pool.decode(pb.DecodeRequest(
                     seq_id=gen.seq_id, tokens=[gen.generated[-1]], step=step,
-                    sampling=gen.sampling_for(step), lookahead=step + 1 < gen.limits.max_tokens,
-                    stop_tokens=gen.stop_tokens))
+                    sampling=gen.sampling_for(step), stop_tokens=gen.stop_tokens,
+                    lookahead=self.cfg.lookahead and step + 1 < gen.limits.max_tokens))
                 gen.accept(reply)
         except StepRejected as e:
             client = e.client_error
