@@ -171,13 +171,15 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=400)
     ap.add_argument("--kill", type=int, default=None, metavar="RANK",
                     help="kill this worker rank mid-stream, then wait for recovery")
+    ap.add_argument("--no-lookahead", action="store_true", help="serve with lookahead off (A/B)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--log", default="serve_e2e_launch.log")
     a = ap.parse_args()
 
     base = f"http://127.0.0.1:{a.port}"
     cmd = [sys.executable, "-m", "ds4tp", "launch", "--nodes", str(a.nodes), "--device", a.device,
-           "--ctx", str(a.ctx), "--port", str(a.port)] + (["--model", a.model] if a.model else [])
+           "--ctx", str(a.ctx), "--port", str(a.port)] + (["--model", a.model] if a.model else []) \
+        + (["--no-lookahead"] if a.no_lookahead else [])
     res: dict = {"command": " ".join(cmd[1:]), "nodes": a.nodes, "ctx": a.ctx}
 
     cached = [triton_cache_entries()]   # Triton's cache before the launch, then after each result
