@@ -749,3 +749,27 @@ def test_expert_tiles_kernel_compiles_for_sm90(ids_type):
                M="i32", n_expert="i32", tq="i32", n_iter="i32")
     ptx = _compile_sm90(tg._expert_tiles_kernel, sig, dict(EB=256, BM=32, BP=4096), 4)
     assert ".entry" in ptx
+
+
+def test_pin_compile_cache_sets_one_directory_and_keeps_a_given_one(tmp_path):
+    """The CLI pins TRITON_CACHE_DIR before anything compiles (torch.compile would otherwise
+    repoint it mid-run); a directory the environment already names is kept."""
+    from ds4tp.kernels import pin_compile_cache
+    env = {"TRITON_HOME": str(tmp_path)}
+    assert pin_compile_cache(env) == str(tmp_path / ".triton" / "cache") == env["TRITON_CACHE_DIR"]
+    env = {"TRITON_CACHE_DIR": "/somewhere/else"}
+    assert pin_compile_cache(env) == "/somewhere/else" == env["TRITON_CACHE_DIR"]
+    env = {}
+    assert pin_compile_cache(env) == os.path.join(os.path.expanduser("~"), ".triton", "cache")
+
+
+def test_cli_pins_the_compile_cache_for_its_children():
+    """`ds4tp` (here: `ds4tp plan`, which compiles nothing) runs with TRITON_CACHE_DIR set, so
+    the workers and the gateway that `ds4tp launch` starts inherit it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TRITON_HOME")}
+    code = ("import os, sys; from ds4tp import cli; cli.main(['plan', '--preset', 'tiny', '--json']);"
+            "print('DIR=' + os.environ.get('TRITON_CACHE_DIR', ''), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "DIR=" + os.path.join(os.path.expanduser("~"), ".triton", "cache") in r.stderr
