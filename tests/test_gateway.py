@@ -547,7 +547,8 @@ def test_a_short_blip_is_not_a_restart(tok):
 
 def test_decodes_ask_for_lookahead_except_on_the_last_step(tok):
     """The scheduler asks the workers to look ahead on every decode but the last by max_tokens,
-    and names EOS as the stop token (none with ignore_eos)."""
+    and names EOS as the stop token (none with ignore_eos); not at all with --no-lookahead or
+    for a request with stop strings (an ending by text would cost the next turn its prefix)."""
     import asyncio
 
     from ds4tp.gateway.scheduler import Generation, Limits, Scheduler
@@ -570,10 +571,10 @@ def test_decodes_ask_for_lookahead_except_on_the_last_step(tok):
         async def release(self, req):
             return pb.ReleaseReply()
 
-    async def run(limits, **cfg):
+    async def run(limits, stop=(), **cfg):
         pool = Pool()
         sched = Scheduler(pool, SchedulerConfig(**cfg))
-        gen = Generation([1, 2, 3], pb.Sampling(), limits, TextStream(tok), eos=tok.eos)
+        gen = Generation([1, 2, 3], pb.Sampling(), limits, TextStream(tok, stop=list(stop)), eos=tok.eos)
         sched.start()
         sched.submit(gen)
         while not gen.finished:
@@ -588,4 +589,6 @@ def test_decodes_ask_for_lookahead_except_on_the_last_step(tok):
     reqs = asyncio.run(run(Limits(max_tokens=2, ignore_eos=True)))
     assert [r.lookahead for r in reqs] == [False] and list(reqs[0].stop_tokens) == []
     reqs = asyncio.run(run(Limits(max_tokens=4), lookahead=False))     # gateway --no-lookahead
+    assert [r.lookahead for r in reqs] == [False, False, False]
+    reqs = asyncio.run(run(Limits(max_tokens=4), stop=["\n\nUser:"]))   # stop strings: none
     assert [r.lookahead for r in reqs] == [False, False, False]

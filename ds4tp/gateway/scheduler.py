@@ -88,6 +88,12 @@ class Generation:
         past them)."""
         return [] if self.limits.ignore_eos else [self.eos]
 
+    def may_look_ahead(self, step: int) -> bool:
+        """Whether the workers may feed step `step`'s token before it comes back: not on the last
+        step by max_tokens, and not with stop strings, where an ending by text would leave the
+        extra token in the cached state and cost a follow-up turn its prefix reuse."""
+        return step + 1 < self.limits.max_tokens and not self.text.stop
+
     def sampling_for(self, step: int) -> pb.Sampling:
         s = self.sampling
         if self.limits.ignore_eos or step < self.limits.min_tokens:
@@ -271,7 +277,7 @@ class Scheduler:
                 reply = await self.pool.decode(pb.DecodeRequest(
                     seq_id=gen.seq_id, tokens=[gen.generated[-1]], step=step,
                     sampling=gen.sampling_for(step), stop_tokens=gen.stop_tokens,
-                    lookahead=self.cfg.lookahead and step + 1 < gen.limits.max_tokens))
+                    lookahead=self.cfg.lookahead and gen.may_look_ahead(step)))
                 gen.accept(reply)
         except StepRejected as e:
             client = e.client_error
