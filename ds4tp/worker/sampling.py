@@ -234,17 +234,24 @@ def _draw_torch(x: torch.Tensor, p: SamplingParams, u: float) -> torch.Tensor:
     return ids[torch.minimum(i, keep.sum() - 1)].reshape(1)        # min: u within rounding of the total
 
 
+_FEW_BIASES = 8    # logit_bias entries sample_torch adds one by one
+
+
 def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
     """`sample` with torch on the logits' device (any device: the tests run it on the CPU).
-    The host waits on the device once, for the final few numbers (and, with a logit_bias, for
-    the copy of the bias to the device)."""
+    The host waits on the device once, for the final few numbers (and, with a logit_bias of
+    more than _FEW_BIASES entries, for the copy of the bias to the device)."""
     raw = logits.detach().reshape(-1).to(torch.float64)
     x = raw
     if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=raw.device)
-        bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64, device=raw.device)
         x = raw.clone()
-        x[ids] += bias                        # ids are distinct (dict keys): a plain indexed write
+        if len(p.logit_bias) <= _FEW_BIASES:  # the usual one (EOS banned: ignore_eos, min_tokens):
+            for t, b in p.logit_bias.items():  # scalar adds, no host-to-device copy to wait for
+                x[t] += b
+        else:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=raw.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64, device=raw.device)
+            x[ids] += bias                    # ids are distinct (dict keys): a plain indexed write
     if p.temperature <= 0 or p.top_k == 1:
         token = torch.argmax(x).reshape(1)    # the first maximum: ties go to the lower id
     else:
