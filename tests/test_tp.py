@@ -196,3 +196,30 @@ def test_warm_up_at_tp2_runs_the_same_steps_on_both_ranks(tiny_path):
     assert done["prefill"] == [2, 5, "+5", "+3"] and done["decode_variants"] == 2, done
     msg = run_local_ranks(2, _warm_rank, str(tiny_path), (64, 96))
     assert msg == "the ranks were started with different --ctx: [64, 96]"
+
+
+def _lookahead_rank(comm, dev, path, ahead):
+    from ds4tp.model import DS4Model
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    m = DS4Model.load(path, rank=comm.rank, world=comm.world, comm=comm)
+    rt = Runtime(m, comm, ctx=64, fast_decode=True, lookahead=ahead)
+    params = {"a": SamplingParams(), "b": SamplingParams(temperature=0.8, top_p=0.9, seed=11)}
+    toks = {"a": [0, 5, 9, 14], "b": [0, 3]}
+    for sid in toks:
+        toks[sid].append(rt.prefill(1, sid, toks[sid], params=params[sid]).sample.token)
+    for step in range(1, 7):
+        for sid in toks:          # interleaved: the decoder parks one and resumes the other
+            r = rt.decode(10 * step + len(sid), sid, [toks[sid][-1]], step, params[sid],
+                          lookahead=step < 6)
+            toks[sid].append(r.sample.token)
+    rt.release(99, "a")
+    return toks, rt.steps
+
+
+def test_lookahead_at_tp2_gives_the_same_tokens(tiny_path):
+    """Lookahead at TP=2 (gloo): both ranks feed the same token ahead (each operation's digest
+    agreement would fail otherwise), and the tokens are those without lookahead."""
+    on = run_local_ranks(2, _lookahead_rank, str(tiny_path), True)
+    off = run_local_ranks(2, _lookahead_rank, str(tiny_path), False)
+    assert on == off
