@@ -159,6 +159,17 @@ def test_unknown_parameters_are_400_naming_them(stack):
                                          presence_penalty=0.0, frequency_penalty=0.0, top_k=5))
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
+    # fields whose request we cannot honour are refused, not dropped
+    for extra, name in ((dict(response_format={"type": "json_object"}), "response_format"),
+                        (dict(response_format={"type": "json_schema", "json_schema": {}}), "response_format"),
+                        (dict(functions=[{"name": "f", "parameters": {}}]), "functions"),
+                        (dict(function_call={"name": "f"}), "function_call")):
+        r = post(gw, "/v1/chat/completions", chat_body(max_tokens=2, **extra))
+        assert_error(r, 400, name)
+        assert r.json()["error"]["param"] == name, r.json()
+    assert_error(post(gw, "/v1/completions", dict(comp, best_of=2)), 400, "best_of")
+    r = post(gw, "/v1/chat/completions", chat_body(max_tokens=2, functions=[], function_call="auto"))
+    assert r.status_code == 200, r.text
     # the server keeps serving after the 400s
     ev = stream_chat(gw, chat_body(max_tokens=3, stream=True, stream_options={"include_usage": True}))
     assert ev[-1] == ("data", "[DONE]") and ev[-2][1]["usage"]["completion_tokens"] == 3

@@ -11,8 +11,10 @@ in the endpoint's `IGNORED` allow-list is a 400 naming it (`param` is the field;
   `chat_template_kwargs`);
 - documented OpenAI fields we do not implement but clients commonly send: accepted and ignored
   (`ChatRequest.IGNORED`, `CompletionRequest.IGNORED`, not type-checked). `presence_penalty` and
-  `frequency_penalty` are declared (must be finite numbers) but also have no effect; `n` is
-  declared and only 1 is accepted.
+  `frequency_penalty` are declared (must be finite numbers) but also have no effect; `n` and
+  `best_of` are declared and only 1 is accepted. Fields whose request we cannot honour are a 400
+  rather than silently dropped: `response_format` other than `{"type": "text"}` (no JSON or
+  schema-constrained decoding) and the deprecated `functions` / `function_call` (send `tools`).
 Nested objects (messages, content parts, tools, stream_options, ...) stay lenient: unknown
 fields there are accepted, and passed along where the object is (messages and tools reach the
 chat template).
@@ -142,9 +144,8 @@ class ChatRequest(_Sampling):
         "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",  # caller tags
         "store", "metadata", "service_tier",          # OpenAI platform features
         "parallel_tool_calls",                        # several calls in one turn are allowed anyway
-        "response_format", "verbosity", "prediction", # output shaping we do not implement
+        "verbosity", "prediction",                    # output shaping we do not implement
         "modalities", "audio", "web_search_options",  # text only, no built-in tools
-        "functions", "function_call",                 # deprecated form of tools / tool_choice
     })
 
     messages: list[Message] = Field(min_length=1)
@@ -156,6 +157,25 @@ class ChatRequest(_Sampling):
     reasoning_effort: str | None = None
     thinking: bool | ThinkingSwitch | None = None
     chat_template_kwargs: dict | None = None
+    response_format: dict | None = None           # only {"type": "text"}
+    functions: list | None = None                 # the deprecated tools: refused when given
+    function_call: str | dict | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"type {v.get('type')!r} is not supported (this server has no JSON or "
+                             'schema-constrained decoding); omit it or use {"type": "text"}')
+        return v
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_functions(cls, v):
+        if v and v not in ("none", "auto"):
+            raise ValueError("the deprecated functions API is not supported; send `tools` and "
+                             "`tool_choice` instead")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -194,12 +214,10 @@ EFFORTS = {"none": "none", "minimal": "none", "low": "high", "medium": "high", "
 
 class CompletionRequest(_Sampling):
     # OpenAI (legacy) completions fields we accept and ignore
-    IGNORED = frozenset({
-        "user",
-        "best_of",       # server-side best-of-n sampling: not implemented, one sample is returned
-    })
+    IGNORED = frozenset({"user"})
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(default=None, ge=1, le=1)   # server-side best-of-n: only 1
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
