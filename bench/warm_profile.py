@@ -33,7 +33,11 @@ def watch_specialisations(names: list) -> None:
     if knobs is None or not hasattr(knobs, "jit_cache_hook"):
         print("this Triton has no jit_cache_hook: specialisations not listed")
         return
-    knobs.jit_cache_hook = lambda *a, repr="", **k: names.append(repr) and False
+    def hook(*args, repr="", **kwargs):
+        names.append(repr)
+        return False              # False: compile (or load) as usual
+
+    knobs.jit_cache_hook = hook
 
 
 def main() -> int:

@@ -7,6 +7,10 @@ import sys
 
 from ds4tp.gateway import STEP_TIMEOUT_S
 
+NO_LOOKAHEAD_HELP = ("workers do not feed a sampled token before the gateway sends it back "
+                     "(lookahead overlaps the next decode step with the reply's round trip; off "
+                     "for diagnosis)")
+
 # subcommand -> "module:function"; imported only when the subcommand runs.
 COMMANDS = {
     "synth": "ds4tp.synth:main",
@@ -68,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gateway deadline (s) of one decode step, a backstop for a stuck rank "
                          "(a dead one fails at once); prefill adds per-token time")
     la.add_argument("--no-lookahead", action="store_true",
-                    help="workers do not feed a sampled token before the gateway sends it back (lookahead "
-                         "overlaps the next decode step with the reply's round trip; off for "
-                         "diagnosis)")
+                    help=NO_LOOKAHEAD_HELP)
 
     w = sub.add_parser("worker", help="one tensor-parallel worker (rank) serving gRPC")
     w.add_argument("--model", required=True)
@@ -98,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="deadline (s) of one decode step, a backstop for a stuck rank (a dead "
                          "one fails at once); prefill adds per-token time")
     gw.add_argument("--no-lookahead", action="store_true",
-                    help="workers do not feed a sampled token before the gateway sends it back (lookahead "
-                         "overlaps the next decode step with the reply's round trip; off for "
-                         "diagnosis)")
+                    help=NO_LOOKAHEAD_HELP)
 
     ex = sub.add_parser("export-tokenizer", help="write tokenizer.json + config for HF AutoTokenizer")
     ex.add_argument("dir")

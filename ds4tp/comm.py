@@ -91,7 +91,7 @@ class DistComm:
 # in the decode graphs. Two H200s, TP=2, same code: decode 187.0-187.7 tok/s with it on (NCCL's
 # default), 199.4-200.1 off (bench/results/prefill_tp2_h200x2_s13_*). NCCL then requires that no
 # graph launch is still running when an eager (non-captured) collective is issued. The worker
-# keeps that: every operation waits for the GPU (Runtime._drain, also after a lookahead step)
+# keeps that: every operation waits for the GPU (Runtime._agree_on, also after a lookahead step)
 # before its first act, an eager all-gather (Runtime._agree).
 NCCL_DEFAULTS = {"NCCL_GRAPH_MIXING_SUPPORT": "0"}
 

@@ -177,7 +177,8 @@ class StaticDecoder:
         live sequences costs a few copies instead of store_session + load_session (Python loops
         over layers and frontier rows; ~45 ms a switch on two H200s, where two streams served
         at once ran at 9 tok/s together). The fixed-size buffers are copied whole, the
-        compressed caches up to the rows in use."""
+        compressed caches up to the rows in use (rows past them are masked by the count, so a
+        step run between park and resume leaves nothing that a later step reads)."""
         grown = [t[: self.n // r].reshape(-1) for t, r in self._growing]
         return Parked(self.n, list(self.fed), [t.clone() for t in self._fixed],
                       torch.cat(grown) if grown else None)
@@ -220,9 +221,9 @@ class StaticDecoder:
                 if var not in self.graphs:
                     self.graphs[var] = self._capture(var)
             else:
-                saved = self._snapshot()
+                saved = self.park()
                 self._step(var)
-                self._restore(saved)
+                self.resume(saved)
         self.pos.zero_()
         return list(table)
 
@@ -252,7 +253,7 @@ class StaticDecoder:
     def _capture(self, var):
         """Warm up once on a side stream (allocator, kernel compilation, communicators; the
         state is restored after), then capture. Capturing does not run the kernels."""
-        saved = self._snapshot()
+        saved = self.park()
         if self._streams is None:    # one warm-up and one capture stream for all variants (the
             self._streams = tuple(torch.cuda.Stream(self.dev, priority=self.priority)  # kernels
                                   for _ in range(2))                     # keep buffers per stream)
@@ -262,28 +263,13 @@ class StaticDecoder:
         with torch.cuda.stream(warm):
             self._step(var)
         cur.wait_stream(warm)
-        self._restore(saved)
+        self.resume(saved)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, stream=capture):
             out = self._step(var)
         self._pool = g.pool()
         return g, out
-
-    def _snapshot(self):
-        return [(l.raw.clone(), l.raw_pos.clone(),
-                 None if l.comp is None else (l.comp.clone(), l.front.kv.clone(), l.front.sc.clone()),
-                 None if l.index is None else (l.index.clone(), l.ifront.kv.clone(), l.ifront.sc.clone()))
-                for l in self.layers]
-
-    def _restore(self, snap):
-        for l, (raw, rp, c, i) in zip(self.layers, snap):
-            l.raw.copy_(raw)
-            l.raw_pos.copy_(rp)
-            if c is not None:
-                l.comp.copy_(c[0]), l.front.kv.copy_(c[1]), l.front.sc.copy_(c[2])
-            if i is not None:
-                l.index.copy_(i[0]), l.ifront.kv.copy_(i[1]), l.ifront.sc.copy_(i[2])
 
     def _step(self, var) -> torch.Tensor:
         with static_shapes():     # fixed buffer shapes: the @fused chains compile once each

@@ -113,8 +113,8 @@ class Runtime:
         # fast decoder before the reply goes out, so the GPU runs the next step while the reply
         # and the gateway's next request travel. Only where the decoder runs asynchronously
         # (CUDA); elsewhere the reply would wait for the next step.
-        self.lookahead = (self.fast is not None and self.device.type == "cuda") if lookahead is None \
-            else bool(lookahead and self.fast is not None)
+        self.lookahead = self.fast is not None and bool(
+            self.device.type == "cuda" if lookahead is None else lookahead)
         self._in_flight = False      # a lookahead step may still be running on the GPU
         self.vocab = int(model.shape.vocab)
         self.max_sequences, self.max_cached = max_sequences, max_cached
@@ -183,7 +183,6 @@ class Runtime:
         with self._lock, self._on_device():
             wait = time.perf_counter() - t0
             self._check_params(params)
-            self._drain()
             if resume:
                 if tokens:
                     raise RequestError("INVALID_ARGUMENT", "a resumed prefill carries no tokens")
@@ -242,7 +241,6 @@ class Runtime:
         kept for prefix reuse. With all and drop the cache is emptied too. Returns how many
         live sequences ended; an unknown id is not an error (releasing is idempotent)."""
         with self._lock, self._on_device():
-            self._drain()
             ids = list(self.live) if all else ([seq_id] if seq_id in self.live else [])
             for sid in ids:
                 slot = self.live.pop(sid)
@@ -318,11 +316,7 @@ class Runtime:
 
     def _feed(self, op: int, kind: str, seq_id: str, slot: Slot, feed: list[int]) -> float:
         """Agree with the other ranks on this operation, then run the model on `feed`."""
-        self._drain()
-        nxt = _digest(self.digest, op, kind, seq_id, len(slot.tokens), feed)
-        self._agree(nxt)
-        self.digest = nxt
-        self.steps += 1
+        self._agree_on(op, kind, seq_id, len(slot.tokens), feed)
         t = time.perf_counter()
         if feed:
             if self.fast is not None and kind == "decode" and len(feed) == 1:
@@ -336,24 +330,24 @@ class Runtime:
                 torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t
 
-    def _drain(self) -> None:
-        """Wait for a lookahead step still running. Before any eager collective (the digest
-        agreement): with NCCL's graph mixing support off (comm.NCCL_DEFAULTS), none may be
-        issued while a graph runs."""
+    def _agree_on(self, op: int, kind: str, seq_id: str, n_past: int, feed: list[int]) -> None:
+        """Extend the digest by this operation, once every rank reached the same one. First
+        waits for a lookahead step still running: with NCCL's graph mixing support off
+        (comm.NCCL_DEFAULTS) no eager collective may be issued while a graph runs."""
         if self._in_flight:
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             self._in_flight = False
+        nxt = _digest(self.digest, op, kind, seq_id, n_past, feed)
+        self._agree(nxt)
+        self.digest = nxt
+        self.steps += 1
 
     def _settle(self, op: int, seq_id: str, slot: Slot) -> float:
         """This decode's token was fed by lookahead: wait for that step and agree on the
         operation as if it had just run (same digest as _feed's)."""
         t = time.perf_counter()
-        self._drain()
-        nxt = _digest(self.digest, op, "decode", seq_id, len(slot.tokens) - 1, [slot.ahead])
-        self._agree(nxt)
-        self.digest = nxt
-        self.steps += 1
+        self._agree_on(op, "decode", seq_id, len(slot.tokens) - 1, [slot.ahead])
         slot.ahead = None
         return time.perf_counter() - t
 
