@@ -74,6 +74,8 @@
 #   s14s: session 14, two GPUs: the served path end to end after the switching, sampling,
 #         lookahead and compile-cache changes (their CUDA tests first)
 #   s13f: session 13 closing run, two GPUs: TP=2,1 bench at depth 0 and 4096
+#   s15a: session 15, two GPUs: the do_not_specialize kernels' CUDA twins, prompts fed at
+#         growing positions (one GPU, as s14c), the TP=2,1 bench at depth 0 and 4096 (no A/B)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -623,6 +625,27 @@ elif [ "$MODE" = s13f ]; then
     f="$OUT/bench.tp$t.json"; [ -f "$f" ] || continue
     python3 -c "import json; r=json.load(open('$f')); [print('tp$t', k, round(v['tok_s'], 1)) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print('tp$t', r.get('collectives'), r.get('profile'), r.get('copy_bw_GBs'))"
   done
+elif [ "$MODE" = s15a ]; then
+  gate_tests 150 "prefill_attention_full_size or compressor_rows_full_size or f16_split or expert_tiles_kernel_full_size or small_vs_tiles" tests/test_kernels.py
+  log "prompts fed at growing positions, 4 layers (new Triton specialisations per feed)"
+  timeout 170 python3 bench/warm_profile.py --layers 4 --lengths 1,2,3,4,5,6,8,9,16,17,24,32,48,64,100 \
+    --chain 7,1,2,3,8,3,16,37,53,203,778,1,1,5,130,1000 --out "$OUT/warm_chain.json" 2>&1 | grep -v Warn | grep -v "^ " | cut -c1-200
+  [ -f "$OUT/warm_chain.json" ] && python3 -c "import json; [print(s['tokens'], s['at'], s['seconds'], [r.split('(')[0] for r in s['specialisations']][:6]) for s in json.load(open('$OUT/warm_chain.json'))['steps']]"
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants)"
+  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+runs = json.load(open(f"{out}/bench.json"))["runs"] if os.path.exists(f"{out}/bench.json") else {}
+for t in (2, 1):    # a run cut short left its partial file
+    if f"tp{t}" not in runs and os.path.exists(f"{out}/bench.tp{t}.json"):
+        runs[f"tp{t}"] = json.load(open(f"{out}/bench.tp{t}.json"))
+for name, r in runs.items():
+    print(name, {k: round(v["tok_s"], 1) for k, v in r.items() if isinstance(v, dict) and "tok_s" in v})
+    print(name, "copy", r.get("copy_bw_GBs"), "collectives", r.get("collectives"))
+    print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
+PY
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

@@ -315,27 +315,8 @@ def _switched_off(set_enabled):
         set_enabled(True)
 
 
-def _bench_rank(comm, dev, cfg):
-    torch.cuda.set_device(dev)
-
-    def save():   # partial results survive a run cut short
-        if cfg.get("partial") and comm.rank == 0:
-            with open(f"{cfg['partial']}.tp{comm.world}.json", "w") as f:
-                json.dump(res, f, indent=1)
-
-    shape = C.Shape(n_layer=cfg["layers"]) if cfg["layers"] else C.FULL
-    res = {"rank": comm.rank, "world": comm.world, "device": torch.cuda.get_device_name(dev)}
-    res["copy_bw_GBs"] = copy_bandwidth(dev) / 1e9
-    t = time.perf_counter()
-    model = build_model(shape, comm.rank, comm.world, comm, dev)
-    _sync()
-    res["build_s"] = time.perf_counter() - t
-    res["bytes_per_token"] = model.plan.token_bytes(comm.rank)
-    res["collectives"] = time_collectives(comm, shape, dev)
-    save()
-    steps = cfg["steps"]
-    res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
-    save()
+def _decode_variants(model, dev, steps, save, res) -> None:
+    """The same-run A/B variants of the depth-0 decode (each path switched off in turn)."""
     # the same without programmatic dependent launch (ds4tp.kernels.pdl: every kernel then
     # starts only after the one ahead has finished), then with it again (the run's noise)
     from ds4tp.kernels import cuda_experts, cuda_matvec, pdl, triton_hc
@@ -371,6 +352,56 @@ def _bench_rank(comm, dev, cfg):
     # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)
     res["decode_d0_priority_high"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)
     save()
+
+
+def _prefill_variants(model, n, save, res) -> None:
+    """The same-run A/B variants of the prefill (each piece on its previous path in turn)."""
+    # the same prefill with the routed experts on the exact path (Q8_K activations, Triton:
+    # the default before the tensor-core float16 kernels of cuda_experts.many), same run
+    from ds4tp.kernels import triton_attn, triton_gemm
+    with _setting(triton_gemm, "H16_MIN_PAIRS", None):
+        res["prefill_exact_experts"] = time_prefill(model, n)
+    save()
+    # the same prefill with the F16 weights' products in 3xTF32 (the Triton kernel) instead
+    # of the split activation on cuBLAS (triton_gemm.f16_split_mm)
+    with _setting(triton_gemm, "F16_CUBLAS", False):
+        res["prefill_f16_3xtf32"] = time_prefill(model, n)
+    save()
+    # the same prefill with attention in query chunks of torch ops (model.attend_many's twin)
+    # instead of one Triton launch per layer (triton_attn.prefill_attention)
+    with _switched_off(triton_attn.set_prefill_enabled):
+        res["prefill_attention_chunks"] = time_prefill(model, n)
+    save()
+    # the same prefill with the compressors' emitted rows as model.compressed_rows' torch
+    # twin (~60 launches per compressor) instead of one Triton launch (compressor_rows)
+    with _switched_off(triton_attn.set_rows_enabled):
+        res["prefill_compressor_rows_torch"] = time_prefill(model, n)
+    save()
+
+
+def _bench_rank(comm, dev, cfg):
+    torch.cuda.set_device(dev)
+
+    def save():   # partial results survive a run cut short
+        if cfg.get("partial") and comm.rank == 0:
+            with open(f"{cfg['partial']}.tp{comm.world}.json", "w") as f:
+                json.dump(res, f, indent=1)
+
+    shape = C.Shape(n_layer=cfg["layers"]) if cfg["layers"] else C.FULL
+    res = {"rank": comm.rank, "world": comm.world, "device": torch.cuda.get_device_name(dev)}
+    res["copy_bw_GBs"] = copy_bandwidth(dev) / 1e9
+    t = time.perf_counter()
+    model = build_model(shape, comm.rank, comm.world, comm, dev)
+    _sync()
+    res["build_s"] = time.perf_counter() - t
+    res["bytes_per_token"] = model.plan.token_bytes(comm.rank)
+    res["collectives"] = time_collectives(comm, shape, dev)
+    save()
+    steps = cfg["steps"]
+    res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
+    save()
+    if cfg["ab"]:
+        _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
     real = model.comm
     model.comm = NullComm(comm.rank, comm.world)
@@ -380,27 +411,8 @@ def _bench_rank(comm, dev, cfg):
     if cfg["prefill"]:
         res["prefill"] = time_prefill(model, cfg["prefill"])
         save()
-        # the same prefill with the routed experts on the exact path (Q8_K activations, Triton:
-        # the default before the tensor-core float16 kernels of cuda_experts.many), same run
-        from ds4tp.kernels import triton_gemm
-        with _setting(triton_gemm, "H16_MIN_PAIRS", None):
-            res["prefill_exact_experts"] = time_prefill(model, cfg["prefill"])
-        save()
-        # the same prefill with the F16 weights' products in 3xTF32 (the Triton kernel) instead
-        # of the split activation on cuBLAS (triton_gemm.f16_split_mm)
-        with _setting(triton_gemm, "F16_CUBLAS", False):
-            res["prefill_f16_3xtf32"] = time_prefill(model, cfg["prefill"])
-        save()
-        # the same prefill with attention in query chunks of torch ops (model.attend_many's twin)
-        # instead of one Triton launch per layer (triton_attn.prefill_attention)
-        with _switched_off(triton_attn.set_prefill_enabled):
-            res["prefill_attention_chunks"] = time_prefill(model, cfg["prefill"])
-        save()
-        # the same prefill with the compressors' emitted rows as model.compressed_rows' torch
-        # twin (~60 launches per compressor) instead of one Triton launch (compressor_rows)
-        with _switched_off(triton_attn.set_rows_enabled):
-            res["prefill_compressor_rows_torch"] = time_prefill(model, cfg["prefill"])
-        save()
+        if cfg["ab"]:
+            _prefill_variants(model, cfg["prefill"], save, res)
     # after the prefills: once the torch profiler has run, later eager launches in the process
     # may cost more (bench/prefill_ab.py times a prefill after it)
     res["profile"] = profile_split(model)
@@ -428,6 +440,7 @@ def main(args) -> int:
         return 2
     cfg = {"layers": args.layers, "steps": 16 if args.quick else 64,
            "depth": 0 if args.quick else args.depth, "prefill": 256 if args.quick else 2048,
+           "ab": not getattr(args, "no_ab", False),
            "partial": os.path.splitext(args.out)[0] if args.out else None}
     shape = C.Shape(n_layer=args.layers) if args.layers else C.FULL
     out = {"shape": {"n_layer": shape.n_layer}, "cfg": cfg,

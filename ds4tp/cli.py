@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tp", default="2,1")
     b.add_argument("--depth", type=int, default=4096, help="context depth of the second decode timing (0: skip)")
     b.add_argument("--quick", action="store_true")
+    b.add_argument("--no-ab", action="store_true",
+                   help="skip the same-run A/B variants (decode without PDL, on Triton kernels, one "
+                        "stream, ...; prefill on its previous paths): the acceptance figures only")
     b.add_argument("--gguf", default=None, help="also time loading this GGUF at the largest TP")
     b.add_argument("--load-only", action="store_true", help="with --gguf: only time the load")
     return p
