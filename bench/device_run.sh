@@ -76,6 +76,9 @@
 #   s13f: session 13 closing run, two GPUs: TP=2,1 bench at depth 0 and 4096
 #   s15a: session 15, two GPUs: the do_not_specialize kernels' CUDA twins, prompts fed at
 #         growing positions (one GPU, as s14c), the TP=2,1 bench at depth 0 and 4096 (no A/B)
+#   s15b: session 15, two GPUs: chained greedy steps (the next step queued on the pick the
+#         graph left on the device): their CUDA tests, then the served path end to end
+#   s15c: session 15, two GPUs: the TP=2,1 bench (no A/B) with the chained decode timings
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -106,6 +109,21 @@ gate_tests() {
   tail -3 "$OUT/kernel_tests_full.txt" | tee "$OUT/kernel_tests.txt"
   grep -q " passed" "$OUT/kernel_tests.txt" && ! grep -q "failed\|error" "$OUT/kernel_tests.txt" || {
     grep -E "^E |Error|^FAILED" "$OUT/kernel_tests_full.txt" | head -30; echo "TESTS FAILED"; exit 1; }
+}
+# the bench's figures (bench.json, or the partial file of a run cut short): bench_summary
+bench_summary() {
+  python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+runs = json.load(open(f"{out}/bench.json"))["runs"] if os.path.exists(f"{out}/bench.json") else {}
+for t in (2, 1):    # a run cut short left its partial file
+    if f"tp{t}" not in runs and os.path.exists(f"{out}/bench.tp{t}.json"):
+        runs[f"tp{t}"] = json.load(open(f"{out}/bench.tp{t}.json"))
+for name, r in runs.items():
+    print(name, {k: round(v["tok_s"], 1) for k, v in r.items() if isinstance(v, dict) and "tok_s" in v})
+    print(name, "copy", r.get("copy_bw_GBs"), "collectives", r.get("collectives"))
+    print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
+PY
 }
 # CUDA C launches against the Triton default at T=1: cuda_c_sweep TIMEOUT_S BUDGET_S CASES
 cuda_c_sweep() {
@@ -634,18 +652,23 @@ elif [ "$MODE" = s15a ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants)"
   timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  python3 - "$OUT" <<'PY'
-import json, os, sys
-out = sys.argv[1]
-runs = json.load(open(f"{out}/bench.json"))["runs"] if os.path.exists(f"{out}/bench.json") else {}
-for t in (2, 1):    # a run cut short left its partial file
-    if f"tp{t}" not in runs and os.path.exists(f"{out}/bench.tp{t}.json"):
-        runs[f"tp{t}"] = json.load(open(f"{out}/bench.tp{t}.json"))
-for name, r in runs.items():
-    print(name, {k: round(v["tok_s"], 1) for k, v in r.items() if isinstance(v, dict) and "tok_s" in v})
-    print(name, "copy", r.get("copy_bw_GBs"), "collectives", r.get("collectives"))
-    print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
-PY
+  bench_summary
+elif [ "$MODE" = s15b ]; then
+  gate_tests 200 "chained or lookahead or park or cuda" tests/test_decode_graph.py tests/test_sampling.py
+  log "synth full (parallel)"
+  t0=$(date +%s)
+  timeout 200 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  log "serve end to end, TP=2 on two GPUs"
+  timeout 330 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
+elif [ "$MODE" = s15c ]; then
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; chained decode)"
+  timeout 400 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"

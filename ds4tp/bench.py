@@ -165,10 +165,12 @@ def prefilled(model, depth: int):
 
 
 def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
-                priority: int | None = None) -> dict:
+                priority: int | None = None, chained: bool = False) -> dict:
     """Greedy decode after a `depth`-token prefill: tok/s over `steps` steps (graphs captured
     and first tokens excluded). priority: of the stream the graphs are captured on (None: the
-    decoder's default)."""
+    decoder's default). chained: each step consumes the greedy pick the step before left on
+    the device and is queued before the host reads that pick (the served path's chaining,
+    worker.runtime.Runtime._chain); otherwise the host reads each token before the next step."""
     from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
     st = prefilled(model, depth)
     dec = StaticDecoder(model, max_ctx=max_ctx,
@@ -180,11 +182,25 @@ def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
     # capture every variant the timed window will meet
     _sync()
     t = time.perf_counter()
-    for _ in range(steps):
-        tok = int(dec.step(tok).argmax())
+    if chained:
+        held = None
+        for _ in range(steps):
+            dec.step(None)
+            host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            host.copy_(dec.pick, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            if held is not None:
+                held[1].synchronize()
+                tok = int(held[0][0])
+            held = (host, ev)
+        held[1].synchronize()
+    else:
+        for _ in range(steps):
+            tok = int(dec.step(tok).argmax())
     el = time.perf_counter() - t
     res = {"depth": depth, "steps": steps, "tok_s": steps / el, "ms_per_token": 1e3 * el / steps,
-           "variants_captured": len(dec.graphs)}
+           "variants_captured": len(dec.graphs), "chained": chained}
     # each captured variant replayed alone (the tokens ending a ratio-4 window emit compressed
     # rows: one step in four): ms per replay, keyed "emit4,emit128,indexer"
     if dec.graphs:
@@ -400,6 +416,8 @@ def _bench_rank(comm, dev, cfg):
     steps = cfg["steps"]
     res["decode_d0"] = time_decode(model, 1, steps, max_ctx=256)
     save()
+    res["decode_d0_chained"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
@@ -419,6 +437,9 @@ def _bench_rank(comm, dev, cfg):
     save()
     if cfg["depth"]:
         res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
+        save()
+        res["decode_deep_chained"] = time_decode(model, cfg["depth"], steps,
+                                                 max_ctx=cfg["depth"] + steps + 64, chained=True)
         save()
     return res
 

@@ -31,6 +31,7 @@ from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
+from ds4tp.worker.sampling import bias_table, greedy_pick
 
 
 @dataclass
@@ -115,6 +116,12 @@ class StaticDecoder:
         # device scalars the graphs read
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        # the greedy pick every step makes after the head (sampling.greedy_pick): [token,
+        # logprob], the token also written to `token`, so a next step may consume it without
+        # the host (step(None)); the logit_bias it adds (set_bias)
+        self.pick = torch.zeros(2, dtype=torch.float64, device=dev)
+        self.bias_ids, self.bias_vals = bias_table({}, dev)
+        self.bias_key: tuple = ()
         self.n = 0
         self.fed: list[int] = []
         # RoPE tables for every position (looked up with the device position)
@@ -168,6 +175,8 @@ class StaticDecoder:
                 ls.index = Rows(s.indexer_head_dim, self.dev, cap=max(64, 2 * (n // 4)))
                 ls.index.append(lay.index[: n // 4])
                 _store_front(lay.ifront, ls.index_state, n, 4)
+        if None in self.fed:
+            raise RuntimeError("a token fed from the device was never confirmed")
         st.tokens.extend(self.fed)
         self.fed = []
         st.n = n
@@ -227,16 +236,30 @@ class StaticDecoder:
         self.pos.zero_()
         return list(table)
 
-    def step(self, token: int) -> torch.Tensor:
+    def set_bias(self, bias: dict) -> None:
+        """The logit_bias (at most sampling._FEW_BIASES entries) the next steps' greedy pick
+        adds; copied to the device only when it changes."""
+        key = tuple(sorted(bias.items()))
+        if key != self.bias_key:
+            ids, vals = bias_table(bias, "cpu")
+            pinned = self.dev.type == "cuda"       # no wait for the stream's earlier work
+            self.bias_ids.copy_(ids.pin_memory() if pinned else ids, non_blocking=pinned)
+            self.bias_vals.copy_(vals.pin_memory() if pinned else vals, non_blocking=pinned)
+            self.bias_key = key
+
+    def step(self, token: int | None) -> torch.Tensor:
         """Consume one token at position self.n; returns logits [V] (a device buffer that the
-        next step overwrites)."""
+        next step overwrites). token None: the previous step's greedy pick, still on the device
+        (its id is unknown to the host until it reads `pick`; `fed` holds None for it until
+        `confirm`)."""
         if self.n >= self.max_ctx:
             raise ValueError(f"context full ({self.max_ctx} tokens)")
-        if not 0 <= token < self.s.vocab:
+        if token is not None and not 0 <= token < self.s.vocab:
             raise ValueError(f"token id {token} out of range [0, {self.s.vocab})")
         p = self.n
         self.pos.fill_(p)
-        self.token.fill_(token)
+        if token is not None:
+            self.token.fill_(token)
         var = self._variant(p)
         if not self.use_graphs:
             self.logits = self._step(var)
@@ -249,6 +272,12 @@ class StaticDecoder:
         self.n += 1
         self.fed.append(token)
         return self.logits
+
+    def confirm(self, token: int) -> None:
+        """The id of the last token consumed by step(None), once the host has read it."""
+        if not self.fed or self.fed[-1] is not None:
+            raise RuntimeError("no token fed from the device awaits its id")
+        self.fed[-1] = token
 
     def _capture(self, var):
         """Warm up once on a side stream (allocator, kernel compilation, communicators; the
@@ -289,7 +318,11 @@ class StaticDecoder:
             hc, xn, post, mix = hc_post_pre(out, hc, post, mix, lw.ffn_mixer, s)
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
             hc, xn, post, mix = hc_post_pre(f, hc, post, mix, m.w.mixer_after(lw.il), s)
-        return output_head(m.w, hc, s, m.comm)[0]
+        logits = output_head(m.w, hc, s, m.comm)[0]
+        raw = logits.reshape(-1).to(torch.float64)
+        self.pick.copy_(greedy_pick(raw, raw.index_add(0, self.bias_ids, self.bias_vals)))
+        self.token.copy_(self.pick[:1].long())          # the next step's input, if fed from here
+        return logits
 
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""

@@ -9,6 +9,8 @@ statistical golden criteria (see test_golden_e2e.py), not a bitwise comparison.
 """
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -168,6 +170,57 @@ def test_runtime_lookahead_gives_the_same_tokens(tiny, tmp_path, device):
     assert runs[True][:2] == runs[False][:2]
     assert runs[False][2] == len(runs[False][0]["b"]) - 1       # the state after its last decode
     assert runs[True][2] == len(runs[True][0]["b"])             # ... plus the token fed ahead
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (graphs, steps queued ahead)"))])
+def test_runtime_chained_greedy_gives_the_same_tokens(tiny, tmp_path, device):
+    """Greedy requests with lookahead chain their steps (each consumes the pick the previous
+    step left on the device, queued before the host reads it): the same tokens and logprobs as
+    without lookahead, with and without a logit_bias, and across a logit_bias that changes, a
+    second sequence in between (no chaining while it runs) and a sampled request; a pick that
+    is a stop token stays in the state, as a cancelled request's token fed ahead."""
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    if device == "cuda":
+        write_synthetic(tmp_path / "t.gguf", C.TINY, seed=7)
+        tiny = DS4Model.load(tmp_path / "t.gguf", device="cuda")
+    greedy, banned = SamplingParams(), SamplingParams(logit_bias={1: -math.inf, 2: 3.0})
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=3)
+    # (sequence, params) per step: chains, a bias change, another sequence in between, sampled
+    plan = ([("a", greedy)] * 6 + [("a", banned)] * 5 + [("b", greedy)] + [("a", banned)] * 4
+            + [("a", sampled)] * 2 + [("a", greedy)] * 4)
+    runs = {}
+    for ahead, chain in ((False, False), (True, False), (True, True)):
+        rt = Runtime(tiny, SingleComm(), ctx=96, device=device, fast_decode=True, lookahead=ahead)
+        if not chain:
+            rt._chainable = lambda slot, params: False
+        toks = {"a": [0, 11, 22, 33], "b": [0, 7]}
+        out = []
+        for sid in toks:
+            toks[sid].append(rt.prefill(1, sid, toks[sid], params=greedy).sample.token)
+        steps = {"a": 0, "b": 0}
+        for i, (sid, p) in enumerate(plan):
+            steps[sid] += 1
+            r = rt.decode(10 + i, sid, [toks[sid][-1]], steps[sid], p, lookahead=True)
+            toks[sid].append(r.sample.token)
+            out.append((sid, r.sample.token, round(r.sample.logprob, 9), r.n_past, r.digest))
+        chained = rt.chained
+        # a chained pick that is a stop token: fed anyway; the state keeps it
+        r = rt.decode(99, "a", [toks["a"][-1]], 99, greedy, lookahead=True,
+                      stop_tokens=frozenset(range(tiny.shape.vocab)))
+        assert (rt.live["a"].ahead == r.sample.token) is chain
+        rt.release(100, "a")
+        again = rt.prefill(101, "c", toks["a"] + [r.sample.token, 5], params=greedy)
+        runs[ahead, chain] = (out, again.reused - len(toks["a"]))
+        assert chained == (5 + 4 + 3 + 3 if chain else 0), chained
+    tokens = {k: [o[:4] for o in out] for k, (out, _) in runs.items()}
+    assert tokens[True, True] == tokens[True, False] == tokens[False, False]
+    # chaining folds the same operations into the digest as lookahead through the host
+    assert runs[True, True][0] == runs[True, False][0]
+    assert runs[False, False][1] == runs[True, False][1] == 0
+    assert runs[True, True][1] == 1                                   # ... plus the pick fed ahead
 
 
 def test_runtime_fast_decode_binding(tiny):

@@ -110,6 +110,32 @@ def test_greedy_and_logprobs_match_the_numpy_twin(vocab, kind):
             assert len(b.top) == min(p.top_logprobs, vocab)
 
 
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_decode_graphs_pick_is_the_torch_twins_greedy_sample(vocab, kind):
+    """The pick the decode graphs make after the head (greedy_pick over the logits plus a
+    fixed-size bias table, decode_graph.StaticDecoder) is sample_torch's greedy sample, to the
+    bit, for every request picks_on_device accepts."""
+    rng = np.random.default_rng([vocab, KINDS.index(kind), 1])
+    for trial in range(3):
+        x, bias = logits(kind, vocab, rng)
+        few = dict(list(bias.items())[:sampling._FEW_BIASES])
+        if kind == "ties":
+            few[0] = 0.0                     # a real entry on token 0, beside the padding's zeros
+        for p in (SamplingParams(), SamplingParams(logit_bias=few),
+                  SamplingParams(temperature=0.9, top_k=1, logit_bias=few)):
+            assert sampling.picks_on_device(p)
+            raw = x.double()
+            pick = sampling.greedy_pick(raw, raw.index_add(0, *sampling.bias_table(p.logit_bias, "cpu")))
+            want = sample_torch(x, p, trial)
+            assert pick.tolist() == [want.token, want.logprob], (vocab, kind, trial, p)
+    assert not sampling.picks_on_device(SamplingParams(top_logprobs=1))
+    assert not sampling.picks_on_device(SamplingParams(temperature=0.5))
+    assert not sampling.picks_on_device(SamplingParams(logit_bias={t: 1.0 for t in range(9)}))
+    with pytest.raises(ValueError, match="at most 8"):
+        sampling.bias_table({t: 1.0 for t in range(9)}, "cpu")
+
+
 def test_torch_twin_breaks_ties_to_the_lower_id():
     x = torch.zeros(10)
     x[[7, 3, 5]] = 2.0

@@ -213,13 +213,19 @@ def _lookahead_rank(comm, dev, path, ahead):
             r = rt.decode(10 * step + len(sid), sid, [toks[sid][-1]], step, params[sid],
                           lookahead=step < 6)
             toks[sid].append(r.sample.token)
+    rt.release(90, "b")
+    for step in range(7, 13):     # "a" alone, greedy: its steps chain (queued on the device's pick)
+        r = rt.decode(100 + step, "a", [toks["a"][-1]], step, params["a"], lookahead=step < 12)
+        toks["a"].append(r.sample.token)
     rt.release(99, "a")
-    return toks, rt.steps
+    return toks, rt.steps, rt.chained
 
 
 def test_lookahead_at_tp2_gives_the_same_tokens(tiny_path):
     """Lookahead at TP=2 (gloo): both ranks feed the same token ahead (each operation's digest
-    agreement would fail otherwise), and the tokens are those without lookahead."""
+    agreement would fail otherwise), and the tokens are those without lookahead; a greedy
+    sequence alone chains its steps."""
     on = run_local_ranks(2, _lookahead_rank, str(tiny_path), True)
     off = run_local_ranks(2, _lookahead_rank, str(tiny_path), False)
-    assert on == off
+    assert on[:2] == off[:2]
+    assert on[2] == 4 and off[2] == 0

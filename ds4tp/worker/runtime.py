@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4tp.worker.sampling import Sample, SamplingParams, sample
+from ds4tp.worker.sampling import Sample, SamplingParams, picks_on_device, sample
 
 
 class RequestError(ValueError):
@@ -52,6 +52,8 @@ class Slot:
                                    # `state` is stale until Runtime._unbind writes it back)
     ahead: int | None = None       # a sampled token already fed by lookahead (in `tokens`), which
                                    # the gateway has not sent back yet
+    pick: tuple | None = None      # the fast decoder's greedy pick after `tokens` (Runtime._keep_pick):
+                                   # (host copy or device tensor, CUDA event or None, its bias key)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class Runtime:
         self.lookahead = self.fast is not None and bool(
             self.device.type == "cuda" if lookahead is None else lookahead)
         self._in_flight = False      # a lookahead step may still be running on the GPU
+        # Chaining (greedy requests with lookahead): the next step consumes the greedy pick the
+        # decode graph left on the device, so it is queued before the host knows the token and
+        # the GPU never waits for the host between steps. Possible while the decoder's token
+        # buffer holds the pick of this slot's last step (`_pick_slot`).
+        self._pick_slot: Slot | None = None
+        self.chained = 0             # steps queued that way (tests, metrics)
         self.vocab = int(model.shape.vocab)
         self.max_sequences, self.max_cached = max_sequences, max_cached
         self.live: dict[str, Slot] = {}
@@ -222,18 +230,21 @@ class Runtime:
                     raise RequestError("FAILED_PRECONDITION", f"sequence {seq_id!r} already consumed "
                                        f"token {slot.ahead} by lookahead; its next decode must carry "
                                        f"exactly that token, not {list(tokens)}")
+                if lookahead and self._chainable(slot, params):
+                    s, fwd = self._chain(op, seq_id, slot, params)
+                    return self._result(seq_id, slot, 0, s, fwd, 0.0, wait)
                 fwd = self._settle(op, seq_id, slot)
             else:
                 if len(slot.tokens) + len(tokens) > self.ctx:
                     raise RequestError("OUT_OF_RANGE", f"sequence {seq_id!r} would exceed the "
                                        f"context of {self.ctx} tokens")
-                fwd = self._feed(op, "decode", seq_id, slot, list(tokens))
+                fwd = self._feed(op, "decode", seq_id, slot, list(tokens), params)
             t1 = time.perf_counter()
-            s = sample(slot.logits, params, step)
+            s = self._picked(slot, params) or sample(slot.logits, params, step)
             smp = time.perf_counter() - t1
             if (lookahead and self.lookahead and s.token not in stop_tokens
                     and len(slot.tokens) < self.ctx):
-                self._look_ahead(op, seq_id, slot, s.token)
+                self._look_ahead(op, seq_id, slot, s.token, params)
             return self._result(seq_id, slot, 0, s, fwd, smp, wait)
 
     def release(self, op: int, seq_id: str = "", *, all: bool = False, drop: bool = False) -> int:
@@ -314,17 +325,18 @@ class Runtime:
         self.live[seq_id] = slot
         return slot
 
-    def _feed(self, op: int, kind: str, seq_id: str, slot: Slot, feed: list[int]) -> float:
+    def _feed(self, op: int, kind: str, seq_id: str, slot: Slot, feed: list[int],
+              params: SamplingParams | None = None) -> float:
         """Agree with the other ranks on this operation, then run the model on `feed`."""
         self._agree_on(op, kind, seq_id, len(slot.tokens), feed)
         t = time.perf_counter()
         if feed:
             if self.fast is not None and kind == "decode" and len(feed) == 1:
-                self._bind(slot)
-                slot.logits = self.fast.step(feed[0]).clone()
+                self._fast_step(slot, feed[0], params)
             else:
                 self._unbind(slot)
                 slot.logits = self.model.forward(feed, slot.state)
+                slot.pick = None
             slot.tokens.extend(feed)
             if self.device.type == "cuda":   # the step's GPU time counts as forward, not sampling
                 torch.cuda.current_stream(self.device).synchronize()
@@ -351,16 +363,83 @@ class Runtime:
         slot.ahead = None
         return time.perf_counter() - t
 
-    def _look_ahead(self, op: int, seq_id: str, slot: Slot, token: int) -> None:
+    def _look_ahead(self, op: int, seq_id: str, slot: Slot, token: int, params: SamplingParams) -> None:
         """Feed `token` to the fast decoder without waiting for the GPU. No agreement here (the
         step's collectives are the same whatever the token); the next operation's digest covers
         it, since every rank folds it into its digest."""
         self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [token])
-        self._bind(slot)
-        slot.logits = self.fast.step(token).clone()
+        self._fast_step(slot, token, params)
         slot.tokens.append(token)
         slot.ahead = token
         self._in_flight = True
+
+    def _chainable(self, slot: Slot, params: SamplingParams) -> bool:
+        """Whether `slot`'s next step can consume the greedy pick its last step left on the
+        device: lookahead on, a greedy request whose pick that step made (same logit_bias), the
+        decoder still holding that pick, room in the context."""
+        return (self.lookahead and slot.pick is not None and self._pick_slot is slot
+                and self.fast_slot is slot and picks_on_device(params)
+                and slot.pick[2] == self.fast.bias_key == tuple(sorted(params.logit_bias.items()))
+                and len(slot.tokens) < self.ctx)
+
+    def _chain(self, op: int, seq_id: str, slot: Slot, params: SamplingParams) -> tuple[Sample, float]:
+        """Settle the token fed ahead and look ahead again without a host round trip: queue the
+        next step on the pick still on the device, then wait for this step's pick (the step
+        just queued runs meanwhile). The settled operation gets no agreement: a decode graph is
+        running, and with NCCL's graph mixing support off no eager collective may run beside it;
+        the gateway compares every reply's digest. The pick may be a stop token: the state then
+        holds it, as a cancelled request's token fed ahead."""
+        t = time.perf_counter()
+        self.digest = _digest(self.digest, op, "decode", seq_id, len(slot.tokens) - 1, [slot.ahead])
+        self.steps += 1
+        this = slot.pick
+        self._fast_step(slot, None, params)
+        self.chained += 1
+        token, logprob = self._read_pick(this)
+        self.fast.confirm(token)
+        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [token])
+        slot.tokens.append(token)
+        slot.ahead = token
+        self._in_flight = True
+        return Sample(token, logprob, []), time.perf_counter() - t
+
+    def _fast_step(self, slot: Slot, token: int | None, params: SamplingParams | None) -> None:
+        """One step of the fast decoder on `slot` (token None: the pick its last step left on
+        the device); keeps the logits and the step's greedy pick for the slot."""
+        self._bind(slot)
+        if params is not None and picks_on_device(params):
+            self.fast.set_bias(params.logit_bias)
+        slot.logits = self.fast.step(token).clone()
+        slot.pick = self._keep_pick()
+        self._pick_slot = slot
+
+    def _keep_pick(self) -> tuple:
+        """The decoder's pick of the step just queued, kept past the next step: on CUDA copied
+        to pinned host memory behind the step, with an event to wait on."""
+        if self.device.type != "cuda":
+            return self.fast.pick.clone(), None, self.fast.bias_key
+        host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+        host.copy_(self.fast.pick, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return host, ev, self.fast.bias_key
+
+    @staticmethod
+    def _read_pick(pick: tuple) -> tuple[int, float]:
+        held, ev, _ = pick
+        if ev is not None:
+            ev.synchronize()
+        token, logprob = held.tolist()
+        return int(token), logprob
+
+    def _picked(self, slot: Slot, params: SamplingParams) -> Sample | None:
+        """The sample of a greedy request from the pick its slot's last step made (the same
+        function as sampling.sample_torch's greedy choice), or None to sample the logits."""
+        if (slot.pick is None or not picks_on_device(params)
+                or slot.pick[2] != tuple(sorted(params.logit_bias.items()))):
+            return None
+        token, logprob = self._read_pick(slot.pick)
+        return Sample(token, logprob, [])
 
     def _bind(self, slot: Slot) -> None:
         """Give the fast decoder `slot`'s state, parking the slot it held."""
@@ -383,6 +462,7 @@ class Runtime:
         if self.fast_slot is slot:
             self.fast.store_session(slot.state)
             self.fast_slot = None
+            self._pick_slot = None
 
     def _gathered(self, value: int) -> list[int]:
         """Every rank's `value` (an int64), in rank order."""

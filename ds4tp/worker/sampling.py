@@ -234,7 +234,34 @@ def _draw_torch(x: torch.Tensor, p: SamplingParams, u: float) -> torch.Tensor:
     return ids[torch.minimum(i, keep.sum() - 1)].reshape(1)        # min: u within rounding of the total
 
 
-_FEW_BIASES = 8    # logit_bias entries sample_torch adds one by one
+_FEW_BIASES = 8    # logit_bias entries sample_torch adds one by one (and the decode graphs' pick takes)
+
+
+def greedy_pick(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[token, logprob] (float64, on raw's device): the first maximum of x (the float64 logits
+    `raw` plus any logit_bias) and the log-softmax of raw there. sample_torch's greedy choice;
+    the decode graphs compute it after the output head (decode_graph.StaticDecoder.pick), so a
+    greedy step's token is known on the device without a separate sampling pass."""
+    token = torch.argmax(x).reshape(1)        # the first maximum: ties go to the lower id
+    return torch.cat([token.to(raw.dtype), raw[token] - torch.logsumexp(raw, 0)])
+
+
+def picks_on_device(p: SamplingParams) -> bool:
+    """Whether the decode graphs' greedy pick is this request's sample: greedy, at most
+    _FEW_BIASES logit_bias entries, no top_logprobs."""
+    return (p.temperature <= 0 or p.top_k == 1) and not p.top_logprobs and len(p.logit_bias) <= _FEW_BIASES
+
+
+def bias_table(bias: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logit_bias of at most _FEW_BIASES entries as fixed-size (ids, values) for an index_add:
+    the unused entries add 0.0 to token 0, which changes no logit (x + 0.0 == x)."""
+    if len(bias) > _FEW_BIASES:
+        raise ValueError(f"{len(bias)} logit_bias entries; the decode graphs take at most {_FEW_BIASES}")
+    ids = torch.zeros(_FEW_BIASES, dtype=torch.int64)
+    vals = torch.zeros(_FEW_BIASES, dtype=torch.float64)
+    for i, (t, b) in enumerate(sorted(bias.items())):
+        ids[i], vals[i] = t, b
+    return ids.to(device), vals.to(device)
 
 
 def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
@@ -253,16 +280,17 @@ def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
             bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64, device=raw.device)
             x[ids] += bias                    # ids are distinct (dict keys): a plain indexed write
     if p.temperature <= 0 or p.top_k == 1:
-        token = torch.argmax(x).reshape(1)    # the first maximum: ties go to the lower id
+        head = greedy_pick(raw, x)            # [token, its logprob]
     else:
         token = _draw_torch(x, p, uniform(p.seed, step))
-    norm = torch.logsumexp(raw, 0)
-    top = token[:0]                           # top_logprobs: the raw logits' best, ties to the lower id
-    if p.top_logprobs:
+        head = torch.cat([token.double(), raw[token] - torch.logsumexp(raw, 0)])
+    parts = [head]
+    if p.top_logprobs:                        # the raw logits' best, ties to the lower id
         top = torch.sort(raw, descending=True, stable=True).indices[:p.top_logprobs]
+        parts += [top.double(), raw[top] - torch.logsumexp(raw, 0)]
     # one transfer: [token, its logprob, top ids..., their logprobs...] (ids are exact in float64)
-    out = torch.cat([token.double(), raw[token] - norm, top.double(), raw[top] - norm]).tolist()
-    n = top.numel()
+    out = torch.cat(parts).tolist()
+    n = p.top_logprobs and len(out) // 2 - 1
     return Sample(int(out[0]), out[1], [(int(t), lp) for t, lp in zip(out[2:2 + n], out[2 + n:])])
 
 
