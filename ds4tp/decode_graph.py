@@ -282,7 +282,7 @@ class StaticDecoder:
     def _capture(self, var):
         """Warm up once on a side stream (allocator, kernel compilation, communicators; the
         state is restored after), then capture. Capturing does not run the kernels."""
-        saved = self.park()
+        saved, token = self.park(), self.token.clone()
         if self._streams is None:    # one warm-up and one capture stream for all variants (the
             self._streams = tuple(torch.cuda.Stream(self.dev, priority=self.priority)  # kernels
                                   for _ in range(2))                     # keep buffers per stream)
@@ -293,6 +293,7 @@ class StaticDecoder:
             self._step(var)
         cur.wait_stream(warm)
         self.resume(saved)
+        self.token.copy_(token)       # the warm-up step left its pick there: this step's token back
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool, stream=capture):
