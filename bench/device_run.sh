@@ -78,7 +78,8 @@
 #         growing positions (one GPU, as s14c), the TP=2,1 bench at depth 0 and 4096 (no A/B)
 #   s15b: session 15, two GPUs: chained greedy steps (the next step queued on the pick the
 #         graph left on the device): their CUDA tests, then the served path end to end
-#   s15c: session 15, two GPUs: the TP=2,1 bench (no A/B) with the chained decode timings
+#   s15c: session 15, two GPUs: the TP=2,1 bench (no A/B) with the chained decode timings, then
+#         golden parity through the decode graphs (which now end with the greedy pick) at TP=2, 1
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -666,9 +667,11 @@ elif [ "$MODE" = s15b ]; then
   rm -f /tmp/full.gguf
 elif [ "$MODE" = s15c ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; chained decode)"
-  timeout 400 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
+  golden 2 static 100
+  golden 1 static 80
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
