@@ -223,9 +223,9 @@ def _lookahead_rank(comm, dev, path, ahead):
 
 def test_lookahead_at_tp2_gives_the_same_tokens(tiny_path):
     """Lookahead at TP=2 (gloo): both ranks feed the same token ahead (each operation's digest
-    agreement would fail otherwise), and the tokens are those without lookahead; a greedy
-    sequence alone chains its steps."""
+    agreement would fail otherwise), and the tokens are those without lookahead; steps with a
+    token fed ahead chain (queued on a token the host has not read)."""
     on = run_local_ranks(2, _lookahead_rank, str(tiny_path), True)
     off = run_local_ranks(2, _lookahead_rank, str(tiny_path), False)
     assert on[:2] == off[:2]
-    assert on[2] == 4 and off[2] == 0
+    assert on[2] == 2 * 4 + 4 and off[2] == 0   # every step with a token fed ahead

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4tp.worker.sampling import Sample, SamplingParams, picks_on_device, sample
+from ds4tp.worker.sampling import (_FEW_BIASES, Sample, SamplingParams, picks_on_device, sample,
+                                   sample_device, unpack)
 
 
 class RequestError(ValueError):
@@ -52,7 +53,7 @@ class Slot:
                                    # `state` is stale until Runtime._unbind writes it back)
     ahead: int | None = None       # a sampled token already fed by lookahead (in `tokens`), which
                                    # the gateway has not sent back yet
-    pick: tuple | None = None      # the fast decoder's greedy pick after `tokens` (Runtime._keep_pick):
+    pick: tuple | None = None      # the fast decoder's greedy pick after `tokens` (Runtime._fast_step):
                                    # (host copy or device tensor, CUDA event or None, its bias key)
 
 
@@ -118,10 +119,11 @@ class Runtime:
         self.lookahead = self.fast is not None and bool(
             self.device.type == "cuda" if lookahead is None else lookahead)
         self._in_flight = False      # a lookahead step may still be running on the GPU
-        # Chaining (greedy requests with lookahead): the next step consumes the greedy pick the
-        # decode graph left on the device, so it is queued before the host knows the token and
-        # the GPU never waits for the host between steps. Possible while the decoder's token
-        # buffer holds the pick of this slot's last step (`_pick_slot`).
+        # Chaining (requests with lookahead): the next step is queued before the host knows the
+        # token it consumes, so the GPU does not wait for the host between steps. Its token is
+        # the greedy pick the decode graph left in the decoder's token buffer (while that holds
+        # the pick of this slot's last step: `_pick_slot`), or else sampled on the device
+        # (sampling.sample_device) and copied there.
         self._pick_slot: Slot | None = None
         self.chained = 0             # steps queued that way (tests, metrics)
         self.vocab = int(model.shape.vocab)
@@ -213,9 +215,11 @@ class Runtime:
                params: SamplingParams = SamplingParams(), *, lookahead: bool = False,
                stop_tokens=()) -> StepResult:
         """Append `tokens` (normally the token sampled last) to `seq_id` and sample step `step`.
-        With `lookahead` (and self.lookahead), the sampled token, unless in `stop_tokens` or at
-        the context's end, is fed to the model before returning (asynchronously on the GPU); the
-        sequence's next decode must then carry exactly that token."""
+        With `lookahead` (and self.lookahead), the sampled token, unless at the context's end, is
+        fed to the model before returning (asynchronously on the GPU); the sequence's next decode
+        must then carry exactly that token. When this decode's token was itself fed ahead, the
+        next step is queued before the sample is known (`_chain`), so a sampled stop token is fed
+        too; otherwise a token in `stop_tokens` is not."""
         t0 = time.perf_counter()
         with self._lock, self._on_device():
             wait = time.perf_counter() - t0
@@ -231,8 +235,8 @@ class Runtime:
                                        f"token {slot.ahead} by lookahead; its next decode must carry "
                                        f"exactly that token, not {list(tokens)}")
                 if lookahead and self._chainable(slot, params):
-                    s, fwd = self._chain(op, seq_id, slot, params)
-                    return self._result(seq_id, slot, 0, s, fwd, 0.0, wait)
+                    s, fwd, smp = self._chain(op, seq_id, slot, params, step)
+                    return self._result(seq_id, slot, 0, s, fwd, smp, wait)
                 fwd = self._settle(op, seq_id, slot)
             else:
                 if len(slot.tokens) + len(tokens) > self.ctx:
@@ -374,63 +378,79 @@ class Runtime:
         self._in_flight = True
 
     def _chainable(self, slot: Slot, params: SamplingParams) -> bool:
-        """Whether `slot`'s next step can consume the greedy pick its last step left on the
-        device: lookahead on, a greedy request whose pick that step made (same logit_bias), the
-        decoder still holding that pick, room in the context."""
-        return (self.lookahead and slot.pick is not None and self._pick_slot is slot
-                and self.fast_slot is slot and picks_on_device(params)
-                and slot.pick[2] == self.fast.bias_key == tuple(sorted(params.logit_bias.items()))
-                and len(slot.tokens) < self.ctx)
+        """Whether `slot`'s next step can be queued before the host knows its token: lookahead
+        on, room in the context, and a sample the device computes without waiting (a logit_bias
+        of at most _FEW_BIASES entries)."""
+        return self.lookahead and len(slot.tokens) < self.ctx and len(params.logit_bias) <= _FEW_BIASES
 
-    def _chain(self, op: int, seq_id: str, slot: Slot, params: SamplingParams) -> tuple[Sample, float]:
-        """Settle the token fed ahead and look ahead again without a host round trip: queue the
-        next step on the pick still on the device, then wait for this step's pick (the step
-        just queued runs meanwhile). The settled operation gets no agreement: a decode graph is
-        running, and with NCCL's graph mixing support off no eager collective may run beside it;
-        the gateway compares every reply's digest. The pick may be a stop token: the state then
-        holds it, as a cancelled request's token fed ahead."""
+    def _pick_is_fed(self, slot: Slot, params: SamplingParams) -> bool:
+        """Whether the decoder's token buffer holds this request's sample after `slot`'s last
+        step: the graph's greedy pick of that step, with this request's logit_bias."""
+        return (slot.pick is not None and self._pick_slot is slot and self.fast_slot is slot
+                and picks_on_device(params)
+                and slot.pick[2] == self.fast.bias_key == tuple(sorted(params.logit_bias.items())))
+
+    def _chain(self, op: int, seq_id: str, slot: Slot, params: SamplingParams,
+               step: int) -> tuple[Sample, float, float]:
+        """Settle the token fed ahead and look ahead again without a host round trip: queue
+        this step's sample on the device (or take the graph's greedy pick already there), the
+        next step fed from it, then wait for the sample (the step just queued runs meanwhile).
+        The settled operation gets no agreement: a decode graph is running, and with NCCL's
+        graph mixing support off no eager collective may run beside it; the gateway compares
+        every reply's digest. The sample may be a stop token: the state then holds it, as a
+        cancelled request's token fed ahead. Returns the sample, the wait and the time spent
+        queueing the sampling."""
         t = time.perf_counter()
         self.digest = _digest(self.digest, op, "decode", seq_id, len(slot.tokens) - 1, [slot.ahead])
         self.steps += 1
-        this = slot.pick
-        self._fast_step(slot, None, params)
+        if self._pick_is_fed(slot, params):
+            this, fed = slot.pick[:2], None
+        else:
+            out = sample_device(slot.logits, params, step)
+            this, fed = self._hold(out), out[:1]
+        smp = time.perf_counter() - t
+        self._fast_step(slot, None, params, fed)
         self.chained += 1
-        token, logprob = self._read_pick(this)
-        self.fast.confirm(token)
-        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [token])
-        slot.tokens.append(token)
-        slot.ahead = token
+        s = unpack(self._read(this))
+        self.fast.confirm(s.token)
+        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [s.token])
+        slot.tokens.append(s.token)
+        slot.ahead = s.token
         self._in_flight = True
-        return Sample(token, logprob, []), time.perf_counter() - t
+        return s, time.perf_counter() - t - smp, smp
 
-    def _fast_step(self, slot: Slot, token: int | None, params: SamplingParams | None) -> None:
-        """One step of the fast decoder on `slot` (token None: the pick its last step left on
-        the device); keeps the logits and the step's greedy pick for the slot."""
+    def _fast_step(self, slot: Slot, token: int | None, params: SamplingParams | None,
+                   device_token: torch.Tensor | None = None) -> None:
+        """One step of the fast decoder on `slot`, fed `token`, or `device_token` (a tensor on
+        the device), or with both None the pick its last step left in the token buffer; keeps
+        the logits and the step's greedy pick for the slot."""
         self._bind(slot)
+        if device_token is not None:
+            self.fast.token.copy_(device_token)
         if params is not None and picks_on_device(params):
             self.fast.set_bias(params.logit_bias)
         slot.logits = self.fast.step(token).clone()
-        slot.pick = self._keep_pick()
+        slot.pick = (*self._hold(self.fast.pick), self.fast.bias_key)
         self._pick_slot = slot
 
-    def _keep_pick(self) -> tuple:
-        """The decoder's pick of the step just queued, kept past the next step: on CUDA copied
-        to pinned host memory behind the step, with an event to wait on."""
+    def _hold(self, t: torch.Tensor) -> tuple:
+        """(copy, event) of a small device tensor as of now, kept past later steps: on CUDA a
+        copy to pinned host memory queued behind the work so far, with an event to wait on."""
         if self.device.type != "cuda":
-            return self.fast.pick.clone(), None, self.fast.bias_key
-        host = torch.empty(2, dtype=torch.float64, pin_memory=True)
-        host.copy_(self.fast.pick, non_blocking=True)
+            return t.clone(), None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        return host, ev, self.fast.bias_key
+        return host, ev
 
     @staticmethod
-    def _read_pick(pick: tuple) -> tuple[int, float]:
-        held, ev, _ = pick
+    def _read(held: tuple) -> list:
+        """The numbers of a _hold copy, once the device has written them."""
+        copy, ev = held[:2]
         if ev is not None:
             ev.synchronize()
-        token, logprob = held.tolist()
-        return int(token), logprob
+        return copy.tolist()
 
     def _picked(self, slot: Slot, params: SamplingParams) -> Sample | None:
         """The sample of a greedy request from the pick its slot's last step made (the same
@@ -438,8 +458,7 @@ class Runtime:
         if (slot.pick is None or not picks_on_device(params)
                 or slot.pick[2] != tuple(sorted(params.logit_bias.items()))):
             return None
-        token, logprob = self._read_pick(slot.pick)
-        return Sample(token, logprob, [])
+        return unpack(self._read(slot.pick))
 
     def _bind(self, slot: Slot) -> None:
         """Give the fast decoder `slot`'s state, parking the slot it held."""

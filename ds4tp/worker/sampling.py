@@ -264,10 +264,12 @@ def bias_table(bias: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), vals.to(device)
 
 
-def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
-    """`sample` with torch on the logits' device (any device: the tests run it on the CPU).
-    The host waits on the device once, for the final few numbers (and, with a logit_bias of
-    more than _FEW_BIASES entries, for the copy of the bias to the device)."""
+def sample_device(logits: torch.Tensor, p: SamplingParams, step: int) -> torch.Tensor:
+    """`sample_torch`'s numbers left on the logits' device, float64 [2 + 2k]: the token, its
+    logprob, then k top_logprobs ids and their logprobs (ids are exact in float64; `unpack`
+    reads them). Queues work without waiting for the device, unless the logit_bias has more than
+    _FEW_BIASES entries (their copy to the device waits), so the runtime can feed the token to
+    the next decode step before the host knows it."""
     raw = logits.detach().reshape(-1).to(torch.float64)
     x = raw
     if p.logit_bias:
@@ -284,14 +286,23 @@ def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
     else:
         token = _draw_torch(x, p, uniform(p.seed, step))
         head = torch.cat([token.double(), raw[token] - torch.logsumexp(raw, 0)])
-    parts = [head]
-    if p.top_logprobs:                        # the raw logits' best, ties to the lower id
-        top = torch.sort(raw, descending=True, stable=True).indices[:p.top_logprobs]
-        parts += [top.double(), raw[top] - torch.logsumexp(raw, 0)]
-    # one transfer: [token, its logprob, top ids..., their logprobs...] (ids are exact in float64)
-    out = torch.cat(parts).tolist()
-    n = p.top_logprobs and len(out) // 2 - 1
+    if not p.top_logprobs:
+        return head
+    top = torch.sort(raw, descending=True, stable=True).indices[:p.top_logprobs]   # ties: lower id
+    return torch.cat([head, top.double(), raw[top] - torch.logsumexp(raw, 0)])
+
+
+def unpack(out: list) -> Sample:
+    """A Sample from sample_device's numbers, on the host."""
+    n = (len(out) - 2) // 2
     return Sample(int(out[0]), out[1], [(int(t), lp) for t, lp in zip(out[2:2 + n], out[2 + n:])])
+
+
+def sample_torch(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
+    """`sample` with torch on the logits' device (any device: the tests run it on the CPU).
+    The host waits on the device once, for the final few numbers (and, with a logit_bias of
+    more than _FEW_BIASES entries, for the copy of the bias to the device)."""
+    return unpack(sample_device(logits, p, step).tolist())
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, step: int) -> Sample:
