@@ -80,6 +80,8 @@
 #         graph left on the device): their CUDA tests, then the served path end to end
 #   s15c: session 15, two GPUs: the TP=2,1 bench (no A/B) with the chained decode timings, then
 #         golden parity through the decode graphs (which now end with the greedy pick) at TP=2, 1
+#   s15d: session 15, two GPUs: chaining for sampled requests too: CUDA tests, then the served
+#         path end to end with a worker killed mid-stream
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -663,6 +665,17 @@ elif [ "$MODE" = s15b ]; then
   log "serve end to end, TP=2 on two GPUs"
   timeout 330 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
     --long-words 800 --tokens 256 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
+elif [ "$MODE" = s15d ]; then
+  gate_tests 120 "chained or lookahead or twin_on_cuda" tests/test_decode_graph.py tests/test_sampling.py
+  log "synth full (parallel)"
+  t0=$(date +%s)
+  timeout 200 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  log "serve end to end, TP=2 on two GPUs, rank 1 killed mid-stream"
+  timeout 360 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
   grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
   rm -f /tmp/full.gguf
 elif [ "$MODE" = s15c ]; then
