@@ -246,3 +246,28 @@ def test_sample_runs_the_torch_twin_on_cuda(monkeypatch):
     first = _running_sums(w)
     assert all(torch.equal(first, _running_sums(w)) for _ in range(50))
     np.testing.assert_allclose(first.cpu().numpy(), np.cumsum(w.cpu().numpy()), rtol=1e-13)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (asynchronous work)")
+@pytest.mark.parametrize("name", ["greedy", "banned", "top_p", "all three", "top_logprobs"])
+def test_sample_device_queues_without_waiting_for_the_device(name):
+    """sample_device only queues work (the runtime feeds its token to the next decode step
+    before reading it): it returns while a long kernel queued before it is still running, and
+    its numbers are then sample_torch's."""
+    rng = np.random.default_rng(3)
+    x, bias = logits("flat", 129280, rng)
+    p = {"greedy": SamplingParams(logit_bias={5: -math.inf}),
+         "banned": SamplingParams(temperature=0.8, logit_bias={5: -math.inf, 6: 1.0}),
+         "top_p": SamplingParams(temperature=0.8, top_p=0.95, seed=1),
+         "all three": SamplingParams(temperature=0.7, top_k=200, top_p=0.9, min_p=0.02, seed=2),
+         "top_logprobs": SamplingParams(temperature=0.9, top_logprobs=5, seed=3)}[name]
+    xc = x.cuda()
+    sampling.sample_device(xc, p, 4)                  # allocator and kernels warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)                        # ~0.5 s of GPU time
+    busy = torch.cuda.Event()
+    busy.record()
+    out = sampling.sample_device(xc, p, 4)
+    assert not busy.query(), "sample_device waited for the device"
+    assert sampling.unpack(out.tolist()) == sample_torch(xc, p, 4)
+

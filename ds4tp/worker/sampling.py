@@ -231,7 +231,9 @@ def _draw_torch(x: torch.Tensor, p: SamplingParams, u: float) -> torch.Tensor:
         keep &= pr >= p.min_p * pr[0]
     cum = _running_sums(torch.where(keep, pr, 0.0))
     i = (cum <= u * cum[-1]).sum()            # as searchsorted(cum, u * total, side="right")
-    return ids[torch.minimum(i, keep.sum() - 1)].reshape(1)        # min: u within rounding of the total
+    # min: u within rounding of the total. A 1-element index, not a 0-dim one: torch reads a
+    # 0-dim index tensor on the host, which waits for the device
+    return ids[torch.minimum(i, keep.sum() - 1).reshape(1)]
 
 
 _FEW_BIASES = 8    # logit_bias entries sample_torch adds one by one (and the decode graphs' pick takes)
