@@ -82,6 +82,7 @@
 #         golden parity through the decode graphs (which now end with the greedy pick) at TP=2, 1
 #   s15d: session 15, two GPUs: chaining for sampled requests too: CUDA tests, then the served
 #         path end to end with a worker killed mid-stream
+#   s15e: session 15, one GPU: sample_device queues without waiting (CUDA sampling tests)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -678,6 +679,8 @@ elif [ "$MODE" = s15d ]; then
     --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
   grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
   rm -f /tmp/full.gguf
+elif [ "$MODE" = s15e ]; then
+  gate_tests 60 "queues or twin_on_cuda" tests/test_sampling.py
 elif [ "$MODE" = s15c ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; chained decode)"
   timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
