@@ -31,7 +31,7 @@ from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
-from ds4tp.worker.sampling import bias_table, greedy_pick
+from ds4tp.worker.sampling import bias_key, bias_table, greedy_pick
 
 
 @dataclass
@@ -239,7 +239,7 @@ class StaticDecoder:
     def set_bias(self, bias: dict) -> None:
         """The logit_bias (at most sampling._FEW_BIASES entries) the next steps' greedy pick
         adds; copied to the device only when it changes."""
-        key = tuple(sorted(bias.items()))
+        key = bias_key(bias)
         if key != self.bias_key:
             ids, vals = bias_table(bias, "cpu")
             pinned = self.dev.type == "cuda"       # no wait for the stream's earlier work

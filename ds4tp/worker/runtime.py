@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4tp.worker.sampling import (_FEW_BIASES, Sample, SamplingParams, picks_on_device, sample,
-                                   sample_device, unpack)
+from ds4tp.worker.sampling import (Sample, SamplingParams, bias_key, picks_on_device,
+                                   queues_on_device, sample, sample_device, unpack)
 
 
 class RequestError(ValueError):
@@ -54,7 +54,7 @@ class Slot:
     ahead: int | None = None       # a sampled token already fed by lookahead (in `tokens`), which
                                    # the gateway has not sent back yet
     pick: tuple | None = None      # the fast decoder's greedy pick after `tokens` (Runtime._fast_step):
-                                   # (host copy or device tensor, CUDA event or None, its bias key)
+                                   # (its copy, a CUDA event or None, the logit_bias's bias_key)
 
 
 @dataclass(frozen=True)
@@ -379,16 +379,15 @@ class Runtime:
 
     def _chainable(self, slot: Slot, params: SamplingParams) -> bool:
         """Whether `slot`'s next step can be queued before the host knows its token: lookahead
-        on, room in the context, and a sample the device computes without waiting (a logit_bias
-        of at most _FEW_BIASES entries)."""
-        return self.lookahead and len(slot.tokens) < self.ctx and len(params.logit_bias) <= _FEW_BIASES
+        on, room in the context, and a sample the device computes without waiting."""
+        return self.lookahead and len(slot.tokens) < self.ctx and queues_on_device(params)
 
     def _pick_is_fed(self, slot: Slot, params: SamplingParams) -> bool:
         """Whether the decoder's token buffer holds this request's sample after `slot`'s last
         step: the graph's greedy pick of that step, with this request's logit_bias."""
         return (slot.pick is not None and self._pick_slot is slot and self.fast_slot is slot
                 and picks_on_device(params)
-                and slot.pick[2] == self.fast.bias_key == tuple(sorted(params.logit_bias.items())))
+                and slot.pick[2] == self.fast.bias_key == bias_key(params.logit_bias))
 
     def _chain(self, op: int, seq_id: str, slot: Slot, params: SamplingParams,
                step: int) -> tuple[Sample, float, float]:
@@ -404,7 +403,7 @@ class Runtime:
         self.digest = _digest(self.digest, op, "decode", seq_id, len(slot.tokens) - 1, [slot.ahead])
         self.steps += 1
         if self._pick_is_fed(slot, params):
-            this, fed = slot.pick[:2], None
+            this, fed = slot.pick, None
         else:
             out = sample_device(slot.logits, params, step)
             this, fed = self._hold(out), out[:1]
@@ -456,7 +455,7 @@ class Runtime:
         """The sample of a greedy request from the pick its slot's last step made (the same
         function as sampling.sample_torch's greedy choice), or None to sample the logits."""
         if (slot.pick is None or not picks_on_device(params)
-                or slot.pick[2] != tuple(sorted(params.logit_bias.items()))):
+                or slot.pick[2] != bias_key(params.logit_bias)):
             return None
         return unpack(self._read(slot.pick))
 

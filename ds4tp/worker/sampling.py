@@ -254,6 +254,17 @@ def picks_on_device(p: SamplingParams) -> bool:
     return (p.temperature <= 0 or p.top_k == 1) and not p.top_logprobs and len(p.logit_bias) <= _FEW_BIASES
 
 
+def queues_on_device(p: SamplingParams) -> bool:
+    """Whether sample_device queues this request's sample without waiting for the device (a
+    logit_bias of at most _FEW_BIASES entries)."""
+    return len(p.logit_bias) <= _FEW_BIASES
+
+
+def bias_key(bias: dict) -> tuple:
+    """A logit_bias as a comparable value (which bias a decode graph's pick was made with)."""
+    return tuple(sorted(bias.items()))
+
+
 def bias_table(bias: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A logit_bias of at most _FEW_BIASES entries as fixed-size (ids, values) for an index_add:
     the unused entries add 0.0 to token 0, which changes no logit (x + 0.0 == x)."""
@@ -261,7 +272,7 @@ def bias_table(bias: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{len(bias)} logit_bias entries; the decode graphs take at most {_FEW_BIASES}")
     ids = torch.zeros(_FEW_BIASES, dtype=torch.int64)
     vals = torch.zeros(_FEW_BIASES, dtype=torch.float64)
-    for i, (t, b) in enumerate(sorted(bias.items())):
+    for i, (t, b) in enumerate(bias_key(bias)):
         ids[i], vals[i] = t, b
     return ids.to(device), vals.to(device)
 
