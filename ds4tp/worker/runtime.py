@@ -6,9 +6,11 @@ to feed) and calls `model.forward` with identical arguments, as the collectives 
 model require. Steps are serialized by a lock.
 
 Each operation extends a running digest (a hash of every operation this rank executed). Before
-any forward pass the ranks all-gather the digest they are about to reach; if it differs, the
+a forward pass the ranks all-gather the digest they are about to reach; if it differs, the
 ranks have diverged (a lost or reordered operation) and the step fails as `DesyncError` before
-the model can mix inconsistent collectives. The gateway also compares the digests it gets back.
+the model can mix inconsistent collectives. Decode steps queued ahead (lookahead, chaining) skip
+that all-gather: their collectives are the same whatever the token, and no eager collective may
+run beside a decode graph. The gateway compares the digests of every reply.
 
 Errors: `RequestError` is a bad request, raised before anything changes, identically on every
 rank. Anything else raised by a step (a failed collective, a desync, a model error) leaves the
