@@ -129,6 +129,20 @@ for name, r in runs.items():
     print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
 PY
 }
+# the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
+# serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
+serve_full() {
+  local ts=$1 tv=$2; shift 2
+  log "synth full (parallel)"
+  local t0=$(date +%s)
+  timeout "$ts" python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  log "serve end to end, TP=2 on two GPUs $*"
+  timeout "$tv" python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 "$@" --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
+}
 # CUDA C launches against the Triton default at T=1: cuda_c_sweep TIMEOUT_S BUDGET_S CASES
 cuda_c_sweep() {
   log "T=1: Triton default vs CUDA C launches: $3"
@@ -628,15 +642,7 @@ elif [ "$MODE" = s14s ]; then
   # on the GPU, lookahead, one Triton cache directory, more warm-up lengths), then the new CUDA
   # tests (lookahead through the graphs, sampling on the GPU) first
   gate_tests 120 "lookahead or park or cuda" tests/test_decode_graph.py tests/test_sampling.py
-  log "synth full (parallel)"
-  t0=$(date +%s)
-  timeout 260 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
-  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
-  log "serve end to end, TP=2 on two GPUs"
-  timeout 400 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
-    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
-  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
-  rm -f /tmp/full.gguf
+  serve_full 260 400 --kill 1
 elif [ "$MODE" = s13f ]; then
   # session 13 closing run on two GPUs: the bench at TP=2 and TP=1 in one run, depth 0 and 4096,
   # with NCCL graph mixing support off (now init_dist's default)
@@ -659,26 +665,10 @@ elif [ "$MODE" = s15a ]; then
   bench_summary
 elif [ "$MODE" = s15b ]; then
   gate_tests 200 "chained or lookahead or park or cuda" tests/test_decode_graph.py tests/test_sampling.py
-  log "synth full (parallel)"
-  t0=$(date +%s)
-  timeout 200 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
-  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
-  log "serve end to end, TP=2 on two GPUs"
-  timeout 330 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
-    --long-words 800 --tokens 256 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
-  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
-  rm -f /tmp/full.gguf
+  serve_full 200 330
 elif [ "$MODE" = s15d ]; then
   gate_tests 120 "chained or lookahead or twin_on_cuda" tests/test_decode_graph.py tests/test_sampling.py
-  log "synth full (parallel)"
-  t0=$(date +%s)
-  timeout 200 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
-  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
-  log "serve end to end, TP=2 on two GPUs, rank 1 killed mid-stream"
-  timeout 360 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
-    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
-  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
-  rm -f /tmp/full.gguf
+  serve_full 200 360 --kill 1
 elif [ "$MODE" = s15e ]; then
   gate_tests 60 "queues or twin_on_cuda" tests/test_sampling.py
 elif [ "$MODE" = s15c ]; then
