@@ -34,9 +34,9 @@ def free_port() -> int:
 
 class ToyRank:
     def __init__(self, rank: int, world: int, *, ctx: int, delay_s: float, port: int = 0,
-                 make_model=None):
+                 make_model=None, runtime_kw: dict | None = None):
         self.rank, self.world, self.ctx, self.delay_s = rank, world, ctx, delay_s
-        self.make_model = make_model
+        self.make_model, self.runtime_kw = make_model, runtime_kw or {}
         self.node = WorkerNode(rank=rank, world=world, device="cpu", model_path="toy", ctx=ctx)
         self.model = make_model() if make_model else ToyModel(delay_s=delay_s)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -51,8 +51,9 @@ class ToyRank:
     def ready(self, group_id: int) -> None:
         import dataclasses
         self.node.joined(group_id)
-        rt = Runtime(self.model, SingleComm(), ctx=self.ctx, max_sequences=8)
-        self.node.ready(rt, {k: int(v) for k, v in dataclasses.asdict(TOY_SHAPE).items()})
+        rt = Runtime(self.model, SingleComm(), ctx=self.ctx, max_sequences=8, **self.runtime_kw)
+        shape = getattr(self.model, "shape", TOY_SHAPE)
+        self.node.ready(rt, {k: int(v) for k, v in dataclasses.asdict(shape).items()})
 
     def crash(self) -> None:
         self.server.stop(0).wait()
@@ -68,9 +69,10 @@ class ToyRank:
 class ToySupervisor:
     """Restarts ranks that crashed or exited; regroups them once all are back."""
 
-    def __init__(self, world: int, *, ctx: int = 256, delay_s: float = 0.0, make_model=None):
-        self.ranks = [ToyRank(r, world, ctx=ctx, delay_s=delay_s, make_model=make_model)
-                      for r in range(world)]
+    def __init__(self, world: int, *, ctx: int = 256, delay_s: float = 0.0, make_model=None,
+                 runtime_kw: dict | None = None):
+        self.ranks = [ToyRank(r, world, ctx=ctx, delay_s=delay_s, make_model=make_model,
+                              runtime_kw=runtime_kw) for r in range(world)]
         group = secrets.randbits(62) or 1
         for r in self.ranks:
             r.ready(group)
@@ -98,7 +100,7 @@ class ToySupervisor:
                     self.crashed.discard(i)
                     time.sleep(0.2)
                     self.ranks[i] = ToyRank(i, r.world, ctx=r.ctx, delay_s=r.delay_s, port=r.port,
-                                            make_model=r.make_model)
+                                            make_model=r.make_model, runtime_kw=r.runtime_kw)
                     pending.add(i)
             if pending and len(pending) == len(self.ranks):
                 group = secrets.randbits(62) or 1
