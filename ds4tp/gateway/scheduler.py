@@ -84,8 +84,8 @@ class Generation:
     # -- what the scheduler asks --------------------------------------------------------------
     @property
     def stop_tokens(self) -> list[int]:
-        """Sampled tokens that end this generation by themselves (the workers do not look ahead
-        past them)."""
+        """Sampled tokens that end this generation by themselves (the workers do not feed them
+        ahead, except a step chained before its token was known: worker.runtime)."""
         return [] if self.limits.ignore_eos else [self.eos]
 
     def may_look_ahead(self, step: int) -> bool:

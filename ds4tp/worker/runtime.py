@@ -373,8 +373,12 @@ class Runtime:
         """Feed `token` to the fast decoder without waiting for the GPU. No agreement here (the
         step's collectives are the same whatever the token); the next operation's digest covers
         it, since every rank folds it into its digest."""
-        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [token])
         self._fast_step(slot, token, params)
+        self._fed_ahead(op, seq_id, slot, token)
+
+    def _fed_ahead(self, op: int, seq_id: str, slot: Slot, token: int) -> None:
+        """`token` is consumed by the step just queued for `slot`, before the gateway has it."""
+        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [token])
         slot.tokens.append(token)
         slot.ahead = token
         self._in_flight = True
@@ -386,10 +390,15 @@ class Runtime:
 
     def _pick_is_fed(self, slot: Slot, params: SamplingParams) -> bool:
         """Whether the decoder's token buffer holds this request's sample after `slot`'s last
-        step: the graph's greedy pick of that step, with this request's logit_bias."""
-        return (slot.pick is not None and self._pick_slot is slot and self.fast_slot is slot
-                and picks_on_device(params)
-                and slot.pick[2] == self.fast.bias_key == bias_key(params.logit_bias))
+        step: that step's greedy pick is the sample (_pick_fits), and no other step ran since."""
+        return self._pick_slot is slot and self.fast_slot is slot and self._pick_fits(slot, params)
+
+    @staticmethod
+    def _pick_fits(slot: Slot, params: SamplingParams) -> bool:
+        """Whether the greedy pick of `slot`'s last step is this request's sample: a greedy
+        request with the logit_bias that pick was made with."""
+        return (slot.pick is not None and picks_on_device(params)
+                and slot.pick[2] == bias_key(params.logit_bias))
 
     def _chain(self, op: int, seq_id: str, slot: Slot, params: SamplingParams,
                step: int) -> tuple[Sample, float, float]:
@@ -414,10 +423,7 @@ class Runtime:
         self.chained += 1
         s = unpack(self._read(this))
         self.fast.confirm(s.token)
-        self.digest = _digest(self.digest, op, "ahead", seq_id, len(slot.tokens), [s.token])
-        slot.tokens.append(s.token)
-        slot.ahead = s.token
-        self._in_flight = True
+        self._fed_ahead(op, seq_id, slot, s.token)
         return s, time.perf_counter() - t - smp, smp
 
     def _fast_step(self, slot: Slot, token: int | None, params: SamplingParams | None,
@@ -456,10 +462,7 @@ class Runtime:
     def _picked(self, slot: Slot, params: SamplingParams) -> Sample | None:
         """The sample of a greedy request from the pick its slot's last step made (the same
         function as sampling.sample_torch's greedy choice), or None to sample the logits."""
-        if (slot.pick is None or not picks_on_device(params)
-                or slot.pick[2] != bias_key(params.logit_bias)):
-            return None
-        return unpack(self._read(slot.pick))
+        return unpack(self._read(slot.pick)) if self._pick_fits(slot, params) else None
 
     def _bind(self, slot: Slot) -> None:
         """Give the fast decoder `slot`'s state, parking the slot it held."""

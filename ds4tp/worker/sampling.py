@@ -244,14 +244,22 @@ def greedy_pick(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     `raw` plus any logit_bias) and the log-softmax of raw there. sample_torch's greedy choice;
     the decode graphs compute it after the output head (decode_graph.StaticDecoder.pick), so a
     greedy step's token is known on the device without a separate sampling pass."""
-    token = torch.argmax(x).reshape(1)        # the first maximum: ties go to the lower id
-    return torch.cat([token.to(raw.dtype), raw[token] - torch.logsumexp(raw, 0)])
+    return _with_logprob(raw, _first_max(x), torch.logsumexp(raw, 0))
+
+
+def _first_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.argmax(x).reshape(1)         # the first maximum: ties go to the lower id
+
+
+def _with_logprob(raw: torch.Tensor, token: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """[token, its logprob] in raw's dtype; norm = logsumexp(raw)."""
+    return torch.cat([token.to(raw.dtype), raw[token] - norm])
 
 
 def picks_on_device(p: SamplingParams) -> bool:
     """Whether the decode graphs' greedy pick is this request's sample: greedy, at most
     _FEW_BIASES logit_bias entries, no top_logprobs."""
-    return (p.temperature <= 0 or p.top_k == 1) and not p.top_logprobs and len(p.logit_bias) <= _FEW_BIASES
+    return (p.temperature <= 0 or p.top_k == 1) and not p.top_logprobs and queues_on_device(p)
 
 
 def queues_on_device(p: SamplingParams) -> bool:
@@ -294,15 +302,14 @@ def sample_device(logits: torch.Tensor, p: SamplingParams, step: int) -> torch.T
             ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=raw.device)
             bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64, device=raw.device)
             x[ids] += bias                    # ids are distinct (dict keys): a plain indexed write
-    if p.temperature <= 0 or p.top_k == 1:
-        head = greedy_pick(raw, x)            # [token, its logprob]
-    else:
-        token = _draw_torch(x, p, uniform(p.seed, step))
-        head = torch.cat([token.double(), raw[token] - torch.logsumexp(raw, 0)])
+    greedy = p.temperature <= 0 or p.top_k == 1
+    token = _first_max(x) if greedy else _draw_torch(x, p, uniform(p.seed, step))
+    norm = torch.logsumexp(raw, 0)
+    head = _with_logprob(raw, token, norm)    # greedy: greedy_pick(raw, x), as the graphs pick
     if not p.top_logprobs:
         return head
     top = torch.sort(raw, descending=True, stable=True).indices[:p.top_logprobs]   # ties: lower id
-    return torch.cat([head, top.double(), raw[top] - torch.logsumexp(raw, 0)])
+    return torch.cat([head, top.double(), raw[top] - norm])
 
 
 def unpack(out: list) -> Sample:
