@@ -83,6 +83,11 @@
 #   s15d: session 15, two GPUs: chaining for sampled requests too: CUDA tests, then the served
 #         path end to end with a worker killed mid-stream
 #   s15e: session 15, one GPU: sample_device queues without waiting (CUDA sampling tests)
+#   s16a: session 16, two GPUs: the indexer's launches (scores over the visible rows, one-launch
+#         top-512 selection): CUDA tests, the TP=2,1 bench (no A/B; depth 4096 at two decoder
+#         capacities, with and without them), CUDA goldens through the graphs
+#   s16b: session 16, two GPUs: the served path (sampled rate after sample_device's fix, decode
+#         after a long prompt with the indexer's launches), a killed rank
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -671,6 +676,16 @@ elif [ "$MODE" = s15d ]; then
   serve_full 200 360 --kill 1
 elif [ "$MODE" = s15e ]; then
   gate_tests 60 "queues or twin_on_cuda" tests/test_sampling.py
+elif [ "$MODE" = s16a ]; then
+  gate_tests 170 "index_scores or topk_mask or index_kernels or pdl_is_bit" tests/test_kernels.py tests/test_decode_graph.py
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; the indexer's A/B at depth)"
+  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  golden 2 static 90
+  golden 1 static 70
+elif [ "$MODE" = s16b ]; then
+  serve_full 200 370 --kill 1
 elif [ "$MODE" = s15c ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; chained decode)"
   timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1

@@ -436,11 +436,25 @@ def _bench_rank(comm, dev, cfg):
     res["profile"] = profile_split(model)
     save()
     if cfg["depth"]:
-        res["decode_deep"] = time_decode(model, cfg["depth"], steps, max_ctx=cfg["depth"] + steps + 64)
+        from ds4tp.kernels import triton_attn
+        depth, ctx, big = cfg["depth"], cfg["depth"] + steps + 64, max(65536, cfg["depth"] + steps + 64)
+        res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
-        res["decode_deep_chained"] = time_decode(model, cfg["depth"], steps,
-                                                 max_ctx=cfg["depth"] + steps + 64, chained=True)
+        res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
         save()
+        # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
+        # layer): the indexer's launches read only the visible rows, so this should not be slower
+        res["decode_deep_chained_ctx64k"] = time_decode(model, depth, steps, max_ctx=big, chained=True)
+        save()
+        # the indexer's scores and selection on their torch twins (a GEMM over every cached
+        # row, a stable sort of the row) instead of triton_attn.index_scores / topk_mask
+        with _switched_off(triton_attn.set_index_enabled):
+            res["decode_deep_chained_index_torch"] = time_decode(model, depth, steps, max_ctx=ctx,
+                                                                 chained=True)
+            save()
+            res["decode_deep_chained_ctx64k_index_torch"] = time_decode(model, depth, steps,
+                                                                        max_ctx=big, chained=True)
+            save()
     return res
 
 

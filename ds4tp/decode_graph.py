@@ -26,8 +26,8 @@ import torch
 from ds4tp import config as C, kernels
 from ds4tp.fuse import static_shapes
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
-                         hc_pre, indexer_scores, kv_cache_row, kv_row_quant, output_head,
-                         select_rows)
+                         hc_pre, index_scores_torch, index_weight_scale, indexer_query,
+                         kv_cache_row, kv_row_quant, output_head, select_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
@@ -346,9 +346,10 @@ class StaticDecoder:
             if idx_on:
                 qrn = rms_norm(qa, lw.q_a_norm)
                 cos, sin = (t[pos] for t in rope)
-                score = indexer_scores(lw, qrn, xn, lay.index, cos, sin, s)
+                q, w = indexer_query(lw, qrn, xn, cos, sin, s)
+                score = index_scores(q, w, lay.index, n_vis, index_weight_scale(s))
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
-                mask, _ = select_rows(score, n_vis, s.indexer_top_k)
+                mask = select_mask(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         out = grouped_linear_out(lw, o, s)
         return comm.all_reduce(out)                                          # attention all-reduce
@@ -426,6 +427,27 @@ def compressor_emit(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, 
             return triton_attn.compressor_emit(front_kv, front_sc, cw.norm, cos_t, sin_t, pos,
                                                cache, is_index, C.RMS_EPS)
     return compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s)
+
+
+def index_scores(q, w, keys, n_vis, wscale: float):
+    """One token's partial indexer scores [1, cap] over the whole index cache: on CUDA one
+    launch that reads only the visible rows (0 past them), else the twin, which scores every
+    row (the selection masks the rest either way)."""
+    if kernels.on_gpu(q):
+        from ds4tp.kernels import triton_attn
+        if triton_attn.index_enabled():
+            return triton_attn.index_scores(q.contiguous(), w.contiguous(), keys, n_vis, wscale)
+    return index_scores_torch(q, w, keys, wscale)
+
+
+def select_mask(score, n_vis, top_k):
+    """The indexer's allowed-row mask [1, cap] for one token: on CUDA one launch (a radix
+    select over the visible rows), else the twin, model.select_rows (a stable sort of the row)."""
+    if kernels.on_gpu(score) and score.shape[1] > top_k:
+        from ds4tp.kernels import triton_attn
+        if triton_attn.index_enabled():
+            return triton_attn.topk_mask(score, n_vis, top_k)
+    return select_rows(score, n_vis, top_k)[0]
 
 
 def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):

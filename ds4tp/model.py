@@ -400,18 +400,32 @@ def compressed_rows(cw: CompressorWeights, all_kv, all_sc, base: int, cs: range,
     return f16_round(out32), out32
 
 
+def indexer_query(lw: LayerWeights, qrn, xn, cos, sin, s: Shape):
+    """The indexer's queries [T, Hi_l, 128] over this rank's heads (RoPE, then Hadamard + FP4)
+    and their head weights [T, Hi_l] (times 1/sqrt(head_dim * n_heads) in the scores)."""
+    T = qrn.shape[0]
+    q = linear(lw.idx_q_b, qrn).view(T, -1, s.indexer_head_dim)
+    return hadamard_fp4(rope_tail(q, cos[:, None], sin[:, None])), linear(lw.idx_proj, xn)
+
+
+def index_weight_scale(s: Shape) -> float:
+    return 1.0 / math.sqrt(s.indexer_head_dim * s.n_indexer_head)
+
+
+def index_scores_torch(q, w, keys, wscale: float):
+    """Partial indexer scores [T, n_comp]: sum_h relu(q_h . K_c) * w_h * wscale."""
+    dots = torch.relu(torch.einsum("thd,cd->thc", q, keys))      # [T, Hi_l, n_comp]
+    return (dots * (w * wscale)[:, :, None]).sum(1)
+
+
 def indexer_scores(lw: LayerWeights, qrn, xn, keys, cos, sin, s: Shape, trace=None):
     """Partial indexer scores [T, n_comp] over this rank's indexer heads (sec. 9.6):
     sum_h relu(q_h . K_c) * w_h, with q Hadamard+FP4'd after RoPE and w scaled by
     1/sqrt(head_dim * n_heads)."""
-    T, idx_dim = qrn.shape[0], s.indexer_head_dim
-    q = linear(lw.idx_q_b, qrn).view(T, -1, idx_dim)             # [T, Hi_l, 128]
-    q = hadamard_fp4(rope_tail(q, cos[:, None], sin[:, None]))
-    wt = linear(lw.idx_proj, xn) * (1.0 / math.sqrt(idx_dim * s.n_indexer_head))   # [T, Hi_l]
-    dots = torch.relu(torch.einsum("thd,cd->thc", q, keys))      # [T, Hi_l, n_comp]
+    q, w = indexer_query(lw, qrn, xn, cos, sin, s)
     if trace is not None:
-        trace.update(index_q=q, index_weights=wt)
-    return (dots * wt[:, :, None]).sum(1)
+        trace.update(index_q=q, index_weights=w * index_weight_scale(s))
+    return index_scores_torch(q, w, keys, index_weight_scale(s))
 
 
 @fused

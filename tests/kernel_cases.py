@@ -778,6 +778,50 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
 
 
+def case_index_scores(device, gen, HI, HD, cap, nvis):
+    """One decode token's indexer scores in one launch against model.index_scores_torch, on the
+    visible rows (the kernel writes 0 past them and does not read them: NaN there must not
+    leak). Queries and keys as the model makes them: Hadamard + FP4 rows, F16-rounded keys."""
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import index_scores_torch
+    q = numerics.hadamard_fp4(torch.randn(1, HI, HD, generator=gen) * 3)
+    w = torch.randn(1, HI, generator=gen)
+    keys = numerics.f16_round(numerics.hadamard_fp4(torch.randn(cap, HD, generator=gen)))
+    keys[nvis:] = float("nan")                               # stale rows past the visible ones
+    wscale = 1.0 / (HD * HI) ** 0.5
+    want = index_scores_torch(q, w, keys[:nvis], wscale)
+    nv = torch.tensor([nvis], device=device)
+    got = triton_attn.index_scores(q.to(device), w.to(device), keys.to(device), nv, wscale)
+    assert got.shape == (1, cap) and got.dtype == torch.float32
+    if nvis < cap and not torch.equal(got[0, nvis:].cpu(), torch.zeros(cap - nvis)):
+        raise AssertionError("index_scores: rows past the visible ones are not 0")
+    return check(f"index_scores HI={HI} HD={HD} cap={cap} nvis={nvis}", got[:, :nvis], want, 1e-5)
+
+
+def case_topk_mask(device, gen, n, nvis, k, levels=0):
+    """The indexer's row selection in one launch against model.select_rows, bit for bit: scores
+    with repeated values (ties go to the lower row), +0.0 and -0.0 (equal), negative and large
+    values, NaN past the visible rows (never read); with `levels`, only that many distinct
+    values (the k-th largest sits inside a run of ties)."""
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import select_rows
+    score = torch.randn(1, n, generator=gen) * 10
+    score[0, ::7] = torch.round(score[0, ::7] * 2) / 2                # many exact ties
+    if levels:
+        score = torch.randint(-levels // 2, levels - levels // 2, (1, n), generator=gen).float() * 0.25
+    score[0, 3::11] = 0.0
+    score[0, 5::13] = -0.0
+    score[0, 9::17] = -3e38
+    want, _ = select_rows.eager(score, torch.tensor([nvis]), k)
+    score[0, nvis:] = float("nan")
+    got = triton_attn.topk_mask(score.to(device), torch.tensor([nvis], device=device), k)
+    assert got.dtype == torch.bool and got.shape == want.shape
+    if not torch.equal(got.cpu(), want):
+        diff = torch.nonzero(got.cpu() != want)[:5, 1].tolist()
+        raise AssertionError(f"topk_mask n={n} nvis={nvis} k={k}: rows {diff} differ")
+    return f"{int(got.sum())} rows selected"
+
+
 def case_prefill_attention(device, gen, T, H, D, n_swa, raw_prev, ratio, C_rows, p0, masked,
                            cfg=None, n_rot=64):
     """A prefill's attention in one launch (triton_attn.prefill_attention, RoPE on the queries
@@ -891,6 +935,14 @@ def interpreter_cases():
     yield "prefill compressor_rows ratio 4 kv, from 0", case_compressor_rows, (4, 256, 64, False, 0, 40, 0, 10)
     yield "prefill compressor_rows ratio 4 index, later chunk", case_compressor_rows, (4, 128, 64, True, 996, 28, 250, 6)
     yield "prefill compressor_rows ratio 128", case_compressor_rows, (128, 128, 64, False, 128, 300, 1, 2)
+    yield "decode index_scores 8 heads", case_index_scores, (8, 128, 300, 211)
+    yield "decode index_scores 20 heads, all visible", case_index_scores, (20, 64, 130, 130)
+    yield "decode topk_mask one block", case_topk_mask, (300, 250, 64)
+    yield "decode topk_mask blocks", case_topk_mask, (20000, 17000, 512)
+    yield "decode topk_mask few visible", case_topk_mask, (700, 40, 64)
+    yield "decode topk_mask visible = k", case_topk_mask, (600, 512, 512)
+    yield "decode topk_mask threshold in a tie run", case_topk_mask, (3000, 2900, 512, 7)
+    yield "decode topk_mask blocks, tie run", case_topk_mask, (17000, 16999, 300, 5)
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)

@@ -304,6 +304,37 @@ def test_pdl_is_bit_identical_on_cuda():
     assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=1e-3 * float(runs[2].abs().max()))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
+def test_index_kernels_in_the_graph_on_cuda():
+    """The indexer's two launches (triton_attn.index_scores, topk_mask) inside graph-replayed
+    steps of a 4-layer full-width model past 2048 tokens (more than 512 rows visible, so the
+    selection is active), in a decoder sized for 16384 tokens (most rows never written): with
+    programmatic dependent launch on and off bit-identical, and close to the same steps with the
+    torch twins (a GEMM over every row, a stable sort)."""
+    from ds4tp.bench import build_model
+    from ds4tp.comm import SingleComm
+    from ds4tp.kernels import pdl, triton_attn
+    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
+    toks = [(37 * i + 11) % m.shape.vocab for i in range(2100)]
+    st0 = m.new_state()
+    m.forward(toks[:2090], st0)
+    runs = []
+    try:
+        for on, index in ((True, True), (False, True), (True, False)):
+            pdl.set_enabled(on)
+            triton_attn.set_index_enabled(index)
+            dec = StaticDecoder(m, max_ctx=16384, use_graphs=True)
+            dec.load_session(st0.clone())
+            runs.append(torch.stack([dec.step(t).clone() for t in toks[2090:]]))
+    finally:
+        pdl.set_enabled(True)
+        triton_attn.set_index_enabled(True)
+    assert torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1])
+    assert torch.allclose(runs[0], runs[2], rtol=1e-3, atol=1e-2 * float(runs[2].abs().max()))
+
+
 def test_warm_up_runs_every_variant_and_leaves_the_decoder_as_it_was(tiny):
     """StaticDecoder.warm_up runs each variant once at its first position (graphs on CUDA) and
     restores the buffers: the decoder then gives bit-identical logits to a fresh one. Its

@@ -479,6 +479,59 @@ def test_cuda_prefill_attention_full_size(ratio, masked, raw_prev, p0, n_comp):
 
 
 @needs_cuda
+@pytest.mark.parametrize("HI,cap,nvis", [(64, 1057, 1024), (32, 2049, 550), (64, 16385, 16000),
+                                         (32, 16385, 513)])
+def test_cuda_index_scores_full_size(HI, cap, nvis):
+    """DS4's indexer (64 heads of 128 at TP=1, 32 at TP=2) over static caches of 4096, 8192 and
+    65536 tokens, shallow and deep."""
+    kc.case_index_scores("cuda", torch.Generator().manual_seed(cap + nvis), HI, 128, cap, nvis)
+
+
+@needs_cuda
+@pytest.mark.parametrize("n,nvis,levels", [(1057, 1024, 0), (2049, 550, 0), (2049, 1500, 9),
+                                           (16385, 16385, 0), (16385, 600, 3), (65537, 40000, 0),
+                                           (65537, 65000, 11)])
+def test_cuda_topk_mask_full_size(n, nvis, levels):
+    """DS4's top-512 selection over static caches of 4096 to 262144 tokens (one block in
+    registers up to 16384 rows, blocks reloaded past it), with runs of ties."""
+    kc.case_topk_mask("cuda", torch.Generator().manual_seed(n + nvis), n, nvis, 512, levels)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("one,block,warps", [(True, 2048, 4), (True, 16384, 16), (False, 4096, 16)])
+def test_topk_mask_compiles_for_sm90(one, block, warps):
+    """The selection kernel (unrolled two-bit passes, a cumulative sum) compiled to PTX for an
+    H100/H200, both forms, with programmatic dependent launch."""
+    from ds4tp.kernels import triton_attn as ta
+    sig = dict(score_ptr="*fp32", nvis_ptr="*i64", mask_ptr="*i8", n="i32", k="i32")
+    assert "griddepcontrol" in _compile_sm90(ta._topk_mask_kernel, sig,
+                                             dict(BLOCK=block, ONE=one, PDL=True), warps)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("bh", [16, 64])
+def test_index_scores_compiles_for_sm90(bh):
+    from ds4tp.kernels import triton_attn as ta
+    sig = dict(q_ptr="*fp32", w_ptr="*fp32", k_ptr="*fp32", nvis_ptr="*i64", out_ptr="*fp32",
+               HI="i32", cap="i32", wscale="fp32")
+    assert "griddepcontrol" in _compile_sm90(ta._index_score_kernel, sig,
+                                             dict(BH=bh, BR=ta.INDEX_BR, HD=128, PDL=True), 4)
+
+
+def test_index_kernels_argument_errors():
+    from ds4tp.kernels import triton_attn as ta
+    nv = torch.tensor([5])
+    with pytest.raises(ValueError, match="top_k"):
+        ta.topk_mask(torch.zeros(1, 100), nv, 100)
+    with pytest.raises(ValueError, match="visible rows"):
+        ta.topk_mask(torch.zeros(1, 100), torch.tensor([5], dtype=torch.int32), 10)
+    with pytest.raises(ValueError, match="keys"):
+        ta.index_scores(torch.zeros(1, 8, 128), torch.zeros(1, 8), torch.zeros(50, 64), nv, 1.0)
+    with pytest.raises(ValueError, match="head dim"):
+        ta.index_scores(torch.zeros(1, 8, 96), torch.zeros(1, 8), torch.zeros(50, 96), nv, 1.0)
+
+
+@needs_cuda
 @pytest.mark.parametrize("p", [0, 127, 128, 5000])
 def test_cuda_kv_store_full_size(p):
     kc.case_kv_store("cuda", torch.Generator().manual_seed(p), 512, 64, 128, p)

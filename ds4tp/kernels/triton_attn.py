@@ -533,6 +533,168 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     return out
 
 
+# ---- the indexer of one decode token (ratio-4 layers, once more than top_k rows are visible) --
+# Both launches read the visible row count on the device and touch only those rows, so their
+# cost follows the sequence's depth, not the static decoder's capacity (max_ctx / 4 + 1 rows:
+# torch's score GEMM and its stable sort of the whole row ran over all of them at every step).
+@triton.jit
+def _index_score_kernel(q_ptr, w_ptr, k_ptr, nvis_ptr, out_ptr, HI, cap, wscale,
+                        BH: tl.constexpr, BR: tl.constexpr, HD: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """Program i: rows i*BR .. of the index cache. score[c] = sum_h relu(q_h . k_c) * w_h *
+    wscale for c < n_visible, 0 past it (those rows are not read). The keys hold float16 values
+    (FP4 rows, F16-rounded), so they go into the tensor cores as float16 exactly; the queries as
+    a float16 head plus tail (~2^-22 relative), so each product is the float32 one and the sums
+    run in float32 (against the twin: another summation order)."""
+    pdl_start(PDL)
+    nvis = tl.load(nvis_ptr)
+    r0 = tl.program_id(0) * BR
+    rows = r0 + tl.arange(0, BR)
+    if r0 < nvis:
+        h = tl.arange(0, BH)
+        hm = h < HI
+        d = tl.arange(0, HD)
+        q = tl.load(q_ptr + h[:, None] * HD + d[None, :], mask=hm[:, None], other=0.0)
+        qh, ql = _f16_head_tail(q)
+        ok = rows < nvis
+        k = tl.load(k_ptr + rows.to(tl.int64)[:, None] * HD + d[None, :], mask=ok[:, None],
+                    other=0.0).to(tl.float16)                                   # [BR, HD]
+        kt = tl.trans(k)
+        s = tl.dot(qh, kt)
+        s = tl.dot(ql, kt, s)                                                   # [BH, BR]
+        w = tl.load(w_ptr + h, mask=hm, other=0.0) * wscale
+        score = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
+        tl.store(out_ptr + rows, tl.where(ok, score, 0.0), mask=rows < cap)
+    else:
+        tl.store(out_ptr + rows, tl.zeros([BR], tl.float32), mask=rows < cap)
+
+
+@triton.jit
+def _sort_keys(v, ok):
+    """float32 -> int64 keys in [0, 2**32) in the same order (-0.0 counts as +0.0, as torch.sort
+    compares); -1 where not ok (below every key)."""
+    b = tl.where(v == 0.0, 0, v.to(tl.int32, bitcast=True)).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(ok, tl.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000), -1)
+
+
+@triton.jit
+def _count3(key, thr, sh):
+    """How many keys are >= thr | (j << sh) for j = 1, 2, 3 (thr int64): three counts below
+    2**21 packed in one int64, so one block reduction gives the three."""
+    bit = tl.full([], 1, tl.int64) << sh
+    c = ((key >= (thr | bit)).to(tl.int64) + ((key >= (thr | (2 * bit))).to(tl.int64) << 21)
+         + ((key >= (thr | (3 * bit))).to(tl.int64) << 42))
+    return tl.sum(c, axis=0)
+
+
+@triton.jit
+def _next_thr(thr, packed, k, sh):
+    """The largest of thr | (j << sh), j = 0..3, that at least k keys reach."""
+    m = (1 << 21) - 1
+    n1, n2, n3 = packed & m, (packed >> 21) & m, packed >> 42
+    j = tl.where(n3 >= k, 3, tl.where(n2 >= k, 2, tl.where(n1 >= k, 1, 0))).to(tl.int64)
+    return thr | (j << (tl.full([], 0, tl.int64) + sh))
+
+
+@triton.jit
+def _topk_mask_kernel(score_ptr, nvis_ptr, mask_ptr, n, k, BLOCK: tl.constexpr,
+                      ONE: tl.constexpr, PDL: tl.constexpr = False):
+    """One program: mask[i] = row i is among the k highest scores of the visible rows
+    i < n_visible (ties to the lower row), or every visible row when n_visible <= k; 0 past the
+    visible rows. The k-th largest key is found two bits at a time from the top (16 counting
+    passes), then the rows above it are taken and the rows equal to it in index order until k.
+    ONE: all n rows fit one block, held in registers across the passes; else each pass reloads
+    the visible rows block by block."""
+    pdl_start(PDL)
+    nvis = tl.load(nvis_ptr)
+    lim = tl.minimum(nvis, n)
+    ii = tl.arange(0, BLOCK)
+    thr = tl.zeros([], tl.int64)
+    if ONE:
+        key = _sort_keys(tl.load(score_ptr + ii, mask=ii < lim, other=0.0), ii < lim)
+        for p in tl.static_range(16):
+            sh = 30 - 2 * p
+            thr = _next_thr(thr, _count3(key, thr, sh), k, sh)
+        above = tl.sum((key > thr).to(tl.int32), axis=0)
+        tie = key == thr
+        rank = tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)      # ties before i
+        sel = (key > thr) | (tie & (rank < k - above))
+        sel = tl.where(nvis <= k, ii < lim, sel)
+        tl.store(mask_ptr + ii, sel.to(tl.int8), mask=ii < n)
+    else:
+        for p in tl.static_range(16):
+            sh = 30 - 2 * p
+            packed = tl.zeros([], tl.int64)
+            for c0 in range(0, lim, BLOCK):
+                i = c0 + ii
+                key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
+                packed += _count3(key, thr, sh)
+            thr = _next_thr(thr, packed, k, sh)
+        above = tl.zeros([], tl.int32)
+        for c0 in range(0, lim, BLOCK):
+            i = c0 + ii
+            key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
+            above += tl.sum((key > thr).to(tl.int32), axis=0)
+        taken = tl.zeros([], tl.int32)
+        for c0 in range(0, n, BLOCK):
+            i = c0 + ii
+            key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
+            tie = key == thr
+            rank = taken + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
+            sel = (key > thr) | (tie & (rank < k - above))
+            sel = tl.where(nvis <= k, i < lim, sel)
+            tl.store(mask_ptr + i, sel.to(tl.int8), mask=i < n)
+            taken += tl.sum(tie.to(tl.int32), axis=0)
+
+
+INDEX_BR = 64            # index-cache rows per score program
+TOPK_ONE_BLOCK = 16384   # rows a selection holds in registers (ctx up to 65532 at ratio 4)
+
+
+def index_scores(q, w, keys, n_visible, wscale: float) -> torch.Tensor:
+    """One decode token's partial indexer scores over this rank's heads: q [1, HI, HD] (RoPE'd,
+    Hadamard + FP4), w [1, HI] (the head weights, times wscale), keys [cap, HD] (the index cache),
+    n_visible [1] int64 on the device -> [1, cap] float32, 0 at rows >= n_visible (not read).
+    Twin: ds4tp.model.index_scores_torch (which scores every row)."""
+    _, HI, HD = q.shape
+    cap = keys.shape[0]
+    if HD & (HD - 1) or HD < 16:
+        raise ValueError(f"index_scores: head dim {HD} must be a power of two >= 16")
+    _check("index_scores: queries", q, (1, HI, HD))
+    _check("index_scores: head weights", w, (1, HI))
+    _check("index_scores: keys", keys, (cap, HD))
+    _check("index_scores: visible rows", n_visible, (1,), torch.long)
+    out = torch.empty(1, cap, dtype=torch.float32, device=q.device)
+    _index_score_kernel[(triton.cdiv(cap, INDEX_BR),)](
+        q, w, keys, n_visible, out, HI, cap, float(wscale), BH=max(16, triton.next_power_of_2(HI)),
+        BR=INDEX_BR, HD=HD, num_warps=4, **pdl.triton_args(q.device))
+    return out
+
+
+def topk_mask(score: torch.Tensor, n_visible: torch.Tensor, top_k: int) -> torch.Tensor:
+    """One decode token's indexer selection: score [1, n] float32, n_visible [1] int64 (device)
+    -> mask [1, n] bool, the first output of model.select_rows (its twin), in one launch."""
+    n = score.shape[1]
+    _check("topk_mask: scores", score, (1, n))
+    _check("topk_mask: visible rows", n_visible, (1,), torch.long)
+    if not 0 < top_k < n or n >= 1 << 21:
+        raise ValueError(f"topk_mask: need 0 < top_k {top_k} < rows {n} < 2**21")
+    mask = torch.empty(1, n, dtype=torch.int8, device=score.device)
+    one = n <= TOPK_ONE_BLOCK
+    block = triton.next_power_of_2(max(n, 16)) if one else 4096
+    _topk_mask_kernel[(1,)](score, n_visible, mask, n, top_k, BLOCK=block, ONE=one,
+                            num_warps=16 if block >= 4096 else 4, **pdl.triton_args(score.device))
+    return mask.view(torch.bool)
+
+
+_index_switch = Switch()
+set_index_enabled = _index_switch.set   # benchmarks time the torch twins in the same run
+
+
+def index_enabled() -> bool:
+    return _index_switch.on
+
+
 # ---- a prefill's attention: all T queries of a call in one launch ----------------------------
 # The twin is ds4tp.model.attend_many's: rope_tail of the queries, model.attend per query chunk,
 # rope_tail inverse of the heads (here: the rotations as the queries are read and before the
