@@ -939,6 +939,7 @@ def interpreter_cases():
     yield "decode index_scores 20 heads, all visible", case_index_scores, (20, 64, 130, 130)
     yield "decode topk_mask one block", case_topk_mask, (300, 250, 64)
     yield "decode topk_mask blocks", case_topk_mask, (20000, 17000, 512)
+    yield "decode topk_mask registers, rows past the block", case_topk_mask, (9000, 3000, 512)
     yield "decode topk_mask few visible", case_topk_mask, (700, 40, 64)
     yield "decode topk_mask visible = k", case_topk_mask, (600, 512, 512)
     yield "decode topk_mask threshold in a tie run", case_topk_mask, (3000, 2900, 512, 7)

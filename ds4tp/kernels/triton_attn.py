@@ -597,58 +597,77 @@ def _next_thr(thr, packed, k, sh):
 
 
 @triton.jit
+def _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK: tl.constexpr):
+    """_topk_mask_kernel for at most BLOCK visible rows, held in registers across the passes."""
+    ii = tl.arange(0, BLOCK)
+    thr = tl.zeros([], tl.int64)
+    key = _sort_keys(tl.load(score_ptr + ii, mask=ii < lim, other=0.0), ii < lim)
+    for p in tl.static_range(16):
+        sh = 30 - 2 * p
+        thr = _next_thr(thr, _count3(key, thr, sh), k, sh)
+    above = tl.sum((key > thr).to(tl.int32), axis=0)
+    tie = key == thr
+    rank = tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)          # ties before i
+    sel = (key > thr) | (tie & (rank < k - above))
+    sel = tl.where(nvis <= k, ii < lim, sel)
+    tl.store(mask_ptr + ii, sel.to(tl.int8), mask=ii < n)
+    for c0 in range(BLOCK, n, BLOCK):                                     # rows past the block
+        tl.store(mask_ptr + c0 + ii, tl.zeros([BLOCK], tl.int8), mask=c0 + ii < n)
+
+
+@triton.jit
+def _topk_in_blocks(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK: tl.constexpr):
+    """_topk_mask_kernel for more visible rows than one block: each pass reloads them."""
+    ii = tl.arange(0, BLOCK)
+    thr = tl.zeros([], tl.int64)
+    for p in tl.static_range(16):
+        sh = 30 - 2 * p
+        packed = tl.zeros([], tl.int64)
+        for c0 in range(0, lim, BLOCK):
+            i = c0 + ii
+            key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
+            packed += _count3(key, thr, sh)
+        thr = _next_thr(thr, packed, k, sh)
+    above = tl.zeros([], tl.int32)
+    for c0 in range(0, lim, BLOCK):
+        i = c0 + ii
+        key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
+        above += tl.sum((key > thr).to(tl.int32), axis=0)
+    taken = tl.zeros([], tl.int32)
+    for c0 in range(0, n, BLOCK):
+        i = c0 + ii
+        key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
+        tie = key == thr
+        rank = taken + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
+        sel = (key > thr) | (tie & (rank < k - above))
+        sel = tl.where(nvis <= k, i < lim, sel)
+        tl.store(mask_ptr + i, sel.to(tl.int8), mask=i < n)
+        taken += tl.sum(tie.to(tl.int32), axis=0)
+
+
+@triton.jit
 def _topk_mask_kernel(score_ptr, nvis_ptr, mask_ptr, n, k, BLOCK: tl.constexpr,
                       ONE: tl.constexpr, PDL: tl.constexpr = False):
     """One program: mask[i] = row i is among the k highest scores of the visible rows
     i < n_visible (ties to the lower row), or every visible row when n_visible <= k; 0 past the
     visible rows. The k-th largest key is found two bits at a time from the top (16 counting
     passes), then the rows above it are taken and the rows equal to it in index order until k.
-    ONE: all n rows fit one block, held in registers across the passes; else each pass reloads
-    the visible rows block by block."""
+    Up to BLOCK visible rows (the depth, read on the device) stay in registers across the
+    passes; past that each pass reloads them block by block (not compiled where ONE: n <= BLOCK)."""
     pdl_start(PDL)
     nvis = tl.load(nvis_ptr)
     lim = tl.minimum(nvis, n)
-    ii = tl.arange(0, BLOCK)
-    thr = tl.zeros([], tl.int64)
     if ONE:
-        key = _sort_keys(tl.load(score_ptr + ii, mask=ii < lim, other=0.0), ii < lim)
-        for p in tl.static_range(16):
-            sh = 30 - 2 * p
-            thr = _next_thr(thr, _count3(key, thr, sh), k, sh)
-        above = tl.sum((key > thr).to(tl.int32), axis=0)
-        tie = key == thr
-        rank = tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)      # ties before i
-        sel = (key > thr) | (tie & (rank < k - above))
-        sel = tl.where(nvis <= k, ii < lim, sel)
-        tl.store(mask_ptr + ii, sel.to(tl.int8), mask=ii < n)
+        _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK)
     else:
-        for p in tl.static_range(16):
-            sh = 30 - 2 * p
-            packed = tl.zeros([], tl.int64)
-            for c0 in range(0, lim, BLOCK):
-                i = c0 + ii
-                key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
-                packed += _count3(key, thr, sh)
-            thr = _next_thr(thr, packed, k, sh)
-        above = tl.zeros([], tl.int32)
-        for c0 in range(0, lim, BLOCK):
-            i = c0 + ii
-            key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
-            above += tl.sum((key > thr).to(tl.int32), axis=0)
-        taken = tl.zeros([], tl.int32)
-        for c0 in range(0, n, BLOCK):
-            i = c0 + ii
-            key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
-            tie = key == thr
-            rank = taken + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
-            sel = (key > thr) | (tie & (rank < k - above))
-            sel = tl.where(nvis <= k, i < lim, sel)
-            tl.store(mask_ptr + i, sel.to(tl.int8), mask=i < n)
-            taken += tl.sum(tie.to(tl.int32), axis=0)
+        if lim <= BLOCK:
+            _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK)
+        else:
+            _topk_in_blocks(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK)
 
 
 INDEX_BR = 64            # index-cache rows per score program
-TOPK_ONE_BLOCK = 16384   # rows a selection holds in registers (ctx up to 65532 at ratio 4)
+TOPK_BLOCK = 4096        # visible rows a selection holds in registers (depth up to 16384 tokens)
 
 
 def index_scores(q, w, keys, n_visible, wscale: float) -> torch.Tensor:
@@ -680,10 +699,9 @@ def topk_mask(score: torch.Tensor, n_visible: torch.Tensor, top_k: int) -> torch
     if not 0 < top_k < n or n >= 1 << 21:
         raise ValueError(f"topk_mask: need 0 < top_k {top_k} < rows {n} < 2**21")
     mask = torch.empty(1, n, dtype=torch.int8, device=score.device)
-    one = n <= TOPK_ONE_BLOCK
-    block = triton.next_power_of_2(max(n, 16)) if one else 4096
-    _topk_mask_kernel[(1,)](score, n_visible, mask, n, top_k, BLOCK=block, ONE=one,
-                            num_warps=16 if block >= 4096 else 4, **pdl.triton_args(score.device))
+    block = min(TOPK_BLOCK, triton.next_power_of_2(max(n, 16)))
+    _topk_mask_kernel[(1,)](score, n_visible, mask, n, top_k, BLOCK=block, ONE=n <= block,
+                            num_warps=16 if block >= 2048 else 4, **pdl.triton_args(score.device))
     return mask.view(torch.bool)
 
 
