@@ -6,10 +6,15 @@ import importlib
 import sys
 
 from ds4tp.gateway import STEP_TIMEOUT_S
+from ds4tp.worker import DECODERS
 
 NO_LOOKAHEAD_HELP = ("workers do not feed a sampled token before the gateway sends it back "
                      "(lookahead overlaps the next decode step with the reply's round trip; off "
                      "for diagnosis)")
+
+DECODERS_HELP = ("static decoders (CUDA graphs) per worker: that many sequences decode at once "
+                 "without setting each other's state aside (each costs its decode buffers for --ctx "
+                 "tokens and its captured graphs)")
 
 # subcommand -> "module:function"; imported only when the subcommand runs.
 COMMANDS = {
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(a dead one fails at once); prefill adds per-token time")
     la.add_argument("--no-lookahead", action="store_true",
                     help=NO_LOOKAHEAD_HELP)
+    la.add_argument("--decoders", type=int, default=DECODERS, help=DECODERS_HELP)
 
     w = sub.add_parser("worker", help="one tensor-parallel worker (rank) serving gRPC")
     w.add_argument("--model", required=True)
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grpc-port", type=int, default=50051)
     w.add_argument("--device", default="auto")
     w.add_argument("--ctx", type=int, default=4096)
+    w.add_argument("--decoders", type=int, default=DECODERS, help=DECODERS_HELP)
     w.add_argument("--no-warm-up", action="store_true",
                    help="on CUDA, skip compiling kernels and capturing the decode graphs before "
                         "turning READY (the first requests then pay for it, and may pass the "

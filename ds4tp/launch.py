@@ -161,7 +161,7 @@ def main(args) -> int:
             "worker", "--model", model, "--rank", str(rank), "--world", str(args.nodes),
             "--master-addr", "127.0.0.1", "--master-port", str(master_port),
             "--grpc-host", "127.0.0.1", "--grpc-port", str(port), "--device", dev,
-            "--ctx", str(args.ctx)], env))
+            "--ctx", str(args.ctx), "--decoders", str(args.decoders)], env))
     gw = py + ["gateway", "--workers", ",".join(f"127.0.0.1:{p}" for p in grpc_ports),
                "--model", model, "--host", args.host, "--port", str(args.port),
                "--served-model-name", args.served_model_name, "--step-timeout", str(args.step_timeout)]

@@ -225,6 +225,47 @@ def test_runtime_chained_greedy_gives_the_same_tokens(tiny, tmp_path, device):
     assert runs[True, True][1] == 1                                   # ... plus the pick fed ahead
 
 
+def test_runtime_lanes_give_the_same_tokens(tiny):
+    """Runtime lanes (one static decoder per sequence decoding at once): three sequences
+    decoding round robin, greedy and sampled, chained, give the same tokens, logprobs, digests
+    and logits with one, two or three decoders. With three nothing is parked; with fewer the
+    least recently used lane's slot is. A sequence released without keeping its state frees its
+    lane."""
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    params = {"a": SamplingParams(), "b": SamplingParams(temperature=0.9, top_p=0.9, seed=3),
+              "c": SamplingParams(logit_bias={1: -math.inf})}
+    runs = {}
+    for n_dec in (1, 2, 3):
+        rt = Runtime(tiny, SingleComm(), ctx=96, fast_decode=True, lookahead=True, decoders=n_dec)
+        parks = []
+        for lane in rt.lanes:
+            park = lane.dec.park
+            lane.dec.park = lambda park=park: parks.append(1) or park()
+        toks = {"a": [0, 11, 22, 33], "b": [0, 7, 8], "c": [5, 6]}
+        out = []
+        for sid in toks:
+            toks[sid].append(rt.prefill(1, sid, toks[sid], params=params[sid]).sample.token)
+        for step in range(1, 9):
+            for sid in toks:
+                r = rt.decode(10 * step + len(out), sid, [toks[sid][-1]], step, params[sid],
+                              lookahead=True)
+                toks[sid].append(r.sample.token)
+                out.append((sid, r.sample.token, r.sample.logprob, r.n_past, r.digest))
+        logits = {sid: rt.live[sid].logits.clone() for sid in toks}
+        runs[n_dec] = (out, logits, len(parks), rt.chained)
+        held_a = any(lane.slot is rt.live["a"] for lane in rt.lanes)
+        assert held_a == (n_dec == 3)                  # else b and c stepped since, on its lane
+        rt.release(200, "a", drop=True)
+        assert sum(lane.slot is None for lane in rt.lanes) == int(held_a)
+    assert runs[1][0] == runs[2][0] == runs[3][0]
+    for sid in "abc":
+        assert torch.equal(runs[1][1][sid], runs[2][1][sid]) and torch.equal(runs[1][1][sid], runs[3][1][sid])
+    assert runs[3][2] == 0 and runs[2][2] > 0 and runs[1][2] > 0, [runs[k][2] for k in runs]
+    assert runs[1][3] == runs[2][3] == runs[3][3] == 3 * 7            # every step fed ahead chains
+
+
 def test_runtime_fast_decode_binding(tiny):
     """The worker runtime with the static decoder bound to slots: decode, release, a longer
     request reuses the state (written back), two interleaved sequences do not mix."""
@@ -371,7 +412,9 @@ def test_runtime_warm_up_changes_no_result(tiny):
         if warm:
             done = rt.warm_up(lengths=(2, 17, 60))
             assert done["prefill"] == [2, 17, 40] and done["decode_variants"] == 2  # 60: ctx
-            assert rt.fast.n == 0 and not rt.live and not rt.cached and rt.digest == 0
+            assert done["decoders"] == len(rt.lanes) == 2
+            assert all(lane.dec.n == 0 for lane in rt.lanes)
+            assert not rt.live and not rt.cached and rt.digest == 0
         toks = [rt.prefill(1, "a", [5, 6, 7], params=SamplingParams()).sample.token]
         for k in range(1, 9):
             toks.append(rt.decode(1 + k, "a", [toks[-1]], k).sample.token)

@@ -72,7 +72,7 @@ def load(node: WorkerNode, args, device: str) -> None:
         from ds4tp.model import DS4Model
         t = time.perf_counter()
         model = DS4Model.load(args.model, rank=node.rank, world=node.world, comm=comm, device=device)
-        runtime = Runtime(model, comm, ctx=args.ctx, device=device)
+        runtime = Runtime(model, comm, ctx=args.ctx, device=device, decoders=args.decoders)
         if torch.device(device).type == "cuda" and not args.no_warm_up:
             node.message = "warming up: compiling kernels, capturing the decode graphs"
             log(f"rank {node.rank}: loaded in {time.perf_counter() - t:.1f}s; warming up")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ds4tp.worker import DECODERS
 from ds4tp.worker.sampling import (Sample, SamplingParams, bias_key, picks_on_device,
                                    queues_on_device, sample, sample_device, unpack)
 
@@ -51,12 +52,22 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None   # after the last consumed token
     pending: list[int] = field(default_factory=list)   # prompt tokens not fed yet
-    parked: object | None = None   # its decode state set aside by the fast decoder (then
+    lane: "_Lane | None" = None     # the fast decoder holding its decode state, if any (then
                                    # `state` is stale until Runtime._unbind writes it back)
+    parked: object | None = None   # its decode state set aside by a fast decoder (likewise)
     ahead: int | None = None       # a sampled token already fed by lookahead (in `tokens`), which
                                    # the gateway has not sent back yet
     pick: tuple | None = None      # the fast decoder's greedy pick after `tokens` (Runtime._fast_step):
                                    # (its copy, a CUDA event or None, the logit_bias's bias_key)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One static decoder (decode_graph.StaticDecoder) and the slot bound to it."""
+    dec: object
+    slot: Slot | None = None
+    pick_slot: Slot | None = None  # the slot whose last step's greedy pick is in dec's token buffer
+    used: int = 0                  # when it last stepped (the least recently used one is parked)
 
 
 @dataclass(frozen=True)
@@ -100,33 +111,37 @@ class Runtime:
     of them only feeds the new suffix."""
 
     def __init__(self, model, comm, *, ctx: int, device="cpu", max_sequences: int = 16,
-                 max_cached: int = 4, fast_decode: bool | None = None, lookahead: bool | None = None):
+                 max_cached: int = 4, fast_decode: bool | None = None, lookahead: bool | None = None,
+                 decoders: int = DECODERS):
         self.model, self.comm, self.ctx = model, comm, int(ctx)
         self.device = torch.device(device)
-        # One-token decode steps on CUDA go through the static-buffer decoder (CUDA graphs),
-        # bound to one slot at a time. Switching to another sequence parks the bound slot's
-        # decoder state (a few copies); a slot's SessionState is written back only before
-        # something eager (prefill, cloning, the prefix cache) touches it.
+        # One-token decode steps on CUDA go through static-buffer decoders (CUDA graphs), each
+        # bound to one slot at a time (a lane): `decoders` sequences decode without touching
+        # each other's state, so their steps queue back to back. A sequence without a lane takes
+        # a free one or parks the least recently used lane's slot (a few copies); a slot's
+        # SessionState is written back only before something eager (prefill, cloning, the prefix
+        # cache) touches it.
         if fast_decode is None:
             fast_decode = self.device.type == "cuda"
-        self.fast = None
+        if decoders < 1:
+            raise ValueError(f"decoders must be at least 1, got {decoders}")
+        self.lanes: list[_Lane] = []
         if fast_decode:
             from ds4tp.decode_graph import StaticDecoder
-            self.fast = StaticDecoder(model, max_ctx=self.ctx)
-        self.fast_slot: Slot | None = None
+            self.lanes = [_Lane(StaticDecoder(model, max_ctx=self.ctx)) for _ in range(decoders)]
+        self._ticks = 0
         # Lookahead (proto: DecodeRequest.lookahead): a decode step's sampled token is fed to the
         # fast decoder before the reply goes out, so the GPU runs the next step while the reply
         # and the gateway's next request travel. Only where the decoder runs asynchronously
         # (CUDA); elsewhere the reply would wait for the next step.
-        self.lookahead = self.fast is not None and bool(
+        self.lookahead = bool(self.lanes) and bool(
             self.device.type == "cuda" if lookahead is None else lookahead)
         self._in_flight = False      # a lookahead step may still be running on the GPU
         # Chaining (requests with lookahead): the next step is queued before the host knows the
         # token it consumes, so the GPU does not wait for the host between steps. Its token is
-        # the greedy pick the decode graph left in the decoder's token buffer (while that holds
-        # the pick of this slot's last step: `_pick_slot`), or else sampled on the device
+        # the greedy pick the decode graph left in the lane's token buffer (while that holds the
+        # pick of this slot's last step: `_Lane.pick_slot`), or else sampled on the device
         # (sampling.sample_device) and copied there.
-        self._pick_slot: Slot | None = None
         self.chained = 0             # steps queued that way (tests, metrics)
         self.vocab = int(model.shape.vocab)
         self.max_sequences, self.max_cached = max_sequences, max_cached
@@ -145,7 +160,7 @@ class Runtime:
         the indexer on), then every decode-graph variant. Runs collectives: every rank calls it
         with the same arguments. Leaves no sequence state behind. Returns what ran."""
         with self._lock, self._on_device():
-            if self.live or self.fast_slot is not None:
+            if self.live or any(lane.slot is not None for lane in self.lanes):
                 raise RuntimeError("warm_up runs before any sequence")
             lengths = sorted({min(int(n), self.ctx) for n in lengths if n > 0})
             ctxs = self._gathered(self.ctx)   # different contexts: different collectives, a hang
@@ -170,8 +185,9 @@ class Runtime:
                     if more > 0:
                         feed(st, more, f"+{more}")
             t = time.perf_counter()
-            variants = self.fast.warm_up() if self.fast is not None else []
-            return {"prefill": ran, "prefill_s": secs, "decode_variants": len(variants),
+            variants = [lane.dec.warm_up() for lane in self.lanes]
+            return {"prefill": ran, "prefill_s": secs, "decoders": len(self.lanes),
+                    "decode_variants": len(variants[0]) if variants else 0,
                     "decode_s": round(time.perf_counter() - t, 2)}
 
     def _on_device(self):
@@ -266,10 +282,14 @@ class Runtime:
                 if not drop and slot.tokens and slot.logits is not None:
                     self.cached[self._next_key] = slot
                     self._next_key += 1
+                else:
+                    self._forget(slot)
             if all and drop:
+                for slot in self.cached.values():
+                    self._forget(slot)
                 self.cached.clear()
             while len(self.cached) > self.max_cached:
-                self.cached.popitem(last=False)
+                self._forget(self.cached.popitem(last=False)[1])
             self.digest = _digest(self.digest, op, "release", seq_id, int(all), int(drop))
             return len(ids)
 
@@ -337,7 +357,7 @@ class Runtime:
         self._agree_on(op, kind, seq_id, len(slot.tokens), feed)
         t = time.perf_counter()
         if feed:
-            if self.fast is not None and kind == "decode" and len(feed) == 1:
+            if self.lanes and kind == "decode" and len(feed) == 1:
                 self._fast_step(slot, feed[0], params)
             else:
                 self._unbind(slot)
@@ -389,9 +409,10 @@ class Runtime:
         return self.lookahead and len(slot.tokens) < self.ctx and queues_on_device(params)
 
     def _pick_is_fed(self, slot: Slot, params: SamplingParams) -> bool:
-        """Whether the decoder's token buffer holds this request's sample after `slot`'s last
-        step: that step's greedy pick is the sample (_pick_fits), and no other step ran since."""
-        return self._pick_slot is slot and self.fast_slot is slot and self._pick_fits(slot, params)
+        """Whether its lane's token buffer holds this request's sample after `slot`'s last step:
+        that step's greedy pick is the sample (_pick_fits), and the lane has not changed hands."""
+        return (slot.lane is not None and slot.lane.pick_slot is slot
+                and self._pick_fits(slot, params))
 
     @staticmethod
     def _pick_fits(slot: Slot, params: SamplingParams) -> bool:
@@ -422,23 +443,24 @@ class Runtime:
         self._fast_step(slot, None, params, fed)
         self.chained += 1
         s = unpack(self._read(this))
-        self.fast.confirm(s.token)
+        slot.lane.dec.confirm(s.token)
         self._fed_ahead(op, seq_id, slot, s.token)
         return s, time.perf_counter() - t - smp, smp
 
     def _fast_step(self, slot: Slot, token: int | None, params: SamplingParams | None,
                    device_token: torch.Tensor | None = None) -> None:
-        """One step of the fast decoder on `slot`, fed `token`, or `device_token` (a tensor on
-        the device), or with both None the pick its last step left in the token buffer; keeps
-        the logits and the step's greedy pick for the slot."""
-        self._bind(slot)
+        """One step of `slot`'s fast decoder, fed `token`, or `device_token` (a tensor on the
+        device), or with both None the pick its last step left in the token buffer; keeps the
+        logits and the step's greedy pick for the slot."""
+        lane = self._bind(slot)
+        dec = lane.dec
         if device_token is not None:
-            self.fast.token.copy_(device_token)
+            dec.token.copy_(device_token)
         if params is not None and picks_on_device(params):
-            self.fast.set_bias(params.logit_bias)
-        slot.logits = self.fast.step(token).clone()
-        slot.pick = (*self._hold(self.fast.pick), self.fast.bias_key)
-        self._pick_slot = slot
+            dec.set_bias(params.logit_bias)
+        slot.logits = dec.step(token).clone()
+        slot.pick = (*self._hold(dec.pick), dec.bias_key)
+        lane.pick_slot = slot
 
     def _hold(self, t: torch.Tensor) -> tuple:
         """(copy, event) of a small device tensor as of now, kept past later steps: on CUDA a
@@ -464,28 +486,42 @@ class Runtime:
         function as sampling.sample_torch's greedy choice), or None to sample the logits."""
         return unpack(self._read(slot.pick)) if self._pick_fits(slot, params) else None
 
-    def _bind(self, slot: Slot) -> None:
-        """Give the fast decoder `slot`'s state, parking the slot it held."""
-        if self.fast_slot is slot:
-            return
-        if self.fast_slot is not None:
-            self.fast_slot.parked = self.fast.park()
-        if slot.parked is not None:
-            self.fast.resume(slot.parked)
-            slot.parked = None
-        else:
-            self.fast.load_session(slot.state)
-        self.fast_slot = slot
+    def _bind(self, slot: Slot) -> _Lane:
+        """The lane holding `slot`'s decode state: its own, else a free one, else the least
+        recently used one, whose slot is parked."""
+        lane = slot.lane
+        if lane is None:
+            lane = min(self.lanes, key=lambda ln: (ln.slot is not None, ln.used))
+            if lane.slot is not None:
+                lane.slot.parked = lane.dec.park()
+                lane.slot.lane = None
+            if slot.parked is not None:
+                lane.dec.resume(slot.parked)
+                slot.parked = None
+            else:
+                lane.dec.load_session(slot.state)
+            lane.slot, lane.pick_slot, slot.lane = slot, None, lane
+        self._ticks += 1
+        lane.used = self._ticks
+        return lane
 
     def _unbind(self, slot: Slot) -> None:
-        """Make `slot.state` current (the fast decoder's state for it written back) before it is
-        used eagerly; the decoder then holds no slot."""
+        """Make `slot.state` current (its lane's state written back) before it is used eagerly;
+        the slot then has no lane."""
         if slot.parked is not None:
             self._bind(slot)
-        if self.fast_slot is slot:
-            self.fast.store_session(slot.state)
-            self.fast_slot = None
-            self._pick_slot = None
+        lane = slot.lane
+        if lane is not None:
+            lane.dec.store_session(slot.state)
+            lane.slot = lane.pick_slot = slot.lane = None
+
+    @staticmethod
+    def _forget(slot: Slot) -> None:
+        """A slot no longer kept: its lane (if any) is free again, nothing parked or written back."""
+        lane = slot.lane
+        if lane is not None:
+            lane.slot = lane.pick_slot = slot.lane = None
+        slot.parked = None
 
     def _gathered(self, value: int) -> list[int]:
         """Every rank's `value` (an int64), in rank order."""
