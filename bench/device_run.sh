@@ -86,8 +86,9 @@
 #   s16a: session 16, two GPUs: the indexer's launches (scores over the visible rows, one-launch
 #         top-512 selection): CUDA tests, the TP=2,1 bench (no A/B; depth 4096 at two decoder
 #         capacities, with and without them), CUDA goldens through the graphs
-#   s16b: session 16, two GPUs: the served path (sampled rate after sample_device's fix, decode
-#         after a long prompt with the indexer's launches), a killed rank
+#   s16b: session 16, two GPUs: runtime lanes (CUDA tests), then the served path (two streams on
+#         two decoders, sampled rate after sample_device's fix, decode after a long prompt with
+#         the indexer's launches), a killed rank
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -685,6 +686,7 @@ elif [ "$MODE" = s16a ]; then
   golden 2 static 90
   golden 1 static 70
 elif [ "$MODE" = s16b ]; then
+  gate_tests 110 "lanes or chained or lookahead" tests/test_decode_graph.py
   serve_full 200 370 --kill 1
 elif [ "$MODE" = s15c ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; chained decode)"

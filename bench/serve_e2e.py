@@ -12,7 +12,7 @@ Measured, in order:
   short one, the mean decode step as the gateway sees it (round trip) and each rank's model and
   sampling time in it (the gateway's /metrics); the short one again with temperature 0.8 and
   top_p 0.95 (the sampler's cost on a full vocabulary);
-- two streams at once: both complete, tokens per second together;
+- two and three streams at once: all complete, tokens per second together;
 - one-token completions from prompts of lengths no request had before (the workers' warm-up
   should leave nothing to compile): seconds per request;
 - bad requests (malformed JSON, a prompt longer than the context, an unknown parameter) get a
@@ -221,19 +221,21 @@ def main() -> int:
         words = " ".join(f"item{i % 97} is next to item{(7 * i) % 89}." for i in range(a.long_words // 5))
         show("stream_long", summary(stream(base, dict(gen, prompt=words))))
 
-        both = [None, None]
+        # streams at once (the workers' decoders: two by default, so three park one another)
+        for n_str, key in ((2, "two_streams"), (3, "three_streams")):
+            outs = [None] * n_str
 
-        def run(i):
-            both[i] = stream(base, dict(gen, prompt=f"Story number {i}:", max_tokens=a.tokens // 2))
-        t = time.perf_counter()
-        th = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        [x.start() for x in th]
-        [x.join() for x in th]
-        el = time.perf_counter() - t
-        toks = sum((r["usage"] or {}).get("completion_tokens", 0) for r in both)
-        show("two_streams", {"ok": all(r["done"] and not r["error"] for r in both),
-                             "completion_tokens": toks, "seconds": round(el, 3),
-                             "tok_s_together": round(toks / el, 1)})
+            def run(i):
+                outs[i] = stream(base, dict(gen, prompt=f"Story number {i}:", max_tokens=a.tokens // 2))
+            t = time.perf_counter()
+            th = [threading.Thread(target=run, args=(i,)) for i in range(n_str)]
+            [x.start() for x in th]
+            [x.join() for x in th]
+            el = time.perf_counter() - t
+            toks = sum((r["usage"] or {}).get("completion_tokens", 0) for r in outs)
+            show(key, {"ok": all(r["done"] and not r["error"] for r in outs),
+                       "completion_tokens": toks, "seconds": round(el, 3),
+                       "tok_s_together": round(toks / el, 1)})
 
         # a first prompt of a new length must not stall (kernels compiled on a served request):
         # one-token completions from token-id prompts of lengths the warm-up did not feed

@@ -225,20 +225,26 @@ def test_runtime_chained_greedy_gives_the_same_tokens(tiny, tmp_path, device):
     assert runs[True, True][1] == 1                                   # ... plus the pick fed ahead
 
 
-def test_runtime_lanes_give_the_same_tokens(tiny):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (graphs, steps queued ahead)"))])
+def test_runtime_lanes_give_the_same_tokens(tiny, tmp_path, device):
     """Runtime lanes (one static decoder per sequence decoding at once): three sequences
     decoding round robin, greedy and sampled, chained, give the same tokens, logprobs, digests
     and logits with one, two or three decoders. With three nothing is parked; with fewer the
     least recently used lane's slot is. A sequence released without keeping its state frees its
-    lane."""
+    lane. On CUDA each decoder replays its own graphs."""
     from ds4tp.comm import SingleComm
     from ds4tp.worker.runtime import Runtime
     from ds4tp.worker.sampling import SamplingParams
+    if device == "cuda":
+        write_synthetic(tmp_path / "t.gguf", C.TINY, seed=7)
+        tiny = DS4Model.load(tmp_path / "t.gguf", device="cuda")
     params = {"a": SamplingParams(), "b": SamplingParams(temperature=0.9, top_p=0.9, seed=3),
               "c": SamplingParams(logit_bias={1: -math.inf})}
     runs = {}
     for n_dec in (1, 2, 3):
-        rt = Runtime(tiny, SingleComm(), ctx=96, fast_decode=True, lookahead=True, decoders=n_dec)
+        rt = Runtime(tiny, SingleComm(), ctx=96, device=device, fast_decode=True, lookahead=True,
+                     decoders=n_dec)
         parks = []
         for lane in rt.lanes:
             park = lane.dec.park
