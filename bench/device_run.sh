@@ -89,6 +89,10 @@
 #   s16b: session 16, two GPUs: runtime lanes (CUDA tests), then the served path (two streams on
 #         two decoders, sampled rate after sample_device's fix, decode after a long prompt with
 #         the indexer's launches), a killed rank
+#   s16c: session 16, two GPUs: s16a again after the selection kept the visible rows in
+#         registers whatever the decoder's capacity
+#   s16d: session 16, two GPUs: the served path again, with each stream's own rate when two or
+#         three run at once
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -685,6 +689,16 @@ elif [ "$MODE" = s16a ]; then
   bench_summary
   golden 2 static 90
   golden 1 static 70
+elif [ "$MODE" = s16c ]; then
+  gate_tests 130 "topk_mask or index_scores or index_kernels" tests/test_kernels.py tests/test_decode_graph.py
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; the indexer's A/B at depth)"
+  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  golden 2 static 90
+  golden 1 static 70
+elif [ "$MODE" = s16d ]; then
+  serve_full 200 370 --kill 1
 elif [ "$MODE" = s16b ]; then
   gate_tests 110 "lanes or chained or lookahead" tests/test_decode_graph.py
   serve_full 200 370 --kill 1

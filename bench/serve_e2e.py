@@ -227,15 +227,21 @@ def main() -> int:
 
             def run(i):
                 outs[i] = stream(base, dict(gen, prompt=f"Story number {i}:", max_tokens=a.tokens // 2))
+            m0 = scrape(base)
             t = time.perf_counter()
             th = [threading.Thread(target=run, args=(i,)) for i in range(n_str)]
             [x.start() for x in th]
             [x.join() for x in th]
             el = time.perf_counter() - t
             toks = sum((r["usage"] or {}).get("completion_tokens", 0) for r in outs)
+            # each stream's own decode rate (after its first token; the others' prefills fall
+            # inside it) and the workers' view of the steps
             show(key, {"ok": all(r["done"] and not r["error"] for r in outs),
                        "completion_tokens": toks, "seconds": round(el, 3),
-                       "tok_s_together": round(toks / el, 1)})
+                       "tok_s_together": round(toks / el, 1),
+                       "per_stream_decode_tok_s": [r.get("decode_tok_s") for r in outs],
+                       "ttft_s": [r.get("ttft_s") for r in outs]})
+            show(f"{key}_worker_ms", per_step_ms(m0, scrape(base), a.nodes))
 
         # a first prompt of a new length must not stall (kernels compiled on a served request):
         # one-token completions from token-id prompts of lengths the warm-up did not feed
