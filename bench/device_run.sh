@@ -93,6 +93,8 @@
 #         registers whatever the decoder's capacity
 #   s16d: session 16, two GPUs: the served path again, with each stream's own rate when two or
 #         three run at once
+#   s16e: session 16, two GPUs: short prompts fed through the decode graphs (graph_feed, set
+#         by the warm-up), then the served path again
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -699,6 +701,9 @@ elif [ "$MODE" = s16c ]; then
   golden 1 static 70
 elif [ "$MODE" = s16d ]; then
   serve_full 200 370 --kill 1
+elif [ "$MODE" = s16e ]; then
+  gate_tests 90 "short_prompts or graph_feed or lanes" tests/test_decode_graph.py
+  serve_full 200 330
 elif [ "$MODE" = s16b ]; then
   gate_tests 110 "lanes or chained or lookahead" tests/test_decode_graph.py
   serve_full 200 370 --kill 1

@@ -270,6 +270,67 @@ def test_runtime_lanes_give_the_same_tokens(tiny, tmp_path, device):
     assert runs[1][3] == runs[2][3] == runs[3][3] == 3 * 7            # every step fed ahead chains
 
 
+def test_runtime_feeds_short_prompts_through_the_decoder(tiny):
+    """Prompts (and prompt chunks) of at most graph_feed tokens go through a lane, one decode
+    step per token, instead of one eager forward: the sequence then holds that lane (its first
+    decode loads nothing), and its tokens and logits are those of feeding the prompt's tokens
+    as decode steps one by one; longer prompts still go eager. A prompt chunk (resume) follows
+    the same rule."""
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    greedy = SamplingParams()
+    prompt = [0, 11, 22, 33, 44]
+    rt = Runtime(tiny, SingleComm(), ctx=96, fast_decode=True, lookahead=True, graph_feed=5)
+    loads = []
+    for lane in rt.lanes:
+        load = lane.dec.load_session
+        lane.dec.load_session = lambda st, load=load: loads.append(st.n) or load(st)
+    r = rt.prefill(1, "a", prompt, params=greedy)
+    assert loads == [0] and rt.live["a"].lane is not None       # an empty state, then graph steps
+    # the same tokens as decode steps of a fresh static decoder: the same logits, bit for bit
+    ref = StaticDecoder(tiny, max_ctx=96, use_graphs=False)
+    ref.load_session(tiny.new_state())
+    for t in prompt:
+        want = ref.step(t).clone()
+    assert torch.equal(rt.live["a"].logits, want)
+    toks = [r.sample.token]
+    assert toks[-1] == int(want.argmax())
+    for step in range(1, 6):
+        want = ref.step(toks[-1]).clone()
+        toks.append(rt.decode(1 + step, "a", [toks[-1]], step, greedy).sample.token)
+        assert torch.equal(rt.live["a"].logits, want) and toks[-1] == int(want.argmax())
+    assert loads == [0]
+    # longer than graph_feed: one eager forward, the first decode loads the state
+    rt.prefill(20, "b", prompt + [55], params=greedy)
+    assert rt.live["b"].lane is None
+    # a long prompt in chunks: the short last chunk goes through a lane
+    rt.prefill(21, "c", list(range(40, 52)), max_feed=8, params=greedy)
+    assert rt.live["c"].lane is None
+    rt.prefill(22, "c", [], resume=True, params=greedy)
+    assert rt.live["c"].lane is not None and loads[-1] == 8
+
+
+def test_graph_feed_limit_leaves_the_runtime_as_it_was(tiny):
+    """The warm-up's timing of an eager forward against graph steps (on CUDA; called directly
+    here) sets graph_feed within [0, 64] and leaves the decoder empty: requests then get what a
+    runtime given the same graph_feed gives."""
+    from ds4tp.comm import SingleComm
+    from ds4tp.worker.runtime import Runtime
+    from ds4tp.worker.sampling import SamplingParams
+    rt = Runtime(tiny, SingleComm(), ctx=64, fast_decode=True)
+    got = rt._graph_feed_limit()
+    assert 0 <= rt.graph_feed == got["graph_feed"] <= 64 and all(ln.dec.n == 0 for ln in rt.lanes)
+    fresh = Runtime(tiny, SingleComm(), ctx=64, fast_decode=True, graph_feed=rt.graph_feed)
+    out = []
+    for r in (rt, fresh):
+        toks = [r.prefill(1, "a", [3, 1, 4], params=SamplingParams()).sample.token]
+        for k in range(1, 6):
+            toks.append(r.decode(1 + k, "a", [toks[-1]], k).sample.token)
+        out.append((toks, r.live["a"].logits.clone()))
+    assert out[0][0] == out[1][0] and torch.equal(out[0][1], out[1][1])
+
+
 def test_runtime_fast_decode_binding(tiny):
     """The worker runtime with the static decoder bound to slots: decode, release, a longer
     request reuses the state (written back), two interleaved sequences do not mix."""

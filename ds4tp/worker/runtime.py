@@ -112,7 +112,7 @@ class Runtime:
 
     def __init__(self, model, comm, *, ctx: int, device="cpu", max_sequences: int = 16,
                  max_cached: int = 4, fast_decode: bool | None = None, lookahead: bool | None = None,
-                 decoders: int = DECODERS):
+                 decoders: int = DECODERS, graph_feed: int = 0):
         self.model, self.comm, self.ctx = model, comm, int(ctx)
         self.device = torch.device(device)
         # One-token decode steps on CUDA go through static-buffer decoders (CUDA graphs), each
@@ -130,6 +130,11 @@ class Runtime:
             from ds4tp.decode_graph import StaticDecoder
             self.lanes = [_Lane(StaticDecoder(model, max_ctx=self.ctx)) for _ in range(decoders)]
         self._ticks = 0
+        # Prompts (or prompt chunks) of at most `graph_feed` tokens are fed one decode step each
+        # through a lane's graphs instead of one eager forward: an eager forward of a few tokens
+        # costs its launches (~0.2 s on an H200), a graph step ~5 ms. warm_up measures both on
+        # CUDA and sets it (the same on every rank); 0: every prompt goes eager.
+        self.graph_feed = int(graph_feed) if self.lanes else 0
         # Lookahead (proto: DecodeRequest.lookahead): a decode step's sampled token is fed to the
         # fast decoder before the reply goes out, so the GPU runs the next step while the reply
         # and the gateway's next request travel. Only where the decoder runs asynchronously
@@ -186,9 +191,38 @@ class Runtime:
                         feed(st, more, f"+{more}")
             t = time.perf_counter()
             variants = [lane.dec.warm_up() for lane in self.lanes]
-            return {"prefill": ran, "prefill_s": secs, "decoders": len(self.lanes),
+            done = {"prefill": ran, "prefill_s": secs, "decoders": len(self.lanes),
                     "decode_variants": len(variants[0]) if variants else 0,
                     "decode_s": round(time.perf_counter() - t, 2)}
+            if self.lanes and self.device.type == "cuda":
+                done.update(self._graph_feed_limit())
+            return done
+
+    def _graph_feed_limit(self, n: int = 8) -> dict:
+        """Time an eager forward of n tokens and n graph steps (scratch states, kernels already
+        compiled and graphs captured), and feed prompts of at most eager / step tokens through
+        the graphs from now on: the smallest such count over the ranks, at most 64."""
+        toks = [(5 * i + 1) % self.vocab for i in range(n)]
+        sync = (torch.cuda.current_stream(self.device).synchronize if self.device.type == "cuda"
+                else (lambda: None))
+        sync()
+        t = time.perf_counter()
+        self.model.forward(toks, self.model.new_state())
+        sync()
+        eager = time.perf_counter() - t
+        dec = self.lanes[0].dec
+        saved = dec.park()                       # an empty decoder: restored below
+        dec.load_session(self.model.new_state())
+        sync()
+        t = time.perf_counter()
+        for tok in toks:
+            dec.step(tok)
+        sync()
+        step = (time.perf_counter() - t) / n
+        dec.resume(saved)
+        self.graph_feed = min(self._gathered(min(64, int(eager / step))))
+        return {"graph_feed": self.graph_feed, "eager_forward_s": round(eager, 4),
+                "graph_step_s": round(step, 5)}
 
     def _on_device(self):
         """This runtime's GPU as the calling thread's current CUDA device. The gRPC servicer calls
@@ -223,10 +257,10 @@ class Runtime:
                 slot = self._start(seq_id, tokens)
                 reused = len(slot.tokens)
             feed = slot.pending[:max_feed] if max_feed > 0 else slot.pending
-            fwd = self._feed(op, "prefill", seq_id, slot, feed)
+            fwd = self._feed(op, "prefill", seq_id, slot, feed, params)
             slot.pending = slot.pending[len(feed):]
             t1 = time.perf_counter()
-            s = None if slot.pending else sample(slot.logits, params, 0)
+            s = None if slot.pending else (self._picked(slot, params) or sample(slot.logits, params, 0))
             return self._result(seq_id, slot, reused, s, fwd, time.perf_counter() - t1, wait)
 
     def decode(self, op: int, seq_id: str, tokens: list[int], step: int,
@@ -359,6 +393,9 @@ class Runtime:
         if feed:
             if self.lanes and kind == "decode" and len(feed) == 1:
                 self._fast_step(slot, feed[0], params)
+            elif self.lanes and kind == "prefill" and len(feed) <= self.graph_feed:
+                for tok in feed:                    # one graph step per token (see graph_feed)
+                    self._fast_step(slot, tok, params)
             else:
                 self._unbind(slot)
                 slot.logits = self.model.forward(feed, slot.state)
