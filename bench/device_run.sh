@@ -141,6 +141,16 @@ for name, r in runs.items():
     print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
 PY
 }
+# the TP=2,1 bench without A/B variants (depth 0 and 4096, prefill 2048), then CUDA goldens
+# through the decode graphs at TP=2 and TP=1: bench_goldens
+bench_goldens() {
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants)"
+  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  golden 2 static 90
+  golden 1 static 70
+}
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
 # serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
 serve_full() {
@@ -685,20 +695,10 @@ elif [ "$MODE" = s15e ]; then
   gate_tests 60 "queues or twin_on_cuda" tests/test_sampling.py
 elif [ "$MODE" = s16a ]; then
   gate_tests 170 "index_scores or topk_mask or index_kernels or pdl_is_bit" tests/test_kernels.py tests/test_decode_graph.py
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; the indexer's A/B at depth)"
-  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary
-  golden 2 static 90
-  golden 1 static 70
+  bench_goldens
 elif [ "$MODE" = s16c ]; then
   gate_tests 130 "topk_mask or index_scores or index_kernels" tests/test_kernels.py tests/test_decode_graph.py
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; the indexer's A/B at depth)"
-  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary
-  golden 2 static 90
-  golden 1 static 70
+  bench_goldens
 elif [ "$MODE" = s16d ]; then
   serve_full 200 370 --kill 1
 elif [ "$MODE" = s16e ]; then
@@ -708,12 +708,7 @@ elif [ "$MODE" = s16b ]; then
   gate_tests 110 "lanes or chained or lookahead" tests/test_decode_graph.py
   serve_full 200 370 --kill 1
 elif [ "$MODE" = s15c ]; then
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants; chained decode)"
-  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary
-  golden 2 static 100
-  golden 1 static 80
+  bench_goldens      # (s15c ran it with golden limits of 100 and 80 s)
 elif [ "$MODE" = load ]; then
   log "golden parity on CUDA, tiny-a, TP=2 (static/graphs, prefill)"
   timeout 200 python3 tests/golden_eval.py --device cuda --tp 2 --model tiny-a --paths static,prefill 2>&1 | grep "tiny-a" | tee -a "$OUT/golden_cuda_tp2.txt"
