@@ -95,6 +95,8 @@
 #         three run at once
 #   s16e: session 16, two GPUs: short prompts fed through the decode graphs (graph_feed, set
 #         by the warm-up), then the served path again
+#   s16f: session 16, two GPUs: the served path with a prompt's short tail fed with the chunk
+#         before it (a 2,175-token prompt in one forward), no kill (the last minutes of device time)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -704,6 +706,8 @@ elif [ "$MODE" = s16d ]; then
 elif [ "$MODE" = s16e ]; then
   gate_tests 90 "short_prompts or graph_feed or lanes" tests/test_decode_graph.py
   serve_full 200 330
+elif [ "$MODE" = s16f ]; then
+  serve_full 100 200
 elif [ "$MODE" = s16b ]; then
   gate_tests 110 "lanes or chained or lookahead" tests/test_decode_graph.py
   serve_full 200 370 --kill 1

@@ -258,6 +258,27 @@ def test_prefix_reuse_when_a_prompt_extends_a_finished_one(stack, tok):
     assert r2["usage"]["prompt_tokens"] == len(p2)
 
 
+def test_prefill_feed_rule():
+    """A turn feeds one chunk, or the whole rest when it is at most a quarter chunk longer."""
+    from ds4tp.gateway.scheduler import prefill_feed
+    assert [prefill_feed(n, 2048) for n in (1, 2048, 2175, 2560)] == [1, 2048, 2175, 2560]
+    assert [prefill_feed(n, 2048) for n in (2561, 9000)] == [2048, 2048]
+    assert [prefill_feed(n, 4) for n in (4, 5, 6)] == [4, 5, 4]
+
+
+@pytest.mark.parametrize("n,ops", [(16, 1), (20, 1), (21, 2), (36, 2), (37, 3)])
+def test_prompt_chunks_reach_the_workers(stack, n, ops):
+    """A token-id prompt of n tokens (chunk 16) reaches the workers in `ops` prefill operations:
+    a tail of at most a quarter chunk rides with the chunk before it."""
+    sup, gw = stack
+    rt = sup.ranks[0].node.runtime
+    ids = [100 + (31 * i + n) % 900 for i in range(n)]
+    before = rt.steps
+    r = post(gw, "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert rt.steps - before == ops
+
+
 def test_keepalive_during_a_slow_prefill_and_first_chunk_after_it(tok):
     sup = ToySupervisor(1, ctx=256, delay_s=0.15)          # every forward call takes 0.15 s
     gw = GatewayThread(sup.addresses, tok, GatewayConfig(
