@@ -198,18 +198,19 @@ def test_warm_up_at_tp2_runs_the_same_steps_on_both_ranks(tiny_path):
     assert msg == "the ranks were started with different --ctx: [64, 96]"
 
 
-def _lookahead_rank(comm, dev, path, ahead):
+def _lookahead_rank(comm, dev, path, ahead, decoders=2, graph_feed=0):
     from ds4tp.model import DS4Model
     from ds4tp.worker.runtime import Runtime
     from ds4tp.worker.sampling import SamplingParams
     m = DS4Model.load(path, rank=comm.rank, world=comm.world, comm=comm)
-    rt = Runtime(m, comm, ctx=64, fast_decode=True, lookahead=ahead)
+    rt = Runtime(m, comm, ctx=64, fast_decode=True, lookahead=ahead, decoders=decoders,
+                 graph_feed=graph_feed)
     params = {"a": SamplingParams(), "b": SamplingParams(temperature=0.8, top_p=0.9, seed=11)}
     toks = {"a": [0, 5, 9, 14], "b": [0, 3]}
     for sid in toks:
         toks[sid].append(rt.prefill(1, sid, toks[sid], params=params[sid]).sample.token)
     for step in range(1, 7):
-        for sid in toks:          # interleaved: the decoder parks one and resumes the other
+        for sid in toks:          # interleaved: one lane each (one decoder: parked and resumed)
             r = rt.decode(10 * step + len(sid), sid, [toks[sid][-1]], step, params[sid],
                           lookahead=step < 6)
             toks[sid].append(r.sample.token)
@@ -223,9 +224,15 @@ def _lookahead_rank(comm, dev, path, ahead):
 
 def test_lookahead_at_tp2_gives_the_same_tokens(tiny_path):
     """Lookahead at TP=2 (gloo): both ranks feed the same token ahead (each operation's digest
-    agreement would fail otherwise), and the tokens are those without lookahead; steps with a
-    token fed ahead chain (queued on a token the host has not read)."""
+    agreement would fail otherwise), and the tokens are those without lookahead, with two
+    decoders or one (parking); steps with a token fed ahead chain (queued on a token the host
+    has not read). Prompts fed as graph steps run on both ranks alike."""
     on = run_local_ranks(2, _lookahead_rank, str(tiny_path), True)
     off = run_local_ranks(2, _lookahead_rank, str(tiny_path), False)
-    assert on[:2] == off[:2]
-    assert on[2] == 2 * 4 + 4 and off[2] == 0   # every step with a token fed ahead
+    one = run_local_ranks(2, _lookahead_rank, str(tiny_path), True, 1)    # one decoder, parking
+    assert on[:2] == off[:2] == one[:2]
+    assert on[2] == one[2] == 2 * 4 + 4 and off[2] == 0   # every step with a token fed ahead
+    # the prompts fed as graph steps (Runtime.graph_feed): both ranks take the same path (their
+    # digests would disagree otherwise), and the same steps chain
+    fed = run_local_ranks(2, _lookahead_rank, str(tiny_path), True, 2, 4)
+    assert fed[1] == on[1] and fed[2] == on[2]
