@@ -66,7 +66,6 @@ class _Lane:
     """One static decoder (decode_graph.StaticDecoder) and the slot bound to it."""
     dec: object
     slot: Slot | None = None
-    pick_slot: Slot | None = None  # the slot whose last step's greedy pick is in dec's token buffer
     used: int = 0                  # when it last stepped (the least recently used one is parked)
 
 
@@ -144,9 +143,9 @@ class Runtime:
         self._in_flight = False      # a lookahead step may still be running on the GPU
         # Chaining (requests with lookahead): the next step is queued before the host knows the
         # token it consumes, so the GPU does not wait for the host between steps. Its token is
-        # the greedy pick the decode graph left in the lane's token buffer (while that holds the
-        # pick of this slot's last step: `_Lane.pick_slot`), or else sampled on the device
-        # (sampling.sample_device) and copied there.
+        # the greedy pick the decode graph left in the lane's token buffer (every step on a lane
+        # is its slot's, so the buffer holds the pick of that slot's last step while the slot
+        # keeps the lane), or else sampled on the device (sampling.sample_device) and copied there.
         self.chained = 0             # steps queued that way (tests, metrics)
         self.vocab = int(model.shape.vocab)
         self.max_sequences, self.max_cached = max_sequences, max_cached
@@ -447,9 +446,9 @@ class Runtime:
 
     def _pick_is_fed(self, slot: Slot, params: SamplingParams) -> bool:
         """Whether its lane's token buffer holds this request's sample after `slot`'s last step:
-        that step's greedy pick is the sample (_pick_fits), and the lane has not changed hands."""
-        return (slot.lane is not None and slot.lane.pick_slot is slot
-                and self._pick_fits(slot, params))
+        that step's greedy pick is the sample (_pick_fits), and the slot kept its lane since (a
+        lane steps only its own slot; a slot parked or written back loses it)."""
+        return slot.lane is not None and self._pick_fits(slot, params)
 
     @staticmethod
     def _pick_fits(slot: Slot, params: SamplingParams) -> bool:
@@ -489,15 +488,13 @@ class Runtime:
         """One step of `slot`'s fast decoder, fed `token`, or `device_token` (a tensor on the
         device), or with both None the pick its last step left in the token buffer; keeps the
         logits and the step's greedy pick for the slot."""
-        lane = self._bind(slot)
-        dec = lane.dec
+        dec = self._bind(slot).dec
         if device_token is not None:
             dec.token.copy_(device_token)
         if params is not None and picks_on_device(params):
             dec.set_bias(params.logit_bias)
         slot.logits = dec.step(token).clone()
         slot.pick = (*self._hold(dec.pick), dec.bias_key)
-        lane.pick_slot = slot
 
     def _hold(self, t: torch.Tensor) -> tuple:
         """(copy, event) of a small device tensor as of now, kept past later steps: on CUDA a
@@ -537,7 +534,7 @@ class Runtime:
                 slot.parked = None
             else:
                 lane.dec.load_session(slot.state)
-            lane.slot, lane.pick_slot, slot.lane = slot, None, lane
+            lane.slot, slot.lane = slot, lane
         self._ticks += 1
         lane.used = self._ticks
         return lane
@@ -550,14 +547,14 @@ class Runtime:
         lane = slot.lane
         if lane is not None:
             lane.dec.store_session(slot.state)
-            lane.slot = lane.pick_slot = slot.lane = None
+            lane.slot = slot.lane = None
 
     @staticmethod
     def _forget(slot: Slot) -> None:
         """A slot no longer kept: its lane (if any) is free again, nothing parked or written back."""
         lane = slot.lane
         if lane is not None:
-            lane.slot = lane.pick_slot = slot.lane = None
+            lane.slot = slot.lane = None
         slot.parked = None
 
     def _gathered(self, value: int) -> list[int]:
