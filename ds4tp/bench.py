@@ -108,10 +108,10 @@ def synthetic_rank_tensors(shape: C.Shape, plan, rank: int, dev, seed: int = 0) 
     return out
 
 
-def build_model(shape, rank, world, comm, dev, seed=0):
+def build_model(shape, rank, world, comm, dev, seed=0, split_compressors=True):
     from ds4tp.model import DS4Model, Weights
     from ds4tp.shard.plan import make_plan
-    plan = make_plan(shape, world)
+    plan = make_plan(shape, world, split_compressors=split_compressors)
     tensors = synthetic_rank_tensors(shape, plan, rank, dev, seed)
     m = DS4Model(shape, Weights.bind(tensors, shape), rank=rank, world=world, comm=comm, device=dev)
     m.plan = plan
@@ -239,8 +239,13 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
 
 # the Triton and CUDA C kernels that stream weights (and quantise their activations); everything
 # else in a step (the HC mixer kernel, Inductor's fused small ops, attention, copies) is "other"
+# The kernels that stream weights. The HC steps (_hc_step_kernel, _hc_logits_kernel) read the F16
+# mixer weights (1.6 MB a layer, 1.4% of a TP=2 rank's bytes) but also update the streams, so
+# they count as other work; the compressor step (_comp_step_kernel: two F16 projections into
+# the frontier) was also counted there before the fifteenth session.
 WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
-                  "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec"}
+                  "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec",
+                  "_comp_step_kernel"}
 
 
 def profile_split(model, max_ctx: int = 256) -> dict:
@@ -264,6 +269,7 @@ def profile_split(model, max_ctx: int = 256) -> dict:
             dec.step(5)
             _sync()
     mv = other = 0.0
+    kernels = {}
     for ev in prof.key_averages():
         t = ev.self_device_time_total if hasattr(ev, "self_device_time_total") else ev.self_cuda_time_total
         if t <= 0:
@@ -275,7 +281,19 @@ def profile_split(model, max_ctx: int = 256) -> dict:
             continue
         elif not name.startswith("aten::") and not name.startswith("cuda"):
             other += t
-    return {"matvec_ms": mv / 1e3, "other_gpu_ms": other / 1e3}
+        else:
+            continue
+        kernels[name[:60]] = {"us": round(t, 1), "n": ev.count, "weights": name in WEIGHT_KERNELS}
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:30])
+    return {"matvec_ms": mv / 1e3, "other_gpu_ms": other / 1e3, "kernels": top}
+
+
+def compressor_gathers_per_token(plan) -> float:
+    """All-gathers a decoded token makes on average for compressors split by channel: a layer
+    gathers its compressors' pooled rows once per window (every r-th token)."""
+    s = plan.shape
+    n = plan.collectives_per_token(emitting_layers=1).get("all_gather", 1) - 1   # split?
+    return n * sum(1 / s.ratio(il) for il in range(s.n_layer) if s.ratio(il))
 
 
 def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
@@ -287,7 +305,8 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
     frac = bytes_rank / mv_s / (run["copy_bw_GBs"] * 1e9)
     step_nocomm = run["decode_d0_nocomm"]["ms_per_token"] / 1e3
     fixed = max(0.0, step_nocomm - mv_s)
-    n_coll = run["collectives"]["n_all_reduce"] + 1
+    # + the compressors' row gathers (split by channel), on average per token
+    n_coll = run["collectives"]["n_all_reduce"] + 1 + run.get("compressor_gathers_per_token", 0.0)
     t = bytes_rank / (frac * bw_spark) + n_coll * ar_s + fixed
     return {"achieved_fraction": frac, "fixed_overhead_ms": 1e3 * fixed, "collectives": n_coll,
             "ms_per_token": 1e3 * t, "tok_s": 1 / t,
@@ -407,10 +426,12 @@ def _bench_rank(comm, dev, cfg):
     res = {"rank": comm.rank, "world": comm.world, "device": torch.cuda.get_device_name(dev)}
     res["copy_bw_GBs"] = copy_bandwidth(dev) / 1e9
     t = time.perf_counter()
-    model = build_model(shape, comm.rank, comm.world, comm, dev)
+    model = build_model(shape, comm.rank, comm.world, comm, dev,
+                        split_compressors=cfg.get("split_compressors", True))
     _sync()
     res["build_s"] = time.perf_counter() - t
     res["bytes_per_token"] = model.plan.token_bytes(comm.rank)
+    res["compressor_gathers_per_token"] = compressor_gathers_per_token(model.plan)
     res["collectives"] = time_collectives(comm, shape, dev)
     save()
     steps = cfg["steps"]
@@ -476,6 +497,7 @@ def main(args) -> int:
     cfg = {"layers": args.layers, "steps": 16 if args.quick else 64,
            "depth": 0 if args.quick else args.depth, "prefill": 256 if args.quick else 2048,
            "ab": not getattr(args, "no_ab", False),
+           "split_compressors": not getattr(args, "replicate_compressors", False),
            "partial": os.path.splitext(args.out)[0] if args.out else None}
     shape = C.Shape(n_layer=args.layers) if args.layers else C.FULL
     out = {"shape": {"n_layer": shape.n_layer}, "cfg": cfg,

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-ab", action="store_true",
                    help="skip the same-run A/B variants (decode without PDL, on Triton kernels, one "
                         "stream, ...; prefill on its previous paths): the acceptance figures only")
+    b.add_argument("--replicate-compressors", action="store_true",
+                   help="every rank holds the whole compressors (spec 18.3's baseline) instead of "
+                        "its channels: the split's comparison")
     b.add_argument("--gguf", default=None, help="also time loading this GGUF at the largest TP")
     b.add_argument("--load-only", action="store_true", help="with --gguf: only time the load")
     return p

@@ -27,7 +27,8 @@ from ds4tp import config as C, kernels
 from ds4tp.fuse import static_shapes
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
                          hc_pre, index_scores_torch, index_weight_scale, indexer_query,
-                         kv_cache_row, kv_row_quant, output_head, select_rows)
+                         kv_cache_row, kv_row_quant, output_head, pack_rows, select_rows,
+                         unpack_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
@@ -87,14 +88,18 @@ class StaticDecoder:
         n4 = sum(s.ratio(il) == 4 for il in range(s.n_layer))
         n128 = sum(s.ratio(il) == 128 for il in range(s.n_layer))
         hd, ihd = s.head_dim, s.indexer_head_dim
+        # frontier widths: the channels this rank pools (both halves for ratio 4; shard.plan)
+        w4 = next((lw.comp.kv.shape[0] for lw in model.w.layers if lw.ratio == 4), 2 * hd)
+        w128 = next((lw.comp.kv.shape[0] for lw in model.w.layers if lw.ratio == 128), hd)
+        wi = next((lw.icomp.kv.shape[0] for lw in model.w.layers if lw.ratio == 4), 2 * ihd)
         ring = torch.zeros(s.n_layer, s.n_swa, hd, dtype=f32, device=dev)
         ring_pos = torch.full((s.n_layer, s.n_swa), -(1 << 40), dtype=torch.long, device=dev)
-        fronts = {4: (torch.zeros(n4, 8, 2 * hd, dtype=f32, device=dev),
-                      torch.full((n4, 8, 2 * hd), C.NEG_INF, dtype=f32, device=dev)),
-                  128: (torch.zeros(n128, 128, hd, dtype=f32, device=dev),
-                        torch.full((n128, 128, hd), C.NEG_INF, dtype=f32, device=dev)),
-                  "index": (torch.zeros(n4, 8, 2 * ihd, dtype=f32, device=dev),
-                            torch.full((n4, 8, 2 * ihd), C.NEG_INF, dtype=f32, device=dev))}
+        fronts = {4: (torch.zeros(n4, 8, w4, dtype=f32, device=dev),
+                      torch.full((n4, 8, w4), C.NEG_INF, dtype=f32, device=dev)),
+                  128: (torch.zeros(n128, 128, w128, dtype=f32, device=dev),
+                        torch.full((n128, 128, w128), C.NEG_INF, dtype=f32, device=dev)),
+                  "index": (torch.zeros(n4, 8, wi, dtype=f32, device=dev),
+                            torch.full((n4, 8, wi), C.NEG_INF, dtype=f32, device=dev))}
         self._fixed = [ring, ring_pos, *fronts[4], *fronts[128], *fronts["index"]]
         self._growing = []            # (cache, ratio): rows in use after n tokens = n // ratio
         self.layers = []
@@ -331,10 +336,13 @@ class StaticDecoder:
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
         side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
         with side:
-            if lw.ratio:
-                self._compress(lw.comp, lay.front, lay.comp, xn, pos, False, emit)
+            jobs = [(lw.comp, lay.front, lay.comp, False)] if lw.ratio else []
             if lw.ratio == 4:
-                self._compress(lw.icomp, lay.ifront, lay.index, xn, pos, True, emit)
+                jobs.append((lw.icomp, lay.ifront, lay.index, True))
+            for cw, front, _, _ in jobs:
+                compressor_step(cw, xn, pos, front.kv, front.sc)
+            if jobs and emit:
+                self._emit(jobs, pos)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
@@ -354,12 +362,21 @@ class StaticDecoder:
         out = grouped_linear_out(lw, o, s)
         return comm.all_reduce(out)                                          # attention all-reduce
 
-    def _compress(self, cw, front: _Frontier, cache, xn, pos, is_index, emit):
-        """Write this token's projections into the frontier; on a token ending a window, pool the
-        window into the cache row (pos+1)/r - 1 and (ratio 4) shift the window."""
-        compressor_step(cw, xn, pos, front.kv, front.sc)
-        if emit:
-            compressor_emit(cw, front.kv, front.sc, cache, pos, *self.rope[True], is_index, self.s)
+    def _emit(self, jobs, pos):
+        """On a token ending its layer's compressor windows (jobs [(weights, frontier, cache,
+        is_index)], one ratio): pool each window into the cache row (pos+1)/r - 1 and (ratio 4)
+        shift it. Compressors split by channel pool this rank's channels; one all-gather for
+        the layer brings every rank's, then each row is finished."""
+        cw0, front0, cache0, _ = jobs[0]
+        if front0.kv.shape[1] == (2 if cw0.ratio == 4 else 1) * cache0.shape[1]:   # all channels here
+            for cw, front, cache, is_index in jobs:
+                compressor_emit(cw, front.kv, front.sc, cache, pos, *self.rope[True], is_index, self.s)
+            return
+        pooled = [compressor_pool(cw, front.kv, front.sc, pos) for cw, front, _, _ in jobs]
+        sizes = [p.shape[1] for p in pooled]
+        rows = unpack_rows(self.m.comm.all_gather(pack_rows(pooled)), sizes)   # compressor rows all-gather
+        for (cw, _, cache, is_index), row in zip(jobs, rows):
+            compressor_finish(cw, row, cache, pos, *self.rope[True], is_index, self.s)
 
 
 # ---- one token's attention stages: dispatch points (one Triton launch each on CUDA) and their
@@ -404,20 +421,50 @@ def compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_i
     previous window through the first half of the projection and the current one through the
     second), RMS norm, RoPE at the window's first position, FP8 (kv) or Hadamard + FP4
     (indexer), F16; ratio 4 then moves the current window into the previous one's rows."""
-    r, hd = cw.ratio, cache.shape[1]
+    pooled = compressor_pool_torch(cw, front_kv, front_sc, pos)
+    compressor_finish_torch(cw, pooled, cache, pos, cos_t, sin_t, is_index, s)
+
+
+def compressor_pool_torch(cw, front_kv, front_sc, pos) -> torch.Tensor:
+    """compressor_emit's pooling over the frontier's channels (this rank's, where split) ->
+    [1, channels]; ratio 4 then shifts the window."""
+    r, ch = cw.ratio, front_kv.shape[1] // (2 if cw.ratio == 4 else 1)
     if r == 4:
-        v = torch.cat((front_kv[:4, :hd], front_kv[4:, hd:]), 0)
-        w = torch.cat((front_sc[:4, :hd], front_sc[4:, hd:]), 0)
+        v = torch.cat((front_kv[:4, :ch], front_kv[4:, ch:]), 0)
+        w = torch.cat((front_sc[:4, :ch], front_sc[4:, ch:]), 0)
     else:
-        v, w = front_kv[:, :hd], front_sc[:, :hd]
+        v, w = front_kv, front_sc
     pooled = (torch.softmax(w, dim=0) * v).sum(0, keepdim=True)
+    if r == 4:
+        front_kv[:4] = front_kv[4:].clone()
+        front_sc[:4] = front_sc[4:].clone()
+    return pooled
+
+
+def compressor_pool(cw, front_kv, front_sc, pos) -> torch.Tensor:
+    if kernels.on_gpu(front_kv) and cw.ratio == 4:    # ratio 128 emits once per 128 tokens
+        from ds4tp.kernels import triton_attn
+        if triton_attn.emit_enabled():
+            return triton_attn.compressor_pool(front_kv, front_sc, pos)
+    return compressor_pool_torch(cw, front_kv, front_sc, pos)
+
+
+def compressor_finish_torch(cw, pooled, cache, pos, cos_t, sin_t, is_index, s) -> None:
+    """A pooled row [1, hd] (every rank's channels) finished into cache row (pos+1)/r - 1."""
+    r = cw.ratio
     row = rms_norm(pooled, cw.norm)
     row = rope_tail(row, cos_t[pos + 1 - r], sin_t[pos + 1 - r])
     row = f16_round(hadamard_fp4(row) if is_index else kv_row_quant(row, s))
     cache.index_copy_(0, (pos + 1) // r - 1, row)
-    if r == 4:
-        front_kv[:4] = front_kv[4:].clone()
-        front_sc[:4] = front_sc[4:].clone()
+
+
+def compressor_finish(cw, pooled, cache, pos, cos_t, sin_t, is_index, s) -> None:
+    if kernels.on_gpu(pooled) and cw.ratio == 4:
+        from ds4tp.kernels import triton_attn
+        if triton_attn.emit_enabled():
+            return triton_attn.compressor_finish(pooled, cw.norm, cos_t, sin_t, is_index, C.RMS_EPS,
+                                                 pos=pos, cache=cache, ratio=cw.ratio)
+    return compressor_finish_torch(cw, pooled, cache, pos, cos_t, sin_t, is_index, s)
 
 
 def compressor_emit(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s) -> None:

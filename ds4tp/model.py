@@ -332,52 +332,112 @@ def kv_row_quant(kv: torch.Tensor, s: Shape) -> torch.Tensor:
 
 
 def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: int, hd: int,
-             is_index: bool, s: Shape, trace=None, tag=""):
+             is_index: bool, s: Shape, trace=None, tag="", comm=None):
     """Step a compressor over T tokens at positions p0.. and return the rows they emit
     ([n_emit, hd], F16-rounded, plus the float32 rows before F16 where traced), or (None, None).
-    Sec. 9.5."""
-    r, T = cw.ratio, x.shape[0]
+    Sec. 9.5. comm: gathers the ranks' pooled channels where the compressor is split."""
+    return compress_layer([(cw, st, hd, is_index, tag)], x, p0, s, comm, trace)[0]
+
+
+def compress_layer(jobs, x: torch.Tensor, p0: int, s: Shape, comm=None, trace=None):
+    """`compress` for a layer's compressors at once, jobs [(weights, state, row width, is_index,
+    trace tag)] of one ratio (a ratio-4 layer's kv and indexer compressors): they end their
+    windows at the same tokens, so where they are split by channel their pooled shares travel
+    in one all-gather. Returns each one's (rows, rows before F16 or None), or (None, None)."""
+    r, T = jobs[0][0].ratio, x.shape[0]
     pos = torch.arange(p0, p0 + T, device=x.device)
-    W = cw.kv.shape[0]
-    both = linear(cw.kv_gate, x)                                 # [T, 2 width] kv | gate, one launch
-    kv, sc = both[:, :W], both[:, W:] + cw.ape[pos % r]
-    st.kv.append(kv)
-    st.sc.append(sc)
+    for cw, st, *_ in jobs:
+        W = cw.kv.shape[0]
+        both = linear(cw.kv_gate, x)                             # [T, 2 width] kv | gate, one launch
+        st.kv.append(both[:, :W])
+        st.sc.append(both[:, W:] + cw.ape[pos % r])
     n_end = p0 + T
     cs = range(p0 // r, n_end // r)            # rows c emitted here: (c+1)*r-1 in [p0, n_end)
-    out = out32 = None
+    out = [(None, None)] * len(jobs)
     if cs:
-        out, out32 = compressed_rows(cw, st.kv.view(), st.sc.view(), st.start, cs, hd, is_index, s,
-                                     trace, tag)
+        out = layer_rows([(cw, st.kv.view(), st.sc.view(), st.start, hd, is_index, tag)
+                          for cw, st, hd, is_index, tag in jobs], cs, s, comm, trace)
     # keep only what future emissions read: the previous complete window (ratio 4) and the
     # current partial one
     new_start = max(0, (n_end // r - (1 if r == 4 else 0)) * r)
-    st.kv.drop_front(new_start - st.start)
-    st.sc.drop_front(new_start - st.start)
-    st.start = new_start
-    return out, out32
+    for _, st, *_ in jobs:
+        st.kv.drop_front(new_start - st.start)
+        st.sc.drop_front(new_start - st.start)
+        st.start = new_start
+    return out
 
 
 def compressed_rows(cw: CompressorWeights, all_kv, all_sc, base: int, cs: range, hd: int,
-                    is_index: bool, s: Shape, trace=None, tag=""):
+                    is_index: bool, s: Shape, trace=None, tag="", comm=None):
     """Compressed rows cs from a compressor's projections all_kv, all_sc [n, width] at
     positions base.. -> (rows [n_emit, hd] F16-rounded, the float32 rows before F16 or None).
 
     Each emitted row c pools, per channel, tokens [c*r, c*r+r) through the second half of the
     projection (ratio 4) or the whole projection (ratio 128), plus for ratio 4 the previous
     window [c*r-4, c*r) through the first half (the coff=2 overlap), softmax-weighted by the
-    gate scores. It is RMS-normed and rotated at position c*r. The dispatch point: one Triton
-    launch on CUDA (triton_attn.compressor_rows); the twin below (traced: this path).
-    """
-    r, dev = cw.ratio, all_kv.device
+    gate scores. It is RMS-normed and rotated at position c*r."""
+    return layer_rows([(cw, all_kv, all_sc, base, hd, is_index, tag)], cs, s, comm, trace)[0]
+
+
+def layer_rows(jobs, cs: range, s: Shape, comm=None, trace=None):
+    """compressed_rows for a layer's compressors of one ratio, jobs [(weights, kv, sc, base,
+    row width, is_index, trace tag)]. Where they are split by channel (each rank holds the same
+    range of channels of each window half, shard.plan) every rank pools its channels, one
+    all-gather brings every rank's, and the whole rows are finished. The dispatch point: on CUDA
+    one Triton launch per compressor (triton_attn.compressor_rows), or where split its pool_only
+    launch before the gather and compressor_finish after; the twins below (traced: this path)."""
+    r, dev = jobs[0][0].ratio, jobs[0][1].device
     # (built on the device: a tensor from host values would wait for the GPU's queue)
     c = torch.arange(cs[0], cs[-1] + 1, device=dev)
     cos, sin = rope_cos_sin(c * r, s.n_rot, compressed=True, top=cs[-1] * r + 1)
-    if trace is None and kernels.on_gpu(all_kv) and not torch.compiler.is_compiling():
+    fast = False
+    if trace is None and kernels.on_gpu(jobs[0][1]) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_attn
-        if triton_attn.rows_enabled():
-            return triton_attn.compressor_rows(all_kv, all_sc, base, cs[0], len(cs), r, cw.norm,
-                                               cos, sin, is_index, C.RMS_EPS), None
+        fast = triton_attn.rows_enabled()
+    split = jobs[0][1].shape[1] != (2 if r == 4 else 1) * jobs[0][4]   # channels pooled here < hd
+    if not split and fast:
+        return [(triton_attn.compressor_rows(kv, sc, base, cs[0], len(cs), r, cw.norm, cos, sin,
+                                             is_index, C.RMS_EPS), None)
+                for cw, kv, sc, base, _, is_index, _ in jobs]
+    if fast:
+        pooled = [triton_attn.compressor_rows(kv, sc, base, cs[0], len(cs), r, cw.norm, cos, sin,
+                                              is_index, C.RMS_EPS, pool_only=True)
+                  for cw, kv, sc, base, _, is_index, _ in jobs]
+    else:
+        pooled = [pool_rows_torch(kv, sc, base, c, r, kv.shape[1] // (2 if r == 4 else 1))
+                  for _, kv, sc, base, *_ in jobs]
+    if split:
+        sizes = [p.shape[1] for p in pooled]
+        pooled = unpack_rows(comm.all_gather(pack_rows(pooled)), sizes)   # compressor rows all-gather
+    out = []
+    for (cw, _, _, _, _, is_index, tag), row in zip(jobs, pooled):
+        if fast:
+            out.append((triton_attn.compressor_finish(row, cw.norm, cos, sin, is_index, C.RMS_EPS), None))
+            continue
+        if trace is not None:
+            trace[tag + "pooled"] = row
+        out32 = finish_rows_torch(row, cw.norm, cos, sin, is_index, s)
+        out.append((f16_round(out32), out32))
+    return out
+
+
+def pack_rows(parts: list) -> torch.Tensor:
+    """A layer's compressors' pooled channels [n, c_i] side by side, for one all-gather."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def unpack_rows(gathered: torch.Tensor, sizes: list) -> list:
+    """pack_rows all-gathered (every rank's [n, sum c] side by side, rank order) -> each
+    compressor's whole rows [n, world * c_i], channels in rank order."""
+    if len(sizes) == 1:
+        return [gathered]
+    g = gathered.view(gathered.shape[0], -1, sum(sizes))         # [n, world, sum c]
+    return [t.reshape(t.shape[0], -1) for t in g.split(sizes, -1)]
+
+
+def pool_rows_torch(all_kv, all_sc, base: int, c: torch.Tensor, r: int, hd: int) -> torch.Tensor:
+    """The pooling of compressed_rows for rows c [n] over hd channels -> [n, hd]."""
+    dev = all_kv.device
     if r == 4:   # previous window via the first half, current window via the second half
         prev = c[:, None] * 4 - 4 + torch.arange(4, device=dev)
         cur = c[:, None] * 4 + torch.arange(4, device=dev)
@@ -392,12 +452,14 @@ def compressed_rows(cw: CompressorWeights, all_kv, all_sc, base: int, cs: range,
     v = all_kv[rel[:, :, None], cols]                            # [n_emit, k, hd]
     w = all_sc[rel[:, :, None], cols].masked_fill(~valid[:, :, None], C.NEG_INF)
     w = torch.softmax(w, dim=1)
-    pooled = (w * v).sum(1)                                      # [n_emit, hd]
-    if trace is not None:
-        trace[tag + "pooled"] = pooled
-    row = rope_tail(rms_norm(pooled, cw.norm), cos, sin)
-    out32 = hadamard_fp4(row) if is_index else kv_row_quant(row, s)
-    return f16_round(out32), out32
+    return (w * v).sum(1)                                        # [n_emit, hd]
+
+
+def finish_rows_torch(pooled, norm, cos, sin, is_index: bool, s: Shape) -> torch.Tensor:
+    """Pooled rows [n, hd] as the cache holds them, before F16: RMS norm, RoPE (cos/sin
+    [n, n_rot/2]), then Hadamard + FP4 (index rows) or FP8 of the non-RoPE dims (kv rows)."""
+    row = rope_tail(rms_norm(pooled, norm), cos, sin)
+    return hadamard_fp4(row) if is_index else kv_row_quant(row, s)
 
 
 def indexer_query(lw: LayerWeights, qrn, xn, cos, sin, s: Shape):
@@ -543,12 +605,14 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
 
     comp = comp_mask = None
     if compressed:
-        rows, rows32 = compress(lw.comp, ls.comp_state, xn, p0, D, False, s, trace, "comp_")
+        jobs = [(lw.comp, ls.comp_state, D, False, "comp_")]
+        if lw.ratio == 4:
+            jobs.append((lw.icomp, ls.index_state, s.indexer_head_dim, True, "index_comp_"))
+        (rows, rows32), *index_rows = compress_layer(jobs, xn, p0, s, comm, trace)
         if rows is not None:
             ls.comp.append(rows)
         if lw.ratio == 4:
-            irows, irows32 = compress(lw.icomp, ls.index_state, xn, p0, s.indexer_head_dim, True, s,
-                                      trace, "index_comp_")
+            irows, irows32 = index_rows[0]
             if irows is not None:
                 ls.index.append(irows)
             if trace is not None:
@@ -681,15 +745,15 @@ class DS4Model:
     def new_state(self) -> SessionState:
         s, dev = self.shape, self.device
         layers = []
-        for il in range(s.n_layer):
+        for il, lw in enumerate(self.w.layers):
             r = s.ratio(il)
             ls = LayerState(raw=Rows(s.head_dim, dev, cap=2 * s.n_swa))
             if r:
-                width = (2 if r == 4 else 1) * s.head_dim
+                width = lw.comp.kv.shape[0]          # this rank's channels of both window halves
                 ls.comp = Rows(s.head_dim, dev)
                 ls.comp_state = CompressorState(Rows(width, dev, cap=2 * r), Rows(width, dev, cap=2 * r))
             if r == 4:
-                iw = 2 * s.indexer_head_dim
+                iw = lw.icomp.kv.shape[0]
                 ls.index = Rows(s.indexer_head_dim, dev)
                 ls.index_state = CompressorState(Rows(iw, dev, cap=8), Rows(iw, dev, cap=8))
             layers.append(ls)

@@ -748,6 +748,89 @@ def case_compressor_rows(device, gen, ratio, HD, n_rot, index, base, N, c0, n):
     return f"{int(off.sum())} grid flips in {n} rows"
 
 
+def _share(t, world, r, halves):
+    """Rank r's channels of a compressor tensor [..., halves * C]: the same range of each half
+    (shard.plan's split by channel)."""
+    v = t.reshape(*t.shape[:-1], halves, -1)
+    c = v.shape[-1] // world
+    return v[..., r * c:(r + 1) * c].reshape(*t.shape[:-1], -1).contiguous()
+
+
+def _grid_close(name, got, want, index):
+    """Rows as compressor_emit/compressor_rows' cases allow: per row at most two elements across
+    an FP8/FP4 rounding boundary (within one grid step), the rest within one F16 step."""
+    off = (got - want).abs() > 1e-3 * want.abs() + 1e-30
+    step = (0.67 if index else 0.143) * want.abs().amax(-1, keepdim=True)
+    assert int(off.sum(-1).max()) <= 2 and bool(((got - want).abs() <= step).all()), \
+        f"{name}: {int(off.sum())} elements off at {torch.nonzero(off)[:4].tolist()}"
+    return int(off.sum())
+
+
+def case_compressor_split(device, gen, ratio, HD, n_rot, index, p, world=2):
+    """A compressor split by channel over `world` ranks (shard.plan): every rank pools its
+    channels (decode: triton_attn.compressor_pool from its frontier share; prefill:
+    compressor_rows with pool_only), the shares are concatenated as the all-gather does, and
+    compressor_finish makes the rows, against the unsplit torch twins (compressor_emit_torch,
+    model.compressed_rows). The pooled channels match the twins' pooling to float rounding;
+    the finished rows within compressor_emit's allowance. Decode ratio 4 only (ratio 128 decodes
+    through the twin); prefill any ratio."""
+    from ds4tp.config import Shape
+    from ds4tp.decode_graph import compressor_emit_torch, compressor_pool_torch
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights, compressed_rows, pool_rows_torch
+    s = Shape(head_dim=HD if not index else 512, indexer_head_dim=HD if index else 128, n_rot=n_rot)
+    halves = 2 if ratio == 4 else 1
+    cw = CompressorWeights(ratio, None, None, None, (torch.rand(HD, generator=gen) + 0.5).to(device))
+    flips = 0
+    if ratio == 4:      # decode: one emission at p
+        assert p % 4 == 3
+        fkv = (torch.randn(8, 2 * HD, generator=gen) * 2).to(device)
+        fsc = (torch.randn(8, 2 * HD, generator=gen) * 3).to(device)
+        cap = (p + 1) // 4 + 3
+        cache0 = torch.randn(cap, HD, generator=gen).to(device)
+        cos, sin = _rope_tables(n_rot, p + 1, device, compressed=True)
+        pos = torch.tensor([p], device=device)
+        want = [t.clone() for t in (fkv, fsc, cache0)]
+        compressor_emit_torch(cw, *want[:2], want[2], pos, cos, sin, index, s)
+        shares = [[_share(t, world, r, 2) for t in (fkv, fsc)] for r in range(world)]
+        pooled = [triton_attn.compressor_pool(kv, sc, pos) for kv, sc in shares]
+        for r, (kv, sc) in enumerate(shares):   # the pooling alone, and the window shifted
+            want_kv, want_sc = _share(fkv, world, r, 2), _share(fsc, world, r, 2)
+            twin = compressor_pool_torch(cw, want_kv, want_sc, pos)
+            check(f"compressor_pool rank {r}", pooled[r], twin, 1e-5)
+            assert torch.equal(kv, want_kv) and torch.equal(sc, want_sc), "frontier shift differs"
+        got = cache0.clone()
+        triton_attn.compressor_finish(torch.cat(pooled, -1), cw.norm, cos, sin, index, RMS_EPS,
+                                      pos=pos, cache=got, ratio=4)
+        row = (p + 1) // 4 - 1
+        others = torch.arange(cap, device=device) != row
+        assert torch.equal(got[others], want[2][others]), "cache rows other than the emitted one changed"
+        flips += _grid_close("split emission", got[row].cpu(), want[2][row].cpu(), index)
+    # prefill: rows c0.. from projections at positions base..
+    n = 3
+    c0 = max(1, p // ratio - n + 1)
+    base = (c0 - 1) * ratio
+    N = (c0 + n) * ratio - base
+    kv = (torch.randn(N, halves * HD, generator=gen) * 2).to(device)
+    sc = (torch.randn(N, halves * HD, generator=gen) * 3).to(device)
+    cs = range(c0, c0 + n)
+    want, _ = compressed_rows(cw, kv, sc, base, cs, HD, index, s, trace={})      # traced: the twin
+    c = torch.arange(c0, c0 + n, device=device)
+    cos, sin = numerics.rope_cos_sin(c * ratio, n_rot, compressed=True)
+    parts = []
+    for r in range(world):
+        kv_r, sc_r = _share(kv, world, r, halves), _share(sc, world, r, halves)
+        part = triton_attn.compressor_rows(kv_r, sc_r, base, c0, n, ratio, cw.norm, cos, sin, index,
+                                           RMS_EPS, pool_only=True)
+        check(f"compressor_rows pool_only rank {r}", part,
+              pool_rows_torch(kv_r, sc_r, base, c, ratio, HD // world), 1e-5)
+        parts.append(part)
+    got = triton_attn.compressor_finish(torch.cat(parts, -1), cw.norm, cos.contiguous(),
+                                        sin.contiguous(), index, RMS_EPS)
+    flips += _grid_close("split rows", got.cpu(), want.cpu(), index)
+    return f"{flips} grid flips"
+
+
 def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
@@ -935,6 +1018,9 @@ def interpreter_cases():
     yield "prefill compressor_rows ratio 4 kv, from 0", case_compressor_rows, (4, 256, 64, False, 0, 40, 0, 10)
     yield "prefill compressor_rows ratio 4 index, later chunk", case_compressor_rows, (4, 128, 64, True, 996, 28, 250, 6)
     yield "prefill compressor_rows ratio 128", case_compressor_rows, (128, 128, 64, False, 128, 300, 1, 2)
+    yield "compressor split by channel, kv rows", case_compressor_split, (4, 256, 64, False, 39)
+    yield "compressor split by channel, index rows", case_compressor_split, (4, 128, 64, True, 1003)
+    yield "compressor split by channel, ratio 128 rows", case_compressor_split, (128, 128, 64, False, 600)
     yield "decode index_scores 8 heads", case_index_scores, (8, 128, 300, 211)
     yield "decode index_scores 20 heads, all visible", case_index_scores, (20, 64, 130, 130)
     yield "decode topk_mask one block", case_topk_mask, (300, 250, 64)

@@ -559,7 +559,10 @@ def test_compressor_emit_compiles_for_sm90(hd, index):
     from ds4tp.kernels import triton_attn as ta
     sig = dict(fkv_ptr="*fp32", fsc_ptr="*fp32", norm_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
                pos_ptr="*i64", cache_ptr="*fp32", eps="fp32")
-    const = dict(HD=hd, NROT=64, INDEX=index, LOGHD=hd.bit_length() - 1, PDL=True)
+    const = dict(HD=hd, NROT=64, INDEX=index, LOGHD=hd.bit_length() - 1, POOL_ONLY=False, PDL=True)
+    assert "griddepcontrol" in _compile_sm90(ta._comp_emit_kernel, sig, const, 4)
+    # the pooling alone (a rank's share of the channels, compressors split by channel)
+    const.update(HD=hd // 2, NROT=0, INDEX=False, LOGHD=0, POOL_ONLY=True)
     assert "griddepcontrol" in _compile_sm90(ta._comp_emit_kernel, sig, const, 4)
 
 
@@ -594,6 +597,14 @@ def test_cuda_compressor_rows_full_size(ratio, hd, index, base, N, c0, n):
                             base, N, c0, n)
 
 
+@needs_cuda
+@pytest.mark.parametrize("ratio,hd,index,p,world", [(4, 512, False, 1235, 2), (4, 128, True, 1235, 2),
+                                                     (128, 512, False, 4000, 2), (4, 512, False, 39, 4)])
+def test_cuda_compressor_split_full_size(ratio, hd, index, p, world):
+    """The compressors split by channel at DS4's widths: each rank's pooling, gathered, finished."""
+    kc.case_compressor_split("cuda", torch.Generator().manual_seed(p + hd), ratio, hd, 64, index, p, world)
+
+
 def test_compressor_rows_argument_errors():
     """compressor_rows rejects projections that do not hold the positions its rows read, and
     widths or ratios it has no form for, naming them, before any launch (runs on CPU)."""
@@ -626,8 +637,18 @@ def test_compressor_rows_compiles_for_sm90(ratio, hd, index):
     sig = dict(kv_ptr="*fp32", sc_ptr="*fp32", norm_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
                out_ptr="*fp32", c0="i32", base="i32", eps="fp32")
     const = dict(W=2 * hd if ratio == 4 else hd, HD=hd, NROT=64, RATIO=ratio, INDEX=index,
-                 LOGHD=hd.bit_length() - 1, BR=8)
+                 LOGHD=hd.bit_length() - 1, BR=8, POOL_ONLY=False)
     assert "ex2" in _compile_sm90(ta._comp_rows_kernel, sig, const, 4)
+    # a rank's channels pooled alone (compressors split by channel), then the gathered rows
+    # finished: prefill rows and a decode token's row into the cache
+    const.update(W=const["W"] // 2, HD=hd // 2, POOL_ONLY=True)
+    assert "ex2" in _compile_sm90(ta._comp_rows_kernel, sig, const, 4)
+    fsig = dict(x_ptr="*fp32", norm_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
+                out_ptr="*fp32", eps="fp32")
+    for decode in (False, True):
+        fconst = dict(RATIO=ratio, HD=hd, NROT=64, INDEX=index, LOGHD=hd.bit_length() - 1,
+                      DECODE=decode, PDL=decode)
+        assert "cvt.rn.f16" in _compile_sm90(ta._comp_finish_kernel, fsig, fconst, 4)
     sig = dict(x_ptr="*fp32", sx="i32", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
                out_ptr="*fp32", eps="fp32")
     assert "cvt.rn.f16" in _compile_sm90(ta._kv_rows_kernel, sig, dict(D=hd, NROT=64), 4)

@@ -48,6 +48,23 @@ def test_tiny_plan_uses_whole_experts():
     assert make_plan(C.SMALL, 2).routed_mode == "ff"
 
 
+def test_full_plan_splits_the_compressors_by_channel():
+    """The compressors' kv, gate and position-bias tables are split by channel (the same range
+    of each window half), which takes the per-rank bytes from spec 18.3's baseline 5.124 GB
+    (compressors replicated) to 4.820 GB; their norms stay whole (applied after the gather)."""
+    p = make_plan(C.FULL, 2)
+    t = p.by_name()
+    kv4, ape4 = t["blk.4.attn_compressor_kv.weight"], t["blk.4.attn_compressor_ape.weight"]
+    assert (kv4.dim, kv4.blocks, kv4.ranges, kv4.local_shape(1)) == (0, 2, [(0, 256), (256, 512)], (512, 4096))
+    assert (ape4.dim, ape4.blocks, ape4.local_shape(0)) == (1, 2, (4, 512))
+    idx = t["blk.4.indexer_compressor_gate.weight"]
+    assert (idx.blocks, idx.ranges) == (2, [(0, 64), (64, 128)])
+    kv128 = t["blk.3.attn_compressor_kv.weight"]
+    assert (kv128.blocks, kv128.local_shape(0)) == (1, (256, 4096))
+    assert t["blk.4.attn_compressor_norm.weight"].dim is None
+    assert [p.token_bytes(r) for r in range(2)] == [4_820_124_964] * 2
+
+
 def test_plan_rejects_unaligned_world():
     with pytest.raises(PlanError):
         make_plan(C.TINY, 3)
@@ -68,7 +85,12 @@ def test_union_of_rank_slices_is_the_tensor(golden, world):
             continue
         row_bytes = C.nbytes_of(tp.qtype, tp.shape[-1])
         axis = tp.dim if tp.dim < len(tp.shape) - 1 else len(tp.shape) - 1
-        glued = np.concatenate(parts, axis=axis)
+        if tp.blocks > 1:      # a channel split: every rank's range of block 0, then block 1...
+            parts = [p.reshape(*p.shape[:axis], tp.blocks, -1, *p.shape[axis + 1:]) for p in parts]
+            glued = np.concatenate(parts, axis=axis + 1)
+            glued = glued.reshape(*glued.shape[:axis], -1, *glued.shape[axis + 2:])
+        else:
+            glued = np.concatenate(parts, axis=axis)
         assert np.array_equal(glued.reshape(-1), whole), tp.name
         assert sum(p.size for p in parts) == info.nbytes == whole.size
         assert glued.shape[-1] == row_bytes
@@ -98,18 +120,23 @@ def _count_rank(comm, device, path, n_prompt):
     m.forward(list(range(3, 3 + n_prompt)), st)
     comm.counter.reset()
     m.forward([7], st)
+    ratios = [m.shape.ratio(il) for il in range(m.shape.n_layer)]
     return dict(comm.counter.counts), m.plan.collectives_per_token(
-        indexer_active_layers=sum(1 for il in range(m.shape.n_layer)
-                                  if m.shape.ratio(il) == 4 and (st.n // 4) > m.shape.indexer_top_k))
+        indexer_active_layers=sum(1 for r in ratios if r == 4 and (st.n // 4) > m.shape.indexer_top_k),
+        emitting_layers=sum(1 for r in ratios if r and st.n % r == 0))
 
 
-@pytest.mark.parametrize("n_prompt", [5, 70])
+@pytest.mark.parametrize("n_prompt", [5, 70, 7, 127])
 def test_collectives_per_decoded_token(tiny_path, n_prompt):
-    """2 all-reduces per layer + the logits gather; + one per active indexer (pos >= 67 here)."""
+    """2 all-reduces per layer + the logits gather; + one per active indexer (pos >= 67 here);
+    + a gather per layer whose compressors' windows the token ends (split by channel; one for
+    both compressors of a ratio-4 layer): at position 7 the two ratio-4 layers, at 127 the two
+    ratio-128 layers too."""
     counts, planned = run_local_ranks(2, _count_rank, str(tiny_path), n_prompt)
     assert counts == planned
-    extra = 2 if n_prompt == 70 else 0
-    assert counts == {"all_reduce": 2 * C.TINY.n_layer + extra, "all_gather": 1}
+    extra = 2 if n_prompt >= 67 else 0
+    gathers = {5: 0, 70: 0, 7: 2, 127: 4}[n_prompt]
+    assert counts == {"all_reduce": 2 * C.TINY.n_layer + extra, "all_gather": 1 + gathers}
 
 
 def _lonely_rank(port, q):

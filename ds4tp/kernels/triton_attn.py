@@ -206,9 +206,10 @@ def _comp_row_finish(x, norm_ptr, c, s, eps, HD: tl.constexpr, NROT: tl.constexp
 @triton.jit
 def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps,
                       HD: tl.constexpr, NROT: tl.constexpr, INDEX: tl.constexpr,
-                      LOGHD: tl.constexpr, PDL: tl.constexpr = False):
+                      LOGHD: tl.constexpr, POOL_ONLY: tl.constexpr = False, PDL: tl.constexpr = False):
     """A ratio-4 frontier [8, 2HD] (rows 0-3 the previous window, 4-7 the current one) pooled
-    into the compressed row (pos+1)/4 - 1 of cache, then the current window moved to rows 0-3."""
+    into the compressed row (pos+1)/4 - 1 of cache, then the current window moved to rows 0-3.
+    POOL_ONLY: the pooled channels [HD] (a rank's share, finished after a gather) to cache_ptr."""
     pdl_start(PDL)
     pos = tl.load(pos_ptr)
     W: tl.constexpr = 2 * HD
@@ -220,9 +221,12 @@ def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     cv, cs = tl.load(fkv_ptr + cur), tl.load(fsc_ptr + cur)
     cv_lo, cs_lo = tl.load(fkv_ptr + cur - HD), tl.load(fsc_ptr + cur - HD)
     x = _pool_two_windows(pv, ps, cv, cs)
-    c, s = _rope_cs(cos_ptr, sin_ptr, pos - 3, HD, NROT)                     # the window's first position
-    y = _comp_row_finish(x, norm_ptr, c, s, eps, HD, NROT, INDEX, LOGHD)
-    tl.store(cache_ptr + ((pos + 1) // 4 - 1) * HD + d, y)
+    if POOL_ONLY:
+        tl.store(cache_ptr + d, x)
+    else:
+        c, s = _rope_cs(cos_ptr, sin_ptr, pos - 3, HD, NROT)                 # the window's first position
+        y = _comp_row_finish(x, norm_ptr, c, s, eps, HD, NROT, INDEX, LOGHD)
+        tl.store(cache_ptr + ((pos + 1) // 4 - 1) * HD + d, y)
     tl.debug_barrier()                      # every lane's frontier reads are done
     tl.store(fkv_ptr + prev, cv_lo)
     tl.store(fsc_ptr + prev, cs_lo)
@@ -238,12 +242,14 @@ def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cac
 @triton.jit(do_not_specialize=["c0", "base"])
 def _comp_rows_kernel(kv_ptr, sc_ptr, norm_ptr, cos_ptr, sin_ptr, out_ptr, c0, base, eps,
                       W: tl.constexpr, HD: tl.constexpr, NROT: tl.constexpr, RATIO: tl.constexpr,
-                      INDEX: tl.constexpr, LOGHD: tl.constexpr, BR: tl.constexpr):
+                      INDEX: tl.constexpr, LOGHD: tl.constexpr, BR: tl.constexpr,
+                      POOL_ONLY: tl.constexpr = False):
     """Program i: compressed row c = c0 + i of a prefill, pooled from the projections kv, sc
     [N, W] whose row 0 is position `base`, finished (norm, RoPE with row i of cos/sin, quant,
     F16) into row i of out [n, HD]. Ratio 4 (W = 2HD): positions 4c-4.. through the first half
     (none before position 0) and 4c.. through the second; other ratios (W = HD): positions
-    RATIO*c.. in blocks of BR rows (max, then the denominators, then the weighted sum)."""
+    RATIO*c.. in blocks of BR rows (max, then the denominators, then the weighted sum).
+    POOL_ONLY: row i of out holds the pooled channels (a rank's share, finished after a gather)."""
     i = tl.program_id(0)
     c = c0 + i
     d = tl.arange(0, HD)
@@ -269,9 +275,35 @@ def _comp_rows_kernel(kv_ptr, sc_ptr, norm_ptr, cos_ptr, sin_ptr, out_ptr, c0, b
             off = first + (k0 + rr) * W + d[None, :]
             e = tl.exp(tl.load(sc_ptr + off) - m[None, :])
             x += tl.sum(e / den[None, :] * tl.load(kv_ptr + off), axis=0)
-    c_, s_ = _rope_cs(cos_ptr, sin_ptr, i, HD, NROT)
-    y = _comp_row_finish(x, norm_ptr, c_, s_, eps, HD, NROT, INDEX, LOGHD)
-    tl.store(out_ptr + i * HD + d, y)
+    if POOL_ONLY:
+        tl.store(out_ptr + i * HD + d, x)
+    else:
+        c_, s_ = _rope_cs(cos_ptr, sin_ptr, i, HD, NROT)
+        y = _comp_row_finish(x, norm_ptr, c_, s_, eps, HD, NROT, INDEX, LOGHD)
+        tl.store(out_ptr + i * HD + d, y)
+
+
+@triton.jit
+def _comp_finish_kernel(x_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, eps,
+                        RATIO: tl.constexpr, HD: tl.constexpr, NROT: tl.constexpr,
+                        INDEX: tl.constexpr, LOGHD: tl.constexpr, DECODE: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """Program i: pooled row i of x [n, HD] (gathered from the ranks' channels) finished as the
+    cache holds it. DECODE (n = 1): rotated at the window's first position pos+1-RATIO (cos/sin:
+    tables over all positions) into row (pos+1)/RATIO - 1 of out (the cache); else with row i of
+    cos/sin into row i of out."""
+    pdl_start(PDL)
+    i = tl.program_id(0)
+    d = tl.arange(0, HD)
+    x = tl.load(x_ptr + i * HD + d)
+    if DECODE:
+        pos = tl.load(pos_ptr)
+        c, s = _rope_cs(cos_ptr, sin_ptr, pos + 1 - RATIO, HD, NROT)
+        row = (pos + 1) // RATIO - 1
+    else:
+        c, s = _rope_cs(cos_ptr, sin_ptr, i, HD, NROT)
+        row = i
+    tl.store(out_ptr + row * HD + d, _comp_row_finish(x, norm_ptr, c, s, eps, HD, NROT, INDEX, LOGHD))
 
 
 @triton.jit
@@ -410,10 +442,11 @@ def kv_rows(kv_lin, norm, cos, sin, eps) -> torch.Tensor:
     return out
 
 
-def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
+def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc, *, launch=None):
     """x [1, E]; wkv, wsc the two F16 projections (raw uint8 [W, 2E]); ape [r, W]; front_kv /
     front_sc [rows, W]: writes kv and gate+ape of the token into the frontier slot of pos
-    (ratio 4: 4 + pos % 4, else pos % r)."""
+    (ratio 4: 4 + pos % 4, else pos % r). launch: (rows per program, columns per step, warps)
+    instead of the defaults (bench/comp_step_sweep.py)."""
     r, W = ape.shape
     E = x.shape[1]
     _check("compressor_step: x", x, (1, E))
@@ -424,11 +457,21 @@ def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc):
     _check("compressor_step: frontier kv", front_kv, (rows, W))
     _check("compressor_step: frontier gate", front_sc, (rows, W))
     _check("position", pos, (1,), torch.long)
-    bn = max(1, min(16, triton.next_power_of_2(W) // 256))
-    be = min(2048, triton.next_power_of_2(E))      # 2 x 16 KB of weights in flight per step
+    # launch shapes from bench/comp_step_sweep.py (s17s, one H200, graph-timed): rows of 256
+    # or fewer (the indexer's, a TP=2 share of ratio 128) one row per program, 16 warps over
+    # the whole input (2.83-3.35 us against 3.58-3.92 before); 512 rows two per program (4.52
+    # against 5.67); 1024 (a whole ratio-4 kv) as before (7.37 us)
+    if W <= 256:
+        bn, be, warps = 1, triton.next_power_of_2(E), 16
+    elif W <= 512:
+        bn, be, warps = 2, triton.next_power_of_2(E), 8
+    else:
+        bn, be, warps = max(1, min(16, triton.next_power_of_2(W) // 256)), min(2048, triton.next_power_of_2(E)), 8
+    if launch is not None:
+        bn, be, warps = launch
     _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
                                              ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
-                                             num_warps=8, **pdl.triton_args(x.device))
+                                             num_warps=warps, **pdl.triton_args(x.device))
 
 
 def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool, eps):
@@ -451,25 +494,82 @@ def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool,
                             **pdl.triton_args(front_kv.device))
 
 
+def compressor_pool(front_kv, front_sc, pos) -> torch.Tensor:
+    """compressor_emit's pooling alone, for a rank that holds a share of the channels: the
+    ratio-4 frontier [8, 2C] pooled into [1, C] (returned; finished by compressor_finish after
+    the ranks' shares are gathered), then rows 4-7 moved to rows 0-3."""
+    C = front_kv.shape[1] // 2
+    if C & (C - 1) or C < 16:
+        raise ValueError(f"compressor_pool: {C} channels must be a power of two >= 16")
+    _check("compressor_pool: frontier kv", front_kv, (8, 2 * C))
+    _check("compressor_pool: frontier gate", front_sc, (8, 2 * C))
+    _check("position", pos, (1,), torch.long)
+    out = torch.empty(1, C, dtype=torch.float32, device=front_kv.device)
+    _comp_emit_kernel[(1,)](front_kv, front_sc, front_kv, front_kv, front_kv, pos, out, 0.0, HD=C,
+                            NROT=0, INDEX=False, LOGHD=0, POOL_ONLY=True, num_warps=4,
+                            **pdl.triton_args(front_kv.device))
+    return out
+
+
+def compressor_finish(x, norm, cos, sin, index: bool, eps, *, pos=None, cache=None,
+                      ratio: int = 0) -> torch.Tensor | None:
+    """Pooled rows x [n, HD] (the ranks' channels gathered) finished as the cache holds them:
+    RMS norm with norm [HD], RoPE, then FP8 of the non-RoPE dims (kv rows) or Hadamard + FP4
+    (index rows), F16. A prefill's rows (pos None): cos/sin [n, n_rot/2] row by row, returns
+    [n, HD]. A decode token's row (pos [1] on the device, n = 1, cos/sin the tables over all
+    positions): written into row (pos+1)/ratio - 1 of cache [cap, HD], rotated at position
+    pos+1-ratio; returns None (the caller sizes cache for its positions, as compressor_emit)."""
+    n, HD = x.shape
+    n_rot = _rope_row_width("compressor_finish", "row width", HD, cos)
+    _check("compressor_finish: rows", x, (n, HD))
+    _check("compressor_finish: norm weight", norm, (HD,))
+    decode = pos is not None
+    if decode:
+        if n != 1 or cache is None or ratio < 1:
+            raise ValueError("compressor_finish: a decode row needs n = 1, the cache and the ratio")
+        _check("compressor_finish: cache", cache, (cache.shape[0], HD))
+        _check_rope(cos, sin, pos, n_rot)
+        out = cache
+    else:
+        _check("compressor_finish: cos", cos, (n, n_rot // 2))
+        _check("compressor_finish: sin", sin, (n, n_rot // 2))
+        out = torch.empty(n, HD, dtype=torch.float32, device=x.device)
+        pos = x                                  # unread
+    if n:
+        _comp_finish_kernel[(n,)](x, norm, cos, sin, pos, out, eps, RATIO=max(ratio, 1), HD=HD,
+                                  NROT=n_rot, INDEX=bool(index), LOGHD=HD.bit_length() - 1,
+                                  DECODE=decode, num_warps=4, **pdl.triton_args(x.device))
+    return None if decode else out
+
+
 def compressor_rows(kv, sc, base: int, c0: int, n: int, ratio: int, norm, cos, sin, index: bool,
-                    eps) -> torch.Tensor:
+                    eps, *, pool_only: bool = False) -> torch.Tensor:
     """A prefill's compressed rows c0 .. c0+n-1 in one launch: kv, sc [N, W] the compressor's
     projections (gates with their position bias) at positions base .., pooled per channel by the
     softmax of the gates over each row's window (ratio 4: the previous window through the first
     half of W and the current one through the second; else the RATIO positions c*RATIO..), then
     RMS-normed with norm [HD], rotated with cos/sin [n, n_rot/2] (row i: position c*ratio),
     FP8 of the non-RoPE dims (kv rows) or Hadamard + FP4 (index rows, `index`), F16-rounded:
-    -> [n, HD] float32 (model.compress's twin)."""
-    HD = norm.shape[0]
+    -> [n, HD] float32 (model.compress's twin). pool_only: the pooled channels [n, C] alone, for
+    a rank holding C of them (W = 2C or C; norm, cos, sin unread; compressor_finish after the
+    gather)."""
+    if pool_only:
+        HD = kv.shape[1] // (2 if ratio == 4 else 1)
+        n_rot = 0
+        if HD & (HD - 1) or HD < 16:
+            raise ValueError(f"compressor_rows: {HD} channels must be a power of two >= 16")
+    else:
+        HD = norm.shape[0]
+        n_rot = _rope_row_width("compressor_rows", "row width", HD, cos)
     W = 2 * HD if ratio == 4 else HD
-    n_rot = _rope_row_width("compressor_rows", "row width", HD, cos)
     if ratio != 4 and (ratio & (ratio - 1) or ratio < 8 or index):
         raise ValueError(f"compressor_rows: ratio {ratio} must be 4, or a power of two >= 8 for kv rows")
     _check("compressor_rows: kv", kv, (kv.shape[0], W))
     _check("compressor_rows: gates", sc, (kv.shape[0], W))
-    _check("compressor_rows: norm weight", norm, (HD,))
-    _check("compressor_rows: cos", cos, (n, n_rot // 2))
-    _check("compressor_rows: sin", sin, (n, n_rot // 2))
+    if not pool_only:
+        _check("compressor_rows: norm weight", norm, (HD,))
+        _check("compressor_rows: cos", cos, (n, n_rot // 2))
+        _check("compressor_rows: sin", sin, (n, n_rot // 2))
     lo = max(0, (c0 - 1) * 4) if ratio == 4 else c0 * ratio        # first position read
     hi = (c0 + n) * ratio                                            # one past the last
     if n < 1 or c0 < 0 or lo < base or hi - base > kv.shape[0]:
@@ -478,7 +578,7 @@ def compressor_rows(kv, sc, base: int, c0: int, n: int, ratio: int, norm, cos, s
     out = torch.empty(n, HD, dtype=torch.float32, device=kv.device)
     _comp_rows_kernel[(n,)](kv, sc, norm, cos, sin, out, c0, base, eps, W=W, HD=HD, NROT=n_rot,
                             RATIO=ratio, INDEX=bool(index), LOGHD=HD.bit_length() - 1,
-                            BR=min(ratio, 8), num_warps=4)
+                            BR=min(ratio, 8), POOL_ONLY=pool_only, num_warps=4)
     return out
 
 

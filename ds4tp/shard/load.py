@@ -1,7 +1,8 @@
 """Apply a shard plan: read one rank's bytes of every tensor from the memory-mapped GGUF.
 
 This is the one place a plan's ranges become byte ranges. A rows/experts split takes whole
-encoded rows; a cols split takes a block-aligned byte range out of every row. Only those bytes
+encoded rows; a cols split takes a block-aligned byte range out of every row; a split by
+channel takes the same range out of each of its blocks. Only those bytes
 are copied out of the mmap (never the whole tensor, never another rank's slice).
 """
 from __future__ import annotations
@@ -36,10 +37,16 @@ def rank_bytes_view(f: DS4File, tp: TensorPlan, rank: int) -> np.ndarray:
         return v
     a, b = tp.ranges[rank]
     if tp.dim == len(shape) - 1:       # input columns: a byte range inside every row
+        if tp.blocks > 1:              # (a channel split: the same range of every block)
+            blk = v.reshape(*v.shape[:-1], tp.blocks, -1)[..., a // epb * bpb: b // epb * bpb]
+            return blk.reshape(*v.shape[:-1], -1)
         return v[..., a // epb * bpb: b // epb * bpb]
+    d = tp.dim
+    v = v.reshape(*v.shape[:d], tp.blocks, v.shape[d] // tp.blocks, *v.shape[d + 1:])
     idx = [slice(None)] * v.ndim
-    idx[tp.dim] = slice(a, b)
-    return v[tuple(idx)]
+    idx[d + 1] = slice(a, b)           # the same rows of every block (one block but for channels)
+    sub = v[tuple(idx)]
+    return sub.reshape(*sub.shape[:d], -1, *sub.shape[d + 2:])
 
 
 def _to_tensor(name: str, qtype: int, local_shape, raw: np.ndarray, device):

@@ -9,6 +9,14 @@ Split kinds (on the logical torch shape, input dim last; routed experts are (exp
              partial sums all-reduced)
   experts    whole experts split into equal contiguous ranges (routed experts only)
 
+A split by "channel" (the compressors' kv, gate and position-bias tables) cuts each block of
+`head width` channels the same way: a ratio-4 compressor's projection holds two such blocks (the
+previous window's half and the current window's), and rank r takes the same channel range of
+each. Pooling is per channel, so a rank pools its channels alone; a layer's pooled rows are
+all-gathered before their RMS norm (model.layer_rows, decode_graph.StaticDecoder._emit), once
+per window (every 4th token in a ratio-4 layer, one gather for both of its compressors), and
+each rank then reads half of the compressors' 0.61 GB a token at TP=2.
+
 The routed experts pick one mode for gate, up and down together: "ff" (split the expert FFN
 width: gate/up rows, down cols, as on the full model) when each rank's share of the width is a
 whole number of the down projection's blocks, else "experts" (whole experts per rank, exact for
@@ -50,8 +58,10 @@ TABLE: list[tuple[str, Split | dict]] = [
     (r"blk\.\d+\.ffn_(gate|up)_exps\.weight", {"ff": Split("rows", "ff"), "experts": Split("experts")}),
     (r"blk\.\d+\.ffn_down_exps\.weight", {"ff": Split("cols", "ff"), "experts": Split("experts")}),
     (r"output\.weight", Split("rows", "vocab")),
-    # everything else (HC, norms, q_a, kv, compressors, router, embeddings) is replicated:
-    # the single KV head means every rank needs the whole KV path and session state.
+    (r"blk\.\d+\.(attn|indexer)_compressor_(kv|gate)\.weight", Split("rows", "channel")),
+    (r"blk\.\d+\.(attn|indexer)_compressor_ape\.weight", Split("cols", "channel")),
+    # everything else (HC, norms, q_a, kv, router, embeddings) is replicated: the single KV head
+    # means every rank needs the whole KV path and session state.
     (r".*", REPLICATE),
 ]
 _COMPILED = [(re.compile(p), r) for p, r in TABLE]
@@ -79,17 +89,18 @@ class TensorPlan:
     shape: tuple[int, ...]               # global logical torch shape
     split: Split
     dim: int | None                      # split dim (None when replicated)
-    ranges: list[tuple[int, int]]        # per rank, along dim
+    ranges: list[tuple[int, int]]        # per rank, along dim (within each block)
     bytes: int                           # whole tensor
     rank_bytes: list[int]                # held by each rank
     rank_token_bytes: list[int]          # read by each rank per decoded token (context 0)
     note: str = ""
+    blocks: int = 1                      # equal blocks along dim, each split by `ranges` (channel splits)
 
     def local_shape(self, rank: int) -> tuple[int, ...]:
         if self.dim is None:
             return self.shape
         a, b = self.ranges[rank]
-        return tuple(b - a if i == self.dim else n for i, n in enumerate(self.shape))
+        return tuple((b - a) * self.blocks if i == self.dim else n for i, n in enumerate(self.shape))
 
 
 @dataclass
@@ -108,13 +119,17 @@ class ShardPlan:
     def token_bytes(self, rank: int) -> int:
         return sum(t.rank_token_bytes[rank] for t in self.tensors)
 
-    def collectives_per_token(self, indexer_active_layers: int = 0) -> dict[str, int]:
+    def collectives_per_token(self, indexer_active_layers: int = 0, emitting_layers: int = 0) -> dict[str, int]:
         """Collectives one decoded token makes: an all-reduce after attention and after the
-        FFN in every layer, the logits gather, and an indexer-score all-reduce per ratio-4
-        layer whose indexer is active (only when the indexer heads are split)."""
+        FFN in every layer, the logits gather, an indexer-score all-reduce per ratio-4 layer
+        whose indexer is active (only when the indexer heads are split), and a gather of the
+        pooled rows per layer whose compressors end a window at this token (only when the
+        compressors are split by channel; one for both compressors of a ratio-4 layer)."""
         if self.world == 1:
             return {}
-        return {"all_reduce": 2 * self.shape.n_layer + indexer_active_layers, "all_gather": 1}
+        split = any(t.split.unit == "channel" and t.dim is not None for t in self.tensors)
+        return {"all_reduce": 2 * self.shape.n_layer + indexer_active_layers,
+                "all_gather": 1 + (emitting_layers if split else 0)}
 
     def to_json(self, tp1_bytes: int) -> dict:
         return {
@@ -125,7 +140,7 @@ class ShardPlan:
                       for r in range(self.world)],
             "tensors": [{"name": t.name, "rule": t.split.kind, "unit": t.split.unit,
                          "type": type_name(t.qtype), "shape": list(t.shape), "dim": t.dim,
-                         "ranges": [list(r) for r in t.ranges], "bytes": t.bytes,
+                         "ranges": [list(r) for r in t.ranges], "blocks": t.blocks, "bytes": t.bytes,
                          "rank_bytes": t.rank_bytes, "rank_bytes_per_token": t.rank_token_bytes,
                          **({"note": t.note} if t.note else {})}
                         for t in self.tensors],
@@ -156,10 +171,12 @@ def _token_fraction(name: str, s: Shape, nbytes: int, qtype: int, shape: tuple[i
     return 1.0
 
 
-def make_plan(s: Shape, world: int, types: dict[str, int] | None = None) -> ShardPlan:
+def make_plan(s: Shape, world: int, types: dict[str, int] | None = None, *,
+              split_compressors: bool = True) -> ShardPlan:
     """Apply TABLE to every tensor of shape `s` for `world` ranks. `types` overrides the
     default type of a tensor (from a real file); otherwise the first accepted type is used
-    (IQ2_XXS for routed gate/up, Q2_K for down as in the q2 GGUF)."""
+    (IQ2_XXS for routed gate/up, Q2_K for down as in the q2 GGUF). split_compressors=False
+    replicates the compressors instead (spec 18.3's baseline; the bench's comparison)."""
     if world < 1:
         raise PlanError("world must be >= 1")
     specs = expected_tensors(s)
@@ -188,20 +205,16 @@ def make_plan(s: Shape, world: int, types: dict[str, int] | None = None) -> Shar
         rule = next(r for rx, r in _COMPILED if rx.fullmatch(name))
         if isinstance(rule, dict):
             rule = rule[mode]
-        split = rule if world > 1 else REPLICATE
-        dim, ranges, note = _ranges(name, s, world, split, shape, qtype)
-        if name.endswith("_exps.weight") and mode_note:
-            note = mode_note
-        rank_bytes = []
-        rank_tok = []
+        split = rule if world > 1 and (split_compressors or rule.unit != "channel") else REPLICATE
+        dim, ranges, blocks = _ranges(name, s, world, split, shape, qtype)
+        note = mode_note if name.endswith("_exps.weight") else ""
+        tp = TensorPlan(name, qtype, shape, split, dim, ranges, nbytes, [], [], note, blocks)
         for r in range(world):
-            local = shape if dim is None else tuple(
-                (ranges[r][1] - ranges[r][0]) if i == dim else n for i, n in enumerate(shape))
+            local = tp.local_shape(r)
             lb = C.nbytes_of(qtype, _prod(local))
-            rank_bytes.append(lb)
-            rank_tok.append(int(round(lb * _token_fraction(name, s, lb, qtype, local))))
-        plan.tensors.append(TensorPlan(name, qtype, shape, split, dim, ranges, nbytes, rank_bytes,
-                                       rank_tok, note))
+            tp.rank_bytes.append(lb)
+            tp.rank_token_bytes.append(int(round(lb * _token_fraction(name, s, lb, qtype, local))))
+        plan.tensors.append(tp)
     return plan
 
 
@@ -212,9 +225,15 @@ def _prod(xs) -> int:
     return p
 
 
+def _channel_width(name: str, s: Shape) -> int:
+    """Channels per block of a compressor tensor: the width of the row it pools into."""
+    return s.indexer_head_dim if name.split(".")[2].startswith("indexer") else s.head_dim
+
+
 def _ranges(name, s: Shape, world, split: Split, shape, qtype):
+    """(dim, per-rank ranges within a block, blocks) of a split."""
     if split.kind == "replicate":
-        return None, [], ""
+        return None, [], 1
     if split.kind == "experts":
         dim = 0
     elif split.kind == "rows":
@@ -223,7 +242,12 @@ def _ranges(name, s: Shape, world, split: Split, shape, qtype):
         dim = len(shape) - 1
     else:
         raise PlanError(f"{name}: unknown split kind {split.kind}")
-    n = shape[dim]
+    n, blocks = shape[dim], 1
+    if split.unit == "channel":
+        n = _channel_width(name, s)
+        blocks = shape[dim] // n
+        if blocks * n != shape[dim]:
+            raise PlanError(f"{name}: width {shape[dim]} is not whole blocks of {n} channels")
     unit = _unit_rows(name, s) if split.kind == "rows" else 1
     if n % (world * unit):
         raise PlanError(f"{name}: {n} along dim {dim} does not split into {world} ranks of whole "
@@ -234,7 +258,7 @@ def _ranges(name, s: Shape, world, split: Split, shape, qtype):
         if per % epb:
             raise PlanError(f"{name}: input split {per} per rank is not a multiple of the "
                             f"{type_name(qtype)} block ({epb})")
-    return dim, [(r * per, (r + 1) * per) for r in range(world)], ""
+    return dim, [(r * per, (r + 1) * per) for r in range(world)], blocks
 
 
 def verify_plan(plan: ShardPlan) -> None:
@@ -257,8 +281,8 @@ def verify_plan(plan: ShardPlan) -> None:
             if a != pos or b <= a:
                 raise PlanError(f"{t.name}: ranges {t.ranges} are not a partition")
             pos = b
-        if pos != t.shape[t.dim]:
-            raise PlanError(f"{t.name}: ranges cover {pos} of {t.shape[t.dim]}")
+        if pos * t.blocks != t.shape[t.dim]:
+            raise PlanError(f"{t.name}: ranges cover {pos * t.blocks} of {t.shape[t.dim]}")
         if t.dim == len(t.shape) - 1:
             epb = C.BLOCK[t.qtype][0]
             if any(a % epb or b % epb for a, b in t.ranges):

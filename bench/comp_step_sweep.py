@@ -1,0 +1,110 @@
+"""Launch shapes of the decode compressor step (triton_attn.compressor_step: two F16
+projections [W, 4096] against one token, into the frontier) at DS4's widths, graph-timed over
+enough weight copies that L2 holds none of them between launches.
+
+The bench's per-kernel profile (fifteenth session) put this launch at 462 us of a TP=2 rank's
+eager step for 0.30 GB: 0.66 TB/s, the slowest weight stream of the step. Each shape is timed
+at the default launch and a grid of (rows per program, columns per step, warps); every result
+is checked against decode_graph.compressor_step_torch.
+
+    python bench/comp_step_sweep.py --out comp_step.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+# (name, ratio, W): W = rows of each projection on a rank (kv rows = gate rows)
+SHAPES = [("ratio-4 kv, TP=2 share", 4, 512), ("ratio-4 indexer, TP=2 share", 4, 128),
+          ("ratio-128 kv, TP=2 share", 128, 256), ("ratio-4 kv, whole", 4, 1024),
+          ("ratio-4 indexer, whole", 4, 256), ("ratio-128 kv, whole", 128, 512)]
+E = 4096
+
+
+def _time(fn, copies: int, reps: int = 20) -> float:
+    """Microseconds per call of fn(i) (i: the weight copy), replayed from a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(copies):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * copies)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import kernel_cases as kc
+    from ds4tp.config import F16
+    from ds4tp.decode_graph import compressor_step_torch
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for name, r, W in SHAPES:
+        nbytes = 2 * W * E * 2
+        copies = max(2, -(-(200 << 20) // nbytes))          # > 200 MB of weights in the loop
+        ws = [(kc.rand_weight(F16, (W, E), g, "cuda"), kc.rand_weight(F16, (W, E), g, "cuda"))
+              for _ in range(copies)]
+        ape = torch.randn(r, W, generator=g).cuda()
+        x = torch.randn(1, E, generator=g).cuda()
+        rows = 8 if r == 4 else r
+        pos = torch.tensor([1234], device="cuda")
+        fronts = [torch.zeros(rows, W, device="cuda") for _ in range(2)]
+        cw = CompressorWeights(r, ape, ws[0][0], ws[0][1], torch.ones(W, device="cuda"))
+        want = [torch.zeros(rows, W, device="cuda") for _ in range(2)]
+        compressor_step_torch(cw, x, pos, *want)
+        cfgs = [None] + list(itertools.product((1, 2, 4, 8), (1024, 2048, 4096), (4, 8, 16)))
+        for cfg in cfgs:
+            if cfg is not None and cfg[0] * cfg[1] > 16384:
+                continue
+            for f in fronts:
+                f.zero_()
+            try:
+                triton_attn.compressor_step(x, ws[0][0].raw, ws[0][1].raw, ape, pos, *fronts, launch=cfg)
+                torch.cuda.synchronize()
+                err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(fronts, want))
+                us = _time(lambda i: triton_attn.compressor_step(x, ws[i][0].raw, ws[i][1].raw, ape, pos,
+                                                                 *fronts, launch=cfg), copies)
+            except Exception as e:      # a launch shape Triton rejects (registers, shared memory)
+                print(f"{name:28s} {str(cfg):20s} failed: {str(e)[:80]}")
+                continue
+            rec = {"shape": name, "ratio": r, "W": W, "cfg": cfg, "us": us, "GBps": nbytes / us / 1e3,
+                   "rel_err": err, "ok": err < 1e-5}
+            results.append(rec)
+            print(f"{name:28s} {str(cfg):20s} {us:7.2f} us {rec['GBps']:7.0f} GB/s err {err:.1e}")
+        best = min((x for x in results if x["shape"] == name and x["ok"]), key=lambda x: x["us"])
+        default = next(x for x in results if x["shape"] == name and x["cfg"] is None)
+        print(f"== {name}: default {default['us']:.2f} us, best {best['us']:.2f} us at {best['cfg']}")
+        ws = None
+        torch.cuda.empty_cache()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    return 0 if all(x["ok"] for x in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
