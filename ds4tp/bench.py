@@ -439,6 +439,11 @@ def _bench_rank(comm, dev, cfg):
     save()
     res["decode_d0_chained"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
+    # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
+    from ds4tp.kernels import triton_hc
+    with _switched_off(triton_hc.set_mix_side_enabled):
+        res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

@@ -317,18 +317,40 @@ class StaticDecoder:
         e = m.w.token_embd[tok].float()                                      # [1, E]
         hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
         xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)   # the chain of DS4Model.forward
+        pending = None
         for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
             out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
-            hc, xn, post, mix = hc_post_pre(out, hc, post, mix, lw.ffn_mixer, s)
+            hc, xn, post, mix, pending = self._update(out, hc, post, mix, lw.ffn_mixer, pending)
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
-            hc, xn, post, mix = hc_post_pre(f, hc, post, mix, m.w.mixer_after(lw.il), s)
+            hc, xn, post, mix, pending = self._update(f, hc, post, mix, m.w.mixer_after(lw.il), pending)
         logits = output_head(m.w, hc, s, m.comm)[0]
         raw = logits.reshape(-1).to(torch.float64)
         self.pick.copy_(greedy_pick(raw, raw.index_add(0, self.bias_ids, self.bias_vals)))
         self.token.copy_(self.pick[:1].long())          # the next step's input, if fed from here
         return logits
+
+    def _update(self, f, hc, post, mix, mixer, pending):
+        """model.hc_post_pre for this token, with the next mixer's Sinkhorn (post and M, which
+        only the update after the sublayer reads) on the side stream beside the sublayer on
+        CUDA: hc_step(mix=False), then hc_mix. pending: the previous call's (side, z), joined
+        here before its post and M are read (z is kept alive until then)."""
+        if pending is not None:
+            pending[0].join()
+        s = self.s
+        if mixer is None or not self.m.overlap or not kernels.on_gpu(hc) or mixer[0].qtype != C.F16:
+            return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
+        from ds4tp.kernels import triton_hc
+        if not (triton_hc.step_enabled() and triton_hc.mix_side_enabled()):
+            return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
+        fn, scale, base, norm = mixer
+        hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
+                                      s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False)
+        side = Side(z)
+        with side:
+            post, mix = triton_hc.hc_mix(z, scale, base, s.n_hc, s.sinkhorn_iters, C.HC_EPS)
+        return hc, xn, post, mix, (side, z)
 
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""

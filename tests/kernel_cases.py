@@ -545,11 +545,12 @@ def case_hc_logits(device, gen, n, E, N, split=None):
     return check(f"hc_logits n={n} E={E} N={N}", got, hc_logits_torch(hc, fn), 1e-5)
 
 
-def case_hc_step(device, gen, E, be=None):
+def case_hc_step(device, gen, E, be=None, mix=True):
     """One decode token's stream update and next mixer in one launch (triton_hc.hc_step) against
     its twins in sequence: model.hc_post_torch, hc_logits_torch, hc_combine_torch. The mixer
     weight is scaled so that the logits (and so Sinkhorn) stay in a range where every step
-    matters."""
+    matters. mix=False: the launch leaves post and M to triton_hc.hc_mix (checked against
+    model.hc_split) and returns the logits z (against hc_logits_torch)."""
     from ds4tp.config import F16, HC_EPS, RMS_EPS
     from ds4tp.kernels import triton_hc
     from ds4tp.model import hc_combine_torch, hc_logits_torch, hc_post_torch
@@ -561,9 +562,16 @@ def case_hc_step(device, gen, E, be=None):
     base = r(24)
     norm = (torch.rand(E, generator=gen) + 0.5).to(device)
     got = triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS,
-                            **({} if be is None else {"be": be}))
+                            mix=mix, **({} if be is None else {"be": be}))
     h2 = hc_post_torch.eager(f, hc, post, m)
-    want = (h2, *hc_combine_torch.eager(hc_logits_torch(h2, fn), scale, base, h2, norm, 4, 20))
+    z = hc_logits_torch(h2, fn)
+    want = (h2, *hc_combine_torch.eager(z, scale, base, h2, norm, 4, 20))
+    if not mix:     # (streams, x, z), then post and M from z in their own launch
+        from ds4tp.model import hc_split
+        got = (*got[:2], *triton_hc.hc_mix(got[2], scale, base, 4, 20, HC_EPS))
+        _, post2, m2 = hc_split(z, scale, base, 4, 20)
+        check(f"hc_mix post E={E}", got[2], post2, 1e-5)
+        check(f"hc_mix M E={E}", got[3], m2, 1e-5)
     return max(check(f"hc_step {n} E={E}", a, b, 1e-5)
                for n, a, b in zip(("streams", "x", "post", "M"), got, want))
 
@@ -1007,6 +1015,7 @@ def interpreter_cases():
     yield "decode linear_normed default", case_linear_normed, (64, 256)
     yield "decode hc_step one program", case_hc_step, (96,)
     yield "decode hc_step split, column tail", case_hc_step, (300, 64)
+    yield "decode hc_step without the mixer, then hc_mix", case_hc_step, (300, 64, False)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
     yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
     yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)

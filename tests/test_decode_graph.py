@@ -427,6 +427,39 @@ def test_pdl_is_bit_identical_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
+def test_sinkhorn_beside_the_sublayer_on_cuda():
+    """The static decoder's HC mixers with Sinkhorn in its own launch on the side stream
+    (StaticDecoder._update: hc_step without the mixer, then hc_mix beside the sublayer) against
+    the one-launch hc_step: graph-replayed logits of a 4-layer full-width model over 12 tokens
+    agree to float32 noise (the same operations; the 4-element sums may group differently in
+    the other launch), with PDL on and off bit-identical."""
+    from ds4tp.bench import build_model
+    from ds4tp.comm import SingleComm
+    from ds4tp.kernels import pdl, triton_hc
+    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
+    toks = [(37 * i + 11) % m.shape.vocab for i in range(13)]
+    runs = []
+    try:
+        for on, beside in ((True, True), (False, True), (True, False)):
+            pdl.set_enabled(on)
+            triton_hc.set_mix_side_enabled(beside)
+            st = m.new_state()
+            m.forward(toks[:1], st)
+            dec = StaticDecoder(m, max_ctx=64, use_graphs=True)
+            dec.load_session(st)
+            runs.append(torch.stack([dec.step(t).clone() for t in toks[1:]]))
+    finally:
+        pdl.set_enabled(True)
+        triton_hc.set_mix_side_enabled(True)
+    assert torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1])
+    print("beside vs one launch: max |dlogit|", float((runs[0] - runs[2]).abs().max()),
+          "bit-identical" if torch.equal(runs[0], runs[2]) else "")
+    assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=1e-3 * float(runs[2].abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 def test_index_kernels_in_the_graph_on_cuda():
     """The indexer's two launches (triton_attn.index_scores, topk_mask) inside graph-replayed
     steps of a 4-layer full-width model past 2048 tokens (more than 512 rows visible, so the

@@ -690,8 +690,12 @@ def test_hc_kernels_compile_for_sm90(split):
     sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32")
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
                  SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
-                 ONE_PASS=one_pass, PDL=pdl)
+                 ONE_PASS=one_pass, MIX=split != 5, PDL=pdl)
     assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)) == pdl
+    sig = {n: "*fp32" for n in ("z_ptr", "scale_ptr", "base_ptr", "post_ptr", "m_ptr")}
+    sig.update(eps="fp32")
+    assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_mix_kernel, sig,
+                                              dict(NH=4, ITERS=20, PDL=pdl), 8)) == pdl
     sig = {n: "*fp32" for n in ("z_ptr", "scale_ptr", "base_ptr", "hc_ptr", "norm_ptr", "x_ptr",
                                 "post_ptr", "m_ptr")}
     sig.update(stride_z="i32", E="i32", eps="fp32", rms_eps="fp32")
@@ -727,9 +731,9 @@ def test_prefill_attention_compiles_for_sm90(comp):
 
 
 @needs_cuda
-@pytest.mark.parametrize("be", [128, 64])
-def test_cuda_hc_step_full_size(be):
-    kc.case_hc_step("cuda", torch.Generator().manual_seed(be), 4096, be)
+@pytest.mark.parametrize("be,mix", [(128, True), (64, True), (128, False)])
+def test_cuda_hc_step_full_size(be, mix):
+    kc.case_hc_step("cuda", torch.Generator().manual_seed(be), 4096, be, mix)
 
 
 @needs_cuda

@@ -265,7 +265,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
                     scale_ptr, base_ptr, norm_ptr, x_ptr, post2_ptr, m2_ptr, E, N, eps, rms_eps,
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    MIX: tl.constexpr = True, PDL: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -275,7 +275,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
     and its float64 sum of squares. The last program to arrive (atomic ticket) adds the partials
     in the order 0..SPLIT-1, scales them (z = s * (x @ W^T), as _hc_logits_kernel), stores z and
     runs the mixer: post', M' (Sinkhorn) and the normed input x, reading the new streams back
-    past L1."""
+    past L1. Without MIX it leaves post' and M' to _hc_mix_kernel (z is stored either way)."""
     pdl_start(PDL)
     p = tl.program_id(0)
     i = tl.arange(0, NH)
@@ -315,15 +315,47 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
             ee = tl.arange(0, XB)
             xok = ee < E
             hv = _streams(out_ptr + i[:, None] * E + ee[None, :], xok[None, :], True)
-            _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
+            if MIX:
+                _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
             _hc_x_store(hv, _hc_pre(z_ptr, scale_ptr, base_ptr, eps, NH), norm_ptr, x_ptr, ee, xok,
                         E, rms_eps)
         else:
-            _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
+            if MIX:
+                _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
             _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH,
                       XB, ONE_PASS, True)
         if SPLIT > 1:
             tl.atomic_xchg(cnt_ptr, 0)
+
+
+@triton.jit
+def _hc_mix_kernel(z_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, eps, NH: tl.constexpr,
+                   ITERS: tl.constexpr, PDL: tl.constexpr = False):
+    """post and M (the Sinkhorn chain) of token t from its mixer logits z [T, 2n+n^2]."""
+    pdl_start(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    _hc_mix(z_ptr + t * (2 * NH + NH * NH), scale_ptr, base_ptr, post_ptr, m_ptr, t, eps, NH, ITERS)
+
+
+def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, iters: int,
+           eps: float):
+    """post [T, n] and M [T, n, n] from mixer logits z [T, 2n+n^2] (the part of hc_combine a
+    sublayer's input does not need: hc_step(mix=False) leaves it to this launch, which the
+    static decoder runs beside the sublayer). The twin is ds4tp.model.hc_split."""
+    T, N = z.shape
+    n = n_hc
+    if n & (n - 1) or N != 2 * n + n * n or scale.shape != (3,) or base.shape != (N,):
+        raise ValueError(f"hc_mix: z {tuple(z.shape)}, scale {tuple(scale.shape)}, base "
+                         f"{tuple(base.shape)} do not match n_hc={n_hc}")
+    for name, v in (("z", z), ("scale", scale), ("base", base)):
+        if v.dtype != torch.float32:
+            raise ValueError(f"hc_mix: {name} must be float32")
+    post = torch.empty(T, n, dtype=torch.float32, device=z.device)
+    m = torch.empty(T, n, n, dtype=torch.float32, device=z.device)
+    if T:
+        _hc_mix_kernel[(T,)](z.contiguous(), scale.contiguous(), base.contiguous(), post, m, eps,
+                             NH=n, ITERS=iters, num_warps=8, **pdl.triton_args(z.device))
+    return post, m
 
 
 HC_STEP_BE = 128   # stream columns per program of hc_step (4096 wide: 32 programs)
@@ -335,14 +367,26 @@ def step_enabled() -> bool:
     return _step_switch.on
 
 
+_mix_side_switch = Switch()
+set_mix_side_enabled = _mix_side_switch.set    # the static decoder's Sinkhorn beside the sublayer
+
+
+def mix_side_enabled() -> bool:
+    return _mix_side_switch.on
+
+
 def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
             fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
-            n_hc: int, iters: int, eps: float, rms_eps: float, be: int = HC_STEP_BE):
+            n_hc: int, iters: int, eps: float, rms_eps: float, be: int = HC_STEP_BE,
+            warps: int = 8, mix: bool = True):
     """One token: hc_post(f, hc, post, M) and then the next sublayer's mixer on the new streams
     (hc_logits with the F16 weight bytes fn_raw [N, 2*n*E], hc_combine with scale, base, norm)
     in one launch. f [1, E], hc [1, n, E], post [1, n], M [1, n, n] float32 -> the new streams
-    [1, n, E], the normed sublayer input x [1, E], post' [1, n], M' [1, n, n]. The twins:
-    ds4tp.model.hc_post_torch, hc_logits_torch, hc_combine_torch."""
+    [1, n, E], the normed sublayer input x [1, E], post' [1, n], M' [1, n, n]. mix=False: the
+    mixer logits z [1, N] in place of post' and M' (-> the new streams, x, z), for hc_mix to
+    finish beside the sublayer: Sinkhorn is ~2.2 of the launch's ~8.5 us on an H200
+    (bench/hc_step_sweep.py) and only the update after the sublayer reads its result. The
+    twins: ds4tp.model.hc_post_torch, hc_logits_torch, hc_combine_torch."""
     if hc.dim() != 3 or hc.shape[0] != 1:
         raise ValueError(f"hc_step: expects one token's streams [1, n, E], got {tuple(hc.shape)}")
     _, n, E = hc.shape
@@ -376,9 +420,9 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
                               fn_raw.view(torch.float16), z, ws, ss, cnt, scale.contiguous(),
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
                               NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
-                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, num_warps=8,
+                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, num_warps=warps,
                               **pdl.triton_args(dev))
-    return out, x, post2, m2
+    return (out, x, post2, m2) if mix else (out, x, z)
 
 
 def _interpreting() -> bool:
