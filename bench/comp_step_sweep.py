@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (name, ratio, W): W = rows of each projection on a rank (kv rows = gate rows)
 SHAPES = [("ratio-4 kv, TP=2 share", 4, 512), ("ratio-4 indexer, TP=2 share", 4, 128),
@@ -28,35 +29,12 @@ SHAPES = [("ratio-4 kv, TP=2 share", 4, 512), ("ratio-4 indexer, TP=2 share", 4,
 E = 4096
 
 
-def _time(fn, copies: int, reps: int = 20) -> float:
-    """Microseconds per call of fn(i) (i: the weight copy), replayed from a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * copies)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import kernel_cases as kc
+    from profile_common import graph_us
     from ds4tp.config import F16
     from ds4tp.decode_graph import compressor_step_torch
     from ds4tp.kernels import triton_attn
@@ -86,8 +64,8 @@ def main() -> int:
                 triton_attn.compressor_step(x, ws[0][0].raw, ws[0][1].raw, ape, pos, *fronts, launch=cfg)
                 torch.cuda.synchronize()
                 err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(fronts, want))
-                us = _time(lambda i: triton_attn.compressor_step(x, ws[i][0].raw, ws[i][1].raw, ape, pos,
-                                                                 *fronts, launch=cfg), copies)
+                us = graph_us(lambda i: triton_attn.compressor_step(x, ws[i][0].raw, ws[i][1].raw, ape,
+                                                                    pos, *fronts, launch=cfg), copies, 20)
             except Exception as e:      # a launch shape Triton rejects (registers, shared memory)
                 print(f"{name:28s} {str(cfg):20s} failed: {str(e)[:80]}")
                 continue

@@ -15,8 +15,11 @@ import argparse
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 E, NH, N = 4096, 4, 24
 
@@ -25,6 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    from profile_common import graph_us
     from ds4tp.config import HC_EPS, RMS_EPS
     from ds4tp.kernels import triton_hc
     g = torch.Generator().manual_seed(0)
@@ -41,28 +45,8 @@ def main() -> int:
         try:
             got = triton_hc.hc_step(f, hc, post, m, fns[0], scale, base, norm, NH, 20, HC_EPS, RMS_EPS, **kw)
             err = max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(got, ref))
-            step = lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH, 20,   # noqa: E731
-                                               HC_EPS, RMS_EPS, **kw)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for i in range(copies):
-                    step(i)
-            torch.cuda.current_stream().wait_stream(s)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for i in range(copies):
-                    step(i)
-            graph.replay()
-            torch.cuda.synchronize()
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            for _ in range(10):
-                graph.replay()
-            t1.record()
-            torch.cuda.synchronize()
-            us = t0.elapsed_time(t1) * 1e3 / (10 * copies)
+            us = graph_us(lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH,
+                                                      20, HC_EPS, RMS_EPS, **kw), copies)
         except Exception as e:
             print(f"be={be} warps={warps}: failed: {str(e)[:80]}")
             continue
@@ -71,24 +55,8 @@ def main() -> int:
     # the serial Sinkhorn's share: the default launch with 1 and 10 iterations instead of 20
     # (wrong results, timing only)
     for iters in (1, 10):
-        step = lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH, iters,   # noqa: E731
-                                           HC_EPS, RMS_EPS)
-        for i in range(copies):
-            step(i)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(copies):
-                step(i)
-        graph.replay()
-        torch.cuda.synchronize()
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        for _ in range(10):
-            graph.replay()
-        t1.record()
-        torch.cuda.synchronize()
-        us = t0.elapsed_time(t1) * 1e3 / (10 * copies)
+        us = graph_us(lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH,
+                                                  iters, HC_EPS, RMS_EPS), copies)
         results.append({"be": None, "warps": None, "iters": iters, "us": us, "ok": False})
         print(f"default launch, {iters} Sinkhorn iterations: {us:6.2f} us")
     best = min((x for x in results if x["ok"]), key=lambda x: x["us"])

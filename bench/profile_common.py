@@ -36,3 +36,30 @@ def prefill_experts(T: int = 2048, K: int = 6, seed: int = 0):
     x = kc.rand_act((T, 4096), g, "cuda")
     rw = torch.rand(T, K, generator=g).cuda()
     return wg, wu, wd, ids, x, rw
+
+
+def graph_us(step, copies: int, reps: int = 10) -> float:
+    """Microseconds per call of step(i) (i: which weight copy, 0..copies-1, so that L2 holds
+    none of them between calls), warmed up on a side stream, captured once in a CUDA graph and
+    replayed `reps` times."""
+    import torch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            step(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            step(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(reps):
+        graph.replay()
+    t1.record()
+    torch.cuda.synchronize()
+    return t0.elapsed_time(t1) * 1e3 / (reps * copies)

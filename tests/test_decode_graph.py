@@ -395,6 +395,32 @@ def test_side_stream_overlap_is_bit_identical_on_cuda(tmp_path):
     assert torch.equal(runs[0], runs[1])
 
 
+def _full_width(n_tok: int, n_prompt: int):
+    """A 4-layer model of full width on cuda:0 (bench.build_model: synthetic weights), n_tok
+    token ids, and a session that consumed the first n_prompt of them."""
+    from ds4tp.bench import build_model
+    from ds4tp.comm import SingleComm
+    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
+    toks = [(37 * i + 11) % m.shape.vocab for i in range(n_tok)]
+    st = m.new_state()
+    m.forward(toks[:n_prompt], st)
+    return m, st, toks
+
+
+def _stepped(m, st, toks, max_ctx, graphs=True):
+    """Logits [len(toks), V] of a fresh StaticDecoder loaded with a copy of session st, stepping toks."""
+    dec = StaticDecoder(m, max_ctx=max_ctx, use_graphs=graphs)
+    dec.load_session(st.clone())
+    return torch.stack([dec.step(t).clone() for t in toks])
+
+
+def _same_then_close(runs, rtol, atol_frac):
+    """runs[0] and runs[1] bit-identical (PDL on and off), runs[2] close to them."""
+    assert torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1])
+    assert torch.allclose(runs[0], runs[2], rtol=rtol, atol=atol_frac * float(runs[2].abs().max()))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 def test_pdl_is_bit_identical_on_cuda():
@@ -404,25 +430,16 @@ def test_pdl_is_bit_identical_on_cuda():
     logits of a 4-layer model of full width (so every CUDA C decode kernel runs where CuPy is
     here, and every Triton decode kernel; ratio 0, 4 and 128 layers, both streams) over 12
     tokens are bit-identical with PDL on and off, and both match eager steps to float32 noise."""
-    from ds4tp.bench import build_model
-    from ds4tp.comm import SingleComm
     from ds4tp.kernels import pdl
-    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
-    toks = [(37 * i + 11) % m.shape.vocab for i in range(13)]
+    m, st, toks = _full_width(13, 1)
     runs = []
     try:
         for on, graphs in ((True, True), (False, True), (True, False)):
             pdl.set_enabled(on)
-            st = m.new_state()
-            m.forward(toks[:1], st)
-            dec = StaticDecoder(m, max_ctx=64, use_graphs=graphs)
-            dec.load_session(st)
-            runs.append(torch.stack([dec.step(t).clone() for t in toks[1:]]))
+            runs.append(_stepped(m, st, toks[1:], 64, graphs))
     finally:
         pdl.set_enabled(True)
-    assert torch.isfinite(runs[0]).all()
-    assert torch.equal(runs[0], runs[1])
-    assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=1e-3 * float(runs[2].abs().max()))
+    _same_then_close(runs, 1e-4, 1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
@@ -433,29 +450,20 @@ def test_sinkhorn_beside_the_sublayer_on_cuda():
     the one-launch hc_step: graph-replayed logits of a 4-layer full-width model over 12 tokens
     agree to float32 noise (the same operations; the 4-element sums may group differently in
     the other launch), with PDL on and off bit-identical."""
-    from ds4tp.bench import build_model
-    from ds4tp.comm import SingleComm
     from ds4tp.kernels import pdl, triton_hc
-    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
-    toks = [(37 * i + 11) % m.shape.vocab for i in range(13)]
+    m, st, toks = _full_width(13, 1)
     runs = []
     try:
         for on, beside in ((True, True), (False, True), (True, False)):
             pdl.set_enabled(on)
             triton_hc.set_mix_side_enabled(beside)
-            st = m.new_state()
-            m.forward(toks[:1], st)
-            dec = StaticDecoder(m, max_ctx=64, use_graphs=True)
-            dec.load_session(st)
-            runs.append(torch.stack([dec.step(t).clone() for t in toks[1:]]))
+            runs.append(_stepped(m, st, toks[1:], 64))
     finally:
         pdl.set_enabled(True)
         triton_hc.set_mix_side_enabled(True)
-    assert torch.isfinite(runs[0]).all()
-    assert torch.equal(runs[0], runs[1])
     print("beside vs one launch: max |dlogit|", float((runs[0] - runs[2]).abs().max()),
           "bit-identical" if torch.equal(runs[0], runs[2]) else "")
-    assert torch.allclose(runs[0], runs[2], rtol=1e-4, atol=1e-3 * float(runs[2].abs().max()))
+    _same_then_close(runs, 1e-4, 1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
@@ -466,27 +474,18 @@ def test_index_kernels_in_the_graph_on_cuda():
     selection is active), in a decoder sized for 16384 tokens (most rows never written): with
     programmatic dependent launch on and off bit-identical, and close to the same steps with the
     torch twins (a GEMM over every row, a stable sort)."""
-    from ds4tp.bench import build_model
-    from ds4tp.comm import SingleComm
     from ds4tp.kernels import pdl, triton_attn
-    m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
-    toks = [(37 * i + 11) % m.shape.vocab for i in range(2100)]
-    st0 = m.new_state()
-    m.forward(toks[:2090], st0)
+    m, st0, toks = _full_width(2100, 2090)
     runs = []
     try:
         for on, index in ((True, True), (False, True), (True, False)):
             pdl.set_enabled(on)
             triton_attn.set_index_enabled(index)
-            dec = StaticDecoder(m, max_ctx=16384, use_graphs=True)
-            dec.load_session(st0.clone())
-            runs.append(torch.stack([dec.step(t).clone() for t in toks[2090:]]))
+            runs.append(_stepped(m, st0, toks[2090:], 16384))
     finally:
         pdl.set_enabled(True)
         triton_attn.set_index_enabled(True)
-    assert torch.isfinite(runs[0]).all()
-    assert torch.equal(runs[0], runs[1])
-    assert torch.allclose(runs[0], runs[2], rtol=1e-3, atol=1e-2 * float(runs[2].abs().max()))
+    _same_then_close(runs, 1e-3, 1e-2)
 
 
 def test_warm_up_runs_every_variant_and_leaves_the_decoder_as_it_was(tiny):
