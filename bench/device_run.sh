@@ -97,6 +97,21 @@
 #         by the warm-up), then the served path again
 #   s16f: session 16, two GPUs: the served path with a prompt's short tail fed with the chunk
 #         before it (a 2,175-token prompt in one forward), no kill (the last minutes of device time)
+#   s17a: session 17, two GPUs: the compressors split by channel at TP=2 (their CUDA twins), the
+#         TP=2,1 bench (no A/B), then TP=2 at depth 0 with the compressors replicated (the
+#         split's comparison, same machine), CUDA goldens at TP=2 (graphs, prefill) and TP=1
+#   s17b: session 17, two GPUs: one gather for both compressors of a ratio-4 layer (CUDA twins),
+#         TP=2 bench at depth 0 and 4096 (split), then depth 0 replicated, both with the
+#         per-kernel profile (the compressor step now counted as weight streaming), CUDA goldens
+#         at TP=2 (graphs, prefill)
+#   s17s: session 17, one GPU: the compressor step's launch shapes (bench/comp_step_sweep.py)
+#   s17h: session 17, one GPU: the HC step's launch shapes (bench/hc_step_sweep.py)
+#   s17d: session 17 closing run, two GPUs: the HC mixers' Sinkhorn beside the sublayer in the
+#         decode graphs and the compressor step's launch shapes (CUDA twins, graph tests), the
+#         TP=2,1 bench (no A/B but the Sinkhorn inline), CUDA goldens through the graphs
+#   s17e: session 17, one GPU: the graph tests again after their shared helpers (review)
+#   s17c: session 17, two GPUs: the served path on the full-size synthetic GGUF (each rank loads
+#         its channels of the compressors from the file)
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -698,6 +713,36 @@ elif [ "$MODE" = s15e ]; then
 elif [ "$MODE" = s16a ]; then
   gate_tests 170 "index_scores or topk_mask or index_kernels or pdl_is_bit" tests/test_kernels.py tests/test_decode_graph.py
   bench_goldens
+elif [ "$MODE" = s17a ]; then
+  gate_tests 150 "compressor or index_kernels or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  bench_goldens
+  golden 2 prefill 60
+  log "bench, TP=2, depth 0, compressors replicated (spec 18.3's baseline), no A/B"
+  timeout 150 python3 -m ds4tp bench --tp 2 --depth 0 --no-ab --replicate-compressors --out "$OUT/bench_replicated.json" > "$OUT/bench_replicated_log.txt" 2>&1
+  grep '^{' "$OUT/bench_replicated_log.txt" | python3 -c "import json,sys; r=json.loads(sys.stdin.readline())['tp2']; print('replicated', r['bytes_per_token'], {k: round(v['tok_s'], 1) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v}, r.get('profile'), r.get('spark_projection'))"
+elif [ "$MODE" = s17b ]; then
+  gate_tests 150 "compressor or index_kernels or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  log "bench, TP=2, depth 0 and 4096, compressors split, no A/B"
+  timeout 200 python3 -m ds4tp bench --tp 2 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  bench_summary | cut -c1-1500
+  log "bench, TP=2, depth 0, compressors replicated, no A/B"
+  timeout 150 python3 -m ds4tp bench --tp 2 --depth 0 --no-ab --replicate-compressors --out "$OUT/bench_replicated.json" > "$OUT/bench_replicated_log.txt" 2>&1
+  grep '^{' "$OUT/bench_replicated_log.txt" | python3 -c "import json,sys; r=json.loads(sys.stdin.readline())['tp2']; print('replicated', r['bytes_per_token'], {k: round(v['tok_s'], 1) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v}, r['profile']['matvec_ms'], r['profile']['other_gpu_ms'], r.get('spark_projection'))"
+  golden 2 static 90
+  golden 2 prefill 60
+elif [ "$MODE" = s17s ]; then
+  log "compressor step launch shapes"
+  timeout 400 python3 bench/comp_step_sweep.py --out "$OUT/comp_step.json" 2>&1 | grep "==\|failed\|Error\|error" | head -40
+elif [ "$MODE" = s17h ]; then
+  log "HC step launch shapes"
+  timeout 300 python3 bench/hc_step_sweep.py --out "$OUT/hc_step.json" 2>&1 | tail -25
+elif [ "$MODE" = s17d ]; then
+  gate_tests 200 "compressor or hc_step or hc_mix or sinkhorn or pdl_is or side_stream or index_kernels" tests/test_kernels.py tests/test_decode_graph.py
+  bench_goldens
+elif [ "$MODE" = s17e ]; then
+  gate_tests 150 "pdl_is or sinkhorn or index_kernels_in_the_graph or hc_step_full" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s17c ]; then
+  serve_full 200 330
 elif [ "$MODE" = s16c ]; then
   gate_tests 130 "topk_mask or index_scores or index_kernels" tests/test_kernels.py tests/test_decode_graph.py
   bench_goldens
