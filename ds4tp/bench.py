@@ -237,12 +237,12 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
     return {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
 
 
-# the Triton and CUDA C kernels that stream weights (and quantise their activations); everything
-# else in a step (the HC mixer kernel, Inductor's fused small ops, attention, copies) is "other"
-# The kernels that stream weights. The HC steps (_hc_step_kernel, _hc_logits_kernel) read the F16
-# mixer weights (1.6 MB a layer, 1.4% of a TP=2 rank's bytes) but also update the streams, so
-# they count as other work; the compressor step (_comp_step_kernel: two F16 projections into
-# the frontier) was also counted there before the fifteenth session.
+# The Triton and CUDA C kernels that stream weights (and quantise their activations); everything
+# else in a step (Inductor's fused small ops, attention, copies) is "other". The HC steps
+# (_hc_step_kernel, _hc_logits_kernel) read the F16 mixer weights (1.6 MB a layer, 1.4% of a TP=2
+# rank's bytes) but also update the streams, so they count as other work; the compressor step
+# (_comp_step_kernel: two F16 projections into the frontier) was counted there too before the
+# fifteenth session.
 WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
                   "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec",
                   "_comp_step_kernel"}
@@ -292,8 +292,9 @@ def compressor_gathers_per_token(plan) -> float:
     """All-gathers a decoded token makes on average for compressors split by channel: a layer
     gathers its compressors' pooled rows once per window (every r-th token)."""
     s = plan.shape
-    n = plan.collectives_per_token(emitting_layers=1).get("all_gather", 1) - 1   # split?
-    return n * sum(1 / s.ratio(il) for il in range(s.n_layer) if s.ratio(il))
+    if plan.world == 1 or not plan.compressors_split:
+        return 0.0
+    return sum(1 / s.ratio(il) for il in range(s.n_layer) if s.ratio(il))
 
 
 def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:

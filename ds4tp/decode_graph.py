@@ -27,8 +27,8 @@ from ds4tp import config as C, kernels
 from ds4tp.fuse import static_shapes
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
                          hc_pre, index_scores_torch, index_weight_scale, indexer_query,
-                         kv_cache_row, kv_row_quant, output_head, pack_rows, select_rows,
-                         unpack_rows)
+                         kv_cache_row, kv_row_quant, output_head, pack_rows, pooled_channels,
+                         select_rows, unpack_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
@@ -339,10 +339,11 @@ class StaticDecoder:
         if pending is not None:
             pending[0].join()
         s = self.s
-        if mixer is None or not self.m.overlap or not kernels.on_gpu(hc) or mixer[0].qtype != C.F16:
-            return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
-        from ds4tp.kernels import triton_hc
-        if not (triton_hc.step_enabled() and triton_hc.mix_side_enabled()):
+        beside = mixer is not None and self.m.overlap and kernels.on_gpu(hc) and mixer[0].qtype == C.F16
+        if beside:
+            from ds4tp.kernels import triton_hc
+            beside = triton_hc.step_enabled() and triton_hc.mix_side_enabled()
+        if not beside:
             return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
         fn, scale, base, norm = mixer
         hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
@@ -390,7 +391,7 @@ class StaticDecoder:
         shift it. Compressors split by channel pool this rank's channels; one all-gather for
         the layer brings every rank's, then each row is finished."""
         cw0, front0, cache0, _ = jobs[0]
-        if front0.kv.shape[1] == (2 if cw0.ratio == 4 else 1) * cache0.shape[1]:   # all channels here
+        if pooled_channels(front0.kv.shape[1], cw0.ratio) == cache0.shape[1]:   # all channels here
             for cw, front, cache, is_index in jobs:
                 compressor_emit(cw, front.kv, front.sc, cache, pos, *self.rope[True], is_index, self.s)
             return
@@ -450,7 +451,7 @@ def compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_i
 def compressor_pool_torch(cw, front_kv, front_sc, pos) -> torch.Tensor:
     """compressor_emit's pooling over the frontier's channels (this rank's, where split) ->
     [1, channels]; ratio 4 then shifts the window."""
-    r, ch = cw.ratio, front_kv.shape[1] // (2 if cw.ratio == 4 else 1)
+    r, ch = cw.ratio, pooled_channels(front_kv.shape[1], cw.ratio)
     if r == 4:
         v = torch.cat((front_kv[:4, :ch], front_kv[4:, ch:]), 0)
         w = torch.cat((front_sc[:4, :ch], front_sc[4:, ch:]), 0)

@@ -331,6 +331,12 @@ def kv_row_quant(kv: torch.Tensor, s: Shape) -> torch.Tensor:
     return torch.cat((fp8_e4m3_blocks(kv[..., :nope]), kv[..., nope:]), -1)
 
 
+def pooled_channels(width: int, ratio: int) -> int:
+    """Channels a compressor's projection of `width` pools into: a ratio-4 projection holds two
+    window halves. The row width hd, or a rank's share of it where split by channel."""
+    return width // (2 if ratio == 4 else 1)
+
+
 def compress(cw: CompressorWeights, st: CompressorState, x: torch.Tensor, p0: int, hd: int,
              is_index: bool, s: Shape, trace=None, tag="", comm=None):
     """Step a compressor over T tokens at positions p0.. and return the rows they emit
@@ -394,7 +400,7 @@ def layer_rows(jobs, cs: range, s: Shape, comm=None, trace=None):
     if trace is None and kernels.on_gpu(jobs[0][1]) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_attn
         fast = triton_attn.rows_enabled()
-    split = jobs[0][1].shape[1] != (2 if r == 4 else 1) * jobs[0][4]   # channels pooled here < hd
+    split = pooled_channels(jobs[0][1].shape[1], r) != jobs[0][4]   # this rank pools a share of hd
     if not split and fast:
         return [(triton_attn.compressor_rows(kv, sc, base, cs[0], len(cs), r, cw.norm, cos, sin,
                                              is_index, C.RMS_EPS), None)
@@ -404,7 +410,7 @@ def layer_rows(jobs, cs: range, s: Shape, comm=None, trace=None):
                                               is_index, C.RMS_EPS, pool_only=True)
                   for cw, kv, sc, base, _, is_index, _ in jobs]
     else:
-        pooled = [pool_rows_torch(kv, sc, base, c, r, kv.shape[1] // (2 if r == 4 else 1))
+        pooled = [pool_rows_torch(kv, sc, base, c, r, pooled_channels(kv.shape[1], r))
                   for _, kv, sc, base, *_ in jobs]
     if split:
         sizes = [p.shape[1] for p in pooled]

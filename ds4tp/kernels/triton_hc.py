@@ -407,9 +407,9 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     dev = hc.device
     out = torch.empty(1, n, E, dtype=torch.float32, device=dev)
     x = torch.empty(1, E, dtype=torch.float32, device=dev)
-    post2 = torch.empty(1, n, dtype=torch.float32, device=dev)
-    m2 = torch.empty(1, n, n, dtype=torch.float32, device=dev)
     z = torch.empty(1, N, dtype=torch.float32, device=dev)
+    post2 = torch.empty(1, n, dtype=torch.float32, device=dev) if mix else z     # (unwritten
+    m2 = torch.empty(1, n, n, dtype=torch.float32, device=dev) if mix else z     #  without mix)
     be = min(be, triton.next_power_of_2(E))
     split = triton.cdiv(E, be)
     bn = triton.next_power_of_2(N)

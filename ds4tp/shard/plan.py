@@ -119,6 +119,11 @@ class ShardPlan:
     def token_bytes(self, rank: int) -> int:
         return sum(t.rank_token_bytes[rank] for t in self.tensors)
 
+    @property
+    def compressors_split(self) -> bool:
+        """Whether the compressors are split by channel (their rows gathered once per window)."""
+        return any(t.split.unit == "channel" and t.dim is not None for t in self.tensors)
+
     def collectives_per_token(self, indexer_active_layers: int = 0, emitting_layers: int = 0) -> dict[str, int]:
         """Collectives one decoded token makes: an all-reduce after attention and after the
         FFN in every layer, the logits gather, an indexer-score all-reduce per ratio-4 layer
@@ -127,9 +132,8 @@ class ShardPlan:
         compressors are split by channel; one for both compressors of a ratio-4 layer)."""
         if self.world == 1:
             return {}
-        split = any(t.split.unit == "channel" and t.dim is not None for t in self.tensors)
         return {"all_reduce": 2 * self.shape.n_layer + indexer_active_layers,
-                "all_gather": 1 + (emitting_layers if split else 0)}
+                "all_gather": 1 + (emitting_layers if self.compressors_split else 0)}
 
     def to_json(self, tp1_bytes: int) -> dict:
         return {
