@@ -112,6 +112,10 @@
 #   s17e: session 17, one GPU: the graph tests again after their shared helpers (review)
 #   s17c: session 17, two GPUs: the served path on the full-size synthetic GGUF (each rank loads
 #         its channels of the compressors from the file)
+#   s18a: session 18, one GPU: where a graph-replayed step waits, launch by launch
+#         (bench/critical_path.py, TP=2 rank-0 shard without collectives, then TP=1)
+#   s18b: session 18, one GPU: the same with the HC mixers' Sinkhorn on a side stream of its
+#         own (now the default) and on the shared expert's (before), TP=2 shard and TP=1
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -743,6 +747,19 @@ elif [ "$MODE" = s17e ]; then
   gate_tests 150 "pdl_is or sinkhorn or index_kernels_in_the_graph or hc_step_full" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s17c ]; then
   serve_full 200 330
+elif [ "$MODE" = s18b ]; then
+  for w in 2 1; do
+    for lane in "" --mix-one-lane; do
+      log "critical path, world $w $lane"
+      timeout 150 python3 bench/critical_path.py --world $w $lane --json "$OUT/critical_path_w$w$lane.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w$lane.txt"
+      head -28 "$OUT/critical_path_w$w$lane.txt"; sed -n '/one layer/,$p' "$OUT/critical_path_w$w$lane.txt"
+    done
+  done
+elif [ "$MODE" = s18a ]; then
+  for w in 2 1; do
+    log "critical path of a graph-replayed step, world $w (collectives removed)"
+    timeout 200 python3 bench/critical_path.py --world $w --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn | tee "$OUT/critical_path_w$w.txt" | head -60
+  done
 elif [ "$MODE" = s16c ]; then
   gate_tests 130 "topk_mask or index_scores or index_kernels" tests/test_kernels.py tests/test_decode_graph.py
   bench_goldens

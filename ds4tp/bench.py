@@ -445,6 +445,12 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(triton_hc.set_mix_side_enabled):
         res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
+    # the same Sinkhorn on the side stream the shared expert and the compressors use, ahead of
+    # them (before the eighteenth session), instead of on a side stream of its own
+    from ds4tp import decode_graph
+    with _switched_off(decode_graph.set_mix_lane_enabled):
+        res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

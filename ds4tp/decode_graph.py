@@ -25,6 +25,7 @@ import torch
 
 from ds4tp import config as C, kernels
 from ds4tp.fuse import static_shapes
+from ds4tp.kernels.cuda_c import Switch
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
                          hc_pre, index_scores_torch, index_weight_scale, indexer_query,
                          kv_cache_row, kv_row_quant, output_head, pack_rows, pooled_channels,
@@ -66,6 +67,9 @@ class _Layer:
 # and 156.9 / 156.1 tok/s (bench/results/bench_h200_tp1_s8_*): at most 0.1 tok/s slower, so the
 # default priority again.
 CAPTURE_PRIORITY = 0
+
+_mix_lane_switch = Switch()
+set_mix_lane_enabled = _mix_lane_switch.set   # the HC mixers' Sinkhorn on a side stream of its own
 
 
 class StaticDecoder:
@@ -348,7 +352,9 @@ class StaticDecoder:
         fn, scale, base, norm = mixer
         hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
                                       s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False)
-        side = Side(z)
+        # its own side stream: on the one the shared expert and the compressors use, it went
+        # first and held them back by its ~4 us (bench/critical_path.py)
+        side = Side(z, lane=1 if _mix_lane_switch.on else 0)
         with side:
             post, mix = triton_hc.hc_mix(z, scale, base, s.n_hc, s.sinkhorn_iters, C.HC_EPS)
         return hc, xn, post, mix, (side, z)

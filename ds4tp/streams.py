@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-_SIDE: dict = {}      # (device index, main stream handle) -> the side stream
+_SIDE: dict = {}      # (device index, main stream handle, lane) -> a side stream
 
 
-def _side_stream(device: torch.device, main) -> "torch.cuda.Stream":
-    key = (device.index, main.cuda_stream)
+def _side_stream(device: torch.device, main, lane: int) -> "torch.cuda.Stream":
+    key = (device.index, main.cuda_stream, lane)
     s = _SIDE.get(key)
     if s is None:
         s = _SIDE[key] = torch.cuda.Stream(device)
@@ -32,12 +32,13 @@ def _side_stream(device: torch.device, main) -> "torch.cuda.Stream":
 
 
 class Side:
-    def __init__(self, x: torch.Tensor, enabled: bool = True):
+    def __init__(self, x: torch.Tensor, enabled: bool = True, lane: int = 0):
+        """lane: which side stream (work on one lane runs in order; lanes run side by side)."""
         self.on = bool(enabled) and x.is_cuda and not torch.compiler.is_compiling()
         self._ctx = None
         if self.on:
             self.main = torch.cuda.current_stream(x.device)
-            self.stream = _side_stream(x.device, self.main)
+            self.stream = _side_stream(x.device, self.main, lane)
             self.stream.wait_stream(self.main)
 
     def __enter__(self):

@@ -1,0 +1,115 @@
+"""Which launches does a graph-replayed decode step wait on? Builds the full-width synthetic
+model (one rank's shard; at --world 2 with the collectives removed, bench.NullComm), captures the
+static decoder's graphs as the bench runs them (programmatic dependent launch on), traces one
+replay of the variant of a token that ends no window, and charges the span to its kernels: a
+kernel's share is how far its end moves the latest end so far (kernels in end order). With PDL
+a kernel is resident before the one ahead ends, so its traced duration includes that wait; the
+shares do not, and they add up to the span. A replay's nodes run on many CUDA streams, so the
+chain is found from the times, not from one stream.
+
+Kernels are named by role: the sublayer (A: attention, F: FFN; a new one starts at each
+_hc_step_kernel, which also ends the sublayer before) and the kernel's ordinal among same-named
+ones in it, e.g. A:q8_0_matvec#1 is attn_q_b. A share's "gap" part is the time from the latest end before it to its start (a launch
+that was not early, or a wait).
+
+    python bench/critical_path.py [--world 2] [--layers 43] [--json OUT]
+"""
+import argparse
+import json
+import tempfile
+from collections import defaultdict
+
+import torch
+
+from ds4tp import config as C
+from ds4tp.bench import NullComm, build_model, prefilled
+from ds4tp.comm import SingleComm
+from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--world", type=int, default=1)
+ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
+ap.add_argument("--json", default="")
+ap.add_argument("--mix-one-lane", action="store_true",
+                help="the HC mixers' Sinkhorn on the shared expert's side stream (before session 18)")
+args = ap.parse_args()
+if args.mix_one_lane:
+    from ds4tp import decode_graph
+    decode_graph.set_mix_lane_enabled(False)
+
+comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
+m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
+dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
+dec.load_session(prefilled(m, 1))
+for _ in range(8):
+    dec.step(11)
+g, _ = dec.graphs[(False, False, False)]
+for _ in range(5):
+    g.replay()
+torch.cuda.synchronize()
+t_ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+t_ev[0].record()
+for _ in range(50):
+    g.replay()
+t_ev[1].record()
+torch.cuda.synchronize()
+replay_us = 1e3 * t_ev[0].elapsed_time(t_ev[1]) / 50
+
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    g.replay()
+    torch.cuda.synchronize()
+path = tempfile.mktemp(suffix=".json")
+prof.export_chrome_trace(path)
+ev = json.load(open(path))
+ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+kern = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in ("kernel", "Kernel")),
+              key=lambda e: e["ts"])
+if not kern:
+    raise SystemExit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
+t0 = kern[0]["ts"]
+span = max(e["ts"] + e["dur"] for e in kern) - t0
+# A graph replay spreads its nodes over many CUDA streams, so the chain is not one stream's:
+# charge the span to whichever kernel moves the frontier (the latest end so far) forward.
+share = defaultdict(lambda: [0, 0.0, 0.0])      # role -> [count, share us, gap us]
+seg, ordinal, role_of = "-", defaultdict(int), {}
+for i, e in enumerate(kern):                     # roles in start order
+    name = e["name"][:40]
+    if name == "_hc_step_kernel":                # the first one ends layer 0's attention
+        seg = "A" if seg == "F" else "F"
+        ordinal = defaultdict(int)
+    role_of[i] = f"{seg}:{name}#{ordinal[name]}"
+    ordinal[name] += 1
+frontier = t0
+seq = []
+for i in sorted(range(len(kern)), key=lambda i: kern[i]["ts"] + kern[i]["dur"]):
+    e = kern[i]
+    end = e["ts"] + e["dur"]
+    s = share[role_of[i]]
+    s[0] += 1
+    s[1] += max(0.0, end - frontier)
+    s[2] += max(0.0, e["ts"] - frontier)
+    seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
+    frontier = max(frontier, end)
+
+print(f"world {args.world}, {args.layers} layers, mixer lane {'shared' if args.mix_one_lane else 'own'}: "
+      f"{replay_us:.1f} us per replay (50 back to back); the traced one: {len(kern)} kernels, "
+      f"span {span:.1f} us ({span / args.layers:.1f} us per layer)")
+print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
+print(f"{'role':48s} {'n':>4s} {'share us':>9s} {'per launch':>10s} {'gap us':>8s}")
+rows = sorted(share.items(), key=lambda kv: -kv[1][1])
+for role, (n, us, gap) in rows:
+    if us > 0.5:
+        print(f"{role:48s} {n:4d} {us:9.1f} {us / n:10.2f} {gap:8.1f}")
+print(f"{'total':48s} {len(kern):4d} {sum(v[1] for v in share.values()):9.1f}")
+mid = len(seq) // 2
+print("one layer near the middle, in end order (role, share us, traced us):")
+start = next(i for i in range(mid, len(seq)) if seq[i][0].startswith("F:_hc_step"))
+stop = next(i for i in range(start + 1, len(seq)) if seq[i][0].startswith("F:_hc_step"))
+for r in seq[start:stop + 1]:
+    print("   ", r)
+if args.json:
+    json.dump({"world": args.world, "layers": args.layers, "mix_one_lane": args.mix_one_lane,
+               "replay_us": replay_us, "span_us": span,
+               "roles": {r: {"n": n, "share_us": us, "gap_us": gap} for r, (n, us, gap) in rows},
+               "layer_sequence": seq[start:stop]}, open(args.json, "w"), indent=1)
