@@ -32,12 +32,7 @@ ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--json", default="")
 ap.add_argument("--mix-one-lane", action="store_true",
                 help="the HC mixers' Sinkhorn on the shared expert's side stream (before session 18)")
-ap.add_argument("--shared-own", action="store_true",
-                help="the shared expert in launches of its own on the side stream (before session 18)")
 args = ap.parse_args()
-if args.shared_own:
-    from ds4tp.kernels import cuda_experts
-    cuda_experts.set_shared_enabled(False)
 if args.mix_one_lane:
     from ds4tp import decode_graph
     decode_graph.set_mix_lane_enabled(False)
@@ -97,8 +92,7 @@ for i in sorted(range(len(kern)), key=lambda i: kern[i]["ts"] + kern[i]["dur"]):
     seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
     frontier = max(frontier, end)
 
-print(f"world {args.world}, {args.layers} layers, mixer lane {'shared' if args.mix_one_lane else 'own'}, "
-      f"shared expert {'own launches' if args.shared_own else 'in the routed launches'}: "
+print(f"world {args.world}, {args.layers} layers, mixer lane {'shared' if args.mix_one_lane else 'own'}: "
       f"{replay_us:.1f} us per replay (50 back to back); the traced one: {len(kern)} kernels, "
       f"span {span:.1f} us ({span / args.layers:.1f} us per layer)")
 print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
@@ -116,7 +110,6 @@ for r in seq[start:stop + 1]:
     print("   ", r)
 if args.json:
     json.dump({"world": args.world, "layers": args.layers, "mix_one_lane": args.mix_one_lane,
-               "shared_own": args.shared_own,
                "replay_us": replay_us, "span_us": span,
                "roles": {r: {"n": n, "share_us": us, "gap_us": gap} for r, (n, us, gap) in rows},
                "layer_sequence": seq[start:stop]}, open(args.json, "w"), indent=1)

@@ -116,8 +116,6 @@
 #         (bench/critical_path.py, TP=2 rank-0 shard without collectives, then TP=1)
 #   s18b: session 18, one GPU: the same with the HC mixers' Sinkhorn on a side stream of its
 #         own (now the default) and on the shared expert's (before), TP=2 shard and TP=1
-#   s18c: session 18, one GPU: the shared expert's rows in the routed launches (CUDA twins,
-#         graph tests), critical path with and without them, TP=2 shard
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -755,15 +753,6 @@ elif [ "$MODE" = s18b ]; then
       log "critical path, world $w $lane"
       timeout 150 python3 bench/critical_path.py --world $w $lane --json "$OUT/critical_path_w$w$lane.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w$lane.txt"
       head -28 "$OUT/critical_path_w$w$lane.txt"; sed -n '/one layer/,$p' "$OUT/critical_path_w$w$lane.txt"
-    done
-  done
-elif [ "$MODE" = s18c ]; then
-  gate_tests 200 "cuda_c or pdl_is or side_stream or chained or graph_matches or full_width" tests/test_kernels.py tests/test_decode_graph.py
-  for w in 2; do
-    for v in "" --shared-own; do
-      log "critical path, world $w $v"
-      timeout 150 python3 bench/critical_path.py --world $w $v --json "$OUT/critical_path_w$w$v.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w$v.txt"
-      head -20 "$OUT/critical_path_w$w$v.txt"; sed -n '/one layer/,$p' "$OUT/critical_path_w$w$v.txt"
     done
   done
 elif [ "$MODE" = s18a ]; then

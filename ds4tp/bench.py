@@ -451,14 +451,6 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(decode_graph.set_mix_lane_enabled):
         res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
-    # the shared expert in launches of its own on the side stream (before the eighteenth
-    # session) instead of riding in the routed experts' launches (cuda_experts)
-    from ds4tp.kernels import cuda_experts
-    if cuda_experts.takes_shared():
-        with _switched_off(cuda_experts.set_shared_enabled):
-            res["decode_d0_chained_shared_own_launches"] = time_decode(model, 1, steps, max_ctx=256,
-                                                                        chained=True)
-        save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
