@@ -116,6 +116,9 @@
 #         (bench/critical_path.py, TP=2 rank-0 shard without collectives, then TP=1)
 #   s18b: session 18, one GPU: the same with the HC mixers' Sinkhorn on a side stream of its
 #         own (now the default) and on the shared expert's (before), TP=2 shard and TP=1
+#   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
+#         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
+#         inline, the mixer on the shared side stream), CUDA goldens through the graphs
 #   prefill: many-token kernel tests and launch-shape sweep, a prefill profile, the TP=1 bench,
 #            TP=1 golden (one GPU)
 set -uo pipefail
@@ -755,6 +758,9 @@ elif [ "$MODE" = s18b ]; then
       head -28 "$OUT/critical_path_w$w$lane.txt"; sed -n '/one layer/,$p' "$OUT/critical_path_w$w$lane.txt"
     done
   done
+elif [ "$MODE" = s18d ]; then
+  gate_tests 200 "pdl_is or side_stream or sinkhorn or index_kernels_in_the_graph" tests/test_decode_graph.py
+  bench_goldens
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"
