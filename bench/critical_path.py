@@ -25,6 +25,7 @@ from ds4tp import config as C
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
+from profile_common import traced_kernels
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--world", type=int, default=1)
@@ -55,18 +56,7 @@ t_ev[1].record()
 torch.cuda.synchronize()
 replay_us = 1e3 * t_ev[0].elapsed_time(t_ev[1]) / 50
 
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    g.replay()
-    torch.cuda.synchronize()
-path = tempfile.mktemp(suffix=".json")
-prof.export_chrome_trace(path)
-ev = json.load(open(path))
-ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-kern = sorted((e for e in ev if e.get("ph") == "X" and e.get("cat") in ("kernel", "Kernel")),
-              key=lambda e: e["ts"])
-if not kern:
-    raise SystemExit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
+kern = traced_kernels(g.replay, tempfile.mktemp(suffix=".json"))
 t0 = kern[0]["ts"]
 span = max(e["ts"] + e["dur"] for e in kern) - t0
 # A graph replay spreads its nodes over many CUDA streams, so the chain is not one stream's:

@@ -63,3 +63,25 @@ def graph_us(step, copies: int, reps: int = 10) -> float:
     t1.record()
     torch.cuda.synchronize()
     return t0.elapsed_time(t1) * 1e3 / (reps * copies)
+
+
+def traced_kernels(run, trace_path: str) -> list:
+    """The GPU kernels of one call of `run` (a graph replay included: CUPTI records the kernels
+    inside a graph), as chrome-trace events sorted by start; the trace is written to
+    trace_path. Exits if none were recorded."""
+    import json
+    import sys
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    events = json.load(open(trace_path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    kern = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "Kernel")),
+                  key=lambda e: e["ts"])
+    if not kern:
+        sys.exit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
+    return kern

@@ -14,7 +14,6 @@ Traced without programmatic dependent launch unless --pdl: with it, a kernel's e
 blocks wait inside it for the kernel ahead, CUPTI counts that wait as the kernel's time, and
 the per-stream gaps no longer show where the step waits (bench/results/*_s8_final8_*).
 """
-import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -26,6 +25,7 @@ from ds4tp.bench import build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import StaticDecoder
 from ds4tp.kernels import pdl
+from profile_common import traced_kernels
 
 args = [a for a in sys.argv[1:] if a != "--pdl"]
 pdl.set_enabled("--pdl" in sys.argv[1:])
@@ -41,17 +41,7 @@ for _ in range(6):
     g.step(5)
 torch.cuda.synchronize()
 
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    g.step(5)
-    torch.cuda.synchronize()
-prof.export_chrome_trace(trace_path)
-events = json.load(open(trace_path))
-events = events["traceEvents"] if isinstance(events, dict) else events
-kern = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "Kernel")),
-              key=lambda e: e["ts"])
-if not kern:
-    sys.exit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
+kern = traced_kernels(lambda: g.step(5), trace_path)
 last = kern                       # one replay (splitting several at their largest gaps was wrong:
 t0 = last[0]["ts"]                # a stream can wait longer inside a step than between steps)
 t1 = max(e["ts"] + e["dur"] for e in last)
