@@ -446,7 +446,7 @@ def _bench_rank(comm, dev, cfg):
         res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
     # the same Sinkhorn on the side stream the shared expert and the compressors use, ahead of
-    # them (before the eighteenth session), instead of on a side stream of its own
+    # them (as up to the fifteenth session), instead of on a side stream of its own
     from ds4tp import decode_graph
     with _switched_off(decode_graph.set_mix_lane_enabled):
         res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)

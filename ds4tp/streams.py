@@ -3,7 +3,9 @@
 Within a layer some work does not depend on the rest until a join point: the shared expert runs
 beside the router and the routed experts, the compressors beside the query path. Each of those
 launches leaves most of the GPU's bandwidth unused (small matrices, few programs), so running
-them side by side shortens the step. Inside a CUDA-graph capture the fork and join become
+them side by side shortens the step (where both fit: two launches that each fill the GPU in
+one wave of blocks mostly run one after the other, as the shared expert after the routed
+experts does; bench/critical_path.py). Inside a CUDA-graph capture the fork and join become
 parallel branches of the graph.
 
     side = Side(x, enabled)      # the side stream starts after all work queued so far
@@ -11,6 +13,10 @@ parallel branches of the graph.
         ...                      # queued on the side stream
     ...                          # main stream, concurrently
     side.join()                  # main waits for the side work
+
+Work on one side stream runs in order; `Side(x, lane=1)` takes a second side stream, so that
+work there does not queue behind the first's (the decode graphs' HC mixer runs on lane 1,
+beside the shared expert and the compressors on lane 0).
 
 Off CUDA, or when disabled, both are no-ops and the work runs in program order. Tensors made on
 the side stream and used on the main stream are only read after the join, and every fork waits
