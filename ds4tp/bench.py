@@ -441,13 +441,12 @@ def _bench_rank(comm, dev, cfg):
     res["decode_d0_chained"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
-    from ds4tp.kernels import triton_hc
-    with _switched_off(triton_hc.set_mix_side_enabled):
+    from ds4tp import decode_graph
+    with _switched_off(decode_graph.set_mix_side_enabled):
         res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
     # the same Sinkhorn on the side stream the shared expert and the compressors use, ahead of
     # them (as up to the fifteenth session), instead of on a side stream of its own
-    from ds4tp import decode_graph
     with _switched_off(decode_graph.set_mix_lane_enabled):
         res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()

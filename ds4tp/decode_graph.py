@@ -68,8 +68,13 @@ class _Layer:
 # default priority again.
 CAPTURE_PRIORITY = 0
 
+# How the static decoder schedules the HC mixers' Sinkhorn (benchmarks switch each off in turn):
+# beside the sublayer (hc_step without it, then hc_mix on a side stream) rather than inside
+# hc_step, and there on a side stream of its own rather than the shared expert's.
+_mix_side_switch = Switch()
+set_mix_side_enabled = _mix_side_switch.set
 _mix_lane_switch = Switch()
-set_mix_lane_enabled = _mix_lane_switch.set   # the HC mixers' Sinkhorn on a side stream of its own
+set_mix_lane_enabled = _mix_lane_switch.set
 
 
 class StaticDecoder:
@@ -343,10 +348,11 @@ class StaticDecoder:
         if pending is not None:
             pending[0].join()
         s = self.s
-        beside = mixer is not None and self.m.overlap and kernels.on_gpu(hc) and mixer[0].qtype == C.F16
+        beside = (_mix_side_switch.on and mixer is not None and self.m.overlap and kernels.on_gpu(hc)
+                  and mixer[0].qtype == C.F16)
         if beside:
             from ds4tp.kernels import triton_hc
-            beside = triton_hc.step_enabled() and triton_hc.mix_side_enabled()
+            beside = triton_hc.step_enabled()
         if not beside:
             return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
         fn, scale, base, norm = mixer

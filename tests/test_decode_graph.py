@@ -414,6 +414,22 @@ def _stepped(m, st, toks, max_ctx, graphs=True):
     return torch.stack([dec.step(t).clone() for t in toks])
 
 
+def _pdl_then_switched_off(m, st, toks, max_ctx, set_enabled):
+    """_stepped logits three times: PDL on, PDL off, then PDL on with a path switched off by
+    `set_enabled(False)`; PDL and the path are on again afterwards."""
+    from ds4tp.kernels import pdl
+    runs = []
+    try:
+        for on, path in ((True, True), (False, True), (True, False)):
+            pdl.set_enabled(on)
+            set_enabled(path)
+            runs.append(_stepped(m, st, toks, max_ctx))
+    finally:
+        pdl.set_enabled(True)
+        set_enabled(True)
+    return runs
+
+
 def _same_then_close(runs, rtol, atol_frac):
     """runs[0] and runs[1] bit-identical (PDL on and off), runs[2] close to them."""
     assert torch.isfinite(runs[0]).all()
@@ -450,17 +466,9 @@ def test_sinkhorn_beside_the_sublayer_on_cuda():
     the one-launch hc_step: graph-replayed logits of a 4-layer full-width model over 12 tokens
     agree to float32 noise (the same operations; the 4-element sums may group differently in
     the other launch), with PDL on and off bit-identical."""
-    from ds4tp.kernels import pdl, triton_hc
+    from ds4tp import decode_graph
     m, st, toks = _full_width(13, 1)
-    runs = []
-    try:
-        for on, beside in ((True, True), (False, True), (True, False)):
-            pdl.set_enabled(on)
-            triton_hc.set_mix_side_enabled(beside)
-            runs.append(_stepped(m, st, toks[1:], 64))
-    finally:
-        pdl.set_enabled(True)
-        triton_hc.set_mix_side_enabled(True)
+    runs = _pdl_then_switched_off(m, st, toks[1:], 64, decode_graph.set_mix_side_enabled)
     print("beside vs one launch: max |dlogit|", float((runs[0] - runs[2]).abs().max()),
           "bit-identical" if torch.equal(runs[0], runs[2]) else "")
     _same_then_close(runs, 1e-4, 1e-3)
@@ -474,17 +482,9 @@ def test_index_kernels_in_the_graph_on_cuda():
     selection is active), in a decoder sized for 16384 tokens (most rows never written): with
     programmatic dependent launch on and off bit-identical, and close to the same steps with the
     torch twins (a GEMM over every row, a stable sort)."""
-    from ds4tp.kernels import pdl, triton_attn
+    from ds4tp.kernels import triton_attn
     m, st0, toks = _full_width(2100, 2090)
-    runs = []
-    try:
-        for on, index in ((True, True), (False, True), (True, False)):
-            pdl.set_enabled(on)
-            triton_attn.set_index_enabled(index)
-            runs.append(_stepped(m, st0, toks[2090:], 16384))
-    finally:
-        pdl.set_enabled(True)
-        triton_attn.set_index_enabled(True)
+    runs = _pdl_then_switched_off(m, st0, toks[2090:], 16384, triton_attn.set_index_enabled)
     _same_then_close(runs, 1e-3, 1e-2)
 
 

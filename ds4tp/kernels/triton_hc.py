@@ -367,14 +367,6 @@ def step_enabled() -> bool:
     return _step_switch.on
 
 
-_mix_side_switch = Switch()
-set_mix_side_enabled = _mix_side_switch.set    # the static decoder's Sinkhorn beside the sublayer
-
-
-def mix_side_enabled() -> bool:
-    return _mix_side_switch.on
-
-
 def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
             fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
             n_hc: int, iters: int, eps: float, rms_eps: float, be: int = HC_STEP_BE,
