@@ -13,6 +13,11 @@ ones in it, e.g. A:q8_0_matvec#1 is attn_q_b. A share's "gap" part is the time f
 that was not early, or a wait).
 
     python bench/critical_path.py [--world 2] [--layers 43] [--json OUT]
+        [--variants base,l1hi,router,...]   # replay times of scheduling variants, then each traced
+
+A variant sets how a step is put on streams before its graphs are captured: the side streams'
+priorities (streams.LANE_PRIORITY, lane 0: shared expert and compressors, lane 1: HC mixer) and
+where the FFN's second stream goes (model.FFN_SIDE). Their replays are timed round-robin.
 """
 import argparse
 import json
@@ -21,11 +26,24 @@ from collections import defaultdict
 
 import torch
 
-from ds4tp import config as C
+from ds4tp import config as C, decode_graph, model as model_mod, streams
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
 from profile_common import traced_kernels
+
+# name -> (lane priorities, FFN_SIDE)
+VARIANTS = {
+    "base": ((0, 0), "shared"),
+    "l0hi": ((-1, 0), "shared"),         # shared expert and compressors before the main stream
+    "l1hi": ((0, -1), "shared"),         # the HC mixer before the main stream
+    "hi": ((-1, -1), "shared"),
+    "router": ((0, 0), "router"),        # the router beside the shared expert
+    "router_l1hi": ((0, -1), "router"),
+    "router_hi": ((-1, -1), "router"),
+    "one": ((0, 0), "none"),             # the FFN on one stream, shared expert first
+    "one_l1hi": ((0, -1), "none"),
+}
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--world", type=int, default=1)
@@ -33,73 +51,108 @@ ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--json", default="")
 ap.add_argument("--mix-one-lane", action="store_true",
                 help="the HC mixers' Sinkhorn on the shared expert's side stream (before session 18)")
+ap.add_argument("--variants", default="base", help="comma-separated names of " + ", ".join(VARIANTS))
+ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest)")
 args = ap.parse_args()
 if args.mix_one_lane:
-    from ds4tp import decode_graph
     decode_graph.set_mix_lane_enabled(False)
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
 m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
-dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
-dec.load_session(prefilled(m, 1))
-for _ in range(8):
-    dec.step(11)
-g, _ = dec.graphs[(False, False, False)]
-for _ in range(5):
-    g.replay()
-torch.cuda.synchronize()
-t_ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-t_ev[0].record()
-for _ in range(50):
-    g.replay()
-t_ev[1].record()
-torch.cuda.synchronize()
-replay_us = 1e3 * t_ev[0].elapsed_time(t_ev[1]) / 50
 
-kern = traced_kernels(g.replay, tempfile.mktemp(suffix=".json"))
-t0 = kern[0]["ts"]
-span = max(e["ts"] + e["dur"] for e in kern) - t0
-# A graph replay spreads its nodes over many CUDA streams, so the chain is not one stream's:
-# charge the span to whichever kernel moves the frontier (the latest end so far) forward.
-share = defaultdict(lambda: [0, 0.0, 0.0])      # role -> [count, share us, gap us]
-seg, ordinal, role_of = "-", defaultdict(int), {}
-for i, e in enumerate(kern):                     # roles in start order
-    name = e["name"][:40]
-    if name == "_hc_step_kernel":                # the first one ends layer 0's attention
-        seg = "A" if seg == "F" else "F"
-        ordinal = defaultdict(int)
-    role_of[i] = f"{seg}:{name}#{ordinal[name]}"
-    ordinal[name] += 1
-frontier = t0
-seq = []
-for i in sorted(range(len(kern)), key=lambda i: kern[i]["ts"] + kern[i]["dur"]):
-    e = kern[i]
-    end = e["ts"] + e["dur"]
-    s = share[role_of[i]]
-    s[0] += 1
-    s[1] += max(0.0, end - frontier)
-    s[2] += max(0.0, e["ts"] - frontier)
-    seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
-    frontier = max(frontier, end)
 
-print(f"world {args.world}, {args.layers} layers, mixer lane {'shared' if args.mix_one_lane else 'own'}: "
-      f"{replay_us:.1f} us per replay (50 back to back); the traced one: {len(kern)} kernels, "
-      f"span {span:.1f} us ({span / args.layers:.1f} us per layer)")
-print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
-print(f"{'role':48s} {'n':>4s} {'share us':>9s} {'per launch':>10s} {'gap us':>8s}")
-rows = sorted(share.items(), key=lambda kv: -kv[1][1])
-for role, (n, us, gap) in rows:
-    if us > 0.5:
-        print(f"{role:48s} {n:4d} {us:9.1f} {us / n:10.2f} {gap:8.1f}")
-print(f"{'total':48s} {len(kern):4d} {sum(v[1] for v in share.values()):9.1f}")
-mid = len(seq) // 2
-print("one layer near the middle, in end order (role, share us, traced us):")
-start = next(i for i in range(mid, len(seq)) if seq[i][0].startswith("F:_hc_step"))
-stop = next(i for i in range(start + 1, len(seq)) if seq[i][0].startswith("F:_hc_step"))
-for r in seq[start:stop + 1]:
-    print("   ", r)
+def capture(name):
+    """The graph of a token that ends no window, captured under variant `name`."""
+    streams.LANE_PRIORITY, model_mod.FFN_SIDE = VARIANTS[name]
+    try:
+        dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
+        dec.load_session(prefilled(m, 1))
+        for _ in range(8):
+            logits = dec.step(11).clone()
+    finally:
+        streams.LANE_PRIORITY, model_mod.FFN_SIDE = VARIANTS["base"]
+    g, _ = dec.graphs[(False, False, False)]
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    return dec, g, logits
+
+
+def replay_us(g, n=50):
+    t_ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    t_ev[0].record()
+    for _ in range(n):
+        g.replay()
+    t_ev[1].record()
+    torch.cuda.synchronize()
+    return 1e3 * t_ev[0].elapsed_time(t_ev[1]) / n
+
+
+def critical_path(name, g, us):
+    kern = traced_kernels(g.replay, tempfile.mktemp(suffix=".json"))
+    t0 = kern[0]["ts"]
+    span = max(e["ts"] + e["dur"] for e in kern) - t0
+    # A graph replay spreads its nodes over many CUDA streams, so the chain is not one stream's:
+    # charge the span to whichever kernel moves the frontier (the latest end so far) forward.
+    share = defaultdict(lambda: [0, 0.0, 0.0])      # role -> [count, share us, gap us]
+    seg, ordinal, role_of = "-", defaultdict(int), {}
+    for i, e in enumerate(kern):                     # roles in start order
+        kname = e["name"][:40]
+        if kname == "_hc_step_kernel":               # the first one ends layer 0's attention
+            seg = "A" if seg == "F" else "F"
+            ordinal = defaultdict(int)
+        role_of[i] = f"{seg}:{kname}#{ordinal[kname]}"
+        ordinal[kname] += 1
+    frontier = t0
+    seq = []
+    for i in sorted(range(len(kern)), key=lambda i: kern[i]["ts"] + kern[i]["dur"]):
+        e = kern[i]
+        end = e["ts"] + e["dur"]
+        s = share[role_of[i]]
+        s[0] += 1
+        s[1] += max(0.0, end - frontier)
+        s[2] += max(0.0, e["ts"] - frontier)
+        seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
+        frontier = max(frontier, end)
+
+    print(f"variant {name}, world {args.world}, {args.layers} layers, mixer lane "
+          f"{'shared' if args.mix_one_lane else 'own'}: {us:.1f} us per replay (50 back to back); "
+          f"the traced one: {len(kern)} kernels, span {span:.1f} us ({span / args.layers:.1f} us per layer)")
+    print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
+    print(f"{'role':48s} {'n':>4s} {'share us':>9s} {'per launch':>10s} {'gap us':>8s}")
+    rows = sorted(share.items(), key=lambda kv: -kv[1][1])
+    for role, (n, sh, gap) in rows:
+        if sh > 0.5:
+            print(f"{role:48s} {n:4d} {sh:9.1f} {sh / n:10.2f} {gap:8.1f}")
+    print(f"{'total':48s} {len(kern):4d} {sum(v[1] for v in share.values()):9.1f}")
+    mid = len(seq) // 2
+    print("one layer near the middle, in end order (role, share us, traced us):")
+    start = next(i for i in range(mid, len(seq)) if seq[i][0].startswith("F:_hc_step"))
+    stop = next(i for i in range(start + 1, len(seq)) if seq[i][0].startswith("F:_hc_step"))
+    for r in seq[start:stop + 1]:
+        print("   ", r)
+    return {"replay_us": us, "span_us": span,
+            "roles": {r: {"n": n, "share_us": sh, "gap_us": gap} for r, (n, sh, gap) in rows},
+            "layer_sequence": seq[start:stop]}
+
+
+names = args.variants.split(",")
+graphs = {n: capture(n) for n in names}           # decoders kept alive with their graphs
+times = {n: [] for n in names}
+for _ in range(3):                                # round-robin against drift
+    for n in names:
+        times[n].append(replay_us(graphs[n][1]))
+best = {n: min(t) for n, t in times.items()}
+print(f"world {args.world}: us per replay (best of 3 x 50), variant: times; the eighth step's "
+      f"logits against {names[0]}'s (the same math on other streams: equal bits)")
+for n in names:
+    same = torch.equal(graphs[n][2], graphs[names[0]][2])
+    print(f"  {n:14s} {best[n]:8.1f}  ({best[n] / best[names[0]]:.3f} of {names[0]})  "
+          + " ".join(f"{t:.1f}" for t in times[n]) + ("  logits equal" if same else "  LOGITS DIFFER"))
+traced = args.trace.split(",") if args.trace else list(dict.fromkeys([names[0], min(best, key=best.get)]))
+out = {"world": args.world, "layers": args.layers, "mix_one_lane": args.mix_one_lane,
+       "variants": {n: {"setting": VARIANTS[n], "replay_us": times[n]} for n in names}}
+for n in traced:
+    out[n] = critical_path(n, graphs[n][1], best[n])
 if args.json:
-    json.dump({"world": args.world, "layers": args.layers, "mix_one_lane": args.mix_one_lane,
-               "replay_us": replay_us, "span_us": span,
-               "roles": {r: {"n": n, "share_us": us, "gap_us": gap} for r, (n, us, gap) in rows},
-               "layer_sequence": seq[start:stop]}, open(args.json, "w"), indent=1)
+    json.dump(out, open(args.json, "w"), indent=1)

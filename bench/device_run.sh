@@ -116,6 +116,9 @@
 #         (bench/critical_path.py, TP=2 rank-0 shard without collectives, then TP=1)
 #   s18b: session 18, one GPU: the same with the HC mixers' Sinkhorn on a side stream of its
 #         own (now the default) and on the shared expert's (before), TP=2 shard and TP=1
+#   s19a: session 19, one GPU: the graph tests of session 18's review, then scheduling variants
+#         (side-stream priorities, where the FFN's second stream goes) timed and traced at
+#         world 2 (rank shard) and 1 (bench/critical_path.py --variants)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -761,6 +764,15 @@ elif [ "$MODE" = s18b ]; then
 elif [ "$MODE" = s18d ]; then
   gate_tests 200 "pdl_is or side_stream or sinkhorn or index_kernels_in_the_graph" tests/test_decode_graph.py
   bench_goldens
+elif [ "$MODE" = s19a ]; then
+  gate_tests 130 "sinkhorn or index_kernels_in_the_graph or side_stream" tests/test_decode_graph.py
+  for w in 2 1; do
+    log "scheduling variants (side-stream priorities, the FFN's second stream), world $w"
+    timeout 220 python3 bench/critical_path.py --world $w --variants base,l0hi,l1hi,hi,router,router_l1hi,one,one_l1hi \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt"; grep "^variant" "$OUT/critical_path_w$w.txt"
+    grep -A12 "^one layer" "$OUT/critical_path_w$w.txt" | head -40; tail -3 "$OUT/critical_path_w$w.txt"
+  done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"
