@@ -15,9 +15,10 @@ that was not early, or a wait).
     python bench/critical_path.py [--world 2] [--layers 43] [--json OUT]
         [--variants base,l1hi,router,...]   # replay times of scheduling variants, then each traced
 
-A variant sets how a step is put on streams before its graphs are captured: the side streams'
-priorities (streams.LANE_PRIORITY, lane 0: shared expert and compressors, lane 1: HC mixer) and
-where the FFN's second stream goes (model.FFN_SIDE). Their replays are timed round-robin.
+A variant switches a path of the static decoder off before its graphs are captured (the names:
+VARIANTS). The variants' replays are timed round-robin, their logits compared with the first's.
+The nineteenth session's variants (side-stream priorities, where the FFN's second stream goes)
+are in git history (6c0f6f3).
 """
 import argparse
 import json
@@ -26,36 +27,26 @@ from collections import defaultdict
 
 import torch
 
-from ds4tp import config as C, decode_graph, model as model_mod, streams
+from ds4tp import config as C, decode_graph
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
 from profile_common import traced_kernels
 
-# name -> (lane priorities, FFN_SIDE)
+# name -> the switches (set_enabled functions) it turns off
 VARIANTS = {
-    "base": ((0, 0), "shared"),
-    "l0hi": ((-1, 0), "shared"),         # shared expert and compressors before the main stream
-    "l1hi": ((0, -1), "shared"),         # the HC mixer before the main stream
-    "hi": ((-1, -1), "shared"),
-    "router": ((0, 0), "router"),        # the router beside the shared expert
-    "router_l1hi": ((0, -1), "router"),
-    "router_hi": ((-1, -1), "router"),
-    "one": ((0, 0), "none"),             # the FFN on one stream, shared expert first
-    "one_l1hi": ((0, -1), "none"),
+    "base": (),
+    "mix_one_lane": (decode_graph.set_mix_lane_enabled,),    # Sinkhorn on the shared expert's lane
+    "sinkhorn_inline": (decode_graph.set_mix_side_enabled,),  # Sinkhorn inside hc_step
 }
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--world", type=int, default=1)
 ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--json", default="")
-ap.add_argument("--mix-one-lane", action="store_true",
-                help="the HC mixers' Sinkhorn on the shared expert's side stream (before session 18)")
 ap.add_argument("--variants", default="base", help="comma-separated names of " + ", ".join(VARIANTS))
 ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest)")
 args = ap.parse_args()
-if args.mix_one_lane:
-    decode_graph.set_mix_lane_enabled(False)
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
 m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
@@ -63,14 +54,16 @@ m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
 
 def capture(name):
     """The graph of a token that ends no window, captured under variant `name`."""
-    streams.LANE_PRIORITY, model_mod.FFN_SIDE = VARIANTS[name]
+    for off in VARIANTS[name]:
+        off(False)
     try:
         dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
         dec.load_session(prefilled(m, 1))
         for _ in range(8):
             logits = dec.step(11).clone()
     finally:
-        streams.LANE_PRIORITY, model_mod.FFN_SIDE = VARIANTS["base"]
+        for off in VARIANTS[name]:
+            off(True)
     g, _ = dec.graphs[(False, False, False)]
     for _ in range(5):
         g.replay()
@@ -115,8 +108,7 @@ def critical_path(name, g, us):
         seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
         frontier = max(frontier, end)
 
-    print(f"variant {name}, world {args.world}, {args.layers} layers, mixer lane "
-          f"{'shared' if args.mix_one_lane else 'own'}: {us:.1f} us per replay (50 back to back); "
+    print(f"variant {name}, world {args.world}, {args.layers} layers: {us:.1f} us per replay (50 back to back); "
           f"the traced one: {len(kern)} kernels, span {span:.1f} us ({span / args.layers:.1f} us per layer)")
     print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
     print(f"{'role':48s} {'n':>4s} {'share us':>9s} {'per launch':>10s} {'gap us':>8s}")
@@ -150,8 +142,8 @@ for n in names:
     print(f"  {n:14s} {best[n]:8.1f}  ({best[n] / best[names[0]]:.3f} of {names[0]})  "
           + " ".join(f"{t:.1f}" for t in times[n]) + ("  logits equal" if same else "  LOGITS DIFFER"))
 traced = args.trace.split(",") if args.trace else list(dict.fromkeys([names[0], min(best, key=best.get)]))
-out = {"world": args.world, "layers": args.layers, "mix_one_lane": args.mix_one_lane,
-       "variants": {n: {"setting": VARIANTS[n], "replay_us": times[n]} for n in names}}
+out = {"world": args.world, "layers": args.layers,
+       "variants": {n: {"replay_us": times[n]} for n in names}}
 for n in traced:
     out[n] = critical_path(n, graphs[n][1], best[n])
 if args.json:

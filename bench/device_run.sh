@@ -118,7 +118,8 @@
 #         own (now the default) and on the shared expert's (before), TP=2 shard and TP=1
 #   s19a: session 19, one GPU: the graph tests of session 18's review, then scheduling variants
 #         (side-stream priorities, where the FFN's second stream goes) timed and traced at
-#         world 2 (rank shard) and 1 (bench/critical_path.py --variants)
+#         world 2 (rank shard) and 1 (bench/critical_path.py --variants); those variants exist
+#         only at 6c0f6f3, where it ran
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -753,13 +754,12 @@ elif [ "$MODE" = s17e ]; then
   gate_tests 150 "pdl_is or sinkhorn or index_kernels_in_the_graph or hc_step_full" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s17c ]; then
   serve_full 200 330
-elif [ "$MODE" = s18b ]; then
+elif [ "$MODE" = s18b ]; then    # (as run: one critical_path.py call per world and lane, with --mix-one-lane)
   for w in 2 1; do
-    for lane in "" --mix-one-lane; do
-      log "critical path, world $w $lane"
-      timeout 150 python3 bench/critical_path.py --world $w $lane --json "$OUT/critical_path_w$w$lane.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w$lane.txt"
-      head -28 "$OUT/critical_path_w$w$lane.txt"; sed -n '/one layer/,$p' "$OUT/critical_path_w$w$lane.txt"
-    done
+    log "critical path, world $w, the mixer on its own lane and on the shared expert's"
+    timeout 250 python3 bench/critical_path.py --world $w --variants base,mix_one_lane --trace base,mix_one_lane \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    head -40 "$OUT/critical_path_w$w.txt"
   done
 elif [ "$MODE" = s18d ]; then
   gate_tests 200 "pdl_is or side_stream or sinkhorn or index_kernels_in_the_graph" tests/test_decode_graph.py

@@ -686,33 +686,16 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
     return torch.where((loc >= 0) & (loc < n_local), loc, -1)
 
 
-# Where a decode token's FFN puts its second stream (ffn, with overlap; benchmarks time each):
-# "shared": the shared expert beside the router and the routed experts; "router": the router and
-# the expert choice beside the shared expert; "none": all in order on one stream.
-FFN_SIDE = "shared"
-
-
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
         trace=None, overlap: bool = False) -> torch.Tensor:
     """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]."""
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
-    # router and the routed experts (a prefill's GEMMs fill the GPU on their own); or, with
-    # FFN_SIDE "router", the router beside the shared expert, joined before the routed experts
-    on = overlap and xn.shape[0] == 1
-    side = Side(xn, on and FFN_SIDE == "shared")
+    # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
+    side = Side(xn, overlap and xn.shape[0] == 1)
     with side:
-        if FFN_SIDE != "router":
-            gate_up = linear(lw.gate_up_sh, xn)                      # [T, 2F_l] gate | up, one launch
-            shared = swiglu_linear(lw.down_sh, gate_up, C.SWIGLU_CLAMP)  # [T, E] partial over FFN width
-    if FFN_SIDE == "router":
-        rside = Side(xn, on)
-        with rside:
-            ids, w = route(lw, xn, tokens, s)
-        gate_up = linear(lw.gate_up_sh, xn)
-        shared = swiglu_linear(lw.down_sh, gate_up, C.SWIGLU_CLAMP)
-        rside.join()
-    else:
-        ids, w = route(lw, xn, tokens, s)
+        gate_up = linear(lw.gate_up_sh, xn)                          # [T, 2F_l] gate | up, one launch
+        shared = swiglu_linear(lw.down_sh, gate_up, C.SWIGLU_CLAMP)  # [T, E] partial over FFN width
+    ids, w = route(lw, xn, tokens, s)
     # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
     # contiguous range of whole experts ("experts" split; others' slots give zeros here).
     n_local = lw.gate_exps.shape[0]

@@ -26,20 +26,14 @@ from __future__ import annotations
 
 import torch
 
-_SIDE: dict = {}      # (device index, main stream handle, lane, priority) -> a side stream
-
-# The CUDA priority of each lane's side stream (lower is higher; 0 is the default, which the
-# decode graphs' main stream also has: decode_graph.CAPTURE_PRIORITY). Where kernels of two
-# streams wait for SMs, the higher priority's blocks are placed first. Benchmarks time others.
-LANE_PRIORITY = (0, 0)
+_SIDE: dict = {}      # (device index, main stream handle, lane) -> a side stream
 
 
 def _side_stream(device: torch.device, main, lane: int) -> "torch.cuda.Stream":
-    prio = LANE_PRIORITY[lane]
-    key = (device.index, main.cuda_stream, lane, prio)
+    key = (device.index, main.cuda_stream, lane)
     s = _SIDE.get(key)
     if s is None:
-        s = _SIDE[key] = torch.cuda.Stream(device, priority=prio)
+        s = _SIDE[key] = torch.cuda.Stream(device)
     return s
 
 
