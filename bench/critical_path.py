@@ -28,6 +28,7 @@ from collections import defaultdict
 import torch
 
 from ds4tp import config as C, decode_graph
+from ds4tp.kernels import triton_pick
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -38,6 +39,7 @@ VARIANTS = {
     "base": (),
     "mix_one_lane": (decode_graph.set_mix_lane_enabled,),    # Sinkhorn on the shared expert's lane
     "sinkhorn_inline": (decode_graph.set_mix_side_enabled,),  # Sinkhorn inside hc_step
+    "pick_torch": (triton_pick.set_enabled,),                 # the greedy pick in torch ops
 }
 
 ap = argparse.ArgumentParser()

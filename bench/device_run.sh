@@ -120,6 +120,8 @@
 #         (side-stream priorities, where the FFN's second stream goes) timed and traced at
 #         world 2 (rank shard) and 1 (bench/critical_path.py --variants); those variants exist
 #         only at 6c0f6f3, where it ran
+#   s19b: session 19, one GPU: the greedy pick in one launch (tests, then replay A/B against the
+#         torch twin at world 2 and 1)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -772,6 +774,15 @@ elif [ "$MODE" = s19a ]; then
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt"; grep "^variant" "$OUT/critical_path_w$w.txt"
     grep -A12 "^one layer" "$OUT/critical_path_w$w.txt" | head -40; tail -3 "$OUT/critical_path_w$w.txt"
+  done
+elif [ "$MODE" = s19b ]; then
+  gate_tests 300 "pick or chained or lookahead or pdl_is or twin_on_cuda" tests/test_sampling.py tests/test_kernels.py tests/test_decode_graph.py
+  for w in 2 1; do
+    log "the greedy pick in one launch against its torch twin, world $w"
+    timeout 150 python3 bench/critical_path.py --world $w --variants base,pick_torch \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -4; grep "^variant" "$OUT/critical_path_w$w.txt"
+    grep -E "^F:.*(reduce|elementwise|_pick|index)" "$OUT/critical_path_w$w.txt" | head -12
   done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do

@@ -335,9 +335,8 @@ class StaticDecoder:
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
             hc, xn, post, mix, pending = self._update(f, hc, post, mix, m.w.mixer_after(lw.il), pending)
         logits = output_head(m.w, hc, s, m.comm)[0]
-        raw = logits.reshape(-1).to(torch.float64)
-        self.pick.copy_(greedy_pick(raw, raw.index_add(0, self.bias_ids, self.bias_vals)))
-        self.token.copy_(self.pick[:1].long())          # the next step's input, if fed from here
+        # the pick, and its token as the next step's input if fed from here
+        greedy_pick(logits, self.bias_ids, self.bias_vals, out=self.pick, token=self.token)
         return logits
 
     def _update(self, f, hc, post, mix, mixer, pending):

@@ -610,6 +610,39 @@ def case_route(device, gen, ne, k, hashed, bias, T=1):
     return check(f"route T={T} ne={ne} k={k} hash={hashed} bias={bias}", w, want_w, 1e-6)
 
 
+def case_pick(device, gen, V, bv, kind="", nb=8):
+    """The greedy pick in one launch (triton_pick.pick) against sampling.greedy_pick_torch: the
+    same token (a max, then the lowest id: exact), the logprob and the log-norm to float64
+    rounding; both again without a bias table. kind "ties": the maximum held by several ids
+    across programs; "banned": a bias of -inf on the best ids, and one on every id."""
+    from ds4tp.kernels import triton_pick
+    from ds4tp.worker.sampling import greedy_pick_torch
+    x = torch.randn(V, generator=gen) * 3
+    ids = torch.randint(0, V, (nb,), generator=gen)
+    vals = torch.randn(nb, generator=gen).double() * 2
+    if nb:
+        ids[-1], vals[-1] = 0, 0.0                         # sampling.bias_table's padding
+    if kind == "ties":
+        x = torch.round(x)
+        x[[V - 1, min(bv + 1, V - 2), 3]] = x.max() + 1.0    # the lower id wins
+        vals.zero_()
+    if kind == "banned":
+        best = torch.argsort(-x)[:nb]
+        ids, vals = best, torch.full((nb,), float("-inf"), dtype=torch.float64)
+    cases = [(ids, vals), (ids[:0], vals[:0])]
+    if kind == "banned":                                   # every id banned: the first one
+        cases.append((torch.arange(V), torch.full((V,), float("-inf"), dtype=torch.float64)))
+    for bi, bvals in cases:
+        raw = x.double()
+        want = greedy_pick_torch(raw, raw.index_add(0, bi, bvals))
+        got, tok, norm = triton_pick.pick(x.to(device), bi.to(device), bvals.to(device), bv=bv)
+        assert int(got[0]) == int(want[0]) == int(tok[0]), f"pick V={V} {kind}: token {got.tolist()} != {want.tolist()}"
+        for what, a, b in (("logprob", got[1].cpu(), want[1]), ("norm", norm[0].cpu(), torch.logsumexp(raw, 0))):
+            assert abs(float(a) - float(b)) <= 1e-13 * max(1.0, abs(float(b))), \
+                f"pick V={V} {kind}: {what} {float(a)!r} != {float(b)!r}"
+    return 0.0
+
+
 def _rope_tables(n_rot, P, device, compressed=False):
     cos, sin = numerics.rope_cos_sin(torch.arange(P), n_rot, compressed)
     return cos.contiguous().to(device), sin.contiguous().to(device)
@@ -994,6 +1027,10 @@ def _cfg(cfg):
 def interpreter_cases():
     """Small shapes for the CPU interpreter (the whole run takes ~35 s on 2 cores)."""
     yield "quantizers", case_quantizers, ()
+    yield "greedy pick, 5 programs", case_pick, (9000, 2048)
+    yield "greedy pick, one program, ties", case_pick, (700, 1024, "ties")
+    yield "greedy pick, ties across programs", case_pick, (5000, 512, "ties")
+    yield "greedy pick, banned", case_pick, (300, 64, "banned")
     yield "hc_combine T=1", case_hc_combine, (1, 512)
     yield "hc_combine T=3 tail", case_hc_combine, (3, 1000)
     yield "hc_combine two passes (E > 4096)", case_hc_combine, (2, 5000)

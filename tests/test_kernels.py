@@ -677,6 +677,18 @@ def _compile_sm90(kernel, sig: dict, const: dict, warps: int):
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("nb,pdl", [(8, True), (0, False)])
+def test_pick_kernel_compiles_for_sm90(nb, pdl):
+    """The greedy pick's launch (triton_pick) compiled to PTX for an H100/H200 at DS4's 129,280
+    logits (64 programs), with the decode graphs' bias table and without one (log_norm)."""
+    from ds4tp.kernels import triton_pick
+    sig = dict(logit_ptr="*fp32", bid_ptr="*i64", bval_ptr="*fp64", part_ptr="*fp64", cnt_ptr="*i32",
+               pick_ptr="*fp64", tok_ptr="*i64", norm_ptr="*fp64", V="i32")
+    ptx = _compile_sm90(triton_pick._pick_kernel, sig, dict(NB=nb, BV=2048, P=64, PP=64, PDL=pdl), 8)
+    assert ("griddepcontrol" in ptx) == pdl and "atom" in ptx
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("split", [1, 5, 32])
 def test_hc_kernels_compile_for_sm90(split):
     """The fused HC step and the HC mixer compiled to PTX for an H100/H200: the CPU interpreter

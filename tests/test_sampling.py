@@ -125,8 +125,7 @@ def test_the_decode_graphs_pick_is_the_torch_twins_greedy_sample(vocab, kind):
         for p in (SamplingParams(), SamplingParams(logit_bias=few),
                   SamplingParams(temperature=0.9, top_k=1, logit_bias=few)):
             assert sampling.picks_on_device(p)
-            raw = x.double()
-            pick = sampling.greedy_pick(raw, raw.index_add(0, *sampling.bias_table(p.logit_bias, "cpu")))
+            pick = sampling.greedy_pick(x, *sampling.bias_table(p.logit_bias, "cpu"))
             want = sample_torch(x, p, trial)
             assert pick.tolist() == [want.token, want.logprob], (vocab, kind, trial, p)
     assert not sampling.picks_on_device(SamplingParams(top_logprobs=1))
@@ -134,6 +133,27 @@ def test_the_decode_graphs_pick_is_the_torch_twins_greedy_sample(vocab, kind):
     assert not sampling.picks_on_device(SamplingParams(logit_bias={t: 1.0 for t in range(9)}))
     with pytest.raises(ValueError, match="at most 8"):
         sampling.bias_table({t: 1.0 for t in range(9)}, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the pick's Triton launch)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_pick_launch_is_its_twins_pick_and_sample_devices_on_cuda(kind):
+    """On CUDA greedy_pick is one launch (kernels.triton_pick) over DS4's 129,280 logits: the
+    token of its torch twin, the logprob to float64 rounding; and sample_device's greedy sample
+    (argmax in torch, the norm from the same launch: log_norm) is the launch's pick to the bit,
+    with top_logprobs too, so a chained step and a sampled one report the same logprob."""
+    rng = np.random.default_rng([KINDS.index(kind), 2])
+    for trial in range(3):
+        x, bias = logits(kind, 129280, rng)
+        few = dict(list(bias.items())[:sampling._FEW_BIASES])
+        for p in (SamplingParams(), SamplingParams(logit_bias=few)):
+            pick = sampling.greedy_pick(x.cuda(), *sampling.bias_table(p.logit_bias, "cuda")).cpu()
+            raw = x.double()
+            want = sampling.greedy_pick_torch(raw, raw.index_add(0, *sampling.bias_table(p.logit_bias, "cpu")))
+            assert pick[0] == want[0], (kind, trial, p)
+            assert abs(float(pick[1] - want[1])) <= 1e-12 * max(1.0, abs(float(want[1]))), (pick, want)
+            for q in (p, SamplingParams(logit_bias=p.logit_bias, top_logprobs=5)):
+                assert sampling.sample_device(x.cuda(), q, trial)[:2].cpu().tolist() == pick.tolist()
 
 
 def test_torch_twin_breaks_ties_to_the_lower_id():

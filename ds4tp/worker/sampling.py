@@ -239,12 +239,48 @@ def _draw_torch(x: torch.Tensor, p: SamplingParams, u: float) -> torch.Tensor:
 _FEW_BIASES = 8    # logit_bias entries sample_torch adds one by one (and the decode graphs' pick takes)
 
 
-def greedy_pick(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """[token, logprob] (float64, on raw's device): the first maximum of x (the float64 logits
-    `raw` plus any logit_bias) and the log-softmax of raw there. sample_torch's greedy choice;
-    the decode graphs compute it after the output head (decode_graph.StaticDecoder.pick), so a
-    greedy step's token is known on the device without a separate sampling pass."""
+def greedy_pick(logits: torch.Tensor, bias_ids: torch.Tensor, bias_vals: torch.Tensor,
+                out: torch.Tensor | None = None, token: torch.Tensor | None = None) -> torch.Tensor:
+    """[token, logprob] (float64, on the logits' device): the first maximum of the float64
+    logits plus a logit_bias table (bias_table: ids, values) and the log-softmax of the raw
+    logits there: sample_torch's greedy choice. The decode graphs make it after the output head
+    (decode_graph.StaticDecoder.pick), so a greedy step's token is known on the device without a
+    separate sampling pass. out / token: buffers to write the pick and the token (int64 [1]) to.
+    On CUDA one launch (kernels.triton_pick; its norm is log_norm's); the twin:
+    greedy_pick_torch."""
+    if _pick_launch(logits):
+        from ds4tp.kernels import triton_pick
+        return triton_pick.pick(logits, bias_ids, bias_vals, out, token)[0]
+    raw = logits.detach().reshape(-1).to(torch.float64)
+    res = greedy_pick_torch(raw, raw.index_add(0, bias_ids, bias_vals))
+    if out is not None:
+        res = out.copy_(res)
+    if token is not None:
+        token.copy_(res[:1].long())
+    return res
+
+
+def _pick_launch(logits: torch.Tensor) -> bool:
+    """greedy_pick and log_norm take the one-launch kernel (CUDA float32 logits, switched on)."""
+    from ds4tp import kernels
+    if not (kernels.on_gpu(logits) and logits.dtype == torch.float32):
+        return False
+    from ds4tp.kernels import triton_pick
+    return triton_pick.enabled()
+
+
+def greedy_pick_torch(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """greedy_pick of the float64 logits raw, x = raw plus the bias, in torch ops."""
     return _with_logprob(raw, _first_max(x), torch.logsumexp(raw, 0))
+
+
+def log_norm(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp of the float64 logits (0-dim): on CUDA greedy_pick's launch (the same bits as
+    the norm of a graph's pick), elsewhere torch.logsumexp."""
+    if _pick_launch(logits):
+        from ds4tp.kernels import triton_pick
+        return triton_pick.pick(logits)[2][0]
+    return torch.logsumexp(logits.detach().reshape(-1).to(torch.float64), 0)
 
 
 def _first_max(x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +340,8 @@ def sample_device(logits: torch.Tensor, p: SamplingParams, step: int) -> torch.T
             x[ids] += bias                    # ids are distinct (dict keys): a plain indexed write
     greedy = p.temperature <= 0 or p.top_k == 1
     token = _first_max(x) if greedy else _draw_torch(x, p, uniform(p.seed, step))
-    norm = torch.logsumexp(raw, 0)
-    head = _with_logprob(raw, token, norm)    # greedy: greedy_pick(raw, x), as the graphs pick
+    norm = log_norm(logits)
+    head = _with_logprob(raw, token, norm)    # greedy: greedy_pick's numbers, as the graphs pick
     if not p.top_logprobs:
         return head
     top = torch.sort(raw, descending=True, stable=True).indices[:p.top_logprobs]   # ties: lower id
