@@ -15,8 +15,8 @@ that was not early, or a wait).
     python bench/critical_path.py [--world 2] [--layers 43] [--json OUT]
         [--variants base,l1hi,router,...]   # replay times of scheduling variants, then each traced
 
-A variant switches a path of the static decoder off before its graphs are captured (the names:
-VARIANTS). The variants' replays are timed round-robin, their logits compared with the first's.
+A variant switches a path of the static decoder off, or sets a launch constant, before its
+graphs are captured (the names: VARIANTS). The variants' replays are timed round-robin, their logits compared with the first's.
 The nineteenth session's variants (side-stream priorities, where the FFN's second stream goes)
 are in git history (6c0f6f3).
 """
@@ -28,19 +28,36 @@ from collections import defaultdict
 import torch
 
 from ds4tp import config as C, decode_graph
-from ds4tp.kernels import triton_pick
+from ds4tp.kernels import triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
 from profile_common import traced_kernels
 
-# name -> the switches (set_enabled functions) it turns off
+# name -> what it changes: switches (set_enabled functions) it turns off, (module, constant,
+# value) it sets
 VARIANTS = {
     "base": (),
     "mix_one_lane": (decode_graph.set_mix_lane_enabled,),    # Sinkhorn on the shared expert's lane
     "sinkhorn_inline": (decode_graph.set_mix_side_enabled,),  # Sinkhorn inside hc_step
     "pick_torch": (triton_pick.set_enabled,),                 # the greedy pick in torch ops
+    **{f"route_w{w}": ((triton_route, "ROUTE_WARPS", w),) for w in (1, 2, 4, 8)},
+    **{f"mix_w{w}": ((triton_hc, "MIX_WARPS", w),) for w in (1, 2, 4, 8)},
 }
+
+
+def _apply(changes, on: bool):
+    """Make a variant's changes (on) or undo them; returns what undoes them."""
+    undo = []
+    for c in changes:
+        if callable(c):
+            c(not on)
+        else:
+            mod, name, value = c
+            undo.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, value)
+    return undo
+
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--world", type=int, default=1)
@@ -56,16 +73,14 @@ m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
 
 def capture(name):
     """The graph of a token that ends no window, captured under variant `name`."""
-    for off in VARIANTS[name]:
-        off(False)
+    undo = _apply(VARIANTS[name], True)
     try:
         dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
         dec.load_session(prefilled(m, 1))
         for _ in range(8):
             logits = dec.step(11).clone()
     finally:
-        for off in VARIANTS[name]:
-            off(True)
+        _apply([c for c in VARIANTS[name] if callable(c)] + undo, False)
     g, _ = dec.graphs[(False, False, False)]
     for _ in range(5):
         g.replay()

@@ -122,6 +122,7 @@
 #         only at 6c0f6f3, where it ran
 #   s19b: session 19, one GPU: the greedy pick in one launch (tests, then replay A/B against the
 #         torch twin at world 2 and 1)
+#   s19c: session 19, one GPU: warps per program of the route and Sinkhorn launches (replay A/B)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -783,6 +784,14 @@ elif [ "$MODE" = s19b ]; then
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -4; grep "^variant" "$OUT/critical_path_w$w.txt"
     grep -E "^F:.*(reduce|elementwise|_pick|index)" "$OUT/critical_path_w$w.txt" | head -12
+  done
+elif [ "$MODE" = s19c ]; then
+  for w in 2 1; do
+    log "warps of the route and Sinkhorn programs, world $w"
+    timeout 200 python3 bench/critical_path.py --world $w --variants base,route_w1,route_w2,mix_w1,mix_w2,mix_w4 --trace base \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -8
+    grep -E "^(F|A):_(route|hc_mix)" "$OUT/critical_path_w$w.txt"
   done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
