@@ -123,6 +123,7 @@
 #   s19b: session 19, one GPU: the greedy pick in one launch (tests, then replay A/B against the
 #         torch twin at world 2 and 1)
 #   s19c: session 19, one GPU: warps per program of the route and Sinkhorn launches (replay A/B)
+#   s19d: session 19, one GPU: hc_step's tail loads issued with the partials' (tests, replay A/B)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -792,6 +793,15 @@ elif [ "$MODE" = s19c ]; then
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -8
     grep -E "^(F|A):_(route|hc_mix)" "$OUT/critical_path_w$w.txt"
+  done
+elif [ "$MODE" = s19d ]; then
+  gate_tests 200 "hc_ or pdl_is or sinkhorn" tests/test_kernels.py tests/test_decode_graph.py
+  for w in 2 1; do
+    log "hc_step's tail loads with the partials' or after z, world $w"
+    timeout 150 python3 bench/critical_path.py --world $w --variants base,hc_tail_late \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -4; grep "^variant" "$OUT/critical_path_w$w.txt"
+    grep -E "^(F|A):_hc_step" "$OUT/critical_path_w$w.txt"
   done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do

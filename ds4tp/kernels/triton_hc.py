@@ -70,13 +70,22 @@ def _hc_pre(zrow, scale_ptr, base_ptr, eps, NH: tl.constexpr):
 
 
 @triton.jit
-def _hc_x_store(hv, pre, norm_ptr, x_row, ee, ok, E, rms_eps):
+def _hc_pre_held(z, rows, scale_ptr, base_ptr, eps, NH: tl.constexpr):
+    """_hc_pre of the logits z [BN] held in registers (rows: their indices): the first NH picked
+    out exactly (one value plus zeros), so the same bits as reading them back."""
+    h = tl.arange(0, NH)
+    zh = tl.sum(tl.where(rows[:, None] == h[None, :], z[:, None], 0.0), axis=0)
+    return _sigmoid_rn(zh * tl.load(scale_ptr) + tl.load(base_ptr + h)) + eps
+
+
+@triton.jit
+def _hc_x_store(hv, pre, nw, x_row, ee, ok, E, rms_eps):
     """x = sum_h pre[h] H[h] of all E columns held in hv [NH, BE], RMS-normed (squares summed in
-    float64, as numerics.rms_scale) and times the norm weight, stored at x_row."""
+    float64, as numerics.rms_scale) and times the norm weight nw [BE], stored at x_row."""
     x = tl.sum(pre[:, None] * hv, axis=0)
     xd = x.to(tl.float64)
     sc = rms_from_squares(xd * xd, E, rms_eps)
-    tl.store(x_row + ee, (x * sc) * tl.load(norm_ptr + ee, mask=ok, other=0.0), mask=ok)
+    tl.store(x_row + ee, (x * sc) * nw, mask=ok)
 
 
 @triton.jit
@@ -91,8 +100,8 @@ def _hc_input(zrow, scale_ptr, base_ptr, hc_ptr, norm_ptr, x_ptr, t, E, eps, rms
     rows = hc_ptr + t * NH * E + r * E
     if ONE_PASS:
         ok = ee < E
-        _hc_x_store(_streams(rows + ee[None, :], ok[None, :], CG), pre, norm_ptr, x_ptr + t * E, ee,
-                    ok, E, rms_eps)
+        _hc_x_store(_streams(rows + ee[None, :], ok[None, :], CG), pre,
+                    tl.load(norm_ptr + ee, mask=ok, other=0.0), x_ptr + t * E, ee, ok, E, rms_eps)
     else:
         ss = tl.zeros([BE], tl.float64)
         for e0 in range(0, E, BE):
@@ -265,7 +274,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
                     scale_ptr, base_ptr, norm_ptr, x_ptr, post2_ptr, m2_ptr, E, N, eps, rms_eps,
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
-                    MIX: tl.constexpr = True, PDL: tl.constexpr = False):
+                    MIX: tl.constexpr = True, EARLY: tl.constexpr = True, PDL: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -300,6 +309,11 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         tl.debug_barrier()                                   # partial stores before the ticket
         last = tl.atomic_add(cnt_ptr, 1) == SPLIT - 1        # acq_rel, gpu scope
     if last:
+        if ONE_PASS and EARLY:   # the tail's loads go out together: the new streams and the norm
+            ee = tl.arange(0, XB)   # weight with the partials (one round trip, not three in a row)
+            xok = ee < E
+            hv = _streams(out_ptr + i[:, None] * E + ee[None, :], xok[None, :], True)
+            nw = tl.load(norm_ptr + ee, mask=xok, other=0.0)
         if SPLIT > 1:      # (new names: a value changed inside this branch keeps its type)
             tot = tl.zeros([BN], tl.float32)
             for j in range(SPLIT):
@@ -310,16 +324,23 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         else:
             z = y * rms_from_squares(sq, NH * E, rms_eps)
         tl.store(z_ptr + rows, z, mask=rows < N)
-        tl.debug_barrier()                                   # z, then the mixer reads it back
-        if ONE_PASS:   # the new streams' loads go out before Sinkhorn, x is formed after it
+        if ONE_PASS and not EARLY:   # (before: z read back, the loads after it; A/B only)
+            tl.debug_barrier()
             ee = tl.arange(0, XB)
             xok = ee < E
             hv = _streams(out_ptr + i[:, None] * E + ee[None, :], xok[None, :], True)
             if MIX:
                 _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
-            _hc_x_store(hv, _hc_pre(z_ptr, scale_ptr, base_ptr, eps, NH), norm_ptr, x_ptr, ee, xok,
+            _hc_x_store(hv, _hc_pre(z_ptr, scale_ptr, base_ptr, eps, NH),
+                        tl.load(norm_ptr + ee, mask=xok, other=0.0), x_ptr, ee, xok, E, rms_eps)
+        elif ONE_PASS:   # x from z in registers; Sinkhorn (MIX) reads z back
+            if MIX:
+                tl.debug_barrier()
+                _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
+            _hc_x_store(hv, _hc_pre_held(z, rows, scale_ptr, base_ptr, eps, NH), nw, x_ptr, ee, xok,
                         E, rms_eps)
         else:
+            tl.debug_barrier()                               # z, then the mixer reads it back
             if MIX:
                 _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
             _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH,
@@ -362,6 +383,7 @@ def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, 
 
 
 HC_STEP_BE = 128   # stream columns per program of hc_step (4096 wide: 32 programs)
+HC_STEP_EARLY = True   # the tail's loads issued with the partials' (False: after z; A/B only)
 _step_switch = Switch()
 set_step_enabled = _step_switch.set    # benchmarks time the three launches in the same run
 
@@ -415,7 +437,8 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
                               fn_raw.view(torch.float16), z, ws, ss, cnt, scale.contiguous(),
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
                               NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
-                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, num_warps=warps,
+                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, EARLY=HC_STEP_EARLY,
+                              num_warps=warps,
                               **pdl.triton_args(dev))
     return (out, x, post2, m2) if mix else (out, x, z)
 
