@@ -43,7 +43,6 @@ VARIANTS = {
     "pick_torch": (triton_pick.set_enabled,),                 # the greedy pick in torch ops
     **{f"route_w{w}": ((triton_route, "ROUTE_WARPS", w),) for w in (1, 2, 4, 8)},
     **{f"mix_w{w}": ((triton_hc, "MIX_WARPS", w),) for w in (1, 2, 4, 8)},
-    "hc_tail_late": ((triton_hc, "HC_STEP_EARLY", False),),   # hc_step's tail loads after z
 }
 
 

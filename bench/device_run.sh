@@ -123,7 +123,8 @@
 #   s19b: session 19, one GPU: the greedy pick in one launch (tests, then replay A/B against the
 #         torch twin at world 2 and 1)
 #   s19c: session 19, one GPU: warps per program of the route and Sinkhorn launches (replay A/B)
-#   s19d: session 19, one GPU: hc_step's tail loads issued with the partials' (tests, replay A/B)
+#   s19d: session 19, one GPU: hc_step's tail loads issued with the partials' (tests, replay A/B;
+#         its hc_tail_late variant exists only at the commit it ran on)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs

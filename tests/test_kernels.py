@@ -702,7 +702,7 @@ def test_hc_kernels_compile_for_sm90(split):
     sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32")
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
                  SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
-                 ONE_PASS=one_pass, MIX=split != 5, EARLY=split != 1, PDL=pdl)
+                 ONE_PASS=one_pass, MIX=split != 5, PDL=pdl)
     assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)) == pdl
     sig = {n: "*fp32" for n in ("z_ptr", "scale_ptr", "base_ptr", "post_ptr", "m_ptr")}
     sig.update(eps="fp32")
