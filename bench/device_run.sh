@@ -125,6 +125,9 @@
 #   s19c: session 19, one GPU: warps per program of the route and Sinkhorn launches (replay A/B)
 #   s19d: session 19, one GPU: hc_step's tail loads issued with the partials' (tests, replay A/B;
 #         its hc_tail_late variant exists only at the commit it ran on)
+#   s19e: session 19 closing run, two GPUs: CUDA tests (pick, HC, PDL, streams, runtime), the TP=2,1
+#         bench, CUDA goldens through the graphs
+#   s19f: session 19, two GPUs: the served path on the full-size synthetic GGUF (as s17c)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -804,6 +807,12 @@ elif [ "$MODE" = s19d ]; then
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -4; grep "^variant" "$OUT/critical_path_w$w.txt"
     grep -E "^(F|A):_hc_step" "$OUT/critical_path_w$w.txt"
   done
+elif [ "$MODE" = s19e ]; then
+  gate_tests 240 "pick or twin_on_cuda or hc_ or pdl_is or side_stream or sinkhorn or index_kernels_in_the_graph or chained or lookahead or lanes or second_gpu" \
+    tests/test_sampling.py tests/test_kernels.py tests/test_decode_graph.py
+  bench_goldens
+elif [ "$MODE" = s19f ]; then
+  serve_full 200 330
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"
