@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from ds4tp import config as C, decode_graph
+from ds4tp import config as C, decode_graph, model as model_mod, streams
 from ds4tp.kernels import triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
@@ -43,6 +43,8 @@ VARIANTS = {
     "pick_torch": (triton_pick.set_enabled,),                 # the greedy pick in torch ops
     **{f"route_w{w}": ((triton_route, "ROUTE_WARPS", w),) for w in (1, 2, 4, 8)},
     **{f"mix_w{w}": ((triton_hc, "MIX_WARPS", w),) for w in (1, 2, 4, 8)},
+    "shared_lane0": ((model_mod, "SHARED_LANE", 0),),         # with the compressors (before)
+    "shared_lane2_prio0": ((streams, "LANE_PRIORITY", (0, 0, 0)),),   # own lane, no priority
 }
 
 

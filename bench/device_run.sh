@@ -128,6 +128,7 @@
 #   s19e: session 19 closing run, two GPUs: CUDA tests (pick, HC, PDL, streams, runtime), the TP=2,1
 #         bench, CUDA goldens through the graphs
 #   s19f: session 19, two GPUs: the served path on the full-size synthetic GGUF (as s17c)
+#   s19h: session 19, one GPU: the shared expert on a side lane of its own at a higher priority
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -813,6 +814,14 @@ elif [ "$MODE" = s19e ]; then
   bench_goldens
 elif [ "$MODE" = s19f ]; then
   serve_full 200 330
+elif [ "$MODE" = s19h ]; then
+  gate_tests 100 "side_stream or pdl_is" tests/test_decode_graph.py
+  for w in 2 1; do
+    log "the shared expert on a lane of its own above the main stream's priority, world $w"
+    timeout 100 python3 bench/critical_path.py --world $w --variants base,shared_lane0,shared_lane2_prio0 --trace base \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
+  done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"

@@ -686,12 +686,15 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
     return torch.where((loc >= 0) & (loc < n_local), loc, -1)
 
 
+SHARED_LANE = 2    # the shared expert's side stream (streams.LANE_PRIORITY; benchmarks time others)
+
+
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
         trace=None, overlap: bool = False) -> torch.Tensor:
     """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]."""
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
-    side = Side(xn, overlap and xn.shape[0] == 1)
+    side = Side(xn, overlap and xn.shape[0] == 1, lane=SHARED_LANE)
     with side:
         gate_up = linear(lw.gate_up_sh, xn)                          # [T, 2F_l] gate | up, one launch
         shared = swiglu_linear(lw.down_sh, gate_up, C.SWIGLU_CLAMP)  # [T, E] partial over FFN width

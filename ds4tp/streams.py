@@ -16,7 +16,9 @@ parallel branches of the graph.
 
 Work on one side stream runs in order; `Side(x, lane=1)` takes a second side stream, so that
 work there does not queue behind the first's (the decode graphs' HC mixer runs on lane 1,
-beside the shared expert and the compressors on lane 0).
+beside the compressors on lane 0; a decode token's shared expert runs on lane 2, whose
+priority is above the main stream's: its blocks are placed before the routed experts' that
+wait for SMs).
 
 Off CUDA, or when disabled, both are no-ops and the work runs in program order. Tensors made on
 the side stream and used on the main stream are only read after the join, and every fork waits
@@ -26,14 +28,20 @@ from __future__ import annotations
 
 import torch
 
-_SIDE: dict = {}      # (device index, main stream handle, lane) -> a side stream
+_SIDE: dict = {}      # (device index, main stream handle, lane, priority) -> a side stream
+
+# The CUDA priority of each lane's side stream (lower is higher; 0 is the default, which the
+# decode graphs' main stream also has: decode_graph.CAPTURE_PRIORITY). Where kernels of two
+# streams wait for SMs, the higher priority's blocks are placed first.
+LANE_PRIORITY = (0, 0, -1)
 
 
 def _side_stream(device: torch.device, main, lane: int) -> "torch.cuda.Stream":
-    key = (device.index, main.cuda_stream, lane)
+    prio = LANE_PRIORITY[lane]
+    key = (device.index, main.cuda_stream, lane, prio)
     s = _SIDE.get(key)
     if s is None:
-        s = _SIDE[key] = torch.cuda.Stream(device)
+        s = _SIDE[key] = torch.cuda.Stream(device, priority=prio)
     return s
 
 
