@@ -401,14 +401,12 @@ def layer_rows(jobs, cs: range, s: Shape, comm=None, trace=None):
         from ds4tp.kernels import triton_attn
         fast = triton_attn.rows_enabled()
     split = pooled_channels(jobs[0][1].shape[1], r) != jobs[0][4]   # this rank pools a share of hd
-    if not split and fast:
-        return [(triton_attn.compressor_rows(kv, sc, base, cs[0], len(cs), r, cw.norm, cos, sin,
-                                             is_index, C.RMS_EPS), None)
-                for cw, kv, sc, base, _, is_index, _ in jobs]
-    if fast:
+    if fast:   # whole rows, or where split this rank's pooled channels
         pooled = [triton_attn.compressor_rows(kv, sc, base, cs[0], len(cs), r, cw.norm, cos, sin,
-                                              is_index, C.RMS_EPS, pool_only=True)
+                                              is_index, C.RMS_EPS, pool_only=split)
                   for cw, kv, sc, base, _, is_index, _ in jobs]
+        if not split:
+            return [(rows, None) for rows in pooled]
     else:
         pooled = [pool_rows_torch(kv, sc, base, c, r, pooled_channels(kv.shape[1], r))
                   for _, kv, sc, base, *_ in jobs]

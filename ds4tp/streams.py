@@ -4,9 +4,9 @@ Within a layer some work does not depend on the rest until a join point: the sha
 beside the router and the routed experts, the compressors beside the query path. Each of those
 launches leaves most of the GPU's bandwidth unused (small matrices, few programs), so running
 them side by side shortens the step (where both fit: two launches that each fill the GPU in
-one wave of blocks mostly run one after the other, as the shared expert after the routed
-experts does; bench/critical_path.py). Inside a CUDA-graph capture the fork and join become
-parallel branches of the graph.
+one wave of blocks mostly run one after the other, which lane priorities below arrange;
+bench/critical_path.py). Inside a CUDA-graph capture the fork and join become parallel
+branches of the graph.
 
     side = Side(x, enabled)      # the side stream starts after all work queued so far
     with side:

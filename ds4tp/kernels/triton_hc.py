@@ -349,11 +349,11 @@ def _hc_mix_kernel(z_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, eps, NH: tl.cons
     _hc_mix(z_ptr + t * (2 * NH + NH * NH), scale_ptr, base_ptr, post_ptr, m_ptr, t, eps, NH, ITERS)
 
 
-MIX_WARPS = 8       # warps of hc_mix's one program per token
+MIX_WARPS = 8       # warps of hc_mix's one program per token (others timed, none faster: s19c)
 
 
 def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, iters: int,
-           eps: float, warps: int | None = None):
+           eps: float):
     """post [T, n] and M [T, n, n] from mixer logits z [T, 2n+n^2] (the part of hc_combine a
     sublayer's input does not need: hc_step(mix=False) leaves it to this launch, which the
     static decoder runs beside the sublayer). The twin is ds4tp.model.hc_split."""
@@ -369,7 +369,7 @@ def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, 
     m = torch.empty(T, n, n, dtype=torch.float32, device=z.device)
     if T:
         _hc_mix_kernel[(T,)](z.contiguous(), scale.contiguous(), base.contiguous(), post, m, eps,
-                             NH=n, ITERS=iters, num_warps=warps or MIX_WARPS, **pdl.triton_args(z.device))
+                             NH=n, ITERS=iters, num_warps=MIX_WARPS, **pdl.triton_args(z.device))
     return post, m
 
 

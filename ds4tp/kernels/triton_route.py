@@ -65,13 +65,13 @@ def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, flo
     tl.store(w_ptr + kk, w, mask=kk < K)
 
 
-ROUTE_WARPS = 4     # warps per program
+ROUTE_WARPS = 4     # warps per program (bench/critical_path.py times others: none faster, s19c)
 
 
-def route(logits, bias, tid2eid, tokens, k: int, floor: float, scale: float, warps: int | None = None):
+def route(logits, bias, tid2eid, tokens, k: int, floor: float, scale: float):
     """T tokens, one program each: logits [T, n_expert] float32, bias [n_expert] or None,
     tid2eid [V, k] (a hash layer; None otherwise) with tokens [T] int64 -> ids [T, k] int64,
-    weights [T, k] float32. warps: per program (default ROUTE_WARPS)."""
+    weights [T, k] float32."""
     if logits.dim() != 2 or logits.shape[0] < 1 or logits.dtype != torch.float32:
         raise ValueError(f"route: expects float32 logits [T, n_expert], got "
                          f"{logits.dtype} {tuple(logits.shape)}")
@@ -88,6 +88,6 @@ def route(logits, bias, tid2eid, tokens, k: int, floor: float, scale: float, war
                         ids if tid2eid is None else tid2eid.contiguous(),
                         ids if tokens is None else tokens.contiguous(), ids, w, ne, floor, scale,
                         K=k, KP=triton.next_power_of_2(k), BE=triton.next_power_of_2(ne),
-                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=warps or ROUTE_WARPS,
+                        HAS_BIAS=bias is not None, HASH=tid2eid is not None, num_warps=ROUTE_WARPS,
                         **pdl.triton_args(logits.device))
     return ids, w
