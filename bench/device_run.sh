@@ -129,6 +129,8 @@
 #         bench, CUDA goldens through the graphs
 #   s19f: session 19, two GPUs: the served path on the full-size synthetic GGUF (as s17c)
 #   s19h: session 19, one GPU: the shared expert on a side lane of its own at a higher priority
+#   s20a: session 20, two GPUs: why an eager prefill is slower once decode graphs exist
+#         (bench/prefill_after_graphs.py at TP=2, then on one GPU)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -821,6 +823,13 @@ elif [ "$MODE" = s19h ]; then
     timeout 100 python3 bench/critical_path.py --world $w --variants base,shared_lane0,shared_lane2_prio0 --trace base \
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
+  done
+elif [ "$MODE" = s20a ]; then
+  for w in 2 1; do
+    log "eager prefill before and after the decode graphs, world $w"
+    timeout 280 python3 bench/prefill_after_graphs.py --world $w --out "$OUT/prefill_after_graphs_w$w.json" > "$OUT/prefill_after_graphs_w$w.txt" 2>&1
+    grep "^\[rank 0\]\|Error\|Traceback" "$OUT/prefill_after_graphs_w$w.txt" | head -40
+    sed -n '/^---- rank 0/,$p' "$OUT/prefill_after_graphs_w$w.txt" | grep -v "^$" | head -50
   done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
