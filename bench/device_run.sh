@@ -130,7 +130,10 @@
 #   s19f: session 19, two GPUs: the served path on the full-size synthetic GGUF (as s17c)
 #   s19h: session 19, one GPU: the shared expert on a side lane of its own at a higher priority
 #   s20a: session 20, two GPUs: why an eager prefill is slower once decode graphs exist
-#         (bench/prefill_after_graphs.py at TP=2, then on one GPU)
+#         (bench/prefill_after_graphs.py at TP=2, then on one GPU; its TP=2 run hung, rank 0 alone
+#         profiled a prefill with collectives)
+#   s20b: session 20, two GPUs: the same at TP=2 (every rank runs the profiled prefill; eager
+#         collectives timed per phase), then with NCCL_GRAPH_REGISTER=0
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -831,6 +834,13 @@ elif [ "$MODE" = s20a ]; then
     grep "^\[rank 0\]\|Error\|Traceback" "$OUT/prefill_after_graphs_w$w.txt" | head -40
     sed -n '/^---- rank 0/,$p' "$OUT/prefill_after_graphs_w$w.txt" | grep -v "^$" | head -50
   done
+elif [ "$MODE" = s20b ]; then
+  for reg in 1 0; do
+    log "eager prefill before and after the decode graphs, TP=2, NCCL_GRAPH_REGISTER=$reg"
+    NCCL_GRAPH_REGISTER=$reg timeout 240 python3 bench/prefill_after_graphs.py --world 2 --out "$OUT/prefill_after_graphs_reg$reg.json" > "$OUT/prefill_after_graphs_reg$reg.txt" 2>&1
+    grep "^\[rank 0\]\|Error\|Traceback" "$OUT/prefill_after_graphs_reg$reg.txt" | head -40
+  done
+  sed -n '/^---- rank 0/,$p' "$OUT/prefill_after_graphs_reg1.txt" | grep -v "^$" | head -50
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"

@@ -90,20 +90,39 @@ def _tiny_launches(dev, n: int = 2000) -> float:
     return round(us, 2)
 
 
+def _collectives_us(comm, dev, n: int = 200) -> dict:
+    """Host and total µs per eager all-reduce of one 4,096-wide float32 row, and per all-gather
+    of 512 floats (a compressor's rows), each in a loop of n."""
+    out = {}
+    for name, x, op in (("all_reduce_16KB", torch.ones(1, 4096, device=dev), comm.all_reduce),
+                        ("all_gather_2KB", torch.ones(1, 512, device=dev), comm.all_gather)):
+        for _ in range(10):
+            op(x)
+        torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        for _ in range(n):
+            op(x)
+        host = time.perf_counter() - t
+        torch.cuda.synchronize(dev)
+        out[name] = {"host_us": round(1e6 * host / n, 1), "total_us": round(1e6 * (time.perf_counter() - t) / n, 1)}
+    return out
+
+
 def _phase(model, real, dev, say, name: str) -> dict:
-    res = {"objects_tracked": len(gc.get_objects()), "tiny_launch_us": _tiny_launches(dev)}
+    res = {"objects_tracked": len(gc.get_objects()), "tiny_launch_us": _tiny_launches(dev),
+           "collectives": _collectives_us(real, dev) if real.world > 1 else {}}
     for n in (512, 2048):
         res[f"prefill_{n}"] = _prefills(model, n, dev)
     model.comm = NullComm(real.rank, real.world)
     res["prefill_512_nocomm"] = _prefills(model, 512, dev)
     model.comm = real
+    prompt = [(5 * i + 1) % model.shape.vocab for i in range(512)]
+    cp = cProfile.Profile()           # every rank runs the prefill (its collectives); rank 0 reports
+    cp.enable()
+    model.forward(prompt, model.new_state())
+    torch.cuda.synchronize(dev)
+    cp.disable()
     if real.rank == 0:
-        prompt = [(5 * i + 1) % model.shape.vocab for i in range(512)]
-        cp = cProfile.Profile()
-        cp.enable()
-        model.forward(prompt, model.new_state())
-        torch.cuda.synchronize(dev)
-        cp.disable()
         buf = io.StringIO()
         pstats.Stats(cp, stream=buf).sort_stats("tottime").print_stats(14)
         res["cprofile_512"] = buf.getvalue()
@@ -111,7 +130,8 @@ def _phase(model, real, dev, say, name: str) -> dict:
         r = res[k]
         say(f"{name:7s} {k:18s} {r['tok_s']:8.1f} tok/s host {r['host_ms']} total {r['total_ms']} "
             f"gc ms {r['gc_ms']} n {r['gc_count']} alloc {r['alloc']}")
-    say(f"{name:7s} tiny launch {res['tiny_launch_us']} us, gc-tracked objects {res['objects_tracked']}")
+    say(f"{name:7s} tiny launch {res['tiny_launch_us']} us, gc-tracked objects {res['objects_tracked']}, "
+        f"eager collectives {res['collectives']}")
     return res
 
 
