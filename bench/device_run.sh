@@ -134,6 +134,8 @@
 #         profiled a prefill with collectives)
 #   s20b: session 20, two GPUs: the same at TP=2 (every rank runs the profiled prefill; eager
 #         collectives timed per phase), then with NCCL_GRAPH_REGISTER=0
+#   s20c: session 20, two GPUs: the same at TP=2 twice with torch's default CPU threads per rank,
+#         twice with OMP_NUM_THREADS=1 (host jitter from oversubscribed cores?)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -841,6 +843,15 @@ elif [ "$MODE" = s20b ]; then
     grep "^\[rank 0\]\|Error\|Traceback" "$OUT/prefill_after_graphs_reg$reg.txt" | head -40
   done
   sed -n '/^---- rank 0/,$p' "$OUT/prefill_after_graphs_reg1.txt" | grep -v "^$" | head -50
+elif [ "$MODE" = s20c ]; then
+  for th in default 1 default 1; do
+    log "eager prefill before and after the decode graphs, TP=2, OMP_NUM_THREADS=$th"
+    if [ $th = default ]; then unset OMP_NUM_THREADS; else export OMP_NUM_THREADS=$th; fi
+    python3 -c "import torch; print('torch threads', torch.get_num_threads())"
+    timeout 150 python3 bench/prefill_after_graphs.py --world 2 > "$OUT/prefill_after_graphs_th$th.txt" 2>&1
+    grep "^\[rank [01]\] \(before\|graphs\|frozen\|freed\)  prefill\|Error\|Traceback" "$OUT/prefill_after_graphs_th$th.txt" | cut -c1-120 | head -40
+  done
+  unset OMP_NUM_THREADS
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"
