@@ -136,6 +136,8 @@
 #         collectives timed per phase), then with NCCL_GRAPH_REGISTER=0
 #   s20c: session 20, two GPUs: the same at TP=2 twice with torch's default CPU threads per rank,
 #         twice with OMP_NUM_THREADS=1 (host jitter from oversubscribed cores?)
+#   s20d: session 20, two GPUs: the CPU topology, then the same at TP=2 unpinned and with each
+#         rank's main thread pinned to cores of its own, twice each (CPU and context switches)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -852,6 +854,14 @@ elif [ "$MODE" = s20c ]; then
     grep "^\[rank [01]\] \(before\|graphs\|frozen\|freed\)  prefill\|Error\|Traceback" "$OUT/prefill_after_graphs_th$th.txt" | cut -c1-120 | head -40
   done
   unset OMP_NUM_THREADS
+elif [ "$MODE" = s20d ]; then
+  lscpu | grep -i "^CPU(s)\|thread\|core\|socket\|numa\|model name\|MHz"
+  nvidia-smi topo -m | head -5
+  for pin in no yes no yes; do
+    log "eager prefill before and after the decode graphs, TP=2, pinned: $pin"
+    timeout 150 python3 bench/prefill_after_graphs.py --world 2 $([ $pin = yes ] && echo --pin) > "$OUT/prefill_after_graphs_pin$pin.txt" 2>&1
+    grep "^\[rank [01]\] \(pinned\|before  prefill\|graphs  prefill\|frozen  prefill\)\|Error\|Traceback" "$OUT/prefill_after_graphs_pin$pin.txt" | sed 's/ gc ms \[[^]]*\]//; s/total \[[^]]*\] //' | cut -c1-150 | head -40
+  done
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"

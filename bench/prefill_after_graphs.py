@@ -19,7 +19,9 @@ import cProfile
 import gc
 import io
 import json
+import os
 import pstats
+import resource
 import time
 
 import torch
@@ -50,6 +52,24 @@ class GcClock:
         gc.callbacks.remove(self)
 
 
+def _one_thread_per_core() -> list:
+    """This machine's CPUs, one hardware thread of each core (SMT siblings left out)."""
+    import glob
+    seen, cpus = set(), []
+    for path in sorted(glob.glob("/sys/devices/system/cpu/cpu[0-9]*/topology/thread_siblings_list"),
+                       key=lambda p: int(p.split("/cpu")[-1].split("/")[0])):
+        sib = open(path).read().strip()
+        if sib not in seen:
+            seen.add(sib)
+            cpus.append(int(path.split("/cpu")[-1].split("/")[0]))
+    return cpus
+
+
+def _cpu_now() -> int:
+    """The CPU this thread last ran on (/proc/thread-self/stat field 39)."""
+    return int(open("/proc/thread-self/stat").read().rsplit(")", 1)[1].split()[36])
+
+
 def _mem(dev) -> dict:
     s = torch.cuda.memory_stats(dev)
     return {k: s.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
@@ -61,6 +81,7 @@ def _prefills(model, n_tok: int, dev, reps: int = 3) -> dict:
     model.forward(prompt, model.new_state())
     torch.cuda.synchronize(dev)
     m0 = _mem(dev)
+    ru0 = resource.getrusage(resource.RUSAGE_THREAD)
     host, total = [], []
     with GcClock() as gcc:
         for _ in range(reps):
@@ -71,7 +92,9 @@ def _prefills(model, n_tok: int, dev, reps: int = 3) -> dict:
             total.append(1e3 * (time.perf_counter() - t))
     m1 = _mem(dev)
     med = sorted(total)[reps // 2]
-    return {"tok_s": n_tok / med * 1e3, "host_ms": [round(h, 1) for h in host],
+    ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+    return {"cpu": _cpu_now(), "ctx_switches": [ru1.ru_nvcsw - ru0.ru_nvcsw, ru1.ru_nivcsw - ru0.ru_nivcsw],
+            "tok_s": n_tok / med * 1e3, "host_ms": [round(h, 1) for h in host],
             "total_ms": [round(x, 1) for x in total], "gc_ms": [round(1e3 * s, 2) for s in gcc.seconds],
             "gc_count": gcc.count, "alloc": {k: m1[k] - m0[k] for k in m0}}
 
@@ -129,7 +152,7 @@ def _phase(model, real, dev, say, name: str) -> dict:
     for k in ("prefill_512", "prefill_2048", "prefill_512_nocomm"):
         r = res[k]
         say(f"{name:7s} {k:18s} {r['tok_s']:8.1f} tok/s host {r['host_ms']} total {r['total_ms']} "
-            f"gc ms {r['gc_ms']} n {r['gc_count']} alloc {r['alloc']}")
+            f"gc ms {r['gc_ms']} cpu {r['cpu']} voluntary/involuntary switches {r['ctx_switches']}")
     say(f"{name:7s} tiny launch {res['tiny_launch_us']} us, gc-tracked objects {res['objects_tracked']}, "
         f"eager collectives {res['collectives']}")
     return res
@@ -138,11 +161,17 @@ def _phase(model, real, dev, say, name: str) -> dict:
 def _rank(comm, dev, cfg):
     from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
     torch.cuda.set_device(dev)
+    if cfg["pin"]:     # this rank's main thread (and threads it starts) on cores of its own
+        cores = _one_thread_per_core()
+        share = len(cores) // comm.world
+        os.sched_setaffinity(0, cores[comm.rank * share:(comm.rank + 1) * share])
     say = lambda *a: print(f"[rank {comm.rank}]", *a, flush=True)   # noqa: E731
     shape = C.Shape(n_layer=cfg["layers"]) if cfg["layers"] != C.FULL.n_layer else C.FULL
     model = build_model(shape, comm.rank, comm.world, comm, dev)
     torch.cuda.synchronize(dev)
-    out = {"rank": comm.rank, "world": comm.world}
+    out = {"rank": comm.rank, "world": comm.world, "affinity": sorted(os.sched_getaffinity(0)),
+           "cores": len(_one_thread_per_core()), "cpus": os.cpu_count()}
+    say(f"pinned {cfg['pin']}: affinity {out['affinity']}, {out['cores']} cores of {out['cpus']} CPUs")
     out["before"] = _phase(model, comm, dev, say, "before")
     dec = StaticDecoder(model, max_ctx=cfg["max_ctx"], priority=CAPTURE_PRIORITY)
     dec.load_session(prefilled(model, 1))
@@ -171,10 +200,11 @@ def main():
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--layers", type=int, default=C.FULL.n_layer)
     ap.add_argument("--max-ctx", type=int, default=4096)
+    ap.add_argument("--pin", action="store_true", help="each rank's main thread on cores of its own")
     ap.add_argument("--out")
     a = ap.parse_args()
     from ds4tp.comm import run_local_ranks
-    r = run_local_ranks(a.world, _rank, {"layers": a.layers, "max_ctx": a.max_ctx}, device="cuda",
+    r = run_local_ranks(a.world, _rank, {"layers": a.layers, "max_ctx": a.max_ctx, "pin": a.pin}, device="cuda",
                         timeout_s=300, wall_s=560)
     if a.out:
         with open(a.out, "w") as f:
