@@ -136,6 +136,8 @@
 #         collectives timed per phase), then with NCCL_GRAPH_REGISTER=0
 #   s20c: session 20, two GPUs: the same at TP=2 twice with torch's default CPU threads per rank,
 #         twice with OMP_NUM_THREADS=1 (host jitter from oversubscribed cores?)
+#   s20e: session 20 closing run, two GPUs: the TP=2,1 bench (with the shared expert's lane A/B)
+#         and CUDA goldens, then CUDA tests of the code since s19e (HC, route, side streams, PDL, lanes)
 #   s20d: session 20, two GPUs: the CPU topology, then the same at TP=2 unpinned and with each
 #         rank's main thread pinned to cores of its own, twice each (CPU and context switches)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
@@ -185,6 +187,8 @@ for name, r in runs.items():
     print(name, {k: round(v["tok_s"], 1) for k, v in r.items() if isinstance(v, dict) and "tok_s" in v})
     print(name, "copy", r.get("copy_bw_GBs"), "collectives", r.get("collectives"))
     print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
+    if "prefill" in r:
+        print(name, "prefill host / all seconds", r["prefill"].get("host_seconds"), r["prefill"]["all_seconds"])
 PY
 }
 # the TP=2,1 bench without A/B variants (depth 0 and 4096, prefill 2048), then CUDA goldens
@@ -862,6 +866,9 @@ elif [ "$MODE" = s20d ]; then
     timeout 150 python3 bench/prefill_after_graphs.py --world 2 $([ $pin = yes ] && echo --pin) > "$OUT/prefill_after_graphs_pin$pin.txt" 2>&1
     grep "^\[rank [01]\] \(pinned\|before  prefill\|graphs  prefill\|frozen  prefill\)\|Error\|Traceback" "$OUT/prefill_after_graphs_pin$pin.txt" | sed 's/ gc ms \[[^]]*\]//; s/total \[[^]]*\] //' | cut -c1-150 | head -40
   done
+elif [ "$MODE" = s20e ]; then
+  bench_goldens
+  gate_tests 170 "hc_ or route or side_stream or pdl_is or lanes" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"

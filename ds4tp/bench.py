@@ -320,14 +320,18 @@ def time_prefill(model, n_tok: int, reps: int = 3) -> dict:
     prompt = [(5 * i + 1) % model.shape.vocab for i in range(n_tok)]
     model.forward(prompt, model.new_state())      # kernel compilation (launch shapes follow T)
     _sync()
-    times = []
+    times, host = [], []
     for _ in range(reps):
         t = time.perf_counter()
         model.forward(prompt, model.new_state())
+        host.append(time.perf_counter() - t)
         _sync()
         times.append(time.perf_counter() - t)
     el = sorted(times)[len(times) // 2]
-    return {"tokens": n_tok, "seconds": el, "tok_s": n_tok / el, "all_seconds": times}
+    # host_seconds: when forward() returned (all queued); close to all_seconds, the host's
+    # launches were the bound (a TP=2 prefill's are: performance.md, eighteenth session)
+    return {"tokens": n_tok, "seconds": el, "tok_s": n_tok / el, "all_seconds": times,
+            "host_seconds": host}
 
 
 @contextlib.contextmanager
@@ -449,6 +453,12 @@ def _bench_rank(comm, dev, cfg):
     # them (as up to the fifteenth session), instead of on a side stream of its own
     with _switched_off(decode_graph.set_mix_lane_enabled):
         res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    save()
+    # the shared expert on the compressors' side lane at the default priority (as up to the
+    # seventeenth session) instead of a lane of its own above the main stream's (model.SHARED_LANE)
+    from ds4tp import model as model_mod
+    with _setting(model_mod, "SHARED_LANE", 0):
+        res["decode_d0_chained_shared_lane0"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
