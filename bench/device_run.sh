@@ -138,6 +138,8 @@
 #         twice with OMP_NUM_THREADS=1 (host jitter from oversubscribed cores?)
 #   s20e: session 20 closing run, two GPUs: the TP=2,1 bench (with the shared expert's lane A/B)
 #         and CUDA goldens, then CUDA tests of the code since s19e (HC, route, side streams, PDL, lanes)
+#   s20f: session 20, two GPUs: CUDA goldens at TP=2 (graphs, prefill) after DistComm.all_gather
+#         moved to all_gather_into_tensor (the compressor rows' and the logits' gathers)
 #   s20d: session 20, two GPUs: the CPU topology, then the same at TP=2 unpinned and with each
 #         rank's main thread pinned to cores of its own, twice each (CPU and context switches)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
@@ -869,6 +871,8 @@ elif [ "$MODE" = s20d ]; then
 elif [ "$MODE" = s20e ]; then
   bench_goldens
   gate_tests 170 "hc_ or route or side_stream or pdl_is or lanes" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s20f ]; then
+  golden 2 static,prefill 150
 elif [ "$MODE" = s18a ]; then
   for w in 2 1; do
     log "critical path of a graph-replayed step, world $w (collectives removed)"

@@ -68,12 +68,18 @@ class DistComm:
         import torch.distributed as dist
         self.counter.add("all_gather")
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world)]
+        # every rank's x into one [world, *x.shape] buffer (a list of outputs costs a tensor per
+        # rank and a copy into each), then concatenated along dim: one copy, none for dim 0
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))     # (gloo wants this shape)
         try:
-            dist.all_gather(parts, x)
+            dist.all_gather_into_tensor(out, x)
         except Exception as e:
             raise CommError(f"rank {self.rank}: all_gather failed: {e}") from e
-        return torch.cat(parts, dim=dim)
+        d = dim % x.dim()
+        if d == 0:
+            return out
+        shape = (*x.shape[:d], self.world * x.shape[d], *x.shape[d + 1:])
+        return out.view(self.world, *x.shape).movedim(0, d).reshape(shape)
 
     def close(self) -> None:
         import torch.distributed as dist
