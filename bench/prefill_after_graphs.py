@@ -18,7 +18,6 @@ import argparse
 import cProfile
 import gc
 import io
-import json
 import os
 import pstats
 import resource
@@ -203,12 +202,8 @@ def main():
     ap.add_argument("--pin", action="store_true", help="each rank's main thread on cores of its own")
     ap.add_argument("--out")
     a = ap.parse_args()
-    from ds4tp.comm import run_local_ranks
-    r = run_local_ranks(a.world, _rank, {"layers": a.layers, "max_ctx": a.max_ctx, "pin": a.pin}, device="cuda",
-                        timeout_s=300, wall_s=560)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(r, f, indent=1)
+    from profile_common import ranks_to_json
+    ranks_to_json(a.world, _rank, {"layers": a.layers, "max_ctx": a.max_ctx, "pin": a.pin}, a.out, 560)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@ table of one prefill on rank 0 (--no-profiles: without the two profiles).
 Every rank prints its own lines.
 Usage: python bench/prefill_tp2.py [--layers 43] [--tokens 2048] [--out prefill_tp2.json]"""
 import argparse
-import json
 import time
 
 import torch
 
 from ds4tp import config as C
 from ds4tp.bench import NullComm, build_model, time_prefill
-from ds4tp.comm import run_local_ranks
 
 
 def _allreduce_ms(comm, shape, dtype, dev, iters=20) -> float:
@@ -117,12 +115,9 @@ def main():
     ap.add_argument("--no-profiles", action="store_true", help="skip the host and kernel profiles")
     ap.add_argument("--out")
     a = ap.parse_args()
-    r = run_local_ranks(a.world, _rank, {"layers": a.layers, "tokens": a.tokens,
-                                             "profiles": not a.no_profiles}, device="cuda",
-                        timeout_s=300, wall_s=500)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(r, f, indent=1)
+    from profile_common import ranks_to_json
+    ranks_to_json(a.world, _rank, {"layers": a.layers, "tokens": a.tokens, "profiles": not a.no_profiles},
+                  a.out, 500)
 
 
 if __name__ == "__main__":

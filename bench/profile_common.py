@@ -1,4 +1,5 @@
-"""Shared by the profile scripts: every GPU kernel of a torch.profiler run, by name."""
+"""Shared by the profile scripts: every GPU kernel of a torch.profiler run, by name; one
+process per GPU with rank 0's result saved as JSON."""
 
 
 def kernel_table(prof, n_layer: int, top: int, what: str) -> None:
@@ -85,3 +86,16 @@ def traced_kernels(run, trace_path: str) -> list:
     if not kern:
         sys.exit("no kernel events in the trace (CUPTI did not record the graph's kernels)")
     return kern
+
+
+def ranks_to_json(world: int, fn, cfg: dict, out: str | None, wall_s: float) -> dict:
+    """fn(comm, dev, cfg) on `world` GPUs, one process each (ds4tp.comm.run_local_ranks);
+    rank 0's result, also written to `out` as JSON when given."""
+    import json
+
+    from ds4tp.comm import run_local_ranks
+    r = run_local_ranks(world, fn, cfg, device="cuda", timeout_s=300, wall_s=wall_s)
+    if out:
+        with open(out, "w") as f:
+            json.dump(r, f, indent=1)
+    return r
