@@ -68,9 +68,10 @@ class DistComm:
         import torch.distributed as dist
         self.counter.add("all_gather")
         x = x.contiguous()
-        # every rank's x into one [world, *x.shape] buffer (a list of outputs costs a tensor per
-        # rank and a copy into each), then concatenated along dim: one copy, none for dim 0
-        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))     # (gloo wants this shape)
+        # every rank's x into one buffer, rank after rank (a list of outputs costs a tensor per
+        # rank and a copy into each), then concatenated along dim: one copy, none for dim 0.
+        # The buffer is [world * n, ...] (gloo takes no other shape), viewed as [world, *x.shape]
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
         try:
             dist.all_gather_into_tensor(out, x)
         except Exception as e:
