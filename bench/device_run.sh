@@ -142,6 +142,11 @@
 #         moved to all_gather_into_tensor (the compressor rows' and the logits' gathers)
 #   s20d: session 20, two GPUs: the CPU topology, then the same at TP=2 unpinned and with each
 #         rank's main thread pinned to cores of its own, twice each (CPU and context switches)
+#   s21a: session 21, one GPU: routed gate/up variants (grid-table copies, sign masks) timed
+#         against the default in one process, twin tests
+#   s21b: session 21, one GPU: the routed down kernel with its rows staged by cp.async and the
+#         gate/up sign masks by PRMT: twin tests, launch timings against the previous kernels,
+#         the 43-layer step replay-timed with and without each (TP=2 rank shard, TP=1)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -836,6 +841,19 @@ elif [ "$MODE" = s19h ]; then
     timeout 100 python3 bench/critical_path.py --world $w --variants base,shared_lane0,shared_lane2_prio0 --trace base \
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
+  done
+elif [ "$MODE" = s21a ]; then
+  gate_tests 150 "cuda_c or swiglu" tests/test_kernels.py
+  cuda_c_sweep 200 170 routed_gate_up
+elif [ "$MODE" = s21b ]; then
+  gate_tests 150 "cuda_c or swiglu" tests/test_kernels.py
+  cuda_c_sweep 150 120 routed_gate_up,routed_down
+  for w in 2 1; do
+    log "routed down staged by cp.async, gate/up signs by PRMT: replay A/B, world $w"
+    timeout 150 python3 bench/critical_path.py --world $w --variants base,down_regs,swiglu_xor,both_old --trace base \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
+    grep -A14 "span by role" "$OUT/critical_path_w$w.txt"
   done
 elif [ "$MODE" = s20a ]; then
   for w in 2 1; do
