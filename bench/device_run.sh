@@ -143,10 +143,11 @@
 #   s20d: session 20, two GPUs: the CPU topology, then the same at TP=2 unpinned and with each
 #         rank's main thread pinned to cores of its own, twice each (CPU and context switches)
 #   s21a: session 21, one GPU: routed gate/up variants (grid-table copies, sign masks) timed
-#         against the default in one process, twin tests
+#         against the default in one process, twin tests (variants only at a2eb138's parent)
 #   s21b: session 21, one GPU: the routed down kernel with its rows staged by cp.async and the
 #         gate/up sign masks by PRMT: twin tests, launch timings against the previous kernels,
-#         the 43-layer step replay-timed with and without each (TP=2 rank shard, TP=1)
+#         the 43-layer step replay-timed with and without each (TP=2 rank shard, TP=1); its
+#         variants exist only at a2eb138, the commit it ran on
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs

@@ -164,10 +164,9 @@ class Op:
         if isinstance(cfg, CudaCfg):                   # the CUDA C routed kernels (cuda_experts)
             from ds4tp.kernels import cuda_experts as ce
             if k == "swiglu":
-                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps,
-                              defines=cfg.defines)
+                y = ce.swiglu(w, w2, self.x, self.ids, self.rw, 10.0, rpc=cfg.rpc, warps=cfg.warps)
             else:
-                y = (ce.down_sum(w, self.x, self.ids, rpc=cfg.rpc, warps=cfg.warps, defines=cfg.defines)
+                y = (ce.down_sum(w, self.x, self.ids, rpc=cfg.rpc, warps=cfg.warps)
                      if k == "experts_sum" else None)
             if y is None:
                 raise ValueError("the CUDA C path does not cover this case")
@@ -270,7 +269,6 @@ class CudaCfg:
     path: str = "cuda_c"
     loads: int = 8         # Q8_0: 16-byte loads in flight per lane
     minb: int = 0          # Q8_0: blocks per SM the register allocation must allow (0: any)
-    defines: tuple = ()    # routed gate/up: compile-time variants of experts.cu
 
 
 def cuda_cfgs(case: Case, T: int) -> list:
@@ -284,14 +282,8 @@ def cuda_cfgs(case: Case, T: int) -> list:
             and case.qtype in (IQ2_XXS, Q2_K)):
         return []
     if case.kind == "swiglu":
-        # the variant interleaved with the default twice (REP: an unused define, a second compile)
-        s, d = (("A_SGN", 1),), (("A_SGN", 0),)
-        return [CudaCfg(None, defines=s), CudaCfg(None, defines=d), CudaCfg(None, defines=d + (("REP", 1),)),
-                CudaCfg(None, defines=s + (("REP", 1),)), CudaCfg(None, 8, defines=s)]
-    a = (("B_ASYNC", 1),)
-    return [CudaCfg(None, defines=a), CudaCfg(None, defines=(("B_ASYNC", 0),)), CudaCfg(None, 8, defines=a),
-            CudaCfg(None, defines=a + (("REP", 1),)), CudaCfg(None, defines=(("B_ASYNC", 0), ("REP", 1))),
-            CudaCfg(16, defines=a), CudaCfg(32, defines=a), CudaCfg(None, 8)]
+        return [CudaCfg(None), CudaCfg(None, 8), CudaCfg(8), CudaCfg(16)]
+    return [CudaCfg(None), CudaCfg(None, 8), CudaCfg(4), CudaCfg(8), CudaCfg(16), CudaCfg(32)]
 
 
 def sweep_cfgs(case: Case, T: int):

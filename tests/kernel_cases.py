@@ -210,8 +210,7 @@ def case_cuda_swiglu(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, sha
                         f"cuda swiglu {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}")
 
 
-def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None,
-                       defines=()):
+def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, shard="", warps=None):
     """The CUDA C routed down kernel (cuda_experts.down_sum, Q2_K, summed over the slots)
     against the twin; asserts that it took the case."""
     from ds4tp.kernels import cuda_experts as ce
@@ -219,9 +218,9 @@ def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, s
     ids = rand_ids(T, K, E, gen, device, dup=dup)
     x = rand_act((T, K, n_in), gen, device)
     want = ops.expert_linear_torch(w, x, ids).sum(1)
-    got = ce.down_sum(w, x, ids, rpc=rpc, **({"warps": warps} if warps else {}), defines=defines)
+    got = ce.down_sum(w, x, ids, rpc=rpc, **({"warps": warps} if warps else {}))
     assert got is not None, f"cuda_experts.down_sum did not take {n_out}x{n_in} T={T} K={K} {shard}"
-    return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard} {defines}", got, want)
+    return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}", got, want)
 
 
 def case_cuda_not_covered(device, gen):
@@ -298,14 +297,6 @@ def cuda_c_cases():
     yield "cuda down 512 in K=8 dup", case_cuda_down_sum, (12, 24, 512, 2, 8, 7, True)
     yield "cuda down 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6)
     yield "cuda down 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True)
-    a = (("B_ASYNC", 1),)
-    yield "cuda down async 2048 in T=1", case_cuda_down_sum, (8, 40, 2048, 1, 6, None, False, "", None, a)
-    yield "cuda down async 1024 in T=3 cols", case_cuda_down_sum, (8, 48, 1024, 3, 6, 5, False, "cols", None, a)
-    yield "cuda down async 512 in K=8 dup", case_cuda_down_sum, (12, 24, 512, 2, 8, 7, True, "", None, a)
-    yield "cuda down async 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6, None, False, "", None, a)
-    yield "cuda down async 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True, "", None, a)
-    yield "cuda down async chunks", case_cuda_down_sum, (8, 100, 2048, 1, 6, 64, False, "", None, a)
-    yield "cuda down async 8 warps cols K=8", case_cuda_down_sum, (12, 48, 1024, 1, 8, None, False, "cols", 8, a)
     yield "cuda not covered", case_cuda_not_covered, ()
     # other block sizes (a compile-time constant) that benchmarks time
     yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)

@@ -86,11 +86,11 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
 
 
 @functools.lru_cache(maxsize=64)
-def resident(fn, warps: int, device_index: int, dyn_smem: int = 0) -> int:
+def resident(fn, warps: int, device_index: int) -> int:
     """Blocks of this kernel one SM holds at once (registers, shared memory, threads)."""
     props = torch.cuda.get_device_properties(device_index)
     try:
-        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes) + dyn_smem
+        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes)
     except Exception:   # attribute names differ between CuPy versions: assume the worst seen
         regs, smem = 128, 40 << 10
     per_warp = -(-max(regs, 1) * 32 // 256) * 256          # registers are allocated per warp
@@ -101,32 +101,31 @@ def resident(fn, warps: int, device_index: int, dyn_smem: int = 0) -> int:
     return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
-def wave_slots(fn, warps: int, device: torch.device, dyn_smem: int = 0) -> int:
+def wave_slots(fn, warps: int, device: torch.device) -> int:
     """Blocks that run at once on the whole GPU (one wave)."""
     from ds4tp.kernels.triton_matvec import _sm_count
-    return resident(fn, warps, device.index, dyn_smem) * _sm_count(device)
+    return resident(fn, warps, device.index) * _sm_count(device)
 
 
 _STREAMS: dict = {}
 
 
-def launch(fn, device: torch.device, grid, warps: int, args, smem: int = 0) -> None:
+def launch(fn, device: torch.device, grid, warps: int, args) -> None:
     """fn on torch's current stream of `device` (so CUDA graph capture records it), as a
     programmatic dependent launch where ds4tp.kernels.pdl is on (the kernels call pdl_trigger
-    and pdl_wait, common.cuh); smem: bytes of dynamic shared memory (the kernel's attribute must
-    allow them beyond 48 KB with the static part)."""
+    and pdl_wait, common.cuh)."""
     from ds4tp.kernels import pdl      # (pdl builds on this module's Switch)
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
     if pdl.enabled(device) and pdl.cuda_ok():
         with cp.cuda.Device(device.index):
-            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args, smem)   # RawKernel -> CUfunction
+            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
         return
     st = _STREAMS.get((device.index, handle))
     if st is None:
         st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)
     with cp.cuda.Device(device.index), st:
-        fn(grid, (warps * 32,), args, shared_mem=smem)
+        fn(grid, (warps * 32,), args)
 
 
 def ptr(t: torch.Tensor):

@@ -34,17 +34,11 @@ set_enabled = _switch.set          # benchmarks time the Triton kernels in the s
 available = _switch.available
 
 
-def _kernel(x: torch.Tensor, warps: int, which: int, defines: tuple = ()):
-    """Kernel `which` (0: gate/up, 1: down, 2: down with its rows staged by cp.async) compiled
-    for x's device (WARPS per block is a compile-time constant; benchmarks time other values and
-    variants), or None (see cuda_c.kernel)."""
-    return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum", "q2k_down_sum_async")[which],
-                         x.device.index, (("WARPS", warps),) + tuple(defines))
-
-
-B_CHUNK_BYTES = 160 << 10   # the async down kernel's staged rows per block at most
-SWIGLU_DEFINES = (("A_SGN", 1),)   # timed variants (benchmarks set them): sign masks by PRMT
-ASYNC_DOWN = True                  # the down kernel with its rows staged by cp.async
+def _kernel(x: torch.Tensor, warps: int, which: int):
+    """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block is a
+    compile-time constant; benchmarks time other values), or None (see cuda_c.kernel)."""
+    return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum")[which], x.device.index,
+                         (("WARPS", warps),))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
@@ -72,7 +66,7 @@ def _common(w, x, ids, per_slot: bool) -> bool:
 
 
 def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, clamp: float,
-           rpc: int | None = None, warps: int = WARPS, defines: tuple | None = None) -> torch.Tensor | None:
+           rpc: int | None = None, warps: int = WARPS) -> torch.Tensor | None:
     """mid [T, K, N] = swiglu_clamped(gate_e . x_t, up_e . x_t, clamp) * weights[t, k] (zeros for
     id -1), x [T, n_in] shared by the slots; None if not covered."""
     if not (_common(w_gate, x, ids, False) and w_gate.qtype == IQ2_XXS == w_up.qtype):
@@ -83,7 +77,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
             or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
         return None
-    fa = _kernel(x, warps, 0, SWIGLU_DEFINES if defines is None else defines)
+    fa = _kernel(x, warps, 0)
     if fa is None:
         return None
     T, K = ids.shape
@@ -101,37 +95,8 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     return out
 
 
-def _async_launch(fb, N: int, T: int, K: int, kb: int, raw: torch.Tensor, device, warps: int,
-                  rpc: int | None):
-    """(rpc, rows per chunk, dynamic shared bytes, copy granularity) of the async down kernel:
-    one block per SM unless its staged rows leave room for more."""
-    rowb = kb * 84
-    gran = next(g for g in (16, 8, 4) if rowb % g == 0 and raw.data_ptr() % g == 0
-                and raw.stride(0) % g == 0 and raw.stride(1) % g == 0)
-    per_row = K * rowb
-    from ds4tp.kernels.triton_matvec import _sm_count
-    sms = _sm_count(device)
-    fixed = rpc is not None
-    rpc = rpc or -(-N * T // sms)
-    for _ in range(2):
-        crows = max(1, min(rpc, B_CHUNK_BYTES // per_row))
-        dyn = crows * per_row
-        if fixed:
-            break
-        per_sm = cuda_c.resident(fb, warps, device.index, dyn)
-        new = max(1, -(-N * T // (per_sm * sms)))
-        if new == rpc:
-            break
-        rpc = new
-    crows = max(1, min(rpc, B_CHUNK_BYTES // per_row))
-    dyn = crows * per_row
-    if fb.max_dynamic_shared_size_bytes < dyn:
-        fb.max_dynamic_shared_size_bytes = dyn
-    return rpc, crows, dyn, gran
-
-
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
-             warps: int = WARPS, defines: tuple | None = None) -> torch.Tensor | None:
+             warps: int = WARPS) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
     x [T, K, n_in] one activation per slot; None if not covered."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
@@ -141,9 +106,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     raw = w.raw
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
         return None
-    defines = ((("B_ASYNC", 1),) if ASYNC_DOWN else ()) if defines is None else defines
-    use_async = bool(dict(defines).get("B_ASYNC"))
-    fb = _kernel(x, warps, 2 if use_async else 1, defines)
+    fb = _kernel(x, warps, 1)
     if fb is None:
         return None
     T, K = ids.shape
@@ -151,14 +114,6 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
         x = x.contiguous()       # the prologue reads 16-byte pieces
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
     ids64 = _ids64(ids)
-    if use_async:
-        rpc, crows, dyn, gran = _async_launch(fb, N, T, K, kb, raw, x.device, warps, rpc)
-        _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
-                (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
-                 np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
-                 np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc),
-                 np.int32(crows), np.int32(gran)), dyn)
-        return out
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),

@@ -15,9 +15,6 @@
 #ifndef WARPS
 #define WARPS 16                // warps per block; the host compiles and launches with the same
 #endif
-#ifndef A_SGN
-#define A_SGN 0                 // gate/up, timed variant: sign masks by PRMT sign replication, the
-#endif                          // signed sum as dp4a(g) - 2 dp4a(g & mask)
 #define A_MAX_KB 16             // gate/up: at most 4096 inputs (16 super-blocks of 256)
 #define A_ROW_MAX (A_MAX_KB * 66)
 #define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
@@ -77,32 +74,6 @@ __device__ __forceinline__ void load_act(const signed char* q, int (&xs)[8]) {
     xs[4] = b.x; xs[5] = b.y; xs[6] = b.z; xs[7] = b.w;
 }
 
-// IQ2_XXS sub-block (32 weights) at byte offset off (even) of a row in shared memory, against 8
-// packed Q8_K words xs: returns (2s+1) * sum(grid * sign * q), an exact integer.
-// Fields: 4 grid-row indices (bytes), then 4 x 7 sign bits and the 4-bit scale s in one word.
-// Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8.
-__device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
-                                          const unsigned long long* grid) {
-    const unsigned* w = (const unsigned*)(row + (off & ~3));
-    unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
-    unsigned aux0 = __funnelshift_r(w[0], w[1], sh);
-    unsigned aux1 = __funnelshift_r(w[1], w[2], sh);
-    int sum = 0;
-#pragma unroll
-    for (int l = 0; l < 4; l++) {
-        unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        unsigned s7 = (aux1 >> (7 * l)) & 127u;
-        unsigned bits = s7 | ((__popc(s7) & 1u) << 7);
-        unsigned mlo = (((bits & 15u) * 0x00204081u) & 0x01010101u) * 255u;
-        unsigned mhi = ((((bits >> 4) & 15u) * 0x00204081u) & 0x01010101u) * 255u;
-        int glo = (int)(((unsigned)g ^ mlo) + (mlo & 0x01010101u));        // bytes negated where set
-        int ghi = (int)(((unsigned)(g >> 32) ^ mhi) + (mhi & 0x01010101u));
-        sum = __dp4a(glo, xs[2 * l], sum);
-        sum = __dp4a(ghi, xs[2 * l + 1], sum);
-    }
-    return sum * (int)(2u * (aux1 >> 28) + 1u);
-}
-
 // 0xff in byte i where bit i of the nibble b (< 16) is set: b * 0x10204080 puts bit i at 8i + 7
 // (the four shifted copies do not overlap), PRMT's sign mode replicates each byte's top bit.
 __device__ __forceinline__ unsigned nib_mask(unsigned b) {
@@ -111,9 +82,14 @@ __device__ __forceinline__ unsigned nib_mask(unsigned b) {
     return m;
 }
 
-// The same sum as iq2xxs_sub, the signs applied as sum(g q) - 2 sum(g q over the negated elements).
-__device__ __forceinline__ int iq2xxs_sub_v(const unsigned char* row, int off, const int (&xs)[8],
-                                            const unsigned long long* grid) {
+// IQ2_XXS sub-block (32 weights) at byte offset off (even) of a row in shared memory, against 8
+// packed Q8_K words xs: returns (2s+1) * sum(grid * sign * q), an exact integer.
+// Fields: 4 grid-row indices (bytes), then 4 x 7 sign bits and the 4-bit scale s in one word.
+// Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8. The signed
+// sum is taken as sum(g q) - 2 sum(g q over the negated elements): one AND per word, the masks by
+// nib_mask (PRMT); fewer instructions than negating the bytes (H200: 21.4 vs 22.1 us at TP=1).
+__device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
+                                          const unsigned long long* grid) {
     const unsigned* w = (const unsigned*)(row + (off & ~3));
     const unsigned w0 = w[0], w1 = w[1], w2 = w[2];  // (each read once)
     unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
@@ -126,17 +102,10 @@ __device__ __forceinline__ int iq2xxs_sub_v(const unsigned char* row, int off, c
         unsigned s7 = (aux1 >> (7 * l)) & 127u;
         unsigned bits = s7 | ((__popc(s7) & 1u) << 7);
         const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
-#if A_SGN
         sum = __dp4a((int)glo, xs[2 * l], sum);
         sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
         neg = __dp4a((int)(glo & nib_mask(bits & 15u)), xs[2 * l], neg);
         neg = __dp4a((int)(ghi & nib_mask(bits >> 4)), xs[2 * l + 1], neg);
-#else
-        unsigned mlo = (((bits & 15u) * 0x00204081u) & 0x01010101u) * 255u;
-        unsigned mhi = ((((bits >> 4) & 15u) * 0x00204081u) & 0x01010101u) * 255u;
-        sum = __dp4a((int)((glo ^ mlo) + (mlo & 0x01010101u)), xs[2 * l], sum);
-        sum = __dp4a((int)((ghi ^ mhi) + (mhi & 0x01010101u)), xs[2 * l + 1], sum);
-#endif
     }
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
@@ -238,13 +207,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                     const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
-#if A_SGN
-                    const int ig = iq2xxs_sub_v(sg, off, xs, s_grid);
-                    const int iu = iq2xxs_sub_v(su, off, xs, s_grid);
-#else
                     const int ig = iq2xxs_sub(sg, off, xs, s_grid);
                     const int iu = iq2xxs_sub(su, off, xs, s_grid);
-#endif
                     ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
                     au += (float)iu * (h2f(*(const unsigned short*)(su + sb * 66)) * dx);
                 }
@@ -380,120 +344,4 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         B_LOAD()                          // the next row's loads (nothing past nend)
     }
 #undef B_LOAD
-}
-
-// ---- the routed down projection with its rows staged in shared memory by cp.async ----------------
-// Shared address of a generic pointer into shared memory.
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-template <int G>
-__device__ __forceinline__ void cp_async(unsigned dst, const void* src) {
-    if (G == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
-    else if (G == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src) : "memory");
-    else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(dst), "l"(src) : "memory");
-}
-
-// Rows r0 .. r1-1 of the block's chunk (rows c0 + r of token t's experts, every slot with an
-// expert) into s_w [row][slot][rowb] by G-byte asynchronous copies: warp w copies the (row, slot)
-// pieces w, w+WARPS, ..., its lanes the G-byte words of each. One commit group.
-template <int G>
-__device__ __forceinline__ void b_stage(const unsigned char* w, long long stride_e, long long stride_n,
-                                        const int* s_e, unsigned char* s_w, long long c0, int r0,
-                                        int r1, int K, int rowb, int lane, int warp) {
-    const int words = rowb / G;
-    for (int rk = r0 * K + warp; rk < r1 * K; rk += WARPS) {
-        const int r = rk / K, k = rk - r * K;
-        const int e = s_e[k];
-        if (e < 0) continue;
-        const unsigned char* src = w + (long long)e * stride_e + (c0 + r) * stride_n;
-        const unsigned dst = smem_u32(s_w + (long long)rk * rowb);
-        for (int j = lane; j < words; j += 32) cp_async<G>(dst + G * j, src + G * j);
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-__device__ __forceinline__ void b_stage_any(int gran, const unsigned char* w, long long stride_e,
-                                            long long stride_n, const int* s_e, unsigned char* s_w,
-                                            long long c0, int r0, int r1, int K, int rowb, int lane,
-                                            int warp) {
-    if (gran == 16) b_stage<16>(w, stride_e, stride_n, s_e, s_w, c0, r0, r1, K, rowb, lane, warp);
-    else if (gran == 8) b_stage<8>(w, stride_e, stride_n, s_e, s_w, c0, r0, r1, K, rowb, lane, warp);
-    else b_stage<4>(w, stride_e, stride_n, s_e, s_w, c0, r0, r1, K, rowb, lane, warp);
-}
-
-// Rows r0 .. r1-1 of the staged chunk: warp w takes rows r0+w, r0+w+WARPS, ...; the lanes cover
-// (slot, super-block, quarter) units as in q2k_down_sum, reading the unit's words from s_w.
-__device__ __forceinline__ void b_rows_smem(const unsigned char* s_w, const int* s_e, int r0, int r1,
-                                            int K, int KB, int rowb, const signed char* s_xq,
-                                            const int* s_bs, const float* s_xd, float* out, long long c0,
-                                            int lane, int warp) {
-    const int units = 4 * KB, spp = 32 / units;
-    const int ks = lane / units, u = lane % units;
-    const int sb = u >> 2, nh = (u >> 1) & 1, h = u & 1;
-    for (int r = r0 + warp; r < r1; r += WARPS) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int p = 0; p < B_MAX_K; p++) {
-            const int k = p * spp + ks;
-            if (p * spp < K && k < K && s_e[k] >= 0) {
-                const unsigned* b32 = (const unsigned*)(s_w + (long long)(r * K + k) * rowb + sb * 84);
-                const int blk = k * KB + sb;
-                acc += q2k_unit(b32[2 * nh], b32[2 * nh + 1], b32[4 + 8 * nh + 4 * h], b32[5 + 8 * nh + 4 * h],
-                                b32[6 + 8 * nh + 4 * h], b32[7 + 8 * nh + 4 * h], b32[20], h,
-                                s_xq + blk * B_XB + B_XH * nh + 16 * h, s_bs + blk * B_BS + 8 * nh + h,
-                                s_xd[blk]);
-            }
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) out[c0 + r] = acc;
-    }
-}
-
-// out[t, n] = sum_k down_e . x_{t,k}: the same sums as q2k_down_sum, with the block's rows
-// (every slot's, KB * 84 bytes each) copied into dynamic shared memory by cp.async up front, so
-// that all of them are in flight at once (q2k_down_sum holds one row per warp in registers: two
-// HBM round trips per warp). Rows n0 .. n0+rpc-1 go in chunks of crows rows (s_w holds
-// crows * K * KB * 84 bytes); each chunk in two commit groups (its halves), the first half summed
-// while the second arrives. gran: bytes per copy (16, 8 or 4; divides the row bytes, the strides
-// and the weight's address).
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-q2k_down_sum_async(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
-                   const float* __restrict__ x, long long stride_xt, long long stride_xk,
-                   const long long* __restrict__ ids, float* __restrict__ out, long long stride_ot,
-                   int N, int KB, int K, int rpc, int crows, int gran) {
-    __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
-    __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
-    __shared__ float s_xd[B_MAX_K * B_MAX_KB];
-    __shared__ int s_e[B_MAX_K];
-    extern __shared__ __align__(16) unsigned char s_w[];
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t = blockIdx.y;
-    const int n0 = blockIdx.x * rpc;
-    const int nend = min(n0 + rpc, N);
-    const int rowb = KB * 84;
-    float* out_t = out + (long long)t * stride_ot;
-
-    pdl_trigger();                    // all blocks resident: the next kernel may launch
-    pdl_wait();                       // ids and x are earlier kernels' outputs
-    if (threadIdx.x < K) s_e[threadIdx.x] = (int)ids[t * K + threadIdx.x];
-    __syncthreads();
-
-    for (int c0 = n0; c0 < nend; c0 += crows) {
-        const int cn = min(crows, nend - c0), half = (cn + 1) / 2;
-        b_stage_any(gran, w, stride_e, stride_n, s_e, s_w, c0, 0, half, K, rowb, lane, warp);
-        b_stage_any(gran, w, stride_e, stride_n, s_e, s_w, c0, half, cn, K, rowb, lane, warp);
-        if (c0 == n0) b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
-        __syncthreads();
-        b_rows_smem(s_w, s_e, 0, half, K, KB, rowb, s_xq, s_bs, s_xd, out_t, c0, lane, warp);
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        __syncthreads();
-        b_rows_smem(s_w, s_e, half, cn, K, KB, rowb, s_xq, s_bs, s_xd, out_t, c0, lane, warp);
-        __syncthreads();              // before the next chunk's copies overwrite s_w
-    }
 }
