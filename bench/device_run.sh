@@ -148,6 +148,8 @@
 #         gate/up sign masks by PRMT: twin tests, launch timings against the previous kernels,
 #         the 43-layer step replay-timed with and without each (TP=2 rank shard, TP=1); its
 #         variants exist only at a2eb138, the commit it ran on
+#   s21c: session 21, one GPU: the router's matvec and the expert choice in one launch
+#         (triton_route.router_route): tests, the step replay-timed with and without, TP=1 goldens
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -856,6 +858,16 @@ elif [ "$MODE" = s21b ]; then
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
     grep -A14 "span by role" "$OUT/critical_path_w$w.txt"
   done
+elif [ "$MODE" = s21c ]; then
+  gate_tests 150 "route or pick or cuda_c" tests/test_kernels.py
+  for w in 2 1; do
+    log "the router's matvec and the expert choice in one launch: replay A/B, world $w"
+    timeout 150 python3 bench/critical_path.py --world $w --variants base,route_two --trace base \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
+    grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
+  done
+  golden 1 static 150
 elif [ "$MODE" = s20a ]; then
   for w in 2 1; do
     log "eager prefill before and after the decode graphs, world $w"
