@@ -150,6 +150,7 @@
 #         variants exist only at a2eb138, the commit it ran on
 #   s21c: session 21, one GPU: the router's matvec and the expert choice in one launch
 #         (triton_route.router_route): tests, the step replay-timed with and without, TP=1 goldens
+#         (measured slower; its route_two variant exists only at 03e7aee, the commit it ran on)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs

@@ -449,11 +449,10 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(decode_graph.set_mix_side_enabled):
         res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
-    # the router's matvec and the expert choice as two launches (linear, then route: up to the
-    # eighteenth session) instead of one (triton_route.router_route)
-    from ds4tp.kernels import triton_route
-    with _switched_off(triton_route.set_fused_enabled):
-        res["decode_d0_chained_route_two"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    # the same Sinkhorn on the side stream the shared expert and the compressors use, ahead of
+    # them (as up to the fifteenth session), instead of on a side stream of its own
+    with _switched_off(decode_graph.set_mix_lane_enabled):
+        res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
     # the shared expert on the compressors' side lane at the default priority (as up to the
     # seventeenth session) instead of a lane of its own above the main stream's (model.SHARED_LANE)

@@ -651,15 +651,8 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
     """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: on CUDA
-    one Triton launch selects for every token (kernels/triton_route.py; for one decode token the
-    same launch computes the router's logits), else the twin below (the hash table lookup and
-    route_select)."""
-    if kernels.on_gpu(xn) and not torch.compiler.is_compiling():
-        from ds4tp.kernels import triton_route
-        got = triton_route.router_route(lw.router, xn, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
-                                        s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
-        if got is not None:
-            return got[1], got[2]
+    one Triton launch selects for every token (kernels/triton_route.py), else the twin below
+    (the hash table lookup and route_select)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
     if kernels.on_gpu(logits) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_route

@@ -587,28 +587,6 @@ def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     return check(f"linear_normed {n_out}x{n_in}", got, ops.linear_normed_torch(w, x, norm))
 
 
-def case_router_route(device, gen, ne, n_in, k, hashed, bias, bn):
-    """One token's router logits and selection in one launch (triton_route.router_route): the
-    logits against the F16 linear's twin to float rounding, then ids equal to route_select's on
-    the kernel's own logits (ties and near-ties decided the same way) and weights to rounding.
-    bn rows per program: several programs meet at the ticket; a last partial one with ne % bn."""
-    from ds4tp.config import EXPERT_WEIGHT_SCALE, F16, ROUTER_WEIGHT_FLOOR
-    from ds4tp.kernels import triton_route
-    from ds4tp.model import route_select
-    w = rand_weight(F16, (ne, n_in), gen, device)
-    x = rand_act((1, n_in), gen, device)
-    b = (torch.randn(ne, generator=gen) * 0.1).to(device) if bias else None
-    tid = torch.randint(0, ne, (50, k), generator=gen).to(device) if hashed else None
-    tok = torch.tensor([37], device=device)
-    for _ in range(2):                        # twice: the ticket is left at zero for the next launch
-        logits, ids, wt = triton_route.router_route(w, x, b, tid, tok, k, ROUTER_WEIGHT_FLOOR,
-                                                    EXPERT_WEIGHT_SCALE, bn=bn)
-        check(f"router_route logits ne={ne} n_in={n_in}", logits, ops.linear_torch(w, x), 1e-5)
-        want_ids, want_w = route_select.eager(logits, b, tid[tok] if hashed else None, k)
-        assert torch.equal(ids.cpu(), want_ids.cpu()), f"router_route ids {ids.tolist()} != {want_ids.tolist()}"
-    return check(f"router_route ne={ne} k={k} hash={hashed} bias={bias} bn={bn}", wt, want_w, 1e-6)
-
-
 def case_route(device, gen, ne, k, hashed, bias, T=1):
     """T tokens' expert selection in one launch against model.route_select (with the hash
     table lookup): equal ids (ties go to the lower id), weights to float rounding. The logits
@@ -1070,9 +1048,6 @@ def interpreter_cases():
     yield "decode route hash layer", case_route, (16, 6, True, False)
     yield "prefill route T=5 with bias", case_route, (16, 6, False, True, 5)
     yield "prefill route T=4 hash layer", case_route, (16, 6, True, False, 4)
-    yield "decode router_route with bias, 5 programs", case_router_route, (36, 256, 6, False, True, 8)
-    yield "decode router_route hash layer", case_router_route, (16, 512, 6, True, False, 4)
-    yield "decode router_route one program", case_router_route, (16, 128, 6, False, False, 16)
     yield "decode linear_normed split K", case_linear_normed, (40, 512, C(bn=8, nb=4, split=2))
     yield "decode linear_normed default", case_linear_normed, (64, 256)
     yield "decode hc_step one program", case_hc_step, (96,)

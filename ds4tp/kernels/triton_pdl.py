@@ -17,18 +17,3 @@ def pdl_start(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-
-
-@triton.jit
-def pdl_trigger(PDL: tl.constexpr):
-    """pdl_start's first half: let the next kernel launch. A kernel may read weights between this
-    and pdl_wait (never an earlier kernel's output)."""
-    if PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """pdl_start's second half: wait for the kernel ahead to finish."""
-    if PDL:
-        gdc_wait()

@@ -1,5 +1,4 @@
-"""Expert selection in one Triton launch, one program per token (the twin: ds4tp.model.route_select);
-for one decode token, the router's F16 matvec and the selection in one launch (router_route).
+"""Expert selection in one Triton launch, one program per token (the twin: ds4tp.model.route_select).
 
 From the router logits [n_expert]: scores p = sqrt(softplus(logit)); the top-k of p + bias,
 descending, ties to the lower expert id (what a stable descending sort gives), or, on a hash
@@ -10,12 +9,6 @@ three elementwise kernels per layer, plus an index kernel for the hash table.
 Same operations as the twin: softplus by its three branches, correctly rounded sqrt and division;
 exp and log1p may differ from torch's by an ulp. The k selections are exact (max, then the
 lowest index holding it), so ids only differ from the twin where scores tie within an ulp.
-
-router_route (one token): program p takes router rows [p*BN, p*BN + BN) (its F16 weights loaded
-before the PDL wait, so they stream while the kernel ahead finishes), stores their logits, and
-the last program to arrive (atomic ticket) selects as _route_kernel does. Float32 products
-summed per row in one fixed order: the twin is the F16 linear (x @ W^T in float32) to float
-rounding. One launch and one kernel boundary less per layer than linear + route.
 """
 from __future__ import annotations
 
@@ -24,11 +17,7 @@ import triton
 import triton.language as tl
 
 from ds4tp.kernels import pdl
-from ds4tp.kernels.cuda_c import Switch
-from ds4tp.kernels.triton_pdl import pdl_start, pdl_trigger, pdl_wait
-
-_fused = Switch()
-set_fused_enabled = _fused.set     # benchmarks time linear + route in the same run
+from ds4tp.kernels.triton_pdl import pdl_start
 
 
 @triton.jit
@@ -38,19 +27,13 @@ def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, flo
                   PDL: tl.constexpr = False):
     pdl_start(PDL)
     t = tl.program_id(0)                         # one token per program
-    e = tl.arange(0, BE)
-    z = tl.load(logit_ptr + t * NE + e, mask=e < NE, other=0.0)
-    _select(z, bias_ptr, tid_ptr, tok_ptr + t, ids_ptr + t * K, w_ptr + t * K, NE, floor, scale,
-            K, KP, BE, HAS_BIAS, HASH)
-
-
-@triton.jit
-def _select(z, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, floor, scale,
-            K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
-            HAS_BIAS: tl.constexpr, HASH: tl.constexpr):
-    """One token's selection from its logits z [BE] (NE live): ids and weights [K] stored."""
+    logit_ptr += t * NE
+    tok_ptr += t
+    ids_ptr += t * K
+    w_ptr += t * K
     e = tl.arange(0, BE)
     ok = e < NE
+    z = tl.load(logit_ptr + e, mask=ok, other=0.0)
     y = tl.exp(z)
     u = 1.0 + y                                  # log1p(y) = log(u) * y / (u - 1) (Kahan),
     l1p = tl.where(u == 1.0, y, tl.log(u) * tl.math.div_rn(y, tl.where(u == 1.0, 1.0, u - 1.0)))
@@ -82,67 +65,7 @@ def _select(z, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, floor, scale,
     tl.store(w_ptr + kk, w, mask=kk < K)
 
 
-@triton.jit
-def _router_route_kernel(x_ptr, wr_ptr, logit_ptr, cnt_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr,
-                         NE, floor, scale, KIN: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
-                         K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HASH: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_trigger(PDL)
-    p = tl.program_id(0)
-    rows = p * BN + tl.arange(0, BN)
-    kk = tl.arange(0, KIN)
-    w = tl.load(wr_ptr + rows[:, None] * KIN + kk[None, :], mask=(rows < NE)[:, None], other=0.0)
-    pdl_wait(PDL)                                # x is the kernel ahead's output
-    x = tl.load(x_ptr + kk)
-    z = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    tl.store(logit_ptr + rows, z, mask=rows < NE)
-    tl.debug_barrier()                           # logit stores before the ticket
-    if tl.atomic_add(cnt_ptr, 1) == P - 1:       # acq_rel, gpu scope: the last one
-        e = tl.arange(0, BE)
-        zall = tl.load(logit_ptr + e, mask=e < NE, other=0.0, cache_modifier=".cg")
-        _select(zall, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, floor, scale, K, KP, BE,
-                HAS_BIAS, HASH)
-        tl.atomic_xchg(cnt_ptr, 0)
-
-
 ROUTE_WARPS = 4     # warps per program (bench/critical_path.py times others: none faster, s19c)
-ROUTER_BN = 4       # router_route: router rows per program (256 experts: 64 programs)
-ROUTER_WARPS = 8
-
-
-def router_route(router, x, bias, tid2eid, tokens, k: int, floor: float, scale: float,
-                 bn: int = ROUTER_BN):
-    """One decode token: the logits of the F16 router [n_expert, n_in] (a QTensor) for x [1,
-    n_in] float32 and route's selection, in one launch -> (logits [1, n_expert], ids [1, k],
-    weights [1, k]). None where it does not apply (not one float32 token, n_in not a power of
-    two up to 8192, switched off); model.route then takes linear + route. bn: rows per program (a power
-    of two; tests take others)."""
-    from ds4tp.config import F16
-    from ds4tp.kernels.triton_matvec import _tickets
-    if not (_fused.on and router.qtype == F16 and x.dim() == 2 and x.shape[0] == 1
-            and x.dtype == torch.float32 and x.device == router.raw.device):
-        return None
-    ne, n_in = router.shape
-    if n_in & (n_in - 1) or n_in > 8192 or tokens is None and tid2eid is not None:
-        return None
-    raw = router.raw
-    if not raw.is_contiguous():
-        raw = raw.contiguous()
-    wr = raw.view(torch.float16).view(ne, n_in)
-    x = x.contiguous()
-    dev = x.device
-    logits = torch.empty(1, ne, dtype=torch.float32, device=dev)
-    ids = torch.empty(1, k, dtype=torch.int64, device=dev)
-    w = torch.empty(1, k, dtype=torch.float32, device=dev)
-    P = triton.cdiv(ne, bn)
-    _router_route_kernel[(P,)](x, wr, logits, _tickets(dev),
-                               logits if bias is None else bias.contiguous(),
-                               ids if tid2eid is None else tid2eid.contiguous(),
-                               ids if tokens is None else tokens.contiguous(), ids, w, ne, floor, scale,
-                               KIN=n_in, BN=bn, P=P, K=k, KP=triton.next_power_of_2(k),
-                               BE=triton.next_power_of_2(ne), HAS_BIAS=bias is not None,
-                               HASH=tid2eid is not None, num_warps=ROUTER_WARPS, **pdl.triton_args(dev))
-    return logits, ids, w
 
 
 def route(logits, bias, tid2eid, tokens, k: int, floor: float, scale: float):
