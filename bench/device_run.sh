@@ -151,6 +151,8 @@
 #   s21c: session 21, one GPU: the router's matvec and the expert choice in one launch
 #         (triton_route.router_route): tests, the step replay-timed with and without, TP=1 goldens
 #         (measured slower; its route_two variant exists only at 03e7aee, the commit it ran on)
+#   s21d: session 21, one GPU: the routed down launch adding the shared expert's output (the join
+#         moved before it): tests, the step replay-timed with and without
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -869,6 +871,15 @@ elif [ "$MODE" = s21c ]; then
     grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
   done
   golden 1 static 150
+elif [ "$MODE" = s21d ]; then
+  gate_tests 150 "down or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
+  for w in 2 1; do
+    log "the routed down launch adding the shared expert's output: replay A/B, world $w"
+    timeout 150 python3 bench/critical_path.py --world $w --variants base,shared_add --trace base \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
+    grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
+  done
 elif [ "$MODE" = s20a ]; then
   for w in 2 1; do
     log "eager prefill before and after the decode graphs, world $w"
