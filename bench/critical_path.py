@@ -45,7 +45,6 @@ VARIANTS = {
     **{f"mix_w{w}": ((triton_hc, "MIX_WARPS", w),) for w in (1, 2, 4, 8)},
     "shared_lane0": ((model_mod, "SHARED_LANE", 0),),         # with the compressors (before)
     "shared_lane2_prio0": ((streams, "LANE_PRIORITY", (0, 0, 0)),),   # own lane, no priority
-    "shared_add": ((model_mod, "DOWN_ADDS_SHARED", False),),  # routed + shared in a launch of its own
 }
 
 

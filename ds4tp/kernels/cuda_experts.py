@@ -96,14 +96,10 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
 
 
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
-             warps: int = WARPS, add: torch.Tensor | None = None) -> torch.Tensor | None:
+             warps: int = WARPS) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
-    x [T, K, n_in] one activation per slot; plus add [T, N] float32 where given (one add per
-    element, in the launch); None if not covered."""
+    x [T, K, n_in] one activation per slot; None if not covered."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
-        return None
-    if add is not None and not (add.dtype == torch.float32 and add.device == x.device
-                                and add.shape == (ids.shape[0], w.shape[1]) and add.stride(-1) == 1):
         return None
     E, N, n_in = w.shape
     kb = n_in // 256
@@ -122,9 +118,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
              np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
-             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc),
-             _ptr(add) if add is not None else np.uint64(0), np.int64(add.stride(0) if add is not None else 0)),
-            programmatic=add is None)       # add: a side stream's output (see cuda_c.launch)
+             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)))
     return out
 
 
