@@ -236,6 +236,17 @@ cuda_c_sweep() {
   log "T=1: Triton default vs CUDA C launches: $3"
   timeout "$1" python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s "$2" --sweep-cuda-c-only --only "$3" 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -70
 }
+# the 43-layer step's variants replay-timed round-robin and the first traced (bench/critical_path.py),
+# at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT
+replay_ab() {
+  for w in 2 1; do
+    log "$2: replay A/B, world $w"
+    timeout 150 python3 bench/critical_path.py --world $w --variants "$1" --trace base \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
+    grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
+  done
+}
 # a prefill's routed launches (2048 tokens, TP=1 shapes): the default path and the exact one
 routed_launches() {
   log "2048-token routed launches: default (CUDA C tensor cores), exact path"
@@ -857,32 +868,14 @@ elif [ "$MODE" = s21a ]; then
 elif [ "$MODE" = s21b ]; then
   gate_tests 150 "cuda_c or swiglu" tests/test_kernels.py
   cuda_c_sweep 150 120 routed_gate_up,routed_down
-  for w in 2 1; do
-    log "routed down staged by cp.async, gate/up signs by PRMT: replay A/B, world $w"
-    timeout 150 python3 bench/critical_path.py --world $w --variants base,down_regs,swiglu_xor,both_old --trace base \
-      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
-    grep -A14 "span by role" "$OUT/critical_path_w$w.txt"
-  done
+  replay_ab base,down_regs,swiglu_xor,both_old "routed down staged by cp.async, gate/up signs by PRMT"
 elif [ "$MODE" = s21c ]; then
   gate_tests 150 "route or pick or cuda_c" tests/test_kernels.py
-  for w in 2 1; do
-    log "the router's matvec and the expert choice in one launch: replay A/B, world $w"
-    timeout 150 python3 bench/critical_path.py --world $w --variants base,route_two --trace base \
-      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
-    grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
-  done
+  replay_ab base,route_two "the router's matvec and the expert choice in one launch"
   golden 1 static 150
 elif [ "$MODE" = s21d ]; then
   gate_tests 150 "down or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
-  for w in 2 1; do
-    log "the routed down launch adding the shared expert's output: replay A/B, world $w"
-    timeout 150 python3 bench/critical_path.py --world $w --variants base,shared_add --trace base \
-      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
-    grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
-  done
+  replay_ab base,shared_add "the routed down launch adding the shared expert's output"
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then
