@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 from ds4tp import config as C, decode_graph, model as model_mod, streams
-from ds4tp.kernels import triton_hc, triton_pick, triton_route
+from ds4tp.kernels import pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -45,6 +45,7 @@ VARIANTS = {
     **{f"mix_w{w}": ((triton_hc, "MIX_WARPS", w),) for w in (1, 2, 4, 8)},
     "shared_lane0": ((model_mod, "SHARED_LANE", 0),),         # with the compressors (before)
     "shared_lane2_prio0": ((streams, "LANE_PRIORITY", (0, 0, 0)),),   # own lane, no priority
+    "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
 }
 
 
