@@ -155,7 +155,7 @@
 #         moved before it): tests, the step replay-timed with and without (ran twice: the code of
 #         2241fe5, first with the down launch programmatic, then plain as committed; reverted)
 #   s21e: session 21 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
-#         (the CUDA C twin tests of this code passed in s21c and s21d)
+#         (the CUDA C twin tests of this experts.cu passed in s21c)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
