@@ -46,6 +46,8 @@ VARIANTS = {
     "shared_lane0": ((model_mod, "SHARED_LANE", 0),),         # with the compressors (before)
     "shared_lane2_prio0": ((streams, "LANE_PRIORITY", (0, 0, 0)),),   # own lane, no priority
     "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
+    "pdl_off_cuda_c": (pdl.set_cuda_c_enabled,),              # the CUDA C launches plain
+    "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
 }
 
 

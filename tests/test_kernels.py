@@ -179,6 +179,29 @@ def test_pdl_launch_config_and_arguments(monkeypatch):
     assert pdl.triton_args(torch.device("cpu")) == {"PDL": False}
 
 
+def test_pdl_family_switches(monkeypatch):
+    """The CUDA C and the Triton launches each have a PDL switch of their own under the one for
+    both (benchmarks make one family plain and keep the other programmatic)."""
+    from ds4tp.kernels import pdl
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)     # an sm_90 device, here a name
+    monkeypatch.setattr(pdl, "_triton_ok", lambda: True)
+    dev = torch.device("cuda", 0)
+    on = {"PDL": True, "launch_pdl": True}
+    try:
+        assert pdl.cuda_c_enabled(dev) and pdl.triton_args(dev) == on
+        pdl.set_triton_enabled(False)
+        assert pdl.cuda_c_enabled(dev) and pdl.triton_args(dev) == {"PDL": False}
+        pdl.set_triton_enabled(True)
+        pdl.set_cuda_c_enabled(False)
+        assert not pdl.cuda_c_enabled(dev) and pdl.triton_args(dev) == on
+        pdl.set_cuda_c_enabled(True)
+        pdl.set_enabled(False)
+        assert not pdl.cuda_c_enabled(dev) and pdl.triton_args(dev) == {"PDL": False}
+    finally:
+        for f in (pdl.set_enabled, pdl.set_cuda_c_enabled, pdl.set_triton_enabled):
+            f(True)
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_expert_tiles_cover_each_pair_once():
     """The many-token expert launch's tile table (host side): every pair with an expert sits in

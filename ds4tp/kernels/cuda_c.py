@@ -117,7 +117,7 @@ def launch(fn, device: torch.device, grid, warps: int, args) -> None:
     from ds4tp.kernels import pdl      # (pdl builds on this module's Switch)
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
-    if pdl.enabled(device) and pdl.cuda_ok():
+    if pdl.cuda_c_enabled(device) and pdl.cuda_ok():
         with cp.cuda.Device(device.index):
             pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
         return

@@ -16,7 +16,11 @@ Both instructions are no-ops in a plain launch, so the same compiled kernel serv
 In a CUDA graph, stream capture records PDL launches as programmatic edges.
 
 `enabled(device)` is the one switch (benchmarks time both in one run: `set_enabled`); the CUDA C
-launcher (cuda_c.launch) and the Triton decode kernels (`triton_args`) ask it at launch.
+launcher (cuda_c.launch, through `cuda_c_enabled`) and the Triton decode kernels (`triton_args`)
+ask it at launch. Each of those two also has a switch of its own (`set_cuda_c_enabled`,
+`set_triton_enabled`), so a benchmark can make one family's launches plain and keep the other's
+programmatic (to find which programmatic edges a failure needs: docs/performance.md,
+nineteenth session, section 5).
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ from ds4tp.kernels.cuda_c import Switch
 
 _switch = Switch()
 set_enabled = _switch.set            # benchmarks time the plain launches in the same run
+_cuda_c_switch = Switch()
+set_cuda_c_enabled = _cuda_c_switch.set    # the CUDA C launches alone
+_triton_switch = Switch()
+set_triton_enabled = _triton_switch.set    # the Triton launches alone
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,10 +61,15 @@ def _triton_ok() -> bool:
         return False
 
 
+def cuda_c_enabled(device: torch.device) -> bool:
+    """The CUDA C launcher launches with PDL on this device."""
+    return _cuda_c_switch.on and enabled(device)
+
+
 def triton_args(device: torch.device) -> dict:
     """Launch keywords for a Triton decode kernel with a `PDL: tl.constexpr` parameter (the
     kernel calls gdc_launch_dependents and gdc_wait when it is set)."""
-    on = enabled(device) and _triton_ok()
+    on = _triton_switch.on and enabled(device) and _triton_ok()
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
