@@ -183,7 +183,7 @@ def test_pdl_family_switches(monkeypatch):
     """The CUDA C and the Triton launches each have a PDL switch of their own under the one for
     both (benchmarks make one family plain and keep the other programmatic)."""
     from ds4tp.kernels import pdl
-    monkeypatch.setattr(pdl, "_capable", lambda index: True)     # an sm_90 device, here a name
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)     # as if an sm_90 GPU were there
     monkeypatch.setattr(pdl, "_triton_ok", lambda: True)
     dev = torch.device("cuda", 0)
     on = {"PDL": True, "launch_pdl": True}
