@@ -26,7 +26,7 @@ import time
 import torch
 
 from ds4tp import config as C
-from ds4tp.bench import NullComm, build_model, prefilled, time_prefill
+from ds4tp.bench import NullComm, bench_prompt, build_model, prefilled, time_prefill
 
 
 class GcClock:
@@ -132,7 +132,7 @@ def _phase(model, real, dev, say, name: str) -> dict:
     model.comm = NullComm(real.rank, real.world)
     res["prefill_512_nocomm"] = _prefills(model, 512, dev)
     model.comm = real
-    prompt = [(5 * i + 1) % model.shape.vocab for i in range(512)]
+    prompt = bench_prompt(model.shape.vocab, 512)
     cp = cProfile.Profile()           # every rank runs the prefill (its collectives); rank 0 reports
     cp.enable()
     model.forward(prompt, model.new_state())

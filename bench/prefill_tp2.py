@@ -11,7 +11,7 @@ import time
 import torch
 
 from ds4tp import config as C
-from ds4tp.bench import NullComm, build_model, time_prefill
+from ds4tp.bench import NullComm, bench_prompt, build_model, time_prefill
 
 
 def _allreduce_ms(comm, shape, dtype, dev, iters=20) -> float:
@@ -47,7 +47,7 @@ def _rank(comm, dev, cfg):
     res["prefill_nocomm"] = time_prefill(model, T)
     say("prefill without collectives", round(res["prefill_nocomm"]["tok_s"], 1), "tok/s",
         res["prefill_nocomm"]["all_seconds"])
-    prompt = [(5 * i + 1) % shape.vocab for i in range(T)]
+    prompt = bench_prompt(shape.vocab, T)
     # the host's side: when forward() returns (everything enqueued) against when the GPU is done;
     # a small gap means the GPU waited on the host's launches
     for label in ("nocomm", "comm"):

@@ -13,14 +13,14 @@ import time
 import torch
 
 from ds4tp import config as C
-from ds4tp.bench import NullComm, build_model
+from ds4tp.bench import NullComm, bench_prompt, build_model
 from profile_common import kernel_table
 
 n_layer = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 n_tok = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
 world = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 m = build_model(C.Shape(n_layer=n_layer), 0, world, NullComm(0, world), "cuda:0")
-prompt = [(5 * i + 1) % m.shape.vocab for i in range(n_tok)]
+prompt = bench_prompt(m.shape.vocab, n_tok)
 t = time.perf_counter()
 m.forward(prompt, m.new_state())
 torch.cuda.synchronize()

@@ -314,10 +314,15 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
             "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
 
 
+def bench_prompt(vocab: int, n_tok: int) -> list:
+    """The benchmarks' prompt of n_tok token ids (a fixed spread over the vocabulary)."""
+    return [(5 * i + 1) % vocab for i in range(n_tok)]
+
+
 def time_prefill(model, n_tok: int, reps: int = 3) -> dict:
     """Prefill of an n_tok-token prompt into a fresh session: tok/s of the median of `reps`
     timed calls (after one untimed call that compiles kernels for this T); every time kept."""
-    prompt = [(5 * i + 1) % model.shape.vocab for i in range(n_tok)]
+    prompt = bench_prompt(model.shape.vocab, n_tok)
     model.forward(prompt, model.new_state())      # kernel compilation (launch shapes follow T)
     _sync()
     times, host = [], []
