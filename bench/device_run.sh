@@ -156,6 +156,9 @@
 #         2241fe5, first with the down launch programmatic, then plain as committed; reverted)
 #   s21e: session 21 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
 #         (the CUDA C twin tests of this experts.cu passed in s21c)
+#   s22a: session 22, one GPU: bench/pdl_race_probe.py on the routed down launch adding the shared
+#         expert's output (PDL on, CUDA C plain, Triton plain), the landed code as control;
+#         lightweight GPU core dumps read by cuda-gdb (which kernel faulted)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -876,6 +879,21 @@ elif [ "$MODE" = s21c ]; then
 elif [ "$MODE" = s21d ]; then
   gate_tests 150 "down or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
   replay_ab base,shared_add "the routed down launch adding the shared expert's output"
+elif [ "$MODE" = s22a ]; then
+  export CUDA_ENABLE_COREDUMP_ON_EXCEPTION=1 CUDA_ENABLE_LIGHTWEIGHT_COREDUMP=1 \
+         CUDA_ENABLE_CPU_COREDUMP_ON_EXCEPTION=0 CUDA_COREDUMP_FILE=/tmp/core_%p
+  probe() { local t=$1; shift; log "race probe: $*"
+    timeout "$t" python3 bench/pdl_race_probe.py "$@" 2>&1 | grep -v "Warning\|warn(" | tail -5 | tee -a "$OUT/pdl_race_probe.txt"; }
+  probe 200 --down-add --down-programmatic --replays 3000
+  probe 100 --down-add --down-programmatic --replays 3000 --pdl cuda_c_off
+  probe 100 --down-add --down-programmatic --replays 3000 --pdl triton_off
+  probe 100 --replays 6000
+  for c in /tmp/core_*; do
+    [ -e "$c" ] || continue
+    log "cuda-gdb on $c ($(du -h "$c" | cut -f1))"
+    timeout 60 cuda-gdb -batch -ex "target cudacore $c" -ex "info cuda kernels" -ex "bt" -ex 'x/8i $pc-0x40' \
+      -ex "info cuda warps" 2>&1 | head -60 | tee -a "$OUT/pdl_race_gdb.txt"
+  done
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then

@@ -1,0 +1,65 @@
+"""Probe for the illegal address that graph replays of the TP=2 rank shard hit when the routed
+down launch changed (sessions 18 and 21, docs/performance.md): capture the static decoder's graph
+of a token that ends no window under one configuration, replay it many times, and report the
+replay where the first error surfaced (or that none did) and the logits' checksum. One
+configuration per process: an illegal address leaves the CUDA context unusable.
+
+    python bench/pdl_race_probe.py [--world 2] [--layers 43] [--replays 2000]
+        [--down-add] [--down-programmatic] [--pdl on|off|cuda_c_off|triton_off]
+
+Run it under CUDA_ENABLE_COREDUMP_ON_EXCEPTION=1 CUDA_ENABLE_LIGHTWEIGHT_COREDUMP=1 and
+`cuda-gdb -batch -ex "target cudacore CORE" -ex "info cuda kernels"` names the faulting kernel.
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from ds4tp import config as C, model as model_mod
+from ds4tp.bench import NullComm, build_model, prefilled
+from ds4tp.comm import SingleComm
+from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
+from ds4tp.kernels import cuda_experts, pdl
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--world", type=int, default=2)
+ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
+ap.add_argument("--replays", type=int, default=2000)
+ap.add_argument("--down-add", action="store_true", help="the routed down launch adds the shared out")
+ap.add_argument("--down-programmatic", action="store_true", help="... and is launched with PDL")
+ap.add_argument("--pdl", default="on", choices=("on", "off", "cuda_c_off", "triton_off"))
+args = ap.parse_args()
+
+model_mod.DOWN_ADDS_SHARED = args.down_add
+cuda_experts.ADD_PROGRAMMATIC = args.down_programmatic
+{"on": lambda: None, "off": lambda: pdl.set_enabled(False),
+ "cuda_c_off": lambda: pdl.set_cuda_c_enabled(False),
+ "triton_off": lambda: pdl.set_triton_enabled(False)}[args.pdl]()
+tag = f"world {args.world}, {args.layers} layers, down_add {args.down_add}, " \
+      f"down_programmatic {args.down_programmatic}, pdl {args.pdl}"
+print("probe:", tag, flush=True)
+
+comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
+m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
+dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
+dec.load_session(prefilled(m, 1))
+done = 0
+try:
+    for _ in range(8):
+        logits = dec.step(11).clone()
+    torch.cuda.synchronize()
+    print(f"captured; 8 steps, logits sum {logits.double().sum().item():.6f}", flush=True)
+    g, _ = dec.graphs[(False, False, False)]
+    t0 = time.perf_counter()
+    while done < args.replays:
+        for _ in range(100):
+            g.replay()
+        torch.cuda.synchronize()
+        done += 100
+    dt = time.perf_counter() - t0
+    print(f"OK: {done} replays, {1e6 * dt / done:.1f} us each; {tag}", flush=True)
+except Exception as e:       # the error surfaces at the synchronize after the failing replay
+    print(f"FAILED after {done} to {done + 100} replays: {type(e).__name__}: {str(e)[:200]}; {tag}",
+          flush=True)
+    sys.exit(1)
