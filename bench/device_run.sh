@@ -159,6 +159,8 @@
 #   s22a: session 22, one GPU: bench/pdl_race_probe.py on the routed down launch adding the shared
 #         expert's output (PDL on, CUDA C plain, Triton plain), the landed code as control;
 #         lightweight GPU core dumps read by cuda-gdb (which kernel faulted)
+#   s22b: session 22, one GPU: the landed code's TP=2 shard replayed 8,000 times with a wait and
+#         a check after each (twice with PDL, once without): which replay fails, after which tokens
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -894,6 +896,12 @@ elif [ "$MODE" = s22a ]; then
     timeout 60 cuda-gdb -batch -ex "target cudacore $c" -ex "info cuda kernels" -ex "bt" -ex 'x/8i $pc-0x40' \
       -ex "info cuda warps" 2>&1 | head -60 | tee -a "$OUT/pdl_race_gdb.txt"
   done
+elif [ "$MODE" = s22b ]; then
+  probe() { local t=$1; shift; log "race probe: $*"
+    timeout "$t" python3 bench/pdl_race_probe.py "$@" 2>&1 | grep -v "Warning\\|warn(" | tail -6 | tee -a "$OUT/pdl_race_probe.txt"; }
+  probe 150 --replays 8000 --check
+  probe 120 --replays 8000 --check
+  probe 120 --replays 8000 --check --pdl off
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then

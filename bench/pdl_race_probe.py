@@ -29,6 +29,8 @@ ap.add_argument("--replays", type=int, default=2000)
 ap.add_argument("--down-add", action="store_true", help="the routed down launch adds the shared out")
 ap.add_argument("--down-programmatic", action="store_true", help="... and is launched with PDL")
 ap.add_argument("--pdl", default="on", choices=("on", "off", "cuda_c_off", "triton_off"))
+ap.add_argument("--check", action="store_true",
+                help="after every replay: wait, read the token it picked, check the logits are finite")
 args = ap.parse_args()
 
 model_mod.DOWN_ADDS_SHARED = args.down_add
@@ -52,14 +54,29 @@ try:
     print(f"captured; 8 steps, logits sum {logits.double().sum().item():.6f}", flush=True)
     g, _ = dec.graphs[(False, False, False)]
     t0 = time.perf_counter()
+    history = []                 # (replay, token picked, logits all finite) with --check
     while done < args.replays:
+        if args.check:
+            g.replay()
+            tok = int(dec.token.item())
+            fin = bool(torch.isfinite(dec.logits).all().item())
+            history.append((done, tok, fin))
+            done += 1
+            if not fin or not 0 <= tok < m.shape.vocab:
+                print(f"replay {done - 1}: token {tok}, logits finite {fin}", flush=True)
+            continue
         for _ in range(100):
             g.replay()
         torch.cuda.synchronize()
         done += 100
     dt = time.perf_counter() - t0
+    if args.check:
+        print(f"tokens: {len(set(t for _, t, _ in history))} distinct; not finite at "
+              f"{[r for r, _, f in history if not f][:10]}; last {history[-3:]}", flush=True)
     print(f"OK: {done} replays, {1e6 * dt / done:.1f} us each; {tag}", flush=True)
 except Exception as e:       # the error surfaces at the synchronize after the failing replay
-    print(f"FAILED after {done} to {done + 100} replays: {type(e).__name__}: {str(e)[:200]}; {tag}",
-          flush=True)
+    print(f"FAILED after {done} to {done + (0 if args.check else 100)} replays: {type(e).__name__}: "
+          f"{str(e)[:200]}; {tag}", flush=True)
+    if args.check:
+        print("last replays (replay, token, logits finite):", history[-8:], flush=True)
     sys.exit(1)
