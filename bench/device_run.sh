@@ -898,7 +898,7 @@ elif [ "$MODE" = s22a ]; then
   done
 elif [ "$MODE" = s22b ]; then
   probe() { local t=$1; shift; log "race probe: $*"
-    timeout "$t" python3 bench/pdl_race_probe.py "$@" 2>&1 | grep -v "Warning\\|warn(" | tail -6 | tee -a "$OUT/pdl_race_probe.txt"; }
+    timeout "$t" python3 bench/pdl_race_probe.py "$@" 2>&1 | grep -v "Warning\\|warn(" | tail -14 | tee -a "$OUT/pdl_race_probe.txt"; }
   probe 150 --replays 8000 --check
   probe 120 --replays 8000 --check
   probe 120 --replays 8000 --check --pdl off

@@ -48,9 +48,11 @@ dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
 dec.load_session(prefilled(m, 1))
 done = 0
 try:
-    for _ in range(8):
+    for i in range(8):           # the first captures the graph (after an eager warm-up step)
         logits = dec.step(11).clone()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        print(f"step {i}: logits finite {bool(torch.isfinite(logits).all())}, token picked "
+              f"{int(dec.token.item())}", flush=True)
     print(f"captured; 8 steps, logits sum {logits.double().sum().item():.6f}", flush=True)
     g, _ = dec.graphs[(False, False, False)]
     t0 = time.perf_counter()
@@ -75,7 +77,7 @@ try:
               f"{[r for r, _, f in history if not f][:10]}; last {history[-3:]}", flush=True)
     print(f"OK: {done} replays, {1e6 * dt / done:.1f} us each; {tag}", flush=True)
 except Exception as e:       # the error surfaces at the synchronize after the failing replay
-    print(f"FAILED after {done} to {done + (0 if args.check else 100)} replays: {type(e).__name__}: "
+    print(f"FAILED (the 8 steps {'done' if done or 'g' in globals() else 'not done'}) after {done} to {done + (0 if args.check else 100)} replays: {type(e).__name__}: "
           f"{str(e)[:200]}; {tag}", flush=True)
     if args.check:
         print("last replays (replay, token, logits finite):", history[-8:], flush=True)
