@@ -161,6 +161,9 @@
 #         lightweight GPU core dumps read by cuda-gdb (which kernel faulted)
 #   s22b: session 22, one GPU: the landed code's TP=2 shard replayed 8,000 times with a wait and
 #         a check after each (twice with PDL, once without): which replay fails, after which tokens
+#   s22c: session 22, one GPU: pdl_race_probe with each phase waited on (prefill, eager step,
+#         capture, replays): the landed code at TP=2 (PDL on, CUDA C plain, Triton plain), TP=1,
+#         and the down-add variant
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -902,6 +905,17 @@ elif [ "$MODE" = s22b ]; then
   probe 150 --replays 8000 --check
   probe 120 --replays 8000 --check
   probe 120 --replays 8000 --check --pdl off
+elif [ "$MODE" = s22c ]; then
+  n=0
+  probe() { local t=$1; shift; n=$((n+1)); log "race probe $n: $*"
+    timeout "$t" python3 bench/pdl_race_probe.py "$@" > "$OUT/probe_$n.txt" 2> "$OUT/probe_$n.err"
+    echo "rc $?"; tail -14 "$OUT/probe_$n.txt"; grep -v "^ \|cupy\|^Traceback\|^Exception ignored\|^$" "$OUT/probe_$n.err" | tail -4; }
+  probe 150 --replays 4000 --check
+  probe 120 --replays 4000 --check --pdl cuda_c_off
+  probe 120 --replays 4000 --check --pdl triton_off
+  probe 120 --replays 4000 --check --world 1
+  probe 120 --replays 4000 --check --down-add --down-programmatic
+  cat "$OUT"/probe_*.txt > "$OUT/pdl_race_probe.txt"
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then

@@ -45,10 +45,26 @@ print("probe:", tag, flush=True)
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
 m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
 dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
-dec.load_session(prefilled(m, 1))
 done = 0
 try:
-    for i in range(8):           # the first captures the graph (after an eager warm-up step)
+    # each phase waited on, so that a failure names its phase: the eager prefill of one token,
+    # an eager decode step (state restored after), the graph's capture, then its replays
+    st = prefilled(m, 1)
+    torch.cuda.synchronize()
+    print("prefill done", flush=True)
+    dec.load_session(st)
+    var = dec._variant(dec.n)
+    dec.pos.fill_(dec.n)
+    dec.token.fill_(11)
+    saved = dec.park()
+    eager = dec._step(var)
+    torch.cuda.synchronize()
+    print(f"eager step done: logits finite {bool(torch.isfinite(eager).all())}", flush=True)
+    dec.resume(saved)
+    dec.graphs[var] = dec._capture(var)
+    torch.cuda.synchronize()
+    print("graph captured (after its own eager warm-up step)", flush=True)
+    for i in range(8):           # graph replays
         logits = dec.step(11).clone()
         torch.cuda.synchronize()
         print(f"step {i}: logits finite {bool(torch.isfinite(logits).all())}, token picked "
