@@ -164,6 +164,7 @@
 #   s22c: session 22, one GPU: pdl_race_probe with each phase waited on (prefill, eager step,
 #         capture, replays): the landed code at TP=2 (PDL on, CUDA C plain, Triton plain), TP=1,
 #         and the down-add variant
+#   s22d: session 22, one GPU: the TP=1 probe under cuda-gdb (which kernel, which instruction)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -916,6 +917,13 @@ elif [ "$MODE" = s22c ]; then
   probe 120 --replays 4000 --check --world 1
   probe 120 --replays 4000 --check --down-add --down-programmatic
   cat "$OUT"/probe_*.txt > "$OUT/pdl_race_probe.txt"
+elif [ "$MODE" = s22d ]; then
+  log "cuda-gdb: the landed code's TP=1 step, replays until the fault"
+  timeout 300 cuda-gdb -q -batch -ex "set pagination off" -ex "set cuda break_on_launch none" -ex run \
+    -ex "info cuda kernels" -ex "bt 6" -ex 'x/24i $pc-0x100' -ex 'x/4i $pc' -ex "info cuda lanes" \
+    --args "$(command -v python3)" bench/pdl_race_probe.py --world 1 --replays 400 --check \
+    > "$OUT/pdl_race_gdb.txt" 2>&1
+  echo "rc $?"; grep -v "^\[New Thread\|^\[Thread\|Detaching\|^warning" "$OUT/pdl_race_gdb.txt" | tail -70
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then
