@@ -70,7 +70,8 @@ ap.add_argument("--world", type=int, default=1)
 ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--json", default="")
 ap.add_argument("--variants", default="base", help="comma-separated names of " + ", ".join(VARIANTS))
-ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest)")
+ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest; "
+                                             "none: no trace)")
 args = ap.parse_args()
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
@@ -164,7 +165,8 @@ for n in names:
     same = torch.equal(graphs[n][2], graphs[names[0]][2])
     print(f"  {n:14s} {best[n]:8.1f}  ({best[n] / best[names[0]]:.3f} of {names[0]})  "
           + " ".join(f"{t:.1f}" for t in times[n]) + ("  logits equal" if same else "  LOGITS DIFFER"))
-traced = args.trace.split(",") if args.trace else list(dict.fromkeys([names[0], min(best, key=best.get)]))
+traced = ([] if args.trace == "none" else args.trace.split(",") if args.trace
+          else list(dict.fromkeys([names[0], min(best, key=best.get)])))
 out = {"world": args.world, "layers": args.layers,
        "variants": {n: {"replay_us": times[n]} for n in names}}
 for n in traced:

@@ -165,6 +165,8 @@
 #         capture, replays): the landed code at TP=2 (PDL on, CUDA C plain, Triton plain), TP=1,
 #         and the down-add variant
 #   s22d: session 22, one GPU: the TP=1 probe under cuda-gdb (which kernel, which instruction)
+#   s22e: session 22, one GPU, after the fix (common.cuh prior()): the PTX check, the CUDA C
+#         twins, the race probe at TP=1 and TP=2 (and the down-add variant), replay A/B
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -924,6 +926,21 @@ elif [ "$MODE" = s22d ]; then
     --args "$(command -v python3)" bench/pdl_race_probe.py --world 1 --replays 400 --check \
     > "$OUT/pdl_race_gdb.txt" 2>&1
   echo "rc $?"; grep -v "^\[New Thread\|^\[Thread\|Detaching\|^warning" "$OUT/pdl_race_gdb.txt" | tail -70
+elif [ "$MODE" = s22e ]; then
+  log "PTX: no read-only-path loads of earlier kernels' outputs"
+  timeout 120 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -2
+  gate_tests 200 "cuda_c" tests/test_kernels.py
+  n=0
+  probe() { local t=$1; shift; n=$((n+1)); log "race probe $n: $*"
+    timeout "$t" python3 bench/pdl_race_probe.py "$@" > "$OUT/probe_$n.txt" 2> "$OUT/probe_$n.err"
+    echo "rc $?"; grep -v "^step" "$OUT/probe_$n.txt" | tail -5; grep -v "^ \\|cupy\\|^Traceback\\|^Exception ignored\\|^$\\|Warn\\|warn" "$OUT/probe_$n.err" | tail -3; }
+  probe 120 --replays 3000 --check --world 1
+  probe 120 --replays 3000 --check
+  probe 120 --replays 3000 --check --down-add --down-programmatic
+  cat "$OUT"/probe_*.txt > "$OUT/pdl_race_probe.txt"
+  log "replay A/B, world 2: base, the down launch adding the shared output, PDL off"
+  timeout 150 python3 bench/critical_path.py --world 2 --variants base,down_add,pdl_off --trace none > "$OUT/critical_path_w2.txt" 2>&1
+  grep -A6 "us per replay (best\\|Error" "$OUT/critical_path_w2.txt" | head -12
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then

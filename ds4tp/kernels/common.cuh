@@ -32,3 +32,14 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// A load of an earlier kernel's output (after pdl_wait()), cached in L2 only (ld.global.cg).
+// Such pointers are never `const __restrict__`: with that the compiler may read them through the
+// non-coherent read-only path (ld.global.nc), which is only valid for data that no one writes
+// during this kernel's lifetime. Under PDL this kernel is resident before the kernel ahead has
+// written its output, and a read-only-path load returned stale bytes: q2k_down_sum read expert
+// ids that were not this step's and faulted (graph replays, sessions 18-22; cuda-gdb, s22d).
+// Weights and tables are read-only for the whole step and keep __ldg. tests/test_ptx_loads.py
+// checks every kernel's PTX for read-only-path loads from anything but its weight parameters.
+template <typename T>
+__device__ __forceinline__ T prior(const T* p) { return __ldcg(p); }

@@ -133,8 +133,8 @@ __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
-              const float* __restrict__ x, long long stride_xt,
-              const long long* __restrict__ ids, const float* __restrict__ rw,
+              const float* x, long long stride_xt,
+              const long long* ids, const float* rw,
               float* __restrict__ out, const unsigned long long* __restrict__ grid_g,
               int N, int KB, int K, int rpc, float clamp) {
     __shared__ unsigned long long s_grid[256];
@@ -156,7 +156,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // first item's loads go out before the prologue
     uint4 buf[A_MAX_V];
     int item = warp;
-    long long e = item < items ? ids[t * K + item / rows] : -1;
+    long long e = item < items ? prior(ids + t * K + item / rows) : -1;
     int n = n0 + (item < items ? item % rows : 0);
     if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
 
@@ -164,7 +164,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         float v[8];
         const float* xb = x + (long long)t * stride_xt + b * 256 + lane * 8;
 #pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = xb[i];
+        for (int i = 0; i < 8; i++) v[i] = prior(xb + i);
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
     }
     __syncthreads();
@@ -195,7 +195,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const long long ecur = e;
         const int ncur = n;
         const int nxt = item + WARPS;
-        e = nxt < items ? ids[t * K + nxt / rows] : -1;
+        e = nxt < items ? prior(ids + t * K + nxt / rows) : -1;
         n = n0 + (nxt < items ? nxt % rows : 0);
         if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
         float mid = 0.0f;
@@ -217,7 +217,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             const float usum = warp_sum(au) * 0.125f;
             const float gc = fminf(gsum, clamp);
             const float uc = fminf(fmaxf(usum, -clamp), clamp);
-            mid = gc / (1.0f + expf(-gc)) * uc * rw[t * K + k];
+            mid = gc / (1.0f + expf(-gc)) * uc * prior(rw + t * K + k);
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
@@ -238,9 +238,9 @@ __device__ __forceinline__ void b_prologue(const float* x, long long stride_xt, 
                                            + (b % KB) * 256 + lane * 8);
         const float4* p2 = (const float4*)(x + (long long)t * stride_xt + (long long)(b2 / KB) * stride_xk
                                            + (b2 % KB) * 256 + lane * 8);
-        const float4 a0 = p1[0], a1 = p1[1];
+        const float4 a0 = prior(p1), a1 = prior(p1 + 1);
         float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0;
-        if (two) { c0 = p2[0]; c1 = p2[1]; }
+        if (two) { c0 = prior(p2); c1 = prior(p2 + 1); }
         const float v1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
         q8k_block(v1, lane, s_xq + b * B_XB + q8_off, s_xd + b, s_bs + b * B_BS);
         if (two) {
@@ -287,9 +287,9 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // x and its strides 16-byte aligned.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
-             const float* __restrict__ x, long long stride_xt, long long stride_xk,
-             const long long* __restrict__ ids, float* __restrict__ out, long long stride_ot,
-             int N, int KB, int K, int rpc, const float* __restrict__ add, long long stride_at) {
+             const float* x, long long stride_xt, long long stride_xk,
+             const long long* ids, float* __restrict__ out, long long stride_ot,
+             int N, int KB, int K, int rpc, const float* add, long long stride_at) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
@@ -308,7 +308,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
 #pragma unroll
     for (int p = 0; p < B_MAX_K; p++) {
         const int k = p * spp + ks;
-        e[p] = (k < K) ? (int)ids[t * K + k] : -1;
+        e[p] = (k < K) ? (int)prior(ids + t * K + k) : -1;
     }
     unsigned qw[B_MAX_K][4], sc[B_MAX_K][2], dd[B_MAX_K];
     int n = n0 + warp;
@@ -341,7 +341,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             }
         }
         acc = warp_sum(acc);
-        if (lane == 0) out[(long long)t * stride_ot + n] = add != 0 ? acc + add[(long long)t * stride_at + n] : acc;
+        if (lane == 0) out[(long long)t * stride_ot + n] = add != 0 ? acc + prior(add + (long long)t * stride_at + n) : acc;
         n += WARPS;
         B_LOAD()                          // the next row's loads (nothing past nend)
     }

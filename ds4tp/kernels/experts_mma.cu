@@ -152,8 +152,8 @@ __device__ __forceinline__ int xs_off(int col, int v) {
 template <int IQ2, int SWIGLU>
 __device__ __forceinline__ void experts_mma(
     const unsigned char* __restrict__ w, const unsigned char* __restrict__ w2, long long stride_we,
-    long long stride_wn, const u16* __restrict__ x, long long sxt, long long sxk,
-    const int* __restrict__ tiles, const int* __restrict__ pairs, const float* __restrict__ rw,
+    long long stride_wn, const u16* x, long long sxt, long long sxk,
+    const int* tiles, const int* pairs, const float* rw,
     float* __restrict__ out, long long stride_op, const u32* __restrict__ grid64, int N, int K,
     int KB, float clamp) {
     __shared__ u32 grid[IQ2 ? 512 : 1];
@@ -166,8 +166,8 @@ __device__ __forceinline__ void experts_mma(
         if (tid < 128) ksigns[tid] = (unsigned char)(tid | ((__popc(tid) & 1) << 7));
     }
     pdl_wait();
-    const int e = tiles[3 * blockIdx.x], first = tiles[3 * blockIdx.x + 1];
-    const int count = tiles[3 * blockIdx.x + 2];
+    const int e = prior(tiles + 3 * blockIdx.x), first = prior(tiles + 3 * blockIdx.x + 1);
+    const int count = prior(tiles + 3 * blockIdx.x + 2);
     if (count <= 0) return;                              // a spare row of the tile table
     const int nf = (count + 7) >> 3;                     // 8-column fragments with a live pair
     // the lane's four rows: slot i is A fragment i >> 1, row g + 8 * (i & 1) of it
@@ -185,7 +185,7 @@ __device__ __forceinline__ void experts_mma(
     const int scol = tid >> 1, spart = 2 * (tid & 1);    // 16-byte pieces spart, spart + 1
     const u16* xsrc;
     {
-        const int p = pairs[first + (scol < count ? scol : 0)];
+        const int p = prior(pairs + first + (scol < count ? scol : 0));
         const int t = p / K;
         xsrc = x + (long long)t * sxt + (long long)(p - t * K) * sxk + 8 * spart;
     }
@@ -262,10 +262,10 @@ __device__ __forceinline__ void experts_mma(
         for (int i2 = 0; i2 < 2; i2++) {
             const int j = f * 8 + 2 * c + i2;
             if (j >= count) continue;
-            const int p = pairs[first + j];
+            const int p = prior(pairs + first + j);
             float* o = out + (long long)p * stride_op;
             if (SWIGLU) {   // clamped SwiGLU times the router weight (numerics.swiglu_clamped)
-                const float rwp = rw[p];
+                const float rwp = prior(rw + p);
 #pragma unroll
                 for (int rr = 0; rr < 2; rr++) {
                     if (row[rr] >= N) continue;

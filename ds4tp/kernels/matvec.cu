@@ -35,7 +35,7 @@
 // is numerics.swiglu_clamped of its halves: g = min(gate, c), u = clamp(up, -c, c), (g *
 // sigmoid(g)) * u, sigmoid(g) = 1 / (1 + exp(-g)). Per 32-block: d = amax/127 and 1/d correctly
 // rounded, q = rint(clamp(x * (1/d), -128, 127)).
-__device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const float* __restrict__ nw,
+__device__ __forceinline__ void q8_0_prologue(const float* x, const float* __restrict__ nw,
                                               float eps, float clamp, int K, signed char* s_q,
                                               float* s_d, double* s_red) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -43,7 +43,7 @@ __device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const
     if (nw != 0) {
         double acc = 0.0;
         for (int i = 4 * tid; i < K; i += 4 * WARPS * 32) {
-            const float4 v = *(const float4*)(x + i);
+            const float4 v = prior((const float4*)(x + i));
             acc += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
         }
 #pragma unroll
@@ -58,10 +58,10 @@ __device__ __forceinline__ void q8_0_prologue(const float* __restrict__ x, const
     // four lanes per 32-block, 8 elements each (K/8 is a multiple of 64, so a warp's lanes are
     // all in the loop or all out of it)
     for (int i = tid; i < K / 8; i += WARPS * 32) {
-        const float4 a = *(const float4*)(x + 8 * i), c = *(const float4*)(x + 8 * i + 4);
+        const float4 a = prior((const float4*)(x + 8 * i)), c = prior((const float4*)(x + 8 * i + 4));
         float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
         if (clamp > 0.0f) {
-            const float4 ua = *(const float4*)(x + K + 8 * i), uc = *(const float4*)(x + K + 8 * i + 4);
+            const float4 ua = prior((const float4*)(x + K + 8 * i)), uc = prior((const float4*)(x + K + 8 * i + 4));
             const float u[8] = {ua.x, ua.y, ua.z, ua.w, uc.x, uc.y, uc.z, uc.w};
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -186,7 +186,7 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
 // Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
 extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
-            const float* __restrict__ x, const float* __restrict__ nw, float eps, float clamp,
+            const float* x, const float* __restrict__ nw, float eps, float clamp,
             float* __restrict__ y, int K, int rows_per_group, int rpb) {
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
