@@ -48,7 +48,6 @@ VARIANTS = {
     "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
     "pdl_off_cuda_c": (pdl.set_cuda_c_enabled,),              # the CUDA C launches plain
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
-    "down_add": ((model_mod, "DOWN_ADDS_SHARED", True),),     # the down launch adds the shared out
 }
 
 

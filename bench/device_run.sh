@@ -156,6 +156,8 @@
 #         2241fe5, first with the down launch programmatic, then plain as committed; reverted)
 #   s21e: session 21 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
 #         (the CUDA C twin tests of this experts.cu passed in s21c)
+#   s22a-s22e ran at 335c4df-cb02b77 (their --down-add options and the down_add variant were
+#         removed after, with that path: slower with PDL, s22e)
 #   s22a: session 22, one GPU: bench/pdl_race_probe.py on the routed down launch adding the shared
 #         expert's output (PDL on, CUDA C plain, Triton plain), the landed code as control;
 #         lightweight GPU core dumps read by cuda-gdb (which kernel faulted)
@@ -167,6 +169,8 @@
 #   s22d: session 22, one GPU: the TP=1 probe under cuda-gdb (which kernel, which instruction)
 #   s22e: session 22, one GPU, after the fix (common.cuh prior()): the PTX check, the CUDA C
 #         twins, the race probe at TP=1 and TP=2 (and the down-add variant), replay A/B
+#   s22f: session 22 closing run, two GPUs: the PTX check, the CUDA C twins, the TP=2,1 bench
+#         and CUDA goldens through the graphs (after the fix)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -941,6 +945,10 @@ elif [ "$MODE" = s22e ]; then
   log "replay A/B, world 2: base, the down launch adding the shared output, PDL off"
   timeout 150 python3 bench/critical_path.py --world 2 --variants base,down_add,pdl_off --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A6 "us per replay (best\\|Error" "$OUT/critical_path_w2.txt" | head -12
+elif [ "$MODE" = s22f ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 120 "cuda_c" tests/test_kernels.py
+  bench_goldens
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then

@@ -1,14 +1,15 @@
-"""Probe for the illegal address that graph replays of the TP=2 rank shard hit when the routed
-down launch changed (sessions 18 and 21, docs/performance.md): capture the static decoder's graph
-of a token that ends no window under one configuration, replay it many times, and report the
-replay where the first error surfaced (or that none did) and the logits' checksum. One
-configuration per process: an illegal address leaves the CUDA context unusable.
+"""Probe for the illegal address that graph replays of the decode step hit under programmatic
+dependent launch (sessions 18, 21 and 22, docs/performance.md): capture the static decoder's
+graph of a token that ends no window under one configuration, replay it many times, and report
+the phase or replay where the first error surfaced (or that none did). One configuration per
+process: an illegal address leaves the CUDA context unusable.
 
-    python bench/pdl_race_probe.py [--world 2] [--layers 43] [--replays 2000]
-        [--down-add] [--down-programmatic] [--pdl on|off|cuda_c_off|triton_off]
+    python bench/pdl_race_probe.py [--world 2] [--layers 43] [--replays 2000] [--check]
+        [--pdl on|off|cuda_c_off|triton_off]
 
-Run it under CUDA_ENABLE_COREDUMP_ON_EXCEPTION=1 CUDA_ENABLE_LIGHTWEIGHT_COREDUMP=1 and
-`cuda-gdb -batch -ex "target cudacore CORE" -ex "info cuda kernels"` names the faulting kernel.
+Under cuda-gdb (`cuda-gdb -batch -ex run -ex "info cuda kernels" -ex bt --args python3 ...`)
+a fault stops at the kernel and instruction (device_run.sh s22d). The cause found that way:
+CUDA C kernels read an earlier kernel's output through the read-only path (common.cuh, prior).
 """
 import argparse
 import sys
@@ -16,30 +17,25 @@ import time
 
 import torch
 
-from ds4tp import config as C, model as model_mod
+from ds4tp import config as C
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
-from ds4tp.kernels import cuda_experts, pdl
+from ds4tp.kernels import pdl
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--world", type=int, default=2)
 ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--replays", type=int, default=2000)
-ap.add_argument("--down-add", action="store_true", help="the routed down launch adds the shared out")
-ap.add_argument("--down-programmatic", action="store_true", help="... and is launched with PDL")
 ap.add_argument("--pdl", default="on", choices=("on", "off", "cuda_c_off", "triton_off"))
 ap.add_argument("--check", action="store_true",
                 help="after every replay: wait, read the token it picked, check the logits are finite")
 args = ap.parse_args()
 
-model_mod.DOWN_ADDS_SHARED = args.down_add
-cuda_experts.ADD_PROGRAMMATIC = args.down_programmatic
 {"on": lambda: None, "off": lambda: pdl.set_enabled(False),
  "cuda_c_off": lambda: pdl.set_cuda_c_enabled(False),
  "triton_off": lambda: pdl.set_triton_enabled(False)}[args.pdl]()
-tag = f"world {args.world}, {args.layers} layers, down_add {args.down_add}, " \
-      f"down_programmatic {args.down_programmatic}, pdl {args.pdl}"
+tag = f"world {args.world}, {args.layers} layers, pdl {args.pdl}"
 print("probe:", tag, flush=True)
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)

@@ -28,7 +28,7 @@ from ds4tp.fuse import fused
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm,
                             rope_cos_sin, rope_tail, softplus)
-from ds4tp.ops import expert_down_add, expert_linear, expert_swiglu, grouped_linear, linear, swiglu_linear
+from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear, swiglu_linear
 from ds4tp.qtensor import QTensor
 from ds4tp.streams import Side
 
@@ -685,8 +685,6 @@ def local_expert_ids(ids: torch.Tensor, first: int, n_local: int) -> torch.Tenso
 
 
 SHARED_LANE = 2    # the shared expert's side stream (streams.LANE_PRIORITY; benchmarks time others)
-DOWN_ADDS_SHARED = False  # the routed down launch adds the shared expert's output (benchmarks
-                          # time the separate add)
 
 
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
@@ -708,10 +706,6 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
         local_ids = local_expert_ids(ids, rank * n_local, n_local)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
-    if trace is None and DOWN_ADDS_SHARED:
-        side.join()                                              # the down launch adds the shared out
-        out = expert_down_add(lw.down_exps, mid, local_ids, shared)   # [T, E] partial; Q8_K per slot
-        return comm.all_reduce(out)                              # FFN all-reduce (routed + shared)
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
     side.join()
     if trace is not None:

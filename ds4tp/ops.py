@@ -150,17 +150,6 @@ def expert_linear(w: QTensor, x: torch.Tensor, ids: torch.Tensor,
     return y.sum(1) if sum_slots else y
 
 
-def expert_down_add(w: QTensor, x: torch.Tensor, ids: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-    """expert_linear(w, x, ids, sum_slots=True) + add (the routed down projection and the shared
-    expert's output): one launch on CUDA at decode sizes, else the two ops."""
-    if _fused_ok(x) and add.dtype == torch.float32:
-        from ds4tp import kernels
-        y = kernels.expert_down_add(w, x, ids, add)
-        if y is not None:
-            return y
-    return expert_linear(w, x, ids, sum_slots=True) + add
-
-
 def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
     """mid [T, K, out] = swiglu_clamped(gate, up, clamp) * weights (routed gate/up, one fused

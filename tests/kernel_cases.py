@@ -223,23 +223,6 @@ def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, s
     return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}", got, want)
 
 
-def case_cuda_down_add(device, gen, E, n_out, n_in, T, K, shard=""):
-    """The CUDA C routed down kernel adding a [T, N] tensor in its launch (the shared expert's
-    output; ops.expert_down_add): bit for bit the kernel's sum plus the tensor in torch, and
-    the twin (expert_linear_torch summed, plus the tensor) to rounding."""
-    from ds4tp.kernels import cuda_experts as ce
-    w = expert_weight(Q2_K, E, n_out, n_in, gen, device, shard)
-    ids = rand_ids(T, K, E, gen, device)
-    x = rand_act((T, K, n_in), gen, device)
-    add = rand_act((T, 2 * n_out), gen, device)[:, :n_out]          # rows of a wider tensor
-    got = ce.down_sum(w, x, ids, add=add)
-    assert got is not None, f"cuda_experts.down_sum did not take add for {n_out}x{n_in} T={T}"
-    assert torch.equal(got, ce.down_sum(w, x, ids) + add), "down_sum(add=a) != down_sum() + a"
-    assert torch.equal(ops.expert_down_add(w, x, ids, add), got), "ops.expert_down_add != the kernel"
-    want = ops.expert_linear_torch(w, x, ids).sum(1) + add
-    return check(f"cuda down_sum + add {n_out}x{n_in} T={T} K={K} {shard}", got, want)
-
-
 def case_cuda_not_covered(device, gen):
     """What the CUDA C path leaves to the Triton kernels: it returns None, it does not fail."""
     from ds4tp.kernels import cuda_experts as ce
@@ -314,8 +297,6 @@ def cuda_c_cases():
     yield "cuda down 512 in K=8 dup", case_cuda_down_sum, (12, 24, 512, 2, 8, 7, True)
     yield "cuda down 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6)
     yield "cuda down 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True)
-    yield "cuda down + add 2048 in T=1", case_cuda_down_add, (8, 40, 2048, 1, 6)
-    yield "cuda down + add 1024 in T=3 cols", case_cuda_down_add, (8, 48, 1024, 3, 6, "cols")
     yield "cuda not covered", case_cuda_not_covered, ()
     # other block sizes (a compile-time constant) that benchmarks time
     yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)

@@ -21,8 +21,6 @@ Entry points (twins in ds4tp.ops):
   grouped_linear(w, x)                           x [T, G, in_g]      -> [T, G, out/G]
   expert_linear(w, x, ids, sum_slots=False)      x [T, in]|[T, K, in], ids [T, K]
                                                  -> [T, K, out], or summed over K [T, out]
-  expert_down_add(w, x, ids, add)                x [T, K, in], add [T, out]
-                                                 -> expert_linear(w, x, ids, sum_slots=True) + add
   expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
                                                  -> [T, K, out] = swiglu(gate, up) * weights
 """
@@ -152,15 +150,6 @@ def expert_linear(w, x, ids, sum_slots: bool = False):
             return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_linear(w, x, ids, sum_slots=sum_slots)
-
-
-def expert_down_add(w, x, ids, add):
-    """The routed down projection summed over the slots plus add, in one launch (the CUDA C
-    kernel at decode sizes), or None."""
-    if not _covered(w, x) or not ids.is_cuda or _many(ids.shape[0]):
-        return None
-    from ds4tp.kernels import cuda_experts
-    return cuda_experts.down_sum(w, x, ids, add=add)
 
 
 def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):

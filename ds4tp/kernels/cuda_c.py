@@ -110,16 +110,14 @@ def wave_slots(fn, warps: int, device: torch.device) -> int:
 _STREAMS: dict = {}
 
 
-def launch(fn, device: torch.device, grid, warps: int, args, programmatic: bool = True) -> None:
+def launch(fn, device: torch.device, grid, warps: int, args) -> None:
     """fn on torch's current stream of `device` (so CUDA graph capture records it), as a
     programmatic dependent launch where ds4tp.kernels.pdl is on (the kernels call pdl_trigger
-    and pdl_wait, common.cuh) and `programmatic`. A launch that reads a side stream's output
-    just joined (streams.Side) is made plain: graph replays of the decode step hit an illegal
-    address when such a launch was programmatic (twice on an H200: sessions 18 and 21)."""
+    and pdl_wait, common.cuh)."""
     from ds4tp.kernels import pdl      # (pdl builds on this module's Switch)
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
-    if programmatic and pdl.cuda_c_enabled(device) and pdl.cuda_ok():
+    if pdl.cuda_c_enabled(device) and pdl.cuda_ok():
         with cp.cuda.Device(device.index):
             pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
         return

@@ -29,7 +29,6 @@ A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 1
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
-ADD_PROGRAMMATIC = False   # down_sum(add=...) launched with PDL (bench/pdl_race_probe.py times both)
 _switch = cuda_c.Switch()
 set_enabled = _switch.set          # benchmarks time the Triton kernels in the same run
 available = _switch.available
@@ -97,14 +96,10 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
 
 
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
-             warps: int = WARPS, add: torch.Tensor | None = None) -> torch.Tensor | None:
+             warps: int = WARPS) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
-    x [T, K, n_in] one activation per slot; plus add [T, N] float32 where given (one add per
-    element, in the launch); None if not covered."""
+    x [T, K, n_in] one activation per slot; None if not covered."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
-        return None
-    if add is not None and not (add.dtype == torch.float32 and add.device == x.device
-                                and add.shape == (ids.shape[0], w.shape[1]) and add.stride(-1) == 1):
         return None
     E, N, n_in = w.shape
     kb = n_in // 256
@@ -123,9 +118,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
              np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
-             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc),
-             _ptr(add) if add is not None else np.uint64(0), np.int64(add.stride(0) if add is not None else 0)),
-            programmatic=add is None or ADD_PROGRAMMATIC)   # add: a side stream's output (cuda_c.launch)
+             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)))
     return out
 
 

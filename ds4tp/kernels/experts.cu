@@ -281,15 +281,13 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // (16-block s = 8nh + 2j + h); 4*KB units per slot, 32/(4*KB) slots per pass.
 // All of a row's loads (every slot) are issued before any is used; the first row's before the
 // prologue.
-// With add (not null), out[t, n] = that sum + add[t, n] (one float32 add, as torch's): the
-// shared expert's output joins the routed sum here instead of in a separate launch.
 // Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides 4-byte aligned,
 // x and its strides 16-byte aligned.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
              const float* x, long long stride_xt, long long stride_xk,
              const long long* ids, float* __restrict__ out, long long stride_ot,
-             int N, int KB, int K, int rpc, const float* add, long long stride_at) {
+             int N, int KB, int K, int rpc) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
@@ -341,7 +339,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             }
         }
         acc = warp_sum(acc);
-        if (lane == 0) out[(long long)t * stride_ot + n] = add != 0 ? acc + prior(add + (long long)t * stride_at + n) : acc;
+        if (lane == 0) out[(long long)t * stride_ot + n] = acc;
         n += WARPS;
         B_LOAD()                          // the next row's loads (nothing past nend)
     }
