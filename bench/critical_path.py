@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 from ds4tp import config as C, decode_graph, model as model_mod, streams
-from ds4tp.kernels import cuda_c, cuda_experts, pdl, triton_hc, triton_pick, triton_route
+from ds4tp.kernels import pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -48,10 +48,6 @@ VARIANTS = {
     "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
     "pdl_off_cuda_c": (pdl.set_cuda_c_enabled,),              # the CUDA C launches plain
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
-    # (session 22) the gate/up kernel reading ids and router weights from L2 per item, and x by
-    # 4-byte loads, as the fix left it; every earlier-output load L1-cached (ld.global.ca)
-    "gu_per_item": ((cuda_experts, "SWIGLU_DEFINES", (("A_IDS_PER_ITEM", 1),)),),
-    "prior_ca": ((cuda_c, "EXTRA_DEFINES", (("PRIOR_CA", 1),)),),
 }
 
 

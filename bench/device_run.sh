@@ -171,8 +171,9 @@
 #         twins, the race probe at TP=1 and TP=2 (and the down-add variant), replay A/B
 #   s22f: session 22 closing run, two GPUs: the PTX check, the CUDA C twins, the TP=2,1 bench
 #         and CUDA goldens through the graphs (after the fix)
-#   s22g: session 22, one GPU: the gate/up kernel's ids and router weights by shuffle, x by
-#         16-byte loads: CUDA C twins, replay A/B against the fix's version and L1-cached loads
+#   s22g: session 22, one GPU, at 85b629c (reverted after): the gate/up kernel's ids and router
+#         weights by shuffle, x by 16-byte loads: CUDA C twins, replay A/B against the fix's
+#         version (gu_per_item) and L1-cached loads (prior_ca)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -951,15 +952,6 @@ elif [ "$MODE" = s22f ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 120 "cuda_c" tests/test_kernels.py
   bench_goldens
-elif [ "$MODE" = s22g ]; then
-  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
-  gate_tests 120 "cuda_c" tests/test_kernels.py
-  for w in 2 1; do
-    log "replay A/B, world $w: base (ids by shuffle, float4 x), the fix's gate/up, L1-cached loads"
-    timeout 150 python3 bench/critical_path.py --world $w --variants base,gu_per_item,prior_ca --trace none \
-      > "$OUT/critical_path_w$w.txt" 2>&1
-    grep -A4 "us per replay (best\\|Error" "$OUT/critical_path_w$w.txt" | head -8
-  done
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then

@@ -42,8 +42,4 @@ __device__ __forceinline__ void pdl_wait() {
 // Weights and tables are read-only for the whole step and keep __ldg. tests/test_ptx_loads.py
 // checks every kernel's PTX for read-only-path loads from anything but its weight parameters.
 template <typename T>
-#ifdef PRIOR_CA
-__device__ __forceinline__ T prior(const T* p) { return __ldca(p); }   // (timed only, s22g)
-#else
 __device__ __forceinline__ T prior(const T* p) { return __ldcg(p); }
-#endif

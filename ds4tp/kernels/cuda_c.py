@@ -59,7 +59,6 @@ def _module(src: str, device_index: int, defines: tuple):
         return cp.RawModule(code=code, options=opts)
 
 
-EXTRA_DEFINES: tuple = ()   # defines every .cu file gets (benchmarks time variants with them)
 _FAILED: dict = {}     # (src, device index, defines) -> why it did not compile there
 _FUNCS: dict = {}      # (src, device index, defines, name) -> the kernel (one object per key, so
                        # resident()'s cache keyed on it holds one entry per kernel)
@@ -69,7 +68,6 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
     """Kernel `name` of `src` compiled for the device, or None where the source does not compile
     (one warning naming the error; never compiled again). The CUDA C twin tests assert that
     their path ran, so a GPU test run still fails on it."""
-    defines = tuple(defines) + EXTRA_DEFINES
     key = (src, device_index, defines)
     if key in _FAILED:
         return None
