@@ -4,10 +4,12 @@ Launched with PDL, a kernel is resident before the kernel ahead has written its 
 that output is not read-only for the kernel's lifetime, which ld.global.nc requires. A
 `const __restrict__` pointer lets the compiler choose that path on its own: q2k_down_sum read
 stale expert ids that way and faulted in graph replays (common.cuh, `prior`; sessions 18-22).
-This test compiles every .cu file to PTX (nvcc; it skips where there is none, as on CI's
-machines) and follows each ld.global.nc address back to the kernel parameters it is computed
-from: only weights and tables may be among them.
+This test compiles every .cu file to PTX (NVRTC from the test extra's nvidia-cuda-nvrtc wheel,
+or nvcc; no GPU needed) and follows each ld.global.nc address back to the kernel parameters it
+is computed from: only weights and tables may be among them.
 """
+import ctypes
+import glob
 import re
 import shutil
 import subprocess
@@ -20,53 +22,82 @@ SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw"}
 
+
+def _nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (or the system), or None."""
+    paths = []
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            paths += sorted(glob.glob(f"{root}/**/libnvrtc.so*", recursive=True))
+    except ImportError:
+        pass
+    for name in paths + ["libnvrtc.so"]:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _nvrtc()
 NVCC = shutil.which("nvcc")
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc to compile the kernels to PTX "
-                                                      "(the GPU machine and developer machines have it)")
+needs_compiler = pytest.mark.skipif(
+    NVRTC is None and NVCC is None,
+    reason="needs NVRTC (the test extra's nvidia-cuda-nvrtc wheel) or nvcc to compile the kernels to PTX")
 
 
-def _compile(src: str, tmp: Path, stage: str) -> str:
-    code = (KDIR / "common.cuh").read_text() + "\n" + (KDIR / src).read_text()
-    cu = tmp / ("k_" + src)
+def ptx_of(code: str, tmp: Path) -> str:
+    """PTX for sm_90 of CUDA C source (no headers: the kernels are written for NVRTC)."""
+    if NVRTC is not None:
+        prog = ctypes.c_void_p()
+        assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"k.cu", 0, None, None) == 0
+        opts = [b"--gpu-architecture=compute_90", b"--std=c++17"]
+        arr = (ctypes.c_char_p * len(opts))(*opts)
+        rc = NVRTC.nvrtcCompileProgram(prog, len(opts), arr)
+        if rc != 0:
+            size = ctypes.c_size_t()
+            NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            NVRTC.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC: {log.value.decode()[:2000]}")
+        size = ctypes.c_size_t()
+        NVRTC.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        NVRTC.nvrtcGetPTX(prog, buf)
+        NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+        return buf.value.decode()
+    cu, out = tmp / "k.cu", tmp / "k.ptx"
     cu.write_text(code)
-    out = tmp / (src + "." + stage)
-    flag = ["-ptx"] if stage == "ptx" else ["-E"]
-    subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", *flag, "-o", str(out), str(cu)],
+    subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-ptx", "-o", str(out), str(cu)],
                    check=True, capture_output=True, text=True)
     return out.read_text()
 
 
-def _strip_attributes(text: str) -> str:
-    """__attribute__((global)) as __global__; other attributes and launch bounds removed."""
-    text = text.replace("__attribute__((global))", "__global__")
-    out, i = [], 0
-    for m in re.finditer(r"__attribute__|__launch_bounds__", text):
-        if m.start() < i:
-            continue
-        out.append(text[i:m.start()])
-        j, depth = m.end(), 0
-        while j < len(text):            # skip the balanced parentheses that follow
-            depth += {"(": 1, ")": -1}.get(text[j], 0)
-            j += 1
-            if depth == 0 and text[j - 1] == ")":
-                break
-        i = j
-    out.append(text[i:])
-    return "".join(out)
-
-
-def kernel_params(pre: str) -> dict:
-    """name -> [(param name, is pointer)] of every extern "C" __global__ kernel in preprocessed
-    source."""
+def kernel_params(code: str) -> dict:
+    """name -> [(param name, is pointer)] of every extern "C" __global__ kernel in the source
+    (a parameter list given by a macro is expanded from its #define)."""
+    macros = {m.group(1): m.group(2).replace("\\\n", " ")
+              for m in re.finditer(r"#define\s+(\w+)\s+((?:.*\\\n)*.*)", code)}
     out = {}
-    for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)',
-                         _strip_attributes(pre)):
+    for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\b', code):
+        rest = code[m.end():]
+        # the kernel's name: the first identifier followed by "(" that is not a launch bound
+        for nm in re.finditer(r"(\w+)\s*\(", rest):
+            if nm.group(1) != "__launch_bounds__":
+                break
+        depth, j = 0, nm.end() - 1
+        for j in range(nm.end() - 1, len(rest)):
+            depth += {"(": 1, ")": -1}.get(rest[j], 0)
+            if depth == 0:
+                break
+        plist = rest[nm.end():j].strip()
+        plist = macros.get(plist, plist)
         params = []
-        for p in m.group(2).split(","):
+        for p in plist.split(","):
             p = p.strip()
-            name = re.findall(r"(\w+)\s*$", p)[0]
-            params.append((name, "*" in p))
-        out[m.group(1)] = params
+            params.append((re.findall(r"(\w+)\s*$", p)[0], "*" in p))
+        out[nm.group(1)] = params
     return out
 
 
@@ -137,11 +168,12 @@ def nc_load_sources(ptx: str) -> dict:
     return result
 
 
-@needs_nvcc
+@needs_compiler
 @pytest.mark.parametrize("src", SOURCES)
 def test_no_read_only_path_loads_of_earlier_outputs(src, tmp_path):
-    params = kernel_params(_compile(src, tmp_path, "i"))
-    loads = nc_load_sources(_compile(src, tmp_path, "ptx"))
+    code = (KDIR / "common.cuh").read_text() + "\n" + (KDIR / src).read_text()
+    params = kernel_params(code)
+    loads = nc_load_sources(ptx_of(code, tmp_path))
     assert set(params) == set(loads), (sorted(params), sorted(loads))
     bad = []
     for kern, found in loads.items():
@@ -155,7 +187,7 @@ def test_no_read_only_path_loads_of_earlier_outputs(src, tmp_path):
     assert not bad, "read-only-path loads of earlier kernels' outputs:\n" + "\n".join(bad)
 
 
-@needs_nvcc
+@needs_compiler
 def test_checker_finds_a_read_only_path_load_of_an_output(tmp_path):
     """The checker itself: a kernel that reads a const __restrict__ activation (the pattern that
     faulted) is reported; the same kernel reading it with prior() is not."""
@@ -168,12 +200,9 @@ extern "C" __global__ void probe(const float* __restrict__ w, const float* __res
 }
 '''
     for load_x, expect_bad in (("x[i]", True), ("prior(x + i)", False)):
-        cu = tmp_path / "probe.cu"
-        cu.write_text(code.replace("LOAD_X", load_x))
-        ptx = tmp_path / "probe.ptx"
-        subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-ptx", "-o", str(ptx), str(cu)],
-                       check=True, capture_output=True, text=True)
-        loads = nc_load_sources(ptx.read_text())["probe"]
+        probe = code.replace("LOAD_X", load_x)
+        assert [n for n, _ in kernel_params(probe)["probe"]] == ["w", "x", "y", "n"]
+        loads = nc_load_sources(ptx_of(probe, tmp_path))["probe"]
         from_x = [ins for ins, srcs in loads if 1 in srcs]
         from_w = [ins for ins, srcs in loads if 0 in srcs]
         assert from_w, loads                       # the weight's __ldg is found either way
