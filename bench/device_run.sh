@@ -174,6 +174,8 @@
 #   s22g: session 22, one GPU, at 85b629c (reverted after): the gate/up kernel's ids and router
 #         weights by shuffle, x by 16-byte loads: CUDA C twins, replay A/B against the fix's
 #         version (gu_per_item) and L1-cached loads (prior_ca)
+#   s22h: session 22, one GPU: the gate/up kernel's x by 16-byte loads and its ids by shuffle,
+#         each alone: twin cases and replay A/B against the fix's version
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -952,6 +954,28 @@ elif [ "$MODE" = s22f ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 120 "cuda_c" tests/test_kernels.py
   bench_goldens
+elif [ "$MODE" = s22h ]; then
+  log "gate/up variants against the twin (x by 16-byte loads; ids by shuffle)"
+  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -6
+import sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+from ds4tp.kernels import cuda_experts as ce
+for defs in ((), (("A_X_VEC", 1),), (("A_IDS_SHUFFLE", 1),)):
+    ce.SWIGLU_DEFINES = defs
+    n = 0
+    for name, fn, a in kc.cuda_c_cases():
+        if "swiglu" in name:
+            fn("cuda", torch.Generator().manual_seed(7 + n), *a)
+            n += 1
+    print(defs or "default", n, "swiglu cases passed")
+PY
+  for w in 2 1; do
+    log "replay A/B, world $w: the fix's gate/up, x by 16-byte loads, ids by shuffle"
+    timeout 100 python3 bench/critical_path.py --world $w --variants base,gu_xvec,gu_shuffle --trace none \
+      > "$OUT/critical_path_w$w.txt" 2>&1
+    grep -A4 "us per replay (best\|Error" "$OUT/critical_path_w$w.txt" | head -8
+  done
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then
