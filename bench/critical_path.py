@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 from ds4tp import config as C, decode_graph, model as model_mod, streams
-from ds4tp.kernels import cuda_experts, pdl, triton_hc, triton_pick, triton_route
+from ds4tp.kernels import pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -48,9 +48,6 @@ VARIANTS = {
     "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
     "pdl_off_cuda_c": (pdl.set_cuda_c_enabled,),              # the CUDA C launches plain
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
-    # (session 22) the gate/up kernel's x by 16-byte loads; its ids and router weights by shuffle
-    "gu_xvec": ((cuda_experts, "SWIGLU_DEFINES", (("A_X_VEC", 1),)),),
-    "gu_shuffle": ((cuda_experts, "SWIGLU_DEFINES", (("A_IDS_SHUFFLE", 1),)),),
 }
 
 

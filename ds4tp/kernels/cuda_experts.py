@@ -34,14 +34,11 @@ set_enabled = _switch.set          # benchmarks time the Triton kernels in the s
 available = _switch.available
 
 
-SWIGLU_DEFINES: tuple = ()   # timed variants of the gate/up kernel (benchmarks set them)
-
-
 def _kernel(x: torch.Tensor, warps: int, which: int):
     """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block is a
     compile-time constant; benchmarks time other values), or None (see cuda_c.kernel)."""
     return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum")[which], x.device.index,
-                         (("WARPS", warps),) + (SWIGLU_DEFINES if which == 0 else ()))
+                         (("WARPS", warps),))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
@@ -84,7 +81,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if fa is None:
         return None
     T, K = ids.shape
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 4:   # (A_X_VEC: 16-byte loads)
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 4:   # the kernel's 16-byte loads of x
         x = x.clone(memory_format=torch.contiguous_format)
     rw = weights.to(torch.float32).contiguous()
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
