@@ -176,7 +176,7 @@
 #         version (gu_per_item) and L1-cached loads (prior_ca)
 #   s22h: session 22, one GPU: the gate/up kernel's x by 16-byte loads and its ids by shuffle,
 #         each alone: twin cases and replay A/B against the fix's version
-#         (at 87a0d4c^; the x loads landed after it, the variants were removed)
+#         (at 7193e33; the x loads landed after it, the variants were removed)
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
