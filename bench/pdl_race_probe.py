@@ -42,6 +42,8 @@ comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
 m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
 dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
 done = 0
+history = []                     # (replay, token picked, logits all finite) with --check
+steps_done = False
 try:
     # each phase waited on, so that a failure names its phase: the eager prefill of one token,
     # an eager decode step (state restored after), the graph's capture, then its replays
@@ -65,10 +67,10 @@ try:
         torch.cuda.synchronize()
         print(f"step {i}: logits finite {bool(torch.isfinite(logits).all())}, token picked "
               f"{int(dec.token.item())}", flush=True)
-    print(f"captured; 8 steps, logits sum {logits.double().sum().item():.6f}", flush=True)
-    g, _ = dec.graphs[(False, False, False)]
+    print(f"8 steps replayed, logits sum {logits.double().sum().item():.6f}", flush=True)
+    steps_done = True
+    g, _ = dec.graphs[var]
     t0 = time.perf_counter()
-    history = []                 # (replay, token picked, logits all finite) with --check
     while done < args.replays:
         if args.check:
             g.replay()
@@ -89,8 +91,9 @@ try:
               f"{[r for r, _, f in history if not f][:10]}; last {history[-3:]}", flush=True)
     print(f"OK: {done} replays, {1e6 * dt / done:.1f} us each; {tag}", flush=True)
 except Exception as e:       # the error surfaces at the synchronize after the failing replay
-    print(f"FAILED (the 8 steps {'done' if done or 'g' in globals() else 'not done'}) after {done} to {done + (0 if args.check else 100)} replays: {type(e).__name__}: "
-          f"{str(e)[:200]}; {tag}", flush=True)
+    upto = done + (0 if args.check else 100)
+    print(f"FAILED ({'after' if steps_done else 'before'} the 8 steps) after {done} to {upto} "
+          f"replays: {type(e).__name__}: {str(e)[:200]}; {tag}", flush=True)
     if args.check:
         print("last replays (replay, token, logits finite):", history[-8:], flush=True)
     sys.exit(1)
