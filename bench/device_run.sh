@@ -177,6 +177,8 @@
 #   s22h: session 22, one GPU: the gate/up kernel's x by 16-byte loads and its ids by shuffle,
 #         each alone: twin cases and replay A/B against the fix's version
 #         (at 7193e33; the x loads landed after it, the variants were removed)
+#   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
+#         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -977,6 +979,10 @@ PY
       > "$OUT/critical_path_w$w.txt" 2>&1
     grep -A4 "us per replay (best\|Error" "$OUT/critical_path_w$w.txt" | head -8
   done
+elif [ "$MODE" = l1wait ]; then
+  log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
+  timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3
+  timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --spin-us 20 2>&1 | tail -1
 elif [ "$MODE" = s21e ]; then
   bench_goldens
 elif [ "$MODE" = s20a ]; then
