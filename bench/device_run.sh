@@ -259,6 +259,17 @@ cuda_c_sweep() {
   log "T=1: Triton default vs CUDA C launches: $3"
   timeout "$1" python3 bench/kernels_check.py --out "$OUT/kernels.json" --tokens 1 --sweep-tokens 1 --budget-s "$2" --sweep-cuda-c-only --only "$3" 2>&1 | grep "us\|sweep\|FAIL" | grep -v "matvec_time" | tail -70
 }
+# bench/pdl_race_probe.py in a process of its own (a fault ends the CUDA context):
+# race_probe TIMEOUT_S ARGS; its output in $OUT/probe_N.txt (N counts the probes), also appended
+# to $OUT/pdl_race_probe.txt; prints the exit status and the last lines
+PROBE_N=0
+race_probe() {
+  local t=$1; shift; PROBE_N=$((PROBE_N + 1)); log "race probe $PROBE_N: $*"
+  timeout "$t" python3 bench/pdl_race_probe.py "$@" > "$OUT/probe_$PROBE_N.txt" 2> "$OUT/probe_$PROBE_N.err"
+  echo "rc $?"; grep -v "^step" "$OUT/probe_$PROBE_N.txt" | tail -5
+  grep -v "^ \\|cupy\\|^Traceback\\|^Exception ignored\\|^$\\|Warn\\|warn" "$OUT/probe_$PROBE_N.err" | tail -3
+  cat "$OUT/probe_$PROBE_N.txt" >> "$OUT/pdl_race_probe.txt"
+}
 # the 43-layer step's variants replay-timed round-robin and the first traced (bench/critical_path.py),
 # at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT
 replay_ab() {
@@ -902,12 +913,10 @@ elif [ "$MODE" = s21d ]; then
 elif [ "$MODE" = s22a ]; then
   export CUDA_ENABLE_COREDUMP_ON_EXCEPTION=1 CUDA_ENABLE_LIGHTWEIGHT_COREDUMP=1 \
          CUDA_ENABLE_CPU_COREDUMP_ON_EXCEPTION=0 CUDA_COREDUMP_FILE=/tmp/core_%p
-  probe() { local t=$1; shift; log "race probe: $*"
-    timeout "$t" python3 bench/pdl_race_probe.py "$@" 2>&1 | grep -v "Warning\|warn(" | tail -5 | tee -a "$OUT/pdl_race_probe.txt"; }
-  probe 200 --down-add --down-programmatic --replays 3000
-  probe 100 --down-add --down-programmatic --replays 3000 --pdl cuda_c_off
-  probe 100 --down-add --down-programmatic --replays 3000 --pdl triton_off
-  probe 100 --replays 6000
+  race_probe 200 --down-add --down-programmatic --replays 3000
+  race_probe 100 --down-add --down-programmatic --replays 3000 --pdl cuda_c_off
+  race_probe 100 --down-add --down-programmatic --replays 3000 --pdl triton_off
+  race_probe 100 --replays 6000
   for c in /tmp/core_*; do
     [ -e "$c" ] || continue
     log "cuda-gdb on $c ($(du -h "$c" | cut -f1))"
@@ -915,22 +924,15 @@ elif [ "$MODE" = s22a ]; then
       -ex "info cuda warps" 2>&1 | head -60 | tee -a "$OUT/pdl_race_gdb.txt"
   done
 elif [ "$MODE" = s22b ]; then
-  probe() { local t=$1; shift; log "race probe: $*"
-    timeout "$t" python3 bench/pdl_race_probe.py "$@" 2>&1 | grep -v "Warning\\|warn(" | tail -14 | tee -a "$OUT/pdl_race_probe.txt"; }
-  probe 150 --replays 8000 --check
-  probe 120 --replays 8000 --check
-  probe 120 --replays 8000 --check --pdl off
+  race_probe 150 --replays 8000 --check
+  race_probe 120 --replays 8000 --check
+  race_probe 120 --replays 8000 --check --pdl off
 elif [ "$MODE" = s22c ]; then
-  n=0
-  probe() { local t=$1; shift; n=$((n+1)); log "race probe $n: $*"
-    timeout "$t" python3 bench/pdl_race_probe.py "$@" > "$OUT/probe_$n.txt" 2> "$OUT/probe_$n.err"
-    echo "rc $?"; tail -14 "$OUT/probe_$n.txt"; grep -v "^ \|cupy\|^Traceback\|^Exception ignored\|^$" "$OUT/probe_$n.err" | tail -4; }
-  probe 150 --replays 4000 --check
-  probe 120 --replays 4000 --check --pdl cuda_c_off
-  probe 120 --replays 4000 --check --pdl triton_off
-  probe 120 --replays 4000 --check --world 1
-  probe 120 --replays 4000 --check --down-add --down-programmatic
-  cat "$OUT"/probe_*.txt > "$OUT/pdl_race_probe.txt"
+  race_probe 150 --replays 4000 --check
+  race_probe 120 --replays 4000 --check --pdl cuda_c_off
+  race_probe 120 --replays 4000 --check --pdl triton_off
+  race_probe 120 --replays 4000 --check --world 1
+  race_probe 120 --replays 4000 --check --down-add --down-programmatic
 elif [ "$MODE" = s22d ]; then
   log "cuda-gdb: the landed code's TP=1 step, replays until the fault"
   timeout 300 cuda-gdb -q -batch -ex "set pagination off" -ex "set cuda break_on_launch none" -ex run \
@@ -942,14 +944,9 @@ elif [ "$MODE" = s22e ]; then
   log "PTX: no read-only-path loads of earlier kernels' outputs"
   timeout 120 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -2
   gate_tests 200 "cuda_c" tests/test_kernels.py
-  n=0
-  probe() { local t=$1; shift; n=$((n+1)); log "race probe $n: $*"
-    timeout "$t" python3 bench/pdl_race_probe.py "$@" > "$OUT/probe_$n.txt" 2> "$OUT/probe_$n.err"
-    echo "rc $?"; grep -v "^step" "$OUT/probe_$n.txt" | tail -5; grep -v "^ \\|cupy\\|^Traceback\\|^Exception ignored\\|^$\\|Warn\\|warn" "$OUT/probe_$n.err" | tail -3; }
-  probe 120 --replays 3000 --check --world 1
-  probe 120 --replays 3000 --check
-  probe 120 --replays 3000 --check --down-add --down-programmatic
-  cat "$OUT"/probe_*.txt > "$OUT/pdl_race_probe.txt"
+  race_probe 120 --replays 3000 --check --world 1
+  race_probe 120 --replays 3000 --check
+  race_probe 120 --replays 3000 --check --down-add --down-programmatic
   log "replay A/B, world 2: base, the down launch adding the shared output, PDL off"
   timeout 150 python3 bench/critical_path.py --world 2 --variants base,down_add,pdl_off --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A6 "us per replay (best\\|Error" "$OUT/critical_path_w2.txt" | head -12

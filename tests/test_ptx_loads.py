@@ -101,70 +101,59 @@ def kernel_params(code: str) -> dict:
     return out
 
 
+def _instructions(body: str):
+    """An entry's instructions, one string each, without predicates, labels and directives."""
+    for ln in body.splitlines():
+        for part in ln.split("//")[0].split(";"):
+            part = part.strip().strip("{}").strip()
+            if part and not part.endswith(":") and not part.startswith("."):
+                yield re.sub(r"^@!?%\w+\s+", "", part)
+
+
+_NO_DEST = ("st.", "bra", "ret", "bar", "red.", "atom.", "prefetch", "cp.", "griddepcontrol",
+            "membar", "fence")
+
+
+def _step(ins: str, prov: dict, param_re) -> tuple:
+    """(registers it writes, parameter indices flowing into them, the parameter indices behind
+    its address if it is an ld.global.nc, else None) for one instruction."""
+    op = ins.split()[0]
+    rest = ins[len(op):]
+    if op.startswith(_NO_DEST) or "%" not in rest:
+        return [], set(), None
+    regs_prov = lambda txt: set().union(*(prov.get(r, set()) for r in re.findall(r"%\w+", txt)))  # noqa: E731
+    if op.startswith(("ld.", "ldu.")):
+        addr = re.search(r"\[([^\]]*)\]", rest)
+        addr = addr.group(1) if addr else ""
+        if op.startswith("ld.param"):
+            pm = param_re.search(addr)
+            return re.findall(r"%\w+", rest.split("[")[0]), {int(pm.group(1))} if pm else set(), None
+        # a loaded value is data, not an address derived from the parameters
+        return [], set(), (frozenset(regs_prov(addr)) if ".nc" in op else None)
+    head = rest.strip()        # dests: the first operand (or a {..} vector of them); then sources
+    dest_txt, _, src_txt = head[1:].partition("}") if head.startswith("{") else head.partition(",")
+    return re.findall(r"%\w+", dest_txt), regs_prov(src_txt), None
+
+
 def nc_load_sources(ptx: str) -> dict:
     """kernel -> [(PTX line of an ld.global.nc, the parameter indices its address comes from)]:
-    a flow-insensitive walk of each entry's register dataflow (a loaded value starts afresh: it
-    is data, not an address derived from the parameters)."""
+    a flow-insensitive walk of each entry's register dataflow, to a fixed point."""
     result = {}
     for m in re.finditer(r"\.entry\s+(\w+)\s*\((.*?)\)\s*(?:\.maxntid[^{]*)?\{(.*?)\n\}", ptx, re.S):
-        name, body = m.group(1), m.group(3)
-        lines = [ln.split("//")[0].strip() for ln in body.splitlines()]
-        instrs = []
-        for ln in lines:
-            for part in ln.split(";"):
-                part = part.strip().strip("{}").strip()
-                if not part or part.endswith(":") or part.startswith("."):
-                    continue
-                part = re.sub(r"^@!?%\w+\s+", "", part)
-                instrs.append(part)
-        prov: dict = {}
+        name, instrs = m.group(1), list(_instructions(m.group(3)))
         param_re = re.compile(re.escape(name) + r"_param_(\d+)")
+        prov: dict = {}
         changed = True
-        loads = []
         while changed:
             changed = False
-            loads = []
             for ins in instrs:
-                op = ins.split()[0]
-                rest = ins[len(op):]
-                regs = re.findall(r"%\w+", rest)
-                if op.startswith(("st.", "bra", "ret", "bar", "red.", "atom.", "prefetch", "cp.",
-                                  "griddepcontrol", "membar", "fence")) or not regs:
-                    continue
-                if op.startswith("ld.") or op.startswith("ldu."):
-                    addr = re.search(r"\[([^\]]*)\]", rest)
-                    src = set()
-                    if addr:
-                        pm = param_re.search(addr.group(1))
-                        if pm and op.startswith("ld.param"):
-                            src = {int(pm.group(1))}
-                        else:
-                            for r in re.findall(r"%\w+", addr.group(1)):
-                                src |= prov.get(r, set())
-                    if op.startswith("ld.param"):
-                        dests = re.findall(r"%\w+", rest.split("[")[0])
-                        for dreg in dests:
-                            if not src <= prov.get(dreg, set()):
-                                prov[dreg] = prov.get(dreg, set()) | src
-                                changed = True
-                    elif ".nc" in op:
-                        loads.append((ins, frozenset(src)))
-                    continue
-                # dests: the first operand (or a {..} vector of them); sources: the rest
-                head = rest.strip()
-                if head.startswith("{"):
-                    dest_txt, src_txt = head[1:].split("}", 1)
-                else:
-                    dest_txt, _, src_txt = head.partition(",")
-                dests = re.findall(r"%\w+", dest_txt)
-                src = set()
-                for r in re.findall(r"%\w+", src_txt):
-                    src |= prov.get(r, set())
-                for dreg in dests:
-                    if not src <= prov.get(dreg, set()):
-                        prov[dreg] = prov.get(dreg, set()) | src
+                dests, src, _ = _step(ins, prov, param_re)
+                for d in dests:
+                    if not src <= prov.get(d, set()):
+                        prov[d] = prov.get(d, set()) | src
                         changed = True
-        result[name] = loads
+        result[name] = [(ins, srcs) for ins in instrs
+                        for srcs in [_step(ins, prov, param_re)[2]] if srcs is not None]
     return result
 
 
@@ -177,7 +166,6 @@ def test_no_read_only_path_loads_of_earlier_outputs(src, tmp_path):
     assert set(params) == set(loads), (sorted(params), sorted(loads))
     bad = []
     for kern, found in loads.items():
-        assert found or kern, kern
         pointer = {i: n for i, (n, is_ptr) in enumerate(params[kern]) if is_ptr}
         for ins, srcs in found:
             names = {pointer[i] for i in srcs if i in pointer}

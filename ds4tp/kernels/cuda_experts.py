@@ -52,6 +52,14 @@ def _aligned(raw: torch.Tensor, a: int) -> bool:
             and raw.stride(1) % a == 0)
 
 
+def _act16(x: torch.Tensor) -> torch.Tensor:
+    """x itself where the kernels' 16-byte activation loads may read it (unit last stride,
+    16-byte aligned, every other stride a multiple of 4 floats), else a contiguous copy."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s % 4 == 0 for s in x.stride()[:-1]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _ids64(ids: torch.Tensor) -> torch.Tensor:
     return ids if ids.dtype == torch.int64 and ids.is_contiguous() else ids.to(torch.int64).contiguous()
 
@@ -81,8 +89,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if fa is None:
         return None
     T, K = ids.shape
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 4:   # the kernel's 16-byte loads of x
-        x = x.clone(memory_format=torch.contiguous_format)
+    x = _act16(x)
     rw = weights.to(torch.float32).contiguous()
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
     from ds4tp.kernels.triton_matvec import _iq2_grid64
@@ -111,8 +118,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     if fb is None:
         return None
     T, K = ids.shape
-    if not (x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) % 4 == 0 and x.stride(1) % 4 == 0):
-        x = x.contiguous()       # the prologue reads 16-byte pieces
+    x = _act16(x)                # the prologue reads 16-byte pieces
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
     ids64 = _ids64(ids)
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)

@@ -164,7 +164,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
 
     // x by two 16-byte loads per lane: through L2 (prior), eight 4-byte loads each asked L2 for
-    // the lane's 32 bytes again (the step was 1.4% / 2.0% slower so at TP=2 / TP=1, s22h)
+    // the lane's 32 bytes again, and the step was 1.4% / 2.0% slower at TP=2 / TP=1 (s22h)
     for (int b = warp; b < KB; b += WARPS) {
         const float4* xb = (const float4*)(x + (long long)t * stride_xt + b * 256 + lane * 8);
         const float4 x0 = prior(xb), x1 = prior(xb + 1);
