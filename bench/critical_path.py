@@ -27,8 +27,8 @@ from collections import defaultdict
 
 import torch
 
-from ds4tp import config as C, decode_graph, model as model_mod, streams
-from ds4tp.kernels import pdl, triton_hc, triton_pick, triton_route
+from ds4tp import config as C, decode_graph
+from ds4tp.kernels import cuda_c, cuda_experts, pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -43,11 +43,14 @@ VARIANTS = {
     "pick_torch": (triton_pick.set_enabled,),                 # the greedy pick in torch ops
     **{f"route_w{w}": ((triton_route, "ROUTE_WARPS", w),) for w in (1, 2, 4, 8)},
     **{f"mix_w{w}": ((triton_hc, "MIX_WARPS", w),) for w in (1, 2, 4, 8)},
-    "shared_lane0": ((model_mod, "SHARED_LANE", 0),),         # with the compressors (before)
-    "shared_lane2_prio0": ((streams, "LANE_PRIORITY", (0, 0, 0)),),   # own lane, no priority
+    # (session 23) the shared expert in launches of its own on its side lane (before), instead of
+    # riding in the routed launches; the shared-lane variants of session 19 are in git history
+    "shared_own": (cuda_experts.set_shared_enabled,),
     "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
     "pdl_off_cuda_c": (pdl.set_cuda_c_enabled,),              # the CUDA C launches plain
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
+    # (session 23) earlier kernels' outputs read through L1 too (common.cuh prior, PRIOR_CA)
+    "prior_ca": ((cuda_c, "VARIANT_DEFINES", (("PRIOR_CA", 1),)),),
 }
 
 

@@ -179,6 +179,9 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23a: session 23, one GPU: l1wait; the PTX check, the CUDA C twins and graph tests (the shared
+#         expert riding in the routed launches); the race probe at TP=2; replay A/B at TP=2 and 1:
+#         base (riding), the shared expert's own launches (before), prior() by .ca
 #   s18d: session 18 closing run, two GPUs: graph tests (PDL bit-identity, side streams, Sinkhorn
 #         beside the sublayer, the indexer in the graph), the TP=2,1 bench (its variants: Sinkhorn
 #         inline, the mixer on the shared side stream), CUDA goldens through the graphs
@@ -976,6 +979,14 @@ PY
       > "$OUT/critical_path_w$w.txt" 2>&1
     grep -A4 "us per replay (best\|Error" "$OUT/critical_path_w$w.txt" | head -8
   done
+elif [ "$MODE" = s23a ]; then
+  log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
+  timeout 90 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3
+  timeout 60 python3 bench/l1_wait_probe.py --rounds 200 --spin-us 20 2>&1 | tail -1
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 200 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+  race_probe 100 --replays 3000 --check
+  replay_ab base,shared_own,prior_ca "the shared expert riding in the routed launches; prior by .ca"
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3

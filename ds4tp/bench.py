@@ -459,12 +459,14 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(decode_graph.set_mix_lane_enabled):
         res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
-    # the shared expert on the compressors' side lane at the default priority (as up to the
-    # seventeenth session) instead of a lane of its own above the main stream's (model.SHARED_LANE)
-    from ds4tp import model as model_mod
-    with _setting(model_mod, "SHARED_LANE", 0):
-        res["decode_d0_chained_shared_lane0"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
-    save()
+    # the shared expert in launches of its own on its side lane (as up to the twenty-first
+    # session) instead of riding in the routed experts' two launches (cuda_experts)
+    from ds4tp.kernels import cuda_experts
+    if cuda_experts.takes_shared():
+        with _switched_off(cuda_experts.set_shared_enabled):
+            res["decode_d0_chained_shared_own_launches"] = time_decode(model, 1, steps, max_ctx=256,
+                                                                        chained=True)
+        save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

@@ -28,7 +28,8 @@ from ds4tp.fuse import fused
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm,
                             rope_cos_sin, rope_tail, softplus)
-from ds4tp.ops import expert_linear, expert_swiglu, grouped_linear, linear, swiglu_linear
+from ds4tp.ops import (expert_down_shared, expert_linear, expert_swiglu, expert_swiglu_shared,
+                       grouped_linear, linear, shared_rides, swiglu_linear)
 from ds4tp.qtensor import QTensor
 from ds4tp.streams import Side
 
@@ -690,6 +691,16 @@ SHARED_LANE = 2    # the shared expert's side stream (streams.LANE_PRIORITY; ben
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
         trace=None, overlap: bool = False) -> torch.Tensor:
     """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]."""
+    if trace is None and shared_rides(xn):
+        # one token on CUDA: the shared expert's rows ride in the routed experts' two launches
+        # (in launches of its own, even on a second stream, it waited for the SMs the routed
+        # ones hold: bench/critical_path.py)
+        ids, w = route(lw, xn, tokens, s)
+        local_ids = _local_ids(lw, ids, s, rank)
+        mid, gate_up = expert_swiglu_shared(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn, local_ids, w,
+                                            C.SWIGLU_CLAMP)
+        out = expert_down_shared(lw.down_exps, mid, local_ids, lw.down_sh, gate_up, C.SWIGLU_CLAMP)
+        return comm.all_reduce(out)                              # FFN all-reduce (routed + shared)
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
     side = Side(xn, overlap and xn.shape[0] == 1, lane=SHARED_LANE)
@@ -697,13 +708,7 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
         gate_up = linear(lw.gate_up_sh, xn)                          # [T, 2F_l] gate | up, one launch
         shared = swiglu_linear(lw.down_sh, gate_up, C.SWIGLU_CLAMP)  # [T, E] partial over FFN width
     ids, w = route(lw, xn, tokens, s)
-    # This rank's experts: all of them with a slice of each one's FFN width ("ff" split), or a
-    # contiguous range of whole experts ("experts" split; others' slots give zeros here).
-    n_local = lw.gate_exps.shape[0]
-    if n_local == s.n_expert:                                    # "ff" split: ids are local ids
-        local_ids = ids
-    else:                                                        # "experts" split: an id range
-        local_ids = local_expert_ids(ids, rank * n_local, n_local)
+    local_ids = _local_ids(lw, ids, s, rank)
     # gate/up with Q8_K(xn) shared by the K slots, clamped SwiGLU, router weight before down
     mid = expert_swiglu(lw.gate_exps, lw.up_exps, xn, local_ids, w, C.SWIGLU_CLAMP)   # [T, K, F_l]
     routed = expert_linear(lw.down_exps, mid, local_ids, sum_slots=True)  # [T, E] partial; Q8_K per slot
@@ -711,6 +716,16 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     if trace is not None:
         trace.update(expert_ids=ids, expert_weights=w, moe_out=routed, shared_out=shared)
     return comm.all_reduce(routed + shared)                      # FFN all-reduce (routed + shared)
+
+
+def _local_ids(lw: LayerWeights, ids: torch.Tensor, s: Shape, rank: int) -> torch.Tensor:
+    """This rank's experts: all of them with a slice of each one's FFN width ("ff" split: the
+    ids are local ids), or a contiguous range of whole experts ("experts" split; others' slots
+    give -1, so zeros here)."""
+    n_local = lw.gate_exps.shape[0]
+    if n_local == s.n_expert:
+        return ids
+    return local_expert_ids(ids, rank * n_local, n_local)
 
 
 # ================================ output head (sec. 11) =======================================

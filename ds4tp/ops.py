@@ -162,6 +162,41 @@ def expert_swiglu(w_gate: QTensor, w_up: QTensor, x: torch.Tensor, ids: torch.Te
     return expert_swiglu_torch(w_gate, w_up, x, ids, weights, clamp)
 
 
+def shared_rides(x: torch.Tensor) -> bool:
+    """Whether the shared expert of this token rides in the routed experts' launches
+    (expert_swiglu_shared, expert_down_shared take it in one launch each): one token on CUDA."""
+    if not _fused_ok(x):
+        return False
+    from ds4tp import kernels
+    return kernels.shared_rides(x)
+
+
+def expert_swiglu_shared(w_gate: QTensor, w_up: QTensor, w_sh: QTensor, x: torch.Tensor,
+                         ids: torch.Tensor, weights: torch.Tensor,
+                         clamp: float = SWIGLU_CLAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert_swiglu(...), linear(w_sh, x)): the routed gate/up and the shared expert's gate |
+    up of the same input, in one launch for a decode token on CUDA; the two ops elsewhere."""
+    if _fused_ok(x):
+        from ds4tp import kernels
+        y = kernels.expert_swiglu_shared(w_gate, w_up, w_sh, x, ids, weights, clamp)
+        if y is not None:
+            return y
+    return expert_swiglu(w_gate, w_up, x, ids, weights, clamp), linear(w_sh, x)
+
+
+def expert_down_shared(w: QTensor, mid: torch.Tensor, ids: torch.Tensor, w_sh: QTensor,
+                       gu: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+    """expert_linear(w, mid, ids, sum_slots=True) + swiglu_linear(w_sh, gu, clamp): the routed
+    down summed over the slots plus the shared expert's down, [T, out], in one launch for a
+    decode token on CUDA; the two ops elsewhere."""
+    if _fused_ok(mid):
+        from ds4tp import kernels
+        y = kernels.expert_down_shared(w, mid, ids, w_sh, gu, clamp)
+        if y is not None:
+            return y
+    return expert_linear(w, mid, ids, sum_slots=True) + swiglu_linear(w_sh, gu, clamp)
+
+
 def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
     """Grouped low-rank projection (attention output A); see grouped_linear_torch."""
     if _fused_ok(x):

@@ -460,6 +460,22 @@ def test_pdl_is_bit_identical_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
+def test_shared_expert_riding_in_the_routed_launches_on_cuda():
+    """A decode token's shared expert riding in the routed experts' two CUDA C launches
+    (model.ffn, cuda_experts.takes_shared) computes the same bits as its own launches on the
+    side stream plus the add: graph-replayed logits of a 4-layer model of full width over 12
+    tokens with PDL on, PDL off, and the shared expert in launches of its own, all equal."""
+    from ds4tp.kernels import cuda_experts
+    if not cuda_experts.available():
+        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
+    m, st, toks = _full_width(13, 1)
+    runs = _pdl_then_switched_off(m, st, toks[1:], 64, cuda_experts.set_shared_enabled)
+    assert torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 def test_sinkhorn_beside_the_sublayer_on_cuda():
     """The static decoder's HC mixers with Sinkhorn in its own launch on the side stream
     (StaticDecoder._update: hc_step without the mixer, then hc_mix beside the sublayer) against

@@ -89,6 +89,15 @@ def test_cuda_c_dispatch():
     runs = [ops.expert_linear(wd, xm, ids, sum_slots=True) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
     assert torch.equal(runs[0], ce.down_sum(wd, xm, ids))
+    # a decode token's shared expert riding in those two launches
+    from ds4tp.config import SWIGLU_CLAMP
+    assert ops.shared_rides(x) and not ops.shared_rides(kc.rand_act((2, 4096), g, "cuda"))
+    w_gu, w_sd = kc.rand_weight(Q8_0, (1024, 4096), g, "cuda"), kc.rand_weight(Q8_0, (256, 512), g, "cuda")
+    mid, gu = ops.expert_swiglu_shared(wg, wu, w_gu, x, ids, rw)
+    mid2, gu2 = ce.swiglu(wg, wu, x, ids, rw, SWIGLU_CLAMP, shared=w_gu)
+    assert torch.equal(mid, mid2) and torch.equal(gu, gu2)
+    assert torch.equal(ops.expert_down_shared(wd, xm, ids, w_sd, gu),
+                       ce.down_sum(wd, xm, ids, shared=w_sd, gu=gu, clamp=SWIGLU_CLAMP))
     # the one-token Q8_0 matvec: linear, linear_normed, grouped_linear
     from ds4tp.config import RMS_EPS
     from ds4tp.kernels import cuda_matvec as cm

@@ -23,6 +23,12 @@ Entry points (twins in ds4tp.ops):
                                                  -> [T, K, out], or summed over K [T, out]
   expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
                                                  -> [T, K, out] = swiglu(gate, up) * weights
+  expert_swiglu_shared(w_gate, w_up, w_sh, x, ids, weights, clamp)
+                                                 -> (expert_swiglu, linear(w_sh, x)), one launch
+  expert_down_shared(w, mid, ids, w_sh, gu, clamp)
+                                                 -> expert_linear(.., sum_slots) + swiglu_linear
+The last two are a decode token's routed experts with the shared expert's rows riding in their
+launches (CUDA C; `shared_rides` says whether they will take them).
 """
 from __future__ import annotations
 
@@ -164,3 +170,30 @@ def expert_swiglu(w_gate, w_up, x, ids, weights, clamp: float = SWIGLU_CLAMP):
         return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.expert_swiglu(w_gate, w_up, x, ids, weights, clamp)
+
+
+def shared_rides(x) -> bool:
+    """Whether a decode token's shared expert rides in the routed experts' launches
+    (expert_swiglu_shared, expert_down_shared): one token on CUDA with the CUDA C kernels."""
+    if not (on_gpu(x) and x.shape[0] == 1):
+        return False
+    from ds4tp.kernels import cuda_experts
+    return cuda_experts.takes_shared()
+
+
+def expert_swiglu_shared(w_gate, w_up, w_sh, x, ids, weights, clamp: float = SWIGLU_CLAMP):
+    """(mid, gu): the routed gate/up of one token and the shared expert's gate|up rows w_sh of
+    the same x in one CUDA C launch, else None."""
+    if not (_covered(w_gate, x) and ids.is_cuda and weights.is_cuda) or _many(ids.shape[0]):
+        return None
+    from ds4tp.kernels import cuda_experts
+    return cuda_experts.swiglu(w_gate, w_up, x, ids, weights, clamp, shared=w_sh)
+
+
+def expert_down_shared(w, mid, ids, w_sh, gu, clamp: float = SWIGLU_CLAMP):
+    """The routed down of one token summed over its slots plus the shared expert's down of
+    swiglu(gu) in one CUDA C launch, else None."""
+    if not (_covered(w, mid) and ids.is_cuda) or _many(ids.shape[0]):
+        return None
+    from ds4tp.kernels import cuda_experts
+    return cuda_experts.down_sum(w, mid, ids, shared=w_sh, gu=gu, clamp=clamp)

@@ -59,6 +59,9 @@ def _module(src: str, device_index: int, defines: tuple):
         return cp.RawModule(code=code, options=opts)
 
 
+VARIANT_DEFINES: tuple = ()   # -D defines added to every compile: variants benchmarks time
+                              # (bench/critical_path.py), empty otherwise
+
 _FAILED: dict = {}     # (src, device index, defines) -> why it did not compile there
 _FUNCS: dict = {}      # (src, device index, defines, name) -> the kernel (one object per key, so
                        # resident()'s cache keyed on it holds one entry per kernel)
@@ -68,7 +71,8 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
     """Kernel `name` of `src` compiled for the device, or None where the source does not compile
     (one warning naming the error; never compiled again). The CUDA C twin tests assert that
     their path ran, so a GPU test run still fails on it."""
-    key = (src, device_index, defines)
+    key = (src, device_index, tuple(defines) + VARIANT_DEFINES)
+    defines = key[2]
     if key in _FAILED:
         return None
     fn = _FUNCS.get(key + (name,))

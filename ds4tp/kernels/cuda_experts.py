@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds4tp.config import IQ2_XXS, Q2_K
+from ds4tp.config import IQ2_XXS, Q2_K, Q8_0
 from ds4tp.kernels import cuda_c
 from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
 
@@ -28,6 +28,7 @@ WARPS = 16         # warps per block (H200 sweep: 23.5 vs 24.9 us gate/up, 15.8 
 A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 16-byte pieces)
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
+B_SH_CPR = (1, 2, 4)  # the shared down's inputs with it: 512, 1024 or 2048 (experts.cu B_SH_CPR)
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
 _switch = cuda_c.Switch()
 set_enabled = _switch.set          # benchmarks time the Triton kernels in the same run
@@ -73,10 +74,34 @@ def _common(w, x, ids, per_slot: bool) -> bool:
     return x.device == w.raw.device == ids.device
 
 
+_NULL = np.uint64(0)
+_shared_switch = cuda_c.Switch()
+set_shared_enabled = _shared_switch.set    # benchmarks time the shared expert's own launches
+
+
+def takes_shared() -> bool:
+    """Whether the shared expert's rows ride in the routed launches (swiglu / down_sum with
+    `shared`) where those cover the shapes."""
+    return _shared_switch.on and available()
+
+
+def _q8_0_split(w, n_in: int, max_cpr: int):
+    """The split layout (int8 quants, f16 scales) of a Q8_0 weight [rows, n_in] whose rows the
+    routed launches take (n_in = 512 * cpr, cpr <= max_cpr), or None."""
+    if not (w.qtype == Q8_0 and len(w.shape) == 2 and w.shape[1] == n_in and n_in % 512 == 0
+            and n_in // 512 <= max_cpr and w.raw.is_cuda):
+        return None
+    from ds4tp.kernels.triton_matvec import q8_0_split
+    q, d = q8_0_split(w)
+    return (q, d) if q.data_ptr() % 16 == 0 and d.data_ptr() % 4 == 0 else None
+
+
 def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, clamp: float,
-           rpc: int | None = None, warps: int = WARPS) -> torch.Tensor | None:
+           rpc: int | None = None, warps: int = WARPS, shared=None):
     """mid [T, K, N] = swiglu_clamped(gate_e . x_t, up_e . x_t, clamp) * weights[t, k] (zeros for
-    id -1), x [T, n_in] shared by the slots; None if not covered."""
+    id -1), x [T, n_in] shared by the slots; None if not covered. With `shared` (the shared
+    expert's gate|up, Q8_0 [2F, n_in]; one token): (mid, gu [1, 2F] = shared . x, the Q8_0
+    matvec's numbers) from the same launch, or None."""
     if not (_common(w_gate, x, ids, False) and w_gate.qtype == IQ2_XXS == w_up.qtype):
         return None
     E, N, n_in = w_gate.shape
@@ -85,10 +110,15 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
             or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
         return None
+    T, K = ids.shape
+    sh = None
+    if shared is not None:
+        sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
+        if sh is None or T != 1 or not takes_shared():
+            return None
     fa = _kernel(x, warps, 0)
     if fa is None:
         return None
-    T, K = ids.shape
     x = _act16(x)
     rw = weights.to(torch.float32).contiguous()
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
@@ -96,17 +126,28 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     grid64 = _iq2_grid64(x.device)
     ids64 = _ids64(ids)          # held until the launch is queued
     rpc = rpc or default_rpc(fa, N, T, x.device, warps)
-    _launch(fa, x.device, ((N + rpc - 1) // rpc, T), warps,
+    blocks = (N + rpc - 1) // rpc
+    if sh is not None:            # the shared rows spread evenly over the blocks
+        nsh = shared.shape[0]
+        gu = torch.empty(1, nsh, dtype=torch.float32, device=x.device)
+        tail = (_ptr(sh[0]), _ptr(sh[1]), _ptr(gu), np.int32(nsh), np.int32(-(-nsh // blocks)))
+    else:
+        tail = (_NULL, _NULL, _NULL, np.int32(0), np.int32(0))
+    _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)))
-    return out
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail)
+    return out if sh is None else (out, gu)
 
 
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
-             warps: int = WARPS) -> torch.Tensor | None:
+             warps: int = WARPS, shared=None, gu: torch.Tensor | None = None,
+             clamp: float = 0.0) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
-    x [T, K, n_in] one activation per slot; None if not covered."""
+    x [T, K, n_in] one activation per slot; None if not covered. With `shared` (the shared
+    expert's down, Q8_0 [N, F]; one token) and gu [1, 2F] (its gate | up): plus
+    shared . swiglu_clamped(gate, up, clamp), as the Q8_0 matvec would add it, in the same
+    launch."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
         return None
     E, N, n_in = w.shape
@@ -114,18 +155,28 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     raw = w.raw
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
         return None
+    T, K = ids.shape
+    sh = None
+    if shared is not None:
+        F = shared.shape[1] if len(shared.shape) == 2 else 0
+        sh = _q8_0_split(shared, F, B_SH_CPR[-1])
+        if (sh is None or F // 512 not in B_SH_CPR or shared.shape[0] != N or T != 1 or not takes_shared()
+                or gu is None or gu.shape != (1, 2 * F) or gu.dtype != torch.float32 or gu.device != x.device):
+            return None
+        gu = _act16(gu)          # its prologue reads 16-byte pieces
     fb = _kernel(x, warps, 1)
     if fb is None:
         return None
-    T, K = ids.shape
     x = _act16(x)                # the prologue reads 16-byte pieces
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
     ids64 = _ids64(ids)
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)
+    tail = ((_ptr(sh[0]), _ptr(sh[1]), _ptr(gu), np.int32(F // 512), np.float32(clamp)) if sh is not None
+            else (_NULL, _NULL, _NULL, np.int32(0), np.float32(0.0)))
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
              np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
-             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)))
+             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)) + tail)
     return out
 
 

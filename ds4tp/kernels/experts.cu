@@ -123,12 +123,56 @@ __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned 
     }
 }
 
+// The shared expert's rows ride in the routed launches (one token): a Q8_0 row r of K = 512 * cpr
+// inputs in the split layout (int8 quants q [rows, K], f16 scales d [rows, K/32]) against the
+// block's Q8_0 activation (s_q, s_d: q8_0_prologue), by one warp. Lane l takes 16-byte pieces
+// l, l+32, ... (half a 32-block each; lane pairs add their integer halves), CH pieces' loads
+// issued before they are used; the same products and summation order as matvec.cu's q8_0_rows,
+// so the result is bit-identical to the Q8_0 matvec's. Returns the warp's sum in every lane.
+// cpr <= CPR_MAX, a multiple of CH.
+template <int CPR_MAX, int CH>
+__device__ __forceinline__ float q8_0_row_dot(const signed char* __restrict__ q,
+                                              const unsigned short* __restrict__ d, long long r,
+                                              int cpr, const signed char* s_q, const float* s_d,
+                                              int lane) {
+    const int K = 512 * cpr;
+    float acc = 0.0f;
+#pragma unroll
+    for (int c0 = 0; c0 < CPR_MAX; c0 += CH) {
+        if (c0 < cpr) {
+            int4 v[CH];
+            unsigned short dh[CH];
+#pragma unroll
+            for (int u = 0; u < CH; u++) {
+                v[u] = __ldg((const int4*)(q + r * K) + 32 * (c0 + u) + lane);
+                dh[u] = __ldg(d + r * (K / 32) + 16 * (c0 + u) + (lane >> 1));
+            }
+#pragma unroll
+            for (int u = 0; u < CH; u++) {
+                const int c = c0 + u;
+                const int4 a = ((const int4*)s_q)[32 * c + lane];
+                int s = __dp4a(v[u].x, a.x, 0);
+                s = __dp4a(v[u].y, a.y, s);
+                s = __dp4a(v[u].z, a.z, s);
+                s = __dp4a(v[u].w, a.w, s);
+                s += __shfl_xor_sync(FULL, s, 1);               // the block's other half
+                const float f = __fmul_rn(__fmul_rn((float)s, s_d[16 * c + (lane >> 1)]), h2f(dh[u]));
+                acc += (lane & 1) ? 0.0f : f;
+            }
+        }
+    }
+    return warp_sum(acc);
+}
+
 // mid[t, k, n] = swiglu_clamped(gate_e . x_t, up_e . x_t) * rw[t, k], e = ids[t, k]; zeros for
 // e < 0. Grid (cdiv(N, rpc), T); block = WARPS warps. The block quantises x_t, then its warps
 // take the (slot, row) items of rows n0 .. n0+rpc-1, slot-major: warp w items w, w+WARPS, ...
 // Each item's gate and up rows (2 * KB * 66 bytes) are read with 16-byte loads into the warp's
 // shared buffer; the next item's loads are issued before the current item is computed.
 // Lane l decodes sub-blocks l, l+32, ... (super-block g/8, sub-block g%8).
+// With nsh > 0 (one token), the block also takes rows blockIdx.x*rps .. +rps-1 (< nsh) of the
+// shared expert's gate|up, a Q8_0 weight [nsh, 256*KB] in the split layout (sq, sd), into
+// ysh: the same numbers as the Q8_0 matvec of x (q8_0_row_dot), before its routed items.
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -137,11 +181,16 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               const float* x, long long stride_xt,
               const long long* ids, const float* rw,
               float* __restrict__ out, const unsigned long long* __restrict__ grid_g,
-              int N, int KB, int K, int rpc, float clamp) {
+              int N, int KB, int K, int rpc, float clamp,
+              const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
+              float* __restrict__ ysh, int nsh, int rps) {
     __shared__ unsigned long long s_grid[256];
     __shared__ __align__(16) signed char s_xq[A_MAX_KB * 256];
     __shared__ float s_xd[A_MAX_KB];
     __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
+    __shared__ __align__(16) signed char s_q8[A_MAX_KB * 256];     // the shared rows' Q8_0 input
+    __shared__ float s_d8[A_MAX_KB * 8];
+    __shared__ double s_red[WARPS];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.y;
@@ -172,6 +221,14 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
     }
     __syncthreads();
+    const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
+    if (nsh_b > 0) {                  // (the same for every thread of the block)
+        q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);
+        for (int j = warp; j < nsh_b; j += WARPS) {
+            const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane);
+            if (lane == 0) ysh[sh0 + j] = y;
+        }
+    }
 
     // the activation of this lane's sub-blocks, the same for every item, in registers (6% faster
     // than reading it from shared memory per item on an H200: 22.5 vs 23.9 us at TP=1)
@@ -285,16 +342,27 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // (16-block s = 8nh + 2j + h); 4*KB units per slot, 32/(4*KB) slots per pass.
 // All of a row's loads (every slot) are issued before any is used; the first row's before the
 // prologue.
+// With csh > 0 (one token), each row also adds the shared expert's down row n: a Q8_0 weight
+// [N, 512*csh] in the split layout (sq, sd) against swiglu_clamped(gu[:F], gu[F:], clamp), F =
+// 512*csh, quantised to Q8_0 in the prologue; out = routed sum + shared dot, each summed as
+// its own launch sums it (bit-identical to their sum). The shared row is loaded only when it is
+// summed.
 // Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides 4-byte aligned,
-// x and its strides 16-byte aligned.
+// x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
+#define B_SH_CPR 4              // shared down inputs <= 2048
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
              const float* x, long long stride_xt, long long stride_xk,
              const long long* ids, float* __restrict__ out, long long stride_ot,
-             int N, int KB, int K, int rpc) {
+             int N, int KB, int K, int rpc,
+             const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
+             const float* gu, int csh, float clamp) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
+    __shared__ __align__(16) signed char s_q8[B_SH_CPR * 512];      // the shared down's Q8_0 input
+    __shared__ float s_d8[B_SH_CPR * 16];
+    __shared__ double s_red[WARPS];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.y;
@@ -325,10 +393,12 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             dd[p] = __ldg(b32 + 20);                                                       \
         }                                                                                  \
     }
+    const bool sh = csh > 0 && t == 0;
     B_LOAD()
 
     b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
     __syncthreads();
+    if (sh) q8_0_prologue<WARPS>(gu, 0, 0.0f, clamp, 512 * csh, s_q8, s_d8, s_red);
 
     while (n < nend) {
         float acc = 0.0f;
@@ -343,6 +413,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
             }
         }
         acc = warp_sum(acc);
+        if (sh) acc += q8_0_row_dot<B_SH_CPR, 1>(sq, sd, n, csh, s_q8, s_d8, lane);
         if (lane == 0) out[(long long)t * stride_ot + n] = acc;
         n += WARPS;
         B_LOAD()                          // the next row's loads (nothing past nend)

@@ -29,72 +29,6 @@
 #define BOUNDS __launch_bounds__(WARPS * 32)
 #endif
 
-// x [K] (16-byte aligned) -> Q8_0 in shared memory: s_q int8 [K], s_d float32 [K/32]. With nw,
-// x is RMS-normed first: float64 sum of squares, the mean rounded to float32, correctly rounded
-// sqrt and reciprocal, then (x * s) * nw. With clamp > 0, x is [2K] (gate, then up) and the input
-// is numerics.swiglu_clamped of its halves: g = min(gate, c), u = clamp(up, -c, c), (g *
-// sigmoid(g)) * u, sigmoid(g) = 1 / (1 + exp(-g)). Per 32-block: d = amax/127 and 1/d correctly
-// rounded, q = rint(clamp(x * (1/d), -128, 127)).
-__device__ __forceinline__ void q8_0_prologue(const float* x, const float* __restrict__ nw,
-                                              float eps, float clamp, int K, signed char* s_q,
-                                              float* s_d, double* s_red) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    float rs = 1.0f;
-    if (nw != 0) {
-        double acc = 0.0;
-        for (int i = 4 * tid; i < K; i += 4 * WARPS * 32) {
-            const float4 v = prior((const float4*)(x + i));
-            acc += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(FULL, acc, o);
-        if (lane == 0) s_red[warp] = acc;
-        __syncthreads();
-        double tot = 0.0;
-        for (int w = 0; w < WARPS; w++) tot += s_red[w];          // same order in every thread
-        const float ms = (float)(tot / (double)K);
-        rs = __fdiv_rn(1.0f, __fsqrt_rn(ms + eps));
-    }
-    // four lanes per 32-block, 8 elements each (K/8 is a multiple of 64, so a warp's lanes are
-    // all in the loop or all out of it)
-    for (int i = tid; i < K / 8; i += WARPS * 32) {
-        const float4 a = prior((const float4*)(x + 8 * i)), c = prior((const float4*)(x + 8 * i + 4));
-        float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-        if (clamp > 0.0f) {
-            const float4 ua = prior((const float4*)(x + K + 8 * i)), uc = prior((const float4*)(x + K + 8 * i + 4));
-            const float u[8] = {ua.x, ua.y, ua.z, ua.w, uc.x, uc.y, uc.z, uc.w};
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float g = fminf(v[j], clamp);
-                const float sg = __fdiv_rn(1.0f, 1.0f + expf(-g));
-                v[j] = __fmul_rn(__fmul_rn(g, sg), fminf(fmaxf(u[j], -clamp), clamp));
-            }
-        }
-        if (nw != 0) {
-            const float4 na = *(const float4*)(nw + 8 * i), nc = *(const float4*)(nw + 8 * i + 4);
-            const float n[8] = {na.x, na.y, na.z, na.w, nc.x, nc.y, nc.z, nc.w};
-#pragma unroll
-            for (int j = 0; j < 8; j++) v[j] = __fmul_rn(__fmul_rn(v[j], rs), n[j]);
-        }
-        float amax = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[j]));
-        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
-        const float d = __fdiv_rn(amax, 127.0f);
-        const float inv = d > 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
-        unsigned wq[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int q = __float2int_rn(fminf(fmaxf(__fmul_rn(v[j], inv), -128.0f), 127.0f));
-            wq[j >> 2] |= (unsigned)(q & 255) << (8 * (j & 3));
-        }
-        *(uint2*)(s_q + 8 * i) = make_uint2(wq[0], wq[1]);
-        if ((i & 3) == 0) s_d[i >> 2] = d;
-    }
-    __syncthreads();
-}
-
 // Rows row0 .. row0+nrows-1 of a weight with K = 512 * CPR inputs (CPR 16-byte pieces per lane
 // per row); warp w owns rows w, w+WARPS, ... of them. A step loads U pieces of each of R rows
 // (U * R = LOADS) before using any.
@@ -175,7 +109,7 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
     pdl_wait();                       // x is the kernel ahead's output (PDL: ds4tp.kernels.pdl)
-    q8_0_prologue(x, nw, eps, clamp, 512 * CPR, s_q, s_d, s_red);
+    q8_0_prologue<WARPS>(x, nw, eps, clamp, 512 * CPR, s_q, s_d, s_red);
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
 }
 
