@@ -49,8 +49,8 @@ VARIANTS = {
     "pdl_off": (pdl.set_enabled,),                            # every launch plain (no PDL)
     "pdl_off_cuda_c": (pdl.set_cuda_c_enabled,),              # the CUDA C launches plain
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
-    # (session 23) earlier kernels' outputs read through L1 too (common.cuh prior, PRIOR_CA)
-    "prior_ca": ((cuda_c, "VARIANT_DEFINES", (("PRIOR_CA", 1),)),),
+    # (session 23) earlier kernels' outputs read from L2 only (common.cuh prior, PRIOR_CG; before)
+    "prior_cg": ((cuda_c, "VARIANT_DEFINES", (("PRIOR_CG", 1),)),),
 }
 
 

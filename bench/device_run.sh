@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23b: session 23, one GPU: the shared rows prefetched into L2 before the PDL wait, prior() by
+#         .ca: the PTX check, CUDA C twins, replay A/B (base, shared_own, prior_cg) at TP=2 and 1
 #   s23a: session 23, one GPU: l1wait; the PTX check, the CUDA C twins and graph tests (the shared
 #         expert riding in the routed launches); the race probe at TP=2; replay A/B at TP=2 and 1:
 #         base (riding), the shared expert's own launches (before), prior() by .ca
@@ -987,6 +989,10 @@ elif [ "$MODE" = s23a ]; then
   gate_tests 200 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
   race_probe 100 --replays 3000 --check
   replay_ab base,shared_own,prior_ca "the shared expert riding in the routed launches; prior by .ca"
+elif [ "$MODE" = s23b ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 120 "cuda_c or shared_expert_riding" tests/test_kernels.py tests/test_decode_graph.py
+  replay_ab base,shared_own,prior_cg "the shared rows prefetched into L2 before the wait; prior by .ca"
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3

@@ -33,22 +33,24 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// A load of an earlier kernel's output (after pdl_wait()), cached in L2 only (ld.global.cg).
+// A load of an earlier kernel's output (after pdl_wait()), cached in L1 and L2 (ld.global.ca).
 // Such pointers are never `const __restrict__`: with that the compiler may read them through the
 // non-coherent read-only path (ld.global.nc), which is only valid for data that no one writes
 // during this kernel's lifetime. Under PDL this kernel is resident before the kernel ahead has
 // written its output, and a read-only-path load returned stale bytes: q2k_down_sum read expert
 // ids that were not this step's and faulted (graph replays, sessions 18-22; cuda-gdb, s22d).
+// griddepcontrol.wait makes the kernel ahead's writes visible to ordinary loads: on an H200,
+// lines a consumer had cached in L1 by .ca before the wait were never stale after it (0 of 13.4
+// million words), while .nc loads of the same lines were all stale (bench/l1_wait_probe.py,
+// s23a). .ca was 2.2% / 2.8% faster on the TP=2 / TP=1 step than .cg (L2 only; PRIOR_CG, s23a).
 // Weights and tables are read-only for the whole step and keep __ldg. tests/test_ptx_loads.py
 // checks every kernel's PTX for read-only-path loads from anything but its weight parameters.
-// (PRIOR_CA, a variant bench/critical_path.py times: cached in L1 too, ld.global.ca; only safe
-// if griddepcontrol.wait leaves no L1 line cached before the producer wrote: bench/l1_wait_probe.py)
 template <typename T>
 __device__ __forceinline__ T prior(const T* p) {
-#ifdef PRIOR_CA
-    return __ldca(p);
-#else
+#ifdef PRIOR_CG
     return __ldcg(p);
+#else
+    return __ldca(p);
 #endif
 }
 

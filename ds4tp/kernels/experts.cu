@@ -164,6 +164,21 @@ __device__ __forceinline__ float q8_0_row_dot(const signed char* __restrict__ q,
     return warp_sum(acc);
 }
 
+// Rows r0, r0 + WARPS, ... (< r0 + nrows) of such a Q8_0 weight (K = 512 * cpr) into L2, each
+// lane its pieces: issued before the PDL wait (weights only), so that the shared rows arrive
+// while the kernel ahead finishes instead of after the routed work that precedes their sums.
+__device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsigned short* d,
+                                                long long r0, int nrows, int cpr, int lane) {
+#pragma unroll 1
+    for (int j = 0; j < nrows; j += WARPS) {
+        const long long r = r0 + j;
+#pragma unroll 1
+        for (int c = 0; c < cpr; c++)
+            asm volatile("prefetch.global.L2 [%0];" :: "l"(q + r * 512 * cpr + 512 * c + 16 * lane));
+        if (lane == 0) asm volatile("prefetch.global.L2 [%0];" :: "l"(d + r * 16 * cpr));
+    }
+}
+
 // mid[t, k, n] = swiglu_clamped(gate_e . x_t, up_e . x_t) * rw[t, k], e = ids[t, k]; zeros for
 // e < 0. Grid (cdiv(N, rpc), T); block = WARPS warps. The block quantises x_t, then its warps
 // take the (slot, row) items of rows n0 .. n0+rpc-1, slot-major: warp w items w, w+WARPS, ...
@@ -201,6 +216,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 
     pdl_trigger();                    // all blocks resident: the next kernel may launch
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
+    const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
+    if (warp < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp, nsh_b - warp, KB / 2, lane);
     pdl_wait();                       // ids, rw and x are earlier kernels' outputs
 
     // first item's loads go out before the prologue
@@ -221,7 +238,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
     }
     __syncthreads();
-    const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
     if (nsh_b > 0) {                  // (the same for every thread of the block)
         q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);
         for (int j = warp; j < nsh_b; j += WARPS) {
@@ -346,7 +362,8 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // [N, 512*csh] in the split layout (sq, sd) against swiglu_clamped(gu[:F], gu[F:], clamp), F =
 // 512*csh, quantised to Q8_0 in the prologue; out = routed sum + shared dot, each summed as
 // its own launch sums it (bit-identical to their sum). The shared row is loaded only when it is
-// summed.
+// summed (registers are short), from L2: the block's shared rows are prefetched there before the
+// PDL wait.
 // Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides 4-byte aligned,
 // x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
 #define B_SH_CPR 4              // shared down inputs <= 2048
@@ -373,6 +390,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     const int sb = u >> 2, nh = (u >> 1) & 1, h = u & 1;
 
     pdl_trigger();                    // all blocks resident: the next kernel may launch
+    if (csh > 0 && t == 0 && n0 + warp < nend) q8_0_rows_to_l2(sq, sd, n0 + warp, nend - n0 - warp, csh, lane);
     pdl_wait();                       // ids and x are earlier kernels' outputs
     int e[B_MAX_K];
 #pragma unroll
