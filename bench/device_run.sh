@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23c: session 23 closing run, two GPUs: the race probe on the final code (TP=2 shard), the
+#         TP=2,1 bench and CUDA goldens through the graphs (its tests ran in s23b on the same code)
 #   s23b: session 23, one GPU: the shared rows prefetched into L2 before the PDL wait, prior() by
 #         .ca: the PTX check, CUDA C twins, replay A/B (base, shared_own, prior_cg) at TP=2 and 1
 #   s23a: session 23, one GPU: l1wait; the PTX check, the CUDA C twins and graph tests (the shared
@@ -993,6 +995,9 @@ elif [ "$MODE" = s23b ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 120 "cuda_c or shared_expert_riding" tests/test_kernels.py tests/test_decode_graph.py
   replay_ab base,shared_own,prior_cg "the shared rows prefetched into L2 before the wait; prior by .ca"
+elif [ "$MODE" = s23c ]; then
+  race_probe 100 --replays 3000 --check
+  bench_goldens
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3
