@@ -179,6 +179,12 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23f: session 23, one GPU: the routed gate/up at two blocks per SM (A_MINB, A_XS_SMEM):
+#         twin cases, replay A/B at TP=2 and 1
+#   s23e: session 23, one GPU: Nsight Compute on the routed kernels with the shared rows riding
+#         (TP=2 shard, TP=1) and without (TP=2)
+#   s23d: session 23, two GPUs: the served path on the full-size synthetic GGUF (as s19f), after
+#         the race fix, the .ca loads and the shared expert riding in the routed launches
 #   s23c: session 23 closing run, two GPUs: the race probe on the final code (TP=2 shard), the
 #         TP=2,1 bench and CUDA goldens through the graphs (its tests ran in s23b on the same code)
 #   s23b: session 23, one GPU: the shared rows prefetched into L2 before the PDL wait, prior() by
@@ -998,6 +1004,33 @@ elif [ "$MODE" = s23b ]; then
 elif [ "$MODE" = s23c ]; then
   race_probe 100 --replays 3000 --check
   bench_goldens
+elif [ "$MODE" = s23d ]; then
+  serve_full 200 330
+elif [ "$MODE" = s23e ]; then
+  for a in "--tp 2 --shared" "--tp 1 --shared" "--tp 2"; do
+    log "Nsight Compute, routed kernels: $a"
+    timeout 150 ncu -k regex:"iq2xxs_swiglu|q2k_down_sum" -s 2 -c 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section SchedulerStats --section ComputeWorkloadAnalysis \
+      --section LaunchStats python3 bench/ncu_experts.py $a > "$OUT/ncu_experts_${a// /_}.txt" 2>&1
+    grep "Duration\|Throughput\|Issue Slots\|Registers Per\|Achieved Occ\|Stall\|iq2xxs\|q2k_down\|Bank" "$OUT/ncu_experts_${a// /_}.txt" | head -40
+  done
+elif [ "$MODE" = s23f ]; then
+  log "gate/up at two blocks per SM against the twin"
+  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -4
+import sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+from ds4tp.kernels import cuda_c
+for defs in ((("A_MINB", 2), ("A_XS_SMEM", 1)), (("A_MINB", 2),)):
+    cuda_c.VARIANT_DEFINES = defs
+    n = 0
+    for name, fn, a in kc.cuda_c_cases():
+        if "swiglu" in name or "rides" in name:
+            fn("cuda", torch.Generator().manual_seed(7 + n), *a)
+            n += 1
+    print(defs, n, "swiglu / shared-rides cases passed")
+PY
+  replay_ab base,gu_2blocks,gu_2blocks_spill "the routed gate/up at two blocks per SM"
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3
