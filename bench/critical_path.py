@@ -51,10 +51,6 @@ VARIANTS = {
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
     # (session 23) earlier kernels' outputs read from L2 only (common.cuh prior, PRIOR_CG; before)
     "prior_cg": ((cuda_c, "VARIANT_DEFINES", (("PRIOR_CG", 1),)),),
-    # (session 23) the routed gate/up at two 16-warp blocks per SM: its activation read from
-    # shared memory per item (64 registers), or kept in registers and spilled
-    "gu_2blocks": ((cuda_c, "VARIANT_DEFINES", (("A_MINB", 2), ("A_XS_SMEM", 1))),),
-    "gu_2blocks_spill": ((cuda_c, "VARIANT_DEFINES", (("A_MINB", 2),)),),
 }
 
 

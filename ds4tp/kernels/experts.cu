@@ -190,10 +190,7 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
 // ysh: the same numbers as the Q8_0 matvec of x (q8_0_row_dot), before its routed items.
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned.
-#ifndef A_MINB
-#define A_MINB 1                // gate/up blocks per SM the registers must allow (a variant benchmarks time)
-#endif
-extern "C" __global__ void __launch_bounds__(WARPS * 32, A_MINB)
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
               const float* x, long long stride_xt,
@@ -250,8 +247,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
 
     // the activation of this lane's sub-blocks, the same for every item, in registers (6% faster
-    // than reading it from shared memory per item on an H200: 22.5 vs 23.9 us at TP=1)
-#ifndef A_XS_SMEM
+    // than reading it from shared memory per item on an H200: 22.5 vs 23.9 us at TP=1; reading
+    // it per item with two blocks per SM made the step 1.3% / 2.3% slower at TP=2 / TP=1, s23f)
     int xs_r[A_MAX_KB / 4][8];
     float xd_r[A_MAX_KB / 4];
 #pragma unroll
@@ -261,7 +258,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             xd_r[i] = s_xd[(lane + 32 * i) >> 3];
         }
     }
-#endif
     unsigned char* sg = s_row[warp];
     unsigned char* su = sg + rowb;
     for (; item < items; item += WARPS) {
@@ -287,14 +283,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             for (int i = 0; i < A_MAX_KB / 4; i++) {
                 if (i < KB / 4) {
                     const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
-#ifdef A_XS_SMEM                        // (a variant: read per item, fewer registers)
-                    const float dx = s_xd[g >> 3];
-                    int xs[8];
-                    load_act(s_xq + g * 32, xs);
-#else
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
-#endif
                     const int ig = iq2xxs_sub(sg, off, xs, s_grid);
                     const int iu = iq2xxs_sub(su, off, xs, s_grid);
                     ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
