@@ -1,7 +1,8 @@
 """Independent work of one step on a second CUDA stream, so that it overlaps the main stream.
 
-Within a layer some work does not depend on the rest until a join point: the shared expert runs
-beside the router and the routed experts, the compressors beside the query path. Each of those
+Within a layer some work does not depend on the rest until a join point: the compressors run
+beside the query path, the HC mixer's Sinkhorn beside the sublayer, and the shared expert beside
+the router and the routed experts (where it does not ride in the routed launches: model.ffn). Each of those
 launches leaves most of the GPU's bandwidth unused (small matrices, few programs), so running
 them side by side shortens the step (where both fit: two launches that each fill the GPU in
 one wave of blocks mostly run one after the other, which lane priorities below arrange;
@@ -16,9 +17,9 @@ branches of the graph.
 
 Work on one side stream runs in order; `Side(x, lane=1)` takes a second side stream, so that
 work there does not queue behind the first's (the decode graphs' HC mixer runs on lane 1,
-beside the compressors on lane 0; a decode token's shared expert runs on lane 2, whose
-priority is above the main stream's: its blocks are placed before the routed experts' that
-wait for SMs).
+beside the compressors on lane 0; the shared expert, when it has launches of its own, runs on
+lane 2, whose priority is above the main stream's: its blocks are placed before the routed
+experts' that wait for SMs).
 
 Off CUDA, or when disabled, both are no-ops and the work runs in program order. Tensors made on
 the side stream and used on the main stream are only read after the join, and every fork waits
