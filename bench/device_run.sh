@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23g: session 23, one GPU: the routed gate/up with the next two items' rows in flight per
+#         warp (A_DEPTH=2): twin cases, replay A/B at TP=2 and 1
 #   s23f: session 23, one GPU: the routed gate/up at two blocks per SM (A_MINB, A_XS_SMEM):
 #         twin cases, replay A/B at TP=2 and 1
 #   s23e: session 23, one GPU: Nsight Compute on the routed kernels with the shared rows riding
@@ -1031,6 +1033,23 @@ for defs in ((("A_MINB", 2), ("A_XS_SMEM", 1)), (("A_MINB", 2),)):
     print(defs, n, "swiglu / shared-rides cases passed")
 PY
   replay_ab base,gu_2blocks,gu_2blocks_spill "the routed gate/up at two blocks per SM"
+elif [ "$MODE" = s23g ]; then
+  log "gate/up with two items in flight per warp against the twin"
+  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -4
+import sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+from ds4tp.kernels import cuda_c
+for defs in ((), (("A_DEPTH", 2),)):
+    cuda_c.VARIANT_DEFINES = defs
+    n = 0
+    for name, fn, a in kc.cuda_c_cases():
+        if "swiglu" in name or "rides" in name:
+            fn("cuda", torch.Generator().manual_seed(7 + n), *a)
+            n += 1
+    print(defs or "default", n, "swiglu / shared-rides cases passed")
+PY
+  replay_ab base,gu_depth2 "the routed gate/up with two items in flight per warp"
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3
