@@ -18,9 +18,6 @@
 #define A_MAX_KB 16             // gate/up: at most 4096 inputs (16 super-blocks of 256)
 #define A_ROW_MAX (A_MAX_KB * 66)
 #define A_MAX_V 5               // 16-byte pieces per lane for a gate row plus an up row: ceil(2*66/32)
-#ifndef A_DEPTH
-#define A_DEPTH 1               // gate/up items whose rows are in flight per warp (1 or 2)
-#endif
 #define B_MAX_KB 8              // down: at most 2048 inputs per row
 #define B_MAX_K 8               // slots per token
 // down: shared-memory layout of the Q8_K activation, padded against bank conflicts. A lane of the
@@ -186,7 +183,8 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
 // e < 0. Grid (cdiv(N, rpc), T); block = WARPS warps. The block quantises x_t, then its warps
 // take the (slot, row) items of rows n0 .. n0+rpc-1, slot-major: warp w items w, w+WARPS, ...
 // Each item's gate and up rows (2 * KB * 66 bytes) are read with 16-byte loads into the warp's
-// shared buffer; the next item's loads are issued before the current item is computed.
+// shared buffer; the next item's loads are issued before the current item is computed (the next
+// two items' in flight, 128 registers, made the step 1.6% slower at TP=2 and TP=1, s23g).
 // Lane l decodes sub-blocks l, l+32, ... (super-block g/8, sub-block g%8).
 // With nsh > 0 (one token), the block also takes rows blockIdx.x*rps .. +rps-1 (< nsh) of the
 // shared expert's gate|up, a Q8_0 weight [nsh, 256*KB] in the split layout (sq, sd), into
@@ -226,22 +224,11 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // first item's loads go out before the prologue
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
     // warp and shuffling them, which made the step 3.1% / 2.5% slower at TP=2 / TP=1, s22h)
-    // item it's expert id (-1: none or past the end), row, and its rows' loads into b
-    auto fetch = [&](uint4 (&b)[A_MAX_V], long long& ee, int& nn, int it) {
-        ee = it < items ? prior(ids + t * K + it / rows) : -1;
-        nn = n0 + (it < items ? it % rows : 0);
-        if (ee >= 0) load_rows(b, wg, wu, ee * stride_e + (long long)nn * stride_n, lane, nv);
-    };
     uint4 buf[A_MAX_V];
-    long long e;
-    int n;
-    fetch(buf, e, n, warp);
-#if A_DEPTH == 2
-    uint4 buf2[A_MAX_V];              // (a variant: the next two items' rows in flight)
-    long long e2;
-    int n2;
-    fetch(buf2, e2, n2, warp + WARPS);
-#endif
+    int item = warp;
+    long long e = item < items ? prior(ids + t * K + item / rows) : -1;
+    int n = n0 + (item < items ? item % rows : 0);
+    if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
 
     // x by two 16-byte loads per lane: through L2 (prior), eight 4-byte loads each asked L2 for
     // the lane's 32 bytes again, and the step was 1.4% / 2.0% slower at TP=2 / TP=1 (s22h)
@@ -274,21 +261,22 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
     unsigned char* sg = s_row[warp];
     unsigned char* su = sg + rowb;
-    // item it from b (its id ee, row nn) into the warp's shared buffer, b refilled with item
-    // it + A_DEPTH * WARPS, then item it computed
-    auto step = [&](uint4 (&b)[A_MAX_V], long long& ee, int& nn, int it) {
-        const int k = it / rows;
-        if (ee >= 0) {
+    for (; item < items; item += WARPS) {
+        const int k = item / rows;
+        if (e >= 0) {
 #pragma unroll
             for (int v = 0; v < A_MAX_V; v++) {
                 int i = lane + 32 * v;
-                if (i < 2 * nv) ((uint4*)sg)[i] = b[v];     // gate then up, contiguous
+                if (i < 2 * nv) ((uint4*)sg)[i] = buf[v];   // gate then up, contiguous
             }
         }
         __syncwarp();
-        const long long ecur = ee;
-        const int ncur = nn;
-        fetch(b, ee, nn, it + A_DEPTH * WARPS);
+        const long long ecur = e;
+        const int ncur = n;
+        const int nxt = item + WARPS;
+        e = nxt < items ? prior(ids + t * K + nxt / rows) : -1;
+        n = n0 + (nxt < items ? nxt % rows : 0);
+        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
         float mid = 0.0f;
         if (ecur >= 0) {
             float ag = 0.0f, au = 0.0f;
@@ -312,15 +300,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
-    };
-#if A_DEPTH == 2
-    for (int item = warp; item < items; item += 2 * WARPS) {
-        step(buf, e, n, item);
-        if (item + WARPS < items) step(buf2, e2, n2, item + WARPS);
     }
-#else
-    for (int item = warp; item < items; item += WARPS) step(buf, e, n, item);
-#endif
 }
 
 // Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks
