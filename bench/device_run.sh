@@ -179,6 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23h: session 23, one GPU: the race probe at TP=1 on the final code (.ca loads, riding)
 #   s23g: session 23, one GPU: the routed gate/up with the next two items' rows in flight per
 #         warp (A_DEPTH=2): twin cases, replay A/B at TP=2 and 1
 #   s23f: session 23, one GPU: the routed gate/up at two blocks per SM (A_MINB, A_XS_SMEM):
@@ -1050,6 +1051,8 @@ for defs in ((), (("A_DEPTH", 2),)):
     print(defs or "default", n, "swiglu / shared-rides cases passed")
 PY
   replay_ab base,gu_depth2 "the routed gate/up with two items in flight per warp"
+elif [ "$MODE" = s23h ]; then
+  race_probe 100 --replays 3000 --check --world 1
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3
