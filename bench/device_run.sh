@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s23i: session 23, one GPU: the gate/up launch's shared rows after its routed items
+#         (A_SH_LAST): twin cases, replay A/B at TP=2
 #   s23h: session 23, one GPU: the race probe at TP=1 on the final code (.ca loads, riding)
 #   s23g: session 23, one GPU: the routed gate/up with the next two items' rows in flight per
 #         warp (A_DEPTH=2): twin cases, replay A/B at TP=2 and 1
@@ -1053,6 +1055,24 @@ PY
   replay_ab base,gu_depth2 "the routed gate/up with two items in flight per warp"
 elif [ "$MODE" = s23h ]; then
   race_probe 100 --replays 3000 --check --world 1
+elif [ "$MODE" = s23i ]; then
+  log "gate/up with its shared rows last, against the twin"
+  timeout 60 python3 - <<'PY' 2>&1 | grep -v Warn | tail -2
+import sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+from ds4tp.kernels import cuda_c
+cuda_c.VARIANT_DEFINES = (("A_SH_LAST", 1),)
+n = 0
+for name, fn, a in kc.cuda_c_cases():
+    if "rides" in name:
+        fn("cuda", torch.Generator().manual_seed(7 + n), *a)
+        n += 1
+print(n, "shared-rides cases passed with A_SH_LAST")
+PY
+  log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
+  timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
+  grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3

@@ -239,13 +239,17 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
     }
     __syncthreads();
-    if (nsh_b > 0) {                  // (the same for every thread of the block)
-        q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);
-        for (int j = warp; j < nsh_b; j += WARPS) {
-            const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane);
-            if (lane == 0) ysh[sh0 + j] = y;
-        }
+#define A_SHARED_ROWS()                                                                            \
+    if (nsh_b > 0) {                  /* (the same for every thread of the block) */               \
+        q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);                      \
+        for (int j = warp; j < nsh_b; j += WARPS) {                                                \
+            const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane); \
+            if (lane == 0) ysh[sh0 + j] = y;                                                       \
+        }                                                                                          \
     }
+#ifndef A_SH_LAST
+    A_SHARED_ROWS()
+#endif
 
     // the activation of this lane's sub-blocks, the same for every item, in registers (6% faster
     // than reading it from shared memory per item on an H200: 22.5 vs 23.9 us at TP=1; reading
@@ -301,6 +305,10 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
     }
+#ifdef A_SH_LAST                      // (a variant: the shared rows after the routed items)
+    A_SHARED_ROWS()
+#endif
+#undef A_SHARED_ROWS
 }
 
 // Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks
