@@ -51,8 +51,6 @@ VARIANTS = {
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
     # (session 23) earlier kernels' outputs read from L2 only (common.cuh prior, PRIOR_CG; before)
     "prior_cg": ((cuda_c, "VARIANT_DEFINES", (("PRIOR_CG", 1),)),),
-    # (session 23) the gate/up launch's shared rows after its routed items instead of before
-    "gu_shared_last": ((cuda_c, "VARIANT_DEFINES", (("A_SH_LAST", 1),)),),
 }
 
 

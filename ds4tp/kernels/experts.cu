@@ -188,7 +188,8 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
 // Lane l decodes sub-blocks l, l+32, ... (super-block g/8, sub-block g%8).
 // With nsh > 0 (one token), the block also takes rows blockIdx.x*rps .. +rps-1 (< nsh) of the
 // shared expert's gate|up, a Q8_0 weight [nsh, 256*KB] in the split layout (sq, sd), into
-// ysh: the same numbers as the Q8_0 matvec of x (q8_0_row_dot), before its routed items.
+// ysh: the same numbers as the Q8_0 matvec of x (q8_0_row_dot), before its routed items (after
+// them, the step was 0.9% slower at TP=2, s23i).
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -239,17 +240,13 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
     }
     __syncthreads();
-#define A_SHARED_ROWS()                                                                            \
-    if (nsh_b > 0) {                  /* (the same for every thread of the block) */               \
-        q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);                      \
-        for (int j = warp; j < nsh_b; j += WARPS) {                                                \
-            const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane); \
-            if (lane == 0) ysh[sh0 + j] = y;                                                       \
-        }                                                                                          \
+    if (nsh_b > 0) {                  // (the same for every thread of the block)
+        q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);
+        for (int j = warp; j < nsh_b; j += WARPS) {
+            const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane);
+            if (lane == 0) ysh[sh0 + j] = y;
+        }
     }
-#ifndef A_SH_LAST
-    A_SHARED_ROWS()
-#endif
 
     // the activation of this lane's sub-blocks, the same for every item, in registers (6% faster
     // than reading it from shared memory per item on an H200: 22.5 vs 23.9 us at TP=1; reading
@@ -305,10 +302,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
     }
-#ifdef A_SH_LAST                      // (a variant: the shared rows after the routed items)
-    A_SHARED_ROWS()
-#endif
-#undef A_SHARED_ROWS
 }
 
 // Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks
