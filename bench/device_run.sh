@@ -288,6 +288,28 @@ race_probe() {
   grep -v "^ \\|cupy\\|^Traceback\\|^Exception ignored\\|^$\\|Warn\\|warn" "$OUT/probe_$PROBE_N.err" | tail -3
   cat "$OUT/probe_$PROBE_N.txt" >> "$OUT/pdl_race_probe.txt"
 }
+# the CUDA C twin cases whose names contain one of NAMES (comma-separated), compiled under each
+# set of defines (a Python tuple of (name, value) tuples per argument; cuda_c.VARIANT_DEFINES):
+# variant_twins NAMES DEFS...
+variant_twins() {
+  local names=$1; shift
+  log "twin cases ($names) under: $*"
+  timeout 90 python3 - "$names" "$@" <<'PY' 2>&1 | grep -v Warn | tail -4
+import ast, sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+from ds4tp.kernels import cuda_c
+names = sys.argv[1].split(",")
+for defs in map(ast.literal_eval, sys.argv[2:]):
+    cuda_c.VARIANT_DEFINES = defs
+    n = 0
+    for name, fn, a in kc.cuda_c_cases():
+        if any(k in name for k in names):
+            fn("cuda", torch.Generator().manual_seed(7 + n), *a)
+            n += 1
+    print(defs or "default", n, "cases passed")
+PY
+}
 # the 43-layer step's variants replay-timed round-robin and the first traced (bench/critical_path.py),
 # at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT
 replay_ab() {
@@ -1020,56 +1042,15 @@ elif [ "$MODE" = s23e ]; then
     grep "Duration\|Throughput\|Issue Slots\|Registers Per\|Achieved Occ\|Stall\|iq2xxs\|q2k_down\|Bank" "$OUT/ncu_experts_${a// /_}.txt" | head -40
   done
 elif [ "$MODE" = s23f ]; then
-  log "gate/up at two blocks per SM against the twin"
-  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -4
-import sys, torch
-sys.path.insert(0, "tests")
-import kernel_cases as kc
-from ds4tp.kernels import cuda_c
-for defs in ((("A_MINB", 2), ("A_XS_SMEM", 1)), (("A_MINB", 2),)):
-    cuda_c.VARIANT_DEFINES = defs
-    n = 0
-    for name, fn, a in kc.cuda_c_cases():
-        if "swiglu" in name or "rides" in name:
-            fn("cuda", torch.Generator().manual_seed(7 + n), *a)
-            n += 1
-    print(defs, n, "swiglu / shared-rides cases passed")
-PY
+  variant_twins swiglu,rides "(('A_MINB', 2), ('A_XS_SMEM', 1))" "(('A_MINB', 2),)"
   replay_ab base,gu_2blocks,gu_2blocks_spill "the routed gate/up at two blocks per SM"
 elif [ "$MODE" = s23g ]; then
-  log "gate/up with two items in flight per warp against the twin"
-  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -4
-import sys, torch
-sys.path.insert(0, "tests")
-import kernel_cases as kc
-from ds4tp.kernels import cuda_c
-for defs in ((), (("A_DEPTH", 2),)):
-    cuda_c.VARIANT_DEFINES = defs
-    n = 0
-    for name, fn, a in kc.cuda_c_cases():
-        if "swiglu" in name or "rides" in name:
-            fn("cuda", torch.Generator().manual_seed(7 + n), *a)
-            n += 1
-    print(defs or "default", n, "swiglu / shared-rides cases passed")
-PY
+  variant_twins swiglu,rides "()" "(('A_DEPTH', 2),)"
   replay_ab base,gu_depth2 "the routed gate/up with two items in flight per warp"
 elif [ "$MODE" = s23h ]; then
   race_probe 100 --replays 3000 --check --world 1
 elif [ "$MODE" = s23i ]; then
-  log "gate/up with its shared rows last, against the twin"
-  timeout 60 python3 - <<'PY' 2>&1 | grep -v Warn | tail -2
-import sys, torch
-sys.path.insert(0, "tests")
-import kernel_cases as kc
-from ds4tp.kernels import cuda_c
-cuda_c.VARIANT_DEFINES = (("A_SH_LAST", 1),)
-n = 0
-for name, fn, a in kc.cuda_c_cases():
-    if "rides" in name:
-        fn("cuda", torch.Generator().manual_seed(7 + n), *a)
-        n += 1
-print(n, "shared-rides cases passed with A_SH_LAST")
-PY
+  variant_twins rides "(('A_SH_LAST', 1),)"
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
