@@ -4,8 +4,8 @@ kernel ahead wrote, when the consumer's SM cached the line before that write?
 Why (docs/performance.md, twentieth session): the CUDA C kernels read earlier kernels' outputs
 through L2 (common.cuh, prior: ld.global.cg) since the read-only path (ld.global.nc) served
 stale bytes under PDL. L1-cached loads were 1.4-1.6% faster on the whole step, but are only
-safe if the wait invalidates such lines. Written after the twentieth session's device time was
-spent: not yet run.
+safe if the wait invalidates such lines. Its answer on an H200 (s23a, twenty-first session):
+no .ca word stale, every .nc word stale; prior is .ca since.
 
 Each round, on one stream:
   1. the buffers a and b are set to the round's old value (a torch fill, plain);

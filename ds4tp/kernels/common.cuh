@@ -1,6 +1,7 @@
-// Helpers shared by the CUDA C kernels (experts.cu, matvec.cu); ds4tp.kernels.cuda_c compiles
-// every .cu file with this text in front of it. No headers: NVRTC sees only built-in types and
-// intrinsics.
+// Helpers shared by the CUDA C kernels (experts.cu, matvec.cu, experts_mma.cu): PDL, loads of
+// earlier kernels' outputs (prior), the one-token Q8_0 activation and block dot.
+// ds4tp.kernels.cuda_c compiles every .cu file with this text in front of it. No headers: NVRTC
+// sees only built-in types and intrinsics.
 #define FULL 0xffffffffu
 
 __device__ __forceinline__ float h2f(unsigned short h) {
@@ -120,4 +121,20 @@ __device__ __forceinline__ void q8_0_prologue(const float* x, const float* __res
         if ((i & 3) == 0) s_d[i >> 2] = d;
     }
     __syncthreads();
+}
+
+// Piece c of a Q8_0 row in the split layout (16 int8 quants v, half a 32-block; dh the block's
+// f16 scale) against the block's Q8_0 activation (s_q, s_d: q8_0_prologue): lane pairs add their
+// integer halves, and the even lane returns the block's product d_x * d_w * sum, the odd one 0.
+// Every one-token Q8_0 row dot sums these in the same order, so their results are bit-identical.
+__device__ __forceinline__ float q8_0_piece(const int4& v, unsigned short dh, const signed char* s_q,
+                                            const float* s_d, int c, int lane) {
+    const int4 a = ((const int4*)s_q)[32 * c + lane];
+    int s = __dp4a(v.x, a.x, 0);
+    s = __dp4a(v.y, a.y, s);
+    s = __dp4a(v.z, a.z, s);
+    s = __dp4a(v.w, a.w, s);
+    s += __shfl_xor_sync(FULL, s, 1);                       // the block's other half
+    const float f = __fmul_rn(__fmul_rn((float)s, s_d[16 * c + (lane >> 1)]), h2f(dh));
+    return (lane & 1) ? 0.0f : f;
 }

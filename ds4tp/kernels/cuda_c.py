@@ -71,8 +71,8 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
     """Kernel `name` of `src` compiled for the device, or None where the source does not compile
     (one warning naming the error; never compiled again). The CUDA C twin tests assert that
     their path ran, so a GPU test run still fails on it."""
-    key = (src, device_index, tuple(defines) + VARIANT_DEFINES)
-    defines = key[2]
+    defines = tuple(defines) + VARIANT_DEFINES
+    key = (src, device_index, defines)
     if key in _FAILED:
         return None
     fn = _FUNCS.get(key + (name,))

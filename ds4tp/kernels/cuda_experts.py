@@ -158,8 +158,8 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     T, K = ids.shape
     sh = None
     if shared is not None:
-        F = shared.shape[1] if len(shared.shape) == 2 else 0
-        sh = _q8_0_split(shared, F, B_SH_CPR[-1])
+        F = shared.shape[-1]
+        sh = _q8_0_split(shared, F, B_SH_CPR[-1])       # (checks that shared is 2-D)
         if (sh is None or F // 512 not in B_SH_CPR or shared.shape[0] != N or T != 1 or not takes_shared()
                 or gu is None or gu.shape != (1, 2 * F) or gu.dtype != torch.float32 or gu.device != x.device):
             return None

@@ -126,9 +126,9 @@ __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned 
 // The shared expert's rows ride in the routed launches (one token): a Q8_0 row r of K = 512 * cpr
 // inputs in the split layout (int8 quants q [rows, K], f16 scales d [rows, K/32]) against the
 // block's Q8_0 activation (s_q, s_d: q8_0_prologue), by one warp. Lane l takes 16-byte pieces
-// l, l+32, ... (half a 32-block each; lane pairs add their integer halves), CH pieces' loads
-// issued before they are used; the same products and summation order as matvec.cu's q8_0_rows,
-// so the result is bit-identical to the Q8_0 matvec's. Returns the warp's sum in every lane.
+// l, l+32, ... (q8_0_piece), CH pieces' loads issued before they are used; the same products and
+// summation order as matvec.cu's q8_0_rows, so the result is bit-identical to the Q8_0 matvec's.
+// Returns the warp's sum in every lane.
 // cpr <= CPR_MAX, a multiple of CH.
 template <int CPR_MAX, int CH>
 __device__ __forceinline__ float q8_0_row_dot(const signed char* __restrict__ q,
@@ -148,17 +148,7 @@ __device__ __forceinline__ float q8_0_row_dot(const signed char* __restrict__ q,
                 dh[u] = __ldg(d + r * (K / 32) + 16 * (c0 + u) + (lane >> 1));
             }
 #pragma unroll
-            for (int u = 0; u < CH; u++) {
-                const int c = c0 + u;
-                const int4 a = ((const int4*)s_q)[32 * c + lane];
-                int s = __dp4a(v[u].x, a.x, 0);
-                s = __dp4a(v[u].y, a.y, s);
-                s = __dp4a(v[u].z, a.z, s);
-                s = __dp4a(v[u].w, a.w, s);
-                s += __shfl_xor_sync(FULL, s, 1);               // the block's other half
-                const float f = __fmul_rn(__fmul_rn((float)s, s_d[16 * c + (lane >> 1)]), h2f(dh[u]));
-                acc += (lane & 1) ? 0.0f : f;
-            }
+            for (int u = 0; u < CH; u++) acc += q8_0_piece(v[u], dh[u], s_q, s_d, c0 + u, lane);
         }
     }
     return warp_sum(acc);
@@ -231,8 +221,9 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     int n = n0 + (item < items ? item % rows : 0);
     if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
 
-    // x by two 16-byte loads per lane: through L2 (prior), eight 4-byte loads each asked L2 for
-    // the lane's 32 bytes again, and the step was 1.4% / 2.0% slower at TP=2 / TP=1 (s22h)
+    // x by two 16-byte loads per lane (prior): with eight 4-byte loads from L2 (.cg, as prior
+    // was then), each asked L2 for the lane's 32 bytes again and the step was 1.4% / 2.0% slower
+    // at TP=2 / TP=1 (s22h)
     for (int b = warp; b < KB; b += WARPS) {
         const float4* xb = (const float4*)(x + (long long)t * stride_xt + b * 256 + lane * 8);
         const float4 x0 = prior(xb), x1 = prior(xb + 1);

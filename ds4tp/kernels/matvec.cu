@@ -41,7 +41,6 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
     constexpr int U = CPR < LOADS ? CPR : LOADS;
     constexpr int R = LOADS / U;
     constexpr int K = 512 * CPR;
-    const int4* xq = (const int4*)s_q;
     for (int j0 = warp; j0 < nrows; j0 += WARPS * R) {
         float acc[R];
 #pragma unroll
@@ -63,17 +62,7 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
 #pragma unroll
             for (int r = 0; r < R; r++) {
 #pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const int c = c0 + u;
-                    const int4 a = xq[32 * c + lane];
-                    int s = __dp4a(v[r][u].x, a.x, 0);
-                    s = __dp4a(v[r][u].y, a.y, s);
-                    s = __dp4a(v[r][u].z, a.z, s);
-                    s = __dp4a(v[r][u].w, a.w, s);
-                    s += __shfl_xor_sync(FULL, s, 1);                   // the block's other half
-                    const float f = __fmul_rn(__fmul_rn((float)s, s_d[16 * c + (lane >> 1)]), h2f(dh[r][u]));
-                    acc[r] += (lane & 1) ? 0.0f : f;
-                }
+                for (int u = 0; u < U; u++) acc[r] += q8_0_piece(v[r][u], dh[r][u], s_q, s_d, c0 + u, lane);
             }
         }
 #pragma unroll

@@ -10,10 +10,11 @@ calling `trigger` (griddepcontrol.launch_dependents; implicitly when its blocks 
 The rules every PDL kernel here keeps (common.cuh, the Triton decode kernels):
   - before its wait it reads only weights and tables (never what an earlier kernel writes) and
     writes nothing;
-  - after its wait, the CUDA C kernels read an earlier kernel's output through L2 (common.cuh,
-    `prior`), never through the read-only path (`ld.global.nc`, what `const __restrict__`
-    allows): the output is written after this kernel started, and that path served stale
-    bytes (tests/test_ptx_loads.py checks the PTX);
+  - after its wait, the CUDA C kernels read an earlier kernel's output by ordinary L1-cached
+    loads (common.cuh, `prior`: the wait makes the writes visible to them), never through the
+    read-only path (`ld.global.nc`, what `const __restrict__` allows): the output is written
+    after this kernel started, and that path served stale bytes (tests/test_ptx_loads.py
+    checks the PTX);
   - it triggers at its start: the next kernel launches once all of this one's blocks are
     resident, so it never takes SMs that this one's blocks still need.
 Both instructions are no-ops in a plain launch, so the same compiled kernel serves both.
