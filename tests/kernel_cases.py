@@ -223,11 +223,12 @@ def case_cuda_down_sum(device, gen, E, n_out, n_in, T, K, rpc=None, dup=False, s
     return check(f"cuda down_sum {n_out}x{n_in} T={T} K={K} rpc={rpc} {shard}", got, want)
 
 
-def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard=""):
+def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard="", rpc=None):
     """The shared expert's rows riding in the routed launches (cuda_experts.swiglu / down_sum
     with `shared`, one token): bit-identical to the launches they replace (the routed kernels
     without it, the Q8_0 matvec of the gate|up, the Q8_0 SwiGLU-prologue matvec of the down,
-    then the sum), and against the torch twins. rows_sh: the shared gate|up rows (default 2F)."""
+    then the sum), and against the torch twins. rows_sh: the shared gate|up rows (default 2F);
+    rpc: the down kernel's rows per block (several rows per warp)."""
     from ds4tp.kernels import cuda_experts as ce
     from ds4tp.kernels import cuda_matvec as cm
     rows_sh = rows_sh or 2 * F
@@ -239,15 +240,15 @@ def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard=""):
     ids = rand_ids(1, K, E, gen, device)
     x = rand_act((1, n_in), gen, device) * 20.0            # so that the clamps act
     rw = torch.rand(1, K, generator=gen).to(device)
-    tag = f"cuda shared rides E={E} F={F} in={n_in} K={K} sh={rows_sh} {shard}"
+    tag = f"cuda shared rides E={E} F={F} in={n_in} K={K} sh={rows_sh} rpc={rpc} {shard}"
     got = ce.swiglu(wg, wu, x, ids, rw, 10.0, shared=w_gu)
     assert got is not None, f"{tag}: swiglu did not take the shared rows"
     mid, gu = got
-    out = ce.down_sum(wd, mid, ids, shared=w_sd, gu=gu, clamp=10.0)
+    out = ce.down_sum(wd, mid, ids, shared=w_sd, gu=gu, clamp=10.0, rpc=rpc)
     assert out is not None, f"{tag}: down_sum did not take the shared rows"
     mid0 = ce.swiglu(wg, wu, x, ids, rw, 10.0)
     gu0 = cm.q8_0(w_gu, x)
-    out0 = ce.down_sum(wd, mid0, ids) + cm.q8_0(w_sd, gu0, swiglu_clamp=10.0)
+    out0 = ce.down_sum(wd, mid0, ids, rpc=rpc) + cm.q8_0(w_sd, gu0, swiglu_clamp=10.0)
     for name, a, b in (("mid", mid, mid0), ("gate|up", gu, gu0), ("out", out, out0)):
         assert torch.equal(a, b), f"{tag}: {name} differs from the separate launches by {(a - b).abs().max()}"
     want = ops.expert_linear_torch(wd, mid, ids).sum(1) + ops.swiglu_linear_torch(w_sd, gu, 10.0)
@@ -329,11 +330,17 @@ def cuda_c_cases():
     yield "cuda down 512 in K=8 dup", case_cuda_down_sum, (12, 24, 512, 2, 8, 7, True)
     yield "cuda down 256 in T=4", case_cuda_down_sum, (8, 16, 256, 4, 6)
     yield "cuda down 2048 in T=4 rpc 32 dup", case_cuda_down_sum, (8, 36, 2048, 4, 6, 32, True)
+    # several rows per warp (each pass's registers take the next row's pass once summed)
+    yield "cuda down 1024 in rpc 50", case_cuda_down_sum, (8, 100, 1024, 1, 6, 50)
+    yield "cuda down 1024 in T=2 rpc 50 dup", case_cuda_down_sum, (8, 100, 1024, 2, 6, 50, True)
+    yield "cuda down 512 in K=8 rpc 70", case_cuda_down_sum, (12, 90, 512, 1, 8, 70)
     # the shared expert's rows in the routed launches: DS4 at TP=1 (F 2048) and TP=2 (1024, the
     # routed gate/up a row shard), and a shared expert narrower than the routed ones
     yield "cuda shared rides TP=1", case_cuda_shared_rides, (16, 2048, 4096, 6)
     yield "cuda shared rides TP=2 rows", case_cuda_shared_rides, (16, 1024, 4096, 6, None, "rows")
     yield "cuda shared rides 2048 in, F 512", case_cuda_shared_rides, (8, 1024, 2048, 8, 1024)
+    yield "cuda shared rides TP=2 rpc 80", case_cuda_shared_rides, (16, 1024, 4096, 6, None, "rows", 80)
+    yield "cuda shared rides TP=1 rpc 80", case_cuda_shared_rides, (16, 2048, 4096, 6, None, "", 80)
     yield "cuda not covered", case_cuda_not_covered, ()
     # other block sizes (a compile-time constant) that benchmarks time
     yield "cuda swiglu 8 warps rows", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows", 8)

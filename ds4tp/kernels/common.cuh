@@ -55,13 +55,46 @@ __device__ __forceinline__ T prior(const T* p) {
 #endif
 }
 
+// The clamped SwiGLU (numerics.swiglu_clamped) of 8 gate values v and their up values (ua, uc), in
+// place: g = min(gate, c), u = clamp(up, -c, c), (g * sigmoid(g)) * u, sigmoid(g) = 1 / (1 +
+// exp(-g)).
+__device__ __forceinline__ void swiglu8(float (&v)[8], const float4& ua, const float4& uc, float clamp) {
+    const float u[8] = {ua.x, ua.y, ua.z, ua.w, uc.x, uc.y, uc.z, uc.w};
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float g = fminf(v[j], clamp);
+        const float sg = __fdiv_rn(1.0f, 1.0f + expf(-g));
+        v[j] = __fmul_rn(__fmul_rn(g, sg), fminf(fmaxf(u[j], -clamp), clamp));
+    }
+}
+
+// Q8_0 of elements 8i..8i+7 (v) into shared memory (s_q int8 at 8i, the 32-block's scale at
+// s_d[i/4]), by the four lanes lane ^ 0..3 that hold the block's quarters (all 32 lanes of the
+// warp call it together): d = amax/127 and 1/d correctly rounded, q = rint(clamp(x * (1/d),
+// -128, 127)).
+__device__ __forceinline__ void q8_0_eight(const float (&v)[8], int i, signed char* s_q, float* s_d) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[j]));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
+    const float d = __fdiv_rn(amax, 127.0f);
+    const float inv = d > 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
+    unsigned wq[2] = {0u, 0u};
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int q = __float2int_rn(fminf(fmaxf(__fmul_rn(v[j], inv), -128.0f), 127.0f));
+        wq[j >> 2] |= (unsigned)(q & 255) << (8 * (j & 3));
+    }
+    *(uint2*)(s_q + 8 * i) = make_uint2(wq[0], wq[1]);
+    if ((i & 3) == 0) s_d[i >> 2] = d;
+}
+
 // x [K] (16-byte aligned) -> Q8_0 in shared memory: s_q int8 [K], s_d float32 [K/32], by a block of
 // NW warps (s_red: a double per warp; ends with a barrier). With nw,
 // x is RMS-normed first: float64 sum of squares, the mean rounded to float32, correctly rounded
 // sqrt and reciprocal, then (x * s) * nw. With clamp > 0, x is [2K] (gate, then up) and the input
-// is numerics.swiglu_clamped of its halves: g = min(gate, c), u = clamp(up, -c, c), (g *
-// sigmoid(g)) * u, sigmoid(g) = 1 / (1 + exp(-g)). Per 32-block: d = amax/127 and 1/d correctly
-// rounded, q = rint(clamp(x * (1/d), -128, 127)).
+// is swiglu8 of its halves. Per 32-block: q8_0_eight.
 template <int NW>
 __device__ __forceinline__ void q8_0_prologue(const float* x, const float* __restrict__ nw,
                                               float eps, float clamp, int K, signed char* s_q,
@@ -88,37 +121,15 @@ __device__ __forceinline__ void q8_0_prologue(const float* x, const float* __res
     for (int i = tid; i < K / 8; i += NW * 32) {
         const float4 a = prior((const float4*)(x + 8 * i)), c = prior((const float4*)(x + 8 * i + 4));
         float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-        if (clamp > 0.0f) {
-            const float4 ua = prior((const float4*)(x + K + 8 * i)), uc = prior((const float4*)(x + K + 8 * i + 4));
-            const float u[8] = {ua.x, ua.y, ua.z, ua.w, uc.x, uc.y, uc.z, uc.w};
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float g = fminf(v[j], clamp);
-                const float sg = __fdiv_rn(1.0f, 1.0f + expf(-g));
-                v[j] = __fmul_rn(__fmul_rn(g, sg), fminf(fmaxf(u[j], -clamp), clamp));
-            }
-        }
+        if (clamp > 0.0f)
+            swiglu8(v, prior((const float4*)(x + K + 8 * i)), prior((const float4*)(x + K + 8 * i + 4)), clamp);
         if (nw != 0) {
             const float4 na = *(const float4*)(nw + 8 * i), nc = *(const float4*)(nw + 8 * i + 4);
             const float n[8] = {na.x, na.y, na.z, na.w, nc.x, nc.y, nc.z, nc.w};
 #pragma unroll
             for (int j = 0; j < 8; j++) v[j] = __fmul_rn(__fmul_rn(v[j], rs), n[j]);
         }
-        float amax = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(v[j]));
-        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
-        const float d = __fdiv_rn(amax, 127.0f);
-        const float inv = d > 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
-        unsigned wq[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int q = __float2int_rn(fminf(fmaxf(__fmul_rn(v[j], inv), -128.0f), 127.0f));
-            wq[j >> 2] |= (unsigned)(q & 255) << (8 * (j & 3));
-        }
-        *(uint2*)(s_q + 8 * i) = make_uint2(wq[0], wq[1]);
-        if ((i & 3) == 0) s_d[i >> 2] = d;
+        q8_0_eight(v, i, s_q, s_d);
     }
     __syncthreads();
 }

@@ -50,10 +50,11 @@ class Switch:
 
 
 @functools.lru_cache(maxsize=32)
-def _module(src: str, device_index: int, defines: tuple):
-    """src compiled once per device and set of -D defines (compile-time launch constants)."""
+def _module(path: str, device_index: int, defines: tuple):
+    """The .cu file at path compiled once per device and set of -D defines (compile-time launch
+    constants)."""
     cp = _cupy()
-    code = (_DIR / "common.cuh").read_text() + "\n" + (_DIR / src).read_text()
+    code = (_DIR / "common.cuh").read_text() + "\n" + Path(path).read_text()
     opts = ("--std=c++14", *(f"-D{k}={v}" for k, v in defines))
     with cp.cuda.Device(device_index):
         return cp.RawModule(code=code, options=opts)
@@ -61,9 +62,12 @@ def _module(src: str, device_index: int, defines: tuple):
 
 VARIANT_DEFINES: tuple = ()   # -D defines added to every compile: variants benchmarks time
                               # (bench/critical_path.py), empty otherwise
+SOURCE_OVERRIDES: dict = {}   # src name -> another file compiled in its place, with the same
+                              # kernel names and arguments (bench/critical_path.py times an earlier
+                              # session's kernels against these), empty otherwise
 
-_FAILED: dict = {}     # (src, device index, defines) -> why it did not compile there
-_FUNCS: dict = {}      # (src, device index, defines, name) -> the kernel (one object per key, so
+_FAILED: dict = {}     # (path, device index, defines) -> why it did not compile there
+_FUNCS: dict = {}      # (path, device index, defines, name) -> the kernel (one object per key, so
                        # resident()'s cache keyed on it holds one entry per kernel)
 
 
@@ -72,14 +76,15 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
     (one warning naming the error; never compiled again). The CUDA C twin tests assert that
     their path ran, so a GPU test run still fails on it."""
     defines = tuple(defines) + VARIANT_DEFINES
-    key = (src, device_index, defines)
+    path = str(SOURCE_OVERRIDES.get(src, _DIR / src))
+    key = (path, device_index, defines)
     if key in _FAILED:
         return None
     fn = _FUNCS.get(key + (name,))
     if fn is not None:
         return fn
     try:
-        fn = _FUNCS[key + (name,)] = _module(src, device_index, defines).get_function(name)
+        fn = _FUNCS[key + (name,)] = _module(path, device_index, defines).get_function(name)
         return fn
     except Exception as exc:
         _FAILED[key] = exc

@@ -35,11 +35,17 @@ set_enabled = _switch.set          # benchmarks time the Triton kernels in the s
 available = _switch.available
 
 
-def _kernel(x: torch.Tensor, warps: int, which: int):
+def _kernel(x: torch.Tensor, warps: int, which: int, defines: tuple = ()):
     """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block is a
     compile-time constant; benchmarks time other values), or None (see cuda_c.kernel)."""
     return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum")[which], x.device.index,
-                         (("WARPS", warps),))
+                         (("WARPS", warps),) + tuple(defines))
+
+
+def down_defines(K: int, kb: int, csh: int) -> tuple:
+    """The down kernel's compile-time shape (experts.cu q2k_down_sum): passes over a row's K
+    slots (32 / (4 kb) slots a pass), the shared row's pieces."""
+    return (("B_NP", -(-K // (32 // (4 * kb)))), ("B_SH_MAX", max(csh, 1)))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
@@ -161,10 +167,11 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
         F = shared.shape[-1]
         sh = _q8_0_split(shared, F, B_SH_CPR[-1])       # (checks that shared is 2-D)
         if (sh is None or F // 512 not in B_SH_CPR or shared.shape[0] != N or T != 1 or not takes_shared()
+                or F // 8 > warps * 32      # one thread per 8 of its inputs in the prologue
                 or gu is None or gu.shape != (1, 2 * F) or gu.dtype != torch.float32 or gu.device != x.device):
             return None
         gu = _act16(gu)          # its prologue reads 16-byte pieces
-    fb = _kernel(x, warps, 1)
+    fb = _kernel(x, warps, 1, down_defines(K, kb, F // 512 if sh is not None else 0))
     if fb is None:
         return None
     x = _act16(x)                # the prologue reads 16-byte pieces

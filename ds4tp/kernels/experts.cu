@@ -74,11 +74,11 @@ __device__ __forceinline__ void load_act(const signed char* q, int (&xs)[8]) {
     xs[4] = b.x; xs[5] = b.y; xs[6] = b.z; xs[7] = b.w;
 }
 
-// 0xff in byte i where bit i of the nibble b (< 16) is set: b * 0x10204080 puts bit i at 8i + 7
-// (the four shifted copies do not overlap), PRMT's sign mode replicates each byte's top bit.
-__device__ __forceinline__ unsigned nib_mask(unsigned b) {
+// 0xff in byte i of the result where bit 8i + 7 of v is set (PRMT's sign mode replicates each
+// byte's top bit).
+__device__ __forceinline__ unsigned byte_signs(unsigned v) {
     unsigned m;
-    asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(m) : "r"(b * 0x10204080u));
+    asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(m) : "r"(v));
     return m;
 }
 
@@ -87,7 +87,11 @@ __device__ __forceinline__ unsigned nib_mask(unsigned b) {
 // Fields: 4 grid-row indices (bytes), then 4 x 7 sign bits and the 4-bit scale s in one word.
 // Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8. The signed
 // sum is taken as sum(g q) - 2 sum(g q over the negated elements): one AND per word, the masks by
-// nib_mask (PRMT); fewer instructions than negating the bytes (H200: 21.4 vs 22.1 us at TP=1).
+// byte_signs (PRMT); fewer instructions than negating the bytes (H200: 21.4 vs 22.1 us at TP=1).
+// The masks straight from the 7 bits s7: s7 * 0x10204080 puts bit e (e < 4) at 8e + 7 and
+// s7 * 0x20408 bit 4 + e (e < 3) at 8e + 7 (the shifted copies of s7 do not overlap, so no carry),
+// the parity bit goes to bit 31 by popc << 31: 6 instructions a group where taking the 8-bit
+// pattern apart first took 9 (checked against ksigns for all 128 patterns).
 __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
                                           const unsigned long long* grid) {
     const unsigned* w = (const unsigned*)(row + (off & ~3));
@@ -99,13 +103,14 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
 #pragma unroll
     for (int l = 0; l < 4; l++) {
         unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        unsigned s7 = (aux1 >> (7 * l)) & 127u;
-        unsigned bits = s7 | ((__popc(s7) & 1u) << 7);
+        const unsigned s7 = (aux1 >> (7 * l)) & 127u;
+        const unsigned mlo = byte_signs(s7 * 0x10204080u);
+        const unsigned mhi = byte_signs(s7 * 0x20408u + ((unsigned)__popc(s7) << 31));
         const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
         sum = __dp4a((int)glo, xs[2 * l], sum);
         sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
-        neg = __dp4a((int)(glo & nib_mask(bits & 15u)), xs[2 * l], neg);
-        neg = __dp4a((int)(ghi & nib_mask(bits >> 4)), xs[2 * l + 1], neg);
+        neg = __dp4a((int)(glo & mlo), xs[2 * l], neg);
+        neg = __dp4a((int)(ghi & mhi), xs[2 * l + 1], neg);
     }
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
@@ -154,6 +159,39 @@ __device__ __forceinline__ float q8_0_row_dot(const signed char* __restrict__ q,
     return warp_sum(acc);
 }
 
+// One such row's pieces held in registers (lane l: pieces c = 0 .. cpr-1, cpr <= CPR_MAX), so that
+// its loads can go out early: before the PDL wait (weights only) or with the next routed rows.
+template <int CPR_MAX>
+struct Q8Row {
+    int4 v[CPR_MAX];
+    unsigned short dh[CPR_MAX];
+};
+
+template <int CPR_MAX>
+__device__ __forceinline__ void q8_0_row_load(Q8Row<CPR_MAX>& h, const signed char* __restrict__ q,
+                                              const unsigned short* __restrict__ d, long long r,
+                                              int cpr, int lane) {
+    const int K = 512 * cpr;
+#pragma unroll
+    for (int c = 0; c < CPR_MAX; c++) {
+        if (c < cpr) {
+            h.v[c] = __ldg((const int4*)(q + r * K) + 32 * c + lane);
+            h.dh[c] = __ldg(d + r * (K / 32) + 16 * c + (lane >> 1));
+        }
+    }
+}
+
+// q8_0_row_dot of a held row: the same products in the same order, so the same bits.
+template <int CPR_MAX>
+__device__ __forceinline__ float q8_0_row_held(const Q8Row<CPR_MAX>& h, int cpr, const signed char* s_q,
+                                               const float* s_d, int lane) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CPR_MAX; c++)
+        if (c < cpr) acc += q8_0_piece(h.v[c], h.dh[c], s_q, s_d, c, lane);
+    return warp_sum(acc);
+}
+
 // Rows r0, r0 + WARPS, ... (< r0 + nrows) of such a Q8_0 weight (K = 512 * cpr) into L2, each
 // lane its pieces: issued before the PDL wait (weights only), so that the shared rows arrive
 // while the kernel ahead finishes instead of after the routed work that precedes their sums.
@@ -179,7 +217,9 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
 // With nsh > 0 (one token), the block also takes rows blockIdx.x*rps .. +rps-1 (< nsh) of the
 // shared expert's gate|up, a Q8_0 weight [nsh, 256*KB] in the split layout (sq, sd), into
 // ysh: the same numbers as the Q8_0 matvec of x (q8_0_row_dot), before its routed items (after
-// them, the step was 0.9% slower at TP=2, s23i).
+// them, the step was 0.9% slower at TP=2, s23i). Each warp's first shared row is loaded into
+// registers before the PDL wait, later ones into L2; x's Q8_0 comes from the same loads of x as
+// its Q8_K.
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -197,7 +237,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
     __shared__ __align__(16) signed char s_q8[A_MAX_KB * 256];     // the shared rows' Q8_0 input
     __shared__ float s_d8[A_MAX_KB * 8];
-    __shared__ double s_red[WARPS];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.y;
@@ -209,7 +248,9 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     pdl_trigger();                    // all blocks resident: the next kernel may launch
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
-    if (warp < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp, nsh_b - warp, KB / 2, lane);
+    Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
+    if (warp < nsh_b) q8_0_row_load(shr, sq, sd, sh0 + warp, KB / 2, lane);
+    if (warp + WARPS < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp + WARPS, nsh_b - warp - WARPS, KB / 2, lane);
     pdl_wait();                       // ids, rw and x are earlier kernels' outputs
 
     // first item's loads go out before the prologue
@@ -229,14 +270,16 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const float4 x0 = prior(xb), x1 = prior(xb + 1);
         const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
+        if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
     }
     __syncthreads();
-    if (nsh_b > 0) {                  // (the same for every thread of the block)
-        q8_0_prologue<WARPS>(x, 0, 0.0f, 0.0f, 256 * KB, s_q8, s_d8, s_red);
-        for (int j = warp; j < nsh_b; j += WARPS) {
-            const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane);
-            if (lane == 0) ysh[sh0 + j] = y;
-        }
+    if (warp < nsh_b) {
+        const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
+        if (lane == 0) ysh[sh0 + warp] = y;
+    }
+    for (int j = warp + WARPS; j < nsh_b; j += WARPS) {
+        const float y = q8_0_row_dot<A_MAX_KB / 2, 4>(sq, sd, sh0 + j, KB / 2, s_q8, s_d8, lane);
+        if (lane == 0) ysh[sh0 + j] = y;
     }
 
     // the activation of this lane's sub-blocks, the same for every item, in registers (6% faster
@@ -349,18 +392,25 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // block quantises the K slot activations x[t, k, :], then warp w takes rows n0+w, n0+w+WARPS, ...
 // Per row the lanes cover (slot, super-block, quarter) units: a quarter (nh, h) of super-block
 // sb is qs words 8nh+4h .. +3, whose byte bits 2j hold elements 128nh + 32j + 16h + 4w + 0..3
-// (16-block s = 8nh + 2j + h); 4*KB units per slot, 32/(4*KB) slots per pass.
-// All of a row's loads (every slot) are issued before any is used; the first row's before the
-// prologue.
+// (16-block s = 8nh + 2j + h); 4*KB units per slot, spp = 32/(4*KB) slots per pass, B_NP passes.
+// A warp's first row is loaded (every slot) before the prologue; each pass's registers then take
+// that pass of the warp's next row once summed (two rows loaded at once, with 125 registers, made
+// the step 0.6% slower at TP=2, s24a).
 // With csh > 0 (one token), each row also adds the shared expert's down row n: a Q8_0 weight
 // [N, 512*csh] in the split layout (sq, sd) against swiglu_clamped(gu[:F], gu[F:], clamp), F =
 // 512*csh, quantised to Q8_0 in the prologue; out = routed sum + shared dot, each summed as
-// its own launch sums it (bit-identical to their sum). The shared row is loaded only when it is
-// summed (registers are short), from L2: the block's shared rows are prefetched there before the
-// PDL wait.
-// Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides 4-byte aligned,
-// x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
+// its own launch sums it (bit-identical to their sum). A row's shared pieces are held in
+// registers, loaded with its routed rows; the first row's before the PDL wait (weights), the
+// block's later rows are prefetched into L2 then. gu is loaded with the slot activations.
+// Compile-time (the host's defines): B_NP >= cdiv(K, spp) passes, B_SH_MAX >= csh. Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides
+// 4-byte aligned, x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
 #define B_SH_CPR 4              // shared down inputs <= 2048
+#ifndef B_NP
+#define B_NP B_MAX_K            // passes over a row's slots
+#endif
+#ifndef B_SH_MAX
+#define B_SH_MAX B_SH_CPR       // the shared down's pieces per lane per row, at most
+#endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
              const float* x, long long stride_xt, long long stride_xk,
@@ -371,9 +421,8 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
-    __shared__ __align__(16) signed char s_q8[B_SH_CPR * 512];      // the shared down's Q8_0 input
-    __shared__ float s_d8[B_SH_CPR * 16];
-    __shared__ double s_red[WARPS];
+    __shared__ __align__(16) signed char s_q8[B_SH_MAX * 512];      // the shared down's Q8_0 input
+    __shared__ float s_d8[B_SH_MAX * 16];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.y;
@@ -382,40 +431,63 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     const int units = 4 * KB, spp = 32 / units;
     const int ks = lane / units, u = lane % units;
     const int sb = u >> 2, nh = (u >> 1) & 1, h = u & 1;
+    const bool sh = csh > 0 && t == 0;
+    const int F = 512 * csh;
+    if (B_NP * spp < K || csh > B_SH_MAX || F / 8 > WARPS * 32) __trap();   // compiled for other shapes
 
     pdl_trigger();                    // all blocks resident: the next kernel may launch
-    if (csh > 0 && t == 0 && n0 + warp < nend) q8_0_rows_to_l2(sq, sd, n0 + warp, nend - n0 - warp, csh, lane);
-    pdl_wait();                       // ids and x are earlier kernels' outputs
-    int e[B_MAX_K];
+    Q8Row<B_SH_MAX> shr;              // the shared pieces of the warp's current row
+    if (sh && n0 + warp < nend) {
+        q8_0_row_load(shr, sq, sd, n0 + warp, csh, lane);
+        if (n0 + warp + WARPS < nend) q8_0_rows_to_l2(sq, sd, n0 + warp + WARPS, nend - n0 - warp - WARPS, csh, lane);
+    }
+    pdl_wait();                       // ids, x and gu are earlier kernels' outputs
+    int e[B_NP];
 #pragma unroll
-    for (int p = 0; p < B_MAX_K; p++) {
+    for (int p = 0; p < B_NP; p++) {
         const int k = p * spp + ks;
         e[p] = (k < K) ? (int)prior(ids + t * K + k) : -1;
     }
-    unsigned qw[B_MAX_K][4], sc[B_MAX_K][2], dd[B_MAX_K];
-    int n = n0 + warp;
-#define B_LOAD()                                                                          \
-    _Pragma("unroll") for (int p = 0; p < B_MAX_K; p++) {                                  \
-        if (p * spp < K && e[p] >= 0 && n < nend) {                                        \
-            const unsigned* b32 = (const unsigned*)(w + (long long)e[p] * stride_e         \
-                                                    + (long long)n * stride_n + sb * 84);  \
-            sc[p][0] = __ldg(b32 + 2 * nh);                                                \
-            sc[p][1] = __ldg(b32 + 2 * nh + 1);                                            \
-            _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = __ldg(b32 + 4 + 8 * nh + 4 * h + i); \
-            dd[p] = __ldg(b32 + 20);                                                       \
-        }                                                                                  \
+    // gu's 8 gate and 8 up values of this thread's Q8_0 quarter-block, loaded with the slot rows
+    const int gi = threadIdx.x;
+    const bool gq = sh && gi < F / 8;
+    float4 ga = make_float4(0.f, 0.f, 0.f, 0.f), gc = ga, ua = ga, uc = ga;
+    if (gq) {
+        ga = prior((const float4*)(gu + 8 * gi)); gc = prior((const float4*)(gu + 8 * gi + 4));
+        ua = prior((const float4*)(gu + F + 8 * gi)); uc = prior((const float4*)(gu + F + 8 * gi + 4));
     }
-    const bool sh = csh > 0 && t == 0;
-    B_LOAD()
+    unsigned qw[B_NP][4], sc[B_NP][2], dd[B_NP];
+    // pass p of a row into its registers (slots without an expert load nothing)
+#define B_LOAD(p, row)                                                                        \
+    if (p * spp < K && e[p] >= 0) {                                                           \
+        const unsigned* b32 = (const unsigned*)(w + (long long)e[p] * stride_e                \
+                                                + (long long)(row) * stride_n + sb * 84);     \
+        sc[p][0] = __ldg(b32 + 2 * nh);                                                       \
+        sc[p][1] = __ldg(b32 + 2 * nh + 1);                                                   \
+        _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = __ldg(b32 + 4 + 8 * nh + 4 * h + i); \
+        dd[p] = __ldg(b32 + 20);                                                              \
+    }
+    int n = n0 + warp;
+    if (n < nend) {
+#pragma unroll
+        for (int p = 0; p < B_NP; p++) { B_LOAD(p, n) }
+    }
 
     b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
+    if (gq) {                         // (F/8 is a multiple of 64: whole warps)
+        float v[8] = {ga.x, ga.y, ga.z, ga.w, gc.x, gc.y, gc.z, gc.w};
+        swiglu8(v, ua, uc, clamp);
+        q8_0_eight(v, gi, s_q8, s_d8);
+    }
     __syncthreads();
-    if (sh) q8_0_prologue<WARPS>(gu, 0, 0.0f, clamp, 512 * csh, s_q8, s_d8, s_red);
 
-    while (n < nend) {
+    // Each pass's registers take the same pass of the warp's next row as soon as they are summed,
+    // so the next row's loads go out while this one is summed.
+    for (; n < nend; n += WARPS) {
+        const int nrow = n + WARPS;
         float acc = 0.0f;
 #pragma unroll
-        for (int p = 0; p < B_MAX_K; p++) {
+        for (int p = 0; p < B_NP; p++) {
             const int k = p * spp + ks;
             if (p * spp < K && e[p] >= 0) {
                 const int blk = k * KB + sb;
@@ -423,12 +495,14 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
                                 s_xq + blk * B_XB + B_XH * nh + 16 * h, s_bs + blk * B_BS + 8 * nh + h,
                                 s_xd[blk]);
             }
+            if (nrow < nend) { B_LOAD(p, nrow) }
         }
         acc = warp_sum(acc);
-        if (sh) acc += q8_0_row_dot<B_SH_CPR, 1>(sq, sd, n, csh, s_q8, s_d8, lane);
+        if (sh) {
+            acc += q8_0_row_held(shr, csh, s_q8, s_d8, lane);
+            if (nrow < nend) q8_0_row_load(shr, sq, sd, nrow, csh, lane);
+        }
         if (lane == 0) out[(long long)t * stride_ot + n] = acc;
-        n += WARPS;
-        B_LOAD()                          // the next row's loads (nothing past nend)
     }
 #undef B_LOAD
 }
