@@ -24,11 +24,12 @@ import argparse
 import json
 import tempfile
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 from ds4tp import config as C, decode_graph
-from ds4tp.kernels import cuda_c, cuda_experts, pdl, triton_hc, triton_pick, triton_route
+from ds4tp.kernels import cuda_c, cuda_experts, cuda_matvec, pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -51,6 +52,9 @@ VARIANTS = {
     "pdl_off_triton": (pdl.set_triton_enabled,),              # the Triton launches plain
     # (session 23) earlier kernels' outputs read from L2 only (common.cuh prior, PRIOR_CG; before)
     "prior_cg": ((cuda_c, "VARIANT_DEFINES", (("PRIOR_CG", 1),)),),
+    # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
+    # kernel (before) instead of matvec.cu's f16_matvec
+    "router_triton": (cuda_matvec.set_f16_enabled,),
 }
 
 
@@ -74,7 +78,11 @@ ap.add_argument("--json", default="")
 ap.add_argument("--variants", default="base", help="comma-separated names of " + ", ".join(VARIANTS))
 ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest; "
                                              "none: no trace)")
+ap.add_argument("--old", default="", help="a folder with an earlier experts.cu: variant old_experts "
+                                           "compiles it (the same kernel names and arguments)")
 args = ap.parse_args()
+if args.old:
+    VARIANTS["old_experts"] = ((cuda_c, "SOURCE_OVERRIDES", {"experts.cu": str(Path(args.old) / "experts.cu")}),)
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
 m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")

@@ -179,6 +179,15 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s24b: session 24, one GPU: the PTX check, CUDA C twins and graph tests (the F16 one-token
+#         matvec added), replay A/B at TP=2 and TP=1: base, c362271's experts.cu (old_experts),
+#         the router on the Triton kernel; the race probe at TP=2 and TP=1
+#   s24a: session 24, one GPU: the PTX check, CUDA C twins and graph tests (routed kernels with
+#         loads issued earlier, the Q8_0 matvec's first step in registers), the twins under the
+#         matvec's other first-step modes, replay A/B at TP=2: base, last session's kernels
+#         (old: both files; old_experts), the matvec's first step into L2 / L1, one down row
+#         in flight (.dbg/old carries c362271's experts.cu and matvec.cu; the variants old,
+#         mv_first_* and down_rb1 were removed with the code they timed)
 #   s23i: session 23, one GPU: the gate/up launch's shared rows after its routed items
 #         (A_SH_LAST): twin cases, replay A/B at TP=2
 #   s23h: session 23, one GPU: the race probe at TP=1 on the final code (.ca loads, riding)
@@ -1054,6 +1063,19 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s24b ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 150 "cuda_c or shared_expert_riding" tests/test_kernels.py tests/test_decode_graph.py
+  for w in 2 1; do
+    log "replay A/B, world $w: this session's routed kernels and F16 matvec against c362271's"
+    timeout 200 python3 bench/critical_path.py --world $w --old .dbg/old --variants \
+      base,old_experts,router_triton --trace base --json "$OUT/critical_path_w$w.json" \
+      2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -6
+    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
+  done
+  race_probe 100 --replays 3000 --check
+  race_probe 100 --replays 3000 --check --world 1
 elif [ "$MODE" = l1wait ]; then
   log "does griddepcontrol.wait invalidate L1 lines a PDL consumer cached before the write?"
   timeout 120 python3 bench/l1_wait_probe.py --rounds 200 --out "$OUT/l1_wait.json" 2>&1 | tail -3

@@ -302,6 +302,23 @@ def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False
     return check(tag, got, want)
 
 
+def case_cuda_f16(device, gen, n_out, n_in, shard=False):
+    """The CUDA C F16 one-token matvec (cuda_matvec.f16, through the dispatch's linear) against
+    the twin; asserts that it took the case. shard: a column shard (rows not contiguous)."""
+    from ds4tp import kernels
+    from ds4tp.kernels import cuda_matvec as cm
+    if shard:
+        w = column_shard(rand_weight(F16, (n_out, 2 * n_in), gen, device), 1, 2)
+    else:
+        w = rand_weight(F16, (n_out, n_in), gen, device)
+    x = rand_act((1, n_in), gen, device)
+    got = cm.f16(w, x)
+    tag = f"cuda f16 {n_out}x{n_in} shard={shard}"
+    assert got is not None, f"{tag}: the kernel did not take the case"
+    assert torch.equal(kernels.linear(w, x), got), f"{tag}: the dispatch took another path"
+    return check(tag, got, ops.linear_torch(w, x))
+
+
 def case_cuda_q8_0_not_covered(device, gen):
     """What the CUDA C Q8_0 matvec leaves to the Triton kernels: None, no failure."""
     from ds4tp.kernels import cuda_matvec as cm
@@ -315,6 +332,10 @@ def case_cuda_q8_0_not_covered(device, gen):
     assert cm.q8_0(w, rand_act((1, 512), gen, device), norm=torch.ones(256, device=device)) is None
     wf = rand_weight(F16, (16, 512), gen, device)                  # other weight types
     assert cm.q8_0(wf, rand_act((1, 512), gen, device)) is None
+    assert cm.f16(wf, rand_act((1, 512), gen, device)) is None     # F16 narrower than 1024
+    assert cm.f16(w, rand_act((1, 512), gen, device)) is None      # not F16
+    wf = rand_weight(F16, (16, 1024), gen, device)
+    assert cm.f16(wf, rand_act((2, 1024), gen, device)) is None    # two tokens
     return "None for each"
 
 
@@ -362,6 +383,12 @@ def cuda_c_cases():
     yield "cuda q8_0 swiglu shared down", case_cuda_q8_0, (512, 2048, 1, False, False, None, None, None, True)
     yield "cuda q8_0 swiglu TP=2 shard", case_cuda_q8_0, (64, 1024, 1, False, True, None, None, None, True)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
+    # the F16 one-token matvec: the router (4096 -> 256), 1 to 16 warps per row, partial blocks
+    yield "cuda f16 router", case_cuda_f16, (256, 4096)
+    yield "cuda f16 1024 in", case_cuda_f16, (37, 1024)
+    yield "cuda f16 16384 in", case_cuda_f16, (19, 16384)
+    yield "cuda f16 3072 in many rows", case_cuda_f16, (1000, 3072)
+    yield "cuda f16 column shard", case_cuda_f16, (64, 2048, True)
     # the tensor-core float16 routed experts of a prefill (tiles of up to 64 pairs)
     yield "cuda mma swiglu 4096 in", case_cuda_experts_mma, (IQ2_XXS, 16, 96, 4096, 300, 6, False, True)
     yield "cuda mma swiglu rows tq 16", case_cuda_experts_mma, (IQ2_XXS, 8, 40, 512, 45, 6, False, True, "rows", 0.1, 16)

@@ -9,7 +9,7 @@ experts at decode sizes (IQ2_XXS gate/up, Q2_K down, up to 4 tokens) take the CU
 `cuda_experts` where CuPy is installed, else the packed-integer dp4a Triton kernels; larger
 launches the tensor-core tile kernel. A one-token Q8_0 matvec (linear, grouped, normed) takes
 the CUDA C kernel of `cuda_matvec` where CuPy is installed, else the Triton split-layout
-kernel. From GEMM_MIN_T tokens (prefill) the many-token kernel of `triton_gemm` takes every
+kernel; so does a one-token F16 linear (the MoE router) whose input is 1024 * S wide. From GEMM_MIN_T tokens (prefill) the many-token kernel of `triton_gemm` takes every
 supported weight type: one launch for all tokens (routed experts grouped by expert), the same
 exact block dots, or the float16 path (dense weights on cuBLAS, routed experts on the
 tensor-core kernels of cuda_experts.many); F16 weights take the activation split into float16
@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import os
 
-from ds4tp.config import Q8_0, SWIGLU_CLAMP
+from ds4tp.config import F16, Q8_0, SWIGLU_CLAMP
 
 GEMM_MIN_T = 17     # tokens from which one many-token launch replaces chunks of TQ_MAX = 16
 
@@ -96,6 +96,14 @@ def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp
     return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp)
 
 
+def _cuda_f16(w, x2):
+    """The CUDA C F16 matvec for one token where CuPy is here, else None."""
+    if w.qtype != F16 or x2.shape[0] != 1:
+        return None
+    from ds4tp.kernels import cuda_matvec
+    return cuda_matvec.f16(w, x2)
+
+
 def linear(w, x):
     if not _covered(w, x):
         return None
@@ -103,6 +111,8 @@ def linear(w, x):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x)
     y = _cuda_q8_0(w, x)
+    if y is None:
+        y = _cuda_f16(w, x)
     if y is not None:
         return y
     from ds4tp.kernels import triton_matvec as tm

@@ -1,4 +1,4 @@
-"""The Q8_0 matvec of one decode token in CUDA C (matvec.cu, compiled by NVRTC through CuPy).
+"""The Q8_0 and F16 matvecs of one decode token in CUDA C (matvec.cu, compiled by NVRTC through CuPy).
 
 `q8_0(w, x, groups, norm, eps)` covers the three one-token Q8_0 entry points of the dispatch:
 linear, grouped_linear (attn_output_a) and linear_normed (attn_q_b after its RMS norm). It reads
@@ -9,13 +9,17 @@ case_cuda_q8_0). One warp per row, no split K: no workspace, no second pass.
 
 It returns None for what it does not cover (no CuPy, T > 1, other weight types, inputs that are
 not 512 * 2^i <= MAX_K wide); the dispatch in ds4tp.kernels then takes the Triton kernel.
+
+`f16(w, x)` is the one-token F16 linear (the MoE router's 4096 -> 256 on the decode path): float32
+FMAs of the weights converted to float32 against x as is (the twin: ops.linear_torch, up to
+float32 summation order), its weight loads issued before the PDL wait (case_cuda_f16).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ds4tp.config import Q8_0
+from ds4tp.config import F16, Q8_0
 from ds4tp.kernels import cuda_c
 
 # Launch constants (H200 sweep, bench/results/kernels_h200_s7_q8c2_20261129.json: 16 warps and 4
@@ -84,3 +88,39 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
                    cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
     return y
 
+
+
+_f16_switch = cuda_c.Switch()
+set_f16_enabled = _f16_switch.set   # benchmarks time the Triton kernel in the same run
+
+
+def f16(w, x: torch.Tensor) -> torch.Tensor | None:
+    """y [1, N] = w . x for one token and a 2-D F16 weight (N, K), K = 1024 * S with S <= 16
+    (matvec.cu f16_matvec: S warps per row); None if not covered."""
+    if not (_f16_switch.available() and w.qtype == F16 and len(w.shape) == 2 and x.dim() == 2
+            and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
+            and x.device == w.raw.device):
+        return None
+    N, K = w.shape
+    raw = w.raw
+    if (K % 1024 or K > 16 * 1024 or x.shape[1] != K or raw.stride(1) != 1 or raw.data_ptr() % 16
+            or raw.stride(0) % 16):
+        return None
+    fn = _kernel_f16(x.device)
+    if fn is None:
+        return None
+    from ds4tp.kernels.triton_matvec import _sm_count
+    S = K // 1024
+    R = max(1, min(16 // S, -(-N // _sm_count(x.device))))     # rows per block: ~one block per SM
+    x = _aligned16(x)
+    y = torch.empty(1, N, dtype=torch.float32, device=x.device)
+    cuda_c.launch(fn, x.device, (-(-N // R), 1), S * R,
+                  (cuda_c.ptr(raw), np.int64(raw.stride(0) // 2), cuda_c.ptr(x), cuda_c.ptr(y),
+                   np.int32(N), np.int32(K), np.int32(R)))
+    return y
+
+
+def _kernel_f16(device: torch.device):
+    """f16_matvec, from the same module as the Q8_0 kernel's default launch constants."""
+    return cuda_c.kernel("matvec.cu", "f16_matvec", device.index,
+                         (("WARPS", WARPS), ("LOADS", LOADS), ("MINB", MINB)))

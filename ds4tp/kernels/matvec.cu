@@ -129,3 +129,47 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
         case 32: q8_0_block<32>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
     }
 }
+
+// y[n] = sum_k f32(w[n, k]) * x[k], float32 FMAs, for one token: the F16 matvec (the MoE router,
+// 4096 -> 256, and the other one-token F16 linears). w F16 [N, K] with row stride sw (elements,
+// a multiple of 8), K = 1024 * S, S <= 16. Warp j of a row takes elements 1024j .. 1024j+1023:
+// lane l the 8-element pieces 32p + l (p < 4), 16-byte loads issued before the PDL wait (weights
+// only), then x's same pieces from L2. A row's S warp sums are added in order j = 0..S-1.
+// Block: R rows, S*R warps (<= 16); grid cdiv(N, R).
+extern "C" __global__ void __launch_bounds__(512)
+f16_matvec(const unsigned short* __restrict__ w, long long sw, const float* x,
+           float* __restrict__ y, int N, int K, int R) {
+    __shared__ float s_part[16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int S = K >> 10;
+    const int r = warp / S, j = warp % S;
+    const long long n = (long long)blockIdx.x * R + r;
+    const bool ok = n < N;
+    pdl_trigger();                    // all blocks resident: the next kernel may launch
+    uint4 wv[4];
+#pragma unroll
+    for (int p = 0; p < 4; p++)
+        wv[p] = ok ? __ldg((const uint4*)(w + n * sw + 1024 * j + 8 * (32 * p + lane))) : make_uint4(0, 0, 0, 0);
+    pdl_wait();                       // x is the kernel ahead's output
+    float acc = 0.0f;
+    if (ok) {
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            const float4* xp = (const float4*)(x + 1024 * j + 8 * (32 * p + lane));
+            const float4 a = prior(xp), b = prior(xp + 1);
+            const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            const unsigned ws[4] = {wv[p].x, wv[p].y, wv[p].z, wv[p].w};
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc = fmaf(h2f((unsigned short)(ws[i >> 1] >> (16 * (i & 1)))), xs[i], acc);
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) s_part[warp] = acc;
+    __syncthreads();
+    if (ok && j == 0 && lane == 0) {
+        float t = 0.0f;
+        for (int i = 0; i < S; i++) t += s_part[r * S + i];
+        y[n] = t;
+    }
+}
