@@ -179,6 +179,10 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s24c: session 24, one GPU: the PTX check, CUDA C twins, graph tests and the HC step's Triton
+#         cases, the Q8_0 twins under PF_PIECES 4 and 16; replay A/B at TP=2 and TP=1: base (the
+#         Q8_0 matvec prefetching 8 pieces per lane and its scales, the HC step's mixer weight
+#         before the wait), mv_pf4, mv_pf16, hc_w_late
 #   s24b: session 24, one GPU: the PTX check, CUDA C twins and graph tests (the F16 one-token
 #         matvec added), replay A/B at TP=2 and TP=1: base, c362271's experts.cu (old_experts),
 #         the router on the Triton kernel; the race probe at TP=2 and TP=1
@@ -1063,6 +1067,17 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s24c ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 200 "cuda_c or shared_expert_riding or hc_step" tests/test_kernels.py tests/test_decode_graph.py
+  variant_twins "q8_0" "(('PF_PIECES', 4),)" "(('PF_PIECES', 16),)"
+  for w in 2 1; do
+    log "replay A/B, world $w: the Q8_0 matvec's prefetch before the wait, the HC step's weight"
+    timeout 200 python3 bench/critical_path.py --world $w --variants base,mv_pf4,mv_pf16,hc_w_late \
+      --trace base --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
+    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
+  done
 elif [ "$MODE" = s24b ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 150 "cuda_c or shared_expert_riding" tests/test_kernels.py tests/test_decode_graph.py
