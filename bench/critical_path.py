@@ -55,12 +55,6 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
-    # (session 24) the Q8_0 matvec prefetching only its first step into L2 before the PDL wait
-    # (as before), or 16 pieces per lane, instead of 8; the HC step's mixer weight loaded after
-    # the wait (as before)
-    "mv_pf4": ((cuda_c, "VARIANT_DEFINES", (("PF_PIECES", 4),)),),
-    "mv_pf16": ((cuda_c, "VARIANT_DEFINES", (("PF_PIECES", 16),)),),
-    "hc_w_late": ((triton_hc, "HC_W_EARLY", False),),
 }
 
 

@@ -182,7 +182,7 @@
 #   s24c: session 24, one GPU: the PTX check, CUDA C twins, graph tests and the HC step's Triton
 #         cases, the Q8_0 twins under PF_PIECES 4 and 16; replay A/B at TP=2 and TP=1: base (the
 #         Q8_0 matvec prefetching 8 pieces per lane and its scales, the HC step's mixer weight
-#         before the wait), mv_pf4, mv_pf16, hc_w_late
+#         before the wait), mv_pf4, mv_pf16, hc_w_late (the code and variants at 9126560, removed)
 #   s24b: session 24, one GPU: the PTX check, CUDA C twins and graph tests (the F16 one-token
 #         matvec added), replay A/B at TP=2 and TP=1: base, c362271's experts.cu (old_experts),
 #         the router on the Triton kernel; the race probe at TP=2 and TP=1

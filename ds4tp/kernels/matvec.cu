@@ -20,9 +20,6 @@
 #ifndef LOADS
 #define LOADS 8                 // 16-byte loads in flight per lane per step (a power of two)
 #endif
-#ifndef PF_PIECES
-#define PF_PIECES 8             // 16-byte pieces per lane a warp prefetches into L2 before the PDL wait
-#endif
 #ifndef MINB
 #define MINB 0                  // blocks per SM the register allocation must allow (0: ptxas' choice)
 #endif
@@ -76,32 +73,20 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
     }
 }
 
-// This warp's first PF_PIECES 16-byte pieces per lane (at least its first step), in the order it
-// reads them, and their rows' scales into L2: issued before the PDL wait (weights only), they
-// stream while the kernel ahead finishes (often a latency-bound one: the HC step, attention) and
-// the block quantises its input. PF_PIECES = LOADS is the first step only (before session 24).
+// The first step's pieces of this warp's rows into L2, so that they arrive while the block
+// quantises its input (and, launched with PDL, while the kernel ahead finishes).
 template <int CPR>
-__device__ __forceinline__ void q8_0_prefetch(const signed char* q, const unsigned short* d,
-                                              long long row0, int nrows, int lane, int warp) {
+__device__ __forceinline__ void q8_0_prefetch(const signed char* q, long long row0, int nrows,
+                                              int lane, int warp) {
     constexpr int U = CPR < LOADS ? CPR : LOADS;
     constexpr int R = LOADS / U;
-    constexpr int STEPS = (PF_PIECES > LOADS ? PF_PIECES : LOADS) / LOADS;
-    int j0 = warp, c0 = 0;
-#pragma unroll 1
-    for (int s = 0; s < STEPS && j0 < nrows; s++) {
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const long long row = row0 + j0 + r * WARPS;
-            if (j0 + r * WARPS < nrows) {
-                const signed char* p = q + row * (512LL * CPR) + 16 * lane;
+    for (int r = 0; r < R; r++) {
+        if (warp + r * WARPS < nrows) {
+            const signed char* p = q + (row0 + warp + r * WARPS) * (512LL * CPR) + 16 * lane;
 #pragma unroll
-                for (int u = 0; u < U; u++) asm volatile("prefetch.global.L2 [%0];" :: "l"(p + 512 * (c0 + u)));
-                if (c0 == 0 && 128 * lane < 32 * CPR)       // the row's scales: 32 * CPR bytes
-                    asm volatile("prefetch.global.L2 [%0];" :: "l"(d + row * (16LL * CPR) + 64 * lane));
-            }
+            for (int u = 0; u < U; u++) asm volatile("prefetch.global.L2 [%0];" :: "l"(p + 512 * u));
         }
-        c0 += U;
-        if (c0 == CPR) { c0 = 0; j0 += WARPS * R; }
     }
 }
 
@@ -111,7 +96,7 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
                                            float* y, long long row0, int nrows, signed char* s_q,
                                            float* s_d, double* s_red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    q8_0_prefetch<CPR>(q, d, row0, nrows, lane, warp);
+    q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
     pdl_wait();                       // x is the kernel ahead's output (PDL: ds4tp.kernels.pdl)
     q8_0_prologue<WARPS>(x, nw, eps, clamp, 512 * CPR, s_q, s_d, s_red);
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);

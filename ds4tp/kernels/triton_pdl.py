@@ -17,18 +17,3 @@ def pdl_start(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-
-
-@triton.jit
-def pdl_launch(PDL: tl.constexpr):
-    """pdl_start's first half: let the next kernel launch. The kernel may then load weights (never
-    an earlier kernel's output) before calling pdl_wait."""
-    if PDL:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """pdl_start's second half: wait for the kernel ahead to finish."""
-    if PDL:
-        gdc_wait()
