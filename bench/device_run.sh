@@ -179,6 +179,10 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s24e: session 24 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
+#   s24d: session 24, one GPU: the PTX check, CUDA C twins and CUDA graph tests (the router's
+#         matvec and expert choice in one launch), replay A/B at TP=2 and TP=1 (base, route_own),
+#         the race probe at TP=2 and TP=1
 #   s24c: session 24, one GPU: the PTX check, CUDA C twins, graph tests and the HC step's Triton
 #         cases, the Q8_0 twins under PF_PIECES 4 and 16; replay A/B at TP=2 and TP=1: base (the
 #         Q8_0 matvec prefetching 8 pieces per lane and its scales, the HC step's mixer weight
@@ -1067,6 +1071,20 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s24d ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+  for w in 2 1; do
+    log "replay A/B, world $w: the router's matvec and choice in one launch"
+    timeout 150 python3 bench/critical_path.py --world $w --variants base,route_own \
+      --trace base --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
+    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
+  done
+  race_probe 100 --replays 3000 --check
+  race_probe 100 --replays 3000 --check --world 1
+elif [ "$MODE" = s24e ]; then
+  bench_goldens
 elif [ "$MODE" = s24c ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 200 "cuda_c or shared_expert_riding or hc_step" tests/test_kernels.py tests/test_decode_graph.py
