@@ -55,9 +55,6 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
-    # (session 24) the expert choice in a Triton launch of its own after the F16 matvec (before),
-    # instead of in the matvec's last block
-    "route_own": (cuda_matvec.set_route_enabled,),
 }
 
 

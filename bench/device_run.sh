@@ -182,7 +182,7 @@
 #   s24e: session 24 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
 #   s24d: session 24, one GPU: the PTX check, CUDA C twins and CUDA graph tests (the router's
 #         matvec and expert choice in one launch), replay A/B at TP=2 and TP=1 (base, route_own),
-#         the race probe at TP=2 and TP=1
+#         the race probe at TP=2 and TP=1 (the code and variant at 7766346, removed)
 #   s24c: session 24, one GPU: the PTX check, CUDA C twins, graph tests and the HC step's Triton
 #         cases, the Q8_0 twins under PF_PIECES 4 and 16; replay A/B at TP=2 and TP=1: base (the
 #         Q8_0 matvec prefetching 8 pieces per lane and its scales, the HC step's mixer weight

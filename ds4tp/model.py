@@ -652,15 +652,8 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
     """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: on CUDA
-    one token's router matvec and choice take one CUDA C launch (cuda_matvec.router); else one
-    Triton launch selects for every token (kernels/triton_route.py) after the matvec; else the
-    twin below (the hash table lookup and route_select)."""
-    if kernels.on_gpu(xn) and xn.shape[0] == 1 and not torch.compiler.is_compiling():
-        from ds4tp.kernels import cuda_matvec
-        r = cuda_matvec.router(lw.router, xn, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
-                               s.n_expert_used, C.ROUTER_WEIGHT_FLOOR, C.EXPERT_WEIGHT_SCALE)
-        if r is not None:
-            return r
+    one Triton launch selects for every token (kernels/triton_route.py), else the twin below
+    (the hash table lookup and route_select)."""
     logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
     if kernels.on_gpu(logits) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_route

@@ -319,37 +319,6 @@ def case_cuda_f16(device, gen, n_out, n_in, shard=False):
     return check(tag, got, ops.linear_torch(w, x))
 
 
-def case_cuda_router(device, gen, n_expert, n_in, k, bias=True, hashed=False, ties=False):
-    """One token's router matvec and expert choice in one launch (cuda_matvec.router) against
-    the twins (ops.linear_torch, then model.route_select): the same ids, weights to float32
-    rounding; asserts that it took the case. ties: a block of equal weight rows, so that scores
-    tie and the lower ids must win."""
-    from ds4tp.kernels import cuda_matvec as cm
-    from ds4tp.model import route_select
-    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
-    w = rand_weight(F16, (n_expert, n_in), gen, device)
-    x = rand_act((1, n_in), gen, device) * 0.05
-    group = []
-    if ties:                          # 8 rows equal to the row of the largest logit: 8 equal scores
-        m = int(ops.linear_torch(w, x)[0].argmax())
-        group = list(range(m, m + 8)) if m + 8 <= n_expert else list(range(m - 7, m + 1))
-        raw = w.raw.clone()
-        raw[group] = raw[m].clone()
-        w = QTensor(F16, w.shape, raw)
-    b = (torch.rand(n_expert, generator=gen) * 0.1).to(device) if bias else None
-    tid = torch.randint(0, n_expert, (50, k), generator=gen).to(device) if hashed else None
-    tok = torch.tensor([17], dtype=torch.int64, device=device)
-    got = cm.router(w, x, b, tid, tok, k, ROUTER_WEIGHT_FLOOR, EXPERT_WEIGHT_SCALE)
-    tag = f"cuda router {n_expert}x{n_in} k={k} bias={bias} hashed={hashed} ties={ties}"
-    assert got is not None, f"{tag}: the kernel did not take the case"
-    logits = ops.linear_torch(w, x)
-    ids, wt = route_select(logits, b, tid[tok] if hashed else None, k)
-    if ties:
-        assert ids[0].tolist() == group[:k], f"{tag}: the twin chose {ids.tolist()}, not the lowest tied ids"
-    assert torch.equal(got[0], ids), f"{tag}: ids {got[0].tolist()} against {ids.tolist()}"
-    return check(tag, got[1], wt)
-
-
 def case_cuda_q8_0_not_covered(device, gen):
     """What the CUDA C Q8_0 matvec leaves to the Triton kernels: None, no failure."""
     from ds4tp.kernels import cuda_matvec as cm
@@ -420,12 +389,6 @@ def cuda_c_cases():
     yield "cuda f16 16384 in", case_cuda_f16, (19, 16384)
     yield "cuda f16 3072 in many rows", case_cuda_f16, (1000, 3072)
     yield "cuda f16 column shard", case_cuda_f16, (64, 2048, True)
-    # the router's matvec and expert choice in one launch: DS4 (256 experts, 6 chosen, bias, hash
-    # layers), fewer experts, ties
-    yield "cuda router", case_cuda_router, (256, 4096, 6)
-    yield "cuda router hash layer", case_cuda_router, (256, 4096, 6, False, True)
-    yield "cuda router 40 experts k 8 no bias", case_cuda_router, (40, 1024, 8, False)
-    yield "cuda router ties", case_cuda_router, (256, 2048, 6, False, False, True)
     # the tensor-core float16 routed experts of a prefill (tiles of up to 64 pairs)
     yield "cuda mma swiglu 4096 in", case_cuda_experts_mma, (IQ2_XXS, 16, 96, 4096, 300, 6, False, True)
     yield "cuda mma swiglu rows tq 16", case_cuda_experts_mma, (IQ2_XXS, 8, 40, 512, 45, 6, False, True, "rows", 0.1, 16)

@@ -20,8 +20,7 @@ import pytest
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
 SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
-READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
-             "bias", "tid"}                                     # the router's bias and hash table
+READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd"}  # sq, sd: shared expert
 
 
 def _nvrtc():

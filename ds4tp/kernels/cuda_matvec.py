@@ -13,8 +13,6 @@ not 512 * 2^i <= MAX_K wide); the dispatch in ds4tp.kernels then takes the Trito
 `f16(w, x)` is the one-token F16 linear (the MoE router's 4096 -> 256 on the decode path): float32
 FMAs of the weights converted to float32 against x as is (the twin: ops.linear_torch, up to
 float32 summation order), its weight loads issued before the PDL wait (case_cuda_f16).
-`router(...)` is the same matvec with the expert choice of ds4tp.model.route_select done by the
-launch's last block (case_cuda_router): one launch for a decode token's routing.
 """
 from __future__ import annotations
 
@@ -96,33 +94,25 @@ _f16_switch = cuda_c.Switch()
 set_f16_enabled = _f16_switch.set   # benchmarks time the Triton kernel in the same run
 
 
-def _f16_plan(w, x: torch.Tensor):
-    """(N, K, S warps per row, R rows per block, raw, x) of a one-token F16 matvec the kernels
-    cover (K = 1024 * S, S <= 16, 16-byte aligned rows), or None."""
-    if not (w.qtype == F16 and len(w.shape) == 2 and x.dim() == 2 and x.shape[0] == 1
-            and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda and x.device == w.raw.device):
+def f16(w, x: torch.Tensor) -> torch.Tensor | None:
+    """y [1, N] = w . x for one token and a 2-D F16 weight (N, K), K = 1024 * S with S <= 16
+    (matvec.cu f16_matvec: S warps per row); None if not covered."""
+    if not (_f16_switch.available() and w.qtype == F16 and len(w.shape) == 2 and x.dim() == 2
+            and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
+            and x.device == w.raw.device):
         return None
     N, K = w.shape
     raw = w.raw
     if (K % 1024 or K > 16 * 1024 or x.shape[1] != K or raw.stride(1) != 1 or raw.data_ptr() % 16
             or raw.stride(0) % 16):
         return None
-    from ds4tp.kernels.triton_matvec import _sm_count
-    S = K // 1024
-    R = max(1, min(16 // S, -(-N // _sm_count(x.device))))     # rows per block: ~one block per SM
-    return N, K, S, R, raw, _aligned16(x)
-
-
-def f16(w, x: torch.Tensor) -> torch.Tensor | None:
-    """y [1, N] = w . x for one token and a 2-D F16 weight (N, K), K = 1024 * S with S <= 16
-    (matvec.cu f16_matvec: S warps per row); None if not covered."""
-    plan = _f16_plan(w, x) if _f16_switch.available() else None
-    if plan is None:
-        return None
-    N, K, S, R, raw, x = plan
     fn = _kernel_f16(x.device)
     if fn is None:
         return None
+    from ds4tp.kernels.triton_matvec import _sm_count
+    S = K // 1024
+    R = max(1, min(16 // S, -(-N // _sm_count(x.device))))     # rows per block: ~one block per SM
+    x = _aligned16(x)
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
     cuda_c.launch(fn, x.device, (-(-N // R), 1), S * R,
                   (cuda_c.ptr(raw), np.int64(raw.stride(0) // 2), cuda_c.ptr(x), cuda_c.ptr(y),
@@ -134,46 +124,3 @@ def _kernel_f16(device: torch.device):
     """f16_matvec, from the same module as the Q8_0 kernel's default launch constants."""
     return cuda_c.kernel("matvec.cu", "f16_matvec", device.index,
                          (("WARPS", WARPS), ("LOADS", LOADS), ("MINB", MINB)))
-
-
-_route_switch = cuda_c.Switch()
-set_route_enabled = _route_switch.set   # benchmarks time f16 + triton_route in the same run
-ROUTE_MAX_E, ROUTE_MAX_K = 256, 8       # matvec.cu
-
-
-def router(w, x: torch.Tensor, bias, tid2eid, token, k: int, floor: float, scale: float):
-    """One token's routing in one launch (matvec.cu f16_route): logits = w . x (F16 [n_expert,
-    K]), then ids [1, k] int64 and weights [1, k] float32 as ds4tp.model.route_select gives them
-    (bias [n_expert] float32 or None; tid2eid [V, k] int64 for a hash layer, with token [1] int64
-    on the device). None if not covered."""
-    if not (_route_switch.available() and _f16_switch.available()):
-        return None
-    if w.qtype != F16 or len(w.shape) != 2 or w.shape[0] > ROUTE_MAX_E or not 1 <= k <= min(ROUTE_MAX_K, w.shape[0]):
-        return None
-    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != torch.float32 or bias.device != x.device):
-        return None
-    if tid2eid is not None and (tid2eid.dim() != 2 or tid2eid.shape[1] != k or tid2eid.dtype != torch.int64
-                                or token is None or token.numel() != 1 or token.dtype != torch.int64
-                                or tid2eid.device != x.device or token.device != x.device):
-        return None
-    plan = _f16_plan(w, x)
-    if plan is None:
-        return None
-    N, K, S, R, raw, x = plan
-    fn = cuda_c.kernel("matvec.cu", "f16_route", x.device.index,
-                       (("WARPS", WARPS), ("LOADS", LOADS), ("MINB", MINB)))
-    if fn is None:
-        return None
-    from ds4tp.kernels.triton_matvec import _tickets
-    y = torch.empty(1, N, dtype=torch.float32, device=x.device)
-    ids = torch.empty(1, k, dtype=torch.int64, device=x.device)
-    wts = torch.empty(1, k, dtype=torch.float32, device=x.device)
-    null = np.uint64(0)
-    cuda_c.launch(fn, x.device, (-(-N // R), 1), S * R,
-                  (cuda_c.ptr(raw), np.int64(raw.stride(0) // 2), cuda_c.ptr(x), cuda_c.ptr(y),
-                   np.int32(N), np.int32(K), np.int32(R), cuda_c.ptr(_tickets(x.device)),
-                   cuda_c.ptr(bias.contiguous()) if bias is not None else null,
-                   cuda_c.ptr(tid2eid.contiguous()) if tid2eid is not None else null,
-                   cuda_c.ptr(token.reshape(1)) if tid2eid is not None else null,
-                   cuda_c.ptr(ids), cuda_c.ptr(wts), np.int32(k), np.float32(floor), np.float32(scale)))
-    return ids, wts

@@ -135,10 +135,11 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
 // a multiple of 8), K = 1024 * S, S <= 16. Warp j of a row takes elements 1024j .. 1024j+1023:
 // lane l the 8-element pieces 32p + l (p < 4), 16-byte loads issued before the PDL wait (weights
 // only), then x's same pieces from L2. A row's S warp sums are added in order j = 0..S-1.
-// Block: R rows, S*R warps (<= 16); grid cdiv(N, R). Returns whether this thread wrote a row.
-__device__ __forceinline__ bool f16_rows(const unsigned short* __restrict__ w, long long sw,
-                                         const float* x, float* __restrict__ y, int N, int K, int R,
-                                         float* s_part) {
+// Block: R rows, S*R warps (<= 16); grid cdiv(N, R).
+extern "C" __global__ void __launch_bounds__(512)
+f16_matvec(const unsigned short* __restrict__ w, long long sw, const float* x,
+           float* __restrict__ y, int N, int K, int R) {
+    __shared__ float s_part[16];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int S = K >> 10;
     const int r = warp / S, j = warp % S;
@@ -170,100 +171,5 @@ __device__ __forceinline__ bool f16_rows(const unsigned short* __restrict__ w, l
         float t = 0.0f;
         for (int i = 0; i < S; i++) t += s_part[r * S + i];
         y[n] = t;
-        return true;
-    }
-    return false;
-}
-
-extern "C" __global__ void __launch_bounds__(512)
-f16_matvec(const unsigned short* __restrict__ w, long long sw, const float* x,
-           float* __restrict__ y, int N, int K, int R) {
-    __shared__ float s_part[16];
-    f16_rows(w, sw, x, y, N, K, R, s_part);
-}
-
-#define ROUTE_MAX_E 256         // experts the selection holds (8 per lane)
-#define ROUTE_MAX_K 8           // experts chosen per token
-#define NEG_INF __int_as_float(0xff800000)
-
-// The MoE router of one token in one launch: the logits y = w . x (f16_rows), then, in the last
-// block to finish (a ticket: *cnt, left at zero), the expert choice of ds4tp.model.route_select
-// by its first warp: p = sqrt(softplus(y)) (softplus by its three branches: y > 20, y < -20,
-// log1p(exp(y)); the sqrt correctly rounded), the k largest p + bias, descending, ties to the
-// lower expert id (or, with tid, the ids of the token's row of the hash table), weights = p of
-// the chosen ids / max(their sum, floor) * scale. N <= ROUTE_MAX_E experts, k <= ROUTE_MAX_K.
-// The other blocks' logits are read from L2 after the ticket (they fence before taking it).
-extern "C" __global__ void __launch_bounds__(512)
-f16_route(const unsigned short* __restrict__ w, long long sw, const float* x, float* y, int N,
-          int K, int R, int* cnt, const float* __restrict__ bias, const long long* __restrict__ tid,
-          const long long* tok, long long* ids, float* wts, int k, float floor_, float scale) {
-    __shared__ float s_part[16];
-    __shared__ int s_last;
-    const int lane = threadIdx.x & 31;
-    if (f16_rows(w, sw, x, y, N, K, R, s_part)) __threadfence();   // this block's logits, then its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(cnt, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!s_last || threadIdx.x >= 32) return;
-    __threadfence();
-    if (lane == 0) atomicExch(cnt, 0);
-    float pj[ROUTE_MAX_E / 32], sj[ROUTE_MAX_E / 32];
-#pragma unroll
-    for (int j = 0; j < ROUTE_MAX_E / 32; j++) {
-        const int e = lane + 32 * j;
-        pj[j] = 0.0f;
-        sj[j] = NEG_INF;
-        if (e < N) {
-            const float z = __ldcg(y + e);
-            const float ez = expf(z);
-            const float sp = z > 20.0f ? z : (z < -20.0f ? ez : log1pf(ez));
-            pj[j] = __fsqrt_rn(sp);
-            sj[j] = bias != 0 ? __fadd_rn(pj[j], bias[e]) : pj[j];
-        }
-    }
-    long long sel[ROUTE_MAX_K];
-    float ps[ROUTE_MAX_K];
-    unsigned taken = 0u;
-    const long long t = tid != 0 ? prior(tok) : 0;
-#pragma unroll
-    for (int r = 0; r < ROUTE_MAX_K; r++) {
-        if (r >= k) break;
-        int bi;
-        if (tid != 0) {
-            bi = (int)__ldg(tid + t * k + r);
-        } else {                      // this lane's best untaken, then the warp's (ties: lower id)
-            const int BIG = 0x7fffffff;
-            float bm = NEG_INF;
-            bi = BIG;
-#pragma unroll
-            for (int j = 0; j < ROUTE_MAX_E / 32; j++) {
-                const int e = lane + 32 * j;
-                if (e < N && !((taken >> j) & 1u) && (bi == BIG || sj[j] > bm)) { bm = sj[j]; bi = e; }
-            }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float om = __shfl_xor_sync(FULL, bm, o);
-                const int oi = __shfl_xor_sync(FULL, bi, o);
-                if (oi != BIG && (bi == BIG || om > bm || (om == bm && oi < bi))) { bm = om; bi = oi; }
-            }
-            if (lane == (bi & 31)) taken |= 1u << (bi >> 5);
-        }
-        float v = 0.0f;               // the chosen expert's p, from the lane that holds it
-#pragma unroll
-        for (int j = 0; j < ROUTE_MAX_E / 32; j++) if ((bi >> 5) == j) v = pj[j];
-        const float pw = __shfl_sync(FULL, v, bi & 31);
-        sel[r] = bi;
-        ps[r] = (bi >= 0 && bi < N) ? pw : 0.0f;       // (a hash id out of range: weight 0)
-    }
-    float tot = 0.0f;
-#pragma unroll
-    for (int r = 0; r < ROUTE_MAX_K; r++) if (r < k) tot += ps[r];
-    tot = fmaxf(tot, floor_);
-#pragma unroll
-    for (int r = 0; r < ROUTE_MAX_K; r++) {
-        if (r < k && lane == r) {
-            ids[r] = sel[r];
-            wts[r] = __fmul_rn(__fdiv_rn(ps[r], tot), scale);
-        }
     }
 }
