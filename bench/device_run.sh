@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s24g: session 24, one GPU: the PTX check, CUDA C twins and CUDA graph tests on the final code
+#   s24f: session 24, two GPUs: the served path (full-size synthetic GGUF, ds4tp launch --nodes 2)
 #   s24e: session 24 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
 #   s24d: session 24, one GPU: the PTX check, CUDA C twins and CUDA graph tests (the router's
 #         matvec and expert choice in one launch), replay A/B at TP=2 and TP=1 (base, route_own),
@@ -1083,6 +1085,11 @@ elif [ "$MODE" = s24d ]; then
   done
   race_probe 100 --replays 3000 --check
   race_probe 100 --replays 3000 --check --world 1
+elif [ "$MODE" = s24g ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  gate_tests 200 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s24f ]; then
+  serve_full 200 290
 elif [ "$MODE" = s24e ]; then
   bench_goldens
 elif [ "$MODE" = s24c ]; then
