@@ -191,7 +191,8 @@
 #         before the wait), mv_pf4, mv_pf16, hc_w_late (the code and variants at 9126560, removed)
 #   s24b: session 24, one GPU: the PTX check, CUDA C twins and graph tests (the F16 one-token
 #         matvec added), replay A/B at TP=2 and TP=1: base, c362271's experts.cu (old_experts),
-#         the router on the Triton kernel; the race probe at TP=2 and TP=1
+#         the router on the Triton kernel; the race probe at TP=2 and TP=1 (carry .dbg/old with
+#         c362271's experts.cu in it)
 #   s24a: session 24, one GPU: the PTX check, CUDA C twins and graph tests (routed kernels with
 #         loads issued earlier, the Q8_0 matvec's first step in registers), the twins under the
 #         matvec's other first-step modes, replay A/B at TP=2: base, last session's kernels
@@ -330,14 +331,15 @@ for defs in map(ast.literal_eval, sys.argv[2:]):
 PY
 }
 # the 43-layer step's variants replay-timed round-robin and the first traced (bench/critical_path.py),
-# at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT
+# at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT [critical_path ARGS]
 replay_ab() {
+  local variants=$1 what=$2; shift 2
   for w in 2 1; do
-    log "$2: replay A/B, world $w"
-    timeout 150 python3 bench/critical_path.py --world $w --variants "$1" --trace base \
+    log "$what: replay A/B, world $w"
+    timeout 200 python3 bench/critical_path.py --world $w --variants "$variants" --trace base "$@" \
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
-    grep -A16 "span by role" "$OUT/critical_path_w$w.txt"
+    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
   done
 }
 # a prefill's routed launches (2048 tokens, TP=1 shapes): the default path and the exact one
@@ -1076,13 +1078,7 @@ elif [ "$MODE" = s23i ]; then
 elif [ "$MODE" = s24d ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
-  for w in 2 1; do
-    log "replay A/B, world $w: the router's matvec and choice in one launch"
-    timeout 150 python3 bench/critical_path.py --world $w --variants base,route_own \
-      --trace base --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -5
-    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
-  done
+  replay_ab base,route_own "the router's matvec and choice in one launch"
   race_probe 100 --replays 3000 --check
   race_probe 100 --replays 3000 --check --world 1
 elif [ "$MODE" = s24g ]; then
@@ -1096,24 +1092,11 @@ elif [ "$MODE" = s24c ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 200 "cuda_c or shared_expert_riding or hc_step" tests/test_kernels.py tests/test_decode_graph.py
   variant_twins "q8_0" "(('PF_PIECES', 4),)" "(('PF_PIECES', 16),)"
-  for w in 2 1; do
-    log "replay A/B, world $w: the Q8_0 matvec's prefetch before the wait, the HC step's weight"
-    timeout 200 python3 bench/critical_path.py --world $w --variants base,mv_pf4,mv_pf16,hc_w_late \
-      --trace base --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
-    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
-  done
+  replay_ab base,mv_pf4,mv_pf16,hc_w_late "the Q8_0 matvec's prefetch before the wait, the HC step's weight"
 elif [ "$MODE" = s24b ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 150 "cuda_c or shared_expert_riding" tests/test_kernels.py tests/test_decode_graph.py
-  for w in 2 1; do
-    log "replay A/B, world $w: this session's routed kernels and F16 matvec against c362271's"
-    timeout 200 python3 bench/critical_path.py --world $w --old .dbg/old --variants \
-      base,old_experts,router_triton --trace base --json "$OUT/critical_path_w$w.json" \
-      2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -6
-    grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
-  done
+  replay_ab base,old_experts,router_triton "this session's routed kernels and F16 matvec against c362271's" --old .dbg/old
   race_probe 100 --replays 3000 --check
   race_probe 100 --replays 3000 --check --world 1
 elif [ "$MODE" = l1wait ]; then
