@@ -14,6 +14,8 @@ that was not early, or a wait).
 
     python bench/critical_path.py [--world 2] [--layers 43] [--json OUT]
         [--variants base,l1hi,router,...]   # replay times of scheduling variants, then each traced
+        [--old DIR]                          # variant old_experts: DIR/experts.cu in place of
+                                             # ds4tp/kernels/experts.cu (cuda_c.SOURCE_OVERRIDES)
 
 A variant switches a path of the static decoder off, or sets a launch constant, before its
 graphs are captured (the names: VARIANTS). The variants' replays are timed round-robin, their logits compared with the first's.
