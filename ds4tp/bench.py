@@ -245,7 +245,8 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
 # fifteenth session.
 WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
                   "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec",
-                  "_comp_step_kernel"}
+                  "_comp_step_kernel", "f16_matvec",   # f16_matvec: the router, as _linear_kernel was
+                  "iq2xxs_swiglu_mma", "iq2xxs_slots_mma", "q2k_slots_mma"}   # (a prefill's)
 
 
 def profile_split(model, max_ctx: int = 256) -> dict:

@@ -200,3 +200,13 @@ extern "C" __global__ void probe(const float* __restrict__ w, const float* __res
         from_w = [ins for ins, srcs in loads if 0 in srcs]
         assert from_w, loads                       # the weight's __ldg is found either way
         assert bool(from_x) == expect_bad, (load_x, loads)
+
+
+def test_every_cuda_c_kernel_counts_as_a_weight_kernel_in_the_bench_profile():
+    """Every CUDA C kernel streams weights, so ds4tp.bench's step profile (and the Spark
+    projection built on it) must count its time with the matvec kernels: the router's
+    f16_matvec was left out once, and the projection read 17.5 tok/s where 16.9 was right."""
+    from ds4tp.bench import WEIGHT_KERNELS
+    names = {n for src in SOURCES for n in kernel_params((KDIR / src).read_text())}
+    assert {"iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec", "f16_matvec"} <= names
+    assert names <= WEIGHT_KERNELS, sorted(names - WEIGHT_KERNELS)
