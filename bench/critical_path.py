@@ -84,7 +84,8 @@ ap.add_argument("--old", default="", help="a folder with an earlier experts.cu: 
                                            "compiles it (the same kernel names and arguments)")
 args = ap.parse_args()
 if args.old:
-    VARIANTS["old_experts"] = ((cuda_c, "SOURCE_OVERRIDES", {"experts.cu": str(Path(args.old) / "experts.cu")}),)
+    VARIANTS["old_experts"] = ((cuda_c, "SOURCE_OVERRIDES",
+                                {"experts.cu": str((Path(args.old) / "experts.cu").resolve())}),)
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
 m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")

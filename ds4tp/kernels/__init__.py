@@ -9,11 +9,12 @@ experts at decode sizes (IQ2_XXS gate/up, Q2_K down, up to 4 tokens) take the CU
 `cuda_experts` where CuPy is installed, else the packed-integer dp4a Triton kernels; larger
 launches the tensor-core tile kernel. A one-token Q8_0 matvec (linear, grouped, normed) takes
 the CUDA C kernel of `cuda_matvec` where CuPy is installed, else the Triton split-layout
-kernel; so does a one-token F16 linear (the MoE router) whose input is 1024 * S wide. From GEMM_MIN_T tokens (prefill) the many-token kernel of `triton_gemm` takes every
-supported weight type: one launch for all tokens (routed experts grouped by expert), the same
-exact block dots, or the float16 path (dense weights on cuBLAS, routed experts on the
-tensor-core kernels of cuda_experts.many); F16 weights take the activation split into float16
-head and tail on cuBLAS (3xTF32 in Triton without it); see triton_gemm.
+kernel; so does a one-token F16 linear (the MoE router) whose input is 1024 * S wide. From
+GEMM_MIN_T tokens (prefill) the many-token kernel of `triton_gemm` takes every supported weight
+type: one launch for all tokens (routed experts grouped by expert), the same exact block dots,
+or the float16 path (dense weights on cuBLAS, routed experts on the tensor-core kernels of
+cuda_experts.many); F16 weights take the activation split into float16 head and tail on cuBLAS
+(3xTF32 in Triton without it); see triton_gemm.
 
 Entry points (twins in ds4tp.ops):
   linear(w, x)                                   x [T, in]           -> [T, out]

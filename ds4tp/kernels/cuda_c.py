@@ -51,10 +51,10 @@ class Switch:
 
 @functools.lru_cache(maxsize=32)
 def _module(path: str, device_index: int, defines: tuple):
-    """The .cu file at path compiled once per device and set of -D defines (compile-time launch
-    constants)."""
+    """The .cu file at path (relative: in this folder) compiled once per device and set of -D
+    defines (compile-time launch constants)."""
     cp = _cupy()
-    code = (_DIR / "common.cuh").read_text() + "\n" + Path(path).read_text()
+    code = (_DIR / "common.cuh").read_text() + "\n" + (_DIR / path).read_text()
     opts = ("--std=c++14", *(f"-D{k}={v}" for k, v in defines))
     with cp.cuda.Device(device_index):
         return cp.RawModule(code=code, options=opts)
@@ -62,9 +62,9 @@ def _module(path: str, device_index: int, defines: tuple):
 
 VARIANT_DEFINES: tuple = ()   # -D defines added to every compile: variants benchmarks time
                               # (bench/critical_path.py), empty otherwise
-SOURCE_OVERRIDES: dict = {}   # src name -> another file compiled in its place, with the same
-                              # kernel names and arguments (bench/critical_path.py times an earlier
-                              # session's kernels against these), empty otherwise
+SOURCE_OVERRIDES: dict = {}   # src name -> another file (an absolute path) compiled in its place,
+                              # with the same kernel names and arguments (bench/critical_path.py
+                              # times an earlier session's kernels against these), empty otherwise
 
 _FAILED: dict = {}     # (path, device index, defines) -> why it did not compile there
 _FUNCS: dict = {}      # (path, device index, defines, name) -> the kernel (one object per key, so
@@ -76,7 +76,7 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
     (one warning naming the error; never compiled again). The CUDA C twin tests assert that
     their path ran, so a GPU test run still fails on it."""
     defines = tuple(defines) + VARIANT_DEFINES
-    path = str(SOURCE_OVERRIDES.get(src, _DIR / src))
+    path = SOURCE_OVERRIDES.get(src, src)
     key = (path, device_index, defines)
     if key in _FAILED:
         return None

@@ -162,23 +162,24 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
         return None
     T, K = ids.shape
-    sh = None
+    sh, csh = None, 0
     if shared is not None:
         F = shared.shape[-1]
+        csh = F // 512
         sh = _q8_0_split(shared, F, B_SH_CPR[-1])       # (checks that shared is 2-D)
-        if (sh is None or F // 512 not in B_SH_CPR or shared.shape[0] != N or T != 1 or not takes_shared()
+        if (sh is None or csh not in B_SH_CPR or shared.shape[0] != N or T != 1 or not takes_shared()
                 or F // 8 > warps * 32      # one thread per 8 of its inputs in the prologue
                 or gu is None or gu.shape != (1, 2 * F) or gu.dtype != torch.float32 or gu.device != x.device):
             return None
         gu = _act16(gu)          # its prologue reads 16-byte pieces
-    fb = _kernel(x, warps, 1, down_defines(K, kb, F // 512 if sh is not None else 0))
+    fb = _kernel(x, warps, 1, down_defines(K, kb, csh))
     if fb is None:
         return None
     x = _act16(x)                # the prologue reads 16-byte pieces
     out = torch.empty(T, N, dtype=torch.float32, device=x.device)
     ids64 = _ids64(ids)
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)
-    tail = ((_ptr(sh[0]), _ptr(sh[1]), _ptr(gu), np.int32(F // 512), np.float32(clamp)) if sh is not None
+    tail = ((_ptr(sh[0]), _ptr(sh[1]), _ptr(gu), np.int32(csh), np.float32(clamp)) if sh is not None
             else (_NULL, _NULL, _NULL, np.int32(0), np.float32(0.0)))
     _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),

@@ -1,4 +1,5 @@
-"""The Q8_0 and F16 matvecs of one decode token in CUDA C (matvec.cu, compiled by NVRTC through CuPy).
+"""The Q8_0 and F16 matvecs of one decode token in CUDA C (matvec.cu, compiled by NVRTC through
+CuPy).
 
 `q8_0(w, x, groups, norm, eps)` covers the three one-token Q8_0 entry points of the dispatch:
 linear, grouped_linear (attn_output_a) and linear_normed (attn_q_b after its RMS norm). It reads
@@ -35,9 +36,11 @@ set_enabled = _switch.set          # benchmarks time the Triton kernel in the sa
 available = _switch.available
 
 
-def _kernel(device: torch.device, warps: int, loads: int = LOADS, minb: int = MINB):
-    """Compiled per device and launch constants (benchmarks time other values)."""
-    return cuda_c.kernel("matvec.cu", "q8_0_matvec", device.index,
+def _kernel(device: torch.device, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
+            name: str = "q8_0_matvec"):
+    """Kernel `name` of matvec.cu compiled per device and launch constants (benchmarks time
+    other values)."""
+    return cuda_c.kernel("matvec.cu", name, device.index,
                          (("WARPS", warps), ("LOADS", loads), ("MINB", minb)))
 
 
@@ -89,7 +92,6 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     return y
 
 
-
 _f16_switch = cuda_c.Switch()
 set_f16_enabled = _f16_switch.set   # benchmarks time the Triton kernel in the same run
 
@@ -106,7 +108,7 @@ def f16(w, x: torch.Tensor) -> torch.Tensor | None:
     if (K % 1024 or K > 16 * 1024 or x.shape[1] != K or raw.stride(1) != 1 or raw.data_ptr() % 16
             or raw.stride(0) % 16):
         return None
-    fn = _kernel_f16(x.device)
+    fn = _kernel(x.device, name="f16_matvec")      # (the module of the Q8_0 kernel's defaults)
     if fn is None:
         return None
     from ds4tp.kernels.triton_matvec import _sm_count
@@ -119,8 +121,3 @@ def f16(w, x: torch.Tensor) -> torch.Tensor | None:
                    np.int32(N), np.int32(K), np.int32(R)))
     return y
 
-
-def _kernel_f16(device: torch.device):
-    """f16_matvec, from the same module as the Q8_0 kernel's default launch constants."""
-    return cuda_c.kernel("matvec.cu", "f16_matvec", device.index,
-                         (("WARPS", WARPS), ("LOADS", LOADS), ("MINB", MINB)))
