@@ -179,6 +179,12 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25b: session 25, one GPU: the PTX check; the new twins; hc_step_sweep --cuda (the HC step
+#         alone: Triton, hc.cu with tagged words, with the barrier); replay A/B at TP=2 and 1
+#         (base, hc_triton, hc_barrier, route_own, route_own_a1); CUDA C twins and graph tests
+#   s25a: session 25, one GPU: the PTX check; the new CUDA C twins (the HC step with its grid
+#         barrier, the gate/up launch choosing its experts) each reported; replay A/B at TP=2
+#         and TP=1 (base, hc_triton, route_own); the CUDA C twins and graph tests
 #   s24g: session 24, one GPU: the PTX check, CUDA C twins and CUDA graph tests on the final code
 #   s24f: session 24, two GPUs: the served path (full-size synthetic GGUF, ds4tp launch --nodes 2)
 #   s24e: session 24 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
@@ -332,6 +338,23 @@ PY
 }
 # the 43-layer step's variants replay-timed round-robin and the first traced (bench/critical_path.py),
 # at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT [critical_path ARGS]
+# the CUDA C twin cases whose names contain one of NAMES (comma-separated), each run and
+# reported on its own (a failure does not stop the others): new_twins TIMEOUT_S NAMES
+new_twins() {
+  log "twin cases ($2), each reported"
+  timeout "$1" python3 - "$2" <<'PY' 2>&1 | grep -v Warn | tail -20
+import sys, torch, traceback
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+names = sys.argv[1].split(",")
+for i, (name, fn, a) in enumerate(kc.cuda_c_cases()):
+    if any(k in name for k in names):
+        try:
+            print(f"ok   {name}: {fn('cuda', torch.Generator().manual_seed(7 + i), *a):.3g}", flush=True)
+        except Exception as exc:
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+PY
+}
 replay_ab() {
   local variants=$1 what=$2; shift 2
   for w in 2 1; do
@@ -1075,6 +1098,32 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s25b ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  new_twins 90 "hc_step,routed"
+  log "the HC step alone, graph-timed: Triton against hc.cu"
+  timeout 90 python3 bench/hc_step_sweep.py --cuda --out "$OUT/hc_step_cuda.json" 2>&1 | grep -v Warn | tail -8
+  for w in 2 1; do
+    log "replay A/B, world $w: the HC step in CUDA C; the expert choice in the gate/up launch"
+    timeout 200 python3 bench/critical_path.py --world $w --variants base,hc_triton,hc_barrier,route_own,route_own_a1 \
+      --trace base,hc_triton,route_own --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -8
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys
+for w in (2, 1):
+    d = json.load(open(f"{sys.argv[1]}/critical_path_w{w}.json"))
+    for v in ("base", "hc_triton", "route_own"):
+        roles = d.get(v, {}).get("roles", {})
+        top = sorted(roles.items(), key=lambda kv: -kv[1]["share_us"])[:9]
+        print(f"w{w} {v:10s}", "  ".join(f"{r.split('#')[0]}:{x['share_us'] / x['n']:.2f}" for r, x in top))
+PY
+  gate_tests 150 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s25a ]; then
+  timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
+  new_twins 90 "hc_step,routed"
+  replay_ab base,hc_triton,route_own "the HC step in CUDA C; the expert choice in the gate/up launch"
+  gate_tests 150 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s24d ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
