@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ds4tp import config as C, decode_graph
-from ds4tp.kernels import cuda_c, cuda_experts, cuda_hc, cuda_matvec, pdl, triton_hc, triton_pick, triton_route
+from ds4tp.kernels import cuda_c, cuda_experts, cuda_matvec, pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -57,15 +57,6 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
-    # (session 25) the HC step on the Triton kernel (before; its last block forms the sublayer
-    # input alone) instead of hc.cu's (the blocks meet at a grid barrier)
-    "hc_triton": (cuda_hc.set_enabled,),
-    "hc_barrier": ((cuda_hc, "DEFINES", (("HC_BARRIER", 1),)),),   # hc.cu's partials by a barrier
-    # (session 25) the expert choice in its own (Triton) launch (before) instead of in the
-    # gate/up launch (cuda_experts.swiglu_routed)
-    "route_own": (cuda_experts.set_route_enabled,),
-    # the same, with the gate/up kernel compiled for the choice (128 registers, not 101)
-    "route_own_a1": (cuda_experts.set_route_enabled, (cuda_c, "VARIANT_DEFINES", (("A_ROUTE", 1),))),
 }
 
 
@@ -127,9 +118,6 @@ def replay_us(g, n=50):
     return 1e3 * t_ev[0].elapsed_time(t_ev[1]) / n
 
 
-HC_STEPS = ("_hc_step_kernel", "hc_step")        # the HC step's kernel: Triton's, hc.cu's
-
-
 def critical_path(name, g, us):
     kern = traced_kernels(g.replay, tempfile.mktemp(suffix=".json"))
     t0 = kern[0]["ts"]
@@ -140,7 +128,7 @@ def critical_path(name, g, us):
     seg, ordinal, role_of = "-", defaultdict(int), {}
     for i, e in enumerate(kern):                     # roles in start order
         kname = e["name"][:40]
-        if kname in HC_STEPS:                        # the first one ends layer 0's attention
+        if kname == "_hc_step_kernel":               # the first one ends layer 0's attention
             seg = "A" if seg == "F" else "F"
             ordinal = defaultdict(int)
         role_of[i] = f"{seg}:{kname}#{ordinal[kname]}"
@@ -168,9 +156,8 @@ def critical_path(name, g, us):
     print(f"{'total':48s} {len(kern):4d} {sum(v[1] for v in share.values()):9.1f}")
     mid = len(seq) // 2
     print("one layer near the middle, in end order (role, share us, traced us):")
-    ffn_step = tuple(f"F:{k}#" for k in HC_STEPS)
-    start = next(i for i in range(mid, len(seq)) if seq[i][0].startswith(ffn_step))
-    stop = next(i for i in range(start + 1, len(seq)) if seq[i][0].startswith(ffn_step))
+    start = next(i for i in range(mid, len(seq)) if seq[i][0].startswith("F:_hc_step"))
+    stop = next(i for i in range(start + 1, len(seq)) if seq[i][0].startswith("F:_hc_step"))
     for r in seq[start:stop + 1]:
         print("   ", r)
     return {"replay_us": us, "span_us": span,

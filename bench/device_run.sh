@@ -179,6 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25b (and s25a): run at b0e0946, whose kernels and variants were removed after:
 #   s25b: session 25, one GPU: the PTX check; the new twins; hc_step_sweep --cuda (the HC step
 #         alone: Triton, hc.cu with tagged words, with the barrier); replay A/B at TP=2 and 1
 #         (base, hc_triton, hc_barrier, route_own, route_own_a1); CUDA C twins and graph tests

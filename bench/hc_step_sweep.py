@@ -8,7 +8,6 @@ input from the new streams. Timed here: columns per program (programs = 4096 / c
 warps per program; every result is checked against the default launch's.
 
     python bench/hc_step_sweep.py --out hc_step.json
-    python bench/hc_step_sweep.py --cuda      # the step without Sinkhorn: Triton against hc.cu
 """
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ E, NH, N = 4096, 4, 24
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--cuda", action="store_true", help="only the step without Sinkhorn (mix=False, "
-                    "as the decode graphs run it): Triton's against hc.cu's (cuda_hc), both exchanges")
     a = ap.parse_args()
     from profile_common import graph_us
     from ds4tp.config import HC_EPS, RMS_EPS
@@ -41,8 +38,6 @@ def main() -> int:
            .reshape(N, 2 * NH * E).cuda() for _ in range(copies)]
     f, hc, post, m = r(1, E), r(1, NH, E), r(1, NH), torch.rand(1, NH, NH, generator=g).cuda()
     scale, base, norm = (torch.rand(3, generator=g) + 0.2).cuda(), r(N), (torch.rand(E, generator=g) + 0.5).cuda()
-    if a.cuda:
-        return cuda_ab(a, f, hc, post, m, fns, scale, base, norm, copies)
     ref = triton_hc.hc_step(f, hc, post, m, fns[0], scale, base, norm, NH, 20, HC_EPS, RMS_EPS)
     results = []
     for be, warps in [(None, None)] + list(itertools.product((64, 128, 256, 512), (2, 4, 8, 16))):
@@ -66,35 +61,6 @@ def main() -> int:
         print(f"default launch, {iters} Sinkhorn iterations: {us:6.2f} us")
     best = min((x for x in results if x["ok"]), key=lambda x: x["us"])
     print(f"== hc_step: default {results[0]['us']:.2f} us, best {best['us']:.2f} us at be={best['be']} warps={best['warps']}")
-    if a.out:
-        with open(a.out, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, fh, indent=1)
-    return 0
-
-
-def cuda_ab(a, f, hc, post, m, fns, scale, base, norm, copies) -> int:
-    """Graph-timed per launch: triton_hc.hc_step(mix=False) against cuda_hc.hc_step with the
-    tagged-word exchange (default) and with the grid barrier (HC_BARRIER); results against
-    Triton's (relative, max over streams, x, z)."""
-    from profile_common import graph_us
-    from ds4tp.config import HC_EPS, RMS_EPS
-    from ds4tp.kernels import cuda_hc, triton_hc
-    tri = lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH, 20, HC_EPS,  # noqa: E731
-                                      RMS_EPS, mix=False)
-    cud = lambda i: cuda_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH, HC_EPS, RMS_EPS)  # noqa: E731
-    ref = tri(0)
-    results = []
-    for name, defines, step in (("triton", None, tri), ("cuda_tagged", (), cud),
-                                ("cuda_barrier", (("HC_BARRIER", 1),), cud), ("triton", None, tri),
-                                ("cuda_tagged", (), cud)):
-        if defines is not None:
-            cuda_hc.DEFINES = defines
-        got = step(0)
-        err = max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(got, ref))
-        us = graph_us(step, copies)
-        results.append({"kernel": name, "us": us, "rel_err": err})
-        print(f"{name:14s} {us:6.2f} us per launch  err {err:.1e}")
-    cuda_hc.DEFINES = ()
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "results": results}, fh, indent=1)

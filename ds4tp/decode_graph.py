@@ -350,19 +350,13 @@ class StaticDecoder:
         beside = (_mix_side_switch.on and mixer is not None and self.m.overlap and kernels.on_gpu(hc)
                   and mixer[0].qtype == C.F16)
         if beside:
-            from ds4tp.kernels import cuda_hc, triton_hc
+            from ds4tp.kernels import triton_hc
             beside = triton_hc.step_enabled()
         if not beside:
             return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
         fn, scale, base, norm = mixer
-        # the CUDA C step where it applies (its blocks meet once and each forms its columns of
-        # xn), else the Triton one (its last block forms xn alone)
-        got = cuda_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc, C.HC_EPS,
-                              C.RMS_EPS)
-        if got is None:
-            got = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
-                                    s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False)
-        hc, xn, z = got
+        hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
+                                      s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False)
         # its own side stream: on the one the shared expert and the compressors use, it went
         # first and held them back by its ~4 us (bench/critical_path.py)
         side = Side(z, lane=1 if _mix_lane_switch.on else 0)

@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
-WEIGHT_SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu")   # kernels that stream weights
-SOURCES = WEIGHT_SOURCES + ("hc.cu",)       # hc.cu: the HC step (counted as other work)
+SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
-READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
-             "scale", "base",                                                      # the HC mixer's
-             "rbias", "tid2eid"}                                   # the router's bias, hash table
+READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd"}  # sq, sd: shared expert
 
 
 def _nvrtc():
@@ -160,9 +157,8 @@ def nc_load_sources(ptx: str) -> dict:
     return result
 
 
-# the down kernel's compile-time shapes at full size (cuda_experts.down_defines: TP=1, TP=2), and
-# the gate/up kernel with the expert choice (cuda_experts.swiglu_routed)
-DEFINES = {"experts.cu": ("", "B_NP=6 B_SH_MAX=4", "B_NP=3 B_SH_MAX=2", "A_ROUTE=1")}   # (+ the choice)
+# the down kernel's compile-time shapes at full size (cuda_experts.down_defines: TP=1, TP=2)
+DEFINES = {"experts.cu": ("", "B_NP=6 B_SH_MAX=4", "B_NP=3 B_SH_MAX=2")}
 
 
 @needs_compiler
@@ -207,11 +203,10 @@ extern "C" __global__ void probe(const float* __restrict__ w, const float* __res
 
 
 def test_every_cuda_c_kernel_counts_as_a_weight_kernel_in_the_bench_profile():
-    """Every CUDA C kernel that streams weights (all but hc.cu's HC step, which, as the Triton
-    step it replaces, counts as other work) must count in ds4tp.bench's step profile (and the
-    Spark projection built on it) with the matvec kernels: the router's f16_matvec was left out
-    once, and the projection read 17.5 tok/s where 16.9 was right."""
+    """Every CUDA C kernel streams weights, so ds4tp.bench's step profile (and the Spark
+    projection built on it) must count its time with the matvec kernels: the router's
+    f16_matvec was left out once, and the projection read 17.5 tok/s where 16.9 was right."""
     from ds4tp.bench import WEIGHT_KERNELS
-    names = {n for src in WEIGHT_SOURCES for n in kernel_params((KDIR / src).read_text())}
+    names = {n for src in SOURCES for n in kernel_params((KDIR / src).read_text())}
     assert {"iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec", "f16_matvec"} <= names
     assert names <= WEIGHT_KERNELS, sorted(names - WEIGHT_KERNELS)
