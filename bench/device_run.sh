@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25c: session 25, one GPU: the routed gate/up decoding by the signed grid or with its sign
+#         masks from a table (cuda_experts.SWIGLU_LUT 1, 2): twin cases, replay A/B at TP=2, 1
 #   s25b (and s25a): run at b0e0946, whose kernels and variants were removed after:
 #   s25b: session 25, one GPU: the PTX check; the new twins; hc_step_sweep --cuda (the HC step
 #         alone: Triton, hc.cu with tagged words, with the barrier); replay A/B at TP=2 and 1
@@ -1099,6 +1101,23 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s25c ]; then
+  log "gate/up twin cases under SWIGLU_LUT 1 and 2"
+  timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -4
+import sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+from ds4tp.kernels import cuda_experts as ce
+for lut in (1, 2):
+    ce.SWIGLU_LUT = lut
+    n = 0
+    for i, (name, fn, a) in enumerate(kc.cuda_c_cases()):
+        if "swiglu" in name or "rides" in name:
+            fn("cuda", torch.Generator().manual_seed(7 + i), *a)
+            n += 1
+    print("SWIGLU_LUT", lut, n, "cases passed")
+PY
+  replay_ab base,gu_lut,gu_masks "the routed gate/up by the signed grid / the sign masks from a table"
 elif [ "$MODE" = s25b ]; then
   timeout 60 python3 -m pytest -q tests/test_ptx_loads.py 2>&1 | tail -1
   new_twins 90 "hc_step,routed"
