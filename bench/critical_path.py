@@ -57,10 +57,6 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
-    # (session 25) the routed gate/up decoding by the signed grid, or with its sign masks from a
-    # table (experts.cu A_LUT 1, 2)
-    "gu_lut": ((cuda_experts, "SWIGLU_LUT", 1),),
-    "gu_masks": ((cuda_experts, "SWIGLU_LUT", 2),),
 }
 
 

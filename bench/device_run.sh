@@ -179,7 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
-#   s25c: session 25, one GPU: the routed gate/up decoding by the signed grid or with its sign
+#   s25c (at 82954be, its variants removed after): session 25, one GPU: the routed gate/up decoding by the signed grid or with its sign
 #         masks from a table (cuda_experts.SWIGLU_LUT 1, 2): twin cases, replay A/B at TP=2, 1
 #   s25b (and s25a): run at b0e0946, whose kernels and variants were removed after:
 #   s25b: session 25, one GPU: the PTX check; the new twins; hc_step_sweep --cuda (the HC step

@@ -117,30 +117,24 @@ def wave_slots(fn, warps: int, device: torch.device) -> int:
 
 
 _STREAMS: dict = {}
-_SMEM: dict = {}       # id(kernel) -> the dynamic shared memory its limit was raised to
 
 
-def launch(fn, device: torch.device, grid, warps: int, args, smem: int = 0) -> None:
+def launch(fn, device: torch.device, grid, warps: int, args) -> None:
     """fn on torch's current stream of `device` (so CUDA graph capture records it), as a
     programmatic dependent launch where ds4tp.kernels.pdl is on (the kernels call pdl_trigger
-    and pdl_wait, common.cuh). smem: bytes of dynamic shared memory (the kernel's limit is
-    raised to it once)."""
+    and pdl_wait, common.cuh)."""
     from ds4tp.kernels import pdl      # (pdl builds on this module's Switch)
     cp = _cupy()
     handle = torch.cuda.current_stream(device).cuda_stream
-    if smem and _SMEM.get(id(fn), 0) < smem:
-        with cp.cuda.Device(device.index):
-            fn.max_dynamic_shared_size_bytes = smem
-        _SMEM[id(fn)] = smem
     if pdl.cuda_c_enabled(device) and pdl.cuda_ok():
         with cp.cuda.Device(device.index):
-            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args, smem)   # RawKernel -> CUfunction
+            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
         return
     st = _STREAMS.get((device.index, handle))
     if st is None:
         st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)
     with cp.cuda.Device(device.index), st:
-        fn(grid, (warps * 32,), args, shared_mem=smem)
+        fn(grid, (warps * 32,), args)
 
 
 def ptr(t: torch.Tensor):

@@ -30,8 +30,6 @@ B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
 B_SH_CPR = (1, 2, 4)  # the shared down's inputs with it: 512, 1024 or 2048 (experts.cu B_SH_CPR)
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
-SWIGLU_LUT = 0      # gate/up decodes by the signed grid (1, experts.cu A_LUT: 32 KB of dynamic
-LUT_SMEM = 256 * 32 * 4   # shared memory) or the sign masks from a table (2); benchmarks time them
 _switch = cuda_c.Switch()
 set_enabled = _switch.set          # benchmarks time the Triton kernels in the same run
 available = _switch.available
@@ -124,7 +122,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    fa = _kernel(x, warps, 0, (("A_LUT", SWIGLU_LUT),) if SWIGLU_LUT else ())
+    fa = _kernel(x, warps, 0)
     if fa is None:
         return None
     x = _act16(x)
@@ -144,8 +142,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail,
-            LUT_SMEM if SWIGLU_LUT == 1 else 0)
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail)
     return out if sh is None else (out, gu)
 
 

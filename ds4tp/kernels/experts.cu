@@ -115,71 +115,6 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
 
-#ifndef A_LUT
-#define A_LUT 0
-#endif
-// (A_LUT) The grid with its signs applied, in shared memory: word 32 i + k (k < 16) is grid row
-// i's low four bytes with byte b negated where bit b of k is set, word 32 i + 16 + k its high
-// four bytes by the same rule (k: sign bits 4..6 of the group and, as bit 3, their parity, the
-// group's eighth sign). A group's signed products are then two lookups and two dp4a, the same
-// integers as iq2xxs_sub's sum - 2 neg. Built before the PDL wait (a table).
-__device__ __forceinline__ unsigned negate_bytes(unsigned w, unsigned k) {
-    const unsigned m = byte_signs(k * 0x10204080u);        // 0xff in byte b where bit b of k is set
-    return (w ^ m) + (m & 0x01010101u);                      // (bytes 8..43: no carry out of a byte)
-}
-
-__device__ __forceinline__ void signed_grid(unsigned* lut, const unsigned long long* __restrict__ grid_g) {
-    for (int i = threadIdx.x; i < 256 * 32; i += WARPS * 32) {
-        const unsigned long long g = __ldg(grid_g + (i >> 5));
-        const unsigned k = i & 15;
-        lut[i] = negate_bytes((i & 16) ? (unsigned)(g >> 32) : (unsigned)g, k);
-    }
-}
-
-// (A_LUT 2) iq2xxs_sub with the sign masks of all 128 patterns in a table instead of computed:
-// mask[s7] = mlo | mhi << 32 (one lookup where six instructions were).
-__device__ __forceinline__ int iq2xxs_sub_masks(const unsigned char* row, int off, const int (&xs)[8],
-                                                const unsigned long long* grid,
-                                                const unsigned long long* masks) {
-    const unsigned* w = (const unsigned*)(row + (off & ~3));
-    const unsigned w0 = w[0], w1 = w[1], w2 = w[2];
-    unsigned sh = (unsigned)(off & 3) * 8u;
-    unsigned aux0 = __funnelshift_r(w0, w1, sh);
-    unsigned aux1 = __funnelshift_r(w1, w2, sh);
-    int sum = 0, neg = 0;
-#pragma unroll
-    for (int l = 0; l < 4; l++) {
-        const unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        const unsigned long long mk = masks[(aux1 >> (7 * l)) & 127u];
-        const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
-        sum = __dp4a((int)glo, xs[2 * l], sum);
-        sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
-        neg = __dp4a((int)(glo & (unsigned)mk), xs[2 * l], neg);
-        neg = __dp4a((int)(ghi & (unsigned)(mk >> 32)), xs[2 * l + 1], neg);
-    }
-    return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
-}
-
-// iq2xxs_sub by the signed grid (A_LUT 1): the same result.
-__device__ __forceinline__ int iq2xxs_sub_lut(const unsigned char* row, int off, const int (&xs)[8],
-                                              const unsigned* lut) {
-    const unsigned* w = (const unsigned*)(row + (off & ~3));
-    const unsigned w0 = w[0], w1 = w[1], w2 = w[2];
-    unsigned sh = (unsigned)(off & 3) * 8u;
-    unsigned aux0 = __funnelshift_r(w0, w1, sh);
-    unsigned aux1 = __funnelshift_r(w1, w2, sh);
-    int sum = 0;
-#pragma unroll
-    for (int l = 0; l < 4; l++) {
-        const unsigned ib = (l == 0 ? aux0 << 5 : aux0 >> (8 * l - 5)) & 0x1fe0u;   // 32 * index
-        const unsigned s7 = (aux1 >> (7 * l)) & 127u;
-        const unsigned khi = (s7 >> 4) | (((unsigned)__popc(s7) & 1u) << 3);
-        sum = __dp4a((int)lut[ib | (s7 & 15u)], xs[2 * l], sum);
-        sum = __dp4a((int)lut[ib | 16u | khi], xs[2 * l + 1], sum);
-    }
-    return sum * (int)(2u * (aux1 >> 28) + 1u);
-}
-
 // A gate row and an up row at byte offset off (nv 16-byte pieces each) into the warp's registers:
 // piece i of the pair (gate first) goes to lane i % 32, slot i / 32.
 __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned char* wg,
@@ -296,14 +231,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               int N, int KB, int K, int rpc, float clamp,
               const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
               float* __restrict__ ysh, int nsh, int rps) {
-#if A_LUT == 1
-    extern __shared__ __align__(16) unsigned s_lut[];     // [256 * 32]: dynamic (static <= 48 KB)
-#else
     __shared__ unsigned long long s_grid[256];
-#endif
-#if A_LUT == 2
-    __shared__ unsigned long long s_masks[128];
-#endif
     __shared__ __align__(16) signed char s_xq[A_MAX_KB * 256];
     __shared__ float s_xd[A_MAX_KB];
     __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
@@ -318,16 +246,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     const int rowb = KB * 66, nv = rowb / 16;        // bytes and 16-byte pieces per row
 
     pdl_trigger();                    // all blocks resident: the next kernel may launch
-#if A_LUT == 1
-    signed_grid(s_lut, grid_g);
-#else
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
-#endif
-#if A_LUT == 2
-    for (int i = threadIdx.x; i < 128; i += WARPS * 32)
-        s_masks[i] = (unsigned long long)byte_signs((unsigned)i * 0x10204080u)
-                   | (unsigned long long)byte_signs((unsigned)i * 0x20408u + ((unsigned)__popc(i) << 31)) << 32;
-#endif
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
     Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
     if (warp < nsh_b) q8_0_row_load(shr, sq, sd, sh0 + warp, KB / 2, lane);
@@ -402,16 +321,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                     const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
-#if A_LUT == 1
-                    const int ig = iq2xxs_sub_lut(sg, off, xs, s_lut);
-                    const int iu = iq2xxs_sub_lut(su, off, xs, s_lut);
-#elif A_LUT == 2
-                    const int ig = iq2xxs_sub_masks(sg, off, xs, s_grid, s_masks);
-                    const int iu = iq2xxs_sub_masks(su, off, xs, s_grid, s_masks);
-#else
                     const int ig = iq2xxs_sub(sg, off, xs, s_grid);
                     const int iu = iq2xxs_sub(su, off, xs, s_grid);
-#endif
                     ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
                     au += (float)iu * (h2f(*(const unsigned short*)(su + sb * 66)) * dx);
                 }
