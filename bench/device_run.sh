@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25d: session 25, one GPU: the down kernel's ids and first rows before the PDL wait
+#         (EARLY_IDS): twin cases under it, replay A/B at TP=2 and 1, the race probe under it
 #   s25c (at 82954be, its variants removed after): session 25, one GPU: the routed gate/up decoding by the signed grid or with its sign
 #         masks from a table (cuda_experts.SWIGLU_LUT 1, 2): twin cases, replay A/B at TP=2, 1
 #   s25b (and s25a): run at b0e0946, whose kernels and variants were removed after:
@@ -1101,6 +1103,11 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s25d ]; then
+  variant_twins swiglu,down,rides "(('EARLY_IDS', 1),)"
+  replay_ab base,early_ids "the down kernel's ids and first rows before the wait"
+  race_probe 100 --replays 2000 --check --define EARLY_IDS=1
+  race_probe 100 --replays 2000 --check --world 1 --define EARLY_IDS=1
 elif [ "$MODE" = s25c ]; then
   log "gate/up twin cases under SWIGLU_LUT 1 and 2"
   timeout 90 python3 - <<'PY' 2>&1 | grep -v Warn | tail -4

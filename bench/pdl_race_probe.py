@@ -5,7 +5,7 @@ the phase or replay where the first error surfaced (or that none did). One confi
 process: an illegal address leaves the CUDA context unusable.
 
     python bench/pdl_race_probe.py [--world 2] [--layers 43] [--replays 2000] [--check]
-        [--pdl on|off|cuda_c_off|triton_off]
+        [--pdl on|off|cuda_c_off|triton_off] [--define NAME=VALUE ...]
 
 Under cuda-gdb (`cuda-gdb -batch -ex run -ex "info cuda kernels" -ex bt --args python3 ...`)
 a fault stops at the kernel and instruction (device_run.sh s22d). The cause found that way:
@@ -30,12 +30,17 @@ ap.add_argument("--replays", type=int, default=2000)
 ap.add_argument("--pdl", default="on", choices=("on", "off", "cuda_c_off", "triton_off"))
 ap.add_argument("--check", action="store_true",
                 help="after every replay: wait, read the token it picked, check the logits are finite")
+ap.add_argument("--define", action="append", default=[],
+                help="NAME=VALUE added to every CUDA C compile (cuda_c.VARIANT_DEFINES): a variant")
 args = ap.parse_args()
+if args.define:
+    from ds4tp.kernels import cuda_c
+    cuda_c.VARIANT_DEFINES = tuple(tuple(d.split("=", 1)) for d in args.define)
 
 {"on": lambda: None, "off": lambda: pdl.set_enabled(False),
  "cuda_c_off": lambda: pdl.set_cuda_c_enabled(False),
  "triton_off": lambda: pdl.set_triton_enabled(False)}[args.pdl]()
-tag = f"world {args.world}, {args.layers} layers, pdl {args.pdl}"
+tag = f"world {args.world}, {args.layers} layers, pdl {args.pdl}" + "".join(f", {d}" for d in args.define)
 print("probe:", tag, flush=True)
 
 comm = SingleComm() if args.world == 1 else NullComm(0, args.world)
