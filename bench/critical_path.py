@@ -57,9 +57,6 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
-    # (session 25) the down kernel reads its ids and loads its first rows before the PDL wait
-    # (the gate/up kernel triggers after its wait, so the choice is complete; experts.cu EARLY_IDS)
-    "early_ids": ((cuda_c, "VARIANT_DEFINES", (("EARLY_IDS", 1),)),),
 }
 
 

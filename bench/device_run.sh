@@ -179,7 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
-#   s25d: session 25, one GPU: the down kernel's ids and first rows before the PDL wait
+#   s25d (at its commit, the variant removed after): session 25, one GPU: the down kernel's ids and first rows before the PDL wait
 #         (EARLY_IDS): twin cases under it, replay A/B at TP=2 and 1, the race probe under it
 #   s25c (at 82954be, its variants removed after): session 25, one GPU: the routed gate/up decoding by the signed grid or with its sign
 #         masks from a table (cuda_experts.SWIGLU_LUT 1, 2): twin cases, replay A/B at TP=2, 1

@@ -245,18 +245,13 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     const int items = K * rows;
     const int rowb = KB * 66, nv = rowb / 16;        // bytes and 16-byte pieces per row
 
-#if !EARLY_IDS
     pdl_trigger();                    // all blocks resident: the next kernel may launch
-#endif
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
     Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
     if (warp < nsh_b) q8_0_row_load(shr, sq, sd, sh0 + warp, KB / 2, lane);
     if (warp + WARPS < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp + WARPS, nsh_b - warp - WARPS, KB / 2, lane);
     pdl_wait();                       // ids, rw and x are earlier kernels' outputs
-#if EARLY_IDS
-    pdl_trigger();                    // the down kernel may launch: the choice (ids) is complete
-#endif
 
     // first item's loads go out before the prologue
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
@@ -410,9 +405,6 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // Compile-time (the host's defines): B_NP >= cdiv(K, spp) passes, B_SH_MAX >= csh. Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides
 // 4-byte aligned, x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
 #define B_SH_CPR 4              // shared down inputs <= 2048
-#ifndef EARLY_IDS
-#define EARLY_IDS 0             // (a variant) the down kernel reads its ids and loads its first
-#endif                          // rows before the PDL wait; gate/up then triggers after its wait
 #ifndef B_NP
 #define B_NP B_MAX_K            // passes over a row's slots
 #endif
@@ -449,29 +441,21 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         q8_0_row_load(shr, sq, sd, n0 + warp, csh, lane);
         if (n0 + warp + WARPS < nend) q8_0_rows_to_l2(sq, sd, n0 + warp + WARPS, nend - n0 - warp - WARPS, csh, lane);
     }
-#if !EARLY_IDS
     pdl_wait();                       // ids, x and gu are earlier kernels' outputs
-#endif
-    // (EARLY_IDS: before the wait. The ids come from the launch before the kernel ahead, which
-    // launched this one only after its own wait, so they are complete; read from L2.)
     int e[B_NP];
 #pragma unroll
     for (int p = 0; p < B_NP; p++) {
         const int k = p * spp + ks;
-        e[p] = (k < K) ? (int)(EARLY_IDS ? __ldcg(ids + t * K + k) : prior(ids + t * K + k)) : -1;
+        e[p] = (k < K) ? (int)prior(ids + t * K + k) : -1;
     }
     // gu's 8 gate and 8 up values of this thread's Q8_0 quarter-block, loaded with the slot rows
     const int gi = threadIdx.x;
     const bool gq = sh && gi < F / 8;
     float4 ga = make_float4(0.f, 0.f, 0.f, 0.f), gc = ga, ua = ga, uc = ga;
-#define B_GU_LOAD                                                                             \
-    if (gq) {                                                                                 \
-        ga = prior((const float4*)(gu + 8 * gi)); gc = prior((const float4*)(gu + 8 * gi + 4));  \
-        ua = prior((const float4*)(gu + F + 8 * gi)); uc = prior((const float4*)(gu + F + 8 * gi + 4)); \
+    if (gq) {
+        ga = prior((const float4*)(gu + 8 * gi)); gc = prior((const float4*)(gu + 8 * gi + 4));
+        ua = prior((const float4*)(gu + F + 8 * gi)); uc = prior((const float4*)(gu + F + 8 * gi + 4));
     }
-#if !EARLY_IDS
-    B_GU_LOAD
-#endif
     unsigned qw[B_NP][4], sc[B_NP][2], dd[B_NP];
     // pass p of a row into its registers (slots without an expert load nothing)
 #define B_LOAD(p, row)                                                                        \
@@ -488,11 +472,6 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
 #pragma unroll
         for (int p = 0; p < B_NP; p++) { B_LOAD(p, n) }
     }
-#if EARLY_IDS
-    pdl_wait();                       // x and gu are the kernel ahead's outputs
-    B_GU_LOAD
-#endif
-#undef B_GU_LOAD
 
     b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
     if (gq) {                         // (F/8 is a multiple of 64: whole warps)
