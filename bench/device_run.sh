@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25e: session 25, one GPU: bench/boundary_probe.py (a kernel boundary's cost: plain launches,
+#         PDL's wait, a memory flag)
 #   s25d (at its commit, the variant removed after): session 25, one GPU: the down kernel's ids and first rows before the PDL wait
 #         (EARLY_IDS): twin cases under it, replay A/B at TP=2 and 1, the race probe under it
 #   s25c (at 82954be, its variants removed after): session 25, one GPU: the routed gate/up decoding by the signed grid or with its sign
@@ -1103,6 +1105,9 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s25e ]; then
+  log "a kernel boundary's cost in a graph-replayed chain"
+  timeout 150 python3 bench/boundary_probe.py --out "$OUT/boundary.json" 2>&1 | grep -v Warn | tail -12
 elif [ "$MODE" = s25d ]; then
   variant_twins swiglu,down,rides "(('EARLY_IDS', 1),)"
   replay_ab base,early_ids "the down kernel's ids and first rows before the wait"
