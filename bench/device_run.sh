@@ -179,6 +179,9 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25f: session 25, one GPU: decode attention and the KV store without loads waiting on the
+#         position (EARLY, the RoPE rows gathered once a step): their CUDA cases and the graph
+#         tests, replay A/B at TP=2 and 1 (base, attn_before, rope_rows_off)
 #   s25e: session 25, one GPU: bench/boundary_probe.py (a kernel boundary's cost: plain launches,
 #         PDL's wait, a memory flag)
 #   s25d (at its commit, the variant removed after): session 25, one GPU: the down kernel's ids and first rows before the PDL wait
@@ -1105,6 +1108,9 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s25f ]; then
+  gate_tests 200 "attention or kv_store or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+  replay_ab base,attn_before,rope_rows_off "attention and the KV store without waiting on the position"
 elif [ "$MODE" = s25e ]; then
   log "a kernel boundary's cost in a graph-replayed chain"
   timeout 150 python3 bench/boundary_probe.py --out "$OUT/boundary.json" 2>&1 | grep -v Warn | tail -12
