@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from ds4tp import config as C, decode_graph
-from ds4tp.kernels import (cuda_c, cuda_experts, cuda_matvec, pdl, triton_attn, triton_hc, triton_pick,
-                           triton_route)
+from ds4tp.kernels import cuda_c, cuda_experts, cuda_matvec, pdl, triton_hc, triton_pick, triton_route
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -58,11 +57,6 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
-    # (session 25) decode attention's loads after the position (before: the ring's rows after
-    # their positions, the compressed rows after the count, RoPE rows found from the position;
-    # also the KV store's), or only the RoPE rows found from the position
-    "attn_before": ((triton_attn, "ATTN_EARLY", False), decode_graph.set_rope_rows_enabled),
-    "rope_rows_off": (decode_graph.set_rope_rows_enabled,),
 }
 
 

@@ -179,7 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
-#   s25f: session 25, one GPU: decode attention and the KV store without loads waiting on the
+#   s25f (at 934022a, its variants removed after): session 25, one GPU: decode attention and the KV store without loads waiting on the
 #         position (EARLY, the RoPE rows gathered once a step): their CUDA cases and the graph
 #         tests, replay A/B at TP=2 and 1 (base, attn_before, rope_rows_off)
 #   s25e: session 25, one GPU: bench/boundary_probe.py (a kernel boundary's cost: plain launches,

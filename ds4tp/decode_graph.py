@@ -75,11 +75,6 @@ _mix_side_switch = Switch()
 set_mix_side_enabled = _mix_side_switch.set
 _mix_lane_switch = Switch()
 set_mix_lane_enabled = _mix_lane_switch.set
-# The RoPE tables' rows at the step's position, gathered once per step beside its first mixer,
-# for the KV store and attention of every layer (otherwise each launch finds its row from the
-# position it loads: one memory round trip after another). Benchmarks switch it off.
-_rope_rows_switch = Switch()
-set_rope_rows_enabled = _rope_rows_switch.set
 
 
 class StaticDecoder:
@@ -328,22 +323,14 @@ class StaticDecoder:
         emit4, emit128, idx_on = var
         s, m = self.s, self.m
         pos, tok = self.pos, self.token
-        rows = None
-        if _rope_rows_switch.on and m.overlap and kernels.on_gpu(pos):
-            side = Side(pos)
-            with side:
-                rows = {k: (c[pos], sn[pos]) for k, (c, sn) in self.rope.items()}   # [1, n_rot/2]
         e = m.w.token_embd[tok].float()                                      # [1, E]
         hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
         xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)   # the chain of DS4Model.forward
-        if rows is not None:
-            side.join()
         pending = None
         for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
-            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4,
-                                  rows[r > 0] if rows is not None else None)
+            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
             hc, xn, post, mix, pending = self._update(out, hc, post, mix, lw.ffn_mixer, pending)
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
             hc, xn, post, mix, pending = self._update(f, hc, post, mix, m.w.mixer_after(lw.il), pending)
@@ -377,9 +364,8 @@ class StaticDecoder:
             post, mix = triton_hc.hc_mix(z, scale, base, s.n_hc, s.sinkhorn_iters, C.HC_EPS)
         return hc, xn, post, mix, (side, z)
 
-    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool, rows=None):
-        """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]. rows:
-        the layer's RoPE table rows at pos (cos, sin), for its KV store and attention."""
+    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
+        """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
         side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
@@ -394,7 +380,7 @@ class StaticDecoder:
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
-        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s, rows)
+        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
         comp = mask = None
         if lw.ratio:
@@ -406,8 +392,7 @@ class StaticDecoder:
                 score = index_scores(q, w, lay.index, n_vis, index_weight_scale(s))
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
                 mask = select_mask(score, n_vis, s.indexer_top_k)
-        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s,
-                             rows)
+        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         out = grouped_linear_out(lw, o, s)
         return comm.all_reduce(out)                                          # attention all-reduce
 
@@ -439,13 +424,10 @@ def store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) ->
     ring_pos.index_copy_(0, slot, pos)
 
 
-def store_kv_row(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s, rows=None) -> None:
-    """rows: (cos_t[pos], sin_t[pos]) where the caller has them (the kernel then need not wait
-    for pos to find them; the twin ignores them)."""
+def store_kv_row(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) -> None:
     if kernels.on_gpu(kv_lin):
         from ds4tp.kernels import triton_attn
-        return triton_attn.kv_store(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, C.RMS_EPS,
-                                    rows)
+        return triton_attn.kv_store(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, C.RMS_EPS)
     return store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s)
 
 
@@ -561,12 +543,11 @@ def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, 
     return rope_tail(o, cos, sin, inverse=True)
 
 
-def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s, rows=None):
-    """rows: as store_kv_row's."""
+def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
     if kernels.on_gpu(qb):
         from ds4tp.kernels import triton_attn
         return triton_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t,
-                                     pos, C.RMS_EPS, rows)
+                                     pos, C.RMS_EPS)
     return decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s)
 
 

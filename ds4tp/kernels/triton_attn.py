@@ -93,13 +93,12 @@ def _fp8_e4m3_blocks(b):
 
 @triton.jit
 def _kv_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, ring_ptr, rpos_ptr, n_swa, eps,
-                     D: tl.constexpr, NROT: tl.constexpr, ROPE_ROW: tl.constexpr = False,
+                     D: tl.constexpr, NROT: tl.constexpr,
                      PDL: tl.constexpr = False):
-    """ROPE_ROW: cos/sin are the tables' rows at pos (the RoPE does not wait for pos)."""
     pdl_start(PDL)
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
-    c, s = _rope_cs(cos_ptr, sin_ptr, 0 if ROPE_ROW else pos, D, NROT)
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     y = _kv_row(tl.load(x_ptr + d), w_ptr, c, s, eps, D, NROT)
     slot = pos % n_swa
     tl.store(ring_ptr + slot * D + d, y)
@@ -320,20 +319,15 @@ def _online(q, kv, ok, scale, m, l, acc):
 
 @triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, n_comp, ratio, eps, scale,
+                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr, EARLY: tl.constexpr = True,
-                 ROPE_ROW: tl.constexpr = False, PDL: tl.constexpr = False):
+                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
     arrive (atomic ticket) merges the partials in the order j = 0..S-1 with the sink, applies the
-    inverse RoPE and stores the head.
-    EARLY: no load waits for another: the ring's rows go out beside their positions and the first
-    compressed block beside both (rows < n_comp, memory that exists, before the position says
-    how many are visible), rows outside the window or past the visible ones masked after (as not
-    loaded). ROPE_ROW: cos/sin are this position's one row (not the tables), so q's RoPE does
-    not wait for the position either. The same bits as without."""
+    inverse RoPE and stores the head."""
     pdl_start(PDL)
     h = tl.program_id(0)
     j = tl.program_id(1)
@@ -341,28 +335,14 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
     q = tl.load(qb_ptr + h * D + d)
-    r0 = j * BK + kk                                    # this program's first block of rows
-    if EARLY:
-        rp0 = tl.load(rpos_ptr + r0, mask=r0 < n_swa, other=-(1 << 40))
-        kv0 = tl.load(ring_ptr + r0[:, None] * D + d[None, :], mask=(r0 < n_swa)[:, None], other=0.0)
-        if HAS_COMP:
-            kc0 = tl.load(comp_ptr + r0.to(tl.int64)[:, None] * D + d[None, :], mask=(r0 < n_comp)[:, None],
-                          other=0.0)
-            if HAS_MASK:
-                mk0 = tl.load(mask_ptr + r0, mask=r0 < n_comp, other=0)
     qd = q.to(tl.float64)
     q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
-    c, s = _rope_cs(cos_ptr, sin_ptr, 0 if ROPE_ROW else pos, D, NROT)
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     q = _rope(q, c, s, D)
     m = tl.full([], -1e30, tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
-    first = j * BK
-    if EARLY:
-        ok0 = (rp0 <= pos) & (rp0 > pos - n_swa)
-        m, l, acc = _online(q, tl.where(ok0[:, None], kv0, 0.0), ok0, scale, m, l, acc)
-        first += S * BK
-    for k0 in range(first, n_swa, S * BK):
+    for k0 in range(j * BK, n_swa, S * BK):
         rows = k0 + kk
         rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
         ok = (rp <= pos) & (rp > pos - n_swa)
@@ -370,14 +350,7 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     if HAS_COMP:
         n_vis = (pos + 1) // ratio
-        first = j * BK
-        if EARLY:
-            ok0 = r0 < n_vis
-            if HAS_MASK:
-                ok0 = ok0 & (mk0 != 0)
-            m, l, acc = _online(q, tl.where(ok0[:, None], kc0, 0.0), ok0, scale, m, l, acc)
-            first += S * BK
-        for k0 in range(first, n_vis, S * BK):
+        for k0 in range(j * BK, n_vis, S * BK):
             rows = k0 + kk
             ok = rows < n_vis
             if HAS_MASK:
@@ -410,7 +383,6 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
 
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
-ATTN_EARLY = True  # _attn_kernel's EARLY (benchmarks time False)
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -437,10 +409,9 @@ def _check_rope(cos, sin, pos, n_rot):
     _check("position", pos, (1,), torch.long)
 
 
-def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps, rows=None):
+def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
     """kv_lin [1, D] (the attn_kv projection) -> the cache row written into ring [n_swa, D] at
-    pos % n_swa, ring_pos [n_swa] (int64) set to pos. rows: the cos/sin tables' rows at pos, as
-    attention takes them."""
+    pos % n_swa, ring_pos [n_swa] (int64) set to pos."""
     n_swa, D = ring.shape
     n_rot = _rope_row_width("kv_store", "head_dim", D, cos)
     _check("kv_store: kv row", kv_lin, (1, D))
@@ -448,20 +419,8 @@ def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps, rows=None):
     _check("kv_store: ring positions", ring_pos, (n_swa,), torch.long)
     _check("kv_store: ring", ring, (n_swa, D))
     _check_rope(cos, sin, pos, n_rot)
-    if rows is not None:
-        cos, sin = _rope_rows_checked("kv_store", rows, cos)
     _kv_store_kernel[(1,)](kv_lin, norm, cos, sin, pos, ring, ring_pos, n_swa, eps, D=D,
-                           NROT=n_rot, ROPE_ROW=rows is not None, num_warps=4,
-                           **pdl.triton_args(kv_lin.device))
-
-
-def _rope_rows_checked(name, rows, cos):
-    """(cos, sin) rows [1, n_rot/2] matching the tables cos [positions, n_rot/2]."""
-    if len(rows) != 2:
-        raise ValueError(f"{name}: RoPE rows must be (cos, sin)")
-    for what, r in zip(("cos", "sin"), rows):
-        _check(f"{name}: RoPE {what} row", r, (1, cos.shape[1]))
-    return rows
+                           NROT=n_rot, num_warps=4, **pdl.triton_args(kv_lin.device))
 
 
 def kv_rows(kv_lin, norm, cos, sin, eps) -> torch.Tensor:
@@ -639,12 +598,10 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, rows=None):
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only. rows:
-    (cos, sin) tables' rows at pos, [1, n_rot/2] each (rope_rows), so that the kernel need not
-    wait for pos to find them."""
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
     n_swa, D = ring.shape
     H = sinks.shape[0]
     n_rot = cos.shape[1] * 2
@@ -665,17 +622,13 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, 
         raise ValueError("attention: a row mask without compressed rows")
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
-    if rows is not None:
-        cos, sin = _rope_rows_checked("attention", rows, cos)
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
     ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
     _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
-                                  sin, pos, out, ws, _tickets(qb.device), n_swa,
-                                  comp.shape[0] if comp is not None else 0, max(ratio, 1), eps,
-                                  1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
-                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  EARLY=ATTN_EARLY, ROPE_ROW=rows is not None, num_warps=4,
+                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4,
                                   **pdl.triton_args(qb.device))
     return out
 
