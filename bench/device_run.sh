@@ -179,6 +179,15 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s25j: session 25, one GPU: the graph tests s25i did not reach (the riding test with the
+#         choice in its own launch; the choice in the gate/up launch against its own), the race
+#         probe at TP=2 (1,000 checked replays)
+#   s25i: session 25, one GPU: the final code's CUDA C twins and graph tests, the race probe at
+#         TP=2 (1,000 checked replays), CUDA goldens at TP=1 through the graphs
+#   s25h (with a timing-only fixed-choice define, removed after): session 25, one GPU: as s25g with the choice's scores computed by the whole block
+#         (route_scores), then the pick by one warp (route_pick); the routed twins first
+#   s25g (b0e0946's choice plus the timing-only define, removed after): session 25, one GPU, diagnostic: the choice
+#         in the gate/up launch (b0e0946's) against its own launch and against a fixed choice
 #   s25f (at 934022a, its variants removed after): session 25, one GPU: decode attention and the KV store without loads waiting on the
 #         position (EARLY, the RoPE rows gathered once a step): their CUDA cases and the graph
 #         tests, replay A/B at TP=2 and 1 (base, attn_before, rope_rows_off)
@@ -1108,6 +1117,18 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s25j ]; then
+  gate_tests 60 "riding or gate_up_launch" tests/test_decode_graph.py
+  race_probe 60 --replays 1000 --check
+elif [ "$MODE" = s25i ]; then
+  gate_tests 170 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+  race_probe 70 --replays 1000 --check
+  golden 1 static 60
+elif [ "$MODE" = s25h ]; then
+  new_twins 90 "routed"
+  replay_ab base,route_own,route_cheap "the choice in the gate/up launch (scores by the block), its own launch, a fixed choice"
+elif [ "$MODE" = s25g ]; then
+  replay_ab base,route_own,route_cheap "the choice in the gate/up launch, its own launch, a fixed choice"
 elif [ "$MODE" = s25f ]; then
   gate_tests 200 "attention or kv_store or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
   replay_ab base,attn_before,rope_rows_off "attention and the KV store without waiting on the position"
