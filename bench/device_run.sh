@@ -179,12 +179,12 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
-#   s25j: session 25, one GPU: the graph tests s25i did not reach (the riding test with the
+#   s25i, s25j (at b646605, removed after): s25j: session 25, one GPU: the graph tests s25i did not reach (the riding test with the
 #         choice in its own launch; the choice in the gate/up launch against its own), the race
 #         probe at TP=2 (1,000 checked replays)
 #   s25i: session 25, one GPU: the final code's CUDA C twins and graph tests, the race probe at
 #         TP=2 (1,000 checked replays), CUDA goldens at TP=1 through the graphs
-#   s25h (with a timing-only fixed-choice define, removed after): session 25, one GPU: as s25g with the choice's scores computed by the whole block
+#   s25h (b646605's code with a timing-only fixed-choice define, removed after): session 25, one GPU: as s25g with the choice's scores computed by the whole block
 #         (route_scores), then the pick by one warp (route_pick); the routed twins first
 #   s25g (b0e0946's choice plus the timing-only define, removed after): session 25, one GPU, diagnostic: the choice
 #         in the gate/up launch (b0e0946's) against its own launch and against a fixed choice

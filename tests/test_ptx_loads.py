@@ -20,8 +20,7 @@ import pytest
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
 SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
-READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
-             "rbias", "tid2eid"}                                   # the router's bias, hash table
+READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd"}  # sq, sd: shared expert
 
 
 def _nvrtc():
@@ -158,9 +157,8 @@ def nc_load_sources(ptx: str) -> dict:
     return result
 
 
-# the down kernel's compile-time shapes at full size (cuda_experts.down_defines: TP=1, TP=2), and
-# the gate/up kernel with the expert choice (cuda_experts.swiglu_routed)
-DEFINES = {"experts.cu": ("", "B_NP=6 B_SH_MAX=4", "B_NP=3 B_SH_MAX=2", "A_ROUTE=1")}
+# the down kernel's compile-time shapes at full size (cuda_experts.down_defines: TP=1, TP=2)
+DEFINES = {"experts.cu": ("", "B_NP=6 B_SH_MAX=4", "B_NP=3 B_SH_MAX=2")}
 
 
 @needs_compiler
