@@ -157,8 +157,16 @@ def nc_load_sources(ptx: str) -> dict:
     return result
 
 
-# the down kernel's compile-time shapes at full size (cuda_experts.down_defines: TP=1, TP=2)
-DEFINES = {"experts.cu": ("", "B_NP=6 B_SH_MAX=4", "B_NP=3 B_SH_MAX=2")}
+def _down_defines(K: int, kb: int, csh: int) -> str:
+    """The host's compile-time shape of the down kernel (cuda_experts.down_defines), as the
+    test's NAME=VALUE list."""
+    from ds4tp.kernels.cuda_experts import down_defines
+    return " ".join(f"{k}={v}" for k, v in down_defines(K, kb, csh))
+
+
+# the down kernel's compile-time shapes at full size: DS4's 6 slots, TP=1 (2048 inputs, the
+# shared down's 2048) and TP=2 (1024, 1024)
+DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2))}
 
 
 @needs_compiler

@@ -402,8 +402,9 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 // its own launch sums it (bit-identical to their sum). A row's shared pieces are held in
 // registers, loaded with its routed rows; the first row's before the PDL wait (weights), the
 // block's later rows are prefetched into L2 then. gu is loaded with the slot activations.
-// Compile-time (the host's defines): B_NP >= cdiv(K, spp) passes, B_SH_MAX >= csh. Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides
-// 4-byte aligned, x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
+// Compile-time (the host's defines): B_NP >= cdiv(K, spp) passes, B_SH_MAX >= csh.
+// Requires (host-checked): KB in {1, 2, 4, 8}, K <= B_MAX_K, weights and strides 4-byte aligned,
+// x and its strides 16-byte aligned; csh in {1, 2, 4}, gu 16-byte aligned.
 #define B_SH_CPR 4              // shared down inputs <= 2048
 #ifndef B_NP
 #define B_NP B_MAX_K            // passes over a row's slots
