@@ -57,6 +57,10 @@ VARIANTS = {
     # (session 24) the router's matvec (and other one-token F16 linears) on the Triton tile
     # kernel (before) instead of matvec.cu's f16_matvec
     "router_triton": (cuda_matvec.set_f16_enabled,),
+    # (session 25) the expert choice in its own (Triton) launch (before) instead of in the routed
+    # gate/up launch (cuda_experts.swiglu_routed); s25g/s25h also timed that launch with a fixed
+    # choice (experts.cu A_ROUTE_CHEAP, timing only, removed)
+    "route_own": (cuda_experts.set_route_enabled,),
 }
 
 

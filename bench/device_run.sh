@@ -179,12 +179,20 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
-#   s25i, s25j (at b646605, removed after): s25j: session 25, one GPU: the graph tests s25i did not reach (the riding test with the
+#   s26d: session 26, one GPU: the routed twins, the CUDA C twins and graph tests, the race probe
+#         at TP=2 and TP=1 (1,000 checked replays each), CUDA goldens at TP=1 through the graphs
+#   s26c: as s26b after the choice's inputs are read in place (the hash table contiguous at load)
+#   s26b: session 26, one GPU: the choice in the gate/up launch with the own launch's arithmetic:
+#         routed twins, route_probe, replay A/B at TP=2 and 1 (base, route_own), the CUDA C twins
+#         and graph tests, CUDA goldens at TP=1 through the graphs
+#   s26a: session 26, one GPU, diagnostic: bench/route_probe.py (the choice in the gate/up launch
+#         checked call by call against its own launch, eager and graphs), the routed twins
+#   s25j: session 25, one GPU: the graph tests s25i did not reach (the riding test with the
 #         choice in its own launch; the choice in the gate/up launch against its own), the race
 #         probe at TP=2 (1,000 checked replays)
 #   s25i: session 25, one GPU: the final code's CUDA C twins and graph tests, the race probe at
 #         TP=2 (1,000 checked replays), CUDA goldens at TP=1 through the graphs
-#   s25h (b646605's code with a timing-only fixed-choice define, removed after): session 25, one GPU: as s25g with the choice's scores computed by the whole block
+#   s25h (with a timing-only fixed-choice define, removed after): session 25, one GPU: as s25g with the choice's scores computed by the whole block
 #         (route_scores), then the pick by one warp (route_pick); the routed twins first
 #   s25g (b0e0946's choice plus the timing-only define, removed after): session 25, one GPU, diagnostic: the choice
 #         in the gate/up launch (b0e0946's) against its own launch and against a fixed choice
@@ -1117,6 +1125,23 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s26d ]; then
+  new_twins 90 "routed"
+  gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+  race_probe 70 --replays 1000 --check
+  race_probe 70 --replays 1000 --check --world 1
+  golden 1 static 60
+elif [ "$MODE" = s26b ] || [ "$MODE" = s26c ]; then
+  new_twins 90 "routed"
+  log "route probe"
+  timeout 200 python3 bench/route_probe.py --steps 3 2>&1 | grep -v "Warn\|warn\|eager call" | tail -8 | tee "$OUT/route_probe.txt"
+  replay_ab base,route_own "the choice in the gate/up launch, its own launch"
+  gate_tests 200 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
+  golden 1 static 60
+elif [ "$MODE" = s26a ]; then
+  log "route probe"
+  timeout 200 python3 bench/route_probe.py --steps 3 2>&1 | grep -v "Warn\|warn" | tail -60 | tee "$OUT/route_probe.txt"
+  new_twins 90 "routed"
 elif [ "$MODE" = s25j ]; then
   gate_tests 60 "riding or gate_up_launch" tests/test_decode_graph.py
   race_probe 60 --replays 1000 --check

@@ -28,8 +28,8 @@ from ds4tp.fuse import fused
 from ds4tp.config import Shape
 from ds4tp.numerics import (f16_round, fp8_e4m3_blocks, hadamard_fp4, rms_norm,
                             rope_cos_sin, rope_tail, softplus)
-from ds4tp.ops import (expert_down_shared, expert_linear, expert_swiglu, expert_swiglu_shared,
-                       grouped_linear, linear, shared_rides, swiglu_linear)
+from ds4tp.ops import (expert_down_shared, expert_linear, expert_swiglu, expert_swiglu_routed,
+                       expert_swiglu_shared, grouped_linear, linear, shared_rides, swiglu_linear)
 from ds4tp.qtensor import QTensor
 from ds4tp.streams import Side
 
@@ -122,6 +122,9 @@ class Weights:
             both = QTensor.cat_rows(*(t[n] for n in names))
             n0 = t[names[0]].shape[0]
             return both, both.row_slice(0, n0), both.row_slice(n0, both.shape[0])
+
+        def _rows(tid2eid):        # the hash table as the kernels index it: [V, K] rows in place
+            return tid2eid.contiguous() if tid2eid is not None else None
         layers = []
         for il in range(s.n_layer):
             p = f"blk.{il}."
@@ -140,7 +143,7 @@ class Weights:
                 hc_ffn_fn=t[p + "hc_ffn_fn.weight"], hc_ffn_scale=t[p + "hc_ffn_scale.weight"],
                 hc_ffn_base=t[p + "hc_ffn_base.weight"], ffn_norm=t[p + "ffn_norm.weight"],
                 router=t[p + "ffn_gate_inp.weight"], router_bias=t.get(p + "exp_probs_b.bias"),
-                tid2eid=t.get(p + "ffn_gate_tid2eid.weight"),
+                tid2eid=_rows(t.get(p + "ffn_gate_tid2eid.weight")),
                 gate_exps=t[p + "ffn_gate_exps.weight"], up_exps=t[p + "ffn_up_exps.weight"],
                 down_exps=t[p + "ffn_down_exps.weight"], gate_up_sh=gate_up_sh,
                 gate_sh=gate_sh, up_sh=up_sh, down_sh=t[p + "ffn_down_shexp.weight"]))
@@ -651,10 +654,14 @@ def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: 
 
 # ================================ MoE FFN (sec. 10) ===========================================
 def route(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape):
-    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2). The dispatch point: on CUDA
-    one Triton launch selects for every token (kernels/triton_route.py), else the twin below
-    (the hash table lookup and route_select)."""
-    logits = linear(lw.router, xn)                               # [T, n_expert] float x F16
+    """Expert ids [T, K] (global) and weights [T, K] (sec. 10.2)."""
+    return choose(lw, linear(lw.router, xn), tokens, s)         # [T, n_expert] float x F16
+
+
+def choose(lw: LayerWeights, logits: torch.Tensor, tokens: torch.Tensor, s: Shape):
+    """route's choice from the router logits. The dispatch point: on CUDA one Triton launch
+    selects for every token (kernels/triton_route.py), else the twin below (the hash table
+    lookup and route_select)."""
     if kernels.on_gpu(logits) and not torch.compiler.is_compiling():
         from ds4tp.kernels import triton_route
         return triton_route.route(logits, lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-logits.shape[0]:],
@@ -695,10 +702,22 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
         # one token on CUDA: the shared expert's rows ride in the routed experts' two launches
         # (in launches of its own, even on a second stream, it waited for the SMs the routed
         # ones hold: bench/critical_path.py)
-        ids, w = route(lw, xn, tokens, s)
-        local_ids = _local_ids(lw, ids, s, rank)
-        mid, gate_up = expert_swiglu_shared(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn, local_ids, w,
-                                            C.SWIGLU_CLAMP)
+        logits = linear(lw.router, xn)                           # [1, n_expert]
+        got = None
+        # every expert here: the choice in the gate/up launch, not a launch of its own between
+        # the router and it (the step 2.9% / 1.7% faster at TP=2 / TP=1, s26c)
+        if lw.gate_exps.shape[0] == s.n_expert:
+            got = expert_swiglu_routed(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn, logits,
+                                       lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
+                                       s.n_expert_used, C.ROUTER_WEIGHT_FLOOR,
+                                       C.EXPERT_WEIGHT_SCALE, C.SWIGLU_CLAMP)
+        if got is not None:
+            mid, gate_up, local_ids, _ = got
+        else:
+            ids, w = choose(lw, logits, tokens, s)
+            local_ids = _local_ids(lw, ids, s, rank)
+            mid, gate_up = expert_swiglu_shared(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn,
+                                                local_ids, w, C.SWIGLU_CLAMP)
         out = expert_down_shared(lw.down_exps, mid, local_ids, lw.down_sh, gate_up, C.SWIGLU_CLAMP)
         return comm.all_reduce(out)                              # FFN all-reduce (routed + shared)
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the

@@ -256,6 +256,58 @@ def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard="", r
     return check(tag, out, want)
 
 
+def case_cuda_swiglu_routed(device, gen, E, F, n_in, K, bias=True, hashed=False, ties=False,
+                            spread=2.0):
+    """The gate/up launch that also chooses the experts (cuda_experts.swiglu_routed, one token,
+    the shared rows riding) against model.route_select: the same ids, weights to float32
+    rounding; against the choice's own launch (triton_route): the same ids, bit-identical
+    weights; and mid, gate|up bit-identical to the plain launch given those ids and weights.
+    ties: 8 equal largest logits, so that the lower ids must win; hashed: a hash layer's table
+    (distinct ids per token, contiguous as model.Weights.bind makes it; a column slice, not
+    contiguous, is declined); spread: the logits' standard deviation (12: softplus's outer
+    branches, |z| > 20, taken too)."""
+    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
+    from ds4tp.kernels import cuda_experts as ce
+    from ds4tp.model import route_select
+    wg = expert_weight(IQ2_XXS, E, F, n_in, gen, device)
+    wu = expert_weight(IQ2_XXS, E, F, n_in, gen, device)
+    w_gu = rand_weight(Q8_0, (2 * F, n_in), gen, device)
+    x = rand_act((1, n_in), gen, device) * 20.0
+    logits = torch.randn(1, E, generator=gen) * spread
+    group = []
+    if ties:
+        m = int(logits[0].argmax())
+        group = list(range(m, m + 8)) if m + 8 <= E else list(range(m - 7, m + 1))
+        logits[0, group] = logits[0, m].item()
+    logits = logits.to(device)
+    b = (torch.rand(E, generator=gen) * 0.1).to(device) if bias else None
+    tid = torch.rand(50, E, generator=gen).argsort(-1).to(device)[:, :K] if hashed else None
+    tok = torch.tensor([17], dtype=torch.int64, device=device)
+    tag = f"cuda swiglu routed E={E} F={F} in={n_in} K={K} bias={bias} hashed={hashed} ties={ties}"
+    if hashed:      # read in place: a contiguous copy would be freed before the kernel reads it
+        assert ce.swiglu_routed(wg, wu, x, logits, b, tid, tok, K, ROUTER_WEIGHT_FLOOR,
+                                EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu) is None, f"{tag}: took a strided table"
+        tid = tid.contiguous()
+    got = ce.swiglu_routed(wg, wu, x, logits, b, tid, tok, K, ROUTER_WEIGHT_FLOOR,
+                           EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu)
+    assert got is not None, f"{tag}: the kernel did not take the case"
+    mid, gu, ids, wt = got
+    ids_t, wt_t = route_select(logits, b, tid[tok] if hashed else None, K)
+    if ties:
+        assert ids_t[0].tolist() == group[:K], f"{tag}: the twin chose {ids_t.tolist()}"
+    assert torch.equal(ids, ids_t), f"{tag}: ids {ids.tolist()} against {ids_t.tolist()}"
+    err = check(f"{tag} weights", wt, wt_t)
+    # the choice's own launch: the same ids, bit-identical weights (the same arithmetic)
+    from ds4tp.kernels import triton_route
+    ids_o, wt_o = triton_route.route(logits, b, tid, tok, K, ROUTER_WEIGHT_FLOOR, EXPERT_WEIGHT_SCALE)
+    assert torch.equal(ids, ids_o), f"{tag}: ids {ids.tolist()} against the own launch's {ids_o.tolist()}"
+    assert torch.equal(wt, wt_o), f"{tag}: weights differ from the own launch's by {(wt - wt_o).abs().max()}"
+    mid0, gu0 = ce.swiglu(wg, wu, x, ids, wt, 10.0, shared=w_gu)
+    for name, a, b0 in (("mid", mid, mid0), ("gate|up", gu, gu0)):
+        assert torch.equal(a, b0), f"{tag}: {name} differs from the plain launch by {(a - b0).abs().max()}"
+    return err
+
+
 def case_cuda_not_covered(device, gen):
     """What the CUDA C path leaves to the Triton kernels: it returns None, it does not fail."""
     from ds4tp.kernels import cuda_experts as ce
@@ -389,6 +441,14 @@ def cuda_c_cases():
     yield "cuda f16 16384 in", case_cuda_f16, (19, 16384)
     yield "cuda f16 3072 in many rows", case_cuda_f16, (1000, 3072)
     yield "cuda f16 column shard", case_cuda_f16, (64, 2048, True)
+    # the gate/up launch that chooses its experts: DS4 (256 experts, 6 chosen, bias, hash
+    # layers, TP=2's rows), fewer experts, ties
+    yield "cuda swiglu routed", case_cuda_swiglu_routed, (256, 64, 4096, 6)
+    yield "cuda swiglu routed hash layer", case_cuda_swiglu_routed, (256, 64, 4096, 6, False, True)
+    yield "cuda swiglu routed 40 experts K=8 no bias", case_cuda_swiglu_routed, (40, 48, 2048, 8, False)
+    yield "cuda swiglu routed ties", case_cuda_swiglu_routed, (256, 32, 2048, 6, False, False, True)
+    yield "cuda swiglu routed wide logits", case_cuda_swiglu_routed, (256, 32, 2048, 6, True, False, False, 12.0)
+    yield "cuda swiglu routed hash layer wide logits", case_cuda_swiglu_routed, (256, 32, 2048, 6, True, True, False, 12.0)
     # the tensor-core float16 routed experts of a prefill (tiles of up to 64 pairs)
     yield "cuda mma swiglu 4096 in", case_cuda_experts_mma, (IQ2_XXS, 16, 96, 4096, 300, 6, False, True)
     yield "cuda mma swiglu rows tq 16", case_cuda_experts_mma, (IQ2_XXS, 8, 40, 512, 45, 6, False, True, "rows", 0.1, 16)

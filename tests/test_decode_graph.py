@@ -476,6 +476,26 @@ def test_shared_expert_riding_in_the_routed_launches_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
+def test_expert_choice_in_the_gate_up_launch_on_cuda():
+    """The expert choice made in the routed gate/up launch (cuda_experts.swiglu_routed) against
+    its own launch (triton_route), whose arithmetic it repeats op for op: graph-replayed logits
+    of a 4-layer full-width model (3 hash layers, 1 chosen by score) over 12 tokens bit-identical
+    with PDL on, PDL off and the choice in its own launch. (Close is not enough here: a last-bit
+    change of a weight moves these logits by ~1% after one step through the FP8 rounding of the
+    KV rows, bench/route_probe.py.)"""
+    from ds4tp.kernels import cuda_experts
+    if not cuda_experts.available():
+        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
+    m, st, toks = _full_width(13, 1)
+    runs = _pdl_then_switched_off(m, st, toks[1:], 64, cuda_experts.set_route_enabled)
+    assert torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[2]), \
+        f"the choice in gate/up moved the logits by {float((runs[0] - runs[2]).abs().max())}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 def test_sinkhorn_beside_the_sublayer_on_cuda():
     """The static decoder's HC mixers with Sinkhorn in its own launch on the side stream
     (StaticDecoder._update: hc_step without the mixer, then hc_mix beside the sublayer) against

@@ -20,7 +20,8 @@ import pytest
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
 SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
-READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd"}  # sq, sd: shared expert
+READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
+             "rbias", "tid2eid"}                                   # the router's bias, hash table
 
 
 def _nvrtc():
@@ -165,8 +166,9 @@ def _down_defines(K: int, kb: int, csh: int) -> str:
 
 
 # the down kernel's compile-time shapes at full size: DS4's 6 slots, TP=1 (2048 inputs, the
-# shared down's 2048) and TP=2 (1024, 1024)
-DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2))}
+# shared down's 2048) and TP=2 (1024, 1024); the gate/up kernel with the expert choice
+# (cuda_experts.swiglu_routed)
+DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1")}
 
 
 @needs_compiler

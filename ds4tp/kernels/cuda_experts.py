@@ -108,29 +108,79 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     id -1), x [T, n_in] shared by the slots; None if not covered. With `shared` (the shared
     expert's gate|up, Q8_0 [2F, n_in]; one token): (mid, gu [1, 2F] = shared . x, the Q8_0
     matvec's numbers) from the same launch, or None."""
-    if not (_common(w_gate, x, ids, False) and w_gate.qtype == IQ2_XXS == w_up.qtype):
+    if not (_common(w_gate, x, ids, False) and weights.shape == ids.shape):
+        return None
+    return _swiglu(w_gate, w_up, x, ids.shape[1], _ids64(ids), weights.to(torch.float32).contiguous(),
+                   None, clamp, rpc, warps, shared)
+
+
+R_MAX_E = 256      # experts the in-kernel choice holds (experts.cu R_MAX_E)
+_route_switch = cuda_c.Switch()
+set_route_enabled = _route_switch.set   # benchmarks time the choice's own launch in the same run
+
+
+def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid2eid, tokens,
+                  k: int, floor: float, scale: float, clamp: float, shared=None,
+                  rpc: int | None = None, warps: int = WARPS):
+    """swiglu with the expert choice in the same launch: each block chooses its token's k experts
+    from the router logits [T, n_expert] float32 as ds4tp.model.route_select does (bias
+    [n_expert] float32 or None; tid2eid [V, k] int64 for a hash layer, with tokens [T] int64 on
+    the device) -> (mid, ids [T, k] int64, weights [T, k] float32), or with `shared` (mid, gu,
+    ids, weights); None if not covered (then the choice takes its own launch). The ids are
+    global: the caller uses this only where every expert is local. The logits, bias, table and
+    tokens must be contiguous: the launch reads them in place (a contiguous copy made here would
+    be freed before the kernel reads it, and its memory handed to the kernel's own output)."""
+    if not (_route_switch.available() and logits.is_cuda and logits.dtype == torch.float32
+            and logits.dim() == 2 and logits.device == x.device and logits.is_contiguous()):
+        return None
+    T, ne = logits.shape
+    if ne > R_MAX_E or not 1 <= k <= min(B_MAX_K, ne) or w_gate.shape[0] != ne or x.dim() != 2 or x.shape[0] != T:
+        return None
+    if bias is not None and (bias.shape != (ne,) or bias.dtype != torch.float32 or bias.device != x.device
+                             or not bias.is_contiguous()):
+        return None
+    if tid2eid is not None and (tid2eid.dim() != 2 or tid2eid.shape[1] != k or tid2eid.dtype != torch.int64
+                                or tokens is None or tokens.shape != (T,) or tokens.dtype != torch.int64
+                                or tid2eid.device != x.device or tokens.device != x.device
+                                or not (tid2eid.is_contiguous() and tokens.is_contiguous())):
+        return None
+    ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    if not _common(w_gate, x, ids, False):
+        return None
+    rw = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    route = (_ptr(logits), _ptr(bias) if bias is not None else _NULL,
+             _ptr(tid2eid) if tid2eid is not None else _NULL, _ptr(tokens) if tid2eid is not None else _NULL,
+             _ptr(ids), _ptr(rw), np.int32(ne), np.float32(floor), np.float32(scale))
+    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared)
+    if got is None:
+        return None
+    return (*got, ids, rw) if shared is not None else (got, ids, rw)
+
+
+def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared):
+    """The gate/up launch of swiglu (route None: ids64, rw given) or swiglu_routed (route: the
+    choice's arguments; ids64, rw its outputs)."""
+    if not w_gate.qtype == IQ2_XXS == w_up.qtype:
         return None
     E, N, n_in = w_gate.shape
     kb = n_in // 256
     rg, ru = w_gate.raw, w_up.raw
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
-            or not (_aligned(rg, 16) and _aligned(ru, 16)) or weights.shape != ids.shape):
+            or not (_aligned(rg, 16) and _aligned(ru, 16))):
         return None
-    T, K = ids.shape
+    T = x.shape[0]
     sh = None
     if shared is not None:
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    fa = _kernel(x, warps, 0)
+    fa = _kernel(x, warps, 0, (("A_ROUTE", 1),) if route is not None else ())
     if fa is None:
         return None
     x = _act16(x)
-    rw = weights.to(torch.float32).contiguous()
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
     from ds4tp.kernels.triton_matvec import _iq2_grid64
     grid64 = _iq2_grid64(x.device)
-    ids64 = _ids64(ids)          # held until the launch is queued
     rpc = rpc or default_rpc(fa, N, T, x.device, warps)
     blocks = (N + rpc - 1) // rpc
     if sh is not None:            # the shared rows spread evenly over the blocks
@@ -139,10 +189,12 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
         tail = (_ptr(sh[0]), _ptr(sh[1]), _ptr(gu), np.int32(nsh), np.int32(-(-nsh // blocks)))
     else:
         tail = (_NULL, _NULL, _NULL, np.int32(0), np.int32(0))
+    if route is None:
+        route = (_NULL,) * 6 + (np.int32(0), np.float32(0.0), np.float32(0.0))
     _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail)
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route)
     return out if sh is None else (out, gu)
 
 

@@ -207,6 +207,116 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
     }
 }
 
+#ifndef A_ROUTE
+#define A_ROUTE 0               // gate/up compiled with the expert choice (route mode; the host's
+#endif                          // cuda_experts.swiglu_routed): 128 registers where 101 do without
+#define R_MAX_E 256             // experts the in-kernel choice holds (8 per lane)
+
+// A float's bits mapped so that unsigned order is float order (-0 counted as +0 by the caller).
+__device__ __forceinline__ unsigned ordered(float f) {
+    const unsigned b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ unsigned warp_max_u32(unsigned v) {
+#if __CUDA_ARCH__ >= 800
+    return __reduce_max_sync(FULL, v);
+#else
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(FULL, v, o));
+    return v;
+#endif
+}
+
+__device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
+#if __CUDA_ARCH__ >= 800
+    return __reduce_min_sync(FULL, v);
+#else
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(FULL, v, o));
+    return v;
+#endif
+}
+
+// One token's expert choice (ds4tp.model.route_select) from the router logits z [NE] (an earlier
+// kernel's output), in two parts. route_scores, by the whole block, one expert a thread: p =
+// sqrt(softplus(z)) into s_p, and p + bias as a key (its bits in unsigned order) into s_key.
+// route_pick, by one warp after the block's barrier: the K largest keys, descending, ties to the
+// lower expert id (two warp reductions a pick), or with tid2eid the ids of the token's row of
+// that table; weights = p of the chosen ids / max(their sum in slot order, floor) * scale. Lane
+// r < K returns slot r's id and weight. NE <= R_MAX_E.
+// The arithmetic is the choice's own launch's (kernels/triton_route.py) op for op, so that the
+// weights are bit-identical to its: exp as Triton lowers it (ex2.approx of z * log2(e) rounded),
+// log1p(y) = log(1 + y) * y / ((1 + y) - 1) (Kahan) with logf (libdevice's, as Triton's tl.log),
+// correctly rounded sqrt, division and products. With expf and log1pf instead the weights
+// differed in the last bit or two, and a 4-layer model's logits by ~1% after one step: the FP8
+// rounding of the KV rows turns a last-bit change into a step of the rounding grid
+// (bench/route_probe.py).
+// (One warp scoring all NE experts, eight a lane, before picking cost ~7 us a layer more than a
+// fixed choice and made the step slower than the choice's own launch, s25g; scored by the block,
+// the step is 2.9% / 1.7% faster than with that launch at TP=2 / TP=1, s26c, and within 1.8% of
+// a fixed choice, s25h.)
+__device__ __forceinline__ float ex2_approx(float x) {
+    float r;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void route_scores(const float* z, const float* __restrict__ bias, int NE,
+                                             float* s_p, unsigned* s_key) {
+    for (int e = threadIdx.x; e < NE; e += WARPS * 32) {
+        const float v = prior(z + e);
+        const float y = ex2_approx(__fmul_rn(v, __int_as_float(0x3FB8AA3B)));     // exp(v)
+        const float u = __fadd_rn(1.0f, y);
+        const float l1p = u == 1.0f ? y : __fmul_rn(logf(u), __fdiv_rn(y, __fsub_rn(u, 1.0f)));
+        const float sp = v > 20.0f ? v : (v < -20.0f ? y : l1p);
+        const float p = __fsqrt_rn(sp);
+        const float sc = bias != 0 ? __fadd_rn(p, __ldg(bias + e)) : p;
+        s_p[e] = p;
+        s_key[e] = ordered(__fadd_rn(sc, 0.0f));        // (-0 + 0 = +0: one key for zero)
+    }
+}
+
+__device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_key,
+                                           const long long* __restrict__ tid2eid, const long long* tok,
+                                           int K, int NE, float floor_, float scale, int lane,
+                                           long long& my_id, float& my_w) {
+    unsigned kj[R_MAX_E / 32];        // keys; 0 for none or taken (below every score)
+#pragma unroll
+    for (int j = 0; j < R_MAX_E / 32; j++) {
+        const int e = lane + 32 * j;
+        kj[j] = e < NE ? s_key[e] : 0u;
+    }
+    const long long row = tid2eid != 0 ? prior(tok) : 0;
+    long long id_r = 0;
+    float p_r = 0.0f, tot = 0.0f;
+    for (int r = 0; r < K; r++) {
+        int bi;
+        if (tid2eid != 0) {
+            bi = (int)__ldg(tid2eid + row * K + r);
+        } else {
+            unsigned bk = 0u;
+#pragma unroll
+            for (int j = 0; j < R_MAX_E / 32; j++) bk = max(bk, kj[j]);
+            const unsigned top = warp_max_u32(bk);
+            unsigned mine = 0xffffffffu;               // this lane's lowest id holding it
+#pragma unroll
+            for (int j = R_MAX_E / 32 - 1; j >= 0; j--) if (kj[j] == top) mine = lane + 32 * j;
+            bi = (int)warp_min_u32(mine);
+            if ((bi & 31) == lane) {
+#pragma unroll
+                for (int j = 0; j < R_MAX_E / 32; j++) if ((bi >> 5) == j) kj[j] = 0u;   // taken
+            }
+        }
+        const float ps = (bi >= 0 && bi < NE) ? s_p[bi] : 0.0f;   // (a hash id out of range: weight 0)
+        tot = __fadd_rn(tot, ps);                       // (slot order, as triton_route)
+        if (lane == r) { id_r = bi; p_r = ps; }
+    }
+    tot = fmaxf(tot, floor_);
+    my_id = id_r;
+    my_w = __fmul_rn(__fdiv_rn(p_r, tot), scale);
+}
+
 // mid[t, k, n] = swiglu_clamped(gate_e . x_t, up_e . x_t) * rw[t, k], e = ids[t, k]; zeros for
 // e < 0. Grid (cdiv(N, rpc), T); block = WARPS warps. The block quantises x_t, then its warps
 // take the (slot, row) items of rows n0 .. n0+rpc-1, slot-major: warp w items w, w+WARPS, ...
@@ -220,8 +330,13 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
 // them, the step was 0.9% slower at TP=2, s23i). Each warp's first shared row is loaded into
 // registers before the PDL wait, later ones into L2; x's Q8_0 comes from the same loads of x as
 // its Q8_K.
+// With logits (route mode), the block chooses token t's experts itself from its router logits
+// [T, NE] (route_scores by the block, route_pick by the last warp beside the others' quantisation of x; rbias, tid2eid
+// with the token ids tok as model.route_select takes them) instead of reading ids and rw, and
+// block (0, t) writes the choice to ids_out and rw_out [T, K] for the down kernel: the choice's
+// own launch goes. The first item's loads then wait for the prologue.
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
-// aligned.
+// aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
@@ -230,8 +345,20 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               float* __restrict__ out, const unsigned long long* __restrict__ grid_g,
               int N, int KB, int K, int rpc, float clamp,
               const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
-              float* __restrict__ ysh, int nsh, int rps) {
+              float* __restrict__ ysh, int nsh, int rps,
+              const float* logits, const float* __restrict__ rbias,
+              const long long* __restrict__ tid2eid, const long long* tok, long long* ids_out,
+              float* rw_out, int NE, float rfloor, float rscale) {
     __shared__ unsigned long long s_grid[256];
+    __shared__ long long s_ids[B_MAX_K];     // route mode: this token's choice
+    __shared__ float s_rw[B_MAX_K];
+#if A_ROUTE
+    __shared__ float s_rp[R_MAX_E];          // route mode: the experts' scores and keys
+    __shared__ unsigned s_rk[R_MAX_E];
+#else
+    float* s_rp = 0;
+    unsigned* s_rk = 0;
+#endif
     __shared__ __align__(16) signed char s_xq[A_MAX_KB * 256];
     __shared__ float s_xd[A_MAX_KB];
     __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
@@ -251,16 +378,39 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
     if (warp < nsh_b) q8_0_row_load(shr, sq, sd, sh0 + warp, KB / 2, lane);
     if (warp + WARPS < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp + WARPS, nsh_b - warp - WARPS, KB / 2, lane);
-    pdl_wait();                       // ids, rw and x are earlier kernels' outputs
+    pdl_wait();                       // ids, rw (or logits) and x are earlier kernels' outputs
+    const bool choose = A_ROUTE && logits != 0;
+    if (choose) {                     // (uniform over the block)
+        route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk);
+        __syncthreads();
+    }
+    if (choose && warp == WARPS - 1) {
+        long long id;
+        float wt;
+        route_pick(s_rp, s_rk, tid2eid, tok + t, K, NE, rfloor, rscale, lane, id, wt);
+        if (lane < K) {
+            if (id >= NE) id = -1;    // (a hash id out of range: no expert, where it would fault)
+            s_ids[lane] = id;
+            s_rw[lane] = wt;
+            if (blockIdx.x == 0) {
+                ids_out[t * K + lane] = id;
+                rw_out[t * K + lane] = wt;
+            }
+        }
+    }
 
-    // first item's loads go out before the prologue
+    // first item's loads go out before the prologue (in route mode, after it)
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
     // warp and shuffling them, which made the step 3.1% / 2.5% slower at TP=2 / TP=1, s22h)
     uint4 buf[A_MAX_V];
     int item = warp;
-    long long e = item < items ? prior(ids + t * K + item / rows) : -1;
-    int n = n0 + (item < items ? item % rows : 0);
-    if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
+    long long e = -1;
+    int n = n0;
+    if (!choose) {
+        e = item < items ? prior(ids + t * K + item / rows) : -1;
+        n = n0 + (item < items ? item % rows : 0);
+        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
+    }
 
     // x by two 16-byte loads per lane (prior): with eight 4-byte loads from L2 (.cg, as prior
     // was then), each asked L2 for the lane's 32 bytes again and the step was 1.4% / 2.0% slower
@@ -273,6 +423,11 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
     }
     __syncthreads();
+    if (choose) {
+        e = item < items ? s_ids[item / rows] : -1;
+        n = n0 + (item < items ? item % rows : 0);
+        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
+    }
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
         if (lane == 0) ysh[sh0 + warp] = y;
@@ -309,7 +464,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const long long ecur = e;
         const int ncur = n;
         const int nxt = item + WARPS;
-        e = nxt < items ? prior(ids + t * K + nxt / rows) : -1;
+        e = nxt >= items ? -1 : choose ? s_ids[nxt / rows] : prior(ids + t * K + nxt / rows);
         n = n0 + (nxt < items ? nxt % rows : 0);
         if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
         float mid = 0.0f;
@@ -331,7 +486,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             const float usum = warp_sum(au) * 0.125f;
             const float gc = fminf(gsum, clamp);
             const float uc = fminf(fmaxf(usum, -clamp), clamp);
-            mid = gc / (1.0f + expf(-gc)) * uc * prior(rw + t * K + k);
+            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();

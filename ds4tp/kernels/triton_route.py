@@ -9,6 +9,9 @@ three elementwise kernels per layer, plus an index kernel for the hash table.
 Same operations as the twin: softplus by its three branches, correctly rounded sqrt and division;
 exp and log1p may differ from torch's by an ulp. The k selections are exact (max, then the
 lowest index holding it), so ids only differ from the twin where scores tie within an ulp.
+The CUDA C choice inside the routed gate/up launch (experts.cu route_scores, route_pick) repeats
+this arithmetic op for op (exp as ex2.approx of z * log2(e), the Kahan log1p, the sum in slot
+order): its weights are bit-identical to these, which the graphs' bit-identity tests rely on.
 """
 from __future__ import annotations
 
@@ -42,12 +45,15 @@ def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, flo
     kk = tl.arange(0, KP)
     sel = tl.full([KP], 0, tl.int64)
     ps = tl.zeros([KP], tl.float32)
+    tot = tl.sum(ps, axis=0)                     # the chosen scores summed in slot order
     if HASH:
         tok = tl.load(tok_ptr)
         sel = tl.load(tid_ptr + tok * K + kk, mask=kk < K, other=0).to(tl.int64)
         for k in tl.static_range(K):
             i = tl.sum(tl.where(kk == k, sel, 0), axis=0)
-            ps = tl.where(kk == k, tl.sum(tl.where(e == i, p, 0.0), axis=0), ps)
+            pk = tl.sum(tl.where(e == i, p, 0.0), axis=0)            # (exact: one term)
+            ps = tl.where(kk == k, pk, ps)
+            tot += pk
     else:
         score = p
         if HAS_BIAS:
@@ -57,9 +63,11 @@ def _route_kernel(logit_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, NE, flo
             m = tl.max(score, axis=0)
             i = tl.min(tl.where(score == m, e, BE), axis=0)          # ties: the lower id
             sel = tl.where(kk == k, i.to(tl.int64), sel)
-            ps = tl.where(kk == k, tl.sum(tl.where(e == i, p, 0.0), axis=0), ps)
+            pk = tl.sum(tl.where(e == i, p, 0.0), axis=0)
+            ps = tl.where(kk == k, pk, ps)
+            tot += pk
             score = tl.where(e == i, float("-inf"), score)
-    tot = tl.maximum(tl.sum(tl.where(kk < K, ps, 0.0), axis=0), floor)
+    tot = tl.maximum(tot, floor)
     w = tl.math.div_rn(ps, tl.broadcast_to(tot, ps.shape)) * scale
     tl.store(ids_ptr + kk, sel, mask=kk < K)
     tl.store(w_ptr + kk, w, mask=kk < K)
