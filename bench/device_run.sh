@@ -179,6 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s26e: session 26 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
 #   s26d: session 26, one GPU: the routed twins, the CUDA C twins and graph tests, the race probe
 #         at TP=2 and TP=1 (1,000 checked replays each), CUDA goldens at TP=1 through the graphs
 #   s26c: as s26b after the choice's inputs are read in place (the hash table contiguous at load)
@@ -1125,6 +1126,8 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s26e ]; then
+  bench_goldens
 elif [ "$MODE" = s26d ]; then
   new_twins 90 "routed"
   gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
