@@ -480,9 +480,9 @@ def test_expert_choice_in_the_gate_up_launch_on_cuda():
     """The expert choice made in the routed gate/up launch (cuda_experts.swiglu_routed) against
     its own launch (triton_route), whose arithmetic it repeats op for op: graph-replayed logits
     of a 4-layer full-width model (3 hash layers, 1 chosen by score) over 12 tokens bit-identical
-    with PDL on, PDL off and the choice in its own launch. (Close is not enough here: a last-bit
-    change of a weight moves these logits by ~1% after one step through the FP8 rounding of the
-    KV rows, bench/route_probe.py.)"""
+    with PDL on, PDL off and the choice in its own launch. (Close is not enough here: every
+    weight one ulp up moves these logits by ~1% after one step, bench/route_probe.py; the model
+    rounds its KV rows to FP8, where a last-bit change can cross a rounding step.)"""
     from ds4tp.kernels import cuda_experts
     if not cuda_experts.available():
         pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")

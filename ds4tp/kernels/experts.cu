@@ -249,9 +249,9 @@ __device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
 // weights are bit-identical to its: exp as Triton lowers it (ex2.approx of z * log2(e) rounded),
 // log1p(y) = log(1 + y) * y / ((1 + y) - 1) (Kahan) with logf (libdevice's, as Triton's tl.log),
 // correctly rounded sqrt, division and products. With expf and log1pf instead the weights
-// differed in the last bit or two, and a 4-layer model's logits by ~1% after one step: the FP8
-// rounding of the KV rows turns a last-bit change into a step of the rounding grid
-// (bench/route_probe.py).
+// differed in the last bit or two, and a 4-layer model's logits by ~1% after one step, as much
+// as every weight one ulp up moves them (bench/route_probe.py; rounding steps such as the KV
+// rows' FP8 can turn a last-bit change into a step of their grid).
 // (One warp scoring all NE experts, eight a lane, before picking cost ~7 us a layer more than a
 // fixed choice and made the step slower than the choice's own launch, s25g; scored by the block,
 // the step is 2.9% / 1.7% faster than with that launch at TP=2 / TP=1, s26c, and within 1.8% of
