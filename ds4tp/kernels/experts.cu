@@ -229,13 +229,7 @@ __device__ __forceinline__ unsigned warp_max_u32(unsigned v) {
 }
 
 __device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
-#if __CUDA_ARCH__ >= 800
-    return __reduce_min_sync(FULL, v);
-#else
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(FULL, v, o));
-    return v;
-#endif
+    return ~warp_max_u32(~v);         // (complement reverses unsigned order)
 }
 
 // One token's expert choice (ds4tp.model.route_select) from the router logits z [NE] (an earlier
