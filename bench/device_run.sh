@@ -179,6 +179,8 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s26g: session 26, one GPU: the choice picked by every warp (A_PICK_ALL): the routed twins under
+#         it, replay A/B at TP=2 and 1 (base, pick_all), the race probe under it at TP=2
 #   s26f: session 26, two GPUs: after warp_min_u32 became ~warp_max_u32(~v), the routed twins and
 #         the graph tests of the choice; the served path (full-size synthetic GGUF, ds4tp launch)
 #   s26e: session 26 closing run, two GPUs: the TP=2,1 bench and CUDA goldens through the graphs
@@ -1128,6 +1130,10 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s26g ]; then
+  variant_twins "routed" "()" "(('A_PICK_ALL', 1),)"
+  replay_ab base,pick_all "the choice picked by every warp"
+  race_probe 60 --replays 1000 --check --define A_PICK_ALL=1
 elif [ "$MODE" = s26f ]; then
   new_twins 90 "routed"
   gate_tests 120 "gate_up_launch or riding or pdl" tests/test_decode_graph.py
