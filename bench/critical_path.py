@@ -61,9 +61,6 @@ VARIANTS = {
     # gate/up launch (cuda_experts.swiglu_routed); s25g/s25h also timed that launch with a fixed
     # choice (experts.cu A_ROUTE_CHEAP, timing only, removed)
     "route_own": (cuda_experts.set_route_enabled,),
-    # (session 26) the choice in the gate/up launch picked by every warp for itself, each loading
-    # its first rows before quantising x (experts.cu A_PICK_ALL), not by one warp beside them
-    "pick_all": ((cuda_c, "VARIANT_DEFINES", (("A_PICK_ALL", 1),)),),
 }
 
 

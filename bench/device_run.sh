@@ -179,7 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
-#   s26g: session 26, one GPU: the choice picked by every warp (A_PICK_ALL): the routed twins under
+#   s26g (at 5e5eee8, its variant removed after): session 26, one GPU: the choice picked by every warp (A_PICK_ALL): the routed twins under
 #         it, replay A/B at TP=2 and 1 (base, pick_all), the race probe under it at TP=2
 #   s26f: session 26, two GPUs: after warp_min_u32 became ~warp_max_u32(~v), the routed twins and
 #         the graph tests of the choice; the served path (full-size synthetic GGUF, ds4tp launch)

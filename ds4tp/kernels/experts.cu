@@ -211,9 +211,6 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
 #define A_ROUTE 0               // gate/up compiled with the expert choice (route mode; the host's
 #endif                          // cuda_experts.swiglu_routed): 128 registers where 101 do without
 #define R_MAX_E 256             // experts the in-kernel choice holds (8 per lane)
-#ifndef A_PICK_ALL
-#define A_PICK_ALL 0            // route mode: every warp picks for itself and loads its first
-#endif                          // rows before quantising x (variant pick_all, timed in s26g)
 
 // A float's bits mapped so that unsigned order is float order (-0 counted as +0 by the caller).
 __device__ __forceinline__ unsigned ordered(float f) {
@@ -347,8 +344,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               const long long* __restrict__ tid2eid, const long long* tok, long long* ids_out,
               float* rw_out, int NE, float rfloor, float rscale) {
     __shared__ unsigned long long s_grid[256];
-    __shared__ long long s_ids[A_PICK_ALL ? WARPS : 1][B_MAX_K];   // route mode: this token's
-    __shared__ float s_rw[A_PICK_ALL ? WARPS : 1][B_MAX_K];        // choice (a copy per warp)
+    __shared__ long long s_ids[B_MAX_K];     // route mode: this token's choice
+    __shared__ float s_rw[B_MAX_K];
 #if A_ROUTE
     __shared__ float s_rp[R_MAX_E];          // route mode: the experts' scores and keys
     __shared__ unsigned s_rk[R_MAX_E];
@@ -381,21 +378,19 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk);
         __syncthreads();
     }
-    const int pw = A_PICK_ALL ? warp : 0;               // this warp's copy of the choice
-    if (choose && (A_PICK_ALL || warp == WARPS - 1)) {
+    if (choose && warp == WARPS - 1) {
         long long id;
         float wt;
         route_pick(s_rp, s_rk, tid2eid, tok + t, K, NE, rfloor, rscale, lane, id, wt);
         if (lane < K) {
             if (id >= NE) id = -1;    // (a hash id out of range: no expert, where it would fault)
-            s_ids[pw][lane] = id;
-            s_rw[pw][lane] = wt;
-            if (blockIdx.x == 0 && warp == WARPS - 1) {
+            s_ids[lane] = id;
+            s_rw[lane] = wt;
+            if (blockIdx.x == 0) {
                 ids_out[t * K + lane] = id;
                 rw_out[t * K + lane] = wt;
             }
         }
-        __syncwarp();
     }
 
     // first item's loads go out before the prologue (in route mode, after it)
@@ -405,8 +400,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     int item = warp;
     long long e = -1;
     int n = n0;
-    if (!choose || A_PICK_ALL) {
-        e = item >= items ? -1 : choose ? s_ids[pw][item / rows] : prior(ids + t * K + item / rows);
+    if (!choose) {
+        e = item < items ? prior(ids + t * K + item / rows) : -1;
         n = n0 + (item < items ? item % rows : 0);
         if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
     }
@@ -422,8 +417,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
     }
     __syncthreads();
-    if (choose && !A_PICK_ALL) {
-        e = item < items ? s_ids[0][item / rows] : -1;
+    if (choose) {
+        e = item < items ? s_ids[item / rows] : -1;
         n = n0 + (item < items ? item % rows : 0);
         if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
     }
@@ -463,7 +458,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const long long ecur = e;
         const int ncur = n;
         const int nxt = item + WARPS;
-        e = nxt >= items ? -1 : choose ? s_ids[pw][nxt / rows] : prior(ids + t * K + nxt / rows);
+        e = nxt >= items ? -1 : choose ? s_ids[nxt / rows] : prior(ids + t * K + nxt / rows);
         n = n0 + (nxt < items ? nxt % rows : 0);
         if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
         float mid = 0.0f;
@@ -485,7 +480,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             const float usum = warp_sum(au) * 0.125f;
             const float gc = fminf(gsum, clamp);
             const float uc = fminf(fmaxf(usum, -clamp), clamp);
-            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[pw][k] : prior(rw + t * K + k));
+            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
