@@ -272,8 +272,9 @@ __device__ __forceinline__ void route_scores(const float* z, const float* __rest
 }
 
 __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_key,
-                                           const long long* __restrict__ tid2eid, const long long* tok,
-                                           int K, int NE, float floor_, float scale, int lane,
+                                           const long long* __restrict__ tid2eid,
+                                           const long long* tok, int K, int NE, float floor_,
+                                           float scale, int lane,
                                            long long& my_id, float& my_w) {
     unsigned kj[R_MAX_E / 32];        // keys; 0 for none or taken (below every score)
 #pragma unroll
@@ -302,7 +303,7 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
                 for (int j = 0; j < R_MAX_E / 32; j++) if ((bi >> 5) == j) kj[j] = 0u;   // taken
             }
         }
-        const float ps = (bi >= 0 && bi < NE) ? s_p[bi] : 0.0f;   // (a hash id out of range: weight 0)
+        const float ps = (bi >= 0 && bi < NE) ? s_p[bi] : 0.0f;   // (a hash id out of range: 0)
         tot = __fadd_rn(tot, ps);                       // (slot order, as triton_route)
         if (lane == r) { id_r = bi; p_r = ps; }
     }
@@ -325,10 +326,11 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
 // registers before the PDL wait, later ones into L2; x's Q8_0 comes from the same loads of x as
 // its Q8_K.
 // With logits (route mode), the block chooses token t's experts itself from its router logits
-// [T, NE] (route_scores by the block, route_pick by the last warp beside the others' quantisation of x; rbias, tid2eid
-// with the token ids tok as model.route_select takes them) instead of reading ids and rw, and
-// block (0, t) writes the choice to ids_out and rw_out [T, K] for the down kernel: the choice's
-// own launch goes. The first item's loads then wait for the prologue.
+// [T, NE] (route_scores by the block, then route_pick by the last warp while the others quantise
+// x; rbias, tid2eid with the token ids tok as model.route_select takes them) instead of reading
+// ids and rw, and block (0, t) writes the choice to ids_out and rw_out [T, K] for the down
+// kernel: the choice's own launch goes. The first item's loads then wait for the prologue (every
+// warp picking for itself and loading its first rows before quantising x was no faster, s26g).
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
