@@ -179,6 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s26h: session 26, one GPU: every CUDA C twin and CUDA graph test on the final code
 #   s26g (at 5e5eee8, its variant removed after): session 26, one GPU: the choice picked by every warp (A_PICK_ALL): the routed twins under
 #         it, replay A/B at TP=2 and 1 (base, pick_all), the race probe under it at TP=2
 #   s26f: session 26, two GPUs: after warp_min_u32 became ~warp_max_u32(~v), the routed twins and
@@ -1130,6 +1131,8 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s26h ]; then
+  gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s26g ]; then
   variant_twins "routed" "()" "(('A_PICK_ALL', 1),)"
   replay_ab base,pick_all "the choice picked by every warp"
