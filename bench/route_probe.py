@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     m = build_model(C.Shape(n_layer=4), 0, 1, SingleComm(), "cuda:0")
-    for lw in m.w.layers if hasattr(m, "w") else []:
+    for lw in m.w.layers:
         t = lw.tid2eid
         print(f"layer {lw.il}: tid2eid {None if t is None else (t.dtype, tuple(t.shape), t.stride(), t.is_contiguous())}"
               f" bias {None if lw.router_bias is None else tuple(lw.router_bias.shape)}")

@@ -134,7 +134,7 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
             and logits.dim() == 2 and logits.device == x.device and logits.is_contiguous()):
         return None
     T, ne = logits.shape
-    if ne > R_MAX_E or not 1 <= k <= min(B_MAX_K, ne) or w_gate.shape[0] != ne or x.dim() != 2 or x.shape[0] != T:
+    if ne > R_MAX_E or not 1 <= k <= ne or w_gate.shape[0] != ne:   # (_common: T, k, x's shape)
         return None
     if bias is not None and (bias.shape != (ne,) or bias.dtype != torch.float32 or bias.device != x.device
                              or not bias.is_contiguous()):
