@@ -179,6 +179,10 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s27c: session 27, two GPUs: the within-host all-reduce's variants (bench/allreduce_ab.py)
+#   s27b: session 27, two GPUs: the within-host all-reduce (twin test, TP=2 bench A/B against
+#         NCCL with the logits compared, TP=2 goldens)
+#   s27a: session 27, one GPU: where the device sampler's GPU time goes (bench/sampler_bench.py)
 #   s26h: session 26, one GPU: every CUDA C twin and CUDA graph test on the final code
 #   s26g (at 5e5eee8, its variant removed after): session 26, one GPU: the choice picked by every warp (A_PICK_ALL): the routed twins under
 #         it, replay A/B at TP=2 and 1 (base, pick_all), the race probe under it at TP=2
@@ -302,6 +306,9 @@ for t in (2, 1):    # a run cut short left its partial file
 for name, r in runs.items():
     print(name, {k: round(v["tok_s"], 1) for k, v in r.items() if isinstance(v, dict) and "tok_s" in v})
     print(name, "copy", r.get("copy_bw_GBs"), "collectives", r.get("collectives"))
+    if "collectives_nccl" in r or r.get("peer_all_reduce") not in (None, "on"):
+        print(name, "peer all-reduce", r.get("peer_all_reduce"), "NCCL collectives", r.get("collectives_nccl"),
+              "logits equal to NCCL's", r.get("peer_logits_equal_nccl"))
     print(name, "profile", r.get("profile"), "spark", r.get("spark_projection"), "wall", r.get("wall_s"))
     if "prefill" in r:
         print(name, "prefill host / all seconds", r["prefill"].get("host_seconds"), r["prefill"]["all_seconds"])
@@ -1131,6 +1138,22 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s27c ]; then
+  log "within-host all-reduce: twin test, then its variants against NCCL (bench/allreduce_ab.py)"
+  timeout 200 python3 -m pytest -q tests/test_tp.py -k "within_host" 2>&1 | tail -3
+  timeout 400 python3 bench/allreduce_ab.py --out "$OUT/allreduce_ab.json" 2>&1 | tail -60
+elif [ "$MODE" = s27b ]; then
+  log "within-host all-reduce: its twin test against NCCL (two GPUs), the PTX check"
+  timeout 200 python3 -m pytest -q tests/test_tp.py -k "within_host" tests/test_ptx_loads.py 2>&1 | tail -3
+  log "bench, 43 layers, TP=2, depth 0, prefill 2048: peer all-reduce against NCCL in the same run"
+  timeout 300 python3 -m ds4tp bench --tp 2 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  golden 2 static 90
+elif [ "$MODE" = s27a ]; then
+  log "sampler: where sample_device's GPU time goes"
+  timeout 200 python3 bench/sampler_bench.py --json "$OUT/sampler.json" 2>&1 | tail -80
+  timeout 120 python3 -m pytest -q tests/test_sampling.py 2>&1 | tail -3
 elif [ "$MODE" = s26h ]; then
   gate_tests 240 "cuda_c or on_cuda" tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s26g ]; then

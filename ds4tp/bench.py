@@ -216,6 +216,19 @@ def time_decode(model, depth: int, steps: int, max_ctx: int, warm: int = 8,
     return res
 
 
+def decode_logits(model, steps: int, max_ctx: int = 256) -> torch.Tensor:
+    """[steps, V] logits of a greedy decode through the graphs after a one-token prompt."""
+    from ds4tp.decode_graph import StaticDecoder
+    dec = StaticDecoder(model, max_ctx=max_ctx)
+    dec.load_session(prefilled(model, 1))
+    tok, out = 11, []
+    for _ in range(steps):
+        lg = dec.step(tok).clone()
+        out.append(lg)
+        tok = int(lg.argmax())
+    return torch.stack(out)
+
+
 def time_collectives(comm, shape, dev, iters=50) -> dict:
     """One decoded token's collectives alone: 2 all-reduces of E floats per layer + the logits
     gather, eager (the way a replayed graph issues them)."""
@@ -249,6 +262,9 @@ WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_ex
                   "iq2xxs_swiglu_mma", "iq2xxs_slots_mma", "q2k_slots_mma"}   # (a prefill's)
 
 
+COLLECTIVE_KERNELS = {"ar2_sum"}     # kernels.cuda_allreduce: the within-host all-reduce
+
+
 def profile_split(model, max_ctx: int = 256) -> dict:
     """GPU time of one eager decode step, split into the weight matvec kernels (our Triton
     kernels that stream weights) and everything else (small fused ops, attention, copies).
@@ -278,7 +294,7 @@ def profile_split(model, max_ctx: int = 256) -> dict:
         name = ev.key
         if name in WEIGHT_KERNELS:                       # ds4tp.kernels that stream weights
             mv += t
-        elif name.startswith("nccl"):                    # collectives (waits included): not ours
+        elif name.startswith("nccl") or name in COLLECTIVE_KERNELS:   # collectives (waits included)
             continue
         elif not name.startswith("aten::") and not name.startswith("cuda"):
             other += t
@@ -450,6 +466,19 @@ def _bench_rank(comm, dev, cfg):
     save()
     res["decode_d0_chained"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
+    # the within-host all-reduce (kernels.cuda_allreduce, on where two ranks share a host)
+    # against NCCL's in the same run, and the logits of both bit for bit
+    peer = getattr(comm, "peer", None)
+    res["peer_all_reduce"] = "on" if peer is not None else getattr(comm, "peer_why", None)
+    if peer is not None:
+        peer.on = False
+        res["collectives_nccl"] = time_collectives(comm, shape, dev)
+        res["decode_d0_nccl"] = time_decode(model, 1, steps, max_ctx=256)
+        res["decode_d0_chained_nccl"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+        ref = decode_logits(model, 8)
+        peer.on = True
+        res["peer_logits_equal_nccl"] = bool(torch.equal(decode_logits(model, 8), ref))
+        save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
     from ds4tp import decode_graph
     with _switched_off(decode_graph.set_mix_side_enabled):

@@ -48,16 +48,22 @@ class SingleComm:
 
 
 class DistComm:
-    """torch.distributed collectives over one process group (sum all-reduce, concat all-gather)."""
+    """torch.distributed collectives over one process group (sum all-reduce, concat all-gather).
+    With `peer` (two ranks of one host, ds4tp.kernels.cuda_allreduce), the all-reduces it takes
+    go through the ranks' memory in one kernel instead of NCCL; `peer_why` says why not if not."""
 
-    def __init__(self, rank: int, world: int, backend: str, timeout_s: float):
+    def __init__(self, rank: int, world: int, backend: str, timeout_s: float, peer=None,
+                 peer_why: str | None = None):
         self.rank, self.world, self.backend = rank, world, backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.counter = Counter()
+        self.peer, self.peer_why = peer, peer_why
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
         self.counter.add("all_reduce")
+        if self.peer is not None and self.peer.takes(x):
+            return self.peer.all_reduce(x)
         try:
             dist.all_reduce(x)
         except Exception as e:  # gloo: peer closed / timeout; nccl: watchdog / timeout
@@ -84,6 +90,9 @@ class DistComm:
 
     def close(self) -> None:
         import torch.distributed as dist
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -114,11 +123,13 @@ def nccl_defaults(env=None) -> dict:
 
 def init_dist(rank: int | None = None, world: int | None = None, *, device: str = "cpu",
               master_addr: str | None = None, master_port: int | None = None,
-              timeout_s: float = 60.0):
+              timeout_s: float = 60.0, peer_all_reduce: bool | None = None):
     """Join the process group. Arguments default to the torchrun environment variables.
 
     Returns SingleComm for world 1. Raises CommError naming the problem if the rendezvous does
-    not complete within timeout_s (a peer that never joins).
+    not complete within timeout_s (a peer that never joins). peer_all_reduce: two CUDA ranks of
+    one host sum small tensors through each other's memory (ds4tp.kernels.cuda_allreduce)
+    where that works on both; None: on unless DS4TP_PEER_ALLREDUCE=0.
     """
     import torch.distributed as dist
 
@@ -149,7 +160,20 @@ def init_dist(rank: int | None = None, world: int | None = None, *, device: str 
     except Exception as e:
         raise CommError(f"rank {rank}/{world}: could not join the process group at {addr}:{port} "
                         f"within {timeout_s:.0f}s ({backend}): {e}") from e
-    return DistComm(rank, world, backend, timeout_s)
+    peer, why = None, "not a CUDA process group"
+    if backend == "nccl":
+        if peer_all_reduce is None:
+            peer_all_reduce = env.get("DS4TP_PEER_ALLREDUCE", "1") != "0"
+        why = "switched off (DS4TP_PEER_ALLREDUCE=0)"
+        if peer_all_reduce:
+            from ds4tp.kernels import cuda_allreduce
+
+            def gather(obj):
+                got = [None] * world
+                dist.all_gather_object(got, obj)
+                return got
+            peer, why = cuda_allreduce.connect(rank, world, torch.device(device), gather, timeout_s)
+    return DistComm(rank, world, backend, timeout_s, peer, why)
 
 
 # ---- running N ranks on this host (eval --tp, tests) ----------------------------------------

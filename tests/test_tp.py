@@ -209,6 +209,55 @@ def test_all_gather_concatenates_in_rank_order_along_any_dim():
         assert torch.equal(t, torch.cat(parts, dim=d)), d
 
 
+def _peer_rank(comm, dev):
+    """The within-host all-reduce (kernels.cuda_allreduce) against NCCL's on the same inputs:
+    eager over sizes and magnitudes, then captured in a CUDA graph between other kernels and
+    replayed on fresh inputs; NCCL's results as the reference, eager, after each replay."""
+    import torch.distributed as dist
+    assert comm.peer is not None, comm.peer_why
+    g = torch.Generator(device=dev).manual_seed(1000 + comm.rank)     # each rank's own values
+    equal, taken = [], []
+    for n in (4, 12, 4096, 8192, 16384, 65536, 6):                    # 6: not a multiple of 4
+        for scale in (1e-3, 1.0, 1e4):
+            x = torch.randn(n, generator=g, device=dev) * scale
+            ref = x.clone()
+            dist.all_reduce(ref)
+            taken.append(comm.peer.takes(x))
+            got = comm.all_reduce(x)
+            equal.append(bool(torch.equal(got, ref)))
+    x = torch.zeros(1, 4096, device=dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):                                     # warm-up, as the decoder's
+        a = comm.all_reduce(x * 2.0)
+        b = comm.all_reduce(a.tanh() + x)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a = comm.all_reduce(x * 2.0)
+        b = comm.all_reduce(a.tanh() + x)
+    for _ in range(20):
+        x.copy_(torch.randn(1, 4096, generator=g, device=dev))
+        graph.replay()
+        torch.cuda.synchronize(dev)            # (no eager NCCL call while a graph runs)
+        ra = x * 2.0
+        dist.all_reduce(ra)
+        rb = ra.tanh() + x
+        dist.all_reduce(rb)
+        equal.append(bool(torch.equal(a, ra) and torch.equal(b, rb)))
+    return equal, taken
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (the within-host all-reduce)")
+def test_within_host_all_reduce_gives_nccls_bits():
+    """Two ranks of one host sum through each other's memory in one kernel (cuda_allreduce);
+    its twin is NCCL's all-reduce, and for two ranks the sums are the same bits (a + b = b + a):
+    eager at every size it takes, and replayed from a CUDA graph on fresh inputs."""
+    equal, taken = run_local_ranks(2, _peer_rank, device="cuda")
+    assert all(equal), equal
+    assert taken == [True] * 18 + [False] * 3, taken          # 6 elements: NCCL's
+
+
 def test_nccl_defaults_fill_only_what_is_unset():
     """The NCCL settings init_dist applies before the communicator exists; an operator's own
     value (environment file, shell) wins."""

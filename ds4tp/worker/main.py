@@ -67,6 +67,10 @@ def load(node: WorkerNode, args, device: str) -> None:
         comm = init_dist(node.rank, node.world, device=device, master_addr=args.master_addr,
                          master_port=args.master_port, timeout_s=PG_TIMEOUT_S)
         node.backend = getattr(comm, "backend", "")
+        if comm.world > 1:
+            log(f"rank {node.rank}: small all-reduces "
+                + ("through peer memory (one host)" if getattr(comm, "peer", None) is not None
+                   else f"on {node.backend} (peer memory: {getattr(comm, 'peer_why', None)})"))
         node.joined(agree_group_id(comm, device))
         log(f"rank {node.rank}/{node.world}: joined group {node.group_id:x}, loading {args.model}")
         from ds4tp.model import DS4Model

@@ -1,0 +1,131 @@
+"""The within-host all-reduce: two ranks on one host sum a float32 tensor through each other's
+memory (allreduce.cu, one kernel launch), where NCCL takes a kernel of its own plus its protocol.
+
+This is the option beside NCCL for two GPUs of one machine (peer access over NVLink or PCIe). Two
+nodes (two Sparks over RoCE) keep NCCL: a CUDA IPC handle means nothing on another host.
+ds4tp.comm.DistComm uses it for the tensors `PeerAllReduce.takes` (float32, contiguous, 16-byte
+aligned, a multiple of 4 elements, at most SLOT_BYTES: a decode step's all-reduces) and NCCL for
+the rest (a prefill's [T, 4096] outputs), a choice both ranks make alike from the shape alone.
+
+Its twin is NCCL's all-reduce: for two ranks both compute one addition per element, a + b on one
+rank and b + a on the other, which IEEE arithmetic makes equal, so the results are the same bits
+(tests/test_tp.py, with two GPUs).
+
+The kernel launches like the other CUDA C kernels (cuda_c.launch: torch's current stream, so CUDA
+graphs capture it; a programmatic dependent launch on sm_90, so the kernel after it starts its
+weight loads while it waits for the peer). `connect` sets it up collectively: every rank
+allocates its buffer and exports an IPC handle, all exchange them, each opens its peer's, and it
+is used only if that worked on both ranks (otherwise both keep NCCL, with the reason).
+"""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import torch
+
+from ds4tp.kernels import cuda_c
+
+SLOT_BYTES = 256 << 10     # the largest tensor taken (a decode step's all-reduces: 16 KB; the
+                           # indexer's scores: 4 bytes per compressed row, 64 KB at 65,536 tokens)
+_FLAGS = 2 * SLOT_BYTES    # byte offset of the two flag words in a rank's buffer
+_BYTES = _FLAGS + 256
+_THREADS_WARPS = 16        # one block of 512 threads
+_IPC_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+
+
+def host_id() -> str:
+    """This host's identity for 'same machine': hostname and boot id (containers on two nodes
+    may share a hostname, not a boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+class PeerAllReduce:
+    """One rank's side of the within-host all-reduce of two ranks (see the module docstring).
+    `on` switches it off for an A/B timing in the same run (both ranks must switch alike)."""
+
+    def __init__(self, rank: int, device: torch.device, mine: int, peer: int, timeout_s: float):
+        self.rank, self.device = rank, device
+        self._mine, self._peer = mine, peer            # buffer addresses: own, peer's (mapped)
+        self.ctr = torch.zeros(1, dtype=torch.int64, device=device)   # all-reduces made so far
+        self.timeout_ns = np.uint64(int(timeout_s * 1e9))
+        self.on = True
+        self.fn = cuda_c.kernel("allreduce.cu", "ar2_sum", device.index)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return (self.on and self.fn is not None and x.is_cuda and x.device == self.device
+                and x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 4 == 0
+                and 0 < 4 * x.numel() <= SLOT_BYTES and x.data_ptr() % 16 == 0)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over both ranks, in place (takes(x) holds)."""
+        u64 = np.uint64
+        args = (cuda_c.ptr(x), np.int64(x.numel()), u64(self._peer), u64(self._mine),
+                np.int64(SLOT_BYTES // 4), u64(self._peer + _FLAGS), u64(self._mine + _FLAGS),
+                cuda_c.ptr(self.ctr), self.timeout_ns)
+        cuda_c.launch(self.fn, self.device, (1,), _THREADS_WARPS, args)
+        return x
+
+    def close(self) -> None:
+        cp = cuda_c._cupy()
+        if cp is None or self._mine is None:
+            return
+        try:
+            with cp.cuda.Device(self.device.index):
+                torch.cuda.synchronize(self.device)
+                cp.cuda.runtime.ipcCloseMemHandle(self._peer)
+                cp.cuda.runtime.free(self._mine)
+        except Exception:
+            pass
+        self._mine = self._peer = None
+
+
+def connect(rank: int, world: int, device: torch.device, gather, timeout_s: float):
+    """(PeerAllReduce or None, why not). Collective: every rank calls it, and `gather(obj)`
+    returns every rank's obj in rank order (torch.distributed.all_gather_object)."""
+    cp = cuda_c._cupy()
+    why = None
+    if world != 2:
+        why = f"{world} ranks (it takes two)"
+    elif device.type != "cuda" or cp is None:
+        why = "no CUDA or no CuPy"
+    elif cuda_c.kernel("allreduce.cu", "ar2_sum", device.index) is None:
+        why = "allreduce.cu did not compile"
+    mine, handle = None, None
+    if why is None:
+        try:
+            with cp.cuda.Device(device.index):
+                mine = cp.cuda.runtime.malloc(_BYTES)
+                cp.cuda.runtime.memset(mine, 0, _BYTES)
+                cp.cuda.runtime.deviceSynchronize()
+                handle = bytes(cp.cuda.runtime.ipcGetMemHandle(mine))
+        except Exception as e:
+            why = f"IPC export failed: {e}"
+    infos = gather((host_id(), handle, why))
+    hosts = {h for h, _, _ in infos}
+    bad = [f"rank {r}: {w}" for r, (_, _, w) in enumerate(infos) if w]
+    if not bad and len(hosts) > 1:
+        bad = [f"ranks on {len(hosts)} hosts"]
+    peer = None
+    if not bad:
+        try:
+            with cp.cuda.Device(device.index):
+                peer = cp.cuda.runtime.ipcOpenMemHandle(infos[1 - rank][1], _IPC_LAZY_PEER_ACCESS)
+        except Exception as e:
+            bad = [f"rank {rank}: IPC open failed: {e}"]
+    oks = gather(bad[0] if bad else None)
+    bad = [w for w in oks if w] or bad
+    if bad:
+        if cp is not None:
+            with cp.cuda.Device(device.index):
+                if peer is not None:
+                    cp.cuda.runtime.ipcCloseMemHandle(peer)
+                if mine is not None:
+                    cp.cuda.runtime.free(mine)
+        return None, "; ".join(bad)
+    return PeerAllReduce(rank, device, mine, peer, timeout_s), None
