@@ -179,6 +179,7 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s27d: session 27, one GPU: the sampler's draw in CUDA C (twin tests, timings against the twin)
 #   s27c: session 27, two GPUs: the within-host all-reduce's variants (bench/allreduce_ab.py)
 #   s27b: session 27, two GPUs: the within-host all-reduce (twin test, TP=2 bench A/B against
 #         NCCL with the logits compared, TP=2 goldens)
@@ -1138,6 +1139,10 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s27d ]; then
+  log "sampler on CUDA C (kernels.cuda_sample): twin tests, PTX check, then timings against the twin"
+  timeout 300 python3 -m pytest -q tests/test_sampling.py tests/test_ptx_loads.py 2>&1 | tail -4
+  timeout 200 python3 bench/sampler_bench.py --json "$OUT/sampler.json" 2>&1 | grep -v "^ *\"host\"\|^ *\"gpu\"" | tail -60
 elif [ "$MODE" = s27c ]; then
   log "within-host all-reduce: twin test, then its variants against NCCL (bench/allreduce_ab.py)"
   timeout 200 python3 -m pytest -q tests/test_tp.py -k "within_host" 2>&1 | tail -3

@@ -2,9 +2,12 @@
 
 The served path queues a sampled request's sample between two decode graph steps, so its GPU
 time adds to every sampled token (~0.3 ms at TP=2 in s26f: 222.0 sampled against 237.8 greedy).
-This times, back to back on the GPU (CUDA events over many queued calls, no host waits between),
-sample_device for several parameter sets on vocabulary-sized logits, the pieces it is built
-from, and lists one call's kernels from torch.profiler.
+This times sample_device for several parameter sets on vocabulary-sized logits, with its draw
+on the CUDA C kernels (kernels.cuda_sample) and on their twin (_draw_torch), in the same run:
+queued back to back (CUDA events over many calls, no host waits between; where the host is
+slower than the GPU this is the host's time) and replayed from a CUDA graph (the GPU's own time,
+as when the served path queues it behind a decode step); then the pieces, and one call's
+kernels from torch.profiler.
 
     python bench/sampler_bench.py [--json out.json]
 """
@@ -49,6 +52,20 @@ def gpu_us(fn, reps: int = 100, warm: int = 5) -> float:
     return best
 
 
+def graph_us(fn) -> float:
+    """GPU time of fn() captured in a CUDA graph, replayed back to back."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return gpu_us(graph.replay)
+
+
 def host_us(fn, reps: int = 50) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -75,15 +92,23 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "vocab": VOCAB,
            "sample_device_us": {}, "pieces_us": {}}
+    from ds4tp.kernels import cuda_sample
+    res["graph_us"] = {}
     for kind in ("peaked", "flat"):
         x = logits_like(kind, g)
         for name, p in PARAMS.items():
-            step = [0]
+            for path in ("kernels", "twin"):        # kernels.cuda_sample, or _draw_torch
+                cuda_sample.set_enabled(path == "kernels")
+                step = [0]
 
-            def call():
-                step[0] += 1
-                sampling.sample_device(x, p, step[0])
-            res["sample_device_us"][f"{kind}/{name}"] = {"gpu": gpu_us(call), "host": host_us(call)}
+                def call():
+                    step[0] += 1
+                    sampling.sample_device(x, p, step[0])
+                key = f"{kind}/{name}/{path}"
+                res["sample_device_us"][key] = {"gpu": gpu_us(call), "host": host_us(call)}
+                # the GPU's own time: the same call replayed from a CUDA graph (no launch gaps)
+                res["graph_us"][key] = graph_us(lambda: sampling.sample_device(x, p, 7))
+    cuda_sample.set_enabled(True)
     x = logits_like("peaked", g)
     x64 = x.double()
     pieces = {
@@ -103,19 +128,9 @@ def main() -> int:
     }
     for name, fn in pieces.items():
         res["pieces_us"][name] = gpu_us(fn)
-    # the same call captured in a CUDA graph (its parameters and u baked in): what launches cost
-    p = PARAMS["T0.7_top_p0.9"]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            sampling.sample_device(x, p, 7)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sampling.sample_device(x, p, 7)
-    res["graph_T0.7_top_p0.9_us"] = gpu_us(graph.replay)
+    res["pieces_graph_us"] = {k: graph_us(pieces[k]) for k in ("sort_f64_stable", "sort_f32_stable")}
     # one call's kernels
+    p = PARAMS["T0.7_top_p0.9"]
     from torch.profiler import ProfilerActivity, profile
     sampling.sample_device(x, p, 3)
     torch.cuda.synchronize()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
-SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu")
+SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
              "rbias", "tid2eid"}                                   # the router's bias, hash table
@@ -213,11 +213,13 @@ extern "C" __global__ void probe(const float* __restrict__ w, const float* __res
 
 
 def test_every_cuda_c_kernel_counts_as_a_weight_kernel_in_the_bench_profile():
-    """Every CUDA C kernel but the within-host all-reduce (a collective) streams weights, so
-    ds4tp.bench's step profile (and the Spark projection built on it) must count its time with
-    the matvec kernels: the router's f16_matvec was left out once, and the projection read 17.5
-    tok/s where 16.9 was right."""
+    """Every CUDA C kernel but the within-host all-reduce (a collective) and the sampler's draw
+    (after the step) streams weights, so ds4tp.bench's step profile (and the Spark projection
+    built on it) must count its time with the matvec kernels: the router's f16_matvec was left
+    out once, and the projection read 17.5 tok/s where 16.9 was right."""
     from ds4tp.bench import COLLECTIVE_KERNELS, WEIGHT_KERNELS
     names = {n for src in SOURCES for n in kernel_params((KDIR / src).read_text())}
     assert {"iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec", "f16_matvec", "ar2_sum"} <= names
-    assert names - COLLECTIVE_KERNELS <= WEIGHT_KERNELS, sorted(names - COLLECTIVE_KERNELS - WEIGHT_KERNELS)
+    draw = {"draw_sum", "draw_scan"}          # sample.cu: a sampled token's draw, after the step
+    assert draw <= names
+    assert names - COLLECTIVE_KERNELS - draw <= WEIGHT_KERNELS, sorted(names - COLLECTIVE_KERNELS - draw - WEIGHT_KERNELS)

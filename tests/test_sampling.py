@@ -221,6 +221,49 @@ def test_a_draw_exactly_on_a_boundary_takes_the_next_token():
             assert int(sampling._draw_torch(x, p, u)) == t, (kw, u)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (kernels.cuda_sample)")
+@pytest.mark.parametrize("vocab", (3000, 129280))
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_cuda_draw_matches_its_torch_twin(vocab, kind):
+    """kernels.cuda_sample's draw (two CUDA C launches after one sort) against its twin
+    _draw_torch on the same device, for fresh logits, every filter combination and many u: the
+    same token, except where the rule is within rounding of a boundary; the same token again on
+    a second call. The exact-boundary cases of the test above pick the same tokens."""
+    from ds4tp.kernels import cuda_sample
+    rng = np.random.default_rng([vocab, KINDS.index(kind), 11])
+    differ, n, drawn = [], 0, set()
+    for name, kw in FILTERS.items():
+        x, bias = logits(kind, vocab, rng)
+        p = params(kw, bias, kind, temperature=float(rng.choice([0.6, 1.0, 1.5])))
+        xb = x.double().clone()
+        for t, b in p.logit_bias.items():
+            xb[t] += b
+        xc = xb.cuda()
+        for u in np.concatenate([rng.random(12), [0.0, 1 - 2 ** -53]]):
+            got, _ = sampling._draw_device(xc, p, float(u), x.cuda())
+            assert cuda_sample.draw(xc, torch.sort(xc, descending=True, stable=True).indices,
+                                    p.temperature, p.top_k, p.top_p, p.min_p, float(u)) is not None
+            want = int(sampling._draw_torch(xc, p, float(u)))
+            again, _ = sampling._draw_device(xc, p, float(u), x.cuda())
+            assert int(got) == int(again)
+            n += 1
+            drawn.add(int(got))
+            if int(got) != want:
+                differ.append((name, float(u), boundary_distance(x, p, float(u))))
+    assert all(d < 1e-12 for *_, d in differ), differ
+    assert len(differ) <= 2, differ
+    assert len(drawn) > len(FILTERS), drawn
+    x = torch.full((10,), -math.inf, dtype=torch.float64)
+    x[[9, 2, 5, 7]] = 1.0
+    for kw, us, want in ((dict(), (0.0, 0.25, 0.5, 0.75, 1 - 2 ** -53), (2, 5, 7, 9, 9)),
+                         (dict(top_p=0.5), (0.0, 0.49, 0.5, 0.99), (2, 2, 5, 5)),
+                         (dict(min_p=1.0, top_k=3), (0.0, 0.5, 0.7), (2, 5, 7))):
+        p = SamplingParams(temperature=1.0, **kw)
+        for u, t in zip(us, want):
+            got, _ = sampling._draw_device(x.cuda(), p, u, x.float().cuda())
+            assert int(got) == t, (kw, u)
+
+
 def test_boundary_distance_sees_a_draw_on_a_boundary():
     """The allowance above is not vacuous: away from boundaries the distance is large, and u on
     a running sum gives ~0."""

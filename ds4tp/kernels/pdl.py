@@ -114,12 +114,12 @@ def cuda_ok() -> bool:
 
 
 _CTYPE = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_int32,
-          "float32": ctypes.c_float}
+          "float32": ctypes.c_float, "float64": ctypes.c_double}
 
 
 def launch_cuda(function_ptr: int, grid, block: int, stream_handle: int, args) -> None:
     """One PDL launch of a compiled kernel (CUfunction) on a stream. args: numpy scalars in the
-    kernel's parameter order (uint64 pointers, int32, int64, float32)."""
+    kernel's parameter order (uint64 pointers, int32, int64, float32, float64)."""
     vals = [_CTYPE[a.dtype.name](a.item()) for a in args]
     params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
     attr = _LaunchAttr(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
