@@ -9,7 +9,9 @@ itself, on two GPUs of one host, in one run:
 
 Variants: "nccl"; "peer" (the default kernel); "peer_release_only" (no thread fences its own
 stores at system scope before the barrier; the flag's release after it publishes them,
-AR_FENCE_ALL=0); "peer_1024" (one block of 1024 threads instead of 512).
+AR_FENCE_ALL=0); "peer_1024" (one block of 1024 threads instead of 512); "peer_trigger_late" (the
+kernel after it launches only when it ends, AR_TRIGGER_LATE=1, where by default it launches at
+once and loads its weights while the all-reduce waits).
 
     python bench/allreduce_ab.py [--layers 43] [--steps 64] [--rounds 3] [--out ab.json]
 """
@@ -21,14 +23,15 @@ import sys
 
 import torch
 
-VARIANTS = ("nccl", "peer", "peer_release_only", "peer_1024")
+VARIANTS = ("nccl", "peer", "peer_release_only", "peer_1024", "peer_trigger_late")
 
 
 def _set(comm, dev, variant: str) -> None:
     from ds4tp.kernels import cuda_allreduce, cuda_c
     p = comm.peer
     p.on = variant != "nccl"
-    defines = (("AR_FENCE_ALL", 0),) if variant == "peer_release_only" else ()
+    defines = {"peer_release_only": (("AR_FENCE_ALL", 0),),
+               "peer_trigger_late": (("AR_TRIGGER_LATE", 1),)}.get(variant, ())
     p.fn = cuda_c.kernel("allreduce.cu", "ar2_sum", torch.device(dev).index, defines)
     cuda_allreduce._THREADS_WARPS = 32 if variant == "peer_1024" else 16
 

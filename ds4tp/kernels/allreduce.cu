@@ -18,6 +18,9 @@
 // after timeout_ns (a lost peer becomes an error, never a hang).
 // One block; x 16-byte aligned, n a multiple of 4, n <= cap (host-checked).
 
+#ifndef AR_TRIGGER_LATE
+#define AR_TRIGGER_LATE 0       // 1: the next kernel launches only when this one ends (timed)
+#endif
 #ifndef AR_FENCE_ALL
 #define AR_FENCE_ALL 1          // every thread fences its stores before the barrier (0: only the
 #endif                          // release after it; a variant timed, bench/allreduce_ab.py)
@@ -43,7 +46,9 @@ ar2_sum(float* x, long long n, float* peer_slots, const float* my_slots, long lo
         unsigned long long* peer_flags, const unsigned long long* my_flags,
         unsigned long long* ctr, unsigned long long timeout_ns) {
     __shared__ unsigned long long s_e;
+#if !AR_TRIGGER_LATE
     pdl_trigger();                    // the next kernel may launch and run up to its own wait
+#endif
     pdl_wait();                       // x is an earlier kernel's output
     if (threadIdx.x == 0) s_e = __ldcg(ctr) + 1;   // (ctr: this rank's all-reduces, in stream order)
     __syncthreads();
