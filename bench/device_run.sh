@@ -179,6 +179,9 @@
 #         (at 7193e33; the x loads landed after it, the variants were removed)
 #   l1wait: bench/l1_wait_probe.py (written in session 22, not yet run): stale L1-cached and
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
+#   s27e: session 27, two GPUs: the closing run (bench TP=2,1 with depth 4096, the peer
+#         all-reduce against NCCL inside it; CUDA goldens TP=2, TP=1)
+#   s27f: session 27, two GPUs: the served path end to end, a worker killed mid-stream
 #   s27d: session 27, one GPU: the sampler's draw in CUDA C (twin tests, timings against the twin)
 #   s27c: session 27, two GPUs: the within-host all-reduce's variants (bench/allreduce_ab.py)
 #   s27b: session 27, two GPUs: the within-host all-reduce (twin test, TP=2 bench A/B against
@@ -1139,6 +1142,10 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s27e ]; then
+  bench_goldens
+elif [ "$MODE" = s27f ]; then
+  serve_full 200 370 --kill 1
 elif [ "$MODE" = s27d ]; then
   log "sampler on CUDA C (kernels.cuda_sample): twin tests, PTX check, then timings against the twin"
   timeout 300 python3 -m pytest -q tests/test_sampling.py tests/test_ptx_loads.py 2>&1 | tail -4
