@@ -231,23 +231,50 @@ def decode_logits(model, steps: int, max_ctx: int = 256) -> torch.Tensor:
 
 def time_collectives(comm, shape, dev, iters=50) -> dict:
     """One decoded token's collectives alone: 2 all-reduces of E floats per layer + the logits
-    gather, eager (the way a replayed graph issues them)."""
+    gather, eager (per_token_ms: bound by the host's launches as much as by the link) and
+    replayed from a CUDA graph, as the decode graphs issue them (graph_per_token_ms)."""
     if comm.world == 1:
         return {"per_token_ms": 0.0, "n_all_reduce": 0}
     x = torch.ones(1, shape.n_embd, device=dev)
     lg = torch.ones(1, shape.vocab // comm.world, device=dev)
     n = 2 * shape.n_layer
+
+    def token():
+        for _ in range(n):
+            comm.all_reduce(x)
+        comm.all_gather(lg)
     for _ in range(5):
         comm.all_reduce(x)
     _sync()
     t = time.perf_counter()
     for _ in range(iters):
-        for _ in range(n):
-            comm.all_reduce(x)
-        comm.all_gather(lg)
+        token()
     _sync()
     per = (time.perf_counter() - t) / iters
-    return {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
+    res = {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
+    try:
+        side = torch.cuda.Stream(dev)              # warmed up on a side stream, then captured
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            token()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            token()
+        graph.replay()
+        _sync()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        g = a.elapsed_time(b) / 1e3 / iters
+        res.update(graph_per_token_ms=1e3 * g, graph_per_collective_us=1e6 * g / (n + 1))
+        del graph
+    except Exception as e:      # (a measurement only: the run goes on without it)
+        res["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+    return res
 
 
 # The Triton and CUDA C kernels that stream weights (and quantise their activations); everything
