@@ -7,8 +7,11 @@
 // top_p keeps positions whose mass before them is below top_p x the mass of what top_k kept
 // (all: S), min_p keeps positions with e_j >= min_p (e of the most likely is 1). The draw is the
 // first kept position whose running mass c_j exceeds u x the kept mass (none, by rounding: the
-// last kept). Running masses are sums in sorted order, the total S one in index order.
-// draw_sum: block b sums e over x[b*DT*PER, ...) into part[b]; draw_scan, one block: the rest.
+// last kept). Running masses are sums in sorted order.
+// draw_sum: block b sums e over sorted positions [b*DT*PER, ...) into part[b] (S is their sum);
+// draw_scan, one block: the rest, stepping over whole blocks that cannot hold the position it
+// looks for by their sums (a block scanned or stepped over rounds its running sum differently,
+// so the two may differ only where a threshold lies within rounding of a block's end).
 // Every sum has a fixed order (no atomics), so every rank draws the same token from the same
 // logits.
 
@@ -32,7 +35,7 @@ draw_sum(const double* x, const long long* ids, double* part, double T, int V) {
     double s = 0.0;
 #pragma unroll
     for (int k = 0; k < PER; k++)
-        if (i0 + k < V) s += exp(prior(x + i0 + k) / T - zm);
+        if (i0 + k < V) s += exp(prior(x + prior(ids + i0 + k)) / T - zm);
     s = warp_sum_d(s);
     if ((threadIdx.x & 31) == 0) s_w[threadIdx.x >> 5] = s;
     __syncthreads();
@@ -45,14 +48,23 @@ draw_sum(const double* x, const long long* ids, double* part, double T, int V) {
 
 // The shortest prefix [0, L) of [0, n) that ends at the first position j with c_j >= ge, c_j > gt
 // or (then L = j) e_j < lt, and c_{L-1} (0 for L = 0): L = n where none holds. Whole block.
-__device__ void prefix(const double* x, const long long* ids, double T, double zm, int n,
-                       double ge, double gt, double lt, int& L, double& mass,
+__device__ void prefix(const double* x, const long long* ids, const double* part, double T,
+                       double zm, int n, double ge, double gt, double lt, int& L, double& mass,
                        double* s_w, double* s_c, int* s_len) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     double carry = 0.0;
     L = n;
     mass = 0.0;
     for (int j0 = 0; j0 < n; j0 += DT * PER) {
+        if (j0 + DT * PER <= n) {     // a whole block: stepped over where nothing in it can stop
+            const double c_end = carry + prior(part + j0 / (DT * PER));
+            const double e_end = exp(prior(x + prior(ids + j0 + DT * PER - 1)) / T - zm);
+            if (!(c_end >= ge || c_end > gt || e_end < lt)) {   // (uniform over the block)
+                carry = c_end;
+                mass = carry;
+                continue;
+            }
+        }
         const int jt = j0 + threadIdx.x * PER;
         double e[PER], l[PER], run = 0.0;
 #pragma unroll
@@ -125,15 +137,15 @@ draw_scan(const double* x, const long long* ids, const double* part, int P, long
     int n = top_k > 0 && top_k < V ? top_k : V, L;
     double base = S, mass;
     if (top_k > 0) {                  // the mass of what top_k keeps
-        prefix(x, ids, T, zm, n, inf, inf, -inf, L, base, s_w, s_c, &s_len);
+        prefix(x, ids, part, T, zm, n, inf, inf, -inf, L, base, s_w, s_c, &s_len);
     }
     double keep = base;
     if ((top_p > 0.0 && top_p < 1.0) || min_p > 0.0) {
-        prefix(x, ids, T, zm, n, top_p > 0.0 && top_p < 1.0 ? top_p * base : inf, inf,
+        prefix(x, ids, part, T, zm, n, top_p > 0.0 && top_p < 1.0 ? top_p * base : inf, inf,
                min_p > 0.0 ? min_p : -inf, L, mass, s_w, s_c, &s_len);
         n = max(L, 1);
         keep = mass;
     }
-    prefix(x, ids, T, zm, n, inf, u * keep, -inf, L, mass, s_w, s_c, &s_len);
+    prefix(x, ids, part, T, zm, n, inf, u * keep, -inf, L, mass, s_w, s_c, &s_len);
     if (threadIdx.x == 0) tok[0] = prior(ids + max(L, 1) - 1);
 }
