@@ -7,9 +7,9 @@ itself, on two GPUs of one host, in one run:
     runs), round-robin over the variants, best of ROUNDS; the logits of 8 greedy steps compared
     with NCCL's bit for bit.
 
-Variants: "nccl"; "peer" (the default kernel); "peer_release_only" (no thread fences its own
-stores at system scope before the barrier; the flag's release after it publishes them,
-AR_FENCE_ALL=0); "peer_1024" (one block of 1024 threads instead of 512); "peer_trigger_late" (the
+Variants: "nccl"; "peer" (the default kernel); "peer_fence_all" (every thread also fences its
+own stores at system scope before the barrier, AR_FENCE_ALL=1: the default until s27c, where
+it was 2.6% slower); "peer_1024" (one block of 1024 threads instead of 512); "peer_trigger_late" (the
 kernel after it launches only when it ends, AR_TRIGGER_LATE=1, where by default it launches at
 once and loads its weights while the all-reduce waits).
 
@@ -23,14 +23,14 @@ import sys
 
 import torch
 
-VARIANTS = ("nccl", "peer", "peer_release_only", "peer_1024", "peer_trigger_late")
+VARIANTS = ("nccl", "peer", "peer_fence_all", "peer_1024", "peer_trigger_late")
 
 
 def _set(comm, dev, variant: str) -> None:
     from ds4tp.kernels import cuda_allreduce, cuda_c
     p = comm.peer
     p.on = variant != "nccl"
-    defines = {"peer_release_only": (("AR_FENCE_ALL", 0),),
+    defines = {"peer_fence_all": (("AR_FENCE_ALL", 1),),
                "peer_trigger_late": (("AR_TRIGGER_LATE", 1),)}.get(variant, ())
     p.fn = cuda_c.kernel("allreduce.cu", "ar2_sum", torch.device(dev).index, defines)
     cuda_allreduce._THREADS_WARPS = 32 if variant == "peer_1024" else 16

@@ -181,6 +181,10 @@
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
 #   s27e: session 27, two GPUs: the closing run (bench TP=2,1 with depth 4096, the peer
 #         all-reduce against NCCL inside it; CUDA goldens TP=2, TP=1)
+#   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
+#   s27j: session 27, two GPUs: the served path on the final code
+#   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)
+#   s27h: session 27, two GPUs: the served path with the within-host all-reduce off (NCCL)
 #   s27f: session 27, two GPUs: the served path end to end, a worker killed mid-stream
 #   s27d: session 27, one GPU: the sampler's draw in CUDA C (twin tests, timings against the twin)
 #   s27c: session 27, two GPUs: the within-host all-reduce's variants (bench/allreduce_ab.py)
@@ -1144,6 +1148,18 @@ elif [ "$MODE" = s23i ]; then
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
 elif [ "$MODE" = s27e ]; then
   bench_goldens
+elif [ "$MODE" = s27k ]; then
+  timeout 200 python3 bench/depth_ab.py 2>&1 | tail -14
+elif [ "$MODE" = s27j ]; then
+  serve_full 200 330
+elif [ "$MODE" = s27i ]; then
+  log "within-host all-reduce without the per-thread fences (the default now): twin test, TP=2 bench"
+  timeout 120 python3 -m pytest -q tests/test_tp.py -k "within_host" 2>&1 | tail -2
+  timeout 200 python3 -m ds4tp bench --tp 2 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  bench_summary
+elif [ "$MODE" = s27h ]; then
+  export DS4TP_PEER_ALLREDUCE=0      # the served path on NCCL alone: s27f's A/B
+  serve_full 200 330
 elif [ "$MODE" = s27f ]; then
   serve_full 200 370 --kill 1
 elif [ "$MODE" = s27d ]; then
