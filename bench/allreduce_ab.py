@@ -37,32 +37,14 @@ def _set(comm, dev, variant: str) -> None:
 
 
 def _alone_us(comm, dev, n: int = 86, reps: int = 50) -> float:
+    from ds4tp.bench import graph_seconds
     x = torch.zeros(1, 4096, device=dev)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for _ in range(n):
-                x.mul_(0.5)
-                comm.all_reduce(x)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+
+    def token():
         for _ in range(n):
             x.mul_(0.5)
             comm.all_reduce(x)
-    g.replay()
-    torch.cuda.synchronize(dev)
-    best = float("inf")
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            g.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / reps / n)
-    return best
+    return graph_seconds(token, torch.device(dev), reps=reps) * 1e6 / n
 
 
 def _rank(comm, dev, cfg):

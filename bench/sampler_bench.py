@@ -54,16 +54,8 @@ def gpu_us(fn, reps: int = 100, warm: int = 5) -> float:
 
 def graph_us(fn) -> float:
     """GPU time of fn() captured in a CUDA graph, replayed back to back."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return gpu_us(graph.replay)
+    from ds4tp.bench import graph_seconds
+    return graph_seconds(fn, torch.device("cuda", torch.cuda.current_device()), reps=100, warm=3) * 1e6
 
 
 def host_us(fn, reps: int = 50) -> float:

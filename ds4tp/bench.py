@@ -253,28 +253,38 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
     per = (time.perf_counter() - t) / iters
     res = {"per_token_ms": 1e3 * per, "n_all_reduce": n, "per_all_reduce_us": 1e6 * per / (n + 1)}
     try:
-        side = torch.cuda.Stream(dev)              # warmed up on a side stream, then captured
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            token()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            token()
-        graph.replay()
-        _sync()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        g = a.elapsed_time(b) / 1e3 / iters
+        g = graph_seconds(token, torch.device(dev), reps=iters, rounds=1, warm=1)
         res.update(graph_per_token_ms=1e3 * g, graph_per_collective_us=1e6 * g / (n + 1))
-        del graph
     except Exception as e:      # (a measurement only: the run goes on without it)
         res["graph_error"] = f"{type(e).__name__}: {e}"[:300]
     return res
+
+
+def graph_seconds(fn, dev: torch.device, reps: int = 50, rounds: int = 3, warm: int = 2) -> float:
+    """GPU seconds per call of fn() replayed from a CUDA graph: fn run `warm` times on a side
+    stream (allocator, compilation, communicators), captured once, then replayed `reps` times
+    back to back, timed by events; the best of `rounds`."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    best = float("inf")
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3 / reps)
+    return best
 
 
 # The Triton and CUDA C kernels that stream weights (and quantise their activations); everything
