@@ -197,13 +197,15 @@ def test_peer_death_is_an_error_not_a_hang():
 def _gather_rank(comm, device):
     g = torch.Generator().manual_seed(comm.rank)
     x = torch.randn(2, 3, 5, generator=g)            # each rank's own values
-    return {d: comm.all_gather(x, dim=d) for d in (0, 1, 2, -1)}
+    return {d: comm.all_gather(x, dim=d) for d in (0, 1, 2, -1)}, (comm.peer, comm.peer_why)
 
 
 def test_all_gather_concatenates_in_rank_order_along_any_dim():
     """DistComm.all_gather is torch.cat of the ranks' tensors (rank order) along `dim`, whatever
-    the dim (the model gathers logits and compressor rows along the last one)."""
-    got = run_local_ranks(2, _gather_rank)
+    the dim (the model gathers logits and compressor rows along the last one). On gloo the
+    within-host all-reduce is off, with the reason."""
+    got, peer = run_local_ranks(2, _gather_rank)
+    assert peer == (None, "not a CUDA process group")
     parts = [torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(r)) for r in range(2)]
     for d, t in got.items():
         assert torch.equal(t, torch.cat(parts, dim=d)), d
