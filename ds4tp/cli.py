@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ds4tp.kernels import pin_compile_cache
+    from ds4tp.kernels import pin_compile_cache, triton_defaults
     pin_compile_cache()    # before anything compiles; workers and the bench inherit it
+    triton_defaults()
     mod, fn = COMMANDS[args.command].split(":")
     rc = getattr(importlib.import_module(mod), fn)(args)
     return int(rc or 0)

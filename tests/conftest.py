@@ -9,6 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+from ds4tp.kernels import triton_defaults  # noqa: E402
+
+triton_defaults()      # the Triton settings the CLI applies (kernels compiled in tests match)
+
 
 def golden_dir() -> Path:
     return Path(os.environ.get("DS4TP_GOLDEN", REPO.parent / "shared" / "golden"))

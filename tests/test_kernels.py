@@ -891,6 +891,15 @@ def test_expert_tiles_kernel_compiles_for_sm90(ids_type):
     assert ".entry" in ptx
 
 
+def test_triton_defaults_fill_only_what_is_unset():
+    """FP fusion pinned on (Triton 3.10 turns its default off) unless the environment says."""
+    from ds4tp.kernels import triton_defaults
+    env = {}
+    assert triton_defaults(env) == {"TRITON_DEFAULT_FP_FUSION": "1"} == env
+    env = {"TRITON_DEFAULT_FP_FUSION": "0"}
+    assert triton_defaults(env) == {"TRITON_DEFAULT_FP_FUSION": "0"}
+
+
 def test_pin_compile_cache_sets_one_directory_and_keeps_a_given_one(tmp_path):
     """The CLI pins TRITON_CACHE_DIR before anything compiles (torch.compile would otherwise
     repoint it mid-run); a directory the environment already names is kept."""

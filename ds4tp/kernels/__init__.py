@@ -56,6 +56,21 @@ def pin_compile_cache(environ=os.environ) -> str:
     return environ.setdefault("TRITON_CACHE_DIR", os.path.join(home, ".triton", "cache"))
 
 
+# Triton settings the kernels were written and measured with, applied at process start (the CLI,
+# the tests) where the environment does not set them. TRITON_DEFAULT_FP_FUSION=1: multiplies and
+# adds may be contracted into FMAs, Triton's default through 3.9; Triton 3.9 warns that 3.10
+# turns it off by default, which would change the kernels' rounding (and their speed) from what
+# the twin tests, the goldens and docs/performance.md measured.
+TRITON_DEFAULTS = {"TRITON_DEFAULT_FP_FUSION": "1"}
+
+
+def triton_defaults(environ=os.environ) -> dict:
+    """Set each of TRITON_DEFAULTS in `environ` that is not set; returns the settings in effect."""
+    for k, v in TRITON_DEFAULTS.items():
+        environ.setdefault(k, v)
+    return {k: environ[k] for k in TRITON_DEFAULTS}
+
+
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     try:
