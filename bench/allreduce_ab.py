@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -84,10 +85,10 @@ def main() -> int:
     cfg = {"layers": a.layers, "steps": a.steps, "rounds": a.rounds}
     res = run_local_ranks(2, _rank, cfg, device="cuda", timeout_s=300, wall_s=900)
     res["cfg"] = cfg
-    print(json.dumps(res, indent=1))
+    text = json.dumps(res, indent=1)
+    print(text)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+        Path(a.out).write_text(text)
     return 0
 
 
