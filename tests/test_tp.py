@@ -213,8 +213,9 @@ def test_all_gather_concatenates_in_rank_order_along_any_dim():
 
 def _peer_rank(comm, dev):
     """The within-host all-reduce (kernels.cuda_allreduce) against NCCL's on the same inputs:
-    eager over sizes and magnitudes, then captured in a CUDA graph between other kernels and
-    replayed on fresh inputs; NCCL's results as the reference, eager, after each replay."""
+    eager over sizes and magnitudes and for a view off 16-byte alignment, then captured in a
+    CUDA graph between other kernels and replayed on fresh inputs; NCCL's results as the
+    reference, eager, after each replay."""
     import torch.distributed as dist
     assert comm.peer is not None, comm.peer_why
     g = torch.Generator(device=dev).manual_seed(1000 + comm.rank)     # each rank's own values
@@ -227,6 +228,11 @@ def _peer_rank(comm, dev):
             taken.append(comm.peer.takes(x))
             got = comm.all_reduce(x)
             equal.append(bool(torch.equal(got, ref)))
+    x = torch.randn(4100, generator=g, device=dev)[1:4097]         # 4 bytes past 16-aligned
+    ref = x.clone()
+    dist.all_reduce(ref)
+    taken.append(comm.peer.takes(x))
+    equal.append(bool(torch.equal(comm.all_reduce(x), ref)))
     x = torch.zeros(1, 4096, device=dev)
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -257,7 +263,8 @@ def test_within_host_all_reduce_gives_nccls_bits():
     eager at every size it takes, and replayed from a CUDA graph on fresh inputs."""
     equal, taken = run_local_ranks(2, _peer_rank, device="cuda")
     assert all(equal), equal
-    assert taken == [True] * 18 + [False] * 3, taken          # 6 elements: NCCL's
+    assert taken == [True] * 18 + [False] * 3 + [True], taken  # 6 elements: NCCL's; a view
+                                                               # off 16-byte alignment: copied
 
 
 def test_nccl_defaults_fill_only_what_is_unset():

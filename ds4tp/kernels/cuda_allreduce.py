@@ -3,9 +3,9 @@ memory (allreduce.cu, one kernel launch), where NCCL takes a kernel of its own p
 
 This is the option beside NCCL for two GPUs of one machine (peer access over NVLink or PCIe). Two
 nodes (two Sparks over RoCE) keep NCCL: a CUDA IPC handle means nothing on another host.
-ds4tp.comm.DistComm uses it for the tensors `PeerAllReduce.takes` (float32, contiguous, 16-byte
-aligned, a multiple of 4 elements, at most SLOT_BYTES: a decode step's all-reduces) and NCCL for
-the rest (a prefill's [T, 4096] outputs), a choice both ranks make alike from the shape alone.
+ds4tp.comm.DistComm uses it for the tensors `PeerAllReduce.takes` (float32, contiguous, a
+multiple of 4 elements, at most SLOT_BYTES: a decode step's all-reduces) and NCCL for the rest
+(a prefill's [T, 4096] outputs), a choice both ranks make alike from the shape alone.
 
 Its twin is NCCL's all-reduce: for two ranks both compute one addition per element, a + b on one
 rank and b + a on the other, which IEEE arithmetic makes equal, so the results are the same bits
@@ -58,17 +58,23 @@ class PeerAllReduce:
         self.fn = cuda_c.kernel("allreduce.cu", "ar2_sum", device.index)
 
     def takes(self, x: torch.Tensor) -> bool:
+        """Whether x goes through peer memory. Decided from x's dtype, layout and size alone, which
+        are the same on both ranks (an address's alignment need not be: one rank here and the
+        other on NCCL would wait on each other until the trap)."""
         return (self.on and self.fn is not None and x.is_cuda and x.device == self.device
                 and x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 4 == 0
-                and 0 < 4 * x.numel() <= SLOT_BYTES and x.data_ptr() % 16 == 0)
+                and 0 < 4 * x.numel() <= SLOT_BYTES)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over both ranks, in place (takes(x) holds)."""
+        y = x if x.data_ptr() % 16 == 0 else x.clone()      # (the kernel's 16-byte accesses)
         u64 = np.uint64
-        args = (cuda_c.ptr(x), np.int64(x.numel()), u64(self._peer), u64(self._mine),
+        args = (cuda_c.ptr(y), np.int64(y.numel()), u64(self._peer), u64(self._mine),
                 np.int64(SLOT_BYTES // 4), u64(self._peer + _FLAGS), u64(self._mine + _FLAGS),
                 cuda_c.ptr(self.ctr), self.timeout_ns)
         cuda_c.launch(self.fn, self.device, (1,), _THREADS_WARPS, args)
+        if y is not x:
+            x.copy_(y)
         return x
 
     def close(self) -> None:
