@@ -25,6 +25,12 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;
 }
 
+// e of sorted position j: exp(z - z_max), z = x / T (zm = z_max), as every sum here takes it
+template <typename I>
+__device__ __forceinline__ double e_at(const double* x, const long long* ids, I j, double T, double zm) {
+    return exp(prior(x + prior(ids + j)) / T - zm);
+}
+
 extern "C" __global__ void __launch_bounds__(DT)
 draw_sum(const double* x, const long long* ids, double* part, double T, int V) {
     __shared__ double s_w[DT / 32];
@@ -35,7 +41,7 @@ draw_sum(const double* x, const long long* ids, double* part, double T, int V) {
     double s = 0.0;
 #pragma unroll
     for (int k = 0; k < PER; k++)
-        if (i0 + k < V) s += exp(prior(x + prior(ids + i0 + k)) / T - zm);
+        if (i0 + k < V) s += e_at(x, ids, i0 + k, T, zm);
     s = warp_sum_d(s);
     if ((threadIdx.x & 31) == 0) s_w[threadIdx.x >> 5] = s;
     __syncthreads();
@@ -58,7 +64,7 @@ __device__ void prefix(const double* x, const long long* ids, const double* part
     for (int j0 = 0; j0 < n; j0 += DT * PER) {
         if (j0 + DT * PER <= n) {     // a whole block: stepped over where nothing in it can stop
             const double c_end = carry + prior(part + j0 / (DT * PER));
-            const double e_end = exp(prior(x + prior(ids + j0 + DT * PER - 1)) / T - zm);
+            const double e_end = e_at(x, ids, j0 + DT * PER - 1, T, zm);
             if (!(c_end >= ge || c_end > gt || e_end < lt)) {   // (uniform over the block)
                 carry = c_end;
                 mass = carry;
@@ -69,7 +75,7 @@ __device__ void prefix(const double* x, const long long* ids, const double* part
         double e[PER], l[PER], run = 0.0;
 #pragma unroll
         for (int k = 0; k < PER; k++) {
-            e[k] = jt + k < n ? exp(prior(x + prior(ids + jt + k)) / T - zm) : 0.0;
+            e[k] = jt + k < n ? e_at(x, ids, jt + k, T, zm) : 0.0;
             run += e[k];
             l[k] = run;                               // this thread's running sum
         }

@@ -196,7 +196,7 @@ class Runtime:
             if self.device.type == "cuda":    # the sampler's kernels compiled (kernels.cuda_sample)
                 t = time.perf_counter()
                 p = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, top_logprobs=1)
-                unpack(sample_device(torch.zeros(self.vocab, device=self.device), p, 0).tolist())
+                sample_device(torch.zeros(self.vocab, device=self.device), p, 0).tolist()   # (waits)
                 done["sampler_s"] = round(time.perf_counter() - t, 2)
             if self.lanes and self.device.type == "cuda":
                 done.update(self._graph_feed_limit())
