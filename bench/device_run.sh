@@ -181,6 +181,8 @@
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
 #   s27e: session 27, two GPUs: the closing run (bench TP=2,1 with depth 4096, the peer
 #         all-reduce against NCCL inside it; CUDA goldens TP=2, TP=1)
+#   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
+#         e_at), the all-reduce inside the HC step (its twins, TP=2 bench A/B against ar2_sum)
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)
@@ -1146,6 +1148,17 @@ elif [ "$MODE" = s23i ]; then
   log "replay A/B, world 2: the gate/up launch's shared rows first (base) or last"
   timeout 100 python3 bench/critical_path.py --world 2 --variants base,gu_shared_last --trace none > "$OUT/critical_path_w2.txt" 2>&1
   grep -A3 "us per replay (best\|Error" "$OUT/critical_path_w2.txt" | head -5
+elif [ "$MODE" = s28a ]; then
+  log "twins: the peer path (misaligned view), the all-reduce inside the HC step, the draw"
+  timeout 150 python3 -m pytest -q tests/test_tp.py -k "within_host or inside_the_hc_step" > "$OUT/tests_tp.txt" 2>&1
+  tail -3 "$OUT/tests_tp.txt"; grep -E "^E |Error" "$OUT/tests_tp.txt" | head -12
+  timeout 150 python3 -m pytest -q tests/test_kernels.py -k "hc_step or peer_all_reduce or hc_kernels" 2>&1 | tail -3
+  timeout 150 python3 -m pytest -q tests/test_sampling.py tests/test_ptx_loads.py 2>&1 | tail -2
+  log "bench, 43 layers, TP=2, depth 0: the all-reduce inside the HC step against ar2_sum and NCCL"
+  timeout 200 python3 -m ds4tp bench --tp 2 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
 elif [ "$MODE" = s27e ]; then
   bench_goldens
 elif [ "$MODE" = s27k ]; then

@@ -153,6 +153,9 @@ class NullComm:
     def all_gather(self, x, dim=-1):
         return torch.cat([x] * self.world, dim=dim)
 
+    def peer_sum(self, x):
+        return None
+
 
 def prefilled(model, depth: int):
     """A session holding a synthetic prompt of `depth` tokens (at least one), prefilled in
@@ -508,6 +511,15 @@ def _bench_rank(comm, dev, cfg):
     peer = getattr(comm, "peer", None)
     res["peer_all_reduce"] = "on" if peer is not None else getattr(comm, "peer_why", None)
     if peer is not None:
+        # the sublayers' all-reduces in a launch of their own (ar2_sum) instead of inside the
+        # HC step that consumes them (PeerAllReduce.fused), and the logits of both
+        peer.fuse = False
+        res["decode_d0_ar2"] = time_decode(model, 1, steps, max_ctx=256)
+        res["decode_d0_chained_ar2"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+        ref = decode_logits(model, 8)
+        peer.fuse = True
+        res["peer_fused_logits_equal_ar2"] = bool(torch.equal(decode_logits(model, 8), ref))
+        save()
         peer.on = False
         res["collectives_nccl"] = time_collectives(comm, shape, dev)
         res["decode_d0_nccl"] = time_decode(model, 1, steps, max_ctx=256)

@@ -43,6 +43,9 @@ class SingleComm:
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x
 
+    def peer_sum(self, x: torch.Tensor):
+        return None
+
     def close(self) -> None:
         pass
 
@@ -69,6 +72,15 @@ class DistComm:
         except Exception as e:  # gloo: peer closed / timeout; nccl: watchdog / timeout
             raise CommError(f"rank {self.rank}: all_reduce failed: {e}") from e
         return x
+
+    def peer_sum(self, x: torch.Tensor):
+        """The all-reduce of x made inside the launch that consumes it (two ranks of one host:
+        cuda_allreduce.PeerAllReduce.fused, the arguments for triton_hc.hc_step's peer), counted
+        as an all-reduce; None where x goes by all_reduce. Both ranks choose alike."""
+        got = self.peer.fused(x) if self.peer is not None else None
+        if got is not None:
+            self.counter.add("all_reduce")
+        return got
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         import torch.distributed as dist

@@ -330,33 +330,39 @@ class StaticDecoder:
         for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
+            # each sublayer's output is this rank's part; _update sums it (its all-reduce)
             out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
             hc, xn, post, mix, pending = self._update(out, hc, post, mix, lw.ffn_mixer, pending)
-            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap)
+            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap, reduce=False)
             hc, xn, post, mix, pending = self._update(f, hc, post, mix, m.w.mixer_after(lw.il), pending)
         logits = output_head(m.w, hc, s, m.comm)[0]
         # the pick, and its token as the next step's input if fed from here
         greedy_pick(logits, self.bias_ids, self.bias_vals, out=self.pick, token=self.token)
         return logits
 
-    def _update(self, f, hc, post, mix, mixer, pending):
-        """model.hc_post_pre for this token, with the next mixer's Sinkhorn (post and M, which
-        only the update after the sublayer reads) on the side stream beside the sublayer on
-        CUDA: hc_step(mix=False), then hc_mix. pending: the previous call's (side, z), joined
-        here before its post and M are read (z is kept alive until then)."""
+    def _update(self, part, hc, post, mix, mixer, pending):
+        """The sublayer's all-reduce of this rank's part, then model.hc_post_pre for this token,
+        with the next mixer's Sinkhorn (post and M, which only the update after the sublayer
+        reads) on the side stream beside the sublayer on CUDA: hc_step(mix=False), then hc_mix.
+        Two ranks of one host sum inside that hc_step (comm.peer_sum; one launch fewer).
+        pending: the previous call's (side, z), joined here before its post and M are read (z
+        is kept alive until then)."""
         if pending is not None:
             pending[0].join()
-        s = self.s
+        s, comm = self.s, self.m.comm
         beside = (_mix_side_switch.on and mixer is not None and self.m.overlap and kernels.on_gpu(hc)
                   and mixer[0].qtype == C.F16)
         if beside:
             from ds4tp.kernels import triton_hc
             beside = triton_hc.step_enabled()
+        peer = comm.peer_sum(part) if beside else None
+        f = part if peer is not None else comm.all_reduce(part)         # the sublayer's all-reduce
         if not beside:
             return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
         fn, scale, base, norm = mixer
         hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
-                                      s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False)
+                                      s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False,
+                                      peer=peer)      # with peer: f is the part, summed inside
         # its own side stream: on the one the shared expert and the compressors use, it went
         # first and held them back by its ~4 us (bench/critical_path.py)
         side = Side(z, lane=1 if _mix_lane_switch.on else 0)
@@ -393,8 +399,7 @@ class StaticDecoder:
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
                 mask = select_mask(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
-        out = grouped_linear_out(lw, o, s)
-        return comm.all_reduce(out)                                          # attention all-reduce
+        return grouped_linear_out(lw, o, s)          # this rank's part: _update all-reduces it
 
     def _emit(self, jobs, pos):
         """On a token ending its layer's compressor windows (jobs [(weights, frontier, cache,

@@ -696,8 +696,9 @@ SHARED_LANE = 2    # the shared expert's side stream (streams.LANE_PRIORITY; ben
 
 
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
-        trace=None, overlap: bool = False) -> torch.Tensor:
-    """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]."""
+        trace=None, overlap: bool = False, reduce: bool = True) -> torch.Tensor:
+    """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]
+    (reduce=False: this rank's part, for a caller that sums it in its next launch)."""
     if trace is None and shared_rides(xn):
         # one token on CUDA: the shared expert's rows ride in the routed experts' two launches
         # (in launches of its own, even on a second stream, it waited for the SMs the routed
@@ -719,7 +720,7 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
             mid, gate_up = expert_swiglu_shared(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn,
                                                 local_ids, w, C.SWIGLU_CLAMP)
         out = expert_down_shared(lw.down_exps, mid, local_ids, lw.down_sh, gate_up, C.SWIGLU_CLAMP)
-        return comm.all_reduce(out)                              # FFN all-reduce (routed + shared)
+        return comm.all_reduce(out) if reduce else out           # FFN all-reduce (routed + shared)
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)
     side = Side(xn, overlap and xn.shape[0] == 1, lane=SHARED_LANE)
@@ -734,7 +735,8 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
     side.join()
     if trace is not None:
         trace.update(expert_ids=ids, expert_weights=w, moe_out=routed, shared_out=shared)
-    return comm.all_reduce(routed + shared)                      # FFN all-reduce (routed + shared)
+    out = routed + shared
+    return comm.all_reduce(out) if reduce else out               # FFN all-reduce (routed + shared)
 
 
 def _local_ids(lw: LayerWeights, ids: torch.Tensor, s: Shape, rank: int) -> torch.Tensor:

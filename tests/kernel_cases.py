@@ -707,6 +707,35 @@ def case_hc_step(device, gen, E, be=None, mix=True):
                for n, a, b in zip(("streams", "x", "post", "M"), got, want))
 
 
+def case_hc_step_peer(device, gen, E, be=None, mix=False):
+    """The HC step with the all-reduce inside (hc_step's peer) on a rank paired with itself
+    (cuda_allreduce.PeerAllReduce.loopback: the sum is f + f = 2f exactly), three calls in a row
+    (both slots, the counter): against the plain launch on 2f, whose own twins case_hc_step
+    checks, and the counter at 3. The two ranks' case is tests/test_tp.py (two GPUs)."""
+    from ds4tp.config import F16, HC_EPS, RMS_EPS
+    from ds4tp.kernels import triton_hc
+    from ds4tp.kernels.cuda_allreduce import PeerAllReduce
+    lb = PeerAllReduce.loopback(torch.device(device))
+    r = lambda *sh: torch.randn(*sh, generator=gen).to(device)   # noqa: E731
+    fn = QTensor(F16, (24, 4 * E), (torch.randn(24, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
+                 .half().view(torch.uint8).reshape(24, 8 * E).to(device))
+    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
+    base, norm = r(24), (torch.rand(E, generator=gen) + 0.5).to(device)
+    kw = dict(mix=mix, **({} if be is None else {"be": be}))
+    worst, same = 0.0, True
+    for k in range(3):
+        f, hc, post, m = r(1, E), r(1, 4, E), r(1, 4), torch.rand(1, 4, 4, generator=gen).to(device)
+        got = triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS,
+                                peer=lb.fused(f), **kw)
+        want = triton_hc.hc_step(2 * f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS,
+                                 RMS_EPS, **kw)
+        for n, a, b in zip(("streams", "x", "post/z", "M"), got, want):
+            worst = max(worst, check(f"hc_step peer loopback {n} E={E} call {k}", a, b, 1e-6))
+            same = same and torch.equal(a, b)
+    assert int(lb.ctr.item()) == 3, f"the all-reduce counter reads {int(lb.ctr.item())} after 3 calls"
+    return f"{'bit-identical' if same else f'rel err {worst:.2e}'} to the plain launch on 2f"
+
+
 def case_linear_normed(device, gen, n_out, n_in, cfg=None):
     """One token's Q8_0 matvec of rms_norm(x, w) with the norm in the kernel's prologue, against
     ops.linear_normed_torch."""
@@ -1184,6 +1213,8 @@ def interpreter_cases():
     yield "decode hc_step one program", case_hc_step, (96,)
     yield "decode hc_step split, column tail", case_hc_step, (300, 64)
     yield "decode hc_step without the mixer, then hc_mix", case_hc_step, (300, 64, False)
+    yield "decode hc_step, all-reduce inside (loopback)", case_hc_step_peer, (300, 64)
+    yield "decode hc_step, all-reduce inside, one program", case_hc_step_peer, (96, None, True)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)
     yield "decode hc_logits one program", case_hc_logits, (4, 64, 4, 1)
     yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)

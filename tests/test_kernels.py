@@ -9,6 +9,7 @@ Two variants of the same cases (tests/kernel_cases.py):
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -739,21 +740,28 @@ def test_pick_kernel_compiles_for_sm90(nb, pdl):
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("split", [1, 5, 32])
-def test_hc_kernels_compile_for_sm90(split):
+@pytest.mark.parametrize("split,peer", [(1, False), (5, False), (32, False), (32, True), (5, True)])
+def test_hc_kernels_compile_for_sm90(split, peer):
     """The fused HC step and the HC mixer compiled to PTX for an H100/H200: the CPU interpreter
     runs Python semantics and misses what only the compiler rejects (a value whose type changed
     inside a runtime branch did, once), one and two passes over the streams, with and without
-    programmatic dependent launch."""
+    programmatic dependent launch, and with the all-reduce inside (peer): its flag's release
+    and the wait's acquire at system scope, the timer and the trap."""
     from ds4tp.kernels import triton_hc
     one_pass, pdl = split != 5, split == 32
     sig = {n: "*fp32" for n in ("f_ptr", "h_ptr", "post_ptr", "m_ptr", "out_ptr", "z_ptr", "ws_ptr",
-                                "scale_ptr", "base_ptr", "norm_ptr", "x_ptr", "post2_ptr", "m2_ptr")}
-    sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32")
+                                "scale_ptr", "base_ptr", "norm_ptr", "x_ptr", "post2_ptr", "m2_ptr",
+                                "ps_ptr", "ms_ptr")}
+    sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32",
+               pf_ptr="*i64", mf_ptr="*i64", ctr_ptr="*i64", cap="i32", timeout_ns="i64")
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
                  SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
-                 ONE_PASS=one_pass, MIX=split != 5, PDL=pdl)
-    assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)) == pdl
+                 ONE_PASS=one_pass, MIX=split != 5, PEER=peer, NFLAG=64, PDL=pdl)
+    ptx = _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)
+    assert ("griddepcontrol" in ptx) == pdl
+    marks = (r"atom\S*(\.sys\.release|\.release\.sys)", r"(ld|atom)\S*(\.sys\.acquire|\.acquire\.sys)",
+             "globaltimer", r"\btrap;")
+    assert [bool(re.search(m, ptx)) for m in marks] == [peer] * 4
     sig = {n: "*fp32" for n in ("z_ptr", "scale_ptr", "base_ptr", "post_ptr", "m_ptr")}
     sig.update(eps="fp32")
     assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_mix_kernel, sig,
@@ -796,6 +804,37 @@ def test_prefill_attention_compiles_for_sm90(comp):
 @pytest.mark.parametrize("be,mix", [(128, True), (64, True), (128, False)])
 def test_cuda_hc_step_full_size(be, mix):
     kc.case_hc_step("cuda", torch.Generator().manual_seed(be), 4096, be, mix)
+
+
+@needs_cuda
+@pytest.mark.parametrize("be,mix", [(128, False), (4096, True)])
+def test_cuda_hc_step_with_the_all_reduce_inside_on_one_gpu(be, mix):
+    """hc_step's peer exchange on one GPU paired with itself (f + f), at DS4's width."""
+    kc.case_hc_step_peer("cuda", torch.Generator().manual_seed(be), 4096, be, mix)
+
+
+@needs_cuda
+def test_cuda_peer_all_reduce_on_one_gpu():
+    """ar2_sum (cuda_allreduce) on one GPU paired with itself: x + x = 2x exactly, over both
+    slots, eager and replayed from a CUDA graph (two GPUs: tests/test_tp.py, against NCCL)."""
+    from ds4tp.kernels.cuda_allreduce import PeerAllReduce
+    lb = PeerAllReduce.loopback(torch.device("cuda"))
+    if lb.fn is None:
+        pytest.skip("allreduce.cu did not compile (no CuPy)")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for n in (4, 4096, 65536, 4097 * 4):
+        x = torch.randn(n, generator=g, device="cuda")
+        assert torch.equal(lb.all_reduce(x.clone()), 2 * x), n
+    x = torch.zeros(4096, device="cuda")
+    y = lb.all_reduce(x.tanh())                      # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lb.all_reduce(x.tanh())
+    for _ in range(5):
+        x.copy_(torch.randn(4096, generator=g, device="cuda"))
+        graph.replay()
+        assert torch.equal(y, 2 * x.tanh())
+    assert int(lb.ctr.item()) == 4 + 1 + 5         # eager calls, warm-up, replays (not the capture)
 
 
 @needs_cuda

@@ -267,6 +267,79 @@ def test_within_host_all_reduce_gives_nccls_bits():
                                                                # off 16-byte alignment: copied
 
 
+def _peer_hc_rank(comm, dev):
+    """The HC step with the all-reduce inside (hc_step's peer) against NCCL's all-reduce and the
+    plain HC step on its sum: eager, with ar2_sum all-reduces between (the counter and slots
+    both kinds share), then captured in a CUDA graph and replayed on fresh parts."""
+    import torch.distributed as dist
+    from ds4tp.config import HC_EPS, RMS_EPS
+    from ds4tp.kernels import triton_hc
+    assert comm.peer is not None, comm.peer_why
+    E = 4096
+    g = torch.Generator(device=dev).manual_seed(2000 + comm.rank)    # each rank's own part
+    gs = torch.Generator(device=dev).manual_seed(7)                   # the same on both ranks
+    fn = ((torch.randn(24, 4 * E, generator=gs, device=dev) * 3 / (4 * E) ** 0.5).half()
+          .view(torch.uint8).reshape(24, 8 * E))
+    scale = torch.rand(3, generator=gs, device=dev) + 0.2
+    base = torch.randn(24, generator=gs, device=dev)
+    norm = torch.rand(E, generator=gs, device=dev) + 0.5
+
+    def step(f, hc, post, m, peer):
+        return triton_hc.hc_step(f, hc, post, m, fn, scale, base, norm, 4, 20, HC_EPS, RMS_EPS,
+                                 mix=False, peer=peer)
+
+    def state():
+        return (torch.randn(1, 4, E, generator=gs, device=dev), torch.randn(1, 4, generator=gs, device=dev),
+                torch.rand(1, 4, 4, generator=gs, device=dev))
+
+    equal = []
+    for k, mag in enumerate((1e-3, 1.0, 1e4, 1.0)):
+        f = torch.randn(1, E, generator=g, device=dev) * mag
+        hc, post, m = state()
+        ref = f.clone()
+        dist.all_reduce(ref)
+        got = step(f, hc, post, m, comm.peer_sum(f))
+        equal.append(all(torch.equal(a, b) for a, b in zip(got, step(ref, hc, post, m, None))))
+        if k % 2:                                     # an all-reduce of its own in between
+            y = torch.randn(E, generator=g, device=dev)
+            r = y.clone()
+            dist.all_reduce(r)
+            equal.append(bool(torch.equal(comm.all_reduce(y), r)))
+    f = torch.zeros(1, E, device=dev)
+    hc, post, m = state()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):                     # warm-up, as the decoder's
+        a = comm.all_reduce(f * 2.0)
+        got = step(a.tanh() + f, hc, post, m, comm.peer_sum(f))
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a = comm.all_reduce(f * 2.0)
+        part = a.tanh() + f
+        got = step(part, hc, post, m, comm.peer_sum(part))
+    for _ in range(10):
+        f.copy_(torch.randn(1, E, generator=g, device=dev))
+        graph.replay()
+        torch.cuda.synchronize(dev)                   # (no eager NCCL call while a graph runs)
+        ra = f * 2.0
+        dist.all_reduce(ra)
+        rp = ra.tanh() + f
+        dist.all_reduce(rp)
+        want = step(rp, hc, post, m, None)
+        equal.append(bool(torch.equal(a, ra)) and all(torch.equal(x, y) for x, y in zip(got, want)))
+    return equal
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (the within-host all-reduce)")
+def test_all_reduce_inside_the_hc_step_gives_nccls_bits():
+    """The decode graphs' HC step sums the sublayer's two parts itself on two ranks of one host
+    (cuda_allreduce.PeerAllReduce.fused): the same bits as NCCL's all-reduce, then the plain HC
+    step, eager between ar2_sum all-reduces and replayed from a CUDA graph."""
+    equal = run_local_ranks(2, _peer_hc_rank, device="cuda")
+    assert all(equal) and len(equal) == 4 + 2 + 10, equal
+
+
 def test_nccl_defaults_fill_only_what_is_unset():
     """The NCCL settings init_dist applies before the communicator exists; an operator's own
     value (environment file, shell) wins."""

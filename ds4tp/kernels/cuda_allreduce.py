@@ -16,10 +16,18 @@ graphs capture it; a programmatic dependent launch on sm_90, so the kernel after
 weight loads while it waits for the peer). `connect` sets it up collectively: every rank
 allocates its buffer and exports an IPC handle, all exchange them, each opens its peer's, and it
 is used only if that worked on both ranks (otherwise both keep NCCL, with the reason).
+
+The same exchange also rides inside a consumer's launch (`PeerAllReduce.fused`): the decode
+graphs' HC step (triton_hc.hc_step with `peer=`) takes a sublayer's output as this rank's part,
+and each of its programs swaps its own columns with the peer's program of the same index through
+the same slots, one flag word per program, before it uses them. That saves the all-reduce's own
+launch and its output's round trip through memory. It shares the all-reduce counter `ctr` with
+`ar2_sum`, so the two kinds interleave in any order and the slot argument below holds for both.
 """
 from __future__ import annotations
 
 import socket
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,7 +37,9 @@ from ds4tp.kernels import cuda_c
 SLOT_BYTES = 256 << 10     # the largest tensor taken (a decode step's all-reduces: 16 KB; the
                            # indexer's scores: 4 bytes per compressed row, 64 KB at 65,536 tokens)
 _FLAGS = 2 * SLOT_BYTES    # byte offset of the two flag words in a rank's buffer
-_BYTES = _FLAGS + 256
+FUSED_FLAGS = 64           # flag words per slot for the fused exchange (one per program)
+_PFLAGS = _FLAGS + 256     # byte offset of those: [2, FUSED_FLAGS] int64
+_BYTES = _PFLAGS + 2 * FUSED_FLAGS * 8
 _THREADS_WARPS = 16        # one block of 512 threads
 _IPC_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 
@@ -45,17 +55,53 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+class _Addr:
+    """A device address as a Triton pointer argument (Triton takes anything with data_ptr() and
+    a dtype): the peer's buffer is mapped memory that no torch tensor owns."""
+
+    def __init__(self, addr: int, dtype: torch.dtype):
+        self.addr, self.dtype = addr, dtype
+
+    def data_ptr(self) -> int:
+        return self.addr
+
+
+class PeerSum(NamedTuple):
+    """What a consumer launch needs to make the exchange itself (triton_hc.hc_step's `peer`):
+    the two ranks' slots [2 * cap] float32 and fused flag words [2, FUSED_FLAGS] int64 (peer's,
+    own), this rank's all-reduce counter, the slot size and the wait's timeout."""
+    peer_slots: object
+    my_slots: object
+    peer_flags: object
+    my_flags: object
+    ctr: torch.Tensor
+    cap: int
+    timeout_ns: int
+
+
 class PeerAllReduce:
     """One rank's side of the within-host all-reduce of two ranks (see the module docstring).
-    `on` switches it off for an A/B timing in the same run (both ranks must switch alike)."""
+    `on` switches it off for an A/B timing in the same run (both ranks must switch alike), and
+    `fuse` the exchange inside consumer launches (`fused`) alone."""
 
-    def __init__(self, rank: int, device: torch.device, mine: int, peer: int, timeout_s: float):
+    def __init__(self, rank: int, device: torch.device, mine: int, peer: int, timeout_s: float,
+                 own: torch.Tensor | None = None):
         self.rank, self.device = rank, device
         self._mine, self._peer = mine, peer            # buffer addresses: own, peer's (mapped)
+        self._own = own                                # loopback: the torch buffer at both
         self.ctr = torch.zeros(1, dtype=torch.int64, device=device)   # all-reduces made so far
         self.timeout_ns = np.uint64(int(timeout_s * 1e9))
         self.on = True
-        self.fn = cuda_c.kernel("allreduce.cu", "ar2_sum", device.index)
+        self.fuse = True
+        self.fn = cuda_c.kernel("allreduce.cu", "ar2_sum", device.index) if device.type == "cuda" else None
+
+    @classmethod
+    def loopback(cls, device: torch.device, timeout_s: float = 10.0) -> "PeerAllReduce":
+        """One rank paired with itself (its buffer is also its peer's): every all-reduce gives
+        x + x = 2x exactly. For tests of the protocol on one GPU, and of the fused exchange in
+        Triton's CPU interpreter."""
+        own = torch.zeros(_BYTES, dtype=torch.uint8, device=device)
+        return cls(0, device, own.data_ptr(), own.data_ptr(), timeout_s, own=own)
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether x goes through peer memory. Decided from x's dtype, layout and size alone, which
@@ -64,6 +110,20 @@ class PeerAllReduce:
         return (self.on and self.fn is not None and x.is_cuda and x.device == self.device
                 and x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 4 == 0
                 and 0 < 4 * x.numel() <= SLOT_BYTES)
+
+    def fused(self, x: torch.Tensor) -> PeerSum | None:
+        """The exchange's arguments for a consumer launch that sums x itself (None: x goes by
+        all_reduce). The same choice on both ranks: x's shape and dtype alone."""
+        if not (self.on and self.fuse and x.device == self.device and x.dtype == torch.float32
+                and x.is_contiguous() and 0 < 4 * x.numel() <= SLOT_BYTES):
+            return None
+        if self._own is not None:        # torch views (Triton's interpreter takes only tensors)
+            slots = self._own[:_FLAGS].view(torch.float32)
+            flags = self._own[_PFLAGS:].view(torch.int64)
+            return PeerSum(slots, slots, flags, flags, self.ctr, SLOT_BYTES // 4, int(self.timeout_ns))
+        return PeerSum(_Addr(self._peer, torch.float32), _Addr(self._mine, torch.float32),
+                       _Addr(self._peer + _PFLAGS, torch.int64), _Addr(self._mine + _PFLAGS, torch.int64),
+                       self.ctr, SLOT_BYTES // 4, int(self.timeout_ns))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over both ranks, in place (takes(x) holds)."""
@@ -79,6 +139,8 @@ class PeerAllReduce:
 
     def close(self) -> None:
         cp = cuda_c._cupy()
+        if self._own is not None:
+            self._own = self._mine = self._peer = None
         if cp is None or self._mine is None:
             return
         try:

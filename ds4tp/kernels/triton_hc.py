@@ -270,11 +270,46 @@ def hc_logits(hc: torch.Tensor, fn_raw: torch.Tensor, eps: float, split: int = H
 
 
 @triton.jit
+def _global_ns(x):
+    """The GPU's global timer in ns (x: any int64 scalar, only to give the result its shape)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [x], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _trap(x):
+    tl.inline_asm_elementwise("trap;", "=l,l", [x], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _peer_wait(flag_ptr, nr, timeout_ns):
+    """Wait until the flag word reads the all-reduce number nr (acquire at system scope: the
+    peer's stores before its release are then visible); trap after timeout_ns (a lost peer
+    becomes an error, never a hang). The timer is read only if the first look fails."""
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    if seen != nr:
+        t0 = _global_ns(nr)
+        while seen != nr:
+            if _global_ns(nr) - t0 > timeout_ns:
+                _trap(nr)
+            seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH: tl.constexpr):
+    """The F16 mixer weight [N, NH*E] at rows x streams i x columns e, as float32 [BN, NH, BE]."""
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * (NH * E) + i[None, :, None] * E + e[None, None, :],
+                   mask=(rows < N)[:, None, None] & ok[None, None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr, ss_ptr, cnt_ptr,
                     scale_ptr, base_ptr, norm_ptr, x_ptr, post2_ptr, m2_ptr, E, N, eps, rms_eps,
+                    ps_ptr, ms_ptr, pf_ptr, mf_ptr, ctr_ptr, cap, timeout_ns,
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
-                    MIX: tl.constexpr = True, PDL: tl.constexpr = False):
+                    MIX: tl.constexpr = True, PEER: tl.constexpr = False, NFLAG: tl.constexpr = 64,
+                    PDL: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -284,23 +319,48 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
     and its float64 sum of squares. The last program to arrive (atomic ticket) adds the partials
     in the order 0..SPLIT-1, scales them (z = s * (x @ W^T), as _hc_logits_kernel), stores z and
     runs the mixer: post', M' (Sinkhorn) and the normed input x, reading the new streams back
-    past L1. Without MIX it leaves post' and M' to _hc_mix_kernel (z is stored either way)."""
+    past L1. Without MIX it leaves post' and M' to _hc_mix_kernel (z is stored either way).
+    PEER: f is this rank's part of the sublayer's output, and the two ranks' sum is formed here
+    (cuda_allreduce.fused: the protocol of allreduce.cu, program by program). Program p pushes
+    its columns of f into the peer's slot, releases its flag word there, loads what it can
+    (streams, mixer rows) and waits for its own flag word; then f = own + peer's (the bits of
+    NCCL's sum of two). The last program stores the all-reduce number into ctr."""
     pdl_start(PDL)
     p = tl.program_id(0)
     i = tl.arange(0, NH)
     e = p * BE + tl.arange(0, BE)
     ok = e < E
-    fv = tl.load(f_ptr + e, mask=ok, other=0.0)
-    acc = tl.load(post_ptr + i)[:, None] * fv[None, :]
-    for r in tl.static_range(NH):
-        h = tl.load(h_ptr + r * E + e, mask=ok, other=0.0)
-        acc += tl.load(m_ptr + r * NH + i)[:, None] * h[None, :]
+    rows = tl.arange(0, BN)
+    if PEER:
+        nr = tl.load(ctr_ptr, cache_modifier=".cg") + 1        # this rank's all-reduce number
+        fv = tl.load(f_ptr + e, mask=ok, other=0.0)
+        slot = (nr & 1) * cap
+        tl.store(ps_ptr + slot + e, fv, mask=ok)                # into the peer's slot
+        tl.debug_barrier()                                      # the program's stores, then
+        tl.atomic_xchg(pf_ptr + (nr & 1) * NFLAG + p, nr, sem="release", scope="sys")  # its flag
+        tl.static_assert(NH == 4)
+        h0 = tl.load(h_ptr + 0 * E + e, mask=ok, other=0.0)     # loads that need no peer,
+        h1 = tl.load(h_ptr + 1 * E + e, mask=ok, other=0.0)     # issued before the wait
+        h2 = tl.load(h_ptr + 2 * E + e, mask=ok, other=0.0)
+        h3 = tl.load(h_ptr + 3 * E + e, mask=ok, other=0.0)
+        w = _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH)
+        _peer_wait(mf_ptr + (nr & 1) * NFLAG + p, nr, timeout_ns)
+        fv = fv + tl.load(ms_ptr + slot + e, mask=ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(post_ptr + i)[:, None] * fv[None, :]      # as below, the same order
+        acc += tl.load(m_ptr + 0 * NH + i)[:, None] * h0[None, :]
+        acc += tl.load(m_ptr + 1 * NH + i)[:, None] * h1[None, :]
+        acc += tl.load(m_ptr + 2 * NH + i)[:, None] * h2[None, :]
+        acc += tl.load(m_ptr + 3 * NH + i)[:, None] * h3[None, :]
+    else:
+        fv = tl.load(f_ptr + e, mask=ok, other=0.0)
+        acc = tl.load(post_ptr + i)[:, None] * fv[None, :]
+        for r in tl.static_range(NH):
+            h = tl.load(h_ptr + r * E + e, mask=ok, other=0.0)
+            acc += tl.load(m_ptr + r * NH + i)[:, None] * h[None, :]
+        w = _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH)
     tl.store(out_ptr + i[:, None] * E + e[None, :], acc, mask=ok[None, :])
     ad = acc.to(tl.float64)
     sq = tl.sum(ad * ad, axis=0)                                       # [BE] float64
-    rows = tl.arange(0, BN)
-    w = tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * (NH * E) + i[None, :, None] * E + e[None, None, :],
-                mask=(rows < N)[:, None, None] & ok[None, None, :], other=0.0).to(tl.float32)
     y = tl.sum(tl.sum(w * acc[None, :, :], axis=2), axis=1)           # [BN] partial logits
     last = True
     if SPLIT > 1:
@@ -338,6 +398,8 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
                       XB, ONE_PASS, True)
         if SPLIT > 1:
             tl.atomic_xchg(cnt_ptr, 0)
+        if PEER:
+            tl.store(ctr_ptr, nr)          # every program read it before its ticket
 
 
 @triton.jit
@@ -385,15 +447,18 @@ def step_enabled() -> bool:
 def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
             fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
             n_hc: int, iters: int, eps: float, rms_eps: float, be: int = HC_STEP_BE,
-            warps: int = 8, mix: bool = True):
+            warps: int = 8, mix: bool = True, peer=None):
     """One token: hc_post(f, hc, post, M) and then the next sublayer's mixer on the new streams
     (hc_logits with the F16 weight bytes fn_raw [N, 2*n*E], hc_combine with scale, base, norm)
     in one launch. f [1, E], hc [1, n, E], post [1, n], M [1, n, n] float32 -> the new streams
     [1, n, E], the normed sublayer input x [1, E], post' [1, n], M' [1, n, n]. mix=False: the
     mixer logits z [1, N] in place of post' and M' (-> the new streams, x, z), for hc_mix to
     finish beside the sublayer: Sinkhorn is ~2.2 of the launch's ~8.5 us on an H200
-    (bench/hc_step_sweep.py) and only the update after the sublayer reads its result. The
-    twins: ds4tp.model.hc_post_torch, hc_logits_torch, hc_combine_torch."""
+    (bench/hc_step_sweep.py) and only the update after the sublayer reads its result.
+    peer (cuda_allreduce.PeerSum, two ranks of one host): f is this rank's part of the
+    sublayer's output, summed with the peer's inside the launch (its all-reduce); both ranks
+    must make the same calls. The twins: ds4tp.model.hc_post_torch, hc_logits_torch,
+    hc_combine_torch (and for peer, NCCL's all-reduce before them)."""
     if hc.dim() != 3 or hc.shape[0] != 1:
         raise ValueError(f"hc_step: expects one token's streams [1, n, E], got {tuple(hc.shape)}")
     _, n, E = hc.shape
@@ -423,12 +488,21 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     ws, cnt = _split_buffers(split, 1, bn, 1, dev, z)
     ss = torch.empty(split, dtype=torch.float64, device=dev) if split > 1 else z
     xb = min(HC_ONE_PASS_MAX, triton.next_power_of_2(E))
+    if peer is not None:
+        from ds4tp.kernels.cuda_allreduce import FUSED_FLAGS
+        if n != 4 or E > peer.cap or split > FUSED_FLAGS:
+            raise ValueError(f"hc_step: the all-reduce inside takes 4 streams of at most {peer.cap} "
+                             f"columns in at most {FUSED_FLAGS} programs, got {n} x {E} in {split}")
+        ex = (peer.peer_slots, peer.my_slots, peer.peer_flags, peer.my_flags, peer.ctr, peer.cap,
+              peer.timeout_ns)
+    else:
+        ex = (z, z, cnt, cnt, cnt, 0, 0)
     _hc_step_kernel[(split,)](f.contiguous(), hc.contiguous(), post.contiguous(), m.contiguous(), out,
                               fn_raw.view(torch.float16), z, ws, ss, cnt, scale.contiguous(),
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
-                              NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
-                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, num_warps=warps,
-                              **pdl.triton_args(dev))
+                              *ex, NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
+                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, PEER=peer is not None,
+                              num_warps=warps, **pdl.triton_args(dev))
     return (out, x, post2, m2) if mix else (out, x, z)
 
 
