@@ -183,6 +183,8 @@
 #         all-reduce against NCCL inside it; CUDA goldens TP=2, TP=1)
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
 #         e_at), the all-reduce inside the HC step (its twins, TP=2 bench A/B against ar2_sum)
+#   s28b: session 28, two GPUs: CUDA twins (HC step with the all-reduce inside on one GPU, the
+#         Q8_0 matvec's rows prefetched), TP=2,1 bench: the prefetch after latency-bound kernels
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)
@@ -1159,6 +1161,14 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s28b ]; then
+  log "CUDA twins: the HC step with the all-reduce inside (one GPU), the Q8_0 matvec (prefetched rows)"
+  timeout 200 python3 -m pytest -q -rf tests/test_kernels.py -k "hc_step or peer_all_reduce or hc_kernels or cuda_c" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -24
+  log "bench, 43 layers, TP=2,1, depth 0: matvec rows into L2 before the wait (EARLY_BYTES) A/B"
+  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
 elif [ "$MODE" = s27e ]; then
   bench_goldens
 elif [ "$MODE" = s27k ]; then

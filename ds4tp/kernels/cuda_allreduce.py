@@ -101,7 +101,7 @@ class PeerAllReduce:
         x + x = 2x exactly. For tests of the protocol on one GPU, and of the fused exchange in
         Triton's CPU interpreter."""
         own = torch.zeros(_BYTES, dtype=torch.uint8, device=device)
-        return cls(0, device, own.data_ptr(), own.data_ptr(), timeout_s, own=own)
+        return cls(0, own.device, own.data_ptr(), own.data_ptr(), timeout_s, own=own)   # ("cuda" -> "cuda:0")
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether x goes through peer memory. Decided from x's dtype, layout and size alone, which
