@@ -185,6 +185,7 @@
 #         e_at), the all-reduce inside the HC step (its twins, TP=2 bench A/B against ar2_sum)
 #   s28b: session 28, two GPUs: CUDA twins (HC step with the all-reduce inside on one GPU, the
 #         Q8_0 matvec's rows prefetched), TP=2,1 bench: the prefetch after latency-bound kernels
+#         (measured slower and removed: its code at a626382)
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)

@@ -528,14 +528,8 @@ def _bench_rank(comm, dev, cfg):
         peer.on = True
         res["peer_logits_equal_nccl"] = bool(torch.equal(decode_logits(model, 8), ref))
         save()
-    # the matvecs after a latency-bound kernel (q_a_kv, attn_output_a) reading only their first
-    # step's pieces into L2 before they wait (decode_graph.EARLY_BYTES 0), or 32 MB of rows
-    from ds4tp import decode_graph
-    for key, early in (("decode_d0_chained_early_off", 0), ("decode_d0_chained_early_32m", 32 << 20)):
-        with _setting(decode_graph, "EARLY_BYTES", early):
-            res[key] = time_decode(model, 1, steps, max_ctx=256, chained=True)
-        save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
+    from ds4tp import decode_graph
     with _switched_off(decode_graph.set_mix_side_enabled):
         res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()

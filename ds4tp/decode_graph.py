@@ -68,11 +68,6 @@ class _Layer:
 # default priority again.
 CAPTURE_PRIORITY = 0
 
-# Bytes of the Q8_0 weight that the matvecs after a latency-bound kernel (q_a_kv after the HC
-# step, attn_output_a after attention) read into L2 before they wait for their input: those
-# kernels leave HBM idle for several microseconds (ops.linear's prefetch; benchmarks set 0).
-EARLY_BYTES = 16 << 20
-
 # How the static decoder schedules the HC mixers' Sinkhorn (benchmarks switch each off in turn):
 # beside the sublayer (hc_step without it, then hc_mix on a side stream) rather than inside
 # hc_step, and there on a side stream of its own rather than the shared expert's.
@@ -388,9 +383,7 @@ class StaticDecoder:
                 compressor_step(cw, xn, pos, front.kv, front.sc)
             if jobs and emit:
                 self._emit(jobs, pos)
-        # q_a_kv and attn_output_a read their weights into L2 while the kernel ahead (the HC
-        # step, attention) leaves HBM idle
-        qa, kv_lin = linear(lw.q_a_kv, xn, EARLY_BYTES).split([lw.q_a.shape[0], s.head_dim], -1)
+        qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
@@ -406,7 +399,7 @@ class StaticDecoder:
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
                 mask = select_mask(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
-        return grouped_linear_out(lw, o, s, EARLY_BYTES)   # this rank's part: _update all-reduces it
+        return grouped_linear_out(lw, o, s)          # this rank's part: _update all-reduces it
 
     def _emit(self, jobs, pos):
         """On a token ending its layer's compressor windows (jobs [(weights, frontier, cache,

@@ -581,13 +581,12 @@ def attend_many(q, cos, sin, raw, raw_prev: int, raw_pos, comp, comp_mask, p0: i
     return o
 
 
-def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape, prefetch: int = 0) -> torch.Tensor:
+def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Tensor:
     """Grouped low-rank output (sec. 9.8): o [T, H_l, D] -> this rank's partial [T, E].
     Each output group maps its heads to o_lora dims; this rank's groups are exactly its heads,
-    and attn_output_b holds the matching input columns (row-parallel, summed by all-reduce).
-    prefetch: bytes of attn_output_a read into L2 before its launch waits (ops.linear)."""
+    and attn_output_b holds the matching input columns (row-parallel, summed by all-reduce)."""
     T = o.shape[0]
-    low = grouped_linear(lw.out_a, o.reshape(T, -1, s.group_in), prefetch)  # [T, G_l, o_lora]
+    low = grouped_linear(lw.out_a, o.reshape(T, -1, s.group_in))  # [T, G_l, o_lora]
     return linear(lw.out_b, low.reshape(T, -1))
 
 

@@ -94,13 +94,11 @@ def _fused_ok(x: torch.Tensor) -> bool:
     return kernels.on_gpu(x)
 
 
-def linear(w: QTensor, x: torch.Tensor, prefetch: int = 0) -> torch.Tensor:
-    """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere. prefetch:
-    bytes of the weight a one-token CUDA launch reads into L2 before it waits for x (where the
-    kernel ahead leaves HBM idle); no effect on the result."""
+def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere."""
     if _fused_ok(x):
         from ds4tp import kernels
-        y = kernels.linear(w, x, prefetch)
+        y = kernels.linear(w, x)
         if y is not None:
             return y
     return linear_torch(w, x)
@@ -213,12 +211,11 @@ def expert_down_shared(w: QTensor, mid: torch.Tensor, ids: torch.Tensor, w_sh: Q
     return expert_linear(w, mid, ids, sum_slots=True) + swiglu_linear(w_sh, gu, clamp)
 
 
-def grouped_linear(w: QTensor, x: torch.Tensor, prefetch: int = 0) -> torch.Tensor:
-    """Grouped low-rank projection (attention output A); see grouped_linear_torch (prefetch:
-    as linear's)."""
+def grouped_linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
+    """Grouped low-rank projection (attention output A); see grouped_linear_torch."""
     if _fused_ok(x):
         from ds4tp import kernels
-        y = kernels.grouped_linear(w, x, prefetch)
+        y = kernels.grouped_linear(w, x)
         if y is not None:
             return y
     return grouped_linear_torch(w, x)

@@ -327,20 +327,11 @@ def case_cuda_not_covered(device, gen):
 
 
 def case_cuda_q8_0(device, gen, n_out, n_in, groups=1, normed=False, shard=False, rpb=None, warps=None,
-                   loads=None, swiglu=False, prefetch=0):
+                   loads=None, swiglu=False):
     """The CUDA C Q8_0 one-token matvec (cuda_matvec.q8_0) against the twin of its entry point
-    (linear, grouped_linear, linear_normed, swiglu_linear); asserts that it took the case.
-    prefetch: that many bytes read into L2 before the wait, and the same bits as without."""
+    (linear, grouped_linear, linear_normed, swiglu_linear); asserts that it took the case."""
     from ds4tp.kernels import cuda_matvec as cm
     kw = {"rpb": rpb, **({"warps": warps} if warps else {}), **({"loads": loads} if loads else {})}
-    if prefetch:
-        w = rand_weight(Q8_0, (n_out, n_in), gen, device)
-        x = rand_act((1, groups * n_in), gen, device)
-        got, plain = cm.q8_0(w, x, groups, prefetch=prefetch, **kw), cm.q8_0(w, x, groups, **kw)
-        assert got is not None and torch.equal(got, plain), "prefetched rows changed the result"
-        want = (ops.grouped_linear_torch(w, x.view(1, groups, n_in)).reshape(1, -1) if groups > 1
-                else ops.linear_torch(w, x))
-        return check(f"cuda q8_0 {n_out}x{n_in} groups={groups} prefetch={prefetch}", got, want)
     if shard:
         w = column_shard(rand_weight(Q8_0, (n_out, 2 * n_in), gen, device), 1, 2)
         assert not w.raw.is_contiguous()
@@ -437,10 +428,6 @@ def cuda_c_cases():
     yield "cuda q8_0 column shard", case_cuda_q8_0, (48, 2048, 1, False, True)
     yield "cuda q8_0 many rows per warp", case_cuda_q8_0, (4099, 1024, 1, False, False, 512)
     yield "cuda q8_0 4 warps", case_cuda_q8_0, (100, 8192, 1, False, False, None, 4)
-    yield "cuda q8_0 all rows prefetched", case_cuda_q8_0, (1536, 4096, 1, False, False, None, None,
-                                                             None, False, 1 << 30)
-    yield "cuda q8_0 grouped, first rows prefetched", case_cuda_q8_0, (8 * 136, 4096, 8, False, False,
-                                                                        None, None, None, False, 1 << 20)
     yield "cuda q8_0 16 warps normed", case_cuda_q8_0, (100, 2048, 1, True, False, None, 16)
     yield "cuda q8_0 4 loads", case_cuda_q8_0, (70, 1024, 1, False, False, 16, 8, 4)
     yield "cuda q8_0 16 loads grouped", case_cuda_q8_0, (4 * 20, 512, 4, False, False, None, 8, 16)

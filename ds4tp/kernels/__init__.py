@@ -106,14 +106,13 @@ def _many(T: int) -> bool:
     return T >= GEMM_MIN_T
 
 
-def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0,
-               prefetch: int = 0):
+def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0):
     """The CUDA C Q8_0 matvec for one token (x2 [1, groups*in], or [1, 2*in] with swiglu_clamp)
     where CuPy is here, else None."""
     if w.qtype != Q8_0 or x2.shape[0] != 1:
         return None
     from ds4tp.kernels import cuda_matvec
-    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp, prefetch=prefetch)
+    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp)
 
 
 def _cuda_f16(w, x2):
@@ -124,15 +123,13 @@ def _cuda_f16(w, x2):
     return cuda_matvec.f16(w, x2)
 
 
-def linear(w, x, prefetch: int = 0):
-    """prefetch: bytes of a one-token Q8_0 weight read into L2 before the kernel waits for x
-    (the CUDA C matvec; cuda_matvec.q8_0)."""
+def linear(w, x):
     if not _covered(w, x):
         return None
     if _many(x.shape[0]):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x)
-    y = _cuda_q8_0(w, x, prefetch=prefetch)
+    y = _cuda_q8_0(w, x)
     if y is None:
         y = _cuda_f16(w, x)
     if y is not None:
@@ -160,14 +157,14 @@ def swiglu_linear(w, gu, clamp):
     return _cuda_q8_0(w, gu, swiglu_clamp=clamp)
 
 
-def grouped_linear(w, x, prefetch: int = 0):
+def grouped_linear(w, x):
     if not _covered(w, x):
         return None
     T, G, n_in = x.shape
     if _many(T):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x.reshape(T, G * n_in), groups=G).view(T, G, -1)
-    y = _cuda_q8_0(w, x.reshape(T, G * n_in), G, prefetch=prefetch)
+    y = _cuda_q8_0(w, x.reshape(T, G * n_in), G)
     if y is not None:
         return y.view(T, G, -1)
     from ds4tp.kernels import triton_matvec as tm

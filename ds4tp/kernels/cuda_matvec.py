@@ -56,14 +56,11 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
          rpb: int | None = None, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
-         swiglu_clamp: float = 0.0, prefetch: int = 0) -> torch.Tensor | None:
+         swiglu_clamp: float = 0.0) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
-    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. prefetch: up to that many
-    bytes of the weight (each block's first rows) read into L2 before the kernel waits for x,
-    for a call whose kernel ahead leaves HBM idle (sm_90; else the first step's pieces). None if
-    not covered."""
+    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. None if not covered."""
     if not (available() and w.qtype == Q8_0 and len(w.shape) == 2 and x.dim() == 2
             and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
             and x.device == w.raw.device):
@@ -87,15 +84,11 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
     rpg = N // groups
     rpb = rpb or default_rpb(fn, N, x.device, warps)
-    blocks = -(-rpg // rpb) * groups
-    pf_rows = 0
-    if prefetch > 0 and d.data_ptr() % 16 == 0 and torch.cuda.get_device_capability(x.device) >= (9, 0):
-        pf_rows = max(1, min(rpb, prefetch // (blocks * (K + K // 16))))     # quants + scales a row
     cuda_c.launch(fn, x.device, (-(-rpg // rpb), groups), warps,
                   (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
                    cuda_c.ptr(nw) if nw is not None else np.uint64(0), np.float32(eps),
                    np.float32(swiglu_clamp if act else 0.0),
-                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb), np.int32(pf_rows)))
+                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
     return y
 
 

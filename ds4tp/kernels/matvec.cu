@@ -90,33 +90,13 @@ __device__ __forceinline__ void q8_0_prefetch(const signed char* q, long long ro
     }
 }
 
-// The block's first n rows, quants and scales, into L2 by two bulk prefetches (sm_90; both
-// ranges contiguous in the split layout and 16-byte multiples: K = 512 * CPR).
-template <int CPR>
-__device__ __forceinline__ void q8_0_prefetch_rows(const signed char* q, const unsigned short* d,
-                                                   long long row0, int n) {
-#if __CUDA_ARCH__ >= 900
-    const long long K = 512LL * CPR;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                 :: "l"(q + row0 * K), "r"((unsigned)(n * K)) : "memory");
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                 :: "l"(d + row0 * (K / 32)), "r"((unsigned)(n * (K / 16))) : "memory");
-#endif
-}
-
 template <int CPR>
 __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned short* d,
                                            const float* x, const float* nw, float eps, float clamp,
-                                           float* y, long long row0, int nrows, int pf_rows,
-                                           signed char* s_q, float* s_d, double* s_red) {
+                                           float* y, long long row0, int nrows, signed char* s_q,
+                                           float* s_d, double* s_red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // pf_rows > 0: that many of the block's rows into L2 before the wait (where the kernel ahead
-    // leaves HBM idle: the attention kernel, the HC step); else the first step's pieces only
-    if (pf_rows > 0) {
-        if (threadIdx.x == 0) q8_0_prefetch_rows<CPR>(q, d, row0, min(pf_rows, nrows));
-    } else {
-        q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
-    }
+    q8_0_prefetch<CPR>(q, row0, nrows, lane, warp);
     pdl_wait();                       // x is the kernel ahead's output (PDL: ds4tp.kernels.pdl)
     q8_0_prologue<WARPS>(x, nw, eps, clamp, 512 * CPR, s_q, s_d, s_red);
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
@@ -126,12 +106,11 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
 // (nw: rms_norm(x_g, nw) instead; clamp > 0: swiglu_clamped(x[:K], x[K:2K]) instead; one
 // group). Grid (cdiv(rows_per_group, rpb), groups); block b of group g owns rows
 // g*rows_per_group + b*rpb + 0 .. rpb-1.
-// pf_rows > 0: each block first prefetches that many of its rows into L2 (q8_0_block).
-// Requires (host-checked): K = 512 * 2^i <= MAX_K, q, d and x 16-byte aligned, contiguous.
+// Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
 extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
             const float* x, const float* __restrict__ nw, float eps, float clamp,
-            float* __restrict__ y, int K, int rows_per_group, int rpb, int pf_rows) {
+            float* __restrict__ y, int K, int rows_per_group, int rpb) {
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
     __shared__ double s_red[WARPS];
@@ -142,12 +121,12 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
     const long long row0 = (long long)g * rows_per_group + first;
     const float* xg = x + (long long)g * K;
     switch (K >> 9) {
-        case 1: q8_0_block<1>(q, d, xg, nw, eps, clamp, y, row0, nrows, pf_rows, s_q, s_d, s_red); break;
-        case 2: q8_0_block<2>(q, d, xg, nw, eps, clamp, y, row0, nrows, pf_rows, s_q, s_d, s_red); break;
-        case 4: q8_0_block<4>(q, d, xg, nw, eps, clamp, y, row0, nrows, pf_rows, s_q, s_d, s_red); break;
-        case 8: q8_0_block<8>(q, d, xg, nw, eps, clamp, y, row0, nrows, pf_rows, s_q, s_d, s_red); break;
-        case 16: q8_0_block<16>(q, d, xg, nw, eps, clamp, y, row0, nrows, pf_rows, s_q, s_d, s_red); break;
-        case 32: q8_0_block<32>(q, d, xg, nw, eps, clamp, y, row0, nrows, pf_rows, s_q, s_d, s_red); break;
+        case 1: q8_0_block<1>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 2: q8_0_block<2>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 4: q8_0_block<4>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 8: q8_0_block<8>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 16: q8_0_block<16>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
+        case 32: q8_0_block<32>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
     }
 }
 
