@@ -186,6 +186,8 @@
 #   s28b: session 28, two GPUs: CUDA twins (HC step with the all-reduce inside on one GPU, the
 #         Q8_0 matvec's rows prefetched), TP=2,1 bench: the prefetch after latency-bound kernels
 #         (measured slower and removed: its code at a626382)
+#   s28c: session 28 closing run, two GPUs: TP=2,1 bench with depth 4096, CUDA goldens
+#   s28d: session 28, two GPUs: the served path on the final code, worker 1 killed mid-stream
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)
@@ -1162,6 +1164,10 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s28c ]; then
+  bench_goldens
+elif [ "$MODE" = s28d ]; then
+  serve_full 200 370 --kill 1
 elif [ "$MODE" = s28b ]; then
   log "CUDA twins: the HC step with the all-reduce inside (one GPU), the Q8_0 matvec (prefetched rows)"
   timeout 200 python3 -m pytest -q -rf tests/test_kernels.py -k "hc_step or peer_all_reduce or hc_kernels or cuda_c" > "$OUT/tests_kernels.txt" 2>&1

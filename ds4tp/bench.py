@@ -309,7 +309,9 @@ def profile_split(model, max_ctx: int = 256) -> dict:
     """GPU time of one eager decode step, split into the weight matvec kernels (our Triton
     kernels that stream weights) and everything else (small fused ops, attention, copies).
     Programmatic dependent launch is off for it: with it, a kernel starts before the one ahead
-    ends and its measured time takes in part of that one's."""
+    ends and its measured time takes in part of that one's. So is the within-host all-reduce
+    inside the HC step: eager, a rank's HC step would wait there for the other rank's host, and
+    that wait belongs to the collectives (ar2_sum's launches, left out), not to the kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     from ds4tp.decode_graph import StaticDecoder
@@ -318,7 +320,9 @@ def profile_split(model, max_ctx: int = 256) -> dict:
     model.forward([1], st)
     dec = StaticDecoder(model, max_ctx=max_ctx, use_graphs=False)
     dec.load_session(st)
-    with _switched_off(pdl.set_enabled):
+    peer = getattr(model.comm, "peer", None)
+    unfused = _setting(peer, "fuse", False) if peer is not None else contextlib.nullcontext()
+    with _switched_off(pdl.set_enabled), unfused:
         for _ in range(3):
             dec.step(5)
         _sync()
