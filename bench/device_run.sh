@@ -188,6 +188,8 @@
 #         (measured slower and removed: its code at a626382)
 #   s28c: session 28 closing run, two GPUs: TP=2,1 bench with depth 4096, CUDA goldens
 #   s28d: session 28, two GPUs: the served path on the final code, worker 1 killed mid-stream
+#   s28e: session 28, two GPUs: TP=2 bench with depth 4096, the decode attention's launch
+#         shapes (programs per head, keys per block, warps) as A/B variants
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)
@@ -1164,6 +1166,11 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s28e ]; then
+  log "bench, 43 layers, TP=2, depth 0 and 4096: the decode attention's launch shapes"
+  timeout 330 python3 -m ds4tp bench --tp 2 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
 elif [ "$MODE" = s28c ]; then
   bench_goldens
 elif [ "$MODE" = s28d ]; then

@@ -383,6 +383,7 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
 
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
+ATTN_WARPS = 4    # warps per program
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -628,8 +629,8 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
                                   sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
                                   eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
-                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None, num_warps=4,
-                                  **pdl.triton_args(qb.device))
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
+                                  num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
     return out
 
 
