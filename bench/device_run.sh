@@ -190,6 +190,8 @@
 #   s28d: session 28, two GPUs: the served path on the final code, worker 1 killed mid-stream
 #   s28e: session 28, two GPUs: TP=2 bench with depth 4096, the decode attention's launch
 #         shapes (programs per head, keys per block, warps) as A/B variants
+#   s28f: session 28, two GPUs: the KV row stored inside the attention launch: CUDA twins and
+#         graph tests, TP=2,1 bench (A/B against kv_store's own launch), CUDA goldens
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)
@@ -1166,6 +1168,17 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s28f ]; then
+  log "CUDA twins and graph tests: attention with the new KV row, kv_store, HC step, decode graphs"
+  timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py \
+    -k "attention or kv_store or hc_step or hc_kernels or cuda_c or on_cuda or graph or pdl" > "$OUT/tests.txt" 2>&1
+  tail -2 "$OUT/tests.txt"; grep -E "^FAILED|^E  " "$OUT/tests.txt" | head -20
+  log "bench, 43 layers, TP=2,1, depth 0: the KV row inside attention against kv_store's launch"
+  timeout 240 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  golden 2 static 90
+  golden 1 static 70
 elif [ "$MODE" = s28e ]; then
   log "bench, 43 layers, TP=2, depth 0 and 4096: the decode attention's launch shapes"
   timeout 330 python3 -m ds4tp bench --tp 2 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1

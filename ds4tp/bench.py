@@ -532,15 +532,12 @@ def _bench_rank(comm, dev, cfg):
         peer.on = True
         res["peer_logits_equal_nccl"] = bool(torch.equal(decode_logits(model, 8), ref))
         save()
-    # one token's attention kernel in other launch shapes: programs per head (split over keys),
-    # keys per block, warps per program (triton_attn.ATTN_SPLIT, ATTN_BK, ATTN_WARPS)
+    # this token's KV row stored by a launch of its own (triton_attn.kv_store, up to the
+    # twenty-sixth session) instead of inside the attention launch
     from ds4tp.kernels import triton_attn
-    for key, split, bk, warps in (("split4", 4, 16, 4), ("split16", 16, 16, 4), ("split4_bk32", 4, 32, 4),
-                                  ("warps8", 8, 16, 8)):
-        with _setting(triton_attn, "ATTN_SPLIT", split), _setting(triton_attn, "ATTN_BK", bk), \
-                _setting(triton_attn, "ATTN_WARPS", warps):
-            res[f"decode_d0_chained_attn_{key}"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
-        save()
+    with _switched_off(triton_attn.set_new_row_enabled):
+        res["decode_d0_chained_kv_store_launch"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
     from ds4tp import decode_graph
     with _switched_off(decode_graph.set_mix_side_enabled):
@@ -583,11 +580,10 @@ def _bench_rank(comm, dev, cfg):
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
         save()
-        for split in (4, 16):     # the attention kernel's programs per head at depth too
-            with _setting(triton_attn, "ATTN_SPLIT", split):
-                res[f"decode_deep_chained_attn_split{split}"] = time_decode(model, depth, steps,
-                                                                          max_ctx=ctx, chained=True)
-            save()
+        with _switched_off(triton_attn.set_new_row_enabled):     # as at depth 0
+            res["decode_deep_chained_kv_store_launch"] = time_decode(model, depth, steps, max_ctx=ctx,
+                                                                     chained=True)
+        save()
         # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
         # layer): the indexer's launches read only the visible rows, so this should not be slower
         res["decode_deep_chained_ctx64k"] = time_decode(model, depth, steps, max_ctx=big, chained=True)
