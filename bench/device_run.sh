@@ -191,7 +191,8 @@
 #   s28e: session 28, two GPUs: TP=2 bench with depth 4096, the decode attention's launch
 #         shapes (programs per head, keys per block, warps) as A/B variants
 #   s28f: session 28, two GPUs: the KV row stored inside the attention launch: CUDA twins and
-#         graph tests, TP=2,1 bench (A/B against kv_store's own launch), CUDA goldens
+#         graph tests, TP=2,1 bench (A/B against kv_store's own launch), CUDA goldens (measured
+#         slower and removed: its code at dfa435b; s28e's attention launch shapes at b967d10)
 #   s27k: session 27, two GPUs: depth-4096 chained decode, peer all-reduce against NCCL
 #   s27j: session 27, two GPUs: the served path on the final code
 #   s27i: session 27, two GPUs: the all-reduce's release-only default (twin test, TP=2 bench)

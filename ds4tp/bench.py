@@ -532,12 +532,6 @@ def _bench_rank(comm, dev, cfg):
         peer.on = True
         res["peer_logits_equal_nccl"] = bool(torch.equal(decode_logits(model, 8), ref))
         save()
-    # this token's KV row stored by a launch of its own (triton_attn.kv_store, up to the
-    # twenty-sixth session) instead of inside the attention launch
-    from ds4tp.kernels import triton_attn
-    with _switched_off(triton_attn.set_new_row_enabled):
-        res["decode_d0_chained_kv_store_launch"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
-    save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
     from ds4tp import decode_graph
     with _switched_off(decode_graph.set_mix_side_enabled):
@@ -579,10 +573,6 @@ def _bench_rank(comm, dev, cfg):
         res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
-        save()
-        with _switched_off(triton_attn.set_new_row_enabled):     # as at depth 0
-            res["decode_deep_chained_kv_store_launch"] = time_decode(model, depth, steps, max_ctx=ctx,
-                                                                     chained=True)
         save()
         # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
         # layer): the indexer's launches read only the visible rows, so this should not be slower

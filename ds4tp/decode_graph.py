@@ -386,11 +386,7 @@ class StaticDecoder:
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
-        # this token's KV row into the ring: inside the attention launch on CUDA (one launch
-        # fewer), else here
-        new_row = (kv_lin, lw.kv_norm) if kv_row_in_attention(kv_lin) else None
-        if new_row is None:
-            store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
+        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
         comp = mask = None
         if lw.ratio:
@@ -402,8 +398,7 @@ class StaticDecoder:
                 score = index_scores(q, w, lay.index, n_vis, index_weight_scale(s))
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
                 mask = select_mask(score, n_vis, s.indexer_top_k)
-        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s,
-                             new_row)
+        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
         return grouped_linear_out(lw, o, s)          # this rank's part: _update all-reduces it
 
     def _emit(self, jobs, pos):
@@ -553,24 +548,11 @@ def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, 
     return rope_tail(o, cos, sin, inverse=True)
 
 
-def kv_row_in_attention(kv_lin) -> bool:
-    """Whether decode_attention stores the token's KV row itself (new_row): the Triton
-    attention launch on CUDA, unless a benchmark switched it off."""
-    if not kernels.on_gpu(kv_lin):
-        return False
-    from ds4tp.kernels import triton_attn
-    return triton_attn.new_row_enabled()
-
-
-def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s, new_row=None):
-    """new_row (kv_lin, kv_norm): store this token's KV row first (store_kv_row), in the same
-    launch on CUDA."""
+def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
     if kernels.on_gpu(qb):
         from ds4tp.kernels import triton_attn
         return triton_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t,
-                                     pos, C.RMS_EPS, new_row)
-    if new_row is not None:
-        store_kv_row_torch(*new_row, cos_t, sin_t, pos, ring, ring_pos, s)
+                                     pos, C.RMS_EPS)
     return decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s)
 
 

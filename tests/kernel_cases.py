@@ -1062,41 +1062,6 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
 
 
-def case_decode_attention_new_row(device, gen, H, D, n_rot, n_swa, ratio, cap, p):
-    """The decode attention kernel storing the token's KV row itself (attention's new_row)
-    against decode_graph.store_kv_row_torch then decode_attention_torch: the output, and the
-    ring afterwards (its FP8 dims bit-identical, RoPE dims within one F16 step, positions
-    equal). The ring slot of pos holds a stale row already tagged pos (a rolled-back step)."""
-    from ds4tp.config import RMS_EPS, Shape
-    from ds4tp.decode_graph import decode_attention_torch, store_kv_row_torch
-    from ds4tp.kernels import triton_attn
-    s = Shape(n_swa=n_swa, head_dim=D, n_rot=n_rot, n_head=H)
-    qb = (torch.randn(1, H * D, generator=gen) * 2).to(device)
-    ring0 = numerics.f16_round(torch.randn(n_swa, D, generator=gen) * 3)
-    slots = torch.arange(n_swa)
-    rpos0 = torch.where(slots % 7 == 3, torch.full_like(slots, -(1 << 40)), p - 1 - (slots * 5) % (n_swa + 9))
-    rpos0[p % n_swa] = p                                     # stale: this position, another row
-    kv = (torch.randn(1, D, generator=gen) * 3).to(device)
-    w = (torch.rand(D, generator=gen) + 0.5).to(device)
-    comp = None
-    if ratio:
-        comp = numerics.f16_round(torch.randn(cap, D, generator=gen) * 3).to(device)
-    sinks = (torch.randn(H, generator=gen) * 2).to(device)
-    cos, sin = _rope_tables(n_rot, p + 1, device, compressed=ratio > 0)
-    pos = torch.tensor([p], device=device)
-    want_ring, want_pos = ring0.clone().to(device), rpos0.clone().to(device)
-    store_kv_row_torch(kv, w, cos, sin, pos, want_ring, want_pos, s)
-    want = decode_attention_torch(qb, want_ring, want_pos, comp, ratio, None, sinks, cos, sin, pos, s)
-    ring, rp = ring0.clone().to(device), rpos0.clone().to(device)
-    got = triton_attn.attention(qb, ring, rp, comp, ratio, None, sinks, cos, sin, pos, RMS_EPS,
-                                new_row=(kv, w))
-    assert torch.equal(rp, want_pos), "ring positions differ"
-    nope = D - n_rot
-    assert torch.equal(ring[:, :nope], want_ring[:, :nope]), "the stored row's FP8 dims differ"
-    check(f"decode attention new row: ring D={D} pos={p}", ring, want_ring, 1e-3)
-    return check(f"decode attention new row H={H} D={D} ratio={ratio} pos={p}", got, want, 1e-5)
-
-
 def case_index_scores(device, gen, HI, HD, cap, nvis):
     """One decode token's indexer scores in one launch against model.index_scores_torch, on the
     visible rows (the kernel writes 0 past them and does not read them: NaN there must not
@@ -1277,8 +1242,6 @@ def interpreter_cases():
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
     yield "decode attention 20 heads", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
-    yield "decode attention, new KV row inside", case_decode_attention_new_row, (3, 128, 64, 32, 0, 0, 20)
-    yield "decode attention, new KV row, compressed", case_decode_attention_new_row, (2, 128, 64, 32, 4, 40, 150)
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
     yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa, 16)

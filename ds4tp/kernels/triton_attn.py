@@ -319,20 +319,15 @@ def _online(q, kv, ok, scale, m, l, acc):
 
 @triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, kv_ptr, kvw_ptr, n_swa, ratio, eps, scale,
+                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
-                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr, NEW_ROW: tl.constexpr = False,
+                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
                  PDL: tl.constexpr = False):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
     arrive (atomic ticket) merges the partials in the order j = 0..S-1 with the sink, applies the
-    inverse RoPE and stores the head.
-    NEW_ROW: this token's KV row is not in the ring yet. Programs j = 0 form it from the
-    projection kv_ptr [D] and norm weight kvw_ptr (_kv_store_kernel's operations) and attend to
-    it from registers; program (0, 0) also stores it and its position into the ring. The ring
-    loop then takes rows before pos only: the slot being written is masked whether it still
-    holds its old position (out of the window) or already pos."""
+    inverse RoPE and stores the head."""
     pdl_start(PDL)
     h = tl.program_id(0)
     j = tl.program_id(1)
@@ -347,20 +342,10 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     m = tl.full([], -1e30, tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
-    last = pos
-    if NEW_ROW:
-        last = pos - 1
-        if j == 0:
-            y = _kv_row(tl.load(kv_ptr + d), kvw_ptr, c, s, eps, D, NROT)
-            if h == 0:
-                slot = pos % n_swa
-                tl.store(ring_ptr + slot * D + d, y)
-                tl.store(rpos_ptr + slot, pos)
-            m, l, acc = _online(q, y[None, :], tl.arange(0, 1) < 1, scale, m, l, acc)
     for k0 in range(j * BK, n_swa, S * BK):
         rows = k0 + kk
         rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
-        ok = (rp <= last) & (rp > pos - n_swa)
+        ok = (rp <= pos) & (rp > pos - n_swa)
         kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     if HAS_COMP:
@@ -399,13 +384,6 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
 ATTN_WARPS = 4    # warps per program
-_new_row_switch = Switch()
-set_new_row_enabled = _new_row_switch.set   # benchmarks time kv_store's own launch in the same run
-
-
-def new_row_enabled() -> bool:
-    """Whether the decode graphs store a token's KV row inside its attention launch."""
-    return _new_row_switch.on
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -621,12 +599,10 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, new_row=None):
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only.
-    new_row (kv_lin [1, D], norm [D]): this token's row is stored in the same launch, as
-    kv_store(kv_lin, norm, ...) would before it (one launch fewer a layer)."""
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
     n_swa, D = ring.shape
     H = sinks.shape[0]
     n_rot = cos.shape[1] * 2
@@ -647,20 +623,14 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, 
         raise ValueError("attention: a row mask without compressed rows")
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
-    kv = kvw = ring
-    if new_row is not None:
-        kv, kvw = new_row
-        _check("attention: new kv row", kv, (1, D))
-        _check("attention: kv norm weight", kvw, (D,))
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
     ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
     _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
-                                  sin, pos, out, ws, _tickets(qb.device), kv, kvw, n_swa,
-                                  max(ratio, 1), eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK,
-                                  S=ATTN_SPLIT, HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  NEW_ROW=new_row is not None, num_warps=ATTN_WARPS,
-                                  **pdl.triton_args(qb.device))
+                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
+                                  num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
     return out
 
 
