@@ -485,6 +485,12 @@ def _prefill_variants(model, n, save, res) -> None:
     save()
 
 
+def _decode_and_logits(model, steps: int):
+    """An A/B variant's depth-0 decode, plain and chained, and its logits of 8 greedy steps."""
+    return (time_decode(model, 1, steps, max_ctx=256),
+            time_decode(model, 1, steps, max_ctx=256, chained=True), decode_logits(model, 8))
+
+
 def _bench_rank(comm, dev, cfg):
     torch.cuda.set_device(dev)
 
@@ -517,19 +523,13 @@ def _bench_rank(comm, dev, cfg):
     if peer is not None:
         # the sublayers' all-reduces in a launch of their own (ar2_sum) instead of inside the
         # HC step that consumes them (PeerAllReduce.fused), and the logits of both
-        peer.fuse = False
-        res["decode_d0_ar2"] = time_decode(model, 1, steps, max_ctx=256)
-        res["decode_d0_chained_ar2"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
-        ref = decode_logits(model, 8)
-        peer.fuse = True
+        with _setting(peer, "fuse", False):
+            res["decode_d0_ar2"], res["decode_d0_chained_ar2"], ref = _decode_and_logits(model, steps)
         res["peer_fused_logits_equal_ar2"] = bool(torch.equal(decode_logits(model, 8), ref))
         save()
-        peer.on = False
-        res["collectives_nccl"] = time_collectives(comm, shape, dev)
-        res["decode_d0_nccl"] = time_decode(model, 1, steps, max_ctx=256)
-        res["decode_d0_chained_nccl"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
-        ref = decode_logits(model, 8)
-        peer.on = True
+        with _setting(peer, "on", False):
+            res["collectives_nccl"] = time_collectives(comm, shape, dev)
+            res["decode_d0_nccl"], res["decode_d0_chained_nccl"], ref = _decode_and_logits(model, steps)
         res["peer_logits_equal_nccl"] = bool(torch.equal(decode_logits(model, 8), ref))
         save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
