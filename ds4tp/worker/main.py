@@ -69,7 +69,8 @@ def load(node: WorkerNode, args, device: str) -> None:
         node.backend = getattr(comm, "backend", "")
         if comm.world > 1:
             log(f"rank {node.rank}: small all-reduces "
-                + ("through peer memory (one host)" if getattr(comm, "peer", None) is not None
+                + ("through peer memory (one host; in the decode graphs, inside the HC steps)"
+                   if getattr(comm, "peer", None) is not None
                    else f"on {node.backend} (peer memory: {getattr(comm, 'peer_why', None)})"))
         node.joined(agree_group_id(comm, device))
         log(f"rank {node.rank}/{node.world}: joined group {node.group_id:x}, loading {args.model}")
