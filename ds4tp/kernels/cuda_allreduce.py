@@ -158,6 +158,8 @@ def connect(rank: int, world: int, device: torch.device, gather, timeout_s: floa
     returns every rank's obj in rank order (torch.distributed.all_gather_object)."""
     cp = cuda_c._cupy()
     why = None
+    if device.type == "cuda" and device.index is None:     # "cuda": the current device, by index
+        device = torch.device("cuda", torch.cuda.current_device())     # (takes compares devices)
     if world != 2:
         why = f"{world} ranks (it takes two)"
     elif device.type != "cuda" or cp is None:
