@@ -334,11 +334,12 @@ for name, r in runs.items():
         print(name, "prefill host / all seconds", r["prefill"].get("host_seconds"), r["prefill"]["all_seconds"])
 PY
 }
-# the TP=2,1 bench without A/B variants (depth 0 and 4096, prefill 2048), then CUDA goldens
-# through the decode graphs at TP=2 and TP=1: bench_goldens
+# the TP=2,1 bench without A/B variants (depth 0 and DEPTH, prefill 2048), then CUDA goldens
+# through the decode graphs at TP=2 and TP=1: bench_goldens [DEPTH (4096)] [TIMEOUT_S (300)]
 bench_goldens() {
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (no A/B variants)"
-  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  local depth=${1:-4096} t=${2:-300}
+  log "bench, 43 layers, TP=2,1, depth 0 and $depth, prefill 2048 (no A/B variants)"
+  timeout "$t" python3 -m ds4tp bench --tp 2,1 --depth "$depth" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   golden 2 static 90
@@ -1174,12 +1175,7 @@ elif [ "$MODE" = s28f ]; then
   timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py \
     -k "attention or kv_store or hc_step or hc_kernels or cuda_c or on_cuda or graph or pdl" > "$OUT/tests.txt" 2>&1
   tail -2 "$OUT/tests.txt"; grep -E "^FAILED|^E  " "$OUT/tests.txt" | head -20
-  log "bench, 43 layers, TP=2,1, depth 0: the KV row inside attention against kv_store's launch"
-  timeout 240 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary
-  golden 2 static 90
-  golden 1 static 70
+  bench_goldens 0 240      # (the KV row inside attention against kv_store's launch)
 elif [ "$MODE" = s28e ]; then
   log "bench, 43 layers, TP=2, depth 0 and 4096: the decode attention's launch shapes"
   timeout 330 python3 -m ds4tp bench --tp 2 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
