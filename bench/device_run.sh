@@ -181,6 +181,8 @@
 #         read-only-path loads after griddepcontrol.wait, one GPU, under a minute
 #   s27e: session 27, two GPUs: the closing run (bench TP=2,1 with depth 4096, the peer
 #         all-reduce against NCCL inside it; CUDA goldens TP=2, TP=1)
+#   s29a: prepared for the next session, not run yet (one GPU): Nsight Compute's stall reasons
+#         per issued instruction for the routed gate/up and down kernels at TP=2 and TP=1
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
 #         e_at), the all-reduce inside the HC step (its twins, TP=2 bench A/B against ar2_sum)
 #   s28b: session 28, two GPUs: CUDA twins (HC step with the all-reduce inside on one GPU, the
@@ -1170,6 +1172,14 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s29a ]; then
+  for a in "--tp 2 --shared" "--tp 1 --shared"; do
+    log "Nsight Compute, stall reasons of the routed kernels: $a"
+    timeout 200 ncu -k regex:"iq2xxs_swiglu|q2k_down_sum" -s 2 -c 2 --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      python3 bench/ncu_experts.py $a > "$OUT/ncu_stalls_${a// /_}.txt" 2>&1
+    grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR" "$OUT/ncu_stalls_${a// /_}.txt" | head -60
+  done
 elif [ "$MODE" = s28f ]; then
   log "CUDA twins and graph tests: attention with the new KV row, kv_store, HC step, decode graphs"
   timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py \
