@@ -263,10 +263,9 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
     return res
 
 
-def graph_seconds(fn, dev: torch.device, reps: int = 50, rounds: int = 3, warm: int = 2) -> float:
-    """GPU seconds per call of fn() replayed from a CUDA graph: fn run `warm` times on a side
-    stream (allocator, compilation, communicators), captured once, then replayed `reps` times
-    back to back, timed by events; the best of `rounds`."""
+def captured(fn, dev: torch.device, warm: int = 1):
+    """fn() run `warm` times on a side stream (allocator, compilation, communicators; as the
+    decoder warms up), then captured once in a CUDA graph: (the graph, what fn returned in it)."""
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
@@ -275,7 +274,14 @@ def graph_seconds(fn, dev: torch.device, reps: int = 50, rounds: int = 3, warm: 
     torch.cuda.current_stream(dev).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
+    return graph, out
+
+
+def graph_seconds(fn, dev: torch.device, reps: int = 50, rounds: int = 3, warm: int = 2) -> float:
+    """GPU seconds per call of fn() replayed from a CUDA graph (`captured`), replayed `reps`
+    times back to back, timed by events; the best of `rounds`."""
+    graph, _ = captured(fn, dev, warm)
     graph.replay()
     torch.cuda.synchronize(dev)
     best = float("inf")
@@ -521,16 +527,17 @@ def _bench_rank(comm, dev, cfg):
     peer = getattr(comm, "peer", None)
     res["peer_all_reduce"] = "on" if peer is not None else getattr(comm, "peer_why", None)
     if peer is not None:
+        mine = decode_logits(model, 8)
         # the sublayers' all-reduces in a launch of their own (ar2_sum) instead of inside the
         # HC step that consumes them (PeerAllReduce.fused), and the logits of both
         with _setting(peer, "fuse", False):
             res["decode_d0_ar2"], res["decode_d0_chained_ar2"], ref = _decode_and_logits(model, steps)
-        res["peer_fused_logits_equal_ar2"] = bool(torch.equal(decode_logits(model, 8), ref))
+        res["peer_fused_logits_equal_ar2"] = bool(torch.equal(mine, ref))
         save()
         with _setting(peer, "on", False):
             res["collectives_nccl"] = time_collectives(comm, shape, dev)
             res["decode_d0_nccl"], res["decode_d0_chained_nccl"], ref = _decode_and_logits(model, steps)
-        res["peer_logits_equal_nccl"] = bool(torch.equal(decode_logits(model, 8), ref))
+        res["peer_logits_equal_nccl"] = bool(torch.equal(mine, ref))
         save()
     # the HC mixers' Sinkhorn inside the one-launch hc_step instead of beside the sublayer
     from ds4tp import decode_graph

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ds4tp import config as C
+from ds4tp.bench import captured
 from ds4tp.comm import CommError, free_port, init_dist, nccl_defaults, run_local_ranks
 from ds4tp.gguf_file import open_ds4
 from ds4tp.qtensor import QTensor
@@ -211,6 +212,24 @@ def test_all_gather_concatenates_in_rank_order_along_any_dim():
         assert torch.equal(t, torch.cat(parts, dim=d)), d
 
 
+def _replay_on(graph, x, g):
+    """Fresh normal values into x, one replay, then wait for it (no eager NCCL call while a
+    graph runs)."""
+    x.copy_(torch.randn(x.shape, generator=g, device=x.device))
+    graph.replay()
+    torch.cuda.synchronize(x.device)
+
+
+def _nccl_sums(x):
+    """NCCL's all-reduces of the captured bodies: a = sum(2x), then sum(tanh(a) + x)."""
+    import torch.distributed as dist
+    a = x * 2.0
+    dist.all_reduce(a)
+    b = a.tanh() + x
+    dist.all_reduce(b)
+    return a, b
+
+
 def _peer_rank(comm, dev):
     """The within-host all-reduce (kernels.cuda_allreduce) against NCCL's on the same inputs:
     eager over sizes and magnitudes and for a view off 16-byte alignment, then captured in a
@@ -234,24 +253,14 @@ def _peer_rank(comm, dev):
     taken.append(comm.peer.takes(x))
     equal.append(bool(torch.equal(comm.all_reduce(x), ref)))
     x = torch.zeros(1, 4096, device=dev)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):                                     # warm-up, as the decoder's
+
+    def body():
         a = comm.all_reduce(x * 2.0)
-        b = comm.all_reduce(a.tanh() + x)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        a = comm.all_reduce(x * 2.0)
-        b = comm.all_reduce(a.tanh() + x)
+        return a, comm.all_reduce(a.tanh() + x)
+    graph, (a, b) = captured(body, dev)      # (one warm-up on a side stream first)
     for _ in range(20):
-        x.copy_(torch.randn(1, 4096, generator=g, device=dev))
-        graph.replay()
-        torch.cuda.synchronize(dev)            # (no eager NCCL call while a graph runs)
-        ra = x * 2.0
-        dist.all_reduce(ra)
-        rb = ra.tanh() + x
-        dist.all_reduce(rb)
+        _replay_on(graph, x, g)
+        ra, rb = _nccl_sums(x)
         equal.append(bool(torch.equal(a, ra) and torch.equal(b, rb)))
     return equal, taken
 
@@ -307,25 +316,15 @@ def _peer_hc_rank(comm, dev):
             equal.append(bool(torch.equal(comm.all_reduce(y), r)))
     f = torch.zeros(1, E, device=dev)
     hc, post, m = state()
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):                     # warm-up, as the decoder's
-        a = comm.all_reduce(f * 2.0)
-        got = step(a.tanh() + f, hc, post, m, comm.peer_sum(f))
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def body():
         a = comm.all_reduce(f * 2.0)
         part = a.tanh() + f
-        got = step(part, hc, post, m, comm.peer_sum(part))
+        return a, step(part, hc, post, m, comm.peer_sum(part))
+    graph, (a, got) = captured(body, dev)
     for _ in range(10):
-        f.copy_(torch.randn(1, E, generator=g, device=dev))
-        graph.replay()
-        torch.cuda.synchronize(dev)                   # (no eager NCCL call while a graph runs)
-        ra = f * 2.0
-        dist.all_reduce(ra)
-        rp = ra.tanh() + f
-        dist.all_reduce(rp)
+        _replay_on(graph, f, g)
+        ra, rp = _nccl_sums(f)
         want = step(rp, hc, post, m, None)
         equal.append(bool(torch.equal(a, ra)) and all(torch.equal(x, y) for x, y in zip(got, want)))
     return equal

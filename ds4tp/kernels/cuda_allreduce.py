@@ -117,13 +117,18 @@ class PeerAllReduce:
         if not (self.on and self.fuse and x.device == self.device and x.dtype == torch.float32
                 and x.is_contiguous() and 0 < 4 * x.numel() <= SLOT_BYTES):
             return None
-        if self._own is not None:        # torch views (Triton's interpreter takes only tensors)
-            slots = self._own[:_FLAGS].view(torch.float32)
-            flags = self._own[_PFLAGS:].view(torch.int64)
-            return PeerSum(slots, slots, flags, flags, self.ctr, SLOT_BYTES // 4, int(self.timeout_ns))
-        return PeerSum(_Addr(self._peer, torch.float32), _Addr(self._mine, torch.float32),
-                       _Addr(self._peer + _PFLAGS, torch.int64), _Addr(self._mine + _PFLAGS, torch.int64),
+        f32, i64 = torch.float32, torch.int64
+        return PeerSum(self._at(self._peer, 0, f32), self._at(self._mine, 0, f32),
+                       self._at(self._peer, _PFLAGS, i64), self._at(self._mine, _PFLAGS, i64),
                        self.ctr, SLOT_BYTES // 4, int(self.timeout_ns))
+
+    def _at(self, base: int, offset: int, dtype: torch.dtype):
+        """A Triton pointer argument `offset` bytes into the buffer at `base`: for the loopback
+        pairing a torch view of its buffer (Triton's interpreter takes only tensors), else the
+        address."""
+        if self._own is not None:
+            return self._own[offset:].view(dtype)
+        return _Addr(base + offset, dtype)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over both ranks, in place (takes(x) holds)."""
