@@ -184,6 +184,8 @@
 #   s29b: session 29, two GPUs: the two-GPU twin tests on 647879c's review (not run on a GPU
 #         before); the KV row riding in attn_q_b's matvec launch: CUDA twins and graph tests,
 #         TP=2,1 bench (A/B against kv_store's own launch, logits compared)
+#   s29c: session 29, two GPUs: the KV row's block first in attn_q_b's launch (block 0, its
+#         norm weight loaded before the PDL wait): Q8_0 and kv_store twins, TP=2,1 bench A/B
 #   s29a: prepared for the next session, not run yet (one GPU): Nsight Compute's stall reasons
 #         per issued instruction for the routed gate/up and down kernels at TP=2 and TP=1
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
@@ -1175,6 +1177,15 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s29c ]; then
+  log "CUDA twins: the KV row riding in attn_q_b's launch (block 0), the Q8_0 matvec, kv_store"
+  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "q8_0 or kv_store" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "bench, 43 layers, TP=2,1, depth 0: the KV row in attn_q_b's launch against its own launch"
+  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "profile\|prefill host"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('kv_row_logits_equal_own_launch'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 elif [ "$MODE" = s29b ]; then
   log "two-GPU twin tests: the within-host all-reduce, in its own launch and inside the HC step"
   timeout 150 python3 -m pytest -q -rf tests/test_tp.py -k "within_host or inside_the_hc_step" > "$OUT/tests_tp.txt" 2>&1

@@ -121,7 +121,7 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
     rpg = N // groups
     rpb = rpb or default_rpb(fn, N, x.device, warps)
-    blocks = -(-rpg // rpb) + (kv_row is not None)            # (the KV row's block: the last)
+    blocks = -(-rpg // rpb) + (kv_row is not None)            # (the KV row's block: block 0)
     cuda_c.launch(fn, x.device, (blocks, groups), warps,
                   (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
                    cuda_c.ptr(nw) if nw is not None else np.uint64(0), np.float32(eps),

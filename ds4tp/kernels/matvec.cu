@@ -128,8 +128,11 @@ __device__ __forceinline__ void kv_row_store(const float* kv, const float* __res
                                              float* ring, long long* ring_pos, int n_swa, int D,
                                              int nrot, float eps, int lane) {
     const int E = D >> 5, d0 = E * lane;
+    float nw[KV_MAX_E], v[KV_MAX_E];
+#pragma unroll
+    for (int i = 0; i < KV_MAX_E; i++) if (i < E) nw[i] = __ldg(kvw + d0 + i);   // (a weight)
+    pdl_wait();                       // kv and the position are earlier kernels' outputs
     const long long pos = prior(kpos);
-    float v[KV_MAX_E];
     double ss = 0.0;
 #pragma unroll
     for (int i = 0; i < KV_MAX_E; i++) {
@@ -142,8 +145,7 @@ __device__ __forceinline__ void kv_row_store(const float* kv, const float* __res
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(FULL, ss, o);
     const float rs = __fdiv_rn(1.0f, __fsqrt_rn((float)(ss / (double)D) + eps));
 #pragma unroll
-    for (int i = 0; i < KV_MAX_E; i++)
-        if (i < E) v[i] = __fmul_rn(__fmul_rn(v[i], rs), __ldg(kvw + d0 + i));
+    for (int i = 0; i < KV_MAX_E; i++) if (i < E) v[i] = __fmul_rn(__fmul_rn(v[i], rs), nw[i]);
     const bool tail = d0 >= D - nrot;
     if (tail) {                       // RoPE: pairs (2j, 2j+1) of the last nrot dims
         const long long t0 = pos * (nrot / 2) + (d0 - (D - nrot)) / 2;
@@ -183,10 +185,12 @@ __device__ __forceinline__ void kv_row_store(const float* kv, const float* __res
 // (nw: rms_norm(x_g, nw) instead; clamp > 0: swiglu_clamped(x[:K], x[K:2K]) instead; one
 // group). Grid (cdiv(rows_per_group, rpb), groups); block b of group g owns rows
 // g*rows_per_group + b*rpb + 0 .. rpb-1.
-// With kv (one group), the grid has one more block, which owns no rows: its first warp stores
-// the token's raw KV row (kv_row_store of kv [kv_d], the attn_kv projection) while the others
-// stream the weight. The attention launch after attn_q_b then needs no KV-store launch before
-// it (its own cost ~2 us a layer on the step's critical path, s26c).
+// With kv (kv_d > 0, one group), the grid has one more block, block 0, which owns no rows: its first warp
+// stores the token's raw KV row (kv_row_store of kv [kv_d], the attn_kv projection) while the
+// others stream the weight. The attention launch after attn_q_b then needs no KV-store launch
+// before it (its own cost ~2 us a layer on the step's critical path, s26c). Block 0 is
+// dispatched first: as the grid's last block, resident only once the kernel ahead's blocks had
+// left, the row's chain of loads ended after the rows and the step was 1.6% slower (s29b).
 // Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
 extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
@@ -199,15 +203,15 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
     __shared__ float s_d[MAX_K / 32];
     __shared__ double s_red[WARPS];
     pdl_trigger();                    // all blocks resident: the next kernel may launch
-    if (kv != 0 && blockIdx.x == gridDim.x - 1) {
-        pdl_wait();                   // kv and the position are earlier kernels' outputs
+    const int kv_block = kv_d != 0;   // (kv_d, not kv: row addresses are never computed from kv)
+    if (kv_block && blockIdx.x == 0) {
         if (threadIdx.x < 32)
             kv_row_store(kv, kvw, rcos, rsin, kpos, ring, ring_pos, n_swa, kv_d, kv_rot, kv_eps,
                          threadIdx.x);
         return;
     }
     const int g = blockIdx.y;
-    const int first = blockIdx.x * rpb;
+    const int first = (blockIdx.x - kv_block) * rpb;
     const int nrows = min(rpb, rows_per_group - first);
     const long long row0 = (long long)g * rows_per_group + first;
     const float* xg = x + (long long)g * K;
