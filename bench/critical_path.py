@@ -61,9 +61,6 @@ VARIANTS = {
     # gate/up launch (cuda_experts.swiglu_routed); s25g/s25h also timed that launch with a fixed
     # choice (experts.cu A_ROUTE_CHEAP, timing only, removed)
     "route_own": (cuda_experts.set_route_enabled,),
-    # (session 29) the token's KV row in its own launch (before) instead of riding in the
-    # attn_q_b matvec's launch (cuda_matvec.q8_0's kv_row)
-    "kv_store_own": (cuda_matvec.set_kv_row_enabled,),
 }
 
 

@@ -186,6 +186,8 @@
 #         TP=2,1 bench (A/B against kv_store's own launch, logits compared)
 #   s29c: session 29, two GPUs: the KV row's block first in attn_q_b's launch (block 0, its
 #         norm weight loaded before the PDL wait): Q8_0 and kv_store twins, TP=2,1 bench A/B
+#         (s29b and s29c: the KV row riding in attn_q_b's launch, measured slower and removed;
+#         s29b's code at 0153a79, s29c's at eba7f4b)
 #   s29a: prepared for the next session, not run yet (one GPU): Nsight Compute's stall reasons
 #         per issued instruction for the routed gate/up and down kernels at TP=2 and TP=1
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's

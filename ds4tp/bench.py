@@ -557,16 +557,6 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_chained_shared_own_launches"] = time_decode(model, 1, steps, max_ctx=256,
                                                                         chained=True)
         save()
-    # the token's KV row in a launch of its own (triton_attn.kv_store, as up to the twenty-sixth
-    # session) instead of riding in attn_q_b's matvec launch (cuda_matvec.q8_0's kv_row)
-    from ds4tp.kernels import cuda_matvec
-    if cuda_matvec.available():
-        mine = decode_logits(model, 8)
-        with _switched_off(cuda_matvec.set_kv_row_enabled):
-            res["decode_d0_kv_store_own_launch"], res["decode_d0_chained_kv_store_own_launch"], ref = \
-                _decode_and_logits(model, steps)
-        res["kv_row_logits_equal_own_launch"] = bool(torch.equal(mine, ref))
-        save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

@@ -384,9 +384,9 @@ class StaticDecoder:
             if jobs and emit:
                 self._emit(jobs, pos)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
+        qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
-        qb = q_b_and_kv_row(lw.q_b, qa, lw.q_a_norm, kv_lin, lw.kv_norm, *rope, pos,  # [1, H_l*D]
-                            lay.raw, lay.raw_pos, s)
+        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
         comp = mask = None
         if lw.ratio:
@@ -434,20 +434,6 @@ def store_kv_row(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s) -> None:
         from ds4tp.kernels import triton_attn
         return triton_attn.kv_store(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, C.RMS_EPS)
     return store_kv_row_torch(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s)
-
-
-def q_b_and_kv_row(w, qa, q_a_norm, kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s):
-    """attn_q_b of the normed qa (linear_normed), then the token's raw KV row into the ring
-    (store_kv_row). On CUDA the row rides in the q_b matvec's launch where that kernel takes it
-    (kernels.linear_normed_kv_row), so the attention after it waits on one launch, not two."""
-    if kernels.on_gpu(qa):
-        qb = kernels.linear_normed_kv_row(w, qa, q_a_norm, C.RMS_EPS,
-                                          (kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, C.RMS_EPS))
-        if qb is not None:
-            return qb
-    qb = linear_normed(w, qa, q_a_norm)
-    store_kv_row(kv_lin, kv_norm, cos_t, sin_t, pos, ring, ring_pos, s)
-    return qb
 
 
 def compressor_step_torch(cw, xn, pos, front_kv, front_sc) -> None:

@@ -371,47 +371,6 @@ def case_cuda_f16(device, gen, n_out, n_in, shard=False):
     return check(tag, got, ops.linear_torch(w, x))
 
 
-def case_cuda_q8_0_kv_row(device, gen, n_out, D, n_rot, n_swa, p, covered=True):
-    """attn_q_b's CUDA C Q8_0 matvec with the decode token's raw KV row riding in its launch
-    (cuda_matvec.q8_0's kv_row: one more block): y as without the row (bit for bit) and as
-    linear_normed_torch; the ring as decode_graph.store_kv_row_torch writes it, every dim bit
-    for bit (each product and sum rounded on its own, as the twin's). covered=False: a row the
-    kernel cannot take: None, and neither y nor the ring is written."""
-    from ds4tp.config import RMS_EPS, Shape
-    from ds4tp.decode_graph import store_kv_row_torch
-    from ds4tp.kernels import cuda_matvec as cm
-    s = Shape(n_swa=n_swa, head_dim=D, n_rot=n_rot)
-    w = rand_weight(Q8_0, (n_out, 1024), gen, device)
-    x = rand_act((1, 1024), gen, device)
-    norm = (torch.rand(1024, generator=gen) + 0.5).to(device)
-    qkv = torch.randn(1, 1024 + D, generator=gen) * 3      # as the q_a|kv output: kv a view
-    qkv[0, 1024:1088] *= 1e-6                                # an FP8 block under the amax floor
-    if D >= 128:
-        qkv[0, 1088:1152] = torch.randn(64, generator=gen) * 1e3  # and one with a large scale
-    kv = qkv.to(device)[:, 1024:]
-    kw = (torch.rand(D, generator=gen) + 0.5).to(device)
-    cos, sin = _rope_tables(n_rot, p + 1, device)
-    pos = torch.tensor([p], device=device)
-    ring0 = torch.randn(n_swa, D, generator=gen)
-    rpos0 = torch.arange(n_swa, dtype=torch.long) - 5
-    ring, rp = ring0.clone().to(device), rpos0.clone().to(device)
-    got = cm.q8_0(w, x, norm=norm, eps=RMS_EPS, kv_row=(kv, kw, cos, sin, pos, ring, rp, RMS_EPS))
-    tag = f"cuda q8_0 kv row {n_out} rows D={D} n_rot={n_rot} pos={p}"
-    if not covered:
-        assert got is None, f"{tag}: taken"
-        assert torch.equal(ring.cpu(), ring0) and torch.equal(rp.cpu(), rpos0), f"{tag}: ring written"
-        return 0.0
-    assert got is not None, f"{tag}: the kernel did not take the case"
-    plain = cm.q8_0(w, x, norm=norm, eps=RMS_EPS)
-    assert torch.equal(got, plain), f"{tag}: y differs from the launch without the row"
-    want_ring, want_pos = ring0.clone().to(device), rpos0.clone().to(device)
-    store_kv_row_torch(kv, kw, cos, sin, pos, want_ring, want_pos, s)
-    assert torch.equal(rp, want_pos), f"{tag}: ring positions differ"
-    bad = torch.nonzero(ring != want_ring)
-    assert bad.numel() == 0, f"{tag}: ring differs at {bad[:4].tolist()} (of {bad.shape[0]})"
-    return check(tag, got, ops.linear_normed_torch(w, x, norm))
-
-
 def case_cuda_q8_0_not_covered(device, gen):
     """What the CUDA C Q8_0 matvec leaves to the Triton kernels: None, no failure."""
     from ds4tp.kernels import cuda_matvec as cm
@@ -476,14 +435,6 @@ def cuda_c_cases():
     yield "cuda q8_0 swiglu shared down", case_cuda_q8_0, (512, 2048, 1, False, False, None, None, None, True)
     yield "cuda q8_0 swiglu TP=2 shard", case_cuda_q8_0, (64, 1024, 1, False, True, None, None, None, True)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
-    # attn_q_b with the KV row riding in its launch: DS4's row (512, RoPE on 64) at TP=2 and
-    # TP=1 row counts, positions past the ring, narrower rows; rows the kernel leaves alone
-    yield "cuda q8_0 kv row TP=2", case_cuda_q8_0_kv_row, (16384, 512, 64, 128, 300)
-    yield "cuda q8_0 kv row TP=1 pos 0", case_cuda_q8_0_kv_row, (32768, 512, 64, 128, 0)
-    yield "cuda q8_0 kv row D=256", case_cuda_q8_0_kv_row, (300, 256, 64, 16, 37)
-    yield "cuda q8_0 kv row D=128 no FP8 dims", case_cuda_q8_0_kv_row, (64, 128, 128, 8, 5)
-    yield "cuda q8_0 kv row D=192 not covered", case_cuda_q8_0_kv_row, (100, 192, 64, 4, 9, False)
-    yield "cuda q8_0 kv row D=96 not covered", case_cuda_q8_0_kv_row, (100, 96, 32, 4, 9, False)
     # the F16 one-token matvec: the router (4096 -> 256), 1 to 16 warps per row, partial blocks
     yield "cuda f16 router", case_cuda_f16, (256, 4096)
     yield "cuda f16 1024 in", case_cuda_f16, (37, 1024)

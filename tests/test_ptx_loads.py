@@ -21,8 +21,7 @@ KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
 SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
-             "rbias", "tid2eid",                                   # the router's bias, hash table
-             "kvw", "rcos", "rsin"}                                # the KV row's norm, RoPE tables
+             "rbias", "tid2eid"}                                   # the router's bias, hash table
 
 
 def _nvrtc():

@@ -106,14 +106,13 @@ def _many(T: int) -> bool:
     return T >= GEMM_MIN_T
 
 
-def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0,
-               kv_row=None):
+def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0):
     """The CUDA C Q8_0 matvec for one token (x2 [1, groups*in], or [1, 2*in] with swiglu_clamp)
     where CuPy is here, else None."""
     if w.qtype != Q8_0 or x2.shape[0] != 1:
         return None
     from ds4tp.kernels import cuda_matvec
-    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp, kv_row=kv_row)
+    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp)
 
 
 def _cuda_f16(w, x2):
@@ -148,14 +147,6 @@ def linear_normed(w, x, norm, eps):
         return y
     from ds4tp.kernels import triton_matvec as tm
     return tm.linear_normed(w, x, norm, eps)
-
-
-def linear_normed_kv_row(w, x, norm, eps, kv_row):
-    """linear_normed in the one-token CUDA C Q8_0 matvec, whose launch also stores the decode
-    token's raw KV row into the ring (kv_row: cuda_matvec.q8_0's), else None (nothing launched)."""
-    if not _covered(w, x) or not norm.is_cuda:
-        return None
-    return _cuda_q8_0(w, x, 1, norm, eps, kv_row=kv_row)
 
 
 def swiglu_linear(w, gu, clamp):

@@ -54,45 +54,13 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.contiguous()
 
 
-_kv_switch = cuda_c.Switch()
-set_kv_row_enabled = _kv_switch.set   # benchmarks time the KV row's own launch in the same run
-
-
-def _kv_row_args(kv_row, device):
-    """matvec.cu's KV-row arguments for kv_row = (kv [1, D], norm [D], cos, sin [P, n_rot/2],
-    pos [1] int64, ring [n_swa, D], ring_pos [n_swa] int64, eps), or None where the kernel's
-    warp cannot take the row (kv_row_store: D/32 elements a lane dividing a 64-block, so D in
-    64, 128, 256, 512; D - n_rot a multiple of 64)."""
-    kv, norm, cos, sin, pos, ring, ring_pos, eps = kv_row
-    n_swa, D = ring.shape
-    n_rot = 2 * cos.shape[-1]
-    f32 = (kv, norm, cos, sin, ring)
-    if not (_kv_switch.available() and D in (64, 128, 256, 512) and n_rot <= D
-            and (D - n_rot) % 64 == 0 and kv.shape == (1, D) and kv.stride(1) == 1
-            and norm.shape == (D,) and cos.shape == sin.shape and cos.dim() == 2
-            and pos.shape == (1,) and ring_pos.shape == (n_swa,)
-            and all(t.dtype == torch.float32 for t in f32)
-            and pos.dtype == ring_pos.dtype == torch.long
-            and all(t.is_contiguous() for t in (norm, cos, sin, ring, ring_pos))
-            and all(t.device == device for t in f32 + (pos, ring_pos))):
-        return None
-    return (cuda_c.ptr(kv), cuda_c.ptr(norm), cuda_c.ptr(cos), cuda_c.ptr(sin), cuda_c.ptr(pos),
-            cuda_c.ptr(ring), cuda_c.ptr(ring_pos), np.int32(n_swa), np.int32(D), np.int32(n_rot),
-            np.float32(eps))
-
-
-_NO_KV_ROW = (np.uint64(0),) * 7 + (np.int32(0),) * 3 + (np.float32(0.0),)
-
-
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
          rpb: int | None = None, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
-         swiglu_clamp: float = 0.0, kv_row: tuple | None = None) -> torch.Tensor | None:
+         swiglu_clamp: float = 0.0) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
-    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. With kv_row (one group;
-    _kv_row_args), one more block of the launch stores the decode token's raw KV row into the
-    ring (decode_graph.store_kv_row). None if not covered (then nothing was launched)."""
+    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. None if not covered."""
     if not (available() and w.qtype == Q8_0 and len(w.shape) == 2 and x.dim() == 2
             and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
             and x.device == w.raw.device):
@@ -106,11 +74,6 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     if norm is not None and (groups != 1 or norm.shape != (K,) or norm.dtype != torch.float32
                              or norm.device != x.device):
         return None
-    kv_args = _NO_KV_ROW
-    if kv_row is not None:
-        kv_args = _kv_row_args(kv_row, x.device) if groups == 1 else None
-        if kv_args is None:
-            return None
     fn = _kernel(x.device, warps, loads, minb)
     if fn is None:
         return None
@@ -121,12 +84,11 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
     rpg = N // groups
     rpb = rpb or default_rpb(fn, N, x.device, warps)
-    blocks = -(-rpg // rpb) + (kv_row is not None)            # (the KV row's block: block 0)
-    cuda_c.launch(fn, x.device, (blocks, groups), warps,
+    cuda_c.launch(fn, x.device, (-(-rpg // rpb), groups), warps,
                   (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
                    cuda_c.ptr(nw) if nw is not None else np.uint64(0), np.float32(eps),
                    np.float32(swiglu_clamp if act else 0.0),
-                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)) + kv_args)
+                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
     return y
 
 

@@ -102,116 +102,21 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
     q8_0_rows<CPR>(q, d, s_q, s_d, y, row0, nrows, lane, warp);
 }
 
-__device__ __forceinline__ float pow2f(int k) {     // 2**k, k in [-126, 127]: exact
-    return __int_as_float((k + 127) << 23);
-}
-
-__device__ __forceinline__ float f16_round(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h2f(h);
-}
-
-// The decode token's raw KV row as the cache holds it, by one warp (decode_graph.store_kv_row's
-// twin, the math of triton_attn.kv_store): RMS norm with weight kvw (squares summed in float64),
-// RoPE of the last nrot dims at position *kpos (tables rcos/rsin [P, nrot/2]), the E4M3 round
-// trip of the other dims in 64-blocks (power-of-two scale 2**ceil(log2(amax/448)), amax floored
-// at 1e-4; numerics.fp8_e4m3_blocks), F16 rounding; written to ring [n_swa, D] at row
-// pos % n_swa, and pos to ring_pos. Every product and sum is rounded on its own, as the torch
-// twin's are. Lane l holds elements E*l .. E*l+E-1, E = D/32: with D in {64, 128, 256, 512} and
-// (D - nrot) % 64 == 0 (host-checked) a lane's elements are all RoPE or all FP8 dims, and a
-// 64-block is 64/E neighbouring lanes.
-#define KV_MAX_E 16
-__device__ __forceinline__ void kv_row_store(const float* kv, const float* __restrict__ kvw,
-                                             const float* __restrict__ rcos,
-                                             const float* __restrict__ rsin, const long long* kpos,
-                                             float* ring, long long* ring_pos, int n_swa, int D,
-                                             int nrot, float eps, int lane) {
-    const int E = D >> 5, d0 = E * lane;
-    float nw[KV_MAX_E], v[KV_MAX_E];
-#pragma unroll
-    for (int i = 0; i < KV_MAX_E; i++) if (i < E) nw[i] = __ldg(kvw + d0 + i);   // (a weight)
-    pdl_wait();                       // kv and the position are earlier kernels' outputs
-    const long long pos = prior(kpos);
-    double ss = 0.0;
-#pragma unroll
-    for (int i = 0; i < KV_MAX_E; i++) {
-        if (i < E) {
-            v[i] = prior(kv + d0 + i);
-            ss += (double)v[i] * (double)v[i];          // (exact products)
-        }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(FULL, ss, o);
-    const float rs = __fdiv_rn(1.0f, __fsqrt_rn((float)(ss / (double)D) + eps));
-#pragma unroll
-    for (int i = 0; i < KV_MAX_E; i++) if (i < E) v[i] = __fmul_rn(__fmul_rn(v[i], rs), nw[i]);
-    const bool tail = d0 >= D - nrot;
-    if (tail) {                       // RoPE: pairs (2j, 2j+1) of the last nrot dims
-        const long long t0 = pos * (nrot / 2) + (d0 - (D - nrot)) / 2;
-#pragma unroll
-        for (int i = 0; i < KV_MAX_E; i += 2) {
-            if (i < E) {
-                const float c = __ldg(rcos + t0 + i / 2), s = __ldg(rsin + t0 + i / 2);
-                const float x0 = v[i], x1 = v[i + 1];
-                v[i] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-                v[i + 1] = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
-            }
-        }
-    }
-    float am = 0.0f;                  // the 64-block's amax (every lane takes part)
-#pragma unroll
-    for (int i = 0; i < KV_MAX_E; i++) if (i < E) am = fmaxf(am, fabsf(v[i]));
-    for (int o = 1; o < 64 / E; o <<= 1) am = fmaxf(am, __shfl_xor_sync(FULL, am, o));
-    if (!tail) {
-        const int yb = __float_as_int(__fdiv_rn(fmaxf(am, 1e-4f), 448.0f));
-        const int ey = ((yb >> 23) & 255) - 127 + ((yb & 0x7FFFFF) != 0);     // ceil(log2(y))
-#pragma unroll
-        for (int i = 0; i < KV_MAX_E; i++) {
-            if (i < E) {
-                const float t = fminf(fmaxf(v[i] * pow2f(-ey), -448.0f), 448.0f);   // exact scaling
-                const int qe = max(((__float_as_int(t) >> 23) & 255) - 126 - 4, -9);
-                v[i] = (rintf(t * pow2f(-qe)) * pow2f(qe)) * pow2f(ey);     // 3 mantissa bits
-            }
-        }
-    }
-    const long long slot = pos % n_swa;
-#pragma unroll
-    for (int i = 0; i < KV_MAX_E; i++) if (i < E) ring[slot * D + d0 + i] = f16_round(v[i]);
-    if (lane == 0) ring_pos[slot] = pos;
-}
-
 // y[n] = sum_k w[n, k] * x_g[k] for the rows n of group g = n / rows_per_group, x_g = x + g*K
 // (nw: rms_norm(x_g, nw) instead; clamp > 0: swiglu_clamped(x[:K], x[K:2K]) instead; one
 // group). Grid (cdiv(rows_per_group, rpb), groups); block b of group g owns rows
 // g*rows_per_group + b*rpb + 0 .. rpb-1.
-// With kv (kv_d > 0, one group), the grid has one more block, block 0, which owns no rows: its first warp
-// stores the token's raw KV row (kv_row_store of kv [kv_d], the attn_kv projection) while the
-// others stream the weight. The attention launch after attn_q_b then needs no KV-store launch
-// before it (its own cost ~2 us a layer on the step's critical path, s26c). Block 0 is
-// dispatched first: as the grid's last block, resident only once the kernel ahead's blocks had
-// left, the row's chain of loads ended after the rows and the step was 1.6% slower (s29b).
 // Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
 extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
             const float* x, const float* __restrict__ nw, float eps, float clamp,
-            float* __restrict__ y, int K, int rows_per_group, int rpb,
-            const float* kv, const float* __restrict__ kvw, const float* __restrict__ rcos,
-            const float* __restrict__ rsin, const long long* kpos, float* ring,
-            long long* ring_pos, int n_swa, int kv_d, int kv_rot, float kv_eps) {
+            float* __restrict__ y, int K, int rows_per_group, int rpb) {
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
     __shared__ double s_red[WARPS];
     pdl_trigger();                    // all blocks resident: the next kernel may launch
-    const int kv_block = kv_d != 0;   // (kv_d, not kv: row addresses are never computed from kv)
-    if (kv_block && blockIdx.x == 0) {
-        if (threadIdx.x < 32)
-            kv_row_store(kv, kvw, rcos, rsin, kpos, ring, ring_pos, n_swa, kv_d, kv_rot, kv_eps,
-                         threadIdx.x);
-        return;
-    }
     const int g = blockIdx.y;
-    const int first = (blockIdx.x - kv_block) * rpb;
+    const int first = blockIdx.x * rpb;
     const int nrows = min(rpb, rows_per_group - first);
     const long long row0 = (long long)g * rows_per_group + first;
     const float* xg = x + (long long)g * K;
