@@ -1204,9 +1204,11 @@ elif [ "$MODE" = s29a ]; then
   for a in "--tp 2 --shared" "--tp 1 --shared"; do
     log "Nsight Compute, stall reasons of the routed kernels: $a"
     timeout 200 ncu -k regex:"iq2xxs_swiglu|q2k_down_sum" -s 2 -c 2 --section SpeedOfLight --section WarpStateStats \
-      --section SchedulerStats --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      --section SchedulerStats --section SourceCounters --section Occupancy \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       python3 bench/ncu_experts.py $a > "$OUT/ncu_stalls_${a// /_}.txt" 2>&1
-    grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR" "$OUT/ncu_stalls_${a// /_}.txt" | head -60
+    grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR\|Registers\|Achieved Occ" "$OUT/ncu_stalls_${a// /_}.txt" \
+      | awk '!/ratio +0(\.0+)?$/' | head -70
   done
 elif [ "$MODE" = s28f ]; then
   log "CUDA twins and graph tests: attention with the new KV row, kv_store, HC step, decode graphs"
