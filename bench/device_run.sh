@@ -188,7 +188,9 @@
 #         norm weight loaded before the PDL wait): Q8_0 and kv_store twins, TP=2,1 bench A/B
 #         (s29b and s29c: the KV row riding in attn_q_b's launch, measured slower and removed;
 #         s29b's code at 0153a79, s29c's at eba7f4b)
-#   s29a: prepared for the next session, not run yet (one GPU): Nsight Compute's stall reasons
+#   s29d: session 29, one GPU: bench/iq2_layout_probe.py (the routed gate/up kernel on IQ2_XXS
+#         rows re-laid out for decode, experts.cu A_DL, against the GGUF layout; prototype)
+#   s29a: session 29 (prepared in 28), one GPU: Nsight Compute's stall reasons
 #         per issued instruction for the routed gate/up and down kernels at TP=2 and TP=1
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
 #         e_at), the all-reduce inside the HC step (its twins, TP=2 bench A/B against ar2_sum)
@@ -1179,6 +1181,17 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s29d ]; then
+  log "routed gate/up: IQ2_XXS rows in a decode layout against the GGUF layout (prototype)"
+  timeout 200 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout_probe.json" 2>&1 | grep -v Warn | tail -8
+  python3 - <<'PY' 2>&1 | tail -8
+import sys, torch
+sys.path.insert(0, "tests")
+import kernel_cases as kc
+for i, (name, fn, a) in enumerate(kc.cuda_c_cases()):
+    if "swiglu" in name and "mma" not in name:
+        print(f"ok   {name}: {fn('cuda', torch.Generator().manual_seed(7 + i), *a):.3g}")
+PY
 elif [ "$MODE" = s29c ]; then
   log "CUDA twins: the KV row riding in attn_q_b's launch (block 0), the Q8_0 matvec, kv_store"
   timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "q8_0 or kv_store" > "$OUT/tests_kernels.txt" 2>&1

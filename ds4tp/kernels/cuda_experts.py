@@ -114,6 +114,21 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
                    None, clamp, rpc, warps, shared)
 
 
+def iq2xxs_decode_layout(raw: torch.Tensor) -> torch.Tensor:
+    """(Prototype, timed by bench/iq2_layout_probe.py; no model path uses it.) IQ2_XXS rows of 16
+    super-blocks [..., 16 * 66] re-laid out for the gate/up kernel's A_DL variant, the same bytes
+    per row: first the 16 f16 scales ordered so that lane group j's four (super-blocks j, j+4,
+    j+8, j+12) are 8 contiguous bytes, then the 128 sub-blocks of 8 bytes ordered so that lane
+    l's four (sub-blocks l, l+32, l+64, l+96) are 32 contiguous bytes."""
+    if raw.shape[-1] != 16 * 66 or raw.dtype != torch.uint8:
+        raise ValueError(f"iq2xxs_decode_layout: rows of 16 IQ2_XXS super-blocks (1056 bytes) "
+                         f"expected, got {raw.dtype} {tuple(raw.shape)}")
+    b = raw.reshape(-1, 16, 66)
+    d = b[:, :, :2].reshape(-1, 4, 4, 2).transpose(1, 2)           # [r, i, j] -> [r, j, i]
+    qs = b[:, :, 2:].reshape(-1, 4, 32, 8).transpose(1, 2)         # [r, i, l] -> [r, l, i]
+    return torch.cat((d.reshape(-1, 32), qs.reshape(-1, 1024)), 1).reshape(raw.shape)
+
+
 R_MAX_E = 256      # experts the in-kernel choice holds (experts.cu R_MAX_E)
 _route_switch = cuda_c.Switch()
 set_route_enabled = _route_switch.set   # benchmarks time the choice's own launch in the same run

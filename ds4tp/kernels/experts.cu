@@ -115,6 +115,54 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
 
+// iq2xxs_sub of a sub-block held in registers: a0 its 4 grid-row indices, a1 its sign/scale word.
+__device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, const int (&xs)[8],
+                                               const unsigned long long* grid) {
+    int sum = 0, neg = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
+        const unsigned s7 = (aux1 >> (7 * l)) & 127u;
+        const unsigned mlo = byte_signs(s7 * 0x10204080u);
+        const unsigned mhi = byte_signs(s7 * 0x20408u + ((unsigned)__popc(s7) << 31));
+        const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
+        sum = __dp4a((int)glo, xs[2 * l], sum);
+        sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
+        neg = __dp4a((int)(glo & mlo), xs[2 * l], neg);
+        neg = __dp4a((int)(ghi & mhi), xs[2 * l + 1], neg);
+    }
+    return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
+}
+
+#ifndef A_DL
+#define A_DL 0                  // (prototype, bench/iq2_layout_probe.py) gate/up rows in the decode
+#endif                          // layout of cuda_experts.iq2xxs_decode_layout (KB = 16 only)
+// A row in the decode layout: the 16 super-blocks' f16 scales first (32 bytes; lane group
+// j = lane / 8 finds its four, of super-blocks j, j+4, j+8, j+12, at bytes 8j..8j+7), then the 128
+// sub-blocks of 8 bytes with lane l's four (sub-blocks l, l+32, l+64, l+96) at bytes 32l..32l+31:
+// two 16-byte loads and one 8-byte load a lane, no staging in shared memory.
+struct DlRow {
+    uint4 q[2];
+    uint2 d;
+};
+
+__device__ __forceinline__ void dl_load(DlRow& r, const unsigned char* row, int lane) {
+    r.q[0] = __ldg((const uint4*)(row + 32 + 32 * lane));
+    r.q[1] = __ldg((const uint4*)(row + 48 + 32 * lane));
+    r.d = __ldg((const uint2*)(row + 8 * (lane >> 3)));
+}
+
+// sub-block i (< 4) of a DlRow: its two words and its super-block's scale
+__device__ __forceinline__ unsigned dl_w0(const DlRow& r, int i) {
+    return (i & 1) ? r.q[i >> 1].z : r.q[i >> 1].x;
+}
+__device__ __forceinline__ unsigned dl_w1(const DlRow& r, int i) {
+    return (i & 1) ? r.q[i >> 1].w : r.q[i >> 1].y;
+}
+__device__ __forceinline__ float dl_d(const DlRow& r, int i) {
+    return h2f((unsigned short)(((i < 2) ? r.d.x : r.d.y) >> (16 * (i & 1))));
+}
+
 // A gate row and an up row at byte offset off (nv 16-byte pieces each) into the warp's registers:
 // piece i of the pair (gate first) goes to lane i % 32, slot i / 32.
 __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned char* wg,
@@ -357,7 +405,9 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #endif
     __shared__ __align__(16) signed char s_xq[A_MAX_KB * 256];
     __shared__ float s_xd[A_MAX_KB];
+#if !A_DL
     __shared__ __align__(16) unsigned char s_row[WARPS][2 * A_ROW_MAX + 16];
+#endif
     __shared__ __align__(16) signed char s_q8[A_MAX_KB * 256];     // the shared rows' Q8_0 input
     __shared__ float s_d8[A_MAX_KB * 8];
 
@@ -368,6 +418,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     const int items = K * rows;
     const int rowb = KB * 66, nv = rowb / 16;        // bytes and 16-byte pieces per row
 
+    if (A_DL && KB != A_MAX_KB) __trap();      // (the decode layout's prototype: 4096 inputs)
     pdl_trigger();                    // all blocks resident: the next kernel may launch
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
@@ -398,14 +449,20 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // first item's loads go out before the prologue (in route mode, after it)
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
     // warp and shuffling them, which made the step 3.1% / 2.5% slower at TP=2 / TP=1, s22h)
+#if A_DL
+    DlRow bg, bu;                     // the next item's gate and up rows
+#define LOAD_ROWS(off) { dl_load(bg, wg + (off), lane); dl_load(bu, wu + (off), lane); }
+#else
     uint4 buf[A_MAX_V];
+#define LOAD_ROWS(off) load_rows(buf, wg, wu, (off), lane, nv)
+#endif
     int item = warp;
     long long e = -1;
     int n = n0;
     if (!choose) {
         e = item < items ? prior(ids + t * K + item / rows) : -1;
         n = n0 + (item < items ? item % rows : 0);
-        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
+        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
     }
 
     // x by two 16-byte loads per lane (prior): with eight 4-byte loads from L2 (.cg, as prior
@@ -422,7 +479,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     if (choose) {
         e = item < items ? s_ids[item / rows] : -1;
         n = n0 + (item < items ? item % rows : 0);
-        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
+        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
     }
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
@@ -445,6 +502,37 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             xd_r[i] = s_xd[(lane + 32 * i) >> 3];
         }
     }
+#if A_DL
+    for (; item < items; item += WARPS) {
+        const int k = item / rows;
+        const DlRow cg = bg, cu = bu;
+        const long long ecur = e;
+        const int ncur = n;
+        const int nxt = item + WARPS;
+        e = nxt >= items ? -1 : choose ? s_ids[nxt / rows] : prior(ids + t * K + nxt / rows);
+        n = n0 + (nxt < items ? nxt % rows : 0);
+        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
+        float mid = 0.0f;
+        if (ecur >= 0) {
+            float ag = 0.0f, au = 0.0f;
+#pragma unroll
+            for (int i = 0; i < A_MAX_KB / 4; i++) {
+                const float dx = xd_r[i];
+                const int (&xs)[8] = xs_r[i];
+                const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, s_grid);
+                const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, s_grid);
+                ag += (float)ig * (dl_d(cg, i) * dx);
+                au += (float)iu * (dl_d(cu, i) * dx);
+            }
+            const float gsum = warp_sum(ag) * 0.125f;
+            const float usum = warp_sum(au) * 0.125f;
+            const float gc = fminf(gsum, clamp);
+            const float uc = fminf(fmaxf(usum, -clamp), clamp);
+            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
+        }
+        if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
+    }
+#else
     unsigned char* sg = s_row[warp];
     unsigned char* su = sg + rowb;
     for (; item < items; item += WARPS) {
@@ -462,7 +550,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const int nxt = item + WARPS;
         e = nxt >= items ? -1 : choose ? s_ids[nxt / rows] : prior(ids + t * K + nxt / rows);
         n = n0 + (nxt < items ? nxt % rows : 0);
-        if (e >= 0) load_rows(buf, wg, wu, e * stride_e + (long long)n * stride_n, lane, nv);
+        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
         float mid = 0.0f;
         if (ecur >= 0) {
             float ag = 0.0f, au = 0.0f;
@@ -487,6 +575,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
         __syncwarp();
     }
+#endif
+#undef LOAD_ROWS
 }
 
 // Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks

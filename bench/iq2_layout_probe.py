@@ -1,0 +1,81 @@
+"""How much would the routed gate/up kernel gain from IQ2_XXS rows re-laid out for decode?
+(prototype: experts.cu A_DL, cuda_experts.iq2xxs_decode_layout; no model path uses them)
+
+The kernel stages each (slot, row) item's gate and up rows in shared memory because an IQ2_XXS
+super-block is 66 bytes (fields only 2-byte aligned); Nsight Compute (s29a) put the largest
+share of its stalls on shared-memory results (short scoreboard, 1.85 cycles an instruction of
+7.5 at TP=2). In the decode layout a lane's four sub-blocks and its four scales are contiguous,
+so each row comes straight into registers by two 16-byte loads and one 8-byte load a lane.
+
+For TP=2 and TP=1 expert shapes (64 experts, 4096 inputs), a token's 6 ids drawn afresh for each
+of 48 launches (so the rows come from HBM, not L2), both layouts: outputs compared bit for bit,
+then the 48 launches captured in a CUDA graph and replayed; us per launch, best of 5.
+
+    python bench/iq2_layout_probe.py [--json OUT]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import kernel_cases as kc  # noqa: E402
+
+from ds4tp.config import IQ2_XXS  # noqa: E402
+from ds4tp.kernels import cuda_c, cuda_experts as ce  # noqa: E402
+from ds4tp.qtensor import QTensor  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--json", default="")
+ap.add_argument("--launches", type=int, default=48)
+args = ap.parse_args()
+VARIANTS = {"gguf": (), "decode_layout": (("A_DL", 1),)}
+
+
+def launches(wg, wu, x, ids_list, rw):
+    return [ce.swiglu(wg, wu, x, ids, rw, 10.0) for ids in ids_list]
+
+
+res = {}
+for tp in (2, 1):
+    F, E = 2048 // tp, 64
+    g = torch.Generator().manual_seed(tp)
+    w = {"gguf": (kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"),
+                  kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"))}
+    w["decode_layout"] = tuple(QTensor(IQ2_XXS, t.shape, ce.iq2xxs_decode_layout(t.raw)) for t in w["gguf"])
+    x = kc.rand_act((1, 4096), g, "cuda")
+    rw = torch.rand(1, 6, generator=g).cuda()
+    ids_list = [torch.randperm(E, generator=g)[:6].reshape(1, 6).cuda() for _ in range(args.launches)]
+    outs, times = {}, {}
+    for name, defs in VARIANTS.items():
+        cuda_c.VARIANT_DEFINES = defs
+        outs[name] = [o.clone() for o in launches(*w[name], x, ids_list, rw)]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                launches(*w[name], x, ids_list, rw)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launches(*w[name], x, ids_list, rw)
+        best = float("inf")
+        for _ in range(5):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            graph.replay()
+            ev[1].record()
+            torch.cuda.synchronize()
+            best = min(best, ev[0].elapsed_time(ev[1]) * 1e3 / args.launches)
+        times[name] = best
+    cuda_c.VARIANT_DEFINES = ()
+    same = all(torch.equal(a, b) for a, b in zip(outs["gguf"], outs["decode_layout"]))
+    res[f"tp{tp}"] = {"us_per_launch": times, "bit_identical": same,
+                      "ratio": times["decode_layout"] / times["gguf"]}
+    print(f"TP={tp} rows {F}: " + ", ".join(f"{k} {v:.2f} us" for k, v in times.items())
+          + f"; ratio {res[f'tp{tp}']['ratio']:.3f}; outputs bit-identical: {same}", flush=True)
+if args.json:
+    Path(args.json).write_text(json.dumps(res, indent=1))
