@@ -1,5 +1,5 @@
-"""How much would the routed gate/up kernel gain from IQ2_XXS rows re-laid out for decode?
-(prototype: experts.cu A_DL, cuda_experts.iq2xxs_decode_layout; no model path uses them)
+"""The routed gate/up kernel on IQ2_XXS rows in the decode order (qtensor.IQ2_DECODE, experts.cu
+A_DL) against GGUF's order, alone (the bench times it in the step: decode_d0_gguf_order).
 
 The kernel stages each (slot, row) item's gate and up rows in shared memory because an IQ2_XXS
 super-block is 66 bytes (fields only 2-byte aligned); Nsight Compute (s29a) put the largest
@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import kernel_cases as kc  # noqa: E402
 
 from ds4tp.config import IQ2_XXS  # noqa: E402
-from ds4tp.kernels import cuda_c, cuda_experts as ce  # noqa: E402
-from ds4tp.qtensor import QTensor  # noqa: E402
+from ds4tp.kernels import cuda_experts as ce  # noqa: E402
+from ds4tp.qtensor import IQ2_DECODE, QTensor  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--json", default="")
 ap.add_argument("--launches", type=int, default=48)
 args = ap.parse_args()
-VARIANTS = {"gguf": (), "decode_layout": (("A_DL", 1),)}
+VARIANTS = ("gguf", "decode_layout")
 
 
 def launches(wg, wu, x, ids_list, rw):
@@ -45,13 +45,14 @@ for tp in (2, 1):
     g = torch.Generator().manual_seed(tp)
     w = {"gguf": (kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"),
                   kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"))}
-    w["decode_layout"] = tuple(QTensor(IQ2_XXS, t.shape, ce.iq2xxs_decode_layout(t.raw)) for t in w["gguf"])
+    w["decode_layout"] = tuple(QTensor(IQ2_XXS, t.shape, t.raw.clone()) for t in w["gguf"])
+    for t in w["decode_layout"]:
+        t.set_layout(IQ2_DECODE)
     x = kc.rand_act((1, 4096), g, "cuda")
     rw = torch.rand(1, 6, generator=g).cuda()
     ids_list = [torch.randperm(E, generator=g)[:6].reshape(1, 6).cuda() for _ in range(args.launches)]
     outs, times = {}, {}
-    for name, defs in VARIANTS.items():
-        cuda_c.VARIANT_DEFINES = defs
+    for name in VARIANTS:
         outs[name] = [o.clone() for o in launches(*w[name], x, ids_list, rw)]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -71,7 +72,6 @@ for tp in (2, 1):
             torch.cuda.synchronize()
             best = min(best, ev[0].elapsed_time(ev[1]) * 1e3 / args.launches)
         times[name] = best
-    cuda_c.VARIANT_DEFINES = ()
     same = all(torch.equal(a, b) for a, b in zip(outs["gguf"], outs["decode_layout"]))
     res[f"tp{tp}"] = {"us_per_launch": times, "bit_identical": same,
                       "ratio": times["decode_layout"] / times["gguf"]}

@@ -557,6 +557,20 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_chained_shared_own_launches"] = time_decode(model, 1, steps, max_ctx=256,
                                                                         chained=True)
         save()
+    # the routed gate/up rows in GGUF's byte order (as up to the twenty-sixth session) instead of
+    # the decode order (kernels.prepare_weights), and the logits of both
+    from ds4tp import kernels
+    res["iq2_decode_order_weights"] = kernels.prepare_weights(model.w)
+    if res["iq2_decode_order_weights"]:
+        mine = decode_logits(model, 8)
+        kernels.prepare_weights(model.w, decode_order=False)
+        try:
+            res["decode_d0_gguf_order"], res["decode_d0_chained_gguf_order"], ref = \
+                _decode_and_logits(model, steps)
+        finally:
+            kernels.prepare_weights(model.w)
+        res["decode_order_logits_equal_gguf"] = bool(torch.equal(mine, ref))
+        save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

@@ -770,6 +770,8 @@ class DS4Model:
         self.overlap = overlap      # CUDA: independent sublayer work on a second stream (streams.py)
         self.comm = comm if comm is not None else SingleComm()
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            kernels.prepare_weights(weights)        # (rows re-ordered for the decode kernels)
 
     @classmethod
     def load(cls, path, *, rank: int = 0, world: int = 1, comm=None, device="cpu") -> "DS4Model":

@@ -9,6 +9,11 @@ The dequantized float32 copy is built on first use and cached (`f32()`): this is
 torch paths multiply with; fused GPU kernels read `raw` directly, or a re-laid-out copy of it
 that a kernel builds once and keeps in `kernel_cache` (e.g. Q8_0 split into aligned int8 quants
 and f16 scales, ds4tp.kernels.triton_matvec.q8_0_split).
+
+`layout` says how `raw` orders each row's bytes: GGUF's, or (IQ2_XXS rows of 16 super-blocks)
+IQ2_DECODE, the same bytes per row re-ordered in place at load for the decode kernel
+(ds4tp.kernels.prepare_weights; the order: iq2_decode_rows). `gguf_raw()` gives GGUF's order
+to every reader that wants it (the twins, the Triton kernels), as a copy where it differs.
 """
 from __future__ import annotations
 
@@ -16,7 +21,40 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4tp.config import BLOCK, type_name
+from ds4tp.config import BLOCK, IQ2_XXS, type_name
+
+GGUF = "gguf"
+IQ2_DECODE = "iq2_decode"
+_IQ2_ROW = 16 * 66          # an IQ2_XXS row of 16 super-blocks (4096 inputs)
+
+
+def iq2_decode_rows(raw: torch.Tensor) -> torch.Tensor:
+    """IQ2_XXS rows of 16 super-blocks [..., 1056] (GGUF order) in the IQ2_DECODE order, the same
+    bytes per row: first the 16 f16 scales, ordered so that super-blocks j, j+4, j+8, j+12 are 8
+    contiguous bytes (at 8j), then the 128 sub-blocks of 8 bytes, ordered so that sub-blocks l,
+    l+32, l+64, l+96 are 32 contiguous bytes (at 32 + 32l). The decode kernel's lane l then reads
+    its four sub-blocks and lane group l/8 its four scales with aligned loads
+    (kernels/experts.cu, A_DL)."""
+    _check_iq2_rows(raw)
+    b = raw.reshape(-1, 16, 66)
+    d = b[:, :, :2].reshape(-1, 4, 4, 2).transpose(1, 2)           # sb = 4i + j: [i, j] -> [j, i]
+    qs = b[:, :, 2:].reshape(-1, 4, 32, 8).transpose(1, 2)         # g = 32i + l: [i, l] -> [l, i]
+    return torch.cat((d.reshape(-1, 32), qs.reshape(-1, 1024)), 1).reshape(raw.shape)
+
+
+def iq2_gguf_rows(raw: torch.Tensor) -> torch.Tensor:
+    """The inverse of iq2_decode_rows."""
+    _check_iq2_rows(raw)
+    r = raw.reshape(-1, _IQ2_ROW)
+    d = r[:, :32].reshape(-1, 4, 4, 2).transpose(1, 2).reshape(-1, 16, 2)
+    qs = r[:, 32:].reshape(-1, 32, 4, 8).transpose(1, 2).reshape(-1, 16, 64)
+    return torch.cat((d, qs), 2).reshape(raw.shape)
+
+
+def _check_iq2_rows(raw: torch.Tensor) -> None:
+    if raw.shape[-1] != _IQ2_ROW or raw.dtype != torch.uint8:
+        raise ValueError(f"IQ2_XXS rows of 16 super-blocks ({_IQ2_ROW} bytes) expected, got "
+                         f"{raw.dtype} {tuple(raw.shape)}")
 
 
 @dataclass(eq=False)
@@ -26,6 +64,7 @@ class QTensor:
     raw: torch.Tensor
     _f32: torch.Tensor | None = field(default=None, repr=False)
     kernel_cache: dict = field(default_factory=dict, repr=False)
+    layout: str = GGUF
 
     def __post_init__(self):
         epb, bpb = BLOCK[self.qtype]
@@ -36,6 +75,12 @@ class QTensor:
         if tuple(self.raw.shape) != want or self.raw.dtype != torch.uint8:
             raise ValueError(f"QTensor raw bytes {tuple(self.raw.shape)} {self.raw.dtype}, "
                              f"expected {want} uint8 for {type_name(self.qtype)} {self.shape}")
+        self._check_layout(self.layout)
+
+    def _check_layout(self, layout: str) -> None:
+        if layout not in (GGUF, IQ2_DECODE) or (
+                layout == IQ2_DECODE and (self.qtype != IQ2_XXS or self.raw.shape[-1] != _IQ2_ROW)):
+            raise ValueError(f"layout {layout!r} does not apply to {type_name(self.qtype)} {self.shape}")
 
     @property
     def row_bytes(self) -> int:
@@ -49,11 +94,24 @@ class QTensor:
     def device(self) -> torch.device:
         return self.raw.device
 
+    def gguf_raw(self) -> torch.Tensor:
+        """raw in GGUF's byte order (itself, or a re-ordered copy)."""
+        return self.raw if self.layout == GGUF else iq2_gguf_rows(self.raw)
+
+    def set_layout(self, layout: str) -> None:
+        """Re-order raw's rows in place into `layout` (GGUF or IQ2_DECODE; a no-op if already)."""
+        self._check_layout(layout)
+        if layout == self.layout:
+            return
+        self.raw.copy_(iq2_decode_rows(self.raw) if layout == IQ2_DECODE else self.gguf_raw())
+        self.layout = layout
+        self.kernel_cache.clear()
+
     def f32(self) -> torch.Tensor:
         """Exact float32 dequantization, cached."""
         if self._f32 is None:
             from ds4tp.dequant import dequantize
-            self._f32 = dequantize(self.raw, self.qtype, self.shape[-1])
+            self._f32 = dequantize(self.gguf_raw(), self.qtype, self.shape[-1])
         return self._f32
 
     def drop_cache(self) -> None:
@@ -61,20 +119,20 @@ class QTensor:
         self.kernel_cache.clear()
 
     def to(self, device) -> "QTensor":
-        return QTensor(self.qtype, self.shape, self.raw.to(device))
+        return QTensor(self.qtype, self.shape, self.raw.to(device), layout=self.layout)
 
     def row_slice(self, start: int, stop: int) -> "QTensor":
         """Rows [start, stop) of a 2-D weight, sharing the bytes (no copy)."""
         if len(self.shape) != 2 or not 0 <= start <= stop <= self.shape[0]:
             raise ValueError(f"row slice [{start}, {stop}) of a {self.shape} weight")
-        return QTensor(self.qtype, (stop - start, self.shape[1]), self.raw[start:stop])
+        return QTensor(self.qtype, (stop - start, self.shape[1]), self.raw[start:stop], layout=self.layout)
 
     @staticmethod
     def cat_rows(*ws: "QTensor") -> "QTensor":
         """One 2-D weight holding the rows of several with the same type and input width (so
         one launch serves matrices that multiply the same activation)."""
         q, n_in = ws[0].qtype, ws[0].shape[-1]
-        if any(w.qtype != q or len(w.shape) != 2 or w.shape[1] != n_in for w in ws):
+        if any(w.qtype != q or len(w.shape) != 2 or w.shape[1] != n_in or w.layout != GGUF for w in ws):
             raise ValueError(f"cat_rows needs 2-D weights of one type and width, got "
                              f"{[(type_name(w.qtype), w.shape) for w in ws]}")
         return QTensor(q, (sum(w.shape[0] for w in ws), n_in), torch.cat([w.raw for w in ws]))

@@ -256,6 +256,58 @@ def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard="", r
     return check(tag, out, want)
 
 
+def decode_order(w: QTensor) -> QTensor:
+    """A copy of an IQ2_XXS weight with its rows in the decode order (qtensor.IQ2_DECODE)."""
+    from ds4tp.qtensor import IQ2_DECODE
+    d = QTensor(w.qtype, w.shape, w.raw.clone())
+    d.set_layout(IQ2_DECODE)
+    return d
+
+
+def case_cuda_decode_order(device, gen, E, F, T, K):
+    """Routed gate/up weights with their rows in the decode order (kernels.prepare_weights) give
+    the bits of GGUF's order in every launch that reads them: the decode kernel (plain, and
+    choosing its experts with the shared rows riding), the prefill's tensor-core kernels (gate/up
+    and per-slot), the Triton kernels (through QTensor.gguf_raw) and the twin (f32)."""
+    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
+    from ds4tp.kernels import cuda_experts as ce, triton_gemm as tg, triton_matvec as tm
+    wg, wu = (expert_weight(IQ2_XXS, E, F, 4096, gen, device) for _ in range(2))
+    dg, du = decode_order(wg), decode_order(wu)
+    assert not torch.equal(dg.raw, wg.raw)
+    ids = rand_ids(T, K, E, gen, device)
+    x = rand_act((T, 4096), gen, device) * 20.0
+    rw = torch.rand(T, K, generator=gen).to(device)
+    tag = f"cuda decode order E={E} F={F} T={T} K={K}"
+    pairs = []
+    got = ce.swiglu(dg, du, x, ids, rw, 10.0)
+    assert got is not None, f"{tag}: the decode kernel did not take the decode order"
+    pairs.append(("decode kernel", got, ce.swiglu(wg, wu, x, ids, rw, 10.0)))
+    if T == 1:
+        w_gu = rand_weight(Q8_0, (2 * F, 4096), gen, device)
+        logits = (torch.randn(1, E, generator=gen) * 2).to(device)
+        tok = torch.tensor([3], dtype=torch.int64, device=device)
+        a, b = (ce.swiglu_routed(g_, u_, x, logits, None, None, tok, K, ROUTER_WEIGHT_FLOOR,
+                                 EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu) for g_, u_ in ((dg, du), (wg, wu)))
+        pairs += [(f"routed kernel {n}", p, q) for n, p, q in zip(("mid", "gate|up", "ids", "weights"), a, b)]
+    ptab, table, _, _, _ = tg.expert_tiles(ids, E, 64)
+    x16 = x.half()
+    for swiglu in (True, False):
+        outs = []
+        for g_, u_ in ((dg, du), (wg, wu)):
+            o = torch.zeros(T, K, F, device=device)
+            assert ce.many(g_, u_ if swiglu else None, x16, False, ptab, table, rw if swiglu else None,
+                           o, swiglu, 10.0), f"{tag}: the tensor-core kernel did not take it"
+            outs.append(o)
+        pairs.append((f"tensor-core kernel swiglu={swiglu}", *outs))
+    pairs.append(("Triton kernel", tm.expert_swiglu(dg, du, x, ids, rw, 10.0),
+                  tm.expert_swiglu(wg, wu, x, ids, rw, 10.0)))
+    want = ops.expert_swiglu_torch(wg, wu, x, ids, rw, 10.0)
+    pairs.append(("twin", ops.expert_swiglu_torch(dg, du, x, ids, rw, 10.0), want))
+    for name, a, b in pairs:
+        assert torch.equal(a, b), f"{tag}: {name} differs from GGUF's order"
+    return check(tag, got, want)
+
+
 def case_cuda_swiglu_routed(device, gen, E, F, n_in, K, bias=True, hashed=False, ties=False,
                             spread=2.0):
     """The gate/up launch that also chooses the experts (cuda_experts.swiglu_routed, one token,
@@ -441,6 +493,9 @@ def cuda_c_cases():
     yield "cuda f16 16384 in", case_cuda_f16, (19, 16384)
     yield "cuda f16 3072 in many rows", case_cuda_f16, (1000, 3072)
     yield "cuda f16 column shard", case_cuda_f16, (64, 2048, True)
+    # the routed gate/up rows in the decode order: TP=2's and TP=1's rows, a token and a few
+    yield "cuda decode order TP=2 T=1", case_cuda_decode_order, (16, 1024, 1, 6)
+    yield "cuda decode order TP=1 T=3", case_cuda_decode_order, (12, 2048, 3, 6)
     # the gate/up launch that chooses its experts: DS4 (256 experts, 6 chosen, bias, hash
     # layers, TP=2's rows), fewer experts, ties
     yield "cuda swiglu routed", case_cuda_swiglu_routed, (256, 64, 4096, 6)

@@ -96,3 +96,60 @@ def test_unsupported_type_raises():
 def test_empty():
     out = dequantize(torch.zeros(0, 3, 84, dtype=torch.uint8), C.Q2_K, 256)
     assert out.shape == (0, 3, 256) and out.dtype == torch.float32
+
+
+# ---- the decode order of IQ2_XXS rows (qtensor.IQ2_DECODE) ----------------------------------
+def test_iq2_decode_order_puts_each_lanes_bytes_together_and_back():
+    """iq2_decode_rows: scales of super-blocks j, j+4, j+8, j+12 at 8j (f16 each), sub-blocks l,
+    l+32, l+64, l+96 at 32 + 32l (8 bytes each); iq2_gguf_rows undoes it."""
+    from ds4tp.qtensor import iq2_decode_rows, iq2_gguf_rows
+    raw = torch.from_numpy(random_rows(np.random.default_rng(3), C.IQ2_XXS, (2, 3), 4096))
+    dec = iq2_decode_rows(raw)
+    b, r = raw.reshape(-1, 16, 66), dec.reshape(-1, 16 * 66)
+    for row in range(b.shape[0]):
+        for g in range(128):
+            off = 32 + 32 * (g % 32) + 8 * (g // 32)
+            assert torch.equal(r[row, off:off + 8], b[row, g // 8, 2 + 8 * (g % 8):10 + 8 * (g % 8)])
+        for sb in range(16):
+            off = 8 * (sb % 4) + 2 * (sb // 4)
+            assert torch.equal(r[row, off:off + 2], b[row, sb, :2])
+    assert torch.equal(iq2_gguf_rows(dec), raw)
+
+
+def test_a_weight_in_the_decode_order_dequantises_and_multiplies_as_before():
+    """QTensor.set_layout re-orders raw in place; f32 (the twins), gguf_raw (the Triton kernels)
+    and the torch twin of the routed experts are those of GGUF's order; back to GGUF's order
+    gives the same bytes. The order applies only to IQ2_XXS rows of 16 super-blocks."""
+    from ds4tp import ops
+    from ds4tp.kernels import triton_matvec as tm
+    from ds4tp.qtensor import GGUF, IQ2_DECODE, QTensor
+    rng = np.random.default_rng(5)
+    raw = torch.from_numpy(random_rows(rng, C.IQ2_XXS, (4, 8), 4096))
+    ref = QTensor(C.IQ2_XXS, (4, 8, 4096), raw.clone())
+    w = QTensor(C.IQ2_XXS, (4, 8, 4096), raw.clone())
+    w.set_layout(IQ2_DECODE)
+    assert w.layout == IQ2_DECODE and not torch.equal(w.raw, raw)
+    assert torch.equal(w.gguf_raw(), raw) and torch.equal(tm._raw(w), raw)
+    assert torch.equal(w.f32(), ref.f32())
+    x = torch.randn(2, 4096)
+    ids = torch.tensor([[0, 3], [2, -1]])
+    rw = torch.rand(2, 2)
+    assert torch.equal(ops.expert_swiglu_torch(w, w, x, ids, rw), ops.expert_swiglu_torch(ref, ref, x, ids, rw))
+    w.set_layout(GGUF)
+    assert torch.equal(w.raw, raw)
+    with pytest.raises(ValueError, match="layout"):
+        QTensor(C.IQ2_XXS, (8, 2048), torch.zeros(8, 8 * 66, dtype=torch.uint8)).set_layout(IQ2_DECODE)
+    with pytest.raises(ValueError, match="layout"):
+        QTensor(C.Q8_0, (8, 4096), torch.zeros(8, 128 * 34, dtype=torch.uint8), layout=IQ2_DECODE)
+
+
+def test_prepare_weights_leaves_cpu_weights_in_gguf_order():
+    """kernels.prepare_weights re-orders only weights on CUDA with its kernels there."""
+    from types import SimpleNamespace
+    from ds4tp import kernels
+    from ds4tp.qtensor import GGUF, QTensor
+    raw = torch.from_numpy(random_rows(np.random.default_rng(6), C.IQ2_XXS, (2, 4), 4096))
+    lw = SimpleNamespace(gate_exps=QTensor(C.IQ2_XXS, (2, 4, 4096), raw.clone()),
+                         up_exps=QTensor(C.IQ2_XXS, (2, 4, 4096), raw.clone()))
+    assert kernels.prepare_weights(SimpleNamespace(layers=[lw])) == 0
+    assert lw.gate_exps.layout == GGUF and torch.equal(lw.gate_exps.raw, raw)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ds4tp.config import IQ2_XXS, Q2_K, Q8_0
+from ds4tp.qtensor import IQ2_DECODE
 from ds4tp.kernels import cuda_c
 from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
 
@@ -114,21 +115,6 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
                    None, clamp, rpc, warps, shared)
 
 
-def iq2xxs_decode_layout(raw: torch.Tensor) -> torch.Tensor:
-    """(Prototype, timed by bench/iq2_layout_probe.py; no model path uses it.) IQ2_XXS rows of 16
-    super-blocks [..., 16 * 66] re-laid out for the gate/up kernel's A_DL variant, the same bytes
-    per row: first the 16 f16 scales ordered so that lane group j's four (super-blocks j, j+4,
-    j+8, j+12) are 8 contiguous bytes, then the 128 sub-blocks of 8 bytes ordered so that lane
-    l's four (sub-blocks l, l+32, l+64, l+96) are 32 contiguous bytes."""
-    if raw.shape[-1] != 16 * 66 or raw.dtype != torch.uint8:
-        raise ValueError(f"iq2xxs_decode_layout: rows of 16 IQ2_XXS super-blocks (1056 bytes) "
-                         f"expected, got {raw.dtype} {tuple(raw.shape)}")
-    b = raw.reshape(-1, 16, 66)
-    d = b[:, :, :2].reshape(-1, 4, 4, 2).transpose(1, 2)           # [r, i, j] -> [r, j, i]
-    qs = b[:, :, 2:].reshape(-1, 4, 32, 8).transpose(1, 2)         # [r, i, l] -> [r, l, i]
-    return torch.cat((d.reshape(-1, 32), qs.reshape(-1, 1024)), 1).reshape(raw.shape)
-
-
 R_MAX_E = 256      # experts the in-kernel choice holds (experts.cu R_MAX_E)
 _route_switch = cuda_c.Switch()
 set_route_enabled = _route_switch.set   # benchmarks time the choice's own launch in the same run
@@ -181,15 +167,16 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
     kb = n_in // 256
     rg, ru = w_gate.raw, w_up.raw
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
-            or not (_aligned(rg, 16) and _aligned(ru, 16))):
+            or not (_aligned(rg, 16) and _aligned(ru, 16)) or w_up.layout != w_gate.layout):
         return None
+    dl = w_gate.layout == IQ2_DECODE        # (rows of 16 super-blocks: the QTensor checks it)
     T = x.shape[0]
     sh = None
     if shared is not None:
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    fa = _kernel(x, warps, 0, (("A_ROUTE", 1),) if route is not None else ())
+    fa = _kernel(x, warps, 0, ((("A_ROUTE", 1),) if route is not None else ()) + ((("A_DL", 1),) if dl else ()))
     if fa is None:
         return None
     x = _act16(x)
@@ -275,10 +262,13 @@ def many(w, w2, x16: torch.Tensor, per_slot: bool, pairs: torch.Tensor, table: t
     E, N, n_in = w.shape
     raw = w.raw
     raw2 = w2.raw if swiglu else raw
-    a = 2 if qt == IQ2_XXS else 4      # IQ2_XXS rows load as 16-bit words, Q2_K as 32-bit
+    dl = w.layout == IQ2_DECODE
+    a = 2 if qt == IQ2_XXS and not dl else 4    # GGUF's IQ2_XXS rows load as 16-bit words
     if (n_in % 256 or not (_aligned(raw, a) and _aligned(raw2, a)) or raw2.stride() != raw.stride()
-            or (swiglu and (w2.shape != w.shape or rw is None))):
+            or (swiglu and (w2.shape != w.shape or rw is None)) or (w2 is not None and w2.layout != w.layout)):
         return False
+    if dl:
+        defines = tuple(defines) + (("IQ2_DL", 1),)
     sxk = x16.stride(1) if per_slot else 0
     if not (x16.stride(-1) == 1 and x16.data_ptr() % 8 == 0 and x16.stride(0) % 4 == 0 and sxk % 4 == 0):
         return False

@@ -135,12 +135,18 @@ __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, con
 }
 
 #ifndef A_DL
-#define A_DL 0                  // (prototype, bench/iq2_layout_probe.py) gate/up rows in the decode
-#endif                          // layout of cuda_experts.iq2xxs_decode_layout (KB = 16 only)
-// A row in the decode layout: the 16 super-blocks' f16 scales first (32 bytes; lane group
-// j = lane / 8 finds its four, of super-blocks j, j+4, j+8, j+12, at bytes 8j..8j+7), then the 128
-// sub-blocks of 8 bytes with lane l's four (sub-blocks l, l+32, l+64, l+96) at bytes 32l..32l+31:
-// two 16-byte loads and one 8-byte load a lane, no staging in shared memory.
+#define A_DL 0                  // gate/up rows in the decode order (qtensor.IQ2_DECODE; KB = 16)
+#endif
+// A row in the decode order (qtensor.iq2_decode_rows, re-ordered in place at load): the 16
+// super-blocks' f16 scales first (32 bytes; lane group j = lane / 8 finds its four, of
+// super-blocks j, j+4, j+8, j+12, at bytes 8j..8j+7), then the 128 sub-blocks of 8 bytes with
+// lane l's four (sub-blocks l, l+32, l+64, l+96) at bytes 32 + 32l: two 16-byte loads and one
+// 8-byte load a lane straight into registers, no staging in shared memory. The same integer
+// sums and float32 products in the same order as from GGUF's order, so the same bits. Nsight
+// Compute put the largest share of the GGUF-order kernel's stalls on shared-memory results
+// (short scoreboard: 1.85 cycles of 7.5 an instruction at TP=2, s29a); this order was 13-14%
+// faster a launch (bench/iq2_layout_probe.py, s29d: 10.99 against 12.69 us at TP=2's rows,
+// 18.82 against 22.00 at TP=1's).
 struct DlRow {
     uint4 q[2];
     uint2 d;
@@ -418,7 +424,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     const int items = K * rows;
     const int rowb = KB * 66, nv = rowb / 16;        // bytes and 16-byte pieces per row
 
-    if (A_DL && KB != A_MAX_KB) __trap();      // (the decode layout's prototype: 4096 inputs)
+    if (A_DL && KB != A_MAX_KB) __trap();      // (the decode order: rows of 16 super-blocks)
     pdl_trigger();                    // all blocks resident: the next kernel may launch
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;

@@ -72,10 +72,21 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 // this lane needs, loaded one step ahead of their use.
 struct RowStep { u32 a, b, s, d; };
 
+#ifndef IQ2_DL
+#define IQ2_DL 0        // IQ2_XXS rows of 16 super-blocks in the decode order (qtensor.IQ2_DECODE)
+#endif
+
 template <int IQ2>
 __device__ __forceinline__ RowStep load_step(const unsigned char* row, int step, int c) {
     RowStep r;
-    if (IQ2) {   // d (2 bytes), 8 x (4 grid-index bytes, u32 signs+scale); 2-aligned: 16-bit loads
+    if (IQ2 && IQ2_DL) {   // sub-block g at 32 + 32 (g % 32) + 8 (g / 32), 4-aligned; the scale of
+        const unsigned char* p = row + 32 + 32 * (step & 31) + 8 * (step >> 5);   // super-block
+        r.a = __ldg((const u32*)p);                                              // sb at
+        r.b = __ldg((const u32*)(p + 4));                                        // 8 (sb % 4)
+        r.s = 0;                                                                 // + 2 (sb / 4)
+        const int sb = step >> 3;
+        r.d = ld16(row + 8 * (sb & 3) + 2 * (sb >> 2));
+    } else if (IQ2) {   // d (2 bytes), 8 x (4 grid-index bytes, u32 signs+scale); 2-aligned: 16-bit loads
         const unsigned char* sb = row + (step >> 3) * 66;
         const unsigned char* p = sb + 2 + 8 * (step & 7);
         r.a = ld16(p) | (ld16(p + 2) << 16);
@@ -223,7 +234,8 @@ __device__ __forceinline__ void experts_mma(
         asm volatile("cp.async.wait_group %0;" :: "n"(XS - 2));
         __syncthreads();                                   // step's activations are staged and
         stage(step + XS - 1);                              // the slot of step - 1 is free
-        if ((step & 7) == 0 && c == 0) {                   // the super-block after next into L2
+        if (!(IQ2 && IQ2_DL) && (step & 7) == 0 && c == 0) {   // the super-block after next into L2
+            // (in the decode order the first 32 steps touch every line of the row)
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 asm volatile("prefetch.global.L2 [%0];" :: "l"(rp[i] + ((step >> 3) + 2) * (IQ2 ? 66 : 84)));

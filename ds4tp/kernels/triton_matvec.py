@@ -943,8 +943,9 @@ def _tickets(device: torch.device) -> torch.Tensor:
 
 
 def _raw(w) -> torch.Tensor:
-    """The raw bytes with a contiguous byte axis (other strides are passed to the kernel)."""
-    raw = w.raw
+    """The raw bytes in GGUF's order (QTensor.gguf_raw: a copy for rows re-ordered for the CUDA C
+    decode kernel) with a contiguous byte axis (other strides are passed to the kernel)."""
+    raw = w.gguf_raw()
     if raw.stride(-1) != 1 or raw.data_ptr() % 2:
         raw = raw.contiguous()
     return raw
