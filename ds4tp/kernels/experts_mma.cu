@@ -76,15 +76,25 @@ struct RowStep { u32 a, b, s, d; };
 #define IQ2_DL 0        // IQ2_XXS rows of 16 super-blocks in the decode order (qtensor.IQ2_DECODE)
 #endif
 
+// The sub-block (32 inputs) a step takes. In the decode order the steps follow the row's bytes:
+// step s reads the 8 bytes at 32 + 8s, sub-block g = s/4 + 32 (s % 4), and the activation's
+// g-th 32 values are staged for it (the sum over k runs in another order than from GGUF's
+// order). Taking the sub-blocks in their index order instead (every 32 steps a pass over the
+// whole row) made a TP=2 prefill 34% slower (s29e: 5,031 against 7,554 tok/s).
+template <int IQ2>
+__device__ __forceinline__ int step_sub(int step) {
+    return (IQ2 && IQ2_DL) ? (step >> 2) + 32 * (step & 3) : step;
+}
+
 template <int IQ2>
 __device__ __forceinline__ RowStep load_step(const unsigned char* row, int step, int c) {
     RowStep r;
-    if (IQ2 && IQ2_DL) {   // sub-block g at 32 + 32 (g % 32) + 8 (g / 32), 4-aligned; the scale of
-        const unsigned char* p = row + 32 + 32 * (step & 31) + 8 * (step >> 5);   // super-block
-        r.a = __ldg((const u32*)p);                                              // sb at
-        r.b = __ldg((const u32*)(p + 4));                                        // 8 (sb % 4)
-        r.s = 0;                                                                 // + 2 (sb / 4)
-        const int sb = step >> 3;
+    if (IQ2 && IQ2_DL) {   // sub-block step_sub(step) at 32 + 8 step (4-aligned); the scale of
+        const unsigned char* p = row + 32 + 8 * step;                // super-block sb at
+        r.a = __ldg((const u32*)p);                                  // 8 (sb % 4) + 2 (sb / 4)
+        r.b = __ldg((const u32*)(p + 4));
+        r.s = 0;
+        const int sb = step_sub<IQ2>(step) >> 3;
         r.d = ld16(row + 8 * (sb & 3) + 2 * (sb >> 2));
     } else if (IQ2) {   // d (2 bytes), 8 x (4 grid-index bytes, u32 signs+scale); 2-aligned: 16-bit loads
         const unsigned char* sb = row + (step >> 3) * 66;
@@ -208,7 +218,7 @@ __device__ __forceinline__ void experts_mma(
             for (int h = 0; h < 2; h++) {
                 const u32 d = (u32)__cvta_generic_to_shared(dst + xs_off(scol, 8 * (spart + h)));
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                             :: "r"(d), "l"(xsrc + (long long)step * XROW + 8 * h));
+                             :: "r"(d), "l"(xsrc + (long long)step_sub<IQ2>(step) * XROW + 8 * h));
             }
         }
         asm volatile("cp.async.commit_group;");
@@ -234,11 +244,11 @@ __device__ __forceinline__ void experts_mma(
         asm volatile("cp.async.wait_group %0;" :: "n"(XS - 2));
         __syncthreads();                                   // step's activations are staged and
         stage(step + XS - 1);                              // the slot of step - 1 is free
-        if (!(IQ2 && IQ2_DL) && (step & 7) == 0 && c == 0) {   // the super-block after next into L2
-            // (in the decode order the first 32 steps touch every line of the row)
+        if ((step & 7) == 0 && c == 0) {                   // the super-block after next into L2
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                asm volatile("prefetch.global.L2 [%0];" :: "l"(rp[i] + ((step >> 3) + 2) * (IQ2 ? 66 : 84)));
+            for (int i = 0; i < 4; i++)      // (decode order: the 64 bytes after the next 64)
+                asm volatile("prefetch.global.L2 [%0];" :: "l"(rp[i] + (IQ2 && IQ2_DL ? 32 + 8 * step + 128
+                                                                          : ((step >> 3) + 2) * (IQ2 ? 66 : 84))));
         }
         const unsigned char* xb = xs[step % XS];
         u32 lo[4][2], hi[4][2];
