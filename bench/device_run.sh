@@ -197,6 +197,8 @@
 #   s29f: session 29 closing run, two GPUs: the prefill's tensor-core kernel taking the decode
 #         order's steps in byte order; CUDA twins of the routed kernels; TP=2,1 bench with depth
 #         4096 (A/B against GGUF's order)
+#   s29g: session 29, two GPUs: the Triton kernels' GGUF-order copy taken only where they run
+#         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
 #   s29a: session 29 (prepared in 28), one GPU: Nsight Compute's stall reasons
 #         per issued instruction for the routed gate/up and down kernels at TP=2 and TP=1
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
@@ -1188,6 +1190,15 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s29g ]; then
+  log "CUDA twins: the routed kernels in the decode order, the tensor-core kernels"
+  timeout 100 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "bench, 43 layers, TP=2,1, depth 0, prefill 2048"
+  timeout 240 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "profile\|prefill host"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('decode_order_logits_equal_gguf'), r.get('spark_projection'), r.get('prefill')) for t, r in rs.items()]"
 elif [ "$MODE" = s29f ]; then
   log "CUDA twins: the routed kernels, on rows in the decode order and in GGUF's"
   timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "order or swiglu or mma or rides or down" > "$OUT/tests_kernels.txt" 2>&1

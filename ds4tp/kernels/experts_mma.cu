@@ -79,8 +79,7 @@ struct RowStep { u32 a, b, s, d; };
 // The sub-block (32 inputs) a step takes. In the decode order the steps follow the row's bytes:
 // step s reads the 8 bytes at 32 + 8s, sub-block g = s/4 + 32 (s % 4), and the activation's
 // g-th 32 values are staged for it (the sum over k runs in another order than from GGUF's
-// order). Taking the sub-blocks in their index order instead (every 32 steps a pass over the
-// whole row) made a TP=2 prefill 34% slower (s29e: 5,031 against 7,554 tok/s).
+// order, so the results differ by the tensor cores' float32 accumulation).
 template <int IQ2>
 __device__ __forceinline__ int step_sub(int step) {
     return (IQ2 && IQ2_DL) ? (step >> 2) + 32 * (step & 3) : step;

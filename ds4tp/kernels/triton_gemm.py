@@ -689,6 +689,14 @@ def _zero_skipped_kernel(ids_ptr, out_ptr, n_expert, N, BN: tl.constexpr):
             tl.store(out_ptr + p.to(tl.int64) * N + nn, tl.zeros([BN], tl.float32), mask=nn < N)
 
 
+def _gguf_pair(w, w2):
+    """The Triton kernels' raw bytes of w and w2 (or w again), in GGUF's order: taken only where
+    a Triton kernel runs, since rows in the decode order are copied for it (the CUDA C kernels
+    read that order in place; taken up front, the copies made a TP=2 prefill 34% slower, s29f)."""
+    raw = _raw(w)
+    return raw, (_raw(w2) if w2 is not None else raw)
+
+
 def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, mode: int,
             clamp: float = 0.0, cfg: GemmCfg | None = None, h16: bool | None = None) -> torch.Tensor:
     """Routed experts for many tokens: out [T, K, out] (zeros where ids is -1).
@@ -699,9 +707,7 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     sxt, sxk = x.stride(0), (x.stride(1) if per_slot else 0)
     if mode == MODE_SWIGLU:
         _check_swiglu(w, w2, rw, T, K)
-    raw = _raw(w)
-    raw2 = _raw(w2) if w2 is not None else raw
-    if raw2.stride() != raw.stride():
+    if w2 is not None and w2.raw.stride() != w.raw.stride():
         raise ValueError("gate and up raw bytes must have the same strides")
     out = torch.empty(T, K, n_out, dtype=torch.float32, device=x.device)
     if T * K == 0:
@@ -731,6 +737,7 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
             c = cfg or EXPERT_H16_CFG
             sxt, sxk = x16.stride(0), (x16.stride(1) if per_slot else 0)
             grid64 = _iq2_grid64(x.device) if w.qtype == IQ2_XXS else out
+            raw, raw2 = _gguf_pair(w, w2)
             _experts_h16_kernel[(table.shape[0], triton.cdiv(n_out, c.bn))](
                 raw, raw2, raw.stride(0), raw.stride(1), x16, sxt, sxk, table, pairs,
                 rwc if rwc is not None else out, out, n_out, grid64, n_out, K, n_in // 256,
@@ -756,6 +763,7 @@ def experts(w, w2, x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor | None, 
     c = cfg or default_cfg(w.qtype, n_in, tq)
     grid_t, sign_t = _iq2_tables(x.device) if w.qtype == IQ2_XXS else (out, out)
     xq, xd, xbs = _prequant(w.qtype, x.reshape(-1, n_in)) if w.qtype != F16 else (x, x, x)
+    raw, raw2 = _gguf_pair(w, w2)
     _gemm_kernel[(table.shape[0], triton.cdiv(n_out, c.bn))](
         raw, raw2, raw.stride(0), raw.stride(1), x, xq, xd, xbs, sxt, sxk, table, pairs,
         rw.contiguous() if rw is not None else out, out, n_out, grid_t, sign_t,
