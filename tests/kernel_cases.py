@@ -307,7 +307,12 @@ def case_cuda_decode_order(device, gen, E, F, T, K):
     pairs.append(("twin", ops.expert_swiglu_torch(dg, du, x, ids, rw, 10.0), want))
     for name, a, b in pairs:
         assert torch.equal(a, b), f"{tag}: {name} differs from GGUF's order"
-    return check(tag, got, want)
+    # against the twin as _swiglu_case bounds it (the SwiGLU is 11-Lipschitz in g and u)
+    g, u = ops.expert_linear_torch(wg, x, ids), ops.expert_linear_torch(wu, x, ids)
+    lim = TOL * 11 * (g.abs().max() + u.abs().max()).item()
+    err = (got - want).abs().max().item()
+    assert err <= lim, f"{tag}: abs error {err:.3g} > {lim:.3g}"
+    return err / max(want.abs().max().item(), 1e-30)
 
 
 def case_cuda_swiglu_routed(device, gen, E, F, n_in, K, bias=True, hashed=False, ties=False,
