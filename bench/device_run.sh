@@ -365,6 +365,18 @@ bench_goldens() {
   golden 2 static 90
   golden 1 static 70
 }
+# the routed kernels' twins (-k SELECTION), then the TP=2,1 bench with the decode order's A/B:
+# order_round SELECTION DEPTH TIMEOUT_S (session 29)
+order_round() {
+  log "CUDA twins: the routed kernels, on rows in the decode order and in GGUF's ($1)"
+  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "$1" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "bench, 43 layers, TP=2,1, depth 0 and $2: the decode order against GGUF's order"
+  timeout "$3" python3 -m ds4tp bench --tp 2,1 --depth "$2" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "profile\|prefill host"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('iq2_decode_order_weights'), r.get('decode_order_logits_equal_gguf'), r.get('spark_projection'), r.get('build_s'), r.get('prefill'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+}
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
 # serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
 serve_full() {
@@ -1191,23 +1203,9 @@ elif [ "$MODE" = s28a ]; then
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
 elif [ "$MODE" = s29g ]; then
-  log "CUDA twins: the routed kernels in the decode order, the tensor-core kernels"
-  timeout 100 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "bench, 43 layers, TP=2,1, depth 0, prefill 2048"
-  timeout 240 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('decode_order_logits_equal_gguf'), r.get('spark_projection'), r.get('prefill')) for t, r in rs.items()]"
+  order_round "order or mma" 0 240
 elif [ "$MODE" = s29f ]; then
-  log "CUDA twins: the routed kernels, on rows in the decode order and in GGUF's"
-  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "order or swiglu or mma or rides or down" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096: the decode order against GGUF's order"
-  timeout 360 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('iq2_decode_order_weights'), r.get('decode_order_logits_equal_gguf'), r.get('spark_projection'), r.get('build_s'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  order_round "order or swiglu or mma or rides or down" 4096 360
 elif [ "$MODE" = s29e ]; then
   log "CUDA twins: the routed kernels, on rows in the decode order and in GGUF's"
   timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "decode order or swiglu or mma or rides or down" > "$OUT/tests_kernels.txt" 2>&1

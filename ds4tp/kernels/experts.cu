@@ -82,9 +82,9 @@ __device__ __forceinline__ unsigned byte_signs(unsigned v) {
     return m;
 }
 
-// IQ2_XXS sub-block (32 weights) at byte offset off (even) of a row in shared memory, against 8
-// packed Q8_K words xs: returns (2s+1) * sum(grid * sign * q), an exact integer.
-// Fields: 4 grid-row indices (bytes), then 4 x 7 sign bits and the 4-bit scale s in one word.
+// An IQ2_XXS sub-block (32 weights) held in registers, against 8 packed Q8_K words xs: returns
+// (2s+1) * sum(grid * sign * q), an exact integer. aux0: its 4 grid-row indices (bytes); aux1:
+// its 4 x 7 sign bits and the 4-bit scale s.
 // Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8. The signed
 // sum is taken as sum(g q) - 2 sum(g q over the negated elements): one AND per word, the masks by
 // byte_signs (PRMT); fewer instructions than negating the bytes (H200: 21.4 vs 22.1 us at TP=1).
@@ -92,30 +92,6 @@ __device__ __forceinline__ unsigned byte_signs(unsigned v) {
 // s7 * 0x20408 bit 4 + e (e < 3) at 8e + 7 (the shifted copies of s7 do not overlap, so no carry),
 // the parity bit goes to bit 31 by popc << 31: 6 instructions a group where taking the 8-bit
 // pattern apart first took 9 (checked against ksigns for all 128 patterns).
-__device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
-                                          const unsigned long long* grid) {
-    const unsigned* w = (const unsigned*)(row + (off & ~3));
-    const unsigned w0 = w[0], w1 = w[1], w2 = w[2];  // (each read once)
-    unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
-    unsigned aux0 = __funnelshift_r(w0, w1, sh);
-    unsigned aux1 = __funnelshift_r(w1, w2, sh);
-    int sum = 0, neg = 0;
-#pragma unroll
-    for (int l = 0; l < 4; l++) {
-        unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        const unsigned s7 = (aux1 >> (7 * l)) & 127u;
-        const unsigned mlo = byte_signs(s7 * 0x10204080u);
-        const unsigned mhi = byte_signs(s7 * 0x20408u + ((unsigned)__popc(s7) << 31));
-        const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
-        sum = __dp4a((int)glo, xs[2 * l], sum);
-        sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
-        neg = __dp4a((int)(glo & mlo), xs[2 * l], neg);
-        neg = __dp4a((int)(ghi & mhi), xs[2 * l + 1], neg);
-    }
-    return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
-}
-
-// iq2xxs_sub of a sub-block held in registers: a0 its 4 grid-row indices, a1 its sign/scale word.
 __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, const int (&xs)[8],
                                                const unsigned long long* grid) {
     int sum = 0, neg = 0;
@@ -132,6 +108,16 @@ __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, con
         neg = __dp4a((int)(ghi & mhi), xs[2 * l + 1], neg);
     }
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
+}
+
+// The IQ2_XXS sub-block at byte offset off (even) of a row in shared memory (GGUF's order: 4
+// grid-row indices, then the sign/scale word, 2-byte aligned): iq2xxs_sub_held of its words.
+__device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, const int (&xs)[8],
+                                          const unsigned long long* grid) {
+    const unsigned* w = (const unsigned*)(row + (off & ~3));
+    const unsigned w0 = w[0], w1 = w[1], w2 = w[2];  // (each read once)
+    unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
+    return iq2xxs_sub_held(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh), xs, grid);
 }
 
 #ifndef A_DL
@@ -508,41 +494,15 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             xd_r[i] = s_xd[(lane + 32 * i) >> 3];
         }
     }
-#if A_DL
-    for (; item < items; item += WARPS) {
-        const int k = item / rows;
-        const DlRow cg = bg, cu = bu;
-        const long long ecur = e;
-        const int ncur = n;
-        const int nxt = item + WARPS;
-        e = nxt >= items ? -1 : choose ? s_ids[nxt / rows] : prior(ids + t * K + nxt / rows);
-        n = n0 + (nxt < items ? nxt % rows : 0);
-        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
-        float mid = 0.0f;
-        if (ecur >= 0) {
-            float ag = 0.0f, au = 0.0f;
-#pragma unroll
-            for (int i = 0; i < A_MAX_KB / 4; i++) {
-                const float dx = xd_r[i];
-                const int (&xs)[8] = xs_r[i];
-                const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, s_grid);
-                const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, s_grid);
-                ag += (float)ig * (dl_d(cg, i) * dx);
-                au += (float)iu * (dl_d(cu, i) * dx);
-            }
-            const float gsum = warp_sum(ag) * 0.125f;
-            const float usum = warp_sum(au) * 0.125f;
-            const float gc = fminf(gsum, clamp);
-            const float uc = fminf(fmaxf(usum, -clamp), clamp);
-            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
-        }
-        if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
-    }
-#else
+#if !A_DL
     unsigned char* sg = s_row[warp];
     unsigned char* su = sg + rowb;
+#endif
     for (; item < items; item += WARPS) {
         const int k = item / rows;
+#if A_DL
+        const DlRow cg = bg, cu = bu;                      // this item's rows, in registers
+#else
         if (e >= 0) {
 #pragma unroll
             for (int v = 0; v < A_MAX_V; v++) {
@@ -551,6 +511,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             }
         }
         __syncwarp();
+#endif
         const long long ecur = e;
         const int ncur = n;
         const int nxt = item + WARPS;
@@ -562,14 +523,21 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             float ag = 0.0f, au = 0.0f;
 #pragma unroll
             for (int i = 0; i < A_MAX_KB / 4; i++) {
-                if (i < KB / 4) {
-                    const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
+                if (A_DL || i < KB / 4) {                  // (the decode order: KB = A_MAX_KB)
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
+#if A_DL
+                    const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, s_grid);
+                    const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, s_grid);
+                    ag += (float)ig * (dl_d(cg, i) * dx);
+                    au += (float)iu * (dl_d(cu, i) * dx);
+#else
+                    const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
                     const int ig = iq2xxs_sub(sg, off, xs, s_grid);
                     const int iu = iq2xxs_sub(su, off, xs, s_grid);
                     ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
                     au += (float)iu * (h2f(*(const unsigned short*)(su + sb * 66)) * dx);
+#endif
                 }
             }
             const float gsum = warp_sum(ag) * 0.125f;
@@ -579,9 +547,10 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
-        __syncwarp();
-    }
+#if !A_DL
+        __syncwarp();                                      // (before the next item's staging)
 #endif
+    }
 #undef LOAD_ROWS
 }
 
