@@ -115,6 +115,20 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
                    None, clamp, rpc, warps, shared)
 
 
+def takes_decode_order(device: torch.device) -> bool:
+    """Whether rows in the decode order (qtensor.IQ2_DECODE) can be read in place on this
+    device: CuPy here and both of their kernels compiled (the decode step's gate/up with the
+    choice, the prefill's tensor-core gate/up). Elsewhere the Triton kernels would take those
+    launches through a GGUF-order copy of the weight every call, so kernels.prepare_weights
+    leaves the rows in GGUF's order."""
+    if not (available() and device.type == "cuda"):
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return (cuda_c.kernel("experts.cu", "iq2xxs_swiglu", idx,
+                          (("WARPS", WARPS), ("A_ROUTE", 1), ("A_DL", 1))) is not None
+            and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, (("IQ2_DL", 1),)) is not None)
+
+
 R_MAX_E = 256      # experts the in-kernel choice holds (experts.cu R_MAX_E)
 _route_switch = cuda_c.Switch()
 set_route_enabled = _route_switch.set   # benchmarks time the choice's own launch in the same run
