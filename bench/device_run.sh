@@ -199,6 +199,11 @@
 #         4096 (A/B against GGUF's order)
 #   s29g: session 29, two GPUs: the Triton kernels' GGUF-order copy taken only where they run
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
+#   s30a: prepared in session 29 for the next, not run (two GPUs): the decode order's twin cases
+#         (the case's bound changed after s29g), the full GGUF's TP=2 load, cold and warm, with
+#         the re-ordering (and its kernels' compiles) inside the load
+#   s30b: prepared in session 29 for the next, not run (two GPUs): the served path on the
+#         decode order, worker 1 killed mid-stream
 #   s29a: session 29 (prepared in 28), one GPU: Nsight Compute's stall reasons
 #         per issued instruction for the routed gate/up and down kernels at TP=2 and TP=1
 #   s28a: session 28, two GPUs: the unrun twins (the peer path's misaligned view, the draw's
@@ -1202,6 +1207,19 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s30a ]; then
+  log "CUDA twins: the routed kernels on the decode order (the case's bound since s29g)"
+  timeout 100 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma or rides" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "synth full (parallel) then load at TP=2, cold and warm"
+  timeout 250 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $?"
+  if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "page cache dropped: cold load"; else echo "could not drop the page cache: warm load"; fi
+  timeout 100 python3 -m ds4tp bench --tp 2 --load-only --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
+  timeout 80 python3 -m ds4tp bench --tp 2 --load-only --gguf /tmp/full.gguf --out "$OUT/load_warm.json" 2>&1 | grep load | cut -c1-400
+  rm -f /tmp/full.gguf
+elif [ "$MODE" = s30b ]; then
+  serve_full 200 370 --kill 1
 elif [ "$MODE" = s29g ]; then
   order_round "order or mma" 0 240
 elif [ "$MODE" = s29f ]; then

@@ -617,7 +617,11 @@ def _load_rank(comm, dev, path):
     t = time.perf_counter()
     m = DS4Model.load(path, rank=comm.rank, world=comm.world, comm=comm, device=dev)
     _sync()
-    return {"load_s": time.perf_counter() - t, "bytes": m.plan.load_bytes(comm.rank)}
+    from ds4tp.qtensor import IQ2_DECODE
+    return {"load_s": time.perf_counter() - t, "bytes": m.plan.load_bytes(comm.rank),
+            # (the routed gate/up weights re-ordered for the decode kernel, within load_s)
+            "iq2_decode_order_weights": sum(w.layout == IQ2_DECODE for lw in m.w.layers
+                                            for w in (lw.gate_exps, lw.up_exps))}
 
 
 def main(args) -> int:
