@@ -370,17 +370,19 @@ bench_goldens() {
   golden 2 static 90
   golden 1 static 70
 }
-# the routed kernels' twins (-k SELECTION), then the TP=2,1 bench with the decode order's A/B:
-# order_round SELECTION DEPTH TIMEOUT_S (session 29)
-order_round() {
-  log "CUDA twins: the routed kernels, on rows in the decode order and in GGUF's ($1)"
-  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "$1" > "$OUT/tests_kernels.txt" 2>&1
+# CUDA twins (-k SELECTION in FILES, default tests/test_kernels.py), then the TP=2,1 bench with
+# the session's A/B variants: twins_bench SELECTION DEPTH TIMEOUT_S [FILES...] (session 29)
+twins_bench() {
+  local sel=$1; shift
+  log "CUDA twins: $sel"
+  local files=("${@:3}"); [ ${#files[@]} -eq 0 ] && files=(tests/test_kernels.py)
+  timeout 200 python3 -m pytest -q -rf "${files[@]}" -k "$sel" > "$OUT/tests_kernels.txt" 2>&1
   tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "bench, 43 layers, TP=2,1, depth 0 and $2: the decode order against GGUF's order"
-  timeout "$3" python3 -m ds4tp bench --tp 2,1 --depth "$2" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  log "bench, 43 layers, TP=2,1, depth 0 and $1 (A/B variants: bench.json)"
+  timeout "$2" python3 -m ds4tp bench --tp 2,1 --depth "$1" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('iq2_decode_order_weights'), r.get('decode_order_logits_equal_gguf'), r.get('spark_projection'), r.get('build_s'), r.get('prefill'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 }
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
 # serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
@@ -1221,19 +1223,12 @@ elif [ "$MODE" = s30a ]; then
 elif [ "$MODE" = s30b ]; then
   serve_full 200 370 --kill 1
 elif [ "$MODE" = s29g ]; then
-  order_round "order or mma" 0 240
+  twins_bench "order or mma" 0 240
 elif [ "$MODE" = s29f ]; then
-  order_round "order or swiglu or mma or rides or down" 4096 360
-elif [ "$MODE" = s29e ]; then
-  log "CUDA twins: the routed kernels, on rows in the decode order and in GGUF's"
-  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "decode order or swiglu or mma or rides or down" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  twins_bench "order or swiglu or mma or rides or down" 4096 360
+elif [ "$MODE" = s29e ]; then      # (as run, its -k was "decode order or ...": invalid, no tests ran)
+  twins_bench "order or swiglu or mma or rides or down" 0 300
   timeout 60 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout_probe.json" 2>&1 | grep -v Warn | tail -3
-  log "bench, 43 layers, TP=2,1, depth 0: the decode order against GGUF's order"
-  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('iq2_decode_order_weights'), r.get('decode_order_logits_equal_gguf'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
   golden 2 static 90
   golden 1 static 70
 elif [ "$MODE" = s29d ]; then
@@ -1248,26 +1243,12 @@ for i, (name, fn, a) in enumerate(kc.cuda_c_cases()):
         print(f"ok   {name}: {fn('cuda', torch.Generator().manual_seed(7 + i), *a):.3g}")
 PY
 elif [ "$MODE" = s29c ]; then
-  log "CUDA twins: the KV row riding in attn_q_b's launch (block 0), the Q8_0 matvec, kv_store"
-  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "q8_0 or kv_store" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "bench, 43 layers, TP=2,1, depth 0: the KV row in attn_q_b's launch against its own launch"
-  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('kv_row_logits_equal_own_launch'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  twins_bench "q8_0 or kv_store" 0 330
 elif [ "$MODE" = s29b ]; then
   log "two-GPU twin tests: the within-host all-reduce, in its own launch and inside the HC step"
   timeout 150 python3 -m pytest -q -rf tests/test_tp.py -k "within_host or inside_the_hc_step" > "$OUT/tests_tp.txt" 2>&1
   tail -2 "$OUT/tests_tp.txt"; grep -E "^FAILED|^E  " "$OUT/tests_tp.txt" | head -10
-  log "CUDA twins and graph tests: the KV row riding in attn_q_b's launch, Q8_0, kv_store, graphs"
-  timeout 200 python3 -m pytest -q -rf tests/test_kernels.py tests/test_decode_graph.py -k "q8_0 or kv_store or graph or on_cuda" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "bench, 43 layers, TP=2,1, depth 0: the KV row in attn_q_b's launch against its own launch"
-  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('kv_row_logits_equal_own_launch', 'profile')}) for t, r in rs.items()]" 2>&1 | cut -c1-600
+  twins_bench "q8_0 or kv_store or graph or on_cuda" 0 330 tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s29a ]; then
   for a in "--tp 2 --shared" "--tp 1 --shared"; do
     log "Nsight Compute, stall reasons of the routed kernels: $a"
