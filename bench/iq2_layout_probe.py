@@ -26,7 +26,6 @@ import kernel_cases as kc  # noqa: E402
 
 from ds4tp.config import IQ2_XXS  # noqa: E402
 from ds4tp.kernels import cuda_experts as ce  # noqa: E402
-from ds4tp.qtensor import IQ2_DECODE, QTensor  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--json", default="")
@@ -45,9 +44,7 @@ for tp in (2, 1):
     g = torch.Generator().manual_seed(tp)
     w = {"gguf": (kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"),
                   kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"))}
-    w["decode_layout"] = tuple(QTensor(IQ2_XXS, t.shape, t.raw.clone()) for t in w["gguf"])
-    for t in w["decode_layout"]:
-        t.set_layout(IQ2_DECODE)
+    w["decode_layout"] = tuple(kc.decode_order(t) for t in w["gguf"])
     x = kc.rand_act((1, 4096), g, "cuda")
     rw = torch.rand(1, 6, generator=g).cuda()
     ids_list = [torch.randperm(E, generator=g)[:6].reshape(1, 6).cuda() for _ in range(args.launches)]

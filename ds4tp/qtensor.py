@@ -28,27 +28,40 @@ IQ2_DECODE = "iq2_decode"
 _IQ2_ROW = 16 * 66          # an IQ2_XXS row of 16 super-blocks (4096 inputs)
 
 
+def _iq2_decode_perm() -> list[int]:
+    """The IQ2_DECODE order of an IQ2_XXS row of 16 super-blocks (66 bytes each: an f16 scale,
+    then 8 sub-blocks of 8 bytes): byte i of a re-ordered row is byte perm[i] of GGUF's. First
+    the 16 scales, super-blocks j, j+4, j+8, j+12 as 8 contiguous bytes (at 8j), then the 128
+    sub-blocks, sub-blocks l, l+32, l+64, l+96 as 32 contiguous bytes (at 32 + 32l). The decode
+    kernel's lane l then reads its four sub-blocks and lane group l/8 its four scales with
+    aligned loads (kernels/experts.cu, A_DL)."""
+    perm = []
+    for j in range(4):
+        for i in range(4):
+            sb = j + 4 * i
+            perm += [66 * sb, 66 * sb + 1]
+    for lane in range(32):
+        for i in range(4):
+            sb, k = divmod(lane + 32 * i, 8)
+            perm += range(66 * sb + 2 + 8 * k, 66 * sb + 10 + 8 * k)
+    return perm
+
+
+_PERM = torch.tensor(_iq2_decode_perm())
+_INV = torch.argsort(_PERM)
+
+
 def iq2_decode_rows(raw: torch.Tensor) -> torch.Tensor:
-    """IQ2_XXS rows of 16 super-blocks [..., 1056] (GGUF order) in the IQ2_DECODE order, the same
-    bytes per row: first the 16 f16 scales, ordered so that super-blocks j, j+4, j+8, j+12 are 8
-    contiguous bytes (at 8j), then the 128 sub-blocks of 8 bytes, ordered so that sub-blocks l,
-    l+32, l+64, l+96 are 32 contiguous bytes (at 32 + 32l). The decode kernel's lane l then reads
-    its four sub-blocks and lane group l/8 its four scales with aligned loads
-    (kernels/experts.cu, A_DL)."""
+    """IQ2_XXS rows of 16 super-blocks [..., 1056] in GGUF's order -> the same rows in the
+    IQ2_DECODE order (_iq2_decode_perm), a new tensor."""
     _check_iq2_rows(raw)
-    b = raw.reshape(-1, 16, 66)
-    d = b[:, :, :2].reshape(-1, 4, 4, 2).transpose(1, 2)           # sb = 4i + j: [i, j] -> [j, i]
-    qs = b[:, :, 2:].reshape(-1, 4, 32, 8).transpose(1, 2)         # g = 32i + l: [i, l] -> [l, i]
-    return torch.cat((d.reshape(-1, 32), qs.reshape(-1, 1024)), 1).reshape(raw.shape)
+    return raw.index_select(-1, _PERM.to(raw.device))
 
 
 def iq2_gguf_rows(raw: torch.Tensor) -> torch.Tensor:
     """The inverse of iq2_decode_rows."""
     _check_iq2_rows(raw)
-    r = raw.reshape(-1, _IQ2_ROW)
-    d = r[:, :32].reshape(-1, 4, 4, 2).transpose(1, 2).reshape(-1, 16, 2)
-    qs = r[:, 32:].reshape(-1, 32, 4, 8).transpose(1, 2).reshape(-1, 16, 64)
-    return torch.cat((d, qs), 2).reshape(raw.shape)
+    return raw.index_select(-1, _INV.to(raw.device))
 
 
 def _check_iq2_rows(raw: torch.Tensor) -> None:

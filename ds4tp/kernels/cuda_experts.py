@@ -125,8 +125,16 @@ def takes_decode_order(device: torch.device) -> bool:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return (cuda_c.kernel("experts.cu", "iq2xxs_swiglu", idx,
-                          (("WARPS", WARPS), ("A_ROUTE", 1), ("A_DL", 1))) is not None
-            and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, (("IQ2_DL", 1),)) is not None)
+                          (("WARPS", WARPS),) + _swiglu_defines(True, True)) is not None
+            and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, _MMA_DL) is not None)
+
+
+def _swiglu_defines(route: bool, dl: bool) -> tuple:
+    """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order."""
+    return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ())
+
+
+_MMA_DL = (("IQ2_DL", 1),)     # the tensor-core kernels on rows in the decode order
 
 
 R_MAX_E = 256      # experts the in-kernel choice holds (experts.cu R_MAX_E)
@@ -190,7 +198,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    fa = _kernel(x, warps, 0, ((("A_ROUTE", 1),) if route is not None else ()) + ((("A_DL", 1),) if dl else ()))
+    fa = _kernel(x, warps, 0, _swiglu_defines(route is not None, dl))
     if fa is None:
         return None
     x = _act16(x)
@@ -282,7 +290,7 @@ def many(w, w2, x16: torch.Tensor, per_slot: bool, pairs: torch.Tensor, table: t
             or (swiglu and (w2.shape != w.shape or rw is None)) or (w2 is not None and w2.layout != w.layout)):
         return False
     if dl:
-        defines = tuple(defines) + (("IQ2_DL", 1),)
+        defines = tuple(defines) + _MMA_DL
     sxk = x16.stride(1) if per_slot else 0
     if not (x16.stride(-1) == 1 and x16.data_ptr() % 8 == 0 and x16.stride(0) % 4 == 0 and sxk % 4 == 0):
         return False
