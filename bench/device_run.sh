@@ -199,6 +199,8 @@
 #         4096 (A/B against GGUF's order)
 #   s29g: session 29, two GPUs: the Triton kernels' GGUF-order copy taken only where they run
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
+#   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
+#         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
 #   s30a: prepared in session 29 for the next, not run (two GPUs): the decode order's twin cases
 #         (the case's bound changed after s29g), the full GGUF's TP=2 load, cold and warm, with
 #         the re-ordering (and its kernels' compiles) inside the load
@@ -382,7 +384,7 @@ twins_bench() {
   timeout "$2" python3 -m ds4tp bench --tp 2,1 --depth "$1" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 }
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
 # serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
@@ -1209,6 +1211,10 @@ elif [ "$MODE" = s28a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp2']; print({k: r.get(k) for k in ('decode_d0_ar2', 'decode_d0_chained_ar2', 'peer_fused_logits_equal_ar2')})"
+elif [ "$MODE" = s30c ]; then
+  log "routed gate/up alone: GGUF order, decode order with one table, with the tables per bank pair"
+  timeout 80 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout_probe.json" 2>&1 | grep -v Warn | tail -3
+  twins_bench "order or rides or routed" 0 280
 elif [ "$MODE" = s30a ]; then
   log "CUDA twins: the routed kernels on the decode order (the case's bound since s29g)"
   timeout 100 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma or rides" > "$OUT/tests_kernels.txt" 2>&1

@@ -7,6 +7,9 @@ share of its stalls on shared-memory results (short scoreboard, 1.85 cycles an i
 7.5 at TP=2). In the decode layout a lane's four sub-blocks and its four scales are contiguous,
 so each row comes straight into registers by two 16-byte loads and one 8-byte load a lane.
 
+The decode layout also runs with its tables per bank pair off (decode_one_table: one 2 KB grid
+table, the sign masks computed; experts.cu A_TAB), the kernel of the twenty-seventh session.
+
 For TP=2 and TP=1 expert shapes (64 experts, 4096 inputs), a token's 6 ids drawn afresh for each
 of 48 launches (so the rows come from HBM, not L2), both layouts: outputs compared bit for bit,
 then the 48 launches captured in a CUDA graph and replayed; us per launch, best of 5.
@@ -31,7 +34,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--json", default="")
 ap.add_argument("--launches", type=int, default=48)
 args = ap.parse_args()
-VARIANTS = ("gguf", "decode_layout")
+VARIANTS = ("gguf", "decode_one_table", "decode_layout")
 
 
 def launches(wg, wu, x, ids_list, rw):
@@ -44,12 +47,13 @@ for tp in (2, 1):
     g = torch.Generator().manual_seed(tp)
     w = {"gguf": (kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"),
                   kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"))}
-    w["decode_layout"] = tuple(kc.decode_order(t) for t in w["gguf"])
+    w["decode_layout"] = w["decode_one_table"] = tuple(kc.decode_order(t) for t in w["gguf"])
     x = kc.rand_act((1, 4096), g, "cuda")
     rw = torch.rand(1, 6, generator=g).cuda()
     ids_list = [torch.randperm(E, generator=g)[:6].reshape(1, 6).cuda() for _ in range(args.launches)]
     outs, times = {}, {}
     for name in VARIANTS:
+        ce.set_tables_enabled(name != "decode_one_table")
         outs[name] = [o.clone() for o in launches(*w[name], x, ids_list, rw)]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -69,10 +73,13 @@ for tp in (2, 1):
             torch.cuda.synchronize()
             best = min(best, ev[0].elapsed_time(ev[1]) * 1e3 / args.launches)
         times[name] = best
-    same = all(torch.equal(a, b) for a, b in zip(outs["gguf"], outs["decode_layout"]))
+    ce.set_tables_enabled(True)
+    same = all(torch.equal(a, b) for v in VARIANTS[1:] for a, b in zip(outs["gguf"], outs[v]))
     res[f"tp{tp}"] = {"us_per_launch": times, "bit_identical": same,
-                      "ratio": times["decode_layout"] / times["gguf"]}
+                      "ratio": times["decode_layout"] / times["gguf"],
+                      "ratio_tables": times["decode_layout"] / times["decode_one_table"]}
     print(f"TP={tp} rows {F}: " + ", ".join(f"{k} {v:.2f} us" for k, v in times.items())
-          + f"; ratio {res[f'tp{tp}']['ratio']:.3f}; outputs bit-identical: {same}", flush=True)
+          + f"; decode layout / gguf {res[f'tp{tp}']['ratio']:.3f}, tables / one table "
+          f"{res[f'tp{tp}']['ratio_tables']:.3f}; outputs bit-identical: {same}", flush=True)
 if args.json:
     Path(args.json).write_text(json.dumps(res, indent=1))

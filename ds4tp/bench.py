@@ -571,6 +571,13 @@ def _bench_rank(comm, dev, cfg):
             kernels.prepare_weights(model.w)
         res["decode_order_logits_equal_gguf"] = bool(torch.equal(mine, ref))
         save()
+        # the decode order's gate/up through one grid table, the sign masks computed (as up to
+        # the twenty-seventh session), instead of the tables per bank pair (experts.cu A_TAB)
+        with _switched_off(cuda_experts.set_tables_enabled):
+            res["decode_d0_one_table"], res["decode_d0_chained_one_table"], ref = \
+                _decode_and_logits(model, steps)
+        res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
+        save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

@@ -284,6 +284,11 @@ def case_cuda_decode_order(device, gen, E, F, T, K):
     got = ce.swiglu(dg, du, x, ids, rw, 10.0)
     assert got is not None, f"{tag}: the decode kernel did not take the decode order"
     pairs.append(("decode kernel", got, ce.swiglu(wg, wu, x, ids, rw, 10.0)))
+    ce.set_tables_enabled(False)      # (the decode order through one grid table, masks computed)
+    try:
+        pairs.append(("decode kernel without the tables", ce.swiglu(dg, du, x, ids, rw, 10.0), got))
+    finally:
+        ce.set_tables_enabled(True)
     if T == 1:
         w_gu = rand_weight(Q8_0, (2 * F, 4096), gen, device)
         logits = (torch.randn(1, E, generator=gen) * 2).to(device)

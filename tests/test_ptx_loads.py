@@ -169,7 +169,8 @@ def _down_defines(K: int, kb: int, csh: int) -> str:
 # shared down's 2048) and TP=2 (1024, 1024); the gate/up kernel with the expert choice
 # (cuda_experts.swiglu_routed), also on rows in the decode order; the prefill's kernels on those
 DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1",
-                          "A_ROUTE=1 A_DL=1"),        # (A_DL: gate/up rows in the decode order)
+                          "A_ROUTE=1 A_DL=1",         # (A_DL: gate/up rows in the decode order,
+                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1"),   # A_TAB: its tables)
            "experts_mma.cu": ("", "IQ2_DL=1")}
 
 

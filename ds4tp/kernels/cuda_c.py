@@ -95,13 +95,14 @@ def kernel(src: str, name: str, device_index: int, defines: tuple = ()):
 
 
 @functools.lru_cache(maxsize=64)
-def resident(fn, warps: int, device_index: int) -> int:
-    """Blocks of this kernel one SM holds at once (registers, shared memory, threads)."""
+def resident(fn, warps: int, device_index: int, dyn_smem: int = 0) -> int:
+    """Blocks of this kernel one SM holds at once (registers, shared memory with dyn_smem bytes
+    of dynamic shared memory a block, threads)."""
     props = torch.cuda.get_device_properties(device_index)
     try:
-        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes)
+        regs, smem = int(fn.num_regs), int(fn.shared_size_bytes) + dyn_smem
     except Exception:   # attribute names differ between CuPy versions: assume the worst seen
-        regs, smem = 128, 40 << 10
+        regs, smem = 128, max(40 << 10, dyn_smem)
     per_warp = -(-max(regs, 1) * 32 // 256) * 256          # registers are allocated per warp
     by_regs = 65536 // (per_warp * warps)
     sm_smem = getattr(props, "shared_memory_per_multiprocessor", 228 << 10)
@@ -110,31 +111,44 @@ def resident(fn, warps: int, device_index: int) -> int:
     return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
-def wave_slots(fn, warps: int, device: torch.device) -> int:
+def wave_slots(fn, warps: int, device: torch.device, dyn_smem: int = 0) -> int:
     """Blocks that run at once on the whole GPU (one wave)."""
     from ds4tp.kernels.triton_matvec import _sm_count
-    return resident(fn, warps, device.index) * _sm_count(device)
+    return resident(fn, warps, device.index, dyn_smem) * _sm_count(device)
 
 
 _STREAMS: dict = {}
 
 
-def launch(fn, device: torch.device, grid, warps: int, args) -> None:
+_DYN_SMEM: dict = {}   # kernel -> the dynamic shared memory it was allowed (above the default 48 KB)
+
+
+def allow_smem(fn, device_index: int, smem: int) -> None:
+    """Let kernel fn take `smem` bytes of dynamic shared memory (past 48 KB a kernel must opt in;
+    once per kernel object: the objects are per device)."""
+    if smem > 48 << 10 and _DYN_SMEM.get(fn, 0) < smem:
+        with _cupy().cuda.Device(device_index):
+            fn.max_dynamic_shared_size_bytes = smem
+        _DYN_SMEM[fn] = smem
+
+
+def launch(fn, device: torch.device, grid, warps: int, args, smem: int = 0) -> None:
     """fn on torch's current stream of `device` (so CUDA graph capture records it), as a
     programmatic dependent launch where ds4tp.kernels.pdl is on (the kernels call pdl_trigger
-    and pdl_wait, common.cuh)."""
+    and pdl_wait, common.cuh), with `smem` bytes of dynamic shared memory."""
     from ds4tp.kernels import pdl      # (pdl builds on this module's Switch)
     cp = _cupy()
+    allow_smem(fn, device.index, smem)
     handle = torch.cuda.current_stream(device).cuda_stream
     if pdl.cuda_c_enabled(device) and pdl.cuda_ok():
         with cp.cuda.Device(device.index):
-            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args)   # RawKernel -> CUfunction
+            pdl.launch_cuda(fn.kernel.ptr, grid, warps * 32, handle, args, smem)   # RawKernel -> CUfunction
         return
     st = _STREAMS.get((device.index, handle))
     if st is None:
         st = _STREAMS[(device.index, handle)] = cp.cuda.ExternalStream(handle, device.index)
     with cp.cuda.Device(device.index), st:
-        fn(grid, (warps * 32,), args)
+        fn(grid, (warps * 32,), args, shared_mem=smem)
 
 
 def ptr(t: torch.Tensor):

@@ -49,10 +49,11 @@ def down_defines(K: int, kb: int, csh: int) -> tuple:
     return (("B_NP", -(-K // (32 // (4 * kb)))), ("B_SH_MAX", max(csh, 1)))
 
 
-def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS) -> int:
+def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS,
+                dyn_smem: int = 0) -> int:
     """Rows per block: the fewest that fit every block in one wave (all resident at once), so
     that each block's prologue (grid table, activation quantisation) is paid once per slot."""
-    return max(1, -(-n_rows * T // cuda_c.wave_slots(fn, warps, device)))
+    return max(1, -(-n_rows * T // cuda_c.wave_slots(fn, warps, device, dyn_smem)))
 
 
 def _aligned(raw: torch.Tensor, a: int) -> bool:
@@ -130,8 +131,15 @@ def takes_decode_order(device: torch.device) -> bool:
 
 
 def _swiglu_defines(route: bool, dl: bool) -> tuple:
-    """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order."""
-    return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ())
+    """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
+    (read through the tables per bank pair where they are on)."""
+    return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
+        ((("A_TAB", 1),) if dl and _tab_switch.on else ())
+
+
+A_TAB_BYTES = 256 * 256     # the tables' dynamic shared memory (experts.cu A_TAB_BYTES)
+_tab_switch = cuda_c.Switch()
+set_tables_enabled = _tab_switch.set    # benchmarks time the one-table kernel in the same run
 
 
 _MMA_DL = (("IQ2_DL", 1),)     # the tensor-core kernels on rows in the decode order
@@ -198,14 +206,16 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    fa = _kernel(x, warps, 0, _swiglu_defines(route is not None, dl))
+    defines = _swiglu_defines(route is not None, dl)
+    fa = _kernel(x, warps, 0, defines)
     if fa is None:
         return None
+    smem = A_TAB_BYTES if ("A_TAB", 1) in defines else 0
     x = _act16(x)
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
     from ds4tp.kernels.triton_matvec import _iq2_grid64
     grid64 = _iq2_grid64(x.device)
-    rpc = rpc or default_rpc(fa, N, T, x.device, warps)
+    rpc = rpc or default_rpc(fa, N, T, x.device, warps, smem)
     blocks = (N + rpc - 1) // rpc
     if sh is not None:            # the shared rows spread evenly over the blocks
         nsh = shared.shape[0]
@@ -218,7 +228,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
     _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route)
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route, smem)
     return out if sh is None else (out, gu)
 
 

@@ -92,20 +92,60 @@ __device__ __forceinline__ unsigned byte_signs(unsigned v) {
 // s7 * 0x20408 bit 4 + e (e < 3) at 8e + 7 (the shifted copies of s7 do not overlap, so no carry),
 // the parity bit goes to bit 31 by popc << 31: 6 instructions a group where taking the 8-bit
 // pattern apart first took 9 (checked against ksigns for all 128 patterns).
+// The masks of a group's 7 sign bits s7: 0xff in byte e of the group's 8 where element e is
+// negated (low word: elements 0-3, high word: 4-7).
+__device__ __forceinline__ uint2 sign_masks(unsigned s7) {
+    return make_uint2(byte_signs(s7 * 0x10204080u),
+                      byte_signs(s7 * 0x20408u + ((unsigned)__popc(s7) << 31)));
+}
+
 __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, const int (&xs)[8],
                                                const unsigned long long* grid) {
     int sum = 0, neg = 0;
 #pragma unroll
     for (int l = 0; l < 4; l++) {
         unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        const unsigned s7 = (aux1 >> (7 * l)) & 127u;
-        const unsigned mlo = byte_signs(s7 * 0x10204080u);
-        const unsigned mhi = byte_signs(s7 * 0x20408u + ((unsigned)__popc(s7) << 31));
+        const uint2 m = sign_masks((aux1 >> (7 * l)) & 127u);
+        const unsigned mlo = m.x, mhi = m.y;
         const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
         sum = __dp4a((int)glo, xs[2 * l], sum);
         sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
         neg = __dp4a((int)(glo & mlo), xs[2 * l], neg);
         neg = __dp4a((int)(ghi & mhi), xs[2 * l + 1], neg);
+    }
+    return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
+}
+
+#ifndef A_TAB
+#define A_TAB 0                 // gate/up in the decode order: grid and sign tables per bank pair
+#endif
+// The tables of A_TAB, in dynamic shared memory (the host passes A_TAB_BYTES), each entry held
+// 16 times side by side: grid row i's copy c at byte 256 i + 8 c, the masks of sign pattern p
+// (sign_masks, low word first; p < 128) at 256 p + 128 + 8 c (in the grid rows' gaps). Lane l
+// reads copy l % 16, so the 16 lanes of a 64-bit load's half-warp phase always hit 16 different
+// bank pairs: one wavefront a phase whatever the indices. From one table of 256 entries (2 KB),
+// the random indices of a phase meet on bank pairs (Nsight Compute, s29a: 53% of the kernel's
+// shared wavefronts were bank conflicts, mostly these lookups). A grid lookup's offset is one
+// PRMT (the index byte above the lane's byte) and a sign lookup's one shift and one LOP3, where
+// the masks' arithmetic took 8 instructions a group of 8 weights.
+#define A_TAB_BYTES (256 * 256)
+
+// iq2xxs_sub_held from the tables (tab: their base; lo = 8 (lane % 16), the lane's copy). The
+// same integers, so the same result. (The sign patterns' 128 is the loads' constant offset: in
+// the offset's OR, ptxas split it into a second LOP3.)
+__device__ __forceinline__ int iq2xxs_sub_tab(unsigned aux0, unsigned aux1, const int (&xs)[8],
+                                              const unsigned char* tab, unsigned lo) {
+    int sum = 0, neg = 0;
+#pragma unroll
+    for (int l = 0; l < 4; l++) {
+        const unsigned og = __byte_perm(aux0, lo, 0x5504u | (l << 4));   // byte l of aux0, then lo
+        const unsigned os = ((aux1 >> (7 * l)) & 127u) << 8 | lo;
+        const uint2 g = *(const uint2*)(tab + og);
+        const uint2 m = *(const uint2*)(tab + 128 + os);
+        sum = __dp4a((int)g.x, xs[2 * l], sum);
+        sum = __dp4a((int)g.y, xs[2 * l + 1], sum);
+        neg = __dp4a((int)(g.x & m.x), xs[2 * l], neg);
+        neg = __dp4a((int)(g.y & m.y), xs[2 * l + 1], neg);
     }
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
@@ -385,7 +425,12 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               const float* logits, const float* __restrict__ rbias,
               const long long* __restrict__ tid2eid, const long long* tok, long long* ids_out,
               float* rw_out, int NE, float rfloor, float rscale) {
+#if A_TAB && !A_DL
+#error "A_TAB: the tables serve the decode order's loop (A_DL)"
+#endif
+#if !A_TAB
     __shared__ unsigned long long s_grid[256];
+#endif
     __shared__ long long s_ids[B_MAX_K];     // route mode: this token's choice
     __shared__ float s_rw[B_MAX_K];
 #if A_ROUTE
@@ -412,7 +457,20 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 
     if (A_DL && KB != A_MAX_KB) __trap();      // (the decode order: rows of 16 super-blocks)
     pdl_trigger();                    // all blocks resident: the next kernel may launch
+#if A_TAB
+    extern __shared__ __align__(16) unsigned long long s_tab[];     // A_TAB_BYTES
+#pragma unroll
+    for (int i = threadIdx.x; i < 256 * 16; i += WARPS * 32) s_tab[32 * (i >> 4) + (i & 15)] = __ldg(grid_g + (i >> 4));
+#pragma unroll
+    for (int i = threadIdx.x; i < 128 * 16; i += WARPS * 32) {
+        const uint2 m = sign_masks((unsigned)(i >> 4));
+        s_tab[32 * (i >> 4) + 16 + (i & 15)] = (unsigned long long)m.y << 32 | m.x;
+    }
+    const unsigned char* tab = (const unsigned char*)s_tab;
+    const unsigned lo = 8u * (lane & 15);
+#else
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
+#endif
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
     Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
     if (warp < nsh_b) q8_0_row_load(shr, sq, sd, sh0 + warp, KB / 2, lane);
@@ -442,19 +500,23 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
     // warp and shuffling them, which made the step 3.1% / 2.5% slower at TP=2 / TP=1, s22h)
 #if A_DL
-    DlRow bg, bu;                     // the next item's gate and up rows
-#define LOAD_ROWS(off) { dl_load(bg, wg + (off), lane); dl_load(bu, wu + (off), lane); }
+    DlRow bg[2], bu[2];               // gate and up rows: this item's in one set, the next's loading
+#define LOAD_ROWS(h, off) { dl_load(bg[h], wg + (off), lane); dl_load(bu[h], wu + (off), lane); }
 #else
     uint4 buf[A_MAX_V];
-#define LOAD_ROWS(off) load_rows(buf, wg, wu, (off), lane, nv)
+#define LOAD_ROWS(h, off) load_rows(buf, wg, wu, (off), lane, nv)
 #endif
     int item = warp;
     long long e = -1;
     int n = n0;
+    // the next item's slot and row (item / rows, item % rows), stepped by WARPS without a
+    // division per item
+    const int dk = rows > 0 ? WARPS / rows : 0, dr = rows > 0 ? WARPS % rows : 0;
+    int kx = rows > 0 ? item / rows : 0, rx = rows > 0 ? item % rows : 0;
     if (!choose) {
-        e = item < items ? prior(ids + t * K + item / rows) : -1;
-        n = n0 + (item < items ? item % rows : 0);
-        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
+        e = item < items ? prior(ids + t * K + kx) : -1;
+        n = n0 + (item < items ? rx : 0);
+        if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
     }
 
     // x by two 16-byte loads per lane (prior): with eight 4-byte loads from L2 (.cg, as prior
@@ -469,9 +531,9 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
     __syncthreads();
     if (choose) {
-        e = item < items ? s_ids[item / rows] : -1;
-        n = n0 + (item < items ? item % rows : 0);
-        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
+        e = item < items ? s_ids[kx] : -1;
+        n = n0 + (item < items ? rx : 0);
+        if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
     }
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
@@ -498,10 +560,16 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     unsigned char* sg = s_row[warp];
     unsigned char* su = sg + rowb;
 #endif
-    for (; item < items; item += WARPS) {
-        const int k = item / rows;
+    // two items a pass (h = 0, 1): in the decode order this item's rows are register set h and
+    // the next item's load into set 1 - h, so no registers are copied between items
+    while (item < items) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+    if (item < items) {
+        const int k = kx;
 #if A_DL
-        const DlRow cg = bg, cu = bu;                      // this item's rows, in registers
+        const DlRow& cg = bg[h];                           // this item's rows, in registers
+        const DlRow& cu = bu[h];
 #else
         if (e >= 0) {
 #pragma unroll
@@ -515,9 +583,12 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const long long ecur = e;
         const int ncur = n;
         const int nxt = item + WARPS;
-        e = nxt >= items ? -1 : choose ? s_ids[nxt / rows] : prior(ids + t * K + nxt / rows);
-        n = n0 + (nxt < items ? nxt % rows : 0);
-        if (e >= 0) LOAD_ROWS(e * stride_e + (long long)n * stride_n);
+        kx += dk;
+        rx += dr;
+        if (rx >= rows) { rx -= rows; kx++; }
+        e = nxt >= items ? -1 : choose ? s_ids[kx] : prior(ids + t * K + kx);
+        n = n0 + (nxt < items ? rx : 0);
+        if (e >= 0) LOAD_ROWS(1 - h, e * stride_e + (long long)n * stride_n);
         float mid = 0.0f;
         if (ecur >= 0) {
             float ag = 0.0f, au = 0.0f;
@@ -527,8 +598,13 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
 #if A_DL
+#if A_TAB
+                    const int ig = iq2xxs_sub_tab(dl_w0(cg, i), dl_w1(cg, i), xs, tab, lo);
+                    const int iu = iq2xxs_sub_tab(dl_w0(cu, i), dl_w1(cu, i), xs, tab, lo);
+#else
                     const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, s_grid);
                     const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, s_grid);
+#endif
                     ag += (float)ig * (dl_d(cg, i) * dx);
                     au += (float)iu * (dl_d(cu, i) * dx);
 #else
@@ -550,6 +626,9 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #if !A_DL
         __syncwarp();                                      // (before the next item's staging)
 #endif
+        item = nxt;
+    }
+    }
     }
 #undef LOAD_ROWS
 }

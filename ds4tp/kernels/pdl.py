@@ -117,14 +117,15 @@ _CTYPE = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "int32": ctypes.c_
           "float32": ctypes.c_float, "float64": ctypes.c_double}
 
 
-def launch_cuda(function_ptr: int, grid, block: int, stream_handle: int, args) -> None:
+def launch_cuda(function_ptr: int, grid, block: int, stream_handle: int, args, smem: int = 0) -> None:
     """One PDL launch of a compiled kernel (CUfunction) on a stream. args: numpy scalars in the
-    kernel's parameter order (uint64 pointers, int32, int64, float32, float64)."""
+    kernel's parameter order (uint64 pointers, int32, int64, float32, float64); smem: bytes of
+    dynamic shared memory."""
     vals = [_CTYPE[a.dtype.name](a.item()) for a in args]
     params = (ctypes.c_void_p * len(vals))(*(ctypes.addressof(v) for v in vals))
     attr = _LaunchAttr(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     g = tuple(grid) + (1,) * (3 - len(grid))
-    cfg = _LaunchConfig(g[0], g[1], g[2], block, 1, 1, 0, ctypes.c_void_p(stream_handle),
+    cfg = _LaunchConfig(g[0], g[1], g[2], block, 1, 1, smem, ctypes.c_void_p(stream_handle),
                         ctypes.pointer(attr), 1)
     err = _launch_ex()(ctypes.byref(cfg), ctypes.c_void_p(function_ptr), params, None)
     if err != 0:
