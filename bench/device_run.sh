@@ -201,6 +201,9 @@
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
 #   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
+#   s30d: session 30, two GPUs: the full GGUF synthesised, its TP=2 load cold (bench
+#         --load-only after dropping the page cache), then the served path (warm loads in the
+#         workers' log) with worker 1 killed mid-stream: s30a and s30b in one call, one synth
 #   s30a: prepared in session 29 for the next, not run (two GPUs): the decode order's twin cases
 #         (the case's bound changed after s29g), the full GGUF's TP=2 load, cold and warm, with
 #         the re-ordering (and its kernels' compiles) inside the load
@@ -1215,6 +1218,18 @@ elif [ "$MODE" = s30c ]; then
   log "routed gate/up alone: GGUF order, decode order with one table, with the tables per bank pair"
   timeout 80 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout_probe.json" 2>&1 | grep -v Warn | tail -3
   twins_bench "order or rides or routed" 0 280
+elif [ "$MODE" = s30d ]; then
+  log "synth full (parallel)"
+  t0=$(date +%s)
+  timeout 220 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  if sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then echo "page cache dropped: cold load"; else echo "could not drop the page cache: warm load"; fi
+  timeout 110 python3 -m ds4tp bench --tp 2 --load-only --gguf /tmp/full.gguf --out "$OUT/load.json" 2>&1 | grep load | cut -c1-400
+  log "serve end to end, TP=2 on two GPUs, worker 1 killed mid-stream"
+  timeout 290 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "loaded in\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
 elif [ "$MODE" = s30a ]; then
   log "CUDA twins: the routed kernels on the decode order (the case's bound since s29g)"
   timeout 100 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma or rides" > "$OUT/tests_kernels.txt" 2>&1
