@@ -130,11 +130,27 @@ def takes_decode_order(device: torch.device) -> bool:
             and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, _MMA_DL) is not None)
 
 
-def _swiglu_defines(route: bool, dl: bool) -> tuple:
+def _swiglu_defines(route: bool, dl: bool, pf: bool = False) -> tuple:
     """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
-    (read through the tables per bank pair where they are on)."""
+    (read through the tables per bank pair where they are on), the down rows' prefetch."""
     return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
-        ((("A_TAB", 1),) if dl and _tab_switch.on else ())
+        ((("A_TAB", 1),) if dl and _tab_switch.on else ()) + ((("A_PF", 1),) if pf else ())
+
+
+_pf_switch = cuda_c.Switch()
+set_down_prefetch_enabled = _pf_switch.set   # benchmarks time the launch without it, same run
+
+
+def _down_prefetch(down, n_expert: int):
+    """The routed down weight's launch arguments for the gate/up kernel's prefetch of its rows
+    (experts.cu A_PF): (pointer, expert stride, row stride, rows), or None where it does not
+    apply (off, not a Q2_K weight of these experts, rows not contiguous and 16-byte aligned)."""
+    if down is None or not _pf_switch.on or down.qtype != Q2_K or down.shape[0] != n_expert:
+        return None
+    raw = down.raw
+    if not (raw.dim() == 3 and raw.stride(2) == 1 and raw.stride(1) == raw.shape[2] and _aligned(raw, 16)):
+        return None
+    return (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), np.int32(raw.shape[1]))
 
 
 A_TAB_BYTES = 256 * 256     # the tables' dynamic shared memory (experts.cu A_TAB_BYTES)
@@ -152,7 +168,7 @@ set_route_enabled = _route_switch.set   # benchmarks time the choice's own launc
 
 def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid2eid, tokens,
                   k: int, floor: float, scale: float, clamp: float, shared=None,
-                  rpc: int | None = None, warps: int = WARPS):
+                  rpc: int | None = None, warps: int = WARPS, down=None):
     """swiglu with the expert choice in the same launch: each block chooses its token's k experts
     from the router logits [T, n_expert] float32 as ds4tp.model.route_select does (bias
     [n_expert] float32 or None; tid2eid [V, k] int64 for a hash layer, with tokens [T] int64 on
@@ -160,7 +176,9 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
     ids, weights); None if not covered (then the choice takes its own launch). The ids are
     global: the caller uses this only where every expert is local. The logits, bias, table and
     tokens must be contiguous: the launch reads them in place (a contiguous copy made here would
-    be freed before the kernel reads it, and its memory handed to the kernel's own output)."""
+    be freed before the kernel reads it, and its memory handed to the kernel's own output).
+    down: the routed down weight (Q2_K [n_expert, N, F]) that the next launch reads: the launch
+    prefetches the chosen experts' rows of it into L2 (nothing else changes)."""
     if not (_route_switch.available() and logits.is_cuda and logits.dtype == torch.float32
             and logits.dim() == 2 and logits.device == x.device and logits.is_contiguous()):
         return None
@@ -182,15 +200,16 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
     route = (_ptr(logits), _ptr(bias) if bias is not None else _NULL,
              _ptr(tid2eid) if tid2eid is not None else _NULL, _ptr(tokens) if tid2eid is not None else _NULL,
              _ptr(ids), _ptr(rw), np.int32(ne), np.float32(floor), np.float32(scale))
-    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared)
+    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared,
+                  _down_prefetch(down, ne))
     if got is None:
         return None
     return (*got, ids, rw) if shared is not None else (got, ids, rw)
 
 
-def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared):
+def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared, pf=None):
     """The gate/up launch of swiglu (route None: ids64, rw given) or swiglu_routed (route: the
-    choice's arguments; ids64, rw its outputs)."""
+    choice's arguments; ids64, rw its outputs); pf: _down_prefetch's arguments or None."""
     if not w_gate.qtype == IQ2_XXS == w_up.qtype:
         return None
     E, N, n_in = w_gate.shape
@@ -206,7 +225,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    defines = _swiglu_defines(route is not None, dl)
+    defines = _swiglu_defines(route is not None, dl, pf is not None)
     fa = _kernel(x, warps, 0, defines)
     if fa is None:
         return None
@@ -228,7 +247,8 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
     _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route, smem)
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route
+            + (pf or (_NULL, np.int64(0), np.int64(0), np.int32(0))), smem)
     return out if sh is None else (out, gu)
 
 
