@@ -141,14 +141,23 @@ _pf_switch = cuda_c.Switch()
 set_down_prefetch_enabled = _pf_switch.set   # benchmarks time the launch without it, same run
 
 
-def _down_prefetch(down, n_expert: int):
+# The prefetch pays where the chosen experts' down rows are a small part of L2 beside what the
+# gate/up launch itself streams through it (s30e, two H200s, same run: TP=2's 8.3 MB a token,
+# step +0.4% / +0.9% chained, the launch pair alone 0.985; TP=1's 16.5 MB, -0.2% / -0.4%, the
+# pair alone 1.026): none above this many bytes a token.
+DOWN_PREFETCH_MAX = 12 << 20
+
+
+def _down_prefetch(down, n_expert: int, k: int):
     """The routed down weight's launch arguments for the gate/up kernel's prefetch of its rows
-    (experts.cu A_PF): (pointer, expert stride, row stride, rows), or None where it does not
-    apply (off, not a Q2_K weight of these experts, rows not contiguous and 16-byte aligned)."""
+    (experts.cu A_PF) for k chosen experts: (pointer, expert stride, row stride, rows), or None
+    where it does not apply (off, not a Q2_K weight of these experts, rows not contiguous and
+    16-byte aligned, more than DOWN_PREFETCH_MAX bytes)."""
     if down is None or not _pf_switch.on or down.qtype != Q2_K or down.shape[0] != n_expert:
         return None
     raw = down.raw
-    if not (raw.dim() == 3 and raw.stride(2) == 1 and raw.stride(1) == raw.shape[2] and _aligned(raw, 16)):
+    if not (raw.dim() == 3 and raw.stride(2) == 1 and raw.stride(1) == raw.shape[2] and _aligned(raw, 16)
+            and k * raw.shape[1] * raw.stride(1) <= DOWN_PREFETCH_MAX):
         return None
     return (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), np.int32(raw.shape[1]))
 
@@ -201,7 +210,7 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
              _ptr(tid2eid) if tid2eid is not None else _NULL, _ptr(tokens) if tid2eid is not None else _NULL,
              _ptr(ids), _ptr(rw), np.int32(ne), np.float32(floor), np.float32(scale))
     got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared,
-                  _down_prefetch(down, ne))
+                  _down_prefetch(down, ne, k))
     if got is None:
         return None
     return (*got, ids, rw) if shared is not None else (got, ids, rw)
