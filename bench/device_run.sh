@@ -201,6 +201,7 @@
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
 #   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
+#   s30f: session 30 closing run, two GPUs: TP=2,1 bench with depth 4096, CUDA goldens
 #   s30e: session 30, two GPUs: the down rows' L2 prefetch from the gate/up launch (A_PF):
 #         twins, the kernel pair alone (bench/down_prefetch_probe.py), TP=2,1 bench (A/B: without)
 #   s30d: session 30, two GPUs: the full GGUF synthesised, its TP=2 load cold (bench
@@ -1220,6 +1221,8 @@ elif [ "$MODE" = s30c ]; then
   log "routed gate/up alone: GGUF order, decode order with one table, with the tables per bank pair"
   timeout 80 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout_probe.json" 2>&1 | grep -v Warn | tail -3
   twins_bench "order or rides or routed" 0 280
+elif [ "$MODE" = s30f ]; then
+  bench_goldens 4096 330
 elif [ "$MODE" = s30e ]; then
   log "routed gate/up then down alone: without and with the down rows' prefetch"
   timeout 80 python3 bench/down_prefetch_probe.py --json "$OUT/down_prefetch_probe.json" 2>&1 | grep -v Warn | tail -3
