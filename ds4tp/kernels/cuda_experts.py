@@ -131,10 +131,16 @@ def takes_decode_order(device: torch.device) -> bool:
 
 
 def _swiglu_defines(route: bool, dl: bool, pf: bool = False) -> tuple:
-    """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
-    (read through the tables per bank pair where they are on), the down rows' prefetch."""
+    """The gate/up kernel's compile-time modes: the expert choice in it (each warp's first block
+    of x loaded before it, where that is on), rows in the decode order (read through the tables
+    per bank pair where they are on), the down rows' prefetch."""
     return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
-        ((("A_TAB", 1),) if dl and _tab_switch.on else ()) + ((("A_PF", 1),) if pf else ())
+        ((("A_TAB", 1),) if dl and _tab_switch.on else ()) + ((("A_PF", 1),) if pf else ()) + \
+        ((("A_XE", 1),) if route and _xe_switch.on else ())
+
+
+_xe_switch = cuda_c.Switch()
+set_x_early_enabled = _xe_switch.set    # benchmarks time x loaded after the choice, same run
 
 
 _pf_switch = cuda_c.Switch()
@@ -148,16 +154,17 @@ set_down_prefetch_enabled = _pf_switch.set   # benchmarks time the launch withou
 DOWN_PREFETCH_MAX = 12 << 20
 
 
-def _down_prefetch(down, n_expert: int, k: int):
+def _down_prefetch(down, n_expert: int, k: int, n_gate: int):
     """The routed down weight's launch arguments for the gate/up kernel's prefetch of its rows
     (experts.cu A_PF) for k chosen experts: (pointer, expert stride, row stride, rows), or None
     where it does not apply (off, not a Q2_K weight of these experts, rows not contiguous and
-    16-byte aligned, more than DOWN_PREFETCH_MAX bytes)."""
+    16-byte aligned, more than DOWN_PREFETCH_MAX bytes). n_gate: the gate/up rows (at least its
+    blocks; the kernel splits the rows in 32-bit arithmetic)."""
     if down is None or not _pf_switch.on or down.qtype != Q2_K or down.shape[0] != n_expert:
         return None
     raw = down.raw
     if not (raw.dim() == 3 and raw.stride(2) == 1 and raw.stride(1) == raw.shape[2] and _aligned(raw, 16)
-            and k * raw.shape[1] * raw.stride(1) <= DOWN_PREFETCH_MAX):
+            and k * raw.shape[1] * raw.stride(1) <= DOWN_PREFETCH_MAX and raw.shape[1] * n_gate < 2**32):
         return None
     return (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), np.int32(raw.shape[1]))
 
@@ -210,7 +217,7 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
              _ptr(tid2eid) if tid2eid is not None else _NULL, _ptr(tokens) if tid2eid is not None else _NULL,
              _ptr(ids), _ptr(rw), np.int32(ne), np.float32(floor), np.float32(scale))
     got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared,
-                  _down_prefetch(down, ne, k))
+                  _down_prefetch(down, ne, k, w_gate.shape[1]))
     if got is None:
         return None
     return (*got, ids, rw) if shared is not None else (got, ids, rw)

@@ -116,6 +116,9 @@ __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, con
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
 
+#ifndef A_XE
+#define A_XE 0                  // gate/up: each warp's first block of x loaded before the choice
+#endif
 #ifndef A_PF
 #define A_PF 0                  // gate/up: the down kernel's rows of the chosen experts into L2
 #endif
@@ -416,9 +419,24 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
 // warp picking for itself and loading its first rows before quantising x was no faster, s26g).
 // A_PF with pf_rows > 0: the down weight's rows (pf_w: expert stride pf_se, row stride pf_sn
 // bytes, rows contiguous and 16-byte aligned) of the token's K experts are prefetched into L2,
-// each block a 1/gridDim.x share, once the ids are known.
+// each block a 1/gridDim.x share, by the picking warp as soon as it has them (pf_rows times the
+// blocks < 2^32: with a 64-bit division there the kernel called a division routine, and its
+// stack frame pushed the pick's keys into local memory).
+// A_XE: each warp's first block of x is loaded right after the PDL wait, before the choice.
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
+// A_PF: the down kernel (the next launch) reads every row of the token's K experts. Expert id's
+// rows of this block's share (rows * b / blocks ..) go into L2 by one bulk prefetch, while the
+// gate/up's issue-bound item loop leaves HBM mostly idle, instead of after this launch ends.
+__device__ __forceinline__ void down_rows_to_l2(const unsigned char* w, long long se, long long sn,
+                                                int rows, long long id) {
+    const unsigned r0 = (unsigned)rows * blockIdx.x / gridDim.x;         // (32-bit: rows * blocks
+    const unsigned r1 = (unsigned)rows * (blockIdx.x + 1) / gridDim.x;   //  < 2^32, host-checked)
+    if (rows > 0 && id >= 0 && r1 > r0)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+                     :: "l"(w + id * se + (long long)r0 * sn), "r"((unsigned)((r1 - r0) * sn)));
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
@@ -484,6 +502,16 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     if (warp + WARPS < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp + WARPS, nsh_b - warp - WARPS, KB / 2, lane);
     pdl_wait();                       // ids, rw (or logits) and x are earlier kernels' outputs
     const bool choose = A_ROUTE && logits != 0;
+#if A_XE
+    // this warp's first block of x (b = warp) into registers before the choice: the picking warp
+    // quantises its block only after its pick, and the block's L2 round trip then followed it
+    float4 xe0 = make_float4(0.f, 0.f, 0.f, 0.f), xe1 = xe0;
+    if (warp < KB) {
+        const float4* xb = (const float4*)(x + (long long)t * stride_xt + warp * 256 + lane * 8);
+        xe0 = prior(xb);
+        xe1 = prior(xb + 1);
+    }
+#endif
     if (choose) {                     // (uniform over the block)
         route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk);
         __syncthreads();
@@ -500,8 +528,10 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                 ids_out[t * K + lane] = id;
                 rw_out[t * K + lane] = wt;
             }
+            if (A_PF) down_rows_to_l2(pf_w, pf_se, pf_sn, pf_rows, id);
         }
     }
+    if (A_PF && !choose && warp == 0 && lane < K) down_rows_to_l2(pf_w, pf_se, pf_sn, pf_rows, prior(ids + t * K + lane));
 
     // first item's loads go out before the prologue (in route mode, after it)
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
@@ -531,7 +561,11 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // at TP=2 / TP=1 (s22h)
     for (int b = warp; b < KB; b += WARPS) {
         const float4* xb = (const float4*)(x + (long long)t * stride_xt + b * 256 + lane * 8);
+#if A_XE
+        const float4 x0 = b == warp ? xe0 : prior(xb), x1 = b == warp ? xe1 : prior(xb + 1);
+#else
         const float4 x0 = prior(xb), x1 = prior(xb + 1);
+#endif
         const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
         if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
@@ -542,19 +576,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
     }
-#if A_PF
-    // The down kernel (the next launch) reads every row of these K experts: block b's share of
-    // them (rows pf_rows * b / blocks ..) goes into L2 now, while this kernel's issue-bound item
-    // loop leaves HBM mostly idle, instead of after this launch ends.
-    if (warp == 0 && lane < K && pf_rows > 0) {
-        const long long id = choose ? s_ids[lane] : prior(ids + t * K + lane);
-        const long long r0 = (long long)pf_rows * blockIdx.x / gridDim.x;
-        const long long r1 = (long long)pf_rows * (blockIdx.x + 1) / gridDim.x;
-        if (id >= 0 && r1 > r0)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                         :: "l"(pf_w + id * pf_se + r0 * pf_sn), "r"((unsigned)((r1 - r0) * pf_sn)) : "memory");
-    }
-#endif
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
         if (lane == 0) ysh[sh0 + warp] = y;
