@@ -201,8 +201,11 @@
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
 #   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
-#   s30g: session 30, two GPUs: x's first blocks before the choice (A_XE), the down rows'
-#         prefetch by the picking warp without a 64-bit division: twins, TP=2,1 bench (A/B)
+#   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
+#         without the 64-bit division: the pair alone, twins, TP=2,1 bench (A/B)
+#   s30g: session 30, two GPUs: x's first blocks before the choice (A_XE, removed after), the
+#         down rows' prefetch by the picking warp without a 64-bit division (code at aa847e5):
+#         twins, TP=2,1 bench (A/B)
 #   s30f: session 30 closing run, two GPUs: TP=2,1 bench with depth 4096, CUDA goldens
 #   s30e: session 30, two GPUs: the down rows' L2 prefetch from the gate/up launch (A_PF):
 #         twins, the kernel pair alone (bench/down_prefetch_probe.py), TP=2,1 bench (A/B: without)
@@ -392,7 +395,7 @@ twins_bench() {
   timeout "$2" python3 -m ds4tp bench --tp 2,1 --depth "$1" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table', 'down_prefetch_logits_equal_without', 'x_early_logits_equal_after', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table', 'down_prefetch_logits_equal_without', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 }
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
 # serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
@@ -1223,7 +1226,7 @@ elif [ "$MODE" = s30c ]; then
   log "routed gate/up alone: GGUF order, decode order with one table, with the tables per bank pair"
   timeout 80 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout_probe.json" 2>&1 | grep -v Warn | tail -3
   twins_bench "order or rides or routed" 0 280
-elif [ "$MODE" = s30g ]; then
+elif [ "$MODE" = s30h ] || [ "$MODE" = s30g ]; then
   timeout 80 python3 bench/down_prefetch_probe.py --json "$OUT/down_prefetch_probe.json" 2>&1 | grep -v Warn | tail -3
   twins_bench "order or rides or routed" 0 300
 elif [ "$MODE" = s30f ]; then

@@ -586,13 +586,6 @@ def _bench_rank(comm, dev, cfg):
             _decode_and_logits(model, steps)
     res["down_prefetch_logits_equal_without"] = bool(torch.equal(mine, ref))
     save()
-    # the routed gate/up launch loading x after its expert choice (as up to the twenty-seventh
-    # session) instead of each warp's first block of x before it (experts.cu A_XE)
-    with _switched_off(cuda_experts.set_x_early_enabled):
-        res["decode_d0_x_after_choice"], res["decode_d0_chained_x_after_choice"], ref = \
-            _decode_and_logits(model, steps)
-    res["x_early_logits_equal_after"] = bool(torch.equal(mine, ref))
-    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

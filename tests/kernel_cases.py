@@ -304,14 +304,6 @@ def case_cuda_decode_order(device, gen, E, F, T, K):
                                                                  <= ce.DOWN_PREFETCH_MAX), tag
         pairs += [(f"routed kernel prefetching down rows, {n}", p, q)
                   for n, p, q in zip(("mid", "gate|up", "ids", "weights"), c, a)]
-        ce.set_x_early_enabled(False)     # (x's first blocks loaded after the choice, as before)
-        try:
-            d = ce.swiglu_routed(dg, du, x, logits, None, None, tok, K, ROUTER_WEIGHT_FLOOR,
-                                 EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu)
-        finally:
-            ce.set_x_early_enabled(True)
-        pairs += [(f"routed kernel, x loaded after the choice, {n}", p, q)
-                  for n, p, q in zip(("mid", "gate|up", "ids", "weights"), d, a)]
     ptab, table, _, _, _ = tg.expert_tiles(ids, E, 64)
     x16 = x.half()
     for swiglu in (True, False):      # (its sum over k runs in the row's byte order: not the bits)

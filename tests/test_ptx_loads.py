@@ -172,8 +172,7 @@ def _down_defines(K: int, kb: int, csh: int) -> str:
 DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1",
                           "A_ROUTE=1 A_DL=1",         # (A_DL: gate/up rows in the decode order,
                           "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1",    # A_TAB: its tables,
-                          "A_ROUTE=1 A_DL=1 A_TAB=1 A_PF=1 A_XE=1"),       # A_PF: down rows to L2,
-                                                                           # A_XE: x before the choice)
+                          "A_ROUTE=1 A_DL=1 A_TAB=1 A_PF=1"),              # A_PF: down rows to L2)
            "experts_mma.cu": ("", "IQ2_DL=1")}
 
 

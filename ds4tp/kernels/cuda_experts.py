@@ -131,16 +131,10 @@ def takes_decode_order(device: torch.device) -> bool:
 
 
 def _swiglu_defines(route: bool, dl: bool, pf: bool = False) -> tuple:
-    """The gate/up kernel's compile-time modes: the expert choice in it (each warp's first block
-    of x loaded before it, where that is on), rows in the decode order (read through the tables
-    per bank pair where they are on), the down rows' prefetch."""
+    """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
+    (read through the tables per bank pair where they are on), the down rows' prefetch."""
     return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
-        ((("A_TAB", 1),) if dl and _tab_switch.on else ()) + ((("A_PF", 1),) if pf else ()) + \
-        ((("A_XE", 1),) if route and _xe_switch.on else ())
-
-
-_xe_switch = cuda_c.Switch()
-set_x_early_enabled = _xe_switch.set    # benchmarks time x loaded after the choice, same run
+        ((("A_TAB", 1),) if dl and _tab_switch.on else ()) + ((("A_PF", 1),) if pf else ())
 
 
 _pf_switch = cuda_c.Switch()

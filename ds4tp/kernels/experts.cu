@@ -116,9 +116,6 @@ __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, con
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
 
-#ifndef A_XE
-#define A_XE 0                  // gate/up: each warp's first block of x loaded before the choice
-#endif
 #ifndef A_PF
 #define A_PF 0                  // gate/up: the down kernel's rows of the chosen experts into L2
 #endif
@@ -419,10 +416,9 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
 // warp picking for itself and loading its first rows before quantising x was no faster, s26g).
 // A_PF with pf_rows > 0: the down weight's rows (pf_w: expert stride pf_se, row stride pf_sn
 // bytes, rows contiguous and 16-byte aligned) of the token's K experts are prefetched into L2,
-// each block a 1/gridDim.x share, by the picking warp as soon as it has them (pf_rows times the
-// blocks < 2^32: with a 64-bit division there the kernel called a division routine, and its
-// stack frame pushed the pick's keys into local memory).
-// A_XE: each warp's first block of x is loaded right after the PDL wait, before the choice.
+// each block a 1/gridDim.x share, once the ids are known (pf_rows times the blocks < 2^32: with
+// a 64-bit division there the kernel called a division routine, and its stack frame pushed the
+// pick's keys into local memory).
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
 // A_PF: the down kernel (the next launch) reads every row of the token's K experts. Expert id's
@@ -502,16 +498,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     if (warp + WARPS < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp + WARPS, nsh_b - warp - WARPS, KB / 2, lane);
     pdl_wait();                       // ids, rw (or logits) and x are earlier kernels' outputs
     const bool choose = A_ROUTE && logits != 0;
-#if A_XE
-    // this warp's first block of x (b = warp) into registers before the choice: the picking warp
-    // quantises its block only after its pick, and the block's L2 round trip then followed it
-    float4 xe0 = make_float4(0.f, 0.f, 0.f, 0.f), xe1 = xe0;
-    if (warp < KB) {
-        const float4* xb = (const float4*)(x + (long long)t * stride_xt + warp * 256 + lane * 8);
-        xe0 = prior(xb);
-        xe1 = prior(xb + 1);
-    }
-#endif
     if (choose) {                     // (uniform over the block)
         route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk);
         __syncthreads();
@@ -528,10 +514,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                 ids_out[t * K + lane] = id;
                 rw_out[t * K + lane] = wt;
             }
-            if (A_PF) down_rows_to_l2(pf_w, pf_se, pf_sn, pf_rows, id);
         }
     }
-    if (A_PF && !choose && warp == 0 && lane < K) down_rows_to_l2(pf_w, pf_se, pf_sn, pf_rows, prior(ids + t * K + lane));
 
     // first item's loads go out before the prologue (in route mode, after it)
     // (each item reads its slot's id and router weight from L2: faster than reading them once per
@@ -561,11 +545,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // at TP=2 / TP=1 (s22h)
     for (int b = warp; b < KB; b += WARPS) {
         const float4* xb = (const float4*)(x + (long long)t * stride_xt + b * 256 + lane * 8);
-#if A_XE
-        const float4 x0 = b == warp ? xe0 : prior(xb), x1 = b == warp ? xe1 : prior(xb + 1);
-#else
         const float4 x0 = prior(xb), x1 = prior(xb + 1);
-#endif
         const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
         q8k_block(v, lane, s_xq + b * 256 + 8 * lane, s_xd + b, 0);
         if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
@@ -576,6 +556,10 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
     }
+    // (after the first item's loads: issued by the picking warp as soon as it had the ids, ahead
+    // of those loads, the pair of launches alone was 1.007 of no prefetch, s30g, against 0.985)
+    if (A_PF && warp == 0 && lane < K)
+        down_rows_to_l2(pf_w, pf_se, pf_sn, pf_rows, choose ? s_ids[lane] : prior(ids + t * K + lane));
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
         if (lane == 0) ysh[sh0 + warp] = y;
