@@ -578,14 +578,6 @@ def _bench_rank(comm, dev, cfg):
                 _decode_and_logits(model, steps)
         res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
         save()
-    # the routed gate/up launch without prefetching the down kernel's rows of its chosen experts
-    # into L2 (experts.cu A_PF): the down kernel reads them from HBM
-    mine = decode_logits(model, 8)
-    with _switched_off(cuda_experts.set_down_prefetch_enabled):
-        res["decode_d0_no_down_prefetch"], res["decode_d0_chained_no_down_prefetch"], ref = \
-            _decode_and_logits(model, steps)
-    res["down_prefetch_logits_equal_without"] = bool(torch.equal(mine, ref))
-    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

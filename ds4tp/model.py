@@ -711,7 +711,7 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
             got = expert_swiglu_routed(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn, logits,
                                        lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
                                        s.n_expert_used, C.ROUTER_WEIGHT_FLOOR,
-                                       C.EXPERT_WEIGHT_SCALE, C.SWIGLU_CLAMP, down=lw.down_exps)
+                                       C.EXPERT_WEIGHT_SCALE, C.SWIGLU_CLAMP)
         if got is not None:
             mid, gate_up, local_ids, _ = got
         else:

@@ -296,14 +296,6 @@ def case_cuda_decode_order(device, gen, E, F, T, K):
         a, b = (ce.swiglu_routed(g_, u_, x, logits, None, None, tok, K, ROUTER_WEIGHT_FLOOR,
                                  EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu) for g_, u_ in ((dg, du), (wg, wu)))
         pairs += [(f"routed kernel {n}", p, q) for n, p, q in zip(("mid", "gate|up", "ids", "weights"), a, b)]
-        # the same launch prefetching the next launch's down rows into L2 (experts.cu A_PF)
-        w_down = expert_weight(Q2_K, E, 4096, F, gen, device)
-        c = ce.swiglu_routed(dg, du, x, logits, None, None, tok, K, ROUTER_WEIGHT_FLOOR,
-                             EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu, down=w_down)
-        assert (ce._down_prefetch(w_down, E, K, F) is not None) == (K * 4096 * w_down.raw.stride(1)
-                                                                 <= ce.DOWN_PREFETCH_MAX), tag
-        pairs += [(f"routed kernel prefetching down rows, {n}", p, q)
-                  for n, p, q in zip(("mid", "gate|up", "ids", "weights"), c, a)]
     ptab, table, _, _, _ = tg.expert_tiles(ids, E, 64)
     x16 = x.half()
     for swiglu in (True, False):      # (its sum over k runs in the row's byte order: not the bits)

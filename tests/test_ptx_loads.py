@@ -21,8 +21,7 @@ KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
 SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
-             "rbias", "tid2eid",                                   # the router's bias, hash table
-             "pf_w"}                                               # the down weight (prefetched)
+             "rbias", "tid2eid"}                                   # the router's bias, hash table
 
 
 def _nvrtc():
@@ -171,8 +170,7 @@ def _down_defines(K: int, kb: int, csh: int) -> str:
 # (cuda_experts.swiglu_routed), also on rows in the decode order; the prefill's kernels on those
 DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1",
                           "A_ROUTE=1 A_DL=1",         # (A_DL: gate/up rows in the decode order,
-                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1",    # A_TAB: its tables,
-                          "A_ROUTE=1 A_DL=1 A_TAB=1 A_PF=1"),              # A_PF: down rows to L2)
+                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1"),   # A_TAB: its tables)
            "experts_mma.cu": ("", "IQ2_DL=1")}
 
 

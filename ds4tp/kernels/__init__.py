@@ -244,15 +244,14 @@ def expert_swiglu_shared(w_gate, w_up, w_sh, x, ids, weights, clamp: float = SWI
 
 
 def expert_swiglu_routed(w_gate, w_up, w_sh, x, logits, bias, tid2eid, tokens, k: int,
-                         floor: float, scale: float, clamp: float = SWIGLU_CLAMP, down=None):
+                         floor: float, scale: float, clamp: float = SWIGLU_CLAMP):
     """(mid, gu, ids, weights): expert_swiglu_shared of one token with its expert choice (that of
-    model.route_select, from the router logits) made in the same CUDA C launch, else None.
-    down: the routed down weight the next launch reads (its chosen rows are prefetched)."""
+    model.route_select, from the router logits) made in the same CUDA C launch, else None."""
     if not (_covered(w_gate, x) and logits.is_cuda) or x.shape[0] != 1:
         return None
     from ds4tp.kernels import cuda_experts
     return cuda_experts.swiglu_routed(w_gate, w_up, x, logits, bias, tid2eid, tokens, k, floor,
-                                      scale, clamp, shared=w_sh, down=down)
+                                      scale, clamp, shared=w_sh)
 
 
 def expert_down_shared(w, mid, ids, w_sh, gu, clamp: float = SWIGLU_CLAMP):

@@ -130,37 +130,11 @@ def takes_decode_order(device: torch.device) -> bool:
             and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, _MMA_DL) is not None)
 
 
-def _swiglu_defines(route: bool, dl: bool, pf: bool = False) -> tuple:
+def _swiglu_defines(route: bool, dl: bool) -> tuple:
     """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
-    (read through the tables per bank pair where they are on), the down rows' prefetch."""
+    (read through the tables per bank pair where they are on)."""
     return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
-        ((("A_TAB", 1),) if dl and _tab_switch.on else ()) + ((("A_PF", 1),) if pf else ())
-
-
-_pf_switch = cuda_c.Switch()
-set_down_prefetch_enabled = _pf_switch.set   # benchmarks time the launch without it, same run
-
-
-# The prefetch pays where the chosen experts' down rows are a small part of L2 beside what the
-# gate/up launch itself streams through it (s30e, two H200s, same run: TP=2's 8.3 MB a token,
-# step +0.4% / +0.9% chained, the launch pair alone 0.985; TP=1's 16.5 MB, -0.2% / -0.4%, the
-# pair alone 1.026): none above this many bytes a token.
-DOWN_PREFETCH_MAX = 12 << 20
-
-
-def _down_prefetch(down, n_expert: int, k: int, n_gate: int):
-    """The routed down weight's launch arguments for the gate/up kernel's prefetch of its rows
-    (experts.cu A_PF) for k chosen experts: (pointer, expert stride, row stride, rows), or None
-    where it does not apply (off, not a Q2_K weight of these experts, rows not contiguous and
-    16-byte aligned, more than DOWN_PREFETCH_MAX bytes). n_gate: the gate/up rows (at least its
-    blocks; the kernel splits the rows in 32-bit arithmetic)."""
-    if down is None or not _pf_switch.on or down.qtype != Q2_K or down.shape[0] != n_expert:
-        return None
-    raw = down.raw
-    if not (raw.dim() == 3 and raw.stride(2) == 1 and raw.stride(1) == raw.shape[2] and _aligned(raw, 16)
-            and k * raw.shape[1] * raw.stride(1) <= DOWN_PREFETCH_MAX and raw.shape[1] * n_gate < 2**32):
-        return None
-    return (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), np.int32(raw.shape[1]))
+        ((("A_TAB", 1),) if dl and _tab_switch.on else ())
 
 
 A_TAB_BYTES = 256 * 256     # the tables' dynamic shared memory (experts.cu A_TAB_BYTES)
@@ -178,7 +152,7 @@ set_route_enabled = _route_switch.set   # benchmarks time the choice's own launc
 
 def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid2eid, tokens,
                   k: int, floor: float, scale: float, clamp: float, shared=None,
-                  rpc: int | None = None, warps: int = WARPS, down=None):
+                  rpc: int | None = None, warps: int = WARPS):
     """swiglu with the expert choice in the same launch: each block chooses its token's k experts
     from the router logits [T, n_expert] float32 as ds4tp.model.route_select does (bias
     [n_expert] float32 or None; tid2eid [V, k] int64 for a hash layer, with tokens [T] int64 on
@@ -186,9 +160,7 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
     ids, weights); None if not covered (then the choice takes its own launch). The ids are
     global: the caller uses this only where every expert is local. The logits, bias, table and
     tokens must be contiguous: the launch reads them in place (a contiguous copy made here would
-    be freed before the kernel reads it, and its memory handed to the kernel's own output).
-    down: the routed down weight (Q2_K [n_expert, N, F]) that the next launch reads: the launch
-    prefetches the chosen experts' rows of it into L2 (nothing else changes)."""
+    be freed before the kernel reads it, and its memory handed to the kernel's own output)."""
     if not (_route_switch.available() and logits.is_cuda and logits.dtype == torch.float32
             and logits.dim() == 2 and logits.device == x.device and logits.is_contiguous()):
         return None
@@ -210,16 +182,15 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
     route = (_ptr(logits), _ptr(bias) if bias is not None else _NULL,
              _ptr(tid2eid) if tid2eid is not None else _NULL, _ptr(tokens) if tid2eid is not None else _NULL,
              _ptr(ids), _ptr(rw), np.int32(ne), np.float32(floor), np.float32(scale))
-    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared,
-                  _down_prefetch(down, ne, k, w_gate.shape[1]))
+    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared)
     if got is None:
         return None
     return (*got, ids, rw) if shared is not None else (got, ids, rw)
 
 
-def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared, pf=None):
+def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared):
     """The gate/up launch of swiglu (route None: ids64, rw given) or swiglu_routed (route: the
-    choice's arguments; ids64, rw its outputs); pf: _down_prefetch's arguments or None."""
+    choice's arguments; ids64, rw its outputs)."""
     if not w_gate.qtype == IQ2_XXS == w_up.qtype:
         return None
     E, N, n_in = w_gate.shape
@@ -235,7 +206,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    defines = _swiglu_defines(route is not None, dl, pf is not None)
+    defines = _swiglu_defines(route is not None, dl)
     fa = _kernel(x, warps, 0, defines)
     if fa is None:
         return None
@@ -257,8 +228,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
     _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route
-            + (pf or (_NULL, np.int64(0), np.int64(0), np.int32(0))), smem)
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route, smem)
     return out if sh is None else (out, gu)
 
 

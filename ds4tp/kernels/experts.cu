@@ -116,9 +116,6 @@ __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, con
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
 
-#ifndef A_PF
-#define A_PF 0                  // gate/up: the down kernel's rows of the chosen experts into L2
-#endif
 #ifndef A_TAB
 #define A_TAB 0                 // gate/up in the decode order: grid and sign tables per bank pair
 #endif
@@ -414,25 +411,8 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
 // ids and rw, and block (0, t) writes the choice to ids_out and rw_out [T, K] for the down
 // kernel: the choice's own launch goes. The first item's loads then wait for the prologue (every
 // warp picking for itself and loading its first rows before quantising x was no faster, s26g).
-// A_PF with pf_rows > 0: the down weight's rows (pf_w: expert stride pf_se, row stride pf_sn
-// bytes, rows contiguous and 16-byte aligned) of the token's K experts are prefetched into L2,
-// each block a 1/gridDim.x share, once the ids are known (pf_rows times the blocks < 2^32: with
-// a 64-bit division there the kernel called a division routine, and its stack frame pushed the
-// pick's keys into local memory).
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
-// A_PF: the down kernel (the next launch) reads every row of the token's K experts. Expert id's
-// rows of this block's share (rows * b / blocks ..) go into L2 by one bulk prefetch, while the
-// gate/up's issue-bound item loop leaves HBM mostly idle, instead of after this launch ends.
-__device__ __forceinline__ void down_rows_to_l2(const unsigned char* w, long long se, long long sn,
-                                                int rows, long long id) {
-    const unsigned r0 = (unsigned)rows * blockIdx.x / gridDim.x;         // (32-bit: rows * blocks
-    const unsigned r1 = (unsigned)rows * (blockIdx.x + 1) / gridDim.x;   //  < 2^32, host-checked)
-    if (rows > 0 && id >= 0 && r1 > r0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                     :: "l"(w + id * se + (long long)r0 * sn), "r"((unsigned)((r1 - r0) * sn)));
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
@@ -444,8 +424,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               float* __restrict__ ysh, int nsh, int rps,
               const float* logits, const float* __restrict__ rbias,
               const long long* __restrict__ tid2eid, const long long* tok, long long* ids_out,
-              float* rw_out, int NE, float rfloor, float rscale,
-              const unsigned char* __restrict__ pf_w, long long pf_se, long long pf_sn, int pf_rows) {
+              float* rw_out, int NE, float rfloor, float rscale) {
 #if A_TAB && !A_DL
 #error "A_TAB: the tables serve the decode order's loop (A_DL)"
 #endif
@@ -556,10 +535,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
     }
-    // (after the first item's loads: issued by the picking warp as soon as it had the ids, ahead
-    // of those loads, the pair of launches alone was 1.007 of no prefetch, s30g, against 0.985)
-    if (A_PF && warp == 0 && lane < K)
-        down_rows_to_l2(pf_w, pf_se, pf_sn, pf_rows, choose ? s_ids[lane] : prior(ids + t * K + lane));
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
         if (lane == 0) ysh[sh0 + warp] = y;
