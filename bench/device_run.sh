@@ -202,7 +202,9 @@
 #   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
-#         without the 64-bit division: the pair alone, twins, TP=2,1 bench (A/B)
+#         without the 64-bit division: the pair alone, twins, TP=2,1 bench (A/B). The prefetch,
+#         its A/B and bench/down_prefetch_probe.py were removed after (at 9acd530): s30e, s30g
+#         and s30h run only there
 #   s30g: session 30, two GPUs: x's first blocks before the choice (A_XE, removed after), the
 #         down rows' prefetch by the picking warp without a 64-bit division (code at aa847e5):
 #         twins, TP=2,1 bench (A/B)
