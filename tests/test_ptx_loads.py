@@ -226,3 +226,29 @@ def test_every_cuda_c_kernel_counts_as_a_weight_kernel_in_the_bench_profile():
     draw = {"draw_sum", "draw_scan"}          # sample.cu: a sampled token's draw, after the step
     assert draw <= names
     assert names - COLLECTIVE_KERNELS - draw <= WEIGHT_KERNELS, sorted(names - COLLECTIVE_KERNELS - draw - WEIGHT_KERNELS)
+
+
+def test_gate_up_tables_host_and_kernel_agree():
+    """The routed gate/up's tables per bank pair (experts.cu A_TAB): the dynamic shared memory
+    the host passes is the kernel's A_TAB_BYTES, and the host asks for them only with rows in the
+    decode order and while they are switched on."""
+    from ds4tp.kernels import cuda_experts as ce
+    m = re.search(r"#define A_TAB_BYTES \((\d+) \* (\d+)\)", (KDIR / "experts.cu").read_text())
+    assert m and int(m.group(1)) * int(m.group(2)) == ce.A_TAB_BYTES
+    for route in (True, False):
+        assert ("A_TAB", 1) in ce._swiglu_defines(route, True)
+        assert all(k != "A_TAB" for k, _ in ce._swiglu_defines(route, False))
+    ce.set_tables_enabled(False)
+    try:
+        assert all(k != "A_TAB" for k, _ in ce._swiglu_defines(True, True))
+    finally:
+        ce.set_tables_enabled(True)
+
+
+@needs_compiler
+def test_gate_up_tables_need_the_decode_order(tmp_path):
+    """experts.cu refuses A_TAB without A_DL (the tables serve the decode order's loop only)."""
+    code = "#define A_TAB 1\n" + (KDIR / "common.cuh").read_text() + "\n" + (KDIR / "experts.cu").read_text()
+    with pytest.raises((RuntimeError, subprocess.CalledProcessError)):
+        ptx_of(code, tmp_path)
+    ptx_of("#define A_TAB 1\n#define A_DL 1\n" + code[len("#define A_TAB 1\n"):], tmp_path)
