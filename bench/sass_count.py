@@ -2,7 +2,8 @@
 of a .cu file (e.g. the routed gate/up kernel's hot loop before and after a change).
 
     python bench/sass_count.py [--src ds4tp/kernels/experts.cu] [--old OLD.cu] \
-        [--kernel iq2xxs_swiglu] [--define WARPS=16 ...] [--between POPC] [--margin 40]
+        [--kernel iq2xxs_swiglu] [--define WARPS=16 ...] [--between POPC] [--margin 40] \
+        [--loop IDP [--loop-min 64]] [--nvrtc] [--tools DIR]
 
 Each file is compiled with common.cuh in front (as ds4tp.kernels.cuda_c does) by nvcc for sm_90
 to a cubin and disassembled by cuobjdump (it needs nvdisasm on PATH; both come with the CUDA
@@ -10,9 +11,9 @@ toolkit or the nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels: --tools DIR 
 PATH). With --nvrtc it compiles as the runtime does instead, by NVRTC (the nvidia-cuda-nvrtc
 wheel) and ptxas (the nvidia-cuda-nvcc wheel). --between OPCODE counts only the span from the
 first to the last instruction with that opcode, widened by --margin instructions each side;
---loop OPCODE counts the smallest loop with --loop-min (64) of it (--loop IDP: the gate/up kernel's item
-loop, two items a pass in the decode order: 843 -> 1178 for two at e4eebe2 -> the twenty-eighth
-session). No GPU is needed.
+--loop OPCODE counts the smallest loop with at least --loop-min (64) of them (--loop IDP: the
+gate/up kernel's item loop; 843 instructions an item at e4eebe2, 1,178 for the two items a pass
+of the twenty-eighth session's decode order). No GPU is needed.
 """
 import argparse
 import os
