@@ -201,6 +201,8 @@
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
 #   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
+#   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
+#         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
 #         without the 64-bit division: the pair alone, twins, TP=2,1 bench (A/B). The prefetch,
 #         its A/B and bench/down_prefetch_probe.py were removed after (at 9acd530): s30e, s30g
@@ -1289,6 +1291,15 @@ elif [ "$MODE" = s29b ]; then
   timeout 150 python3 -m pytest -q -rf tests/test_tp.py -k "within_host or inside_the_hc_step" > "$OUT/tests_tp.txt" 2>&1
   tail -2 "$OUT/tests_tp.txt"; grep -E "^FAILED|^E  " "$OUT/tests_tp.txt" | head -10
   twins_bench "q8_0 or kv_store or graph or on_cuda" 0 330 tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s30i ]; then
+  a="--tp 2 --shared --decode-order"
+  log "Nsight Compute, stall reasons of the routed gate/up kernel: $a"
+  timeout 130 ncu -k regex:"iq2xxs_swiglu" -s 1 -c 1 --section SpeedOfLight --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis_Tables --section Occupancy \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    python3 bench/ncu_experts.py $a > "$OUT/ncu_stalls_tp2.txt" 2>&1
+  grep "Duration\|Issue Slots\|stalled\|iq2xxs\|ERR\|Registers\|Achieved Occ\|Bank\|Shared" "$OUT/ncu_stalls_tp2.txt" \
+    | awk '!/ratio +0(\.0+)?$/' | head -60
 elif [ "$MODE" = s29a ]; then
   for a in "--tp 2 --shared" "--tp 1 --shared"; do
     log "Nsight Compute, stall reasons of the routed kernels: $a"
