@@ -415,6 +415,18 @@ serve_full() {
   grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
   rm -f /tmp/full.gguf
 }
+# Nsight Compute's stall reasons per issued instruction of the routed kernels matching REGEX
+# (bench/ncu_experts.py ARGS, its first N launches after N skipped): ncu_stalls TIMEOUT_S REGEX N ARGS
+ncu_stalls() {
+  local t=$1 re=$2 n=$3 a=$4 f="$OUT/ncu_stalls_${4// /_}.txt"
+  log "Nsight Compute, stall reasons of the routed kernels ($re): $a"
+  timeout "$t" ncu -k regex:"$re" -s "$n" -c "$n" --section SpeedOfLight --section WarpStateStats \
+    --section SchedulerStats --section SourceCounters --section Occupancy \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    python3 bench/ncu_experts.py $a > "$f" 2>&1
+  grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR\|Registers\|Achieved Occ\|Bank" "$f" \
+    | awk '!/ratio +0(\.0+)?$/' | head -70
+}
 # CUDA C launches against the Triton default at T=1: cuda_c_sweep TIMEOUT_S BUDGET_S CASES
 cuda_c_sweep() {
   log "T=1: Triton default vs CUDA C launches: $3"
@@ -1292,24 +1304,9 @@ elif [ "$MODE" = s29b ]; then
   tail -2 "$OUT/tests_tp.txt"; grep -E "^FAILED|^E  " "$OUT/tests_tp.txt" | head -10
   twins_bench "q8_0 or kv_store or graph or on_cuda" 0 330 tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s30i ]; then
-  a="--tp 2 --shared --decode-order"
-  log "Nsight Compute, stall reasons of the routed gate/up kernel: $a"
-  timeout 130 ncu -k regex:"iq2xxs_swiglu" -s 1 -c 1 --section SpeedOfLight --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis_Tables --section Occupancy \
-    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-    python3 bench/ncu_experts.py $a > "$OUT/ncu_stalls_tp2.txt" 2>&1
-  grep "Duration\|Issue Slots\|stalled\|iq2xxs\|ERR\|Registers\|Achieved Occ\|Bank\|Shared" "$OUT/ncu_stalls_tp2.txt" \
-    | awk '!/ratio +0(\.0+)?$/' | head -60
+  ncu_stalls 130 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
 elif [ "$MODE" = s29a ]; then
-  for a in "--tp 2 --shared" "--tp 1 --shared"; do
-    log "Nsight Compute, stall reasons of the routed kernels: $a"
-    timeout 200 ncu -k regex:"iq2xxs_swiglu|q2k_down_sum" -s 2 -c 2 --section SpeedOfLight --section WarpStateStats \
-      --section SchedulerStats --section SourceCounters --section Occupancy \
-      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      python3 bench/ncu_experts.py $a > "$OUT/ncu_stalls_${a// /_}.txt" 2>&1
-    grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR\|Registers\|Achieved Occ" "$OUT/ncu_stalls_${a// /_}.txt" \
-      | awk '!/ratio +0(\.0+)?$/' | head -70
-  done
+  for a in "--tp 2 --shared" "--tp 1 --shared"; do ncu_stalls 200 "iq2xxs_swiglu|q2k_down_sum" 2 "$a"; done
 elif [ "$MODE" = s28f ]; then
   log "CUDA twins and graph tests: attention with the new KV row, kv_store, HC step, decode graphs"
   timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_decode_graph.py \
