@@ -82,36 +82,49 @@ __device__ __forceinline__ unsigned byte_signs(unsigned v) {
     return m;
 }
 
-// An IQ2_XXS sub-block (32 weights) held in registers, against 8 packed Q8_K words xs: returns
-// (2s+1) * sum(grid * sign * q), an exact integer. aux0: its 4 grid-row indices (bytes); aux1:
-// its 4 x 7 sign bits and the 4-bit scale s.
-// Signs: ksigns[i] = i | parity(i) << 7; bit e negates element e of the group of 8. The signed
-// sum is taken as sum(g q) - 2 sum(g q over the negated elements): one AND per word, the masks by
-// byte_signs (PRMT); fewer instructions than negating the bytes (H200: 21.4 vs 22.1 us at TP=1).
-// The masks straight from the 7 bits s7: s7 * 0x10204080 puts bit e (e < 4) at 8e + 7 and
-// s7 * 0x20408 bit 4 + e (e < 3) at 8e + 7 (the shifted copies of s7 do not overlap, so no carry),
-// the parity bit goes to bit 31 by popc << 31: 6 instructions a group where taking the 8-bit
-// pattern apart first took 9 (checked against ksigns for all 128 patterns).
 // The masks of a group's 7 sign bits s7: 0xff in byte e of the group's 8 where element e is
-// negated (low word: elements 0-3, high word: 4-7).
+// negated (low word: elements 0-3, high word: 4-7). Signs: ksigns[i] = i | parity(i) << 7; bit e
+// negates element e. s7 * 0x10204080 puts bit e (e < 4) at 8e + 7 and s7 * 0x20408 bit 4 + e
+// (e < 3) at 8e + 7 (the shifted copies of s7 do not overlap, so no carry), the parity bit goes
+// to bit 31 by popc << 31, and byte_signs (PRMT) spreads each top bit over its byte: 6
+// instructions a group where taking the 8-bit pattern apart first took 9 (checked against
+// ksigns for all 128 patterns).
 __device__ __forceinline__ uint2 sign_masks(unsigned s7) {
     return make_uint2(byte_signs(s7 * 0x10204080u),
                       byte_signs(s7 * 0x20408u + ((unsigned)__popc(s7) << 31)));
 }
 
+// Where a sub-block's group l finds its grid row (8 bytes as two words) and its sign masks:
+// IqCalc looks the row up in one 256-entry table and computes the masks (sign_masks); IqTab
+// looks both up in the tables per bank pair (A_TAB, below).
+struct IqCalc {
+    const unsigned long long* grid;
+    __device__ __forceinline__ uint2 row(unsigned aux0, int l) const {
+        const unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
+        return make_uint2((unsigned)g, (unsigned)(g >> 32));
+    }
+    __device__ __forceinline__ uint2 masks(unsigned aux1, int l) const {
+        return sign_masks((aux1 >> (7 * l)) & 127u);
+    }
+};
+
+// An IQ2_XXS sub-block (32 weights) held in registers, against 8 packed Q8_K words xs: returns
+// (2s+1) * sum(grid * sign * q), an exact integer, whichever lookup (IqCalc, IqTab) gives the
+// rows and masks. aux0: its 4 grid-row indices (bytes); aux1: its 4 x 7 sign bits and the 4-bit
+// scale s. The signed sum is taken as sum(g q) - 2 sum(g q over the negated elements): one AND
+// per word; fewer instructions than negating the bytes (H200: 21.4 vs 22.1 us at TP=1).
+template <class Lookup>
 __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, const int (&xs)[8],
-                                               const unsigned long long* grid) {
+                                               const Lookup& look) {
     int sum = 0, neg = 0;
 #pragma unroll
     for (int l = 0; l < 4; l++) {
-        unsigned long long g = grid[(aux0 >> (8 * l)) & 255u];
-        const uint2 m = sign_masks((aux1 >> (7 * l)) & 127u);
-        const unsigned mlo = m.x, mhi = m.y;
-        const unsigned glo = (unsigned)g, ghi = (unsigned)(g >> 32);
-        sum = __dp4a((int)glo, xs[2 * l], sum);
-        sum = __dp4a((int)ghi, xs[2 * l + 1], sum);
-        neg = __dp4a((int)(glo & mlo), xs[2 * l], neg);
-        neg = __dp4a((int)(ghi & mhi), xs[2 * l + 1], neg);
+        const uint2 g = look.row(aux0, l);
+        const uint2 m = look.masks(aux1, l);
+        sum = __dp4a((int)g.x, xs[2 * l], sum);
+        sum = __dp4a((int)g.y, xs[2 * l + 1], sum);
+        neg = __dp4a((int)(g.x & m.x), xs[2 * l], neg);
+        neg = __dp4a((int)(g.y & m.y), xs[2 * l + 1], neg);
     }
     return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
 }
@@ -130,25 +143,18 @@ __device__ __forceinline__ int iq2xxs_sub_held(unsigned aux0, unsigned aux1, con
 // the masks' arithmetic took 8 instructions a group of 8 weights.
 #define A_TAB_BYTES (256 * 256)
 
-// iq2xxs_sub_held from the tables (tab: their base; lo = 8 (lane % 16), the lane's copy). The
-// same integers, so the same result. (The sign patterns' 128 is the loads' constant offset: in
-// the offset's OR, ptxas split it into a second LOP3.)
-__device__ __forceinline__ int iq2xxs_sub_tab(unsigned aux0, unsigned aux1, const int (&xs)[8],
-                                              const unsigned char* tab, unsigned lo) {
-    int sum = 0, neg = 0;
-#pragma unroll
-    for (int l = 0; l < 4; l++) {
-        const unsigned og = __byte_perm(aux0, lo, 0x5504u | (l << 4));   // byte l of aux0, then lo
-        const unsigned os = ((aux1 >> (7 * l)) & 127u) << 8 | lo;
-        const uint2 g = *(const uint2*)(tab + og);
-        const uint2 m = *(const uint2*)(tab + 128 + os);
-        sum = __dp4a((int)g.x, xs[2 * l], sum);
-        sum = __dp4a((int)g.y, xs[2 * l + 1], sum);
-        neg = __dp4a((int)(g.x & m.x), xs[2 * l], neg);
-        neg = __dp4a((int)(g.y & m.y), xs[2 * l + 1], neg);
+// The tables' lookup (tab: their base; lo = 8 (lane % 16), the lane's copy). The sign patterns'
+// 128 is the load's constant offset: in the offset's OR, ptxas split it into a second LOP3.
+struct IqTab {
+    const unsigned char* tab;
+    unsigned lo;
+    __device__ __forceinline__ uint2 row(unsigned aux0, int l) const {
+        return *(const uint2*)(tab + __byte_perm(aux0, lo, 0x5504u | (l << 4)));   // byte l of aux0, then lo
     }
-    return (sum - 2 * neg) * (int)(2u * (aux1 >> 28) + 1u);
-}
+    __device__ __forceinline__ uint2 masks(unsigned aux1, int l) const {
+        return *(const uint2*)(tab + 128 + (((aux1 >> (7 * l)) & 127u) << 8 | lo));
+    }
+};
 
 // The IQ2_XXS sub-block at byte offset off (even) of a row in shared memory (GGUF's order: 4
 // grid-row indices, then the sign/scale word, 2-byte aligned): iq2xxs_sub_held of its words.
@@ -157,7 +163,7 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
     const unsigned* w = (const unsigned*)(row + (off & ~3));
     const unsigned w0 = w[0], w1 = w[1], w2 = w[2];  // (each read once)
     unsigned sh = (unsigned)(off & 3) * 8u;          // 0 or 16
-    return iq2xxs_sub_held(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh), xs, grid);
+    return iq2xxs_sub_held(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh), xs, IqCalc{grid});
 }
 
 #ifndef A_DL
@@ -466,10 +472,10 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const uint2 m = sign_masks((unsigned)(i >> 4));
         s_tab[32 * (i >> 4) + 16 + (i & 15)] = (unsigned long long)m.y << 32 | m.x;
     }
-    const unsigned char* tab = (const unsigned char*)s_tab;
-    const unsigned lo = 8u * (lane & 15);
+    const IqTab look{(const unsigned char*)s_tab, 8u * (lane & 15)};
 #else
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
+    const IqCalc look{s_grid};
 #endif
     const int sh0 = blockIdx.x * rps, nsh_b = (nsh > 0 && t == 0) ? max(0, min(rps, nsh - sh0)) : 0;
     Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
@@ -598,13 +604,8 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
 #if A_DL
-#if A_TAB
-                    const int ig = iq2xxs_sub_tab(dl_w0(cg, i), dl_w1(cg, i), xs, tab, lo);
-                    const int iu = iq2xxs_sub_tab(dl_w0(cu, i), dl_w1(cu, i), xs, tab, lo);
-#else
-                    const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, s_grid);
-                    const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, s_grid);
-#endif
+                    const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, look);
+                    const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, look);
                     ag += (float)ig * (dl_d(cg, i) * dx);
                     au += (float)iu * (dl_d(cu, i) * dx);
 #else
