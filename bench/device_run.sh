@@ -201,6 +201,9 @@
 #         (the prefill's fix); the routed twins; TP=2,1 bench at depth 0 with the prefill
 #   s30c: session 30, two GPUs: the gate/up tables per bank pair (experts.cu A_TAB): the kernel
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
+#   s31a: session 31, two GPUs: the decode attention with G heads a program (each shared key
+#         row read once per group): CUDA twins, launch shapes alone (bench/attn_decode_sweep.py),
+#         TP=2,1 bench with depth 4096 (A/B: one head a program)
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -1303,6 +1306,18 @@ elif [ "$MODE" = s29b ]; then
   timeout 150 python3 -m pytest -q -rf tests/test_tp.py -k "within_host or inside_the_hc_step" > "$OUT/tests_tp.txt" 2>&1
   tail -2 "$OUT/tests_tp.txt"; grep -E "^FAILED|^E  " "$OUT/tests_tp.txt" | head -10
   twins_bench "q8_0 or kv_store or graph or on_cuda" 0 330 tests/test_kernels.py tests/test_decode_graph.py
+elif [ "$MODE" = s31a ]; then
+  log "CUDA twins: decode attention"
+  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "attention" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "decode attention launch shapes alone (one GPU)"
+  timeout 200 python3 bench/attn_decode_sweep.py --out "$OUT/attn_sweep.json" > "$OUT/attn_sweep.txt" 2>&1
+  echo "status $?"; grep "==\|failed\|Error" "$OUT/attn_sweep.txt" | head -20
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096 (A/B: one head a program)"
+  timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "prefill host"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_group_logits_vs_per_head'), r.get('spark_projection')) for t, r in rs.items()]"
 elif [ "$MODE" = s30i ]; then
   ncu_stalls 130 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
 elif [ "$MODE" = s29a ]; then
