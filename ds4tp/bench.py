@@ -578,17 +578,6 @@ def _bench_rank(comm, dev, cfg):
                 _decode_and_logits(model, steps)
         res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
         save()
-    # one head per attention program (triton_attn.ATTN_PER_HEAD, as up to the twenty-ninth
-    # session) instead of G heads a program reading each shared key row once for the G; the
-    # float32 sums run in another order, so the logits are compared by their largest difference
-    from ds4tp.kernels import triton_attn
-    mine = decode_logits(model, 8)
-    with _switched_off(triton_attn.set_group_enabled):
-        res["decode_d0_attn_per_head"], res["decode_d0_chained_attn_per_head"], ref = \
-            _decode_and_logits(model, steps)
-    res["attn_group_logits_vs_per_head"] = {"max_abs_diff": float((mine - ref).abs().max()),
-                                            "argmax_equal": bool(torch.equal(mine.argmax(-1), ref.argmax(-1)))}
-    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
@@ -607,15 +596,11 @@ def _bench_rank(comm, dev, cfg):
     res["profile"] = profile_split(model)
     save()
     if cfg["depth"]:
+        from ds4tp.kernels import triton_attn
         depth, ctx, big = cfg["depth"], cfg["depth"] + steps + 64, max(65536, cfg["depth"] + steps + 64)
         res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
-        save()
-        # the same with one head per attention program (each key row read once per head)
-        with _switched_off(triton_attn.set_group_enabled):
-            res["decode_deep_chained_attn_per_head"] = time_decode(model, depth, steps, max_ctx=ctx,
-                                                                   chained=True)
         save()
         # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
         # layer): the indexer's launches read only the visible rows, so this should not be slower

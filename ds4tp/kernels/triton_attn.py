@@ -307,127 +307,83 @@ def _comp_finish_kernel(x_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, eps
 
 
 @triton.jit
-def _rope_heads(x, c, s, G: tl.constexpr, D: tl.constexpr):
-    """_rope on each row of x [G, D] (the same pairs and angles for every row)."""
-    x0, x1 = tl.split(tl.reshape(x, (G, D // 2, 2)))
-    return tl.reshape(tl.join(x0 * c[None, :] - x1 * s[None, :], x0 * s[None, :] + x1 * c[None, :]), (G, D))
-
-
-@triton.jit
 def _online(q, kv, ok, scale, m, l, acc):
-    """One block of keys kv [BK, D] (K = V) into G heads' running max m [G], denominator l [G]
-    and value sum acc [G, D] (q [G, D]); rows not ok score -inf and must hold finite values (m
-    starts finite, so an all-masked block changes nothing). Each key row is read once for the G
-    heads: the kernel's L2 traffic is the rows times H / G."""
-    sc = tl.sum(q[:, None, :] * kv[None, :, :], axis=2) * scale                 # [G, BK]
-    sc = tl.where(ok[None, :], sc, float("-inf"))
-    m_new = tl.maximum(m, tl.max(sc, axis=1))
+    """One block of keys kv [BK, D] (K = V) into the running max m, denominator l and value
+    sum acc [D]; rows not ok score -inf (m starts finite, so an all-masked block changes nothing)."""
+    sc = tl.where(ok, tl.sum(kv * q[None, :], axis=1) * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, axis=0))
     alpha = tl.exp(m - m_new)
-    p = tl.exp(sc - m_new[:, None])
-    return (m_new, l * alpha + tl.sum(p, axis=1),
-            acc * alpha[:, None] + tl.sum(p[:, :, None] * kv[None, :, :], axis=1))
-
-
-@triton.jit
-def _key_block(b, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, pos, n_swa, n_vis, kk, d,
-               D: tl.constexpr, BK: tl.constexpr, NRB, HAS_MASK: tl.constexpr):
-    """Key block b of the keys a token sees, [BK, D] with its rows' ok [BK]: blocks 0..NRB-1
-    are the raw ring's slots (ok: the slot's position is in the window (pos - n_swa, pos]),
-    the next ones the compressed rows (ok: below n_vis, and set in the indexer's mask if any).
-    The rows and their flags are loaded together (no load waits for another); rows not ok are
-    zeroed (an empty slot's bytes are never trusted)."""
-    if b < NRB:
-        rows = b * BK + kk
-        rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
-        kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=(rows < n_swa)[:, None], other=0.0)
-        ok = (rp <= pos) & (rp > pos - n_swa)
-    else:
-        rows = (b - NRB) * BK + kk
-        ok = rows < n_vis
-        kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        if HAS_MASK:
-            ok = ok & (tl.load(mask_ptr + rows, mask=ok, other=0) != 0)
-    return tl.where(ok[:, None], kv, 0.0), ok
+    p = tl.exp(sc - m_new)
+    return m_new, l * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * kv, axis=0)
 
 
 @triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, H, n_swa, ratio, eps, scale,
-                 D: tl.constexpr, NROT: tl.constexpr, G: tl.constexpr, BK: tl.constexpr,
-                 S: tl.constexpr, HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
+                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
+                 D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
+                 HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
                  PDL: tl.constexpr = False):
-    """Grid (cdiv(H, G), S): program (g, j) takes heads g*G .. g*G+G-1 (one MQA key row serves
-    them all) and key blocks j, j+S, ... of the ring and the compressed rows (split-K over keys:
-    a group's keys are read by S programs at once), with the next block's loads issued before
-    the current block's sums; it leaves per head its partial (max, denominator, value sum) in
-    the workspace. The last of a group's S programs to arrive (atomic ticket) merges each
-    head's partials in the order j = 0..S-1 with the sink, applies the inverse RoPE and stores
-    the head."""
+    """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
+    rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
+    partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
+    arrive (atomic ticket) merges the partials in the order j = 0..S-1 with the sink, applies the
+    inverse RoPE and stores the head."""
     pdl_start(PDL)
-    g = tl.program_id(0)
+    h = tl.program_id(0)
     j = tl.program_id(1)
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
-    hh = g * G + tl.arange(0, G)
-    hok = hh < H
-    NRB = tl.cdiv(n_swa, BK)
-    n_vis = 0
+    q = tl.load(qb_ptr + h * D + d)
+    qd = q.to(tl.float64)
+    q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
+    q = _rope(q, c, s, D)
+    m = tl.full([], -1e30, tl.float32)
+    l = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for k0 in range(j * BK, n_swa, S * BK):
+        rows = k0 + kk
+        rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
+        ok = (rp <= pos) & (rp > pos - n_swa)
+        kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     if HAS_COMP:
         n_vis = (pos + 1) // ratio
-    nb = NRB + tl.cdiv(n_vis, BK)
-    b = j
-    kv_n, ok_n = _key_block(b, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, pos, n_swa, n_vis, kk, d,
-                            D, BK, NRB, HAS_MASK)
-    q = tl.load(qb_ptr + hh[:, None] * D + d[None, :], mask=hok[:, None], other=0.0)     # [G, D]
-    qd = q.to(tl.float64)
-    q = q * rms_from_squares(tl.trans(qd * qd), D, eps)[:, None]      # per head, no weight
-    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
-    q = _rope_heads(q, c, s, G, D)
-    m = tl.full([G], -1e30, tl.float32)
-    l = tl.zeros([G], tl.float32)
-    acc = tl.zeros([G, D], tl.float32)
-    while b < nb:
-        kv, ok = kv_n, ok_n
-        b += S
-        if b < nb:      # the next block's loads go out before this block's sums
-            kv_n, ok_n = _key_block(b, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, pos, n_swa, n_vis,
-                                    kk, d, D, BK, NRB, HAS_MASK)
-        m, l, acc = _online(q, kv, ok, scale, m, l, acc)
+        for k0 in range(j * BK, n_vis, S * BK):
+            rows = k0 + kk
+            ok = rows < n_vis
+            if HAS_MASK:
+                ok = ok & (tl.load(mask_ptr + rows, mask=ok, other=0) != 0)
+            kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     # partials: [H, S, D + 2] (value sum, then max and denominator)
-    wrow = ws_ptr + (hh * S + j).to(tl.int64) * (D + 2)
-    tl.store(wrow[:, None] + d[None, :], acc, mask=hok[:, None])
-    tl.store(wrow + D, m, mask=hok)
-    tl.store(wrow + D + 1, l, mask=hok)
+    wrow = ws_ptr + (h * S + j).to(tl.int64) * (D + 2)
+    tl.store(wrow + d, acc)
+    tl.store(wrow + D, m)
+    tl.store(wrow + D + 1, l)
     tl.debug_barrier()                                  # all partial stores before the ticket
-    ticket = tl.atomic_add(cnt_ptr + g, 1)              # acq_rel, gpu scope
+    ticket = tl.atomic_add(cnt_ptr + h, 1)              # acq_rel, gpu scope
     if ticket == S - 1:
         jj = tl.arange(0, S)
-        for i in tl.static_range(G):
-            h = g * G + i
-            if h < H:
-                hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
-                mj = tl.load(hrow + D, cache_modifier=".cg")
-                lj = tl.load(hrow + D + 1, cache_modifier=".cg")
-                sink = tl.load(sink_ptr + h)            # the sink joins max and denominator
-                mt = tl.maximum(tl.max(mj, axis=0), sink)
-                wj = tl.exp(mj - mt)
-                lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
-                aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
-                o = tl.sum(aj * wj[:, None], axis=0)
-                o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
-                o = _rope(o, c, -s, D)                  # inverse RoPE of the output
-                tl.store(out_ptr + h * D + d, o)
-        tl.atomic_xchg(cnt_ptr + g, 0)
+        hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
+        mj = tl.load(hrow + D, cache_modifier=".cg")
+        lj = tl.load(hrow + D + 1, cache_modifier=".cg")
+        sink = tl.load(sink_ptr + h)                    # the sink joins max and denominator
+        mt = tl.maximum(tl.max(mj, axis=0), sink)
+        wj = tl.exp(mj - mt)
+        lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
+        aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
+        o = tl.sum(aj * wj[:, None], axis=0)
+        o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
+        o = _rope(o, c, -s, D)                          # inverse RoPE of the output
+        tl.store(out_ptr + h * D + d, o)
+        tl.atomic_xchg(cnt_ptr + h, 0)
 
 
-# The decode attention's launch shape: (G heads per program, BK keys per block, S programs per
-# head group (split-K over keys), warps per program). Every head reads the one shared key row
-# (MQA), so a program holding G heads reads the keys once for all of them.
-ATTN_SHAPE = (4, 8, 16, 8)
-ATTN_PER_HEAD = (1, 16, 8, 4)     # one head per program (up to the twenty-ninth session)
-_group_switch = Switch()
-set_group_enabled = _group_switch.set     # benchmarks time ATTN_PER_HEAD in the same run
+ATTN_BK = 16      # keys per block
+ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
+ATTN_WARPS = 4    # warps per program
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -643,11 +599,10 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, shape=None):
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only. shape:
-    the launch shape (G, BK, S, warps) in place of ATTN_SHAPE (benchmarks, tests)."""
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
     n_swa, D = ring.shape
     H = sinks.shape[0]
     n_rot = cos.shape[1] * 2
@@ -666,20 +621,16 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, 
             _check("attention: row mask", mask, (1, comp.shape[0]), torch.bool)
     elif mask is not None:
         raise ValueError("attention: a row mask without compressed rows")
-    G, BK, S, warps = shape or (ATTN_SHAPE if _group_switch.on else ATTN_PER_HEAD)
-    if G & (G - 1) or BK & (BK - 1) or S & (S - 1):
-        raise ValueError(f"attention: launch shape {(G, BK, S, warps)} needs powers of two")
-    groups = triton.cdiv(H, G)
-    if groups > _TICKETS:
+    if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
-    ws = torch.empty(H * S * (D + 2), dtype=torch.float32, device=qb.device)
-    _attn_kernel[(groups, S)](qb, ring, ring_pos, ring if comp is None else comp,
-                              ring_pos if mask is None else mask.view(torch.int8), sinks, cos, sin,
-                              pos, out, ws, _tickets(qb.device), H, n_swa, max(ratio, 1), eps,
-                              1.0 / D ** 0.5, D=D, NROT=n_rot, G=G, BK=BK, S=S,
-                              HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                              num_warps=warps, **pdl.triton_args(qb.device))
+    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
+    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
+                                  ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
+                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
+                                  num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
     return out
 
 
