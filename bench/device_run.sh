@@ -203,7 +203,12 @@
 #         alone (bench/iq2_layout_probe.py), CUDA twins, TP=2,1 bench (A/B: one table)
 #   s31a: session 31, two GPUs: the decode attention with G heads a program (each shared key
 #         row read once per group): CUDA twins, launch shapes alone (bench/attn_decode_sweep.py),
-#         TP=2,1 bench with depth 4096 (A/B: one head a program)
+#         TP=2,1 bench with depth 4096 (A/B: one head a program); the kernel, the sweep and the
+#         A/B only at 3d58381 (removed: slower)
+#   s31b: session 31, two GPUs: the HC step's spread tail (every program finishes its own
+#         columns after a barrier): CUDA twins (one GPU, two-GPU peer, graphs), the launch
+#         alone (bench/hc_step_sweep.py), TP=2,1 bench at depth 0 (A/B: the one-program tail),
+#         CUDA goldens
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -1318,6 +1323,21 @@ elif [ "$MODE" = s31a ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "prefill host"
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_group_logits_vs_per_head'), r.get('spark_projection')) for t, r in rs.items()]"
+elif [ "$MODE" = s31b ]; then
+  log "CUDA twins: the HC step (one GPU, the peer on two, Sinkhorn beside in graphs)"
+  timeout 240 python3 -m pytest -q -rf tests/test_kernels.py tests/test_tp.py tests/test_decode_graph.py \
+    -k "hc_step or hc_kernels or sinkhorn_beside or all_reduce_inside" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "the HC step alone (bench/hc_step_sweep.py, one GPU)"
+  timeout 150 python3 bench/hc_step_sweep.py --out "$OUT/hc_step_sweep.json" > "$OUT/hc_step_sweep.txt" 2>&1
+  echo "status $?"; grep "mix=False\|==\|failed\|Error" "$OUT/hc_step_sweep.txt" | head -20
+  log "bench, 43 layers, TP=2,1, depth 0 (A/B: the one-program tail)"
+  timeout 240 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_spread_logits_vs_one_program'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  golden 2 static 90
+  golden 1 static 70
 elif [ "$MODE" = s30i ]; then
   ncu_stalls 130 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
 elif [ "$MODE" = s29a ]; then
