@@ -5,9 +5,7 @@ The bench's per-kernel profile (fifteenth session, TP=2 rank, eager, PDL off) pu
 at 820 us of the step (85 calls, 9.6 us each). Its tail is serial: the last program to arrive
 adds the partial logits, runs 20 Sinkhorn iterations on a 4x4 matrix and forms the 4096-wide
 input from the new streams. Timed here: columns per program (programs = 4096 / columns) and
-warps per program; every result is checked against the default launch's. Then the launch
-without the mixer (as the decode graphs run it) with its tail in the last program against the
-spread tail (every program finishing its own columns after a barrier), per launch shape.
+warps per program; every result is checked against the default launch's.
 
     python bench/hc_step_sweep.py --out hc_step.json
 """
@@ -61,33 +59,6 @@ def main() -> int:
                                                   iters, HC_EPS, RMS_EPS), copies)
         results.append({"be": None, "warps": None, "iters": iters, "us": us, "ok": False})
         print(f"default launch, {iters} Sinkhorn iterations: {us:6.2f} us")
-    # without the mixer (as the decode graphs run it, Sinkhorn beside the sublayer): the tail in
-    # the last program alone against every program finishing its own columns after a barrier
-    # (triton_hc's spread tail), per launch shape; z must be bit-identical, x within 1e-5
-    for be, warps in [(None, None)] + list(itertools.product((64, 128, 256), (4, 8))):
-        kw = {"mix": False, **({} if be is None else {"be": be, "warps": warps})}
-        row = {"be": be, "warps": warps, "mix": False}
-        for spread in (False, True):
-            triton_hc.set_spread_enabled(spread)
-            try:
-                got = triton_hc.hc_step(f, hc, post, m, fns[0], scale, base, norm, NH, 20, HC_EPS,
-                                        RMS_EPS, **kw)
-                us = graph_us(lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm,
-                                                          NH, 20, HC_EPS, RMS_EPS, **kw), copies)
-            finally:
-                triton_hc.set_spread_enabled(True)
-            if not spread:
-                one = got
-            row["spread_us" if spread else "one_program_us"] = us
-        row["streams_equal"] = bool(torch.equal(got[0], one[0]))
-        row["z_equal"] = bool(torch.equal(got[2], one[2]))
-        row["x_rel_err"] = float((got[1] - one[1]).abs().max() / one[1].abs().max())
-        row["x_equal_frac"] = float((got[1] == one[1]).float().mean())
-        row["ok"] = False       # (not a candidate for the mixer's launch shape above)
-        results.append(row)
-        print(f"mix=False be={be} warps={warps}: one-program tail {row['one_program_us']:6.2f} us, "
-              f"spread {row['spread_us']:6.2f} us; streams equal {row['streams_equal']}, z equal "
-              f"{row['z_equal']}, x rel err {row['x_rel_err']:.1e} ({row['x_equal_frac']:.3f} equal)")
     best = min((x for x in results if x["ok"]), key=lambda x: x["us"])
     print(f"== hc_step: default {results[0]['us']:.2f} us, best {best['us']:.2f} us at be={best['be']} warps={best['warps']}")
     if a.out:

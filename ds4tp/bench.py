@@ -491,14 +491,6 @@ def _prefill_variants(model, n, save, res) -> None:
     save()
 
 
-def _logits_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Two variants' greedy logits [steps, V] whose float sums differ in order: the first step's
-    largest difference (the same input), its largest logit, and the steps whose picks agree."""
-    return {"first_step_max_abs_diff": float((a[0] - b[0]).abs().max()),
-            "first_step_max_abs_logit": float(b[0].abs().max()),
-            "same_picks": int((a.argmax(-1) == b.argmax(-1)).sum()), "steps": a.shape[0]}
-
-
 def _decode_and_logits(model, steps: int):
     """An A/B variant's depth-0 decode, plain and chained, and its logits of 8 greedy steps."""
     return (time_decode(model, 1, steps, max_ctx=256),
@@ -586,17 +578,6 @@ def _bench_rank(comm, dev, cfg):
                 _decode_and_logits(model, steps)
         res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
         save()
-    # the HC step's tail in its last program alone (as up to the twenty-ninth session) instead
-    # of every program finishing its own columns after a barrier (triton_hc's spread tail: x's
-    # scale from Gram matrices can differ in the last place, so the logits are compared by the
-    # first step's largest difference and by the greedy picks)
-    from ds4tp.kernels import triton_hc
-    mine = decode_logits(model, 8)
-    with _switched_off(triton_hc.set_spread_enabled):
-        res["decode_d0_hc_one_program_tail"], res["decode_d0_chained_hc_one_program_tail"], ref = \
-            _decode_and_logits(model, steps)
-    res["hc_spread_logits_vs_one_program"] = _logits_diff(mine, ref)
-    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

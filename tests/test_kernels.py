@@ -740,36 +740,28 @@ def test_pick_kernel_compiles_for_sm90(nb, pdl):
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("split,peer,spread", [(1, False, False), (5, False, False), (32, False, False),
-                                              (32, True, False), (5, True, False), (32, False, True),
-                                              (32, True, True)])
-def test_hc_kernels_compile_for_sm90(split, peer, spread):
+@pytest.mark.parametrize("split,peer", [(1, False), (5, False), (32, False), (32, True), (5, True)])
+def test_hc_kernels_compile_for_sm90(split, peer):
     """The fused HC step and the HC mixer compiled to PTX for an H100/H200: the CPU interpreter
     runs Python semantics and misses what only the compiler rejects (a value whose type changed
     inside a runtime branch did, once), one and two passes over the streams, with and without
     programmatic dependent launch, and with the all-reduce inside (peer): its flag's release
-    and the wait's acquire at system scope, the timer and the trap; the spread tail (its
-    barrier's release and acquire at GPU scope, the timer and the trap; the interpreter never
-    runs it: its programs run one after another)."""
+    and the wait's acquire at system scope, the timer and the trap."""
     from ds4tp.kernels import triton_hc
     one_pass, pdl = split != 5, split == 32
     sig = {n: "*fp32" for n in ("f_ptr", "h_ptr", "post_ptr", "m_ptr", "out_ptr", "z_ptr", "ws_ptr",
                                 "scale_ptr", "base_ptr", "norm_ptr", "x_ptr", "post2_ptr", "m2_ptr",
                                 "ps_ptr", "ms_ptr")}
     sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32",
-               pf_ptr="*i64", mf_ptr="*i64", ctr_ptr="*i64", cap="i32", timeout_ns="i64",
-               gram_ptr="*fp64", bar_ptr="*i32")
+               pf_ptr="*i64", mf_ptr="*i64", ctr_ptr="*i64", cap="i32", timeout_ns="i64")
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
                  SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
-                 ONE_PASS=one_pass, MIX=split != 5 and not spread, PEER=peer, NFLAG=64, SPREAD=spread,
-                 PDL=pdl)
+                 ONE_PASS=one_pass, MIX=split != 5, PEER=peer, NFLAG=64, PDL=pdl)
     ptx = _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)
     assert ("griddepcontrol" in ptx) == pdl
     marks = (r"atom\S*(\.sys\.release|\.release\.sys)", r"(ld|atom)\S*(\.sys\.acquire|\.acquire\.sys)",
              "globaltimer", r"\btrap;")
-    assert [bool(re.search(m, ptx)) for m in marks] == [peer, peer, peer or spread, peer or spread]
-    gpu = (r"(atom|red)\S*(\.gpu\.release|\.release\.gpu)", r"(ld|atom)\S*(\.gpu\.acquire|\.acquire\.gpu)")
-    assert [bool(re.search(m, ptx)) for m in gpu] == [spread] * 2
+    assert [bool(re.search(m, ptx)) for m in marks] == [peer] * 4
     sig = {n: "*fp32" for n in ("z_ptr", "scale_ptr", "base_ptr", "post_ptr", "m_ptr")}
     sig.update(eps="fp32")
     assert ("griddepcontrol" in _compile_sm90(triton_hc._hc_mix_kernel, sig,

@@ -296,19 +296,6 @@ def _peer_wait(flag_ptr, nr, timeout_ns):
 
 
 @triton.jit
-def _gen_wait(gen_ptr, gen0, timeout_ns):
-    """Wait until the generation word at gen_ptr moves past gen0 (acquire at GPU scope: what the
-    launch's programs stored before their arrival is then visible); trap after timeout_ns."""
-    seen = tl.atomic_add(gen_ptr, 0, sem="acquire", scope="gpu")
-    if seen == gen0:
-        t0 = _global_ns(timeout_ns)
-        while seen == gen0:
-            if _global_ns(timeout_ns) - t0 > timeout_ns:
-                _trap(timeout_ns)
-            seen = tl.atomic_add(gen_ptr, 0, sem="acquire", scope="gpu")
-
-
-@triton.jit
 def _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH: tl.constexpr):
     """The F16 mixer weight [N, NH*E] at rows x streams i x columns e, as float32 [BN, NH, BE]."""
     return tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * (NH * E) + i[None, :, None] * E + e[None, None, :],
@@ -318,11 +305,11 @@ def _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH: tl.constexpr):
 @triton.jit
 def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr, ss_ptr, cnt_ptr,
                     scale_ptr, base_ptr, norm_ptr, x_ptr, post2_ptr, m2_ptr, E, N, eps, rms_eps,
-                    ps_ptr, ms_ptr, pf_ptr, mf_ptr, ctr_ptr, cap, timeout_ns, gram_ptr, bar_ptr,
+                    ps_ptr, ms_ptr, pf_ptr, mf_ptr, ctr_ptr, cap, timeout_ns,
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
                     MIX: tl.constexpr = True, PEER: tl.constexpr = False, NFLAG: tl.constexpr = 64,
-                    SPREAD: tl.constexpr = False, PDL: tl.constexpr = False):
+                    PDL: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -337,14 +324,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
     (cuda_allreduce.fused: the protocol of allreduce.cu, program by program). Program p pushes
     its columns of f into the peer's slot, releases its flag word there, loads what it can
     (streams, mixer rows) and waits for its own flag word; then f = own + peer's (the bits of
-    NCCL's sum of two). The last program stores the all-reduce number into ctr.
-    SPREAD (without MIX, SPLIT > 1; all SPLIT programs resident at once): no program finishes
-    alone. Each also leaves the float64 Gram matrix of its columns of the new streams
-    (sum_e H[i,e] H[k,e]) and arrives at a barrier (the last to arrive advances a generation
-    word in bar_ptr[1]); then every program sums the partials in the same order (so the same z
-    in each; program 0 stores it) and forms x on its own columns from the streams it holds,
-    the RMS of x from the Gram matrices (sum_e x[e]^2 = pre' G pre in float64, against the
-    float32 x's squares: a last-place difference in the scale now and then)."""
+    NCCL's sum of two). The last program stores the all-reduce number into ctr."""
     pdl_start(PDL)
     p = tl.program_id(0)
     i = tl.arange(0, NH)
@@ -382,77 +362,44 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
     ad = acc.to(tl.float64)
     sq = tl.sum(ad * ad, axis=0)                                       # [BE] float64
     y = tl.sum(tl.sum(w * acc[None, :, :], axis=2), axis=1)           # [BN] partial logits
-    if SPREAD:
-        tl.static_assert(SPLIT > 1 and not MIX)
-        nw = tl.load(norm_ptr + e, mask=ok, other=0.0)                 # before the barrier
-        gm = tl.sum(ad[:, None, :] * ad[None, :, :], axis=2)           # [NH, NH] float64
+    last = True
+    if SPLIT > 1:
         tl.store(ws_ptr + p * BN + rows, y)
         tl.store(ss_ptr + p, tl.sum(sq, axis=0))
-        tl.store(gram_ptr + p * NH * NH + i[:, None] * NH + i[None, :], gm)
-        gen0 = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed", scope="gpu")   # before arriving
-        tl.debug_barrier()                                   # partial stores before arriving
-        if tl.atomic_add(bar_ptr, 1) == SPLIT - 1:           # acq_rel, gpu scope
-            tl.atomic_xchg(bar_ptr, 0)
-            tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
-            if PEER:
-                tl.store(ctr_ptr, nr)      # every program read it before arriving
+        tl.debug_barrier()                                   # partial stores before the ticket
+        last = tl.atomic_add(cnt_ptr, 1) == SPLIT - 1        # acq_rel, gpu scope
+    if last:
+        if ONE_PASS:   # the tail's loads go out together: the new streams and the norm weight
+            ee = tl.arange(0, XB)   # with the partials (one round trip, not three in a row)
+            xok = ee < E
+            hv = _streams(out_ptr + i[:, None] * E + ee[None, :], xok[None, :], True)
+            nw = tl.load(norm_ptr + ee, mask=xok, other=0.0)
+        if SPLIT > 1:      # (new names: a value changed inside this branch keeps its type)
+            tot = tl.zeros([BN], tl.float32)
+            for j in range(SPLIT):
+                tot += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
+            jj = tl.arange(0, SP2)
+            sqs = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
+            z = tot * rms_from_squares(sqs, NH * E, rms_eps)
         else:
-            _gen_wait(bar_ptr + 1, gen0, timeout_ns)
-        tot = tl.zeros([BN], tl.float32)
-        for j in range(SPLIT):             # the order of the one-program tail below
-            tot += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
-        jj = tl.arange(0, SP2)
-        sqs = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
-        gall = tl.load(gram_ptr + jj[:, None, None] * (NH * NH) + i[None, :, None] * NH + i[None, None, :],
-                       mask=(jj < SPLIT)[:, None, None], other=0.0, cache_modifier=".cg")
-        z = tot * rms_from_squares(sqs, NH * E, rms_eps)
-        if p == 0:
-            tl.store(z_ptr + rows, z, mask=rows < N)
-        pre = _hc_pre_held(z, rows, scale_ptr, base_ptr, eps, NH)
-        pd = pre.to(tl.float64)
-        q2 = tl.sum(tl.sum(pd[:, None] * pd[None, :] * tl.sum(gall, axis=0), axis=1), axis=0)
-        sc = rms_from_squares(tl.full([1], 0.0, tl.float64) + q2, E, rms_eps)
-        x = tl.sum(pre[:, None] * acc, axis=0)
-        tl.store(x_ptr + e, (x * sc) * nw, mask=ok)
-    else:
-        last = True
+            z = y * rms_from_squares(sq, NH * E, rms_eps)
+        tl.store(z_ptr + rows, z, mask=rows < N)
+        if ONE_PASS:   # x from z in registers (0.5-0.9% of a step, s19d); Sinkhorn (MIX) reads z back
+            if MIX:
+                tl.debug_barrier()
+                _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
+            _hc_x_store(hv, _hc_pre_held(z, rows, scale_ptr, base_ptr, eps, NH), nw, x_ptr, ee, xok,
+                        E, rms_eps)
+        else:
+            tl.debug_barrier()                               # z, then the mixer reads it back
+            if MIX:
+                _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
+            _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH,
+                      XB, ONE_PASS, True)
         if SPLIT > 1:
-            tl.store(ws_ptr + p * BN + rows, y)
-            tl.store(ss_ptr + p, tl.sum(sq, axis=0))
-            tl.debug_barrier()                                   # partial stores before the ticket
-            last = tl.atomic_add(cnt_ptr, 1) == SPLIT - 1        # acq_rel, gpu scope
-        if last:
-            if ONE_PASS:   # the tail's loads go out together: the new streams and the norm weight
-                ee = tl.arange(0, XB)   # with the partials (one round trip, not three in a row)
-                xok = ee < E
-                hv = _streams(out_ptr + i[:, None] * E + ee[None, :], xok[None, :], True)
-                nw = tl.load(norm_ptr + ee, mask=xok, other=0.0)
-            if SPLIT > 1:      # (new names: a value changed inside this branch keeps its type)
-                tot = tl.zeros([BN], tl.float32)
-                for j in range(SPLIT):
-                    tot += tl.load(ws_ptr + j * BN + rows, cache_modifier=".cg")
-                jj = tl.arange(0, SP2)
-                sqs = tl.load(ss_ptr + jj, mask=jj < SPLIT, other=0.0, cache_modifier=".cg")
-                z = tot * rms_from_squares(sqs, NH * E, rms_eps)
-            else:
-                z = y * rms_from_squares(sq, NH * E, rms_eps)
-            tl.store(z_ptr + rows, z, mask=rows < N)
-            if ONE_PASS:   # x from z in registers (0.5-0.9% of a step, s19d); Sinkhorn (MIX) reads z back
-                if MIX:
-                    tl.debug_barrier()
-                    _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
-                _hc_x_store(hv, _hc_pre_held(z, rows, scale_ptr, base_ptr, eps, NH), nw, x_ptr, ee, xok,
-                            E, rms_eps)
-            else:
-                tl.debug_barrier()                               # z, then the mixer reads it back
-                if MIX:
-                    _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
-                _hc_input(z_ptr, scale_ptr, base_ptr, out_ptr, norm_ptr, x_ptr, 0, E, eps, rms_eps, NH,
-                          XB, ONE_PASS, True)
-            if SPLIT > 1:
-                tl.atomic_xchg(cnt_ptr, 0)
-            if PEER:
-                tl.store(ctr_ptr, nr)          # every program read it before its ticket
+            tl.atomic_xchg(cnt_ptr, 0)
+        if PEER:
+            tl.store(ctr_ptr, nr)          # every program read it before its ticket
 
 
 @triton.jit
@@ -491,21 +438,6 @@ def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, 
 HC_STEP_BE = 128   # stream columns per program of hc_step (4096 wide: 32 programs)
 _step_switch = Switch()
 set_step_enabled = _step_switch.set    # benchmarks time the three launches in the same run
-HC_SPREAD_MAX = 64     # programs a spread tail may wait on (all resident: far below the SMs)
-SPREAD_TIMEOUT_NS = 10 * 10 ** 9     # a spread tail's wait past this traps (an error, not a hang)
-_spread_switch = Switch()
-set_spread_enabled = _spread_switch.set    # benchmarks time the one-program tail in the same run
-_BARRIERS: dict = {}   # (device index, stream handle) -> int32 [2]: arrivals, generation
-
-
-def _barrier_words(device: torch.device) -> torch.Tensor:
-    """The spread tail's arrival counter (left at zero) and generation word (only ever
-    advanced), one pair per stream as the split tickets; kept for the process's life (a
-    captured graph holds the address)."""
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    if key not in _BARRIERS:
-        _BARRIERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return _BARRIERS[key]
 
 
 def step_enabled() -> bool:
@@ -564,19 +496,13 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
         ex = (peer.peer_slots, peer.my_slots, peer.peer_flags, peer.my_flags, peer.ctr, peer.cap,
               peer.timeout_ns)
     else:
-        ex = (z, z, cnt, cnt, cnt, 0, SPREAD_TIMEOUT_NS)
-    spread = (not mix and 1 < split <= HC_SPREAD_MAX and _spread_switch.on and dev.type == "cuda"
-              and not _interpreting())     # (the interpreter runs programs one after another)
-    if spread:
-        ex = (*ex, torch.empty(split, n * n, dtype=torch.float64, device=dev), _barrier_words(dev))
-    else:
-        ex = (*ex, ss, cnt)
+        ex = (z, z, cnt, cnt, cnt, 0, 0)
     _hc_step_kernel[(split,)](f.contiguous(), hc.contiguous(), post.contiguous(), m.contiguous(), out,
                               fn_raw.view(torch.float16), z, ws, ss, cnt, scale.contiguous(),
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
                               *ex, NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
                               ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, PEER=peer is not None,
-                              SPREAD=spread, num_warps=warps, **pdl.triton_args(dev))
+                              num_warps=warps, **pdl.triton_args(dev))
     return (out, x, post2, m2) if mix else (out, x, z)
 
 
