@@ -209,6 +209,10 @@
 #         columns after a barrier): CUDA twins (one GPU, two-GPU peer, graphs), the launch
 #         alone (bench/hc_step_sweep.py), TP=2,1 bench at depth 0 (A/B: the one-program tail),
 #         CUDA goldens
+#   s31c: session 31, two GPUs: the HC step at 4 warps a program, the decode attention at 4
+#         programs a head without the indexer's mask: CUDA twins (attention, HC step, graphs),
+#         the HC step alone (bench/hc_step_sweep.py), TP=2,1 bench with depth 4096 (A/B: 8
+#         warps; 8 programs a head), CUDA goldens
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -1336,6 +1340,22 @@ elif [ "$MODE" = s31b ]; then
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "prefill host\|profile"
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_spread_logits_vs_one_program'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  golden 2 static 90
+  golden 1 static 70
+elif [ "$MODE" = s31c ]; then
+  log "CUDA twins: decode attention, the HC step (one GPU, the peer on two), graphs"
+  timeout 200 python3 -m pytest -q -rf tests/test_kernels.py tests/test_tp.py tests/test_decode_graph.py \
+    -k "attention or hc_step or hc_kernels or sinkhorn_beside or all_reduce_inside or index_kernels_in_the_graph" \
+    > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "the HC step alone (bench/hc_step_sweep.py, one GPU)"
+  timeout 100 python3 bench/hc_step_sweep.py --out "$OUT/hc_step_sweep.json" > "$OUT/hc_step_sweep.txt" 2>&1
+  echo "status $?"; grep "mix=False\|==\|failed\|Error" "$OUT/hc_step_sweep.txt" | head -20
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096 (A/B: 8 warps; 8 programs a head)"
+  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), r.get('attn_split_logits_vs_masked'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
   golden 2 static 90
   golden 1 static 70
 elif [ "$MODE" = s30i ]; then

@@ -5,7 +5,8 @@ The bench's per-kernel profile (fifteenth session, TP=2 rank, eager, PDL off) pu
 at 820 us of the step (85 calls, 9.6 us each). Its tail is serial: the last program to arrive
 adds the partial logits, runs 20 Sinkhorn iterations on a 4x4 matrix and forms the 4096-wide
 input from the new streams. Timed here: columns per program (programs = 4096 / columns) and
-warps per program; every result is checked against the default launch's.
+warps per program; every result is checked against the default launch's. Then the launch
+without the mixer (as the decode graphs run it), per launch shape.
 
     python bench/hc_step_sweep.py --out hc_step.json
 """
@@ -59,6 +60,21 @@ def main() -> int:
                                                   iters, HC_EPS, RMS_EPS), copies)
         results.append({"be": None, "warps": None, "iters": iters, "us": us, "ok": False})
         print(f"default launch, {iters} Sinkhorn iterations: {us:6.2f} us")
+    # without the mixer (as the decode graphs run it: Sinkhorn beside the sublayer), per shape
+    # against that launch's default (streams and z bit for bit, x within 1e-5)
+    ref = triton_hc.hc_step(f, hc, post, m, fns[0], scale, base, norm, NH, 20, HC_EPS, RMS_EPS, mix=False)
+    for be, warps in [(None, None)] + list(itertools.product((64, 128, 256), (4, 8))):
+        kw = {"mix": False, **({} if be is None else {"be": be, "warps": warps})}
+        got = triton_hc.hc_step(f, hc, post, m, fns[0], scale, base, norm, NH, 20, HC_EPS, RMS_EPS, **kw)
+        us = graph_us(lambda i: triton_hc.hc_step(f, hc, post, m, fns[i], scale, base, norm, NH, 20,
+                                                  HC_EPS, RMS_EPS, **kw), copies)
+        row = {"be": be, "warps": warps, "mix": False, "us": us, "ok": False,    # (not a candidate
+               "streams_equal": bool(torch.equal(got[0], ref[0])),              #  for the mixer's
+               "z_equal": bool(torch.equal(got[2], ref[2])),                    #  shape above)
+               "x_rel_err": float((got[1] - ref[1]).abs().max() / ref[1].abs().max())}
+        results.append(row)
+        print(f"mix=False be={be} warps={warps}: {us:6.2f} us; streams equal {row['streams_equal']}, "
+              f"z equal {row['z_equal']}, x rel err {row['x_rel_err']:.1e}")
     best = min((x for x in results if x["ok"]), key=lambda x: x["us"])
     print(f"== hc_step: default {results[0]['us']:.2f} us, best {best['us']:.2f} us at be={best['be']} warps={best['warps']}")
     if a.out:

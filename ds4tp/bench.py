@@ -491,6 +491,14 @@ def _prefill_variants(model, n, save, res) -> None:
     save()
 
 
+def _logits_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Two variants' greedy logits [steps, V] whose float sums differ in order: the first step's
+    largest difference (the same input), its largest logit, and the steps whose picks agree."""
+    return {"first_step_max_abs_diff": float((a[0] - b[0]).abs().max()),
+            "first_step_max_abs_logit": float(b[0].abs().max()),
+            "same_picks": int((a.argmax(-1) == b.argmax(-1)).sum()), "steps": a.shape[0]}
+
+
 def _decode_and_logits(model, steps: int):
     """An A/B variant's depth-0 decode, plain and chained, and its logits of 8 greedy steps."""
     return (time_decode(model, 1, steps, max_ctx=256),
@@ -578,6 +586,22 @@ def _bench_rank(comm, dev, cfg):
                 _decode_and_logits(model, steps)
         res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
         save()
+    # the HC step at 8 warps a program (as up to the twenty-eighth session) instead of
+    # triton_hc.HC_STEP_WARPS, then the decode attention without the indexer's mask at
+    # ATTN_SPLIT programs a head instead of ATTN_SPLIT_UNMASKED (sums in another order: the
+    # logits are compared by the first step's largest difference and by the greedy picks)
+    from ds4tp.kernels import triton_attn, triton_hc
+    mine = decode_logits(model, 8)
+    with _setting(triton_hc, "HC_STEP_WARPS", 8):
+        res["decode_d0_hc_step_8_warps"], res["decode_d0_chained_hc_step_8_warps"], ref = \
+            _decode_and_logits(model, steps)
+    res["hc_step_warps_logits_vs_8"] = _logits_diff(mine, ref)
+    save()
+    with _setting(triton_attn, "ATTN_SPLIT_UNMASKED", triton_attn.ATTN_SPLIT):
+        res["decode_d0_attn_split_masked"], res["decode_d0_chained_attn_split_masked"], ref = \
+            _decode_and_logits(model, steps)
+    res["attn_split_logits_vs_masked"] = _logits_diff(mine, ref)
+    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
@@ -596,11 +620,19 @@ def _bench_rank(comm, dev, cfg):
     res["profile"] = profile_split(model)
     save()
     if cfg["depth"]:
-        from ds4tp.kernels import triton_attn
         depth, ctx, big = cfg["depth"], cfg["depth"] + steps + 64, max(65536, cfg["depth"] + steps + 64)
         res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
+        save()
+        # the same with the A/B variants of depth 0 above
+        with _setting(triton_hc, "HC_STEP_WARPS", 8):
+            res["decode_deep_chained_hc_step_8_warps"] = time_decode(model, depth, steps, max_ctx=ctx,
+                                                                     chained=True)
+        save()
+        with _setting(triton_attn, "ATTN_SPLIT_UNMASKED", triton_attn.ATTN_SPLIT):
+            res["decode_deep_chained_attn_split_masked"] = time_decode(model, depth, steps,
+                                                                       max_ctx=ctx, chained=True)
         save()
         # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
         # layer): the indexer's launches read only the visible rows, so this should not be slower

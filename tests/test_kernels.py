@@ -719,7 +719,8 @@ def test_decode_attention_compiles_for_sm90(comp, mask):
     sig = dict(qb_ptr="*fp32", ring_ptr="*fp32", rpos_ptr="*i64", comp_ptr="*fp32", mask_ptr="*i8",
                sink_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32",
                ws_ptr="*fp32", cnt_ptr="*i32", n_swa="i32", ratio="i32", eps="fp32", scale="fp32")
-    const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT, HAS_COMP=comp, HAS_MASK=mask, PDL=True)
+    const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT if mask else ta.ATTN_SPLIT_UNMASKED,
+                 HAS_COMP=comp, HAS_MASK=mask, PDL=True)
     assert "griddepcontrol" in _compile_sm90(ta._attn_kernel, sig, const, 4)
     if not comp:
         sig = dict(x_ptr="*fp32", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
@@ -757,7 +758,7 @@ def test_hc_kernels_compile_for_sm90(split, peer):
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
                  SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
                  ONE_PASS=one_pass, MIX=split != 5, PEER=peer, NFLAG=64, PDL=pdl)
-    ptx = _compile_sm90(triton_hc._hc_step_kernel, sig, const, 8)
+    ptx = _compile_sm90(triton_hc._hc_step_kernel, sig, const, triton_hc.HC_STEP_WARPS)
     assert ("griddepcontrol" in ptx) == pdl
     marks = (r"atom\S*(\.sys\.release|\.release\.sys)", r"(ld|atom)\S*(\.sys\.acquire|\.acquire\.sys)",
              "globaltimer", r"\btrap;")
