@@ -213,6 +213,8 @@
 #         programs a head without the indexer's mask: CUDA twins (attention, HC step, graphs),
 #         the HC step alone (bench/hc_step_sweep.py), TP=2,1 bench with depth 4096 (A/B: 8
 #         warps; 8 programs a head), CUDA goldens
+#   s31d: session 31 closing run, two GPUs: TP=2,1 bench with depth 4096 (A/B: the HC step at
+#         8 warps), CUDA goldens
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -1358,6 +1360,9 @@ elif [ "$MODE" = s31c ]; then
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), r.get('attn_split_logits_vs_masked'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
   golden 2 static 90
   golden 1 static 70
+elif [ "$MODE" = s31d ]; then
+  bench_goldens 4096 330
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 elif [ "$MODE" = s30i ]; then
   ncu_stalls 130 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
 elif [ "$MODE" = s29a ]; then

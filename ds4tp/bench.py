@@ -587,20 +587,14 @@ def _bench_rank(comm, dev, cfg):
         res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
         save()
     # the HC step at 8 warps a program (as up to the twenty-eighth session) instead of
-    # triton_hc.HC_STEP_WARPS, then the decode attention without the indexer's mask at
-    # ATTN_SPLIT programs a head instead of ATTN_SPLIT_UNMASKED (sums in another order: the
-    # logits are compared by the first step's largest difference and by the greedy picks)
-    from ds4tp.kernels import triton_attn, triton_hc
+    # triton_hc.HC_STEP_WARPS (sums in another order: the logits are compared by the first
+    # step's largest difference and by the greedy picks; an expert choice near a tie flips)
+    from ds4tp.kernels import triton_hc
     mine = decode_logits(model, 8)
     with _setting(triton_hc, "HC_STEP_WARPS", 8):
         res["decode_d0_hc_step_8_warps"], res["decode_d0_chained_hc_step_8_warps"], ref = \
             _decode_and_logits(model, steps)
     res["hc_step_warps_logits_vs_8"] = _logits_diff(mine, ref)
-    save()
-    with _setting(triton_attn, "ATTN_SPLIT_UNMASKED", triton_attn.ATTN_SPLIT):
-        res["decode_d0_attn_split_masked"], res["decode_d0_chained_attn_split_masked"], ref = \
-            _decode_and_logits(model, steps)
-    res["attn_split_logits_vs_masked"] = _logits_diff(mine, ref)
     save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
@@ -620,19 +614,16 @@ def _bench_rank(comm, dev, cfg):
     res["profile"] = profile_split(model)
     save()
     if cfg["depth"]:
+        from ds4tp.kernels import triton_attn
         depth, ctx, big = cfg["depth"], cfg["depth"] + steps + 64, max(65536, cfg["depth"] + steps + 64)
         res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
         save()
-        # the same with the A/B variants of depth 0 above
+        # the same with the HC step at 8 warps a program
         with _setting(triton_hc, "HC_STEP_WARPS", 8):
             res["decode_deep_chained_hc_step_8_warps"] = time_decode(model, depth, steps, max_ctx=ctx,
                                                                      chained=True)
-        save()
-        with _setting(triton_attn, "ATTN_SPLIT_UNMASKED", triton_attn.ATTN_SPLIT):
-            res["decode_deep_chained_attn_split_masked"] = time_decode(model, depth, steps,
-                                                                       max_ctx=ctx, chained=True)
         save()
         # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
         # layer): the indexer's launches read only the visible rows, so this should not be slower

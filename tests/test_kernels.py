@@ -719,8 +719,7 @@ def test_decode_attention_compiles_for_sm90(comp, mask):
     sig = dict(qb_ptr="*fp32", ring_ptr="*fp32", rpos_ptr="*i64", comp_ptr="*fp32", mask_ptr="*i8",
                sink_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32",
                ws_ptr="*fp32", cnt_ptr="*i32", n_swa="i32", ratio="i32", eps="fp32", scale="fp32")
-    const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT if mask else ta.ATTN_SPLIT_UNMASKED,
-                 HAS_COMP=comp, HAS_MASK=mask, PDL=True)
+    const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT, HAS_COMP=comp, HAS_MASK=mask, PDL=True)
     assert "griddepcontrol" in _compile_sm90(ta._attn_kernel, sig, const, 4)
     if not comp:
         sig = dict(x_ptr="*fp32", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",

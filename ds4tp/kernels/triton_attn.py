@@ -382,10 +382,8 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
 
 
 ATTN_BK = 16      # keys per block
-ATTN_SPLIT = 8    # programs per head (split-K over keys) with the indexer's mask (up to 1,024+
-                  # compressed rows at depth 4096)
-ATTN_SPLIT_UNMASKED = 4   # without it (the ring's 128 rows and few compressed ones): fewer
-                  # partials to write and merge (s31a's sweep: fewer programs a head was faster)
+ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
+                  # (4 without the indexer's mask was slower at TP=2, s31c)
 ATTN_WARPS = 4    # warps per program
 
 
@@ -627,12 +625,11 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
-    S = ATTN_SPLIT if mask is not None else ATTN_SPLIT_UNMASKED
-    ws = torch.empty(H * S * (D + 2), dtype=torch.float32, device=qb.device)
-    _attn_kernel[(H, S)](qb, ring, ring_pos, ring if comp is None else comp,
+    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
+    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
                                   sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
-                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=S,
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
                                   HAS_COMP=comp is not None, HAS_MASK=mask is not None,
                                   num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
     return out
