@@ -441,6 +441,32 @@ ncu_stalls() {
   grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR\|Registers\|Achieved Occ\|Bank" "$f" \
     | awk '!/ratio +0(\.0+)?$/' | head -70
 }
+# session 31: CUDA twins (-k SELECTION in the kernel, two-GPU and graph tests), the HC step
+# alone (bench/hc_step_sweep.py), the TP=2,1 bench at depth 0 and DEPTH (the session's A/B),
+# the bench's KEYS and its larger kernels printed, CUDA goldens:
+# s31_round SELECTION DEPTH BENCH_TIMEOUT_S KEY...
+s31_round() {
+  local sel=$1 depth=$2 tb=$3; shift 3
+  log "CUDA twins: $sel"
+  timeout 240 python3 -m pytest -q -rf tests/test_kernels.py tests/test_tp.py tests/test_decode_graph.py \
+    -k "$sel" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "the HC step alone (bench/hc_step_sweep.py, one GPU)"
+  timeout 150 python3 bench/hc_step_sweep.py --out "$OUT/hc_step_sweep.json" > "$OUT/hc_step_sweep.txt" 2>&1
+  echo "status $?"; grep "mix=False\|==\|failed\|Error" "$OUT/hc_step_sweep.txt" | head -20
+  log "bench, 43 layers, TP=2,1, depth 0 and $depth (A/B: $*)"
+  timeout "$tb" python3 -m ds4tp bench --tp 2,1 --depth "$depth" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  python3 - "$OUT/bench.json" "$@" <<'PY'
+import json, sys
+for t, r in json.load(open(sys.argv[1]))["runs"].items():
+    print(t, {k: r.get(k) for k in sys.argv[2:]}, r.get("spark_projection"),
+          {k: v["us"] for k, v in r["profile"]["kernels"].items() if v["us"] > 50})
+PY
+  golden 2 static 90
+  golden 1 static 70
+}
 # CUDA C launches against the Triton default at T=1: cuda_c_sweep TIMEOUT_S BUDGET_S CASES
 cuda_c_sweep() {
   log "T=1: Triton default vs CUDA C launches: $3"
@@ -1330,36 +1356,10 @@ elif [ "$MODE" = s31a ]; then
   bench_summary 2>&1 | grep -v "prefill host"
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_group_logits_vs_per_head'), r.get('spark_projection')) for t, r in rs.items()]"
 elif [ "$MODE" = s31b ]; then
-  log "CUDA twins: the HC step (one GPU, the peer on two, Sinkhorn beside in graphs)"
-  timeout 240 python3 -m pytest -q -rf tests/test_kernels.py tests/test_tp.py tests/test_decode_graph.py \
-    -k "hc_step or hc_kernels or sinkhorn_beside or all_reduce_inside" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "the HC step alone (bench/hc_step_sweep.py, one GPU)"
-  timeout 150 python3 bench/hc_step_sweep.py --out "$OUT/hc_step_sweep.json" > "$OUT/hc_step_sweep.txt" 2>&1
-  echo "status $?"; grep "mix=False\|==\|failed\|Error" "$OUT/hc_step_sweep.txt" | head -20
-  log "bench, 43 layers, TP=2,1, depth 0 (A/B: the one-program tail)"
-  timeout 240 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_spread_logits_vs_one_program'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
-  golden 2 static 90
-  golden 1 static 70
+  s31_round "hc_step or hc_kernels or sinkhorn_beside or all_reduce_inside" 0 240 hc_spread_logits_vs_one_program
 elif [ "$MODE" = s31c ]; then
-  log "CUDA twins: decode attention, the HC step (one GPU, the peer on two), graphs"
-  timeout 200 python3 -m pytest -q -rf tests/test_kernels.py tests/test_tp.py tests/test_decode_graph.py \
-    -k "attention or hc_step or hc_kernels or sinkhorn_beside or all_reduce_inside or index_kernels_in_the_graph" \
-    > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "the HC step alone (bench/hc_step_sweep.py, one GPU)"
-  timeout 100 python3 bench/hc_step_sweep.py --out "$OUT/hc_step_sweep.json" > "$OUT/hc_step_sweep.txt" 2>&1
-  echo "status $?"; grep "mix=False\|==\|failed\|Error" "$OUT/hc_step_sweep.txt" | head -20
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096 (A/B: 8 warps; 8 programs a head)"
-  timeout 330 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), r.get('attn_split_logits_vs_masked'), r.get('spark_projection'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
-  golden 2 static 90
-  golden 1 static 70
+  s31_round "attention or hc_step or hc_kernels or sinkhorn_beside or all_reduce_inside or index_kernels_in_the_graph" \
+    4096 330 hc_step_warps_logits_vs_8 attn_split_logits_vs_masked
 elif [ "$MODE" = s31d ]; then
   bench_goldens 4096 330
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
