@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import kernel_cases as kc
-    from profile_common import graph_us
+    from profile_common import finish, graph_us
     from ds4tp.config import F16
     from ds4tp.decode_graph import compressor_step_torch
     from ds4tp.kernels import triton_attn
@@ -78,10 +77,7 @@ def main() -> int:
         print(f"== {name}: default {default['us']:.2f} us, best {best['us']:.2f} us at {best['cfg']}")
         ws = None
         torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
-    return 0 if all(x["ok"] for x in results) else 1
+    return finish(a.out, results)
 
 
 if __name__ == "__main__":

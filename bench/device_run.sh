@@ -215,6 +215,10 @@
 #         warps; 8 programs a head), CUDA goldens
 #   s31d: session 31 closing run, two GPUs: TP=2,1 bench with depth 4096 (A/B: the HC step at
 #         8 warps), CUDA goldens
+#   s32a: prepared in session 31, not run: the decode attention on the tensor cores
+#         (triton_attn._attn_mqa_kernel, off by default): CUDA twins, launch shapes alone
+#         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
+#         ATTN_MQA_AB against one head a program), CUDA goldens
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -440,6 +444,16 @@ ncu_stalls() {
     python3 bench/ncu_experts.py $a > "$f" 2>&1
   grep "Duration\|Issue Slots\|stalled\|iq2xxs\|q2k_down\|ERR\|Registers\|Achieved Occ\|Bank" "$f" \
     | awk '!/ratio +0(\.0+)?$/' | head -70
+}
+# the decode attention's CUDA twins (-k attention), then its launch shapes alone
+# (bench/attn_decode_sweep.py, one GPU): attn_twins_sweep
+attn_twins_sweep() {
+  log "CUDA twins: decode attention"
+  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "attention" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
+  log "decode attention launch shapes alone (one GPU)"
+  timeout 200 python3 bench/attn_decode_sweep.py --out "$OUT/attn_sweep.json" > "$OUT/attn_sweep.txt" 2>&1
+  echo "status $?"; grep "==\|failed\|Error" "$OUT/attn_sweep.txt" | head -20
 }
 # session 31: CUDA twins (-k SELECTION in the kernel, two-GPU and graph tests), the HC step
 # alone (bench/hc_step_sweep.py), the TP=2,1 bench at depth 0 and DEPTH (the session's A/B),
@@ -1344,12 +1358,7 @@ elif [ "$MODE" = s29b ]; then
   tail -2 "$OUT/tests_tp.txt"; grep -E "^FAILED|^E  " "$OUT/tests_tp.txt" | head -10
   twins_bench "q8_0 or kv_store or graph or on_cuda" 0 330 tests/test_kernels.py tests/test_decode_graph.py
 elif [ "$MODE" = s31a ]; then
-  log "CUDA twins: decode attention"
-  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "attention" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
-  log "decode attention launch shapes alone (one GPU)"
-  timeout 200 python3 bench/attn_decode_sweep.py --out "$OUT/attn_sweep.json" > "$OUT/attn_sweep.txt" 2>&1
-  echo "status $?"; grep "==\|failed\|Error" "$OUT/attn_sweep.txt" | head -20
+  attn_twins_sweep
   log "bench, 43 layers, TP=2,1, depth 0 and 4096 (A/B: one head a program)"
   timeout 300 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
@@ -1363,6 +1372,10 @@ elif [ "$MODE" = s31c ]; then
 elif [ "$MODE" = s31d ]; then
   bench_goldens 4096 330
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+elif [ "$MODE" = s32a ]; then
+  attn_twins_sweep
+  bench_goldens 4096 330
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_mqa_logits_vs_per_head'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 elif [ "$MODE" = s30i ]; then
   ncu_stalls 130 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
 elif [ "$MODE" = s29a ]; then

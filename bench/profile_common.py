@@ -99,3 +99,14 @@ def ranks_to_json(world: int, fn, cfg: dict, out: str | None, wall_s: float) -> 
         with open(out, "w") as f:
             json.dump(r, f, indent=1)
     return r
+
+
+def finish(out, results: list) -> int:
+    """A sweep's end: its results as JSON at out (if given) with the device's name; exit status
+    1 if any result failed its check (`ok`)."""
+    import json
+    import torch
+    if out:
+        with open(out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    return 0 if all(x["ok"] for x in results) else 1
