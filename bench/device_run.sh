@@ -218,7 +218,7 @@
 #   s32a: prepared in session 31, not run: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, off by default): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
-#         ATTN_MQA_AB against one head a program), CUDA goldens
+#         ATTN_MQA_AB against one head a program); no goldens (the default path is unchanged)
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -397,13 +397,16 @@ PY
 # the TP=2,1 bench without A/B variants (depth 0 and DEPTH, prefill 2048), then CUDA goldens
 # through the decode graphs at TP=2 and TP=1: bench_goldens [DEPTH (4096)] [TIMEOUT_S (300)]
 bench_goldens() {
-  local depth=${1:-4096} t=${2:-300}
-  log "bench, 43 layers, TP=2,1, depth 0 and $depth, prefill 2048 (no A/B variants)"
-  timeout "$t" python3 -m ds4tp bench --tp 2,1 --depth "$depth" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  bench_summary
+  bench_only "${1:-4096}" "${2:-300}"
   golden 2 static 90
   golden 1 static 70
+}
+# the same bench without the goldens: bench_only DEPTH TIMEOUT_S
+bench_only() {
+  log "bench, 43 layers, TP=2,1, depth 0 and $1, prefill 2048 (no A/B variants)"
+  timeout "$2" python3 -m ds4tp bench --tp 2,1 --depth "$1" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
 }
 # CUDA twins (-k SELECTION in FILES, default tests/test_kernels.py), then the TP=2,1 bench with
 # the session's A/B variants: twins_bench SELECTION DEPTH TIMEOUT_S [FILES...] (session 29)
@@ -1373,9 +1376,9 @@ elif [ "$MODE" = s31d ]; then
   bench_goldens 4096 330
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('hc_step_warps_logits_vs_8'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 elif [ "$MODE" = s32a ]; then
-  attn_twins_sweep
-  bench_goldens 4096 330
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_mqa_logits_vs_per_head'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  attn_twins_sweep                    # (no goldens: the default path's SASS is unchanged)
+  bench_only 4096 330
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_mqa_logits_vs_per_head'), r.get('attn_mqa_error'), {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 elif [ "$MODE" = s30i ]; then
   ncu_stalls 130 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
 elif [ "$MODE" = s29a ]; then
