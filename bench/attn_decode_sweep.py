@@ -37,6 +37,7 @@ CASES = [("depth 0 (pos 72), ratio 4", 72, 4, False),
 # compiled without local memory at every split (offline, Triton 3.9); 32 keys spilled
 MQA = [(16, S, 8) for S in (2, 4, 8, 16, 32)] + [(32, 8, 8), (16, 8, 4)]
 
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -45,11 +46,11 @@ def main() -> int:
     from kernel_cases import _rope_tables
     from profile_common import finish, graph_us
     from ds4tp import numerics
+    from ds4tp.bench import ATTN_MQA_AB
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
     g = torch.Generator().manual_seed(0)
-    from ds4tp.bench import ATTN_MQA_AB
     shapes = [False, ATTN_MQA_AB] + ([] if a.quick else [x for x in MQA if x != ATTN_MQA_AB])
     results = []
     for H, (name, p, ratio, masked) in itertools.product((32, 64), CASES):

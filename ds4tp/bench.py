@@ -535,12 +535,12 @@ def _bench_rank(comm, dev, cfg):
     save()
     res["decode_d0_chained"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
+    mine = decode_logits(model, 8)      # the default path's logits, for every A/B below
     # the within-host all-reduce (kernels.cuda_allreduce, on where two ranks share a host)
     # against NCCL's in the same run, and the logits of both bit for bit
     peer = getattr(comm, "peer", None)
     res["peer_all_reduce"] = "on" if peer is not None else getattr(comm, "peer_why", None)
     if peer is not None:
-        mine = decode_logits(model, 8)
         # the sublayers' all-reduces in a launch of their own (ar2_sum) instead of inside the
         # HC step that consumes them (PeerAllReduce.fused), and the logits of both
         with _setting(peer, "fuse", False):
@@ -575,7 +575,6 @@ def _bench_rank(comm, dev, cfg):
     from ds4tp import kernels
     res["iq2_decode_order_weights"] = kernels.prepare_weights(model.w)     # (done at build: counts)
     if res["iq2_decode_order_weights"]:
-        mine = decode_logits(model, 8)
         kernels.prepare_weights(model.w, decode_order=False)
         try:
             res["decode_d0_gguf_order"], res["decode_d0_chained_gguf_order"], ref = \
@@ -595,7 +594,6 @@ def _bench_rank(comm, dev, cfg):
     # triton_hc.HC_STEP_WARPS (sums in another order: the logits are compared by the first
     # step's largest difference and by the greedy picks; an expert choice near a tie flips)
     from ds4tp.kernels import triton_hc
-    mine = decode_logits(model, 8)
     with _setting(triton_hc, "HC_STEP_WARPS", 8):
         res["decode_d0_hc_step_8_warps"], res["decode_d0_chained_hc_step_8_warps"], ref = \
             _decode_and_logits(model, steps)

@@ -395,15 +395,18 @@ def _rope_heads(x, c, s, G: tl.constexpr, D: tl.constexpr):
                       (G, D))
 
 
+P_SCALE = tl.constexpr(16384.0)   # 2^14: the softmax weights' float16 split clears subnormals
+
+
 @triton.jit
-def _mqa_chunk(kp, kok, c, qs, GM: tl.constexpr, DC: tl.constexpr):
+def _mqa_chunk(kp, kok, c, qs, GM: tl.constexpr, D: tl.constexpr, DC: tl.constexpr):
     """Columns [c*DC, c*DC+DC) of the block's keys (float16 values, so exact) and the score
-    products of the two query parts over them [GM, BK]."""
+    products of the two query parts (qs [GM, 2, D]) over them [GM, BK]."""
     dd = c * DC + tl.arange(0, DC)
     k = tl.load(kp[:, None] + dd[None, :], mask=kok[:, None], other=0.0).to(tl.float16)
-    g = tl.arange(0, GM)
-    qh = tl.load(qs + g[:, None] * (2 * DC * 4) + dd[None, :])             # (row stride 2D)
-    ql = tl.load(qs + g[:, None] * (2 * DC * 4) + DC * 4 + dd[None, :])
+    qrow = qs + tl.arange(0, GM)[:, None] * (2 * D) + dd[None, :]
+    qh = tl.load(qrow)
+    ql = tl.load(qrow + D)
     kt = tl.trans(k)
     return tl.dot(ql, kt, tl.dot(qh, kt))
 
@@ -418,12 +421,10 @@ def _mqa_acc(acc, alpha, ph, pl, kp, kok, c, DC: tl.constexpr):
 
 
 @triton.jit
-def _mqa_store(ws_ptr, wrow, acc, hok, c, DC: tl.constexpr):
+def _mqa_store(wrow, acc, hok, c, DC: tl.constexpr):
+    """The value sum's columns [c*DC, c*DC+DC) into the heads' partial rows, unscaled."""
     dd = c * DC + tl.arange(0, DC)
-    tl.store(wrow[:, None] + dd[None, :], acc, mask=hok[:, None])
-
-
-P_SCALE = tl.constexpr(16384.0)   # 2^14: the softmax weights' float16 split clears subnormals
+    tl.store(wrow[:, None] + dd[None, :], acc * (1.0 / P_SCALE), mask=hok[:, None])
 
 
 @triton.jit
@@ -476,15 +477,15 @@ def _attn_mqa_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, c
         rr = b * BK + kk                                     # ring slots
         cr = (b - NRB) * BK + kk                             # compressed rows
         rp = tl.load(rpos_ptr + rr, mask=ring & (rr < n_swa), other=-(1 << 40))
-        ok = tl.where(ring, (rp <= pos) & (rp > pos - n_swa), (cr < n_vis) & (cr >= 0))
+        ok = tl.where(ring, (rp <= pos) & (rp > pos - n_swa), cr < n_vis)
         kok = tl.where(ring, rr < n_swa, cr < n_vis)
         kp = tl.where(ring, ring_ptr + rr.to(tl.int64) * D, comp_ptr + cr.to(tl.int64) * D)
         if HAS_MASK:
             ok = ok & (ring | (tl.load(mask_ptr + cr, mask=(~ring) & (cr < n_vis), other=0) != 0))
-        sc = _mqa_chunk(kp, kok, 0, qs, GM, DC)
-        sc += _mqa_chunk(kp, kok, 1, qs, GM, DC)
-        sc += _mqa_chunk(kp, kok, 2, qs, GM, DC)
-        sc += _mqa_chunk(kp, kok, 3, qs, GM, DC)
+        sc = _mqa_chunk(kp, kok, 0, qs, GM, D, DC)
+        sc += _mqa_chunk(kp, kok, 1, qs, GM, D, DC)
+        sc += _mqa_chunk(kp, kok, 2, qs, GM, D, DC)
+        sc += _mqa_chunk(kp, kok, 3, qs, GM, D, DC)
         sc = tl.where(ok[None, :], sc * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=1))
         alpha = tl.exp(m - m_new)
@@ -501,10 +502,10 @@ def _attn_mqa_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, c
         m = m_new
     # partials: [H, S, D + 2] (value sum, then max and denominator)
     wrow = ws_ptr + (hh * S + j).to(tl.int64) * (D + 2)
-    _mqa_store(ws_ptr, wrow, acc0 * (1.0 / P_SCALE), hok, 0, DC)
-    _mqa_store(ws_ptr, wrow, acc1 * (1.0 / P_SCALE), hok, 1, DC)
-    _mqa_store(ws_ptr, wrow, acc2 * (1.0 / P_SCALE), hok, 2, DC)
-    _mqa_store(ws_ptr, wrow, acc3 * (1.0 / P_SCALE), hok, 3, DC)
+    _mqa_store(wrow, acc0, hok, 0, DC)
+    _mqa_store(wrow, acc1, hok, 1, DC)
+    _mqa_store(wrow, acc2, hok, 2, DC)
+    _mqa_store(wrow, acc3, hok, 3, DC)
     tl.store(wrow + D, m, mask=hok)
     tl.store(wrow + D + 1, l, mask=hok)
     tl.debug_barrier()                                  # all partial stores before the ticket
@@ -772,24 +773,21 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, 
         if BK < 16 or BK & (BK - 1) or S & (S - 1) or D < 64:
             raise ValueError(f"attention: tensor-core launch {mqa} needs keys a block a power of "
                              f"two >= 16, a power-of-two split and head_dim >= 64 (got {D})")
+    else:
+        BK, S, warps = ATTN_BK, ATTN_SPLIT, ATTN_WARPS
+    ws = torch.empty(H * S * (D + 2), dtype=torch.float32, device=qb.device)
+    args = (qb, ring, ring_pos, ring if comp is None else comp,
+            ring_pos if mask is None else mask.view(torch.int8), sinks, cos, sin, pos, out, ws,
+            _tickets(qb.device))
+    meta = dict(D=D, NROT=n_rot, BK=BK, S=S, HAS_COMP=comp is not None, HAS_MASK=mask is not None,
+                num_warps=warps, **pdl.triton_args(qb.device))
+    if mqa is not None:
         groups = triton.cdiv(H, ATTN_MQA_HEADS)
-        ws = torch.empty(H * S * (D + 2), dtype=torch.float32, device=qb.device)
         qs = torch.empty(groups * S * ATTN_MQA_HEADS * 2 * D, dtype=torch.float16, device=qb.device)
-        _attn_mqa_kernel[(groups, S)](qb, ring, ring_pos, ring if comp is None else comp,
-                                      ring_pos if mask is None else mask.view(torch.int8), sinks,
-                                      cos, sin, pos, out, ws, _tickets(qb.device), qs, H, n_swa,
-                                      max(ratio, 1), eps, 1.0 / D ** 0.5, D=D, NROT=n_rot,
-                                      GM=ATTN_MQA_HEADS, BK=BK, S=S, HAS_COMP=comp is not None,
-                                      HAS_MASK=mask is not None, num_warps=warps,
-                                      **pdl.triton_args(qb.device))
-        return out
-    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
-    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
-                                  ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
-                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
-                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
-                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
+        _attn_mqa_kernel[(groups, S)](*args, qs, H, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5,
+                                      GM=ATTN_MQA_HEADS, **meta)
+    else:
+        _attn_kernel[(H, S)](*args, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5, **meta)
     return out
 
 
