@@ -215,8 +215,8 @@
 #         warps; 8 programs a head), CUDA goldens
 #   s31d: session 31 closing run, two GPUs: TP=2,1 bench with depth 4096 (A/B: the HC step at
 #         8 warps), CUDA goldens
-#   s32a: prepared in session 31, not run: the decode attention on the tensor cores
-#         (triton_attn._attn_mqa_kernel, off by default): CUDA twins, launch shapes alone
+#   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
+#         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
 #         ATTN_MQA_AB against one head a program); no goldens (the default path is unchanged)
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on

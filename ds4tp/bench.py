@@ -491,11 +491,6 @@ def _prefill_variants(model, n, save, res) -> None:
     save()
 
 
-# the decode attention's tensor-core launch the bench times against the default one (keys a
-# block, programs a head group, warps: triton_attn.ATTN_MQA_SHAPE; off by default)
-ATTN_MQA_AB = (16, 8, 8)
-
-
 def _logits_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
     """Two variants' greedy logits [steps, V] whose float sums differ in order: the first step's
     largest difference (the same input), its largest logit, and the steps whose picks agree."""
@@ -599,18 +594,6 @@ def _bench_rank(comm, dev, cfg):
             _decode_and_logits(model, steps)
     res["hc_step_warps_logits_vs_8"] = _logits_diff(mine, ref)
     save()
-    # the decode attention on the tensor cores (triton_attn._attn_mqa_kernel at ATTN_MQA_AB,
-    # prepared in the twenty-ninth session) instead of one head a program
-    # (not yet run on a GPU when written: a failure is recorded, and the rest of the run goes on)
-    from ds4tp.kernels import triton_attn
-    try:
-        with _setting(triton_attn, "ATTN_MQA_SHAPE", ATTN_MQA_AB):
-            res["decode_d0_attn_mqa"], res["decode_d0_chained_attn_mqa"], ref = \
-                _decode_and_logits(model, steps)
-        res["attn_mqa_logits_vs_per_head"] = _logits_diff(mine, ref)
-    except Exception as exc:                  # noqa: BLE001 (recorded, the run goes on)
-        res["attn_mqa_error"] = repr(exc)[:400]
-    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
@@ -629,6 +612,7 @@ def _bench_rank(comm, dev, cfg):
     res["profile"] = profile_split(model)
     save()
     if cfg["depth"]:
+        from ds4tp.kernels import triton_attn
         depth, ctx, big = cfg["depth"], cfg["depth"] + steps + 64, max(65536, cfg["depth"] + steps + 64)
         res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
@@ -639,12 +623,6 @@ def _bench_rank(comm, dev, cfg):
             res["decode_deep_chained_hc_step_8_warps"] = time_decode(model, depth, steps, max_ctx=ctx,
                                                                      chained=True)
         save()
-        # the same with the decode attention on the tensor cores
-        if "attn_mqa_error" not in res:
-            with _setting(triton_attn, "ATTN_MQA_SHAPE", ATTN_MQA_AB):
-                res["decode_deep_chained_attn_mqa"] = time_decode(model, depth, steps, max_ctx=ctx,
-                                                                  chained=True)
-            save()
         # the same depth in a decoder sized for 65536 tokens (16385 index rows per ratio-4
         # layer): the indexer's launches read only the visible rows, so this should not be slower
         res["decode_deep_chained_ctx64k"] = time_decode(model, depth, steps, max_ctx=big, chained=True)

@@ -1099,11 +1099,10 @@ def case_compressor_split(device, gen, ratio, HD, n_rot, index, p, world=2):
     return f"{flips} grid flips"
 
 
-def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked, mqa=None):
+def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
-    rows hold float16 values, as model.kv_cache_row and model.compress make them. mqa: the
-    tensor-core launch's shape (triton_attn._attn_mqa_kernel) in place of the default."""
+    rows hold float16 values, as model.kv_cache_row and model.compress make them."""
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
@@ -1126,10 +1125,8 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     cos, sin = _rope_tables(n_rot, p + 1, device, compressed=ratio > 0)
     pos = torch.tensor([p], device=device)
     want = decode_attention_torch(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, s)
-    got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS,
-                                mqa=mqa)
-    return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked} mqa={mqa}", got,
-                 want, 1e-5)
+    got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
+    return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
 
 
 def case_index_scores(device, gen, HI, HD, cap, nvis):
@@ -1312,12 +1309,6 @@ def interpreter_cases():
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
     yield "decode attention 20 heads", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
-    # on the tensor cores: 16 heads a program (20: one partial group; 3: most rows masked), the
-    # ring's and the compressed rows' blocks in one program and split over two
-    yield "decode attention tensor cores", case_decode_attention, \
-        (20, 128, 64, 32, 4, 60, 230, True, (16, 1, 8))
-    yield "decode attention tensor cores split", case_decode_attention, \
-        (3, 128, 64, 32, 4, 40, 150, False, (16, 2, 4))
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
     yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa, 16)

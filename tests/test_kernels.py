@@ -485,25 +485,19 @@ def test_cuda_dispatch_and_determinism():
 
 
 @needs_cuda
-@pytest.mark.parametrize("mqa", [None, "ab"])
 @pytest.mark.parametrize("ratio,masked,p", [(0, False, 5), (0, False, 700), (4, False, 4095),
                                             (4, True, 4095), (128, False, 9000)])
-def test_cuda_decode_attention_full_size(ratio, masked, p, mqa):
-    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025; the default
-    launch and the tensor-core one at the shape the bench tries."""
-    from ds4tp.bench import ATTN_MQA_AB
+def test_cuda_decode_attention_full_size(ratio, masked, p):
+    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025."""
     kc.case_decode_attention("cuda", torch.Generator().manual_seed(p + ratio), 64, 512, 64, 128,
-                             ratio, 1025 if ratio == 4 else 80, p, masked,
-                             ATTN_MQA_AB if mqa else None)
+                             ratio, 1025 if ratio == 4 else 80, p, masked)
 
 
 @needs_cuda
-@pytest.mark.parametrize("mqa", [None, "ab"])
-def test_cuda_decode_attention_tp2_heads(mqa):
+def test_cuda_decode_attention_tp2_heads():
     """A TP=2 rank's 32 heads, ratio 4 with an indexer mask."""
-    from ds4tp.bench import ATTN_MQA_AB
     kc.case_decode_attention("cuda", torch.Generator().manual_seed(2), 32, 512, 64, 128, 4, 1025,
-                             3001, True, ATTN_MQA_AB if mqa else None)
+                             3001, True)
 
 
 @needs_cuda
@@ -727,16 +721,6 @@ def test_decode_attention_compiles_for_sm90(comp, mask):
                ws_ptr="*fp32", cnt_ptr="*i32", n_swa="i32", ratio="i32", eps="fp32", scale="fp32")
     const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT, HAS_COMP=comp, HAS_MASK=mask, PDL=True)
     assert "griddepcontrol" in _compile_sm90(ta._attn_kernel, sig, const, 4)
-    # the tensor-core launch (off by default) at the shape the bench tries
-    from ds4tp.bench import ATTN_MQA_AB
-    bk, split, warps = ATTN_MQA_AB
-    head = list(sig)[:12]                                       # the pointers up to cnt_ptr
-    sig = {**{k: sig[k] for k in head}, "qs_ptr": "*fp16", "H": "i32",
-           **{k: sig[k] for k in list(sig)[12:]}}
-    const = dict(D=512, NROT=64, GM=ta.ATTN_MQA_HEADS, BK=bk, S=split, HAS_COMP=comp, HAS_MASK=mask,
-                 PDL=True)
-    ptx = _compile_sm90(ta._attn_mqa_kernel, sig, const, warps)
-    assert "griddepcontrol" in ptx and "mma" in ptx
     if not comp:
         sig = dict(x_ptr="*fp32", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                    ring_ptr="*fp32", rpos_ptr="*i64", n_swa="i32", eps="fp32")

@@ -318,24 +318,6 @@ def _online(q, kv, ok, scale, m, l, acc):
 
 
 @triton.jit
-def _merge_head(ws_ptr, sink_ptr, out_ptr, h, d, c, s, D: tl.constexpr, S: tl.constexpr):
-    """Head h's S partials (value sum, max, denominator: ws [H, S, D + 2]) merged in the order
-    0..S-1 with its sink (it joins max and denominator), the inverse RoPE, stored at out."""
-    jj = tl.arange(0, S)
-    hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
-    mj = tl.load(hrow + D, cache_modifier=".cg")
-    lj = tl.load(hrow + D + 1, cache_modifier=".cg")
-    sink = tl.load(sink_ptr + h)
-    mt = tl.maximum(tl.max(mj, axis=0), sink)
-    wj = tl.exp(mj - mt)
-    lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
-    aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
-    o = tl.sum(aj * wj[:, None], axis=0)
-    o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
-    tl.store(out_ptr + h * D + d, _rope(o, c, -s, D))       # inverse RoPE of the output
-
-
-@triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
                  pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
@@ -383,148 +365,26 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     tl.debug_barrier()                                  # all partial stores before the ticket
     ticket = tl.atomic_add(cnt_ptr + h, 1)              # acq_rel, gpu scope
     if ticket == S - 1:
-        _merge_head(ws_ptr, sink_ptr, out_ptr, h, d, c, s, D, S)
+        jj = tl.arange(0, S)
+        hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
+        mj = tl.load(hrow + D, cache_modifier=".cg")
+        lj = tl.load(hrow + D + 1, cache_modifier=".cg")
+        sink = tl.load(sink_ptr + h)                    # the sink joins max and denominator
+        mt = tl.maximum(tl.max(mj, axis=0), sink)
+        wj = tl.exp(mj - mt)
+        lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
+        aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
+        o = tl.sum(aj * wj[:, None], axis=0)
+        o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
+        o = _rope(o, c, -s, D)                          # inverse RoPE of the output
+        tl.store(out_ptr + h * D + d, o)
         tl.atomic_xchg(cnt_ptr + h, 0)
-
-
-@triton.jit
-def _rope_heads(x, c, s, G: tl.constexpr, D: tl.constexpr):
-    """_rope on each row of x [G, D] (the same pairs and angles for every row)."""
-    x0, x1 = tl.split(tl.reshape(x, (G, D // 2, 2)))
-    return tl.reshape(tl.join(x0 * c[None, :] - x1 * s[None, :], x0 * s[None, :] + x1 * c[None, :]),
-                      (G, D))
-
-
-P_SCALE = tl.constexpr(16384.0)   # 2^14: the softmax weights' float16 split clears subnormals
-
-
-@triton.jit
-def _mqa_chunk(kp, kok, c, qs, GM: tl.constexpr, D: tl.constexpr, DC: tl.constexpr):
-    """Columns [c*DC, c*DC+DC) of the block's keys (float16 values, so exact) and the score
-    products of the two query parts (qs [GM, 2, D]) over them [GM, BK]."""
-    dd = c * DC + tl.arange(0, DC)
-    k = tl.load(kp[:, None] + dd[None, :], mask=kok[:, None], other=0.0).to(tl.float16)
-    qrow = qs + tl.arange(0, GM)[:, None] * (2 * D) + dd[None, :]
-    qh = tl.load(qrow)
-    ql = tl.load(qrow + D)
-    kt = tl.trans(k)
-    return tl.dot(ql, kt, tl.dot(qh, kt))
-
-
-@triton.jit
-def _mqa_acc(acc, alpha, ph, pl, kp, kok, c, DC: tl.constexpr):
-    """The value sum's columns [c*DC, c*DC+DC): rescaled, plus the weights' two parts times the
-    block's keys there (read again: an L1 hit)."""
-    dd = c * DC + tl.arange(0, DC)
-    k = tl.load(kp[:, None] + dd[None, :], mask=kok[:, None], other=0.0).to(tl.float16)
-    return tl.dot(pl, k, tl.dot(ph, k, acc * alpha[:, None]))
-
-
-@triton.jit
-def _mqa_store(wrow, acc, hok, c, DC: tl.constexpr):
-    """The value sum's columns [c*DC, c*DC+DC) into the heads' partial rows, unscaled."""
-    dd = c * DC + tl.arange(0, DC)
-    tl.store(wrow[:, None] + dd[None, :], acc * (1.0 / P_SCALE), mask=hok[:, None])
-
-
-@triton.jit
-def _attn_mqa_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                     pos_ptr, out_ptr, ws_ptr, cnt_ptr, qs_ptr, H, n_swa, ratio, eps, scale,
-                     D: tl.constexpr, NROT: tl.constexpr, GM: tl.constexpr, BK: tl.constexpr,
-                     S: tl.constexpr, HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
-                     PDL: tl.constexpr = False):
-    """The decode attention on the tensor cores: grid (cdiv(H, GM), S); program (g, j) takes
-    heads g*GM .. g*GM+GM-1 as the M axis of its products (one MQA key row serves them all) and
-    key blocks j, j+S, ... of the ring and then the compressed rows. The head dimension goes in
-    four chunks, so no warp holds a whole query: the normed, rotated query is left once in qs
-    as a float16 head and tail [GM, 2, D] and each chunk read back (L1). The keys are float16
-    values and the softmax weights (times P_SCALE) split into head and tail too, so each
-    product is the float32 one to ~2^-22 and the sums run in float32. Partials and the merge as
-    _attn_kernel."""
-    pdl_start(PDL)
-    g = tl.program_id(0)
-    j = tl.program_id(1)
-    DC: tl.constexpr = D // 4
-    pos = tl.load(pos_ptr)
-    d = tl.arange(0, D)
-    kk = tl.arange(0, BK)
-    hh = g * GM + tl.arange(0, GM)
-    hok = hh < H
-    q = tl.load(qb_ptr + hh[:, None] * D + d[None, :], mask=hok[:, None], other=0.0)   # [GM, D]
-    qd = q.to(tl.float64)
-    q = q * rms_from_squares(tl.trans(qd * qd), D, eps)[:, None]   # per head, no weight
-    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
-    q = _rope_heads(q, c, s, GM, D)
-    qh = q.to(tl.float16)
-    qs = qs_ptr + (g * S + j).to(tl.int64) * (GM * 2 * D)          # this program's own copy
-    gg = tl.arange(0, GM)
-    tl.store(qs + gg[:, None] * (2 * D) + d[None, :], qh)
-    tl.store(qs + gg[:, None] * (2 * D) + D + d[None, :], (q - qh.to(tl.float32)).to(tl.float16))
-    tl.debug_barrier()                                  # the query parts, then read by chunk
-    n_vis = (pos + 1) // ratio
-    if not HAS_COMP:
-        n_vis = n_vis * 0
-    NRB = tl.cdiv(n_swa, BK)
-    nb = NRB + tl.cdiv(n_vis, BK)
-    m = tl.full([GM], -1e30, tl.float32)
-    l = tl.zeros([GM], tl.float32)
-    acc0 = tl.zeros([GM, DC], tl.float32)
-    acc1 = tl.zeros([GM, DC], tl.float32)
-    acc2 = tl.zeros([GM, DC], tl.float32)
-    acc3 = tl.zeros([GM, DC], tl.float32)
-    for b in range(j, nb, S):
-        ring = (kk * 0 + b) < NRB                            # [BK]: the block is the ring's
-        rr = b * BK + kk                                     # ring slots
-        cr = (b - NRB) * BK + kk                             # compressed rows
-        rp = tl.load(rpos_ptr + rr, mask=ring & (rr < n_swa), other=-(1 << 40))
-        ok = tl.where(ring, (rp <= pos) & (rp > pos - n_swa), cr < n_vis)
-        kok = tl.where(ring, rr < n_swa, cr < n_vis)
-        kp = tl.where(ring, ring_ptr + rr.to(tl.int64) * D, comp_ptr + cr.to(tl.int64) * D)
-        if HAS_MASK:
-            ok = ok & (ring | (tl.load(mask_ptr + cr, mask=(~ring) & (cr < n_vis), other=0) != 0))
-        sc = _mqa_chunk(kp, kok, 0, qs, GM, D, DC)
-        sc += _mqa_chunk(kp, kok, 1, qs, GM, D, DC)
-        sc += _mqa_chunk(kp, kok, 2, qs, GM, D, DC)
-        sc += _mqa_chunk(kp, kok, 3, qs, GM, D, DC)
-        sc = tl.where(ok[None, :], sc * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sc - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        pp = p * P_SCALE
-        ph = pp.to(tl.float16)
-        pl = (pp - ph.to(tl.float32)).to(tl.float16)
-        kok = kok & ok                                       # rows not ok read as 0
-        acc0 = _mqa_acc(acc0, alpha, ph, pl, kp, kok, 0, DC)
-        acc1 = _mqa_acc(acc1, alpha, ph, pl, kp, kok, 1, DC)
-        acc2 = _mqa_acc(acc2, alpha, ph, pl, kp, kok, 2, DC)
-        acc3 = _mqa_acc(acc3, alpha, ph, pl, kp, kok, 3, DC)
-        m = m_new
-    # partials: [H, S, D + 2] (value sum, then max and denominator)
-    wrow = ws_ptr + (hh * S + j).to(tl.int64) * (D + 2)
-    _mqa_store(wrow, acc0, hok, 0, DC)
-    _mqa_store(wrow, acc1, hok, 1, DC)
-    _mqa_store(wrow, acc2, hok, 2, DC)
-    _mqa_store(wrow, acc3, hok, 3, DC)
-    tl.store(wrow + D, m, mask=hok)
-    tl.store(wrow + D + 1, l, mask=hok)
-    tl.debug_barrier()                                  # all partial stores before the ticket
-    ticket = tl.atomic_add(cnt_ptr + g, 1)              # acq_rel, gpu scope
-    if ticket == S - 1:
-        for i in tl.static_range(GM):
-            if g * GM + i < H:
-                _merge_head(ws_ptr, sink_ptr, out_ptr, g * GM + i, d, c, s, D, S)
-        tl.atomic_xchg(cnt_ptr + g, 0)
 
 
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
                   # (4 without the indexer's mask was slower at TP=2, s31c)
 ATTN_WARPS = 4    # warps per program
-# The tensor-core launch (_attn_mqa_kernel): (keys a block, programs a head group, warps), or
-# None for _attn_kernel. Prepared in the twenty-ninth session, not yet timed on a GPU: off.
-ATTN_MQA_SHAPE = None
-ATTN_MQA_HEADS = 16   # heads a program: the M axis of its products (tl.dot's smallest)
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -740,12 +600,10 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, mqa=None):
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only. mqa: the
-    tensor-core launch's shape (keys a block, split, warps) in place of ATTN_MQA_SHAPE (False:
-    _attn_kernel)."""
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
     n_swa, D = ring.shape
     H = sinks.shape[0]
     n_rot = cos.shape[1] * 2
@@ -767,27 +625,13 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, 
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
-    mqa = ATTN_MQA_SHAPE if mqa is None else (mqa or None)
-    if mqa is not None:
-        BK, S, warps = mqa
-        if BK < 16 or BK & (BK - 1) or S & (S - 1) or D < 64:
-            raise ValueError(f"attention: tensor-core launch {mqa} needs keys a block a power of "
-                             f"two >= 16, a power-of-two split and head_dim >= 64 (got {D})")
-    else:
-        BK, S, warps = ATTN_BK, ATTN_SPLIT, ATTN_WARPS
-    ws = torch.empty(H * S * (D + 2), dtype=torch.float32, device=qb.device)
-    args = (qb, ring, ring_pos, ring if comp is None else comp,
-            ring_pos if mask is None else mask.view(torch.int8), sinks, cos, sin, pos, out, ws,
-            _tickets(qb.device))
-    meta = dict(D=D, NROT=n_rot, BK=BK, S=S, HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                num_warps=warps, **pdl.triton_args(qb.device))
-    if mqa is not None:
-        groups = triton.cdiv(H, ATTN_MQA_HEADS)
-        qs = torch.empty(groups * S * ATTN_MQA_HEADS * 2 * D, dtype=torch.float16, device=qb.device)
-        _attn_mqa_kernel[(groups, S)](*args, qs, H, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5,
-                                      GM=ATTN_MQA_HEADS, **meta)
-    else:
-        _attn_kernel[(H, S)](*args, n_swa, max(ratio, 1), eps, 1.0 / D ** 0.5, **meta)
+    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
+    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
+                                  ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
+                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
+                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
+                                  num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
     return out
 
 
