@@ -381,6 +381,104 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
             "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
 
 
+# The weights each decode weight kernel streams (GGUF tensor names without "blk.N."): the
+# key to splitting a kernel's time into a part per byte and a fixed part (streaming_fit).
+# q8_0_matvec: q_a|kv (one launch), q_b, output_a, output_b, the LM head; the routed launches
+# carry the shared expert's rows; the router (f16_matvec) is replicated at every TP size.
+KERNEL_WEIGHTS = {
+    "q8_0_matvec": ("attn_q_a", "attn_kv", "attn_q_b", "attn_output_a", "attn_output_b", "output"),
+    "iq2xxs_swiglu": ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_shexp", "ffn_up_shexp"),
+    "q2k_down_sum": ("ffn_down_exps", "ffn_down_shexp"),
+    "_comp_step_kernel": ("attn_compressor_kv", "attn_compressor_gate", "indexer_compressor_kv",
+                          "indexer_compressor_gate"),
+    "f16_matvec": ("ffn_gate_inp",),
+}
+
+
+def kernel_bytes(plan, rank: int = 0) -> dict:
+    """Bytes a decoded token streams per weight kernel of KERNEL_WEIGHTS on this rank."""
+    import re
+    owner = {w: k for k, ws in KERNEL_WEIGHTS.items() for w in ws}
+    out = dict.fromkeys(KERNEL_WEIGHTS, 0)
+    for t in plan.tensors:
+        base = re.sub(r"^blk\.\d+\.", "", t.name).removesuffix(".weight")
+        if base in owner:
+            out[owner[base]] += t.rank_token_bytes[rank]
+    return out
+
+
+def streaming_fit(run_a: dict, run_b: dict, bytes_a: dict, bytes_b: dict) -> dict:
+    """Each weight kernel's eager time in two runs that stream different bytes through the same
+    launches (TP=2 and TP=1 of one bench run), fitted as time = fixed + bytes / rate: the rate
+    is what an extra byte costs (the kernel's streaming rate), the fixed part what it costs
+    whatever its bytes (launch, prologue, latency chains, tail). Kernels with the same bytes in
+    both runs (the replicated router) cannot be split and are left out of the totals. Run a is
+    the TP=2 one: its streaming part and fixed rest of the step without collectives feed
+    spark_projection_fit."""
+    copy = 0.5 * (run_a["copy_bw_GBs"] + run_b["copy_bw_GBs"]) * 1e9
+    ka, kb = run_a["profile"]["kernels"], run_b["profile"]["kernels"]
+    per, fit_bytes, fit_s = {}, 0, 0.0
+    for k in KERNEL_WEIGHTS:
+        if k not in ka or k not in kb or ka[k]["n"] != kb[k]["n"]:
+            continue
+        ba, bb = bytes_a[k], bytes_b[k]
+        ta, tb = ka[k]["us"] * 1e-6, kb[k]["us"] * 1e-6
+        row = {"launches": ka[k]["n"], "bytes": [ba, bb], "us": [ka[k]["us"], kb[k]["us"]]}
+        s_per_byte = (tb - ta) / (bb - ba) if ba != bb else 0.0
+        if s_per_byte <= 0 or 1 / s_per_byte > copy:
+            # no byte difference to fit, or a rate above the copy's: the two runs' noise
+            # (seen for the compressor step, s31c), not a streaming rate
+            row["fit"] = None
+        else:
+            fixed = ta - ba * s_per_byte
+            row.update(fit=True, rate_GBs=1e-9 / s_per_byte, fraction_of_copy=1 / s_per_byte / copy,
+                       fixed_us=1e6 * fixed, fixed_us_per_launch=1e6 * fixed / ka[k]["n"])
+            fit_bytes += ba
+            fit_s += ba * s_per_byte
+        per[k] = row
+    frac = fit_bytes / fit_s / copy if fit_s else None
+    return {"kernels": per, "copy_GBs": copy / 1e9, "fitted_bytes": fit_bytes,
+            "streaming_fraction": frac,
+            "note": "two-point fit per kernel: eager profile (PDL off) of run a (TP=2) and b (TP=1)"}
+
+
+def spark_projection_fit(run: dict, fit: dict, bw_spark=230e9, ar_s=31e-6) -> dict | None:
+    """spark_projection with its two pieces taken from streaming_fit instead: the fraction is
+    the weight kernels' streaming rate (what a byte costs them) over the copy bandwidth, and the
+    fixed time is the rest of the measured step without collectives once every byte of the
+    rank is streamed at that rate. Same formula; the fixed time stays at the H200's."""
+    frac = fit.get("streaming_fraction")
+    if not frac:
+        return None
+    bytes_rank = run["bytes_per_token"]
+    step_nocomm = run["decode_d0_nocomm"]["ms_per_token"] / 1e3
+    streaming = bytes_rank / (frac * run["copy_bw_GBs"] * 1e9)
+    fixed = max(0.0, step_nocomm - streaming)
+    n_coll = run["collectives"]["n_all_reduce"] + 1 + run.get("compressor_gathers_per_token", 0.0)
+    t = bytes_rank / (frac * bw_spark) + n_coll * ar_s + fixed
+    return {"achieved_fraction": frac, "h200_streaming_ms": 1e3 * streaming,
+            "fixed_overhead_ms": 1e3 * fixed, "collectives": n_coll, "ms_per_token": 1e3 * t,
+            "tok_s": 1 / t, "formula": "bytes_rank/(fitted fraction*230GB/s) + collectives*31us + "
+                                       "(H200 step without collectives - its streaming part)"}
+
+
+def fit_runs(out: dict) -> None:
+    """streaming_fit and spark_projection_fit into a bench result holding TP=2 and TP=1 runs
+    with profiles (in place; nothing without both)."""
+    from ds4tp.shard.plan import make_plan
+    runs = out.get("runs", {})
+    r2, r1 = runs.get("tp2"), runs.get("tp1")
+    if not (r2 and r1 and "profile" in r2 and "profile" in r1):
+        return
+    shape = C.Shape(n_layer=out["shape"]["n_layer"])
+    split = out.get("cfg", {}).get("split_compressors", True)
+    fit = streaming_fit(r2, r1, kernel_bytes(make_plan(shape, 2, split_compressors=split)),
+                        kernel_bytes(make_plan(shape, 1, split_compressors=split)))
+    out["streaming_fit"] = fit
+    if "decode_d0_nocomm" in r2:
+        out["spark_projection_fit"] = spark_projection_fit(r2, fit)
+
+
 def bench_prompt(vocab: int, n_tok: int) -> list:
     """The benchmarks' prompt of n_tok token ids (a fixed spread over the vocabulary)."""
     return [(5 * i + 1) % vocab for i in range(n_tok)]
@@ -683,6 +781,10 @@ def main(args) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
+    fit_runs(out)
+    if "spark_projection_fit" in out:
+        print(json.dumps({"streaming_fit": out["streaming_fit"],
+                          "spark_projection_fit": out["spark_projection_fit"]}), flush=True)
     if getattr(args, "gguf", None):
         world = max(int(x) for x in args.tp.split(","))
         out["load"] = run_local_ranks(world, _load_rank, args.gguf, device="cuda", timeout_s=300)
