@@ -219,6 +219,9 @@
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
 #         ATTN_MQA_AB against one head a program); no goldens (the default path is unchanged)
+#   s32c: session 32, one GPU: s30i's stall reasons of the routed gate/up kernel, then the
+#         critical path of the TP=2 rank's step (bench/critical_path.py, world 2, no variants)
+#   s32b: session 32 closing run, two GPUs: the served path and the full GGUF's load, as s30d
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
 #   s30h: session 30, two GPUs: the down rows' prefetch after the first item's loads again,
@@ -1308,7 +1311,14 @@ elif [ "$MODE" = s30e ]; then
   log "routed gate/up then down alone: without and with the down rows' prefetch"
   timeout 80 python3 bench/down_prefetch_probe.py --json "$OUT/down_prefetch_probe.json" 2>&1 | grep -v Warn | tail -3
   twins_bench "order or rides or routed" 0 300
-elif [ "$MODE" = s30d ]; then
+elif [ "$MODE" = s32c ]; then
+  ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
+  log "critical path, world 2 (rank 0's shard, collectives removed), final code"
+  timeout 200 python3 bench/critical_path.py --world 2 --variants base --trace base \
+    --json "$OUT/critical_path_w2.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w2.txt"
+  sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w2.txt" | head -4
+  grep -A24 "span by role\|Error" "$OUT/critical_path_w2.txt" | head -28
+elif [ "$MODE" = s30d ] || [ "$MODE" = s32b ]; then
   log "synth full (parallel)"
   t0=$(date +%s)
   timeout 220 python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
