@@ -225,6 +225,10 @@
 #         loads read whole sectors (qtensor.IQ2_DECODE) against the first one (IQ2_DECODE_V1):
 #         CUDA twins (both orders), the kernel alone (bench/iq2_layout_probe.py), the bench
 #         at TP=2,1 (TP=1 on one GPU), depth 0 (A/B: decode_d0_iq2_v1, logits compared)
+#   s32e: session 32, one GPU or two: the routed down rows in a decode order (qtensor.Q2K_DECODE:
+#         quants, scales, d|dmin; three loads a pass) against GGUF's, with s32d's gate/up order:
+#         CUDA twins (both decode orders), the gate/up alone, the bench at TP=2,1 (TP=1 on one
+#         GPU), depth 0 (A/B: decode_d0_down_gguf_order, decode_d0_iq2_v1; logits compared)
 #   s32b: session 32 closing run, two GPUs: the served path and the full GGUF's load, as s30d
 #   s30i: session 30, one GPU: Nsight Compute's stall reasons of the routed gate/up kernel on
 #         the decode order with the tables (TP=2 rows, shared rows riding)
@@ -427,7 +431,7 @@ twins_bench() {
   timeout "$2" python3 -m ds4tp bench --tp 2,1 --depth "$1" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table', 'down_prefetch_logits_equal_without', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('decode_order_weights', 'iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table', 'down_prefetch_logits_equal_without', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 }
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
 # serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
@@ -1322,18 +1326,18 @@ elif [ "$MODE" = s32c ]; then
     --json "$OUT/critical_path_w2.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w2.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w2.txt" | head -4
   grep -A24 "span by role\|Error" "$OUT/critical_path_w2.txt" | head -28
-elif [ "$MODE" = s32d ]; then
-  log "CUDA twins: the routed kernels on both decode orders, the prefill's tensor-core kernels"
-  timeout 150 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma or rides or routed" > "$OUT/tests_kernels.txt" 2>&1
+elif [ "$MODE" = s32d ] || [ "$MODE" = s32e ]; then
+  log "CUDA twins: the routed kernels on the decode orders, the prefill's tensor-core kernels"
+  timeout 170 python3 -m pytest -q -rf tests/test_kernels.py -k "order or mma or rides or routed or down" > "$OUT/tests_kernels.txt" 2>&1
   tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
   log "the gate/up kernel alone on GGUF's order and both decode orders"
   timeout 120 python3 bench/iq2_layout_probe.py --json "$OUT/iq2_layout.json" 2>&1 | grep -v Warn | tail -4
   tps=1; [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && tps=2,1
-  log "bench, 43 layers, TP=$tps, depth 0 (A/B: the first decode order)"
+  log "bench, 43 layers, TP=$tps, depth 0 (A/B: the first decode order; the down rows in GGUF's)"
   timeout 330 python3 -m ds4tp bench --tp $tps --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "profile\|prefill host"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('iq2_decode_order_weights', 'iq2_v1_logits_equal', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table')}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('decode_order_weights', 'iq2_v1_logits_equal', 'down_order_logits_equal_gguf', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table')}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 elif [ "$MODE" = s30d ] || [ "$MODE" = s32b ]; then
   log "synth full (parallel)"
   t0=$(date +%s)
