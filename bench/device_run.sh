@@ -225,7 +225,7 @@
 #         loads read whole sectors (qtensor.IQ2_DECODE) against the first one (IQ2_DECODE_V1):
 #         CUDA twins (both orders), the kernel alone (bench/iq2_layout_probe.py), the bench
 #         at TP=2,1 (TP=1 on one GPU), depth 0 (A/B: decode_d0_iq2_v1, logits compared)
-#   s32e: session 32, one GPU or two: the routed down rows in a decode order (qtensor.Q2K_DECODE:
+#   s32e: session 32, one GPU or two (code at 3682150, removed after): the routed down rows in a decode order (qtensor.Q2K_DECODE:
 #         quants, scales, d|dmin; three loads a pass) against GGUF's, with s32d's gate/up order:
 #         CUDA twins (both decode orders), the gate/up alone, the bench at TP=2,1 (TP=1 on one
 #         GPU), depth 0 (A/B: decode_d0_down_gguf_order, decode_d0_iq2_v1; logits compared)

@@ -663,11 +663,11 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_chained_shared_own_launches"] = time_decode(model, 1, steps, max_ctx=256,
                                                                         chained=True)
         save()
-    # the routed gate/up and down rows in GGUF's byte order (as up to the twenty-sixth session)
-    # instead of the decode orders (kernels.prepare_weights), and the logits of both
+    # the routed gate/up rows in GGUF's byte order (as up to the twenty-sixth session) instead of
+    # the decode order (kernels.prepare_weights), and the logits of both
     from ds4tp import kernels
-    res["decode_order_weights"] = kernels.prepare_weights(model.w)     # (done at build: counts)
-    if res["decode_order_weights"]:
+    res["iq2_decode_order_weights"] = kernels.prepare_weights(model.w)     # (done at build: counts)
+    if res["iq2_decode_order_weights"]:
         kernels.prepare_weights(model.w, decode_order=False)
         try:
             res["decode_d0_gguf_order"], res["decode_d0_chained_gguf_order"], ref = \
@@ -695,17 +695,6 @@ def _bench_rank(comm, dev, cfg):
             kernels.prepare_weights(model.w, decode_order=False)
             kernels.prepare_weights(model.w)
         res["iq2_v1_logits_equal"] = bool(torch.equal(mine, ref))
-        save()
-        # the routed down rows in GGUF's order (as up to the twenty-ninth session) instead of
-        # the decode order (qtensor.Q2K_DECODE: three loads a pass, whole sectors, where GGUF's
-        # order took seven 4-byte loads)
-        kernels.prepare_weights(model.w, down_order=False)
-        try:
-            res["decode_d0_down_gguf_order"], res["decode_d0_chained_down_gguf_order"], ref = \
-                _decode_and_logits(model, steps)
-        finally:
-            kernels.prepare_weights(model.w)
-        res["down_order_logits_equal_gguf"] = bool(torch.equal(mine, ref))
         save()
     # the HC step at 8 warps a program (as up to the twenty-eighth session) instead of
     # triton_hc.HC_STEP_WARPS (sums in another order: the logits are compared by the first
@@ -769,9 +758,9 @@ def _load_rank(comm, dev, path):
     _sync()
     from ds4tp import kernels
     return {"load_s": time.perf_counter() - t, "bytes": m.plan.load_bytes(comm.rank),
-            # the routed weights re-ordered for the decode kernels within load_s (done at
+            # the routed gate/up weights re-ordered for the decode kernel within load_s (done at
             # load: this call only counts them)
-            "decode_order_weights": kernels.prepare_weights(m.w)}
+            "iq2_decode_order_weights": kernels.prepare_weights(m.w)}
 
 
 def main(args) -> int:

@@ -11,10 +11,9 @@ that a kernel builds once and keeps in `kernel_cache` (e.g. Q8_0 split into alig
 and f16 scales, ds4tp.kernels.triton_matvec.q8_0_split).
 
 `layout` says how `raw` orders each row's bytes: GGUF's, or (IQ2_XXS rows of 16 super-blocks)
-IQ2_DECODE, or (Q2_K rows) Q2K_DECODE, the same bytes per row re-ordered in place at load for
-the decode kernels (ds4tp.kernels.prepare_weights; the orders: iq2_decode_rows,
-q2k_decode_rows). `gguf_raw()` gives GGUF's order to every reader that wants it (the twins,
-the Triton kernels), as a copy where it differs.
+IQ2_DECODE, the same bytes per row re-ordered in place at load for the decode kernel
+(ds4tp.kernels.prepare_weights; the order: iq2_decode_rows). `gguf_raw()` gives GGUF's order
+to every reader that wants it (the twins, the Triton kernels), as a copy where it differs.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds4tp.config import BLOCK, IQ2_XXS, Q2_K, type_name
+from ds4tp.config import BLOCK, IQ2_XXS, type_name
 
 GGUF = "gguf"
 IQ2_DECODE = "iq2_decode"
@@ -30,7 +29,6 @@ IQ2_DECODE = "iq2_decode"
 # bytes), kept while the bench times it against IQ2_DECODE
 IQ2_DECODE_V1 = "iq2_decode_v1"
 DECODE_LAYOUTS = (IQ2_DECODE, IQ2_DECODE_V1)
-Q2K_DECODE = "q2k_decode"
 _IQ2_ROW = 16 * 66          # an IQ2_XXS row of 16 super-blocks (4096 inputs)
 
 
@@ -76,55 +74,6 @@ def iq2_gguf_rows(raw: torch.Tensor, layout: str = IQ2_DECODE) -> torch.Tensor:
     return raw.index_select(-1, _INV[layout].to(raw.device))
 
 
-def _q2k_decode_perm(nsb: int) -> torch.Tensor:
-    """The Q2K_DECODE order of a Q2_K row of nsb super-blocks (84 bytes each: 16 scale|min
-    bytes, 64 bytes of 2-bit quants, f16 d, f16 dmin): byte i of a re-ordered row is byte
-    perm[i] of GGUF's. The quants of every super-block first (64 nsb bytes), then their scale
-    bytes (16 nsb), then their d|dmin words (4 nsb). The down kernel's lane that sums quarter
-    (nh, h) of super-block sb reads its 16 quant bytes at 16 (4 sb + 2 nh + h), a warp's whole
-    sectors in one 16-byte load, its 8 scale bytes at 64 nsb + 16 sb + 8 nh and its d|dmin at
-    80 nsb + 4 sb (kernels/experts.cu, B_DL), where GGUF's order took seven 4-byte loads a
-    lane (Nsight Compute, s29a: 64% of the launch's sectors were excess)."""
-    perm = []
-    for lo, hi in ((16, 80), (0, 16), (80, 84)):
-        for sb in range(nsb):
-            perm += range(84 * sb + lo, 84 * sb + hi)
-    return torch.tensor(perm)
-
-
-_Q2K_PERM: dict = {}
-
-
-def _q2k_perms(raw: torch.Tensor) -> tuple:
-    if raw.dtype != torch.uint8 or raw.shape[-1] % 84:
-        raise ValueError(f"Q2_K rows of whole super-blocks (84 bytes each) expected, got "
-                         f"{raw.dtype} {tuple(raw.shape)}")
-    nsb = raw.shape[-1] // 84
-    if nsb not in _Q2K_PERM:
-        p = _q2k_decode_perm(nsb)
-        _Q2K_PERM[nsb] = (p, torch.argsort(p))
-    return _Q2K_PERM[nsb]
-
-
-def q2k_decode_rows(raw: torch.Tensor) -> torch.Tensor:
-    """Q2_K rows [..., 84 nsb] in GGUF's order -> the same rows in the Q2K_DECODE order
-    (_q2k_decode_perm), a new tensor."""
-    return raw.index_select(-1, _q2k_perms(raw)[0].to(raw.device))
-
-
-def q2k_gguf_rows(raw: torch.Tensor) -> torch.Tensor:
-    """The inverse of q2k_decode_rows."""
-    return raw.index_select(-1, _q2k_perms(raw)[1].to(raw.device))
-
-
-def _to_gguf(raw: torch.Tensor, layout: str) -> torch.Tensor:
-    return q2k_gguf_rows(raw) if layout == Q2K_DECODE else iq2_gguf_rows(raw, layout)
-
-
-def _from_gguf(raw: torch.Tensor, layout: str) -> torch.Tensor:
-    return q2k_decode_rows(raw) if layout == Q2K_DECODE else iq2_decode_rows(raw, layout)
-
-
 def _check_iq2_rows(raw: torch.Tensor) -> None:
     if raw.shape[-1] != _IQ2_ROW or raw.dtype != torch.uint8:
         raise ValueError(f"IQ2_XXS rows of 16 super-blocks ({_IQ2_ROW} bytes) expected, got "
@@ -152,9 +101,8 @@ class QTensor:
         self._check_layout(self.layout)
 
     def _check_layout(self, layout: str) -> None:
-        if layout not in (GGUF, Q2K_DECODE, *DECODE_LAYOUTS) or (
-                layout in DECODE_LAYOUTS and (self.qtype != IQ2_XXS or self.raw.shape[-1] != _IQ2_ROW)) or (
-                layout == Q2K_DECODE and self.qtype != Q2_K):
+        if layout not in (GGUF, *DECODE_LAYOUTS) or (
+                layout != GGUF and (self.qtype != IQ2_XXS or self.raw.shape[-1] != _IQ2_ROW)):
             raise ValueError(f"layout {layout!r} does not apply to {type_name(self.qtype)} {self.shape}")
 
     @property
@@ -171,7 +119,7 @@ class QTensor:
 
     def gguf_raw(self) -> torch.Tensor:
         """raw in GGUF's byte order (itself, or a re-ordered copy)."""
-        return self.raw if self.layout == GGUF else _to_gguf(self.raw, self.layout)
+        return self.raw if self.layout == GGUF else iq2_gguf_rows(self.raw, self.layout)
 
     def set_layout(self, layout: str) -> None:
         """Re-order raw's rows in place into `layout` (GGUF or a decode order; a no-op if
@@ -180,7 +128,7 @@ class QTensor:
         if layout == self.layout:
             return
         gguf = self.gguf_raw()
-        self.raw.copy_(gguf if layout == GGUF else _from_gguf(gguf, layout))
+        self.raw.copy_(gguf if layout == GGUF else iq2_decode_rows(gguf, layout))
         self.layout = layout
         self.kernel_cache.clear()
 

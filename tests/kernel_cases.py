@@ -319,48 +319,6 @@ def case_cuda_decode_order(device, gen, E, F, T, K, layout="iq2_decode"):
     return err / max(want.abs().max().item(), 1e-30)
 
 
-def case_cuda_down_order(device, gen, E, N, n_in, T, K):
-    """Routed down weights with their rows in the decode order (qtensor.Q2K_DECODE,
-    kernels.prepare_weights) give the bits of GGUF's order in every launch that reads them: the
-    decode kernel (plain, and with the shared row riding for one token), the prefill's
-    tensor-core kernel (the same steps in the same order, other addresses), the Triton kernels
-    (through QTensor.gguf_raw) and the twin."""
-    from ds4tp.kernels import cuda_experts as ce, triton_gemm as tg, triton_matvec as tm
-    from ds4tp.qtensor import Q2K_DECODE
-    wd = expert_weight(Q2_K, E, N, n_in, gen, device)
-    dd = QTensor(wd.qtype, wd.shape, wd.raw.clone())
-    dd.set_layout(Q2K_DECODE)
-    assert not torch.equal(dd.raw, wd.raw)
-    ids = rand_ids(T, K, E, gen, device)
-    x = rand_act((T, K, n_in), gen, device)
-    tag = f"cuda down order E={E} {N}x{n_in} T={T} K={K}"
-    got = ce.down_sum(dd, x, ids)
-    assert got is not None, f"{tag}: the decode kernel did not take the decode order"
-    pairs = [("decode kernel", got, ce.down_sum(wd, x, ids)),
-             ("decode kernel, rows per block 40", ce.down_sum(dd, x, ids, rpc=40), ce.down_sum(wd, x, ids, rpc=40))]
-    if T == 1:
-        w_sd = rand_weight(Q8_0, (N, 1024), gen, device)
-        gu = rand_act((1, 2048), gen, device) * 20.0
-        a, b = (ce.down_sum(w_, x, ids, shared=w_sd, gu=gu, clamp=10.0) for w_ in (dd, wd))
-        assert a is not None, f"{tag}: the decode kernel did not take the shared row"
-        pairs.append(("decode kernel, shared row riding", a, b))
-    ptab, table, _, _, _ = tg.expert_tiles(ids, E, 64)
-    outs = []
-    for w_ in (dd, wd):
-        o = torch.zeros(T, K, N, device=device)
-        assert ce.many(w_, None, x.half(), True, ptab, table, None, o, False, 0.0), \
-            f"{tag}: the tensor-core kernel did not take it"
-        outs.append(o)
-    pairs.append(("tensor-core kernel", *outs))
-    pairs.append(("Triton kernel", tm.expert_linear(dd, x, ids, sum_slots=True),
-                  tm.expert_linear(wd, x, ids, sum_slots=True)))
-    want = ops.expert_linear_torch(wd, x, ids).sum(1)
-    pairs.append(("twin", ops.expert_linear_torch(dd, x, ids).sum(1), want))
-    for name, a, b in pairs:
-        assert torch.equal(a, b), f"{tag}: {name} differs from GGUF's order by {(a - b).abs().max()}"
-    return check(tag, got, want)
-
-
 def case_cuda_swiglu_routed(device, gen, E, F, n_in, K, bias=True, hashed=False, ties=False,
                             spread=2.0):
     """The gate/up launch that also chooses the experts (cuda_experts.swiglu_routed, one token,
@@ -551,9 +509,6 @@ def cuda_c_cases():
     yield "cuda decode order TP=1 T=3", case_cuda_decode_order, (12, 2048, 3, 6)
     yield "cuda decode order v1 TP=2 T=1", case_cuda_decode_order, (16, 1024, 1, 6, "iq2_decode_v1")
     yield "cuda decode order v1 TP=1 T=3", case_cuda_decode_order, (12, 2048, 3, 6, "iq2_decode_v1")
-    # the routed down rows in the decode order: TP=2's and TP=1's rows, a token and a few
-    yield "cuda down order TP=2 T=1", case_cuda_down_order, (16, 4096, 1024, 1, 6)
-    yield "cuda down order TP=1 T=3", case_cuda_down_order, (12, 4096, 2048, 3, 6)
     # the gate/up launch that chooses its experts: DS4 (256 experts, 6 chosen, bias, hash
     # layers, TP=2's rows), fewer experts, ties
     yield "cuda swiglu routed", case_cuda_swiglu_routed, (256, 64, 4096, 6)

@@ -158,40 +158,7 @@ def test_prepare_weights_leaves_cpu_weights_in_gguf_order():
     from ds4tp import kernels
     from ds4tp.qtensor import GGUF, QTensor
     raw = torch.from_numpy(random_rows(np.random.default_rng(6), C.IQ2_XXS, (2, 4), 4096))
-    down = torch.from_numpy(random_rows(np.random.default_rng(7), C.Q2_K, (2, 4), 2048))
     lw = SimpleNamespace(gate_exps=QTensor(C.IQ2_XXS, (2, 4, 4096), raw.clone()),
-                         up_exps=QTensor(C.IQ2_XXS, (2, 4, 4096), raw.clone()),
-                         down_exps=QTensor(C.Q2_K, (2, 4, 2048), down.clone()))
+                         up_exps=QTensor(C.IQ2_XXS, (2, 4, 4096), raw.clone()))
     assert kernels.prepare_weights(SimpleNamespace(layers=[lw])) == 0
     assert lw.gate_exps.layout == GGUF and torch.equal(lw.gate_exps.raw, raw)
-    assert lw.down_exps.layout == GGUF and torch.equal(lw.down_exps.raw, down)
-
-
-@pytest.mark.parametrize("n_in", [256, 1024, 2048])
-def test_q2k_decode_order_splits_each_row_into_quants_scales_and_d(n_in):
-    """q2k_decode_rows: a Q2_K row's quants of every super-block first (64 bytes each), then the
-    scale bytes (16 each), then d|dmin (4 each); q2k_gguf_rows undoes it. A QTensor in that
-    order dequantises and multiplies as in GGUF's; the order applies only to Q2_K."""
-    from ds4tp import ops
-    from ds4tp.qtensor import GGUF, Q2K_DECODE, QTensor, q2k_decode_rows, q2k_gguf_rows
-    raw = torch.from_numpy(random_rows(np.random.default_rng(8), C.Q2_K, (3, 5), n_in))
-    nsb = n_in // 256
-    dec = q2k_decode_rows(raw)
-    b, r = raw.reshape(-1, nsb, 84), dec.reshape(-1, 84 * nsb)
-    for sb in range(nsb):
-        assert torch.equal(r[:, 64 * sb:64 * sb + 64], b[:, sb, 16:80])
-        assert torch.equal(r[:, 64 * nsb + 16 * sb:64 * nsb + 16 * sb + 16], b[:, sb, :16])
-        assert torch.equal(r[:, 80 * nsb + 4 * sb:80 * nsb + 4 * sb + 4], b[:, sb, 80:])
-    assert torch.equal(q2k_gguf_rows(dec), raw)
-    ref = QTensor(C.Q2_K, (3, 5, n_in), raw.clone())
-    w = QTensor(C.Q2_K, (3, 5, n_in), raw.clone())
-    w.set_layout(Q2K_DECODE)
-    assert w.layout == Q2K_DECODE and torch.equal(w.raw, dec) and torch.equal(w.gguf_raw(), raw)
-    assert torch.equal(w.f32(), ref.f32())
-    x = torch.randn(2, 2, n_in)
-    ids = torch.tensor([[0, 2], [1, -1]])
-    assert torch.equal(ops.expert_linear_torch(w, x, ids), ops.expert_linear_torch(ref, x, ids))
-    w.set_layout(GGUF)
-    assert torch.equal(w.raw, raw)
-    with pytest.raises(ValueError, match="layout"):
-        QTensor(C.IQ2_XXS, (8, 4096), torch.zeros(8, 16 * 66, dtype=torch.uint8)).set_layout(Q2K_DECODE)

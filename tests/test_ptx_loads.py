@@ -158,23 +158,20 @@ def nc_load_sources(ptx: str) -> dict:
     return result
 
 
-def _down_defines(K: int, kb: int, csh: int, dl: bool = False) -> str:
+def _down_defines(K: int, kb: int, csh: int) -> str:
     """The host's compile-time shape of the down kernel (cuda_experts.down_defines), as the
     test's NAME=VALUE list."""
     from ds4tp.kernels.cuda_experts import down_defines
-    return " ".join(f"{k}={v}" for k, v in down_defines(K, kb, csh, dl))
+    return " ".join(f"{k}={v}" for k, v in down_defines(K, kb, csh))
 
 
 # the down kernel's compile-time shapes at full size: DS4's 6 slots, TP=1 (2048 inputs, the
 # shared down's 2048) and TP=2 (1024, 1024); the gate/up kernel with the expert choice
-# (cuda_experts.swiglu_routed), also on rows in the decode orders (gate/up, down); the
-# prefill's kernels on those
+# (cuda_experts.swiglu_routed), also on rows in the decode order; the prefill's kernels on those
 DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1",
-                          _down_defines(6, 8, 4, True), _down_defines(6, 4, 2, True),
                           "A_ROUTE=1 A_DL=1",         # (A_DL: gate/up rows in the decode order,
-                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1",    # A_TAB: its tables)
-                          "A_ROUTE=1 A_DL=1 A_TAB=1 A_DL_V1=1"),
-           "experts_mma.cu": ("", "IQ2_DL=1", "IQ2_DL=1 IQ2_DL_V1=1", "Q2_DL=1")}
+                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1"),   # A_TAB: its tables)
+           "experts_mma.cu": ("", "IQ2_DL=1")}
 
 
 @needs_compiler

@@ -94,23 +94,19 @@ def eager_rows(x) -> bool:
     return x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling() and on_gpu(x)
 
 
-def prepare_weights(weights, decode_order: bool = True, layout: str | None = None,
-                    down_order: bool | None = None) -> int:
+def prepare_weights(weights, decode_order: bool = True, layout: str | None = None) -> int:
     """Once at load, on CUDA: re-order the routed gate/up rows of every layer in place into the
     order the decode kernel reads (qtensor.IQ2_DECODE: IQ2_XXS rows of 16 super-blocks, where
-    the CUDA C kernels that read it compile: cuda_experts.takes_decode_order), and the routed
-    down rows likewise (qtensor.Q2K_DECODE: Q2_K rows of 4 or 8 super-blocks, where
-    cuda_experts.takes_down_order). `decode_order=False` puts them back in GGUF's order, for
-    A/B timings; `layout` another gate/up order, IQ2_DECODE_V1, likewise; `down_order` sets the
-    down rows' apart (default: decode_order). Every other reader takes QTensor.gguf_raw() or
-    knows the order (the prefill's tensor-core kernels). Idempotent; returns how many weights
-    are in a decode order."""
+    the CUDA C kernels that read it compile: cuda_experts.takes_decode_order;
+    `decode_order=False` puts them back in GGUF's order, for A/B timings; `layout` another
+    decode order, IQ2_DECODE_V1, likewise). Every other reader takes QTensor.gguf_raw() or knows
+    the order (the prefill's tensor-core kernel). Idempotent; returns how many weights are in a
+    decode order."""
     from ds4tp.config import IQ2_XXS
     from ds4tp.kernels import cuda_experts
-    from ds4tp.qtensor import GGUF, IQ2_DECODE, Q2K_DECODE
+    from ds4tp.qtensor import GGUF, IQ2_DECODE
     layout = layout or IQ2_DECODE
-    down_order = decode_order if down_order is None else down_order
-    takes, takes_down = {}, {}                    # device -> whether its kernels read the order
+    takes = {}                                    # device -> whether its kernels read the order
     n = 0
     for lw in weights.layers:
         for w in (lw.gate_exps, lw.up_exps):
@@ -121,14 +117,6 @@ def prepare_weights(weights, decode_order: bool = True, layout: str | None = Non
                     and (not decode_order or takes[dev])):
                 w.set_layout(layout if decode_order else GGUF)
             n += w.layout != GGUF
-        w = lw.down_exps
-        dev = w.raw.device
-        if down_order and dev not in takes_down:
-            takes_down[dev] = cuda_experts.takes_down_order(dev)
-        if (w.raw.is_cuda and w.raw.is_contiguous() and cuda_experts.down_order_ok(w)
-                and (not down_order or takes_down[dev])):
-            w.set_layout(Q2K_DECODE if down_order else GGUF)
-        n += w.layout != GGUF
     return n
 
 

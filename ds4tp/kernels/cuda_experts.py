@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ds4tp.config import IQ2_XXS, Q2_K, Q8_0
-from ds4tp.qtensor import DECODE_LAYOUTS, IQ2_DECODE_V1, Q2K_DECODE
+from ds4tp.qtensor import DECODE_LAYOUTS, IQ2_DECODE_V1
 from ds4tp.kernels import cuda_c
 from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
 
@@ -43,19 +43,10 @@ def _kernel(x: torch.Tensor, warps: int, which: int, defines: tuple = ()):
                          (("WARPS", warps),) + tuple(defines))
 
 
-def down_defines(K: int, kb: int, csh: int, dl: bool = False) -> tuple:
+def down_defines(K: int, kb: int, csh: int) -> tuple:
     """The down kernel's compile-time shape (experts.cu q2k_down_sum): passes over a row's K
-    slots (32 / (4 kb) slots a pass), the shared row's pieces; dl: rows in the decode order
-    (qtensor.Q2K_DECODE)."""
-    return (("B_NP", -(-K // (32 // (4 * kb)))), ("B_SH_MAX", max(csh, 1))) + \
-        ((("B_DL", 1),) if dl else ())
-
-
-def down_order_ok(w) -> bool:
-    """Whether the down kernel can read this Q2_K weight's rows in the decode order: rows of 4
-    or 8 super-blocks (its 16-byte quant loads; DS4 at TP=2 and TP=1), 16-byte aligned."""
-    kb = w.shape[-1] // 256
-    return w.qtype == Q2_K and kb in (4, 8) and w.shape[-1] % 256 == 0 and _aligned(w.raw, 16)
+    slots (32 / (4 kb) slots a pass), the shared row's pieces."""
+    return (("B_NP", -(-K // (32 // (4 * kb)))), ("B_SH_MAX", max(csh, 1)))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS,
@@ -137,18 +128,6 @@ def takes_decode_order(device: torch.device) -> bool:
     return (cuda_c.kernel("experts.cu", "iq2xxs_swiglu", idx,
                           (("WARPS", WARPS),) + _swiglu_defines(True, True)) is not None
             and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, _MMA_DL) is not None)
-
-
-def takes_down_order(device: torch.device) -> bool:
-    """Whether routed down rows in the decode order (qtensor.Q2K_DECODE) can be read in place on
-    this device: both of their kernels compiled (the decode step's down with the shared row,
-    the prefill's tensor-core one)."""
-    if not (available() and device.type == "cuda"):
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return (cuda_c.kernel("experts.cu", "q2k_down_sum", idx,
-                          (("WARPS", WARPS),) + down_defines(6, 8, 4, True)) is not None
-            and cuda_c.kernel("experts_mma.cu", "q2k_slots_mma", idx, (("Q2_DL", 1),)) is not None)
 
 
 def _swiglu_defines(route: bool, dl: bool) -> tuple:
@@ -269,9 +248,6 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     raw = w.raw
     if n_in % 256 or kb not in B_KB or x.shape[1] != ids.shape[1] or not _aligned(raw, 4):
         return None
-    dl = w.layout == Q2K_DECODE
-    if dl and not down_order_ok(w):
-        return None
     T, K = ids.shape
     sh, csh = None, 0
     if shared is not None:
@@ -283,7 +259,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
                 or gu is None or gu.shape != (1, 2 * F) or gu.dtype != torch.float32 or gu.device != x.device):
             return None
         gu = _act16(gu)          # its prologue reads 16-byte pieces
-    fb = _kernel(x, warps, 1, down_defines(K, kb, csh, dl))
+    fb = _kernel(x, warps, 1, down_defines(K, kb, csh))
     if fb is None:
         return None
     x = _act16(x)                # the prologue reads 16-byte pieces
@@ -326,8 +302,6 @@ def many(w, w2, x16: torch.Tensor, per_slot: bool, pairs: torch.Tensor, table: t
         return False
     if dl:
         defines = tuple(defines) + _MMA_DL + ((("IQ2_DL_V1", 1),) if w.layout == IQ2_DECODE_V1 else ())
-    if w.layout == Q2K_DECODE:
-        defines = tuple(defines) + (("Q2_DL", 1),)
     sxk = x16.stride(1) if per_slot else 0
     if not (x16.stride(-1) == 1 and x16.data_ptr() % 8 == 0 and x16.stride(0) % 4 == 0 and sxk % 4 == 0):
         return False

@@ -719,9 +719,6 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 #ifndef B_SH_MAX
 #define B_SH_MAX B_SH_CPR       // the shared down's pieces per lane per row, at most
 #endif
-#ifndef B_DL
-#define B_DL 0                  // rows in the decode order (qtensor.Q2K_DECODE): the row's quants,
-#endif                          // then its scale bytes, then its d|dmin words; KB % 4 == 0
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
              const float* x, long long stride_xt, long long stride_xk,
@@ -769,19 +766,6 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     }
     unsigned qw[B_NP][4], sc[B_NP][2], dd[B_NP];
     // pass p of a row into its registers (slots without an expert load nothing)
-#if B_DL
-    // (the decode order: unit u's 16 quant bytes at 16u, its 8 scale bytes at 64 KB + 16 sb +
-    // 8 nh, its super-block's d|dmin at 80 KB + 4 sb: three loads, a warp's whole sectors)
-#define B_LOAD(p, row)                                                                        \
-    if (p * spp < K && e[p] >= 0) {                                                           \
-        const unsigned char* rb = w + (long long)e[p] * stride_e + (long long)(row) * stride_n; \
-        const uint4 q4 = __ldg((const uint4*)(rb + 16 * u));                                  \
-        const uint2 s2 = __ldg((const uint2*)(rb + 64 * KB + 16 * sb + 8 * nh));              \
-        qw[p][0] = q4.x; qw[p][1] = q4.y; qw[p][2] = q4.z; qw[p][3] = q4.w;                   \
-        sc[p][0] = s2.x; sc[p][1] = s2.y;                                                     \
-        dd[p] = __ldg((const unsigned*)(rb + 80 * KB + 4 * sb));                              \
-    }
-#else
 #define B_LOAD(p, row)                                                                        \
     if (p * spp < K && e[p] >= 0) {                                                           \
         const unsigned* b32 = (const unsigned*)(w + (long long)e[p] * stride_e                \
@@ -791,7 +775,6 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = __ldg(b32 + 4 + 8 * nh + 4 * h + i); \
         dd[p] = __ldg(b32 + 20);                                                              \
     }
-#endif
     int n = n0 + warp;
     if (n < nend) {
 #pragma unroll

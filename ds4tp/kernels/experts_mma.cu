@@ -78,9 +78,6 @@ struct RowStep { u32 a, b, s, d; };
 #ifndef IQ2_DL_V1
 #define IQ2_DL_V1 0     // ... in the first decode order (qtensor.IQ2_DECODE_V1)
 #endif
-#ifndef Q2_DL
-#define Q2_DL 0         // Q2_K rows in the decode order (qtensor.Q2K_DECODE): quants, scales, d|dmin
-#endif
 
 // The sub-block (32 inputs) a step takes. In the decode order the steps follow the row's bytes:
 // step s reads the 8 bytes at 32 + 8s, sub-block g = (s % 64) / 2 + 32 (s % 2) + 64 (s / 64)
@@ -94,7 +91,7 @@ __device__ __forceinline__ int step_sub(int step) {
 }
 
 template <int IQ2>
-__device__ __forceinline__ RowStep load_step(const unsigned char* row, int step, int c, int kb) {
+__device__ __forceinline__ RowStep load_step(const unsigned char* row, int step, int c) {
     RowStep r;
     if (IQ2 && IQ2_DL) {   // sub-block step_sub(step) at 32 + 8 step (4-aligned); the scale of
         const unsigned char* p = row + 32 + 8 * step;                // super-block sb at
@@ -111,18 +108,14 @@ __device__ __forceinline__ RowStep load_step(const unsigned char* row, int step,
         r.s = 0;
         r.d = ld16(sb);
     } else {     // scales[16], qs[64], d, dmin (84 bytes, 4-aligned); sub-blocks 2j', 2j'+1
-        // (Q2_DL: the super-block's quants at 64 sbi, scales at 64 kb + 16 sbi, d|dmin at 80 kb + 4 sbi)
-        const int sbi = step >> 3;
-        const unsigned char* sb = row + sbi * 84;
+        const unsigned char* sb = row + (step >> 3) * 84;
         const int j = 2 * (step & 7);
-        const unsigned char* q = (Q2_DL ? row + 64 * sbi : sb + 16) + 32 * (j >> 3) + 4 * c;
+        const unsigned char* q = sb + 16 + 32 * (j >> 3) + 4 * c;
         r.a = __ldg((const u32*)q);                      // sub-block j: bytes l = 4c..4c+3
         r.b = __ldg((const u32*)(q + 16));               // sub-block j + 1
         // lane 0 of the row's four loads the scales' word, the others d | dmin; shared below
         const int q0 = (threadIdx.x & 31) & ~3;
-        const unsigned char* sw = Q2_DL ? row + 64 * kb + 16 * sbi + (j & ~3) : sb + (j & ~3);
-        const unsigned char* dw = Q2_DL ? row + 80 * kb + 4 * sbi : sb + 80;
-        const u32 v = __ldg((const u32*)(c ? dw : sw));
+        const u32 v = __ldg((const u32*)(c ? sb + 80 : sb + (j & ~3)));
         r.s = __shfl_sync(FULL, v, q0) >> (8 * (j & 2));  // their scale/min bytes
         r.d = __shfl_sync(FULL, v, q0 + 1);              // d | dmin << 16
     }
@@ -250,7 +243,7 @@ __device__ __forceinline__ void experts_mma(
     for (int f = 0; f < 8; f++) boff[f] = xs_off(f * 8 + g, 4 * c);
     RowStep ra[4], rb[4];
 #pragma unroll
-    for (int i = 0; i < 4; i++) ra[i] = load_step<IQ2>(rp[i], 0, c, KB);
+    for (int i = 0; i < 4; i++) ra[i] = load_step<IQ2>(rp[i], 0, c);
     auto compute = [&](const RowStep* r, int step) {
         asm volatile("cp.async.wait_group %0;" :: "n"(XS - 2));
         __syncthreads();                                   // step's activations are staged and
@@ -259,7 +252,7 @@ __device__ __forceinline__ void experts_mma(
 #pragma unroll
             for (int i = 0; i < 4; i++)      // (decode order: the 64 bytes after the next 64)
                 asm volatile("prefetch.global.L2 [%0];" :: "l"(rp[i] + (IQ2 && IQ2_DL ? 32 + 8 * step + 128
-                                                                          : ((step >> 3) + 2) * (IQ2 ? 66 : Q2_DL ? 64 : 84))));
+                                                                          : ((step >> 3) + 2) * (IQ2 ? 66 : 84))));
         }
         const unsigned char* xb = xs[step % XS];
         u32 lo[4][2], hi[4][2];
@@ -277,11 +270,11 @@ __device__ __forceinline__ void experts_mma(
     };
     for (int step = 0; step < steps; step += 2) {          // steps is even: ping-pong, no copies
 #pragma unroll
-        for (int i = 0; i < 4; i++) rb[i] = load_step<IQ2>(rp[i], step + 1, c, KB);
+        for (int i = 0; i < 4; i++) rb[i] = load_step<IQ2>(rp[i], step + 1, c);
         compute(ra, step);
         if (step + 2 < steps) {
 #pragma unroll
-            for (int i = 0; i < 4; i++) ra[i] = load_step<IQ2>(rp[i], step + 2, c, KB);
+            for (int i = 0; i < 4; i++) ra[i] = load_step<IQ2>(rp[i], step + 2, c);
         }
         compute(rb, step + 1);
     }

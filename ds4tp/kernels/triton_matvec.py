@@ -1259,7 +1259,7 @@ def q2k_sum_path(w, T: int, K: int, mode: int, cfg: Cfg | None = None) -> bool:
 def _q2k_sum(w, x, per_slot, ids, out, cfg):
     E, n_out, n_in = w.shape
     T, K = ids.shape
-    raw = _raw(w)                 # (GGUF's order: a copy for rows in the decode order)
+    raw = w.raw
     bn = cfg.bn if cfg is not None else Q2K_SUM_BN
     xq, xd, xbs = quantize_q8_k(x.reshape(-1, n_in))
     xrow_t, xrow_k = (K, 1) if per_slot else (1, 0)
