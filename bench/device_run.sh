@@ -221,7 +221,7 @@
 #         ATTN_MQA_AB against one head a program); no goldens (the default path is unchanged)
 #   s32c: session 32, one GPU: s30i's stall reasons of the routed gate/up kernel, then the
 #         critical path of the TP=2 rank's step (bench/critical_path.py, world 2, no variants)
-#   s32d: session 32, one GPU or two: the routed gate/up rows in a decode order whose 16-byte
+#   s32d: session 32, one GPU or two (the first order's A/B at 5027909, removed after): the routed gate/up rows in a decode order whose 16-byte
 #         loads read whole sectors (qtensor.IQ2_DECODE) against the first one (IQ2_DECODE_V1):
 #         CUDA twins (both orders), the kernel alone (bench/iq2_layout_probe.py), the bench
 #         at TP=2,1 (TP=1 on one GPU), depth 0 (A/B: decode_d0_iq2_v1, logits compared)

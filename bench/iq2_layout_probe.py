@@ -8,9 +8,9 @@ share of its stalls on shared-memory results (short scoreboard, 1.85 cycles an i
 so each row comes straight into registers by two 16-byte loads and one 8-byte load a lane.
 
 The decode layout also runs with its tables per bank pair off (decode_one_table: one 2 KB grid
-table, the sign masks computed; experts.cu A_TAB), the kernel of the twenty-seventh session,
-and in the first decode order (decode_v1, qtensor.IQ2_DECODE_V1: a lane's four sub-blocks as
-32 contiguous bytes, so each 16-byte load of a warp spans 1 KB and uses half of every sector).
+table, the sign masks computed; experts.cu A_TAB), the kernel of the twenty-seventh session.
+(The thirtieth session's s32d and s32e also timed the first decode order here, a lane's four
+sub-blocks as 32 contiguous bytes: 4-5% slower; removed after, at 5027909.)
 
 For TP=2 and TP=1 expert shapes (64 experts, 4096 inputs), a token's 6 ids drawn afresh for each
 of 48 launches (so the rows come from HBM, not L2), both layouts: outputs compared bit for bit,
@@ -36,7 +36,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--json", default="")
 ap.add_argument("--launches", type=int, default=48)
 args = ap.parse_args()
-VARIANTS = ("gguf", "decode_one_table", "decode_v1", "decode_layout")
+VARIANTS = ("gguf", "decode_one_table", "decode_layout")
 
 
 def launches(wg, wu, x, ids_list, rw):
@@ -50,7 +50,6 @@ for tp in (2, 1):
     w = {"gguf": (kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"),
                   kc.rand_weight(IQ2_XXS, (E, F, 4096), g, "cuda"))}
     w["decode_layout"] = w["decode_one_table"] = tuple(kc.decode_order(t) for t in w["gguf"])
-    w["decode_v1"] = tuple(kc.decode_order(t, "iq2_decode_v1") for t in w["gguf"])
     x = kc.rand_act((1, 4096), g, "cuda")
     rw = torch.rand(1, 6, generator=g).cuda()
     ids_list = [torch.randperm(E, generator=g)[:6].reshape(1, 6).cuda() for _ in range(args.launches)]
@@ -80,11 +79,9 @@ for tp in (2, 1):
     same = all(torch.equal(a, b) for v in VARIANTS[1:] for a, b in zip(outs["gguf"], outs[v]))
     res[f"tp{tp}"] = {"us_per_launch": times, "bit_identical": same,
                       "ratio": times["decode_layout"] / times["gguf"],
-                      "ratio_tables": times["decode_layout"] / times["decode_one_table"],
-                      "ratio_v1": times["decode_layout"] / times["decode_v1"]}
+                      "ratio_tables": times["decode_layout"] / times["decode_one_table"]}
     print(f"TP={tp} rows {F}: " + ", ".join(f"{k} {v:.2f} us" for k, v in times.items())
           + f"; decode layout / gguf {res[f'tp{tp}']['ratio']:.3f}, tables / one table "
-          f"{res[f'tp{tp}']['ratio_tables']:.3f}, against the first decode order "
-          f"{res[f'tp{tp}']['ratio_v1']:.3f}; outputs bit-identical: {same}", flush=True)
+          f"{res[f'tp{tp}']['ratio_tables']:.3f}; outputs bit-identical: {same}", flush=True)
 if args.json:
     Path(args.json).write_text(json.dumps(res, indent=1))

@@ -683,19 +683,6 @@ def _bench_rank(comm, dev, cfg):
                 _decode_and_logits(model, steps)
         res["tables_logits_equal_one_table"] = bool(torch.equal(mine, ref))
         save()
-        # the first decode order (qtensor.IQ2_DECODE_V1: a lane's four sub-blocks together, so
-        # each 16-byte load of a warp used half of every sector) instead of IQ2_DECODE
-        from ds4tp.qtensor import IQ2_DECODE_V1
-        kernels.prepare_weights(model.w, decode_order=False)
-        kernels.prepare_weights(model.w, layout=IQ2_DECODE_V1)
-        try:
-            res["decode_d0_iq2_v1"], res["decode_d0_chained_iq2_v1"], ref = \
-                _decode_and_logits(model, steps)
-        finally:
-            kernels.prepare_weights(model.w, decode_order=False)
-            kernels.prepare_weights(model.w)
-        res["iq2_v1_logits_equal"] = bool(torch.equal(mine, ref))
-        save()
     # the HC step at 8 warps a program (as up to the twenty-eighth session) instead of
     # triton_hc.HC_STEP_WARPS (sums in another order: the logits are compared by the first
     # step's largest difference and by the greedy picks; an expert choice near a tie flips)

@@ -25,53 +25,46 @@ from ds4tp.config import BLOCK, IQ2_XXS, type_name
 
 GGUF = "gguf"
 IQ2_DECODE = "iq2_decode"
-# The first decode order (the twenty-seventh session's: a lane's four sub-blocks as 32 contiguous
-# bytes), kept while the bench times it against IQ2_DECODE
-IQ2_DECODE_V1 = "iq2_decode_v1"
-DECODE_LAYOUTS = (IQ2_DECODE, IQ2_DECODE_V1)
 _IQ2_ROW = 16 * 66          # an IQ2_XXS row of 16 super-blocks (4096 inputs)
 
 
-def _iq2_decode_perm(layout: str = IQ2_DECODE) -> list[int]:
+def _iq2_decode_perm() -> list[int]:
     """The IQ2_DECODE order of an IQ2_XXS row of 16 super-blocks (66 bytes each: an f16 scale,
     then 8 sub-blocks of 8 bytes): byte i of a re-ordered row is byte perm[i] of GGUF's. First
     the 16 scales, super-blocks j, j+4, j+8, j+12 as 8 contiguous bytes (at 8j), then the 128
     sub-blocks in two halves of 512 bytes: sub-blocks l and l+32 as 16 contiguous bytes at 32 +
     16l, l+64 and l+96 at 544 + 16l. The decode kernel's lane l then reads its four sub-blocks
     by two 16-byte loads, each a warp's 512 contiguous bytes (every 32-byte sector whole), and
-    lane group l/8 its four scales by one (kernels/experts.cu, A_DL). IQ2_DECODE_V1: the four
-    sub-blocks of lane l as 32 contiguous bytes at 32 + 32l (a warp's 16-byte load then spans
-    1 KB and uses half of each sector)."""
+    lane group l/8 its four scales by one (kernels/experts.cu, A_DL). (The first decode order,
+    until the thirtieth session, held lane l's four sub-blocks as 32 contiguous bytes at 32 +
+    32l: a warp's 16-byte load spanned 1 KB and used half of each sector; the kernel alone was
+    4-5% slower on it, s32d.)"""
     perm = []
     for j in range(4):
         for i in range(4):
             sb = j + 4 * i
             perm += [66 * sb, 66 * sb + 1]
-    if layout == IQ2_DECODE_V1:
-        order = [lane + 32 * i for lane in range(32) for i in range(4)]
-    else:
-        order = [lane + 32 * (2 * h + j) for h in range(2) for lane in range(32) for j in range(2)]
-    for g in order:
+    for g in (lane + 32 * (2 * h + j) for h in range(2) for lane in range(32) for j in range(2)):
         sb, k = divmod(g, 8)
         perm += range(66 * sb + 2 + 8 * k, 66 * sb + 10 + 8 * k)
     return perm
 
 
-_PERM = {lay: torch.tensor(_iq2_decode_perm(lay)) for lay in DECODE_LAYOUTS}
-_INV = {lay: torch.argsort(p) for lay, p in _PERM.items()}
+_PERM = torch.tensor(_iq2_decode_perm())
+_INV = torch.argsort(_PERM)
 
 
-def iq2_decode_rows(raw: torch.Tensor, layout: str = IQ2_DECODE) -> torch.Tensor:
+def iq2_decode_rows(raw: torch.Tensor) -> torch.Tensor:
     """IQ2_XXS rows of 16 super-blocks [..., 1056] in GGUF's order -> the same rows in the
-    decode order `layout` (_iq2_decode_perm), a new tensor."""
+    IQ2_DECODE order (_iq2_decode_perm), a new tensor."""
     _check_iq2_rows(raw)
-    return raw.index_select(-1, _PERM[layout].to(raw.device))
+    return raw.index_select(-1, _PERM.to(raw.device))
 
 
-def iq2_gguf_rows(raw: torch.Tensor, layout: str = IQ2_DECODE) -> torch.Tensor:
+def iq2_gguf_rows(raw: torch.Tensor) -> torch.Tensor:
     """The inverse of iq2_decode_rows."""
     _check_iq2_rows(raw)
-    return raw.index_select(-1, _INV[layout].to(raw.device))
+    return raw.index_select(-1, _INV.to(raw.device))
 
 
 def _check_iq2_rows(raw: torch.Tensor) -> None:
@@ -101,8 +94,8 @@ class QTensor:
         self._check_layout(self.layout)
 
     def _check_layout(self, layout: str) -> None:
-        if layout not in (GGUF, *DECODE_LAYOUTS) or (
-                layout != GGUF and (self.qtype != IQ2_XXS or self.raw.shape[-1] != _IQ2_ROW)):
+        if layout not in (GGUF, IQ2_DECODE) or (
+                layout == IQ2_DECODE and (self.qtype != IQ2_XXS or self.raw.shape[-1] != _IQ2_ROW)):
             raise ValueError(f"layout {layout!r} does not apply to {type_name(self.qtype)} {self.shape}")
 
     @property
@@ -119,16 +112,14 @@ class QTensor:
 
     def gguf_raw(self) -> torch.Tensor:
         """raw in GGUF's byte order (itself, or a re-ordered copy)."""
-        return self.raw if self.layout == GGUF else iq2_gguf_rows(self.raw, self.layout)
+        return self.raw if self.layout == GGUF else iq2_gguf_rows(self.raw)
 
     def set_layout(self, layout: str) -> None:
-        """Re-order raw's rows in place into `layout` (GGUF or a decode order; a no-op if
-        already)."""
+        """Re-order raw's rows in place into `layout` (GGUF or IQ2_DECODE; a no-op if already)."""
         self._check_layout(layout)
         if layout == self.layout:
             return
-        gguf = self.gguf_raw()
-        self.raw.copy_(gguf if layout == GGUF else iq2_decode_rows(gguf, layout))
+        self.raw.copy_(iq2_decode_rows(self.raw) if layout == IQ2_DECODE else self.gguf_raw())
         self.layout = layout
         self.kernel_cache.clear()
 

@@ -256,14 +256,15 @@ def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard="", r
     return check(tag, out, want)
 
 
-def decode_order(w: QTensor, layout: str = "iq2_decode") -> QTensor:
-    """A copy of an IQ2_XXS weight with its rows in a decode order (qtensor.IQ2_DECODE)."""
+def decode_order(w: QTensor) -> QTensor:
+    """A copy of an IQ2_XXS weight with its rows in the decode order (qtensor.IQ2_DECODE)."""
+    from ds4tp.qtensor import IQ2_DECODE
     d = QTensor(w.qtype, w.shape, w.raw.clone())
-    d.set_layout(layout)
+    d.set_layout(IQ2_DECODE)
     return d
 
 
-def case_cuda_decode_order(device, gen, E, F, T, K, layout="iq2_decode"):
+def case_cuda_decode_order(device, gen, E, F, T, K):
     """Routed gate/up weights with their rows in the decode order (kernels.prepare_weights) give
     the bits of GGUF's order in every launch that reads them (the decode kernel, plain and
     choosing its experts with the shared rows riding; the Triton kernels, through
@@ -273,12 +274,12 @@ def case_cuda_decode_order(device, gen, E, F, T, K, layout="iq2_decode"):
     from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
     from ds4tp.kernels import cuda_experts as ce, triton_gemm as tg, triton_matvec as tm
     wg, wu = (expert_weight(IQ2_XXS, E, F, 4096, gen, device) for _ in range(2))
-    dg, du = decode_order(wg, layout), decode_order(wu, layout)
+    dg, du = decode_order(wg), decode_order(wu)
     assert not torch.equal(dg.raw, wg.raw)
     ids = rand_ids(T, K, E, gen, device)
     x = rand_act((T, 4096), gen, device) * 20.0
     rw = torch.rand(T, K, generator=gen).to(device)
-    tag = f"cuda decode order {layout} E={E} F={F} T={T} K={K}"
+    tag = f"cuda decode order E={E} F={F} T={T} K={K}"
     pairs = []
     got = ce.swiglu(dg, du, x, ids, rw, 10.0)
     assert got is not None, f"{tag}: the decode kernel did not take the decode order"
@@ -507,8 +508,6 @@ def cuda_c_cases():
     # the routed gate/up rows in the decode order: TP=2's and TP=1's rows, a token and a few
     yield "cuda decode order TP=2 T=1", case_cuda_decode_order, (16, 1024, 1, 6)
     yield "cuda decode order TP=1 T=3", case_cuda_decode_order, (12, 2048, 3, 6)
-    yield "cuda decode order v1 TP=2 T=1", case_cuda_decode_order, (16, 1024, 1, 6, "iq2_decode_v1")
-    yield "cuda decode order v1 TP=1 T=3", case_cuda_decode_order, (12, 2048, 3, 6, "iq2_decode_v1")
     # the gate/up launch that chooses its experts: DS4 (256 experts, 6 chosen, bias, hash
     # layers, TP=2's rows), fewer experts, ties
     yield "cuda swiglu routed", case_cuda_swiglu_routed, (256, 64, 4096, 6)

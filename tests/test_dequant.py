@@ -99,28 +99,23 @@ def test_empty():
 
 
 # ---- the decode order of IQ2_XXS rows (qtensor.IQ2_DECODE) ----------------------------------
-@pytest.mark.parametrize("layout", ["iq2_decode", "iq2_decode_v1"])
-def test_iq2_decode_order_puts_each_lanes_bytes_together_and_back(layout):
+def test_iq2_decode_order_puts_each_lanes_bytes_together_and_back():
     """iq2_decode_rows: scales of super-blocks j, j+4, j+8, j+12 at 8j (f16 each); sub-blocks
-    (8 bytes each) l, l+32 at 32 + 16l and l+64, l+96 at 544 + 16l (IQ2_DECODE: a warp's
-    16-byte loads each read 512 contiguous bytes), or l, l+32, l+64, l+96 at 32 + 32l
-    (IQ2_DECODE_V1); iq2_gguf_rows undoes either."""
-    from ds4tp.qtensor import IQ2_DECODE_V1, iq2_decode_rows, iq2_gguf_rows
+    (8 bytes each) l, l+32 at 32 + 16l and l+64, l+96 at 544 + 16l (a warp's 16-byte loads
+    each read 512 contiguous bytes); iq2_gguf_rows undoes it."""
+    from ds4tp.qtensor import iq2_decode_rows, iq2_gguf_rows
     raw = torch.from_numpy(random_rows(np.random.default_rng(3), C.IQ2_XXS, (2, 3), 4096))
-    dec = iq2_decode_rows(raw, layout)
+    dec = iq2_decode_rows(raw)
     b, r = raw.reshape(-1, 16, 66), dec.reshape(-1, 16 * 66)
     for row in range(b.shape[0]):
         for g in range(128):
             lane, i = g % 32, g // 32
-            if layout == IQ2_DECODE_V1:
-                off = 32 + 32 * lane + 8 * i
-            else:
-                off = 32 + 512 * (i // 2) + 16 * lane + 8 * (i % 2)
+            off = 32 + 512 * (i // 2) + 16 * lane + 8 * (i % 2)
             assert torch.equal(r[row, off:off + 8], b[row, g // 8, 2 + 8 * (g % 8):10 + 8 * (g % 8)])
         for sb in range(16):
             off = 8 * (sb % 4) + 2 * (sb // 4)
             assert torch.equal(r[row, off:off + 2], b[row, sb, :2])
-    assert torch.equal(iq2_gguf_rows(dec, layout), raw)
+    assert torch.equal(iq2_gguf_rows(dec), raw)
 
 
 def test_a_weight_in_the_decode_order_dequantises_and_multiplies_as_before():
@@ -129,7 +124,7 @@ def test_a_weight_in_the_decode_order_dequantises_and_multiplies_as_before():
     gives the same bytes. The order applies only to IQ2_XXS rows of 16 super-blocks."""
     from ds4tp import ops
     from ds4tp.kernels import triton_matvec as tm
-    from ds4tp.qtensor import GGUF, IQ2_DECODE, IQ2_DECODE_V1, QTensor
+    from ds4tp.qtensor import GGUF, IQ2_DECODE, QTensor
     rng = np.random.default_rng(5)
     raw = torch.from_numpy(random_rows(rng, C.IQ2_XXS, (4, 8), 4096))
     ref = QTensor(C.IQ2_XXS, (4, 8, 4096), raw.clone())
@@ -142,8 +137,6 @@ def test_a_weight_in_the_decode_order_dequantises_and_multiplies_as_before():
     ids = torch.tensor([[0, 3], [2, -1]])
     rw = torch.rand(2, 2)
     assert torch.equal(ops.expert_swiglu_torch(w, w, x, ids, rw), ops.expert_swiglu_torch(ref, ref, x, ids, rw))
-    w.set_layout(IQ2_DECODE_V1)                    # from one decode order straight to the other
-    assert w.layout == IQ2_DECODE_V1 and torch.equal(w.gguf_raw(), raw) and torch.equal(w.f32(), ref.f32())
     w.set_layout(GGUF)
     assert torch.equal(w.raw, raw)
     with pytest.raises(ValueError, match="layout"):

@@ -94,18 +94,16 @@ def eager_rows(x) -> bool:
     return x.dim() >= 2 and x.shape[0] > 1 and not torch.compiler.is_compiling() and on_gpu(x)
 
 
-def prepare_weights(weights, decode_order: bool = True, layout: str | None = None) -> int:
+def prepare_weights(weights, decode_order: bool = True) -> int:
     """Once at load, on CUDA: re-order the routed gate/up rows of every layer in place into the
     order the decode kernel reads (qtensor.IQ2_DECODE: IQ2_XXS rows of 16 super-blocks, where
     the CUDA C kernels that read it compile: cuda_experts.takes_decode_order;
-    `decode_order=False` puts them back in GGUF's order, for A/B timings; `layout` another
-    decode order, IQ2_DECODE_V1, likewise). Every other reader takes QTensor.gguf_raw() or knows
-    the order (the prefill's tensor-core kernel). Idempotent; returns how many weights are in a
-    decode order."""
+    `decode_order=False` puts them back in GGUF's order, for A/B timings). Every other reader
+    takes QTensor.gguf_raw() or knows the order (the prefill's tensor-core kernel). Idempotent;
+    returns how many weights are in the decode order."""
     from ds4tp.config import IQ2_XXS
     from ds4tp.kernels import cuda_experts
     from ds4tp.qtensor import GGUF, IQ2_DECODE
-    layout = layout or IQ2_DECODE
     takes = {}                                    # device -> whether its kernels read the order
     n = 0
     for lw in weights.layers:
@@ -115,8 +113,8 @@ def prepare_weights(weights, decode_order: bool = True, layout: str | None = Non
                 takes[dev] = cuda_experts.takes_decode_order(dev)
             if (w.qtype == IQ2_XXS and w.shape[-1] == 4096 and w.raw.is_cuda and w.raw.is_contiguous()
                     and (not decode_order or takes[dev])):
-                w.set_layout(layout if decode_order else GGUF)
-            n += w.layout != GGUF
+                w.set_layout(IQ2_DECODE if decode_order else GGUF)
+            n += w.layout == IQ2_DECODE
     return n
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ds4tp.config import IQ2_XXS, Q2_K, Q8_0
-from ds4tp.qtensor import DECODE_LAYOUTS, IQ2_DECODE_V1
+from ds4tp.qtensor import IQ2_DECODE
 from ds4tp.kernels import cuda_c
 from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
 
@@ -117,7 +117,7 @@ def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
 
 
 def takes_decode_order(device: torch.device) -> bool:
-    """Whether rows in a decode order (qtensor.IQ2_DECODE) can be read in place on this
+    """Whether rows in the decode order (qtensor.IQ2_DECODE) can be read in place on this
     device: CuPy here and both of their kernels compiled (the decode step's gate/up with the
     choice, the prefill's tensor-core gate/up). Elsewhere the Triton kernels would take those
     launches through a GGUF-order copy of the weight every call, so kernels.prepare_weights
@@ -199,15 +199,14 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
     if (n_in % 2048 or kb > A_MAX_KB or w_up.shape != w_gate.shape or rg.stride() != ru.stride()
             or not (_aligned(rg, 16) and _aligned(ru, 16)) or w_up.layout != w_gate.layout):
         return None
-    dl = w_gate.layout in DECODE_LAYOUTS    # (rows of 16 super-blocks: the QTensor checks it)
+    dl = w_gate.layout == IQ2_DECODE        # (rows of 16 super-blocks: the QTensor checks it)
     T = x.shape[0]
     sh = None
     if shared is not None:
         sh = _q8_0_split(shared, n_in, A_MAX_KB // 2)
         if sh is None or T != 1 or not takes_shared():
             return None
-    defines = _swiglu_defines(route is not None, dl) + \
-        ((("A_DL_V1", 1),) if w_gate.layout == IQ2_DECODE_V1 else ())
+    defines = _swiglu_defines(route is not None, dl)
     fa = _kernel(x, warps, 0, defines)
     if fa is None:
         return None
@@ -295,13 +294,13 @@ def many(w, w2, x16: torch.Tensor, per_slot: bool, pairs: torch.Tensor, table: t
     E, N, n_in = w.shape
     raw = w.raw
     raw2 = w2.raw if swiglu else raw
-    dl = w.layout in DECODE_LAYOUTS
+    dl = w.layout == IQ2_DECODE
     a = 2 if qt == IQ2_XXS and not dl else 4    # GGUF's IQ2_XXS rows load as 16-bit words
     if (n_in % 256 or not (_aligned(raw, a) and _aligned(raw2, a)) or raw2.stride() != raw.stride()
             or (swiglu and (w2.shape != w.shape or rw is None)) or (w2 is not None and w2.layout != w.layout)):
         return False
     if dl:
-        defines = tuple(defines) + _MMA_DL + ((("IQ2_DL_V1", 1),) if w.layout == IQ2_DECODE_V1 else ())
+        defines = tuple(defines) + _MMA_DL
     sxk = x16.stride(1) if per_slot else 0
     if not (x16.stride(-1) == 1 and x16.data_ptr() % 8 == 0 and x16.stride(0) % 4 == 0 and sxk % 4 == 0):
         return False

@@ -174,9 +174,9 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
 // super-blocks j, j+4, j+8, j+12, at bytes 8j..8j+7), then the 128 sub-blocks of 8 bytes in two
 // halves, lane l's sub-blocks l, l+32 at bytes 32 + 16l and l+64, l+96 at 544 + 16l: two 16-byte
 // loads (each a warp's 512 contiguous bytes, whole sectors) and one 8-byte load a lane straight
-// into registers, no staging in shared memory. A_DL_V1: the first decode order
-// (qtensor.IQ2_DECODE_V1), lane l's four at 32 + 32l, where each 16-byte load of a warp spans
-// 1 KB and uses half of every sector (Nsight Compute, s32c: 37% of the launch's sectors). The same integer
+// into registers, no staging in shared memory. (The first decode order put lane l's four at
+// 32 + 32l: each 16-byte load of a warp spanned 1 KB and used half of every sector, 37% of the
+// launch's sectors in excess by Nsight Compute, s32c; 4-5% slower alone, s32d.) The same integer
 // sums and float32 products in the same order as from GGUF's order, so the same bits. Nsight
 // Compute put the largest share of the GGUF-order kernel's stalls on shared-memory results
 // (short scoreboard: 1.85 cycles of 7.5 an instruction at TP=2, s29a); this order was 13-14%
@@ -187,17 +187,9 @@ struct DlRow {
     uint2 d;
 };
 
-#ifndef A_DL_V1
-#define A_DL_V1 0
-#endif
 __device__ __forceinline__ void dl_load(DlRow& r, const unsigned char* row, int lane) {
-#if A_DL_V1
-    r.q[0] = __ldg((const uint4*)(row + 32 + 32 * lane));
-    r.q[1] = __ldg((const uint4*)(row + 48 + 32 * lane));
-#else
     r.q[0] = __ldg((const uint4*)(row + 32 + 16 * lane));
     r.q[1] = __ldg((const uint4*)(row + 544 + 16 * lane));
-#endif
     r.d = __ldg((const uint2*)(row + 8 * (lane >> 3)));
 }
 

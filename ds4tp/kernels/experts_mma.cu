@@ -75,19 +75,14 @@ struct RowStep { u32 a, b, s, d; };
 #ifndef IQ2_DL
 #define IQ2_DL 0        // IQ2_XXS rows of 16 super-blocks in the decode order (qtensor.IQ2_DECODE)
 #endif
-#ifndef IQ2_DL_V1
-#define IQ2_DL_V1 0     // ... in the first decode order (qtensor.IQ2_DECODE_V1)
-#endif
 
 // The sub-block (32 inputs) a step takes. In the decode order the steps follow the row's bytes:
-// step s reads the 8 bytes at 32 + 8s, sub-block g = (s % 64) / 2 + 32 (s % 2) + 64 (s / 64)
-// (V1: s/4 + 32 (s % 4)), and the activation's g-th 32 values are staged for it (the sum over
-// k runs in another order than from GGUF's order, so the results differ by the tensor cores'
-// float32 accumulation).
+// step s reads the 8 bytes at 32 + 8s, sub-block g = (s % 64) / 2 + 32 (s % 2) + 64 (s / 64),
+// and the activation's g-th 32 values are staged for it (the sum over k runs in another order
+// than from GGUF's order, so the results differ by the tensor cores' float32 accumulation).
 template <int IQ2>
 __device__ __forceinline__ int step_sub(int step) {
-    if (!(IQ2 && IQ2_DL)) return step;
-    return IQ2_DL_V1 ? (step >> 2) + 32 * (step & 3) : ((step & 63) >> 1) + 32 * (step & 1) + 64 * (step >> 6);
+    return (IQ2 && IQ2_DL) ? ((step & 63) >> 1) + 32 * (step & 1) + 64 * (step >> 6) : step;
 }
 
 template <int IQ2>
