@@ -229,6 +229,8 @@
 #         quants, scales, d|dmin; three loads a pass) against GGUF's, with s32d's gate/up order:
 #         CUDA twins (both decode orders), the gate/up alone, the bench at TP=2,1 (TP=1 on one
 #         GPU), depth 0 (A/B: decode_d0_down_gguf_order, decode_d0_iq2_v1; logits compared)
+#   s32g: session 32, one GPU: the routed kernels' CUDA twins on the final code (both decode
+#         orders' A/B code removed), the prefill's tensor-core kernels, the graph tests
 #   s32f: session 32 closing run, two GPUs: TP=2,1 bench with depth 4096 on the final code
 #         (no A/B variants but the bench's own), CUDA goldens
 #   s32b: session 32 closing run, two GPUs: the served path and the full GGUF's load, as s30d
@@ -1328,6 +1330,11 @@ elif [ "$MODE" = s32c ]; then
     --json "$OUT/critical_path_w2.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w2.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w2.txt" | head -4
   grep -A24 "span by role\|Error" "$OUT/critical_path_w2.txt" | head -28
+elif [ "$MODE" = s32g ]; then
+  log "CUDA twins: the routed kernels on the decode order, the prefill's tensor-core kernels, graphs"
+  timeout 400 python3 -m pytest -q -rf tests/test_kernels.py tests/test_decode_graph.py \
+    -k "order or mma or rides or routed or down or graph or on_cuda" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
 elif [ "$MODE" = s32f ]; then
   bench_goldens 4096 330
 elif [ "$MODE" = s32d ] || [ "$MODE" = s32e ]; then
