@@ -231,6 +231,9 @@
 #         GPU), depth 0 (A/B: decode_d0_down_gguf_order, decode_d0_iq2_v1; logits compared)
 #   s32g: session 32, one GPU: the routed kernels' CUDA twins on the final code (both decode
 #         orders' A/B code removed), the prefill's tensor-core kernels, the graph tests
+#   s32h: session 32, one GPU: the served path at TP=1 on the full synthetic GGUF (load from the
+#         file with the routed rows re-ordered, gateway, sampling), the integration check of the
+#         final code where no two-GPU machine is lent
 #   s32f: session 32 closing run, two GPUs: TP=2,1 bench with depth 4096 on the final code
 #         (no A/B variants but the bench's own), CUDA goldens
 #   s32b: session 32 closing run, two GPUs: the served path and the full GGUF's load, as s30d
@@ -1330,6 +1333,16 @@ elif [ "$MODE" = s32c ]; then
     --json "$OUT/critical_path_w2.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w2.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w2.txt" | head -4
   grep -A24 "span by role\|Error" "$OUT/critical_path_w2.txt" | head -28
+elif [ "$MODE" = s32h ]; then
+  log "synth full (parallel)"
+  t0=$(date +%s)
+  timeout 230 python3 -m ds4tp synth --preset full --seed 0 --jobs 16 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  log "serve end to end, TP=1 on one GPU"
+  timeout 300 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 1 --ctx 8192 \
+    --long-words 800 --tokens 256 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "loaded in\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full.gguf
 elif [ "$MODE" = s32g ]; then
   log "CUDA twins: the routed kernels on the decode order, the prefill's tensor-core kernels, graphs"
   timeout 400 python3 -m pytest -q -rf tests/test_kernels.py tests/test_decode_graph.py \
