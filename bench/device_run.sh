@@ -235,8 +235,8 @@
 #         first 8 layers (the one-GPU box's 64 GiB disk holds no full one): load from the file
 #         with the routed rows re-ordered, gateway, sampling; the final code's integration check
 #         where no two-GPU machine is lent
-#   s32i: session 32, two GPUs, short: the TP=2 bench at depth 0 on the final code (s32f where
-#         little device time is left)
+#   s32i: session 32, two GPUs, short: the TP=2,1 bench at depth 0 on the final code, CUDA
+#         goldens at TP=2 (s32f where little device time is left)
 #   s32f: session 32 closing run, two GPUs: TP=2,1 bench with depth 4096 on the final code
 #         (no A/B variants but the bench's own), CUDA goldens
 #   s32b: session 32 closing run, two GPUs: the served path and the full GGUF's load, as s30d
@@ -1352,10 +1352,11 @@ elif [ "$MODE" = s32g ]; then
     -k "order or mma or rides or routed or down or graph or on_cuda" > "$OUT/tests_kernels.txt" 2>&1
   tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  " "$OUT/tests_kernels.txt" | head -16
 elif [ "$MODE" = s32i ]; then
-  log "bench, 43 layers, TP=2, depth 0 (no A/B variants)"
-  timeout 240 python3 -m ds4tp bench --tp 2 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  log "bench, 43 layers, TP=2,1, depth 0 (no A/B variants)"
+  timeout 230 python3 -m ds4tp bench --tp 2,1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary 2>&1 | grep -v "prefill host"
+  golden 2 static 90
 elif [ "$MODE" = s32f ]; then
   bench_goldens 4096 330
 elif [ "$MODE" = s32d ] || [ "$MODE" = s32e ]; then
