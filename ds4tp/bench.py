@@ -373,12 +373,18 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
     frac = bytes_rank / mv_s / (run["copy_bw_GBs"] * 1e9)
     step_nocomm = run["decode_d0_nocomm"]["ms_per_token"] / 1e3
     fixed = max(0.0, step_nocomm - mv_s)
-    # + the compressors' row gathers (split by channel), on average per token
-    n_coll = run["collectives"]["n_all_reduce"] + 1 + run.get("compressor_gathers_per_token", 0.0)
-    t = bytes_rank / (frac * bw_spark) + n_coll * ar_s + fixed
-    return {"achieved_fraction": frac, "fixed_overhead_ms": 1e3 * fixed, "collectives": n_coll,
-            "ms_per_token": 1e3 * t, "tok_s": 1 / t,
+    return {"achieved_fraction": frac, "fixed_overhead_ms": 1e3 * fixed,
+            **_spark_token(run, frac, fixed, bw_spark, ar_s),
             "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
+
+
+def _spark_token(run: dict, frac: float, fixed: float, bw_spark: float, ar_s: float) -> dict:
+    """The projection's formula for one TP=2 run: its per-rank bytes at frac of bw_spark, its
+    token's collectives at ar_s each (the all-reduces, the logits gather and, on average, the
+    compressors' row gathers when split by channel), plus fixed seconds."""
+    n_coll = run["collectives"]["n_all_reduce"] + 1 + run.get("compressor_gathers_per_token", 0.0)
+    t = run["bytes_per_token"] / (frac * bw_spark) + n_coll * ar_s + fixed
+    return {"collectives": n_coll, "ms_per_token": 1e3 * t, "tok_s": 1 / t}
 
 
 # The weights each decode weight kernel streams (GGUF tensor names without "blk.N."): the
@@ -450,16 +456,13 @@ def spark_projection_fit(run: dict, fit: dict, bw_spark=230e9, ar_s=31e-6) -> di
     frac = fit.get("streaming_fraction")
     if not frac:
         return None
-    bytes_rank = run["bytes_per_token"]
     step_nocomm = run["decode_d0_nocomm"]["ms_per_token"] / 1e3
-    streaming = bytes_rank / (frac * run["copy_bw_GBs"] * 1e9)
+    streaming = run["bytes_per_token"] / (frac * run["copy_bw_GBs"] * 1e9)
     fixed = max(0.0, step_nocomm - streaming)
-    n_coll = run["collectives"]["n_all_reduce"] + 1 + run.get("compressor_gathers_per_token", 0.0)
-    t = bytes_rank / (frac * bw_spark) + n_coll * ar_s + fixed
     return {"achieved_fraction": frac, "h200_streaming_ms": 1e3 * streaming,
-            "fixed_overhead_ms": 1e3 * fixed, "collectives": n_coll, "ms_per_token": 1e3 * t,
-            "tok_s": 1 / t, "formula": "bytes_rank/(fitted fraction*230GB/s) + collectives*31us + "
-                                       "(H200 step without collectives - its streaming part)"}
+            "fixed_overhead_ms": 1e3 * fixed, **_spark_token(run, frac, fixed, bw_spark, ar_s),
+            "formula": "bytes_rank/(fitted fraction*230GB/s) + collectives*31us + "
+                       "(H200 step without collectives - its streaming part)"}
 
 
 def fit_runs(out: dict) -> None:
