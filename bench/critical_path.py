@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ds4tp import config as C, decode_graph
-from ds4tp.kernels import cuda_c, cuda_experts, cuda_matvec, pdl, triton_hc, triton_pick, triton_route
+from ds4tp.kernels import (cuda_c, cuda_experts, cuda_matvec, pdl, triton_attn, triton_hc, triton_pick,
+                           triton_route)
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
@@ -61,6 +62,9 @@ VARIANTS = {
     # gate/up launch (cuda_experts.swiglu_routed); s25g/s25h also timed that launch with a fixed
     # choice (experts.cu A_ROUTE_CHEAP, timing only, removed)
     "route_own": (cuda_experts.set_route_enabled,),
+    # (session 31) a ratio-4 layer's two compressor steps in a launch each (before) instead of
+    # one (triton_attn.compressor_pair)
+    "comp_two": (triton_attn.set_pair_enabled,),
 }
 
 

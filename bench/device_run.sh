@@ -215,6 +215,15 @@
 #         warps; 8 programs a head), CUDA goldens
 #   s31d: session 31 closing run, two GPUs: TP=2,1 bench with depth 4096 (A/B: the HC step at
 #         8 warps), CUDA goldens
+#   s33a: session 33, one GPU: a ratio-4 layer's two compressor steps in one launch
+#         (triton_attn.compressor_pair): CUDA twins and graph tests, the pair alone against two
+#         launches (bench/comp_step_sweep.py --pairs), replay A/B at TP=2 and TP=1 (base,
+#         comp_two); then each weight kernel's time fitted over three rank widths on one GPU
+#         (bench/streaming_sizes.py, TP=2, 1, 4 with the collectives removed)
+#   s33b: session 33, one GPU: the pair at its swept launch shape (one row a program, 2048
+#         columns a step, 8 warps): CUDA twins, replay A/B at TP=2 and TP=1 (base, comp_two),
+#         the three-width fit again (copy measured on the bare GPU), the TP=1 bench at depth 0
+#         (A/B: comp_two, logits compared), CUDA goldens at TP=1
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
@@ -1329,6 +1338,31 @@ elif [ "$MODE" = s30e ]; then
   log "routed gate/up then down alone: without and with the down rows' prefetch"
   timeout 80 python3 bench/down_prefetch_probe.py --json "$OUT/down_prefetch_probe.json" 2>&1 | grep -v Warn | tail -3
   twins_bench "order or rides or routed" 0 300
+elif [ "$MODE" = s33a ]; then
+  log "CUDA twins and graph tests: the compressor steps, the graphs"
+  timeout 220 python3 -m pytest -q -rfs tests/test_kernels.py tests/test_decode_graph.py \
+    -k "compressor or graph or on_cuda" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_kernels.txt" | head -16
+  log "a ratio-4 layer's compressor steps alone: two launches against one"
+  timeout 100 python3 bench/comp_step_sweep.py --pairs --out "$OUT/comp_pair_sweep.json" 2>&1 | grep -v Warn \
+    > "$OUT/comp_pair_sweep.txt"
+  grep "==\|failed\|Error" "$OUT/comp_pair_sweep.txt" | head -8
+  replay_ab base,comp_two "compressor pair"
+  log "weight kernels fitted over three rank widths (TP=2, 1, 4; collectives removed)"
+  timeout 200 python3 bench/streaming_sizes.py --out "$OUT/streaming_sizes.json" 2>&1 | grep -v Warn | tail -16
+elif [ "$MODE" = s33b ]; then
+  log "CUDA twins: the compressor steps"
+  timeout 60 python3 -m pytest -q -rfs tests/test_kernels.py -k "compressor" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_kernels.txt" | head -8
+  replay_ab base,comp_two "compressor pair"
+  log "weight kernels fitted over three rank widths (TP=2, 1, 4; collectives removed)"
+  timeout 150 python3 bench/streaming_sizes.py --out "$OUT/streaming_sizes.json" 2>&1 | grep -v Warn | tail -16
+  log "bench, 43 layers, TP=1, depth 0 (A/B: comp_two)"
+  timeout 230 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary 2>&1 | grep -v "prefill host"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('comp_pair_logits_vs_two')) for t, r in rs.items()]"
+  golden 1 static 80
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"

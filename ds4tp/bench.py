@@ -300,11 +300,12 @@ def graph_seconds(fn, dev: torch.device, reps: int = 50, rounds: int = 3, warm: 
 # else in a step (Inductor's fused small ops, attention, copies) is "other". The HC steps
 # (_hc_step_kernel, _hc_logits_kernel) read the F16 mixer weights (1.6 MB a layer, 1.4% of a TP=2
 # rank's bytes) but also update the streams, so they count as other work; the compressor step
-# (_comp_step_kernel: two F16 projections into the frontier) was counted there too before the
-# fifteenth session.
+# (_comp_step_kernel: two F16 projections into the frontier; _comp_pair_kernel: a ratio-4 layer's
+# two compressors in one launch) was counted there too before the fifteenth session.
 WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_expert_small_kernel",
                   "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec",
-                  "_comp_step_kernel", "f16_matvec",   # f16_matvec: the router, as _linear_kernel was
+                  "_comp_step_kernel", "_comp_pair_kernel",
+                  "f16_matvec",   # f16_matvec: the router, as _linear_kernel was
                   "iq2xxs_swiglu_mma", "iq2xxs_slots_mma", "q2k_slots_mma"}   # (a prefill's)
 
 
@@ -399,6 +400,19 @@ KERNEL_WEIGHTS = {
                           "indexer_compressor_gate"),
     "f16_matvec": ("ffn_gate_inp",),
 }
+# Several kernels' launches counted as one key of KERNEL_WEIGHTS: the compressors' weights go
+# through a launch each (ratio-128 layers, and ratio-4 layers before the thirty-first session)
+# or a ratio-4 layer's two through one (_comp_pair_kernel).
+KERNEL_ALIASES = {"_comp_step_kernel": ("_comp_step_kernel", "_comp_pair_kernel")}
+
+
+def kernel_time(kernels: dict, key: str) -> dict | None:
+    """A KERNEL_WEIGHTS key's eager time in a profile's kernels: {"us", "n"} summed over its
+    KERNEL_ALIASES (None if none of them ran)."""
+    rows = [kernels[n] for n in KERNEL_ALIASES.get(key, (key,)) if n in kernels]
+    if not rows:
+        return None
+    return {"us": sum(r["us"] for r in rows), "n": sum(r["n"] for r in rows)}
 
 
 def kernel_bytes(plan, rank: int = 0) -> dict:
@@ -413,39 +427,60 @@ def kernel_bytes(plan, rank: int = 0) -> dict:
     return out
 
 
-def streaming_fit(run_a: dict, run_b: dict, bytes_a: dict, bytes_b: dict) -> dict:
-    """Each weight kernel's eager time in two runs that stream different bytes through the same
-    launches (TP=2 and TP=1 of one bench run), fitted as time = fixed + bytes / rate: the rate
-    is what an extra byte costs (the kernel's streaming rate), the fixed part what it costs
-    whatever its bytes (launch, prologue, latency chains, tail). Kernels with the same bytes in
-    both runs (the replicated router) cannot be split and are left out of the totals. Run a is
-    the TP=2 one: its streaming part and fixed rest of the step without collectives feed
-    spark_projection_fit."""
-    copy = 0.5 * (run_a["copy_bw_GBs"] + run_b["copy_bw_GBs"]) * 1e9
-    ka, kb = run_a["profile"]["kernels"], run_b["profile"]["kernels"]
+def line_fit(xs: list, ys: list) -> tuple:
+    """Least squares y = a + b x over the points -> (a, b, largest |residual|)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    return a, b, max(abs(y - a - b * x) for x, y in zip(xs, ys))
+
+
+def streaming_fit_many(runs: list, kbytes: list, note: str) -> dict:
+    """Each weight kernel's eager time in runs that stream different bytes through the same
+    launches (TP sizes of one model: ranks of other widths), fitted by least squares as
+    time = fixed + bytes / rate: the rate is what an extra byte costs (the kernel's streaming
+    rate), the fixed part what it costs whatever its bytes (launch, prologue, latency chains,
+    tail). runs: bench results with "profile" and "copy_bw_GBs"; kbytes: kernel_bytes of each.
+    Kernels with the same bytes in every run (the replicated router) or whose launches differ
+    between runs are left out, and so is a slope at or above copy speed (the runs' noise, not a
+    rate). The streaming fraction weighs the kernels by the first run's bytes (the TP=2 rank's,
+    for spark_projection_fit). With more than two runs, max_residual_us says how well one line
+    holds."""
+    copy = sum(r["copy_bw_GBs"] for r in runs) / len(runs) * 1e9
     per, fit_bytes, fit_s = {}, 0, 0.0
     for k in KERNEL_WEIGHTS:
-        if k not in ka or k not in kb or ka[k]["n"] != kb[k]["n"]:
+        pts = [kernel_time(r["profile"]["kernels"], k) for r in runs]
+        if any(p is None for p in pts) or len({p["n"] for p in pts}) != 1:
             continue
-        ba, bb = bytes_a[k], bytes_b[k]
-        ta, tb = ka[k]["us"] * 1e-6, kb[k]["us"] * 1e-6
-        row = {"launches": ka[k]["n"], "bytes": [ba, bb], "us": [ka[k]["us"], kb[k]["us"]]}
-        s_per_byte = (tb - ta) / (bb - ba) if ba != bb else 0.0
-        if s_per_byte <= 0 or 1 / s_per_byte > copy:
-            # no byte difference to fit, or a rate above the copy's: the two runs' noise
-            # (seen for the compressor step, s31c), not a streaming rate
+        bs = [kb[k] for kb in kbytes]
+        us = [p["us"] for p in pts]
+        row = {"launches": pts[0]["n"], "bytes": bs, "us": us}
+        fixed_us, us_per_byte, resid = line_fit(bs, us)
+        if us_per_byte <= 0 or 1e6 / us_per_byte > copy:
+            # no byte difference to fit, or a rate above the copy's: the runs' noise (seen for
+            # the compressor step, s31c), not a streaming rate
             row["fit"] = None
         else:
-            fixed = ta - ba * s_per_byte
-            row.update(fit=True, rate_GBs=1e-9 / s_per_byte, fraction_of_copy=1 / s_per_byte / copy,
-                       fixed_us=1e6 * fixed, fixed_us_per_launch=1e6 * fixed / ka[k]["n"])
-            fit_bytes += ba
-            fit_s += ba * s_per_byte
+            rate = 1e6 / us_per_byte
+            row.update(fit=True, rate_GBs=rate / 1e9, fraction_of_copy=rate / copy,
+                       fixed_us=fixed_us, fixed_us_per_launch=fixed_us / pts[0]["n"])
+            if len(runs) > 2:
+                row["max_residual_us"] = resid
+            fit_bytes += bs[0]
+            fit_s += bs[0] / rate
         per[k] = row
     frac = fit_bytes / fit_s / copy if fit_s else None
     return {"kernels": per, "copy_GBs": copy / 1e9, "fitted_bytes": fit_bytes,
-            "streaming_fraction": frac,
-            "note": "two-point fit per kernel: eager profile (PDL off) of run a (TP=2) and b (TP=1)"}
+            "streaming_fraction": frac, "note": note}
+
+
+def streaming_fit(run_a: dict, run_b: dict, bytes_a: dict, bytes_b: dict) -> dict:
+    """streaming_fit_many of two runs, a TP=2 and a TP=1 one of one bench run (run a's step
+    without collectives feeds spark_projection_fit)."""
+    return streaming_fit_many([run_a, run_b], [bytes_a, bytes_b],
+                              "two-point fit per kernel: eager profile (PDL off) of run a (TP=2) and b (TP=1)")
 
 
 def spark_projection_fit(run: dict, fit: dict, bw_spark=230e9, ar_s=31e-6) -> dict | None:
@@ -694,6 +729,14 @@ def _bench_rank(comm, dev, cfg):
         res["decode_d0_hc_step_8_warps"], res["decode_d0_chained_hc_step_8_warps"], ref = \
             _decode_and_logits(model, steps)
     res["hc_step_warps_logits_vs_8"] = _logits_diff(mine, ref)
+    save()
+    # a ratio-4 layer's two compressor steps in a launch each (as up to the thirtieth session)
+    # instead of one (triton_attn.compressor_pair; sums in another order where the launch
+    # shapes differ: the logits are compared as above)
+    from ds4tp.kernels import triton_attn
+    with _switched_off(triton_attn.set_pair_enabled):
+        res["decode_d0_comp_two"], res["decode_d0_chained_comp_two"], ref = _decode_and_logits(model, steps)
+    res["comp_pair_logits_vs_two"] = _logits_diff(mine, ref)
     save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)

@@ -379,8 +379,7 @@ class StaticDecoder:
             jobs = [(lw.comp, lay.front, lay.comp, False)] if lw.ratio else []
             if lw.ratio == 4:
                 jobs.append((lw.icomp, lay.ifront, lay.index, True))
-            for cw, front, _, _ in jobs:
-                compressor_step(cw, xn, pos, front.kv, front.sc)
+            compressor_steps([(cw, front) for cw, front, _, _ in jobs], xn, pos)
             if jobs and emit:
                 self._emit(jobs, pos)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
@@ -452,6 +451,20 @@ def compressor_step(cw, xn, pos, front_kv, front_sc) -> None:
         from ds4tp.kernels import triton_attn
         return triton_attn.compressor_step(xn, cw.kv.raw, cw.gate.raw, cw.ape, pos, front_kv, front_sc)
     return compressor_step_torch(cw, xn, pos, front_kv, front_sc)
+
+
+def compressor_steps(steps, xn, pos) -> None:
+    """A layer's compressor steps on one token, steps [(weights, frontier)]: a ratio-4 layer's
+    two (attention's, then the indexer's) take one launch on CUDA (triton_attn.compressor_pair;
+    the same input x and ratio), any other one compressor_step each."""
+    if (len(steps) == 2 and kernels.on_gpu(xn)
+            and all(cw.kv.qtype == C.F16 and cw.gate.qtype == C.F16 for cw, _ in steps)):
+        from ds4tp.kernels import triton_attn
+        if triton_attn.pair_enabled():
+            a, b = ((cw.kv.raw, cw.gate.raw, cw.ape, front.kv, front.sc) for cw, front in steps)
+            return triton_attn.compressor_pair(xn, a, b, pos)
+    for cw, front in steps:
+        compressor_step(cw, xn, pos, front.kv, front.sc)
 
 
 def compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s) -> None:

@@ -946,6 +946,32 @@ def case_compressor_step(device, gen, ratio, W, E, p):
                for n, a, b in zip(("kv", "gate"), got, want))
 
 
+def case_compressor_pair(device, gen, WA, WB, E, p, launch=None):
+    """A ratio-4 layer's two compressor steps in one launch (triton_attn.compressor_pair) against
+    decode_graph.compressor_step_torch of each; both frontiers start random (rows other than
+    the position's slot must keep their values)."""
+    from ds4tp.config import F16
+    from ds4tp.decode_graph import compressor_step_torch
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights
+    cws = [CompressorWeights(4, torch.randn(4, W, generator=gen).to(device),
+                             rand_weight(F16, (W, E), gen, device), rand_weight(F16, (W, E), gen, device),
+                             torch.ones(W // 2, device=device)) for W in (WA, WB)]
+    x = (torch.randn(1, E, generator=gen) * 2).to(device)
+    pos = torch.tensor([p], device=device)
+    f0 = [(torch.randn(8, W, generator=gen).to(device), torch.randn(8, W, generator=gen).to(device))
+          for W in (WA, WB)]
+    want = [(a.clone(), b.clone()) for a, b in f0]
+    for cw, w in zip(cws, want):
+        compressor_step_torch(cw, x, pos, *w)
+    got = [(a.clone(), b.clone()) for a, b in f0]
+    a, b = ((cw.kv.raw, cw.gate.raw, cw.ape, *g) for cw, g in zip(cws, got))
+    triton_attn.compressor_pair(x, a, b, pos, launch=launch)
+    return max(check(f"compressor_pair WA={WA} WB={WB} E={E} pos={p} launch={launch} {j}{n}", u, v)
+               for j, (gg, ww) in enumerate(zip(got, want))
+               for n, u, v in zip(("kv", "gate"), gg, ww))
+
+
 def case_compressor_emit(device, gen, HD, n_rot, index, p, first=False):
     """A ratio-4 compressor's emission (pooling, norm, RoPE, FP8 or Hadamard + FP4, F16, cache
     write, window shift) against decode_graph.compressor_emit_torch. The softmax's exp and sums
@@ -1287,6 +1313,9 @@ def interpreter_cases():
     yield "decode hc_logits default split, head rows", case_hc_logits, (4, 1024, 4)
     yield "decode compressor_step ratio 4", case_compressor_step, (4, 64, 384, 10)
     yield "decode compressor_step ratio 128", case_compressor_step, (128, 48, 256, 300)
+    yield "decode compressor_pair", case_compressor_pair, (64, 32, 384, 10)
+    yield "decode compressor_pair, rows per program, split input", case_compressor_pair, \
+        (48, 24, 256, 7, (4, 2, 128, 4))
     yield "decode compressor_emit kv row", case_compressor_emit, (512, 64, False, 39)
     yield "decode compressor_emit index row", case_compressor_emit, (128, 64, True, 1003)
     yield "decode compressor_emit first window", case_compressor_emit, (128, 64, True, 3, True)

@@ -93,3 +93,41 @@ def test_fit_runs_on_a_recorded_result_shape():
     bench.fit_runs(out)
     assert out["streaming_fit"]["streaming_fraction"] == pytest.approx(2500 / 4000, rel=1e-4)
     assert out["spark_projection_fit"]["achieved_fraction"] == pytest.approx(2500 / 4000, rel=1e-4)
+
+
+def test_streaming_fit_many_three_sizes_and_residual():
+    """Three TP sizes on one line recover rate and fixed time with no residual; one point off
+    the line shows up as the largest residual (and moves the fit)."""
+    kbs = [bench.kernel_bytes(make_plan(C.FULL, w), 0) for w in (2, 1, 4)]
+    fixed = {k: 200.0 + 5 * i for i, k in enumerate(kbs[0])}
+    rate = {k: 2000.0 + 300 * i for i, k in enumerate(kbs[0])}
+    runs = [_run(kb, fixed, rate, copy=4000.0 + i) for i, kb in enumerate(kbs)]
+    fit = bench.streaming_fit_many(runs, kbs, "three sizes")
+    assert fit["copy_GBs"] == pytest.approx(4001.0)
+    for k, row in fit["kernels"].items():
+        if kbs[0][k] == kbs[1][k]:
+            assert row["fit"] is None
+            continue
+        assert row["rate_GBs"] == pytest.approx(rate[k], rel=1e-6)
+        assert row["fixed_us"] == pytest.approx(fixed[k], rel=1e-6)
+        assert row["max_residual_us"] == pytest.approx(0.0, abs=1e-6)
+    runs[2]["profile"]["kernels"]["q8_0_matvec"]["us"] += 30.0
+    row = bench.streaming_fit_many(runs, kbs, "three sizes")["kernels"]["q8_0_matvec"]
+    assert 10.0 < row["max_residual_us"] < 30.0
+    assert row["rate_GBs"] != pytest.approx(rate["q8_0_matvec"], rel=1e-3)
+
+
+def test_line_fit():
+    a, b, r = bench.line_fit([1.0, 2.0, 3.0], [3.0, 5.0, 7.0])
+    assert (a, b, r) == pytest.approx((1.0, 2.0, 0.0))
+    a, b, r = bench.line_fit([0.0, 1.0, 2.0], [0.0, 2.0, 1.0])
+    assert b == pytest.approx(0.5) and a == pytest.approx(0.5) and r == pytest.approx(1.0)
+
+
+def test_kernel_time_sums_aliases():
+    """A ratio-4 layer's two compressors in one launch (_comp_pair_kernel) count with the
+    compressor steps of the other layers under one key; missing kernels give None."""
+    ks = {"_comp_step_kernel": {"us": 100.0, "n": 20}, "_comp_pair_kernel": {"us": 90.0, "n": 21}}
+    assert bench.kernel_time(ks, "_comp_step_kernel") == {"us": 190.0, "n": 41}
+    assert bench.kernel_time({"_comp_step_kernel": {"us": 5.0, "n": 2}}, "_comp_step_kernel") == {"us": 5.0, "n": 2}
+    assert bench.kernel_time(ks, "q8_0_matvec") is None

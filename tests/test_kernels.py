@@ -577,6 +577,13 @@ def test_cuda_compressor_step_full_size(ratio, W):
 
 
 @needs_cuda
+@pytest.mark.parametrize("WA,WB,launch", [(1024, 256, None), (512, 128, None), (512, 128, (1, 1, 4096, 16)),
+                                          (1024, 256, (4, 1, 2048, 8))])
+def test_cuda_compressor_pair_full_size(WA, WB, launch):
+    kc.case_compressor_pair("cuda", torch.Generator().manual_seed(WA + WB), WA, WB, 4096, 1235, launch)
+
+
+@needs_cuda
 @pytest.mark.parametrize("hd,index,p,first", [(512, False, 1235, False), (128, True, 1235, False),
                                                (512, False, 3, True), (128, True, 3, True)])
 def test_cuda_compressor_emit_full_size(hd, index, p, first):
@@ -707,6 +714,20 @@ def _compile_sm90(kernel, sig: dict, const: dict, warps: int):
             pytest.skip(f"no PTX assembler: {str(exc)[:100]}")
         raise
     return out.asm["ptx"]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_compressor_pair_compiles_for_sm90(pdl):
+    """The two compressor steps' launch compiled to PTX for an H100/H200 at a TP=2 rank's
+    widths (two branches on the program id, each its own rows per program)."""
+    from ds4tp.kernels import triton_attn
+    sig = {n: "*fp32" for n in ("x_ptr", "aape_ptr", "afkv_ptr", "afsc_ptr", "bape_ptr", "bfkv_ptr",
+                                "bfsc_ptr")}
+    sig.update({n: "*fp16" for n in ("akv_ptr", "asc_ptr", "bkv_ptr", "bsc_ptr")},
+               pos_ptr="*i64", E="i32", ratio="i32", na="i32", WA="i32", WB="i32")
+    ptx = _compile_sm90(triton_attn._comp_pair_kernel, sig, dict(BNA=2, BNB=1, BE=4096, PDL=pdl), 8)
+    assert ("griddepcontrol" in ptx) == pdl
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")

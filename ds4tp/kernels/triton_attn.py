@@ -10,7 +10,8 @@ frontier writes, the masks, the score and value GEMMs, the softmax and the inver
                   round trip of the non-RoPE dims (64-blocks, power-of-two scales), F16 rounding,
                   written into the raw ring at pos % n_swa with its position.
   compressor_step one compressor's two F16 projections of the token (kv and gate rows), the gate
-                  plus its positional bias, written into the frontier slot of the position.
+                  plus its positional bias, written into the frontier slot of the position;
+                  compressor_pair: a ratio-4 layer's two compressors (attention's, indexer's).
   compressor_emit a ratio-4 compressor's row at a token ending a window: softmax pooling of the
                   8-row frontier, RMS norm, RoPE, FP8 (kv) or Hadamard + FP4 (indexer), F16,
                   written at its cache row; the current window then becomes the previous one.
@@ -131,12 +132,11 @@ def _kv_rows_kernel(x_ptr, sx, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, D: tl.cons
 
 
 @triton.jit
-def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
-                      BN: tl.constexpr, BE: tl.constexpr,
-                      PDL: tl.constexpr = False):
-    """Rows n*BN.. of both F16 projections [W, E] against x [E]; float32 sums."""
-    pdl_start(PDL)
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+def _comp_step_rows(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio, blk,
+                    BN: tl.constexpr, BE: tl.constexpr):
+    """Rows blk*BN.. of both F16 projections [W, E] against x [E] (float32 sums) into the
+    frontier slot of the position."""
+    rows = blk * BN + tl.arange(0, BN)
     rmask = rows < W
     ee = tl.arange(0, BE)
     akv = tl.zeros([BN, BE], tl.float32)
@@ -155,6 +155,34 @@ def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_pt
     sc = tl.sum(asc, axis=1) + tl.load(ape_ptr + ph * W + rows, mask=rmask, other=0.0)
     tl.store(fkv_ptr + slot * W + rows, kv, mask=rmask)
     tl.store(fsc_ptr + slot * W + rows, sc, mask=rmask)
+
+
+@triton.jit
+def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
+                      BN: tl.constexpr, BE: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """One compressor: program n takes rows n*BN.. of its two projections."""
+    pdl_start(PDL)
+    _comp_step_rows(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
+                    tl.program_id(0), BN, BE)
+
+
+@triton.jit
+def _comp_pair_kernel(x_ptr, pos_ptr, E, ratio, na,
+                      akv_ptr, asc_ptr, aape_ptr, afkv_ptr, afsc_ptr, WA,
+                      bkv_ptr, bsc_ptr, bape_ptr, bfkv_ptr, bfsc_ptr, WB,
+                      BNA: tl.constexpr, BNB: tl.constexpr, BE: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """Two compressors of the same token (a ratio-4 layer's attention and indexer compressors)
+    in one launch: programs 0..na-1 take compressor a's rows BNA at a time, the rest b's."""
+    pdl_start(PDL)
+    p = tl.program_id(0)
+    if p < na:
+        _comp_step_rows(x_ptr, akv_ptr, asc_ptr, aape_ptr, pos_ptr, afkv_ptr, afsc_ptr, WA, E, ratio,
+                        p, BNA, BE)
+    else:
+        _comp_step_rows(x_ptr, bkv_ptr, bsc_ptr, bape_ptr, pos_ptr, bfkv_ptr, bfsc_ptr, WB, E, ratio,
+                        p - na, BNB, BE)
 
 
 @triton.jit
@@ -444,11 +472,8 @@ def kv_rows(kv_lin, norm, cos, sin, eps) -> torch.Tensor:
     return out
 
 
-def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc, *, launch=None):
-    """x [1, E]; wkv, wsc the two F16 projections (raw uint8 [W, 2E]); ape [r, W]; front_kv /
-    front_sc [rows, W]: writes kv and gate+ape of the token into the frontier slot of pos
-    (ratio 4: 4 + pos % 4, else pos % r). launch: (rows per program, columns per step, warps)
-    instead of the defaults (bench/comp_step_sweep.py)."""
+def _comp_step_args(x, wkv, wsc, ape, pos, front_kv, front_sc):
+    """Checks one compressor step's arguments -> (ratio, W, E)."""
     r, W = ape.shape
     E = x.shape[1]
     _check("compressor_step: x", x, (1, E))
@@ -459,21 +484,68 @@ def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc, *, launch=None):
     _check("compressor_step: frontier kv", front_kv, (rows, W))
     _check("compressor_step: frontier gate", front_sc, (rows, W))
     _check("position", pos, (1,), torch.long)
-    # launch shapes from bench/comp_step_sweep.py (s17s, one H200, graph-timed): rows of 256
-    # or fewer (the indexer's, a TP=2 share of ratio 128) one row per program, 16 warps over
-    # the whole input (2.83-3.35 us against 3.58-3.92 before); 512 rows two per program (4.52
-    # against 5.67); 1024 (a whole ratio-4 kv) as before (7.37 us)
+    return r, W, E
+
+
+def _comp_launch(W: int, E: int):
+    """(rows per program, columns per step, warps) of one compressor's step.
+    Launch shapes from bench/comp_step_sweep.py (s17s, one H200, graph-timed): rows of 256 or
+    fewer (the indexer's, a TP=2 share of ratio 128) one row per program, 16 warps over the whole
+    input (2.83-3.35 us against 3.58-3.92 before); 512 rows two per program (4.52 against 5.67);
+    1024 (a whole ratio-4 kv) as before (7.37 us)."""
     if W <= 256:
-        bn, be, warps = 1, triton.next_power_of_2(E), 16
-    elif W <= 512:
-        bn, be, warps = 2, triton.next_power_of_2(E), 8
-    else:
-        bn, be, warps = max(1, min(16, triton.next_power_of_2(W) // 256)), min(2048, triton.next_power_of_2(E)), 8
-    if launch is not None:
-        bn, be, warps = launch
+        return 1, triton.next_power_of_2(E), 16
+    if W <= 512:
+        return 2, triton.next_power_of_2(E), 8
+    return max(1, min(16, triton.next_power_of_2(W) // 256)), min(2048, triton.next_power_of_2(E)), 8
+
+
+def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc, *, launch=None):
+    """x [1, E]; wkv, wsc the two F16 projections (raw uint8 [W, 2E]); ape [r, W]; front_kv /
+    front_sc [rows, W]: writes kv and gate+ape of the token into the frontier slot of pos
+    (ratio 4: 4 + pos % 4, else pos % r). launch: (rows per program, columns per step, warps)
+    instead of the defaults (bench/comp_step_sweep.py)."""
+    r, W, E = _comp_step_args(x, wkv, wsc, ape, pos, front_kv, front_sc)
+    bn, be, warps = launch if launch is not None else _comp_launch(W, E)
     _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
                                              ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
                                              num_warps=warps, **pdl.triton_args(x.device))
+
+
+def _pair_launch(E: int):
+    """(rows per program of a, of b, columns per step, warps) of compressor_pair: one row a
+    program, 2048 columns a step, 8 warps. bench/comp_step_sweep.py --pairs (s33a, one H200,
+    graph-timed, attention's and indexer's rows): 5.49 us at a TP=2 rank's 512 + 128 (the two
+    launches 7.52; each compressor's shape as alone with the whole input a step, 6.58), 9.25 at
+    the whole 1024 + 256 (best 9.21; the two launches 10.76; as alone 13.95)."""
+    return 1, 1, min(2048, triton.next_power_of_2(E)), 8
+
+
+def compressor_pair(x, a: tuple, b: tuple, pos, *, launch=None):
+    """Two compressor steps of the same token x [1, E] in one launch (a ratio-4 layer's attention
+    and indexer compressors): a and b each (wkv, wsc, ape, front_kv, front_sc) as compressor_step
+    takes them, with the same ratio. launch: (rows per program of a, of b, columns per step,
+    warps) instead of the defaults. The twin: compressor_step_torch of each."""
+    ra, WA, E = _comp_step_args(x, *a[:3], pos, *a[3:])
+    rb, WB, _ = _comp_step_args(x, *b[:3], pos, *b[3:])
+    if ra != rb:
+        raise ValueError(f"compressor_pair: ratios {ra} and {rb} differ")
+    bna, bnb, be, warps = launch if launch is not None else _pair_launch(E)
+    na = triton.cdiv(WA, bna)
+    (akv, asc, aape, afkv, afsc), (bkv, bsc, bape, bfkv, bfsc) = a, b
+    _comp_pair_kernel[(na + triton.cdiv(WB, bnb),)](
+        x, pos, E, ra, na,
+        akv.view(torch.float16), asc.view(torch.float16), aape, afkv, afsc, WA,
+        bkv.view(torch.float16), bsc.view(torch.float16), bape, bfkv, bfsc, WB,
+        BNA=bna, BNB=bnb, BE=be, num_warps=warps, **pdl.triton_args(x.device))
+
+
+_pair_switch = Switch()
+set_pair_enabled = _pair_switch.set     # benchmarks time the two launches in the same run
+
+
+def pair_enabled() -> bool:
+    return _pair_switch.on
 
 
 def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool, eps):
