@@ -224,6 +224,9 @@
 #         columns a step, 8 warps): CUDA twins, replay A/B at TP=2 and TP=1 (base, comp_two),
 #         the three-width fit again (copy measured on the bare GPU), the TP=1 bench at depth 0
 #         (A/B: comp_two, logits compared), CUDA goldens at TP=1
+#   s33c: session 33, one GPU: the KV row's store ahead of attn_q_b: graph tests, replay A/B
+#         at TP=2 and TP=1 (base, kv_after_q_b), the TP=1 bench at depth 0 (A/B: the store after
+#         attn_q_b, logits compared)
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
@@ -1363,6 +1366,17 @@ elif [ "$MODE" = s33b ]; then
   bench_summary 2>&1 | grep -v "prefill host"
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('comp_pair_logits_vs_two')) for t, r in rs.items()]"
   golden 1 static 80
+elif [ "$MODE" = s33c ]; then
+  log "CUDA graph tests"
+  timeout 150 python3 -m pytest -q -rfs tests/test_decode_graph.py -k "graph or cuda" > "$OUT/tests_kernels.txt" 2>&1
+  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_kernels.txt" | head -8
+  replay_ab base,kv_after_q_b "the KV row's store ahead of attn_q_b"
+  log "bench, 43 layers, TP=1, depth 0 (A/B: comp_two, kv_after_q_b)"
+  timeout 230 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  rm -f "$OUT/bench.tp1.json"
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('comp_pair_logits_vs_two'), r.get('kv_first_logits_equal_after')) for t, r in rs.items()]"
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"
