@@ -65,8 +65,6 @@ VARIANTS = {
     # (session 31) a ratio-4 layer's two compressor steps in a launch each (before) instead of
     # one (triton_attn.compressor_pair)
     "comp_two": (triton_attn.set_pair_enabled,),
-    # (session 31) the KV row's store after attn_q_b (before) instead of ahead of it
-    "kv_after_q_b": (decode_graph.set_kv_first_enabled,),
 }
 
 

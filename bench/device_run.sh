@@ -224,7 +224,8 @@
 #         columns a step, 8 warps): CUDA twins, replay A/B at TP=2 and TP=1 (base, comp_two),
 #         the three-width fit again (copy measured on the bare GPU), the TP=1 bench at depth 0
 #         (A/B: comp_two, logits compared), CUDA goldens at TP=1
-#   s33c: session 33, one GPU: the KV row's store ahead of attn_q_b: graph tests, replay A/B
+#   s33c: session 33, one GPU (its variant at 4884735, removed after: slower): the KV row's
+#         store ahead of attn_q_b: graph tests, replay A/B
 #         at TP=2 and TP=1 (base, kv_after_q_b), the TP=1 bench at depth 0 (A/B: the store after
 #         attn_q_b, logits compared)
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores

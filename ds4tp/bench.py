@@ -738,13 +738,6 @@ def _bench_rank(comm, dev, cfg):
         res["decode_d0_comp_two"], res["decode_d0_chained_comp_two"], ref = _decode_and_logits(model, steps)
     res["comp_pair_logits_vs_two"] = _logits_diff(mine, ref)
     save()
-    # the KV row's store after attn_q_b (as up to the thirtieth session) instead of ahead of it
-    # (decode_graph.set_kv_first_enabled; the same launches in another order: equal bits)
-    with _switched_off(decode_graph.set_kv_first_enabled):
-        res["decode_d0_kv_after_q_b"], res["decode_d0_chained_kv_after_q_b"], ref = \
-            _decode_and_logits(model, steps)
-    res["kv_first_logits_equal_after"] = bool(torch.equal(mine, ref))
-    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

@@ -75,10 +75,6 @@ _mix_side_switch = Switch()
 set_mix_side_enabled = _mix_side_switch.set
 _mix_lane_switch = Switch()
 set_mix_lane_enabled = _mix_lane_switch.set
-# The KV row's store (one small launch) between attn_q_a|kv and attn_q_b rather than after
-# attn_q_b: attn_q_b's weights stream while it runs ahead of them (bench: kv_after_q_b).
-_kv_first_switch = Switch()
-set_kv_first_enabled = _kv_first_switch.set
 
 
 class StaticDecoder:
@@ -387,12 +383,9 @@ class StaticDecoder:
             if jobs and emit:
                 self._emit(jobs, pos)
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
-        rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
-        if _kv_first_switch.on:      # the KV row's store ahead of attn_q_b, which waits for it
-            store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
-        if not _kv_first_switch.on:
-            store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
+        rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
+        store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
         comp = mask = None
         if lw.ratio:
