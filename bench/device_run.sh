@@ -228,6 +228,8 @@
 #         store ahead of attn_q_b: graph tests, replay A/B
 #         at TP=2 and TP=1 (base, kv_after_q_b), the TP=1 bench at depth 0 (A/B: the store after
 #         attn_q_b, logits compared)
+#   s33d: session 33, one GPU: the final code's CUDA twins of the compressor steps (the pair at
+#         its default launch) and the decode graph tests (s33c's stopped at its time limit)
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
@@ -1378,6 +1380,13 @@ elif [ "$MODE" = s33c ]; then
   rm -f "$OUT/bench.tp1.json"
   bench_summary 2>&1 | grep -v "prefill host\|profile"
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('comp_pair_logits_vs_two'), r.get('kv_first_logits_equal_after')) for t, r in rs.items()]"
+elif [ "$MODE" = s33d ]; then
+  log "CUDA twins: the compressor steps"
+  timeout 90 python3 -m pytest -q -rfs tests/test_kernels.py -k "compressor" > "$OUT/tests_compressor.txt" 2>&1
+  tail -2 "$OUT/tests_compressor.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_compressor.txt" | head -8
+  log "CUDA decode graph tests"
+  timeout 330 python3 -m pytest -q -rfs tests/test_decode_graph.py > "$OUT/tests_graph.txt" 2>&1
+  tail -2 "$OUT/tests_graph.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_graph.txt" | head -12
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"
