@@ -32,6 +32,25 @@ SHAPES = [("ratio-4 kv, TP=2 share", 4, 512), ("ratio-4 indexer, TP=2 share", 4,
 E = 4096
 
 
+def _timed(results: list, name: str, cfg, run, pairs: list, copies: int, nbytes: int, **keys) -> None:
+    """One launch shape: run(0) once, its outputs checked against the twin's (pairs of (got,
+    want)), then graph-timed over the weight copies (run(i)); appended to results. A shape
+    Triton rejects (registers, shared memory) is printed and left out."""
+    from profile_common import graph_us
+    try:
+        run(0)
+        torch.cuda.synchronize()
+        err = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
+        us = graph_us(run, copies, 20)
+    except Exception as e:
+        print(f"{name:28s} {str(cfg):20s} failed: {str(e)[:80]}")
+        return
+    rec = {"shape": name, **keys, "cfg": cfg, "us": us, "GBps": nbytes / us / 1e3, "rel_err": err,
+           "ok": err < 1e-5}
+    results.append(rec)
+    print(f"{name:28s} {str(cfg):20s} {us:7.2f} us {rec['GBps']:7.0f} GB/s err {err:.1e}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -40,7 +59,7 @@ def main() -> int:
     if a.pairs:
         return pairs(a.out)
     import kernel_cases as kc
-    from profile_common import finish, graph_us
+    from profile_common import finish
     from ds4tp.config import F16
     from ds4tp.decode_graph import compressor_step_torch
     from ds4tp.kernels import triton_attn
@@ -66,19 +85,9 @@ def main() -> int:
                 continue
             for f in fronts:
                 f.zero_()
-            try:
-                triton_attn.compressor_step(x, ws[0][0].raw, ws[0][1].raw, ape, pos, *fronts, launch=cfg)
-                torch.cuda.synchronize()
-                err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(fronts, want))
-                us = graph_us(lambda i: triton_attn.compressor_step(x, ws[i][0].raw, ws[i][1].raw, ape,
-                                                                    pos, *fronts, launch=cfg), copies, 20)
-            except Exception as e:      # a launch shape Triton rejects (registers, shared memory)
-                print(f"{name:28s} {str(cfg):20s} failed: {str(e)[:80]}")
-                continue
-            rec = {"shape": name, "ratio": r, "W": W, "cfg": cfg, "us": us, "GBps": nbytes / us / 1e3,
-                   "rel_err": err, "ok": err < 1e-5}
-            results.append(rec)
-            print(f"{name:28s} {str(cfg):20s} {us:7.2f} us {rec['GBps']:7.0f} GB/s err {err:.1e}")
+            _timed(results, name, cfg, lambda i, c=cfg: triton_attn.compressor_step(
+                       x, ws[i][0].raw, ws[i][1].raw, ape, pos, *fronts, launch=c),
+                   list(zip(fronts, want)), copies, nbytes, ratio=r, W=W)
         best = min((x for x in results if x["shape"] == name and x["ok"]), key=lambda x: x["us"])
         default = next(x for x in results if x["shape"] == name and x["cfg"] is None)
         print(f"== {name}: default {default['us']:.2f} us, best {best['us']:.2f} us at {best['cfg']}")
@@ -91,7 +100,7 @@ PAIRS = [("ratio-4 pair, TP=2 share", 512, 128), ("ratio-4 pair, whole", 1024, 2
 
 
 def pairs(out) -> int:
-    from profile_common import finish, graph_us
+    from profile_common import finish
     from ds4tp.decode_graph import compressor_step_torch
     from ds4tp.kernels import triton_attn
     from ds4tp.config import F16
@@ -128,19 +137,8 @@ def pairs(out) -> int:
                     t.zero_()
             run = two if cfg == "two launches" else \
                 (lambda i, c=cfg: triton_attn.compressor_pair(x, args(i, 0), args(i, 1), pos, launch=c))
-            try:
-                run(0)
-                torch.cuda.synchronize()
-                err = max(float((u - v).abs().max() / v.abs().max())
-                          for fg, fw in zip(fronts, want) for u, v in zip(fg, fw))
-                us = graph_us(run, copies, 20)
-            except Exception as e:
-                print(f"{name:28s} {str(cfg):20s} failed: {str(e)[:80]}")
-                continue
-            rec = {"shape": name, "WA": WA, "WB": WB, "cfg": cfg, "us": us, "GBps": nbytes / us / 1e3,
-                   "rel_err": err, "ok": err < 1e-5}
-            results.append(rec)
-            print(f"{name:28s} {str(cfg):20s} {us:7.2f} us {rec['GBps']:7.0f} GB/s err {err:.1e}")
+            _timed(results, name, cfg, run, [p for fg, fw in zip(fronts, want) for p in zip(fg, fw)],
+                   copies, nbytes, WA=WA, WB=WB)
         mine = [r for r in results if r["shape"] == name]
         best = min((r for r in mine if r["ok"] and r["cfg"] != "two launches"), key=lambda r: r["us"])
         print(f"== {name}: two launches {mine[0]['us']:.2f} us, pair default {mine[1]['us']:.2f} us, "

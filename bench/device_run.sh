@@ -587,6 +587,17 @@ replay_ab() {
     grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
   done
 }
+# CUDA tests with their skip reasons: cuda_tests TIMEOUT_S SELECTION OUTFILE FILES...
+cuda_tests() {
+  local t=$1 sel=$2 f="$OUT/$3"; shift 3
+  timeout "$t" python3 -m pytest -q -rfs "$@" -k "$sel" > "$f" 2>&1
+  tail -2 "$f"; grep -E "^FAILED|^E  |^SKIPPED" "$f" | head -12
+}
+# the weight kernels fitted over three rank widths on one GPU: sizes_fit TIMEOUT_S
+sizes_fit() {
+  log "weight kernels fitted over three rank widths (TP=2, 1, 4; collectives removed)"
+  timeout "$1" python3 bench/streaming_sizes.py --out "$OUT/streaming_sizes.json" 2>&1 | grep -v Warn | tail -16
+}
 # a prefill's routed launches (2048 tokens, TP=1 shapes): the default path and the exact one
 routed_launches() {
   log "2048-token routed launches: default (CUDA C tensor cores), exact path"
@@ -1346,23 +1357,18 @@ elif [ "$MODE" = s30e ]; then
   twins_bench "order or rides or routed" 0 300
 elif [ "$MODE" = s33a ]; then
   log "CUDA twins and graph tests: the compressor steps, the graphs"
-  timeout 220 python3 -m pytest -q -rfs tests/test_kernels.py tests/test_decode_graph.py \
-    -k "compressor or graph or on_cuda" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_kernels.txt" | head -16
+  cuda_tests 220 "compressor or graph or on_cuda" tests_kernels.txt tests/test_kernels.py tests/test_decode_graph.py
   log "a ratio-4 layer's compressor steps alone: two launches against one"
   timeout 100 python3 bench/comp_step_sweep.py --pairs --out "$OUT/comp_pair_sweep.json" 2>&1 | grep -v Warn \
     > "$OUT/comp_pair_sweep.txt"
   grep "==\|failed\|Error" "$OUT/comp_pair_sweep.txt" | head -8
   replay_ab base,comp_two "compressor pair"
-  log "weight kernels fitted over three rank widths (TP=2, 1, 4; collectives removed)"
-  timeout 200 python3 bench/streaming_sizes.py --out "$OUT/streaming_sizes.json" 2>&1 | grep -v Warn | tail -16
+  sizes_fit 200
 elif [ "$MODE" = s33b ]; then
   log "CUDA twins: the compressor steps"
-  timeout 60 python3 -m pytest -q -rfs tests/test_kernels.py -k "compressor" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_kernels.txt" | head -8
+  cuda_tests 60 compressor tests_kernels.txt tests/test_kernels.py
   replay_ab base,comp_two "compressor pair"
-  log "weight kernels fitted over three rank widths (TP=2, 1, 4; collectives removed)"
-  timeout 150 python3 bench/streaming_sizes.py --out "$OUT/streaming_sizes.json" 2>&1 | grep -v Warn | tail -16
+  sizes_fit 150
   log "bench, 43 layers, TP=1, depth 0 (A/B: comp_two)"
   timeout 230 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
@@ -1371,8 +1377,7 @@ elif [ "$MODE" = s33b ]; then
   golden 1 static 80
 elif [ "$MODE" = s33c ]; then
   log "CUDA graph tests"
-  timeout 150 python3 -m pytest -q -rfs tests/test_decode_graph.py -k "graph or cuda" > "$OUT/tests_kernels.txt" 2>&1
-  tail -2 "$OUT/tests_kernels.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_kernels.txt" | head -8
+  cuda_tests 150 "graph or cuda" tests_kernels.txt tests/test_decode_graph.py
   replay_ab base,kv_after_q_b "the KV row's store ahead of attn_q_b"
   log "bench, 43 layers, TP=1, depth 0 (A/B: comp_two, kv_after_q_b)"
   timeout 230 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
@@ -1382,11 +1387,9 @@ elif [ "$MODE" = s33c ]; then
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('comp_pair_logits_vs_two'), r.get('kv_first_logits_equal_after')) for t, r in rs.items()]"
 elif [ "$MODE" = s33d ]; then
   log "CUDA twins: the compressor steps"
-  timeout 90 python3 -m pytest -q -rfs tests/test_kernels.py -k "compressor" > "$OUT/tests_compressor.txt" 2>&1
-  tail -2 "$OUT/tests_compressor.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_compressor.txt" | head -8
+  cuda_tests 90 compressor tests_compressor.txt tests/test_kernels.py
   log "CUDA decode graph tests"
-  timeout 330 python3 -m pytest -q -rfs tests/test_decode_graph.py > "$OUT/tests_graph.txt" 2>&1
-  tail -2 "$OUT/tests_graph.txt"; grep -E "^FAILED|^E  |^SKIPPED" "$OUT/tests_graph.txt" | head -12
+  cuda_tests 330 "" tests_graph.txt tests/test_decode_graph.py
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"
