@@ -900,6 +900,12 @@ def test_decode_kernel_argument_errors():
     with pytest.raises(ValueError, match="compressor_step: frontier kv"):
         triton_attn.compressor_step(torch.zeros(1, 64), w.raw, w.raw, torch.zeros(4, 16), pos,
                                     torch.zeros(4, 16), torch.zeros(8, 16))
+    pair = (w.raw, w.raw, torch.zeros(4, 16), torch.zeros(8, 16), torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="compressor_pair: ratios 4 and 128 differ"):
+        triton_attn.compressor_pair(torch.zeros(1, 64), pair, (w.raw, w.raw, torch.zeros(128, 16),
+                                    torch.zeros(128, 16), torch.zeros(128, 16)), pos)
+    with pytest.raises(ValueError, match="compressor_step: frontier gate"):
+        triton_attn.compressor_pair(torch.zeros(1, 64), pair, pair[:4] + (torch.zeros(4, 16),), pos)
     with pytest.raises(ValueError, match="compressor_emit: frontier gate"):
         triton_attn.compressor_emit(torch.zeros(8, 256), torch.zeros(4, 256), torch.ones(128), cos,
                                     sin, pos, torch.zeros(4, 128), False, 1e-6)
