@@ -65,6 +65,10 @@ VARIANTS = {
     # (session 31) a ratio-4 layer's two compressor steps in a launch each (before) instead of
     # one (triton_attn.compressor_pair)
     "comp_two": (triton_attn.set_pair_enabled,),
+    # (session 31) the decode attention's launch shape at TP=1's 64 heads (s28e swept it at
+    # TP=2 only): programs a head, warps a program
+    **{f"attn_s{n}": ((triton_attn, "ATTN_SPLIT", n),) for n in (4, 16)},
+    **{f"attn_w{w}": ((triton_attn, "ATTN_WARPS", w),) for w in (2, 8)},
 }
 
 

@@ -230,6 +230,8 @@
 #         attn_q_b, logits compared)
 #   s33d: session 33, one GPU: the final code's CUDA twins of the compressor steps (the pair at
 #         its default launch) and the decode graph tests (s33c's stopped at its time limit)
+#   s33f: session 33, one GPU: replay A/B at TP=2 and TP=1 of the decode attention's launch
+#         shape (4 or 16 programs a head, 2 or 8 warps) and the Sinkhorn launch at 4 warps
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
@@ -1390,6 +1392,8 @@ elif [ "$MODE" = s33d ]; then
   cuda_tests 90 compressor tests_compressor.txt tests/test_kernels.py
   log "CUDA decode graph tests"
   cuda_tests 330 "" tests_graph.txt tests/test_decode_graph.py
+elif [ "$MODE" = s33f ]; then
+  replay_ab base,attn_s4,attn_s16,attn_w2,attn_w8,mix_w4 "attention launch shapes"
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"
