@@ -69,6 +69,8 @@ VARIANTS = {
     # TP=2 only): programs a head, warps a program
     **{f"attn_s{n}": ((triton_attn, "ATTN_SPLIT", n),) for n in (4, 16)},
     **{f"attn_w{w}": ((triton_attn, "ATTN_WARPS", w),) for w in (2, 8)},
+    # (session 31) 4 warps a program at 64 heads (before) instead of ATTN_WARPS_MANY
+    "attn_many_w4": ((triton_attn, "ATTN_WARPS_MANY", 4),),
 }
 
 

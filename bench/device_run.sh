@@ -232,6 +232,9 @@
 #         its default launch) and the decode graph tests (s33c's stopped at its time limit)
 #   s33f: session 33, one GPU: replay A/B at TP=2 and TP=1 of the decode attention's launch
 #         shape (4 or 16 programs a head, 2 or 8 warps) and the Sinkhorn launch at 4 warps
+#   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
+#         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
+#         at depth 0 (A/B: 4 warps, logits compared)
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
@@ -1394,6 +1397,19 @@ elif [ "$MODE" = s33d ]; then
   cuda_tests 330 "" tests_graph.txt tests/test_decode_graph.py
 elif [ "$MODE" = s33f ]; then
   replay_ab base,attn_s4,attn_s16,attn_w2,attn_w8,mix_w4 "attention launch shapes"
+elif [ "$MODE" = s33g ]; then
+  log "CUDA twins: the decode attention"
+  cuda_tests 90 "attention or attn" tests_attn.txt tests/test_kernels.py
+  log "replay A/B, world 1"
+  timeout 120 python3 bench/critical_path.py --world 1 --variants base,attn_many_w4,attn_s4 \
+    --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
+  sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
+  log "bench, 43 layers, TP=1, depth 0 (A/B: attention at 4 warps)"
+  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  rm -f "$OUT/bench.tp1.json"
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_warps_logits_vs_4'), r.get('comp_pair_logits_vs_two')) for t, r in rs.items()]"
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"

@@ -738,6 +738,13 @@ def _bench_rank(comm, dev, cfg):
         res["decode_d0_comp_two"], res["decode_d0_chained_comp_two"], ref = _decode_and_logits(model, steps)
     res["comp_pair_logits_vs_two"] = _logits_diff(mine, ref)
     save()
+    # the decode attention at 4 warps a program for 64 heads (as up to the thirtieth session)
+    # instead of triton_attn.ATTN_WARPS_MANY (other sums' order: logits compared as above)
+    if model.shape.n_head // model.world >= 64:
+        with _setting(triton_attn, "ATTN_WARPS_MANY", 4):
+            res["decode_d0_attn_w4"], res["decode_d0_chained_attn_w4"], ref = _decode_and_logits(model, steps)
+        res["attn_warps_logits_vs_4"] = _logits_diff(mine, ref)
+        save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed

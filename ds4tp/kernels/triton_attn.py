@@ -412,7 +412,14 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
                   # (4 without the indexer's mask was slower at TP=2, s31c)
-ATTN_WARPS = 4    # warps per program
+ATTN_WARPS = 4    # warps per program, up to 32 heads (a TP=2 rank's)
+ATTN_WARPS_MANY = 2  # from 64 heads (TP=1: 512 programs); replay A/B (s33f): -2.0% at TP=1
+                     # against 4 warps, where 2 at TP=2 were +1.0%
+
+
+def attn_warps(H: int) -> int:
+    """Warps a program of the decode attention for H heads on this rank."""
+    return ATTN_WARPS_MANY if H >= 64 else ATTN_WARPS
 
 
 def _check(name, v, shape, dtype=torch.float32):
@@ -703,7 +710,7 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
                                   sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
                                   eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
                                   HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  num_warps=ATTN_WARPS, **pdl.triton_args(qb.device))
+                                  num_warps=attn_warps(H), **pdl.triton_args(qb.device))
     return out
 
 
