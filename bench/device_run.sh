@@ -598,6 +598,21 @@ cuda_tests() {
   timeout "$t" python3 -m pytest -q -rfs "$@" -k "$sel" > "$f" 2>&1
   tail -2 "$f"; grep -E "^FAILED|^E  |^SKIPPED" "$f" | head -12
 }
+# the TP=1 bench at depth 0 with its A/B variants, then the named keys of its result:
+# bench_tp1_ab TIMEOUT_S WHAT KEY...
+bench_tp1_ab() {
+  local t=$1 what=$2; shift 2
+  log "bench, 43 layers, TP=1, depth 0 (A/B: $what)"
+  timeout "$t" python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  rm -f "$OUT/bench.tp1.json"
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  python3 - "$OUT/bench.json" "$@" <<'PY'
+import json, sys
+for t, r in json.load(open(sys.argv[1]))["runs"].items():
+    print(t, {k: r.get(k) for k in sys.argv[2:]})
+PY
+}
 # the weight kernels fitted over three rank widths on one GPU: sizes_fit TIMEOUT_S
 sizes_fit() {
   log "weight kernels fitted over three rank widths (TP=2, 1, 4; collectives removed)"
@@ -1384,12 +1399,7 @@ elif [ "$MODE" = s33c ]; then
   log "CUDA graph tests"
   cuda_tests 150 "graph or cuda" tests_kernels.txt tests/test_decode_graph.py
   replay_ab base,kv_after_q_b "the KV row's store ahead of attn_q_b"
-  log "bench, 43 layers, TP=1, depth 0 (A/B: comp_two, kv_after_q_b)"
-  timeout 230 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  rm -f "$OUT/bench.tp1.json"
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('comp_pair_logits_vs_two'), r.get('kv_first_logits_equal_after')) for t, r in rs.items()]"
+  bench_tp1_ab 230 "comp_two, kv_after_q_b" comp_pair_logits_vs_two kv_first_logits_equal_after
 elif [ "$MODE" = s33d ]; then
   log "CUDA twins: the compressor steps"
   cuda_tests 90 compressor tests_compressor.txt tests/test_kernels.py
@@ -1404,12 +1414,7 @@ elif [ "$MODE" = s33g ]; then
   timeout 120 python3 bench/critical_path.py --world 1 --variants base,attn_many_w4,attn_s4 \
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
-  log "bench, 43 layers, TP=1, depth 0 (A/B: attention at 4 warps)"
-  timeout 200 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  rm -f "$OUT/bench.tp1.json"
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
-  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, r.get('attn_warps_logits_vs_4'), r.get('comp_pair_logits_vs_two')) for t, r in rs.items()]"
+  bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"
