@@ -71,6 +71,10 @@ VARIANTS = {
     **{f"attn_w{w}": ((triton_attn, "ATTN_WARPS", w),) for w in (2, 8)},
     # (session 31) 4 warps a program at 64 heads (before) instead of ATTN_WARPS_MANY
     "attn_many_w4": ((triton_attn, "ATTN_WARPS_MANY", 4),),
+    # (session 31, prepared) the HC step's warps a program and columns a program, swept alone
+    # (s31b) but timed in the step at one width only
+    **{f"hc_w{w}": ((triton_hc, "HC_STEP_WARPS", w),) for w in (2, 8)},
+    **{f"hc_be{b}": ((triton_hc, "HC_STEP_BE", b),) for b in (64, 256)},
 }
 
 

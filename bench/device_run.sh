@@ -235,6 +235,8 @@
 #   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
 #         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
 #         at depth 0 (A/B: 4 warps, logits compared)
+#   s34a: prepared in session 33, one GPU: replay A/B at TP=2 and TP=1 of the HC step's warps
+#         (2, 8) and columns a program (64, 256) against its defaults (4 warps, 128 columns)
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
 #         (triton_attn._attn_mqa_kernel, removed after: runs only at 5246a26): CUDA twins, launch shapes alone
 #         (bench/attn_decode_sweep.py), TP=2,1 bench with depth 4096 (A/B: ds4tp.bench's
@@ -1415,6 +1417,8 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34a ]; then
+  replay_ab base,hc_w2,hc_w8,hc_be64,hc_be256 "HC step launch shapes"
 elif [ "$MODE" = s32c ]; then
   ncu_stalls 150 "iq2xxs_swiglu" 1 "--tp 2 --shared --decode-order"
   log "critical path, world 2 (rank 0's shard, collectives removed), final code"

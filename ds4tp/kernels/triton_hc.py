@@ -448,7 +448,7 @@ def step_enabled() -> bool:
 
 def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
             fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
-            n_hc: int, iters: int, eps: float, rms_eps: float, be: int = HC_STEP_BE,
+            n_hc: int, iters: int, eps: float, rms_eps: float, be: int | None = None,
             warps: int | None = None, mix: bool = True, peer=None):
     """One token: hc_post(f, hc, post, M) and then the next sublayer's mixer on the new streams
     (hc_logits with the F16 weight bytes fn_raw [N, 2*n*E], hc_combine with scale, base, norm)
@@ -484,7 +484,7 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     z = torch.empty(1, N, dtype=torch.float32, device=dev)
     post2 = torch.empty(1, n, dtype=torch.float32, device=dev) if mix else z     # (unwritten
     m2 = torch.empty(1, n, n, dtype=torch.float32, device=dev) if mix else z     #  without mix)
-    be = min(be, triton.next_power_of_2(E))
+    be = min(be or HC_STEP_BE, triton.next_power_of_2(E))
     split = triton.cdiv(E, be)
     bn = triton.next_power_of_2(N)
     ws, cnt = _split_buffers(split, 1, bn, 1, dev, z)
