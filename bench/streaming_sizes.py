@@ -67,7 +67,7 @@ def main() -> int:
         res["build_s"] = time.perf_counter() - t
         res["bytes_per_token"] = model.plan.token_bytes(0)
         res["kernel_bytes"] = bench.kernel_bytes(model.plan, 0)
-        res["collectives"] = {"n_all_reduce": 2 * shape.n_layer}    # what the bench counts at TP>1
+        res["collectives"] = {"n_all_reduce": bench.all_reduces_per_token(shape)}   # (at TP > 1)
         res["compressor_gathers_per_token"] = bench.compressor_gathers_per_token(model.plan)
         res["profile"] = bench.profile_split(model)
         res["decode_d0_nocomm"] = bench.time_decode(model, 1, a.steps, max_ctx=256)
@@ -119,7 +119,7 @@ def main() -> int:
     for key, sf in steps.items():
         if sf["fraction_of_copy"]:
             proj[f"step_{key}"] = {"achieved_fraction": sf["fraction_of_copy"], "fixed_overhead_ms": sf["fixed_ms"],
-                                   **bench._spark_token(ref, sf["fraction_of_copy"], sf["fixed_ms"] / 1e3,
+                                   **bench.spark_token(ref, sf["fraction_of_copy"], sf["fixed_ms"] / 1e3,
                                                         230e9, 31e-6)}
     out["spark_projection"] = proj
     for k, p in proj.items():

@@ -232,6 +232,11 @@ def decode_logits(model, steps: int, max_ctx: int = 256) -> torch.Tensor:
     return torch.stack(out)
 
 
+def all_reduces_per_token(shape) -> int:
+    """A decoded token's all-reduces at TP > 1: the attention's and the FFN's output per layer."""
+    return 2 * shape.n_layer
+
+
 def time_collectives(comm, shape, dev, iters=50) -> dict:
     """One decoded token's collectives alone: 2 all-reduces of E floats per layer + the logits
     gather, eager (per_token_ms: bound by the host's launches as much as by the link) and
@@ -240,7 +245,7 @@ def time_collectives(comm, shape, dev, iters=50) -> dict:
         return {"per_token_ms": 0.0, "n_all_reduce": 0}
     x = torch.ones(1, shape.n_embd, device=dev)
     lg = torch.ones(1, shape.vocab // comm.world, device=dev)
-    n = 2 * shape.n_layer
+    n = all_reduces_per_token(shape)
 
     def token():
         for _ in range(n):
@@ -375,11 +380,11 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
     step_nocomm = run["decode_d0_nocomm"]["ms_per_token"] / 1e3
     fixed = max(0.0, step_nocomm - mv_s)
     return {"achieved_fraction": frac, "fixed_overhead_ms": 1e3 * fixed,
-            **_spark_token(run, frac, fixed, bw_spark, ar_s),
+            **spark_token(run, frac, fixed, bw_spark, ar_s),
             "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
 
 
-def _spark_token(run: dict, frac: float, fixed: float, bw_spark: float, ar_s: float) -> dict:
+def spark_token(run: dict, frac: float, fixed: float, bw_spark: float, ar_s: float) -> dict:
     """The projection's formula for one TP=2 run: its per-rank bytes at frac of bw_spark, its
     token's collectives at ar_s each (the all-reduces, the logits gather and, on average, the
     compressors' row gathers when split by channel), plus fixed seconds."""
@@ -495,7 +500,7 @@ def spark_projection_fit(run: dict, fit: dict, bw_spark=230e9, ar_s=31e-6) -> di
     streaming = run["bytes_per_token"] / (frac * run["copy_bw_GBs"] * 1e9)
     fixed = max(0.0, step_nocomm - streaming)
     return {"achieved_fraction": frac, "h200_streaming_ms": 1e3 * streaming,
-            "fixed_overhead_ms": 1e3 * fixed, **_spark_token(run, frac, fixed, bw_spark, ar_s),
+            "fixed_overhead_ms": 1e3 * fixed, **spark_token(run, frac, fixed, bw_spark, ar_s),
             "formula": "bytes_rank/(fitted fraction*230GB/s) + collectives*31us + "
                        "(H200 step without collectives - its streaming part)"}
 
@@ -740,7 +745,7 @@ def _bench_rank(comm, dev, cfg):
     save()
     # the decode attention at 4 warps a program for 64 heads (as up to the thirtieth session)
     # instead of triton_attn.ATTN_WARPS_MANY (other sums' order: logits compared as above)
-    if model.shape.n_head // model.world >= 64:
+    if triton_attn.attn_warps(model.shape.n_head // model.world) != triton_attn.ATTN_WARPS:
         with _setting(triton_attn, "ATTN_WARPS_MANY", 4):
             res["decode_d0_attn_w4"], res["decode_d0_chained_attn_w4"], ref = _decode_and_logits(model, steps)
         res["attn_warps_logits_vs_4"] = _logits_diff(mine, ref)
