@@ -75,6 +75,18 @@ VARIANTS = {
     # (s31b) but timed in the step at one width only
     **{f"hc_w{w}": ((triton_hc, "HC_STEP_WARPS", w),) for w in (2, 8)},
     **{f"hc_be{b}": ((triton_hc, "HC_STEP_BE", b),) for b in (64, 256)},
+    # (session 34) more bytes in flight a warp without more registers: the weight kernels ask L2
+    # for their next step (Q8_0 matvec), the item after the one loading (routed gate/up), the
+    # warp's row after the one loading (routed down); and the down prologue's loads in one round
+    **{name: ((cuda_c, "VARIANT_DEFINES", defs),) for name, defs in (
+        ("q8_pf", (("Q_PF", 1),)), ("gu_pf", (("A_PF", 1),)), ("down_pf", (("B_PF", 1),)),
+        ("down_pro1", (("B_PRO1", 1),)),
+        ("all_pf", (("Q_PF", 1), ("A_PF", 1), ("B_PF", 1), ("B_PRO1", 1))))},
+    # (session 34) launch constants swept alone long ago (Q8_0: the fifth session) or never
+    # (kv_store), timed in the step at both widths
+    **{f"q8_l{n}": ((cuda_matvec, "LOADS", n),) for n in (2, 8)},
+    **{f"q8_w{w}": ((cuda_matvec, "WARPS", w),) for w in (8, 32)},
+    **{f"kv_w{w}": ((triton_attn, "KV_STORE_WARPS", w),) for w in (1, 2, 8)},
 }
 
 

@@ -235,6 +235,9 @@
 #   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
 #         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
 #         at depth 0 (A/B: 4 warps, logits compared)
+#   s34b: session 34, one GPU: replay A/B at TP=1 then TP=2 of the weight kernels asking L2 for
+#         their next bytes (Q8_0 step, gate/up item, down row), the down prologue in one round,
+#         the Q8_0 matvec's loads and warps, kv_store's warps and s34a's HC step shapes
 #   s34a: prepared in session 33, one GPU: replay A/B at TP=2 and TP=1 of the HC step's warps
 #         (2, 8) and columns a program (64, 256) against its defaults (4 warps, 128 columns)
 #   s32a: session 32 (prepared in 31), two GPUs: the decode attention on the tensor cores
@@ -1417,6 +1420,15 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34b ]; then
+  for w in 1 2; do
+    log "replay A/B, world $w: prefetch-ahead variants and launch constants"
+    timeout 285 python3 bench/critical_path.py --world $w --trace base \
+      --variants base,q8_pf,gu_pf,down_pf,down_pro1,all_pf,q8_l2,q8_l8,q8_w8,q8_w32,kv_w1,kv_w2,kv_w8,hc_w2,hc_w8,hc_be64,hc_be256 \
+      --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -20
+    grep -i "error\|Traceback" "$OUT/critical_path_w$w.txt" | head -5
+  done
 elif [ "$MODE" = s34a ]; then
   replay_ab base,hc_w2,hc_w8,hc_be64,hc_be256 "HC step launch shapes"
 elif [ "$MODE" = s32c ]; then

@@ -36,16 +36,18 @@ set_enabled = _switch.set          # benchmarks time the Triton kernel in the sa
 available = _switch.available
 
 
-def _kernel(device: torch.device, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
-            name: str = "q8_0_matvec"):
-    """Kernel `name` of matvec.cu compiled per device and launch constants (benchmarks time
-    other values)."""
+def _kernel(device: torch.device, warps: int | None = None, loads: int | None = None,
+            minb: int | None = None, name: str = "q8_0_matvec"):
+    """Kernel `name` of matvec.cu compiled per device and launch constants (None: the module's
+    constants, read at call time, so that benchmarks can set other values)."""
     return cuda_c.kernel("matvec.cu", name, device.index,
-                         (("WARPS", warps), ("LOADS", loads), ("MINB", minb)))
+                         (("WARPS", warps or WARPS), ("LOADS", loads or LOADS),
+                          ("MINB", MINB if minb is None else minb)))
 
 
-def default_rpb(fn, n_rows: int, device: torch.device, warps: int = WARPS) -> int:
+def default_rpb(fn, n_rows: int, device: torch.device, warps: int | None = None) -> int:
     """Rows per block: all blocks in one wave, the same number of rows for every warp."""
+    warps = warps or WARPS
     per = -(-n_rows // cuda_c.wave_slots(fn, warps, device))
     return -(-per // warps) * warps
 
@@ -55,8 +57,8 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
-         rpb: int | None = None, warps: int = WARPS, loads: int = LOADS, minb: int = MINB,
-         swiglu_clamp: float = 0.0) -> torch.Tensor | None:
+         rpb: int | None = None, warps: int | None = None, loads: int | None = None,
+         minb: int | None = None, swiglu_clamp: float = 0.0) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
@@ -74,6 +76,7 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     if norm is not None and (groups != 1 or norm.shape != (K,) or norm.dtype != torch.float32
                              or norm.device != x.device):
         return None
+    warps = warps or WARPS
     fn = _kernel(x.device, warps, loads, minb)
     if fn is None:
         return None

@@ -446,6 +446,9 @@ def _check_rope(cos, sin, pos, n_rot):
     _check("position", pos, (1,), torch.long)
 
 
+KV_STORE_WARPS = 4   # warps of kv_store's one program (bench/critical_path.py times others)
+
+
 def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
     """kv_lin [1, D] (the attn_kv projection) -> the cache row written into ring [n_swa, D] at
     pos % n_swa, ring_pos [n_swa] (int64) set to pos."""
@@ -457,7 +460,7 @@ def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
     _check("kv_store: ring", ring, (n_swa, D))
     _check_rope(cos, sin, pos, n_rot)
     _kv_store_kernel[(1,)](kv_lin, norm, cos, sin, pos, ring, ring_pos, n_swa, eps, D=D,
-                           NROT=n_rot, num_warps=4, **pdl.triton_args(kv_lin.device))
+                           NROT=n_rot, num_warps=KV_STORE_WARPS, **pdl.triton_args(kv_lin.device))
 
 
 def kv_rows(kv_lin, norm, cos, sin, eps) -> torch.Tensor:
