@@ -87,6 +87,12 @@ VARIANTS = {
     **{f"q8_l{n}": ((cuda_matvec, "LOADS", n),) for n in (2, 8)},
     **{f"q8_w{w}": ((cuda_matvec, "WARPS", w),) for w in (8, 32)},
     **{f"kv_w{w}": ((triton_attn, "KV_STORE_WARPS", w),) for w in (1, 2, 8)},
+    # (session 34) timing-only probes, wrong results: what the HC step's tail costs the step when
+    # it forms no x (hc_nox), what the Sinkhorn beside the sublayer costs it (mix_const: none)
+    "hc_nox": ((triton_hc, "PROBE_NO_X", True),),
+    "mix_const": ((triton_hc, "PROBE_MIX_CONST", True),),
+    "attn_s1": ((triton_attn, "ATTN_SPLIT", 1),),
+    "attn_s2": ((triton_attn, "ATTN_SPLIT", 2),),
 }
 
 

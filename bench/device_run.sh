@@ -235,6 +235,9 @@
 #   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
 #         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
 #         at depth 0 (A/B: 4 warps, logits compared)
+#   s34c: session 34, one GPU: replay A/B at TP=1 and TP=2 of timing-only probes (the HC step's
+#         tail without x, no Sinkhorn launch) and of the Sinkhorn's placement and the attention's
+#         split (1, 2 programs a head)
 #   s34b: session 34, one GPU: replay A/B at TP=1 then TP=2 of the weight kernels asking L2 for
 #         their next bytes (Q8_0 step, gate/up item, down row), the down prologue in one round,
 #         the Q8_0 matvec's loads and warps, kv_store's warps and s34a's HC step shapes
@@ -1420,6 +1423,8 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34c ]; then
+  replay_ab base,hc_nox,mix_const,sinkhorn_inline,mix_one_lane,attn_s1,attn_s2 "HC tail and Sinkhorn probes, attention split"
 elif [ "$MODE" = s34b ]; then
   for w in 1 2; do
     log "replay A/B, world $w: prefetch-ahead variants and launch constants"
