@@ -91,6 +91,9 @@ VARIANTS = {
     # it forms no x (hc_nox), what the Sinkhorn beside the sublayer costs it (mix_const: none)
     "hc_nox": ((triton_hc, "PROBE_NO_X", True),),
     "mix_const": ((triton_hc, "PROBE_MIX_CONST", True),),
+    # ... and what the HC step and the decode attention cost the step at all (no launch)
+    "hc_skip": ((triton_hc, "PROBE_SKIP", True),),
+    "attn_skip": ((triton_attn, "PROBE_SKIP", True),),
     "attn_s1": ((triton_attn, "ATTN_SPLIT", 1),),
     "attn_s2": ((triton_attn, "ATTN_SPLIT", 2),),
 }

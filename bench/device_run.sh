@@ -235,6 +235,8 @@
 #   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
 #         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
 #         at depth 0 (A/B: 4 warps, logits compared)
+#   s34d: session 34, one GPU: replay A/B at TP=1 and TP=2 of timing-only probes: the step with
+#         no HC step launch (hc_skip), with no decode attention launch (attn_skip)
 #   s34c: session 34, one GPU: replay A/B at TP=1 and TP=2 of timing-only probes (the HC step's
 #         tail without x, no Sinkhorn launch) and of the Sinkhorn's placement and the attention's
 #         split (1, 2 programs a head)
@@ -1423,6 +1425,8 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34d ]; then
+  replay_ab base,hc_skip,attn_skip "what the HC step and the attention cost the step (probes)"
 elif [ "$MODE" = s34c ]; then
   replay_ab base,hc_nox,mix_const,sinkhorn_inline,mix_one_lane,attn_s1,attn_s2 "HC tail and Sinkhorn probes, attention split"
 elif [ "$MODE" = s34b ]; then
