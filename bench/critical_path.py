@@ -94,6 +94,7 @@ VARIANTS = {
     # ... and what the HC step and the decode attention cost the step at all (no launch)
     "hc_skip": ((triton_hc, "PROBE_SKIP", True),),
     "attn_skip": ((triton_attn, "PROBE_SKIP", True),),
+    **{f"attn_p{b}": ((triton_attn, "PROBE_PARTS", b),) for b in (1, 2, 4, 8, 16, 31)},
     "attn_s1": ((triton_attn, "ATTN_SPLIT", 1),),
     "attn_s2": ((triton_attn, "ATTN_SPLIT", 2),),
 }

@@ -235,6 +235,9 @@
 #   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
 #         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
 #         at depth 0 (A/B: 4 warps, logits compared)
+#   s34e: session 34, one GPU: replay A/B at TP=1 and TP=2 of the decode attention with parts
+#         left out (timing-only probes attn_p*: merge, compressed rows, float64 norm, ring rows,
+#         the RoPE row's wait for pos)
 #   s34d: session 34, one GPU: replay A/B at TP=1 and TP=2 of timing-only probes: the step with
 #         no HC step launch (hc_skip), with no decode attention launch (attn_skip)
 #   s34c: session 34, one GPU: replay A/B at TP=1 and TP=2 of timing-only probes (the HC step's
@@ -598,7 +601,7 @@ replay_ab() {
     log "$what: replay A/B, world $w"
     timeout 200 python3 bench/critical_path.py --world $w --variants "$variants" --trace base "$@" \
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
-    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -7
+    sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -12
     grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
   done
 }
@@ -1425,6 +1428,8 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34e ]; then
+  replay_ab base,attn_p1,attn_p2,attn_p4,attn_p8,attn_p16,attn_p31 "the attention's parts (probes)"
 elif [ "$MODE" = s34d ]; then
   replay_ab base,hc_skip,attn_skip "what the HC step and the attention cost the step (probes)"
 elif [ "$MODE" = s34c ]; then

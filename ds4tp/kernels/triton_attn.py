@@ -350,7 +350,7 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
                  pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
                  HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, PROBE: tl.constexpr = 0):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
@@ -363,20 +363,23 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
     q = tl.load(qb_ptr + h * D + d)
-    qd = q.to(tl.float64)
-    q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
-    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
+    if PROBE & 4:      # (PROBE: timing-only parts left out, PROBE_PARTS; wrong results)
+        q = q * tl.math.rsqrt(tl.sum(q * q, axis=0) / D + eps)
+    else:
+        qd = q.to(tl.float64)
+        q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
+    c, s = _rope_cs(cos_ptr, sin_ptr, 0 if PROBE & 16 else pos, D, NROT)
     q = _rope(q, c, s, D)
     m = tl.full([], -1e30, tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
-    for k0 in range(j * BK, n_swa, S * BK):
+    for k0 in range(j * BK, 0 if PROBE & 8 else n_swa, S * BK):
         rows = k0 + kk
         rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
         ok = (rp <= pos) & (rp > pos - n_swa)
         kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
-    if HAS_COMP:
+    if HAS_COMP and not (PROBE & 2):
         n_vis = (pos + 1) // ratio
         for k0 in range(j * BK, n_vis, S * BK):
             rows = k0 + kk
@@ -385,6 +388,10 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
                 ok = ok & (tl.load(mask_ptr + rows, mask=ok, other=0) != 0)
             kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
             m, l, acc = _online(q, kv, ok, scale, m, l, acc)
+    if PROBE & 1:
+        if j == 0:
+            tl.store(out_ptr + h * D + d, acc / (l + 1.0))
+        return
     # partials: [H, S, D + 2] (value sum, then max and denominator)
     wrow = ws_ptr + (h * S + j).to(tl.int64) * (D + 2)
     tl.store(wrow + d, acc)
@@ -682,6 +689,9 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
+PROBE_PARTS = 0       # timing only (bench/critical_path.py attn_p*): parts of the kernel left
+                      # out, bits: 1 the merge, 2 the compressed rows, 4 the float64 norm (float32
+                      # instead), 8 the ring rows, 16 the RoPE row's wait for pos (row 0 instead)
 PROBE_SKIP = False    # timing only (bench/critical_path.py attn_skip): attention launches
 _probe_out: dict = {}  # nothing and returns a fixed output (wrong results)
 
@@ -722,7 +732,8 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
                                   sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
                                   eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
                                   HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  num_warps=attn_warps(H), **pdl.triton_args(qb.device))
+                                  num_warps=attn_warps(H), PROBE=PROBE_PARTS,
+                                  **pdl.triton_args(qb.device))
     return out
 
 
