@@ -95,6 +95,11 @@ VARIANTS = {
     "hc_skip": ((triton_hc, "PROBE_SKIP", True),),
     "attn_skip": ((triton_attn, "PROBE_SKIP", True),),
     **{f"attn_p{b}": ((triton_attn, "PROBE_PARTS", b),) for b in (1, 2, 4, 8, 16, 31)},
+    # (session 34) the decode attention's first blocks loaded before pos is known (ATTN_HOIST)
+    # and its merge by epoch-tagged partials (ATTN_EPOCH), each off, and both (the kernel before)
+    "attn_nohoist": ((triton_attn, "ATTN_HOIST", False),),
+    "attn_noepoch": ((triton_attn, "ATTN_EPOCH", False),),
+    "attn_old": ((triton_attn, "ATTN_HOIST", False), (triton_attn, "ATTN_EPOCH", False)),
     "attn_s1": ((triton_attn, "ATTN_SPLIT", 1),),
     "attn_s2": ((triton_attn, "ATTN_SPLIT", 2),),
 }

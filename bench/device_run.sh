@@ -235,6 +235,10 @@
 #   s33g: session 33, one GPU: the decode attention at 2 warps a program for 64 heads: CUDA
 #         attention twins, replay A/B at TP=1 (base, attn_many_w4, attn_s4), the TP=1 bench
 #         at depth 0 (A/B: 4 warps, logits compared)
+#   s34f: session 34, one GPU: the decode attention with its first blocks loaded before pos is
+#         known and its merge by epoch-tagged partials: CUDA attention twins (NaN in the rows it
+#         must not use), graph tests, replay A/B at TP=2 and TP=1 (each change off, both off),
+#         CUDA goldens at TP=1
 #   s34e: session 34, one GPU: replay A/B at TP=1 and TP=2 of the decode attention with parts
 #         left out (timing-only probes attn_p*: merge, compressed rows, float64 norm, ring rows,
 #         the RoPE row's wait for pos)
@@ -1428,6 +1432,13 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34f ]; then
+  log "CUDA twins: the decode attention"
+  cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py
+  log "decode graph tests on CUDA"
+  cuda_tests 200 "cuda" tests_graph.txt tests/test_decode_graph.py
+  replay_ab base,attn_old,attn_nohoist,attn_noepoch "attention: loads hoisted, merge by epochs"
+  golden 1 static 80
 elif [ "$MODE" = s34e ]; then
   replay_ab base,attn_p1,attn_p2,attn_p4,attn_p8,attn_p16,attn_p31 "the attention's parts (probes)"
 elif [ "$MODE" = s34d ]; then

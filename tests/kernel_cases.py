@@ -1125,10 +1125,12 @@ def case_compressor_split(device, gen, ratio, HD, n_rot, index, p, world=2):
     return f"{flips} grid flips"
 
 
-def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked):
+def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked, poison=True):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
-    rows hold float16 values, as model.kv_cache_row and model.compress make them."""
+    rows hold float16 values, as model.kv_cache_row and model.compress make them. poison: the
+    kernel's copy holds NaN in the ring slots out of the window and in the compressed rows past
+    the visible ones (it loads some of them before it knows which; they must not leak)."""
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
@@ -1151,6 +1153,12 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     cos, sin = _rope_tables(n_rot, p + 1, device, compressed=ratio > 0)
     pos = torch.tensor([p], device=device)
     want = decode_attention_torch(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, s)
+    if poison:
+        out_of_window = ~((rpos <= p) & (rpos > p - n_swa))
+        ring = ring.masked_fill(out_of_window[:, None], float("nan"))
+        if comp is not None:
+            comp = comp.clone()
+            comp[(p + 1) // ratio:] = float("nan")
     got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
     return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
 
