@@ -95,11 +95,12 @@ VARIANTS = {
     "hc_skip": ((triton_hc, "PROBE_SKIP", True),),
     "attn_skip": ((triton_attn, "PROBE_SKIP", True),),
     **{f"attn_p{b}": ((triton_attn, "PROBE_PARTS", b),) for b in (1, 2, 4, 8, 16, 31)},
-    # (session 34) the decode attention's first blocks loaded before pos is known (ATTN_HOIST)
-    # and its merge by epoch-tagged partials (ATTN_EPOCH), each off, and both (the kernel before)
+    # (session 34) the decode attention's first ring block loaded with q (ATTN_HOIST) off; one
+    # block of 32 keys a program (4 programs a head; 2 warps spill there, so 4 or 8)
     "attn_nohoist": ((triton_attn, "ATTN_HOIST", False),),
-    "attn_noepoch": ((triton_attn, "ATTN_EPOCH", False),),
-    "attn_old": ((triton_attn, "ATTN_HOIST", False), (triton_attn, "ATTN_EPOCH", False)),
+    **{f"attn_bk32_w{w}": ((triton_attn, "ATTN_BK", 32), (triton_attn, "ATTN_SPLIT", 4),
+                           (triton_attn, "ATTN_WARPS", w), (triton_attn, "ATTN_WARPS_MANY", w))
+       for w in (4, 8)},
     "attn_s1": ((triton_attn, "ATTN_SPLIT", 1),),
     "attn_s2": ((triton_attn, "ATTN_SPLIT", 2),),
 }

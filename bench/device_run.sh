@@ -239,6 +239,9 @@
 #         known and its merge by epoch-tagged partials: CUDA attention twins (NaN in the rows it
 #         must not use), graph tests, replay A/B at TP=2 and TP=1 (each change off, both off),
 #         CUDA goldens at TP=1
+#   s34g: session 34, one GPU: the decode attention's first ring block loaded with q (the
+#         hoist without the compressed block, no spills): CUDA attention twins, replay A/B at
+#         TP=2 and TP=1 (hoist off; 32 keys a program at 4 and 8 warps)
 #   s34e: session 34, one GPU: replay A/B at TP=1 and TP=2 of the decode attention with parts
 #         left out (timing-only probes attn_p*: merge, compressed rows, float64 norm, ring rows,
 #         the RoPE row's wait for pos)
@@ -1432,6 +1435,10 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34g ]; then
+  log "CUDA twins: the decode attention"
+  cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py
+  replay_ab base,attn_nohoist,attn_bk32_w4,attn_bk32_w8 "attention: first ring block with q; 32 keys a program"
 elif [ "$MODE" = s34f ]; then
   log "CUDA twins: the decode attention"
   cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py

@@ -38,7 +38,6 @@ from ds4tp.kernels.cuda_c import Switch
 from ds4tp.kernels.triton_pdl import pdl_start
 from ds4tp.kernels.triton_matvec import _TICKETS, _f16_head_tail, _rint_clamped, _tickets
 from ds4tp.kernels.triton_norm import rms_from_squares
-from ds4tp.kernels.triton_hc import _global_ns, _trap
 
 
 @triton.jit
@@ -348,11 +347,10 @@ def _online(q, kv, ok, scale, m, l, acc):
 
 @triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
-                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale, cap,
+                 pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
                  HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr, HOIST: tl.constexpr = True,
-                 EPOCH: tl.constexpr = False, LOG_S: tl.constexpr = 3, PDL: tl.constexpr = False,
-                 PROBE: tl.constexpr = 0):
+                 PDL: tl.constexpr = False, PROBE: tl.constexpr = 0):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
@@ -361,39 +359,27 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     pdl_start(PDL)
     h = tl.program_id(0)
     j = tl.program_id(1)
-    if EPOCH:      # the ticket first: its round trip hides behind the loads and the sums
-        ticket = tl.atomic_add(cnt_ptr + h, 1, sem="relaxed")
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
     q = tl.load(qb_ptr + h * D + d)
-    if HOIST:
-        # The program's first ring block and first compressed block are loaded with q, before
-        # pos is known (all rows that exist: stale or unwritten ones are zeroed once ok is known,
-        # never multiplied), so their loads are one round trip where the ring's ring_pos -> rows
-        # and then the compressed rows' were three. Later blocks (a deep ratio-4 layer's many
-        # compressed rows) follow in the loops; the blocks go through _online in the same order.
-        r0 = j * BK + kk
+    if HOIST:      # the program's first ring block asked for with q (its mask needs only pos and
+        r0 = j * BK + kk            # ring_pos): its rows arrive while q is normed and rotated
         rp0 = tl.load(rpos_ptr + r0, mask=r0 < n_swa, other=-(1 << 40))
-        kv0 = tl.load(ring_ptr + r0[:, None] * D + d[None, :], mask=(r0 < n_swa)[:, None], other=0.0)
-        if HAS_COMP:
-            kc0 = tl.load(comp_ptr + r0.to(tl.int64)[:, None] * D + d[None, :], mask=(r0 < cap)[:, None],
-                          other=0.0)
-            if HAS_MASK:
-                mk0 = tl.load(mask_ptr + r0, mask=r0 < cap, other=0) != 0
+        ok0 = (rp0 <= pos) & (rp0 > pos - n_swa)
+        kv0 = tl.load(ring_ptr + r0[:, None] * D + d[None, :], mask=ok0[:, None], other=0.0)
     if PROBE & 4:      # (PROBE: timing-only parts left out, PROBE_PARTS; wrong results)
         q = q * tl.math.rsqrt(tl.sum(q * q, axis=0) / D + eps)
     else:
         qd = q.to(tl.float64)
         q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
     c, s = _rope_cs(cos_ptr, sin_ptr, 0 if PROBE & 16 else pos, D, NROT)
+    q = _rope(q, c, s, D)
     m = tl.full([], -1e30, tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
-    q = _rope(q, c, s, D)   # (the norm and RoPE of q after the loads above are issued)
     if HOIST:
-        ok0 = (rp0 <= pos) & (rp0 > pos - n_swa)
-        m, l, acc = _online(q, tl.where(ok0[:, None], kv0, 0.0), ok0, scale, m, l, acc)
+        m, l, acc = _online(q, kv0, ok0, scale, m, l, acc)
         ring0 = j * BK + S * BK
     else:
         ring0 = j * BK
@@ -405,15 +391,7 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     if HAS_COMP and not (PROBE & 2):
         n_vis = (pos + 1) // ratio
-        if HOIST:
-            okc = r0 < n_vis
-            if HAS_MASK:
-                okc = okc & mk0
-            m, l, acc = _online(q, tl.where(okc[:, None], kc0, 0.0), okc, scale, m, l, acc)
-            comp0 = j * BK + S * BK
-        else:
-            comp0 = j * BK
-        for k0 in range(comp0, n_vis, S * BK):
+        for k0 in range(j * BK, n_vis, S * BK):
             rows = k0 + kk
             ok = rows < n_vis
             if HAS_MASK:
@@ -423,93 +401,32 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     if PROBE & 1:
         if j == 0:
             tl.store(out_ptr + h * D + d, acc / (l + 1.0))
-    elif EPOCH:
-        # Partials as 8-byte words, the value's bits with the launch's epoch above them (one
-        # store: a word read with the epoch holds its value). The head's tickets run epoch * S ..
-        # epoch * S + S - 1 (every launch adds S; the counters are never reset); the program that
-        # took the last one merges, polling until every word carries the epoch. The siblings it
-        # waits for took their tickets before it, so they are running: no wait on a program that
-        # is not resident. No release fence and no ticket after the sums: the merge starts one
-        # round trip after the last partial is stored. Workspace: [H, S, D + 2] words.
-        ep = (ticket >> LOG_S).to(tl.int64) & 0xFFFFFFFF
-        hi = ep << 32
-        wrow = ws_ptr.to(tl.pointer_type(tl.int64)) + (h * S + j).to(tl.int64) * (D + 2)
-        tl.store(wrow + d, (acc.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | hi)
-        tl.store(wrow + D, (m.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | hi)
-        tl.store(wrow + D + 1, (l.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | hi)
-        if (ticket & (S - 1)) == S - 1:
-            jj = tl.arange(0, S)
-            hrow = ws_ptr.to(tl.pointer_type(tl.int64)) + (h * S + jj).to(tl.int64) * (D + 2)
-            sink = tl.load(sink_ptr + h)                # the sink joins max and denominator
-            aw = tl.load(hrow[:, None] + d[None, :], volatile=True)
-            mw = tl.load(hrow + D, volatile=True)
-            lw = tl.load(hrow + D + 1, volatile=True)
-            late = tl.sum(((aw >> 32) != ep).to(tl.int32)) + tl.sum(((mw >> 32) != ep).to(tl.int32)) \
-                + tl.sum(((lw >> 32) != ep).to(tl.int32))
-            if late > 0:                                # a sibling still storing: poll (a lost
-                t0 = _global_ns(ep)                     # one traps after a second, never hangs)
-                while late > 0:
-                    if _global_ns(ep) - t0 > 1000000000:
-                        _trap(ep)
-                    aw = tl.load(hrow[:, None] + d[None, :], volatile=True)
-                    mw = tl.load(hrow + D, volatile=True)
-                    lw = tl.load(hrow + D + 1, volatile=True)
-                    late = tl.sum(((aw >> 32) != ep).to(tl.int32)) + \
-                        tl.sum(((mw >> 32) != ep).to(tl.int32)) + tl.sum(((lw >> 32) != ep).to(tl.int32))
-            mj = (mw & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            lj = (lw & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            aj = (aw & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            mt = tl.maximum(tl.max(mj, axis=0), sink)
-            wj = tl.exp(mj - mt)
-            lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
-            o = tl.sum(aj * wj[:, None], axis=0)
-            o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
-            o = _rope(o, c, -s, D)                      # inverse RoPE of the output
-            tl.store(out_ptr + h * D + d, o)
-    else:
-        # partials: [H, S, D + 2] (value sum, then max and denominator)
-        wrow = ws_ptr + (h * S + j).to(tl.int64) * (D + 2)
-        tl.store(wrow + d, acc)
-        tl.store(wrow + D, m)
-        tl.store(wrow + D + 1, l)
-        tl.debug_barrier()                                  # all partial stores before the ticket
-        ticket = tl.atomic_add(cnt_ptr + h, 1)              # acq_rel, gpu scope
-        if ticket == S - 1:
-            jj = tl.arange(0, S)
-            hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
-            mj = tl.load(hrow + D, cache_modifier=".cg")
-            lj = tl.load(hrow + D + 1, cache_modifier=".cg")
-            sink = tl.load(sink_ptr + h)                    # the sink joins max and denominator
-            mt = tl.maximum(tl.max(mj, axis=0), sink)
-            wj = tl.exp(mj - mt)
-            lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
-            aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
-            o = tl.sum(aj * wj[:, None], axis=0)
-            o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
-            o = _rope(o, c, -s, D)                          # inverse RoPE of the output
-            tl.store(out_ptr + h * D + d, o)
-            tl.atomic_xchg(cnt_ptr + h, 0)
+        return
+    # partials: [H, S, D + 2] (value sum, then max and denominator)
+    wrow = ws_ptr + (h * S + j).to(tl.int64) * (D + 2)
+    tl.store(wrow + d, acc)
+    tl.store(wrow + D, m)
+    tl.store(wrow + D + 1, l)
+    tl.debug_barrier()                                  # all partial stores before the ticket
+    ticket = tl.atomic_add(cnt_ptr + h, 1)              # acq_rel, gpu scope
+    if ticket == S - 1:
+        jj = tl.arange(0, S)
+        hrow = ws_ptr + (h * S + jj).to(tl.int64) * (D + 2)
+        mj = tl.load(hrow + D, cache_modifier=".cg")
+        lj = tl.load(hrow + D + 1, cache_modifier=".cg")
+        sink = tl.load(sink_ptr + h)                    # the sink joins max and denominator
+        mt = tl.maximum(tl.max(mj, axis=0), sink)
+        wj = tl.exp(mj - mt)
+        lt = tl.sum(lj * wj, axis=0) + tl.exp(sink - mt)
+        aj = tl.load(hrow[:, None] + d[None, :], cache_modifier=".cg")
+        o = tl.sum(aj * wj[:, None], axis=0)
+        o = tl.math.div_rn(o, tl.broadcast_to(lt, o.shape))
+        o = _rope(o, c, -s, D)                          # inverse RoPE of the output
+        tl.store(out_ptr + h * D + d, o)
+        tl.atomic_xchg(cnt_ptr + h, 0)
 
 
-ATTN_HOIST = True  # the first blocks' loads before pos is known (False: after, as before s34)
-ATTN_EPOCH = True  # the merge by epoch-tagged partials (False: a ticket after the sums, as before s34)
-_EPOCH_BUFFERS: dict = {}    # device index -> int32 [_TICKETS]; never evicted
-
-
-def _epochs(device: torch.device) -> torch.Tensor:
-    """The decode attention's ticket counters, one per head, which only ever grow (a launch adds
-    ATTN_SPLIT to each; kept apart from _tickets, whose users leave theirs at zero). One buffer
-    per device, made by the first (eager) call and kept for the process's life: made inside a
-    graph capture, its zeroing would be replayed and the epochs would repeat, so that is refused.
-    The decode attention's launches on one device must not overlap (one stream runs them)."""
-    device = torch.device(device)
-    buf = _EPOCH_BUFFERS.get(device.index)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention: its epoch counters must be made by an eager call "
-                               "before graph capture (a warm-up step)")
-        buf = _EPOCH_BUFFERS[device.index] = torch.zeros(_TICKETS, dtype=torch.int32, device=device)
-    return buf
+ATTN_HOIST = True  # the first ring block's loads before q is normed (False: after, before s34)
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
                   # (4 without the indexer's mask was slower at TP=2, s31c)
@@ -820,18 +737,13 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
             _probe_out[key] = torch.full((1, H, D), 0.01, device=qb.device)
         return _probe_out[key]
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
-    epoch = ATTN_EPOCH and ATTN_SPLIT & (ATTN_SPLIT - 1) == 0     # (tickets grouped by S = 2^k)
-    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.int64 if epoch else torch.float32,
-                     device=qb.device)
+    ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
     _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
                                   ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
-                                  sin, pos, out, ws, _epochs(qb.device) if epoch else _tickets(qb.device),
-                                  n_swa, max(ratio, 1),
-                                  eps, 1.0 / D ** 0.5, 0 if comp is None else comp.shape[0],
-                                  D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
+                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+                                  eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
                                   HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  HOIST=ATTN_HOIST, EPOCH=epoch, LOG_S=ATTN_SPLIT.bit_length() - 1,
-                                  num_warps=attn_warps(H), PROBE=PROBE_PARTS,
+                                  HOIST=ATTN_HOIST, num_warps=attn_warps(H), PROBE=PROBE_PARTS,
                                   **pdl.triton_args(qb.device))
     return out
 
