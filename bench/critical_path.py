@@ -75,26 +75,15 @@ VARIANTS = {
     # (s31b) but timed in the step at one width only
     **{f"hc_w{w}": ((triton_hc, "HC_STEP_WARPS", w),) for w in (2, 8)},
     **{f"hc_be{b}": ((triton_hc, "HC_STEP_BE", b),) for b in (64, 256)},
-    # (session 34) more bytes in flight a warp without more registers: the weight kernels ask L2
-    # for their next step (Q8_0 matvec), the item after the one loading (routed gate/up), the
-    # warp's row after the one loading (routed down); and the down prologue's loads in one round
-    **{name: ((cuda_c, "VARIANT_DEFINES", defs),) for name, defs in (
-        ("q8_pf", (("Q_PF", 1),)), ("gu_pf", (("A_PF", 1),)), ("down_pf", (("B_PF", 1),)),
-        ("down_pro1", (("B_PRO1", 1),)),
-        ("all_pf", (("Q_PF", 1), ("A_PF", 1), ("B_PF", 1), ("B_PRO1", 1))))},
     # (session 34) launch constants swept alone long ago (Q8_0: the fifth session) or never
-    # (kv_store), timed in the step at both widths
+    # (kv_store), timed in the step at both widths (s34b; its prefetch-ahead variants q8_pf,
+    # gu_pf, down_pf, down_pro1, all_pf, all slower, are at 5bc1507)
     **{f"q8_l{n}": ((cuda_matvec, "LOADS", n),) for n in (2, 8)},
     **{f"q8_w{w}": ((cuda_matvec, "WARPS", w),) for w in (8, 32)},
     **{f"kv_w{w}": ((triton_attn, "KV_STORE_WARPS", w),) for w in (1, 2, 8)},
-    # (session 34) timing-only probes, wrong results: what the HC step's tail costs the step when
-    # it forms no x (hc_nox), what the Sinkhorn beside the sublayer costs it (mix_const: none)
-    "hc_nox": ((triton_hc, "PROBE_NO_X", True),),
-    "mix_const": ((triton_hc, "PROBE_MIX_CONST", True),),
-    # ... and what the HC step and the decode attention cost the step at all (no launch)
-    "hc_skip": ((triton_hc, "PROBE_SKIP", True),),
-    "attn_skip": ((triton_attn, "PROBE_SKIP", True),),
-    **{f"attn_p{b}": ((triton_attn, "PROBE_PARTS", b),) for b in (1, 2, 4, 8, 16, 31)},
+    # (session 34) the timing-only probes of s34c-s34e (hc_nox, mix_const, hc_skip, attn_skip,
+    # attn_p*: parts of the HC step and the attention left out, wrong results) are at 5bc1507
+    **{f"attn_s{n}": ((triton_attn, "ATTN_SPLIT", n),) for n in (1, 2)},
     # (session 34) the decode attention's first ring block loaded with q (ATTN_HOIST) off; one
     # block of 32 keys a program (4 programs a head; 2 warps spill there, so 4 or 8)
     "attn_nohoist": ((triton_attn, "ATTN_HOIST", False),),

@@ -239,6 +239,8 @@
 #         known and its merge by epoch-tagged partials: CUDA attention twins (NaN in the rows it
 #         must not use), graph tests, replay A/B at TP=2 and TP=1 (each change off, both off),
 #         CUDA goldens at TP=1
+#   s34h: session 34 closing run, one GPU: CUDA attention twins, the TP=1 bench at depth 0,
+#         CUDA goldens at TP=1 (s34b-s34f ran variants and probes that are only at 5bc1507)
 #   s34g: session 34, one GPU: the decode attention's first ring block loaded with q (the
 #         hoist without the compressed block, no spills): CUDA attention twins, replay A/B at
 #         TP=2 and TP=1 (hoist off; 32 keys a program at 4 and 8 warps)
@@ -1435,6 +1437,15 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s34h ]; then
+  log "CUDA twins: the decode attention"
+  cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py
+  log "bench, 43 layers, TP=1, depth 0 (no A/B variants)"
+  timeout 260 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  rm -f "$OUT/bench.tp1.json"
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  golden 1 static 80
 elif [ "$MODE" = s34g ]; then
   log "CUDA twins: the decode attention"
   cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py

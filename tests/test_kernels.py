@@ -741,7 +741,7 @@ def test_decode_attention_compiles_for_sm90(comp, mask):
                sink_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32",
                ws_ptr="*fp32", cnt_ptr="*i32", n_swa="i32", ratio="i32", eps="fp32", scale="fp32")
     const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT, HAS_COMP=comp, HAS_MASK=mask, PDL=True,
-                 HOIST=ta.ATTN_HOIST, PROBE=0)
+                 HOIST=ta.ATTN_HOIST)
     for heads in (32, 64):           # a TP=2 rank's and TP=1's warps a program
         assert "griddepcontrol" in _compile_sm90(ta._attn_kernel, sig, const, ta.attn_warps(heads))
     if not comp:

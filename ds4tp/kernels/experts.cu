@@ -169,15 +169,6 @@ __device__ __forceinline__ int iq2xxs_sub(const unsigned char* row, int off, con
 #ifndef A_DL
 #define A_DL 0                  // gate/up rows in the decode order (qtensor.IQ2_DECODE; KB = 16)
 #endif
-#ifndef A_PF
-#define A_PF 0                  // 1: gate/up asks L2 for the item after the one loading (a variant)
-#endif
-#ifndef B_PF
-#define B_PF 0                  // 1: down asks L2 for the warp's row after the one loading (a variant)
-#endif
-#ifndef B_PRO1
-#define B_PRO1 0                // 1: down's prologue loads all its blocks a warp at once (a variant)
-#endif
 // A row in the decode order (qtensor.iq2_decode_rows, re-ordered in place at load): the 16
 // super-blocks' f16 scales first (32 bytes; lane group j = lane / 8 finds its four, of
 // super-blocks j, j+4, j+8, j+12, at bytes 8j..8j+7), then the 128 sub-blocks of 8 bytes in two
@@ -200,13 +191,6 @@ __device__ __forceinline__ void dl_load(DlRow& r, const unsigned char* row, int 
     r.q[0] = __ldg((const uint4*)(row + 32 + 16 * lane));
     r.q[1] = __ldg((const uint4*)(row + 544 + 16 * lane));
     r.d = __ldg((const uint2*)(row + 8 * (lane >> 3)));
-}
-
-// The bytes dl_load reads of a row (the warp's: the whole row) asked of L2 (A_PF)
-__device__ __forceinline__ void dl_to_l2(const unsigned char* row, int lane) {
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(row + 32 + 16 * lane));
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(row + 544 + 16 * lane));
-    if (lane == 0) asm volatile("prefetch.global.L2 [%0];" :: "l"(row));
 }
 
 // sub-block i (< 4) of a DlRow: its two words and its super-block's scale
@@ -527,24 +511,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #if A_DL
     DlRow bg[2], bu[2];               // gate and up rows: this item's in one set, the next's loading
 #define LOAD_ROWS(h, off) { dl_load(bg[h], wg + (off), lane); dl_load(bu[h], wu + (off), lane); }
-#if A_PF
-    // A_PF: the item after the one loading (item it; kxv, rxv its slot and row) asked of L2, so
-    // that its loads find it there: two items in flight a warp, the second without registers
-#define PF_AHEAD(it, kxv, rxv) {                                                              \
-        int kp = (kxv) + dk, rp = (rxv) + dr;                                                 \
-        if (rp >= rows) { rp -= rows; kp++; }                                                 \
-        if ((it) + WARPS < items) {                                                           \
-            const long long ep = choose ? s_ids[kp] : prior(ids + t * K + kp);                \
-            if (ep >= 0) {                                                                    \
-                const long long off = ep * stride_e + (long long)(n0 + rp) * stride_n;        \
-                dl_to_l2(wg + off, lane); dl_to_l2(wu + off, lane);                           \
-            }                                                                                 \
-        } }
 #else
-#define PF_AHEAD(it, kxv, rxv)
-#endif
-#else
-#define PF_AHEAD(it, kxv, rxv)
     uint4 buf[A_MAX_V];
 #define LOAD_ROWS(h, off) load_rows(buf, wg, wu, (off), lane, nv)
 #endif
@@ -559,7 +526,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         e = item < items ? prior(ids + t * K + kx) : -1;
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
-        PF_AHEAD(item, kx, rx)
     }
 
     // x by two 16-byte loads per lane (prior): with eight 4-byte loads from L2 (.cg, as prior
@@ -577,7 +543,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         e = item < items ? s_ids[kx] : -1;
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
-        PF_AHEAD(item, kx, rx)
     }
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
@@ -633,7 +598,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         e = nxt >= items ? -1 : choose ? s_ids[kx] : prior(ids + t * K + kx);
         n = n0 + (nxt < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(1 - h, e * stride_e + (long long)n * stride_n);
-        PF_AHEAD(nxt, kx, rx)
         float mid = 0.0f;
         if (ecur >= 0) {
             float ag = 0.0f, au = 0.0f;
@@ -671,7 +635,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
     }
 #undef LOAD_ROWS
-#undef PF_AHEAD
 }
 
 // Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks
@@ -681,34 +644,6 @@ __device__ __forceinline__ void b_prologue(const float* x, long long stride_xt, 
                                            int t, int K, int KB, int lane, int warp,
                                            signed char* s_xq, float* s_xd, int* s_bs) {
     const int q8_off = 8 * (lane & 15) + (lane >> 4) * B_XH;     // elements 8l..8l+7 (B_XB layout)
-#if B_PRO1
-    // B_PRO1: every block of the warp (at most 3: K * KB <= 48 for 16 warps) loaded before any is
-    // quantised: one round trip to L2 where K * KB > 2 * WARPS took two
-    if (K * KB <= 3 * WARPS) {
-        float4 a[3][2];
-#pragma unroll
-        for (int i = 0; i < 3; i++) {
-            const int b = warp + i * WARPS;
-            a[i][0] = a[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (b < K * KB) {
-                const float4* pb = (const float4*)(x + (long long)t * stride_xt + (long long)(b / KB) * stride_xk
-                                                   + (b % KB) * 256 + lane * 8);
-                a[i][0] = prior(pb);
-                a[i][1] = prior(pb + 1);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 3; i++) {
-            const int b = warp + i * WARPS;
-            if (b < K * KB) {
-                const float v[8] = {a[i][0].x, a[i][0].y, a[i][0].z, a[i][0].w,
-                                    a[i][1].x, a[i][1].y, a[i][1].z, a[i][1].w};
-                q8k_block(v, lane, s_xq + b * B_XB + q8_off, s_xd + b, s_bs + b * B_BS);
-            }
-        }
-        return;
-    }
-#endif
     for (int b = warp; b < K * KB; b += 2 * WARPS) {
         const int b2 = b + WARPS;
         const bool two = b2 < K * KB;
@@ -832,27 +767,10 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = __ldg(b32 + 4 + 8 * nh + 4 * h + i); \
         dd[p] = __ldg(b32 + 20);                                                              \
     }
-#if B_PF
-    // B_PF: the lane's bytes of pass p of a row asked of L2 (its quants; the first and last lanes
-    // of a super-block also its scales and d|dmin)
-#define B_TO_L2(p, row)                                                                       \
-    if (p * spp < K && e[p] >= 0) {                                                           \
-        const unsigned char* b8 = w + (long long)e[p] * stride_e + (long long)(row) * stride_n + sb * 84; \
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(b8 + 16 + 32 * nh + 16 * h));         \
-        if (nh == 0 && h == 0) asm volatile("prefetch.global.L2 [%0];" :: "l"(b8));          \
-        if (nh == 1 && h == 1) asm volatile("prefetch.global.L2 [%0];" :: "l"(b8 + 80));     \
-    }
-#endif
     int n = n0 + warp;
     if (n < nend) {
 #pragma unroll
         for (int p = 0; p < B_NP; p++) { B_LOAD(p, n) }
-#if B_PF
-        if (n + WARPS < nend) {
-#pragma unroll
-            for (int p = 0; p < B_NP; p++) { B_TO_L2(p, n + WARPS) }
-        }
-#endif
     }
 
     b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
@@ -878,9 +796,6 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
                                 s_xd[blk]);
             }
             if (nrow < nend) { B_LOAD(p, nrow) }
-#if B_PF
-            if (nrow + WARPS < nend) { B_TO_L2(p, nrow + WARPS) }
-#endif
         }
         acc = warp_sum(acc);
         if (sh) {
@@ -890,7 +805,4 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         if (lane == 0) out[(long long)t * stride_ot + n] = acc;
     }
 #undef B_LOAD
-#if B_PF
-#undef B_TO_L2
-#endif
 }

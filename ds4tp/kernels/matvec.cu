@@ -23,9 +23,6 @@
 #ifndef MINB
 #define MINB 0                  // blocks per SM the register allocation must allow (0: ptxas' choice)
 #endif
-#ifndef Q_PF
-#define Q_PF 0                  // 1: each step also asks L2 for the warp's next step (a variant)
-#endif
 #if MINB > 0
 #define BOUNDS __launch_bounds__(WARPS * 32, MINB)
 #else
@@ -62,23 +59,6 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
                     dh[r][u] = ok ? __ldg(d + row * (K / 32) + 16 * c + (lane >> 1)) : (unsigned short)0;
                 }
             }
-#if Q_PF
-            {   // the warp's next step (the same pieces of its next rows, or the next pieces) into
-                // L2 while this one's loads are out: two steps in flight, the second without registers
-                const bool more = c0 + U < CPR;
-                const int nj0 = more ? j0 : j0 + WARPS * R, nc0 = more ? c0 + U : 0;
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    if (nj0 + r * WARPS < nrows) {
-                        const long long row = row0 + nj0 + r * WARPS;
-#pragma unroll
-                        for (int u = 0; u < U; u++)
-                            asm volatile("prefetch.global.L2 [%0];" :: "l"(q + row * K + 512 * (nc0 + u) + 16 * lane));
-                        if (lane < U) asm volatile("prefetch.global.L2 [%0];" :: "l"(d + row * (K / 32) + 16 * (nc0 + lane)));
-                    }
-                }
-            }
-#endif
 #pragma unroll
             for (int r = 0; r < R; r++) {
 #pragma unroll

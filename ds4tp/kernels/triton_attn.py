@@ -350,7 +350,7 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
                  pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
                  HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr, HOIST: tl.constexpr = True,
-                 PDL: tl.constexpr = False, PROBE: tl.constexpr = 0):
+                 PDL: tl.constexpr = False):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
@@ -363,33 +363,30 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     d = tl.arange(0, D)
     kk = tl.arange(0, BK)
     q = tl.load(qb_ptr + h * D + d)
-    if HOIST:      # the program's first ring block asked for with q (its mask needs only pos and
-        r0 = j * BK + kk            # ring_pos): its rows arrive while q is normed and rotated
+    if HOIST:   # the program's first ring block asked for with q (its mask needs only pos and
+        r0 = j * BK + kk         # ring_pos): its rows arrive while q is normed and rotated
         rp0 = tl.load(rpos_ptr + r0, mask=r0 < n_swa, other=-(1 << 40))
         ok0 = (rp0 <= pos) & (rp0 > pos - n_swa)
         kv0 = tl.load(ring_ptr + r0[:, None] * D + d[None, :], mask=ok0[:, None], other=0.0)
-    if PROBE & 4:      # (PROBE: timing-only parts left out, PROBE_PARTS; wrong results)
-        q = q * tl.math.rsqrt(tl.sum(q * q, axis=0) / D + eps)
-    else:
-        qd = q.to(tl.float64)
-        q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
-    c, s = _rope_cs(cos_ptr, sin_ptr, 0 if PROBE & 16 else pos, D, NROT)
+    qd = q.to(tl.float64)
+    q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
+    c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
     q = _rope(q, c, s, D)
     m = tl.full([], -1e30, tl.float32)
     l = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([D], tl.float32)
-    if HOIST:
+    if HOIST:   # (the same blocks through _online in the same order: the same bits)
         m, l, acc = _online(q, kv0, ok0, scale, m, l, acc)
         ring0 = j * BK + S * BK
     else:
         ring0 = j * BK
-    for k0 in range(ring0, 0 if PROBE & 8 else n_swa, S * BK):
+    for k0 in range(ring0, n_swa, S * BK):
         rows = k0 + kk
         rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
         ok = (rp <= pos) & (rp > pos - n_swa)
         kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
-    if HAS_COMP and not (PROBE & 2):
+    if HAS_COMP:
         n_vis = (pos + 1) // ratio
         for k0 in range(j * BK, n_vis, S * BK):
             rows = k0 + kk
@@ -398,10 +395,6 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
                 ok = ok & (tl.load(mask_ptr + rows, mask=ok, other=0) != 0)
             kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
             m, l, acc = _online(q, kv, ok, scale, m, l, acc)
-    if PROBE & 1:
-        if j == 0:
-            tl.store(out_ptr + h * D + d, acc / (l + 1.0))
-        return
     # partials: [H, S, D + 2] (value sum, then max and denominator)
     wrow = ws_ptr + (h * S + j).to(tl.int64) * (D + 2)
     tl.store(wrow + d, acc)
@@ -426,7 +419,8 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         tl.atomic_xchg(cnt_ptr + h, 0)
 
 
-ATTN_HOIST = True  # the first ring block's loads before q is normed (False: after, before s34)
+ATTN_HOIST = True  # the first ring block loaded with q (replay A/B s34g: -0.8% at TP=2, -0.2% at
+                   # TP=1, bit-identical); the first compressed block too spilled at 2 warps (s34f)
 ATTN_BK = 16      # keys per block
 ATTN_SPLIT = 8    # programs per head (split-K over keys): the ring's 128 rows are 8 blocks
                   # (4 without the indexer's mask was slower at TP=2, s31c)
@@ -464,7 +458,7 @@ def _check_rope(cos, sin, pos, n_rot):
     _check("position", pos, (1,), torch.long)
 
 
-KV_STORE_WARPS = 4   # warps of kv_store's one program (bench/critical_path.py times others)
+KV_STORE_WARPS = 4   # warps of kv_store's one program (1, 2, 8 no faster at either width, s34b)
 
 
 def kv_store(kv_lin, norm, cos, sin, pos, ring, ring_pos, eps):
@@ -700,13 +694,6 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-PROBE_PARTS = 0       # timing only (bench/critical_path.py attn_p*): parts of the kernel left
-                      # out, bits: 1 the merge, 2 the compressed rows, 4 the float64 norm (float32
-                      # instead), 8 the ring rows, 16 the RoPE row's wait for pos (row 0 instead)
-PROBE_SKIP = False    # timing only (bench/critical_path.py attn_skip): attention launches
-_probe_out: dict = {}  # nothing and returns a fixed output (wrong results)
-
-
 def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
@@ -731,11 +718,6 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
         raise ValueError("attention: a row mask without compressed rows")
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
-    if PROBE_SKIP:                    # timing only: no launch, a fixed output
-        key = (qb.device, H, D)
-        if key not in _probe_out:     # (made in the decoder's warm-up, before any capture)
-            _probe_out[key] = torch.full((1, H, D), 0.01, device=qb.device)
-        return _probe_out[key]
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
     ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
     _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
@@ -743,7 +725,7 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
                                   sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
                                   eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
                                   HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  HOIST=ATTN_HOIST, num_warps=attn_warps(H), PROBE=PROBE_PARTS,
+                                  HOIST=ATTN_HOIST, num_warps=attn_warps(H),
                                   **pdl.triton_args(qb.device))
     return out
 

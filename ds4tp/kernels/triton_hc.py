@@ -309,7 +309,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
                     MIX: tl.constexpr = True, PEER: tl.constexpr = False, NFLAG: tl.constexpr = 64,
-                    PDL: tl.constexpr = False, PROBE_NOX: tl.constexpr = False):
+                    PDL: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -384,10 +384,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         else:
             z = y * rms_from_squares(sq, NH * E, rms_eps)
         tl.store(z_ptr + rows, z, mask=rows < N)
-        if PROBE_NOX:  # timing only (PROBE_NO_X): x without the streams read back or their norm
-            xe = tl.arange(0, XB)
-            tl.store(x_ptr + xe, tl.load(norm_ptr + xe, mask=xe < E, other=0.0) * 0.01, mask=xe < E)
-        elif ONE_PASS:   # x from z in registers (0.5-0.9% of a step, s19d); Sinkhorn (MIX) reads z back
+        if ONE_PASS:   # x from z in registers (0.5-0.9% of a step, s19d); Sinkhorn (MIX) reads z back
             if MIX:
                 tl.debug_barrier()
                 _hc_mix(z_ptr, scale_ptr, base_ptr, post2_ptr, m2_ptr, 0, eps, NH, ITERS)
@@ -414,8 +411,6 @@ def _hc_mix_kernel(z_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, eps, NH: tl.cons
     _hc_mix(z_ptr + t * (2 * NH + NH * NH), scale_ptr, base_ptr, post_ptr, m_ptr, t, eps, NH, ITERS)
 
 
-PROBE_MIX_CONST = False   # timing only (bench/critical_path.py mix_const): hc_mix launches
-_probe_mix: dict = {}     # nothing and returns fixed post and M (wrong results)
 MIX_WARPS = 8       # warps of hc_mix's one program per token (others timed, none faster: s19c)
 
 
@@ -432,11 +427,6 @@ def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, 
     for name, v in (("z", z), ("scale", scale), ("base", base)):
         if v.dtype != torch.float32:
             raise ValueError(f"hc_mix: {name} must be float32")
-    if PROBE_MIX_CONST:
-        key = (z.device, T, n)
-        if key not in _probe_mix:     # (made in the decoder's warm-up, before any capture)
-            _probe_mix[key] = (torch.ones(T, n, device=z.device), torch.full((T, n, n), 1.0 / n, device=z.device))
-        return _probe_mix[key]
     post = torch.empty(T, n, dtype=torch.float32, device=z.device)
     m = torch.empty(T, n, n, dtype=torch.float32, device=z.device)
     if T:
@@ -445,10 +435,6 @@ def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, 
     return post, m
 
 
-PROBE_NO_X = False   # timing only (bench/critical_path.py hc_nox): the step's tail stores a
-                     # constant x in place of the normed sublayer input (wrong results)
-PROBE_SKIP = False   # timing only (bench/critical_path.py hc_skip): the step (without the mixer
-_probe_step: dict = {}  # inside) launches nothing (wrong results)
 HC_STEP_BE = 128   # stream columns per program of hc_step (4096 wide: 32 programs)
 HC_STEP_WARPS = 4  # warps per program (s31b's sweep: 5.15 against 5.96 us at 8 without the
                    # mixer, 7.77 against 8.62 with it)
@@ -493,11 +479,6 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
         if v.dtype != torch.float32:
             raise ValueError(f"hc_step: {name} must be float32")
     dev = hc.device
-    if PROBE_SKIP and mix is False and peer is None:   # timing only: no launch; the streams kept,
-        key = (dev, n, E)                              # a fixed x and z (made in the warm-up)
-        if key not in _probe_step:
-            _probe_step[key] = (norm.reshape(1, E) * 0.01, torch.zeros(1, N, device=dev))
-        return (hc, *_probe_step[key])
     out = torch.empty(1, n, E, dtype=torch.float32, device=dev)
     x = torch.empty(1, E, dtype=torch.float32, device=dev)
     z = torch.empty(1, N, dtype=torch.float32, device=dev)
@@ -523,8 +504,7 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
                               *ex, NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
                               ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, PEER=peer is not None,
-                              num_warps=warps or HC_STEP_WARPS, PROBE_NOX=PROBE_NO_X,
-                              **pdl.triton_args(dev))
+                              num_warps=warps or HC_STEP_WARPS, **pdl.triton_args(dev))
     return (out, x, post2, m2) if mix else (out, x, z)
 
 
