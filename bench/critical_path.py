@@ -90,8 +90,6 @@ VARIANTS = {
     **{f"attn_bk32_w{w}": ((triton_attn, "ATTN_BK", 32), (triton_attn, "ATTN_SPLIT", 4),
                            (triton_attn, "ATTN_WARPS", w), (triton_attn, "ATTN_WARPS_MANY", w))
        for w in (4, 8)},
-    "attn_s1": ((triton_attn, "ATTN_SPLIT", 1),),
-    "attn_s2": ((triton_attn, "ATTN_SPLIT", 2),),
 }
 
 

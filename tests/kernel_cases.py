@@ -1130,7 +1130,7 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
     rows hold float16 values, as model.kv_cache_row and model.compress make them. poison: the
     kernel's copy holds NaN in the ring slots out of the window and in the compressed rows past
-    the visible ones (it loads some of them before it knows which; they must not leak)."""
+    the visible ones, which it must never let into the result."""
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
@@ -1161,6 +1161,18 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
             comp[(p + 1) // ratio:] = float("nan")
     got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
     return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got, want, 1e-5)
+
+
+def case_decode_attention_nohoist(device, gen, *args):
+    """case_decode_attention with the kernel's first ring block loaded after q's norm
+    (triton_attn.ATTN_HOIST off: the layout benchmarks time against the default)."""
+    from ds4tp.kernels import triton_attn
+    was = triton_attn.ATTN_HOIST
+    triton_attn.ATTN_HOIST = False
+    try:
+        return case_decode_attention(device, gen, *args)
+    finally:
+        triton_attn.ATTN_HOIST = was
 
 
 def case_index_scores(device, gen, HI, HD, cap, nvis):
@@ -1345,6 +1357,7 @@ def interpreter_cases():
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
+    yield "decode attention, no hoist", case_decode_attention_nohoist, (2, 128, 64, 32, 4, 40, 150, True)
     yield "decode attention 20 heads", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
