@@ -239,6 +239,9 @@
 #         known and its merge by epoch-tagged partials: CUDA attention twins (NaN in the rows it
 #         must not use), graph tests, replay A/B at TP=2 and TP=1 (each change off, both off),
 #         CUDA goldens at TP=1
+#   s35a: prepared in session 34, one GPU (~4 min): the decode attention in CUDA C with a head's
+#         blocks in one thread-block cluster (cuda_attn, off by default): its CUDA twins, then
+#         replay A/B at TP=2 and TP=1 against the Triton kernel (attn_cuda, attn_cuda_minb3)
 #   s34h: session 34 closing run, one GPU: CUDA attention twins, the TP=1 bench at depth 0,
 #         CUDA goldens at TP=1 (s34b-s34f ran variants and probes that are only at 5bc1507)
 #   s34g: session 34, one GPU: the decode attention's first ring block loaded with q (the
@@ -1437,6 +1440,10 @@ elif [ "$MODE" = s33g ]; then
     --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w1.txt"
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w1.txt" | head -6
   bench_tp1_ab 200 "attention at 4 warps" attn_warps_logits_vs_4 comp_pair_logits_vs_two
+elif [ "$MODE" = s35a ]; then
+  log "CUDA twins: the decode attention (Triton and the CUDA C cluster kernel)"
+  cuda_tests 200 "attention" tests_attn.txt tests/test_kernels.py
+  replay_ab base,attn_cuda,attn_cuda_minb3 "the decode attention in CUDA C, a cluster a head"
 elif [ "$MODE" = s34h ]; then
   log "CUDA twins: the decode attention"
   cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
-SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu")
+SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu", "attn.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
-             "rbias", "tid2eid"}                                   # the router's bias, hash table
+             "rbias", "tid2eid",                                   # the router's bias, hash table
+             "sinks", "cos_t", "sin_t"}                            # attention sinks, RoPE tables
 
 
 def _nvrtc():
@@ -83,9 +84,10 @@ def kernel_params(code: str) -> dict:
     out = {}
     for m in re.finditer(r'extern\s+"C"\s+__global__\s+void\b', code):
         rest = code[m.end():]
-        # the kernel's name: the first identifier followed by "(" that is not a launch bound
+        # the kernel's name: the first identifier followed by "(" that is not a launch bound or
+        # a cluster shape
         for nm in re.finditer(r"(\w+)\s*\(", rest):
-            if nm.group(1) != "__launch_bounds__":
+            if nm.group(1) not in ("__launch_bounds__", "__cluster_dims__"):
                 break
         depth, j = 0, nm.end() - 1
         for j in range(nm.end() - 1, len(rest)):
@@ -224,8 +226,10 @@ def test_every_cuda_c_kernel_counts_as_a_weight_kernel_in_the_bench_profile():
     names = {n for src in SOURCES for n in kernel_params((KDIR / src).read_text())}
     assert {"iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec", "f16_matvec", "ar2_sum"} <= names
     draw = {"draw_sum", "draw_scan"}          # sample.cu: a sampled token's draw, after the step
-    assert draw <= names
-    assert names - COLLECTIVE_KERNELS - draw <= WEIGHT_KERNELS, sorted(names - COLLECTIVE_KERNELS - draw - WEIGHT_KERNELS)
+    attn = {"attn_decode"}                    # attn.cu: the decode attention reads the cache
+    assert draw <= names and attn <= names
+    other = names - COLLECTIVE_KERNELS - draw - attn
+    assert other <= WEIGHT_KERNELS, sorted(other - WEIGHT_KERNELS)
 
 
 def test_gate_up_tables_host_and_kernel_agree():

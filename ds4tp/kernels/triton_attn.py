@@ -694,10 +694,9 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
-    """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
-    with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
+def check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos):
+    """The decode attention's arguments checked (a ValueError naming the first that does not fit);
+    returns n_swa, D, H, n_rot. Every decode attention kernel takes the same ones."""
     n_swa, D = ring.shape
     H = sinks.shape[0]
     n_rot = cos.shape[1] * 2
@@ -718,6 +717,14 @@ def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
         raise ValueError("attention: a row mask without compressed rows")
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
+    return n_swa, D, H, n_rot
+
+
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
+    """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
+    with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
+    n_swa, D, H, n_rot = check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos)
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
     ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
     _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
