@@ -242,6 +242,9 @@
 #   s35a: prepared in session 34, one GPU (~4 min): the decode attention in CUDA C with a head's
 #         blocks in one thread-block cluster (cuda_attn, off by default): its CUDA twins, then
 #         replay A/B at TP=2 and TP=1 against the Triton kernel (attn_cuda, attn_cuda_minb3)
+#   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
+#         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
+#         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
 #   s34h: session 34 closing run, one GPU: CUDA attention twins, the TP=1 bench at depth 0,
 #         CUDA goldens at TP=1 (s34b-s34f ran variants and probes that are only at 5bc1507)
 #   s34g: session 34, one GPU: the decode attention's first ring block loaded with q (the
@@ -1444,6 +1447,19 @@ elif [ "$MODE" = s35a ]; then
   log "CUDA twins: the decode attention (Triton and the CUDA C cluster kernel)"
   cuda_tests 200 "attention" tests_attn.txt tests/test_kernels.py
   replay_ab base,attn_cuda,attn_cuda_minb3 "the decode attention in CUDA C, a cluster a head"
+elif [ "$MODE" = s35b ]; then
+  log "synth full (parallel)"
+  timeout 150 python3 -m ds4tp synth --preset full --layers 8 --seed 0 --jobs 16 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  for hoist in True False; do
+    sed -i "s/^ATTN_HOIST = \(True\|False\)/ATTN_HOIST = $hoist/" ds4tp/kernels/triton_attn.py
+    grep -c "^ATTN_HOIST = $hoist" ds4tp/kernels/triton_attn.py
+    log "serve end to end, TP=1 on one GPU, ATTN_HOIST = $hoist"
+    timeout 260 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 1 --ctx 8192 \
+      --long-words 800 --tokens 256 --out "$OUT/serve_e2e_hoist_$hoist.json" --log "$OUT/serve_launch_$hoist.log" 2>&1 \
+      | grep -E "ready|stream_short|stream_sampled:|two_streams:|stream_long:" | cut -c1-300
+  done
+  sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
+  rm -f /tmp/full.gguf
 elif [ "$MODE" = s34h ]; then
   log "CUDA twins: the decode attention"
   cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py
