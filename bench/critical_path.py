@@ -65,9 +65,9 @@ VARIANTS = {
     # (session 31) a ratio-4 layer's two compressor steps in a launch each (before) instead of
     # one (triton_attn.compressor_pair)
     "comp_two": (triton_attn.set_pair_enabled,),
-    # (session 31) the decode attention's launch shape at TP=1's 64 heads (s28e swept it at
+    # (sessions 31, 34) the decode attention's launch shape at TP=1's 64 heads (s28e swept it at
     # TP=2 only): programs a head, warps a program
-    **{f"attn_s{n}": ((triton_attn, "ATTN_SPLIT", n),) for n in (4, 16)},
+    **{f"attn_s{n}": ((triton_attn, "ATTN_SPLIT", n),) for n in (1, 2, 4, 16)},
     **{f"attn_w{w}": ((triton_attn, "ATTN_WARPS", w),) for w in (2, 8)},
     # (session 31) 4 warps a program at 64 heads (before) instead of ATTN_WARPS_MANY
     "attn_many_w4": ((triton_attn, "ATTN_WARPS_MANY", 4),),
@@ -83,7 +83,6 @@ VARIANTS = {
     **{f"kv_w{w}": ((triton_attn, "KV_STORE_WARPS", w),) for w in (1, 2, 8)},
     # (session 34) the timing-only probes of s34c-s34e (hc_nox, mix_const, hc_skip, attn_skip,
     # attn_p*: parts of the HC step and the attention left out, wrong results) are at 5bc1507
-    **{f"attn_s{n}": ((triton_attn, "ATTN_SPLIT", n),) for n in (1, 2)},
     # (session 34) the decode attention's first ring block loaded with q (ATTN_HOIST) off; one
     # block of 32 keys a program (4 programs a head; 2 warps spill there, so 4 or 8)
     "attn_nohoist": ((triton_attn, "ATTN_HOIST", False),),

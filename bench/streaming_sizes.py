@@ -119,8 +119,7 @@ def main() -> int:
     for key, sf in steps.items():
         if sf["fraction_of_copy"]:
             proj[f"step_{key}"] = {"achieved_fraction": sf["fraction_of_copy"], "fixed_overhead_ms": sf["fixed_ms"],
-                                   **bench.spark_token(ref, sf["fraction_of_copy"], sf["fixed_ms"] / 1e3,
-                                                        230e9, 31e-6)}
+                                   **bench.spark_token(ref, sf["fraction_of_copy"], sf["fixed_ms"] / 1e3)}
     out["spark_projection"] = proj
     for k, p in proj.items():
         if p:

@@ -370,7 +370,11 @@ def compressor_gathers_per_token(plan) -> float:
     return sum(1 / s.ratio(il) for il in range(s.n_layer) if s.ratio(il))
 
 
-def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
+SPARK_BW = 230e9      # a DGX Spark's memory bandwidth, bytes/s (the issue's projection)
+SPARK_AR_S = 31e-6    # one all-reduce between two Sparks over RoCE, seconds
+
+
+def spark_projection(run: dict, bw_spark=SPARK_BW, ar_s=SPARK_AR_S) -> dict:
     """Paper projection to two Sparks from one TP=2 run's measured pieces: per-rank weight
     bytes at the matvec kernels' achieved fraction of the measured copy bandwidth, plus the
     token's collectives at 31 us each, plus the measured non-matvec time of a step."""
@@ -384,7 +388,8 @@ def spark_projection(run: dict, bw_spark=230e9, ar_s=31e-6) -> dict:
             "formula": "bytes_rank/(fraction*230GB/s) + collectives*31us + fixed"}
 
 
-def spark_token(run: dict, frac: float, fixed: float, bw_spark: float, ar_s: float) -> dict:
+def spark_token(run: dict, frac: float, fixed: float, bw_spark: float = SPARK_BW,
+                ar_s: float = SPARK_AR_S) -> dict:
     """The projection's formula for one TP=2 run: its per-rank bytes at frac of bw_spark, its
     token's collectives at ar_s each (the all-reduces, the logits gather and, on average, the
     compressors' row gathers when split by channel), plus fixed seconds."""
@@ -488,7 +493,7 @@ def streaming_fit(run_a: dict, run_b: dict, bytes_a: dict, bytes_b: dict) -> dic
                               "two-point fit per kernel: eager profile (PDL off) of run a (TP=2) and b (TP=1)")
 
 
-def spark_projection_fit(run: dict, fit: dict, bw_spark=230e9, ar_s=31e-6) -> dict | None:
+def spark_projection_fit(run: dict, fit: dict, bw_spark=SPARK_BW, ar_s=SPARK_AR_S) -> dict | None:
     """spark_projection with its two pieces taken from streaming_fit instead: the fraction is
     the weight kernels' streaming rate (what a byte costs them) over the copy bandwidth, and the
     fixed time is the rest of the measured step without collectives once every byte of the

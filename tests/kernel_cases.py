@@ -1184,13 +1184,10 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
 def case_decode_attention_nohoist(device, gen, *args):
     """case_decode_attention with the kernel's first ring block loaded after q's norm
     (triton_attn.ATTN_HOIST off: the layout benchmarks time against the default)."""
+    from unittest import mock
     from ds4tp.kernels import triton_attn
-    was = triton_attn.ATTN_HOIST
-    triton_attn.ATTN_HOIST = False
-    try:
+    with mock.patch.object(triton_attn, "ATTN_HOIST", False):
         return case_decode_attention(device, gen, *args)
-    finally:
-        triton_attn.ATTN_HOIST = was
 
 
 def case_index_scores(device, gen, HI, HD, cap, nvis):

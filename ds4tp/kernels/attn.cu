@@ -119,6 +119,19 @@ __device__ __forceinline__ float4 rope4(float4 x, const float* __restrict__ cos_
                        x.z * c[1] - x.w * s[1], x.z * s[1] + x.w * c[1]);
 }
 
+// Ring rows k0..k0+ABK-1: this thread's four dims of each and their positions (rows past the ring:
+// zeros and a position no window holds). All rows that exist are loaded, the caller masks them.
+__device__ __forceinline__ void load_ring_block(const float* ring, const long long* ring_pos, int k0,
+                                                int n_swa, float4 (&kv)[ABK], long long (&rp)[ABK]) {
+#pragma unroll
+    for (int r = 0; r < ABK; r++) {
+        const int row = k0 + r;
+        rp[r] = row < n_swa ? prior(ring_pos + row) : -(1LL << 40);
+        kv[r] = row < n_swa ? prior((const float4*)(ring + (long long)row * AD) + threadIdx.x)
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
 // A float (or four) of block `rank`'s shared memory at the address of `local` in this block's
 __device__ __forceinline__ unsigned dsmem_addr(const void* local, unsigned rank) {
     unsigned a, r;
@@ -165,12 +178,7 @@ attn_decode(const float* qb, const float* ring, const long long* ring_pos, const
     // the first ring block's rows go out with q (their mask needs pos and ring_pos only)
     float4 kv[ABK];
     long long rp[ABK];
-#pragma unroll
-    for (int r = 0; r < ABK; r++) {
-        const int row = j * ABK + r;
-        rp[r] = row < n_swa ? prior(ring_pos + row) : -(1LL << 40);
-        kv[r] = row < n_swa ? prior((const float4*)(ring + (long long)row * AD) + t) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+    load_ring_block(ring, ring_pos, j * ABK, n_swa, kv, rp);
     // q: RMS norm (float64 squares, the mean rounded to float32, as numerics.rms_scale), RoPE
     const double sq = (double)q.x * q.x + (double)q.y * q.y + (double)q.z * q.z + (double)q.w * q.w;
     const float ms = (float)(block_sum_d(sq, s_redd) / AD);
@@ -181,14 +189,7 @@ attn_decode(const float* qb, const float* ring, const long long* ring_pos, const
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     bool ok[ABK];
     for (int k0 = j * ABK; k0 < n_swa; k0 += AS * ABK) {
-        if (k0 != j * ABK) {
-#pragma unroll
-            for (int r = 0; r < ABK; r++) {
-                const int row = k0 + r;
-                rp[r] = row < n_swa ? prior(ring_pos + row) : -(1LL << 40);
-                kv[r] = row < n_swa ? prior((const float4*)(ring + (long long)row * AD) + t) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-        }
+        if (k0 != j * ABK) load_ring_block(ring, ring_pos, k0, n_swa, kv, rp);
 #pragma unroll
         for (int r = 0; r < ABK; r++) {
             ok[r] = rp[r] <= pos && rp[r] > pos - n_swa;

@@ -346,6 +346,14 @@ def _online(q, kv, ok, scale, m, l, acc):
 
 
 @triton.jit
+def _ring_block(rpos_ptr, ring_ptr, rows, d, pos, n_swa, D: tl.constexpr):
+    """Ring rows `rows` in the window of pos (ok) and their values (0 where not ok)."""
+    rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
+    ok = (rp <= pos) & (rp > pos - n_swa)
+    return ok, tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_ptr, sin_ptr,
                  pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
@@ -364,10 +372,8 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     kk = tl.arange(0, BK)
     q = tl.load(qb_ptr + h * D + d)
     if HOIST:   # the program's first ring block asked for with q (its mask needs only pos and
-        r0 = j * BK + kk         # ring_pos): its rows arrive while q is normed and rotated
-        rp0 = tl.load(rpos_ptr + r0, mask=r0 < n_swa, other=-(1 << 40))
-        ok0 = (rp0 <= pos) & (rp0 > pos - n_swa)
-        kv0 = tl.load(ring_ptr + r0[:, None] * D + d[None, :], mask=ok0[:, None], other=0.0)
+        ok0, kv0 = _ring_block(rpos_ptr, ring_ptr, j * BK + kk, d, pos, n_swa, D)   # ring_pos):
+        # its rows arrive while q is normed and rotated
     qd = q.to(tl.float64)
     q = q * rms_from_squares(qd * qd, D, eps)           # per head, no weight
     c, s = _rope_cs(cos_ptr, sin_ptr, pos, D, NROT)
@@ -381,10 +387,7 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     else:
         ring0 = j * BK
     for k0 in range(ring0, n_swa, S * BK):
-        rows = k0 + kk
-        rp = tl.load(rpos_ptr + rows, mask=rows < n_swa, other=-(1 << 40))
-        ok = (rp <= pos) & (rp > pos - n_swa)
-        kv = tl.load(ring_ptr + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        ok, kv = _ring_block(rpos_ptr, ring_ptr, k0 + kk, d, pos, n_swa, D)
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
     if HAS_COMP:
         n_vis = (pos + 1) // ratio
