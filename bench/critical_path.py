@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ds4tp import config as C, decode_graph
-from ds4tp.kernels import (cuda_attn, cuda_c, cuda_experts, cuda_matvec, pdl, triton_attn, triton_hc,
+from ds4tp.kernels import (cuda_c, cuda_experts, cuda_matvec, pdl, triton_attn, triton_hc,
                            triton_pick, triton_route)
 from ds4tp.bench import NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
@@ -89,10 +89,6 @@ VARIANTS = {
     **{f"attn_bk32_w{w}": ((triton_attn, "ATTN_BK", 32), (triton_attn, "ATTN_SPLIT", 4),
                            (triton_attn, "ATTN_WARPS", w), (triton_attn, "ATTN_WARPS_MANY", w))
        for w in (4, 8)},
-    # (session 34, prepared) the decode attention in CUDA C, a head's 8 blocks in one cluster,
-    # merged through distributed shared memory (cuda_attn; off by default), and its blocks an SM
-    "attn_cuda": ((cuda_attn, "ENABLED", True),),
-    "attn_cuda_minb3": ((cuda_attn, "ENABLED", True), (cuda_attn, "MINB", 3)),
 }
 
 

@@ -563,11 +563,7 @@ def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, 
 
 def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
     if kernels.on_gpu(qb):
-        from ds4tp.kernels import cuda_attn, triton_attn
-        o = cuda_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos,
-                                C.RMS_EPS)       # (prepared, off by default: None)
-        if o is not None:
-            return o
+        from ds4tp.kernels import triton_attn
         return triton_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t,
                                      pos, C.RMS_EPS)
     return decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s)

@@ -499,15 +499,6 @@ def cuda_c_cases():
     yield "cuda q8_0 swiglu shared down", case_cuda_q8_0, (512, 2048, 1, False, False, None, None, None, True)
     yield "cuda q8_0 swiglu TP=2 shard", case_cuda_q8_0, (64, 1024, 1, False, True, None, None, None, True)
     yield "cuda q8_0 not covered", case_cuda_q8_0_not_covered, ()
-    # the decode attention with a head's blocks in one cluster (cuda_attn, prepared): DS4's 64
-    # heads (TP=1) and 32 (TP=2) of 512, the ring alone, compressed rows of both ratios, the
-    # indexer's mask, a head dim of 128
-    for args in ((64, 512, 64, 128, 0, 0, 5, False), (64, 512, 64, 128, 0, 0, 700, False),
-                 (64, 512, 64, 128, 4, 80, 72, False), (64, 512, 64, 128, 4, 1025, 4095, False),
-                 (64, 512, 64, 128, 4, 1025, 4095, True), (64, 512, 64, 128, 128, 80, 9000, False),
-                 (32, 512, 64, 128, 4, 1025, 3001, True), (8, 128, 64, 32, 4, 40, 150, True)):
-        yield f"cuda attention H={args[0]} D={args[1]} ratio={args[4]} pos={args[6]} mask={args[7]}", \
-            case_decode_attention, args + (True, "cuda")
     # the F16 one-token matvec: the router (4096 -> 256), 1 to 16 warps per row, partial blocks
     yield "cuda f16 router", case_cuda_f16, (256, 4096)
     yield "cuda f16 1024 in", case_cuda_f16, (37, 1024)
@@ -1134,14 +1125,12 @@ def case_compressor_split(device, gen, ratio, HD, n_rot, index, p, world=2):
     return f"{flips} grid flips"
 
 
-def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked, poison=True,
-                          impl="triton"):
+def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked, poison=True):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
     rows hold float16 values, as model.kv_cache_row and model.compress make them. poison: the
     kernel's copy holds NaN in the ring slots out of the window and in the compressed rows past
-    the visible ones, which it must never let into the result. impl "cuda": the CUDA C kernel
-    with a head's blocks in one cluster (cuda_attn, prepared and off by default; run here)."""
+    the visible ones, which it must never let into the result."""
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
@@ -1170,14 +1159,8 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
         if comp is not None:
             comp = comp.clone()
             comp[(p + 1) // ratio:] = float("nan")
-    if impl == "cuda":
-        from ds4tp.kernels import cuda_attn
-        got = cuda_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS,
-                                  force=True)
-        assert got is not None, "the CUDA C attention did not run (CuPy, sm_90, head dim)"
-    else:
-        got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
-    return check(f"decode attention ({impl}) H={H} D={D} ratio={ratio} pos={p} mask={masked}", got,
+    got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
+    return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got,
                  want, 1e-5)
 
 

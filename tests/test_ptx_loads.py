@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 KDIR = Path(__file__).resolve().parent.parent / "ds4tp" / "kernels"
-SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu", "attn.cu")
+SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.cu")
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
              "rbias", "tid2eid",                                   # the router's bias, hash table
@@ -226,9 +226,8 @@ def test_every_cuda_c_kernel_counts_as_a_weight_kernel_in_the_bench_profile():
     names = {n for src in SOURCES for n in kernel_params((KDIR / src).read_text())}
     assert {"iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec", "f16_matvec", "ar2_sum"} <= names
     draw = {"draw_sum", "draw_scan"}          # sample.cu: a sampled token's draw, after the step
-    attn = {"attn_decode"}                    # attn.cu: the decode attention reads the cache
-    assert draw <= names and attn <= names
-    other = names - COLLECTIVE_KERNELS - draw - attn
+    assert draw <= names
+    other = names - COLLECTIVE_KERNELS - draw
     assert other <= WEIGHT_KERNELS, sorted(other - WEIGHT_KERNELS)
 
 
