@@ -89,6 +89,11 @@ VARIANTS = {
     **{f"attn_bk32_w{w}": ((triton_attn, "ATTN_BK", 32), (triton_attn, "ATTN_SPLIT", 4),
                            (triton_attn, "ATTN_WARPS", w), (triton_attn, "ATTN_WARPS_MANY", w))
        for w in (4, 8)},
+    # (session 35) the streamed weights' loads with a cache policy (common.cuh wld, WEIGHT_LD),
+    # so that they push out of L2 less of what the latency-bound launches re-read: L2
+    # evict-first and no L1 allocation, the streaming operator (.cs), no L1 allocation only
+    **{f"wld_{n}": ((cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", v),)),)
+       for n, v in (("ef", 1), ("cs", 2), ("na", 3))},
 }
 
 

@@ -245,6 +245,10 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s35d: session 35, one GPU (~5 min): replay A/B at TP=2 and TP=1 of the streamed weights'
+#         loads with a cache policy (wld_ef, wld_cs, wld_na: common.cuh WEIGHT_LD), then s35c
+#   s35c: session 35, one GPU (~4 min): s35b in the other order (ATTN_HOIST False first, on
+#         the fresh machine's cold compile, then True): s35b's second run was faster in every row
 #   s34h: session 34 closing run, one GPU: CUDA attention twins, the TP=1 bench at depth 0,
 #         CUDA goldens at TP=1 (s34b-s34f ran variants and probes that are only at 5bc1507)
 #   s34g: session 34, one GPU: the decode attention's first ring block loaded with q (the
@@ -1447,10 +1451,15 @@ elif [ "$MODE" = s35a ]; then
   log "CUDA twins: the decode attention (Triton and the CUDA C cluster kernel)"
   cuda_tests 200 "attention" tests_attn.txt tests/test_kernels.py
   replay_ab base,attn_cuda,attn_cuda_minb3 "the decode attention in CUDA C, a cluster a head"
-elif [ "$MODE" = s35b ]; then
+elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
+  if [ "$MODE" = s35d ]; then
+    replay_ab base,wld_ef,wld_cs,wld_na "the streamed weights' loads with a cache policy"
+  fi
   log "synth full (parallel)"
   timeout 150 python3 -m ds4tp synth --preset full --layers 8 --seed 0 --jobs 16 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
-  for hoist in True False; do
+  order="True False"
+  [ "$MODE" != s35b ] && order="False True"
+  for hoist in $order; do
     sed -i "s/^ATTN_HOIST = \(True\|False\)/ATTN_HOIST = $hoist/" ds4tp/kernels/triton_attn.py
     grep -c "^ATTN_HOIST = $hoist" ds4tp/kernels/triton_attn.py
     log "serve end to end, TP=1 on one GPU, ATTN_HOIST = $hoist"

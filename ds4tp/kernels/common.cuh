@@ -55,6 +55,67 @@ __device__ __forceinline__ T prior(const T* p) {
 #endif
 }
 
+// A load of a streamed weight (read once a token: the matvecs' and routed experts' rows), on the
+// read-only path as __ldg. WEIGHT_LD (a timing variant, bench/critical_path.py; 0 by default)
+// asks the caches to keep it from pushing out what the latency-bound kernels re-read (the HC
+// streams, the caches' rows, tables): 1 L2 evict-first policy and no L1 allocation, 2 the
+// streaming operator (.cs: evict-first in L1 and L2), 3 no L1 allocation only.
+#ifndef WEIGHT_LD
+#define WEIGHT_LD 0
+#endif
+#if WEIGHT_LD == 1
+#define WLD_OP "ld.global.nc.L1::no_allocate.L2::cache_hint"
+#define WLD_POL , "l"(wld_policy())
+#define WLD_PA ", %5"
+#define WLD_P2 ", %3"
+#define WLD_P1 ", %2"
+__device__ __forceinline__ unsigned long long wld_policy() {
+    unsigned long long pol;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    return pol;
+}
+#elif WEIGHT_LD == 2
+#define WLD_OP "ld.global.cs.nc"
+#elif WEIGHT_LD == 3
+#define WLD_OP "ld.global.nc.L1::no_allocate"
+#endif
+#ifndef WLD_POL
+#define WLD_POL
+#define WLD_PA ""
+#define WLD_P2 ""
+#define WLD_P1 ""
+#endif
+#if WEIGHT_LD == 0
+template <typename T>
+__device__ __forceinline__ T wld(const T* p) { return __ldg(p); }
+#else
+__device__ __forceinline__ uint4 wld(const uint4* p) {
+    uint4 v;
+    asm volatile(WLD_OP ".v4.u32 {%0, %1, %2, %3}, [%4]" WLD_PA ";"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) WLD_POL);
+    return v;
+}
+__device__ __forceinline__ int4 wld(const int4* p) {
+    const uint4 v = wld((const uint4*)p);
+    return make_int4((int)v.x, (int)v.y, (int)v.z, (int)v.w);
+}
+__device__ __forceinline__ uint2 wld(const uint2* p) {
+    uint2 v;
+    asm volatile(WLD_OP ".v2.u32 {%0, %1}, [%2]" WLD_P2 ";" : "=r"(v.x), "=r"(v.y) : "l"(p) WLD_POL);
+    return v;
+}
+__device__ __forceinline__ unsigned wld(const unsigned* p) {
+    unsigned v;
+    asm volatile(WLD_OP ".u32 %0, [%1]" WLD_P1 ";" : "=r"(v) : "l"(p) WLD_POL);
+    return v;
+}
+__device__ __forceinline__ unsigned short wld(const unsigned short* p) {
+    unsigned short v;
+    asm volatile(WLD_OP ".u16 %0, [%1]" WLD_P1 ";" : "=h"(v) : "l"(p) WLD_POL);
+    return v;
+}
+#endif
+
 // The clamped SwiGLU (numerics.swiglu_clamped) of 8 gate values v and their up values (ua, uc), in
 // place: g = min(gate, c), u = clamp(up, -c, c), (g * sigmoid(g)) * u, sigmoid(g) = 1 / (1 +
 // exp(-g)).

@@ -188,9 +188,9 @@ struct DlRow {
 };
 
 __device__ __forceinline__ void dl_load(DlRow& r, const unsigned char* row, int lane) {
-    r.q[0] = __ldg((const uint4*)(row + 32 + 16 * lane));
-    r.q[1] = __ldg((const uint4*)(row + 544 + 16 * lane));
-    r.d = __ldg((const uint2*)(row + 8 * (lane >> 3)));
+    r.q[0] = wld((const uint4*)(row + 32 + 16 * lane));
+    r.q[1] = wld((const uint4*)(row + 544 + 16 * lane));
+    r.d = wld((const uint2*)(row + 8 * (lane >> 3)));
 }
 
 // sub-block i (< 4) of a DlRow: its two words and its super-block's scale
@@ -213,7 +213,7 @@ __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned 
 #pragma unroll
     for (int v = 0; v < A_MAX_V; v++) {
         const int i = lane + 32 * v;
-        if (i < 2 * nv) buf[v] = __ldg(i < nv ? pg + i : pu + (i - nv));
+        if (i < 2 * nv) buf[v] = wld(i < nv ? pg + i : pu + (i - nv));
     }
 }
 
@@ -238,8 +238,8 @@ __device__ __forceinline__ float q8_0_row_dot(const signed char* __restrict__ q,
             unsigned short dh[CH];
 #pragma unroll
             for (int u = 0; u < CH; u++) {
-                v[u] = __ldg((const int4*)(q + r * K) + 32 * (c0 + u) + lane);
-                dh[u] = __ldg(d + r * (K / 32) + 16 * (c0 + u) + (lane >> 1));
+                v[u] = wld((const int4*)(q + r * K) + 32 * (c0 + u) + lane);
+                dh[u] = wld(d + r * (K / 32) + 16 * (c0 + u) + (lane >> 1));
             }
 #pragma unroll
             for (int u = 0; u < CH; u++) acc += q8_0_piece(v[u], dh[u], s_q, s_d, c0 + u, lane);
@@ -264,8 +264,8 @@ __device__ __forceinline__ void q8_0_row_load(Q8Row<CPR_MAX>& h, const signed ch
 #pragma unroll
     for (int c = 0; c < CPR_MAX; c++) {
         if (c < cpr) {
-            h.v[c] = __ldg((const int4*)(q + r * K) + 32 * c + lane);
-            h.dh[c] = __ldg(d + r * (K / 32) + 16 * c + (lane >> 1));
+            h.v[c] = wld((const int4*)(q + r * K) + 32 * c + lane);
+            h.dh[c] = wld(d + r * (K / 32) + 16 * c + (lane >> 1));
         }
     }
 }
@@ -762,10 +762,10 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     if (p * spp < K && e[p] >= 0) {                                                           \
         const unsigned* b32 = (const unsigned*)(w + (long long)e[p] * stride_e                \
                                                 + (long long)(row) * stride_n + sb * 84);     \
-        sc[p][0] = __ldg(b32 + 2 * nh);                                                       \
-        sc[p][1] = __ldg(b32 + 2 * nh + 1);                                                   \
-        _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = __ldg(b32 + 4 + 8 * nh + 4 * h + i); \
-        dd[p] = __ldg(b32 + 20);                                                              \
+        sc[p][0] = wld(b32 + 2 * nh);                                                       \
+        sc[p][1] = wld(b32 + 2 * nh + 1);                                                   \
+        _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = wld(b32 + 4 + 8 * nh + 4 * h + i); \
+        dd[p] = wld(b32 + 20);                                                              \
     }
     int n = n0 + warp;
     if (n < nend) {

@@ -55,8 +55,8 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
 #pragma unroll
                 for (int u = 0; u < U; u++) {
                     const int c = c0 + u;
-                    v[r][u] = ok ? __ldg((const int4*)(q + row * K) + 32 * c + lane) : make_int4(0, 0, 0, 0);
-                    dh[r][u] = ok ? __ldg(d + row * (K / 32) + 16 * c + (lane >> 1)) : (unsigned short)0;
+                    v[r][u] = ok ? wld((const int4*)(q + row * K) + 32 * c + lane) : make_int4(0, 0, 0, 0);
+                    dh[r][u] = ok ? wld(d + row * (K / 32) + 16 * c + (lane >> 1)) : (unsigned short)0;
                 }
             }
 #pragma unroll
@@ -149,7 +149,7 @@ f16_matvec(const unsigned short* __restrict__ w, long long sw, const float* x,
     uint4 wv[4];
 #pragma unroll
     for (int p = 0; p < 4; p++)
-        wv[p] = ok ? __ldg((const uint4*)(w + n * sw + 1024 * j + 8 * (32 * p + lane))) : make_uint4(0, 0, 0, 0);
+        wv[p] = ok ? wld((const uint4*)(w + n * sw + 1024 * j + 8 * (32 * p + lane))) : make_uint4(0, 0, 0, 0);
     pdl_wait();                       // x is the kernel ahead's output
     float acc = 0.0f;
     if (ok) {
