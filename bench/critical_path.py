@@ -89,11 +89,11 @@ VARIANTS = {
     **{f"attn_bk32_w{w}": ((triton_attn, "ATTN_BK", 32), (triton_attn, "ATTN_SPLIT", 4),
                            (triton_attn, "ATTN_WARPS", w), (triton_attn, "ATTN_WARPS_MANY", w))
        for w in (4, 8)},
-    # (session 35) the streamed weights' loads with a cache policy (common.cuh wld, WEIGHT_LD),
-    # so that they push out of L2 less of what the latency-bound launches re-read: L2
-    # evict-first and no L1 allocation, the streaming operator (.cs), no L1 allocation only
+    # (session 35) the streamed weights' loads (common.cuh wld, WEIGHT_LD): plain __ldg (before
+    # the .cs default), an L2 evict-first policy alone, L1 evict-first alone (s35d's L2
+    # evict-first with no L1 allocation and no L1 allocation alone were slower: removed)
     **{f"wld_{n}": ((cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", v),)),)
-       for n, v in (("ef", 1), ("cs", 2), ("na", 3))},
+       for n, v in (("ldg", 0), ("l2ef", 2), ("l1ef", 3))},
 }
 
 

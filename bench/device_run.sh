@@ -245,6 +245,9 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s35e: session 35, one GPU (~6 min): the streamed weights' loads with .cs by default: CUDA
+#         C twins, replay A/B at TP=2 and TP=1 against plain __ldg and single-level hints, the
+#         TP=1 bench at depth 0, CUDA goldens at TP=1
 #   s35d: session 35, one GPU (~5 min): replay A/B at TP=2 and TP=1 of the streamed weights'
 #         loads with a cache policy (wld_ef, wld_cs, wld_na: common.cuh WEIGHT_LD), then s35c
 #   s35c: session 35, one GPU (~4 min): s35b in the other order (ATTN_HOIST False first, on
@@ -1469,6 +1472,16 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   done
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
+elif [ "$MODE" = s35e ]; then
+  log "CUDA twins: the CUDA C weight kernels (the streamed weights' loads with .cs)"
+  cuda_tests 240 "cuda_c or routed or linear or grouped or column_shard or dispatch" tests_cuda_c.txt tests/test_kernels.py
+  replay_ab base,wld_ldg,wld_l2ef,wld_l1ef "the streamed weights' loads: .cs (base) against others"
+  log "bench, 43 layers, TP=1, depth 0 (no A/B variants)"
+  timeout 260 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  rm -f "$OUT/bench.tp1.json"
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  golden 1 static 80
 elif [ "$MODE" = s34h ]; then
   log "CUDA twins: the decode attention"
   cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py

@@ -56,15 +56,20 @@ __device__ __forceinline__ T prior(const T* p) {
 }
 
 // A load of a streamed weight (read once a token: the matvecs' and routed experts' rows), on the
-// read-only path as __ldg. WEIGHT_LD (a timing variant, bench/critical_path.py; 0 by default)
-// asks the caches to keep it from pushing out what the latency-bound kernels re-read (the HC
-// streams, the caches' rows, tables): 1 L2 evict-first policy and no L1 allocation, 2 the
-// streaming operator (.cs: evict-first in L1 and L2), 3 no L1 allocation only.
+// read-only path as __ldg, with the streaming operator (.cs: evict-first in L1 and L2), so that
+// the ~9 GB a token push less of what the latency-bound launches re-read out of L2 (the HC
+// streams, the caches' rows, tables, small weights): -2.0% / -2.3% on the TP=2 / TP=1 step
+// against plain __ldg, the same bits (s35d). WEIGHT_LD picks others for timing
+// (bench/critical_path.py): 0 plain __ldg, 2 an L2 evict-first policy with L1 as __ldg, 3 L1
+// evict-first with L2 as __ldg. Slower in s35d and removed: L2 evict-first with no L1
+// allocation (+1.9% / +3.0%), no L1 allocation alone (+1.5% / +3.3%).
 #ifndef WEIGHT_LD
-#define WEIGHT_LD 0
+#define WEIGHT_LD 1
 #endif
 #if WEIGHT_LD == 1
-#define WLD_OP "ld.global.nc.L1::no_allocate.L2::cache_hint"
+#define WLD_OP "ld.global.cs.nc"
+#elif WEIGHT_LD == 2
+#define WLD_OP "ld.global.nc.L2::cache_hint"
 #define WLD_POL , "l"(wld_policy())
 #define WLD_PA ", %5"
 #define WLD_P2 ", %3"
@@ -74,10 +79,8 @@ __device__ __forceinline__ unsigned long long wld_policy() {
     asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
     return pol;
 }
-#elif WEIGHT_LD == 2
-#define WLD_OP "ld.global.cs.nc"
 #elif WEIGHT_LD == 3
-#define WLD_OP "ld.global.nc.L1::no_allocate"
+#define WLD_OP "ld.global.nc.L1::evict_first"
 #endif
 #ifndef WLD_POL
 #define WLD_POL
