@@ -245,6 +245,8 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s35f: session 35, one GPU (~6 min): the dispatch test's fixed twin, the TP=1 bench at depth 0
+#         and 4096 with the weights' loads as plain __ldg as its A/B
 #   s35e: session 35, one GPU (~6 min): the streamed weights' loads with .cs by default: CUDA
 #         C twins, replay A/B at TP=2 and TP=1 against plain __ldg and single-level hints, the
 #         TP=1 bench at depth 0, CUDA goldens at TP=1
@@ -1472,6 +1474,14 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   done
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
+elif [ "$MODE" = s35f ]; then
+  log "CUDA test: ops dispatch and determinism (its T=40 experts' twin: the exact product)"
+  cuda_tests 150 "dispatch_and_determinism" tests_dispatch.txt tests/test_kernels.py
+  log "bench, 43 layers, TP=1, depth 0 and 4096 (A/B: the weights' loads as plain __ldg)"
+  timeout 400 python3 -m ds4tp bench --tp 1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  [ -f "$OUT/bench.json" ] && rm -f "$OUT/bench.tp1.json"
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
 elif [ "$MODE" = s35e ]; then
   log "CUDA twins: the CUDA C weight kernels (the streamed weights' loads with .cs)"
   cuda_tests 240 "cuda_c or routed or linear or grouped or column_shard or dispatch" tests_cuda_c.txt tests/test_kernels.py

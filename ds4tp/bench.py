@@ -755,6 +755,14 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_attn_w4"], res["decode_d0_chained_attn_w4"], ref = _decode_and_logits(model, steps)
         res["attn_warps_logits_vs_4"] = _logits_diff(mine, ref)
         save()
+    # the streamed weights' loads as plain __ldg (as up to the thirty-fifth session) instead of
+    # with the streaming operator (common.cuh wld): the same math, so the same bits
+    from ds4tp.kernels import cuda_c
+    with _setting(cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", 0),)):
+        res["decode_d0_weights_ldg"], res["decode_d0_chained_weights_ldg"], ref = \
+            _decode_and_logits(model, steps)
+    res["weights_ldg_logits_equal"] = bool(torch.equal(mine, ref))
+    save()
     if cfg["ab"]:
         _decode_variants(model, dev, steps, save, res)
     # weight streaming alone: the same decode with the collectives removed
@@ -778,6 +786,10 @@ def _bench_rank(comm, dev, cfg):
         res["decode_deep"] = time_decode(model, depth, steps, max_ctx=ctx)
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
+        save()
+        with _setting(cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", 0),)):   # as at depth 0 above
+            res["decode_deep_chained_weights_ldg"] = time_decode(model, depth, steps, max_ctx=ctx,
+                                                                 chained=True)
         save()
         # the same with the HC step at 8 warps a program
         with _setting(triton_hc, "HC_STEP_WARPS", 8):
