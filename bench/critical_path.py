@@ -94,8 +94,8 @@ VARIANTS = {
     # evict-first with no L1 allocation and no L1 allocation alone were slower: removed)
     **{f"wld_{n}": ((cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", v),)),)
        for n, v in (("ldg", 0), ("l2ef", 2), ("l1ef", 3))},
-    # (session 35) the HC step's mixer weight loaded evict-first too (Triton's eviction policy)
-    "hc_wef": ((triton_hc, "HC_W_EVICT", "evict_first"),),
+    # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
+    # +0.2%) is at bd884d1
 }
 
 

@@ -296,12 +296,10 @@ def _peer_wait(flag_ptr, nr, timeout_ns):
 
 
 @triton.jit
-def _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH: tl.constexpr, WEV: tl.constexpr):
-    """The F16 mixer weight [N, NH*E] at rows x streams i x columns e, as float32 [BN, NH, BE]
-    (WEV: its loads' eviction policy, HC_W_EVICT)."""
+def _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH: tl.constexpr):
+    """The F16 mixer weight [N, NH*E] at rows x streams i x columns e, as float32 [BN, NH, BE]."""
     return tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * (NH * E) + i[None, :, None] * E + e[None, None, :],
-                   mask=(rows < N)[:, None, None] & ok[None, None, :], other=0.0,
-                   eviction_policy=WEV).to(tl.float32)
+                   mask=(rows < N)[:, None, None] & ok[None, None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -311,7 +309,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
                     MIX: tl.constexpr = True, PEER: tl.constexpr = False, NFLAG: tl.constexpr = 64,
-                    PDL: tl.constexpr = False, WEV: tl.constexpr = ""):
+                    PDL: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -345,7 +343,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         h1 = tl.load(h_ptr + 1 * E + e, mask=ok, other=0.0)     # issued before the wait
         h2 = tl.load(h_ptr + 2 * E + e, mask=ok, other=0.0)
         h3 = tl.load(h_ptr + 3 * E + e, mask=ok, other=0.0)
-        w = _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH, WEV)
+        w = _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH)
         _peer_wait(mf_ptr + (nr & 1) * NFLAG + p, nr, timeout_ns)
         fv = fv + tl.load(ms_ptr + slot + e, mask=ok, other=0.0, cache_modifier=".cg")
         acc = tl.load(post_ptr + i)[:, None] * fv[None, :]      # as below, the same order
@@ -359,7 +357,7 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         for r in tl.static_range(NH):
             h = tl.load(h_ptr + r * E + e, mask=ok, other=0.0)
             acc += tl.load(m_ptr + r * NH + i)[:, None] * h[None, :]
-        w = _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH, WEV)
+        w = _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH)
     tl.store(out_ptr + i[:, None] * E + e[None, :], acc, mask=ok[None, :])
     ad = acc.to(tl.float64)
     sq = tl.sum(ad * ad, axis=0)                                       # [BE] float64
@@ -437,8 +435,6 @@ def hc_mix(z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n_hc: int, 
     return post, m
 
 
-HC_W_EVICT = ""    # the mixer weight's loads in hc_step: Triton's eviction policy ("": none;
-                   # "evict_first", a timing variant, as the CUDA C weight loads' .cs, s35g)
 HC_STEP_BE = 128   # stream columns per program of hc_step (4096 wide: 32 programs)
 HC_STEP_WARPS = 4  # warps per program (s31b's sweep: 5.15 against 5.96 us at 8 without the
                    # mixer, 7.77 against 8.62 with it)
@@ -508,7 +504,7 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
                               *ex, NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
                               ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, PEER=peer is not None,
-                              WEV=HC_W_EVICT, num_warps=warps or HC_STEP_WARPS, **pdl.triton_args(dev))
+                              num_warps=warps or HC_STEP_WARPS, **pdl.triton_args(dev))
     return (out, x, post2, m2) if mix else (out, x, z)
 
 
