@@ -245,6 +245,7 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s35h: session 35 closing check, one GPU (~4 min): the decode graphs' CUDA tests
 #   s35g: session 35, one GPU (~3 min): replay A/B at TP=2 and TP=1 of the HC step's mixer
 #         weight loaded evict-first (triton_hc.HC_W_EVICT)
 #   s35f: session 35, one GPU (~6 min): the dispatch test's fixed twin, the TP=1 bench at depth 0
@@ -1476,6 +1477,9 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   done
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
+elif [ "$MODE" = s35h ]; then
+  log "CUDA tests: the decode graphs on the final code (the weights' .cs loads)"
+  cuda_tests 230 "cuda" tests_graph.txt tests/test_decode_graph.py
 elif [ "$MODE" = s35g ]; then
   replay_ab base,hc_wef "the HC step's mixer weight loaded evict-first"
 elif [ "$MODE" = s35f ]; then
