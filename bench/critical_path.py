@@ -116,6 +116,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--world", type=int, default=1)
 ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--json", default="")
+ap.add_argument("--depth", type=int, default=1, help="tokens prefilled before the 8 decode steps "
+                                                    "(the replayed token's depth)")
 ap.add_argument("--variants", default="base", help="comma-separated names of " + ", ".join(VARIANTS))
 ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest; "
                                              "none: no trace)")
@@ -131,16 +133,17 @@ m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
 
 
 def capture(name):
-    """The graph of a token that ends no window, captured under variant `name`."""
+    """The graph of a token that ends no window, at the last step's depth (the indexer on past
+    4 * top_k tokens), captured under variant `name`."""
     undo = _apply(VARIANTS[name], True)
     try:
-        dec = StaticDecoder(m, max_ctx=256, priority=CAPTURE_PRIORITY)
-        dec.load_session(prefilled(m, 1))
+        dec = StaticDecoder(m, max_ctx=args.depth + 256, priority=CAPTURE_PRIORITY)
+        dec.load_session(prefilled(m, args.depth))
         for _ in range(8):
             logits = dec.step(11).clone()
     finally:
         _apply([c for c in VARIANTS[name] if callable(c)] + undo, False)
-    g, _ = dec.graphs[(False, False, False)]
+    g, _ = dec.graphs[(False, False, dec._variant(max(args.depth, 1) + 7)[2])]
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
@@ -184,7 +187,7 @@ def critical_path(name, g, us):
         seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
         frontier = max(frontier, end)
 
-    print(f"variant {name}, world {args.world}, {args.layers} layers: {us:.1f} us per replay (50 back to back); "
+    print(f"variant {name}, world {args.world}, {args.layers} layers, depth {args.depth}: {us:.1f} us per replay (50 back to back); "
           f"the traced one: {len(kern)} kernels, span {span:.1f} us ({span / args.layers:.1f} us per layer)")
     print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
     print(f"{'role':48s} {'n':>4s} {'share us':>9s} {'per launch':>10s} {'gap us':>8s}")
@@ -219,7 +222,7 @@ for n in names:
           + " ".join(f"{t:.1f}" for t in times[n]) + ("  logits equal" if same else "  LOGITS DIFFER"))
 traced = ([] if args.trace == "none" else args.trace.split(",") if args.trace
           else list(dict.fromkeys([names[0], min(best, key=best.get)])))
-out = {"world": args.world, "layers": args.layers,
+out = {"world": args.world, "layers": args.layers, "depth": args.depth,
        "variants": {n: {"replay_us": times[n]} for n in names}}
 for n in traced:
     out[n] = critical_path(n, graphs[n][1], best[n])
