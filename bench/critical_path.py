@@ -94,6 +94,10 @@ VARIANTS = {
     # evict-first with no L1 allocation and no L1 allocation alone were slower: removed)
     **{f"wld_{n}": ((cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", v),)),)
        for n, v in (("ldg", 0), ("l2ef", 2), ("l1ef", 3))},
+    # (session 35, prepared) the weight kernels' L2 prefetches (the Q8_0 matvec's first step, the
+    # shared expert's rows in the routed launches) as bulk prefetches with an L2 evict-first
+    # policy (common.cuh PF_HINT) instead of at normal priority
+    "pf_ef": ((cuda_c, "VARIANT_DEFINES", (("PF_HINT", 1),)),),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

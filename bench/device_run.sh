@@ -245,10 +245,11 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
-#   s36a: prepared in session 35, one GPU (~5 min): replay A/B at depth 2176 and 4096, TP=2 and
-#         TP=1, of the attention's first ring block loaded late (attn_nohoist) and the weights'
-#         loads as plain __ldg (wld_ldg): s35b/s35d's served long-prompt row (depth ~2200) was
-#         faster without the hoist in both orders, the short rows followed the order
+#   s36a: prepared in session 35, one GPU (~6 min): replay A/B at TP=2 and TP=1 of the weight
+#         kernels' L2 prefetches evict-first (pf_ef), then at depth 2176 and 4096 of that, the
+#         attention's first ring block loaded late (attn_nohoist) and the weights' loads as
+#         plain __ldg (wld_ldg): s35b/s35d's served long-prompt row (depth ~2200) was faster
+#         without the hoist in both orders, the short rows followed the order
 #   s35h: session 35 closing check, one GPU (~4 min): the decode graphs' CUDA tests
 #   s35g: session 35, one GPU (~3 min): replay A/B at TP=2 and TP=1 of the HC step's mixer
 #         weight loaded evict-first (triton_hc.HC_W_EVICT)
@@ -1482,8 +1483,11 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
 elif [ "$MODE" = s36a ]; then
+  replay_ab base,pf_ef "the weights' L2 prefetches evict-first"
+  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
+  rm -f "$OUT"/critical_path_w?.json
   for d in 2176 4096; do
-    replay_ab base,attn_nohoist,wld_ldg "depth $d: the attention's first ring block with q, the weights' .cs loads" --depth $d
+    replay_ab base,attn_nohoist,wld_ldg,pf_ef "depth $d: the attention's first ring block with q, the weights' .cs loads, evict-first prefetches" --depth $d
     cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d${d}_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d${d}_w2.txt"
     rm -f "$OUT"/critical_path_w?.json
   done

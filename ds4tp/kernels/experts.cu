@@ -290,9 +290,8 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
     for (int j = 0; j < nrows; j += WARPS) {
         const long long r = r0 + j;
 #pragma unroll 1
-        for (int c = 0; c < cpr; c++)
-            asm volatile("prefetch.global.L2 [%0];" :: "l"(q + r * 512 * cpr + 512 * c + 16 * lane));
-        if (lane == 0) asm volatile("prefetch.global.L2 [%0];" :: "l"(d + r * 16 * cpr));
+        for (int c = 0; c < cpr; c++) l2_prefetch_warp(q + r * 512 * cpr + 512 * c, lane);
+        if (lane == 0) l2_prefetch_one(d + r * 16 * cpr, 32 * cpr);
     }
 }
 

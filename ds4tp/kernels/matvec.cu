@@ -83,9 +83,9 @@ __device__ __forceinline__ void q8_0_prefetch(const signed char* q, long long ro
 #pragma unroll
     for (int r = 0; r < R; r++) {
         if (warp + r * WARPS < nrows) {
-            const signed char* p = q + (row0 + warp + r * WARPS) * (512LL * CPR) + 16 * lane;
+            const signed char* p = q + (row0 + warp + r * WARPS) * (512LL * CPR);
 #pragma unroll
-            for (int u = 0; u < U; u++) asm volatile("prefetch.global.L2 [%0];" :: "l"(p + 512 * u));
+            for (int u = 0; u < U; u++) l2_prefetch_warp(p + 512 * u, lane);
         }
     }
 }
