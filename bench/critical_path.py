@@ -98,6 +98,9 @@ VARIANTS = {
     # shared expert's rows in the routed launches) as bulk prefetches with an L2 evict-first
     # policy (common.cuh PF_HINT) instead of at normal priority
     "pf_ef": ((cuda_c, "VARIANT_DEFINES", (("PF_HINT", 1),)),),
+    # (session 35, prepared) the compressors' F16 projections (0.61 GB a token, Triton) loaded
+    # evict-first too
+    "comp_wef": ((triton_attn, "COMP_W_EVICT", "evict_first"),),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

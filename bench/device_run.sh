@@ -246,7 +246,8 @@
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
 #   s36a: prepared in session 35, one GPU (~6 min): replay A/B at TP=2 and TP=1 of the weight
-#         kernels' L2 prefetches evict-first (pf_ef), then at depth 2176 and 4096 of that, the
+#         kernels' L2 prefetches evict-first (pf_ef) and the compressors' projections loaded
+#         evict-first (comp_wef), then at depth 2176 and 4096 of that, the
 #         attention's first ring block loaded late (attn_nohoist) and the weights' loads as
 #         plain __ldg (wld_ldg): s35b/s35d's served long-prompt row (depth ~2200) was faster
 #         without the hoist in both orders, the short rows followed the order
@@ -1483,7 +1484,7 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
 elif [ "$MODE" = s36a ]; then
-  replay_ab base,pf_ef "the weights' L2 prefetches evict-first"
+  replay_ab base,pf_ef,comp_wef "the weights' L2 prefetches evict-first, the compressors' projections evict-first"
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
   rm -f "$OUT"/critical_path_w?.json
   for d in 2176 4096; do
