@@ -1,5 +1,6 @@
 // Helpers shared by the CUDA C kernels (experts.cu, matvec.cu, experts_mma.cu): PDL, loads of
-// earlier kernels' outputs (prior), the one-token Q8_0 activation and block dot.
+// earlier kernels' outputs (prior), loads and L2 prefetches of streamed weights (wld,
+// l2_prefetch_*), the one-token Q8_0 activation and block dot.
 // ds4tp.kernels.cuda_c compiles every .cu file with this text in front of it. No headers: NVRTC
 // sees only built-in types and intrinsics.
 #define FULL 0xffffffffu
