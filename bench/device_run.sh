@@ -245,6 +245,9 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s36b: prepared in session 35, one GPU (~4 min): the weight kernels fitted over three rank
+#         widths (bench/streaming_sizes.py) with the streamed weights' .cs loads: the streaming
+#         fraction and fixed time behind the Spark projection (s33a/s33b's fit was before them)
 #   s36a: prepared in session 35, one GPU (~6 min): replay A/B at TP=2 and TP=1 of the weight
 #         kernels' L2 prefetches evict-first (pf_ef) and the compressors' projections loaded
 #         evict-first (comp_wef), then at depth 2176 and 4096 of that, the
@@ -1483,6 +1486,8 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   done
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
+elif [ "$MODE" = s36b ]; then
+  sizes_fit 240
 elif [ "$MODE" = s36a ]; then
   replay_ab base,pf_ef,comp_wef "the weights' L2 prefetches evict-first, the compressors' projections evict-first"
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
