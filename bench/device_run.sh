@@ -647,15 +647,20 @@ cuda_tests() {
   timeout "$t" python3 -m pytest -q -rfs "$@" -k "$sel" > "$f" 2>&1
   tail -2 "$f"; grep -E "^FAILED|^E  |^SKIPPED" "$f" | head -12
 }
+# the TP=1 bench (43 layers; DEPTH 0: depth 0 only), then its summary: bench_tp1 TIMEOUT_S DEPTH WHAT
+bench_tp1() {
+  local t=$1 depth=$2 what=$3
+  log "bench, 43 layers, TP=1, $what"
+  timeout "$t" python3 -m ds4tp bench --tp 1 --depth "$depth" --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  if [ -f "$OUT/bench.json" ]; then rm -f "$OUT/bench.tp1.json"; fi   # a run cut short: its partial file
+  bench_summary 2>&1 | grep -v "prefill host\|profile"
+}
 # the TP=1 bench at depth 0 with its A/B variants, then the named keys of its result:
 # bench_tp1_ab TIMEOUT_S WHAT KEY...
 bench_tp1_ab() {
   local t=$1 what=$2; shift 2
-  log "bench, 43 layers, TP=1, depth 0 (A/B: $what)"
-  timeout "$t" python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  rm -f "$OUT/bench.tp1.json"
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  bench_tp1 "$t" 0 "depth 0 (A/B: $what)"
   python3 - "$OUT/bench.json" "$@" <<'PY'
 import json, sys
 for t, r in json.load(open(sys.argv[1]))["runs"].items():
@@ -1506,29 +1511,17 @@ elif [ "$MODE" = s35g ]; then
 elif [ "$MODE" = s35f ]; then
   log "CUDA test: ops dispatch and determinism (its T=40 experts' twin: the exact product)"
   cuda_tests 150 "dispatch_and_determinism" tests_dispatch.txt tests/test_kernels.py
-  log "bench, 43 layers, TP=1, depth 0 and 4096 (A/B: the weights' loads as plain __ldg)"
-  timeout 400 python3 -m ds4tp bench --tp 1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  [ -f "$OUT/bench.json" ] && rm -f "$OUT/bench.tp1.json"
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  bench_tp1 400 4096 "depth 0 and 4096 (A/B: the weights' loads as plain __ldg)"
 elif [ "$MODE" = s35e ]; then
   log "CUDA twins: the CUDA C weight kernels (the streamed weights' loads with .cs)"
   cuda_tests 240 "cuda_c or routed or linear or grouped or column_shard or dispatch" tests_cuda_c.txt tests/test_kernels.py
   replay_ab base,wld_ldg,wld_l2ef,wld_l1ef "the streamed weights' loads: .cs (base) against others"
-  log "bench, 43 layers, TP=1, depth 0 (no A/B variants)"
-  timeout 260 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  rm -f "$OUT/bench.tp1.json"
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  bench_tp1 260 0 "depth 0 (no A/B variants)"
   golden 1 static 80
 elif [ "$MODE" = s34h ]; then
   log "CUDA twins: the decode attention"
   cuda_tests 150 "attention" tests_attn.txt tests/test_kernels.py
-  log "bench, 43 layers, TP=1, depth 0 (no A/B variants)"
-  timeout 260 python3 -m ds4tp bench --tp 1 --depth 0 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
-  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
-  rm -f "$OUT/bench.tp1.json"
-  bench_summary 2>&1 | grep -v "prefill host\|profile"
+  bench_tp1 260 0 "depth 0 (no A/B variants)"
   golden 1 static 80
 elif [ "$MODE" = s34g ]; then
   log "CUDA twins: the decode attention"
