@@ -387,7 +387,7 @@ class StaticDecoder:
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
         side.join()
-        comp = mask = None
+        comp = mask = rows = None
         if lw.ratio:
             comp = lay.comp
             if idx_on:
@@ -396,8 +396,9 @@ class StaticDecoder:
                 q, w = indexer_query(lw, qrn, xn, cos, sin, s)
                 score = index_scores(q, w, lay.index, n_vis, index_weight_scale(s))
                 score = comm.all_reduce(score)                               # indexer-score all-reduce
-                mask = select_mask(score, n_vis, s.indexer_top_k)
-        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s)
+                mask, rows = indexer_select(score, n_vis, s.indexer_top_k)
+        o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s,
+                             rows=rows)
         return grouped_linear_out(lw, o, s)          # this rank's part: _update all-reduces it
 
     def _emit(self, jobs, pos):
@@ -539,14 +540,18 @@ def index_scores(q, w, keys, n_vis, wscale: float):
     return index_scores_torch(q, w, keys, wscale)
 
 
-def select_mask(score, n_vis, top_k):
-    """The indexer's allowed-row mask [1, cap] for one token: on CUDA one launch (a radix
-    select over the visible rows), else the twin, model.select_rows (a stable sort of the row)."""
+def indexer_select(score, n_vis, top_k):
+    """The indexer's allowed-row mask [1, cap] for one token, and on CUDA the same rows listed
+    for the attention (int32 [top_k], ascending, -1 past them; None elsewhere): on CUDA one
+    launch (a radix select over the visible rows), else the twin, model.select_rows (a stable
+    sort of the row)."""
     if kernels.on_gpu(score) and score.shape[1] > top_k:
         from ds4tp.kernels import triton_attn
         if triton_attn.index_enabled():
-            return triton_attn.topk_mask(score, n_vis, top_k)
-    return select_rows(score, n_vis, top_k)[0]
+            rows = (torch.empty(top_k, dtype=torch.int32, device=score.device)
+                    if triton_attn.ATTN_ROWS else None)
+            return triton_attn.topk_mask(score, n_vis, top_k, rows=rows), rows
+    return select_rows(score, n_vis, top_k)[0], None
 
 
 def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
@@ -561,11 +566,13 @@ def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, 
     return rope_tail(o, cos, sin, inverse=True)
 
 
-def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):
+def decode_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s, rows=None):
+    """decode_attention_torch's result; rows (CUDA: indexer_select's list of the rows mask sets)
+    lets the kernel walk only those."""
     if kernels.on_gpu(qb):
         from ds4tp.kernels import triton_attn
         return triton_attn.attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t,
-                                     pos, C.RMS_EPS)
+                                     pos, C.RMS_EPS, rows=rows)
     return decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s)
 
 

@@ -1125,12 +1125,15 @@ def case_compressor_split(device, gen, ratio, HD, n_rot, index, p, world=2):
     return f"{flips} grid flips"
 
 
-def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked, poison=True):
+def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked, poison=True,
+                          rows=False):
     """The decode attention kernel (q norm, RoPE, sinks, raw ring + compressed rows, inverse
     RoPE) against decode_graph.decode_attention_torch, with empty and stale ring slots. Cache
     rows hold float16 values, as model.kv_cache_row and model.compress make them. poison: the
-    kernel's copy holds NaN in the ring slots out of the window and in the compressed rows past
-    the visible ones, which it must never let into the result."""
+    kernel's copy holds NaN in the ring slots out of the window, in the compressed rows past
+    the visible ones and in the visible ones the mask leaves out, which it must never let into
+    the result. rows: the mask's rows also given as a list (ascending, then -1 entries, as
+    topk_mask(rows=) makes it), which the kernel walks instead of the mask."""
     from ds4tp.config import RMS_EPS, Shape
     from ds4tp.decode_graph import decode_attention_torch
     from ds4tp.kernels import triton_attn
@@ -1141,7 +1144,7 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
     slots = torch.arange(n_swa)
     rpos = torch.where(slots % 7 == 3, torch.full_like(slots, -(1 << 40)), p - (slots * 5) % (n_swa + 9))
     rpos = rpos.to(device)
-    comp = mask = None
+    comp = mask = sel = None
     if ratio:
         comp = numerics.f16_round(torch.randn(cap, D, generator=gen) * 3).to(device)
         if masked:
@@ -1149,6 +1152,9 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
             m = torch.rand(1, cap, generator=gen) < 0.5
             m[:, n_vis:] = False
             mask = m.to(device)
+            if rows:
+                listed = torch.nonzero(m[0]).flatten()
+                sel = torch.cat([listed, torch.full((7,), -1)]).to(torch.int32).to(device)
     sinks = (torch.randn(H, generator=gen) * 2).to(device)
     cos, sin = _rope_tables(n_rot, p + 1, device, compressed=ratio > 0)
     pos = torch.tensor([p], device=device)
@@ -1159,9 +1165,12 @@ def case_decode_attention(device, gen, H, D, n_rot, n_swa, ratio, cap, p, masked
         if comp is not None:
             comp = comp.clone()
             comp[(p + 1) // ratio:] = float("nan")
-    got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS)
-    return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked}", got,
-                 want, 1e-5)
+            if mask is not None:
+                comp[~mask[0]] = float("nan")
+    got = triton_attn.attention(qb, ring, rpos, comp, ratio, mask, sinks, cos, sin, pos, RMS_EPS,
+                                rows=sel)
+    return check(f"decode attention H={H} D={D} ratio={ratio} pos={p} mask={masked} rows={rows}",
+                 got, want, 1e-5)
 
 
 def case_decode_attention_nohoist(device, gen, *args):
@@ -1193,11 +1202,12 @@ def case_index_scores(device, gen, HI, HD, cap, nvis):
     return check(f"index_scores HI={HI} HD={HD} cap={cap} nvis={nvis}", got[:, :nvis], want, 1e-5)
 
 
-def case_topk_mask(device, gen, n, nvis, k, levels=0):
+def case_topk_mask(device, gen, n, nvis, k, levels=0, rows=True):
     """The indexer's row selection in one launch against model.select_rows, bit for bit: scores
     with repeated values (ties go to the lower row), +0.0 and -0.0 (equal), negative and large
     values, NaN past the visible rows (never read); with `levels`, only that many distinct
-    values (the k-th largest sits inside a run of ties)."""
+    values (the k-th largest sits inside a run of ties). rows: the selected rows' list too
+    (ascending, -1 past them; its entries start as junk)."""
     from ds4tp.kernels import triton_attn
     from ds4tp.model import select_rows
     score = torch.randn(1, n, generator=gen) * 10
@@ -1209,11 +1219,18 @@ def case_topk_mask(device, gen, n, nvis, k, levels=0):
     score[0, 9::17] = -3e38
     want, _ = select_rows.eager(score, torch.tensor([nvis]), k)
     score[0, nvis:] = float("nan")
-    got = triton_attn.topk_mask(score.to(device), torch.tensor([nvis], device=device), k)
+    listed = torch.full((k,), 12345, dtype=torch.int32, device=device) if rows else None
+    got = triton_attn.topk_mask(score.to(device), torch.tensor([nvis], device=device), k, rows=listed)
     assert got.dtype == torch.bool and got.shape == want.shape
     if not torch.equal(got.cpu(), want):
         diff = torch.nonzero(got.cpu() != want)[:5, 1].tolist()
         raise AssertionError(f"topk_mask n={n} nvis={nvis} k={k}: rows {diff} differ")
+    if rows:
+        ids = torch.nonzero(want[0]).flatten()
+        expect = torch.cat([ids, torch.full((k - ids.numel(),), -1)]).to(torch.int32)
+        if not torch.equal(listed.cpu(), expect):
+            bad = torch.nonzero(listed.cpu() != expect).flatten()[:5].tolist()
+            raise AssertionError(f"topk_mask n={n} nvis={nvis} k={k}: row list entries {bad} differ")
     return f"{int(got.sum())} rows selected"
 
 
@@ -1352,11 +1369,15 @@ def interpreter_cases():
     yield "decode topk_mask visible = k", case_topk_mask, (600, 512, 512)
     yield "decode topk_mask threshold in a tie run", case_topk_mask, (3000, 2900, 512, 7)
     yield "decode topk_mask blocks, tie run", case_topk_mask, (17000, 16999, 300, 5)
+    yield "decode topk_mask, mask only", case_topk_mask, (300, 250, 64, 0, False)
+    yield "decode topk_mask blocks, mask only", case_topk_mask, (20000, 17000, 512, 0, False)
     yield "decode attention raw only", case_decode_attention, (3, 128, 64, 32, 0, 0, 20, False)
     yield "decode attention compressed", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, False)
     yield "decode attention indexer mask", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True)
     yield "decode attention, no hoist", case_decode_attention_nohoist, (2, 128, 64, 32, 4, 40, 150, True)
     yield "decode attention 20 heads", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True)
+    yield "decode attention indexer rows", case_decode_attention, (2, 128, 64, 32, 4, 40, 150, True, True, True)
+    yield "decode attention 20 heads, rows", case_decode_attention, (20, 128, 64, 32, 4, 60, 230, True, True, True)
     pa = dict(bh=16, bn=16, bd=32, warps=4)
     yield "prefill attention raw only", case_prefill_attention, (21, 3, 64, 8, 5, 0, 0, 5, False, pa)
     yield "prefill attention ratio 4", case_prefill_attention, (19, 2, 64, 8, 0, 4, 5, 0, False, pa, 16)

@@ -488,19 +488,22 @@ def test_cuda_dispatch_and_determinism():
 
 
 @needs_cuda
-@pytest.mark.parametrize("ratio,masked,p", [(0, False, 5), (0, False, 700), (4, False, 4095),
-                                            (4, True, 4095), (128, False, 9000)])
-def test_cuda_decode_attention_full_size(ratio, masked, p):
-    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025."""
+@pytest.mark.parametrize("ratio,masked,p,rows", [(0, False, 5, False), (0, False, 700, False),
+                                                 (4, False, 4095, False), (4, True, 4095, False),
+                                                 (4, True, 4095, True), (128, False, 9000, False)])
+def test_cuda_decode_attention_full_size(ratio, masked, p, rows):
+    """DS4 shapes: 64 heads of 512, a 128-row ring, compressed rows up to 1025 (the indexer's
+    selection as a mask, or listed)."""
     kc.case_decode_attention("cuda", torch.Generator().manual_seed(p + ratio), 64, 512, 64, 128,
-                             ratio, 1025 if ratio == 4 else 80, p, masked)
+                             ratio, 1025 if ratio == 4 else 80, p, masked, True, rows)
 
 
 @needs_cuda
-def test_cuda_decode_attention_tp2_heads():
-    """A TP=2 rank's 32 heads, ratio 4 with an indexer mask."""
+@pytest.mark.parametrize("rows", [False, True])
+def test_cuda_decode_attention_tp2_heads(rows):
+    """A TP=2 rank's 32 heads, ratio 4 with an indexer mask (or its rows listed)."""
     kc.case_decode_attention("cuda", torch.Generator().manual_seed(2), 32, 512, 64, 128, 4, 1025,
-                             3001, True)
+                             3001, True, True, rows)
 
 
 @needs_cuda
@@ -539,9 +542,10 @@ def test_topk_mask_compiles_for_sm90(one, block, warps):
     """The selection kernel (unrolled two-bit passes, a cumulative sum) compiled to PTX for an
     H100/H200, both forms, with programmatic dependent launch."""
     from ds4tp.kernels import triton_attn as ta
-    sig = dict(score_ptr="*fp32", nvis_ptr="*i64", mask_ptr="*i8", n="i32", k="i32")
-    assert "griddepcontrol" in _compile_sm90(ta._topk_mask_kernel, sig,
-                                             dict(BLOCK=block, ONE=one, PDL=True), warps)
+    sig = dict(score_ptr="*fp32", nvis_ptr="*i64", mask_ptr="*i8", rows_ptr="*i32", n="i32", k="i32")
+    for rows in (False, True):
+        assert "griddepcontrol" in _compile_sm90(ta._topk_mask_kernel, sig,
+                                                 dict(BLOCK=block, ONE=one, PDL=True, ROWS=rows), warps)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -561,6 +565,8 @@ def test_index_kernels_argument_errors():
         ta.topk_mask(torch.zeros(1, 100), nv, 100)
     with pytest.raises(ValueError, match="visible rows"):
         ta.topk_mask(torch.zeros(1, 100), torch.tensor([5], dtype=torch.int32), 10)
+    with pytest.raises(ValueError, match="row list"):
+        ta.topk_mask(torch.zeros(1, 100), nv, 10, rows=torch.zeros(9, dtype=torch.int32))
     with pytest.raises(ValueError, match="keys"):
         ta.index_scores(torch.zeros(1, 8, 128), torch.zeros(1, 8), torch.zeros(50, 64), nv, 1.0)
     with pytest.raises(ValueError, match="head dim"):
@@ -746,9 +752,14 @@ def test_decode_attention_compiles_for_sm90(comp, mask):
                sink_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", out_ptr="*fp32",
                ws_ptr="*fp32", cnt_ptr="*i32", n_swa="i32", ratio="i32", eps="fp32", scale="fp32")
     const = dict(D=512, NROT=64, BK=ta.ATTN_BK, S=ta.ATTN_SPLIT, HAS_COMP=comp, HAS_MASK=mask, PDL=True,
-                 HOIST=ta.ATTN_HOIST)
+                 HOIST=ta.ATTN_HOIST, K_ROWS=0)
     for heads in (32, 64):           # a TP=2 rank's and TP=1's warps a program
         assert "griddepcontrol" in _compile_sm90(ta._attn_kernel, sig, const, ta.attn_warps(heads))
+    if mask:                         # the indexer's rows listed (top-512) instead of the mask
+        sig = dict(sig, mask_ptr="*i32")
+        const = dict(const, HAS_MASK=False, K_ROWS=512)
+        for heads in (32, 64):
+            assert "griddepcontrol" in _compile_sm90(ta._attn_kernel, sig, const, ta.attn_warps(heads))
     if not comp:
         sig = dict(x_ptr="*fp32", w_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64",
                    ring_ptr="*fp32", rpos_ptr="*i64", n_swa="i32", eps="fp32")
@@ -885,9 +896,15 @@ def test_decode_kernel_argument_errors():
     sinks = torch.zeros(H)
     with pytest.raises(ValueError, match="attention: q"):
         triton_attn.attention(torch.zeros(1, H * D + 1), ring, rpos, None, 0, None, sinks, cos, sin, pos, 1e-6)
-    with pytest.raises(ValueError, match="row mask without compressed rows"):
+    with pytest.raises(ValueError, match="row mask or row list without compressed rows"):
         triton_attn.attention(torch.zeros(1, H * D), ring, rpos, None, 0,
                               torch.zeros(1, 4, dtype=torch.bool), sinks, cos, sin, pos, 1e-6)
+    with pytest.raises(ValueError, match="row mask or row list without compressed rows"):
+        triton_attn.attention(torch.zeros(1, H * D), ring, rpos, None, 0, None, sinks, cos, sin, pos,
+                              1e-6, rows=torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="selected rows must be a contiguous non-empty int32"):
+        triton_attn.attention(torch.zeros(1, H * D), ring, rpos, torch.zeros(4, D), 4, None, sinks,
+                              cos, sin, pos, 1e-6, rows=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="RoPE tables"):
         triton_attn.attention(torch.zeros(1, H * D), ring, rpos, None, 0, None, sinks,
                               torch.zeros(10, 16), sin, pos, 1e-6)

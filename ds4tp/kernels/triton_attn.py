@@ -360,12 +360,14 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
                  pos_ptr, out_ptr, ws_ptr, cnt_ptr, n_swa, ratio, eps, scale,
                  D: tl.constexpr, NROT: tl.constexpr, BK: tl.constexpr, S: tl.constexpr,
                  HAS_COMP: tl.constexpr, HAS_MASK: tl.constexpr, HOIST: tl.constexpr = True,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, K_ROWS: tl.constexpr = 0):
     """Grid (H, S): program (h, j) takes key blocks j, j+S, ... of the ring and of the compressed
     rows (split-K over keys, so a head's keys are read by S programs at once) and leaves its
     partial (max, denominator, value sum) in the workspace; the last of a head's S programs to
     arrive (atomic ticket) merges the partials in the order j = 0..S-1 with the sink, applies the
-    inverse RoPE and stores the head."""
+    inverse RoPE and stores the head. K_ROWS > 0: mask_ptr holds the indexer's selected rows
+    instead of a mask (int32 [K_ROWS], -1 past the count), and the blocks are blocks of that
+    list: only the selected rows are walked, not every visible one."""
     pdl_start(PDL)
     h = tl.program_id(0)
     j = tl.program_id(1)
@@ -391,7 +393,14 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
     for k0 in range(ring0, n_swa, S * BK):
         ok, kv = _ring_block(rpos_ptr, ring_ptr, k0 + kk, d, pos, n_swa, D)
         m, l, acc = _online(q, kv, ok, scale, m, l, acc)
-    if HAS_COMP:
+    if HAS_COMP and K_ROWS > 0:
+        for k0 in range(j * BK, K_ROWS, S * BK):
+            e = k0 + kk
+            rows = tl.load(mask_ptr + e, mask=e < K_ROWS, other=-1)
+            ok = rows >= 0
+            kv = tl.load(comp_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            m, l, acc = _online(q, kv, ok, scale, m, l, acc)
+    elif HAS_COMP:
         n_vis = (pos + 1) // ratio
         for k0 in range(j * BK, n_vis, S * BK):
             rows = k0 + kk
@@ -424,6 +433,10 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         tl.atomic_xchg(cnt_ptr + h, 0)
 
 
+ATTN_ROWS = True   # the decode graphs hand the attention the indexer's selected rows as a list
+                   # (topk_mask(rows=), attention(rows=)) instead of only the mask over every
+                   # visible row: a ratio-4 layer past 4 * top_k tokens walks top_k rows, not
+                   # all (pos+1)/4 (prepared in session 35; s36a times it at depth)
 ATTN_HOIST = True  # the first ring block loaded with q (replay A/B s34g: -0.8% at TP=2, -0.2% at
                    # TP=1, bit-identical); the first compressed block too spilled at 2 warps (s34f)
 ATTN_BK = 16      # keys per block
@@ -705,7 +718,7 @@ def emit_enabled() -> bool:
     return _emit_switch.on
 
 
-def check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos):
+def check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, rows=None):
     """The decode attention's arguments checked (a ValueError naming the first that does not fit);
     returns n_swa, D, H, n_rot. Every decode attention kernel takes the same ones."""
     n_swa, D = ring.shape
@@ -724,27 +737,35 @@ def check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos)
             raise ValueError(f"attention: compression ratio {ratio} with compressed rows")
         if mask is not None:
             _check("attention: row mask", mask, (1, comp.shape[0]), torch.bool)
-    elif mask is not None:
-        raise ValueError("attention: a row mask without compressed rows")
+        if rows is not None:
+            if rows.dim() != 1 or rows.dtype != torch.int32 or not rows.is_contiguous() or not rows.numel():
+                raise ValueError(f"attention: the selected rows must be a contiguous non-empty int32 "
+                                 f"list, got {rows.dtype} {tuple(rows.shape)}")
+    elif mask is not None or rows is not None:
+        raise ValueError("attention: a row mask or row list without compressed rows")
     if H > _TICKETS:
         raise ValueError(f"attention: {H} heads exceed the ticket buffer")
     return n_swa, D, H, n_rot
 
 
-def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps):
+def attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos, eps, rows=None):
     """qb [1, H*D] (the attn_q_b projection) -> o [1, H, D]: per-head RMS norm and RoPE, attention
     with sinks over the ring rows in the window and the first (pos+1)//ratio rows of comp [cap, D]
-    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only."""
-    n_swa, D, H, n_rot = check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos)
+    (those with mask [1, cap] set, if given), inverse RoPE. comp None: raw rows only. rows: the
+    same selection as mask listed (int32, the visible rows mask sets, in any order, -1 past
+    them; topk_mask(rows=)): the kernel then walks only those rows and does not read mask."""
+    n_swa, D, H, n_rot = check_attention(qb, ring, ring_pos, comp, ratio, mask, sinks, cos, sin, pos,
+                                         rows)
     out = torch.empty(1, H, D, dtype=torch.float32, device=qb.device)
     ws = torch.empty(H * ATTN_SPLIT * (D + 2), dtype=torch.float32, device=qb.device)
-    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp,
-                                  ring_pos if mask is None else mask.view(torch.int8), sinks, cos,
-                                  sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
+    sel = rows if rows is not None else ring_pos if mask is None else mask.view(torch.int8)
+    _attn_kernel[(H, ATTN_SPLIT)](qb, ring, ring_pos, ring if comp is None else comp, sel, sinks,
+                                  cos, sin, pos, out, ws, _tickets(qb.device), n_swa, max(ratio, 1),
                                   eps, 1.0 / D ** 0.5, D=D, NROT=n_rot, BK=ATTN_BK, S=ATTN_SPLIT,
-                                  HAS_COMP=comp is not None, HAS_MASK=mask is not None,
-                                  HOIST=ATTN_HOIST, num_warps=attn_warps(H),
-                                  **pdl.triton_args(qb.device))
+                                  HAS_COMP=comp is not None,
+                                  HAS_MASK=mask is not None and rows is None,
+                                  HOIST=ATTN_HOIST, K_ROWS=0 if rows is None else rows.numel(),
+                                  num_warps=attn_warps(H), **pdl.triton_args(qb.device))
     return out
 
 
@@ -812,7 +833,26 @@ def _next_thr(thr, packed, k, sh):
 
 
 @triton.jit
-def _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK: tl.constexpr):
+def _store_rows(rows_ptr, sel, i, listed, k):
+    """The rows i of a block that sel takes, appended in index order to rows after the `listed`
+    already there (at most k in all); returns the new count."""
+    at = listed + tl.cumsum(sel.to(tl.int32), axis=0) - sel.to(tl.int32)
+    tl.store(rows_ptr + at, i, mask=sel & (at < k))
+    return listed + tl.sum(sel.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _fill_rows(rows_ptr, listed, k, BLOCK: tl.constexpr):
+    """-1 in rows[listed:k] (the entries past the selected rows' count)."""
+    ii = tl.arange(0, BLOCK)
+    for c0 in range(0, k, BLOCK):
+        e = c0 + ii
+        tl.store(rows_ptr + e, tl.full([BLOCK], -1, tl.int32), mask=(e >= listed) & (e < k))
+
+
+@triton.jit
+def _topk_in_registers(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr):
     """_topk_mask_kernel for at most BLOCK visible rows, held in registers across the passes."""
     ii = tl.arange(0, BLOCK)
     thr = tl.zeros([], tl.int64)
@@ -828,10 +868,13 @@ def _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK: tl.constexpr
     tl.store(mask_ptr + ii, sel.to(tl.int8), mask=ii < n)
     for c0 in range(BLOCK, n, BLOCK):                                     # rows past the block
         tl.store(mask_ptr + c0 + ii, tl.zeros([BLOCK], tl.int8), mask=c0 + ii < n)
+    if ROWS:
+        _fill_rows(rows_ptr, _store_rows(rows_ptr, sel & (ii < n), ii, 0, k), k, BLOCK)
 
 
 @triton.jit
-def _topk_in_blocks(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK: tl.constexpr):
+def _topk_in_blocks(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK: tl.constexpr,
+                    ROWS: tl.constexpr):
     """_topk_mask_kernel for more visible rows than one block: each pass reloads them."""
     ii = tl.arange(0, BLOCK)
     thr = tl.zeros([], tl.int64)
@@ -849,36 +892,43 @@ def _topk_in_blocks(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK: tl.constexpr):
         key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
         above += tl.sum((key > thr).to(tl.int32), axis=0)
     taken = tl.zeros([], tl.int32)
+    listed = tl.zeros([], tl.int32)          # selected rows listed so far (ROWS)
     for c0 in range(0, n, BLOCK):
         i = c0 + ii
         key = _sort_keys(tl.load(score_ptr + i, mask=i < lim, other=0.0), i < lim)
         tie = key == thr
         rank = taken + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
         sel = (key > thr) | (tie & (rank < k - above))
-        sel = tl.where(nvis <= k, i < lim, sel)
+        sel = tl.where(nvis <= k, i < lim, sel) & (i < n)
         tl.store(mask_ptr + i, sel.to(tl.int8), mask=i < n)
         taken += tl.sum(tie.to(tl.int32), axis=0)
+        if ROWS:
+            listed = _store_rows(rows_ptr, sel, i, listed, k)
+    if ROWS:
+        _fill_rows(rows_ptr, listed, k, BLOCK)
 
 
 @triton.jit
-def _topk_mask_kernel(score_ptr, nvis_ptr, mask_ptr, n, k, BLOCK: tl.constexpr,
-                      ONE: tl.constexpr, PDL: tl.constexpr = False):
+def _topk_mask_kernel(score_ptr, nvis_ptr, mask_ptr, rows_ptr, n, k, BLOCK: tl.constexpr,
+                      ONE: tl.constexpr, PDL: tl.constexpr = False, ROWS: tl.constexpr = False):
     """One program: mask[i] = row i is among the k highest scores of the visible rows
     i < n_visible (ties to the lower row), or every visible row when n_visible <= k; 0 past the
     visible rows. The k-th largest key is found two bits at a time from the top (16 counting
     passes), then the rows above it are taken and the rows equal to it in index order until k.
     Up to BLOCK visible rows (the depth, read on the device) stay in registers across the
-    passes; past that each pass reloads them block by block (not compiled where ONE: n <= BLOCK)."""
+    passes; past that each pass reloads them block by block (not compiled where ONE: n <= BLOCK).
+    ROWS: the selected rows also listed in rows [k] (int32, ascending, -1 past the count), the
+    form the decode attention walks."""
     pdl_start(PDL)
     nvis = tl.load(nvis_ptr)
     lim = tl.minimum(nvis, n)
     if ONE:
-        _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK)
+        _topk_in_registers(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK, ROWS)
     else:
         if lim <= BLOCK:
-            _topk_in_registers(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK)
+            _topk_in_registers(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK, ROWS)
         else:
-            _topk_in_blocks(score_ptr, mask_ptr, n, k, nvis, lim, BLOCK)
+            _topk_in_blocks(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK, ROWS)
 
 
 INDEX_BR = 64            # index-cache rows per score program
@@ -905,17 +955,23 @@ def index_scores(q, w, keys, n_visible, wscale: float) -> torch.Tensor:
     return out
 
 
-def topk_mask(score: torch.Tensor, n_visible: torch.Tensor, top_k: int) -> torch.Tensor:
+def topk_mask(score: torch.Tensor, n_visible: torch.Tensor, top_k: int,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token's indexer selection: score [1, n] float32, n_visible [1] int64 (device)
-    -> mask [1, n] bool, the first output of model.select_rows (its twin), in one launch."""
+    -> mask [1, n] bool, the first output of model.select_rows (its twin), in one launch. rows
+    (int32 [top_k]), if given, receives the selected rows too, in ascending order, -1 past
+    their count (the list the decode attention walks: attention(rows=))."""
     n = score.shape[1]
     _check("topk_mask: scores", score, (1, n))
     _check("topk_mask: visible rows", n_visible, (1,), torch.long)
     if not 0 < top_k < n or n >= 1 << 21:
         raise ValueError(f"topk_mask: need 0 < top_k {top_k} < rows {n} < 2**21")
+    if rows is not None:
+        _check("topk_mask: row list", rows, (top_k,), torch.int32)
     mask = torch.empty(1, n, dtype=torch.int8, device=score.device)
     block = min(TOPK_BLOCK, triton.next_power_of_2(max(n, 16)))
-    _topk_mask_kernel[(1,)](score, n_visible, mask, n, top_k, BLOCK=block, ONE=n <= block,
+    _topk_mask_kernel[(1,)](score, n_visible, mask, mask if rows is None else rows, n, top_k,
+                            BLOCK=block, ONE=n <= block, ROWS=rows is not None,
                             num_warps=16 if block >= 2048 else 4, **pdl.triton_args(score.device))
     return mask.view(torch.bool)
 
