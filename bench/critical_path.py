@@ -101,9 +101,9 @@ VARIANTS = {
     # (session 35, prepared) the compressors' F16 projections (0.61 GB a token, Triton) loaded
     # evict-first too
     "comp_wef": ((triton_attn, "COMP_W_EVICT", "evict_first"),),
-    # (session 35, prepared) the attention walking every visible compressed row under the
-    # indexer's mask (before) instead of the selected rows' list (triton_attn.ATTN_ROWS)
-    "attn_rows_off": ((triton_attn, "ATTN_ROWS", False),),
+    # (session 35, prepared) the attention walking the indexer's selected rows' list instead of
+    # every visible compressed row under its mask (triton_attn.ATTN_ROWS, off by default)
+    "attn_rows": ((triton_attn, "ATTN_ROWS", True),),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

@@ -512,13 +512,16 @@ def test_sinkhorn_beside_the_sublayer_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
-def test_index_kernels_in_the_graph_on_cuda():
+@pytest.mark.parametrize("listed", [False, True])
+def test_index_kernels_in_the_graph_on_cuda(listed, monkeypatch):
     """The indexer's two launches (triton_attn.index_scores, topk_mask) inside graph-replayed
     steps of a 4-layer full-width model past 2048 tokens (more than 512 rows visible, so the
     selection is active), in a decoder sized for 16384 tokens (most rows never written): with
     programmatic dependent launch on and off bit-identical, and close to the same steps with the
-    torch twins (a GEMM over every row, a stable sort)."""
+    torch twins (a GEMM over every row, a stable sort). listed: the attention walks the
+    selection's row list (triton_attn.ATTN_ROWS) instead of the mask."""
     from ds4tp.kernels import triton_attn
+    monkeypatch.setattr(triton_attn, "ATTN_ROWS", listed)
     m, st0, toks = _full_width(2100, 2090)
     runs = _pdl_then_switched_off(m, st0, toks[2090:], 16384, triton_attn.set_index_enabled)
     _same_then_close(runs, 1e-3, 1e-2)

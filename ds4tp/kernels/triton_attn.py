@@ -433,10 +433,11 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         tl.atomic_xchg(cnt_ptr + h, 0)
 
 
-ATTN_ROWS = True   # the decode graphs hand the attention the indexer's selected rows as a list
+ATTN_ROWS = False  # the decode graphs hand the attention the indexer's selected rows as a list
                    # (topk_mask(rows=), attention(rows=)) instead of only the mask over every
                    # visible row: a ratio-4 layer past 4 * top_k tokens walks top_k rows, not
-                   # all (pos+1)/4 (prepared in session 35; s36a times it at depth)
+                   # all (pos+1)/4 (prepared in session 35, off until a GPU has run it: s36a
+                   # times it at depth, critical_path variant attn_rows)
 ATTN_HOIST = True  # the first ring block loaded with q (replay A/B s34g: -0.8% at TP=2, -0.2% at
                    # TP=1, bit-identical); the first compressed block too spilled at 2 warps (s34f)
 ATTN_BK = 16      # keys per block
