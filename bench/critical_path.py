@@ -104,6 +104,7 @@ VARIANTS = {
     # (session 35, prepared) the attention walking the indexer's selected rows' list instead of
     # every visible compressed row under its mask (triton_attn.ATTN_ROWS, off by default)
     "attn_rows": ((triton_attn, "ATTN_ROWS", True),),
+    "attn_rows_s16": ((triton_attn, "ATTN_ROWS", True), (triton_attn, "ATTN_SPLIT", 16)),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

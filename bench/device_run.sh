@@ -253,7 +253,7 @@
 #         indexer's rows listed (ATTN_ROWS) and of the selection writing the list; replay A/B at
 #         TP=2 and TP=1 of the weight kernels' L2 prefetches evict-first (pf_ef) and the
 #         compressors' projections loaded evict-first (comp_wef), then at depth 4096 of the
-#         rows' list against the mask (attn_rows), pf_ef, the
+#         rows' list against the mask (attn_rows; also with 16 programs a head), pf_ef, the
 #         attention's first ring block loaded late (attn_nohoist) and the weights' loads as
 #         plain __ldg (wld_ldg): s35b/s35d's served long-prompt row (depth ~2200) was faster
 #         without the hoist in both orders, the short rows followed the order
@@ -1507,7 +1507,7 @@ elif [ "$MODE" = s36a ] || [ "$MODE" = s36c ]; then
   depths=4096
   [ "$MODE" = s36c ] && depths=2176
   for d in $depths; do
-    replay_ab base,attn_rows,attn_nohoist,wld_ldg,pf_ef "depth $d: the selected rows' list, the attention's first ring block with q, the weights' .cs loads, evict-first prefetches" --depth $d
+    replay_ab base,attn_rows,attn_rows_s16,attn_nohoist,wld_ldg,pf_ef "depth $d: the selected rows' list, the attention's first ring block with q, the weights' .cs loads, evict-first prefetches" --depth $d
     cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d${d}_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d${d}_w2.txt"
     rm -f "$OUT"/critical_path_w?.json
   done
