@@ -33,7 +33,7 @@ import torch
 from ds4tp import config as C, decode_graph
 from ds4tp.kernels import (cuda_c, cuda_experts, cuda_matvec, pdl, triton_attn, triton_hc,
                            triton_pick, triton_route)
-from ds4tp.bench import NullComm, build_model, prefilled
+from ds4tp.bench import PLAIN_WEIGHT_LOADS, NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
 from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
 from profile_common import traced_kernels
@@ -89,11 +89,10 @@ VARIANTS = {
     **{f"attn_bk32_w{w}": ((triton_attn, "ATTN_BK", 32), (triton_attn, "ATTN_SPLIT", 4),
                            (triton_attn, "ATTN_WARPS", w), (triton_attn, "ATTN_WARPS_MANY", w))
        for w in (4, 8)},
-    # (session 35) the streamed weights' loads (common.cuh wld, WEIGHT_LD): plain __ldg (before
-    # the .cs default), an L2 evict-first policy alone, L1 evict-first alone (s35d's L2
-    # evict-first with no L1 allocation and no L1 allocation alone were slower: removed)
-    **{f"wld_{n}": ((cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", v),)),)
-       for n, v in (("ldg", 0), ("l2ef", 2), ("l1ef", 3))},
+    # (session 35) the streamed weights' loads as plain __ldg (before the .cs default, common.cuh
+    # wld); s35d's and s35e's other cache policies (wld_ef, wld_na, wld_l2ef, wld_l1ef) are at
+    # 918c834
+    "wld_ldg": ((cuda_c, "VARIANT_DEFINES", PLAIN_WEIGHT_LOADS),),
     # (session 35, prepared) the weight kernels' L2 prefetches (the Q8_0 matvec's first step, the
     # shared expert's rows in the routed launches) as bulk prefetches with an L2 evict-first
     # policy (common.cuh PF_HINT) instead of at normal priority

@@ -262,10 +262,10 @@
 #         weight loaded evict-first (triton_hc.HC_W_EVICT)
 #   s35f: session 35, one GPU (~6 min): the dispatch test's fixed twin, the TP=1 bench at depth 0
 #         and 4096 with the weights' loads as plain __ldg as its A/B
-#   s35e: session 35, one GPU (~6 min): the streamed weights' loads with .cs by default: CUDA
+#   s35e: session 35, one GPU (~6 min; its variants at 918c834): the weights' loads with .cs: CUDA
 #         C twins, replay A/B at TP=2 and TP=1 against plain __ldg and single-level hints, the
 #         TP=1 bench at depth 0, CUDA goldens at TP=1
-#   s35d: session 35, one GPU (~5 min): replay A/B at TP=2 and TP=1 of the streamed weights'
+#   s35d: session 35, one GPU (~5 min; variants at b2446cd): replay A/B, TP=2 and 1, of the weights'
 #         loads with a cache policy (wld_ef, wld_cs, wld_na: common.cuh WEIGHT_LD), then s35c
 #   s35c: session 35, one GPU (~4 min): s35b in the other order (ATTN_HOIST False first, on
 #         the fresh machine's cold compile, then True): s35b's second run was faster in every row

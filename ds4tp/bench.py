@@ -552,6 +552,9 @@ def time_prefill(model, n_tok: int, reps: int = 3) -> dict:
             "host_seconds": host}
 
 
+PLAIN_WEIGHT_LOADS = (("WEIGHT_LD", 0),)   # cuda_c.VARIANT_DEFINES: common.cuh's wld as plain __ldg
+
+
 @contextlib.contextmanager
 def _setting(module, name: str, value):
     """A module's launch-rule constant set for an A/B timing, then the default again."""
@@ -758,7 +761,7 @@ def _bench_rank(comm, dev, cfg):
     # the streamed weights' loads as plain __ldg (as up to the thirty-fifth session) instead of
     # with the streaming operator (common.cuh wld): the same math, so the same bits
     from ds4tp.kernels import cuda_c
-    with _setting(cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", 0),)):
+    with _setting(cuda_c, "VARIANT_DEFINES", PLAIN_WEIGHT_LOADS):
         res["decode_d0_weights_ldg"], res["decode_d0_chained_weights_ldg"], ref = \
             _decode_and_logits(model, steps)
     res["weights_ldg_logits_equal"] = bool(torch.equal(mine, ref))
@@ -787,7 +790,7 @@ def _bench_rank(comm, dev, cfg):
         save()
         res["decode_deep_chained"] = time_decode(model, depth, steps, max_ctx=ctx, chained=True)
         save()
-        with _setting(cuda_c, "VARIANT_DEFINES", (("WEIGHT_LD", 0),)):   # as at depth 0 above
+        with _setting(cuda_c, "VARIANT_DEFINES", PLAIN_WEIGHT_LOADS):   # as at depth 0 above
             res["decode_deep_chained_weights_ldg"] = time_decode(model, depth, steps, max_ctx=ctx,
                                                                  chained=True)
         save()

@@ -60,34 +60,12 @@ __device__ __forceinline__ T prior(const T* p) {
 // read-only path as __ldg, with the streaming operator (.cs: evict-first in L1 and L2), so that
 // the ~9 GB a token push less of what the latency-bound launches re-read out of L2 (the HC
 // streams, the caches' rows, tables, small weights): -2.0% / -2.3% on the TP=2 / TP=1 step
-// against plain __ldg, the same bits (s35d). WEIGHT_LD picks others for timing
-// (bench/critical_path.py): 0 plain __ldg, 2 an L2 evict-first policy with L1 as __ldg, 3 L1
-// evict-first with L2 as __ldg. Slower in s35d and removed: L2 evict-first with no L1
-// allocation (+1.9% / +3.0%), no L1 allocation alone (+1.5% / +3.3%).
+// against plain __ldg, the same bits (s35d). WEIGHT_LD 0 (a timing variant,
+// bench/critical_path.py) loads them with plain __ldg. Measured and removed (code at 918c834):
+// L2 evict-first with no L1 allocation (+1.9% / +3.0%), no L1 allocation alone (+1.5% / +3.3%),
+// and either level's evict-first alone (equal to .cs, s35e).
 #ifndef WEIGHT_LD
 #define WEIGHT_LD 1
-#endif
-__device__ __forceinline__ unsigned long long evict_first_policy() {     // an L2 cache policy
-    unsigned long long pol;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    return pol;
-}
-#if WEIGHT_LD == 1
-#define WLD_OP "ld.global.cs.nc"
-#elif WEIGHT_LD == 2
-#define WLD_OP "ld.global.nc.L2::cache_hint"
-#define WLD_POL , "l"(evict_first_policy())
-#define WLD_PA ", %5"
-#define WLD_P2 ", %3"
-#define WLD_P1 ", %2"
-#elif WEIGHT_LD == 3
-#define WLD_OP "ld.global.nc.L1::evict_first"
-#endif
-#ifndef WLD_POL
-#define WLD_POL
-#define WLD_PA ""
-#define WLD_P2 ""
-#define WLD_P1 ""
 #endif
 #if WEIGHT_LD == 0
 template <typename T>
@@ -95,8 +73,8 @@ __device__ __forceinline__ T wld(const T* p) { return __ldg(p); }
 #else
 __device__ __forceinline__ uint4 wld(const uint4* p) {
     uint4 v;
-    asm volatile(WLD_OP ".v4.u32 {%0, %1, %2, %3}, [%4]" WLD_PA ";"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) WLD_POL);
+    asm volatile("ld.global.cs.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 __device__ __forceinline__ int4 wld(const int4* p) {
@@ -105,17 +83,17 @@ __device__ __forceinline__ int4 wld(const int4* p) {
 }
 __device__ __forceinline__ uint2 wld(const uint2* p) {
     uint2 v;
-    asm volatile(WLD_OP ".v2.u32 {%0, %1}, [%2]" WLD_P2 ";" : "=r"(v.x), "=r"(v.y) : "l"(p) WLD_POL);
+    asm volatile("ld.global.cs.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
 __device__ __forceinline__ unsigned wld(const unsigned* p) {
     unsigned v;
-    asm volatile(WLD_OP ".u32 %0, [%1]" WLD_P1 ";" : "=r"(v) : "l"(p) WLD_POL);
+    asm volatile("ld.global.cs.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
 __device__ __forceinline__ unsigned short wld(const unsigned short* p) {
     unsigned short v;
-    asm volatile(WLD_OP ".u16 %0, [%1]" WLD_P1 ";" : "=h"(v) : "l"(p) WLD_POL);
+    asm volatile("ld.global.cs.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
     return v;
 }
 #endif
@@ -131,8 +109,10 @@ __device__ __forceinline__ unsigned short wld(const unsigned short* p) {
 #endif
 __device__ __forceinline__ void l2_prefetch_one(const void* p, int n) {
 #if PF_HINT == 1
+    unsigned long long evict_first;                   // an L2 cache policy
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
     asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
-                 :: "l"(p), "r"(n), "l"(evict_first_policy()));
+                 :: "l"(p), "r"(n), "l"(evict_first));
 #else
     asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
 #endif

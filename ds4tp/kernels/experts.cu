@@ -761,10 +761,10 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
     if (p * spp < K && e[p] >= 0) {                                                           \
         const unsigned* b32 = (const unsigned*)(w + (long long)e[p] * stride_e                \
                                                 + (long long)(row) * stride_n + sb * 84);     \
-        sc[p][0] = wld(b32 + 2 * nh);                                                       \
-        sc[p][1] = wld(b32 + 2 * nh + 1);                                                   \
+        sc[p][0] = wld(b32 + 2 * nh);                                                         \
+        sc[p][1] = wld(b32 + 2 * nh + 1);                                                     \
         _Pragma("unroll") for (int i = 0; i < 4; i++) qw[p][i] = wld(b32 + 4 + 8 * nh + 4 * h + i); \
-        dd[p] = wld(b32 + 20);                                                              \
+        dd[p] = wld(b32 + 20);                                                                \
     }
     int n = n0 + warp;
     if (n < nend) {

@@ -870,7 +870,7 @@ def _topk_in_registers(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK: tl
     for c0 in range(BLOCK, n, BLOCK):                                     # rows past the block
         tl.store(mask_ptr + c0 + ii, tl.zeros([BLOCK], tl.int8), mask=c0 + ii < n)
     if ROWS:
-        _fill_rows(rows_ptr, _store_rows(rows_ptr, sel & (ii < n), ii, 0, k), k, BLOCK)
+        _fill_rows(rows_ptr, _store_rows(rows_ptr, sel, ii, 0, k), k, BLOCK)
 
 
 @triton.jit
@@ -900,7 +900,7 @@ def _topk_in_blocks(score_ptr, mask_ptr, rows_ptr, n, k, nvis, lim, BLOCK: tl.co
         tie = key == thr
         rank = taken + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
         sel = (key > thr) | (tie & (rank < k - above))
-        sel = tl.where(nvis <= k, i < lim, sel) & (i < n)
+        sel = tl.where(nvis <= k, i < lim, sel)
         tl.store(mask_ptr + i, sel.to(tl.int8), mask=i < n)
         taken += tl.sum(tie.to(tl.int32), axis=0)
         if ROWS:
