@@ -93,17 +93,13 @@ VARIANTS = {
     # wld); s35d's and s35e's other cache policies (wld_ef, wld_na, wld_l2ef, wld_l1ef) are at
     # 918c834
     "wld_ldg": ((cuda_c, "VARIANT_DEFINES", PLAIN_WEIGHT_LOADS),),
-    # (session 35, prepared) the weight kernels' L2 prefetches (the Q8_0 matvec's first step, the
-    # shared expert's rows in the routed launches) as bulk prefetches with an L2 evict-first
-    # policy (common.cuh PF_HINT) instead of at normal priority
-    "pf_ef": ((cuda_c, "VARIANT_DEFINES", (("PF_HINT", 1),)),),
-    # (session 35, prepared) the compressors' F16 projections (0.61 GB a token, Triton) loaded
-    # evict-first too
-    "comp_wef": ((triton_attn, "COMP_W_EVICT", "evict_first"),),
-    # (session 35, prepared) the attention walking the indexer's selected rows' list instead of
-    # every visible compressed row under its mask (triton_attn.ATTN_ROWS, off by default)
-    "attn_rows": ((triton_attn, "ATTN_ROWS", True),),
-    "attn_rows_s16": ((triton_attn, "ATTN_ROWS", True), (triton_attn, "ATTN_SPLIT", 16)),
+    # (session 35, run in 36: s36a) the weight kernels' L2 prefetches as bulk prefetches with
+    # an L2 evict-first policy (pf_ef, +0.1% / -0.2%) and the compressors' F16 projections loaded
+    # evict-first (comp_wef, 0.0% / -0.2%) are at 57fdb52
+    # (session 36) the attention walking every visible compressed row under the indexer's mask
+    # (the default before s36a: the selected rows' list was -3.8% / -2.5% at depth 4096; 16
+    # programs a head with the list, -1.4% / +0.2%, is at 57fdb52)
+    "attn_mask": ((triton_attn, "ATTN_ROWS", False),),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

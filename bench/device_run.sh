@@ -248,8 +248,7 @@
 #   s36b: prepared in session 35, one GPU (~4 min): the weight kernels fitted over three rank
 #         widths (bench/streaming_sizes.py) with the streamed weights' .cs loads: the streaming
 #         fraction and fixed time behind the Spark projection (s33a/s33b's fit was before them)
-#   s36c: prepared in session 35, one GPU (~4 min): s36a's replay at depth 2176 only (no twins)
-#   s36a: prepared in session 35, one GPU (~7 min): CUDA twins of the decode attention with the
+#   s36a: session 36, one GPU (~5 min; pf_ef, comp_wef, attn_rows_s16 at 57fdb52): CUDA twins of the decode attention with the
 #         indexer's rows listed (ATTN_ROWS) and of the selection writing the list; replay A/B at
 #         TP=2 and TP=1 of the weight kernels' L2 prefetches evict-first (pf_ef) and the
 #         compressors' projections loaded evict-first (comp_wef), then at depth 4096 of the
@@ -1496,17 +1495,13 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   rm -f /tmp/full.gguf
 elif [ "$MODE" = s36b ]; then
   sizes_fit 240
-elif [ "$MODE" = s36a ] || [ "$MODE" = s36c ]; then
-  if [ "$MODE" = s36a ]; then
-    log "CUDA twins: the decode attention (mask and row list), the indexer's selection, the decode graphs' indexer"
-    cuda_tests 240 "attention or topk or indexer" tests_attn.txt tests/test_kernels.py tests/test_decode_graph.py
-    replay_ab base,pf_ef,comp_wef "the weights' L2 prefetches evict-first, the compressors' projections evict-first"
-    cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
-    rm -f "$OUT"/critical_path_w?.json
-  fi
-  depths=4096
-  [ "$MODE" = s36c ] && depths=2176
-  for d in $depths; do
+elif [ "$MODE" = s36a ]; then
+  log "CUDA twins: the decode attention (mask and row list), the indexer's selection, the decode graphs' indexer"
+  cuda_tests 240 "attention or topk or indexer" tests_attn.txt tests/test_kernels.py tests/test_decode_graph.py
+  replay_ab base,pf_ef,comp_wef "the weights' L2 prefetches evict-first, the compressors' projections evict-first"
+  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
+  rm -f "$OUT"/critical_path_w?.json
+  for d in 4096; do
     replay_ab base,attn_rows,attn_rows_s16,attn_nohoist,wld_ldg,pf_ef "depth $d: the selected rows' list, the attention's first ring block with q, the weights' .cs loads, evict-first prefetches" --depth $d
     cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d${d}_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d${d}_w2.txt"
     rm -f "$OUT"/critical_path_w?.json

@@ -98,31 +98,15 @@ __device__ __forceinline__ unsigned short wld(const unsigned short* p) {
 }
 #endif
 
-// A streamed weight's bytes into L2 ahead of their loads, at normal priority by default.
-// PF_HINT (a timing variant, bench/critical_path.py; 0 by default) 1: as one bulk prefetch with
-// an L2 evict-first policy, like the loads that read them (wld). l2_prefetch_warp: the 512
-// contiguous bytes at p, by a whole warp (lane l asks for p + 16 l; with PF_HINT, lane 0 for
-// all). l2_prefetch_one: n bytes at p by the calling thread (the line at p; with PF_HINT, all
-// n). p and n: multiples of 16.
-#ifndef PF_HINT
-#define PF_HINT 0
-#endif
-__device__ __forceinline__ void l2_prefetch_one(const void* p, int n) {
-#if PF_HINT == 1
-    unsigned long long evict_first;                   // an L2 cache policy
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
-    asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;"
-                 :: "l"(p), "r"(n), "l"(evict_first));
-#else
+// A streamed weight's bytes into L2 ahead of their loads, at normal priority (as bulk prefetches
+// with an L2 evict-first policy, like the loads that read them, they were not faster: s36a, code
+// at 57fdb52). l2_prefetch_warp: the 512 contiguous bytes at p, by a whole warp (lane l asks for
+// p + 16 l). l2_prefetch_one: the line at p, by the calling thread.
+__device__ __forceinline__ void l2_prefetch_one(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-#endif
 }
 __device__ __forceinline__ void l2_prefetch_warp(const void* p, int lane) {
-#if PF_HINT == 1
-    if (lane == 0) l2_prefetch_one(p, 512);
-#else
-    l2_prefetch_one((const char*)p + 16 * lane, 16);
-#endif
+    l2_prefetch_one((const char*)p + 16 * lane);
 }
 
 // The clamped SwiGLU (numerics.swiglu_clamped) of 8 gate values v and their up values (ua, uc), in

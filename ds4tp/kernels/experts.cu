@@ -291,7 +291,7 @@ __device__ __forceinline__ void q8_0_rows_to_l2(const signed char* q, const unsi
         const long long r = r0 + j;
 #pragma unroll 1
         for (int c = 0; c < cpr; c++) l2_prefetch_warp(q + r * 512 * cpr + 512 * c, lane);
-        if (lane == 0) l2_prefetch_one(d + r * 16 * cpr, 32 * cpr);
+        if (lane == 0) l2_prefetch_one(d + r * 16 * cpr);
     }
 }
 

@@ -133,9 +133,9 @@ def _kv_rows_kernel(x_ptr, sx, w_ptr, cos_ptr, sin_ptr, out_ptr, eps, D: tl.cons
 
 @triton.jit
 def _comp_step_rows(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio, blk,
-                    BN: tl.constexpr, BE: tl.constexpr, WEV: tl.constexpr):
+                    BN: tl.constexpr, BE: tl.constexpr):
     """Rows blk*BN.. of both F16 projections [W, E] against x [E] (float32 sums) into the
-    frontier slot of the position (WEV: the projections' loads' eviction policy, COMP_W_EVICT)."""
+    frontier slot of the position."""
     rows = blk * BN + tl.arange(0, BN)
     rmask = rows < W
     ee = tl.arange(0, BE)
@@ -146,10 +146,8 @@ def _comp_step_rows(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr,
         em = (e0 + ee) < E
         xv = tl.load(x_ptr + e0 + ee, mask=em, other=0.0)[None, :]
         m = rmask[:, None] & em[None, :]
-        akv += tl.load(wkv_ptr + woff + e0 + ee[None, :], mask=m, other=0.0,
-                       eviction_policy=WEV).to(tl.float32) * xv
-        asc += tl.load(wsc_ptr + woff + e0 + ee[None, :], mask=m, other=0.0,
-                       eviction_policy=WEV).to(tl.float32) * xv
+        akv += tl.load(wkv_ptr + woff + e0 + ee[None, :], mask=m, other=0.0).to(tl.float32) * xv
+        asc += tl.load(wsc_ptr + woff + e0 + ee[None, :], mask=m, other=0.0).to(tl.float32) * xv
     pos = tl.load(pos_ptr)
     ph = pos % ratio
     slot = tl.where(ratio == 4, ph + 4, ph)        # ratio 4: [previous | current] window
@@ -162,11 +160,11 @@ def _comp_step_rows(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr,
 @triton.jit
 def _comp_step_kernel(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
                       BN: tl.constexpr, BE: tl.constexpr,
-                      PDL: tl.constexpr = False, WEV: tl.constexpr = ""):
+                      PDL: tl.constexpr = False):
     """One compressor: program n takes rows n*BN.. of its two projections."""
     pdl_start(PDL)
     _comp_step_rows(x_ptr, wkv_ptr, wsc_ptr, ape_ptr, pos_ptr, fkv_ptr, fsc_ptr, W, E, ratio,
-                    tl.program_id(0), BN, BE, WEV)
+                    tl.program_id(0), BN, BE)
 
 
 @triton.jit
@@ -174,17 +172,17 @@ def _comp_pair_kernel(x_ptr, pos_ptr, E, ratio, na,
                       akv_ptr, asc_ptr, aape_ptr, afkv_ptr, afsc_ptr, WA,
                       bkv_ptr, bsc_ptr, bape_ptr, bfkv_ptr, bfsc_ptr, WB,
                       BNA: tl.constexpr, BNB: tl.constexpr, BE: tl.constexpr,
-                      PDL: tl.constexpr = False, WEV: tl.constexpr = ""):
+                      PDL: tl.constexpr = False):
     """Two compressors of the same token (a ratio-4 layer's attention and indexer compressors)
     in one launch: programs 0..na-1 take compressor a's rows BNA at a time, the rest b's."""
     pdl_start(PDL)
     p = tl.program_id(0)
     if p < na:
         _comp_step_rows(x_ptr, akv_ptr, asc_ptr, aape_ptr, pos_ptr, afkv_ptr, afsc_ptr, WA, E, ratio,
-                        p, BNA, BE, WEV)
+                        p, BNA, BE)
     else:
         _comp_step_rows(x_ptr, bkv_ptr, bsc_ptr, bape_ptr, pos_ptr, bfkv_ptr, bfsc_ptr, WB, E, ratio,
-                        p - na, BNB, BE, WEV)
+                        p - na, BNB, BE)
 
 
 @triton.jit
@@ -433,11 +431,11 @@ def _attn_kernel(qb_ptr, ring_ptr, rpos_ptr, comp_ptr, mask_ptr, sink_ptr, cos_p
         tl.atomic_xchg(cnt_ptr + h, 0)
 
 
-ATTN_ROWS = False  # the decode graphs hand the attention the indexer's selected rows as a list
+ATTN_ROWS = True   # the decode graphs hand the attention the indexer's selected rows as a list
                    # (topk_mask(rows=), attention(rows=)) instead of only the mask over every
                    # visible row: a ratio-4 layer past 4 * top_k tokens walks top_k rows, not
-                   # all (pos+1)/4 (prepared in session 35, off until a GPU has run it: s36a
-                   # times it at depth, critical_path variant attn_rows)
+                   # all (pos+1)/4. Replay at depth 4096 (s36a): -3.8% at TP=2, -2.5% at TP=1
+                   # against the mask (critical_path variant attn_mask)
 ATTN_HOIST = True  # the first ring block loaded with q (replay A/B s34g: -0.8% at TP=2, -0.2% at
                    # TP=1, bit-identical); the first compressed block too spilled at 2 warps (s34f)
 ATTN_BK = 16      # keys per block
@@ -541,11 +539,6 @@ def _comp_launch(W: int, E: int):
     return max(1, min(16, triton.next_power_of_2(W) // 256)), min(2048, triton.next_power_of_2(E)), 8
 
 
-COMP_W_EVICT = ""   # the compressors' F16 projections' loads (0.61 GB a token): Triton's eviction
-                    # policy ("": none; "evict_first", a timing variant, as the CUDA C weight
-                    # loads' .cs: bench/critical_path.py comp_wef)
-
-
 def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc, *, launch=None):
     """x [1, E]; wkv, wsc the two F16 projections (raw uint8 [W, 2E]); ape [r, W]; front_kv /
     front_sc [rows, W]: writes kv and gate+ape of the token into the frontier slot of pos
@@ -555,8 +548,7 @@ def compressor_step(x, wkv, wsc, ape, pos, front_kv, front_sc, *, launch=None):
     bn, be, warps = launch if launch is not None else _comp_launch(W, E)
     _comp_step_kernel[(triton.cdiv(W, bn),)](x, wkv.view(torch.float16), wsc.view(torch.float16),
                                              ape, pos, front_kv, front_sc, W, E, r, BN=bn, BE=be,
-                                             WEV=COMP_W_EVICT, num_warps=warps,
-                                             **pdl.triton_args(x.device))
+                                             num_warps=warps, **pdl.triton_args(x.device))
 
 
 def _pair_launch(E: int):
@@ -584,7 +576,7 @@ def compressor_pair(x, a: tuple, b: tuple, pos, *, launch=None):
         x, pos, E, ra, na,
         akv.view(torch.float16), asc.view(torch.float16), aape, afkv, afsc, WA,
         bkv.view(torch.float16), bsc.view(torch.float16), bape, bfkv, bfsc, WB,
-        BNA=bna, BNB=bnb, BE=be, WEV=COMP_W_EVICT, num_warps=warps, **pdl.triton_args(x.device))
+        BNA=bna, BNB=bnb, BE=be, num_warps=warps, **pdl.triton_args(x.device))
 
 
 _pair_switch = Switch()
