@@ -100,6 +100,9 @@ VARIANTS = {
     # (the default before s36a: the selected rows' list was -3.8% / -2.5% at depth 4096; 16
     # programs a head with the list, -1.4% / +0.2%, is at 57fdb52)
     "attn_mask": ((triton_attn, "ATTN_ROWS", False),),
+    # (session 36) the output head's mix in its own launches (before: the last update's
+    # hc_post, hc_logits and torch's sigmoid, sum and norm) instead of in the last hc_step
+    "head_own": (triton_hc.set_head_enabled,),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

@@ -28,8 +28,8 @@ from ds4tp.fuse import static_shapes
 from ds4tp.kernels.cuda_c import Switch
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
                          hc_pre, index_scores_torch, index_weight_scale, indexer_query,
-                         kv_cache_row, kv_row_quant, output_head, pack_rows, pooled_channels,
-                         select_rows, unpack_rows)
+                         kv_cache_row, kv_row_quant, output_head, output_logits, pack_rows,
+                         pooled_channels, select_rows, unpack_rows)
 from ds4tp.numerics import f16_round, hadamard_fp4, rms_norm, rope_cos_sin, rope_tail
 from ds4tp.ops import linear, linear_normed
 from ds4tp.streams import Side
@@ -334,35 +334,43 @@ class StaticDecoder:
             out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
             hc, xn, post, mix, pending = self._update(out, hc, post, mix, lw.ffn_mixer, pending)
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap, reduce=False)
-            hc, xn, post, mix, pending = self._update(f, hc, post, mix, m.w.mixer_after(lw.il), pending)
-        logits = output_head(m.w, hc, s, m.comm)[0]
+            mixer = m.w.mixer_after(lw.il)
+            hc, xn, post, mix, pending = self._update(f, hc, post, mix, mixer or m.w.head_mixer,
+                                                      pending, head=mixer is None)
+        # the head's input xn from the last update's launch (CUDA), else the head mixes hc
+        logits = (output_logits(m.w, xn, m.comm) if xn is not None
+                  else output_head(m.w, hc, s, m.comm))[0]
         # the pick, and its token as the next step's input if fed from here
         greedy_pick(logits, self.bias_ids, self.bias_vals, out=self.pick, token=self.token)
         return logits
 
-    def _update(self, part, hc, post, mix, mixer, pending):
+    def _update(self, part, hc, post, mix, mixer, pending, head: bool = False):
         """The sublayer's all-reduce of this rank's part, then model.hc_post_pre for this token,
         with the next mixer's Sinkhorn (post and M, which only the update after the sublayer
         reads) on the side stream beside the sublayer on CUDA: hc_step(mix=False), then hc_mix.
         Two ranks of one host sum inside that hc_step (comm.peer_sum; one launch fewer).
         pending: the previous call's (side, z), joined here before its post and M are read (z
-        is kept alive until then)."""
+        is kept alive until then). head: after the last layer, mixer is the output head's
+        (Weights.head_mixer): on CUDA the same hc_step gives the head's normed input as xn (its
+        ~8 launches in one), elsewhere xn is None and output_head mixes the new streams."""
         if pending is not None:
             pending[0].join()
         s, comm = self.s, self.m.comm
-        beside = (_mix_side_switch.on and mixer is not None and self.m.overlap and kernels.on_gpu(hc)
+        beside = (_mix_side_switch.on and self.m.overlap and kernels.on_gpu(hc)
                   and mixer[0].qtype == C.F16)
         if beside:
             from ds4tp.kernels import triton_hc
-            beside = triton_hc.step_enabled()
+            beside = triton_hc.step_enabled() and (not head or triton_hc.head_enabled())
         peer = comm.peer_sum(part) if beside else None
         f = part if peer is not None else comm.all_reduce(part)         # the sublayer's all-reduce
         if not beside:
-            return (*hc_post_pre(f, hc, post, mix, mixer, s), None)
+            return (*hc_post_pre(f, hc, post, mix, None if head else mixer, s), None)
         fn, scale, base, norm = mixer
         hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
                                       s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False,
                                       peer=peer)      # with peer: f is the part, summed inside
+        if head:
+            return hc, xn, None, None, None
         # its own side stream: on the one the shared expert and the compressors use, it went
         # first and held them back by its ~4 us (bench/critical_path.py)
         side = Side(z, lane=1 if _mix_lane_switch.on else 0)

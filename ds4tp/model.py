@@ -108,6 +108,14 @@ class Weights:
         None after the last layer (the output head mixes the streams itself)."""
         return self.layers[il + 1].attn_mixer if il + 1 < len(self.layers) else None
 
+    @property
+    def head_mixer(self):
+        """The output head's stream mix as a mixer (weight, scale, base, norm) with n_hc logits
+        only: its weights are a sublayer mixer's pre weights (sigmoid(z * scale[0] + base) + eps)
+        and its input a sublayer's (RMS norm of their sum of the streams), with no post or M
+        (triton_hc.hc_step's x-only form: the decode graphs' last stream update)."""
+        return self.out_hc_fn, self.out_hc_scale, self.out_hc_base, self.out_norm
+
     @staticmethod
     def bind(t: dict, s: Shape) -> "Weights":
         """Bind GGUF tensor names to attributes, once."""
@@ -755,9 +763,14 @@ def output_head(wt: Weights, hc: torch.Tensor, s: Shape, comm, trace=None) -> to
     hw = torch.sigmoid(z * wt.out_hc_scale[0] + wt.out_hc_base) + C.HC_EPS
     x = (hw[:, :, None] * hc).sum(1)
     xn = rms_norm(x, wt.out_norm)
-    logits = linear(wt.output, xn)                               # [T, V_l] this rank's vocab rows
     if trace is not None:
         trace.update(out_hc_weights=hw, out_embd=x, out_norm=xn)
+    return output_logits(wt, xn, comm)
+
+
+def output_logits(wt: Weights, xn: torch.Tensor, comm) -> torch.Tensor:
+    """The head's normed input xn [T, E] -> the logits [T, V]."""
+    logits = linear(wt.output, xn)                               # [T, V_l] this rank's vocab rows
     return comm.all_gather(logits, dim=-1)                       # logits gather -> [T, V]
 
 

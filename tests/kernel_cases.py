@@ -774,6 +774,41 @@ def case_hc_step(device, gen, E, be=None, mix=True):
                for n, a, b in zip(("streams", "x", "post", "M"), got, want))
 
 
+def case_hc_step_head(device, gen, E, be=None, peer=False):
+    """The last stream update with the output head's mix (hc_step of Weights.head_mixer: n
+    logits, x only) against its twins in sequence: model.hc_post_torch, then output_head's mix
+    (hc_logits_torch, the sigmoid pre weights, the RMS norm of their sum). peer: with the
+    all-reduce inside, on a rank paired with itself (f + f), against the twins on 2f. Also that
+    the launch refuses Sinkhorn (mix) for n logits."""
+    from ds4tp.config import F16, HC_EPS, RMS_EPS
+    from ds4tp.kernels import triton_hc
+    from ds4tp.model import hc_logits_torch, hc_post_torch
+    from ds4tp.numerics import rms_norm
+    r = lambda *sh: torch.randn(*sh, generator=gen).to(device)   # noqa: E731
+    f, hc, post, m = r(1, E), r(1, 4, E), r(1, 4), torch.rand(1, 4, 4, generator=gen).to(device)
+    fn = QTensor(F16, (4, 4 * E), (torch.randn(4, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
+                 .half().view(torch.uint8).reshape(4, 8 * E).to(device))
+    scale = (torch.rand(1, generator=gen) + 0.2).to(device)
+    base, norm = r(4), (torch.rand(E, generator=gen) + 0.5).to(device)
+    kw = {} if be is None else {"be": be}
+    if peer:
+        from ds4tp.kernels.cuda_allreduce import PeerAllReduce
+        kw["peer"] = PeerAllReduce.loopback(torch.device(device)).fused(f)
+    got = triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS,
+                            mix=False, **kw)
+    h2 = hc_post_torch.eager(2 * f if peer else f, hc, post, m)
+    z = hc_logits_torch(h2, fn)
+    hw = torch.sigmoid(z * scale[0] + base) + HC_EPS
+    want = (h2, rms_norm((hw[:, :, None] * h2).sum(1), norm), z)
+    try:
+        triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS)
+        raise AssertionError("hc_step ran Sinkhorn on the head's 4 logits")
+    except ValueError as e:
+        assert "x only" in str(e), e
+    return max(check(f"hc_step head {n} E={E}", a, b, 1e-5)
+               for n, a, b in zip(("streams", "x", "z"), got, want))
+
+
 def case_hc_step_peer(device, gen, E, be=None, mix=False):
     """The HC step with the all-reduce inside (hc_step's peer) on a rank paired with itself
     (cuda_allreduce.PeerAllReduce.loopback: the sum is f + f = 2f exactly), three calls in a row
@@ -1341,6 +1376,8 @@ def interpreter_cases():
     yield "decode hc_step one program", case_hc_step, (96,)
     yield "decode hc_step split, column tail", case_hc_step, (300, 64)
     yield "decode hc_step without the mixer, then hc_mix", case_hc_step, (300, 64, False)
+    yield "decode hc_step with the output head's mix", case_hc_step_head, (300, 64)
+    yield "decode hc_step with the output head's mix, one program", case_hc_step_head, (96,)
     yield "decode hc_step, all-reduce inside (loopback)", case_hc_step_peer, (300, 64)
     yield "decode hc_step, all-reduce inside, one program", case_hc_step_peer, (96, None, True)
     yield "decode hc_logits split", case_hc_logits, (4, 300, 24, 3)

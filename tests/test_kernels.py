@@ -844,6 +844,14 @@ def test_cuda_hc_step_full_size(be, mix):
 
 
 @needs_cuda
+@pytest.mark.parametrize("peer", [False, True])
+def test_cuda_hc_step_head_full_size(peer):
+    """The last update with the output head's mix at DS4's width (with the all-reduce inside:
+    on one GPU paired with itself)."""
+    kc.case_hc_step_head("cuda", torch.Generator().manual_seed(5), 4096, None, peer)
+
+
+@needs_cuda
 @pytest.mark.parametrize("be,mix", [(128, False), (4096, True)])
 def test_cuda_hc_step_with_the_all_reduce_inside_on_one_gpu(be, mix):
     """hc_step's peer exchange on one GPU paired with itself (f + f), at DS4's width."""

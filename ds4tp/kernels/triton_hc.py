@@ -446,6 +446,17 @@ def step_enabled() -> bool:
     return _step_switch.on
 
 
+_head_switch = Switch()
+set_head_enabled = _head_switch.set    # benchmarks time the output head's own launches (the last
+                                       # update's hc_post, hc_logits and torch's mix) in one run
+
+
+def head_enabled() -> bool:
+    """The decode graphs' last stream update also forms the output head's input (hc_step with
+    Weights.head_mixer)."""
+    return _head_switch.on
+
+
 def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
             fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
             n_hc: int, iters: int, eps: float, rms_eps: float, be: int | None = None,
@@ -459,19 +470,24 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     (bench/hc_step_sweep.py) and only the update after the sublayer reads its result.
     peer (cuda_allreduce.PeerSum, two ranks of one host): f is this rank's part of the
     sublayer's output, summed with the peer's inside the launch (its all-reduce); both ranks
-    must make the same calls. The twins: ds4tp.model.hc_post_torch, hc_logits_torch,
-    hc_combine_torch (and for peer, NCCL's all-reduce before them)."""
+    must make the same calls. fn_raw of n rows (scale [1], base [n], mix=False): the output
+    head's mix (model.Weights.head_mixer), x its normed input. The twins: ds4tp.model.
+    hc_post_torch, hc_logits_torch, hc_combine_torch (output_head's mix for n rows; for peer,
+    NCCL's all-reduce before them)."""
     if hc.dim() != 3 or hc.shape[0] != 1:
         raise ValueError(f"hc_step: expects one token's streams [1, n, E], got {tuple(hc.shape)}")
     _, n, E = hc.shape
-    N = 2 * n + n * n
+    N = fn_raw.shape[0] if fn_raw.dim() == 2 else -1
+    if N not in (2 * n + n * n, n) or (N == n and mix):
+        raise ValueError(f"hc_step: a mixer of {N} logits; expected {2 * n + n * n} (a sublayer's) "
+                         f"or {n} (the output head's: x only, mix=False) for n_hc={n_hc}")
     if n != n_hc or n & (n - 1) or f.shape != (1, E) or post.shape != (1, n) or m.shape != (1, n, n):
         raise ValueError(f"hc_step: f {tuple(f.shape)}, hc {tuple(hc.shape)}, post {tuple(post.shape)}, "
                          f"M {tuple(m.shape)} do not match n_hc={n_hc}")
     if fn_raw.dtype != torch.uint8 or fn_raw.shape != (N, 2 * n * E) or not fn_raw.is_contiguous():
         raise ValueError(f"hc_step: F16 mixer weight bytes {tuple(fn_raw.shape)} do not match "
                          f"{N} logits of {n * E} inputs")
-    if norm.shape != (E,) or scale.shape != (3,) or base.shape != (N,):
+    if norm.shape != (E,) or scale.shape != ((3,) if N > n else (1,)) or base.shape != (N,):
         raise ValueError(f"hc_step: norm {tuple(norm.shape)}, scale {tuple(scale.shape)}, base "
                          f"{tuple(base.shape)} do not match width {E}, {N} logits")
     for name, v in (("f", f), ("hc", hc), ("post", post), ("M", m), ("scale", scale), ("base", base),
