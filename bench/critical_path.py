@@ -103,6 +103,9 @@ VARIANTS = {
     # (session 36) the output head's mix in its own launches (before: the last update's
     # hc_post, hc_logits and torch's sigmoid, sum and norm) instead of in the last hc_step
     "head_own": (triton_hc.set_head_enabled,),
+    # (session 36) the compressors' projections in Triton (before: compressor_pair, or a
+    # compressor_step) instead of matvec.cu's comp_f16_step
+    "comp_triton": (cuda_matvec.set_comp_enabled,),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }

@@ -124,3 +124,46 @@ def f16(w, x: torch.Tensor) -> torch.Tensor | None:
                    np.int32(N), np.int32(K), np.int32(R)))
     return y
 
+
+
+_comp_switch = cuda_c.Switch()
+set_comp_enabled = _comp_switch.set   # benchmarks time the Triton kernels in the same run
+
+
+def comp_steps(x: torch.Tensor, steps, pos: torch.Tensor) -> bool:
+    """One token's compressor steps in one launch (matvec.cu comp_f16_step): steps [(wkv, wsc,
+    ape, front_kv, front_sc)], one or two of the same ratio, each as
+    triton_attn.compressor_step takes them (the F16 projections' raw bytes [W, 2K]). Writes
+    every frontier's slot of pos; False (nothing written) where not covered: the Triton kernels
+    take those."""
+    if not (_comp_switch.available() and 1 <= len(steps) <= 2 and x.dim() == 2 and x.shape[0] == 1
+            and x.dtype == torch.float32 and x.is_cuda):
+        return False
+    K = x.shape[1]
+    if K % 1024 or K > 16 * 1024:
+        return False
+    from ds4tp.kernels.triton_attn import _comp_step_args
+    shapes = [_comp_step_args(x, *st[:3], pos, *st[3:]) for st in steps]      # (ratio, W, E)
+    if len({r for r, _, _ in shapes}) != 1:
+        raise ValueError(f"comp_steps: ratios {[r for r, _, _ in shapes]} differ")
+    if any(w.data_ptr() % 16 for st in steps for w in st[:2]):
+        return False
+    fn = _kernel(x.device, name="comp_f16_step")    # (the module of the Q8_0 kernel's defaults)
+    if fn is None:
+        return False
+    S = K // 1024
+    R = 16 // S                                     # rows a block: 16 warps where they divide W
+    while R > 1 and any(W % R for _, W, _ in shapes):
+        R //= 2
+    x = _aligned16(x)
+    a = steps[0]
+    b = steps[1] if len(steps) == 2 else (a[0], a[1], a[2], a[3], a[4])
+    WA, WB = shapes[0][1], shapes[1][1] if len(steps) == 2 else 0
+    args = []
+    for (wkv, wsc, ape, fkv, fsc), W in ((a, WA), (b, WB)):
+        args += [cuda_c.ptr(wkv), cuda_c.ptr(wsc), cuda_c.ptr(ape), cuda_c.ptr(fkv), cuda_c.ptr(fsc),
+                 np.int32(W)]
+    cuda_c.launch(fn, x.device, (2 * (WA + WB) // R, 1), S * R,
+                  tuple(args) + (cuda_c.ptr(x), cuda_c.ptr(pos), np.int32(shapes[0][0]), np.int32(K),
+                                 np.int32(R)))
+    return True

@@ -173,3 +173,60 @@ f16_matvec(const unsigned short* __restrict__ w, long long sw, const float* x,
         y[n] = t;
     }
 }
+
+// One token's compressor steps (up to two of the same ratio: a ratio-4 layer's attention and
+// indexer compressors, or a ratio-128 layer's one): for compressor c, rows n < W_c of its kv and
+// gate F16 weights [W_c, K] (row stride K) against x, into the frontier slot of the position,
+//   fkv_c[slot, n] = kv[n] . x,   fsc_c[slot, n] = gate[n] . x + ape_c[pos % r, n],
+// slot = 4 + pos % 4 (r = 4: the [previous | current] window) or pos % r. Each dot as f16_matvec's
+// (S = K / 1024 warps a row, the weight loads issued before the PDL wait, the S warp sums added in
+// order). Block b: R rows of one matrix, the blocks in the order a.kv, a.gate, b.kv, b.gate
+// (W_a and W_b multiples of R; W_b = 0 for one compressor). Grid 2 (W_a + W_b) / R, S * R warps.
+extern "C" __global__ void __launch_bounds__(512)
+comp_f16_step(const unsigned short* __restrict__ akv, const unsigned short* __restrict__ asc,
+              const float* __restrict__ aape, float* afkv, float* afsc, int WA,
+              const unsigned short* __restrict__ bkv, const unsigned short* __restrict__ bsc,
+              const float* __restrict__ bape, float* bfkv, float* bfsc, int WB,
+              const float* x, const long long* pos_p, int ratio, int K, int R) {
+    __shared__ float s_part[16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int S = K >> 10;
+    const int r = warp / S, j = warp % S;
+    int b = blockIdx.x;
+    const bool second = b >= 2 * (WA / R);             // compressor b's blocks follow a's
+    if (second) b -= 2 * (WA / R);
+    const int W = second ? WB : WA;
+    const bool gate = b >= W / R;                       // a compressor's gate rows follow its kv rows
+    if (gate) b -= W / R;
+    const unsigned short* w = second ? (gate ? bsc : bkv) : (gate ? asc : akv);
+    const long long n = (long long)b * R + r;
+    pdl_trigger();                    // all blocks resident: the next kernel may launch
+    uint4 wv[4];
+#pragma unroll
+    for (int p = 0; p < 4; p++) wv[p] = wld((const uint4*)(w + n * K + 1024 * j + 8 * (32 * p + lane)));
+    pdl_wait();                       // x and the position are the kernels ahead's outputs
+    float acc = 0.0f;
+#pragma unroll
+    for (int p = 0; p < 4; p++) {
+        const float4* xp = (const float4*)(x + 1024 * j + 8 * (32 * p + lane));
+        const float4 a = prior(xp), c = prior(xp + 1);
+        const float xs[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+        const unsigned ws[4] = {wv[p].x, wv[p].y, wv[p].z, wv[p].w};
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            acc = fmaf(h2f((unsigned short)(ws[i >> 1] >> (16 * (i & 1)))), xs[i], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) s_part[warp] = acc;
+    __syncthreads();
+    if (j == 0 && lane == 0) {
+        float t = 0.0f;
+        for (int i = 0; i < S; i++) t += s_part[r * S + i];
+        const long long pos = prior(pos_p);
+        const int ph = (int)(pos % ratio);
+        const long long slot = ratio == 4 ? ph + 4 : ph;
+        if (gate) t += (second ? bape : aape)[(long long)ph * W + n];
+        float* out = second ? (gate ? bfsc : bfkv) : (gate ? afsc : afkv);
+        out[slot * W + n] = t;
+    }
+}
