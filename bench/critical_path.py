@@ -106,6 +106,9 @@ VARIANTS = {
     # (session 36) the compressors' projections in Triton (before: compressor_pair, or a
     # compressor_step) instead of matvec.cu's comp_f16_step
     "comp_triton": (cuda_matvec.set_comp_enabled,),
+    # (session 36) a ratio-4 layer's two emissions in a launch each (before) instead of one
+    # (triton_attn.compressor_emit_pair; --emit4 replays a step that emits)
+    "emit_two": (triton_attn.set_emit_pair_enabled,),
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
 }
@@ -130,6 +133,8 @@ ap.add_argument("--layers", type=int, default=C.Shape().n_layer)
 ap.add_argument("--json", default="")
 ap.add_argument("--depth", type=int, default=1, help="tokens prefilled before the 8 decode steps "
                                                     "(the replayed token's depth)")
+ap.add_argument("--emit4", action="store_true", help="replay the graph of a token that ends a "
+                                                     "ratio-4 window (its compressors emit rows)")
 ap.add_argument("--variants", default="base", help="comma-separated names of " + ", ".join(VARIANTS))
 ap.add_argument("--trace", default="", help="variants to trace (default: the first and the fastest; "
                                              "none: no trace)")
@@ -145,8 +150,8 @@ m = build_model(C.Shape(n_layer=args.layers), 0, args.world, comm, "cuda:0")
 
 
 def capture(name):
-    """The graph of a token that ends no window, at the last step's depth (the indexer on past
-    4 * top_k tokens), captured under variant `name`."""
+    """The graph of a token that ends no window (--emit4: a ratio-4 window), at the last steps'
+    depth (the indexer on past 4 * top_k tokens), captured under variant `name`."""
     undo = _apply(VARIANTS[name], True)
     try:
         dec = StaticDecoder(m, max_ctx=args.depth + 256, priority=CAPTURE_PRIORITY)
@@ -155,7 +160,7 @@ def capture(name):
             logits = dec.step(11).clone()
     finally:
         _apply([c for c in VARIANTS[name] if callable(c)] + undo, False)
-    g, _ = dec.graphs[(False, False, dec._variant(max(args.depth, 1) + 7)[2])]
+    g, _ = dec.graphs[(args.emit4, False, dec._variant(max(args.depth, 1) + 7)[2])]
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
@@ -199,7 +204,7 @@ def critical_path(name, g, us):
         seq.append((role_of[i], round(max(0.0, end - frontier), 2), round(e["dur"], 2)))
         frontier = max(frontier, end)
 
-    print(f"variant {name}, world {args.world}, {args.layers} layers, depth {args.depth}: {us:.1f} us per replay (50 back to back); "
+    print(f"variant {name}, world {args.world}, {args.layers} layers, depth {args.depth}{' (emit4)' if args.emit4 else ''}: {us:.1f} us per replay (50 back to back); "
           f"the traced one: {len(kern)} kernels, span {span:.1f} us ({span / args.layers:.1f} us per layer)")
     print("the span by role (share: how far the kernel moved the latest end; gap: idle before it):")
     print(f"{'role':48s} {'n':>4s} {'share us':>9s} {'per launch':>10s} {'gap us':>8s}")
@@ -234,7 +239,7 @@ for n in names:
           + " ".join(f"{t:.1f}" for t in times[n]) + ("  logits equal" if same else "  LOGITS DIFFER"))
 traced = ([] if args.trace == "none" else args.trace.split(",") if args.trace
           else list(dict.fromkeys([names[0], min(best, key=best.get)])))
-out = {"world": args.world, "layers": args.layers, "depth": args.depth,
+out = {"world": args.world, "layers": args.layers, "depth": args.depth, "emit4": args.emit4,
        "variants": {n: {"replay_us": times[n]} for n in names}}
 for n in traced:
     out[n] = critical_path(n, graphs[n][1], best[n])

@@ -416,8 +416,7 @@ class StaticDecoder:
         the layer brings every rank's, then each row is finished."""
         cw0, front0, cache0, _ = jobs[0]
         if pooled_channels(front0.kv.shape[1], cw0.ratio) == cache0.shape[1]:   # all channels here
-            for cw, front, cache, is_index in jobs:
-                compressor_emit(cw, front.kv, front.sc, cache, pos, *self.rope[True], is_index, self.s)
+            compressor_emits(jobs, pos, *self.rope[True], self.s)
             return
         pooled = [compressor_pool(cw, front.kv, front.sc, pos) for cw, front, _, _ in jobs]
         sizes = [p.shape[1] for p in pooled]
@@ -542,6 +541,20 @@ def compressor_emit(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, 
             return triton_attn.compressor_emit(front_kv, front_sc, cw.norm, cos_t, sin_t, pos,
                                                cache, is_index, C.RMS_EPS)
     return compressor_emit_torch(cw, front_kv, front_sc, cache, pos, cos_t, sin_t, is_index, s)
+
+
+def compressor_emits(jobs, pos, cos_t, sin_t, s) -> None:
+    """A layer's emissions at a token ending its windows, jobs [(weights, frontier, cache,
+    is_index)] of one ratio with all channels on this rank: a ratio-4 layer's two in one launch
+    on CUDA (triton_attn.compressor_emit_pair), else compressor_emit each."""
+    if len(jobs) == 2 and all(cw.ratio == 4 for cw, _, _, _ in jobs) and kernels.on_gpu(pos):
+        from ds4tp.kernels import triton_attn
+        if triton_attn.emit_enabled() and triton_attn.emit_pair_enabled():
+            a, b = ((front.kv, front.sc, cw.norm, cache, is_index)
+                    for cw, front, cache, is_index in jobs)
+            return triton_attn.compressor_emit_pair(a, b, cos_t, sin_t, pos, C.RMS_EPS)
+    for cw, front, cache, is_index in jobs:
+        compressor_emit(cw, front.kv, front.sc, cache, pos, cos_t, sin_t, is_index, s)
 
 
 def index_scores(q, w, keys, n_vis, wscale: float):

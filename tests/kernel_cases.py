@@ -1047,45 +1047,85 @@ def case_compressor_pair(device, gen, WA, WB, E, p, launch=None):
                for n, u, v in zip(("kv", "gate"), gg, ww))
 
 
+def _emit_inputs(gen, device, HD, p, first):
+    """A ratio-4 frontier pair [8, 2HD] (one channel far below the others; first: the previous
+    window empty, gates at NEG_INF, as at position 3), a cache and a norm weight."""
+    from ds4tp.config import NEG_INF
+    fkv = torch.randn(8, 2 * HD, generator=gen) * 2
+    fsc = torch.randn(8, 2 * HD, generator=gen) * 3
+    fkv[:, 5] *= 1e-7
+    if first:
+        fkv[:4], fsc[:4] = 0.0, NEG_INF
+    cache0 = torch.randn((p + 1) // 4 + 3, HD, generator=gen)
+    norm = (torch.rand(HD, generator=gen) + 0.5).to(device)
+    return [t.to(device) for t in (fkv, fsc, cache0)], norm
+
+
+def _emit_check(tag, got, want, p, index):
+    """An emission against its twin: the frontier shift and the other cache rows exact; in the
+    emitted row at most two elements across an FP8/FP4 rounding boundary (within one grid step:
+    1/7 of the row's largest for FP8, 2/3 for FP4), every other within one F16 step."""
+    got, want = [t.cpu() for t in got], [t.cpu() for t in want]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"{tag}: frontier shift differs"
+    row = (p + 1) // 4 - 1
+    others = torch.arange(got[2].shape[0]) != row
+    assert torch.equal(got[2][others], want[2][others]), f"{tag}: cache rows other than the emitted one changed"
+    g, w = got[2][row], want[2][row]
+    off = (g - w).abs() > 1e-3 * w.abs() + 1e-30
+    big = (g - w).abs().max().item()
+    assert int(off.sum()) <= 2 and big <= (0.67 if index else 0.143) * w.abs().max().item(), \
+        f"{tag}: {int(off.sum())} elements off (largest {big:.3g}) at {torch.nonzero(off)[:4].tolist()}"
+    return int(off.sum())
+
+
 def case_compressor_emit(device, gen, HD, n_rot, index, p, first=False):
     """A ratio-4 compressor's emission (pooling, norm, RoPE, FP8 or Hadamard + FP4, F16, cache
-    write, window shift) against decode_graph.compressor_emit_torch. The softmax's exp and sums
-    run in another order, which can move a value across an FP8/FP4 rounding boundary: at most
-    two such elements per row are allowed, each within one grid step (at most 1/7 of the row's
-    largest for FP8, 2/3 for FP4), every other element within one F16 step. The frontier shift
-    and the other cache rows are exact. first: the previous window empty (gates at NEG_INF), as
-    at position 3."""
-    from ds4tp.config import NEG_INF, Shape
+    write, window shift) against decode_graph.compressor_emit_torch (_emit_check: the softmax's
+    exp and sums run in another order, which can move a value across an FP8/FP4 rounding
+    boundary)."""
+    from ds4tp.config import Shape
     from ds4tp.decode_graph import compressor_emit_torch
     from ds4tp.kernels import triton_attn
     from ds4tp.model import CompressorWeights
     assert p % 4 == 3
     s = Shape(head_dim=HD if not index else 512, indexer_head_dim=HD if index else 128, n_rot=n_rot)
-    cw = CompressorWeights(4, None, None, None, (torch.rand(HD, generator=gen) + 0.5).to(device))
-    fkv = torch.randn(8, 2 * HD, generator=gen) * 2
-    fsc = torch.randn(8, 2 * HD, generator=gen) * 3
-    fkv[:, 5] *= 1e-7                                       # one channel far below the others
-    if first:
-        fkv[:4], fsc[:4] = 0.0, NEG_INF
-    cap = (p + 1) // 4 + 3
-    cache0 = torch.randn(cap, HD, generator=gen)
+    t0, norm = _emit_inputs(gen, device, HD, p, first)
+    cw = CompressorWeights(4, None, None, None, norm)
     cos, sin = _rope_tables(n_rot, p + 1, device, compressed=True)
     pos = torch.tensor([p], device=device)
-    want = [t.clone().to(device) for t in (fkv, fsc, cache0)]
+    want = [t.clone() for t in t0]
     compressor_emit_torch(cw, *want[:2], want[2], pos, cos, sin, index, s)
-    got = [t.clone().to(device) for t in (fkv, fsc, cache0)]
+    got = [t.clone() for t in t0]
     triton_attn.compressor_emit(*got[:2], cw.norm, cos, sin, pos, got[2], index, RMS_EPS)
-    got, want = [t.cpu() for t in got], [t.cpu() for t in want]
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "frontier shift differs"
-    row = (p + 1) // 4 - 1
-    others = torch.arange(cap) != row
-    assert torch.equal(got[2][others], want[2][others]), "cache rows other than the emitted one changed"
-    g, w = got[2][row], want[2][row]
-    off = (g - w).abs() > 1e-3 * w.abs() + 1e-30
-    big = (g - w).abs().max().item()
-    assert int(off.sum()) <= 2 and big <= (0.67 if index else 0.143) * w.abs().max().item(), \
-        f"compressor_emit: {int(off.sum())} elements off (largest {big:.3g}) at {torch.nonzero(off)[:4].tolist()}"
-    return f"{int(off.sum())} grid flips"
+    return f"{_emit_check('compressor_emit', got, want, p, index)} grid flips"
+
+
+def case_compressor_emit_pair(device, gen, HDA, HDB, n_rot, p, first=False):
+    """A ratio-4 layer's two emissions in one launch (triton_attn.compressor_emit_pair: a kv row
+    of HDA, an index row of HDB) against decode_graph.compressor_emit_torch of each
+    (_emit_check), and whether they are the bits of two compressor_emit launches."""
+    from ds4tp.config import Shape
+    from ds4tp.decode_graph import compressor_emit_torch
+    from ds4tp.kernels import triton_attn
+    from ds4tp.model import CompressorWeights
+    assert p % 4 == 3
+    s = Shape(head_dim=HDA, indexer_head_dim=HDB, n_rot=n_rot)
+    jobs = [(*_emit_inputs(gen, device, hd, p, first), idx) for hd, idx in ((HDA, False), (HDB, True))]
+    cos, sin = _rope_tables(n_rot, p + 1, device, compressed=True)
+    pos = torch.tensor([p], device=device)
+    got = [[t.clone() for t in t0] for t0, _, _ in jobs]
+    a, b = ((g[0], g[1], norm, g[2], idx) for g, (_, norm, idx) in zip(got, jobs))
+    triton_attn.compressor_emit_pair(a, b, cos, sin, pos, RMS_EPS)
+    flips, same = 0, True
+    for g, (t0, norm, idx) in zip(got, jobs):
+        want = [t.clone() for t in t0]
+        compressor_emit_torch(CompressorWeights(4, None, None, None, norm), *want[:2], want[2], pos,
+                              cos, sin, idx, s)
+        flips += _emit_check(f"compressor_emit_pair index={idx}", g, want, p, idx)
+        one = [t.clone() for t in t0]
+        triton_attn.compressor_emit(*one[:2], norm, cos, sin, pos, one[2], idx, RMS_EPS)
+        same = same and all(torch.equal(u, v) for u, v in zip(g, one))
+    return f"{flips} grid flips, {'the bits' if same else 'not the bits'} of two launches"
 
 
 def case_compressor_rows(device, gen, ratio, HD, n_rot, index, base, N, c0, n):
@@ -1431,6 +1471,8 @@ def interpreter_cases():
     yield "decode compressor_emit kv row", case_compressor_emit, (512, 64, False, 39)
     yield "decode compressor_emit index row", case_compressor_emit, (128, 64, True, 1003)
     yield "decode compressor_emit first window", case_compressor_emit, (128, 64, True, 3, True)
+    yield "decode compressor_emit_pair", case_compressor_emit_pair, (512, 128, 64, 39)
+    yield "decode compressor_emit_pair first window", case_compressor_emit_pair, (128, 64, 64, 3, True)
     yield "prefill compressor_rows ratio 4 kv, from 0", case_compressor_rows, (4, 256, 64, False, 0, 40, 0, 10)
     yield "prefill compressor_rows ratio 4 index, later chunk", case_compressor_rows, (4, 128, 64, True, 996, 28, 250, 6)
     yield "prefill compressor_rows ratio 128", case_compressor_rows, (128, 128, 64, False, 128, 300, 1, 2)

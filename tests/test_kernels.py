@@ -600,6 +600,24 @@ def test_cuda_compressor_emit_full_size(hd, index, p, first):
     kc.case_compressor_emit("cuda", torch.Generator().manual_seed(p + hd), hd, 64, index, p, first)
 
 
+@needs_cuda
+@pytest.mark.parametrize("p,first", [(1235, False), (3, True)])
+def test_cuda_compressor_emit_pair_full_size(p, first):
+    """A ratio-4 layer's two emissions in one launch at DS4's widths (512 and 128)."""
+    kc.case_compressor_emit_pair("cuda", torch.Generator().manual_seed(p), 512, 128, 64, p, first)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_compressor_emit_pair_compiles_for_sm90():
+    """The two emissions' launch (a kv row of 512, an index row of 128) compiled to PTX for an
+    H100/H200, with programmatic dependent launch."""
+    from ds4tp.kernels import triton_attn as ta
+    sig = {f"{j}{n}_ptr": "*fp32" for j in "ab" for n in ("fkv", "fsc", "norm", "cache")}
+    sig.update(cos_ptr="*fp32", sin_ptr="*fp32", pos_ptr="*i64", eps="fp32")
+    const = dict(HDA=512, INDEXA=False, LOGHDA=9, HDB=128, INDEXB=True, LOGHDB=7, NROT=64, PDL=True)
+    assert "griddepcontrol" in _compile_sm90(ta._comp_emit_pair_kernel, sig, const, 4)
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("hd,index", [(512, False), (128, True)])
 def test_compressor_emit_compiles_for_sm90(hd, index):

@@ -232,13 +232,12 @@ def _comp_row_finish(x, norm_ptr, c, s, eps, HD: tl.constexpr, NROT: tl.constexp
 
 
 @triton.jit
-def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps,
-                      HD: tl.constexpr, NROT: tl.constexpr, INDEX: tl.constexpr,
-                      LOGHD: tl.constexpr, POOL_ONLY: tl.constexpr = False, PDL: tl.constexpr = False):
+def _comp_emit(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps,
+               HD: tl.constexpr, NROT: tl.constexpr, INDEX: tl.constexpr, LOGHD: tl.constexpr,
+               POOL_ONLY: tl.constexpr):
     """A ratio-4 frontier [8, 2HD] (rows 0-3 the previous window, 4-7 the current one) pooled
     into the compressed row (pos+1)/4 - 1 of cache, then the current window moved to rows 0-3.
     POOL_ONLY: the pooled channels [HD] (a rank's share, finished after a gather) to cache_ptr."""
-    pdl_start(PDL)
     pos = tl.load(pos_ptr)
     W: tl.constexpr = 2 * HD
     r4 = tl.arange(0, 4)[:, None]
@@ -260,6 +259,33 @@ def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     tl.store(fsc_ptr + prev, cs_lo)
     tl.store(fkv_ptr + prev + HD, cv)
     tl.store(fsc_ptr + prev + HD, cs)
+
+
+@triton.jit
+def _comp_emit_kernel(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps,
+                      HD: tl.constexpr, NROT: tl.constexpr, INDEX: tl.constexpr,
+                      LOGHD: tl.constexpr, POOL_ONLY: tl.constexpr = False, PDL: tl.constexpr = False):
+    """One compressor's emission (_comp_emit) in one program."""
+    pdl_start(PDL)
+    _comp_emit(fkv_ptr, fsc_ptr, norm_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, eps, HD, NROT,
+               INDEX, LOGHD, POOL_ONLY)
+
+
+@triton.jit
+def _comp_emit_pair_kernel(afkv_ptr, afsc_ptr, anorm_ptr, acache_ptr, bfkv_ptr, bfsc_ptr, bnorm_ptr,
+                           bcache_ptr, cos_ptr, sin_ptr, pos_ptr, eps,
+                           HDA: tl.constexpr, INDEXA: tl.constexpr, LOGHDA: tl.constexpr,
+                           HDB: tl.constexpr, INDEXB: tl.constexpr, LOGHDB: tl.constexpr,
+                           NROT: tl.constexpr, PDL: tl.constexpr = False):
+    """Two compressors' emissions of the same token (a ratio-4 layer's attention and indexer
+    compressors, the same RoPE tables) in one launch: program 0 emits a's row, program 1 b's."""
+    pdl_start(PDL)
+    if tl.program_id(0) == 0:
+        _comp_emit(afkv_ptr, afsc_ptr, anorm_ptr, cos_ptr, sin_ptr, pos_ptr, acache_ptr, eps, HDA,
+                   NROT, INDEXA, LOGHDA, False)
+    else:
+        _comp_emit(bfkv_ptr, bfsc_ptr, bnorm_ptr, cos_ptr, sin_ptr, pos_ptr, bcache_ptr, eps, HDB,
+                   NROT, INDEXB, LOGHDB, False)
 
 
 # Integer arguments that follow a prompt's position or length are not specialised: Triton
@@ -587,6 +613,18 @@ def pair_enabled() -> bool:
     return _pair_switch.on
 
 
+def _emit_args(front_kv, front_sc, norm, cos, sin, pos, cache) -> tuple[int, int]:
+    """Checks one ratio-4 compressor's emission arguments -> (row width HD, RoPE width)."""
+    cap, HD = cache.shape
+    n_rot = _rope_row_width("compressor_emit", "row width", HD, cos)
+    _check("compressor_emit: frontier kv", front_kv, (8, 2 * HD))
+    _check("compressor_emit: frontier gate", front_sc, (8, 2 * HD))
+    _check("compressor_emit: norm weight", norm, (HD,))
+    _check("compressor_emit: cache", cache, (cap, HD))
+    _check_rope(cos, sin, pos, n_rot)
+    return HD, n_rot
+
+
 def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool, eps):
     """A ratio-4 compressor's emission at a token ending its window (pos % 4 == 3): the frontier
     front_kv / front_sc [8, 2HD] pooled (softmax of the gates per channel), RMS-normed with norm
@@ -595,16 +633,32 @@ def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool,
     (pos+1)/4 - 1 of cache [cap, HD]; then rows 4-7 of the frontier are moved to rows 0-3.
     The position is read on the device, so the row is not checked here: the caller sizes cache
     for its positions (decode_graph.StaticDecoder: max_ctx // 4 + 1 rows, steps refused beyond)."""
-    cap, HD = cache.shape
-    n_rot = _rope_row_width("compressor_emit", "row width", HD, cos)
-    _check("compressor_emit: frontier kv", front_kv, (8, 2 * HD))
-    _check("compressor_emit: frontier gate", front_sc, (8, 2 * HD))
-    _check("compressor_emit: norm weight", norm, (HD,))
-    _check("compressor_emit: cache", cache, (cap, HD))
-    _check_rope(cos, sin, pos, n_rot)
+    HD, n_rot = _emit_args(front_kv, front_sc, norm, cos, sin, pos, cache)
     _comp_emit_kernel[(1,)](front_kv, front_sc, norm, cos, sin, pos, cache, eps, HD=HD, NROT=n_rot,
                             INDEX=bool(index), LOGHD=HD.bit_length() - 1, num_warps=4,
                             **pdl.triton_args(front_kv.device))
+
+
+def compressor_emit_pair(a: tuple, b: tuple, cos, sin, pos, eps):
+    """Two ratio-4 compressors' emissions of the same token in one launch (a layer's attention
+    and indexer compressors): a and b each (front_kv, front_sc, norm, cache, index) as
+    compressor_emit takes them, with the same RoPE tables. The twin: compressor_emit_torch of
+    each."""
+    (afkv, afsc, anorm, acache, aidx), (bfkv, bfsc, bnorm, bcache, bidx) = a, b
+    HDA, rot_a = _emit_args(afkv, afsc, anorm, cos, sin, pos, acache)
+    HDB, _ = _emit_args(bfkv, bfsc, bnorm, cos, sin, pos, bcache)     # (the same n_rot)
+    _comp_emit_pair_kernel[(2,)](afkv, afsc, anorm, acache, bfkv, bfsc, bnorm, bcache, cos, sin, pos,
+                                 eps, HDA=HDA, INDEXA=bool(aidx), LOGHDA=HDA.bit_length() - 1,
+                                 HDB=HDB, INDEXB=bool(bidx), LOGHDB=HDB.bit_length() - 1, NROT=rot_a,
+                                 num_warps=4, **pdl.triton_args(afkv.device))
+
+
+_emit_pair_switch = Switch()
+set_emit_pair_enabled = _emit_pair_switch.set   # benchmarks time the two launches in the same run
+
+
+def emit_pair_enabled() -> bool:
+    return _emit_pair_switch.on
 
 
 def compressor_pool(front_kv, front_sc, pos) -> torch.Tensor:
