@@ -694,8 +694,9 @@ prefill_profile() {
   log "prefill profile, 4 full-width layers"
   timeout "$1" python3 bench/profile_prefill.py 4 2048 2>&1 | grep -v Warn | tail -"$2" | tee "$OUT/profile_prefill.txt"
 }
-# the TP=1 bench at full size: bench_tp1 TIMEOUT_S DEPTH (decode variants, prefill 2048)
-bench_tp1() {
+# the TP=1 bench at full size with its A/B variants: bench_tp1_full TIMEOUT_S DEPTH (decode
+# variants, prefill 2048)
+bench_tp1_full() {
   log "bench, 43 layers, TP=1, depth 0 and $2, prefill 2048"
   timeout "$1" python3 -m ds4tp bench --tp 1 --depth "$2" --out "$OUT/bench.json" 2>&1 | grep '^{' | cut -c1-200
   python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; [print(k, round(v['tok_s'], 1), {a: round(b, 3) for a, b in v.get('variant_ms', {}).items()}) for k, v in r.items() if isinstance(v, dict) and 'tok_s' in v]; print(r.get('profile'))"
@@ -707,7 +708,7 @@ cuda_c_round() {
   gate_tests 150 "$1" tests/test_kernels.py
   cuda_c_sweep "$2" $(( $2 - 30 )) "$3"
   trace6
-  bench_tp1 "$4" 0
+  bench_tp1_full "$4" 0
 }
 # a TP=2 rank's prefill alone on one GPU (rank 0's shard, collectives removed): host enqueue
 # against the GPU, host profile, kernel table: tp2_rank_prefill TIMEOUT_S
@@ -903,12 +904,12 @@ elif [ "$MODE" = q8c2 ]; then
 elif [ "$MODE" = q8c3 ]; then
   python3 -c "import cupy; print('cupy', cupy.__version__)"
   gate_tests 150 "cuda_c or dispatch or route" tests/test_kernels.py
-  bench_tp1 200 0
+  bench_tp1_full 200 0
   trace6
   golden 1 static 150
 elif [ "$MODE" = final7 ]; then
   gate_tests 120 "side_stream or route or dispatch" tests/test_decode_graph.py tests/test_kernels.py
-  bench_tp1 260 4096
+  bench_tp1_full 260 4096
   golden 1 static,prefill 150
   for d in 1 4096; do
     log "graph-replayed decode step, 43 layers, depth $d, traced"
@@ -923,25 +924,25 @@ elif [ "$MODE" = pdl ]; then
 from ds4tp.kernels import pdl; pdl.set_enabled(False)
 import pytest, sys; sys.exit(pytest.main(['-x','-q','tests/test_kernels.py','-k','linear_normed']))" 2>&1 | tail -2
   gate_tests 150 "pdl" tests/test_decode_graph.py
-  bench_tp1 200 0
+  bench_tp1_full 200 0
 elif [ "$MODE" = pdl2 ]; then
   # session 8: the down kernel's padded activation layout, the SwiGLU prologue of the shared
   # expert's down matvec: CUDA C twins and dispatch, PDL bit-identity, per-launch times of the
   # down launches, the TP=1 bench at depth 0 (PDL and capture-priority A/B)
   gate_tests 240 "cuda_c or dispatch or pdl" tests/test_kernels.py tests/test_decode_graph.py
   cuda_c_sweep 120 80 "routed_down,shexp_down"
-  bench_tp1 200 0
+  bench_tp1_full 200 0
 elif [ "$MODE" = pdl3 ]; then
   # session 8: hc_post + next hc_logits + hc_combine in one launch (triton_hc.hc_step) with the
   # model's sublayer chain rearranged around it: twins, graphs/PDL tests, bench, TP=1 goldens
   gate_tests 240 "hc_ or pdl or side_stream or dispatch or graph" tests/test_kernels.py tests/test_decode_graph.py
-  bench_tp1 200 0
+  bench_tp1_full 200 0
   golden 1 static,prefill 200
 elif [ "$MODE" = final8 ]; then
   # session 8 closing run: the fused HC step's twins and the PDL tests, the TP=1 bench with depth
   # 4096 and every A/B variant (PDL, hc_step, streams, priority), the 43-layer graph traced
   gate_tests 150 "hc_step or pdl or dispatch" tests/test_kernels.py tests/test_decode_graph.py
-  bench_tp1 260 4096
+  bench_tp1_full 260 4096
   log "graph-replayed decode step, 43 layers, depth 1, traced"
   timeout 100 python3 bench/profile_graph.py 43 1 2>&1 | grep -v Warn | tee "$OUT/profile_graph_43layers_d1.txt" | sed -n '/kernels by/,$p' | head -25
 elif [ "$MODE" = final8b ]; then
@@ -982,13 +983,13 @@ elif [ "$MODE" = pf4 ]; then
   routed_launches
   prefill_profile 100 30
   golden 1 prefill,static 120
-  bench_tp1 240 0
+  bench_tp1_full 240 0
 elif [ "$MODE" = pa1 ]; then
   gate_tests 200 "prefill_attention" tests/test_kernels.py
   log "prefill attention, 2048 tokens, full width: launch shapes against the query-chunk twin"
   timeout 200 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
   golden 1 prefill 100
-  bench_tp1 240 0
+  bench_tp1_full 240 0
 elif [ "$MODE" = pa2 ]; then
   gate_tests 150 "f16_split or gemm_linear or prefill_attention" tests/test_kernels.py
   log "2048-token F16 launches: split activation on cuBLAS against 3xTF32"
@@ -1008,21 +1009,21 @@ elif [ "$MODE" = pa4 ]; then
   log "prefill attention with RoPE, 2048 tokens, full width: launch shapes against the twin"
   timeout 90 python3 bench/prefill_attn.py --out "$OUT/prefill_attn.json" 2>&1 | grep -v Warn
   golden 1 static,prefill 150
-  bench_tp1 200 0
+  bench_tp1_full 200 0
 elif [ "$MODE" = em1 ]; then
   # session 11: a ratio-4 compressor's emission in one launch (triton_attn.compressor_emit):
   # twins (with the review commits of session 10 not yet run on a GPU), the bench at depth 0
   # (emission on its torch twin as an A/B, per-variant replay times), the prefill A/B with a
   # prefill after the profiler, TP=1 goldens on the graph decoder
   gate_tests 220 "compressor_emit or prefill_attention or f16_split or mma or expert_tiles or gemm or pdl_is or side_stream" tests/test_kernels.py tests/test_decode_graph.py
-  bench_tp1 200 0
+  bench_tp1_full 200 0
   prefill_ab 130
   golden 1 static 100
 elif [ "$MODE" = em5 ]; then
   # session 11 closing run: decode attention twins (float16-valued cache rows, TP=2 heads), the
   # bench with depth 4096 on the final code
   gate_tests 100 "decode_attention" tests/test_kernels.py
-  bench_tp1 330 4096
+  bench_tp1_full 330 4096
 elif [ "$MODE" = s12a ]; then
   # session 12, the first two-GPU call since session 4: the TP=2,1 bench at depth 0 (same run),
   # TP=2 goldens (graph decoder and prefill), then the review commits' twins on what time is left
@@ -1063,7 +1064,7 @@ elif [ "$MODE" = s12e ]; then
   tp2_rank_prefill 150
   sed -n '/by cumulative/,/Profiler clears/p' "$OUT/profile_prefill_tp2r0.txt" | cut -c1-150 | sed -n 8,32p
   golden 1 prefill 90
-  bench_tp1 200 0
+  bench_tp1_full 200 0
 elif [ "$MODE" = s12f ]; then
   # session 12 closing run on two GPUs: the KV-row twins, the TP=2 bench at depth 0 on the code
   # with fewer prefill launches (TP=1: s12e), the TP=2 golden prefill, then bench/prefill_tp2.py
@@ -1082,7 +1083,7 @@ elif [ "$MODE" = s12g ]; then
   gate_tests 90 "kv_rows or rms_norm or rms_scale" tests/test_kernels.py
   tp2_rank_prefill 150
   golden 1 prefill 90
-  bench_tp1 200 0
+  bench_tp1_full 200 0
 elif [ "$MODE" = s12h ]; then
   # session 12, the rest of the device time on two GPUs: the TP=2 bench at depth 0, then
   # prefill_tp2.py (no profiles) with NCCL_GRAPH_MIXING_SUPPORT=0; the RMS-norm twins first
@@ -1108,7 +1109,7 @@ elif [ "$MODE" = pf6 ]; then
   prefill_ab 120
 elif [ "$MODE" = final7b ]; then
   gate_tests 90 "dispatch" tests/test_kernels.py
-  bench_tp1 200 0
+  bench_tp1_full 200 0
 elif [ "$MODE" = final7c ]; then
   golden 1 static,prefill 150
 elif [ "$MODE" = final6 ]; then
