@@ -245,6 +245,12 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s36e: session 36, one GPU (~8 min): closing: the TP=1 bench at depth 0 and 4096, CUDA goldens
+#         at TP=1, then s36b's three-width fit
+#   s36d: session 36, one GPU (~7 min): CUDA twins of the compressors' projections in CUDA C
+#         (comp_f16_step), the last HC step with the output head's mix and the emissions' pair,
+#         the decode graphs' CUDA tests; replay A/B at TP=2 and TP=1 of each against its previous
+#         path (head_own, comp_triton; emit_two and comp_triton on a step that emits, --emit4)
 #   s36b: prepared in session 35, one GPU (~4 min): the weight kernels fitted over three rank
 #         widths (bench/streaming_sizes.py) with the streamed weights' .cs loads: the streaming
 #         fraction and fixed time behind the Spark projection (s33a/s33b's fit was before them)
@@ -1494,6 +1500,20 @@ elif [ "$MODE" = s35b ] || [ "$MODE" = s35c ] || [ "$MODE" = s35d ]; then
   done
   sed -i "s/^ATTN_HOIST = False/ATTN_HOIST = True/" ds4tp/kernels/triton_attn.py
   rm -f /tmp/full.gguf
+elif [ "$MODE" = s36d ]; then
+  log "CUDA twins: the compressors' projections in CUDA C, the head's mix in the last HC step, the emissions' pair"
+  cuda_tests 200 "comp_steps or hc_step or emit" tests_new.txt tests/test_kernels.py
+  log "CUDA tests: the decode graphs"
+  cuda_tests 230 "cuda" tests_graph.txt tests/test_decode_graph.py
+  replay_ab base,head_own,comp_triton "the head's mix in the last HC step, the compressors' projections in CUDA C"
+  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
+  replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
+  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_emit_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_emit_w2.txt"
+  rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s36e ]; then
+  bench_tp1 400 4096 "depth 0 and 4096 (no A/B variants)"
+  golden 1 static 80
+  sizes_fit 240
 elif [ "$MODE" = s36b ]; then
   sizes_fit 240
 elif [ "$MODE" = s36a ]; then
