@@ -103,9 +103,9 @@ VARIANTS = {
     # (session 36) the output head's mix in its own launches (before: the last update's
     # hc_post, hc_logits and torch's sigmoid, sum and norm) instead of in the last hc_step
     "head_own": (triton_hc.set_head_enabled,),
-    # (session 36) the compressors' projections in Triton (before: compressor_pair, or a
-    # compressor_step) instead of matvec.cu's comp_f16_step
-    "comp_triton": (cuda_matvec.set_comp_enabled,),
+    # (session 36) the compressors' projections in CUDA C (matvec.cu comp_f16_step, as
+    # f16_matvec; against the Triton kernels, variant comp_triton of s36d: +0.4% / -0.1%, on a
+    # step that emits +0.3% / -0.1%) are at 753b165
     # (session 36) a ratio-4 layer's two emissions in a launch each (before) instead of one
     # (triton_attn.compressor_emit_pair; --emit4 replays a step that emits)
     "emit_two": (triton_attn.set_emit_pair_enabled,),

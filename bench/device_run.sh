@@ -247,7 +247,7 @@
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
 #   s36e: session 36, one GPU (~8 min): closing: the TP=1 bench at depth 0 and 4096, CUDA goldens
 #         at TP=1, then s36b's three-width fit
-#   s36d: session 36, one GPU (~7 min): CUDA twins of the compressors' projections in CUDA C
+#   s36d: session 36, one GPU (~5 min; comp_f16_step at 753b165): CUDA twins of the compressors' projections in CUDA C
 #         (comp_f16_step), the last HC step with the output head's mix and the emissions' pair,
 #         the decode graphs' CUDA tests; replay A/B at TP=2 and TP=1 of each against its previous
 #         path (head_own, comp_triton; emit_two and comp_triton on a step that emits, --emit4)

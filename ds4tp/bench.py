@@ -311,7 +311,6 @@ WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_ex
                   "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec",
                   "_comp_step_kernel", "_comp_pair_kernel",
                   "f16_matvec",   # f16_matvec: the router, as _linear_kernel was
-                  "comp_f16_step",  # the compressors' projections, as _comp_pair_kernel
                   "iq2xxs_swiglu_mma", "iq2xxs_slots_mma", "q2k_slots_mma"}   # (a prefill's)
 
 

@@ -462,18 +462,11 @@ def compressor_step(cw, xn, pos, front_kv, front_sc) -> None:
 
 
 def compressor_steps(steps, xn, pos) -> None:
-    """A layer's compressor steps on one token, steps [(weights, frontier)]: on CUDA one launch
-    (cuda_matvec.comp_steps, CUDA C, where the width is a multiple of 1024; else a ratio-4
-    layer's two, attention's then the indexer's, in triton_attn.compressor_pair), any other
-    one compressor_step each. The twin: compressor_step_torch of each."""
-    f16 = kernels.on_gpu(xn) and all(cw.kv.qtype == C.F16 and cw.gate.qtype == C.F16
-                                     for cw, _ in steps)
-    if f16:
-        from ds4tp.kernels import cuda_matvec
-        if cuda_matvec.comp_steps(xn, [(cw.kv.raw, cw.gate.raw, cw.ape, front.kv, front.sc)
-                                       for cw, front in steps], pos):
-            return
-    if len(steps) == 2 and f16:
+    """A layer's compressor steps on one token, steps [(weights, frontier)]: a ratio-4 layer's
+    two (attention's, then the indexer's) take one launch on CUDA (triton_attn.compressor_pair;
+    the same input x and ratio), any other one compressor_step each."""
+    if (len(steps) == 2 and kernels.on_gpu(xn)
+            and all(cw.kv.qtype == C.F16 and cw.gate.qtype == C.F16 for cw, _ in steps)):
         from ds4tp.kernels import triton_attn
         if triton_attn.pair_enabled():
             a, b = ((cw.kv.raw, cw.gate.raw, cw.ape, front.kv, front.sc) for cw, front in steps)

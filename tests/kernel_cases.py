@@ -435,42 +435,6 @@ def case_cuda_f16(device, gen, n_out, n_in, shard=False):
     return check(tag, got, ops.linear_torch(w, x))
 
 
-def case_cuda_comp_steps(device, gen, ratio, Ws, E, p):
-    """One token's compressor steps in one CUDA C launch (cuda_matvec.comp_steps: one or two
-    compressors, rows Ws) against decode_graph.compressor_step_torch of each; the frontiers start
-    random (rows other than the position's slot must keep their values); asserts it took the
-    case. Also what it leaves to the Triton kernels (an input narrower than 1024: False, nothing
-    written)."""
-    from ds4tp.config import F16
-    from ds4tp.decode_graph import compressor_step_torch
-    from ds4tp.kernels import cuda_matvec as cm
-    from ds4tp.model import CompressorWeights
-    cws = [CompressorWeights(ratio, torch.randn(ratio, W, generator=gen).to(device),
-                             rand_weight(F16, (W, E), gen, device), rand_weight(F16, (W, E), gen, device),
-                             torch.ones(W // 2, device=device)) for W in Ws]
-    x = (torch.randn(1, E, generator=gen) * 2).to(device)
-    pos = torch.tensor([p], device=device)
-    rows = 8 if ratio == 4 else ratio
-    f0 = [(torch.randn(rows, W, generator=gen).to(device), torch.randn(rows, W, generator=gen).to(device))
-          for W in Ws]
-    want = [(a.clone(), b.clone()) for a, b in f0]
-    for cw, w in zip(cws, want):
-        compressor_step_torch(cw, x, pos, *w)
-    got = [(a.clone(), b.clone()) for a, b in f0]
-    tag = f"cuda comp_steps ratio {ratio} W={Ws} E={E} pos={p}"
-    assert cm.comp_steps(x, [(cw.kv.raw, cw.gate.raw, cw.ape, *g) for cw, g in zip(cws, got)], pos), \
-        f"{tag}: the kernel did not take the case"
-    err = max(check(f"{tag} {j}{n}", u, v) for j, (gg, ww) in enumerate(zip(got, want))
-              for n, u, v in zip(("kv", "gate"), gg, ww))
-    narrow = CompressorWeights(ratio, cws[0].ape, rand_weight(F16, (Ws[0], 512), gen, device),
-                               rand_weight(F16, (Ws[0], 512), gen, device), cws[0].norm)
-    fr = [t.clone() for t in f0[0]]
-    assert not cm.comp_steps(x[:, :512].contiguous(), [(narrow.kv.raw, narrow.gate.raw, narrow.ape, *fr)],
-                             pos), f"{tag}: took an input of 512"
-    assert all(torch.equal(a, b) for a, b in zip(fr, f0[0])), f"{tag}: wrote where it did not take the case"
-    return err
-
-
 def case_cuda_q8_0_not_covered(device, gen):
     """What the CUDA C Q8_0 matvec leaves to the Triton kernels: None, no failure."""
     from ds4tp.kernels import cuda_matvec as cm
@@ -494,10 +458,6 @@ def case_cuda_q8_0_not_covered(device, gen):
 def cuda_c_cases():
     """The CUDA C kernels (need CUDA and CuPy): DS4's K = 6 and K = 8, T = 1..4, -1 and duplicate
     ids, TP shards (rows of gate/up, columns of down), row counts that leave a partial block."""
-    yield "cuda comp_steps ratio-4 pair, TP=1 rows", case_cuda_comp_steps, (4, (1024, 256), 4096, 1003)
-    yield "cuda comp_steps ratio-4 pair, TP=2 rows", case_cuda_comp_steps, (4, (512, 128), 4096, 6)
-    yield "cuda comp_steps ratio 128, one", case_cuda_comp_steps, (128, (512,), 4096, 300)
-    yield "cuda comp_steps rows not a multiple of 4", case_cuda_comp_steps, (4, (40, 6), 2048, 3)
     yield "cuda swiglu 2048 in T=1", case_cuda_swiglu, (8, 48, 2048, 1, 6)
     yield "cuda swiglu 4096 in T=3 rows dup", case_cuda_swiglu, (8, 40, 4096, 3, 6, 5, True, "rows")
     yield "cuda swiglu 4096 in T=4 rpc 32", case_cuda_swiglu, (8, 32, 4096, 4, 6, 32)

@@ -22,8 +22,7 @@ SOURCES = ("experts.cu", "matvec.cu", "experts_mma.cu", "allreduce.cu", "sample.
 # parameters that hold weights or constant tables: read-only for a whole step
 READ_ONLY = {"wg", "wu", "grid_g", "w", "w2", "grid64", "q", "d", "nw", "sq", "sd",  # sq, sd: shared expert
              "rbias", "tid2eid",                                   # the router's bias, hash table
-             "sinks", "cos_t", "sin_t",                            # attention sinks, RoPE tables
-             "akv", "asc", "bkv", "bsc", "aape", "bape"}           # compressors' projections, bias
+             "sinks", "cos_t", "sin_t"}                            # attention sinks, RoPE tables
 
 
 def _nvrtc():
@@ -260,7 +259,7 @@ def test_gate_up_tables_need_the_decode_order(tmp_path):
 
 # the decode kernels' parameters that stream a weight's rows (read once a token)
 STREAMED = {"q8_0_matvec": {"q", "d"}, "f16_matvec": {"w"}, "iq2xxs_swiglu": {"wg", "wu", "sq", "sd"},
-            "q2k_down_sum": {"w", "sq", "sd"}, "comp_f16_step": {"akv", "asc", "bkv", "bsc"}}
+            "q2k_down_sum": {"w", "sq", "sd"}}
 
 
 @needs_compiler
