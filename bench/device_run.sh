@@ -245,8 +245,8 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
-#   s36e: session 36, one GPU (~8 min): closing: the TP=1 bench at depth 0 and 4096, CUDA goldens
-#         at TP=1, then s36b's three-width fit
+#   s36e: session 36, one GPU (~8 min): closing: the decode graphs' CUDA tests, the TP=1 bench at
+#         depth 0 and 4096, CUDA goldens at TP=1
 #   s36d: session 36, one GPU (~5 min; comp_f16_step at 753b165): CUDA twins of the compressors' projections in CUDA C
 #         (comp_f16_step), the last HC step with the output head's mix and the emissions' pair,
 #         the decode graphs' CUDA tests; replay A/B at TP=2 and TP=1 of each against its previous
@@ -1511,9 +1511,10 @@ elif [ "$MODE" = s36d ]; then
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_emit_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_emit_w2.txt"
   rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s36e ]; then
-  bench_tp1 400 4096 "depth 0 and 4096 (no A/B variants)"
+  log "CUDA tests: the decode graphs (the head's update now the same launch with and without overlap)"
+  cuda_tests 200 "cuda" tests_graph.txt tests/test_decode_graph.py
+  bench_tp1 300 4096 "depth 0 and 4096 (no A/B variants)"
   golden 1 static 80
-  sizes_fit 240
 elif [ "$MODE" = s36b ]; then
   sizes_fit 240
 elif [ "$MODE" = s36a ]; then

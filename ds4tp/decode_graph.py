@@ -356,7 +356,9 @@ class StaticDecoder:
         if pending is not None:
             pending[0].join()
         s, comm = self.s, self.m.comm
-        beside = (_mix_side_switch.on and self.m.overlap and kernels.on_gpu(hc)
+        # the head's update has no Sinkhorn to run beside: one launch whether or not the
+        # sublayers overlap (the same bits either way)
+        beside = ((head or (_mix_side_switch.on and self.m.overlap)) and kernels.on_gpu(hc)
                   and mixer[0].qtype == C.F16)
         if beside:
             from ds4tp.kernels import triton_hc
