@@ -613,6 +613,10 @@ def pair_enabled() -> bool:
     return _pair_switch.on
 
 
+EMIT_WARPS = 4      # warps of a decode token's emission programs (compressor_emit, _emit_pair,
+                    # compressor_pool, compressor_finish of one row)
+
+
 def _emit_args(front_kv, front_sc, norm, cos, sin, pos, cache) -> tuple[int, int]:
     """Checks one ratio-4 compressor's emission arguments -> (row width HD, RoPE width)."""
     cap, HD = cache.shape
@@ -635,7 +639,7 @@ def compressor_emit(front_kv, front_sc, norm, cos, sin, pos, cache, index: bool,
     for its positions (decode_graph.StaticDecoder: max_ctx // 4 + 1 rows, steps refused beyond)."""
     HD, n_rot = _emit_args(front_kv, front_sc, norm, cos, sin, pos, cache)
     _comp_emit_kernel[(1,)](front_kv, front_sc, norm, cos, sin, pos, cache, eps, HD=HD, NROT=n_rot,
-                            INDEX=bool(index), LOGHD=HD.bit_length() - 1, num_warps=4,
+                            INDEX=bool(index), LOGHD=HD.bit_length() - 1, num_warps=EMIT_WARPS,
                             **pdl.triton_args(front_kv.device))
 
 
@@ -650,7 +654,7 @@ def compressor_emit_pair(a: tuple, b: tuple, cos, sin, pos, eps):
     _comp_emit_pair_kernel[(2,)](afkv, afsc, anorm, acache, bfkv, bfsc, bnorm, bcache, cos, sin, pos,
                                  eps, HDA=HDA, INDEXA=bool(aidx), LOGHDA=HDA.bit_length() - 1,
                                  HDB=HDB, INDEXB=bool(bidx), LOGHDB=HDB.bit_length() - 1, NROT=rot_a,
-                                 num_warps=4, **pdl.triton_args(afkv.device))
+                                 num_warps=EMIT_WARPS, **pdl.triton_args(afkv.device))
 
 
 _emit_pair_switch = Switch()
@@ -673,7 +677,7 @@ def compressor_pool(front_kv, front_sc, pos) -> torch.Tensor:
     _check("position", pos, (1,), torch.long)
     out = torch.empty(1, C, dtype=torch.float32, device=front_kv.device)
     _comp_emit_kernel[(1,)](front_kv, front_sc, front_kv, front_kv, front_kv, pos, out, 0.0, HD=C,
-                            NROT=0, INDEX=False, LOGHD=0, POOL_ONLY=True, num_warps=4,
+                            NROT=0, INDEX=False, LOGHD=0, POOL_ONLY=True, num_warps=EMIT_WARPS,
                             **pdl.triton_args(front_kv.device))
     return out
 
@@ -705,7 +709,8 @@ def compressor_finish(x, norm, cos, sin, index: bool, eps, *, pos=None, cache=No
     if n:
         _comp_finish_kernel[(n,)](x, norm, cos, sin, pos, out, eps, RATIO=max(ratio, 1), HD=HD,
                                   NROT=n_rot, INDEX=bool(index), LOGHD=HD.bit_length() - 1,
-                                  DECODE=decode, num_warps=4, **pdl.triton_args(x.device))
+                                  DECODE=decode, num_warps=EMIT_WARPS if decode else 4,
+                                  **pdl.triton_args(x.device))
     return None if decode else out
 
 
