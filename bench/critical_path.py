@@ -109,7 +109,8 @@ VARIANTS = {
     # (session 36) a ratio-4 layer's two emissions in a launch each (before) instead of one
     # (triton_attn.compressor_emit_pair; --emit4 replays a step that emits)
     "emit_two": (triton_attn.set_emit_pair_enabled,),
-    # (session 36) the emissions' programs at other warps (EMIT_WARPS 4; --emit4)
+    # (session 36) the emissions' programs at other warps (EMIT_WARPS 4; --emit4; s36f: all
+    # slower)
     **{f"emit_w{w}": ((triton_attn, "EMIT_WARPS", w),) for w in (2, 8, 16)},
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
