@@ -109,6 +109,9 @@ VARIANTS = {
     # (session 36) a ratio-4 layer's two emissions in a launch each (before) instead of one
     # (triton_attn.compressor_emit_pair; --emit4 replays a step that emits)
     "emit_two": (triton_attn.set_emit_pair_enabled,),
+    # (session 36) the streams before layer 0 as the embedding expanded and hc_pre's launches
+    # (before) instead of an update of empty streams (one hc_step, Sinkhorn beside)
+    "first_own": (decode_graph.set_first_update_enabled,),
     # (session 36) the emissions' programs at other warps (EMIT_WARPS 4; --emit4; s36f: all
     # slower)
     **{f"emit_w{w}": ((triton_attn, "EMIT_WARPS", w),) for w in (2, 8, 16)},

@@ -245,6 +245,8 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s36g: session 36, one GPU (~6 min): the decode graphs' CUDA tests, replay A/B at TP=2 and TP=1
+#         of the streams before layer 0 as one update (first_own: before), the TP=1 bench at depth 0
 #   s36f: session 36, one GPU (~2 min): replay A/B at TP=2 and TP=1 of a step that emits, with the
 #         emissions' programs at 2, 8 and 16 warps (triton_attn.EMIT_WARPS, 4)
 #   s36e: session 36, one GPU (~8 min): closing: the decode graphs' CUDA tests, the TP=1 bench at
@@ -1512,6 +1514,12 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_emit_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_emit_w2.txt"
   rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s36g ]; then
+  log "CUDA tests: the decode graphs (the streams before layer 0 as an update of empty streams)"
+  cuda_tests 200 "cuda" tests_graph.txt tests/test_decode_graph.py
+  replay_ab base,first_own "the streams before layer 0: one hc_step against the expand and hc_pre's launches"
+  rm -f "$OUT"/critical_path_w?.json
+  bench_tp1 200 0 "depth 0 (no A/B variants; the closing run's second reading)"
 elif [ "$MODE" = s36f ]; then
   replay_ab base,emit_w2,emit_w8,emit_w16 "a step that emits: the emissions' programs at 2, 8, 16 warps" --emit4
   rm -f "$OUT"/critical_path_w?.json

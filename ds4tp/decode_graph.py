@@ -75,6 +75,10 @@ _mix_side_switch = Switch()
 set_mix_side_enabled = _mix_side_switch.set
 _mix_lane_switch = Switch()
 set_mix_lane_enabled = _mix_lane_switch.set
+# (and benchmarks time the streams before layer 0 as the embedding expanded and hc_pre's two
+# launches, the path before the first update's hc_step)
+_first_update_switch = Switch()
+set_first_update_enabled = _first_update_switch.set
 
 
 class StaticDecoder:
@@ -135,6 +139,10 @@ class StaticDecoder:
         # the host (step(None)); the logit_bias it adds (set_bias)
         self.pick = torch.zeros(2, dtype=torch.float64, device=dev)
         self.bias_ids, self.bias_vals = bias_table({}, dev)
+        # the streams before layer 0 as an update of empty ones (zero streams, post 1, M 0): the
+        # token's embedding in every stream, exactly (_step_body)
+        self._empty = (torch.zeros(1, s.n_hc, s.n_embd, device=dev),
+                       torch.ones(1, s.n_hc, device=dev), torch.zeros(1, s.n_hc, s.n_hc, device=dev))
         self.bias_key: tuple = ()
         self.n = 0
         self.fed: list[int] = []
@@ -324,9 +332,15 @@ class StaticDecoder:
         s, m = self.s, self.m
         pos, tok = self.pos, self.token
         e = m.w.token_embd[tok].float()                                      # [1, E]
-        hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
-        xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)   # the chain of DS4Model.forward
-        pending = None
+        if _first_update_switch.on:
+            # the chain of DS4Model.forward (the embedding in every stream, hc_pre) as an update
+            # of empty streams: on CUDA one hc_step (its Sinkhorn beside layer 0's attention)
+            hc, xn, post, mix, pending = self._update(e, *self._empty, m.w.layers[0].attn_mixer,
+                                                      None, reduce=False)
+        else:
+            hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
+            xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)
+            pending = None
         for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
@@ -344,7 +358,7 @@ class StaticDecoder:
         greedy_pick(logits, self.bias_ids, self.bias_vals, out=self.pick, token=self.token)
         return logits
 
-    def _update(self, part, hc, post, mix, mixer, pending, head: bool = False):
+    def _update(self, part, hc, post, mix, mixer, pending, head: bool = False, reduce: bool = True):
         """The sublayer's all-reduce of this rank's part, then model.hc_post_pre for this token,
         with the next mixer's Sinkhorn (post and M, which only the update after the sublayer
         reads) on the side stream beside the sublayer on CUDA: hc_step(mix=False), then hc_mix.
@@ -352,7 +366,8 @@ class StaticDecoder:
         pending: the previous call's (side, z), joined here before its post and M are read (z
         is kept alive until then). head: after the last layer, mixer is the output head's
         (Weights.head_mixer): on CUDA the same hc_step gives the head's normed input as xn (its
-        ~8 launches in one), elsewhere xn is None and output_head mixes the new streams."""
+        ~8 launches in one), elsewhere xn is None and output_head mixes the new streams.
+        reduce=False: part is the whole output already (the embedding before layer 0)."""
         if pending is not None:
             pending[0].join()
         s, comm = self.s, self.m.comm
@@ -363,8 +378,8 @@ class StaticDecoder:
         if beside:
             from ds4tp.kernels import triton_hc
             beside = triton_hc.step_enabled() and (not head or triton_hc.head_enabled())
-        peer = comm.peer_sum(part) if beside else None
-        f = part if peer is not None else comm.all_reduce(part)         # the sublayer's all-reduce
+        peer = comm.peer_sum(part) if beside and reduce else None
+        f = part if peer is not None or not reduce else comm.all_reduce(part)   # its all-reduce
         if not beside:
             return (*hc_post_pre(f, hc, post, mix, None if head else mixer, s), None)
         fn, scale, base, norm = mixer
