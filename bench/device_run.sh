@@ -245,6 +245,8 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s36h: session 36 closing check, one GPU (~3 min): the decode graphs' indexer test with each
+#         step from its own session, the overlap test, CUDA goldens at TP=1
 #   s36g: session 36, one GPU (~6 min): the decode graphs' CUDA tests, replay A/B at TP=2 and TP=1
 #         of the streams before layer 0 as one update (first_own: before), the TP=1 bench at depth 0
 #   s36f: session 36, one GPU (~2 min): replay A/B at TP=2 and TP=1 of a step that emits, with the
@@ -1514,6 +1516,10 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_emit_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_emit_w2.txt"
   rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s36h ]; then
+  log "CUDA tests: the decode graphs' indexer (each step from its own session) and overlap"
+  cuda_tests 150 "index_kernels or side_stream" tests_graph.txt tests/test_decode_graph.py
+  golden 1 static 60
 elif [ "$MODE" = s36g ]; then
   log "CUDA tests: the decode graphs (the streams before layer 0 as an update of empty streams)"
   cuda_tests 200 "cuda" tests_graph.txt tests/test_decode_graph.py

@@ -414,16 +414,43 @@ def _stepped(m, st, toks, max_ctx, graphs=True):
     return torch.stack([dec.step(t).clone() for t in toks])
 
 
-def _pdl_then_switched_off(m, st, toks, max_ctx, set_enabled):
+def _states(m, st, toks):
+    """Sessions st, st + toks[:1], st + toks[:2], ... (eager DS4Model.forward): one to start
+    each of toks' steps from."""
+    out = [st.clone()]
+    for t in toks[:-1]:
+        nxt = out[-1].clone()
+        m.forward([t], nxt)
+        out.append(nxt)
+    return out
+
+
+def _stepped_each(m, states, toks, max_ctx):
+    """Logits [len(toks), V] of one StaticDecoder step with each token from its own session
+    (_states): each step starts from the same state on every path, so a path's last-bit
+    differences (another summation order) do not compound from step to step, where a near tie
+    in the indexer's selection or an expert choice can flip."""
+    dec = StaticDecoder(m, max_ctx=max_ctx)
+    out = []
+    for st, t in zip(states, toks):
+        dec.load_session(st.clone())
+        out.append(dec.step(t).clone())
+    return torch.stack(out)
+
+
+def _pdl_then_switched_off(m, st, toks, max_ctx, set_enabled, each: bool = False):
     """_stepped logits three times: PDL on, PDL off, then PDL on with a path switched off by
-    `set_enabled(False)`; PDL and the path are on again afterwards."""
+    `set_enabled(False)`; PDL and the path are on again afterwards. each: every step from its
+    own session (_stepped_each)."""
     from ds4tp.kernels import pdl
+    states = _states(m, st, toks) if each else None
     runs = []
     try:
         for on, path in ((True, True), (False, True), (True, False)):
             pdl.set_enabled(on)
             set_enabled(path)
-            runs.append(_stepped(m, st, toks, max_ctx))
+            runs.append(_stepped_each(m, states, toks, max_ctx) if each
+                        else _stepped(m, st, toks, max_ctx))
     finally:
         pdl.set_enabled(True)
         set_enabled(True)
@@ -518,12 +545,16 @@ def test_index_kernels_in_the_graph_on_cuda(listed, monkeypatch):
     steps of a 4-layer full-width model past 2048 tokens (more than 512 rows visible, so the
     selection is active), in a decoder sized for 16384 tokens (most rows never written): with
     programmatic dependent launch on and off bit-identical, and close to the same steps with the
-    torch twins (a GEMM over every row, a stable sort). listed: the attention walks the
-    selection's row list (triton_attn.ATTN_ROWS) instead of the mask."""
+    torch twins (a GEMM over every row, a stable sort), each step from the same session.
+    listed: the attention walks the selection's row list (triton_attn.ATTN_ROWS) instead of the
+    mask (the twins' selection is a mask). Chained steps compounded the two paths' last-bit
+    differences: s36g's run, after a change to the first HC update's summation order, failed
+    the closeness where every kernel's twin held."""
     from ds4tp.kernels import triton_attn
     monkeypatch.setattr(triton_attn, "ATTN_ROWS", listed)
     m, st0, toks = _full_width(2100, 2090)
-    runs = _pdl_then_switched_off(m, st0, toks[2090:], 16384, triton_attn.set_index_enabled)
+    runs = _pdl_then_switched_off(m, st0, toks[2090:], 16384, triton_attn.set_index_enabled,
+                                  each=True)
     _same_then_close(runs, 1e-3, 1e-2)
 
 
