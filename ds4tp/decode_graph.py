@@ -75,8 +75,8 @@ _mix_side_switch = Switch()
 set_mix_side_enabled = _mix_side_switch.set
 _mix_lane_switch = Switch()
 set_mix_lane_enabled = _mix_lane_switch.set
-# (and benchmarks time the streams before layer 0 as the embedding expanded and hc_pre's two
-# launches, the path before the first update's hc_step)
+# Benchmarks also switch off the streams before layer 0 as one update (_step_body) to time the
+# expand copy and hc_pre's two launches it replaced.
 _first_update_switch = Switch()
 set_first_update_enabled = _first_update_switch.set
 
