@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from ds4tp import config as C, decode_graph
+from ds4tp import config as C, decode_graph, streams
 from ds4tp.kernels import (cuda_c, cuda_experts, cuda_matvec, pdl, triton_attn, triton_hc,
                            triton_pick, triton_route)
 from ds4tp.bench import PLAIN_WEIGHT_LOADS, NullComm, build_model, prefilled
 from ds4tp.comm import SingleComm
-from ds4tp.decode_graph import CAPTURE_PRIORITY, StaticDecoder
+from ds4tp.decode_graph import StaticDecoder
 from profile_common import traced_kernels
 
 # name -> what it changes: switches (set_enabled functions) it turns off, (module, constant,
@@ -112,6 +112,16 @@ VARIANTS = {
     # (session 36) the streams before layer 0 as the embedding expanded and hc_pre's launches
     # (before) instead of an update of empty streams (one hc_step, Sinkhorn beside)
     "first_own": (decode_graph.set_first_update_enabled,),
+    # (session 36, prepared) the decode graphs captured on a high-priority main stream (its
+    # kernels' blocks placed before the side lanes' where both wait for SMs: on a TP=1 step the
+    # KV store starts 1.4 us after attn_q_b in every layer, while the compressors' 1,280
+    # programs run beside); also with the HC mixer's lane as high (torch instantiates graphs
+    # with each node's captured priority). Session 8 measured -1 neutral, before the lanes
+    "prio_main_hi": ((decode_graph, "CAPTURE_PRIORITY", -1),),
+    "prio_main_mix_hi": ((decode_graph, "CAPTURE_PRIORITY", -1), (streams, "LANE_PRIORITY", (0, -1, -1))),
+    # (session 36, prepared) the greedy pick's logits per program (triton_pick.BV 2048: 64
+    # programs for 129,280; the pick is 9.8 us at TP=1)
+    **{f"pick_bv{b}": ((triton_pick, "BV", b),) for b in (512, 1024, 4096)},
     # (session 36) the emissions' programs at other warps (EMIT_WARPS 4; --emit4; s36f: all
     # slower)
     **{f"emit_w{w}": ((triton_attn, "EMIT_WARPS", w),) for w in (2, 8, 16)},
@@ -160,7 +170,7 @@ def capture(name):
     depth (the indexer on past 4 * top_k tokens), captured under variant `name`."""
     undo = _apply(VARIANTS[name], True)
     try:
-        dec = StaticDecoder(m, max_ctx=args.depth + 256, priority=CAPTURE_PRIORITY)
+        dec = StaticDecoder(m, max_ctx=args.depth + 256, priority=decode_graph.CAPTURE_PRIORITY)
         dec.load_session(prefilled(m, args.depth))
         for _ in range(8):
             logits = dec.step(11).clone()

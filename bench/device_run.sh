@@ -245,6 +245,10 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s37a: prepared in session 36, one GPU (~4 min): replay A/B at TP=2 and TP=1 of the decode
+#         graphs captured on a high-priority main stream (prio_main_hi; with the HC mixer's lane
+#         as high, prio_main_mix_hi) and of the greedy pick's logits a program (pick_bv512,
+#         1024, 4096), then the priorities at depth 4096
 #   s36h: session 36 closing check, one GPU (~3 min): the decode graphs' indexer test with each
 #         step from its own session, the overlap test, CUDA goldens at TP=1
 #   s36g: session 36, one GPU (~6 min): the decode graphs' CUDA tests, replay A/B at TP=2 and TP=1
@@ -1515,6 +1519,12 @@ elif [ "$MODE" = s36d ]; then
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_emit_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_emit_w2.txt"
+  rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s37a ]; then
+  replay_ab base,prio_main_hi,prio_main_mix_hi,pick_bv512,pick_bv1024,pick_bv4096 "the main stream's priority above the side lanes', the pick's logits a program"
+  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
+  replay_ab base,prio_main_hi,prio_main_mix_hi "depth 4096: the main stream's priority above the side lanes'" --depth 4096
+  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d4096_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d4096_w2.txt"
   rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s36h ]; then
   log "CUDA tests: the decode graphs' indexer (each step from its own session) and overlap"

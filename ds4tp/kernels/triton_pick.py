@@ -76,12 +76,12 @@ def _pick_kernel(logit_ptr, bid_ptr, bval_ptr, part_ptr, cnt_ptr, pick_ptr, tok_
 
 
 def pick(logits: torch.Tensor, bias_ids: torch.Tensor | None = None, bias_vals: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, token: torch.Tensor | None = None, bv: int = BV):
+         out: torch.Tensor | None = None, token: torch.Tensor | None = None, bv: int | None = None):
     """(pick float64 [2]: token, logprob; token int64 [1]; norm float64 [1]: logsumexp of the
     logits) of one token's float32 logits (any shape of V elements), with a logit_bias table
     (int64 ids [NB], float64 values [NB]) or none. out, token: buffers to write them to (the
     decode graphs' own), else new ones. bv: logits per program (a power of two; tests take
-    small ones)."""
+    small ones; None: BV, read at call time)."""
     from ds4tp.kernels.triton_matvec import _tickets
     if logits.dtype != torch.float32:
         raise ValueError(f"pick: expects float32 logits, got {logits.dtype}")
@@ -106,6 +106,7 @@ def pick(logits: torch.Tensor, bias_ids: torch.Tensor | None = None, bias_vals: 
             or token.dtype != torch.int64 or not (out.is_contiguous() and token.is_contiguous())):
         raise ValueError("pick: out is float64 [2] and token int64 [1], contiguous")
     norm = torch.empty(1, dtype=torch.float64, device=dev)
+    bv = bv or BV
     P = triton.cdiv(V, bv)
     part = torch.empty(4 * P, dtype=torch.float64, device=dev)
     _pick_kernel[(P,)](raw, bias_ids, bias_vals, part, _tickets(dev), out, token, norm, V,
