@@ -659,6 +659,12 @@ replay_ab() {
     grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
   done
 }
+# the last replay_ab's tables kept under a tag (critical_path_TAG_w1.txt, _w2.txt), its trace
+# JSON dropped: replay_keep TAG
+replay_keep() {
+  for w in 1 2; do cp "$OUT/critical_path_w$w.txt" "$OUT/critical_path_$1_w$w.txt"; done
+  rm -f "$OUT"/critical_path_w?.json
+}
 # CUDA tests with their skip reasons: cuda_tests TIMEOUT_S SELECTION OUTFILE FILES...
 cuda_tests() {
   local t=$1 sel=$2 f="$OUT/$3"; shift 3
@@ -1516,16 +1522,16 @@ elif [ "$MODE" = s36d ]; then
   log "CUDA tests: the decode graphs"
   cuda_tests 230 "cuda" tests_graph.txt tests/test_decode_graph.py
   replay_ab base,head_own,comp_triton "the head's mix in the last HC step, the compressors' projections in CUDA C"
-  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
+  replay_keep d1
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
-  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_emit_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_emit_w2.txt"
-  rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
+  replay_keep emit
+  rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s37a ]; then
   replay_ab base,prio_main_hi,prio_main_mix_hi,pick_bv512,pick_bv1024,pick_bv4096 "the main stream's priority above the side lanes', the pick's logits a program"
-  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
+  replay_keep d1
   replay_ab base,prio_main_hi,prio_main_mix_hi "depth 4096: the main stream's priority above the side lanes'" --depth 4096
-  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d4096_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d4096_w2.txt"
-  rm -f "$OUT"/critical_path_w?.json "$OUT"/critical_path_w?.txt
+  replay_keep d4096
+  rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s36h ]; then
   log "CUDA tests: the decode graphs' indexer (each step from its own session) and overlap"
   cuda_tests 150 "index_kernels or side_stream" tests_graph.txt tests/test_decode_graph.py
@@ -1550,13 +1556,9 @@ elif [ "$MODE" = s36a ]; then
   log "CUDA twins: the decode attention (mask and row list), the indexer's selection, the decode graphs' indexer"
   cuda_tests 240 "attention or topk or indexer" tests_attn.txt tests/test_kernels.py tests/test_decode_graph.py
   replay_ab base,pf_ef,comp_wef "the weights' L2 prefetches evict-first, the compressors' projections evict-first"
-  cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d1_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d1_w2.txt"
-  rm -f "$OUT"/critical_path_w?.json
-  for d in 4096; do
-    replay_ab base,attn_rows,attn_rows_s16,attn_nohoist,wld_ldg,pf_ef "depth $d: the selected rows' list, the attention's first ring block with q, the weights' .cs loads, evict-first prefetches" --depth $d
-    cp "$OUT/critical_path_w1.txt" "$OUT/critical_path_d${d}_w1.txt"; cp "$OUT/critical_path_w2.txt" "$OUT/critical_path_d${d}_w2.txt"
-    rm -f "$OUT"/critical_path_w?.json
-  done
+  replay_keep d1
+  replay_ab base,attn_rows,attn_rows_s16,attn_nohoist,wld_ldg,pf_ef "depth 4096: the selected rows' list, the attention's first ring block with q, the weights' .cs loads, evict-first prefetches" --depth 4096
+  replay_keep d4096
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s35h ]; then
   log "CUDA tests: the decode graphs on the final code (the weights' .cs loads)"
