@@ -119,6 +119,12 @@ VARIANTS = {
     # with each node's captured priority). Session 8 measured -1 neutral, before the lanes
     "prio_main_hi": ((decode_graph, "CAPTURE_PRIORITY", -1),),
     "prio_main_mix_hi": ((decode_graph, "CAPTURE_PRIORITY", -1), (streams, "LANE_PRIORITY", (0, -1, -1))),
+    # (session 37) a layer's compressor steps joined after its FFN update or at the step's end
+    # instead of before its attention, on a token that ends none of its windows
+    # (decode_graph.COMP_JOIN); also with the main stream at a high priority, so its
+    # latency-bound launches' blocks go before the compressors' where both wait for SMs
+    **{f"comp_{j}{hi}": ((decode_graph, "COMP_JOIN", j),) + (((decode_graph, "CAPTURE_PRIORITY", -1),) if hi else ())
+       for j in ("layer", "step") for hi in ("", "_hi")},
     # (session 36, prepared) the greedy pick's logits per program (triton_pick.BV 2048: 64
     # programs for 129,280; the pick is 9.8 us at TP=1)
     **{f"pick_bv{b}": ((triton_pick, "BV", b),) for b in (512, 1024, 4096)},

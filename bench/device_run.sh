@@ -245,6 +245,10 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s37b: session 37, one GPU (~5 min): the overlap test with the compressors joined later
+#         (decode_graph.COMP_JOIN), replay A/B at TP=2 and TP=1 of the joins after the layer
+#         and at the step's end (also with the main stream high), at depth 1, on a step that
+#         emits, at depth 4096
 #   s37a: prepared in session 36, one GPU (~4 min): replay A/B at TP=2 and TP=1 of the decode
 #         graphs captured on a high-priority main stream (prio_main_hi; with the HC mixer's lane
 #         as high, prio_main_mix_hi) and of the greedy pick's logits a program (pick_bv512,
@@ -1525,6 +1529,16 @@ elif [ "$MODE" = s36d ]; then
   replay_keep d1
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
+  rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s37b ]; then
+  log "CUDA test: the overlap's bit identity with the compressors joined before the attention, after the layer, at the step's end"
+  cuda_tests 150 "side_stream" tests_graph.txt tests/test_decode_graph.py
+  replay_ab base,comp_layer,comp_layer_hi,comp_step,comp_step_hi "the compressors joined after the layer or at the step's end (also with the main stream high)"
+  replay_keep d1
+  replay_ab base,comp_layer,comp_step,comp_step_hi "a step that emits: the ratio-128 layers' compressors joined later" --emit4
+  replay_keep emit4
+  replay_ab base,comp_layer,comp_step,comp_step_hi "depth 4096: the compressors joined later" --depth 4096
+  replay_keep d4096
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s37a ]; then
   replay_ab base,prio_main_hi,prio_main_mix_hi,pick_bv512,pick_bv1024,pick_bv4096 "the main stream's priority above the side lanes', the pick's logits a program"

@@ -79,6 +79,13 @@ set_mix_lane_enabled = _mix_lane_switch.set
 # expand copy and hc_pre's two launches it replaced.
 _first_update_switch = Switch()
 set_first_update_enabled = _first_update_switch.set
+# Where a layer's compressor steps on the side stream join the main stream on a token that ends
+# none of its windows (nothing the attention reads is written then: the frontier is read only by
+# the next token's step and the emissions, in order on the same lane): "attention" (before the
+# layer's attention, as on an emitting token), "layer" (after the layer's FFN update) or "step"
+# (at the step's end), so the compressors' weight bytes stream beside the latency-bound
+# launches instead of beside attn_q_b. Read at capture.
+COMP_JOIN = "attention"
 
 
 class StaticDecoder:
@@ -341,21 +348,25 @@ class StaticDecoder:
             hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
             xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)
             pending = None
+        comps = []       # compressor steps not yet joined: (side, its input xn, kept alive)
         for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
             # each sublayer's output is this rank's part; _update sums it (its all-reduce)
-            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4)
+            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4, comps)
             hc, xn, post, mix, pending = self._update(out, hc, post, mix, lw.ffn_mixer, pending)
             f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap, reduce=False)
             mixer = m.w.mixer_after(lw.il)
             hc, xn, post, mix, pending = self._update(f, hc, post, mix, mixer or m.w.head_mixer,
                                                       pending, head=mixer is None)
+            if COMP_JOIN == "layer":
+                _join_all(comps)
         # the head's input xn from the last update's launch (CUDA), else the head mixes hc
         logits = (output_logits(m.w, xn, m.comm) if xn is not None
                   else output_head(m.w, hc, s, m.comm))[0]
         # the pick, and its token as the next step's input if fed from here
         greedy_pick(logits, self.bias_ids, self.bias_vals, out=self.pick, token=self.token)
+        _join_all(comps)
         return logits
 
     def _update(self, part, hc, post, mix, mixer, pending, head: bool = False, reduce: bool = True):
@@ -395,8 +406,9 @@ class StaticDecoder:
             post, mix = triton_hc.hc_mix(z, scale, base, s.n_hc, s.sinkhorn_iters, C.HC_EPS)
         return hc, xn, post, mix, (side, z)
 
-    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool):
-        """The attention sublayer of one token: its input xn [1, E] -> its output [1, E]."""
+    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool, comps: list):
+        """The attention sublayer of one token: its input xn [1, E] -> its output [1, E].
+        comps: where its compressor steps' side is left to be joined later (COMP_JOIN)."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
         side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
@@ -411,7 +423,10 @@ class StaticDecoder:
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
-        side.join()
+        if emit or COMP_JOIN == "attention":
+            side.join()
+        else:
+            comps.append((side, xn))
         comp = mask = rows = None
         if lw.ratio:
             comp = lay.comp
@@ -440,6 +455,13 @@ class StaticDecoder:
         rows = unpack_rows(self.m.comm.all_gather(pack_rows(pooled)), sizes)   # compressor rows all-gather
         for (cw, _, cache, is_index), row in zip(jobs, rows):
             compressor_finish(cw, row, cache, pos, *self.rope[True], is_index, self.s)
+
+
+def _join_all(comps: list) -> None:
+    """The main stream waits for each side left in comps; then their inputs may be freed."""
+    for side, _ in comps:
+        side.join()
+    comps.clear()
 
 
 # ---- one token's attention stages: dispatch points (one Triton launch each on CUDA) and their
