@@ -119,12 +119,15 @@ VARIANTS = {
     # with each node's captured priority). Session 8 measured -1 neutral, before the lanes
     "prio_main_hi": ((decode_graph, "CAPTURE_PRIORITY", -1),),
     "prio_main_mix_hi": ((decode_graph, "CAPTURE_PRIORITY", -1), (streams, "LANE_PRIORITY", (0, -1, -1))),
-    # (session 37) a layer's compressor steps joined after its FFN update or at the step's end
-    # instead of before its attention, on a token that ends none of its windows
-    # (decode_graph.COMP_JOIN); also with the main stream at a high priority, so its
-    # latency-bound launches' blocks go before the compressors' where both wait for SMs
-    **{f"comp_{j}{hi}": ((decode_graph, "COMP_JOIN", j),) + (((decode_graph, "CAPTURE_PRIORITY", -1),) if hi else ())
-       for j in ("layer", "step") for hi in ("", "_hi")},
+    # (session 37) a layer's compressor steps joined at the step's end (comp_step*) or before
+    # the next layer's attention (comp_next*) instead of before its own attention, on a token
+    # that ends none of its windows (decode_graph.COMP_JOIN), also forked after attn_q_b
+    # (comp_qb_*: COMP_FORK); _hi: with the main stream at a high priority, so its
+    # latency-bound launches' blocks go before the compressors' where both wait for SMs.
+    # Joined after the layer's FFN update (s37b, since removed): +4.9% / +4.9%
+    **{f"comp_{f}{j}{hi}": ((decode_graph, "COMP_JOIN", j), (decode_graph, "COMP_FORK", "q_b" if f else "q_a"))
+       + (((decode_graph, "CAPTURE_PRIORITY", -1),) if hi else ())
+       for f in ("", "qb_") for j in ("next", "step") for hi in ("", "_hi")},
     # (session 36, prepared) the greedy pick's logits per program (triton_pick.BV 2048: 64
     # programs for 129,280; the pick is 9.8 us at TP=1)
     **{f"pick_bv{b}": ((triton_pick, "BV", b),) for b in (512, 1024, 4096)},

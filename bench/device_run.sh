@@ -245,6 +245,9 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s37c: session 37, one GPU (~5 min): replay A/B at TP=1 (traced) and TP=2 of the compressors
+#         joined at the step's end or before the next layer's attention, forked before attn_q_a
+#         or after attn_q_b, with and without the main stream high; then at depth 4096
 #   s37b: session 37, one GPU (~5 min): the overlap test with the compressors joined later
 #         (decode_graph.COMP_JOIN), replay A/B at TP=2 and TP=1 of the joins after the layer
 #         and at the step's end (also with the main stream high), at depth 1, on a step that
@@ -1529,6 +1532,22 @@ elif [ "$MODE" = s36d ]; then
   replay_keep d1
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
+  rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s37c ]; then
+  V=base,comp_step,comp_step_hi,comp_next,comp_next_hi,comp_qb_step,comp_qb_step_hi,comp_qb_next,comp_qb_next_hi
+  log "the compressors joined at the step's end or before the next layer's attention, forked before attn_q_a or after attn_q_b: replay A/B, world 1 (traced: base, comp_step_hi, comp_qb_step_hi)"
+  timeout 200 python3 bench/critical_path.py --world 1 --variants "$V" --trace base,comp_step_hi,comp_qb_step_hi \
+    --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_d1_w1.txt"
+  sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_d1_w1.txt" | head -12
+  grep -i "error\|Traceback" "$OUT/critical_path_d1_w1.txt" | head -5
+  log "the same, world 2"
+  timeout 200 python3 bench/critical_path.py --world 2 --variants "$V" --trace none \
+    --json "$OUT/critical_path_w2.json" 2>&1 | grep -v Warn > "$OUT/critical_path_d1_w2.txt"
+  sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_d1_w2.txt" | head -12
+  grep -i "error\|Traceback" "$OUT/critical_path_d1_w2.txt" | head -5
+  rm -f "$OUT"/critical_path_w?.json
+  replay_ab base,comp_step_hi,comp_next_hi,comp_qb_step_hi,comp_qb_next_hi "depth 4096: the compressors joined later" --depth 4096
+  replay_keep d4096
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s37b ]; then
   log "CUDA test: the overlap's bit identity with the compressors joined before the attention, after the layer, at the step's end"

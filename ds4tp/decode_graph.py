@@ -82,10 +82,12 @@ set_first_update_enabled = _first_update_switch.set
 # Where a layer's compressor steps on the side stream join the main stream on a token that ends
 # none of its windows (nothing the attention reads is written then: the frontier is read only by
 # the next token's step and the emissions, in order on the same lane): "attention" (before the
-# layer's attention, as on an emitting token), "layer" (after the layer's FFN update) or "step"
-# (at the step's end), so the compressors' weight bytes stream beside the latency-bound
-# launches instead of beside attn_q_b. Read at capture.
+# layer's attention, as on an emitting token), "step" (at the step's end) or "next" (before the
+# next layer's attention; s37b: after the layer's FFN update was 4.9% slower), so the compressors'
+# weight bytes stream beside the latency-bound launches instead of beside attn_q_b. COMP_FORK
+# "q_b": on such a token, fork them after attn_q_b rather than before attn_q_a. Read at capture.
 COMP_JOIN = "attention"
+COMP_FORK = "q_a"
 
 
 class StaticDecoder:
@@ -359,8 +361,6 @@ class StaticDecoder:
             mixer = m.w.mixer_after(lw.il)
             hc, xn, post, mix, pending = self._update(f, hc, post, mix, mixer or m.w.head_mixer,
                                                       pending, head=mixer is None)
-            if COMP_JOIN == "layer":
-                _join_all(comps)
         # the head's input xn from the last update's launch (CUDA), else the head mixes hc
         logits = (output_logits(m.w, xn, m.comm) if xn is not None
                   else output_head(m.w, hc, s, m.comm))[0]
@@ -411,22 +411,22 @@ class StaticDecoder:
         comps: where its compressor steps' side is left to be joined later (COMP_JOIN)."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
-        side = Side(xn, self.m.overlap and lw.ratio > 0)     # the compressors beside the q/kv path
-        with side:
-            jobs = [(lw.comp, lay.front, lay.comp, False)] if lw.ratio else []
-            if lw.ratio == 4:
-                jobs.append((lw.icomp, lay.ifront, lay.index, True))
-            compressor_steps([(cw, front) for cw, front, _, _ in jobs], xn, pos)
-            if jobs and emit:
-                self._emit(jobs, pos)
+        late = not emit and COMP_JOIN != "attention"
+        fork_late = late and COMP_FORK == "q_b"
+        if not fork_late:
+            side = self._compressors(lw, lay, xn, pos, emit)     # beside the q/kv path
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
+        if fork_late:
+            side = self._compressors(lw, lay, xn, pos, emit)     # after attn_q_b
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
-        if emit or COMP_JOIN == "attention":
-            side.join()
-        else:
+        if COMP_JOIN == "next":
+            _join_all(comps)              # the earlier layers' compressors
+        if late:
             comps.append((side, xn))
+        else:
+            side.join()
         comp = mask = rows = None
         if lw.ratio:
             comp = lay.comp
@@ -440,6 +440,19 @@ class StaticDecoder:
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s,
                              rows=rows)
         return grouped_linear_out(lw, o, s)          # this rank's part: _update all-reduces it
+
+    def _compressors(self, lw, lay: _Layer, xn, pos, emit: bool) -> Side:
+        """The layer's compressor steps on xn (and on a token ending their window, the emissions)
+        on a side stream forked here: the Side to join before anything reads their caches."""
+        side = Side(xn, self.m.overlap and lw.ratio > 0)
+        with side:
+            jobs = [(lw.comp, lay.front, lay.comp, False)] if lw.ratio else []
+            if lw.ratio == 4:
+                jobs.append((lw.icomp, lay.ifront, lay.index, True))
+            compressor_steps([(cw, front) for cw, front, _, _ in jobs], xn, pos)
+            if jobs and emit:
+                self._emit(jobs, pos)
+        return side
 
     def _emit(self, jobs, pos):
         """On a token ending its layer's compressor windows (jobs [(weights, frontier, cache,
