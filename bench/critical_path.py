@@ -112,24 +112,19 @@ VARIANTS = {
     # (session 36) the streams before layer 0 as the embedding expanded and hc_pre's launches
     # (before) instead of an update of empty streams (one hc_step, Sinkhorn beside)
     "first_own": (decode_graph.set_first_update_enabled,),
-    # (session 36, prepared) the decode graphs captured on a high-priority main stream (its
-    # kernels' blocks placed before the side lanes' where both wait for SMs: on a TP=1 step the
-    # KV store starts 1.4 us after attn_q_b in every layer, while the compressors' 1,280
-    # programs run beside); also with the HC mixer's lane as high (torch instantiates graphs
-    # with each node's captured priority). Session 8 measured -1 neutral, before the lanes
-    "prio_main_hi": ((decode_graph, "CAPTURE_PRIORITY", -1),),
-    "prio_main_mix_hi": ((decode_graph, "CAPTURE_PRIORITY", -1), (streams, "LANE_PRIORITY", (0, -1, -1))),
-    # (session 37) a layer's compressor steps joined at the step's end (comp_step*) or before
-    # the next layer's attention (comp_next*) instead of before its own attention, on a token
-    # that ends none of its windows (decode_graph.COMP_JOIN), also forked after attn_q_b
-    # (comp_qb_*: COMP_FORK); _hi: with the main stream at a high priority, so its
-    # latency-bound launches' blocks go before the compressors' where both wait for SMs.
-    # Joined after the layer's FFN update (s37b, since removed): +4.9% / +4.9%
-    **{f"comp_{f}{j}{hi}": ((decode_graph, "COMP_JOIN", j), (decode_graph, "COMP_FORK", "q_b" if f else "q_a"))
-       + (((decode_graph, "CAPTURE_PRIORITY", -1),) if hi else ())
-       for f in ("", "qb_") for j in ("next", "step") for hi in ("", "_hi")},
-    # (session 36, prepared) the greedy pick's logits per program (triton_pick.BV 2048: 64
-    # programs for 129,280; the pick is 9.8 us at TP=1)
+    # (session 37) the compressors joined before the attention on a token that ends none of
+    # their windows and the graphs captured at the default priority (both as up to the
+    # thirty-sixth session), each alone and both (decode_graph.COMP_JOIN "step", CAPTURE_PRIORITY
+    # -1 since s37c). s37a: -1 alone was -0.4% / +0.2%, -0.7% / -0.1% at depth 4096; also
+    # with the HC mixer's lane high -0.2% / +0.3%. s37b, s37c (each the alternative against
+    # the old pair): joined at the step's end at priority 0 -0.9% / -0.6%, -1.5% / -0.4%, +0.3% /
+    # +0.1% at depth 4096; joined after the FFN update +4.9% / +4.9%; before the next layer's
+    # attention -0.1% / +0.2%; forked after attn_q_b no faster (code at d63dd8b)
+    "comp_attn": ((decode_graph, "COMP_JOIN", "attention"),),
+    "prio_default": ((decode_graph, "CAPTURE_PRIORITY", 0),),
+    "comp_attn_prio_default": ((decode_graph, "COMP_JOIN", "attention"), (decode_graph, "CAPTURE_PRIORITY", 0)),
+    # (session 36, s37a) the greedy pick's logits per program (triton_pick.BV 2048: 64 programs
+    # for 129,280; the pick is 9.8 us at TP=1): 512, 1024, 4096 within +0.6% / -0.2%
     **{f"pick_bv{b}": ((triton_pick, "BV", b),) for b in (512, 1024, 4096)},
     # (session 36) the emissions' programs at other warps (EMIT_WARPS 4; --emit4; s36f: all
     # slower)

@@ -245,6 +245,9 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s37d: session 37 closing run, two GPUs (~7 min): TP=2,1 bench with depth 4096 (A/B: the
+#         compressors joined before the attention at priority 0, as before s37c), CUDA goldens
+#         at TP=2, the overlap test, CUDA goldens at TP=1
 #   s37c: session 37, one GPU (~5 min): replay A/B at TP=1 (traced) and TP=2 of the compressors
 #         joined at the step's end or before the next layer's attention, forked before attn_q_a
 #         or after attn_q_b, with and without the main stream high; then at depth 4096
@@ -1533,6 +1536,16 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
   rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s37d ]; then
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (A/B: the compressors joined before the attention at priority 0)"
+  timeout 400 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
+  grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
+  bench_summary
+  python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: (round(v['tok_s'], 1) if isinstance(v, dict) else v) for k, v in r.items() if 'comp_join' in k}) for t, r in rs.items()]"
+  golden 2 static 90
+  log "CUDA tests: the overlap's bit identity (compressors joined at the step's end, before the attention), a runtime on the second GPU"
+  cuda_tests 130 "side_stream or second_gpu" tests_graph.txt tests/test_decode_graph.py
+  golden 1 static 70
 elif [ "$MODE" = s37c ]; then
   V=base,comp_step,comp_step_hi,comp_next,comp_next_hi,comp_qb_step,comp_qb_step_hi,comp_qb_next,comp_qb_next_hi
   log "the compressors joined at the step's end or before the next layer's attention, forked before attn_q_a or after attn_q_b: replay A/B, world 1 (traced: base, comp_step_hi, comp_qb_step_hi)"

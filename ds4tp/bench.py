@@ -609,9 +609,9 @@ def _decode_variants(model, dev, steps, save, res) -> None:
     with _switched_off(triton_attn.set_emit_enabled):
         res["decode_d0_emit_torch"] = time_decode(model, 1, steps, max_ctx=256)
     save()
-    # the graph captured on a stream of high priority instead of the default one (decode_graph.
-    # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)
-    res["decode_d0_priority_high"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)
+    # the graph captured on a stream of the default priority 0 instead of decode_graph.
+    # CAPTURE_PRIORITY (-1: the main stream's kernels go before the side lanes' at 0)
+    res["decode_d0_priority_default"] = time_decode(model, 1, steps, max_ctx=256, priority=0)
     save()
 
 
@@ -648,10 +648,11 @@ def _logits_diff(a: torch.Tensor, b: torch.Tensor) -> dict:
             "same_picks": int((a.argmax(-1) == b.argmax(-1)).sum()), "steps": a.shape[0]}
 
 
-def _decode_and_logits(model, steps: int):
+def _decode_and_logits(model, steps: int, priority: int | None = None):
     """An A/B variant's depth-0 decode, plain and chained, and its logits of 8 greedy steps."""
-    return (time_decode(model, 1, steps, max_ctx=256),
-            time_decode(model, 1, steps, max_ctx=256, chained=True), decode_logits(model, 8))
+    return (time_decode(model, 1, steps, max_ctx=256, priority=priority),
+            time_decode(model, 1, steps, max_ctx=256, chained=True, priority=priority),
+            decode_logits(model, 8))
 
 
 def _bench_rank(comm, dev, cfg):
@@ -758,6 +759,15 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_attn_w4"], res["decode_d0_chained_attn_w4"], ref = _decode_and_logits(model, steps)
         res["attn_warps_logits_vs_4"] = _logits_diff(mine, ref)
         save()
+    # the compressors joined before the attention on every token and the graphs captured at
+    # the default priority 0 (as up to the thirty-sixth session) instead of joined at the
+    # step's end on a token that ends no window, at priority -1 (decode_graph.COMP_JOIN,
+    # CAPTURE_PRIORITY): the same math on other streams, so the same bits
+    with _setting(decode_graph, "COMP_JOIN", "attention"):
+        res["decode_d0_comp_join_attention"], res["decode_d0_chained_comp_join_attention"], ref = \
+            _decode_and_logits(model, steps, priority=0)
+    res["comp_join_logits_equal_attention"] = bool(torch.equal(mine, ref))
+    save()
     # the streamed weights' loads as plain __ldg (as up to the thirty-fifth session) instead of
     # with the streaming operator (common.cuh wld): the same math, so the same bits
     from ds4tp.kernels import cuda_c
@@ -793,6 +803,11 @@ def _bench_rank(comm, dev, cfg):
         with _setting(cuda_c, "VARIANT_DEFINES", PLAIN_WEIGHT_LOADS):   # as at depth 0 above
             res["decode_deep_chained_weights_ldg"] = time_decode(model, depth, steps, max_ctx=ctx,
                                                                  chained=True)
+        save()
+        # the same with the compressors joined before the attention, at priority 0 (as at depth 0)
+        with _setting(decode_graph, "COMP_JOIN", "attention"):
+            res["decode_deep_chained_comp_join_attention"] = time_decode(
+                model, depth, steps, max_ctx=ctx, chained=True, priority=0)
         save()
         # the same with the HC step at 8 warps a program
         with _setting(triton_hc, "HC_STEP_WARPS", 8):

@@ -61,12 +61,14 @@ class _Layer:
     ifront: _Frontier | None
 
 
-# The priority of the streams graphs are captured on (CUDA: lower is higher). One H200, TP=1,
-# 0 (the default) against -1 in the same run: before programmatic dependent launch -1 was worth
-# 0-8% (bench/results/*_s7_*); with it, 0 measured 157.3 / 150.6, 155.8 / 155.9, 154.9 / 152.3
-# and 156.9 / 156.1 tok/s (bench/results/bench_h200_tp1_s8_*): at most 0.1 tok/s slower, so the
-# default priority again.
-CAPTURE_PRIORITY = 0
+# The priority of the streams graphs are captured on (CUDA: lower is higher; torch instantiates
+# graphs with each kernel's captured priority, so the main stream's blocks are placed before
+# the side lanes' at priority 0 where both wait for SMs). Session 8 measured -1 neutral before
+# the side lanes (bench/results/bench_h200_tp1_s8_*); since the compressors join at the step's
+# end (COMP_JOIN), -1 keeps them from holding back the latency-bound main launches: s37b/s37c's
+# replays (43 layers, -1 with COMP_JOIN "step" against 0 with "attention"): TP=2 rank -1.4% /
+# -1.6% at depth 1, -0.7% / -1.0% at 4096; TP=1 -0.4% / 0.0%, -0.9% / -0.9%; bit-equal.
+CAPTURE_PRIORITY = -1
 
 # How the static decoder schedules the HC mixers' Sinkhorn (benchmarks switch each off in turn):
 # beside the sublayer (hc_step without it, then hc_mix on a side stream) rather than inside
@@ -80,14 +82,15 @@ set_mix_lane_enabled = _mix_lane_switch.set
 _first_update_switch = Switch()
 set_first_update_enabled = _first_update_switch.set
 # Where a layer's compressor steps on the side stream join the main stream on a token that ends
-# none of its windows (nothing the attention reads is written then: the frontier is read only by
-# the next token's step and the emissions, in order on the same lane): "attention" (before the
-# layer's attention, as on an emitting token), "step" (at the step's end) or "next" (before the
-# next layer's attention; s37b: after the layer's FFN update was 4.9% slower), so the compressors'
-# weight bytes stream beside the latency-bound launches instead of beside attn_q_b. COMP_FORK
-# "q_b": on such a token, fork them after attn_q_b rather than before attn_q_a. Read at capture.
-COMP_JOIN = "attention"
-COMP_FORK = "q_a"
+# none of its windows: "step" (at the step's end), or "attention" (before the layer's attention,
+# as on a token that ends one, whose attention reads the emitted row). Nothing the attention
+# reads is written on such a token: the frontier is read only by the next token's step and the
+# emissions, in order on the same lane. At TP=1 the attention waited for the compressor pair's
+# 1,280 programs beside attn_q_b (s37a's trace); joined at the step's end they stream beside
+# the later launches. Measured with CAPTURE_PRIORITY above (s37b, s37c; removed after: joined
+# after the layer's FFN update +4.9% at both widths, before the next layer's attention -0.1%
+# to -0.3% / +0.2% to +0.3%, forked after attn_q_b no faster; code at d63dd8b). Read at capture.
+COMP_JOIN = "step"
 
 
 class StaticDecoder:
@@ -408,25 +411,19 @@ class StaticDecoder:
 
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool, comps: list):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E].
-        comps: where its compressor steps' side is left to be joined later (COMP_JOIN)."""
+        comps: where its compressor steps' side is left to be joined at the step's end
+        (COMP_JOIN), with xn, which they read."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
-        late = not emit and COMP_JOIN != "attention"
-        fork_late = late and COMP_FORK == "q_b"
-        if not fork_late:
-            side = self._compressors(lw, lay, xn, pos, emit)     # beside the q/kv path
+        side = self._compressors(lw, lay, xn, pos, emit)         # beside the q/kv path
         qa, kv_lin = linear(lw.q_a_kv, xn).split([lw.q_a.shape[0], s.head_dim], -1)
         qb = linear_normed(lw.q_b, qa, lw.q_a_norm)                          # [1, H_l*D]
-        if fork_late:
-            side = self._compressors(lw, lay, xn, pos, emit)     # after attn_q_b
         rope = self.rope[lw.ratio > 0]                                       # cos, sin tables
         store_kv_row(kv_lin, lw.kv_norm, *rope, pos, lay.raw, lay.raw_pos, s)
-        if COMP_JOIN == "next":
-            _join_all(comps)              # the earlier layers' compressors
-        if late:
-            comps.append((side, xn))
-        else:
+        if emit or COMP_JOIN == "attention":
             side.join()
+        else:
+            comps.append((side, xn))          # joined at the step's end
         comp = mask = rows = None
         if lw.ratio:
             comp = lay.comp
