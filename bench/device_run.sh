@@ -245,6 +245,9 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s37e: session 37, two GPUs (~5 min): the served path at TP=2 on a synthetic GGUF of the full
+#         model's first 8 layers (load, gateway, sampling, worker 1 killed mid-stream) with the
+#         compressors joined at the step's end
 #   s37d: session 37 closing run, two GPUs (~7 min): TP=2,1 bench with depth 4096 (A/B: the
 #         compressors joined before the attention at priority 0, as before s37c), CUDA goldens
 #         at TP=2, the overlap test, CUDA goldens at TP=1
@@ -1536,6 +1539,16 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
   rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s37e ]; then
+  log "synth, the full model's first 8 layers (parallel)"
+  t0=$(date +%s)
+  timeout 150 python3 -m ds4tp synth --preset full --layers 8 --seed 0 --jobs 32 --out /tmp/full8.gguf > "$OUT/synth_log.txt" 2>&1
+  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
+  log "serve end to end, TP=2 on two GPUs (8 layers), worker 1 killed mid-stream"
+  timeout 330 python3 bench/serve_e2e.py --model /tmp/full8.gguf --device cuda --nodes 2 --ctx 8192 \
+    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
+  grep -i "loaded in\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  rm -f /tmp/full8.gguf
 elif [ "$MODE" = s37d ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (A/B: the compressors joined before the attention at priority 0)"
   timeout 400 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
