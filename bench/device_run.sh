@@ -245,6 +245,8 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s37f: session 37 closing check, two GPUs (~6 min): the decode graphs' CUDA tests, then s37e
+#         through the serve_synth helper
 #   s37e: session 37, two GPUs (~5 min): the served path at TP=2 on a synthetic GGUF of the full
 #         model's first 8 layers (load, gateway, sampling, worker 1 killed mid-stream) with the
 #         compressors joined at the step's end
@@ -544,18 +546,25 @@ twins_bench() {
   python3 -c "import json; rs=json.load(open('$OUT/bench.json'))['runs']; [print(t, {k: r.get(k) for k in ('decode_order_weights', 'iq2_decode_order_weights', 'decode_order_logits_equal_gguf', 'tables_logits_equal_one_table', 'down_prefetch_logits_equal_without', 'kv_row_logits_equal_own_launch', 'spark_projection', 'build_s', 'prefill') if k in r}, {k: v['us'] for k, v in r['profile']['kernels'].items() if v['us'] > 50}) for t, r in rs.items()]"
 }
 # the full-size GGUF synthesised, then the served path end to end at TP=2 on two GPUs:
-# serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
-serve_full() {
-  local ts=$1 tv=$2; shift 2
-  log "synth full (parallel)"
+# the served path end to end on a synthetic GGUF of the full model (LAYERS: all, or its first
+# N layers), synthesised first, at TP=NODES on as many GPUs:
+# serve_synth NODES LAYERS SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options, e.g. --kill 1]
+serve_synth() {
+  local nodes=$1 layers=$2 ts=$3 tv=$4; shift 4
+  local lay=(); [ "$layers" = all ] || lay=(--layers "$layers")
+  log "synth full, layers: $layers (parallel)"
   local t0=$(date +%s)
-  timeout "$ts" python3 -m ds4tp synth --preset full --seed 0 --jobs 32 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
+  timeout "$ts" python3 -m ds4tp synth --preset full "${lay[@]}" --seed 0 --jobs "$(nproc)" --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
   echo "synth: status $? in $(( $(date +%s) - t0 )) s"
-  log "serve end to end, TP=2 on two GPUs $*"
-  timeout "$tv" python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 2 --ctx 8192 \
+  log "serve end to end, TP=$nodes on $nodes GPU(s) $*"
+  timeout "$tv" python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes "$nodes" --ctx 8192 \
     --long-words 800 --tokens 256 "$@" --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
-  grep -i "warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
+  grep -i "loaded in\|warm-up\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
   rm -f /tmp/full.gguf
+}
+# serve_full SYNTH_TIMEOUT_S SERVE_TIMEOUT_S [serve_e2e options]: serve_synth at TP=2, all layers
+serve_full() {
+  serve_synth 2 all "$@"
 }
 # Nsight Compute's stall reasons per issued instruction of the routed kernels matching REGEX
 # (bench/ncu_experts.py ARGS, its first N launches after N skipped): ncu_stalls TIMEOUT_S REGEX N ARGS
@@ -1539,16 +1548,12 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
   rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s37f ]; then
+  log "CUDA tests: the decode graphs on the final code (the compressors joined at the step's end, priority -1)"
+  cuda_tests 200 "cuda" tests_graph.txt tests/test_decode_graph.py
+  serve_synth 2 8 150 300 --kill 1
 elif [ "$MODE" = s37e ]; then
-  log "synth, the full model's first 8 layers (parallel)"
-  t0=$(date +%s)
-  timeout 150 python3 -m ds4tp synth --preset full --layers 8 --seed 0 --jobs 32 --out /tmp/full8.gguf > "$OUT/synth_log.txt" 2>&1
-  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
-  log "serve end to end, TP=2 on two GPUs (8 layers), worker 1 killed mid-stream"
-  timeout 330 python3 bench/serve_e2e.py --model /tmp/full8.gguf --device cuda --nodes 2 --ctx 8192 \
-    --long-words 800 --tokens 256 --kill 1 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
-  grep -i "loaded in\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
-  rm -f /tmp/full8.gguf
+  serve_synth 2 8 150 330 --kill 1
 elif [ "$MODE" = s37d ]; then
   log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (A/B: the compressors joined before the attention at priority 0)"
   timeout 400 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
@@ -1675,15 +1680,7 @@ elif [ "$MODE" = s32c ]; then
   sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w2.txt" | head -4
   grep -A24 "span by role\|Error" "$OUT/critical_path_w2.txt" | head -28
 elif [ "$MODE" = s32h ]; then
-  log "synth full (parallel)"
-  t0=$(date +%s)
-  timeout 150 python3 -m ds4tp synth --preset full --layers 8 --seed 0 --jobs 16 --out /tmp/full.gguf > "$OUT/synth_log.txt" 2>&1
-  echo "synth: status $? in $(( $(date +%s) - t0 )) s"
-  log "serve end to end, TP=1 on one GPU"
-  timeout 300 python3 bench/serve_e2e.py --model /tmp/full.gguf --device cuda --nodes 1 --ctx 8192 \
-    --long-words 800 --tokens 256 --out "$OUT/serve_e2e.json" --log "$OUT/serve_launch.log" 2>&1 | cut -c1-900
-  grep -i "loaded in\|ready in\|error\|Traceback" "$OUT/serve_launch.log" | head -20
-  rm -f /tmp/full.gguf
+  serve_synth 1 8 150 300
 elif [ "$MODE" = s32g ]; then
   log "CUDA twins: the routed kernels on the decode order, the prefill's tensor-core kernels, graphs"
   timeout 400 python3 -m pytest -q -rf tests/test_kernels.py tests/test_decode_graph.py \
