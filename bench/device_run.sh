@@ -245,6 +245,10 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s38a: prepared in session 37, one GPU (~6 min): the decode graphs' indexer test (kernels
+#         against the torch twins, each step from its own session) with the compressors joined
+#         before the attention and at the step's end (decode_graph.COMP_JOIN), twice: s37f
+#         failed its [listed] form with "step"; a race or a near tie in the selection
 #   s37f: session 37 closing check, two GPUs (~6 min): the decode graphs' CUDA tests, then s37e
 #         through the serve_synth helper
 #   s37e: session 37, two GPUs (~5 min): the served path at TP=2 on a synthetic GGUF of the full
@@ -1548,6 +1552,13 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
   rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s38a ]; then
+  for i in 1 2; do
+    log "CUDA test, run $i of 2: the decode graphs' indexer against its torch twins, the compressors joined before the attention and at the step's end"
+    cuda_tests 200 "index_kernels" tests_index_$i.txt tests/test_decode_graph.py
+  done
+  log "CUDA tests: the overlap's bit identity with both joins"
+  cuda_tests 120 "side_stream" tests_overlap.txt tests/test_decode_graph.py
 elif [ "$MODE" = s37f ]; then
   log "CUDA tests: the decode graphs on the final code (the compressors joined at the step's end, priority -1)"
   cuda_tests 200 "cuda" tests_graph.txt tests/test_decode_graph.py

@@ -62,13 +62,11 @@ class _Layer:
 
 
 # The priority of the streams graphs are captured on (CUDA: lower is higher; torch instantiates
-# graphs with each kernel's captured priority, so the main stream's blocks are placed before
-# the side lanes' at priority 0 where both wait for SMs). Session 8 measured -1 neutral before
-# the side lanes (bench/results/bench_h200_tp1_s8_*); since the compressors join at the step's
-# end (COMP_JOIN), -1 keeps them from holding back the latency-bound main launches: s37b/s37c's
-# replays (43 layers, -1 with COMP_JOIN "step" against 0 with "attention"): TP=2 rank -1.4% /
-# -1.6% at depth 1, -0.7% / -1.0% at 4096; TP=1 -0.4% / 0.0%, -0.9% / -0.9%; bit-equal.
-CAPTURE_PRIORITY = -1
+# graphs with each kernel's captured priority, so below 0 the main stream's blocks are placed
+# before the side lanes' where both wait for SMs). Session 8 measured -1 neutral before the side
+# lanes (bench/results/bench_h200_tp1_s8_*); s37a measured it alone at -0.4% / +0.2% (TP=2 rank /
+# TP=1 replay, depth 1). With COMP_JOIN "step" below it was the faster of the two priorities.
+CAPTURE_PRIORITY = 0
 
 # How the static decoder schedules the HC mixers' Sinkhorn (benchmarks switch each off in turn):
 # beside the sublayer (hc_step without it, then hc_mix on a side stream) rather than inside
@@ -82,15 +80,20 @@ set_mix_lane_enabled = _mix_lane_switch.set
 _first_update_switch = Switch()
 set_first_update_enabled = _first_update_switch.set
 # Where a layer's compressor steps on the side stream join the main stream on a token that ends
-# none of its windows: "step" (at the step's end), or "attention" (before the layer's attention,
-# as on a token that ends one, whose attention reads the emitted row). Nothing the attention
+# none of its windows: "attention" (before the layer's attention, as on a token that ends one,
+# whose attention reads the emitted row) or "step" (at the step's end). Nothing the attention
 # reads is written on such a token: the frontier is read only by the next token's step and the
 # emissions, in order on the same lane. At TP=1 the attention waited for the compressor pair's
 # 1,280 programs beside attn_q_b (s37a's trace); joined at the step's end they stream beside
-# the later launches. Measured with CAPTURE_PRIORITY above (s37b, s37c; removed after: joined
-# after the layer's FFN update +4.9% at both widths, before the next layer's attention -0.1%
-# to -0.3% / +0.2% to +0.3%, forked after attn_q_b no faster; code at d63dd8b). Read at capture.
-COMP_JOIN = "step"
+# the later launches. "step" with CAPTURE_PRIORITY -1 (s37b, s37c replays, bit-equal): TP=2 rank
+# -1.4% / -1.6% at depth 1, -0.7% / -1.0% at 4096; TP=1 -0.4% / 0.0%, -0.9% / -0.9%; in the
+# bench (s37d) within its noise. It was the default for s37d-s37f, and is off again: s37f's
+# test_index_kernels_in_the_graph_on_cuda[listed] failed with it (the kernels' logits against
+# the indexer's torch twins at the last, emitting step), where s36h had passed on the code
+# before. s38a runs that test with both joins, twice, to tell a race from a near tie. Removed
+# after s37b/s37c: joined after the layer's FFN update (+4.9% at both widths), before the next
+# layer's attention, forked after attn_q_b (no faster; code at d63dd8b). Read at capture.
+COMP_JOIN = "attention"
 
 
 class StaticDecoder:
@@ -412,7 +415,7 @@ class StaticDecoder:
     def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool, comps: list):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E].
         comps: where its compressor steps' side is left to be joined at the step's end
-        (COMP_JOIN), with xn, which they read."""
+        (COMP_JOIN "step"), with xn, which they read."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
         side = self._compressors(lw, lay, xn, pos, emit)         # beside the q/kv path
@@ -423,7 +426,7 @@ class StaticDecoder:
         if emit or COMP_JOIN == "attention":
             side.join()
         else:
-            comps.append((side, xn))          # joined at the step's end
+            comps.append((side, xn))          # joined at the step's end (COMP_JOIN "step")
         comp = mask = rows = None
         if lw.ratio:
             comp = lay.comp
