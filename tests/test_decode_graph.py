@@ -463,6 +463,9 @@ def _pdl_then_switched_off(m, st, toks, max_ctx, set_enabled, each: bool = False
 
 def _same_then_close(runs, rtol, atol_frac):
     """runs[0] and runs[1] bit-identical (PDL on and off), runs[2] close to them."""
+    d = (runs[0] - runs[2]).abs().amax(-1)          # per step: shown with a failure
+    print("per step max |dlogit| against the switched-off path:", [round(float(v), 4) for v in d],
+          "same argmax:", (runs[0].argmax(-1) == runs[2].argmax(-1)).tolist())
     assert torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1])
     assert torch.allclose(runs[0], runs[2], rtol=rtol, atol=atol_frac * float(runs[2].abs().max()))
