@@ -245,7 +245,7 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
-#   s38a: prepared in session 37, one GPU (~6 min): the decode graphs' indexer test (kernels
+#   s38a: prepared in session 37, one GPU (~7 min): the decode graphs' indexer test (kernels
 #         against the torch twins, each step from its own session) with the compressors joined
 #         before the attention and at the step's end (decode_graph.COMP_JOIN), twice: s37f
 #         failed its [listed] form with "step"; a race or a near tie in the selection
@@ -1555,7 +1555,7 @@ elif [ "$MODE" = s36d ]; then
 elif [ "$MODE" = s38a ]; then
   for i in 1 2; do
     log "CUDA test, run $i of 2: the decode graphs' indexer against its torch twins, the compressors joined before the attention and at the step's end"
-    cuda_tests 200 "index_kernels" tests_index_$i.txt tests/test_decode_graph.py
+    cuda_tests 260 "index_kernels" tests_index_$i.txt tests/test_decode_graph.py
   done
   log "CUDA tests: the overlap's bit identity with both joins"
   cuda_tests 120 "side_stream" tests_overlap.txt tests/test_decode_graph.py
