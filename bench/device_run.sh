@@ -255,15 +255,16 @@
 #         model's first 8 layers (load, gateway, sampling, worker 1 killed mid-stream) with the
 #         compressors joined at the step's end
 #   s37d: session 37 closing run, two GPUs (~7 min): TP=2,1 bench with depth 4096 (A/B: the
-#         compressors joined before the attention at priority 0, as before s37c), CUDA goldens
-#         at TP=2, the overlap test, CUDA goldens at TP=1
-#   s37c: session 37, one GPU (~5 min): replay A/B at TP=1 (traced) and TP=2 of the compressors
-#         joined at the step's end or before the next layer's attention, forked before attn_q_a
-#         or after attn_q_b, with and without the main stream high; then at depth 4096
-#   s37b: session 37, one GPU (~5 min): the overlap test with the compressors joined later
-#         (decode_graph.COMP_JOIN), replay A/B at TP=2 and TP=1 of the joins after the layer
-#         and at the step's end (also with the main stream high), at depth 1, on a step that
-#         emits, at depth 4096
+#         compressors' other join; it ran with the late join as the default, at 5ee6d3f), CUDA
+#         goldens at TP=2, the overlap test, CUDA goldens at TP=1
+#   s37c: session 37, one GPU (~5 min; its variants at d63dd8b): replay A/B at TP=2 and TP=1
+#         (traced) of the compressors joined at the step's end or before the next layer's
+#         attention, forked before attn_q_a or after attn_q_b, with and without the main stream
+#         high; then at depth 4096 (it traced only TP=1 and wrote its tables itself)
+#   s37b: session 37, one GPU (~5 min; comp_layer at efe09cf): the overlap test with the
+#         compressors joined later (decode_graph.COMP_JOIN), replay A/B at TP=2 and TP=1 of the
+#         joins after the layer and at the step's end (also with the main stream high), at
+#         depth 1, on a step that emits, at depth 4096
 #   s37a: prepared in session 36, one GPU (~4 min): replay A/B at TP=2 and TP=1 of the decode
 #         graphs captured on a high-priority main stream (prio_main_hi; with the HC mixer's lane
 #         as high, prio_main_mix_hi) and of the greedy pick's logits a program (pick_bv512,
@@ -656,8 +657,6 @@ for defs in map(ast.literal_eval, sys.argv[2:]):
     print(defs or "default", n, "cases passed")
 PY
 }
-# the 43-layer step's variants replay-timed round-robin and the first traced (bench/critical_path.py),
-# at world 2 (rank 0's shard, collectives removed) then 1: replay_ab VARIANTS WHAT [critical_path ARGS]
 # the CUDA C twin cases whose names contain one of NAMES (comma-separated), each run and
 # reported on its own (a failure does not stop the others): new_twins TIMEOUT_S NAMES
 new_twins() {
@@ -675,11 +674,14 @@ for i, (name, fn, a) in enumerate(kc.cuda_c_cases()):
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 PY
 }
+# the 43-layer step's variants replay-timed round-robin and traced (bench/critical_path.py; TRACE:
+# the variants to trace, base by default), at world 2 (rank 0's shard, collectives removed) then
+# 1: [TRACE=V,..] replay_ab VARIANTS WHAT [critical_path ARGS]
 replay_ab() {
   local variants=$1 what=$2; shift 2
   for w in 2 1; do
     log "$what: replay A/B, world $w"
-    timeout 200 python3 bench/critical_path.py --world $w --variants "$variants" --trace base "$@" \
+    timeout 200 python3 bench/critical_path.py --world $w --variants "$variants" --trace "${TRACE:-base}" "$@" \
       --json "$OUT/critical_path_w$w.json" 2>&1 | grep -v Warn > "$OUT/critical_path_w$w.txt"
     sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_w$w.txt" | head -12
     grep -A18 "span by role\|Error" "$OUT/critical_path_w$w.txt" | head -22
@@ -1566,7 +1568,7 @@ elif [ "$MODE" = s37f ]; then
 elif [ "$MODE" = s37e ]; then
   serve_synth 2 8 150 330 --kill 1
 elif [ "$MODE" = s37d ]; then
-  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (A/B: the compressors joined before the attention at priority 0)"
+  log "bench, 43 layers, TP=2,1, depth 0 and 4096, prefill 2048 (A/B: the compressors' other join, decode_graph.COMP_JOIN)"
   timeout 400 python3 -m ds4tp bench --tp 2,1 --depth 4096 --no-ab --out "$OUT/bench.json" > "$OUT/bench_log.txt" 2>&1
   grep -v '^{' "$OUT/bench_log.txt" | grep -i "error\|Traceback" | tail -5
   bench_summary
@@ -1576,18 +1578,8 @@ elif [ "$MODE" = s37d ]; then
   cuda_tests 130 "side_stream or second_gpu" tests_graph.txt tests/test_decode_graph.py
   golden 1 static 70
 elif [ "$MODE" = s37c ]; then
-  V=base,comp_step,comp_step_hi,comp_next,comp_next_hi,comp_qb_step,comp_qb_step_hi,comp_qb_next,comp_qb_next_hi
-  log "the compressors joined at the step's end or before the next layer's attention, forked before attn_q_a or after attn_q_b: replay A/B, world 1 (traced: base, comp_step_hi, comp_qb_step_hi)"
-  timeout 200 python3 bench/critical_path.py --world 1 --variants "$V" --trace base,comp_step_hi,comp_qb_step_hi \
-    --json "$OUT/critical_path_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_d1_w1.txt"
-  sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_d1_w1.txt" | head -12
-  grep -i "error\|Traceback" "$OUT/critical_path_d1_w1.txt" | head -5
-  log "the same, world 2"
-  timeout 200 python3 bench/critical_path.py --world 2 --variants "$V" --trace none \
-    --json "$OUT/critical_path_w2.json" 2>&1 | grep -v Warn > "$OUT/critical_path_d1_w2.txt"
-  sed -n '/us per replay (best/,/^variant/p' "$OUT/critical_path_d1_w2.txt" | head -12
-  grep -i "error\|Traceback" "$OUT/critical_path_d1_w2.txt" | head -5
-  rm -f "$OUT"/critical_path_w?.json
+  TRACE=base,comp_step_hi,comp_qb_step_hi replay_ab base,comp_step,comp_step_hi,comp_next,comp_next_hi,comp_qb_step,comp_qb_step_hi,comp_qb_next,comp_qb_next_hi "the compressors joined at the step's end or before the next layer's attention, forked before attn_q_a or after attn_q_b"
+  replay_keep d1
   replay_ab base,comp_step_hi,comp_next_hi,comp_qb_step_hi,comp_qb_next_hi "depth 4096: the compressors joined later" --depth 4096
   replay_keep d4096
   rm -f "$OUT"/critical_path_w?.txt
