@@ -133,6 +133,17 @@ VARIANTS = {
     **{f"emit_w{w}": ((triton_attn, "EMIT_WARPS", w),) for w in (2, 8, 16)},
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
+    # (session 37) the Q8_0 matvec's prefetch into L2 before the PDL wait: the first 2 steps of
+    # the warp's first rows, or all of them (matvec.cu Q_PRE; 1 step before), so that more of
+    # its bytes come while the latency-bound launch ahead runs
+    "q8_pre2": ((cuda_matvec, "Q_PRE", 2),),
+    "q8_pre_all": ((cuda_matvec, "Q_PRE", 0),),
+    # (session 37) the routed launches at fewer warps a block: at 16 each fills the register
+    # file, so neither shares an SM with the launch ahead and its weight loads before the PDL
+    # wait (the shared expert's rows) start only when that launch has left the SM
+    **{f"gu_w{w}": ((cuda_experts, "A_WARPS", w),) for w in (8, 12)},
+    "dn_w8": ((cuda_experts, "B_WARPS", 8),),
+    **{f"exp_w{w}": ((cuda_experts, "A_WARPS", w), (cuda_experts, "B_WARPS", w)) for w in (8, 12)},
 }
 
 

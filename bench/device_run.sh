@@ -245,6 +245,10 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
+#   s39a: session 38, one GPU (~5 min): replay A/B at TP=2 and TP=1 of the Q8_0 matvec's
+#         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
+#         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
+#         late join at priority -1
 #   s38a: prepared in session 37, one GPU (~7 min): the decode graphs' indexer test (kernels
 #         against the torch twins, each step from its own session) with the compressors joined
 #         before the attention and at the step's end (decode_graph.COMP_JOIN), twice: s37f
@@ -1554,6 +1558,9 @@ elif [ "$MODE" = s36d ]; then
   replay_ab base,emit_two,comp_triton "a step that emits: the emissions' pair, the compressors in CUDA C" --emit4
   replay_keep emit
   rm -f "$OUT"/critical_path_w?.txt
+elif [ "$MODE" = s39a ]; then
+  TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
 elif [ "$MODE" = s38a ]; then
   for i in 1 2; do
     log "CUDA test, run $i of 2: the decode graphs' indexer against its torch twins, the compressors joined before the attention and at the step's end"

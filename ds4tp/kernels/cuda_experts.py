@@ -26,6 +26,11 @@ from ds4tp.kernels import cuda_c
 from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
 
 WARPS = 16         # warps per block (H200 sweep: 23.5 vs 24.9 us gate/up, 15.8 vs 17.3 down at 8)
+# The one-token decode launches' warps per block, read at call time (benchmarks time others): the
+# gate/up kernel (A) and the down kernel (B). At 16 warps each needs the whole register file
+# (128 / 126 registers a thread), so no other kernel's block shares its SM.
+A_WARPS = WARPS
+B_WARPS = WARPS
 A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 16-byte pieces)
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
@@ -105,7 +110,7 @@ def _q8_0_split(w, n_in: int, max_cpr: int):
 
 
 def swiglu(w_gate, w_up, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, clamp: float,
-           rpc: int | None = None, warps: int = WARPS, shared=None):
+           rpc: int | None = None, warps: int | None = None, shared=None):
     """mid [T, K, N] = swiglu_clamped(gate_e . x_t, up_e . x_t, clamp) * weights[t, k] (zeros for
     id -1), x [T, n_in] shared by the slots; None if not covered. With `shared` (the shared
     expert's gate|up, Q8_0 [2F, n_in]; one token): (mid, gu [1, 2F] = shared . x, the Q8_0
@@ -126,7 +131,7 @@ def takes_decode_order(device: torch.device) -> bool:
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return (cuda_c.kernel("experts.cu", "iq2xxs_swiglu", idx,
-                          (("WARPS", WARPS),) + _swiglu_defines(True, True)) is not None
+                          (("WARPS", A_WARPS),) + _swiglu_defines(True, True)) is not None
             and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, _MMA_DL) is not None)
 
 
@@ -152,7 +157,7 @@ set_route_enabled = _route_switch.set   # benchmarks time the choice's own launc
 
 def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid2eid, tokens,
                   k: int, floor: float, scale: float, clamp: float, shared=None,
-                  rpc: int | None = None, warps: int = WARPS):
+                  rpc: int | None = None, warps: int | None = None):
     """swiglu with the expert choice in the same launch: each block chooses its token's k experts
     from the router logits [T, n_expert] float32 as ds4tp.model.route_select does (bias
     [n_expert] float32 or None; tid2eid [V, k] int64 for a hash layer, with tokens [T] int64 on
@@ -191,6 +196,7 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
 def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared):
     """The gate/up launch of swiglu (route None: ids64, rw given) or swiglu_routed (route: the
     choice's arguments; ids64, rw its outputs)."""
+    warps = warps or A_WARPS
     if not w_gate.qtype == IQ2_XXS == w_up.qtype:
         return None
     E, N, n_in = w_gate.shape
@@ -233,7 +239,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
 
 
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
-             warps: int = WARPS, shared=None, gu: torch.Tensor | None = None,
+             warps: int | None = None, shared=None, gu: torch.Tensor | None = None,
              clamp: float = 0.0) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
     x [T, K, n_in] one activation per slot; None if not covered. With `shared` (the shared
@@ -242,6 +248,7 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     launch."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
         return None
+    warps = warps or B_WARPS
     E, N, n_in = w.shape
     kb = n_in // 256
     raw = w.raw

@@ -73,19 +73,25 @@ __device__ __forceinline__ void q8_0_rows(const signed char* __restrict__ q,
     }
 }
 
-// The first step's pieces of this warp's rows into L2, so that they arrive while the block
-// quantises its input (and, launched with PDL, while the kernel ahead finishes).
+#ifndef Q_PRE
+#define Q_PRE 1                 // steps of the warp's first rows prefetched before the wait (0: all)
+#endif
+
+// The first Q_PRE steps' pieces of this warp's first rows into L2 (Q_PRE 0: every step of them),
+// so that they arrive while the block quantises its input (and, launched with PDL, while the
+// kernel ahead finishes).
 template <int CPR>
 __device__ __forceinline__ void q8_0_prefetch(const signed char* q, long long row0, int nrows,
                                               int lane, int warp) {
     constexpr int U = CPR < LOADS ? CPR : LOADS;
     constexpr int R = LOADS / U;
+    constexpr int S = (Q_PRE == 0 || Q_PRE * U > CPR) ? CPR / U : Q_PRE;
 #pragma unroll
     for (int r = 0; r < R; r++) {
         if (warp + r * WARPS < nrows) {
             const signed char* p = q + (row0 + warp + r * WARPS) * (512LL * CPR);
 #pragma unroll
-            for (int u = 0; u < U; u++) l2_prefetch_warp(p + 512 * u, lane);
+            for (int u = 0; u < U * S; u++) l2_prefetch_warp(p + 512 * u, lane);
         }
     }
 }
