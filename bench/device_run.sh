@@ -249,6 +249,9 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s39b: session 38, one GPU (~4 min): the decode graphs' indexer test with the compressors'
+#         late join at capture priority -1 (s37f's configuration; s38a ran "step" at 0), three
+#         times, then the overlap test
 #   s38a: prepared in session 37, one GPU (~7 min): the decode graphs' indexer test (kernels
 #         against the torch twins, each step from its own session) with the compressors joined
 #         before the attention and at the step's end (decode_graph.COMP_JOIN), twice: s37f
@@ -1561,6 +1564,14 @@ elif [ "$MODE" = s36d ]; then
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
   replay_keep d1
+elif [ "$MODE" = s39b ]; then
+  for i in 1 2 3; do
+    log "CUDA test, run $i of 3: the decode graphs' indexer against its torch twins, the compressors joined at the step's end, priority -1"
+    cuda_tests 200 "index_kernels and step_hi" tests_index_$i.txt -s tests/test_decode_graph.py
+    grep "per step max" "$OUT/tests_index_$i.txt" | cut -c1-400
+  done
+  log "CUDA tests: the overlap's bit identity with both joins"
+  cuda_tests 120 "side_stream" tests_overlap.txt tests/test_decode_graph.py
 elif [ "$MODE" = s38a ]; then
   for i in 1 2; do
     log "CUDA test, run $i of 2: the decode graphs' indexer against its torch twins, the compressors joined before the attention and at the step's end"

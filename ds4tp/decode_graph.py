@@ -100,13 +100,13 @@ class StaticDecoder:
     """One sequence, decode only, static buffers; graphs on CUDA when use_graphs."""
 
     def __init__(self, model: DS4Model, max_ctx: int, *, use_graphs: bool | None = None,
-                 priority: int = CAPTURE_PRIORITY):
+                 priority: int | None = None):
         """priority: of the streams the graphs are warmed up and captured on (CUDA: lower is
-        higher). torch instantiates graphs with each kernel's captured priority, so below 0 the
-        main stream's kernels go before the side stream's (ds4tp.streams, default priority)
-        where both wait for SMs."""
+        higher; None: CAPTURE_PRIORITY, read here). torch instantiates graphs with each kernel's
+        captured priority, so below 0 the main stream's kernels go before the side stream's
+        (ds4tp.streams, default priority) where both wait for SMs."""
         self.m, self.s = model, model.shape
-        self.priority = priority
+        self.priority = CAPTURE_PRIORITY if priority is None else priority
         s, dev = self.s, model.device
         self.max_ctx = max_ctx
         self.dev = dev

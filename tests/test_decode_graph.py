@@ -547,7 +547,7 @@ def test_sinkhorn_beside_the_sublayer_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 @pytest.mark.parametrize("listed", [False, True])
-@pytest.mark.parametrize("comp_join", ["attention", "step"])
+@pytest.mark.parametrize("comp_join", ["attention", "step", "step_hi"])
 def test_index_kernels_in_the_graph_on_cuda(listed, comp_join, monkeypatch):
     """The indexer's two launches (triton_attn.index_scores, topk_mask) inside graph-replayed
     steps of a 4-layer full-width model past 2048 tokens (more than 512 rows visible, so the
@@ -558,12 +558,14 @@ def test_index_kernels_in_the_graph_on_cuda(listed, comp_join, monkeypatch):
     mask (the twins' selection is a mask). Chained steps compounded the two paths' last-bit
     differences: s36g's run, after a change to the first HC update's summation order, failed
     the closeness where every kernel's twin held. comp_join: where the compressors join on a
-    token that ends none of their windows (decode_graph.COMP_JOIN; s37f failed [listed] with
-    "step", its default then)."""
+    token that ends none of their windows (decode_graph.COMP_JOIN; step_hi: "step" with the
+    graphs captured at priority -1, decode_graph.CAPTURE_PRIORITY, as in s37f, which failed
+    [listed] with it, its default then; s38a passed "step" at priority 0 twice)."""
     from ds4tp import decode_graph
     from ds4tp.kernels import triton_attn
     monkeypatch.setattr(triton_attn, "ATTN_ROWS", listed)
-    monkeypatch.setattr(decode_graph, "COMP_JOIN", comp_join)
+    monkeypatch.setattr(decode_graph, "COMP_JOIN", comp_join.removesuffix("_hi"))
+    monkeypatch.setattr(decode_graph, "CAPTURE_PRIORITY", -1 if comp_join.endswith("_hi") else 0)
     m, st0, toks = _full_width(2100, 2090)
     runs = _pdl_then_switched_off(m, st0, toks[2090:], 16384, triton_attn.set_index_enabled,
                                   each=True)
