@@ -112,19 +112,20 @@ VARIANTS = {
     # (session 36) the streams before layer 0 as the embedding expanded and hc_pre's launches
     # (before) instead of an update of empty streams (one hc_step, Sinkhorn beside)
     "first_own": (decode_graph.set_first_update_enabled,),
-    # (session 37) a layer's compressors joined at the step's end on a token that ends none of
-    # their windows (decode_graph.COMP_JOIN "step"), with the graphs captured at priority 0 or
-    # -1 (comp_step, comp_step_hi; the default from s37d to s37f, off again: see COMP_JOIN), and
-    # the priority alone (prio_main_hi; with the HC mixer's lane high, prio_main_mix_hi).
-    # s37b, s37c: comp_step -0.9% / -0.6%, -1.5% / -0.4% (TP=2 rank / TP=1, depth 1), +0.3% /
-    # +0.1% at depth 4096; comp_step_hi -1.4% / -0.4%, -1.6% / 0.0%, at depth 4096 -0.7% /
-    # -0.9%, -1.0% / -0.9%; s37a: prio_main_hi -0.4% / +0.2%, prio_main_mix_hi -0.2% / +0.3%.
-    # Joined after the FFN update +4.9% / +4.9%; before the next layer's attention -0.1% /
-    # +0.2%; forked after attn_q_b no faster (code at d63dd8b)
-    "comp_step": ((decode_graph, "COMP_JOIN", "step"),),
-    "comp_step_hi": ((decode_graph, "COMP_JOIN", "step"), (decode_graph, "CAPTURE_PRIORITY", -1)),
-    "prio_main_hi": ((decode_graph, "CAPTURE_PRIORITY", -1),),
-    "prio_main_mix_hi": ((decode_graph, "CAPTURE_PRIORITY", -1), (streams, "LANE_PRIORITY", (0, -1, -1))),
+    # (session 37) the compressors joined before the attention on a token that ends none of
+    # their windows and the graphs captured at the default priority (both as up to the
+    # thirty-sixth session, and from ceaa5f6 to session 38), each alone and both
+    # (decode_graph.COMP_JOIN "step", CAPTURE_PRIORITY -1 otherwise). s37a: -1 alone was -0.4% /
+    # +0.2%, -0.7% / -0.1% at depth 4096; also with the HC mixer's lane high -0.2% / +0.3%.
+    # s37b, s37c, s39a (the late join against the old pair): at priority 0 -0.9% / -0.6%,
+    # -1.5% / -0.4% (TP=2 rank / TP=1, depth 1), +0.3% / +0.1% at depth 4096; at -1 -1.4% /
+    # -0.4%, -1.6% / 0.0%, -1.4% / 0.0%, at depth 4096 -0.7% / -0.9%, -1.0% / -0.9%. Joined after
+    # the FFN update +4.9% / +4.9%; before the next layer's attention -0.1% / +0.2%; forked after
+    # attn_q_b no faster (code at d63dd8b)
+    "comp_attn": ((decode_graph, "COMP_JOIN", "attention"),),
+    "prio_default": ((decode_graph, "CAPTURE_PRIORITY", 0),),
+    "comp_attn_prio_default": ((decode_graph, "COMP_JOIN", "attention"), (decode_graph, "CAPTURE_PRIORITY", 0)),
+    "prio_main_mix_hi": ((streams, "LANE_PRIORITY", (0, -1, -1)),),
     # (session 36, s37a) the greedy pick's logits per program (triton_pick.BV 2048: 64 programs
     # for 129,280; the pick is 9.8 us at TP=1): 512, 1024, 4096 within +0.6% / -0.2%
     **{f"pick_bv{b}": ((triton_pick, "BV", b),) for b in (512, 1024, 4096)},

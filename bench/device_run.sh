@@ -245,10 +245,13 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
-#   s39a: session 38, one GPU (~5 min): replay A/B at TP=2 and TP=1 of the Q8_0 matvec's
+#   s39a: session 38, one GPU (~5 min; its variants at 92b764a): replay A/B at TP=2 and TP=1 of the Q8_0 matvec's
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s39c: session 38 closing check, one GPU (~6 min): the decode graphs' CUDA tests (the late
+#         join on again, the twins' rows listed), CUDA goldens at TP=1
+#   s39d: session 38, one GPU (~5 min): the TP=1 bench with depth 4096 (A/B: the old join)
 #   s39b: session 38, one GPU (~4 min): the decode graphs' indexer test with the compressors'
 #         late join at capture priority -1 (s37f's configuration; s38a ran "step" at 0), three
 #         times, then the overlap test
@@ -268,11 +271,11 @@
 #         (traced) of the compressors joined at the step's end or before the next layer's
 #         attention, forked before attn_q_a or after attn_q_b, with and without the main stream
 #         high; then at depth 4096 (it traced only TP=1 and wrote its tables itself)
-#   s37b: session 37, one GPU (~5 min; comp_layer at efe09cf): the overlap test with the
+#   s37b: session 37, one GPU (~5 min; comp_layer at efe09cf, the rest at 92b764a): the overlap test with the
 #         compressors joined later (decode_graph.COMP_JOIN), replay A/B at TP=2 and TP=1 of the
 #         joins after the layer and at the step's end (also with the main stream high), at
 #         depth 1, on a step that emits, at depth 4096
-#   s37a: prepared in session 36, one GPU (~4 min): replay A/B at TP=2 and TP=1 of the decode
+#   s37a: prepared in session 36, one GPU (~4 min; its variants at 92b764a): replay A/B at TP=2 and TP=1 of the decode
 #         graphs captured on a high-priority main stream (prio_main_hi; with the HC mixer's lane
 #         as high, prio_main_mix_hi) and of the greedy pick's logits a program (pick_bv512,
 #         1024, 4096), then the priorities at depth 4096
@@ -1564,6 +1567,14 @@ elif [ "$MODE" = s36d ]; then
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
   replay_keep d1
+elif [ "$MODE" = s39c ]; then
+  log "CUDA tests: the decode graphs (the compressors joined at the step's end, priority -1; the twins' rows listed)"
+  cuda_tests 300 "cuda" tests_graph.txt -s tests/test_decode_graph.py
+  grep "per step max" "$OUT/tests_graph.txt" | cut -c1-300
+  golden 1 static 80
+elif [ "$MODE" = s39d ]; then
+  bench_tp1 330 4096 "depth 0 and 4096 (A/B: the compressors' old join)"
+  python3 -c "import json; r=json.load(open('$OUT/bench.json'))['runs']['tp1']; print({k: (round(v['tok_s'], 1) if isinstance(v, dict) else v) for k, v in r.items() if 'comp_join' in k})"
 elif [ "$MODE" = s39b ]; then
   for i in 1 2 3; do
     log "CUDA test, run $i of 3: the decode graphs' indexer against its torch twins, the compressors joined at the step's end, priority -1"

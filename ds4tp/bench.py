@@ -609,9 +609,9 @@ def _decode_variants(model, dev, steps, save, res) -> None:
     with _switched_off(triton_attn.set_emit_enabled):
         res["decode_d0_emit_torch"] = time_decode(model, 1, steps, max_ctx=256)
     save()
-    # the graph captured on a stream of high priority instead of the default one (decode_graph.
-    # CAPTURE_PRIORITY: the main stream's kernels then go before the side stream's)
-    res["decode_d0_priority_high"] = time_decode(model, 1, steps, max_ctx=256, priority=-1)
+    # the graph captured on a stream of the default priority 0 instead of decode_graph.
+    # CAPTURE_PRIORITY (-1: the main stream's kernels go before the side lanes' at 0)
+    res["decode_d0_priority_default"] = time_decode(model, 1, steps, max_ctx=256, priority=0)
     save()
 
 
@@ -759,14 +759,14 @@ def _bench_rank(comm, dev, cfg):
             res["decode_d0_attn_w4"], res["decode_d0_chained_attn_w4"], ref = _decode_and_logits(model, steps)
         res["attn_warps_logits_vs_4"] = _logits_diff(mine, ref)
         save()
-    # the compressors joined at the step's end on a token that ends none of their windows, the
-    # graphs captured at priority -1 (decode_graph.COMP_JOIN "step", CAPTURE_PRIORITY; off by
-    # default, see COMP_JOIN) instead of joined before the attention at priority 0: the same
-    # math on other streams, so the same bits
-    with _setting(decode_graph, "COMP_JOIN", "step"):
-        res["decode_d0_comp_join_step"], res["decode_d0_chained_comp_join_step"], ref = \
-            _decode_and_logits(model, steps, priority=-1)
-    res["comp_join_logits_equal_step"] = bool(torch.equal(mine, ref))
+    # the compressors joined before the attention on every token and the graphs captured at
+    # the default priority 0 (as up to the thirty-sixth session, and from ceaa5f6 to session 38)
+    # instead of joined at the step's end on a token that ends no window, at priority -1
+    # (decode_graph.COMP_JOIN, CAPTURE_PRIORITY): the same math on other streams, so the same bits
+    with _setting(decode_graph, "COMP_JOIN", "attention"):
+        res["decode_d0_comp_join_attention"], res["decode_d0_chained_comp_join_attention"], ref = \
+            _decode_and_logits(model, steps, priority=0)
+    res["comp_join_logits_equal_attention"] = bool(torch.equal(mine, ref))
     save()
     # the streamed weights' loads as plain __ldg (as up to the thirty-fifth session) instead of
     # with the streaming operator (common.cuh wld): the same math, so the same bits
@@ -804,10 +804,10 @@ def _bench_rank(comm, dev, cfg):
             res["decode_deep_chained_weights_ldg"] = time_decode(model, depth, steps, max_ctx=ctx,
                                                                  chained=True)
         save()
-        # the same with the compressors joined at the step's end, at priority -1 (as at depth 0)
-        with _setting(decode_graph, "COMP_JOIN", "step"):
-            res["decode_deep_chained_comp_join_step"] = time_decode(
-                model, depth, steps, max_ctx=ctx, chained=True, priority=-1)
+        # the same with the compressors joined before the attention, at priority 0 (as at depth 0)
+        with _setting(decode_graph, "COMP_JOIN", "attention"):
+            res["decode_deep_chained_comp_join_attention"] = time_decode(
+                model, depth, steps, max_ctx=ctx, chained=True, priority=0)
         save()
         # the same with the HC step at 8 warps a program
         with _setting(triton_hc, "HC_STEP_WARPS", 8):

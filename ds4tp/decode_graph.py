@@ -65,8 +65,9 @@ class _Layer:
 # graphs with each kernel's captured priority, so below 0 the main stream's blocks are placed
 # before the side lanes' where both wait for SMs). Session 8 measured -1 neutral before the side
 # lanes (bench/results/bench_h200_tp1_s8_*); s37a measured it alone at -0.4% / +0.2% (TP=2 rank /
-# TP=1 replay, depth 1). With COMP_JOIN "step" below it was the faster of the two priorities.
-CAPTURE_PRIORITY = 0
+# TP=1 replay, depth 1). Since the compressors join at the step's end (COMP_JOIN), -1 keeps them
+# from holding back the latency-bound main launches (with COMP_JOIN, below).
+CAPTURE_PRIORITY = -1
 
 # How the static decoder schedules the HC mixers' Sinkhorn (benchmarks switch each off in turn):
 # beside the sublayer (hc_step without it, then hc_mix on a side stream) rather than inside
@@ -80,20 +81,20 @@ set_mix_lane_enabled = _mix_lane_switch.set
 _first_update_switch = Switch()
 set_first_update_enabled = _first_update_switch.set
 # Where a layer's compressor steps on the side stream join the main stream on a token that ends
-# none of its windows: "attention" (before the layer's attention, as on a token that ends one,
-# whose attention reads the emitted row) or "step" (at the step's end). Nothing the attention
+# none of its windows: "step" (at the step's end) or "attention" (before the layer's attention,
+# as on a token that ends one, whose attention reads the emitted row). Nothing the attention
 # reads is written on such a token: the frontier is read only by the next token's step and the
 # emissions, in order on the same lane. At TP=1 the attention waited for the compressor pair's
 # 1,280 programs beside attn_q_b (s37a's trace); joined at the step's end they stream beside
-# the later launches. "step" with CAPTURE_PRIORITY -1 (s37b, s37c replays, bit-equal): TP=2 rank
-# -1.4% / -1.6% at depth 1, -0.7% / -1.0% at 4096; TP=1 -0.4% / 0.0%, -0.9% / -0.9%; in the
-# bench (s37d) within its noise. It was the default for s37d-s37f, and is off again: s37f's
-# test_index_kernels_in_the_graph_on_cuda[listed] failed with it (the kernels' logits against
-# the indexer's torch twins at the last, emitting step), where s36h had passed on the code
-# before. s38a runs that test with both joins, twice, to tell a race from a near tie. Removed
-# after s37b/s37c: joined after the layer's FFN update (+4.9% at both widths), before the next
-# layer's attention, forked after attn_q_b (no faster; code at d63dd8b). Read at capture.
-COMP_JOIN = "attention"
+# the later launches. "step" with CAPTURE_PRIORITY -1 against "attention" at 0 (replays,
+# bit-equal): TP=2 rank -1.4% / -1.6% / -1.4% at depth 1 (s37b, s37c, s39a), -0.7% / -1.0% at
+# 4096; TP=1 -0.4% / 0.0% / 0.0%, -0.9% / -0.9%; in the bench (s37d) within its noise. It was
+# off from ceaa5f6 to session 38 after s37f's test_index_kernels_in_the_graph_on_cuda[listed]
+# failed with it: s39b showed that test's [listed] form failing or passing with the run's random
+# weights, from the listed attention's own summation order (see the test), with either join.
+# Removed after s37b/s37c: joined after the layer's FFN update (+4.9% at both widths), before the
+# next layer's attention, forked after attn_q_b (no faster; code at d63dd8b). Read at capture.
+COMP_JOIN = "step"
 
 
 class StaticDecoder:
@@ -617,14 +618,26 @@ def indexer_select(score, n_vis, top_k):
     """The indexer's allowed-row mask [1, cap] for one token, and on CUDA the same rows listed
     for the attention (int32 [top_k], ascending, -1 past them; None elsewhere): on CUDA one
     launch (a radix select over the visible rows), else the twin, model.select_rows (a stable
-    sort of the row)."""
+    sort of the row), whose rows are listed from its mask where the kernel would list them, so
+    that the attention walks the selection the same way on either path."""
+    listed = False
     if kernels.on_gpu(score) and score.shape[1] > top_k:
         from ds4tp.kernels import triton_attn
+        listed = triton_attn.ATTN_ROWS
         if triton_attn.index_enabled():
-            rows = (torch.empty(top_k, dtype=torch.int32, device=score.device)
-                    if triton_attn.ATTN_ROWS else None)
+            rows = torch.empty(top_k, dtype=torch.int32, device=score.device) if listed else None
             return triton_attn.topk_mask(score, n_vis, top_k, rows=rows), rows
-    return select_rows(score, n_vis, top_k)[0], None
+    mask = select_rows(score, n_vis, top_k)[0]
+    return mask, (_listed_rows(mask, top_k) if listed else None)
+
+
+def _listed_rows(mask, top_k: int) -> torch.Tensor:
+    """The rows a one-token mask [1, cap] (at most top_k set) allows, ascending, as int32
+    [top_k] with -1 past them (topk_mask's list), with fixed shapes (graph capture)."""
+    cap = mask.shape[1]
+    idx = torch.arange(cap, device=mask.device)
+    first = torch.sort(torch.where(mask[0], idx, cap)).values[:top_k]
+    return torch.where(first < cap, first, -1).to(torch.int32)
 
 
 def decode_attention_torch(qb, ring, ring_pos, comp, ratio, mask, sinks, cos_t, sin_t, pos, s):

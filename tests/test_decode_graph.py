@@ -544,10 +544,23 @@ def test_sinkhorn_beside_the_sublayer_on_cuda():
     _same_then_close(runs, 1e-4, 1e-3)
 
 
+def test_listed_rows_of_a_mask():
+    """decode_graph._listed_rows (the twin path's row list for a listed attention): the rows a
+    mask allows, ascending, -1 past them, top_k long, as topk_mask lists them."""
+    from ds4tp.decode_graph import _listed_rows
+    gen = torch.Generator().manual_seed(5)
+    for cap, k, n_set in ((40, 8, 8), (40, 8, 3), (40, 8, 0), (9, 8, 8)):
+        mask = torch.zeros(1, cap, dtype=torch.bool)
+        mask[0, torch.randperm(cap, generator=gen)[:n_set]] = True
+        got = _listed_rows(mask, k)
+        want = torch.cat([torch.nonzero(mask[0]).flatten(), torch.full((k - n_set,), -1)])
+        assert got.dtype == torch.int32 and torch.equal(got, want.to(torch.int32)), (cap, k, n_set)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 @pytest.mark.parametrize("listed", [False, True])
-@pytest.mark.parametrize("comp_join", ["attention", "step", "step_hi"])
+@pytest.mark.parametrize("comp_join", ["attention", "step"])
 def test_index_kernels_in_the_graph_on_cuda(listed, comp_join, monkeypatch):
     """The indexer's two launches (triton_attn.index_scores, topk_mask) inside graph-replayed
     steps of a 4-layer full-width model past 2048 tokens (more than 512 rows visible, so the
@@ -555,17 +568,18 @@ def test_index_kernels_in_the_graph_on_cuda(listed, comp_join, monkeypatch):
     programmatic dependent launch on and off bit-identical, and close to the same steps with the
     torch twins (a GEMM over every row, a stable sort), each step from the same session.
     listed: the attention walks the selection's row list (triton_attn.ATTN_ROWS) instead of the
-    mask (the twins' selection is a mask). Chained steps compounded the two paths' last-bit
-    differences: s36g's run, after a change to the first HC update's summation order, failed
-    the closeness where every kernel's twin held. comp_join: where the compressors join on a
-    token that ends none of their windows (decode_graph.COMP_JOIN; step_hi: "step" with the
-    graphs captured at priority -1, decode_graph.CAPTURE_PRIORITY, as in s37f, which failed
-    [listed] with it, its default then; s38a passed "step" at priority 0 twice)."""
+    mask, on both paths (the twins' rows listed from their mask: decode_graph._listed_rows).
+    Until session 38 the twins' path walked the mask: the listed walk's other summation order
+    moved this random model's logits by up to 1.2% of the largest (s39b: 0.13-0.16 of 13.8-14.8
+    over three runs, every pick the same), at the tolerance's edge, so [listed] failed or passed
+    with the run's weights (s37f failed it, s39b two of three). Chained steps compound such
+    last-bit differences: s36g's run, after a change to the first HC update's summation order,
+    failed the closeness where every kernel's twin held. comp_join: where the compressors join
+    on a token that ends none of their windows (decode_graph.COMP_JOIN)."""
     from ds4tp import decode_graph
     from ds4tp.kernels import triton_attn
     monkeypatch.setattr(triton_attn, "ATTN_ROWS", listed)
-    monkeypatch.setattr(decode_graph, "COMP_JOIN", comp_join.removesuffix("_hi"))
-    monkeypatch.setattr(decode_graph, "CAPTURE_PRIORITY", -1 if comp_join.endswith("_hi") else 0)
+    monkeypatch.setattr(decode_graph, "COMP_JOIN", comp_join)
     m, st0, toks = _full_width(2100, 2090)
     runs = _pdl_then_switched_off(m, st0, toks[2090:], 16384, triton_attn.set_index_enabled,
                                   each=True)
