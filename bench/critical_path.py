@@ -114,7 +114,7 @@ VARIANTS = {
     "first_own": (decode_graph.set_first_update_enabled,),
     # (session 37) the compressors joined before the attention on a token that ends none of
     # their windows and the graphs captured at the default priority (both as up to the
-    # thirty-sixth session, and from ceaa5f6 to session 38), each alone and both
+    # thirty-sixth session, and from ceaa5f6 to session 39), each alone and both
     # (decode_graph.COMP_JOIN "step", CAPTURE_PRIORITY -1 otherwise). s37a: -1 alone was -0.4% /
     # +0.2%, -0.7% / -0.1% at depth 4096; also with the HC mixer's lane high -0.2% / +0.3%.
     # s37b, s37c, s39a (the late join against the old pair): at priority 0 -0.9% / -0.6%,
@@ -134,12 +134,12 @@ VARIANTS = {
     **{f"emit_w{w}": ((triton_attn, "EMIT_WARPS", w),) for w in (2, 8, 16)},
     # (session 35) the HC step's mixer weight loaded evict-first too (hc_wef, s35g: +0.3% /
     # +0.2%) is at bd884d1
-    # (session 37) the Q8_0 matvec's prefetch into L2 before the PDL wait: the first 2 steps of
+    # (session 39) the Q8_0 matvec's prefetch into L2 before the PDL wait: the first 2 steps of
     # the warp's first rows, or all of them (matvec.cu Q_PRE; 1 step before), so that more of
     # its bytes come while the latency-bound launch ahead runs
     "q8_pre2": ((cuda_matvec, "Q_PRE", 2),),
     "q8_pre_all": ((cuda_matvec, "Q_PRE", 0),),
-    # (session 37) the routed launches at fewer warps a block: at 16 each fills the register
+    # (session 39) the routed launches at fewer warps a block: at 16 each fills the register
     # file, so neither shares an SM with the launch ahead and its weight loads before the PDL
     # wait (the shared expert's rows) start only when that launch has left the SM
     **{f"gu_w{w}": ((cuda_experts, "A_WARPS", w),) for w in (8, 12)},

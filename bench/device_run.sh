@@ -245,14 +245,14 @@
 #   s35b: prepared in session 34, one GPU (~6 min): the served path at TP=1 (as s32h) twice in
 #         one call, the second with the attention's first ring block loaded late (ATTN_HOIST
 #         off in this copy of the tree), to settle s34i / s34j (two machines, not one A/B)
-#   s39a: session 38, one GPU (~5 min; its variants at 92b764a): replay A/B at TP=2 and TP=1 of the Q8_0 matvec's
+#   s39a: session 39, one GPU (~5 min; its variants at 92b764a): replay A/B at TP=2 and TP=1 of the Q8_0 matvec's
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
-#   s39c: session 38 closing check, one GPU (~6 min): the decode graphs' CUDA tests (the late
+#   s39c: session 39 closing check, one GPU (~6 min): the decode graphs' CUDA tests (the late
 #         join on again, the twins' rows listed), CUDA goldens at TP=1
-#   s39d: session 38, one GPU (~5 min): the TP=1 bench with depth 4096 (A/B: the old join)
-#   s39b: session 38, one GPU (~4 min): the decode graphs' indexer test with the compressors'
+#   s39d: session 39, one GPU (~5 min): the TP=1 bench with depth 4096 (A/B: the old join)
+#   s39b: session 39, one GPU (~4 min): the decode graphs' indexer test with the compressors'
 #         late join at capture priority -1 (s37f's configuration; s38a ran "step" at 0), three
 #         times, then the overlap test
 #   s38a: prepared in session 37, one GPU (~7 min): the decode graphs' indexer test (kernels

@@ -760,7 +760,7 @@ def _bench_rank(comm, dev, cfg):
         res["attn_warps_logits_vs_4"] = _logits_diff(mine, ref)
         save()
     # the compressors joined before the attention on every token and the graphs captured at
-    # the default priority 0 (as up to the thirty-sixth session, and from ceaa5f6 to session 38)
+    # the default priority 0 (as up to the thirty-sixth session, and from ceaa5f6 to session 39)
     # instead of joined at the step's end on a token that ends no window, at priority -1
     # (decode_graph.COMP_JOIN, CAPTURE_PRIORITY): the same math on other streams, so the same bits
     with _setting(decode_graph, "COMP_JOIN", "attention"):

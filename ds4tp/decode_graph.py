@@ -89,7 +89,7 @@ set_first_update_enabled = _first_update_switch.set
 # the later launches. "step" with CAPTURE_PRIORITY -1 against "attention" at 0 (replays,
 # bit-equal): TP=2 rank -1.4% / -1.6% / -1.4% at depth 1 (s37b, s37c, s39a), -0.7% / -1.0% at
 # 4096; TP=1 -0.4% / 0.0% / 0.0%, -0.9% / -0.9%; in the bench (s37d) within its noise. It was
-# off from ceaa5f6 to session 38 after s37f's test_index_kernels_in_the_graph_on_cuda[listed]
+# off from ceaa5f6 to session 39 after s37f's test_index_kernels_in_the_graph_on_cuda[listed]
 # failed with it: s39b showed that test's [listed] form failing or passing with the run's random
 # weights, from the listed attention's own summation order (see the test), with either join.
 # Removed after s37b/s37c: joined after the layer's FFN update (+4.9% at both widths), before the

@@ -569,7 +569,7 @@ def test_index_kernels_in_the_graph_on_cuda(listed, comp_join, monkeypatch):
     torch twins (a GEMM over every row, a stable sort), each step from the same session.
     listed: the attention walks the selection's row list (triton_attn.ATTN_ROWS) instead of the
     mask, on both paths (the twins' rows listed from their mask: decode_graph._listed_rows).
-    Until session 38 the twins' path walked the mask: the listed walk's other summation order
+    Until session 39 the twins' path walked the mask: the listed walk's other summation order
     moved this random model's logits by up to 1.2% of the largest (s39b: 0.13-0.16 of 13.8-14.8
     over three runs, every pick the same), at the tolerance's edge, so [listed] failed or passed
     with the run's weights (s37f failed it, s39b two of three). Chained steps compound such
