@@ -145,6 +145,9 @@ VARIANTS = {
     **{f"gu_w{w}": ((cuda_experts, "A_WARPS", w),) for w in (8, 12)},
     "dn_w8": ((cuda_experts, "B_WARPS", 8),),
     **{f"exp_w{w}": ((cuda_experts, "A_WARPS", w), (cuda_experts, "B_WARPS", w)) for w in (8, 12)},
+    # (session 39) the embedding row gathered and converted by torch's launches before the first
+    # update (before) instead of read by its hc_step (f_row)
+    "embed_own": (decode_graph.set_embed_row_enabled,),
 }
 
 

@@ -80,6 +80,11 @@ set_mix_lane_enabled = _mix_lane_switch.set
 # expand copy and hc_pre's two launches it replaced.
 _first_update_switch = Switch()
 set_first_update_enabled = _first_update_switch.set
+# ... and the embedding row read by that update's hc_step from the table (hc_step f_row) to time
+# the gather and conversion launches it replaced (torch's index and copy kernels: ~9 us at the
+# head of a TP=1 step in s39a's trace, no PDL).
+_embed_row_switch = Switch()
+set_embed_row_enabled = _embed_row_switch.set
 # Where a layer's compressor steps on the side stream join the main stream on a token that ends
 # none of its windows: "step" (at the step's end) or "attention" (before the layer's attention,
 # as on a token that ends one, whose attention reads the emitted row). Nothing the attention
@@ -347,13 +352,14 @@ class StaticDecoder:
         emit4, emit128, idx_on = var
         s, m = self.s, self.m
         pos, tok = self.pos, self.token
-        e = m.w.token_embd[tok].float()                                      # [1, E]
         if _first_update_switch.on:
             # the chain of DS4Model.forward (the embedding in every stream, hc_pre) as an update
-            # of empty streams: on CUDA one hc_step (its Sinkhorn beside layer 0's attention)
-            hc, xn, post, mix, pending = self._update(e, *self._empty, m.w.layers[0].attn_mixer,
-                                                      None, reduce=False)
+            # of empty streams: on CUDA one hc_step (its Sinkhorn beside layer 0's attention),
+            # which reads the token's row of the embedding table itself
+            hc, xn, post, mix, pending = self._update(None, *self._empty, m.w.layers[0].attn_mixer,
+                                                      None, reduce=False, row=(m.w.token_embd, tok))
         else:
+            e = m.w.token_embd[tok].float()                                  # [1, E]
             hc = e[:, None, :].expand(1, s.n_hc, s.n_embd).contiguous()
             xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)
             pending = None
@@ -376,7 +382,8 @@ class StaticDecoder:
         _join_all(comps)
         return logits
 
-    def _update(self, part, hc, post, mix, mixer, pending, head: bool = False, reduce: bool = True):
+    def _update(self, part, hc, post, mix, mixer, pending, head: bool = False, reduce: bool = True,
+                row=None):
         """The sublayer's all-reduce of this rank's part, then model.hc_post_pre for this token,
         with the next mixer's Sinkhorn (post and M, which only the update after the sublayer
         reads) on the side stream beside the sublayer on CUDA: hc_step(mix=False), then hc_mix.
@@ -385,7 +392,9 @@ class StaticDecoder:
         is kept alive until then). head: after the last layer, mixer is the output head's
         (Weights.head_mixer): on CUDA the same hc_step gives the head's normed input as xn (its
         ~8 launches in one), elsewhere xn is None and output_head mixes the new streams.
-        reduce=False: part is the whole output already (the embedding before layer 0)."""
+        reduce=False: part is the whole output already (the embedding before layer 0); row =
+        (table, index) instead of part: part is row index of the float16 table, read by the
+        hc_step launch itself where it runs (f_row), else gathered here."""
         if pending is not None:
             pending[0].join()
         s, comm = self.s, self.m.comm
@@ -396,6 +405,14 @@ class StaticDecoder:
         if beside:
             from ds4tp.kernels import triton_hc
             beside = triton_hc.step_enabled() and (not head or triton_hc.head_enabled())
+        f_row = None
+        if row is not None:             # (reduce is False)
+            table, idx = row
+            if (beside and _embed_row_switch.on and table.dtype == torch.float16
+                    and table.is_contiguous()):
+                part, f_row = table, idx
+            else:
+                part = table[idx].float()                                    # [1, E]
         peer = comm.peer_sum(part) if beside and reduce else None
         f = part if peer is not None or not reduce else comm.all_reduce(part)   # its all-reduce
         if not beside:
@@ -403,7 +420,7 @@ class StaticDecoder:
         fn, scale, base, norm = mixer
         hc, xn, z = triton_hc.hc_step(f, hc, post, mix, fn.raw, scale, base, norm, s.n_hc,
                                       s.sinkhorn_iters, C.HC_EPS, C.RMS_EPS, mix=False,
-                                      peer=peer)      # with peer: f is the part, summed inside
+                                      peer=peer, f_row=f_row)   # with peer: f is the part, summed inside
         if head:
             return hc, xn, None, None, None
         # its own side stream: on the one the shared expert and the compressors use, it went

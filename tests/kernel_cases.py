@@ -774,6 +774,42 @@ def case_hc_step(device, gen, E, be=None, mix=True):
                for n, a, b in zip(("streams", "x", "post", "M"), got, want))
 
 
+def case_hc_step_row(device, gen, E, be=None):
+    """hc_step with f read from a float16 table's row (f_row: the embedding before layer 0, on
+    empty streams as the decode graphs' first update; mix=False as they run it) against the same
+    launch on that row converted by torch, bit for bit (the conversion is exact), and
+    case_hc_step's twins on it. A bad row index is refused, naming what it must be."""
+    from ds4tp.config import F16, HC_EPS, RMS_EPS
+    from ds4tp.kernels import triton_hc
+    from ds4tp.model import hc_combine_torch, hc_logits_torch, hc_post_torch
+    table = (torch.randn(37, E, generator=gen) * 2).half().to(device)
+    tok = torch.tensor([29], dtype=torch.long).to(device)
+    hc, post, m = (torch.zeros(1, 4, E).to(device), torch.ones(1, 4).to(device),
+                   torch.zeros(1, 4, 4).to(device))
+    fn = QTensor(F16, (24, 4 * E), (torch.randn(24, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
+                 .half().view(torch.uint8).reshape(24, 8 * E).to(device))
+    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
+    base = torch.randn(24, generator=gen).to(device)
+    norm = (torch.rand(E, generator=gen) + 0.5).to(device)
+    args = (hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS)
+    kw = dict(mix=False, **({} if be is None else {"be": be}))
+    got = triton_hc.hc_step(table, *args, f_row=tok, **kw)
+    ref = triton_hc.hc_step(table[tok].float(), *args, **kw)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b), "hc_step from a table's row differs from it on the row itself"
+    for bad in (tok.int(), torch.tensor([1, 2]).to(device)):
+        try:
+            triton_hc.hc_step(table, *args, f_row=bad, **kw)
+            raise AssertionError(f"hc_step took a bad row index {bad}")
+        except ValueError as e:
+            assert "int64 index [1]" in str(e), e
+    h2 = hc_post_torch.eager(table[tok].float(), hc, post, m)
+    z = hc_logits_torch(h2, fn)
+    want = (h2, hc_combine_torch.eager(z, scale, base, h2, norm, 4, 20)[0], z)
+    return max(check(f"hc_step row {n} E={E}", a, b, 1e-5)
+               for n, a, b in zip(("streams", "x", "z"), got, want))
+
+
 def case_hc_step_head(device, gen, E, be=None, peer=False):
     """The last stream update with the output head's mix (hc_step of Weights.head_mixer: n
     logits, x only) against its twins in sequence: model.hc_post_torch, then output_head's mix
@@ -1416,6 +1452,7 @@ def interpreter_cases():
     yield "decode hc_step one program", case_hc_step, (96,)
     yield "decode hc_step split, column tail", case_hc_step, (300, 64)
     yield "decode hc_step without the mixer, then hc_mix", case_hc_step, (300, 64, False)
+    yield "decode hc_step from a table's row", case_hc_step_row, (300, 64)
     yield "decode hc_step with the output head's mix", case_hc_step_head, (300, 64)
     yield "decode hc_step with the output head's mix, one program", case_hc_step_head, (96,)
     yield "decode hc_step, all-reduce inside (loopback)", case_hc_step_peer, (300, 64)

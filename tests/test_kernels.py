@@ -801,17 +801,21 @@ def test_hc_kernels_compile_for_sm90(split, peer):
     runs Python semantics and misses what only the compiler rejects (a value whose type changed
     inside a runtime branch did, once), one and two passes over the streams, with and without
     programmatic dependent launch, and with the all-reduce inside (peer): its flag's release
-    and the wait's acquire at system scope, the timer and the trap."""
+    and the wait's acquire at system scope, the timer and the trap; without peer, the first
+    update's f read from a float16 table's row (ROW) where split is 1 or 32."""
     from ds4tp.kernels import triton_hc
-    one_pass, pdl = split != 5, split == 32
+    one_pass, pdl, row = split != 5, split == 32, split != 5 and not peer
     sig = {n: "*fp32" for n in ("f_ptr", "h_ptr", "post_ptr", "m_ptr", "out_ptr", "z_ptr", "ws_ptr",
                                 "scale_ptr", "base_ptr", "norm_ptr", "x_ptr", "post2_ptr", "m2_ptr",
                                 "ps_ptr", "ms_ptr")}
     sig.update(w_ptr="*fp16", ss_ptr="*fp64", cnt_ptr="*i32", E="i32", N="i32", eps="fp32", rms_eps="fp32",
-               pf_ptr="*i64", mf_ptr="*i64", ctr_ptr="*i64", cap="i32", timeout_ns="i64")
+               pf_ptr="*i64", mf_ptr="*i64", ctr_ptr="*i64", cap="i32", timeout_ns="i64",
+               row_ptr="*i64")
+    if row:
+        sig["f_ptr"] = "*fp16"
     const = dict(NH=4, BE=128 if split == 32 else 64, BN=32, SPLIT=split,
                  SP2=triton.next_power_of_2(split), ITERS=20, XB=4096 if one_pass else 64,
-                 ONE_PASS=one_pass, MIX=split != 5, PEER=peer, NFLAG=64, PDL=pdl)
+                 ONE_PASS=one_pass, MIX=split != 5, PEER=peer, NFLAG=64, PDL=pdl, ROW=row)
     ptx = _compile_sm90(triton_hc._hc_step_kernel, sig, const, triton_hc.HC_STEP_WARPS)
     assert ("griddepcontrol" in ptx) == pdl
     marks = (r"atom\S*(\.sys\.release|\.release\.sys)", r"(ld|atom)\S*(\.sys\.acquire|\.acquire\.sys)",
@@ -859,6 +863,12 @@ def test_prefill_attention_compiles_for_sm90(comp):
 @pytest.mark.parametrize("be,mix", [(128, True), (64, True), (128, False)])
 def test_cuda_hc_step_full_size(be, mix):
     kc.case_hc_step("cuda", torch.Generator().manual_seed(be), 4096, be, mix)
+
+
+@needs_cuda
+@pytest.mark.parametrize("be", [128, 4096])
+def test_cuda_hc_step_from_a_table_row_full_size(be):
+    kc.case_hc_step_row("cuda", torch.Generator().manual_seed(be + 1), 4096, be)
 
 
 @needs_cuda

@@ -305,11 +305,11 @@ def _mixer_rows(w_ptr, rows, i, e, ok, N, E, NH: tl.constexpr):
 @triton.jit
 def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr, ss_ptr, cnt_ptr,
                     scale_ptr, base_ptr, norm_ptr, x_ptr, post2_ptr, m2_ptr, E, N, eps, rms_eps,
-                    ps_ptr, ms_ptr, pf_ptr, mf_ptr, ctr_ptr, cap, timeout_ns,
+                    ps_ptr, ms_ptr, pf_ptr, mf_ptr, ctr_ptr, cap, timeout_ns, row_ptr,
                     NH: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
                     SP2: tl.constexpr, ITERS: tl.constexpr, XB: tl.constexpr, ONE_PASS: tl.constexpr,
                     MIX: tl.constexpr = True, PEER: tl.constexpr = False, NFLAG: tl.constexpr = 64,
-                    PDL: tl.constexpr = False):
+                    PDL: tl.constexpr = False, ROW: tl.constexpr = False):
     """One decode token: the stream update of the sublayer just run (hc_post), then the next
     sublayer's mixer on the new streams (hc_logits and hc_combine). Program p owns columns
     [p*BE, p*BE + BE) of every stream: it forms the new streams there (the operations of
@@ -324,7 +324,9 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
     (cuda_allreduce.fused: the protocol of allreduce.cu, program by program). Program p pushes
     its columns of f into the peer's slot, releases its flag word there, loads what it can
     (streams, mixer rows) and waits for its own flag word; then f = own + peer's (the bits of
-    NCCL's sum of two). The last program stores the all-reduce number into ctr."""
+    NCCL's sum of two). The last program stores the all-reduce number into ctr.
+    ROW: f is a float16 table [V, E] and f the row of it at the index row_ptr holds (an earlier
+    kernel's output), converted exactly: the embedding before layer 0, without a gather launch."""
     pdl_start(PDL)
     p = tl.program_id(0)
     i = tl.arange(0, NH)
@@ -352,7 +354,10 @@ def _hc_step_kernel(f_ptr, h_ptr, post_ptr, m_ptr, out_ptr, w_ptr, z_ptr, ws_ptr
         acc += tl.load(m_ptr + 2 * NH + i)[:, None] * h2[None, :]
         acc += tl.load(m_ptr + 3 * NH + i)[:, None] * h3[None, :]
     else:
-        fv = tl.load(f_ptr + e, mask=ok, other=0.0)
+        if ROW:
+            fv = tl.load(f_ptr + tl.load(row_ptr) * E + e, mask=ok, other=0.0).to(tl.float32)
+        else:
+            fv = tl.load(f_ptr + e, mask=ok, other=0.0)
         acc = tl.load(post_ptr + i)[:, None] * fv[None, :]
         for r in tl.static_range(NH):
             h = tl.load(h_ptr + r * E + e, mask=ok, other=0.0)
@@ -460,7 +465,7 @@ def head_enabled() -> bool:
 def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tensor,
             fn_raw: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
             n_hc: int, iters: int, eps: float, rms_eps: float, be: int | None = None,
-            warps: int | None = None, mix: bool = True, peer=None):
+            warps: int | None = None, mix: bool = True, peer=None, f_row: torch.Tensor | None = None):
     """One token: hc_post(f, hc, post, M) and then the next sublayer's mixer on the new streams
     (hc_logits with the F16 weight bytes fn_raw [N, 2*n*E], hc_combine with scale, base, norm)
     in one launch. f [1, E], hc [1, n, E], post [1, n], M [1, n, n] float32 -> the new streams
@@ -471,9 +476,11 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     peer (cuda_allreduce.PeerSum, two ranks of one host): f is this rank's part of the
     sublayer's output, summed with the peer's inside the launch (its all-reduce); both ranks
     must make the same calls. fn_raw of n rows (scale [1], base [n], mix=False): the output
-    head's mix (model.Weights.head_mixer), x its normed input. The twins: ds4tp.model.
-    hc_post_torch, hc_logits_torch, hc_combine_torch (output_head's mix for n rows; for peer,
-    NCCL's all-reduce before them)."""
+    head's mix (model.Weights.head_mixer), x its normed input. f_row (int64 [1] on the device;
+    no peer): f is a float16 table [V, E] and the update's f its row f_row, as f[f_row].float()
+    (the embedding before layer 0: its gather and conversion need no launches of their own).
+    The twins: ds4tp.model.hc_post_torch, hc_logits_torch, hc_combine_torch (output_head's mix
+    for n rows; for peer, NCCL's all-reduce before them)."""
     if hc.dim() != 3 or hc.shape[0] != 1:
         raise ValueError(f"hc_step: expects one token's streams [1, n, E], got {tuple(hc.shape)}")
     _, n, E = hc.shape
@@ -481,7 +488,16 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     if N not in (2 * n + n * n, n) or (N == n and mix):
         raise ValueError(f"hc_step: a mixer of {N} logits; expected {2 * n + n * n} (a sublayer's) "
                          f"or {n} (the output head's: x only, mix=False) for n_hc={n_hc}")
-    if n != n_hc or n & (n - 1) or f.shape != (1, E) or post.shape != (1, n) or m.shape != (1, n, n):
+    if f_row is not None:
+        if peer is not None:
+            raise ValueError("hc_step: f_row (a table's row as f) takes no all-reduce inside")
+        if (f.dtype != torch.float16 or f.dim() != 2 or f.shape[1] != E or not f.is_contiguous()
+                or f_row.dtype != torch.int64 or f_row.numel() != 1 or f_row.device != f.device):
+            raise ValueError(f"hc_step: with f_row, f is a contiguous float16 table [V, {E}] and f_row "
+                             f"an int64 index [1] beside it; got f {f.dtype} {tuple(f.shape)}, "
+                             f"f_row {f_row.dtype} {tuple(f_row.shape)}")
+    if (n != n_hc or n & (n - 1) or (f_row is None and f.shape != (1, E)) or post.shape != (1, n)
+            or m.shape != (1, n, n)):
         raise ValueError(f"hc_step: f {tuple(f.shape)}, hc {tuple(hc.shape)}, post {tuple(post.shape)}, "
                          f"M {tuple(m.shape)} do not match n_hc={n_hc}")
     if fn_raw.dtype != torch.uint8 or fn_raw.shape != (N, 2 * n * E) or not fn_raw.is_contiguous():
@@ -490,8 +506,8 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     if norm.shape != (E,) or scale.shape != ((3,) if N > n else (1,)) or base.shape != (N,):
         raise ValueError(f"hc_step: norm {tuple(norm.shape)}, scale {tuple(scale.shape)}, base "
                          f"{tuple(base.shape)} do not match width {E}, {N} logits")
-    for name, v in (("f", f), ("hc", hc), ("post", post), ("M", m), ("scale", scale), ("base", base),
-                    ("norm", norm)):
+    for name, v in ((("f", f),) if f_row is None else ()) + (("hc", hc), ("post", post), ("M", m),
+                                                           ("scale", scale), ("base", base), ("norm", norm)):
         if v.dtype != torch.float32:
             raise ValueError(f"hc_step: {name} must be float32")
     dev = hc.device
@@ -518,8 +534,9 @@ def hc_step(f: torch.Tensor, hc: torch.Tensor, post: torch.Tensor, m: torch.Tens
     _hc_step_kernel[(split,)](f.contiguous(), hc.contiguous(), post.contiguous(), m.contiguous(), out,
                               fn_raw.view(torch.float16), z, ws, ss, cnt, scale.contiguous(),
                               base.contiguous(), norm.contiguous(), x, post2, m2, E, N, eps, rms_eps,
-                              *ex, NH=n, BE=be, BN=bn, SPLIT=split, SP2=triton.next_power_of_2(split),
-                              ITERS=iters, XB=xb, ONE_PASS=E <= xb, MIX=mix, PEER=peer is not None,
+                              *ex, f_row if f_row is not None else cnt, NH=n, BE=be, BN=bn, SPLIT=split,
+                              SP2=triton.next_power_of_2(split), ITERS=iters, XB=xb, ONE_PASS=E <= xb,
+                              MIX=mix, PEER=peer is not None, ROW=f_row is not None,
                               num_warps=warps or HC_STEP_WARPS, **pdl.triton_args(dev))
     return (out, x, post2, m2) if mix else (out, x, z)
 
