@@ -249,9 +249,9 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
-#   s39e: session 39, one GPU (~8 min): the embedding row read by the first update's hc_step:
-#         its CUDA twins and the HC kernels', the decode graphs' CUDA tests, replay A/B at TP=2
-#         and TP=1 (embed_own: torch's gather and conversion launches), the TP=1 bench at depth 0
+#   s39e: session 39, one GPU (~5 min): the embedding row read by the first update's hc_step:
+#         its CUDA twins and the HC kernels', replay A/B at TP=2 and TP=1 (embed_own: torch's
+#         gather and conversion launches), two of the decode graphs' CUDA tests (PDL, overlap)
 #   s39c: session 39 closing check, one GPU (~6 min): the decode graphs' CUDA tests (the late
 #         join on again, the twins' rows listed), CUDA goldens at TP=1
 #   s39d: session 39, one GPU (~5 min): the TP=1 bench with depth 4096 (A/B: the old join)
@@ -1571,12 +1571,12 @@ elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
   replay_keep d1
 elif [ "$MODE" = s39e ]; then
-  log "CUDA tests: hc_step (the table's row as f), the decode graphs"
+  log "CUDA tests: hc_step (the table's row as f)"
   cuda_tests 120 "hc_step or hc_kernels" tests_hc.txt tests/test_kernels.py
-  cuda_tests 240 "cuda" tests_graph.txt tests/test_decode_graph.py
   replay_ab base,embed_own "the embedding row read by the first update's hc_step"
   replay_keep d1
-  bench_tp1 150 0 "depth 0 (no A/B variants)"
+  log "CUDA tests: the decode graphs' PDL bit identity and overlap"
+  cuda_tests 120 "pdl_is_bit or side_stream" tests_graph.txt tests/test_decode_graph.py
 elif [ "$MODE" = s39c ]; then
   log "CUDA tests: the decode graphs (the compressors joined at the step's end, priority -1; the twins' rows listed)"
   cuda_tests 300 "cuda" tests_graph.txt -s tests/test_decode_graph.py
