@@ -393,8 +393,8 @@ class StaticDecoder:
         (Weights.head_mixer): on CUDA the same hc_step gives the head's normed input as xn (its
         ~8 launches in one), elsewhere xn is None and output_head mixes the new streams.
         reduce=False: part is the whole output already (the embedding before layer 0); row =
-        (table, index) instead of part: part is row index of the float16 table, read by the
-        hc_step launch itself where it runs (f_row), else gathered here."""
+        (table, index) in place of part: the part is that row of the table, read by the hc_step
+        launch itself where it runs (float16 rows: f_row), else gathered here."""
         if pending is not None:
             pending[0].join()
         s, comm = self.s, self.m.comm
