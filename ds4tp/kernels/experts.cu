@@ -674,7 +674,11 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         const long long ecur = choose ? s_ids[k] : prior(ids + t * K + k);
         float mid = 0.0f;
         if (ecur >= 0) {              // (an item without an expert had no copies)
-            while (!bar_try(bar0 + 8 * st, (phase >> st) & 1u)) {}
+            if (!bar_try(bar0 + 8 * st, (phase >> st) & 1u)) {
+                const long long t0 = clock64();        // (a copy that never lands: an error
+                while (!bar_try(bar0 + 8 * st, (phase >> st) & 1u))      //  after ~1 s, no hang)
+                    if (clock64() - t0 > (1ll << 31)) __trap();
+            }
             phase ^= 1u << st;
             DlRow cg, cu;
             dl_load_shared(cg, ring + st * A_ITEM_BYTES, lane);
