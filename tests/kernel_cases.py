@@ -775,22 +775,30 @@ def case_hc_logits(device, gen, n, E, N, split=None):
     return check(f"hc_logits n={n} E={E} N={N}", got, hc_logits_torch(hc, fn), 1e-5)
 
 
+def _hc_mixer(gen, E, device):
+    """A sublayer's HC mixer at width E (fn F16 [24, 4E], scale [3], base [24], norm [E]), the
+    weight scaled so that the logits (and so Sinkhorn) stay in a range where every step matters."""
+    from ds4tp.config import F16
+    fn = QTensor(F16, (24, 4 * E), (torch.randn(24, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
+                 .half().view(torch.uint8).reshape(24, 8 * E).to(device))
+    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
+    base = torch.randn(24, generator=gen).to(device)
+    norm = (torch.rand(E, generator=gen) + 0.5).to(device)
+    return fn, scale, base, norm
+
+
 def case_hc_step(device, gen, E, be=None, mix=True):
     """One decode token's stream update and next mixer in one launch (triton_hc.hc_step) against
     its twins in sequence: model.hc_post_torch, hc_logits_torch, hc_combine_torch. The mixer
     weight is scaled so that the logits (and so Sinkhorn) stay in a range where every step
     matters. mix=False: the launch leaves post and M to triton_hc.hc_mix (checked against
     model.hc_split) and returns the logits z (against hc_logits_torch)."""
-    from ds4tp.config import F16, HC_EPS, RMS_EPS
+    from ds4tp.config import HC_EPS, RMS_EPS
     from ds4tp.kernels import triton_hc
     from ds4tp.model import hc_combine_torch, hc_logits_torch, hc_post_torch
     r = lambda *sh: torch.randn(*sh, generator=gen).to(device)   # noqa: E731
     f, hc, post, m = r(1, E), r(1, 4, E), r(1, 4), torch.rand(1, 4, 4, generator=gen).to(device)
-    fn = QTensor(F16, (24, 4 * E), (torch.randn(24, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
-                 .half().view(torch.uint8).reshape(24, 8 * E).to(device))
-    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
-    base = r(24)
-    norm = (torch.rand(E, generator=gen) + 0.5).to(device)
+    fn, scale, base, norm = _hc_mixer(gen, E, device)
     got = triton_hc.hc_step(f, hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS,
                             mix=mix, **({} if be is None else {"be": be}))
     h2 = hc_post_torch.eager(f, hc, post, m)
@@ -811,18 +819,14 @@ def case_hc_step_row(device, gen, E, be=None):
     empty streams as the decode graphs' first update; mix=False as they run it) against the same
     launch on that row converted by torch, bit for bit (the conversion is exact), and
     case_hc_step's twins on it. A bad row index is refused, naming what it must be."""
-    from ds4tp.config import F16, HC_EPS, RMS_EPS
+    from ds4tp.config import HC_EPS, RMS_EPS
     from ds4tp.kernels import triton_hc
     from ds4tp.model import hc_combine_torch, hc_logits_torch, hc_post_torch
     table = (torch.randn(37, E, generator=gen) * 2).half().to(device)
     tok = torch.tensor([29], dtype=torch.long).to(device)
     hc, post, m = (torch.zeros(1, 4, E).to(device), torch.ones(1, 4).to(device),
                    torch.zeros(1, 4, 4).to(device))
-    fn = QTensor(F16, (24, 4 * E), (torch.randn(24, 4 * E, generator=gen) * 3 / (4 * E) ** 0.5)
-                 .half().view(torch.uint8).reshape(24, 8 * E).to(device))
-    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
-    base = torch.randn(24, generator=gen).to(device)
-    norm = (torch.rand(E, generator=gen) + 0.5).to(device)
+    fn, scale, base, norm = _hc_mixer(gen, E, device)
     args = (hc, post, m, fn.raw, scale, base, norm, 4, 20, HC_EPS, RMS_EPS)
     kw = dict(mix=False, **({} if be is None else {"be": be}))
     got = triton_hc.hc_step(table, *args, f_row=tok, **kw)

@@ -221,6 +221,25 @@ __device__ __forceinline__ void dl_dots(const DlRow& cg, const DlRow& cu, const 
     }
 }
 
+// An item's output before its router weight, from the lane's partial sums ag, au (every lane
+// returns it): the clamped SwiGLU of the warp's gate and up dots.
+__device__ __forceinline__ float swiglu_item(float ag, float au, float clamp) {
+    const float gsum = warp_sum(ag) * 0.125f;
+    const float usum = warp_sum(au) * 0.125f;
+    const float gc = fminf(gsum, clamp);
+    const float uc = fminf(fmaxf(usum, -clamp), clamp);
+    return gc / (1.0f + expf(-gc)) * uc;
+}
+
+// (slot k, row r) of an item, stepped on by WARPS items (dk, dr: WARPS / rows, WARPS % rows);
+// the ring's loop (A_BULK). The default loop keeps these steps inline: called, they changed its
+// SASS's schedule, which the step's measurements were taken on.
+__device__ __forceinline__ void next_item(int& k, int& r, int dk, int dr, int rows) {
+    k += dk;
+    r += dr;
+    if (r >= rows) { r -= rows; k++; }
+}
+
 #ifndef A_BULK
 #define A_BULK 0                // gate/up in the decode order: items in flight a warp by bulk copies
 #endif                          // into a shared-memory ring (0: rows into registers, one ahead)
@@ -617,17 +636,18 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
     __syncthreads();
 #if A_BULK
-    // the expert of item it (slot it / rows; in route mode this token's choice)
-#define ITEM_E(it) (choose ? s_ids[(it) / rows] : prior(ids + t * K + (it) / rows))
-#define ITEM_OFF(ex, it) ((ex) * stride_e + (long long)(n0 + (it) % rows) * stride_n)
+    // slot k's expert (in route mode this token's choice) and the byte offset of its row r
+#define SLOT_E(k) (choose ? s_ids[k] : prior(ids + t * K + (k)))
+#define ROW_OFF(ex, r) ((ex) * stride_e + (long long)(n0 + (r)) * stride_n)
     if (lane == 0) {                  // the warp's first A_BULK items into its ring
 #pragma unroll
         for (int j = 0; j < A_BULK; j++) {
             const int it = warp + j * WARPS;
-            const long long ej = it < items ? ITEM_E(it) : -1;
-            if (ej >= 0)
-                bulk_item(ring0 + j * A_ITEM_BYTES, bar0 + 8 * j, wg + ITEM_OFF(ej, it),
-                          wu + ITEM_OFF(ej, it), pol);
+            const long long ej = it < items ? SLOT_E(it / rows) : -1;
+            if (ej >= 0) {
+                const long long off = ROW_OFF(ej, it % rows);
+                bulk_item(ring0 + j * A_ITEM_BYTES, bar0 + 8 * j, wg + off, wu + off, pol);
+            }
         }
     }
 #else
@@ -671,7 +691,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     int kf = rows > 0 ? ahead / rows : 0, rf = rows > 0 ? ahead % rows : 0;
     for (int it = warp; it < items; it += WARPS) {
         const int k = kx, ncur = n0 + rx;
-        const long long ecur = choose ? s_ids[k] : prior(ids + t * K + k);
+        const long long ecur = SLOT_E(k);
         float mid = 0.0f;
         if (ecur >= 0) {              // (an item without an expert had no copies)
             if (!bar_try(bar0 + 8 * st, (phase >> st) & 1u)) {
@@ -685,33 +705,24 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
             dl_load_shared(cu, ring + st * A_ITEM_BYTES + A_ITEM_BYTES / 2, lane);
             float ag = 0.0f, au = 0.0f;
             dl_dots(cg, cu, xs_r, xd_r, look, ag, au);
-            const float gsum = warp_sum(ag) * 0.125f;
-            const float usum = warp_sum(au) * 0.125f;
-            const float gc = fminf(gsum, clamp);
-            const float uc = fminf(fmaxf(usum, -clamp), clamp);
-            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
+            mid = swiglu_item(ag, au, clamp) * (choose ? s_rw[k] : prior(rw + t * K + k));
         }
         __syncwarp();                 // (the sums used every lane's reads of the stage)
         if (lane == 0) {
-            const long long en = it + A_BULK * WARPS < items
-                                 ? (choose ? s_ids[kf] : prior(ids + t * K + kf)) : -1;
+            const long long en = it + A_BULK * WARPS < items ? SLOT_E(kf) : -1;
             if (en >= 0) {
-                const long long off = en * stride_e + (long long)(n0 + rf) * stride_n;
+                const long long off = ROW_OFF(en, rf);
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
                 bulk_item(ring0 + st * A_ITEM_BYTES, bar0 + 8 * st, wg + off, wu + off, pol);
             }
             out[((long long)t * K + k) * N + ncur] = mid;
         }
         st = st + 1 == A_BULK ? 0 : st + 1;
-        kx += dk;
-        rx += dr;
-        if (rx >= rows) { rx -= rows; kx++; }
-        kf += dk;
-        rf += dr;
-        if (rf >= rows) { rf -= rows; kf++; }
+        next_item(kx, rx, dk, dr, rows);
+        next_item(kf, rf, dk, dr, rows);
     }
-#undef ITEM_E
-#undef ITEM_OFF
+#undef SLOT_E
+#undef ROW_OFF
 #else
     // two items a pass (h = 0, 1): in the decode order this item's rows are register set h and
     // the next item's load into set 1 - h, so no registers are copied between items
@@ -761,11 +772,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
                 }
             }
 #endif
-            const float gsum = warp_sum(ag) * 0.125f;
-            const float usum = warp_sum(au) * 0.125f;
-            const float gc = fminf(gsum, clamp);
-            const float uc = fminf(fmaxf(usum, -clamp), clamp);
-            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
+            mid = swiglu_item(ag, au, clamp) * (choose ? s_rw[k] : prior(rw + t * K + k));
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
 #if !A_DL
