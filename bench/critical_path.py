@@ -145,10 +145,6 @@ VARIANTS = {
     **{f"gu_w{w}": ((cuda_experts, "A_WARPS", w),) for w in (8, 12)},
     "dn_w8": ((cuda_experts, "B_WARPS", 8),),
     **{f"exp_w{w}": ((cuda_experts, "A_WARPS", w), (cuda_experts, "B_WARPS", w)) for w in (8, 12)},
-    # (session 39, prepared, not run) the routed gate/up's items in flight through a shared-
-    # memory ring of bulk copies, 2 to 4 items a warp (cuda_experts.A_BULK; 0 by default: its rows
-    # loaded into registers, one item ahead)
-    **{f"gu_bulk{n}": ((cuda_experts, "A_BULK", n),) for n in (2, 3, 4)},
     # (session 39) the embedding row gathered and converted by torch's launches before the first
     # update (before) instead of read by its hc_step (f_row)
     "embed_own": (decode_graph.set_embed_row_enabled,),

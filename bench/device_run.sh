@@ -249,9 +249,6 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
-#   s40a: prepared in session 39, one GPU (~6 min): the routed gate/up's items through a ring
-#         of bulk copies (cuda_experts.A_BULK, off by default): its CUDA twins against the
-#         default kernel, the decode-order cases, replay A/B at TP=2 and TP=1 (gu_bulk2-4)
 #   s39e: session 39, one GPU (~5 min): the embedding row read by the first update's hc_step:
 #         its CUDA twins and the HC kernels', replay A/B at TP=2 and TP=1 (embed_own: torch's
 #         gather and conversion launches), two of the decode graphs' CUDA tests (PDL, overlap)
@@ -1572,11 +1569,6 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
-  replay_keep d1
-elif [ "$MODE" = s40a ]; then
-  log "CUDA twins: the gate/up's ring of bulk copies against the default kernel, the decode order"
-  cuda_tests 200 "bulk_ring or decode_order" tests_bulk.txt tests/test_kernels.py
-  TRACE=base,gu_bulk3 replay_ab base,gu_bulk2,gu_bulk3,gu_bulk4 "the gate/up's items through a ring of bulk copies"
   replay_keep d1
 elif [ "$MODE" = s39e ]; then
   log "CUDA tests: hc_step (the table's row as f)"

@@ -320,38 +320,6 @@ def case_cuda_decode_order(device, gen, E, F, T, K):
     return err / max(want.abs().max().item(), 1e-30)
 
 
-def case_cuda_bulk_ring(device, gen, E, F, T, K, stages, rpc=None):
-    """The decode-order gate/up with each warp's items in flight through a shared-memory ring of
-    bulk copies (cuda_experts.A_BULK = stages) against the launch that loads them into registers
-    (A_BULK 0), bit for bit (the same sums in the same order): plain, with slots of no expert
-    (-1: no copies, no wait), and for T = 1 choosing its experts with the shared rows riding.
-    rpc: rows a block (more items a warp than stages: the ring wraps; a short last block)."""
-    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
-    from ds4tp.kernels import cuda_experts as ce
-    wg, wu = (decode_order(expert_weight(IQ2_XXS, E, F, 4096, gen, device)) for _ in range(2))
-    ids = rand_ids(T, K, E, gen, device, skip=0.3)
-    x = rand_act((T, 4096), gen, device) * 20.0
-    rw = torch.rand(T, K, generator=gen).to(device)
-    w_gu = rand_weight(Q8_0, (2 * F, 4096), gen, device) if T == 1 else None
-    logits = (torch.randn(1, E, generator=gen) * 2).to(device)
-    tok = torch.tensor([3], dtype=torch.int64, device=device)
-    runs = []
-    for b in (0, stages):
-        ce.A_BULK = b
-        try:
-            got = [ce.swiglu(wg, wu, x, ids, rw, 10.0, rpc=rpc)]
-            if T == 1:
-                got += list(ce.swiglu_routed(wg, wu, x, logits, None, None, tok, K, ROUTER_WEIGHT_FLOOR,
-                                             EXPERT_WEIGHT_SCALE, 10.0, shared=w_gu, rpc=rpc))
-        finally:
-            ce.A_BULK = 0
-        assert got[0] is not None and all(g is not None for g in got), f"A_BULK={b}: not taken"
-        runs.append(got)
-    for name, a, b in zip(("plain", "routed mid", "gate|up", "ids", "weights"), *runs):
-        assert torch.equal(a, b), f"bulk ring ({stages} stages) {name}: differs by {float((a - b).abs().max())}"
-    return 0.0
-
-
 def case_cuda_swiglu_routed(device, gen, E, F, n_in, K, bias=True, hashed=False, ties=False,
                             spread=2.0):
     """The gate/up launch that also chooses the experts (cuda_experts.swiglu_routed, one token,

@@ -866,17 +866,6 @@ def test_cuda_hc_step_full_size(be, mix):
 
 
 @needs_cuda
-@pytest.mark.parametrize("stages,T,F,rpc", [(2, 1, 1024, None), (3, 1, 1001, 24), (4, 1, 2048, 40),
-                                           (3, 2, 1001, 24)])
-def test_cuda_gate_up_bulk_ring(stages, T, F, rpc):
-    """The routed gate/up's items in flight through a ring of bulk copies (prepared in session
-    39, off by default: cuda_experts.A_BULK) give the default kernel's bits."""
-    if not _have_cupy():
-        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
-    kc.case_cuda_bulk_ring("cuda", torch.Generator().manual_seed(stages + T), 32, F, T, 6, stages, rpc)
-
-
-@needs_cuda
 @pytest.mark.parametrize("be", [128, 4096])
 def test_cuda_hc_step_from_a_table_row_full_size(be):
     kc.case_hc_step_row("cuda", torch.Generator().manual_seed(be + 1), 4096, be)

@@ -137,28 +137,12 @@ def takes_decode_order(device: torch.device) -> bool:
 
 def _swiglu_defines(route: bool, dl: bool) -> tuple:
     """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
-    (read through the tables per bank pair where they are on; with the tables, the items in
-    flight through a shared-memory ring where A_BULK asks for one)."""
-    tab = dl and _tab_switch.on
+    (read through the tables per bank pair where they are on)."""
     return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
-        ((("A_TAB", 1),) if tab else ()) + ((("A_BULK", A_BULK),) if tab and A_BULK > 0 else ())
+        ((("A_TAB", 1),) if dl and _tab_switch.on else ())
 
 
 A_TAB_BYTES = 256 * 256     # the tables' dynamic shared memory (experts.cu A_TAB_BYTES)
-A_ITEM_BYTES = 2 * 16 * 66  # an item's gate and up rows in the decode order (experts.cu)
-# Items a warp of the decode-order gate/up keeps in flight by bulk copies into a shared-memory
-# ring (experts.cu A_BULK; 0: its rows loaded into registers, one item ahead). Read at call time;
-# prepared in session 39 for the next session's timing (bench/critical_path.py gu_bulk*), not
-# yet run on a GPU: off.
-A_BULK = 0
-
-
-def _swiglu_smem(defines: tuple, warps: int) -> int:
-    """The gate/up launch's dynamic shared memory: the tables, then the ring's stages."""
-    d = dict(defines)
-    if not d.get("A_TAB"):
-        return 0
-    return A_TAB_BYTES + warps * d.get("A_BULK", 0) * A_ITEM_BYTES
 _tab_switch = cuda_c.Switch()
 set_tables_enabled = _tab_switch.set    # benchmarks time the one-table kernel in the same run
 
@@ -232,7 +216,7 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
     fa = _kernel(x, warps, 0, defines)
     if fa is None:
         return None
-    smem = _swiglu_smem(defines, warps)
+    smem = A_TAB_BYTES if ("A_TAB", 1) in defines else 0
     x = _act16(x)
     out = torch.empty(T, K, N, dtype=torch.float32, device=x.device)
     from ds4tp.kernels.triton_matvec import _iq2_grid64

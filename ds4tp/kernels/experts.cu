@@ -204,87 +204,6 @@ __device__ __forceinline__ float dl_d(const DlRow& r, int i) {
     return h2f((unsigned short)(((i < 2) ? r.d.x : r.d.y) >> (16 * (i & 1))));
 }
 
-// An item's gate and up dot products from its rows in the decode order (lane l's sub-blocks, its
-// super-blocks' scales) against the activation held in registers (xs_r, xd_r): ag, au are the
-// lane's partial sums, in the order the gate/up loop has always added them.
-template <class Lookup>
-__device__ __forceinline__ void dl_dots(const DlRow& cg, const DlRow& cu, const int (&xs_r)[A_MAX_KB / 4][8],
-                                        const float (&xd_r)[A_MAX_KB / 4], const Lookup& look,
-                                        float& ag, float& au) {
-#pragma unroll
-    for (int i = 0; i < A_MAX_KB / 4; i++) {
-        const float dx = xd_r[i];
-        const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs_r[i], look);
-        const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs_r[i], look);
-        ag += (float)ig * (dl_d(cg, i) * dx);
-        au += (float)iu * (dl_d(cu, i) * dx);
-    }
-}
-
-// An item's output before its router weight, from the lane's partial sums ag, au (every lane
-// returns it): the clamped SwiGLU of the warp's gate and up dots.
-__device__ __forceinline__ float swiglu_item(float ag, float au, float clamp) {
-    const float gsum = warp_sum(ag) * 0.125f;
-    const float usum = warp_sum(au) * 0.125f;
-    const float gc = fminf(gsum, clamp);
-    const float uc = fminf(fmaxf(usum, -clamp), clamp);
-    return gc / (1.0f + expf(-gc)) * uc;
-}
-
-// (slot k, row r) of an item, stepped on by WARPS items (dk, dr: WARPS / rows, WARPS % rows);
-// the ring's loop (A_BULK). The default loop keeps these steps inline: called, they changed its
-// SASS's schedule, which the step's measurements were taken on.
-__device__ __forceinline__ void next_item(int& k, int& r, int dk, int dr, int rows) {
-    k += dk;
-    r += dr;
-    if (r >= rows) { r -= rows; k++; }
-}
-
-#ifndef A_BULK
-#define A_BULK 0                // gate/up in the decode order: items in flight a warp by bulk copies
-#endif                          // into a shared-memory ring (0: rows into registers, one ahead)
-#define A_ITEM_BYTES (2 * A_MAX_KB * 66)     // an item's gate row, then its up row (2 x 1056)
-// The ring (A_BULK > 0), after the tables in dynamic shared memory: warp w's A_BULK stages of
-// A_ITEM_BYTES at A_TAB_BYTES + (w * A_BULK + stage) * A_ITEM_BYTES, each filled by one
-// transaction-counted mbarrier's bulk copies (cp.async.bulk, the copy engine's: no registers
-// and one instruction a row, where the loads into registers take three a lane and hold the
-// rows of the item ahead in 40 registers), L2 evict-first as the loads' .cs. Lane 0 issues a
-// stage's copies; the warp waits on its barrier's phase, reads its rows into registers, and
-// once their dot products are done (so every lane's reads of the stage are complete) lane 0
-// refills the stage with the item A_BULK ahead.
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (unsigned)a;
-}
-__device__ __forceinline__ void bar_init(unsigned bar) {
-    asm volatile("mbarrier.init.shared.b64 [%0], 1;" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ bool bar_try(unsigned bar, unsigned parity) {
-    unsigned ok;
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n"
-                 " selp.u32 %0, 1, 0, p;\n}" : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
-    return ok != 0;
-}
-// lane 0: the item's two rows (KB = 16: 1056 bytes each) into the stage at dst, counted on bar
-__device__ __forceinline__ void bulk_item(unsigned dst, unsigned bar, const unsigned char* g,
-                                          const unsigned char* u, unsigned long long pol) {
-    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;"
-                 :: "r"(bar), "r"(A_ITEM_BYTES) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                 " [%0], [%1], %2, [%3], %4;"
-                 :: "r"(dst), "l"(g), "r"(A_ITEM_BYTES / 2), "r"(bar), "l"(pol) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                 " [%0], [%1], %2, [%3], %4;"
-                 :: "r"(dst + A_ITEM_BYTES / 2), "l"(u), "r"(A_ITEM_BYTES / 2), "r"(bar), "l"(pol)
-                 : "memory");
-}
-__device__ __forceinline__ void dl_load_shared(DlRow& r, const unsigned char* row, int lane) {
-    r.q[0] = *(const uint4*)(row + 32 + 16 * lane);
-    r.q[1] = *(const uint4*)(row + 544 + 16 * lane);
-    r.d = *(const uint2*)(row + 8 * (lane >> 3));
-}
-
 // A gate row and an up row at byte offset off (nv 16-byte pieces each) into the warp's registers:
 // piece i of the pair (gate first) goes to lane i % 32, slot i / 32.
 __device__ __forceinline__ void load_rows(uint4 (&buf)[A_MAX_V], const unsigned char* wg,
@@ -517,9 +436,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #if A_TAB && !A_DL
 #error "A_TAB: the tables serve the decode order's loop (A_DL)"
 #endif
-#if A_BULK && !A_TAB
-#error "A_BULK: the ring follows the tables (A_TAB) in dynamic shared memory"
-#endif
 #if !A_TAB
     __shared__ unsigned long long s_grid[256];
 #endif
@@ -559,19 +475,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         s_tab[32 * (i >> 4) + 16 + (i & 15)] = (unsigned long long)m.y << 32 | m.x;
     }
     const IqTab look{(const unsigned char*)s_tab, 8u * (lane & 15)};
-#if A_BULK
-    __shared__ __align__(8) unsigned long long s_bar[WARPS * A_BULK];
-    const unsigned char* ring = (const unsigned char*)s_tab + A_TAB_BYTES + warp * (A_BULK * A_ITEM_BYTES);
-    const unsigned ring0 = smem_u32(ring), bar0 = smem_u32(&s_bar[warp * A_BULK]);
-    unsigned long long pol = 0;
-    if (lane == 0) {
-#pragma unroll
-        for (int j = 0; j < A_BULK; j++) bar_init(bar0 + 8 * j);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    }
-    __syncwarp();
-#endif
 #else
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) s_grid[i] = grid_g[i];
     const IqCalc look{s_grid};
@@ -618,7 +521,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     // division per item
     const int dk = rows > 0 ? WARPS / rows : 0, dr = rows > 0 ? WARPS % rows : 0;
     int kx = rows > 0 ? item / rows : 0, rx = rows > 0 ? item % rows : 0;
-    if (!choose && !A_BULK) {
+    if (!choose) {
         e = item < items ? prior(ids + t * K + kx) : -1;
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
@@ -635,28 +538,11 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
     }
     __syncthreads();
-#if A_BULK
-    // slot k's expert (in route mode this token's choice) and the byte offset of its row r
-#define SLOT_E(k) (choose ? s_ids[k] : prior(ids + t * K + (k)))
-#define ROW_OFF(ex, r) ((ex) * stride_e + (long long)(n0 + (r)) * stride_n)
-    if (lane == 0) {                  // the warp's first A_BULK items into its ring
-#pragma unroll
-        for (int j = 0; j < A_BULK; j++) {
-            const int it = warp + j * WARPS;
-            const long long ej = it < items ? SLOT_E(it / rows) : -1;
-            if (ej >= 0) {
-                const long long off = ROW_OFF(ej, it % rows);
-                bulk_item(ring0 + j * A_ITEM_BYTES, bar0 + 8 * j, wg + off, wu + off, pol);
-            }
-        }
-    }
-#else
     if (choose) {
         e = item < items ? s_ids[kx] : -1;
         n = n0 + (item < items ? rx : 0);
         if (e >= 0) LOAD_ROWS(0, e * stride_e + (long long)n * stride_n);
     }
-#endif
     if (warp < nsh_b) {
         const float y = q8_0_row_held(shr, KB / 2, s_q8, s_d8, lane);
         if (lane == 0) ysh[sh0 + warp] = y;
@@ -682,48 +568,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     unsigned char* sg = s_row[warp];
     unsigned char* su = sg + rowb;
 #endif
-#if A_BULK
-    unsigned phase = 0;               // bit j: the parity stage j's barrier completes next
-    int st = 0;
-    // this item's slot and row (kx, rx: item / rows, item % rows) and the refill's, A_BULK items
-    // on (kf, rf), both stepped by WARPS items without a division
-    const int ahead = warp + A_BULK * WARPS;
-    int kf = rows > 0 ? ahead / rows : 0, rf = rows > 0 ? ahead % rows : 0;
-    for (int it = warp; it < items; it += WARPS) {
-        const int k = kx, ncur = n0 + rx;
-        const long long ecur = SLOT_E(k);
-        float mid = 0.0f;
-        if (ecur >= 0) {              // (an item without an expert had no copies)
-            if (!bar_try(bar0 + 8 * st, (phase >> st) & 1u)) {
-                const long long t0 = clock64();        // (a copy that never lands: an error
-                while (!bar_try(bar0 + 8 * st, (phase >> st) & 1u))      //  after ~1 s, no hang)
-                    if (clock64() - t0 > (1ll << 31)) __trap();
-            }
-            phase ^= 1u << st;
-            DlRow cg, cu;
-            dl_load_shared(cg, ring + st * A_ITEM_BYTES, lane);
-            dl_load_shared(cu, ring + st * A_ITEM_BYTES + A_ITEM_BYTES / 2, lane);
-            float ag = 0.0f, au = 0.0f;
-            dl_dots(cg, cu, xs_r, xd_r, look, ag, au);
-            mid = swiglu_item(ag, au, clamp) * (choose ? s_rw[k] : prior(rw + t * K + k));
-        }
-        __syncwarp();                 // (the sums used every lane's reads of the stage)
-        if (lane == 0) {
-            const long long en = it + A_BULK * WARPS < items ? SLOT_E(kf) : -1;
-            if (en >= 0) {
-                const long long off = ROW_OFF(en, rf);
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                bulk_item(ring0 + st * A_ITEM_BYTES, bar0 + 8 * st, wg + off, wu + off, pol);
-            }
-            out[((long long)t * K + k) * N + ncur] = mid;
-        }
-        st = st + 1 == A_BULK ? 0 : st + 1;
-        next_item(kx, rx, dk, dr, rows);
-        next_item(kf, rf, dk, dr, rows);
-    }
-#undef SLOT_E
-#undef ROW_OFF
-#else
     // two items a pass (h = 0, 1): in the decode order this item's rows are register set h and
     // the next item's load into set 1 - h, so no registers are copied between items
     while (item < items) {
@@ -756,23 +600,30 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         float mid = 0.0f;
         if (ecur >= 0) {
             float ag = 0.0f, au = 0.0f;
-#if A_DL
-            dl_dots(cg, cu, xs_r, xd_r, look, ag, au);    // (the decode order: KB = A_MAX_KB)
-#else
 #pragma unroll
             for (int i = 0; i < A_MAX_KB / 4; i++) {
-                if (i < KB / 4) {
+                if (A_DL || i < KB / 4) {                  // (the decode order: KB = A_MAX_KB)
                     const float dx = xd_r[i];
                     const int (&xs)[8] = xs_r[i];
+#if A_DL
+                    const int ig = iq2xxs_sub_held(dl_w0(cg, i), dl_w1(cg, i), xs, look);
+                    const int iu = iq2xxs_sub_held(dl_w0(cu, i), dl_w1(cu, i), xs, look);
+                    ag += (float)ig * (dl_d(cg, i) * dx);
+                    au += (float)iu * (dl_d(cu, i) * dx);
+#else
                     const int g = lane + 32 * i, sb = g >> 3, off = sb * 66 + 2 + 8 * (g & 7);
                     const int ig = iq2xxs_sub(sg, off, xs, s_grid);
                     const int iu = iq2xxs_sub(su, off, xs, s_grid);
                     ag += (float)ig * (h2f(*(const unsigned short*)(sg + sb * 66)) * dx);
                     au += (float)iu * (h2f(*(const unsigned short*)(su + sb * 66)) * dx);
+#endif
                 }
             }
-#endif
-            mid = swiglu_item(ag, au, clamp) * (choose ? s_rw[k] : prior(rw + t * K + k));
+            const float gsum = warp_sum(ag) * 0.125f;
+            const float usum = warp_sum(au) * 0.125f;
+            const float gc = fminf(gsum, clamp);
+            const float uc = fminf(fmaxf(usum, -clamp), clamp);
+            mid = gc / (1.0f + expf(-gc)) * uc * (choose ? s_rw[k] : prior(rw + t * K + k));
         }
         if (lane == 0) out[((long long)t * K + k) * N + ncur] = mid;
 #if !A_DL
@@ -782,7 +633,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     }
     }
     }
-#endif
 #undef LOAD_ROWS
 }
 
