@@ -249,6 +249,10 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s41a: session 41, one GPU (~6 min): the prologues' activation loads in fewer L2 round trips
+#         (matvec X_PAIR, the down's B_PRO / B_EARLY, the gate/up's A_XPF): CUDA twins of the
+#         Q8_0, routed and choice kernels and the graph tests that ride on them; replay A/B at
+#         TP=2 and TP=1 against each earlier form (x_one, dn_pro2, dn_late, gu_nopf, pro_old)
 #   s39e: session 39, one GPU (~5 min): the embedding row read by the first update's hc_step:
 #         its CUDA twins and the HC kernels', replay A/B at TP=2 and TP=1 (embed_own: torch's
 #         gather and conversion launches), two of the decode graphs' CUDA tests (PDL, overlap)
@@ -1569,6 +1573,12 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s41a ]; then
+  log "CUDA twins: the Q8_0 matvec, the routed kernels, the choice in the gate/up; graph tests"
+  cuda_tests 240 "c_kernels or routed_experts or linear_ds4 or grouped_output or q_b or dispatch_and or route_full" tests_k.txt tests/test_kernels.py
+  cuda_tests 150 "riding or expert_choice or pdl_is_bit" tests_graph.txt tests/test_decode_graph.py
+  TRACE=base,pro_old replay_ab base,x_one,dn_pro2,dn_late,gu_nopf,pro_old "the prologues' activation loads"
   replay_keep d1
 elif [ "$MODE" = s39e ]; then
   log "CUDA tests: hc_step (the table's row as f)"
