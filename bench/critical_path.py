@@ -148,18 +148,6 @@ VARIANTS = {
     # (session 39) the embedding row gathered and converted by torch's launches before the first
     # update (before) instead of read by its hc_step (f_row)
     "embed_own": (decode_graph.set_embed_row_enabled,),
-    # (session 41) the prologues' activation loads in fewer L2 round trips, each against its
-    # earlier form: the Q8_0 matvec's plain input one piece a thread a pass (x_one; K = 8,192,
-    # attn_output_b at TP=1, in two round trips); the routed down's activation two blocks a warp
-    # a pass, after the first row's loads (dn_pro2: TP=1's 48 blocks in two round trips after
-    # the ids'), or three after them (dn_late); the gate/up's x not prefetched into L1 before
-    # the choice (gu_nopf); all three as before (pro_old)
-    "x_one": ((cuda_matvec, "X_PAIR", 0),),
-    "dn_pro2": ((cuda_experts, "B_PRO", 2), (cuda_experts, "B_EARLY", 0)),
-    "dn_late": ((cuda_experts, "B_EARLY", 0),),
-    "gu_nopf": ((cuda_experts, "A_XPF", 0),),
-    "pro_old": ((cuda_matvec, "X_PAIR", 0), (cuda_experts, "B_PRO", 2), (cuda_experts, "B_EARLY", 0),
-                (cuda_experts, "A_XPF", 0)),
 }
 
 

@@ -249,7 +249,7 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
-#   s41a: session 41, one GPU (~6 min): the prologues' activation loads in fewer L2 round trips
+#   s41a: session 41, one GPU (~3 min; its variants at 8917913, reverted): the prologues' activation loads in fewer L2 round trips
 #         (matvec X_PAIR, the down's B_PRO / B_EARLY, the gate/up's A_XPF): CUDA twins of the
 #         Q8_0, routed and choice kernels and the graph tests that ride on them; replay A/B at
 #         TP=2 and TP=1 against each earlier form (x_one, dn_pro2, dn_late, gu_nopf, pro_old)

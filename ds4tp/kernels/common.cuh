@@ -108,11 +108,6 @@ __device__ __forceinline__ void l2_prefetch_one(const void* p) {
 __device__ __forceinline__ void l2_prefetch_warp(const void* p, int lane) {
     l2_prefetch_one((const char*)p + 16 * lane);
 }
-// The line at p into L1 (and L2): for an earlier kernel's output, after pdl_wait, ahead of the
-// .ca loads (prior) that read it.
-__device__ __forceinline__ void l1_prefetch(const void* p) {
-    asm volatile("prefetch.global.L1 [%0];" :: "l"(p));
-}
 
 // The clamped SwiGLU (numerics.swiglu_clamped) of 8 gate values v and their up values (ua, uc), in
 // place: g = min(gate, c), u = clamp(up, -c, c), (g * sigmoid(g)) * u, sigmoid(g) = 1 / (1 +
@@ -154,9 +149,6 @@ __device__ __forceinline__ void q8_0_eight(const float (&v)[8], int i, signed ch
 // x is RMS-normed first: float64 sum of squares, the mean rounded to float32, correctly rounded
 // sqrt and reciprocal, then (x * s) * nw. With clamp > 0, x is [2K] (gate, then up) and the input
 // is swiglu8 of its halves. Per 32-block: q8_0_eight.
-#ifndef X_PAIR
-#define X_PAIR 1                // a plain x two pieces a thread a pass (0: one; a timing variant)
-#endif
 template <int NW>
 __device__ __forceinline__ void q8_0_prologue(const float* x, const float* __restrict__ nw,
                                               float eps, float clamp, int K, signed char* s_q,
@@ -179,42 +171,19 @@ __device__ __forceinline__ void q8_0_prologue(const float* x, const float* __res
         rs = __fdiv_rn(1.0f, __fsqrt_rn(ms + eps));
     }
     // four lanes per 32-block, 8 elements each (K/8 is a multiple of 64, so a warp's lanes are
-    // all in the loop or all out of it). A plain x (no norm, no SwiGLU) is read two of the
-    // thread's pieces a pass, i and i + NW*32, both loads out before either is quantised: up to
-    // 16 * NW * 32 inputs in one L2 round trip (K = 8,192 at 16 warps, attn_output_b at TP=1,
-    // took two in a row). The other forms keep one piece a pass (two would take the kernel past
-    // 64 registers, and so to one block an SM).
-    constexpr int STEP = NW * 32;
-    if (X_PAIR && nw == 0 && !(clamp > 0.0f)) {
-        for (int i = tid; i < K / 8; i += 2 * STEP) {
-            const bool two = i + STEP < K / 8;      // (uniform over a warp, as above)
-            const float4 a = prior((const float4*)(x + 8 * i)), c = prior((const float4*)(x + 8 * i + 4));
-            float4 a2 = make_float4(0.f, 0.f, 0.f, 0.f), c2 = a2;
-            if (two) {
-                a2 = prior((const float4*)(x + 8 * (i + STEP)));
-                c2 = prior((const float4*)(x + 8 * (i + STEP) + 4));
-            }
-            const float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-            q8_0_eight(v, i, s_q, s_d);
-            if (two) {
-                const float v2[8] = {a2.x, a2.y, a2.z, a2.w, c2.x, c2.y, c2.z, c2.w};
-                q8_0_eight(v2, i + STEP, s_q, s_d);
-            }
-        }
-    } else {
-        for (int i = tid; i < K / 8; i += STEP) {
-            const float4 a = prior((const float4*)(x + 8 * i)), c = prior((const float4*)(x + 8 * i + 4));
-            float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-            if (clamp > 0.0f)
-                swiglu8(v, prior((const float4*)(x + K + 8 * i)), prior((const float4*)(x + K + 8 * i + 4)), clamp);
-            if (nw != 0) {
-                const float4 na = *(const float4*)(nw + 8 * i), nc = *(const float4*)(nw + 8 * i + 4);
-                const float n[8] = {na.x, na.y, na.z, na.w, nc.x, nc.y, nc.z, nc.w};
+    // all in the loop or all out of it)
+    for (int i = tid; i < K / 8; i += NW * 32) {
+        const float4 a = prior((const float4*)(x + 8 * i)), c = prior((const float4*)(x + 8 * i + 4));
+        float v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+        if (clamp > 0.0f)
+            swiglu8(v, prior((const float4*)(x + K + 8 * i)), prior((const float4*)(x + K + 8 * i + 4)), clamp);
+        if (nw != 0) {
+            const float4 na = *(const float4*)(nw + 8 * i), nc = *(const float4*)(nw + 8 * i + 4);
+            const float n[8] = {na.x, na.y, na.z, na.w, nc.x, nc.y, nc.z, nc.w};
 #pragma unroll
-                for (int j = 0; j < 8; j++) v[j] = __fmul_rn(__fmul_rn(v[j], rs), n[j]);
-            }
-            q8_0_eight(v, i, s_q, s_d);
+            for (int j = 0; j < 8; j++) v[j] = __fmul_rn(__fmul_rn(v[j], rs), n[j]);
         }
+        q8_0_eight(v, i, s_q, s_d);
     }
     __syncthreads();
 }

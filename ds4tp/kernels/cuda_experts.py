@@ -34,11 +34,6 @@ B_WARPS = WARPS
 A_MAX_KB = 16      # gate/up inputs <= 4096, a multiple of 2048 (rows of whole 16-byte pieces)
 B_KB = (1, 2, 4, 8)  # down inputs: 256, 512, 1024 or 2048
 B_MAX_K = 8
-# The down's activation blocks a warp quantises a pass, their loads issued together (experts.cu
-# B_PRO; read at call time): 3 takes TP=1's 6 x 8 blocks in one L2 round trip at 16 warps (two
-# blocks a pass, 2, took two round trips)
-B_PRO = 3
-B_EARLY = 1        # the first pass's loads issued with the ids' (0: after the first row's loads)
 B_SH_CPR = (1, 2, 4)  # the shared down's inputs with it: 512, 1024 or 2048 (experts.cu B_SH_CPR)
 MAX_T = 4          # tokens per launch (each token re-reads its experts' rows)
 _switch = cuda_c.Switch()
@@ -55,9 +50,8 @@ def _kernel(x: torch.Tensor, warps: int, which: int, defines: tuple = ()):
 
 def down_defines(K: int, kb: int, csh: int) -> tuple:
     """The down kernel's compile-time shape (experts.cu q2k_down_sum): passes over a row's K
-    slots (32 / (4 kb) slots a pass), the shared row's pieces, the prologue's blocks a pass."""
-    return (("B_NP", -(-K // (32 // (4 * kb)))), ("B_SH_MAX", max(csh, 1)), ("B_PRO", B_PRO),
-            ("B_EARLY", B_EARLY))
+    slots (32 / (4 kb) slots a pass), the shared row's pieces."""
+    return (("B_NP", -(-K // (32 // (4 * kb)))), ("B_SH_MAX", max(csh, 1)))
 
 
 def default_rpc(fn, n_rows: int, T: int, device: torch.device, warps: int = WARPS,
@@ -141,16 +135,10 @@ def takes_decode_order(device: torch.device) -> bool:
             and cuda_c.kernel("experts_mma.cu", "iq2xxs_swiglu_mma", idx, _MMA_DL) is not None)
 
 
-# With the choice in the gate/up launch, its activation's lines are prefetched into L1 before the
-# choice (experts.cu A_XPF; read at call time; 0: not, a timing variant)
-A_XPF = 1
-
-
 def _swiglu_defines(route: bool, dl: bool) -> tuple:
-    """The gate/up kernel's compile-time modes: the expert choice in it (with x prefetched into
-    L1 where A_XPF asks), rows in the decode order (read through the tables per bank pair where
-    they are on)."""
-    return ((("A_ROUTE", 1), ("A_XPF", A_XPF)) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
+    """The gate/up kernel's compile-time modes: the expert choice in it, rows in the decode order
+    (read through the tables per bank pair where they are on)."""
+    return ((("A_ROUTE", 1),) if route else ()) + ((("A_DL", 1),) if dl else ()) + \
         ((("A_TAB", 1),) if dl and _tab_switch.on else ())
 
 

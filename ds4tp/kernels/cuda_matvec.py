@@ -31,9 +31,6 @@ LOADS = 4          # 16-byte loads in flight per lane (matvec.cu LOADS)
 MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
 Q_PRE = 1          # steps of a warp's first rows prefetched into L2 before the PDL wait (0: all;
                    # matvec.cu Q_PRE)
-X_PAIR = 1         # a plain input read two pieces a thread a pass in the prologue, their loads
-                   # together (common.cuh q8_0_prologue; 0: one a pass, K = 8192 in two L2 round
-                   # trips at 16 warps)
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
 _WIDTHS = tuple(512 << i for i in range(6) if 512 << i <= MAX_K)   # whole 16-byte pieces per lane
 _switch = cuda_c.Switch()
@@ -47,8 +44,7 @@ def _kernel(device: torch.device, warps: int | None = None, loads: int | None = 
     constants, read at call time, so that benchmarks can set other values)."""
     return cuda_c.kernel("matvec.cu", name, device.index,
                          (("WARPS", warps or WARPS), ("LOADS", loads or LOADS),
-                          ("MINB", MINB if minb is None else minb), ("Q_PRE", Q_PRE),
-                          ("X_PAIR", X_PAIR)))
+                          ("MINB", MINB if minb is None else minb), ("Q_PRE", Q_PRE)))
 
 
 def default_rpb(fn, n_rows: int, device: torch.device, warps: int | None = None) -> int:

@@ -421,9 +421,6 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
 // warp picking for itself and loading its first rows before quantising x was no faster, s26g).
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
 // aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
-#ifndef A_XPF
-#define A_XPF 1                 // route mode: x prefetched into L1 before the choice (0: not)
-#endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
@@ -489,11 +486,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     pdl_wait();                       // ids, rw (or logits) and x are earlier kernels' outputs
     const bool choose = A_ROUTE && logits != 0;
     if (choose) {                     // (uniform over the block)
-#if A_XPF
-        // x's lines into L1 while the logits come: the activation's loads after the choice (the
-        // picking warp's after its pick) then hit L1 instead of going to L2 once more
-        for (int b = warp; b < KB; b += WARPS) l1_prefetch(x + (long long)t * stride_xt + b * 256 + lane * 8);
-#endif
         route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk);
         __syncthreads();
     }
@@ -644,41 +636,28 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #undef LOAD_ROWS
 }
 
-// Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), B_PRO blocks
-// a warp a pass (blocks b0, b0 + WARPS, ...): b_pro_load issues a pass's 16-byte loads together,
-// b_pro_quant quantises them. Rows of slots without an expert are quantised too and never read.
-#ifndef B_PRO
-#define B_PRO 3
-#endif
-#ifndef B_EARLY
-#define B_EARLY 1               // the first pass loaded with the ids (0: after the first row's loads)
-#endif
-struct BPass {
-    float4 a[B_PRO], c[B_PRO];
-};
-__device__ __forceinline__ void b_pro_load(BPass& r, const float* x, long long stride_xt, long long stride_xk,
-                                           int t, int K, int KB, int lane, int b0) {
-#pragma unroll
-    for (int j = 0; j < B_PRO; j++) {
-        const int b = b0 + j * WARPS;
-        r.a[j] = r.c[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (b < K * KB) {
-            const float4* p = (const float4*)(x + (long long)t * stride_xt + (long long)(b / KB) * stride_xk
-                                              + (b % KB) * 256 + lane * 8);
-            r.a[j] = prior(p);
-            r.c[j] = prior(p + 1);
-        }
-    }
-}
-__device__ __forceinline__ void b_pro_quant(const BPass& r, int K, int KB, int lane, int b0,
-                                            signed char* s_xq, float* s_xd, int* s_bs) {
+// Q8_K of the K slot rows x[t, k, :] into shared memory (int8, scales, sums of 16), two blocks
+// per warp at a time (their 16-byte loads issued together); rows of slots without an expert are
+// quantised too and never read.
+__device__ __forceinline__ void b_prologue(const float* x, long long stride_xt, long long stride_xk,
+                                           int t, int K, int KB, int lane, int warp,
+                                           signed char* s_xq, float* s_xd, int* s_bs) {
     const int q8_off = 8 * (lane & 15) + (lane >> 4) * B_XH;     // elements 8l..8l+7 (B_XB layout)
-#pragma unroll
-    for (int j = 0; j < B_PRO; j++) {
-        const int b = b0 + j * WARPS;
-        if (b < K * KB) {
-            const float v[8] = {r.a[j].x, r.a[j].y, r.a[j].z, r.a[j].w, r.c[j].x, r.c[j].y, r.c[j].z, r.c[j].w};
-            q8k_block(v, lane, s_xq + b * B_XB + q8_off, s_xd + b, s_bs + b * B_BS);
+    for (int b = warp; b < K * KB; b += 2 * WARPS) {
+        const int b2 = b + WARPS;
+        const bool two = b2 < K * KB;
+        const float4* p1 = (const float4*)(x + (long long)t * stride_xt + (long long)(b / KB) * stride_xk
+                                           + (b % KB) * 256 + lane * 8);
+        const float4* p2 = (const float4*)(x + (long long)t * stride_xt + (long long)(b2 / KB) * stride_xk
+                                           + (b2 % KB) * 256 + lane * 8);
+        const float4 a0 = prior(p1), a1 = prior(p1 + 1);
+        float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0;
+        if (two) { c0 = prior(p2); c1 = prior(p2 + 1); }
+        const float v1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        q8k_block(v1, lane, s_xq + b * B_XB + q8_off, s_xd + b, s_bs + b * B_BS);
+        if (two) {
+            const float v2[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+            q8k_block(v2, lane, s_xq + b2 * B_XB + q8_off, s_xd + b2, s_bs + b2 * B_BS);
         }
     }
 }
@@ -768,26 +747,13 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         const int k = p * spp + ks;
         e[p] = (k < K) ? (int)prior(ids + t * K + k) : -1;
     }
-    // gu's 8 gate and 8 up values of this thread's Q8_0 quarter-block, loaded with the ids
+    // gu's 8 gate and 8 up values of this thread's Q8_0 quarter-block, loaded with the slot rows
     const int gi = threadIdx.x;
     const bool gq = sh && gi < F / 8;
     float4 ga = make_float4(0.f, 0.f, 0.f, 0.f), gc = ga, ua = ga, uc = ga;
     if (gq) {
         ga = prior((const float4*)(gu + 8 * gi)); gc = prior((const float4*)(gu + 8 * gi + 4));
         ua = prior((const float4*)(gu + F + 8 * gi)); uc = prior((const float4*)(gu + F + 8 * gi + 4));
-    }
-    // the warp's first pass of slot activation blocks, loaded with the ids (neither needs the other)
-    BPass xp;
-#if B_EARLY
-    b_pro_load(xp, x, stride_xt, stride_xk, t, K, KB, lane, warp);
-#endif
-    // the shared down's input, quantised as soon as gu is in (its registers free before the
-    // first row's loads take theirs: with both held the kernel spilled, and the spill's store
-    // waited for gu's loads ahead of the row loads)
-    if (gq) {                         // (F/8 is a multiple of 64: whole warps)
-        float v[8] = {ga.x, ga.y, ga.z, ga.w, gc.x, gc.y, gc.z, gc.w};
-        swiglu8(v, ua, uc, clamp);
-        q8_0_eight(v, gi, s_q8, s_d8);
     }
     unsigned qw[B_NP][4], sc[B_NP][2], dd[B_NP];
     // pass p of a row into its registers (slots without an expert load nothing)
@@ -806,13 +772,11 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         for (int p = 0; p < B_NP; p++) { B_LOAD(p, n) }
     }
 
-#if !B_EARLY
-    b_pro_load(xp, x, stride_xt, stride_xk, t, K, KB, lane, warp);
-#endif
-    b_pro_quant(xp, K, KB, lane, warp, s_xq, s_xd, s_bs);
-    for (int b0 = warp + B_PRO * WARPS; b0 < K * KB; b0 += B_PRO * WARPS) {   // (not at DS4's shapes)
-        b_pro_load(xp, x, stride_xt, stride_xk, t, K, KB, lane, b0);
-        b_pro_quant(xp, K, KB, lane, b0, s_xq, s_xd, s_bs);
+    b_prologue(x, stride_xt, stride_xk, t, K, KB, lane, warp, s_xq, s_xd, s_bs);
+    if (gq) {                         // (F/8 is a multiple of 64: whole warps)
+        float v[8] = {ga.x, ga.y, ga.z, ga.w, gc.x, gc.y, gc.z, gc.w};
+        swiglu8(v, ua, uc, clamp);
+        q8_0_eight(v, gi, s_q8, s_d8);
     }
     __syncthreads();
 
