@@ -148,6 +148,9 @@ VARIANTS = {
     # (session 39) the embedding row gathered and converted by torch's launches before the first
     # update (before) instead of read by its hc_step (f_row)
     "embed_own": (decode_graph.set_embed_row_enabled,),
+    # (session 41, a probe, not a safe schedule) the HC mixer's Sinkhorn joined at the step's
+    # end instead of before the update that reads it: what the main stream's waits on it cost
+    "mix_join_step": ((decode_graph, "MIX_JOIN", "step"),),
 }
 
 

@@ -249,6 +249,8 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s41b: session 41, one GPU (~2 min): replay A/B at TP=2 and TP=1 of the HC mixer's joins (a
+#         probe, not a safe schedule: mix_join_step joins the Sinkhorn at the step's end)
 #   s41a: session 41, one GPU (~3 min; its variants at 8917913, reverted): the prologues' activation loads in fewer L2 round trips
 #         (matvec X_PAIR, the down's B_PRO / B_EARLY, the gate/up's A_XPF): CUDA twins of the
 #         Q8_0, routed and choice kernels and the graph tests that ride on them; replay A/B at
@@ -1573,6 +1575,9 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s41b ]; then
+  TRACE=base,mix_join_step replay_ab base,mix_join_step "the HC mixer's joins (a probe)"
   replay_keep d1
 elif [ "$MODE" = s41a ]; then
   log "CUDA twins: the Q8_0 matvec, the routed kernels, the choice in the gate/up; graph tests"
