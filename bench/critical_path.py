@@ -151,6 +151,11 @@ VARIANTS = {
     # (session 41, a probe, not a safe schedule) the HC mixer's Sinkhorn joined at the step's
     # end instead of before the update that reads it: what the main stream's waits on it cost
     "mix_join_step": ((decode_graph, "MIX_JOIN", "step"),),
+    # (session 41) the HC mixer's lane above the main stream (-2 against the capture's -1), so
+    # that its one program is placed before the main stream's waiting blocks; and with its
+    # program at one warp, which can sit beside two Q8_0 blocks on an SM (8 warps cannot)
+    "mix_hi2": ((streams, "LANE_PRIORITY", (0, -2, -1)),),
+    "mix_hi2_w1": ((streams, "LANE_PRIORITY", (0, -2, -1)), (triton_hc, "MIX_WARPS", 1)),
 }
 
 

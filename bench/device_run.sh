@@ -249,6 +249,8 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s41c: session 41, one GPU (~2 min): replay A/B at TP=2 and TP=1 of the HC mixer's lane
+#         priority and warps (mix_w1, mix_w2, prio_main_mix_hi, mix_hi2, mix_hi2_w1)
 #   s41b: session 41, one GPU (~2 min): replay A/B at TP=2 and TP=1 of the HC mixer's joins (a
 #         probe, not a safe schedule: mix_join_step joins the Sinkhorn at the step's end)
 #   s41a: session 41, one GPU (~3 min; its variants at 8917913, reverted): the prologues' activation loads in fewer L2 round trips
@@ -1575,6 +1577,10 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s41c ]; then
+  python3 -c "import torch; print('stream priority range', torch.cuda.Stream.priority_range())"
+  TRACE=base,mix_hi2_w1 replay_ab base,mix_w1,mix_w2,prio_main_mix_hi,mix_hi2,mix_hi2_w1 "the HC mixer's lane priority and warps"
   replay_keep d1
 elif [ "$MODE" = s41b ]; then
   TRACE=base,mix_join_step replay_ab base,mix_join_step "the HC mixer's joins (a probe)"
