@@ -148,14 +148,17 @@ VARIANTS = {
     # (session 39) the embedding row gathered and converted by torch's launches before the first
     # update (before) instead of read by its hc_step (f_row)
     "embed_own": (decode_graph.set_embed_row_enabled,),
-    # (session 41, a probe, not a safe schedule) the HC mixer's Sinkhorn joined at the step's
-    # end instead of before the update that reads it: what the main stream's waits on it cost
-    "mix_join_step": ((decode_graph, "MIX_JOIN", "step"),),
+    # (session 41, s41b) a probe, not a safe schedule: the HC mixer's Sinkhorn joined at the
+    # step's end instead of before the update that reads it (TP=2 rank -1.6%, TP=1 -0.4%, logits
+    # differed: the mixer ran late in most layers; code at 05a54bf, removed)
     # (session 41) the HC mixer's lane above the main stream (-2 against the capture's -1), so
     # that its one program is placed before the main stream's waiting blocks; and with its
     # program at one warp, which can sit beside two Q8_0 blocks on an SM (8 warps cannot)
     "mix_hi2": ((streams, "LANE_PRIORITY", (0, -2, -1)),),
     "mix_hi2_w1": ((streams, "LANE_PRIORITY", (0, -2, -1)), (triton_hc, "MIX_WARPS", 1)),
+    # (session 41) a Q8_0 launch of fewer blocks than SMs (attn_q_a|kv) at the usual 4 loads a
+    # lane, two steps a row of 4,096, instead of FEW_LOADS (8: one step)
+    "few_off": ((cuda_matvec, "FEW_LOADS", 0),),
 }
 
 

@@ -249,10 +249,14 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s41d: session 41, one GPU (~4 min): a Q8_0 launch of fewer blocks than SMs at 8 loads a lane
+#         (cuda_matvec.FEW_LOADS): the CUDA twins of the matvecs, replay A/B at TP=2 and TP=1
+#         against 4 (few_off)
 #   s41c: session 41, one GPU (~2 min): replay A/B at TP=2 and TP=1 of the HC mixer's lane
 #         priority and warps (mix_w1, mix_w2, prio_main_mix_hi, mix_hi2, mix_hi2_w1)
-#   s41b: session 41, one GPU (~2 min): replay A/B at TP=2 and TP=1 of the HC mixer's joins (a
-#         probe, not a safe schedule: mix_join_step joins the Sinkhorn at the step's end)
+#   s41b: session 41, one GPU (~2 min; its probe at 05a54bf, removed): replay A/B at TP=2 and TP=1
+#         of the HC mixer's joins (not a safe schedule: mix_join_step joined the Sinkhorn at the
+#         step's end)
 #   s41a: session 41, one GPU (~3 min; its variants at 8917913, reverted): the prologues' activation loads in fewer L2 round trips
 #         (matvec X_PAIR, the down's B_PRO / B_EARLY, the gate/up's A_XPF): CUDA twins of the
 #         Q8_0, routed and choice kernels and the graph tests that ride on them; replay A/B at
@@ -1577,6 +1581,11 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s41d ]; then
+  log "CUDA twins: the Q8_0 matvecs"
+  cuda_tests 200 "c_kernels or linear_ds4 or grouped_output or q_b or dispatch_and" tests_k.txt tests/test_kernels.py
+  TRACE=base,few_off replay_ab base,few_off "attn_q_a|kv at 8 loads a lane"
   replay_keep d1
 elif [ "$MODE" = s41c ]; then
   python3 -c "import torch; print('stream priority range', torch.cuda.Stream.priority_range())"

@@ -100,11 +100,6 @@ set_embed_row_enabled = _embed_row_switch.set
 # Removed after s37b/s37c: joined after the layer's FFN update (+4.9% at both widths), before the
 # next layer's attention, forked after attn_q_b (no faster; code at d63dd8b). Read at capture.
 COMP_JOIN = "step"
-# Where the main stream waits for the HC mixer's Sinkhorn (post and M on its lane): before the
-# update that reads them ("update"). "step" (a timing probe only, NOT safe: nothing then orders
-# that update after the Sinkhorn) joins them at the step's end, to measure what the joins cost
-# (bench/critical_path.py mix_join_step; the logits check shows whether a read came too early).
-MIX_JOIN = "update"
 
 
 class StaticDecoder:
@@ -369,7 +364,6 @@ class StaticDecoder:
             xn, post, mix = hc_pre(hc, *m.w.layers[0].attn_mixer, s)
             pending = None
         comps = []       # compressor steps not yet joined: (side, its input xn, kept alive)
-        self._late_joins = comps
         for lw, lay in zip(m.w.layers, self.layers):
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
@@ -402,10 +396,7 @@ class StaticDecoder:
         (table, index) in place of part: the part is that row of the table, read by the hc_step
         launch itself where it runs (float16 rows: f_row), else gathered here."""
         if pending is not None:
-            if MIX_JOIN == "update":
-                pending[0].join()
-            else:
-                self._late_joins.append(pending)
+            pending[0].join()
         s, comm = self.s, self.m.comm
         # the head's update has no Sinkhorn to run beside: one launch whether or not the
         # sublayers overlap (the same bits either way)
