@@ -156,9 +156,9 @@ VARIANTS = {
     # program at one warp, which can sit beside two Q8_0 blocks on an SM (8 warps cannot)
     "mix_hi2": ((streams, "LANE_PRIORITY", (0, -2, -1)),),
     "mix_hi2_w1": ((streams, "LANE_PRIORITY", (0, -2, -1)), (triton_hc, "MIX_WARPS", 1)),
-    # (session 41) a Q8_0 launch of fewer blocks than SMs (attn_q_a|kv) at the usual 4 loads a
-    # lane, two steps a row of 4,096, instead of FEW_LOADS (8: one step)
-    "few_off": ((cuda_matvec, "FEW_LOADS", 0),),
+    # (session 41, s41d) attn_q_a|kv (96 blocks) at 8 loads a lane, one block an SM: +0.7% at
+    # both widths (attn_q_b's blocks could not sit beside its blocks before the wait; code at
+    # 3c4c1e1, removed)
 }
 
 

@@ -249,7 +249,7 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
-#   s41d: session 41, one GPU (~4 min): a Q8_0 launch of fewer blocks than SMs at 8 loads a lane
+#   s41d: session 41, one GPU (~2 min; its variant at 8fd13fb, removed): a Q8_0 launch of fewer blocks than SMs at 8 loads a lane
 #         (cuda_matvec.FEW_LOADS): the CUDA twins of the matvecs, replay A/B at TP=2 and TP=1
 #         against 4 (few_off)
 #   s41c: session 41, one GPU (~2 min): replay A/B at TP=2 and TP=1 of the HC mixer's lane

@@ -31,10 +31,6 @@ LOADS = 4          # 16-byte loads in flight per lane (matvec.cu LOADS)
 MINB = 0           # blocks per SM the register allocation must allow (0: ptxas chooses)
 Q_PRE = 1          # steps of a warp's first rows prefetched into L2 before the PDL wait (0: all;
                    # matvec.cu Q_PRE)
-# A launch too small to reach every SM at LOADS (attn_q_a|kv: 1,536 rows in 96 blocks, both
-# widths) takes FEW_LOADS loads a lane (88 registers, one block an SM): a row of 4,096 in one
-# step, not two round trips in a row. Read at call time (0: LOADS always; a timing variant).
-FEW_LOADS = 8
 MAX_K = 16384      # inputs per row (matvec.cu MAX_K)
 _WIDTHS = tuple(512 << i for i in range(6) if 512 << i <= MAX_K)   # whole 16-byte pieces per lane
 _switch = cuda_c.Switch()
@@ -86,18 +82,12 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     fn = _kernel(x.device, warps, loads, minb)
     if fn is None:
         return None
-    rpg = N // groups
-    if rpb is None and loads is None and FEW_LOADS > LOADS and K > 512 * LOADS:
-        from ds4tp.kernels.triton_matvec import _sm_count
-        if groups * -(-rpg // default_rpb(fn, N, x.device, warps)) < _sm_count(x.device):
-            few = _kernel(x.device, warps, FEW_LOADS, minb)
-            if few is not None:
-                fn = few
     from ds4tp.kernels.triton_matvec import q8_0_split
     q, d = q8_0_split(w)
     x = _aligned16(x)
     nw = _aligned16(norm) if norm is not None else None
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
+    rpg = N // groups
     rpb = rpb or default_rpb(fn, N, x.device, warps)
     cuda_c.launch(fn, x.device, (-(-rpg // rpb), groups), warps,
                   (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
