@@ -158,7 +158,7 @@ VARIANTS = {
     "mix_hi2_w1": ((streams, "LANE_PRIORITY", (0, -2, -1)), (triton_hc, "MIX_WARPS", 1)),
     # (session 41, s41d) attn_q_a|kv (96 blocks) at 8 loads a lane, one block an SM: +0.7% at
     # both widths (attn_q_b's blocks could not sit beside its blocks before the wait; code at
-    # 3c4c1e1, removed)
+    # 8fd13fb, removed)
 }
 
 
