@@ -249,6 +249,8 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s41e: session 41 closing run, one GPU (~5 min): the TP=1 bench at depth 0 and 4096 on the
+#         final code (the embedding row read by the first hc_step, never benched), TP=1 goldens
 #   s41d: session 41, one GPU (~2 min; its variant at 8fd13fb, removed): a Q8_0 launch of fewer blocks than SMs at 8 loads a lane
 #         (cuda_matvec.FEW_LOADS): the CUDA twins of the matvecs, replay A/B at TP=2 and TP=1
 #         against 4 (few_off)
@@ -1582,6 +1584,9 @@ elif [ "$MODE" = s36d ]; then
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
   replay_keep d1
+elif [ "$MODE" = s41e ]; then
+  bench_tp1 330 4096 "depth 0 and 4096, the final code"
+  golden 1 static 80
 elif [ "$MODE" = s41d ]; then
   log "CUDA twins: the Q8_0 matvecs"
   cuda_tests 200 "c_kernels or linear_ds4 or grouped_output or q_b or dispatch_and" tests_k.txt tests/test_kernels.py
