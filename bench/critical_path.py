@@ -156,6 +156,10 @@ VARIANTS = {
     # program at one warp, which can sit beside two Q8_0 blocks on an SM (8 warps cannot)
     "mix_hi2": ((streams, "LANE_PRIORITY", (0, -2, -1)),),
     "mix_hi2_w1": ((streams, "LANE_PRIORITY", (0, -2, -1)), (triton_hc, "MIX_WARPS", 1)),
+    # (session 41) the HC mixer's Sinkhorn beside the sublayer on its own lane, joined before
+    # the update (before), instead of riding as one more block of attn_output_b's and the routed
+    # down's launches (decode_graph's mix ride)
+    "mix_beside": (decode_graph.set_mix_ride_enabled,),
     # (session 41, s41d) attn_q_a|kv (96 blocks) at 8 loads a lane, one block an SM: +0.7% at
     # both widths (attn_q_b's blocks could not sit beside its blocks before the wait; code at
     # 8fd13fb, removed)

@@ -249,6 +249,9 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s41f: session 41, one GPU (~5 min): the HC Sinkhorn riding in attn_output_b's and the routed
+#         down's launches: its CUDA twins, the Q8_0 / routed kernels', the decode graphs' tests
+#         (overlap and PDL bit-identity among them); replay A/B at TP=2 and TP=1 (mix_beside)
 #   s41e: session 41 closing run, one GPU (~5 min): the TP=1 bench at depth 0 and 4096 on the
 #         final code (the embedding row read by the first hc_step, never benched), TP=1 goldens
 #   s41d: session 41, one GPU (~2 min; its variant at 8fd13fb, removed): a Q8_0 launch of fewer blocks than SMs at 8 loads a lane
@@ -1583,6 +1586,13 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s41f ]; then
+  log "CUDA twins: the Sinkhorn riding, the Q8_0 and routed kernels"
+  cuda_tests 200 "sinkhorn_riding or c_kernels or routed_experts or grouped_output or q_b or hc_step_full" tests_k.txt tests/test_kernels.py
+  log "CUDA tests: the decode graphs (overlap and PDL bit-identity, the shared rows, the choice, Sinkhorn beside)"
+  cuda_tests 200 "overlap or pdl_is_bit or riding or expert_choice or sinkhorn_beside" tests_graph.txt tests/test_decode_graph.py
+  TRACE=base,mix_beside replay_ab base,mix_beside "the HC Sinkhorn riding in the launches"
   replay_keep d1
 elif [ "$MODE" = s41e ]; then
   bench_tp1 330 4096 "depth 0 and 4096, the final code"

@@ -311,7 +311,8 @@ WEIGHT_KERNELS = {"_linear_kernel", "_q8s_matvec_kernel", "_expert_kernel", "_ex
                   "_q2k_sum_kernel", "_quant_kernel", "iq2xxs_swiglu", "q2k_down_sum", "q8_0_matvec",
                   "_comp_step_kernel", "_comp_pair_kernel",
                   "f16_matvec",   # f16_matvec: the router, as _linear_kernel was
-                  "iq2xxs_swiglu_mma", "iq2xxs_slots_mma", "q2k_slots_mma"}   # (a prefill's)
+                  "iq2xxs_swiglu_mma", "iq2xxs_slots_mma", "q2k_slots_mma",   # (a prefill's)
+                  "q8_0_matvec_mix", "q2k_down_sum_mix"}   # (carrying an HC Sinkhorn block)
 
 
 COLLECTIVE_KERNELS = {"ar2_sum"}     # kernels.cuda_allreduce: the within-host all-reduce
@@ -412,8 +413,11 @@ KERNEL_WEIGHTS = {
 }
 # Several kernels' launches counted as one key of KERNEL_WEIGHTS: the compressors' weights go
 # through a launch each (ratio-128 layers, and ratio-4 layers before the thirty-first session)
-# or a ratio-4 layer's two through one (_comp_pair_kernel).
-KERNEL_ALIASES = {"_comp_step_kernel": ("_comp_step_kernel", "_comp_pair_kernel")}
+# or a ratio-4 layer's two through one (_comp_pair_kernel); the decode graphs' attn_output_b and
+# routed down run as the _mix kernels, which carry the next HC update's Sinkhorn as one block.
+KERNEL_ALIASES = {"_comp_step_kernel": ("_comp_step_kernel", "_comp_pair_kernel"),
+                  "q8_0_matvec": ("q8_0_matvec", "q8_0_matvec_mix"),
+                  "q2k_down_sum": ("q2k_down_sum", "q2k_down_sum_mix")}
 
 
 def kernel_time(kernels: dict, key: str) -> dict | None:

@@ -25,7 +25,8 @@ import torch
 
 from ds4tp import config as C, kernels
 from ds4tp.fuse import static_shapes
-from ds4tp.kernels.cuda_c import Switch
+from ds4tp.kernels import cuda_c
+from ds4tp.kernels.cuda_c import MixJob, Switch
 from ds4tp.model import (DS4Model, SessionState, attend, ffn, grouped_linear_out, hc_post_pre,
                          hc_pre, index_scores_torch, index_weight_scale, indexer_query,
                          kv_cache_row, kv_row_quant, output_head, output_logits, pack_rows,
@@ -76,6 +77,11 @@ _mix_side_switch = Switch()
 set_mix_side_enabled = _mix_side_switch.set
 _mix_lane_switch = Switch()
 set_mix_lane_enabled = _mix_lane_switch.set
+# ... and where the CUDA C launches take it, as one more block of the launch that ends the
+# sublayer (attn_output_b, the routed down; kernels.cuda_c.MixJob) rather than on a side stream:
+# the main stream then orders it before the update that reads post and M, with no join.
+_mix_ride_switch = Switch()
+set_mix_ride_enabled = _mix_ride_switch.set
 # Benchmarks also switch off the streams before layer 0 as one update (_step_body) to time the
 # expand copy and hc_pre's two launches it replaced.
 _first_update_switch = Switch()
@@ -368,9 +374,10 @@ class StaticDecoder:
             r = lw.ratio
             emit = (r == 4 and emit4) or (r == 128 and emit128)
             # each sublayer's output is this rank's part; _update sums it (its all-reduce)
-            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4, comps)
+            out = self._attention(lw, lay, xn, pos, emit, idx_on and r == 4, comps, _ride(pending))
             hc, xn, post, mix, pending = self._update(out, hc, post, mix, lw.ffn_mixer, pending)
-            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap, reduce=False)
+            f = ffn(lw, xn, tok, s, m.comm, m.rank, overlap=m.overlap, reduce=False,
+                    mix=_ride(pending))
             mixer = m.w.mixer_after(lw.il)
             hc, xn, post, mix, pending = self._update(f, hc, post, mix, mixer or m.w.head_mixer,
                                                       pending, head=mixer is None)
@@ -389,15 +396,21 @@ class StaticDecoder:
         reads) on the side stream beside the sublayer on CUDA: hc_step(mix=False), then hc_mix.
         Two ranks of one host sum inside that hc_step (comm.peer_sum; one launch fewer).
         pending: the previous call's (side, z), joined here before its post and M are read (z
-        is kept alive until then). head: after the last layer, mixer is the output head's
+        is kept alive until then), or its MixJob, which the sublayer's last launch carried (if
+        no launch took it, its Sinkhorn runs here). head: after the last layer, mixer is the output head's
         (Weights.head_mixer): on CUDA the same hc_step gives the head's normed input as xn (its
         ~8 launches in one), elsewhere xn is None and output_head mixes the new streams.
         reduce=False: part is the whole output already (the embedding before layer 0); row =
         (table, index) in place of part: the part is that row of the table, read by the hc_step
         launch itself where it runs (float16 rows: f_row), else gathered here."""
-        if pending is not None:
-            pending[0].join()
         s, comm = self.s, self.m.comm
+        if isinstance(pending, MixJob):
+            if not pending.done:          # (no launch of the sublayer took it)
+                from ds4tp.kernels import triton_hc
+                post, mix = triton_hc.hc_mix(pending.z, pending.scale, pending.base, s.n_hc,
+                                             s.sinkhorn_iters, C.HC_EPS)
+        elif pending is not None:
+            pending[0].join()
         # the head's update has no Sinkhorn to run beside: one launch whether or not the
         # sublayers overlap (the same bits either way)
         beside = ((head or (_mix_side_switch.on and self.m.overlap)) and kernels.on_gpu(hc)
@@ -423,6 +436,9 @@ class StaticDecoder:
                                       peer=peer, f_row=f_row)   # with peer: f is the part, summed inside
         if head:
             return hc, xn, None, None, None
+        if _mix_ride_switch.on and cuda_c.available():
+            job = MixJob(z, scale, base, C.HC_EPS, s.sinkhorn_iters)
+            return hc, xn, job.post, job.m, job
         # its own side stream: on the one the shared expert and the compressors use, it went
         # first and held them back by its ~4 us (bench/critical_path.py)
         side = Side(z, lane=1 if _mix_lane_switch.on else 0)
@@ -430,10 +446,11 @@ class StaticDecoder:
             post, mix = triton_hc.hc_mix(z, scale, base, s.n_hc, s.sinkhorn_iters, C.HC_EPS)
         return hc, xn, post, mix, (side, z)
 
-    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool, comps: list):
+    def _attention(self, lw, lay: _Layer, xn, pos, emit: bool, idx_on: bool, comps: list,
+                   mix=None):
         """The attention sublayer of one token: its input xn [1, E] -> its output [1, E].
         comps: where its compressor steps' side is left to be joined at the step's end
-        (COMP_JOIN "step"), with xn, which they read."""
+        (COMP_JOIN "step"), with xn, which they read. mix: a MixJob for attn_output_b."""
         s, comm = self.s, self.m.comm
         n_vis = (pos + 1) // lw.ratio if idx_on else None                    # [1] rows visible
         side = self._compressors(lw, lay, xn, pos, emit)         # beside the q/kv path
@@ -457,7 +474,7 @@ class StaticDecoder:
                 mask, rows = indexer_select(score, n_vis, s.indexer_top_k)
         o = decode_attention(qb, lay.raw, lay.raw_pos, comp, lw.ratio, mask, lw.sinks, *rope, pos, s,
                              rows=rows)
-        return grouped_linear_out(lw, o, s)          # this rank's part: _update all-reduces it
+        return grouped_linear_out(lw, o, s, mix)     # this rank's part: _update all-reduces it
 
     def _compressors(self, lw, lay: _Layer, xn, pos, emit: bool) -> Side:
         """The layer's compressor steps on xn (and on a token ending their window, the emissions)
@@ -486,6 +503,11 @@ class StaticDecoder:
         rows = unpack_rows(self.m.comm.all_gather(pack_rows(pooled)), sizes)   # compressor rows all-gather
         for (cw, _, cache, is_index), row in zip(jobs, rows):
             compressor_finish(cw, row, cache, pos, *self.rope[True], is_index, self.s)
+
+
+def _ride(pending):
+    """The MixJob that the next sublayer's last launch is to carry, if pending is one."""
+    return pending if isinstance(pending, MixJob) else None
 
 
 def _join_all(comps: list) -> None:

@@ -589,13 +589,14 @@ def attend_many(q, cos, sin, raw, raw_prev: int, raw_pos, comp, comp_mask, p0: i
     return o
 
 
-def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape) -> torch.Tensor:
+def grouped_linear_out(lw: LayerWeights, o: torch.Tensor, s: Shape, mix=None) -> torch.Tensor:
     """Grouped low-rank output (sec. 9.8): o [T, H_l, D] -> this rank's partial [T, E].
     Each output group maps its heads to o_lora dims; this rank's groups are exactly its heads,
-    and attn_output_b holds the matching input columns (row-parallel, summed by all-reduce)."""
+    and attn_output_b holds the matching input columns (row-parallel, summed by all-reduce).
+    mix: the next HC update's Sinkhorn for attn_output_b's launch to carry (ops.linear)."""
     T = o.shape[0]
     low = grouped_linear(lw.out_a, o.reshape(T, -1, s.group_in))  # [T, G_l, o_lora]
-    return linear(lw.out_b, low.reshape(T, -1))
+    return linear(lw.out_b, low.reshape(T, -1), mix)
 
 
 def attention(lw: LayerWeights, ls: LayerState, xn: torch.Tensor, p0: int, pos: torch.Tensor,
@@ -704,9 +705,10 @@ SHARED_LANE = 2    # the shared expert's side stream (streams.LANE_PRIORITY; ben
 
 
 def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm, rank: int,
-        trace=None, overlap: bool = False, reduce: bool = True) -> torch.Tensor:
+        trace=None, overlap: bool = False, reduce: bool = True, mix=None) -> torch.Tensor:
     """MoE FFN sublayer: its mixed, normed input xn [T, E] -> its all-reduced output [T, E]
-    (reduce=False: this rank's part, for a caller that sums it in its next launch)."""
+    (reduce=False: this rank's part, for a caller that sums it in its next launch). mix: the
+    next HC update's Sinkhorn for the routed down's launch to carry (ops.expert_down_shared)."""
     if trace is None and shared_rides(xn):
         # one token on CUDA: the shared expert's rows ride in the routed experts' two launches
         # (in launches of its own, even on a second stream, it waited for the SMs the routed
@@ -727,7 +729,8 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
             local_ids = _local_ids(lw, ids, s, rank)
             mid, gate_up = expert_swiglu_shared(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn,
                                                 local_ids, w, C.SWIGLU_CLAMP)
-        out = expert_down_shared(lw.down_exps, mid, local_ids, lw.down_sh, gate_up, C.SWIGLU_CLAMP)
+        out = expert_down_shared(lw.down_exps, mid, local_ids, lw.down_sh, gate_up, C.SWIGLU_CLAMP,
+                                 mix)
         return comm.all_reduce(out) if reduce else out           # FFN all-reduce (routed + shared)
     # with overlap, one decode token on CUDA: the shared expert on a second stream, beside the
     # router and the routed experts (a prefill's GEMMs fill the GPU on their own)

@@ -94,11 +94,13 @@ def _fused_ok(x: torch.Tensor) -> bool:
     return kernels.on_gpu(x)
 
 
-def linear(w: QTensor, x: torch.Tensor) -> torch.Tensor:
-    """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere."""
+def linear(w: QTensor, x: torch.Tensor, mix=None) -> torch.Tensor:
+    """y = W @ quant(x) for x [T, in]; fused kernel on CUDA, torch twin elsewhere. mix: an HC
+    Sinkhorn (kernels.cuda_c.MixJob) that a one-token CUDA C launch carries if it can (mix.done
+    says whether it did; the caller runs it otherwise)."""
     if _fused_ok(x):
         from ds4tp import kernels
-        y = kernels.linear(w, x)
+        y = kernels.linear(w, x, mix)
         if y is not None:
             return y
     return linear_torch(w, x)
@@ -199,13 +201,13 @@ def expert_swiglu_routed(w_gate: QTensor, w_up: QTensor, w_sh: QTensor, x: torch
 
 
 def expert_down_shared(w: QTensor, mid: torch.Tensor, ids: torch.Tensor, w_sh: QTensor,
-                       gu: torch.Tensor, clamp: float = SWIGLU_CLAMP) -> torch.Tensor:
+                       gu: torch.Tensor, clamp: float = SWIGLU_CLAMP, mix=None) -> torch.Tensor:
     """expert_linear(w, mid, ids, sum_slots=True) + swiglu_linear(w_sh, gu, clamp): the routed
     down summed over the slots plus the shared expert's down, [T, out], in one launch for a
-    decode token on CUDA; the two ops elsewhere."""
+    decode token on CUDA; the two ops elsewhere. mix: as linear's."""
     if _fused_ok(mid):
         from ds4tp import kernels
-        y = kernels.expert_down_shared(w, mid, ids, w_sh, gu, clamp)
+        y = kernels.expert_down_shared(w, mid, ids, w_sh, gu, clamp, mix)
         if y is not None:
             return y
     return expert_linear(w, mid, ids, sum_slots=True) + swiglu_linear(w_sh, gu, clamp)

@@ -256,6 +256,48 @@ def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard="", r
     return check(tag, out, want)
 
 
+def case_cuda_mix_ride(device, gen, E, F, n_in, K, spread=1.0):
+    """The next HC update's Sinkhorn riding as one more block of the Q8_0 matvec (attn_output_b)
+    and of the routed down with the shared rows (cuda_c.MixJob, common.cuh hc_sinkhorn_warp):
+    each launch's output bit for bit as without it; post and M the same bits as the Triton
+    launch they replace (triton_hc.hc_mix), and within 1e-5 of its twin (model.hc_split, as
+    case_hc_step checks hc_mix).
+    spread: the logits' scale (large: Sinkhorn's steps all matter)."""
+    from ds4tp.config import HC_EPS
+    from ds4tp.kernels import cuda_c, triton_hc
+    from ds4tp.kernels import cuda_experts as ce
+    from ds4tp.kernels import cuda_matvec as cm
+    from ds4tp.model import hc_split
+    z = (torch.randn(1, 24, generator=gen) * spread).to(device)
+    scale = (torch.rand(3, generator=gen) + 0.2).to(device)
+    base = torch.randn(24, generator=gen).to(device)
+    want_post, want_m = triton_hc.hc_mix(z, scale, base, 4, 20, HC_EPS)
+    _, t_post, t_m = hc_split(z, scale, base, 4, 20)
+    w = rand_weight(Q8_0, (n_in, 2 * n_in), gen, device)
+    x = rand_act((1, 2 * n_in), gen, device)
+    wd = expert_weight(Q2_K, E, n_in, F, gen, device)
+    w_sd = rand_weight(Q8_0, (n_in, F), gen, device)
+    ids = rand_ids(1, K, E, gen, device)
+    mid = rand_act((1, K, F), gen, device)
+    gu = rand_act((1, 2 * F), gen, device) * 20.0
+    runs = {"matvec": (lambda mix: cm.q8_0(w, x, mix=mix)),
+            "down": (lambda mix: ce.down_sum(wd, mid, ids, shared=w_sd, gu=gu, clamp=10.0, mix=mix))}
+    for name, launch in runs.items():
+        plain = launch(None)
+        job = cuda_c.MixJob(z, scale, base, HC_EPS, 20)
+        got = launch(job)
+        assert plain is not None and got is not None and job.done, f"mix ride {name}: not taken"
+        assert torch.equal(got, plain), f"mix ride {name}: output differs by {(got - plain).abs().max()}"
+        for what, a, b in (("post", job.post, want_post), ("M", job.m, want_m)):
+            assert torch.equal(a, b), f"mix ride {name}: {what} differs from hc_mix's by {(a - b).abs().max()}"
+        check(f"mix ride {name} post", job.post, t_post, 1e-5)
+        check(f"mix ride {name} M", job.m, t_m, 1e-5)
+    job = cuda_c.MixJob(z, scale, base, HC_EPS, 20)         # more than one token: not taken
+    assert ce.down_sum(wd, mid.expand(2, K, F).contiguous(), ids.expand(2, K).contiguous(), mix=job) is not None
+    assert not job.done, "mix ride: a launch of two tokens took the Sinkhorn"
+    return 0.0
+
+
 def decode_order(w: QTensor) -> QTensor:
     """A copy of an IQ2_XXS weight with its rows in the decode order (qtensor.IQ2_DECODE)."""
     from ds4tp.qtensor import IQ2_DECODE

@@ -866,6 +866,17 @@ def test_cuda_hc_step_full_size(be, mix):
 
 
 @needs_cuda
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])
+@pytest.mark.parametrize("F", [2048, 1024])
+def test_cuda_hc_sinkhorn_riding_in_the_launches(F, spread):
+    """The next HC update's Sinkhorn as one more block of attn_output_b's and the routed down's
+    launches (TP=1 and TP=2 widths): outputs unchanged, post and M the bits of hc_mix's."""
+    if not _have_cupy():
+        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
+    kc.case_cuda_mix_ride("cuda", torch.Generator().manual_seed(F + int(spread)), 16, F, 4096, 6, spread)
+
+
+@needs_cuda
 @pytest.mark.parametrize("be", [128, 4096])
 def test_cuda_hc_step_from_a_table_row_full_size(be):
     kc.case_hc_step_row("cuda", torch.Generator().manual_seed(be + 1), 4096, be)

@@ -130,13 +130,14 @@ def _many(T: int) -> bool:
     return T >= GEMM_MIN_T
 
 
-def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0):
+def _cuda_q8_0(w, x2, groups: int = 1, norm=None, eps: float = 0.0, swiglu_clamp: float = 0.0,
+               mix=None):
     """The CUDA C Q8_0 matvec for one token (x2 [1, groups*in], or [1, 2*in] with swiglu_clamp)
-    where CuPy is here, else None."""
+    where CuPy is here, else None. mix: a cuda_c.MixJob to carry where it can."""
     if w.qtype != Q8_0 or x2.shape[0] != 1:
         return None
     from ds4tp.kernels import cuda_matvec
-    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp)
+    return cuda_matvec.q8_0(w, x2, groups, norm, eps, swiglu_clamp=swiglu_clamp, mix=mix)
 
 
 def _cuda_f16(w, x2):
@@ -147,13 +148,14 @@ def _cuda_f16(w, x2):
     return cuda_matvec.f16(w, x2)
 
 
-def linear(w, x):
+def linear(w, x, mix=None):
+    """mix: a cuda_c.MixJob that the CUDA C Q8_0 launch carries where it takes it (mix.done)."""
     if not _covered(w, x):
         return None
     if _many(x.shape[0]):
         from ds4tp.kernels import triton_gemm
         return triton_gemm.linear(w, x)
-    y = _cuda_q8_0(w, x)
+    y = _cuda_q8_0(w, x, mix=mix)
     if y is None:
         y = _cuda_f16(w, x)
     if y is not None:
@@ -254,10 +256,10 @@ def expert_swiglu_routed(w_gate, w_up, w_sh, x, logits, bias, tid2eid, tokens, k
                                       scale, clamp, shared=w_sh)
 
 
-def expert_down_shared(w, mid, ids, w_sh, gu, clamp: float = SWIGLU_CLAMP):
+def expert_down_shared(w, mid, ids, w_sh, gu, clamp: float = SWIGLU_CLAMP, mix=None):
     """The routed down of one token summed over its slots plus the shared expert's down of
-    swiglu(gu) in one CUDA C launch, else None."""
+    swiglu(gu) in one CUDA C launch, else None. mix: a cuda_c.MixJob it carries if it can."""
     if not (_covered(w, mid) and ids.is_cuda) or _many(ids.shape[0]):
         return None
     from ds4tp.kernels import cuda_experts
-    return cuda_experts.down_sum(w, mid, ids, shared=w_sh, gu=gu, clamp=clamp)
+    return cuda_experts.down_sum(w, mid, ids, shared=w_sh, gu=gu, clamp=clamp, mix=mix)

@@ -11,6 +11,12 @@ __device__ __forceinline__ float h2f(unsigned short h) {
     return f;
 }
 
+__device__ __forceinline__ float ex2_approx(float x) {
+    float r;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
@@ -202,4 +208,44 @@ __device__ __forceinline__ float q8_0_piece(const int4& v, unsigned short dh, co
     s += __shfl_xor_sync(FULL, s, 1);                       // the block's other half
     const float f = __fmul_rn(__fmul_rn((float)s, s_d[16 * c + (lane >> 1)]), h2f(dh));
     return (lane & 1) ? 0.0f : f;
+}
+
+// The HC mixer's Sinkhorn of one token (triton_hc._hc_mix's operations; the twin: model.hc_split)
+// by one warp, for a launch that carries it as one more block (cuda_c.MixJob): post [4] and M
+// [4, 4] from the mixer logits z [24] (an earlier kernel's output: read after pdl_wait), scale
+// [3] and base [24]. Lane l holds M[(l & 15) / 4][l % 4] (lanes 16-31 the same again): a row
+// sums over lanes l ^ 2, then l ^ 1, a column over l ^ 8, then l ^ 4, the order of Triton's
+// warp reductions (the largest lane offset first), so (a + c) + (b + d). exp as Triton's
+// (ex2.approx of x * log2 e), divisions correctly rounded, a * b + c contracted: the same bits
+// as the Triton kernels' (tests/kernel_cases.py case_cuda_mix_ride).
+__device__ __forceinline__ float exp_tl(float x) {
+    return ex2_approx(__fmul_rn(x, 1.4426950408889634f));
+}
+__device__ __forceinline__ float hc_row_sum(float v) {
+    v += __shfl_xor_sync(FULL, v, 2);
+    return v + __shfl_xor_sync(FULL, v, 1);
+}
+__device__ __forceinline__ float hc_col_sum(float v) {
+    v += __shfl_xor_sync(FULL, v, 8);
+    return v + __shfl_xor_sync(FULL, v, 4);
+}
+__device__ __noinline__ void hc_sinkhorn_warp(const float* z, const float* __restrict__ scale,
+                                              const float* __restrict__ base, float* post,
+                                              float* m_out, float eps, int iters) {
+    const int lane = threadIdx.x & 31, i = lane & 15;
+    if (lane < 4) {
+        const float v = fmaf(prior(z + 4 + lane), __ldg(scale + 1), __ldg(base + 4 + lane));
+        post[lane] = 2.0f * __fdiv_rn(1.0f, 1.0f + exp_tl(-v));
+    }
+    float m = fmaf(prior(z + 8 + i), __ldg(scale + 2), __ldg(base + 8 + i));
+    float mx = fmaxf(m, __shfl_xor_sync(FULL, m, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
+    const float e = exp_tl(m - mx);
+    m = __fadd_rn(__fdiv_rn(e, hc_row_sum(e)), eps);                 // row softmax
+    m = __fdiv_rn(m, __fadd_rn(hc_col_sum(m), eps));                  // columns
+    for (int it = 1; it < iters; it++) {
+        m = __fdiv_rn(m, __fadd_rn(hc_row_sum(m), eps));              // rows
+        m = __fdiv_rn(m, __fadd_rn(hc_col_sum(m), eps));              // columns
+    }
+    if (lane < 16) m_out[i] = m;
 }

@@ -154,3 +154,32 @@ def launch(fn, device: torch.device, grid, warps: int, args, smem: int = 0) -> N
 def ptr(t: torch.Tensor):
     """A tensor's address as a kernel pointer argument."""
     return np.uint64(t.data_ptr())
+
+
+class MixJob:
+    """The next HC update's Sinkhorn for one token (triton_hc.hc_mix's work: logits z [1, 24],
+    the mixer's scale [3] and base [24] -> post [1, 4] and M [1, 4, 4]), to ride as one more block
+    of a long launch that the main stream runs before that update (cuda_matvec.q8_0 and
+    cuda_experts.down_sum take it as mix=; common.cuh hc_sinkhorn_warp). The launch ends only
+    when the block has run, so the update reads post and M with no join. `done`: whether a
+    launch took it (the caller runs hc_mix otherwise)."""
+
+    def __init__(self, z: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
+                 iters: int):
+        self.z, self.scale, self.base, self.eps, self.iters = z, scale, base, eps, iters
+        self.post = torch.empty(1, 4, dtype=torch.float32, device=z.device)
+        self.m = torch.empty(1, 4, 4, dtype=torch.float32, device=z.device)
+        self.done = False
+
+    def takes(self, device: torch.device) -> bool:
+        """Whether a launch on `device` can carry it (4 streams, one token, float32, contiguous)."""
+        return (not self.done and self.z.shape == (1, 24) and self.scale.shape == (3,)
+                and self.base.shape == (24,) and self.iters >= 1
+                and all(t.dtype == torch.float32 and t.is_contiguous() and t.device == device
+                        for t in (self.z, self.scale, self.base)))
+
+    def args(self) -> tuple:
+        """The kernels' trailing arguments (mz, ms, mb, mpost, mm, meps, miters); marks it done."""
+        self.done = True
+        return (ptr(self.z), ptr(self.scale), ptr(self.base), ptr(self.post), ptr(self.m),
+                np.float32(self.eps), np.int32(self.iters))

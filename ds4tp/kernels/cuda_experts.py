@@ -42,10 +42,11 @@ available = _switch.available
 
 
 def _kernel(x: torch.Tensor, warps: int, which: int, defines: tuple = ()):
-    """Kernel `which` (0: gate/up, 1: down) compiled for x's device (WARPS per block is a
-    compile-time constant; benchmarks time other values), or None (see cuda_c.kernel)."""
-    return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum")[which], x.device.index,
-                         (("WARPS", warps),) + tuple(defines))
+    """Kernel `which` (0: gate/up, 1: down, 2: down with an HC Sinkhorn riding) compiled for x's
+    device (WARPS per block is a compile-time constant; benchmarks time other values), or None
+    (see cuda_c.kernel)."""
+    return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum", "q2k_down_sum_mix")[which],
+                         x.device.index, (("WARPS", warps),) + tuple(defines))
 
 
 def down_defines(K: int, kb: int, csh: int) -> tuple:
@@ -240,12 +241,13 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
 
 def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
              warps: int | None = None, shared=None, gu: torch.Tensor | None = None,
-             clamp: float = 0.0) -> torch.Tensor | None:
+             clamp: float = 0.0, mix=None) -> torch.Tensor | None:
     """out [T, N] = sum_k w_e . x[t, k] over the slots with an id (the routed down projection),
     x [T, K, n_in] one activation per slot; None if not covered. With `shared` (the shared
     expert's down, Q8_0 [N, F]; one token) and gu [1, 2F] (its gate | up): plus
     shared . swiglu_clamped(gate, up, clamp), as the Q8_0 matvec would add it, in the same
-    launch."""
+    launch. mix: a cuda_c.MixJob that rides as one more block where it can (one token;
+    mix.done says so)."""
     if not (_common(w, x, ids, True) and w.qtype == Q2_K):
         return None
     warps = warps or B_WARPS
@@ -265,7 +267,8 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
                 or gu is None or gu.shape != (1, 2 * F) or gu.dtype != torch.float32 or gu.device != x.device):
             return None
         gu = _act16(gu)          # its prologue reads 16-byte pieces
-    fb = _kernel(x, warps, 1, down_defines(K, kb, csh))
+    ride = mix is not None and T == 1 and mix.takes(x.device)
+    fb = _kernel(x, warps, 2 if ride else 1, down_defines(K, kb, csh))
     if fb is None:
         return None
     x = _act16(x)                # the prologue reads 16-byte pieces
@@ -274,10 +277,11 @@ def down_sum(w, x: torch.Tensor, ids: torch.Tensor, rpc: int | None = None,
     rpc = rpc or default_rpc(fb, N, T, x.device, warps)
     tail = ((_ptr(sh[0]), _ptr(sh[1]), _ptr(gu), np.int32(csh), np.float32(clamp)) if sh is not None
             else (_NULL, _NULL, _NULL, np.int32(0), np.float32(0.0)))
-    _launch(fb, x.device, ((N + rpc - 1) // rpc, T), warps,
+    _launch(fb, x.device, ((N + rpc - 1) // rpc + ride, T), warps,
             (_ptr(raw), np.int64(raw.stride(0)), np.int64(raw.stride(1)), _ptr(x),
              np.int64(x.stride(0)), np.int64(x.stride(1)), _ptr(ids64), _ptr(out),
-             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)) + tail)
+             np.int64(out.stride(0)), np.int32(N), np.int32(kb), np.int32(K), np.int32(rpc)) + tail
+            + (mix.args() if ride else ()))
     return out
 
 

@@ -60,11 +60,12 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, eps: float = 0.0,
          rpb: int | None = None, warps: int | None = None, loads: int | None = None,
-         minb: int | None = None, swiglu_clamp: float = 0.0) -> torch.Tensor | None:
+         minb: int | None = None, swiglu_clamp: float = 0.0, mix=None) -> torch.Tensor | None:
     """y [1, N] = w . x for one token and a 2-D Q8_0 weight (N, K). x [1, K]; with groups = G,
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
-    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. None if not covered."""
+    x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. None if not covered.
+    mix: a cuda_c.MixJob that rides as one more block where it can (mix.done says so)."""
     if not (available() and w.qtype == Q8_0 and len(w.shape) == 2 and x.dim() == 2
             and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
             and x.device == w.raw.device):
@@ -79,7 +80,8 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
                              or norm.device != x.device):
         return None
     warps = warps or WARPS
-    fn = _kernel(x.device, warps, loads, minb)
+    ride = mix is not None and mix.takes(x.device)
+    fn = _kernel(x.device, warps, loads, minb, "q8_0_matvec_mix" if ride else "q8_0_matvec")
     if fn is None:
         return None
     from ds4tp.kernels.triton_matvec import q8_0_split
@@ -89,11 +91,12 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
     rpg = N // groups
     rpb = rpb or default_rpb(fn, N, x.device, warps)
-    cuda_c.launch(fn, x.device, (-(-rpg // rpb), groups), warps,
+    cuda_c.launch(fn, x.device, (-(-rpg // rpb) + ride, groups), warps,
                   (cuda_c.ptr(q), cuda_c.ptr(d), cuda_c.ptr(x),
                    cuda_c.ptr(nw) if nw is not None else np.uint64(0), np.float32(eps),
                    np.float32(swiglu_clamp if act else 0.0),
-                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb)))
+                   cuda_c.ptr(y), np.int32(K), np.int32(rpg), np.int32(rpb))
+                  + (mix.args() if ride else ()))
     return y
 
 

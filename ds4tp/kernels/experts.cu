@@ -338,11 +338,6 @@ __device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
 // fixed choice and made the step slower than the choice's own launch, s25g; scored by the block,
 // the step is 2.9% / 1.7% faster than with that launch at TP=2 / TP=1, s26c, and within 1.8% of
 // a fixed choice, s25h.)
-__device__ __forceinline__ float ex2_approx(float x) {
-    float r;
-    asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-    return r;
-}
 
 __device__ __forceinline__ void route_scores(const float* z, const float* __restrict__ bias, int NE,
                                              float* s_p, unsigned* s_key) {
@@ -710,13 +705,13 @@ __device__ __forceinline__ float q2k_unit(unsigned sc0, unsigned sc1, unsigned q
 #ifndef B_SH_MAX
 #define B_SH_MAX B_SH_CPR       // the shared down's pieces per lane per row, at most
 #endif
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
-             const float* x, long long stride_xt, long long stride_xk,
-             const long long* ids, float* __restrict__ out, long long stride_ot,
-             int N, int KB, int K, int rpc,
-             const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
-             const float* gu, int csh, float clamp) {
+__device__ __forceinline__ void
+q2k_down_body(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
+              const float* x, long long stride_xt, long long stride_xk,
+              const long long* ids, float* __restrict__ out, long long stride_ot,
+              int N, int KB, int K, int rpc,
+              const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
+              const float* gu, int csh, float clamp) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
@@ -804,4 +799,35 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
         if (lane == 0) out[(long long)t * stride_ot + n] = acc;
     }
 #undef B_LOAD
+}
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
+             const float* x, long long stride_xt, long long stride_xk,
+             const long long* ids, float* __restrict__ out, long long stride_ot,
+             int N, int KB, int K, int rpc,
+             const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
+             const float* gu, int csh, float clamp) {
+    q2k_down_body(w, stride_e, stride_n, x, stride_xt, stride_xk, ids, out, stride_ot, N, KB, K, rpc,
+                  sq, sd, gu, csh, clamp);
+}
+
+// q2k_down_sum with the next HC update's Sinkhorn as one more block (the last of token 0's; the
+// grid is one block wider): as matvec.cu q8_0_matvec_mix.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+q2k_down_sum_mix(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
+                 const float* x, long long stride_xt, long long stride_xk,
+                 const long long* ids, float* __restrict__ out, long long stride_ot,
+                 int N, int KB, int K, int rpc,
+                 const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
+                 const float* gu, int csh, float clamp,
+                 const float* mz, const float* __restrict__ ms, const float* __restrict__ mb,
+                 float* mpost, float* mm, float meps, int miters) {
+    if (blockIdx.x == gridDim.x - 1 && blockIdx.y == 0) {
+        pdl_trigger();
+        pdl_wait();                   // z is an earlier kernel's output
+        if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
+        return;
+    }
+    q2k_down_body(w, stride_e, stride_n, x, stride_xt, stride_xk, ids, out, stride_ot, N, KB, K, rpc,
+                  sq, sd, gu, csh, clamp);
 }

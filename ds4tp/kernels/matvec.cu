@@ -113,10 +113,10 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
 // group). Grid (cdiv(rows_per_group, rpb), groups); block b of group g owns rows
 // g*rows_per_group + b*rpb + 0 .. rpb-1.
 // Requires (host-checked): K = 512 * 2^i <= MAX_K, q and x 16-byte aligned, contiguous.
-extern "C" __global__ void BOUNDS
-q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
-            const float* x, const float* __restrict__ nw, float eps, float clamp,
-            float* __restrict__ y, int K, int rows_per_group, int rpb) {
+__device__ __forceinline__ void
+q8_0_matvec_body(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
+                 const float* x, const float* __restrict__ nw, float eps, float clamp,
+                 float* __restrict__ y, int K, int rows_per_group, int rpb) {
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
     __shared__ double s_red[WARPS];
@@ -134,6 +134,30 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
         case 16: q8_0_block<16>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
         case 32: q8_0_block<32>(q, d, xg, nw, eps, clamp, y, row0, nrows, s_q, s_d, s_red); break;
     }
+}
+extern "C" __global__ void BOUNDS
+q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
+            const float* x, const float* __restrict__ nw, float eps, float clamp,
+            float* __restrict__ y, int K, int rows_per_group, int rpb) {
+    q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb);
+}
+
+// q8_0_matvec with the next HC update's Sinkhorn as one more block (the last of group 0; the
+// grid is one block wider): hc_sinkhorn_warp of logits mz into mpost, mm. The launch ends only
+// when it has run, so the kernels after it on the stream read post and M with no join.
+extern "C" __global__ void BOUNDS
+q8_0_matvec_mix(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
+                const float* x, const float* __restrict__ nw, float eps, float clamp,
+                float* __restrict__ y, int K, int rows_per_group, int rpb,
+                const float* mz, const float* __restrict__ ms, const float* __restrict__ mb,
+                float* mpost, float* mm, float meps, int miters) {
+    if (blockIdx.x == gridDim.x - 1 && blockIdx.y == 0) {
+        pdl_trigger();
+        pdl_wait();                   // z is an earlier kernel's output
+        if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
+        return;
+    }
+    q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb);
 }
 
 // y[n] = sum_k f32(w[n, k]) * x[k], float32 FMAs, for one token: the F16 matvec (the MoE router,
