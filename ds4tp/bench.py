@@ -706,10 +706,10 @@ def _bench_rank(comm, dev, cfg):
     with _switched_off(decode_graph.set_mix_side_enabled):
         res["decode_d0_chained_sinkhorn_inline"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
-    # the same Sinkhorn on the side stream the shared expert and the compressors use, ahead of
-    # them (as up to the fifteenth session), instead of on a side stream of its own
-    with _switched_off(decode_graph.set_mix_lane_enabled):
-        res["decode_d0_chained_mix_one_lane"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
+    # the same Sinkhorn beside the sublayer on a side stream of its own, joined before the
+    # update (as up to the thirty-ninth session), instead of riding in the sublayer's last launch
+    with _switched_off(decode_graph.set_mix_ride_enabled):
+        res["decode_d0_chained_mix_beside"] = time_decode(model, 1, steps, max_ctx=256, chained=True)
     save()
     # the shared expert in launches of its own on its side lane (as up to the twenty-first
     # session) instead of riding in the routed experts' two launches (cuda_experts)

@@ -360,7 +360,7 @@ class StaticDecoder:
         pos, tok = self.pos, self.token
         if _first_update_switch.on:
             # the chain of DS4Model.forward (the embedding in every stream, hc_pre) as an update
-            # of empty streams: on CUDA one hc_step (its Sinkhorn beside layer 0's attention),
+            # of empty streams: on CUDA one hc_step (its Sinkhorn in layer 0's attn_output_b),
             # which reads the token's row of the embedding table itself
             hc, xn, post, mix, pending = self._update(None, *self._empty, m.w.layers[0].attn_mixer,
                                                       None, reduce=False, row=(m.w.token_embd, tok))
@@ -393,7 +393,8 @@ class StaticDecoder:
                 row=None):
         """The sublayer's all-reduce of this rank's part, then model.hc_post_pre for this token,
         with the next mixer's Sinkhorn (post and M, which only the update after the sublayer
-        reads) on the side stream beside the sublayer on CUDA: hc_step(mix=False), then hc_mix.
+        reads) left to the sublayer on CUDA: hc_step(mix=False), then a MixJob that the
+        sublayer's last launch carries (the mix ride), or hc_mix on a side stream beside it.
         Two ranks of one host sum inside that hc_step (comm.peer_sum; one launch fewer).
         pending: the previous call's (side, z), joined here before its post and M are read (z
         is kept alive until then), or its MixJob, which the sublayer's last launch carried (if

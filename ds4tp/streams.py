@@ -1,7 +1,8 @@
 """Independent work of one step on a second CUDA stream, so that it overlaps the main stream.
 
 Within a layer some work does not depend on the rest until a join point: the compressors run
-beside the query path, the HC mixer's Sinkhorn beside the sublayer, and the shared expert beside
+beside the query path, the HC mixer's Sinkhorn beside the sublayer (where it does not ride in
+the sublayer's last launch: decode_graph's mix ride), and the shared expert beside
 the router and the routed experts (where it does not ride in the routed launches: model.ffn). Each of those
 launches leaves most of the GPU's bandwidth unused (small matrices, few programs), so running
 them side by side shortens the step (where both fit: two launches that each fill the GPU in
