@@ -160,6 +160,10 @@ VARIANTS = {
     # the update (before), instead of riding as one more block of attn_output_b's and the routed
     # down's launches (decode_graph's mix ride)
     "mix_beside": (decode_graph.set_mix_ride_enabled,),
+    # (session 41, prepared, not run) the riding Sinkhorn as block 0 of its launch, placed
+    # first, instead of the last block (s41f's traces: the carrying launches grew by about what
+    # the joins had cost)
+    "mix_first": ((cuda_c, "MIX_FIRST", 1),),
     # (session 41, s41d) attn_q_a|kv (96 blocks) at 8 loads a lane, one block an SM: +0.7% at
     # both widths (attn_q_b's blocks could not sit beside its blocks before the wait; code at
     # 8fd13fb, removed)

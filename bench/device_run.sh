@@ -249,6 +249,9 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s42a: prepared in session 41, one GPU (~4 min): the riding Sinkhorn as block 0 of its launch
+#         (cuda_c.MIX_FIRST): its CUDA twins (both placements), the decode graphs' bit-identity
+#         tests, replay A/B at TP=2 and TP=1 (base: the last block; mix_first; mix_beside)
 #   s41f: session 41, one GPU (~5 min): the HC Sinkhorn riding in attn_output_b's and the routed
 #         down's launches: its CUDA twins, the Q8_0 / routed kernels', the decode graphs' tests
 #         (overlap and PDL bit-identity among them); replay A/B at TP=2 and TP=1 (mix_beside)
@@ -1586,6 +1589,13 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s42a ]; then
+  log "CUDA twins: the Sinkhorn riding (last and first block)"
+  cuda_tests 150 "sinkhorn_riding" tests_k.txt tests/test_kernels.py
+  log "CUDA tests: the decode graphs' overlap and PDL bit-identity"
+  cuda_tests 150 "overlap or pdl_is_bit" tests_graph.txt tests/test_decode_graph.py
+  TRACE=base,mix_first replay_ab base,mix_first,mix_beside "the riding Sinkhorn's block"
   replay_keep d1
 elif [ "$MODE" = s41f ]; then
   log "CUDA twins: the Sinkhorn riding, the Q8_0 and routed kernels"

@@ -261,7 +261,8 @@ def case_cuda_mix_ride(device, gen, E, F, n_in, K, spread=1.0):
     and of the routed down with the shared rows (cuda_c.MixJob, common.cuh hc_sinkhorn_warp):
     each launch's output bit for bit as without it; post and M the same bits as the Triton
     launch they replace (triton_hc.hc_mix), and within 1e-5 of its twin (model.hc_split, as
-    case_hc_step checks hc_mix).
+    case_hc_step checks hc_mix); the Sinkhorn as the grid's last block and as its first
+    (cuda_c.MIX_FIRST).
     spread: the logits' scale (large: Sinkhorn's steps all matter)."""
     from ds4tp.config import HC_EPS
     from ds4tp.kernels import cuda_c, triton_hc
@@ -282,16 +283,21 @@ def case_cuda_mix_ride(device, gen, E, F, n_in, K, spread=1.0):
     gu = rand_act((1, 2 * F), gen, device) * 20.0
     runs = {"matvec": (lambda mix: cm.q8_0(w, x, mix=mix)),
             "down": (lambda mix: ce.down_sum(wd, mid, ids, shared=w_sd, gu=gu, clamp=10.0, mix=mix))}
-    for name, launch in runs.items():
+    for (name, launch), first in ((r, f) for r in runs.items() for f in (0, 1)):
+        tag = f"mix ride {name} (Sinkhorn as the {'first' if first else 'last'} block)"
         plain = launch(None)
         job = cuda_c.MixJob(z, scale, base, HC_EPS, 20)
-        got = launch(job)
-        assert plain is not None and got is not None and job.done, f"mix ride {name}: not taken"
-        assert torch.equal(got, plain), f"mix ride {name}: output differs by {(got - plain).abs().max()}"
+        keep, cuda_c.MIX_FIRST = cuda_c.MIX_FIRST, first
+        try:
+            got = launch(job)
+        finally:
+            cuda_c.MIX_FIRST = keep
+        assert plain is not None and got is not None and job.done, f"{tag}: not taken"
+        assert torch.equal(got, plain), f"{tag}: output differs by {(got - plain).abs().max()}"
         for what, a, b in (("post", job.post, want_post), ("M", job.m, want_m)):
-            assert torch.equal(a, b), f"mix ride {name}: {what} differs from hc_mix's by {(a - b).abs().max()}"
-        check(f"mix ride {name} post", job.post, t_post, 1e-5)
-        check(f"mix ride {name} M", job.m, t_m, 1e-5)
+            assert torch.equal(a, b), f"{tag}: {what} differs from hc_mix's by {(a - b).abs().max()}"
+        check(f"{tag} post", job.post, t_post, 1e-5)
+        check(f"{tag} M", job.m, t_m, 1e-5)
     job = cuda_c.MixJob(z, scale, base, HC_EPS, 20)         # more than one token: not taken
     assert ce.down_sum(wd, mid.expand(2, K, F).contiguous(), ids.expand(2, K).contiguous(), mix=job) is not None
     assert not job.done, "mix ride: a launch of two tokens took the Sinkhorn"

@@ -172,7 +172,9 @@ def _down_defines(K: int, kb: int, csh: int) -> str:
 # (cuda_experts.swiglu_routed), also on rows in the decode order; the prefill's kernels on those
 DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1",
                           "A_ROUTE=1 A_DL=1",         # (A_DL: gate/up rows in the decode order,
-                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1"),   # A_TAB: its tables)
+                          "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1",    # A_TAB: its tables;
+                          _down_defines(6, 8, 4) + " MIX_FIRST=1"),    # the Sinkhorn as block 0)
+           "matvec.cu": ("", "MIX_FIRST=1"),
            "experts_mma.cu": ("", "IQ2_DL=1")}
 
 

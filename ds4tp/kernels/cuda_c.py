@@ -156,6 +156,12 @@ def ptr(t: torch.Tensor):
     return np.uint64(t.data_ptr())
 
 
+# Which block of a launch carrying a MixJob runs the Sinkhorn (matvec.cu / experts.cu MIX_FIRST;
+# read at call time): 0 the grid's last, 1 its first (placed first, where SMs are busy). The
+# last is what s41f measured; the first is prepared for the next A/B (critical_path mix_first).
+MIX_FIRST = 0
+
+
 class MixJob:
     """The next HC update's Sinkhorn for one token (triton_hc.hc_mix's work: logits z [1, 24],
     the mixer's scale [3] and base [24] -> post [1, 4] and M [1, 4, 4]), to ride as one more block

@@ -42,9 +42,10 @@ def _kernel(device: torch.device, warps: int | None = None, loads: int | None = 
             minb: int | None = None, name: str = "q8_0_matvec"):
     """Kernel `name` of matvec.cu compiled per device and launch constants (None: the module's
     constants, read at call time, so that benchmarks can set other values)."""
+    mix = (("MIX_FIRST", cuda_c.MIX_FIRST),) if name == "q8_0_matvec_mix" else ()
     return cuda_c.kernel("matvec.cu", name, device.index,
                          (("WARPS", warps or WARPS), ("LOADS", loads or LOADS),
-                          ("MINB", MINB if minb is None else minb), ("Q_PRE", Q_PRE)))
+                          ("MINB", MINB if minb is None else minb), ("Q_PRE", Q_PRE)) + mix)
 
 
 def default_rpb(fn, n_rows: int, device: torch.device, warps: int | None = None) -> int:
@@ -65,7 +66,8 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
     x [1, G*K] and the N/G rows of group g take x's g-th slice of K; with norm [K] (one group),
     rms_norm(x, norm) with eps in place of x; with swiglu_clamp = c > 0 (one group, no norm),
     x [1, 2K] and swiglu_clamped(x[:, :K], x[:, K:], c) in place of x. None if not covered.
-    mix: a cuda_c.MixJob that rides as one more block where it can (mix.done says so)."""
+    mix: a cuda_c.MixJob that rides as one more block where it can (one group; mix.done says
+    so)."""
     if not (available() and w.qtype == Q8_0 and len(w.shape) == 2 and x.dim() == 2
             and x.shape[0] == 1 and x.dtype == torch.float32 and x.is_cuda and w.raw.is_cuda
             and x.device == w.raw.device):
@@ -80,7 +82,7 @@ def q8_0(w, x: torch.Tensor, groups: int = 1, norm: torch.Tensor | None = None, 
                              or norm.device != x.device):
         return None
     warps = warps or WARPS
-    ride = mix is not None and mix.takes(x.device)
+    ride = mix is not None and groups == 1 and mix.takes(x.device)
     fn = _kernel(x.device, warps, loads, minb, "q8_0_matvec_mix" if ride else "q8_0_matvec")
     if fn is None:
         return None

@@ -711,7 +711,7 @@ q2k_down_body(const unsigned char* __restrict__ w, long long stride_e, long long
               const long long* ids, float* __restrict__ out, long long stride_ot,
               int N, int KB, int K, int rpc,
               const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
-              const float* gu, int csh, float clamp) {
+              const float* gu, int csh, float clamp, int bx) {
     __shared__ __align__(16) signed char s_xq[B_MAX_K * B_MAX_KB * B_XB];
     __shared__ int s_bs[B_MAX_K * B_MAX_KB * B_BS];
     __shared__ float s_xd[B_MAX_K * B_MAX_KB];
@@ -720,7 +720,7 @@ q2k_down_body(const unsigned char* __restrict__ w, long long stride_e, long long
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.y;
-    const int n0 = blockIdx.x * rpc;
+    const int n0 = bx * rpc;
     const int nend = min(n0 + rpc, N);
     const int units = 4 * KB, spp = 32 / units;
     const int ks = lane / units, u = lane % units;
@@ -808,11 +808,14 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
              const signed char* __restrict__ sq, const unsigned short* __restrict__ sd,
              const float* gu, int csh, float clamp) {
     q2k_down_body(w, stride_e, stride_n, x, stride_xt, stride_xk, ids, out, stride_ot, N, KB, K, rpc,
-                  sq, sd, gu, csh, clamp);
+                  sq, sd, gu, csh, clamp, blockIdx.x);
 }
 
-// q2k_down_sum with the next HC update's Sinkhorn as one more block (the last of token 0's; the
-// grid is one block wider): as matvec.cu q8_0_matvec_mix.
+// q2k_down_sum with the next HC update's Sinkhorn as one more block (one token; the grid is one
+// block wider): as matvec.cu q8_0_matvec_mix, MIX_FIRST likewise.
+#ifndef MIX_FIRST
+#define MIX_FIRST 0
+#endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum_mix(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
                  const float* x, long long stride_xt, long long stride_xk,
@@ -822,12 +825,12 @@ q2k_down_sum_mix(const unsigned char* __restrict__ w, long long stride_e, long l
                  const float* gu, int csh, float clamp,
                  const float* mz, const float* __restrict__ ms, const float* __restrict__ mb,
                  float* mpost, float* mm, float meps, int miters) {
-    if (blockIdx.x == gridDim.x - 1 && blockIdx.y == 0) {
+    if (blockIdx.x == (MIX_FIRST ? 0 : gridDim.x - 1)) {
         pdl_trigger();
         pdl_wait();                   // z is an earlier kernel's output
         if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
         return;
     }
     q2k_down_body(w, stride_e, stride_n, x, stride_xt, stride_xk, ids, out, stride_ot, N, KB, K, rpc,
-                  sq, sd, gu, csh, clamp);
+                  sq, sd, gu, csh, clamp, blockIdx.x - MIX_FIRST);
 }

@@ -116,13 +116,13 @@ __device__ __forceinline__ void q8_0_block(const signed char* q, const unsigned 
 __device__ __forceinline__ void
 q8_0_matvec_body(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
                  const float* x, const float* __restrict__ nw, float eps, float clamp,
-                 float* __restrict__ y, int K, int rows_per_group, int rpb) {
+                 float* __restrict__ y, int K, int rows_per_group, int rpb, int bx) {
     __shared__ __align__(16) signed char s_q[MAX_K];
     __shared__ float s_d[MAX_K / 32];
     __shared__ double s_red[WARPS];
     pdl_trigger();                    // all blocks resident: the next kernel may launch
     const int g = blockIdx.y;
-    const int first = blockIdx.x * rpb;
+    const int first = bx * rpb;
     const int nrows = min(rpb, rows_per_group - first);
     const long long row0 = (long long)g * rows_per_group + first;
     const float* xg = x + (long long)g * K;
@@ -139,25 +139,29 @@ extern "C" __global__ void BOUNDS
 q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
             const float* x, const float* __restrict__ nw, float eps, float clamp,
             float* __restrict__ y, int K, int rows_per_group, int rpb) {
-    q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb);
+    q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb, blockIdx.x);
 }
 
-// q8_0_matvec with the next HC update's Sinkhorn as one more block (the last of group 0; the
-// grid is one block wider): hc_sinkhorn_warp of logits mz into mpost, mm. The launch ends only
-// when it has run, so the kernels after it on the stream read post and M with no join.
+// q8_0_matvec with the next HC update's Sinkhorn as one more block (one group; the grid is one
+// block wider): hc_sinkhorn_warp of logits mz into mpost, mm. The launch ends only when it has
+// run, so the kernels after it on the stream read post and M with no join. MIX_FIRST: the
+// Sinkhorn is block 0 (placed first) and the rows' blocks are one index on; else the last.
+#ifndef MIX_FIRST
+#define MIX_FIRST 0
+#endif
 extern "C" __global__ void BOUNDS
 q8_0_matvec_mix(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
                 const float* x, const float* __restrict__ nw, float eps, float clamp,
                 float* __restrict__ y, int K, int rows_per_group, int rpb,
                 const float* mz, const float* __restrict__ ms, const float* __restrict__ mb,
                 float* mpost, float* mm, float meps, int miters) {
-    if (blockIdx.x == gridDim.x - 1 && blockIdx.y == 0) {
+    if (blockIdx.x == (MIX_FIRST ? 0 : gridDim.x - 1)) {
         pdl_trigger();
         pdl_wait();                   // z is an earlier kernel's output
         if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
         return;
     }
-    q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb);
+    q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb, blockIdx.x - MIX_FIRST);
 }
 
 // y[n] = sum_k f32(w[n, k]) * x[k], float32 FMAs, for one token: the F16 matvec (the MoE router,
