@@ -398,9 +398,10 @@ class StaticDecoder:
         Two ranks of one host sum inside that hc_step (comm.peer_sum; one launch fewer).
         pending: the previous call's (side, z), joined here before its post and M are read (z
         is kept alive until then), or its MixJob, which the sublayer's last launch carried (if
-        no launch took it, its Sinkhorn runs here). head: after the last layer, mixer is the output head's
-        (Weights.head_mixer): on CUDA the same hc_step gives the head's normed input as xn (its
-        ~8 launches in one), elsewhere xn is None and output_head mixes the new streams.
+        no launch took it, its Sinkhorn runs here). head: after the last layer, mixer is the
+        output head's (Weights.head_mixer): on CUDA the same hc_step gives the head's normed
+        input as xn (its ~8 launches in one), elsewhere xn is None and output_head mixes the
+        new streams.
         reduce=False: part is the whole output already (the embedding before layer 0); row =
         (table, index) in place of part: the part is that row of the table, read by the hc_step
         launch itself where it runs (float16 rows: f_row), else gathered here."""
