@@ -249,3 +249,20 @@ __device__ __noinline__ void hc_sinkhorn_warp(const float* z, const float* __res
     }
     if (lane < 16) m_out[i] = m;
 }
+
+// In a launch that carries the Sinkhorn as one more block (matvec.cu q8_0_matvec_mix, experts.cu
+// q2k_down_sum_mix): whether this block is that one (MIX_FIRST: the grid's first, placed first;
+// else its last), having run it: hc_sinkhorn_warp of logits mz into mpost, mm after the PDL
+// wait. The caller's other blocks take block index blockIdx.x - MIX_FIRST.
+#ifndef MIX_FIRST
+#define MIX_FIRST 0
+#endif
+__device__ __forceinline__ bool hc_sinkhorn_block(const float* mz, const float* __restrict__ ms,
+                                                  const float* __restrict__ mb, float* mpost,
+                                                  float* mm, float meps, int miters) {
+    if (blockIdx.x != (MIX_FIRST ? 0 : gridDim.x - 1)) return false;
+    pdl_trigger();
+    pdl_wait();                       // z is an earlier kernel's output
+    if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
+    return true;
+}

@@ -812,10 +812,7 @@ q2k_down_sum(const unsigned char* __restrict__ w, long long stride_e, long long 
 }
 
 // q2k_down_sum with the next HC update's Sinkhorn as one more block (one token; the grid is one
-// block wider): as matvec.cu q8_0_matvec_mix, MIX_FIRST likewise.
-#ifndef MIX_FIRST
-#define MIX_FIRST 0
-#endif
+// block wider): as matvec.cu q8_0_matvec_mix.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 q2k_down_sum_mix(const unsigned char* __restrict__ w, long long stride_e, long long stride_n,
                  const float* x, long long stride_xt, long long stride_xk,
@@ -825,12 +822,7 @@ q2k_down_sum_mix(const unsigned char* __restrict__ w, long long stride_e, long l
                  const float* gu, int csh, float clamp,
                  const float* mz, const float* __restrict__ ms, const float* __restrict__ mb,
                  float* mpost, float* mm, float meps, int miters) {
-    if (blockIdx.x == (MIX_FIRST ? 0 : gridDim.x - 1)) {
-        pdl_trigger();
-        pdl_wait();                   // z is an earlier kernel's output
-        if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
-        return;
-    }
+    if (hc_sinkhorn_block(mz, ms, mb, mpost, mm, meps, miters)) return;
     q2k_down_body(w, stride_e, stride_n, x, stride_xt, stride_xk, ids, out, stride_ot, N, KB, K, rpc,
                   sq, sd, gu, csh, clamp, blockIdx.x - MIX_FIRST);
 }

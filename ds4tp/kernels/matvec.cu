@@ -143,24 +143,15 @@ q8_0_matvec(const signed char* __restrict__ q, const unsigned short* __restrict_
 }
 
 // q8_0_matvec with the next HC update's Sinkhorn as one more block (one group; the grid is one
-// block wider): hc_sinkhorn_warp of logits mz into mpost, mm. The launch ends only when it has
-// run, so the kernels after it on the stream read post and M with no join. MIX_FIRST: the
-// Sinkhorn is block 0 (placed first) and the rows' blocks are one index on; else the last.
-#ifndef MIX_FIRST
-#define MIX_FIRST 0
-#endif
+// block wider: common.cuh hc_sinkhorn_block). The launch ends only when it has run, so the
+// kernels after it on the stream read post and M with no join.
 extern "C" __global__ void BOUNDS
 q8_0_matvec_mix(const signed char* __restrict__ q, const unsigned short* __restrict__ d,
                 const float* x, const float* __restrict__ nw, float eps, float clamp,
                 float* __restrict__ y, int K, int rows_per_group, int rpb,
                 const float* mz, const float* __restrict__ ms, const float* __restrict__ mb,
                 float* mpost, float* mm, float meps, int miters) {
-    if (blockIdx.x == (MIX_FIRST ? 0 : gridDim.x - 1)) {
-        pdl_trigger();
-        pdl_wait();                   // z is an earlier kernel's output
-        if (threadIdx.x < 32) hc_sinkhorn_warp(mz, ms, mb, mpost, mm, meps, miters);
-        return;
-    }
+    if (hc_sinkhorn_block(mz, ms, mb, mpost, mm, meps, miters)) return;
     q8_0_matvec_body(q, d, x, nw, eps, clamp, y, K, rows_per_group, rpb, blockIdx.x - MIX_FIRST);
 }
 
