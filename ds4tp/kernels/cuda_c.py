@@ -162,6 +162,11 @@ def ptr(t: torch.Tensor):
 MIX_FIRST = 0
 
 
+def mix_defines() -> tuple:
+    """The compile-time defines of a kernel that carries a MixJob (its Sinkhorn block's place)."""
+    return (("MIX_FIRST", MIX_FIRST),)
+
+
 class MixJob:
     """The next HC update's Sinkhorn for one token (triton_hc.hc_mix's work: logits z [1, 24],
     the mixer's scale [3] and base [24] -> post [1, 4] and M [1, 4, 4]), to ride as one more block

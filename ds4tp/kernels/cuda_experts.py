@@ -45,7 +45,7 @@ def _kernel(x: torch.Tensor, warps: int, which: int, defines: tuple = ()):
     """Kernel `which` (0: gate/up, 1: down, 2: down with an HC Sinkhorn riding) compiled for x's
     device (WARPS per block is a compile-time constant; benchmarks time other values), or None
     (see cuda_c.kernel)."""
-    mix = (("MIX_FIRST", cuda_c.MIX_FIRST),) if which == 2 else ()
+    mix = cuda_c.mix_defines() if which == 2 else ()
     return cuda_c.kernel("experts.cu", ("iq2xxs_swiglu", "q2k_down_sum", "q2k_down_sum_mix")[which],
                          x.device.index, (("WARPS", warps),) + tuple(defines) + mix)
 

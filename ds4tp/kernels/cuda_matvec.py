@@ -42,7 +42,7 @@ def _kernel(device: torch.device, warps: int | None = None, loads: int | None = 
             minb: int | None = None, name: str = "q8_0_matvec"):
     """Kernel `name` of matvec.cu compiled per device and launch constants (None: the module's
     constants, read at call time, so that benchmarks can set other values)."""
-    mix = (("MIX_FIRST", cuda_c.MIX_FIRST),) if name == "q8_0_matvec_mix" else ()
+    mix = cuda_c.mix_defines() if name == "q8_0_matvec_mix" else ()
     return cuda_c.kernel("matvec.cu", name, device.index,
                          (("WARPS", warps or WARPS), ("LOADS", loads or LOADS),
                           ("MINB", MINB if minb is None else minb), ("Q_PRE", Q_PRE)) + mix)
