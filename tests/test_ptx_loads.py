@@ -173,8 +173,8 @@ def _down_defines(K: int, kb: int, csh: int) -> str:
 DEFINES = {"experts.cu": ("", _down_defines(6, 8, 4), _down_defines(6, 4, 2), "A_ROUTE=1",
                           "A_ROUTE=1 A_DL=1",         # (A_DL: gate/up rows in the decode order,
                           "A_ROUTE=1 A_DL=1 A_TAB=1", "A_DL=1 A_TAB=1",    # A_TAB: its tables;
-                          _down_defines(6, 8, 4) + " MIX_FIRST=1"),    # the Sinkhorn as block 0)
-           "matvec.cu": ("", "MIX_FIRST=1"),
+                          _down_defines(6, 8, 4) + " MIX_FIRST=0"),    # the Sinkhorn as the last block)
+           "matvec.cu": ("", "MIX_FIRST=0"),
            "experts_mma.cu": ("", "IQ2_DL=1")}
 
 

@@ -255,7 +255,7 @@ __device__ __noinline__ void hc_sinkhorn_warp(const float* z, const float* __res
 // else its last), having run it: hc_sinkhorn_warp of logits mz into mpost, mm after the PDL
 // wait. The caller's other blocks take block index blockIdx.x - MIX_FIRST.
 #ifndef MIX_FIRST
-#define MIX_FIRST 0
+#define MIX_FIRST 1
 #endif
 __device__ __forceinline__ bool hc_sinkhorn_block(const float* mz, const float* __restrict__ ms,
                                                   const float* __restrict__ mb, float* mpost,

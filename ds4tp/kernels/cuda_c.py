@@ -157,9 +157,10 @@ def ptr(t: torch.Tensor):
 
 
 # Which block of a launch carrying a MixJob runs the Sinkhorn (matvec.cu / experts.cu MIX_FIRST;
-# read at call time): 0 the grid's last, 1 its first (placed first, where SMs are busy). The
-# last is what s41f measured; the first is prepared for the next A/B (critical_path mix_first).
-MIX_FIRST = 0
+# read at call time): 1 its first (placed first, before the SMs fill with the launch's waiting
+# weight blocks), 0 its last. s42a's replay A/B: the first 0.3% (TP=2 rank) and 0.2% (TP=1)
+# faster than the last (critical_path mix_last).
+MIX_FIRST = 1
 
 
 def mix_defines() -> tuple:
