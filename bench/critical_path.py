@@ -160,10 +160,14 @@ VARIANTS = {
     # the update (before), instead of riding as one more block of attn_output_b's and the routed
     # down's launches (decode_graph's mix ride)
     "mix_beside": (decode_graph.set_mix_ride_enabled,),
-    # (session 41, prepared, not run) the riding Sinkhorn as block 0 of its launch, placed
-    # first, instead of the last block (s41f's traces: the carrying launches grew by about what
-    # the joins had cost)
-    "mix_first": ((cuda_c, "MIX_FIRST", 1),),
+    # (session 42, s42a: the first block 0.3% faster at TP=2, 0.2% at TP=1, now the default)
+    # the riding Sinkhorn as the last block of its launch instead of block 0
+    "mix_last": ((cuda_c, "MIX_FIRST", 0),),
+    # (session 42) the router's rows in the routed gate/up launch (its blocks compute the logits
+    # and wait on a counter for each other) against the router's own launch (router_own), and
+    # with x quantised before that wait (router_late: experts.cu A_ZLATE)
+    "router_own": (cuda_experts.set_router_enabled,),
+    "router_late": ((cuda_c, "VARIANT_DEFINES", (("A_ZLATE", 1),)),),
     # (session 41, s41d) attn_q_a|kv (96 blocks) at 8 loads a lane, one block an SM: +0.7% at
     # both widths (attn_q_b's blocks could not sit beside its blocks before the wait; code at
     # 8fd13fb, removed)

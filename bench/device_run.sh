@@ -249,6 +249,9 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s42b: session 42, one GPU (~6 min): the router's rows in the routed gate/up launch: its CUDA
+#         twins (and the choice's, the F16 matvec's), the decode graphs' bit-identity tests,
+#         replay A/B at TP=2 and TP=1 (base: the rows in gate/up; router_own; router_late)
 #   s42a: prepared in session 41, one GPU (~4 min): the riding Sinkhorn as block 0 of its launch
 #         (cuda_c.MIX_FIRST): its CUDA twins (both placements), the decode graphs' bit-identity
 #         tests, replay A/B at TP=2 and TP=1 (base: the last block; mix_first; mix_beside)
@@ -1589,6 +1592,13 @@ elif [ "$MODE" = s36d ]; then
   rm -f "$OUT"/critical_path_w?.txt
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
+  replay_keep d1
+elif [ "$MODE" = s42b ]; then
+  log "CUDA twins: the router's rows in the gate/up launch, the choice there, the F16 matvec"
+  cuda_tests 240 "cuda_c_kernels and (router or routed or f16) or route_full" tests_k.txt tests/test_kernels.py
+  log "CUDA tests: the decode graphs (the router's rows, the choice, PDL bit-identity, overlap)"
+  cuda_tests 240 "router_rows or expert_choice or pdl_is_bit or overlap" tests_graph.txt tests/test_decode_graph.py
+  TRACE=base,router_own replay_ab base,router_own,router_late "the router's rows in the gate/up launch"
   replay_keep d1
 elif [ "$MODE" = s42a ]; then
   log "CUDA twins: the Sinkhorn riding (last and first block)"
