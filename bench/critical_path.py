@@ -163,11 +163,11 @@ VARIANTS = {
     # (session 42, s42a: the first block 0.3% faster at TP=2, 0.2% at TP=1, now the default)
     # the riding Sinkhorn as the last block of its launch instead of block 0
     "mix_last": ((cuda_c, "MIX_FIRST", 0),),
-    # (session 42) the router's rows in the routed gate/up launch (its blocks compute the logits
-    # and wait on a counter for each other) against the router's own launch (router_own), and
-    # with x quantised before that wait (router_late: experts.cu A_ZLATE)
-    "router_own": (cuda_experts.set_router_enabled,),
-    "router_late": ((cuda_c, "VARIANT_DEFINES", (("A_ZLATE", 1),)),),
+    # (session 42, s42b) the router's rows in the routed gate/up launch (its blocks computed the
+    # logits and waited on a counter for each other) instead of the router's own launch:
+    # bit-identical, TP=1 +1.1%, TP=2 rank +0.4%; with x quantised before that wait, +1.5% / 0.0%
+    # (the HC step ahead of gate/up took ~3.4 us a layer more: gate/up's blocks, a whole SM's
+    # registers each, were no longer placed during the router's launch). Code at 51b6ca0, removed.
     # (session 41, s41d) attn_q_a|kv (96 blocks) at 8 loads a lane, one block an SM: +0.7% at
     # both widths (attn_q_b's blocks could not sit beside its blocks before the wait; code at
     # 8fd13fb, removed)

@@ -249,9 +249,10 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
-#   s42b: session 42, one GPU (~6 min): the router's rows in the routed gate/up launch: its CUDA
-#         twins (and the choice's, the F16 matvec's), the decode graphs' bit-identity tests,
-#         replay A/B at TP=2 and TP=1 (base: the rows in gate/up; router_own; router_late)
+#   s42b: session 42, one GPU (~3 min; its variant at 51b6ca0, removed): the router's rows in the
+#         routed gate/up launch: its CUDA twins (and the choice's, the F16 matvec's), the decode
+#         graphs' bit-identity tests, replay A/B at TP=2 and TP=1 (base: the rows in gate/up;
+#         router_own; router_late)
 #   s42a: prepared in session 41, one GPU (~4 min): the riding Sinkhorn as block 0 of its launch
 #         (cuda_c.MIX_FIRST): its CUDA twins (both placements), the decode graphs' bit-identity
 #         tests, replay A/B at TP=2 and TP=1 (base: the last block; mix_first; mix_beside)

@@ -39,11 +39,10 @@ def main():
     fused = M.expert_swiglu_routed
     calls = []
 
-    def checked(w_gate, w_up, w_sh, xn, router, bias, tid2eid, tokens, k, floor, scale, clamp):
-        got = fused(w_gate, w_up, w_sh, xn, router, bias, tid2eid, tokens, k, floor, scale, clamp)
+    def checked(w_gate, w_up, w_sh, xn, logits, bias, tid2eid, tokens, k, floor, scale, clamp):
+        got = fused(w_gate, w_up, w_sh, xn, logits, bias, tid2eid, tokens, k, floor, scale, clamp)
         if got is None or torch.cuda.is_current_stream_capturing():
             return got
-        logits = M.linear(router, xn)       # (the router's own launch: the same bits)
         mid, gu, ids, w = got
         ids_t, w_t = triton_route.route(logits, bias, tid2eid, tokens.reshape(-1)[-1:], k, floor, scale)
         hashed = tid2eid[tokens.reshape(-1)[-1:]] if tid2eid is not None else None

@@ -713,19 +713,19 @@ def ffn(lw: LayerWeights, xn: torch.Tensor, tokens: torch.Tensor, s: Shape, comm
         # one token on CUDA: the shared expert's rows ride in the routed experts' two launches
         # (in launches of its own, even on a second stream, it waited for the SMs the routed
         # ones hold: bench/critical_path.py)
+        logits = linear(lw.router, xn)                           # [1, n_expert]
         got = None
         # every expert here: the choice in the gate/up launch, not a launch of its own between
-        # the router and it (the step 2.9% / 1.7% faster at TP=2 / TP=1, s26c), and the router's
-        # rows in it too (its blocks compute them and wait for each other) where it can
+        # the router and it (the step 2.9% / 1.7% faster at TP=2 / TP=1, s26c)
         if lw.gate_exps.shape[0] == s.n_expert:
-            got = expert_swiglu_routed(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn, lw.router,
+            got = expert_swiglu_routed(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn, logits,
                                        lw.router_bias, lw.tid2eid, tokens.reshape(-1)[-1:],
                                        s.n_expert_used, C.ROUTER_WEIGHT_FLOOR,
                                        C.EXPERT_WEIGHT_SCALE, C.SWIGLU_CLAMP)
         if got is not None:
             mid, gate_up, local_ids, _ = got
         else:
-            ids, w = route(lw, xn, tokens, s)
+            ids, w = choose(lw, logits, tokens, s)
             local_ids = _local_ids(lw, ids, s, rank)
             mid, gate_up = expert_swiglu_shared(lw.gate_exps, lw.up_exps, lw.gate_up_sh, xn,
                                                 local_ids, w, C.SWIGLU_CLAMP)

@@ -187,17 +187,16 @@ def expert_swiglu_shared(w_gate: QTensor, w_up: QTensor, w_sh: QTensor, x: torch
 
 
 def expert_swiglu_routed(w_gate: QTensor, w_up: QTensor, w_sh: QTensor, x: torch.Tensor,
-                         router: QTensor, bias, tid2eid, tokens, k: int, floor: float,
+                         logits: torch.Tensor, bias, tid2eid, tokens, k: int, floor: float,
                          scale: float, clamp: float = SWIGLU_CLAMP):
     """(mid, gu, ids, weights): the routed gate/up and the shared expert's gate | up of one decode
-    token on CUDA with its expert choice (model.route_select's, from the logits of the router
-    weight `router`) in the same launch, the router's rows too where it can; None where that
-    launch does not apply (the caller then routes first: the twin is linear(router, x),
-    route_select, then expert_swiglu_shared)."""
+    token on CUDA with its expert choice (model.route_select's, from the router logits) in the
+    same launch; None where that launch does not apply (the caller then chooses first: the twin
+    is route_select, then expert_swiglu_shared)."""
     if not _fused_ok(x):
         return None
     from ds4tp import kernels
-    return kernels.expert_swiglu_routed(w_gate, w_up, w_sh, x, router, bias, tid2eid, tokens, k,
+    return kernels.expert_swiglu_routed(w_gate, w_up, w_sh, x, logits, bias, tid2eid, tokens, k,
                                         floor, scale, clamp)
 
 

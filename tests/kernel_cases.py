@@ -256,53 +256,6 @@ def case_cuda_shared_rides(device, gen, E, F, n_in, K, rows_sh=None, shard="", r
     return check(tag, out, want)
 
 
-def case_cuda_router_rows(device, gen, E, F, n_in, K, hashed=False, taken=True):
-    """The router's rows computed in the gate/up launch that chooses the experts
-    (cuda_experts.swiglu_routed with router=): its logits the bits of the router's own launch
-    (cuda_matvec.f16), and mid, gate|up, ids, weights the bits of the launch given those logits;
-    three launches in a row each way (each zeroes the counters its blocks wait on), with the
-    choice before x's quantisation and after it (experts.cu A_ZLATE). taken False: a grid of
-    fewer blocks than the rows need; declined (None), the counters untouched."""
-    from ds4tp.config import EXPERT_WEIGHT_SCALE, ROUTER_WEIGHT_FLOOR
-    from ds4tp.kernels import cuda_c
-    from ds4tp.kernels import cuda_experts as ce
-    from ds4tp.kernels import cuda_matvec as cm
-    wg = expert_weight(IQ2_XXS, E, F, n_in, gen, device)
-    wu = expert_weight(IQ2_XXS, E, F, n_in, gen, device)
-    w_gu = rand_weight(Q8_0, (2 * F, n_in), gen, device)
-    wr = rand_weight(F16, (E, n_in), gen, device)
-    x = rand_act((1, n_in), gen, device) * 20.0
-    b = (torch.rand(E, generator=gen) * 0.1).to(device)
-    tid = torch.rand(50, E, generator=gen).argsort(-1)[:, :K].contiguous().to(device) if hashed else None
-    tok = torch.tensor([17], dtype=torch.int64, device=device)
-    choice = (b, tid, tok, K, ROUTER_WEIGHT_FLOOR, EXPERT_WEIGHT_SCALE, 10.0)
-    tag = f"cuda router rows E={E} F={F} in={n_in} K={K} hashed={hashed}"
-    want_z = cm.f16(wr, x)
-    assert want_z is not None, f"{tag}: the router's own launch did not take it"
-    want = ce.swiglu_routed(wg, wu, x, want_z, *choice, shared=w_gu)
-    assert want is not None, f"{tag}: the launch given the logits did not take it"
-    keep = cuda_c.VARIANT_DEFINES
-    try:
-        for late in (0, 1):
-            cuda_c.VARIANT_DEFINES = keep + ((("A_ZLATE", 1),) if late else ())
-            for i in range(3):
-                z = torch.full((1, E), float("nan"), device=device)
-                got = ce.swiglu_routed(wg, wu, x, z, *choice, shared=w_gu, router=wr)
-                if not taken:
-                    assert got is None, f"{tag}: took a grid too small for the router's rows"
-                    continue
-                assert got is not None, f"{tag}: the router's rows were not taken"
-                where = f"{tag} late={late} launch {i}"
-                assert torch.equal(z, want_z), f"{where}: logits differ by {(z - want_z).abs().max()}"
-                for name, a, b0 in zip(("mid", "gate|up", "ids", "weights"), got, want):
-                    assert torch.equal(a, b0), f"{where}: {name} differs by {(a - b0).abs().max()}"
-    finally:
-        cuda_c.VARIANT_DEFINES = keep
-    counters = ce._router_counters(torch.device(device).index or 0)
-    assert counters.tolist() == [0, 0], f"{tag}: counters left at {counters.tolist()}"
-    return 0.0
-
-
 def case_cuda_mix_ride(device, gen, E, F, n_in, K, spread=1.0):
     """The next HC update's Sinkhorn riding as one more block of the Q8_0 matvec (attn_output_b)
     and of the routed down with the shared rows (cuda_c.MixJob, common.cuh hc_sinkhorn_warp):
@@ -611,12 +564,6 @@ def cuda_c_cases():
     yield "cuda swiglu routed ties", case_cuda_swiglu_routed, (256, 32, 2048, 6, False, False, True)
     yield "cuda swiglu routed wide logits", case_cuda_swiglu_routed, (256, 32, 2048, 6, True, False, False, 12.0)
     yield "cuda swiglu routed hash layer wide logits", case_cuda_swiglu_routed, (256, 32, 2048, 6, True, True, False, 12.0)
-    # the router's rows in that launch: TP=2's and TP=1's rows (DS4's router), a hash layer,
-    # fewer experts than blocks (some blocks take none), a grid too small for them
-    yield "cuda router rows TP=2", case_cuda_router_rows, (256, 128, 4096, 6)
-    yield "cuda router rows TP=1 hash layer", case_cuda_router_rows, (256, 256, 4096, 6, True)
-    yield "cuda router rows 40 experts 2048 in", case_cuda_router_rows, (40, 48, 2048, 8)
-    yield "cuda router rows declined", case_cuda_router_rows, (256, 32, 4096, 6, False, False)
     # the tensor-core float16 routed experts of a prefill (tiles of up to 64 pairs)
     yield "cuda mma swiglu 4096 in", case_cuda_experts_mma, (IQ2_XXS, 16, 96, 4096, 300, 6, False, True)
     yield "cuda mma swiglu rows tq 16", case_cuda_experts_mma, (IQ2_XXS, 8, 40, 512, 45, 6, False, True, "rows", 0.1, 16)

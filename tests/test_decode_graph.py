@@ -530,27 +530,6 @@ def test_expert_choice_in_the_gate_up_launch_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
-def test_router_rows_in_the_gate_up_launch_on_cuda():
-    """The router's rows computed in the routed gate/up launch (its blocks wait on a counter for
-    each other's rows; cuda_experts.swiglu_routed with router=) against the router's own launch
-    (cuda_matvec.f16, the same sums in the same order): graph-replayed logits of a 4-layer
-    full-width model over 12 tokens bit-identical with PDL on, PDL off and the router on its own.
-    Run twice, so that the second decoder's graphs start from counters the first left."""
-    from ds4tp.kernels import cuda_experts
-    if not cuda_experts.available():
-        pytest.skip("the CUDA C kernels need CuPy (pip install ds4tp[gpu])")
-    m, st, toks = _full_width(13, 1)
-    for _ in range(2):
-        runs = _pdl_then_switched_off(m, st, toks[1:], 64, cuda_experts.set_router_enabled)
-        assert torch.isfinite(runs[0]).all()
-        assert torch.equal(runs[0], runs[1])
-        assert torch.equal(runs[0], runs[2]), \
-            f"the router's rows in gate/up moved the logits by {float((runs[0] - runs[2]).abs().max())}"
-    assert cuda_experts._router_counters(0).tolist() == [0, 0]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="programmatic dependent launch needs a CUDA GPU of compute capability 9.0+")
 def test_sinkhorn_beside_the_sublayer_on_cuda():
     """The static decoder's HC mixers with Sinkhorn in its own launch on the side stream
     (StaticDecoder._update: hc_step without the mixer, then hc_mix beside the sublayer) against

@@ -28,11 +28,11 @@ Entry points (twins in ds4tp.ops):
                                                  -> (expert_swiglu, linear(w_sh, x)), one launch
   expert_down_shared(w, mid, ids, w_sh, gu, clamp)
                                                  -> expert_linear(.., sum_slots) + swiglu_linear
-  expert_swiglu_routed(w_gate, w_up, w_sh, x, router, bias, tid2eid, tokens, k, floor, scale,
+  expert_swiglu_routed(w_gate, w_up, w_sh, x, logits, bias, tid2eid, tokens, k, floor, scale,
                        clamp)                    -> (*expert_swiglu_shared, ids, weights)
 The last three are a decode token's routed experts with the shared expert's rows riding in their
 launches (CUDA C; `shared_rides` says whether they will take them); the third also chooses the
-experts (model.route_select) from the router's logits, which it computes too where it can.
+experts (model.route_select) from the router logits.
 """
 from __future__ import annotations
 
@@ -245,23 +245,15 @@ def expert_swiglu_shared(w_gate, w_up, w_sh, x, ids, weights, clamp: float = SWI
     return cuda_experts.swiglu(w_gate, w_up, x, ids, weights, clamp, shared=w_sh)
 
 
-def expert_swiglu_routed(w_gate, w_up, w_sh, x, router, bias, tid2eid, tokens, k: int,
+def expert_swiglu_routed(w_gate, w_up, w_sh, x, logits, bias, tid2eid, tokens, k: int,
                          floor: float, scale: float, clamp: float = SWIGLU_CLAMP):
     """(mid, gu, ids, weights): expert_swiglu_shared of one token with its expert choice (that of
-    model.route_select, from the router's logits) made in the same CUDA C launch, which also
-    computes those logits (the F16 router's rows) where it can, else after the router's own
-    launch; None if that launch does not apply."""
-    from ds4tp.kernels import cuda_experts
-    if not (_covered(w_gate, x) and _covered(router, x) and cuda_experts.available()) or x.shape[0] != 1:
+    model.route_select, from the router logits) made in the same CUDA C launch, else None."""
+    if not (_covered(w_gate, x) and logits.is_cuda) or x.shape[0] != 1:
         return None
-    import torch
-    choice = (bias, tid2eid, tokens, k, floor, scale, clamp)
-    logits = torch.empty(1, router.shape[0], dtype=torch.float32, device=x.device)
-    got = cuda_experts.swiglu_routed(w_gate, w_up, x, logits, *choice, shared=w_sh, router=router)
-    if got is None:
-        logits = linear(router, x)                                   # the router's own launch
-        got = cuda_experts.swiglu_routed(w_gate, w_up, x, logits, *choice, shared=w_sh)
-    return got
+    from ds4tp.kernels import cuda_experts
+    return cuda_experts.swiglu_routed(w_gate, w_up, x, logits, bias, tid2eid, tokens, k, floor,
+                                      scale, clamp, shared=w_sh)
 
 
 def expert_down_shared(w, mid, ids, w_sh, gu, clamp: float = SWIGLU_CLAMP, mix=None):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds4tp.config import F16, IQ2_XXS, Q2_K, Q8_0
+from ds4tp.config import IQ2_XXS, Q2_K, Q8_0
 from ds4tp.qtensor import IQ2_DECODE
 from ds4tp.kernels import cuda_c
 from ds4tp.kernels.cuda_c import launch as _launch, ptr as _ptr
@@ -155,47 +155,13 @@ _MMA_DL = (("IQ2_DL", 1),)     # the tensor-core kernels on rows in the decode o
 R_MAX_E = 256      # experts the in-kernel choice holds (experts.cu R_MAX_E)
 _route_switch = cuda_c.Switch()
 set_route_enabled = _route_switch.set   # benchmarks time the choice's own launch in the same run
-_router_switch = cuda_c.Switch()
-set_router_enabled = _router_switch.set  # benchmarks time the router's own launch in the same run
-
-
-_counters: dict = {}   # device index -> the counters of the router's rows in gate/up launches
-
-
-def _router_counters(device_index: int) -> torch.Tensor | None:
-    """The two counters through which a gate/up launch's blocks wait for its router rows
-    (experts.cu: zeroed by each launch's last reader, so one pair serves every launch on the
-    device; launches that carry the router never run at once: a decode step's FFN is on one
-    stream). Made zero outside any graph capture; None if asked first during one."""
-    c = _counters.get(device_index)
-    if c is None and not torch.cuda.is_current_stream_capturing():
-        c = _counters[device_index] = torch.zeros(2, dtype=torch.int32, device=f"cuda:{device_index}")
-    return c
-
-
-def _router_rows(router, n_in: int, ne: int, blocks: int, warps: int):
-    """(F16 raw rows (bytes), rows per block) for the router's rows in a gate/up launch of `blocks`
-    blocks of `warps` warps, or None where it does not apply (then the router takes its own
-    launch)."""
-    if router is None or not _router_switch.on or router.qtype != F16 or tuple(router.shape) != (ne, n_in):
-        return None
-    raw = router.raw
-    S = n_in // 1024
-    if (n_in % 1024 or S > warps or not raw.is_cuda or raw.stride(1) != 1
-            or raw.data_ptr() % 16 or raw.stride(0) % 16):
-        return None
-    zrows = max(1, min(warps // S, -(-ne // blocks)))      # (S warps a row, as f16_matvec)
-    return (raw, zrows) if -(-ne // zrows) <= blocks else None
 
 
 def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid2eid, tokens,
                   k: int, floor: float, scale: float, clamp: float, shared=None,
-                  rpc: int | None = None, warps: int | None = None, router=None):
+                  rpc: int | None = None, warps: int | None = None):
     """swiglu with the expert choice in the same launch: each block chooses its token's k experts
-    from the router logits [T, n_expert] float32 as ds4tp.model.route_select does; with router
-    (its F16 weight [n_expert, in], one token) the launch computes those logits into `logits`
-    first, bit-identical to cuda_matvec.f16 (None if it cannot: the caller then runs the router
-    on its own and calls again without it) (bias
+    from the router logits [T, n_expert] float32 as ds4tp.model.route_select does (bias
     [n_expert] float32 or None; tid2eid [V, k] int64 for a hash layer, with tokens [T] int64 on
     the device) -> (mid, ids [T, k] int64, weights [T, k] float32), or with `shared` (mid, gu,
     ids, weights); None if not covered (then the choice takes its own launch). The ids are
@@ -223,18 +189,15 @@ def swiglu_routed(w_gate, w_up, x: torch.Tensor, logits: torch.Tensor, bias, tid
     route = (_ptr(logits), _ptr(bias) if bias is not None else _NULL,
              _ptr(tid2eid) if tid2eid is not None else _NULL, _ptr(tokens) if tid2eid is not None else _NULL,
              _ptr(ids), _ptr(rw), np.int32(ne), np.float32(floor), np.float32(scale))
-    if router is not None and (T != 1 or not router.raw.is_cuda or router.raw.device != x.device):
-        return None
-    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared, router)
+    got = _swiglu(w_gate, w_up, x, k, ids, rw, route, clamp, rpc, warps, shared)
     if got is None:
         return None
     return (*got, ids, rw) if shared is not None else (got, ids, rw)
 
 
-def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared, router=None):
+def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared):
     """The gate/up launch of swiglu (route None: ids64, rw given) or swiglu_routed (route: the
-    choice's arguments; ids64, rw its outputs; router: the router's F16 weight, whose logits the
-    launch computes into route's logits)."""
+    choice's arguments; ids64, rw its outputs)."""
     warps = warps or A_WARPS
     if not w_gate.qtype == IQ2_XXS == w_up.qtype:
         return None
@@ -270,17 +233,10 @@ def _swiglu(w_gate, w_up, x, K: int, ids64, rw, route, clamp, rpc, warps, shared
         tail = (_NULL, _NULL, _NULL, np.int32(0), np.int32(0))
     if route is None:
         route = (_NULL,) * 6 + (np.int32(0), np.float32(0.0), np.float32(0.0))
-    zargs = (_NULL, np.int64(0), _NULL, np.int32(0))
-    if router is not None:
-        zr = _router_rows(router, w_gate.shape[2], w_gate.shape[0], blocks, warps)
-        counters = _router_counters(x.device.index) if zr is not None else None
-        if counters is None:
-            return None
-        zargs = (_ptr(zr[0]), np.int64(zr[0].stride(0) // 2), _ptr(counters), np.int32(zr[1]))
     _launch(fa, x.device, (blocks, T), warps,
             (_ptr(rg), _ptr(ru), np.int64(rg.stride(0)), np.int64(rg.stride(1)), _ptr(x),
              np.int64(x.stride(0)), _ptr(ids64), _ptr(rw), _ptr(out), _ptr(grid64), np.int32(N),
-             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route + zargs, smem)
+             np.int32(kb), np.int32(K), np.int32(rpc), np.float32(clamp)) + tail + route, smem)
     return out if sh is None else (out, gu)
 
 

@@ -340,9 +340,9 @@ __device__ __forceinline__ unsigned warp_min_u32(unsigned v) {
 // a fixed choice, s25h.)
 
 __device__ __forceinline__ void route_scores(const float* z, const float* __restrict__ bias, int NE,
-                                             float* s_p, unsigned* s_key, bool own) {
+                                             float* s_p, unsigned* s_key) {
     for (int e = threadIdx.x; e < NE; e += WARPS * 32) {
-        const float v = own ? __ldcg(z + e) : prior(z + e);     // (own: this launch wrote them)
+        const float v = prior(z + e);
         const float y = ex2_approx(__fmul_rn(v, __int_as_float(0x3FB8AA3B)));     // exp(v)
         const float u = __fadd_rn(1.0f, y);
         const float l1p = u == 1.0f ? y : __fmul_rn(logf(u), __fdiv_rn(y, __fsub_rn(u, 1.0f)));
@@ -381,10 +381,10 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
 #pragma unroll
             for (int j = R_MAX_E / 32 - 1; j >= 0; j--) if (kj[j] == top) mine = lane + 32 * j;
             bi = (int)warp_min_u32(mine);
-            const bool mine_taken = (bi & 31) == lane;
+            if ((bi & 31) == lane) {
 #pragma unroll
-            for (int j = 0; j < R_MAX_E / 32; j++)           // taken (selects: kj stays in registers)
-                kj[j] = (mine_taken && (bi >> 5) == j) ? 0u : kj[j];
+                for (int j = 0; j < R_MAX_E / 32; j++) if ((bi >> 5) == j) kj[j] = 0u;   // taken
+            }
         }
         const float ps = (bi >= 0 && bi < NE) ? s_p[bi] : 0.0f;   // (a hash id out of range: 0)
         tot = __fadd_rn(tot, ps);                       // (slot order, as triton_route)
@@ -393,35 +393,6 @@ __device__ __forceinline__ void route_pick(const float* s_p, const unsigned* s_k
     tot = fmaxf(tot, floor_);
     my_id = id_r;
     my_w = __fmul_rn(__fdiv_rn(p_r, tot), scale);
-}
-
-// The router's rows in the gate/up launch (route mode with zw): block b computes logits rows
-// b * zrows .. + zrows - 1 of z = zw . x (F16 [NE, 1024 S], row stride zsw) into zout with
-// f16_matvec's arithmetic bit for bit (warp j of a row: elements 1024 j .. + 1023, lane l the
-// 8-element pieces 32 p + l, p < 4; the S warp sums added in order), then counts itself in
-// zsync[0]; every block waits there for all ceil(NE / zrows) producers before reading the
-// logits, and the last block to have read them zeroes both counters (zsync[1] counts the
-// readers) for the next launch. All producers have the lowest block indices, so they are
-// dispatched first and the waiting blocks cannot starve them. The rows' bytes are copied into
-// shared memory (cp.async) before the PDL wait: no registers held across it. Without the decode
-// order the copies use the items' staging buffer, idle until the item loop.
-#ifndef A_ZLATE
-#define A_ZLATE 0               // 1: x quantised before the wait for the router's rows (a variant)
-#endif
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(a), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_all;" ::: "memory");
-}
-
-__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
 }
 
 // mid[t, k, n] = swiglu_clamped(gate_e . x_t, up_e . x_t) * rw[t, k], e = ids[t, k]; zeros for
@@ -443,11 +414,8 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
 // ids and rw, and block (0, t) writes the choice to ids_out and rw_out [T, K] for the down
 // kernel: the choice's own launch goes. The first item's loads then wait for the prologue (every
 // warp picking for itself and loading its first rows before quantising x was no faster, s26g).
-// With zw (route mode, one token), the launch computes those logits too (the router's rows, above)
-// into logits, instead of reading them from the router's own launch.
 // Requires (host-checked): KB % 8 == 0, KB <= A_MAX_KB, weights, x and their strides 16-byte
-// aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E; with zw T = 1, KB % 4 == 0,
-// (KB / 4) * zrows <= WARPS, ceil(NE / zrows) <= blocks, zw and zsw 16-byte aligned.
+// aligned; in route mode K <= B_MAX_K and NE <= R_MAX_E.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,
               long long stride_e, long long stride_n,
@@ -459,8 +427,7 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
               float* __restrict__ ysh, int nsh, int rps,
               const float* logits, const float* __restrict__ rbias,
               const long long* __restrict__ tid2eid, const long long* tok, long long* ids_out,
-              float* rw_out, int NE, float rfloor, float rscale,
-              const unsigned short* __restrict__ zw, long long zsw, unsigned* zsync, int zrows) {
+              float* rw_out, int NE, float rfloor, float rscale) {
 #if A_TAB && !A_DL
 #error "A_TAB: the tables serve the decode order's loop (A_DL)"
 #endif
@@ -472,7 +439,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #if A_ROUTE
     __shared__ float s_rp[R_MAX_E];          // route mode: the experts' scores and keys
     __shared__ unsigned s_rk[R_MAX_E];
-    __shared__ float s_zp[WARPS];          // with zw: the router rows' warp sums
 #else
     float* s_rp = 0;
     unsigned* s_rk = 0;
@@ -484,11 +450,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
 #endif
     __shared__ __align__(16) signed char s_q8[A_MAX_KB * 256];     // the shared rows' Q8_0 input
     __shared__ float s_d8[A_MAX_KB * 8];
-#if A_ROUTE && A_DL
-    __shared__ __align__(16) uint4 s_zw[WARPS * 4 * 32];   // with zw: this block's router rows
-#elif A_ROUTE
-    uint4* s_zw = (uint4*)&s_row[0][0];      // (the items' staging, unused until the item loop)
-#endif
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t = blockIdx.y;
@@ -517,65 +478,13 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
     Q8Row<A_MAX_KB / 2> shr;          // this warp's first shared row
     if (warp < nsh_b) q8_0_row_load(shr, sq, sd, sh0 + warp, KB / 2, lane);
     if (warp + WARPS < nsh_b) q8_0_rows_to_l2(sq, sd, sh0 + warp + WARPS, nsh_b - warp - WARPS, KB / 2, lane);
-#if A_ROUTE
-    const bool zown = zw != 0;        // (uniform over the launch)
-    const int zS = KB >> 2, zr = warp / zS, zj = warp % zS;
-    const long long zn = (long long)blockIdx.x * zrows + zr;
-    const bool zok = zown && warp < zS * zrows && zn < NE;
-    if (zok) {
-#pragma unroll
-        for (int p = 0; p < 4; p++) cp_async16(&s_zw[(4 * warp + p) * 32 + lane], zw + zn * zsw + 1024 * zj + 8 * (32 * p + lane));
-    }
-#else
-    const bool zown = false;
-    const unsigned zprod = 0u;
-#endif
     pdl_wait();                       // ids, rw (or logits) and x are earlier kernels' outputs
     const bool choose = A_ROUTE && logits != 0;
-#if A_ROUTE
-    if (zown) {                       // this block's router rows into logits (f16_matvec's sums)
-        float acc = 0.0f;
-        if (zok) {
-            cp_async_wait_all();
-#pragma unroll
-            for (int p = 0; p < 4; p++) {
-                const float4* xp = (const float4*)(x + 1024 * zj + 8 * (32 * p + lane));
-                const float4 a = prior(xp), b = prior(xp + 1);
-                const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-                const uint4 wv = s_zw[(4 * warp + p) * 32 + lane];
-                const unsigned ws[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    acc = fmaf(h2f((unsigned short)(ws[i >> 1] >> (16 * (i & 1)))), xs[i], acc);
-            }
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) s_zp[warp] = acc;
+    if (choose) {                     // (uniform over the block)
+        route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk);
         __syncthreads();
-        if (zok && zj == 0 && lane == 0) {
-            float z = 0.0f;
-            for (int i = 0; i < zS; i++) z += s_zp[zr * zS + i];
-            ((float*)logits)[zn] = z;
-            __threadfence();          // (the row before the count)
-        }
-        __syncthreads();
-        if (threadIdx.x == 0 && (long long)blockIdx.x * zrows < NE) atomicAdd(zsync, 1u);
     }
-    const unsigned zprod = zown ? (unsigned)((NE + zrows - 1) / zrows) : 0u;
-#endif
-    // every producer's rows in logits (zown): one thread waits, then the block
-#define Z_WAIT() { if (threadIdx.x == 0) while (ld_acquire_gpu(zsync) < zprod) {} __syncthreads(); }
-    // after the block read the logits: the launch's last reader zeroes the counters
-#define Z_DONE() { if (threadIdx.x == 0 && atomicAdd(zsync + 1, 1u) == gridDim.x * gridDim.y - 1) \
-                       { atomicExch(zsync + 1, 0u); atomicExch(zsync, 0u); } }
-    const bool zlate = A_ZLATE && zown;
-    if (choose && !zlate) {           // (uniform over the block)
-        if (zown) Z_WAIT();
-        route_scores(logits + (long long)t * NE, rbias, NE, s_rp, s_rk, zown);
-        __syncthreads();
-        if (zown) Z_DONE();
-    }
-    if (choose && !zlate && warp == WARPS - 1) {
+    if (choose && warp == WARPS - 1) {
         long long id;
         float wt;
         route_pick(s_rp, s_rk, tid2eid, tok + t, K, NE, rfloor, rscale, lane, id, wt);
@@ -624,29 +533,6 @@ iq2xxs_swiglu(const unsigned char* __restrict__ wg, const unsigned char* __restr
         if (nsh_b > 0) q8_0_eight(v, 32 * b + lane, s_q8, s_d8);   // (the same in the whole block)
     }
     __syncthreads();
-    if (zlate) {                      // (A_ZLATE: the choice after x's quantisation)
-        Z_WAIT();
-        route_scores(logits, rbias, NE, s_rp, s_rk, true);
-        __syncthreads();
-        Z_DONE();
-        if (warp == WARPS - 1) {
-            long long id;
-            float wt;
-            route_pick(s_rp, s_rk, tid2eid, tok, K, NE, rfloor, rscale, lane, id, wt);
-            if (lane < K) {
-                if (id >= NE) id = -1;
-                s_ids[lane] = id;
-                s_rw[lane] = wt;
-                if (blockIdx.x == 0) {
-                    ids_out[lane] = id;
-                    rw_out[lane] = wt;
-                }
-            }
-        }
-        __syncthreads();
-    }
-#undef Z_WAIT
-#undef Z_DONE
     if (choose) {
         e = item < items ? s_ids[kx] : -1;
         n = n0 + (item < items ? rx : 0);
