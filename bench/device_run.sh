@@ -249,6 +249,9 @@
 #         prefetch before the PDL wait (2 steps, all of the warp's first rows), the routed
 #         launches at 8 or 12 warps a block (the gate/up, the down, both), the compressors'
 #         late join at priority -1
+#   s42c: session 42 closing run, one GPU (~8 min): the TP=1 bench at depth 0 and 4096 on the
+#         final code (the Sinkhorn as block 0), TP=1 goldens, a traced replay of an emitting
+#         step (ratio-4 windows ending) at TP=1
 #   s42b: session 42, one GPU (~3 min; its variant at 51b6ca0, removed): the router's rows in the
 #         routed gate/up launch: its CUDA twins (and the choice's, the F16 matvec's), the decode
 #         graphs' bit-identity tests, replay A/B at TP=2 and TP=1 (base: the rows in gate/up;
@@ -1594,6 +1597,14 @@ elif [ "$MODE" = s36d ]; then
 elif [ "$MODE" = s39a ]; then
   TRACE=base,q8_pre_all,gu_w12 replay_ab base,q8_pre2,q8_pre_all,gu_w8,gu_w12,dn_w8,exp_w8,exp_w12,comp_step_hi "the Q8_0 prefetch before the wait, the routed launches' warps, the late join"
   replay_keep d1
+elif [ "$MODE" = s42c ]; then
+  bench_tp1 340 4096 "depth 0 and 4096, the final code"
+  golden 1 static 80
+  log "a traced replay of an emitting step, world 1"
+  timeout 100 python3 bench/critical_path.py --world 1 --variants base --trace base --emit4 \
+    --json "$OUT/critical_path_emit4_w1.json" 2>&1 | grep -v Warn > "$OUT/critical_path_emit4_w1.txt"
+  grep -A60 "span by role" "$OUT/critical_path_emit4_w1.txt" | head -70
+  rm -f "$OUT"/critical_path_emit4_w1.json
 elif [ "$MODE" = s42b ]; then
   log "CUDA twins: the router's rows in the gate/up launch, the choice there, the F16 matvec"
   cuda_tests 240 "cuda_c_kernels and (router or routed or f16) or route_full" tests_k.txt tests/test_kernels.py
