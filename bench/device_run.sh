@@ -1617,7 +1617,8 @@ elif [ "$MODE" = s42a ]; then
   cuda_tests 150 "sinkhorn_riding" tests_k.txt tests/test_kernels.py
   log "CUDA tests: the decode graphs' overlap and PDL bit-identity"
   cuda_tests 150 "overlap or pdl_is_bit" tests_graph.txt tests/test_decode_graph.py
-  TRACE=base,mix_first replay_ab base,mix_first,mix_beside "the riding Sinkhorn's block"
+  # (run as base,mix_first,mix_beside when the last block was the default; now base is block 0)
+  TRACE=base,mix_last replay_ab base,mix_last,mix_beside "the riding Sinkhorn's block"
   replay_keep d1
 elif [ "$MODE" = s41f ]; then
   log "CUDA twins: the Sinkhorn riding, the Q8_0 and routed kernels"
